@@ -1,0 +1,202 @@
+//! One error type for every operation.
+
+use std::fmt;
+use std::io;
+use std::path::PathBuf;
+
+use crate::{Kind, Span};
+
+/// Why a span was refused before it reached the kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SpanError {
+    /// No index in it (`a..a`, or a count of 0).
+    Empty,
+    /// The end comes before the start.
+    Reversed,
+    /// Past the last lock index, `i64::MAX - 1`.
+    Overflow,
+}
+
+impl fmt::Display for SpanError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SpanError::Empty => "the span is empty",
+            SpanError::Reversed => "the span ends before it starts",
+            SpanError::Overflow => "the span goes past the last lock index (i64::MAX - 1)",
+        })
+    }
+}
+
+/// A lock held by another owner, as the kernel reported it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Holder {
+    /// The part of the index space the conflicting lock covers.
+    pub span: Span,
+    /// Its kind.
+    pub kind: Kind,
+    /// The holding process for a process-associated lock; `None` for an
+    /// open-file-description lock, whose owner the kernel does not name.
+    pub pid: Option<u32>,
+}
+
+impl fmt::Display for Holder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} lock on {}", self.kind, self.span)?;
+        match self.pid {
+            Some(pid) => write!(f, " held by pid {pid}"),
+            None => f.write_str(" held through another open file description"),
+        }
+    }
+}
+
+/// What kind of file was found at the lock path instead of a regular file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NotRegular {
+    /// A directory.
+    Directory,
+    /// A named pipe.
+    Fifo,
+    /// A Unix socket.
+    Socket,
+    /// A character or block device.
+    Device,
+    /// A symbolic link, not followed because the caller did not opt in.
+    Symlink,
+    /// Anything else.
+    Other,
+}
+
+impl fmt::Display for NotRegular {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            NotRegular::Directory => "a directory",
+            NotRegular::Fifo => "a FIFO",
+            NotRegular::Socket => "a socket",
+            NotRegular::Device => "a device",
+            NotRegular::Symlink => "a symbolic link (not followed unless asked)",
+            NotRegular::Other => "not a regular file",
+        })
+    }
+}
+
+/// Everything that can go wrong, told apart so callers can react.
+///
+/// Converts into [`std::io::Error`] with a fitting [`io::ErrorKind`].
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Error {
+    /// Another owner holds a conflicting lock and the call was not to wait.
+    /// `holder` names it when the kernel could (it may be gone already).
+    WouldBlock {
+        /// The conflicting lock, where a follow-up `F_GETLK` found one.
+        holder: Option<Holder>,
+    },
+    /// The kernel found that waiting would deadlock (`EDEADLK`, process mode).
+    Deadlock,
+    /// The deadline passed before the lock could be had.
+    TimedOut,
+    /// The wait was interrupted by a signal and the caller asked to hear of it.
+    Interrupted,
+    /// The span was empty, reversed or too large.
+    InvalidSpan(SpanError),
+    /// The kernel or file system cannot do what was asked (`ENOLCK`, or
+    /// `EINVAL` for open-file-description locks on an old kernel).
+    Unsupported {
+        /// What was attempted.
+        what: &'static str,
+        /// The kernel's answer.
+        source: io::Error,
+    },
+    /// The handle was inherited through `fork`; it does nothing in the child
+    /// and never releases the parent's locks.
+    Forked,
+    /// A write lock was asked of a file that could only be opened read-only.
+    ReadOnly {
+        /// The lock file.
+        path: PathBuf,
+    },
+    /// The lock path names something that is not a regular file.
+    NotRegularFile {
+        /// The lock path.
+        path: PathBuf,
+        /// What is there instead.
+        found: NotRegular,
+    },
+    /// Any other failure of a system call.
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The kernel's answer.
+        source: io::Error,
+    },
+}
+
+impl Error {
+    pub(crate) fn io(op: &'static str, source: io::Error) -> Error {
+        Error::Io { op, source }
+    }
+
+    /// Whether this is contention ([`Error::WouldBlock`] or [`Error::TimedOut`]).
+    pub fn is_contention(&self) -> bool {
+        matches!(self, Error::WouldBlock { .. } | Error::TimedOut)
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::WouldBlock { holder: Some(h) } => write!(f, "lock is busy: {h}"),
+            Error::WouldBlock { holder: None } => f.write_str("lock is busy"),
+            Error::Deadlock => f.write_str("waiting for the lock would deadlock (EDEADLK)"),
+            Error::TimedOut => f.write_str("timed out waiting for the lock"),
+            Error::Interrupted => f.write_str("wait for the lock interrupted by a signal"),
+            Error::InvalidSpan(e) => write!(f, "invalid lock span: {e}"),
+            Error::Unsupported { what, source } => write!(f, "{what} not supported here: {source}"),
+            Error::Forked => f.write_str(
+                "lock handle used in a forked child; open the lock file again in the child",
+            ),
+            Error::ReadOnly { path } => write!(
+                f,
+                "{} could only be opened read-only, so it takes shared locks only",
+                path.display()
+            ),
+            Error::NotRegularFile { path, found } => {
+                write!(f, "{} is {found}, not a regular lock file", path.display())
+            }
+            Error::Io { op, source } => write!(f, "{op}: {source}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Unsupported { source, .. } | Error::Io { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
+
+impl From<Error> for io::Error {
+    fn from(e: Error) -> io::Error {
+        let kind = match &e {
+            Error::WouldBlock { .. } => io::ErrorKind::WouldBlock,
+            Error::Deadlock => io::ErrorKind::Deadlock,
+            Error::TimedOut => io::ErrorKind::TimedOut,
+            Error::Interrupted => io::ErrorKind::Interrupted,
+            Error::InvalidSpan(_) => io::ErrorKind::InvalidInput,
+            Error::Unsupported { .. } => io::ErrorKind::Unsupported,
+            Error::ReadOnly { .. } => io::ErrorKind::PermissionDenied,
+            Error::NotRegularFile { found, .. } => match found {
+                NotRegular::Directory => io::ErrorKind::IsADirectory,
+                _ => io::ErrorKind::InvalidInput,
+            },
+            Error::Io { source, .. } => source.kind(),
+            Error::Forked => io::ErrorKind::Other,
+        };
+        io::Error::new(kind, e)
+    }
+}
+
+/// Shorthand used across the crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,508 @@
+//! The public handle: opening a lock file and taking locks through it.
+
+use std::ffi::CString;
+use std::fmt;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Holder, NotRegular};
+use crate::guard::{ReadGuard, WriteGuard};
+use crate::holds::{Change, HandleId};
+use crate::owner::Owner;
+use crate::span::{IntoSpan, Span};
+use crate::sys::{self, FileType, OpenHow};
+use crate::{registry, Kind, Wait};
+
+/// Who owns the locks taken through a handle.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Mode {
+    /// Open-file-description locks (`F_OFD_SETLK`): each handle is its own
+    /// owner, so two handles exclude each other even between threads of one
+    /// process, and closing other descriptors of the file drops nothing.
+    #[default]
+    Ofd,
+    /// Process-associated locks (`F_SETLK`): all handles of one file in one
+    /// process are one owner, and the kernel detects deadlocks between
+    /// processes (`EDEADLK`).
+    Process,
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Mode::Ofd => "ofd",
+            Mode::Process => "process",
+        })
+    }
+}
+
+/// How to open a lock file; [`LockFile::options`] starts one.
+///
+/// ```
+/// use locksfile::{LockFile, Mode};
+/// let dir = tempfile::tempdir()?;
+/// let lf = LockFile::options()
+///     .mode(Mode::Process)
+///     .permissions(0o600)
+///     .open(dir.path().join("data.lock"))?;
+/// assert_eq!(lf.mode(), Mode::Process);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct OpenOptions {
+    mode: Mode,
+    create: bool,
+    permissions: u32,
+    follow_symlinks: bool,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions {
+            mode: Mode::Ofd,
+            create: true,
+            permissions: 0o644,
+            follow_symlinks: false,
+        }
+    }
+}
+
+impl OpenOptions {
+    /// Defaults: OFD mode, create if missing with mode `0o644`, symlinks refused.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The lock mode (default [`Mode::Ofd`]).
+    pub fn mode(&mut self, mode: Mode) -> &mut Self {
+        self.mode = mode;
+        self
+    }
+
+    /// Create the file when missing (default `true`).
+    pub fn create(&mut self, create: bool) -> &mut Self {
+        self.create = create;
+        self
+    }
+
+    /// Permission bits of a file this call creates (default `0o644`),
+    /// applied exactly, whatever the process umask. An existing file's
+    /// mode is never changed.
+    pub fn permissions(&mut self, mode: u32) -> &mut Self {
+        self.permissions = mode & 0o7777;
+        self
+    }
+
+    /// Follow a symbolic link at the lock path (default `false`: refused).
+    pub fn follow_symlinks(&mut self, follow: bool) -> &mut Self {
+        self.follow_symlinks = follow;
+        self
+    }
+
+    /// Open (or create) the lock file. Its content is never read, written
+    /// or truncated. A file that can only be opened read-only still takes
+    /// shared locks.
+    ///
+    /// # Errors
+    /// [`Error::NotRegularFile`] for a directory, FIFO, socket, device or
+    /// (unless followed) a symlink; [`Error::Io`] when the file cannot be
+    /// opened; [`Error::Unsupported`] when OFD locks are not available.
+    pub fn open(&self, path: impl AsRef<Path>) -> Result<LockFile, Error> {
+        let path = path.as_ref();
+        let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+        let (fd, writable) = self.open_fd(&abs)?;
+        let id = sys::fstat(fd.as_fd()).map_err(|e| Error::io("fstat lock file", e))?;
+        if id.file_type != FileType::Regular {
+            return Err(Error::NotRegularFile {
+                path: abs,
+                found: not_regular(id.file_type),
+            });
+        }
+        let owner = match self.mode {
+            Mode::Ofd => Arc::new(Owner::new(sys::Family::Ofd, id.dev, id.ino, fd, writable)),
+            Mode::Process => registry::join(id.dev, id.ino, fd, writable),
+        };
+        let handle = owner.new_handle_id();
+        let lf = LockFile {
+            owner,
+            handle,
+            mode: self.mode,
+            path: abs,
+        };
+        if self.mode == Mode::Ofd {
+            lf.check_ofd_supported()?;
+        }
+        Ok(lf)
+    }
+
+    fn open_fd(&self, path: &Path) -> Result<(OwnedFd, bool), Error> {
+        let c = CString::new(path.as_os_str().as_bytes()).map_err(|_| {
+            Error::io(
+                "open lock file",
+                io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"),
+            )
+        })?;
+        let how = |write, create_exclusive| OpenHow {
+            write,
+            create_exclusive,
+            create: false,
+            follow: self.follow_symlinks,
+            mode: self.permissions,
+        };
+        let open_err = |e: io::Error| -> Error {
+            if e.raw_os_error() == Some(libc::ELOOP) && !self.follow_symlinks {
+                return Error::NotRegularFile {
+                    path: path.to_path_buf(),
+                    found: NotRegular::Symlink,
+                };
+            }
+            if e.raw_os_error() == Some(libc::EISDIR) {
+                return Error::NotRegularFile {
+                    path: path.to_path_buf(),
+                    found: NotRegular::Directory,
+                };
+            }
+            Error::Io {
+                op: "open lock file",
+                source: io::Error::new(e.kind(), format!("{}: {e}", path.display())),
+            }
+        };
+        // Two tries: create it exclusively (so we know the mode is ours to
+        // set), else open what is there. A file deleted between the two
+        // sends us round again.
+        for _ in 0..8 {
+            if self.create {
+                match sys::open(&c, how(true, true)) {
+                    Ok(fd) => {
+                        sys::fchmod(fd.as_fd(), self.permissions)
+                            .map_err(|e| Error::io("set lock file mode", e))?;
+                        return Ok((fd, true));
+                    }
+                    Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
+                    Err(e) => return Err(open_err(e)),
+                }
+            }
+            match sys::open(&c, how(true, false)) {
+                Ok(fd) => return Ok((fd, true)),
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EACCES) | Some(libc::EROFS) | Some(libc::ETXTBSY)
+                    ) =>
+                {
+                    return sys::open(&c, how(false, false))
+                        .map(|fd| (fd, false))
+                        .map_err(open_err);
+                }
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) && self.create => {
+                    if self.follow_symlinks {
+                        // A dangling symlink: O_EXCL refuses it, so create
+                        // through it without O_EXCL (the mode is the umask's).
+                        let mut h = how(true, false);
+                        h.create = true;
+                        return sys::open(&c, h).map(|fd| (fd, true)).map_err(open_err);
+                    }
+                    continue;
+                }
+                Err(e) => return Err(open_err(e)),
+            }
+        }
+        Err(Error::io(
+            "open lock file",
+            io::Error::other("the file kept disappearing"),
+        ))
+    }
+}
+
+fn not_regular(t: FileType) -> NotRegular {
+    match t {
+        FileType::Directory => NotRegular::Directory,
+        FileType::Fifo => NotRegular::Fifo,
+        FileType::Socket => NotRegular::Socket,
+        FileType::CharDevice | FileType::BlockDevice => NotRegular::Device,
+        FileType::Symlink => NotRegular::Symlink,
+        FileType::Regular | FileType::Other => NotRegular::Other,
+    }
+}
+
+/// A handle on a lock file: many numbered reader/writer locks in one file,
+/// lock `n` being byte `n`.
+///
+/// Locks are taken two ways that mix freely: explicitly, as in the original
+/// `pylocksfile` ([`acquire`](Self::acquire) / [`release`](Self::release),
+/// where the last call on an index wins), and through scoped guards
+/// ([`read`](Self::read), [`write`](Self::write) and their `try_`, `_for`
+/// and `_until` forms). An index stays locked while any of them covers it,
+/// at the strongest kind asked for.
+///
+/// # Threads
+/// `LockFile` is `Send + Sync`. Threads sharing one handle share its owner:
+/// their locks never exclude each other, they compose. For threads that
+/// must exclude each other, give each its own handle in [`Mode::Ofd`]. In
+/// [`Mode::Process`] every handle of one file in one process is the same
+/// owner, so threads never exclude each other there.
+///
+/// # Fork
+/// A handle inherited through `fork` fails with [`Error::Forked`] in the
+/// child, and dropping it there releases nothing of the parent's.
+///
+/// ```
+/// use locksfile::{Kind, LockFile, Wait};
+/// let dir = tempfile::tempdir()?;
+/// let lf = LockFile::open(dir.path().join("data.lock"))?;
+/// {
+///     let _g = lf.write(1..4)?;          // locks 1, 2 and 3, exclusive
+///     assert!(LockFile::open(dir.path().join("data.lock"))?.try_read(2).is_err());
+/// }                                       // released here
+/// lf.acquire(Kind::Shared, 0, Wait::Blocking)?;
+/// lf.release_all()?;
+/// # Ok::<(), locksfile::Error>(())
+/// ```
+pub struct LockFile {
+    owner: Arc<Owner>,
+    handle: HandleId,
+    mode: Mode,
+    path: PathBuf,
+}
+
+impl fmt::Debug for LockFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LockFile")
+            .field("path", &self.path)
+            .field("mode", &self.mode)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LockFile {
+    /// Open or create `path` in [`Mode::Ofd`] with the default options.
+    ///
+    /// # Errors
+    /// As [`OpenOptions::open`].
+    pub fn open(path: impl AsRef<Path>) -> Result<LockFile, Error> {
+        OpenOptions::new().open(path)
+    }
+
+    /// Start building [`OpenOptions`].
+    pub fn options() -> OpenOptions {
+        OpenOptions::new()
+    }
+
+    /// The lock mode chosen at open.
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// The absolute path the file was opened by.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Whether the file could be opened for writing (needed for exclusive locks).
+    pub fn is_writable(&self) -> bool {
+        self.owner.lock().writable
+    }
+
+    fn check_ofd_supported(&self) -> Result<(), Error> {
+        // F_OFD_GETLK on an old kernel answers EINVAL: say so now rather
+        // than at the first lock, and never fall back to process locks.
+        self.owner.probe(Span::ALL, Kind::Shared).map(|_| ())
+    }
+
+    pub(crate) fn change(&self, change: Change, wait: Wait) -> Result<(), Error> {
+        self.owner.change(change, wait).map_err(|e| match e {
+            Error::ReadOnly { .. } => Error::ReadOnly {
+                path: self.path.clone(),
+            },
+            e => e,
+        })
+    }
+
+    /// `fcntl(F_OFD_SETLK | F_SETLK[W])`: lock `span` at `kind` in this
+    /// handle's explicit layer. Acquiring over a span it already holds
+    /// converts it in place (atomically in the kernel): the last call wins.
+    /// Acquiring what the owner already holds at that kind makes no system call.
+    ///
+    /// # Errors
+    /// [`Error::WouldBlock`] (with the holder) when `wait` is
+    /// [`Wait::NonBlocking`] and another owner is in the way;
+    /// [`Error::TimedOut`]; [`Error::Deadlock`] (process mode);
+    /// [`Error::InvalidSpan`]; [`Error::ReadOnly`] for an exclusive lock on
+    /// a read-only file; [`Error::Forked`]. On error nothing changed.
+    ///
+    /// # References
+    /// fcntl(2), "Advisory record locking".
+    #[doc(alias = "F_SETLK")]
+    #[doc(alias = "F_OFD_SETLK")]
+    pub fn acquire(&self, kind: Kind, span: impl IntoSpan, wait: Wait) -> Result<(), Error> {
+        let span = span.into_span()?;
+        self.change(
+            Change::Explicit {
+                handle: self.handle,
+                span,
+                kind: Some(kind),
+            },
+            wait,
+        )
+    }
+
+    /// Drop this handle's explicit locks on `span`. Indices still covered by
+    /// a guard (or, in process mode, another handle) stay locked at the kind
+    /// those need. Releasing what is not held is harmless. Never blocks.
+    ///
+    /// # Errors
+    /// [`Error::InvalidSpan`], [`Error::Forked`], or a failed unlock call.
+    pub fn release(&self, span: impl IntoSpan) -> Result<(), Error> {
+        let span = span.into_span()?;
+        self.change(
+            Change::Explicit {
+                handle: self.handle,
+                span,
+                kind: None,
+            },
+            Wait::NonBlocking,
+        )
+    }
+
+    /// Drop all of this handle's explicit locks. Guards stay.
+    ///
+    /// # Errors
+    /// As [`release`](Self::release).
+    pub fn release_all(&self) -> Result<(), Error> {
+        self.release(Span::ALL)
+    }
+
+    /// Everything the owner holds (the handle in OFD mode; every handle of
+    /// this file in this process in process mode), with guards, piece by piece.
+    pub fn held(&self) -> Vec<(Span, Kind)> {
+        self.owner.held()
+    }
+
+    /// This handle's explicit locks only.
+    pub fn held_explicitly(&self) -> Vec<(Span, Kind)> {
+        self.owner.explicit(self.handle)
+    }
+
+    /// `fcntl(F_OFD_GETLK | F_GETLK)`: the first lock of another owner that
+    /// would conflict with `kind` on `span`, or `None`. A snapshot: it may
+    /// be stale by the time it returns.
+    ///
+    /// # Errors
+    /// [`Error::InvalidSpan`], [`Error::Forked`], or the call failing.
+    #[doc(alias = "F_GETLK")]
+    #[doc(alias = "F_OFD_GETLK")]
+    pub fn conflicts(&self, kind: Kind, span: impl IntoSpan) -> Result<Option<Holder>, Error> {
+        self.owner.probe(span.into_span()?, kind)
+    }
+
+    /// Wait for a shared lock on `span`; released when the guard drops.
+    ///
+    /// # Errors
+    /// As [`acquire`](Self::acquire).
+    pub fn read(&self, span: impl IntoSpan) -> Result<ReadGuard<&Self>, Error> {
+        ReadGuard::acquire(self, span, Wait::Blocking)
+    }
+
+    /// Wait for an exclusive lock on `span`; released when the guard drops.
+    ///
+    /// # Errors
+    /// As [`acquire`](Self::acquire).
+    pub fn write(&self, span: impl IntoSpan) -> Result<WriteGuard<&Self>, Error> {
+        WriteGuard::acquire(self, span, Wait::Blocking)
+    }
+
+    /// A shared lock on `span` if no one is in the way.
+    ///
+    /// # Errors
+    /// [`Error::WouldBlock`] on conflict; else as [`acquire`](Self::acquire).
+    pub fn try_read(&self, span: impl IntoSpan) -> Result<ReadGuard<&Self>, Error> {
+        ReadGuard::acquire(self, span, Wait::NonBlocking)
+    }
+
+    /// An exclusive lock on `span` if no one is in the way.
+    ///
+    /// # Errors
+    /// [`Error::WouldBlock`] on conflict; else as [`acquire`](Self::acquire).
+    pub fn try_write(&self, span: impl IntoSpan) -> Result<WriteGuard<&Self>, Error> {
+        WriteGuard::acquire(self, span, Wait::NonBlocking)
+    }
+
+    /// A shared lock on `span`, waiting at most `timeout`.
+    ///
+    /// # Errors
+    /// [`Error::TimedOut`]; else as [`acquire`](Self::acquire).
+    pub fn read_for(
+        &self,
+        span: impl IntoSpan,
+        timeout: Duration,
+    ) -> Result<ReadGuard<&Self>, Error> {
+        ReadGuard::acquire(self, span, Wait::Timeout(timeout))
+    }
+
+    /// An exclusive lock on `span`, waiting at most `timeout`.
+    ///
+    /// # Errors
+    /// [`Error::TimedOut`]; else as [`acquire`](Self::acquire).
+    pub fn write_for(
+        &self,
+        span: impl IntoSpan,
+        timeout: Duration,
+    ) -> Result<WriteGuard<&Self>, Error> {
+        WriteGuard::acquire(self, span, Wait::Timeout(timeout))
+    }
+
+    /// A shared lock on `span`, waiting until `deadline` at the latest.
+    ///
+    /// # Errors
+    /// [`Error::TimedOut`]; else as [`acquire`](Self::acquire).
+    pub fn read_until(
+        &self,
+        span: impl IntoSpan,
+        deadline: Instant,
+    ) -> Result<ReadGuard<&Self>, Error> {
+        ReadGuard::acquire(self, span, Wait::Deadline(deadline))
+    }
+
+    /// An exclusive lock on `span`, waiting until `deadline` at the latest.
+    ///
+    /// # Errors
+    /// [`Error::TimedOut`]; else as [`acquire`](Self::acquire).
+    pub fn write_until(
+        &self,
+        span: impl IntoSpan,
+        deadline: Instant,
+    ) -> Result<WriteGuard<&Self>, Error> {
+        WriteGuard::acquire(self, span, Wait::Deadline(deadline))
+    }
+}
+
+impl AsFd for LockFile {
+    /// The descriptor locks go through. Closing a duplicate of it in
+    /// process mode would drop the process's locks on the file: don't.
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        let raw = self.owner.lock().fds[0].as_raw_fd();
+        // The owner keeps every descriptor it ever held open as long as it
+        // lives, and `self` keeps the owner alive.
+        sys::borrow_raw(raw)
+    }
+}
+
+impl Drop for LockFile {
+    fn drop(&mut self) {
+        if self.owner.is_inherited() {
+            // Inherited through fork: the parent's locks are not ours.
+            return;
+        }
+        match self.mode {
+            Mode::Ofd => self.owner.unlock_everything(),
+            Mode::Process => {
+                let _ = self.owner.forget_handle(self.handle);
+                registry::leave(&self.owner);
+            }
+        }
+    }
+}

@@ -1,0 +1,212 @@
+//! Scoped locks: a guard holds its span until it is dropped or unlocked.
+//!
+//! Guards are generic over how they reach the [`LockFile`]: `&LockFile`
+//! for the usual scoped use, `Arc<LockFile>` (or any other smart pointer)
+//! for a guard that must outlive the borrow, as bindings need.
+
+use std::fmt;
+use std::ops::Deref;
+
+use crate::holds::Change;
+use crate::span::{IntoSpan, Span};
+use crate::{Error, Kind, LockFile, Wait};
+
+/// The part both guards share: a hold of one kind on one span.
+struct Hold<H: Deref<Target = LockFile>> {
+    /// `None` once the hold was handed on or released.
+    handle: Option<H>,
+    span: Span,
+    kind: Kind,
+}
+
+impl<H: Deref<Target = LockFile>> Hold<H> {
+    fn acquire(handle: H, span: impl IntoSpan, kind: Kind, wait: Wait) -> Result<Self, Error> {
+        let span = span.into_span()?;
+        handle.change(
+            Change::Guard {
+                span,
+                from: None,
+                to: Some(kind),
+            },
+            wait,
+        )?;
+        Ok(Hold {
+            handle: Some(handle),
+            span,
+            kind,
+        })
+    }
+
+    fn lockfile(&self) -> &LockFile {
+        self.handle.as_deref().expect("a live guard has a handle")
+    }
+
+    /// Move to `to`; on failure the hold is unchanged.
+    fn convert(&mut self, to: Kind, wait: Wait) -> Result<(), Error> {
+        self.lockfile().change(
+            Change::Guard {
+                span: self.span,
+                from: Some(self.kind),
+                to: Some(to),
+            },
+            wait,
+        )?;
+        self.kind = to;
+        Ok(())
+    }
+
+    fn into_parts(mut self) -> (H, Span) {
+        (self.handle.take().expect("a live guard has a handle"), self.span)
+    }
+
+    fn release(&mut self) -> Result<(), Error> {
+        match self.handle.take() {
+            Some(h) => h.change(
+                Change::Guard {
+                    span: self.span,
+                    from: Some(self.kind),
+                    to: None,
+                },
+                Wait::NonBlocking,
+            ),
+            None => Ok(()),
+        }
+    }
+}
+
+impl<H: Deref<Target = LockFile>> Drop for Hold<H> {
+    fn drop(&mut self) {
+        // Only ever lowers, so it cannot block; `unlock` reports failures.
+        let _ = self.release();
+    }
+}
+
+/// A shared (read) lock on a span, held until dropped.
+#[must_use = "if unused the lock is released at once"]
+pub struct ReadGuard<H: Deref<Target = LockFile>> {
+    hold: Hold<H>,
+}
+
+/// An exclusive (write) lock on a span, held until dropped.
+#[must_use = "if unused the lock is released at once"]
+pub struct WriteGuard<H: Deref<Target = LockFile>> {
+    hold: Hold<H>,
+}
+
+impl<H: Deref<Target = LockFile>> ReadGuard<H> {
+    /// Take a shared lock on `span` through `handle`, waiting as `wait` says.
+    /// [`LockFile::read`] and friends call this with `&LockFile`; call it
+    /// with an `Arc<LockFile>` for a guard that owns its handle.
+    ///
+    /// # Errors
+    /// As [`LockFile::acquire`].
+    pub fn acquire(handle: H, span: impl IntoSpan, wait: Wait) -> Result<Self, Error> {
+        Hold::acquire(handle, span, Kind::Shared, wait).map(|hold| ReadGuard { hold })
+    }
+
+    /// The span held.
+    pub fn span(this: &Self) -> Span {
+        this.hold.span
+    }
+
+    /// Convert to an exclusive lock in place, waiting for other readers.
+    /// The shared lock is kept while waiting (Linux converts atomically).
+    ///
+    /// # Errors
+    /// As [`LockFile::acquire`]; the read guard comes back with the error.
+    pub fn upgrade(this: Self) -> Result<WriteGuard<H>, (Self, Error)> {
+        Self::upgrade_with(this, Wait::Blocking)
+    }
+
+    /// Convert to an exclusive lock if no one else holds the span.
+    ///
+    /// # Errors
+    /// Gives the read guard back when another owner is in the way.
+    pub fn try_upgrade(this: Self) -> Result<WriteGuard<H>, Self> {
+        Self::upgrade_with(this, Wait::NonBlocking).map_err(|(g, _)| g)
+    }
+
+    /// Convert to an exclusive lock, waiting as `wait` says.
+    ///
+    /// # Errors
+    /// As [`LockFile::acquire`]; the read guard comes back with the error.
+    pub fn upgrade_with(mut this: Self, wait: Wait) -> Result<WriteGuard<H>, (Self, Error)> {
+        match this.hold.convert(Kind::Exclusive, wait) {
+            Ok(()) => {
+                let (handle, span) = this.hold.into_parts();
+                Ok(WriteGuard {
+                    hold: Hold {
+                        handle: Some(handle),
+                        span,
+                        kind: Kind::Exclusive,
+                    },
+                })
+            }
+            Err(e) => Err((this, e)),
+        }
+    }
+
+    /// Release now, reporting what `Drop` cannot.
+    ///
+    /// # Errors
+    /// A failed unlock call.
+    pub fn unlock(mut this: Self) -> Result<(), Error> {
+        this.hold.release()
+    }
+}
+
+impl<H: Deref<Target = LockFile>> WriteGuard<H> {
+    /// Take an exclusive lock on `span` through `handle`, waiting as `wait` says.
+    ///
+    /// # Errors
+    /// As [`LockFile::acquire`].
+    pub fn acquire(handle: H, span: impl IntoSpan, wait: Wait) -> Result<Self, Error> {
+        Hold::acquire(handle, span, Kind::Exclusive, wait).map(|hold| WriteGuard { hold })
+    }
+
+    /// The span held.
+    pub fn span(this: &Self) -> Span {
+        this.hold.span
+    }
+
+    /// Convert to a shared lock in place. Never blocks: a lock only gets weaker.
+    pub fn downgrade(mut this: Self) -> ReadGuard<H> {
+        // Lowering cannot meet contention; a failed call leaves the kernel
+        // holding the stronger lock, which is still a correct read lock.
+        match this.hold.convert(Kind::Shared, Wait::NonBlocking) {
+            // In a forked child nothing changed, so the hold keeps its kind.
+            Ok(()) | Err(Error::Forked) => {}
+            // The bookkeeping moved even though the kernel call failed.
+            Err(_) => this.hold.kind = Kind::Shared,
+        }
+        let kind = this.hold.kind;
+        let (handle, span) = this.hold.into_parts();
+        ReadGuard {
+            hold: Hold {
+                handle: Some(handle),
+                span,
+                kind,
+            },
+        }
+    }
+
+    /// Release now, reporting what `Drop` cannot.
+    ///
+    /// # Errors
+    /// A failed unlock call.
+    pub fn unlock(mut this: Self) -> Result<(), Error> {
+        this.hold.release()
+    }
+}
+
+impl<H: Deref<Target = LockFile>> fmt::Debug for ReadGuard<H> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ReadGuard({})", self.hold.span)
+    }
+}
+
+impl<H: Deref<Target = LockFile>> fmt::Debug for WriteGuard<H> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "WriteGuard({})", self.hold.span)
+    }
+}

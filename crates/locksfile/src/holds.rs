@@ -1,0 +1,439 @@
+//! Hold bookkeeping: who asked for what, and what the owner must hold.
+//!
+//! Pure data, no system calls. One owner (a handle in OFD mode, the
+//! process's view of one file in process mode) holds a lock index at the
+//! strongest kind any of its holders asked for: each guard is one holder,
+//! and each handle's explicit `acquire`/`release` layer is one more, where
+//! the last call wins. Applying a [`Change`] reports where that effective
+//! kind moved, which is exactly the work left for the lock engine.
+
+use crate::span::{Span, INDEX_END};
+use crate::Kind;
+
+/// A piecewise-constant map over the whole index space.
+///
+/// Sorted `(start, value)` pairs; the first starts at 0, each value runs to
+/// the next start (or [`INDEX_END`]), and neighbours always differ, so an
+/// owner holding one lock is three entries and a vector beats a tree: it
+/// keeps its buffer between calls and never allocates on the hot path.
+#[derive(Clone, Debug)]
+pub(crate) struct SegMap<V> {
+    segs: Vec<(u64, V)>,
+}
+
+impl<V: Copy + Eq + Default> SegMap<V> {
+    pub fn new() -> Self {
+        SegMap {
+            segs: vec![(0, V::default())],
+        }
+    }
+
+    fn end_of(&self, i: usize) -> u64 {
+        self.segs.get(i + 1).map_or(INDEX_END, |s| s.0)
+    }
+
+    /// Index of the segment containing `pos`.
+    fn find(&self, pos: u64) -> usize {
+        // The first segment starts at 0, so the partition point is >= 1.
+        self.segs.partition_point(|s| s.0 <= pos) - 1
+    }
+
+    /// Make `pos` a segment boundary; returns the index of the segment
+    /// that starts there (`len()` for `INDEX_END`).
+    fn split(&mut self, pos: u64) -> usize {
+        if pos >= INDEX_END {
+            return self.segs.len();
+        }
+        let i = self.find(pos);
+        if self.segs[i].0 == pos {
+            return i;
+        }
+        let v = self.segs[i].1;
+        self.segs.insert(i + 1, (pos, v));
+        i + 1
+    }
+
+    /// Merge equal neighbours among segments `lo..=hi` (and their left neighbour).
+    fn coalesce(&mut self, lo: usize, hi: usize) {
+        let lo = lo.max(1);
+        let hi = hi.min(self.segs.len() - 1);
+        if lo > hi {
+            return;
+        }
+        let mut w = lo;
+        for r in lo..=hi {
+            if self.segs[r].1 != self.segs[w - 1].1 {
+                self.segs[w] = self.segs[r];
+                w += 1;
+            }
+        }
+        self.segs.drain(w..=hi);
+    }
+
+    /// Apply `f` to every value in `span`; `seen` gets each piece's span with
+    /// its value before and after.
+    pub fn update(
+        &mut self,
+        span: Span,
+        mut f: impl FnMut(V) -> V,
+        mut seen: impl FnMut(Span, V, V),
+    ) {
+        let i = self.split(span.start());
+        let j = self.split(span.end());
+        for k in i..j {
+            let old = self.segs[k].1;
+            let new = f(old);
+            self.segs[k].1 = new;
+            seen(Span::from_checked(self.segs[k].0, self.end_of(k)), old, new);
+        }
+        self.coalesce(i, j);
+    }
+
+    /// The pieces of `span` with their values.
+    pub fn pieces(&self, span: Span) -> impl Iterator<Item = (Span, V)> + '_ {
+        let first = self.find(span.start());
+        (first..self.segs.len())
+            .take_while(move |&k| self.segs[k].0 < span.end())
+            .map(move |k| {
+                let start = self.segs[k].0.max(span.start());
+                let end = self.end_of(k).min(span.end());
+                (Span::from_checked(start, end), self.segs[k].1)
+            })
+    }
+
+    /// Whether every value is the default.
+    pub fn is_empty(&self) -> bool {
+        self.segs.len() == 1 && self.segs[0].1 == V::default()
+    }
+}
+
+/// How many holders of each kind cover an index.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Counts {
+    read: u32,
+    write: u32,
+}
+
+impl Counts {
+    pub fn effective(self) -> Option<Kind> {
+        if self.write > 0 {
+            Some(Kind::Exclusive)
+        } else if self.read > 0 {
+            Some(Kind::Shared)
+        } else {
+            None
+        }
+    }
+
+    fn with(mut self, from: Option<Kind>, to: Option<Kind>) -> Counts {
+        match from {
+            Some(Kind::Shared) => self.read -= 1,
+            Some(Kind::Exclusive) => self.write -= 1,
+            None => {}
+        }
+        match to {
+            Some(Kind::Shared) => self.read += 1,
+            Some(Kind::Exclusive) => self.write += 1,
+            None => {}
+        }
+        self
+    }
+}
+
+/// Identifies one handle's explicit layer among the owner's.
+pub(crate) type HandleId = u64;
+
+/// One change to an owner's holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Change {
+    /// A guard on `span` goes from `from` to `to` (`None` is no guard).
+    Guard {
+        span: Span,
+        from: Option<Kind>,
+        to: Option<Kind>,
+    },
+    /// A handle's explicit layer is set to `kind` over `span` (last call wins).
+    Explicit {
+        handle: HandleId,
+        span: Span,
+        kind: Option<Kind>,
+    },
+}
+
+impl Change {
+    pub fn span(&self) -> Span {
+        match *self {
+            Change::Guard { span, .. } | Change::Explicit { span, .. } => span,
+        }
+    }
+}
+
+/// Where the effective kind moved, piece by piece.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Move {
+    pub span: Span,
+    pub from: Option<Kind>,
+    pub to: Option<Kind>,
+}
+
+impl Move {
+    pub fn is_raise(&self) -> bool {
+        rank(self.to) > rank(self.from)
+    }
+}
+
+/// Orders `None < Shared < Exclusive`.
+pub(crate) fn rank(k: Option<Kind>) -> u8 {
+    match k {
+        None => 0,
+        Some(Kind::Shared) => 1,
+        Some(Kind::Exclusive) => 2,
+    }
+}
+
+/// Append a move, merging it into the previous one when they touch and go
+/// the same way, so one kernel call covers both.
+fn push_move(out: &mut Vec<Move>, m: Move) {
+    if m.from == m.to {
+        return;
+    }
+    if let Some(last) = out.last_mut() {
+        if last.span.end() == m.span.start() && last.to == m.to && last.is_raise() == m.is_raise()
+        {
+            last.span = Span::from_checked(last.span.start(), m.span.end());
+            return;
+        }
+    }
+    out.push(m);
+}
+
+/// What an applied change needs to be taken back.
+pub(crate) enum Undo {
+    Guard(Change),
+    Explicit {
+        handle: HandleId,
+        before: Vec<(Span, Option<Kind>)>,
+    },
+}
+
+/// All holds of one owner.
+#[derive(Debug)]
+pub(crate) struct Holds {
+    counts: SegMap<Counts>,
+    explicit: Vec<(HandleId, SegMap<Option<Kind>>)>,
+}
+
+impl Holds {
+    pub fn new() -> Self {
+        Holds {
+            counts: SegMap::new(),
+            explicit: Vec::new(),
+        }
+    }
+
+    fn layer(&mut self, handle: HandleId) -> &mut SegMap<Option<Kind>> {
+        let i = match self.explicit.iter().position(|(h, _)| *h == handle) {
+            Some(i) => i,
+            None => {
+                self.explicit.push((handle, SegMap::new()));
+                self.explicit.len() - 1
+            }
+        };
+        &mut self.explicit[i].1
+    }
+
+    /// Apply `change`, appending the effective moves to `moves`.
+    pub fn apply(&mut self, change: Change, moves: &mut Vec<Move>) -> Undo {
+        match change {
+            Change::Guard { span, from, to } => {
+                self.count(span, from, to, moves);
+                Undo::Guard(change)
+            }
+            Change::Explicit { handle, span, kind } => {
+                let layer = self.layer(handle);
+                let before: Vec<_> = layer.pieces(span).collect();
+                layer.update(span, |_| kind, |_, _, _| {});
+                for &(piece, old) in &before {
+                    self.count(piece, old, kind, moves);
+                }
+                Undo::Explicit { handle, before }
+            }
+        }
+    }
+
+    /// Take back a change made by [`Holds::apply`].
+    pub fn undo(&mut self, undo: Undo) {
+        let mut ignored = Vec::new();
+        match undo {
+            Undo::Guard(Change::Guard { span, from, to }) => {
+                self.count(span, to, from, &mut ignored)
+            }
+            Undo::Guard(Change::Explicit { .. }) => unreachable!("explicit changes undo by layer"),
+            Undo::Explicit { handle, before } => {
+                for (piece, old) in before {
+                    let layer = self.layer(handle);
+                    let now: Vec<_> = layer.pieces(piece).collect();
+                    layer.update(piece, |_| old, |_, _, _| {});
+                    for (p, cur) in now {
+                        self.count(p, cur, old, &mut ignored);
+                    }
+                }
+            }
+        }
+    }
+
+    fn count(&mut self, span: Span, from: Option<Kind>, to: Option<Kind>, moves: &mut Vec<Move>) {
+        if from == to {
+            return;
+        }
+        self.counts.update(
+            span,
+            |c| c.with(from, to),
+            |piece, old, new| {
+                push_move(
+                    moves,
+                    Move {
+                        span: piece,
+                        from: old.effective(),
+                        to: new.effective(),
+                    },
+                )
+            },
+        );
+    }
+
+    /// The owner's effective kind over `span`, piece by piece (`None` = unlocked).
+    pub fn effective(&self, span: Span) -> impl Iterator<Item = (Span, Option<Kind>)> + '_ {
+        self.counts.pieces(span).map(|(s, c)| (s, c.effective()))
+    }
+
+    /// The handle's explicit layer over `span`.
+    pub fn explicit(&self, handle: HandleId, span: Span) -> Vec<(Span, Option<Kind>)> {
+        match self.explicit.iter().find(|(h, _)| *h == handle) {
+            Some((_, layer)) => layer.pieces(span).collect(),
+            None => vec![(span, None)],
+        }
+    }
+
+    /// Forget a handle's (already released) explicit layer.
+    pub fn drop_layer(&mut self, handle: HandleId) {
+        self.explicit.retain(|(h, _)| *h != handle);
+    }
+
+    /// Whether nothing is held.
+    pub fn is_empty(&self) -> bool {
+        self.counts.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn span(a: u64, b: u64) -> Span {
+        Span::new(a, b).unwrap()
+    }
+
+    #[test]
+    fn segmap_splits_and_coalesces() {
+        let mut m: SegMap<u8> = SegMap::new();
+        m.update(span(5, 10), |v| v + 1, |_, _, _| {});
+        m.update(span(10, 12), |v| v + 1, |_, _, _| {});
+        assert_eq!(m.segs, vec![(0, 0), (5, 1), (12, 0)]);
+        m.update(span(5, 12), |v| v - 1, |_, _, _| {});
+        assert_eq!(m.segs, vec![(0, 0)]);
+        assert!(m.is_empty());
+        m.update(Span::to_end(3).unwrap(), |_| 7, |_, _, _| {});
+        assert_eq!(m.segs, vec![(0, 0), (3, 7)]);
+        let p: Vec<_> = m.pieces(span(1, 5)).collect();
+        assert_eq!(p, vec![(span(1, 3), 0), (span(3, 5), 7)]);
+    }
+
+    #[test]
+    fn explicit_last_call_wins_and_guards_compose() {
+        let mut h = Holds::new();
+        let mut mv = Vec::new();
+        h.apply(
+            Change::Explicit {
+                handle: 1,
+                span: span(0, 4),
+                kind: Some(Kind::Exclusive),
+            },
+            &mut mv,
+        );
+        assert_eq!(mv.len(), 1);
+        assert!(mv[0].is_raise());
+        mv.clear();
+        h.apply(
+            Change::Guard {
+                span: span(2, 6),
+                from: None,
+                to: Some(Kind::Shared),
+            },
+            &mut mv,
+        );
+        // Only 4..6 moved: 2..4 stays exclusive.
+        assert_eq!(
+            mv,
+            vec![Move {
+                span: span(4, 6),
+                from: None,
+                to: Some(Kind::Shared)
+            }]
+        );
+        mv.clear();
+        h.apply(
+            Change::Explicit {
+                handle: 1,
+                span: span(0, 4),
+                kind: Some(Kind::Shared),
+            },
+            &mut mv,
+        );
+        assert_eq!(
+            mv,
+            vec![Move {
+                span: span(0, 4),
+                from: Some(Kind::Exclusive),
+                to: Some(Kind::Shared)
+            }]
+        );
+        let eff: Vec<_> = h.effective(span(0, 8)).collect();
+        assert_eq!(
+            eff,
+            vec![(span(0, 6), Some(Kind::Shared)), (span(6, 8), None)]
+        );
+    }
+
+    #[test]
+    fn undo_restores_counts() {
+        let mut h = Holds::new();
+        let mut mv = Vec::new();
+        h.apply(
+            Change::Explicit {
+                handle: 1,
+                span: span(0, 2),
+                kind: Some(Kind::Shared),
+            },
+            &mut mv,
+        );
+        let u = h.apply(
+            Change::Explicit {
+                handle: 1,
+                span: span(1, 3),
+                kind: Some(Kind::Exclusive),
+            },
+            &mut mv,
+        );
+        h.undo(u);
+        let eff: Vec<_> = h.effective(span(0, 3)).collect();
+        assert_eq!(
+            eff,
+            vec![(span(0, 2), Some(Kind::Shared)), (span(2, 3), None)]
+        );
+        assert_eq!(
+            h.explicit(1, span(0, 3)),
+            vec![(span(0, 2), Some(Kind::Shared)), (span(2, 3), None)]
+        );
+    }
+}

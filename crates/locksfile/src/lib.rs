@@ -1,0 +1,94 @@
+//! Named, file-backed, byte-range reader/writer locks for processes on Linux.
+//!
+//! One lock file holds many numbered locks: lock `n` is byte `n` of the
+//! file, locked with `fcntl` record locks. Locks are shared (read) or
+//! exclusive (write), taken over whole spans of consecutive indices in one
+//! call, converted in place, waited for with or without a deadline, and
+//! released when their guard or handle goes away. The file's content is
+//! never touched.
+//!
+//! ```
+//! use locksfile::{Kind, LockFile, Wait};
+//! let dir = tempfile::tempdir()?;
+//! let path = dir.path().join("data.lock");
+//! let a = LockFile::open(&path)?;
+//! let b = LockFile::open(&path)?;       // OFD mode: a second owner
+//!
+//! let g = a.write(0..10)?;              // exclusive on 0..10
+//! assert!(b.try_read(5).is_err());      // b is kept out
+//! assert!(b.try_read(10).is_ok());      // but 10 is free
+//! drop(g);
+//!
+//! b.acquire(Kind::Shared, (3, 2), Wait::NonBlocking)?; // the original's (start, count)
+//! assert_eq!(b.held().len(), 1);
+//! # Ok::<(), locksfile::Error>(())
+//! ```
+//!
+//! See `docs/DESIGN.md` for the model: the two modes, how holds compose,
+//! why releasing never blocks, and what threads and forks get.
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
+
+mod engine;
+mod error;
+mod file;
+mod guard;
+mod holds;
+mod owner;
+mod registry;
+mod span;
+mod sys;
+
+use std::fmt;
+use std::time::{Duration, Instant};
+
+pub use error::{Error, Holder, NotRegular, Result, SpanError};
+pub use file::{LockFile, Mode, OpenOptions};
+pub use guard::{ReadGuard, WriteGuard};
+pub use span::{IntoSpan, Span, INDEX_END};
+
+/// Shared (read) or exclusive (write).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    /// Many owners may hold it at once; excludes exclusive locks.
+    Shared,
+    /// One owner only.
+    Exclusive,
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Kind::Shared => "shared",
+            Kind::Exclusive => "exclusive",
+        })
+    }
+}
+
+/// How long to wait for a lock another owner holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wait {
+    /// Do not wait: fail with [`Error::WouldBlock`].
+    NonBlocking,
+    /// Sleep in the kernel (`F_SETLKW`) until granted; signals are retried.
+    /// In process mode the kernel may answer [`Error::Deadlock`].
+    Blocking,
+    /// As `Blocking`, but a signal ends the wait with [`Error::Interrupted`]
+    /// (nothing held) so the caller can run its handlers and decide.
+    BlockingInterruptible,
+    /// Wait at most this long, then fail with [`Error::TimedOut`].
+    Timeout(Duration),
+    /// Wait until this instant at the latest, then fail with [`Error::TimedOut`].
+    Deadline(Instant),
+}
+
+impl Wait {
+    /// `Blocking` when `block`, else `NonBlocking` (the original's `blocking=`).
+    pub fn from_blocking(block: bool) -> Wait {
+        if block {
+            Wait::Blocking
+        } else {
+            Wait::NonBlocking
+        }
+    }
+}

@@ -1,0 +1,219 @@
+//! Spans of lock indices: lock `n` is byte `n` of the lock file.
+
+use std::fmt;
+use std::ops::{Range, RangeFrom, RangeFull, RangeInclusive};
+
+use crate::error::{Error, SpanError};
+
+/// One past the last lock index: indices run from 0 to `i64::MAX - 1`.
+///
+/// A span that ends here is "to the end of the index space", which the
+/// kernel spells as a length of 0.
+pub const INDEX_END: u64 = i64::MAX as u64;
+
+/// A non-empty run of consecutive lock indices, `start..end`.
+///
+/// Build one from anything that implements [`IntoSpan`]: a single index,
+/// `a..b`, `a..=b`, `a..`, `..`, or a `(start, count)` pair as in the
+/// original `pylocksfile`. Every constructor checks its input, so a `Span`
+/// always fits the kernel's `off_t` arithmetic.
+///
+/// ```
+/// use locksfile::{IntoSpan, Span};
+/// assert_eq!(5.into_span()?, Span::new(5, 6)?);
+/// assert_eq!((2, 3).into_span()?, (2..5).into_span()?);
+/// assert!((7..7).into_span().is_err());
+/// assert!((10..).into_span()?.is_to_end());
+/// # Ok::<(), locksfile::Error>(())
+/// ```
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Span {
+    start: u64,
+    end: u64,
+}
+
+impl Span {
+    /// The span `start..end`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidSpan`] when `end <= start` or `end > INDEX_END`.
+    pub fn new(start: u64, end: u64) -> Result<Span, Error> {
+        if end > INDEX_END || start >= INDEX_END {
+            return Err(Error::InvalidSpan(SpanError::Overflow));
+        }
+        if end == start {
+            return Err(Error::InvalidSpan(SpanError::Empty));
+        }
+        if end < start {
+            return Err(Error::InvalidSpan(SpanError::Reversed));
+        }
+        Ok(Span { start, end })
+    }
+
+    /// `count` indices from `start`, as in the original's `(start, count)`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidSpan`] when `count` is 0 or the span passes `INDEX_END`.
+    pub fn with_count(start: u64, count: u64) -> Result<Span, Error> {
+        if count == 0 {
+            return Err(Error::InvalidSpan(SpanError::Empty));
+        }
+        let end = start
+            .checked_add(count)
+            .ok_or(Error::InvalidSpan(SpanError::Overflow))?;
+        Span::new(start, end)
+    }
+
+    /// Every index from `start` to the end of the index space.
+    ///
+    /// # Errors
+    /// [`Error::InvalidSpan`] when `start >= INDEX_END`.
+    pub fn to_end(start: u64) -> Result<Span, Error> {
+        Span::new(start, INDEX_END)
+    }
+
+    /// Every lock index.
+    pub const ALL: Span = Span {
+        start: 0,
+        end: INDEX_END,
+    };
+
+    /// First index.
+    pub fn start(&self) -> u64 {
+        self.start
+    }
+
+    /// One past the last index (`INDEX_END` for a span to the end).
+    pub fn end(&self) -> u64 {
+        self.end
+    }
+
+    /// Number of indices.
+    pub fn count(&self) -> u64 {
+        self.end - self.start
+    }
+
+    /// Whether the span runs to the end of the index space.
+    pub fn is_to_end(&self) -> bool {
+        self.end == INDEX_END
+    }
+
+    /// Whether `index` lies in the span.
+    pub fn contains(&self, index: u64) -> bool {
+        self.start <= index && index < self.end
+    }
+
+    /// The part shared with `other`, if any.
+    pub fn intersect(&self, other: Span) -> Option<Span> {
+        let start = self.start.max(other.start);
+        let end = self.end.min(other.end);
+        (start < end).then_some(Span { start, end })
+    }
+
+    /// Built from bounds the caller has already checked (`start < end <= INDEX_END`).
+    pub(crate) fn from_checked(start: u64, end: u64) -> Span {
+        debug_assert!(start < end && end <= INDEX_END);
+        Span { start, end }
+    }
+
+    /// The kernel's spelling: a length of 0 means "to the end".
+    pub(crate) fn to_sys(self) -> crate::sys::Range {
+        crate::sys::Range {
+            start: self.start as i64,
+            len: if self.is_to_end() {
+                0
+            } else {
+                (self.end - self.start) as i64
+            },
+        }
+    }
+
+    /// The kernel's range back as a span, clipped to the index space.
+    pub(crate) fn from_sys(range: crate::sys::Range) -> Span {
+        let start = (range.start.max(0) as u64).min(INDEX_END - 1);
+        let end = if range.len <= 0 {
+            INDEX_END
+        } else {
+            start.saturating_add(range.len as u64).min(INDEX_END)
+        };
+        Span::from_checked(start, end.max(start + 1))
+    }
+}
+
+impl fmt::Debug for Span {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl fmt::Display for Span {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.is_to_end() {
+            write!(f, "{}..", self.start)
+        } else if self.count() == 1 {
+            write!(f, "{}", self.start)
+        } else {
+            write!(f, "{}..{}", self.start, self.end)
+        }
+    }
+}
+
+/// Anything that names a span of lock indices.
+pub trait IntoSpan {
+    /// Check and convert.
+    ///
+    /// # Errors
+    /// [`Error::InvalidSpan`] for an empty, reversed or overflowing span.
+    fn into_span(self) -> Result<Span, Error>;
+}
+
+impl IntoSpan for Span {
+    fn into_span(self) -> Result<Span, Error> {
+        Ok(self)
+    }
+}
+
+/// A single index.
+impl IntoSpan for u64 {
+    fn into_span(self) -> Result<Span, Error> {
+        Span::with_count(self, 1)
+    }
+}
+
+impl IntoSpan for Range<u64> {
+    fn into_span(self) -> Result<Span, Error> {
+        Span::new(self.start, self.end)
+    }
+}
+
+impl IntoSpan for RangeInclusive<u64> {
+    fn into_span(self) -> Result<Span, Error> {
+        let (start, last) = self.into_inner();
+        if last < start {
+            return Err(Error::InvalidSpan(SpanError::Reversed));
+        }
+        let end = last
+            .checked_add(1)
+            .ok_or(Error::InvalidSpan(SpanError::Overflow))?;
+        Span::new(start, end)
+    }
+}
+
+impl IntoSpan for RangeFrom<u64> {
+    fn into_span(self) -> Result<Span, Error> {
+        Span::to_end(self.start)
+    }
+}
+
+impl IntoSpan for RangeFull {
+    fn into_span(self) -> Result<Span, Error> {
+        Ok(Span::ALL)
+    }
+}
+
+/// `(start, count)`, as in the original `pylocksfile`.
+impl IntoSpan for (u64, u64) {
+    fn into_span(self) -> Result<Span, Error> {
+        Span::with_count(self.0, self.1)
+    }
+}

@@ -1,0 +1,269 @@
+//! The only place this crate talks to the kernel.
+//!
+//! # Safety
+//!
+//! Every function here wraps one libc call. The calls take plain integers, a
+//! NUL-terminated path built from a `CString`, or a pointer to a `flock`/`stat`
+//! struct that lives on our stack for the whole call, so each `unsafe` block
+//! only has to show that the descriptor and pointers it passes are valid.
+#![allow(unsafe_code)]
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Once;
+
+/// The lock kinds the kernel knows, as `l_type` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum LockType {
+    Read,
+    Write,
+    Unlock,
+}
+
+impl LockType {
+    fn raw(self) -> libc::c_short {
+        (match self {
+            LockType::Read => libc::F_RDLCK,
+            LockType::Write => libc::F_WRLCK,
+            LockType::Unlock => libc::F_UNLCK,
+        }) as libc::c_short
+    }
+}
+
+/// Which family of record locks: open-file-description or process-associated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Family {
+    Ofd,
+    Posix,
+}
+
+/// A byte range as the kernel sees it: `len == 0` means "to the end".
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Range {
+    pub start: i64,
+    pub len: i64,
+}
+
+fn flock(ty: LockType, range: Range) -> libc::flock {
+    // SAFETY: `flock` is a plain C struct of integers; all-zero is a valid value.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = ty.raw();
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_start = range.start as libc::off_t;
+    fl.l_len = range.len as libc::off_t;
+    // OFD locks require l_pid == 0; POSIX ignores it on set.
+    fl.l_pid = 0;
+    fl
+}
+
+fn fcntl_lock(fd: BorrowedFd<'_>, cmd: libc::c_int, fl: &mut libc::flock) -> io::Result<()> {
+    // SAFETY: `fd` is a live descriptor for the duration of the borrow and `fl`
+    // points to an initialised `flock` that outlives the call.
+    let r = unsafe { libc::fcntl(fd.as_raw_fd(), cmd, fl as *mut libc::flock) };
+    if r == -1 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// `fcntl(fd, F_OFD_SETLK | F_SETLK | F_OFD_SETLKW | F_SETLKW, ...)`: set,
+/// convert or remove a record lock on `range`.
+///
+/// Returns the raw OS error: `EAGAIN`/`EACCES` on conflict, `EDEADLK`,
+/// `EINTR` for a wait cut short by a signal. Retrying is the caller's call.
+///
+/// # References
+/// fcntl(2), "Advisory record locking" and "Open file description locks".
+#[doc(alias = "F_OFD_SETLK")]
+#[doc(alias = "F_SETLKW")]
+pub(crate) fn set_lock(
+    fd: BorrowedFd<'_>,
+    family: Family,
+    ty: LockType,
+    range: Range,
+    wait: bool,
+) -> io::Result<()> {
+    let cmd = match (family, wait) {
+        (Family::Ofd, false) => libc::F_OFD_SETLK,
+        (Family::Ofd, true) => libc::F_OFD_SETLKW,
+        (Family::Posix, false) => libc::F_SETLK,
+        (Family::Posix, true) => libc::F_SETLKW,
+    };
+    let mut fl = flock(ty, range);
+    fcntl_lock(fd, cmd, &mut fl)
+}
+
+/// A lock the kernel reported in the way of a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Blocker {
+    pub ty: LockType,
+    pub range: Range,
+    /// `-1` for open-file-description locks.
+    pub pid: i32,
+}
+
+/// `fcntl(fd, F_OFD_GETLK | F_GETLK, ...)`: the first lock that would block
+/// `ty` on `range`, ignoring the caller's own locks, or `None`.
+#[doc(alias = "F_GETLK")]
+#[doc(alias = "F_OFD_GETLK")]
+pub(crate) fn get_lock(
+    fd: BorrowedFd<'_>,
+    family: Family,
+    ty: LockType,
+    range: Range,
+) -> io::Result<Option<Blocker>> {
+    let cmd = match family {
+        Family::Ofd => libc::F_OFD_GETLK,
+        Family::Posix => libc::F_GETLK,
+    };
+    let mut fl = flock(ty, range);
+    fcntl_lock(fd, cmd, &mut fl)?;
+    if fl.l_type == libc::F_UNLCK as libc::c_short {
+        return Ok(None);
+    }
+    let ty = if fl.l_type == libc::F_WRLCK as libc::c_short {
+        LockType::Write
+    } else {
+        LockType::Read
+    };
+    Ok(Some(Blocker {
+        ty,
+        range: Range {
+            start: fl.l_start,
+            len: fl.l_len,
+        },
+        pid: fl.l_pid,
+    }))
+}
+
+/// What `fstat` tells us about an opened lock file.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct FileId {
+    pub dev: u64,
+    pub ino: u64,
+    pub file_type: FileType,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum FileType {
+    Regular,
+    Directory,
+    Fifo,
+    Socket,
+    CharDevice,
+    BlockDevice,
+    Symlink,
+    Other,
+}
+
+/// `fstat(fd)`: device, inode and type.
+pub(crate) fn fstat(fd: BorrowedFd<'_>) -> io::Result<FileId> {
+    // SAFETY: `stat` is plain data; zeroed is valid and fstat overwrites it.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: live descriptor, `st` is a valid out-pointer for the call.
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    let file_type = match st.st_mode & libc::S_IFMT {
+        libc::S_IFREG => FileType::Regular,
+        libc::S_IFDIR => FileType::Directory,
+        libc::S_IFIFO => FileType::Fifo,
+        libc::S_IFSOCK => FileType::Socket,
+        libc::S_IFCHR => FileType::CharDevice,
+        libc::S_IFBLK => FileType::BlockDevice,
+        libc::S_IFLNK => FileType::Symlink,
+        _ => FileType::Other,
+    };
+    Ok(FileId {
+        dev: st.st_dev,
+        ino: st.st_ino,
+        file_type,
+    })
+}
+
+/// How to open a lock file.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct OpenHow {
+    pub write: bool,
+    pub create_exclusive: bool,
+    pub create: bool,
+    pub follow: bool,
+    pub mode: u32,
+}
+
+/// `open(path, O_CLOEXEC | O_NOCTTY | O_NONBLOCK | ...)`.
+///
+/// `O_NONBLOCK` keeps a FIFO from hanging the open; it has no effect on
+/// record locks of a regular file, which is all we ever lock through it.
+pub(crate) fn open(path: &CString, how: OpenHow) -> io::Result<OwnedFd> {
+    let mut flags = libc::O_CLOEXEC | libc::O_NOCTTY | libc::O_NONBLOCK;
+    flags |= if how.write { libc::O_RDWR } else { libc::O_RDONLY };
+    if how.create {
+        flags |= libc::O_CREAT;
+    }
+    if how.create_exclusive {
+        flags |= libc::O_CREAT | libc::O_EXCL;
+    }
+    if !how.follow {
+        flags |= libc::O_NOFOLLOW;
+    }
+    loop {
+        // SAFETY: `path` is NUL-terminated and outlives the call; the mode is
+        // passed as the variadic third argument exactly as open(2) expects.
+        let fd = unsafe { libc::open(path.as_ptr(), flags, how.mode as libc::c_uint) };
+        if fd >= 0 {
+            // SAFETY: open just returned this descriptor and nothing else owns it.
+            return Ok(unsafe { OwnedFd::from_raw_fd(fd) });
+        }
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EINTR) {
+            return Err(err);
+        }
+    }
+}
+
+/// `fchmod(fd, mode)`: give a file we just created the mode asked for,
+/// whatever the umask took away.
+pub(crate) fn fchmod(fd: BorrowedFd<'_>, mode: u32) -> io::Result<()> {
+    // SAFETY: live descriptor, integer mode.
+    if unsafe { libc::fchmod(fd.as_raw_fd(), mode as libc::mode_t) } == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Borrow a raw descriptor that the caller keeps open for `'a`.
+pub(crate) fn borrow_raw<'a>(fd: RawFd) -> BorrowedFd<'a> {
+    // SAFETY: callers only pass descriptors owned by an `OwnedFd` that lives
+    // at least as long as the returned borrow (see `owner::Owner`).
+    unsafe { BorrowedFd::borrow_raw(fd) }
+}
+
+/// Bumped in every child right after `fork`, so that a handle can tell it
+/// was inherited without paying for a `getpid` syscall on every operation.
+static FORK_GENERATION: AtomicU64 = AtomicU64::new(0);
+
+extern "C" fn after_fork_in_child() {
+    FORK_GENERATION.fetch_add(1, Ordering::Relaxed);
+}
+
+/// The current fork generation; registers the `pthread_atfork` hook on first use.
+pub(crate) fn fork_generation() -> u64 {
+    static HOOK: Once = Once::new();
+    HOOK.call_once(|| {
+        // SAFETY: the handler is a plain `extern "C"` function that only
+        // touches an atomic, which is async-signal-safe after fork.
+        let r = unsafe { libc::pthread_atfork(None, None, Some(after_fork_in_child)) };
+        assert_eq!(r, 0, "pthread_atfork failed");
+    });
+    FORK_GENERATION.load(Ordering::Relaxed)
+}
+
+/// The fork generation without registering anything (hot path).
+#[inline]
+pub(crate) fn current_fork_generation() -> u64 {
+    FORK_GENERATION.load(Ordering::Relaxed)
+}
