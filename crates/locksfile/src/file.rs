@@ -260,7 +260,7 @@ fn not_regular(t: FileType) -> NotRegular {
 /// }                                       // released here
 /// lf.acquire(Kind::Shared, 0, Wait::Blocking)?;
 /// lf.release_all()?;
-/// # Ok::<(), locksfile::Error>(())
+/// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub struct LockFile {
     owner: Arc<Owner>,

@@ -303,8 +303,17 @@ impl Holds {
     }
 
     /// The owner's effective kind over `span`, piece by piece (`None` = unlocked).
-    pub fn effective(&self, span: Span) -> impl Iterator<Item = (Span, Option<Kind>)> + '_ {
-        self.counts.pieces(span).map(|(s, c)| (s, c.effective()))
+    /// Neighbouring pieces of equal kind are merged.
+    pub fn effective(&self, span: Span) -> Vec<(Span, Option<Kind>)> {
+        let mut out: Vec<(Span, Option<Kind>)> = Vec::new();
+        for (s, c) in self.counts.pieces(span) {
+            let k = c.effective();
+            match out.last_mut() {
+                Some((last, lk)) if *lk == k => *last = Span::from_checked(last.start(), s.end()),
+                _ => out.push((s, k)),
+            }
+        }
+        out
     }
 
     /// The handle's explicit layer over `span`.
@@ -398,7 +407,7 @@ mod tests {
                 to: Some(Kind::Shared)
             }]
         );
-        let eff: Vec<_> = h.effective(span(0, 8)).collect();
+        let eff = h.effective(span(0, 8));
         assert_eq!(
             eff,
             vec![(span(0, 6), Some(Kind::Shared)), (span(6, 8), None)]
@@ -426,7 +435,7 @@ mod tests {
             &mut mv,
         );
         h.undo(u);
-        let eff: Vec<_> = h.effective(span(0, 3)).collect();
+        let eff = h.effective(span(0, 3));
         assert_eq!(
             eff,
             vec![(span(0, 2), Some(Kind::Shared)), (span(2, 3), None)]

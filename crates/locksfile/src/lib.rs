@@ -21,7 +21,7 @@
 //!
 //! b.acquire(Kind::Shared, (3, 2), Wait::NonBlocking)?; // the original's (start, count)
 //! assert_eq!(b.held().len(), 1);
-//! # Ok::<(), locksfile::Error>(())
+//! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
 //! See `docs/DESIGN.md` for the model: the two modes, how holds compose,

@@ -229,7 +229,7 @@ impl Owner {
     ) -> Result<(), Error> {
         let span = change.span();
         // What the kernel holds over the span, as we go.
-        let mut kernel: Vec<(Span, Option<Kind>)> = st.holds.effective(span).collect();
+        let mut kernel: Vec<(Span, Option<Kind>)> = st.holds.effective(span);
         st.busy.push(span);
         let engine = self.engine(&st);
         drop(st);
@@ -266,7 +266,7 @@ impl Owner {
         // Everything over the span that the kernel holds beyond the
         // bookkeeping (our extra raises after a failure, or releases other
         // threads skipped while we slept) is lowered now.
-        let desired: Vec<(Span, Option<Kind>)> = st.holds.effective(span).collect();
+        let desired: Vec<(Span, Option<Kind>)> = st.holds.effective(span);
         let mut lowered = Ok(());
         for (piece, have, want) in zip_pieces(&kernel, &desired) {
             if rank(want) < rank(have) {
@@ -286,6 +286,7 @@ impl Owner {
         let st = self.lock();
         st.holds
             .effective(Span::ALL)
+            .into_iter()
             .filter_map(|(s, k)| k.map(|k| (s, k)))
             .collect()
     }
