@@ -1,1 +1,95 @@
-fn main() {}
+//! Uncontended lock + unlock pairs: locksfile against the raw system call it
+//! makes, side by side in one run. Run with `cargo bench -p locksfile`.
+#![allow(unsafe_code)]
+
+use std::os::fd::AsRawFd;
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use locksfile::{Kind, LockFile, Mode, Wait};
+
+/// A raw `fcntl(fd, cmd, &flock)` on one byte, the floor we measure against.
+fn raw(fd: i32, cmd: libc::c_int, ty: libc::c_int, index: i64) {
+    // SAFETY: plain C struct, zero is valid; fd is a live descriptor.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = ty as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_start = index;
+    fl.l_len = 1;
+    // SAFETY: `fl` outlives the call.
+    let r = unsafe { libc::fcntl(fd, cmd, &mut fl) };
+    assert_eq!(r, 0);
+}
+
+fn pairs(c: &mut Criterion) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bench.lock");
+    let ofd = LockFile::open(&path).unwrap();
+    let process = LockFile::options().mode(Mode::Process).open(&path).unwrap();
+    let raw_file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    let fd = raw_file.as_raw_fd();
+    let mut g = c.benchmark_group("uncontended write pair");
+    g.bench_function("raw F_OFD_SETLK", |b| {
+        b.iter(|| {
+            raw(fd, libc::F_OFD_SETLK, libc::F_WRLCK, 5);
+            raw(fd, libc::F_OFD_SETLK, libc::F_UNLCK, 5);
+        })
+    });
+    g.bench_function("locksfile ofd guard", |b| {
+        b.iter(|| drop(ofd.try_write(5u64).unwrap()))
+    });
+    g.bench_function("locksfile ofd explicit", |b| {
+        b.iter(|| {
+            ofd.acquire(Kind::Exclusive, 5u64, Wait::NonBlocking)
+                .unwrap();
+            ofd.release(5u64).unwrap();
+        })
+    });
+    g.bench_function("raw F_SETLK", |b| {
+        b.iter(|| {
+            raw(fd, libc::F_SETLK, libc::F_WRLCK, 5);
+            raw(fd, libc::F_SETLK, libc::F_UNLCK, 5);
+        })
+    });
+    g.bench_function("locksfile process guard", |b| {
+        b.iter(|| drop(process.try_write(6u64).unwrap()))
+    });
+    g.bench_function("locksfile process explicit", |b| {
+        b.iter(|| {
+            process
+                .acquire(Kind::Exclusive, 6u64, Wait::NonBlocking)
+                .unwrap();
+            process.release(6u64).unwrap();
+        })
+    });
+    g.finish();
+
+    // Re-acquiring what is held at the same kind stays in user space.
+    let mut g = c.benchmark_group("already held");
+    let _held = ofd.write(7u64).unwrap();
+    g.bench_function("raw F_OFD_SETLK relock", |b| {
+        b.iter(|| raw(fd, libc::F_OFD_SETLK, libc::F_WRLCK, 9))
+    });
+    g.bench_function("locksfile nested guard", |b| {
+        b.iter(|| drop(ofd.try_write(7u64).unwrap()))
+    });
+    g.bench_function("locksfile explicit re-acquire", |b| {
+        b.iter(|| {
+            ofd.acquire(Kind::Exclusive, 7u64, Wait::NonBlocking)
+                .unwrap()
+        })
+    });
+    g.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .warm_up_time(std::time::Duration::from_millis(500))
+        .measurement_time(std::time::Duration::from_secs(2));
+    targets = pairs
+}
+criterion_main!(benches);

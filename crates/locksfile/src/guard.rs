@@ -56,7 +56,10 @@ impl<H: Deref<Target = LockFile>> Hold<H> {
     }
 
     fn into_parts(mut self) -> (H, Span) {
-        (self.handle.take().expect("a live guard has a handle"), self.span)
+        (
+            self.handle.take().expect("a live guard has a handle"),
+            self.span,
+        )
     }
 
     fn release(&mut self) -> Result<(), Error> {

@@ -198,8 +198,7 @@ fn push_move(out: &mut Vec<Move>, m: Move) {
         return;
     }
     if let Some(last) = out.last_mut() {
-        if last.span.end() == m.span.start() && last.to == m.to && last.is_raise() == m.is_raise()
-        {
+        if last.span.end() == m.span.start() && last.to == m.to && last.is_raise() == m.is_raise() {
             last.span = Span::from_checked(last.span.start(), m.span.end());
             return;
         }
@@ -207,13 +206,12 @@ fn push_move(out: &mut Vec<Move>, m: Move) {
     out.push(m);
 }
 
-/// What an applied change needs to be taken back.
+/// What an applied change needs to be taken back. Valid only until the
+/// next [`Holds::apply`]: an explicit change's old layer lives in a buffer
+/// of `Holds` that is reused, so the hot path never allocates.
 pub(crate) enum Undo {
     Guard(Change),
-    Explicit {
-        handle: HandleId,
-        before: Vec<(Span, Option<Kind>)>,
-    },
+    Explicit { handle: HandleId },
 }
 
 /// All holds of one owner.
@@ -221,6 +219,8 @@ pub(crate) enum Undo {
 pub(crate) struct Holds {
     counts: SegMap<Counts>,
     explicit: Vec<(HandleId, SegMap<Option<Kind>>)>,
+    /// The explicit layer as it was before the last explicit change.
+    before: Vec<(Span, Option<Kind>)>,
 }
 
 impl Holds {
@@ -228,6 +228,7 @@ impl Holds {
         Holds {
             counts: SegMap::new(),
             explicit: Vec::new(),
+            before: Vec::new(),
         }
     }
 
@@ -250,13 +251,16 @@ impl Holds {
                 Undo::Guard(change)
             }
             Change::Explicit { handle, span, kind } => {
+                let mut before = std::mem::take(&mut self.before);
+                before.clear();
                 let layer = self.layer(handle);
-                let before: Vec<_> = layer.pieces(span).collect();
+                before.extend(layer.pieces(span));
                 layer.update(span, |_| kind, |_, _, _| {});
                 for &(piece, old) in &before {
                     self.count(piece, old, kind, moves);
                 }
-                Undo::Explicit { handle, before }
+                self.before = before;
+                Undo::Explicit { handle }
             }
         }
     }
@@ -269,8 +273,8 @@ impl Holds {
                 self.count(span, to, from, &mut ignored)
             }
             Undo::Guard(Change::Explicit { .. }) => unreachable!("explicit changes undo by layer"),
-            Undo::Explicit { handle, before } => {
-                for (piece, old) in before {
+            Undo::Explicit { handle } => {
+                for (piece, old) in std::mem::take(&mut self.before) {
                     let layer = self.layer(handle);
                     let now: Vec<_> = layer.pieces(piece).collect();
                     layer.update(piece, |_| old, |_, _, _| {});

@@ -256,7 +256,11 @@ impl Owner {
         }
 
         let mut st = self.lock();
-        let busy_at = st.busy.iter().position(|b| *b == span).expect("our busy span");
+        let busy_at = st
+            .busy
+            .iter()
+            .position(|b| *b == span)
+            .expect("our busy span");
         st.busy.swap_remove(busy_at);
         if outcome.is_ok() {
             let st_ref = &mut *st;

@@ -200,7 +200,11 @@ pub(crate) struct OpenHow {
 /// record locks of a regular file, which is all we ever lock through it.
 pub(crate) fn open(path: &CString, how: OpenHow) -> io::Result<OwnedFd> {
     let mut flags = libc::O_CLOEXEC | libc::O_NOCTTY | libc::O_NONBLOCK;
-    flags |= if how.write { libc::O_RDWR } else { libc::O_RDONLY };
+    flags |= if how.write {
+        libc::O_RDWR
+    } else {
+        libc::O_RDONLY
+    };
     if how.create {
         flags |= libc::O_CREAT;
     }

@@ -1,0 +1,493 @@
+//! Helpers shared by the integration tests: forked children, pipes to step
+//! them, probes that look at a lock file from another process, and a view
+//! of `/proc/locks` to know when a process sleeps in `F_SETLKW`.
+//!
+//! Forking from the multi-threaded test harness is safe as long as no other
+//! thread holds a lock the child needs (the allocator's are reset by glibc
+//! on fork; the crate's process-mode table is a plain mutex). Every test of
+//! a binary that forks therefore takes [`serial`] first, and children stay
+//! short and always end in `_exit`.
+#![allow(dead_code)]
+
+use std::fs;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::MetadataExt;
+use std::panic::{self, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use locksfile::{Holder, Kind, LockFile, Mode, Span};
+
+/// How long any step may take before the test is declared stuck.
+pub const STUCK: Duration = Duration::from_secs(20);
+
+/// Run the tests of one binary one at a time (see the module docs).
+pub fn serial() -> MutexGuard<'static, ()> {
+    static SERIAL: Mutex<()> = Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A fresh temp dir and a lock path in it.
+pub fn lock_path() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("test.lock");
+    (dir, path)
+}
+
+pub fn open(path: &Path, mode: Mode) -> LockFile {
+    LockFile::options()
+        .mode(mode)
+        .open(path)
+        .unwrap_or_else(|e| panic!("open {} in {mode} mode: {e}", path.display()))
+}
+
+pub fn span(s: impl locksfile::IntoSpan) -> Span {
+    s.into_span().expect("valid span")
+}
+
+pub fn pid() -> u32 {
+    std::process::id()
+}
+
+/// Wait until `fd` is readable or `timeout` passes.
+fn poll_in(fd: RawFd, timeout: Duration) -> bool {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let ms = left.as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: one valid pollfd for the duration of the call.
+        let r = unsafe { libc::poll(&mut p, 1, ms) };
+        if r > 0 {
+            return true;
+        }
+        if r == 0 {
+            return false;
+        }
+        let e = io::Error::last_os_error();
+        assert_eq!(e.raw_os_error(), Some(libc::EINTR), "poll: {e}");
+    }
+}
+
+/// A one-way pipe carrying single bytes; both ends live in both processes
+/// after a fork, each side uses the end it needs.
+pub struct Pipe {
+    r: OwnedFd,
+    w: OwnedFd,
+}
+
+impl Pipe {
+    pub fn new() -> Pipe {
+        let mut fds = [0; 2];
+        // SAFETY: `fds` is a valid out-array of two ints.
+        let r = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) };
+        assert_eq!(r, 0, "pipe2: {}", io::Error::last_os_error());
+        // SAFETY: pipe2 just returned both descriptors; we own them.
+        unsafe {
+            Pipe {
+                r: OwnedFd::from_raw_fd(fds[0]),
+                w: OwnedFd::from_raw_fd(fds[1]),
+            }
+        }
+    }
+
+    pub fn send(&self, b: u8) {
+        self.send_all(&[b]);
+    }
+
+    pub fn send_all(&self, mut buf: &[u8]) {
+        while !buf.is_empty() {
+            // SAFETY: valid descriptor and buffer.
+            let n = unsafe { libc::write(self.w.as_raw_fd(), buf.as_ptr().cast(), buf.len()) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                assert_eq!(e.raw_os_error(), Some(libc::EINTR), "write to pipe: {e}");
+                continue;
+            }
+            buf = &buf[n as usize..];
+        }
+    }
+
+    /// The next byte; panics if none comes within [`STUCK`].
+    pub fn recv(&self) -> u8 {
+        let mut b = [0u8; 1];
+        self.recv_exact(&mut b);
+        b[0]
+    }
+
+    /// The next byte, which must be `want`.
+    pub fn expect(&self, want: u8) {
+        let got = self.recv();
+        assert_eq!(got, want, "unexpected step byte");
+    }
+
+    pub fn recv_exact(&self, mut buf: &mut [u8]) {
+        while !buf.is_empty() {
+            assert!(
+                poll_in(self.r.as_raw_fd(), STUCK),
+                "nothing came through the pipe within {STUCK:?}"
+            );
+            // SAFETY: valid descriptor and buffer.
+            let n = unsafe { libc::read(self.r.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                assert_eq!(e.raw_os_error(), Some(libc::EINTR), "read from pipe: {e}");
+                continue;
+            }
+            assert!(n > 0, "pipe closed early");
+            buf = &mut buf[n as usize..];
+        }
+    }
+
+    /// A byte if one is already there or comes within `timeout`.
+    pub fn try_recv(&self, timeout: Duration) -> Option<u8> {
+        if !poll_in(self.r.as_raw_fd(), timeout) {
+            return None;
+        }
+        Some(self.recv())
+    }
+
+    pub fn send_u64(&self, v: u64) {
+        self.send_all(&v.to_le_bytes());
+    }
+
+    pub fn recv_u64(&self) -> u64 {
+        let mut b = [0u8; 8];
+        self.recv_exact(&mut b);
+        u64::from_le_bytes(b)
+    }
+}
+
+impl Default for Pipe {
+    fn default() -> Self {
+        Pipe::new()
+    }
+}
+
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "panic with a non-string payload".to_string()
+    }
+}
+
+/// A forked child running a closure; its panics come back to the parent
+/// as the message of a failed [`Child::join`].
+pub struct Child {
+    pub pid: u32,
+    pidfd: OwnedFd,
+    report: Pipe,
+    reaped: bool,
+}
+
+/// Fork; the child runs `f` and `_exit`s (0 on return, 1 on panic, with
+/// the panic message sent back through a pipe).
+pub fn fork<F: FnOnce()>(f: F) -> Child {
+    let report = Pipe::new();
+    // SAFETY: fork has no memory-safety preconditions; the child only runs
+    // `f` and then `_exit`s, never returning into the harness.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork: {}", io::Error::last_os_error());
+    if pid == 0 {
+        let r = panic::catch_unwind(AssertUnwindSafe(f));
+        let code = match r {
+            Ok(()) => 0,
+            Err(p) => {
+                let msg = panic_message(&*p);
+                report.send_all(msg.as_bytes());
+                1
+            }
+        };
+        // SAFETY: ends the child at once, running no destructors or atexit
+        // handlers that belong to the parent.
+        unsafe { libc::_exit(code) }
+    }
+    // SAFETY: plain syscall with an integer pid.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    assert!(pidfd >= 0, "pidfd_open: {}", io::Error::last_os_error());
+    Child {
+        pid: pid as u32,
+        // SAFETY: pidfd_open just returned this descriptor.
+        pidfd: unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) },
+        report,
+        reaped: false,
+    }
+}
+
+/// How a child ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Exit {
+    Code(i32),
+    Signal(i32),
+}
+
+impl Child {
+    /// Wait (at most [`STUCK`]) for the child to end; return how it ended.
+    pub fn wait(&mut self) -> Exit {
+        assert!(!self.reaped, "child already reaped");
+        assert!(
+            poll_in(self.pidfd.as_raw_fd(), STUCK),
+            "child {} still running after {STUCK:?}",
+            self.pid
+        );
+        let mut status = 0;
+        // SAFETY: valid out-pointer; the child is ours.
+        let r = unsafe { libc::waitpid(self.pid as i32, &mut status, 0) };
+        assert_eq!(r, self.pid as i32, "waitpid: {}", io::Error::last_os_error());
+        self.reaped = true;
+        if libc::WIFSIGNALED(status) {
+            Exit::Signal(libc::WTERMSIG(status))
+        } else {
+            Exit::Code(libc::WEXITSTATUS(status))
+        }
+    }
+
+    /// Wait for the child and fail with its panic message unless it exited 0.
+    pub fn join(mut self) {
+        let exit = self.wait();
+        if exit != Exit::Code(0) {
+            let mut msg = Vec::new();
+            while let Some(b) = self.report.try_recv(Duration::ZERO) {
+                msg.push(b);
+            }
+            panic!(
+                "child {} failed ({exit:?}): {}",
+                self.pid,
+                String::from_utf8_lossy(&msg)
+            );
+        }
+    }
+
+    pub fn kill(&self, sig: i32) {
+        // SAFETY: plain syscall; the child is not reaped, so the pid is ours.
+        let r = unsafe { libc::kill(self.pid as i32, sig) };
+        assert_eq!(r, 0, "kill: {}", io::Error::last_os_error());
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        if !self.reaped {
+            // The test failed before joining: don't leave the child behind.
+            // SAFETY: plain syscalls on our own unreaped child.
+            unsafe {
+                libc::kill(self.pid as i32, libc::SIGKILL);
+                libc::waitpid(self.pid as i32, std::ptr::null_mut(), 0);
+            }
+        }
+    }
+}
+
+/// What a lock file looks like from a fresh handle in another process:
+/// the first lock in the way of `kind` on `span`.
+pub fn probe(path: &Path, kind: Kind, s: impl locksfile::IntoSpan) -> Option<Holder> {
+    let s = span(s);
+    let out = Pipe::new();
+    let child = fork(|| {
+        let lf = open(path, Mode::Ofd);
+        let h = lf.conflicts(kind, s).expect("conflicts");
+        match h {
+            None => out.send(0),
+            Some(h) => {
+                out.send(match h.kind {
+                    Kind::Shared => 1,
+                    Kind::Exclusive => 2,
+                });
+                out.send_u64(h.span.start());
+                out.send_u64(h.span.end());
+                out.send_u64(h.pid.map_or(u64::MAX, u64::from));
+            }
+        }
+    });
+    let tag = out.recv();
+    let holder = match tag {
+        0 => None,
+        _ => {
+            let kind = if tag == 1 {
+                Kind::Shared
+            } else {
+                Kind::Exclusive
+            };
+            let start = out.recv_u64();
+            let end = out.recv_u64();
+            let pid = out.recv_u64();
+            Some(Holder {
+                span: Span::new(start, end).expect("span from child"),
+                kind,
+                pid: (pid != u64::MAX).then_some(pid as u32),
+            })
+        }
+    };
+    child.join();
+    holder
+}
+
+/// The pid a holder should carry: the process in process mode, none in OFD mode.
+pub fn pid_in(mode: Mode, pid: u32) -> Option<u32> {
+    match mode {
+        Mode::Process => Some(pid),
+        Mode::Ofd => None,
+    }
+}
+
+pub fn holder(mode: Mode, s: impl locksfile::IntoSpan, kind: Kind, pid: u32) -> Holder {
+    Holder {
+        span: span(s),
+        kind,
+        pid: pid_in(mode, pid),
+    }
+}
+
+/// One line of `/proc/locks`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcLock {
+    pub waiting: bool,
+    pub ofd: bool,
+    pub kind: Kind,
+    pub pid: i64,
+    pub ino: u64,
+    pub start: u64,
+    /// Inclusive; `None` for "to EOF".
+    pub last: Option<u64>,
+}
+
+/// The record locks the kernel lists for the file at `path`.
+pub fn proc_locks(path: &Path) -> Vec<ProcLock> {
+    let ino = fs::metadata(path).expect("stat lock file").ino();
+    let text = fs::read_to_string("/proc/locks").expect("read /proc/locks");
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let mut f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 2 {
+            continue;
+        }
+        f.remove(0); // "N:"
+        let waiting = f[0] == "->";
+        if waiting {
+            f.remove(0);
+        }
+        if f.len() < 7 || !(f[0] == "POSIX" || f[0] == "OFDLCK") {
+            continue;
+        }
+        let file_ino: u64 = match f[4].rsplit(':').next().and_then(|s| s.parse().ok()) {
+            Some(i) => i,
+            None => continue,
+        };
+        if file_ino != ino {
+            continue;
+        }
+        out.push(ProcLock {
+            waiting,
+            ofd: f[0] == "OFDLCK",
+            kind: if f[2] == "WRITE" {
+                Kind::Exclusive
+            } else {
+                Kind::Shared
+            },
+            pid: f[3].parse().unwrap_or(-1),
+            ino,
+            start: f[5].parse().expect("start"),
+            last: f[6].parse().ok(),
+        });
+    }
+    out
+}
+
+/// Wait until the kernel lists a waiter on `path` whose range starts at
+/// `start` (and, for process-associated locks, belongs to `pid`): the
+/// process is then asleep in `F_SETLKW`.
+pub fn wait_for_waiter(path: &Path, start: u64, pid: Option<u32>) {
+    let deadline = Instant::now() + STUCK;
+    loop {
+        let found = proc_locks(path).into_iter().any(|l| {
+            l.waiting && l.start == start && pid.is_none_or(|p| l.pid == i64::from(p))
+        });
+        if found {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no waiter on {} at {start} after {STUCK:?}: {:?}",
+            path.display(),
+            proc_locks(path)
+        );
+        std::thread::yield_now();
+    }
+}
+
+/// Wait until `n` waiters are listed on `path`.
+pub fn wait_for_waiters(path: &Path, n: usize) {
+    let deadline = Instant::now() + STUCK;
+    loop {
+        let count = proc_locks(path).iter().filter(|l| l.waiting).count();
+        if count >= n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "fewer than {n} waiters on {} after {STUCK:?}: {:?}",
+            path.display(),
+            proc_locks(path)
+        );
+        std::thread::yield_now();
+    }
+}
+
+/// The waiter's pid argument for [`wait_for_waiter`] in a mode.
+pub fn waiter_pid(mode: Mode, pid: u32) -> Option<u32> {
+    pid_in(mode, pid)
+}
+
+pub const MODES: [Mode; 2] = [Mode::Ofd, Mode::Process];
+
+/// Counters in memory shared with forked children (`MAP_SHARED`).
+pub struct Shared {
+    ptr: *mut std::sync::atomic::AtomicU64,
+    len: usize,
+}
+
+impl Shared {
+    pub fn new(len: usize) -> Shared {
+        let bytes = len * std::mem::size_of::<u64>();
+        // SAFETY: anonymous shared mapping; no file, no fixed address.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED, "mmap: {}", io::Error::last_os_error());
+        Shared {
+            ptr: p.cast(),
+            len,
+        }
+    }
+
+    pub fn slots(&self) -> &[std::sync::atomic::AtomicU64] {
+        // SAFETY: the mapping is zero-filled, aligned to a page, holds `len`
+        // u64 slots and lives as long as `self`; AtomicU64 has u64's layout.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly what `new` mapped.
+        unsafe {
+            libc::munmap(self.ptr.cast(), self.len * std::mem::size_of::<u64>());
+        }
+    }
+}
