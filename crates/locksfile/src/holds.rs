@@ -78,6 +78,19 @@ impl<V: Copy + Eq + Default> SegMap<V> {
         mut f: impl FnMut(V) -> V,
         mut seen: impl FnMut(Span, V, V),
     ) {
+        let i = self.find(span.start());
+        if span.end() <= self.end_of(i) {
+            // The usual case, one lock taken or dropped: the span lies in a
+            // single segment, so patch it in place instead of splitting and
+            // merging the general way.
+            let old = self.segs[i].1;
+            let new = f(old);
+            seen(span, old, new);
+            if new != old {
+                self.replace_within(i, span, new);
+            }
+            return;
+        }
         let i = self.split(span.start());
         let j = self.split(span.end());
         for k in i..j {
@@ -87,6 +100,47 @@ impl<V: Copy + Eq + Default> SegMap<V> {
             seen(Span::from_checked(self.segs[k].0, self.end_of(k)), old, new);
         }
         self.coalesce(i, j);
+    }
+
+    /// Set `span`, which lies inside segment `i`, to `new` (which differs
+    /// from the segment's value), keeping the map coalesced.
+    fn replace_within(&mut self, i: usize, span: Span, new: V) {
+        let (seg_start, old) = self.segs[i];
+        let seg_end = self.end_of(i);
+        let (a, b) = (span.start(), span.end());
+        match (a == seg_start, b == seg_end) {
+            (true, true) => {
+                self.segs[i].1 = new;
+                let next_same = self.segs.get(i + 1).is_some_and(|s| s.1 == new);
+                let prev_same = i > 0 && self.segs[i - 1].1 == new;
+                match (prev_same, next_same) {
+                    (true, true) => drop(self.segs.drain(i..i + 2)),
+                    (true, false) => drop(self.segs.remove(i)),
+                    (false, true) => drop(self.segs.remove(i + 1)),
+                    (false, false) => {}
+                }
+            }
+            (true, false) => {
+                if i > 0 && self.segs[i - 1].1 == new {
+                    self.segs[i].0 = b;
+                } else {
+                    self.segs[i].1 = new;
+                    self.segs.insert(i + 1, (b, old));
+                }
+            }
+            (false, true) => {
+                if self.segs.get(i + 1).is_some_and(|s| s.1 == new) {
+                    self.segs[i + 1].0 = a;
+                } else {
+                    self.segs.insert(i + 1, (a, new));
+                }
+            }
+            (false, false) => {
+                self.segs.reserve(2);
+                self.segs.insert(i + 1, (a, new));
+                self.segs.insert(i + 2, (b, old));
+            }
+        }
     }
 
     /// The pieces of `span` with their values.
@@ -107,18 +161,25 @@ impl<V: Copy + Eq + Default> SegMap<V> {
     }
 }
 
-/// How many holders of each kind cover an index.
+/// How many holders of each kind cover an index, plus the first handle's
+/// explicit kind there.
+///
+/// The first handle's explicit layer lives inline (an OFD owner only ever
+/// has that one handle), so its `acquire`/`release` update a single map;
+/// further handles of a process-mode owner keep layers of their own and
+/// count as holders here.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct Counts {
     read: u32,
     write: u32,
+    first: Option<Kind>,
 }
 
 impl Counts {
     pub fn effective(self) -> Option<Kind> {
-        if self.write > 0 {
+        if self.write > 0 || self.first == Some(Kind::Exclusive) {
             Some(Kind::Exclusive)
-        } else if self.read > 0 {
+        } else if self.read > 0 || self.first.is_some() {
             Some(Kind::Shared)
         } else {
             None
@@ -214,6 +275,9 @@ pub(crate) enum Undo {
     Explicit { handle: HandleId },
 }
 
+/// The handle whose explicit layer lives inline in [`Counts`].
+pub(crate) const FIRST_HANDLE: HandleId = 1;
+
 /// All holds of one owner.
 #[derive(Debug)]
 pub(crate) struct Holds {
@@ -250,6 +314,26 @@ impl Holds {
                 self.count(span, from, to, moves);
                 Undo::Guard(change)
             }
+            Change::Explicit { handle, span, kind } if handle == FIRST_HANDLE => {
+                let before = &mut self.before;
+                before.clear();
+                self.counts.update(
+                    span,
+                    |c| Counts { first: kind, ..c },
+                    |piece, old, new| {
+                        before.push((piece, old.first));
+                        push_move(
+                            moves,
+                            Move {
+                                span: piece,
+                                from: old.effective(),
+                                to: new.effective(),
+                            },
+                        )
+                    },
+                );
+                Undo::Explicit { handle }
+            }
             Change::Explicit { handle, span, kind } => {
                 let mut before = std::mem::take(&mut self.before);
                 before.clear();
@@ -273,6 +357,12 @@ impl Holds {
                 self.count(span, to, from, &mut ignored)
             }
             Undo::Guard(Change::Explicit { .. }) => unreachable!("explicit changes undo by layer"),
+            Undo::Explicit { handle } if handle == FIRST_HANDLE => {
+                for (piece, old) in std::mem::take(&mut self.before) {
+                    self.counts
+                        .update(piece, |c| Counts { first: old, ..c }, |_, _, _| {});
+                }
+            }
             Undo::Explicit { handle } => {
                 for (piece, old) in std::mem::take(&mut self.before) {
                     let layer = self.layer(handle);
@@ -322,6 +412,18 @@ impl Holds {
 
     /// The handle's explicit layer over `span`.
     pub fn explicit(&self, handle: HandleId, span: Span) -> Vec<(Span, Option<Kind>)> {
+        if handle == FIRST_HANDLE {
+            let mut out: Vec<(Span, Option<Kind>)> = Vec::new();
+            for (s, c) in self.counts.pieces(span) {
+                match out.last_mut() {
+                    Some((last, k)) if *k == c.first => {
+                        *last = Span::from_checked(last.start(), s.end())
+                    }
+                    _ => out.push((s, c.first)),
+                }
+            }
+            return out;
+        }
         match self.explicit.iter().find(|(h, _)| *h == handle) {
             Some((_, layer)) => layer.pieces(span).collect(),
             None => vec![(span, None)],
@@ -420,11 +522,17 @@ mod tests {
 
     #[test]
     fn undo_restores_counts() {
+        for handle in [FIRST_HANDLE, FIRST_HANDLE + 1] {
+            undo_restores_counts_for(handle);
+        }
+    }
+
+    fn undo_restores_counts_for(handle: HandleId) {
         let mut h = Holds::new();
         let mut mv = Vec::new();
         h.apply(
             Change::Explicit {
-                handle: 1,
+                handle,
                 span: span(0, 2),
                 kind: Some(Kind::Shared),
             },
@@ -432,7 +540,7 @@ mod tests {
         );
         let u = h.apply(
             Change::Explicit {
-                handle: 1,
+                handle,
                 span: span(1, 3),
                 kind: Some(Kind::Exclusive),
             },
@@ -445,7 +553,7 @@ mod tests {
             vec![(span(0, 2), Some(Kind::Shared)), (span(2, 3), None)]
         );
         assert_eq!(
-            h.explicit(1, span(0, 3)),
+            h.explicit(handle, span(0, 3)),
             vec![(span(0, 2), Some(Kind::Shared)), (span(2, 3), None)]
         );
     }

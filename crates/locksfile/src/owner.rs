@@ -120,7 +120,7 @@ impl Owner {
         };
         let mut st = self.lock();
         loop {
-            if st.busy.iter().any(|b| b.intersect(span).is_some()) {
+            if !st.busy.is_empty() && st.busy.iter().any(|b| b.intersect(span).is_some()) {
                 // Another thread of this owner is sleeping on part of this
                 // span; the kernel state there is in flux until it wakes.
                 st = match wait {
@@ -139,22 +139,19 @@ impl Owner {
             let st_ref = &mut *st;
             st_ref.moves.clear();
             let undo = st_ref.holds.apply(change, &mut st_ref.moves);
-            let needs_write = st_ref
-                .moves
-                .iter()
-                .any(|m| m.is_raise() && m.to == Some(Kind::Exclusive));
-            if needs_write && !st_ref.writable {
-                st_ref.holds.undo(undo);
-                return Err(Error::ReadOnly {
-                    path: std::path::PathBuf::new(),
-                });
-            }
             let engine = self.engine(st_ref);
             // Raises first: they are the only calls that can fail for
             // contention, and nothing is lowered until they all succeed.
             let mut done = 0;
             let mut refused = None;
             for m in st_ref.moves.iter().filter(|m| m.is_raise()) {
+                if m.to == Some(Kind::Exclusive) && !st_ref.writable {
+                    Self::roll_back(engine, &st_ref.moves, done);
+                    st_ref.holds.undo(undo);
+                    return Err(Error::ReadOnly {
+                        path: std::path::PathBuf::new(),
+                    });
+                }
                 match engine.try_set(m.span, m.to) {
                     Ok(true) => done += 1,
                     Ok(false) => {

@@ -12,10 +12,12 @@ const WIDTH: u64 = 12;
 
 #[derive(Clone, Debug)]
 enum Op {
-    Acquire(Kind, u64, u64),
-    AcquireToEnd(Kind, u64),
-    Release(u64, u64),
-    ReleaseAll,
+    // The first field picks the handle: in process mode two handles share
+    // one owner, each with its own explicit layer.
+    Acquire(usize, Kind, u64, u64),
+    AcquireToEnd(usize, Kind, u64),
+    Release(usize, u64, u64),
+    ReleaseAll(usize),
     Guard(Kind, u64, u64),
     DropGuard(usize),
     Upgrade(usize),
@@ -32,10 +34,10 @@ fn span() -> impl Strategy<Value = (u64, u64)> {
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        3 => (kind(), span()).prop_map(|(k, (a, b))| Op::Acquire(k, a, b)),
-        1 => (kind(), 0..WIDTH).prop_map(|(k, a)| Op::AcquireToEnd(k, a)),
-        2 => span().prop_map(|(a, b)| Op::Release(a, b)),
-        1 => Just(Op::ReleaseAll),
+        3 => (0..2usize, kind(), span()).prop_map(|(h, k, (a, b))| Op::Acquire(h, k, a, b)),
+        1 => (0..2usize, kind(), 0..WIDTH).prop_map(|(h, k, a)| Op::AcquireToEnd(h, k, a)),
+        2 => (0..2usize, span()).prop_map(|(h, (a, b))| Op::Release(h, a, b)),
+        1 => (0..2usize).prop_map(Op::ReleaseAll),
         3 => (kind(), span()).prop_map(|(k, (a, b))| Op::Guard(k, a, b)),
         2 => any::<usize>().prop_map(Op::DropGuard),
         1 => any::<usize>().prop_map(Op::Upgrade),
@@ -50,15 +52,17 @@ enum Held<'a> {
 
 #[derive(Default)]
 struct Model {
-    /// Explicit layer: index -> kind (indices >= WIDTH share one entry, WIDTH).
-    explicit: BTreeMap<u64, Kind>,
+    /// Explicit layers, one per handle: index -> kind (indices >= WIDTH
+    /// share one entry, WIDTH).
+    explicit: [BTreeMap<u64, Kind>; 2],
     /// Guards: (kind, start, end) with end == u64::MAX for "to the end".
     guards: Vec<(Kind, u64, u64)>,
 }
 
 impl Model {
     fn effective(&self, i: u64) -> Option<Kind> {
-        let mut k = self.explicit.get(&i).copied();
+        let mut k = self.explicit[0].get(&i).copied();
+        k = k.max(self.explicit[1].get(&i).copied());
         for &(gk, a, b) in &self.guards {
             if a <= i && i < b {
                 k = k.max(Some(gk));
@@ -77,6 +81,12 @@ fn run(mode: Mode, ops: Vec<Op>) -> Result<(), TestCaseError> {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("model.lock");
     let lf = LockFile::options().mode(mode).open(&path).unwrap();
+    // In OFD mode a second handle would be a second owner, so both
+    // selectors use the same handle there.
+    let second =
+        (mode == Mode::Process).then(|| LockFile::options().mode(mode).open(&path).unwrap());
+    let handles = [&lf, second.as_ref().unwrap_or(&lf)];
+    let layer = |h: usize| if mode == Mode::Process { h } else { 0 };
     // The observer is another owner in both modes: an OFD handle never
     // shares an owner with anything else.
     let observer = LockFile::open(&path).unwrap();
@@ -85,27 +95,27 @@ fn run(mode: Mode, ops: Vec<Op>) -> Result<(), TestCaseError> {
 
     for op in ops {
         match op {
-            Op::Acquire(k, a, b) => {
-                lf.acquire(k, a..b, Wait::NonBlocking).unwrap();
+            Op::Acquire(h, k, a, b) => {
+                handles[h].acquire(k, a..b, Wait::NonBlocking).unwrap();
                 for i in covered(a, b) {
-                    model.explicit.insert(i, k);
+                    model.explicit[layer(h)].insert(i, k);
                 }
             }
-            Op::AcquireToEnd(k, a) => {
-                lf.acquire(k, a.., Wait::NonBlocking).unwrap();
+            Op::AcquireToEnd(h, k, a) => {
+                handles[h].acquire(k, a.., Wait::NonBlocking).unwrap();
                 for i in covered(a, u64::MAX) {
-                    model.explicit.insert(i, k);
+                    model.explicit[layer(h)].insert(i, k);
                 }
             }
-            Op::Release(a, b) => {
-                lf.release(a..b).unwrap();
+            Op::Release(h, a, b) => {
+                handles[h].release(a..b).unwrap();
                 for i in covered(a, b) {
-                    model.explicit.remove(&i);
+                    model.explicit[layer(h)].remove(&i);
                 }
             }
-            Op::ReleaseAll => {
-                lf.release_all().unwrap();
-                model.explicit.clear();
+            Op::ReleaseAll(h) => {
+                handles[h].release_all().unwrap();
+                model.explicit[layer(h)].clear();
             }
             Op::Guard(k, a, b) => {
                 guards.push(match k {
@@ -149,6 +159,15 @@ fn run(mode: Mode, ops: Vec<Op>) -> Result<(), TestCaseError> {
     }
     drop(guards);
     lf.release_all().unwrap();
+    if let Some(second) = second {
+        // Dropping a handle releases its own layer and nothing else.
+        model.explicit[0].clear();
+        model.guards.clear();
+        check(&lf, &observer, &model)?;
+        drop(second);
+        model.explicit[1].clear();
+        check(&lf, &observer, &model)?;
+    }
     prop_assert!(lf.held().is_empty());
     prop_assert_eq!(observer.conflicts(Kind::Exclusive, ..).unwrap(), None);
     Ok(())
