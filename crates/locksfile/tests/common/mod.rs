@@ -242,7 +242,12 @@ impl Child {
         let mut status = 0;
         // SAFETY: valid out-pointer; the child is ours.
         let r = unsafe { libc::waitpid(self.pid as i32, &mut status, 0) };
-        assert_eq!(r, self.pid as i32, "waitpid: {}", io::Error::last_os_error());
+        assert_eq!(
+            r,
+            self.pid as i32,
+            "waitpid: {}",
+            io::Error::last_os_error()
+        );
         self.reaped = true;
         if libc::WIFSIGNALED(status) {
             Exit::Signal(libc::WTERMSIG(status))
@@ -408,9 +413,9 @@ pub fn proc_locks(path: &Path) -> Vec<ProcLock> {
 pub fn wait_for_waiter(path: &Path, start: u64, pid: Option<u32>) {
     let deadline = Instant::now() + STUCK;
     loop {
-        let found = proc_locks(path).into_iter().any(|l| {
-            l.waiting && l.start == start && pid.is_none_or(|p| l.pid == i64::from(p))
-        });
+        let found = proc_locks(path)
+            .into_iter()
+            .any(|l| l.waiting && l.start == start && pid.is_none_or(|p| l.pid == i64::from(p)));
         if found {
             return;
         }
@@ -470,10 +475,7 @@ impl Shared {
             )
         };
         assert_ne!(p, libc::MAP_FAILED, "mmap: {}", io::Error::last_os_error());
-        Shared {
-            ptr: p.cast(),
-            len,
-        }
+        Shared { ptr: p.cast(), len }
     }
 
     pub fn slots(&self) -> &[std::sync::atomic::AtomicU64] {
