@@ -1,1 +1,56 @@
-fn main() {}
+//! `locksfile`: run a command under a byte-range lock, show who holds
+//! the locks of a file, and race processes around a ring of locks.
+//!
+//! Conventions follow util-linux `flock(1)` and `lslocks(8)` where they
+//! fit; exit codes are listed in [`exit`].
+#![deny(unsafe_code)]
+
+mod exit;
+mod procfs;
+mod race;
+mod run;
+mod span_arg;
+mod status;
+mod sys;
+
+use clap::error::ErrorKind;
+use clap::{Parser, Subcommand};
+
+/// Named, file-backed, byte-range reader/writer locks: lock N is byte N of FILE.
+#[derive(Parser, Debug)]
+#[command(name = "locksfile", version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run COMMAND while holding a lock on some indices of FILE.
+    Run(run::RunArgs),
+    /// Show every lock held on FILE and every process waiting for one.
+    Status(status::StatusArgs),
+    /// Race processes hand-over-hand around a ring of locks and verify them.
+    Race(race::RaceArgs),
+}
+
+fn main() {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let code = match e.kind() {
+                ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => 0,
+                _ => exit::USAGE,
+            };
+            // Printing help can only fail on a closed stdout; nothing to add then.
+            let _ = e.print();
+            std::process::exit(code);
+        }
+    };
+    let code = match cli.command {
+        Command::Run(args) => run::main(args),
+        Command::Status(args) => status::main(args),
+        Command::Race(args) => race::main(args),
+    };
+    std::process::exit(code);
+}

@@ -1,0 +1,365 @@
+//! Reading locks and their owners out of `/proc`, the way `lslocks(8)` does.
+//!
+//! `/proc/locks` lists every lock on the system, one a line:
+//!
+//! ```text
+//! 1: POSIX  ADVISORY  WRITE 1234 fe:00:5678 0 EOF
+//! 1: -> POSIX  ADVISORY  WRITE 1240 fe:00:5678 0 0
+//! 2: OFDLCK ADVISORY  READ  -1 fe:00:5678 3 4
+//! ```
+//!
+//! (id, `->` for a waiter blocked behind lock `id`, class, type, access,
+//! pid, device major:minor in hex and inode, first and last byte or `EOF`).
+//! OFD locks show pid -1: their holders are found in
+//! `/proc/PID/fdinfo/FD`, which lists the locks taken through that open
+//! file as `lock:\t` followed by the same format. A blocked OFD waiter is
+//! found by the system call it sleeps in (`/proc/PID/task/TID/syscall`):
+//! `fcntl(fd, F_OFD_SETLKW, &flock)` on a descriptor of the file, with the
+//! range read from its memory.
+
+use std::fs;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::Path;
+
+/// The lock classes `/proc/locks` names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Class {
+    /// Process-associated `fcntl` record lock.
+    Posix,
+    /// Open-file-description lock.
+    Ofd,
+    /// `flock(2)` whole-file lock.
+    Flock,
+}
+
+impl Class {
+    pub fn name(self) -> &'static str {
+        match self {
+            Class::Posix => "POSIX",
+            Class::Ofd => "OFD",
+            Class::Flock => "FLOCK",
+        }
+    }
+}
+
+/// One line of `/proc/locks` (or an fdinfo `lock:` line).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LockLine {
+    pub id: u64,
+    /// A waiter blocked behind lock `id`, not a held lock.
+    pub waiting: bool,
+    pub class: Class,
+    /// `WRITE` (else `READ`).
+    pub exclusive: bool,
+    /// The pid field; `-1` for OFD locks.
+    pub pid: i64,
+    pub major: u32,
+    pub minor: u32,
+    pub ino: u64,
+    /// First byte.
+    pub start: u64,
+    /// Last byte, inclusive; `None` for `EOF` (to the end).
+    pub last: Option<u64>,
+}
+
+impl LockLine {
+    /// Parse one line; `None` for leases, delegations and anything unknown.
+    pub fn parse(line: &str) -> Option<LockLine> {
+        let mut t = line.split_whitespace();
+        let id = t.next()?.strip_suffix(':')?.parse().ok()?;
+        let mut class = t.next()?;
+        let waiting = class == "->";
+        if waiting {
+            class = t.next()?;
+        }
+        let class = match class {
+            "POSIX" => Class::Posix,
+            "OFDLCK" => Class::Ofd,
+            "FLOCK" => Class::Flock,
+            _ => return None,
+        };
+        let _advisory = t.next()?;
+        let exclusive = match t.next()? {
+            "WRITE" => true,
+            "READ" => false,
+            _ => return None,
+        };
+        let pid = t.next()?.parse().ok()?;
+        let mut dev = t.next()?.split(':');
+        let major = u32::from_str_radix(dev.next()?, 16).ok()?;
+        let minor = u32::from_str_radix(dev.next()?, 16).ok()?;
+        let ino = dev.next()?.parse().ok()?;
+        let start = t.next()?.parse().ok()?;
+        let last = match t.next()? {
+            "EOF" => None,
+            n => Some(n.parse().ok()?),
+        };
+        Some(LockLine {
+            id,
+            waiting,
+            class,
+            exclusive,
+            pid,
+            major,
+            minor,
+            ino,
+            start,
+            last,
+        })
+    }
+
+    fn same_lock(&self, other: &LockLine) -> bool {
+        self.class == other.class
+            && self.exclusive == other.exclusive
+            && (self.major, self.minor, self.ino) == (other.major, other.minor, other.ino)
+            && self.start == other.start
+            && self.last == other.last
+    }
+}
+
+/// Device and inode of a file, as `/proc/locks` prints them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileId {
+    pub major: u32,
+    pub minor: u32,
+    pub ino: u64,
+}
+
+impl FileId {
+    pub fn of(meta: &fs::Metadata) -> FileId {
+        FileId {
+            major: libc::major(meta.dev()),
+            minor: libc::minor(meta.dev()),
+            ino: meta.ino(),
+        }
+    }
+
+    fn matches(&self, l: &LockLine) -> bool {
+        (l.major, l.minor, l.ino) == (self.major, self.minor, self.ino)
+    }
+}
+
+/// A process: pid and command name (`None` when it could not be read).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Proc {
+    pub pid: u32,
+    pub command: Option<String>,
+}
+
+impl Proc {
+    fn new(pid: u32) -> Proc {
+        let command = fs::read_to_string(format!("/proc/{pid}/comm"))
+            .ok()
+            .map(|s| s.trim_end_matches('\n').to_string());
+        Proc { pid, command }
+    }
+}
+
+/// A lock on the file, with the processes found behind it.
+#[derive(Clone, Debug)]
+pub struct Found {
+    pub line: LockLine,
+    /// Empty when nobody could be named ("unknown").
+    pub procs: Vec<Proc>,
+}
+
+/// Every lock and waiter on `file`, with their processes.
+pub fn locks_on(file: FileId) -> std::io::Result<Vec<Found>> {
+    let text = fs::read_to_string("/proc/locks")?;
+    let lines: Vec<LockLine> = text
+        .lines()
+        .filter_map(LockLine::parse)
+        .filter(|l| file.matches(l))
+        .collect();
+    let mut found: Vec<Found> = lines
+        .into_iter()
+        .map(|line| {
+            let procs = match u32::try_from(line.pid) {
+                Ok(pid) if pid > 0 => vec![Proc::new(pid)],
+                _ => Vec::new(),
+            };
+            Found { line, procs }
+        })
+        .collect();
+
+    let ofd_held = found
+        .iter()
+        .any(|f| f.line.class == Class::Ofd && !f.line.waiting);
+    if ofd_held {
+        name_ofd_holders(file, &mut found);
+    }
+    let ofd_waiting = found
+        .iter()
+        .any(|f| f.line.class == Class::Ofd && f.line.waiting);
+    if ofd_waiting {
+        name_ofd_waiters(file, &mut found);
+    }
+    Ok(found)
+}
+
+/// Pids whose fdinfo lists each held OFD lock; identical locks (same
+/// span and kind, several owners) are shared out one process each when
+/// the counts agree, else each lists every candidate.
+fn name_ofd_holders(file: FileId, found: &mut [Found]) {
+    let mut seen: Vec<(LockLine, u32)> = Vec::new();
+    for pid in pids() {
+        let Ok(dir) = fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
+            continue;
+        };
+        for entry in dir.flatten() {
+            let Ok(info) = fs::read_to_string(entry.path()) else {
+                continue;
+            };
+            for l in info.lines() {
+                let Some(rest) = l.strip_prefix("lock:") else {
+                    continue;
+                };
+                if let Some(line) = LockLine::parse(rest) {
+                    if line.class == Class::Ofd
+                        && file.matches(&line)
+                        && !seen.iter().any(|(s, p)| *p == pid && s.same_lock(&line))
+                    {
+                        seen.push((line, pid));
+                    }
+                }
+            }
+        }
+    }
+    let held: Vec<usize> = (0..found.len())
+        .filter(|&i| found[i].line.class == Class::Ofd && !found[i].line.waiting)
+        .collect();
+    let mut done = vec![false; found.len()];
+    for &i in &held {
+        if done[i] {
+            continue;
+        }
+        let twins: Vec<usize> = held
+            .iter()
+            .copied()
+            .filter(|&j| found[j].line.same_lock(&found[i].line))
+            .collect();
+        let mut pids: Vec<u32> = seen
+            .iter()
+            .filter(|(s, _)| s.same_lock(&found[i].line))
+            .map(|&(_, p)| p)
+            .collect();
+        pids.sort_unstable();
+        pids.dedup();
+        for (k, &j) in twins.iter().enumerate() {
+            found[j].procs = if pids.len() == twins.len() {
+                vec![Proc::new(pids[k])]
+            } else {
+                pids.iter().map(|&p| Proc::new(p)).collect()
+            };
+            done[j] = true;
+        }
+    }
+}
+
+/// Threads asleep in `fcntl(fd, F_OFD_SETLKW, &flock)` on a descriptor of
+/// `file`, matched to waiter lines by their range and type.
+fn name_ofd_waiters(file: FileId, found: &mut [Found]) {
+    let mut sleepers: Vec<(u32, bool, u64, Option<u64>)> = Vec::new();
+    for pid in pids() {
+        let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+            continue;
+        };
+        for task in tasks.flatten() {
+            if let Some((exclusive, start, last)) = ofd_wait_of(pid, &task.path(), file) {
+                sleepers.push((pid, exclusive, start, last));
+            }
+        }
+    }
+    for f in found
+        .iter_mut()
+        .filter(|f| f.line.class == Class::Ofd && f.line.waiting)
+    {
+        let mut pids: Vec<u32> = sleepers
+            .iter()
+            .filter(|&&(_, x, s, l)| x == f.line.exclusive && s == f.line.start && l == f.line.last)
+            .map(|&(p, ..)| p)
+            .collect();
+        pids.dedup();
+        f.procs = pids.into_iter().map(Proc::new).collect();
+    }
+}
+
+/// What one thread waits for, if it sleeps in `F_OFD_SETLKW` on `file`:
+/// (exclusive, first byte, last byte or `None` for to the end).
+fn ofd_wait_of(pid: u32, task: &Path, file: FileId) -> Option<(bool, u64, Option<u64>)> {
+    let text = fs::read_to_string(task.join("syscall")).ok()?;
+    let mut f = text.split_whitespace();
+    let nr: i64 = f.next()?.parse().ok()?;
+    if nr != libc::SYS_fcntl {
+        return None;
+    }
+    let hex = |s: &str| u64::from_str_radix(s.trim_start_matches("0x"), 16).ok();
+    let fd = hex(f.next()?)?;
+    let cmd = hex(f.next()?)?;
+    let arg = hex(f.next()?)?;
+    if cmd != libc::F_OFD_SETLKW as u64 {
+        return None;
+    }
+    let meta = fs::metadata(format!("/proc/{pid}/fd/{fd}")).ok()?;
+    if FileId::of(&meta) != file {
+        return None;
+    }
+    // struct flock { short l_type; short l_whence; off_t l_start; off_t l_len; ... }
+    let mem = fs::File::open(format!("/proc/{pid}/mem")).ok()?;
+    let mut buf = [0u8; std::mem::size_of::<libc::flock>()];
+    mem.read_exact_at(&mut buf, arg).ok()?;
+    let l_type = i16::from_ne_bytes([buf[0], buf[1]]);
+    let l_whence = i16::from_ne_bytes([buf[2], buf[3]]);
+    let off = std::mem::offset_of!(libc::flock, l_start);
+    let start = i64::from_ne_bytes(buf[off..off + 8].try_into().ok()?);
+    let off = std::mem::offset_of!(libc::flock, l_len);
+    let len = i64::from_ne_bytes(buf[off..off + 8].try_into().ok()?);
+    if l_whence != libc::SEEK_SET as i16 || start < 0 || len < 0 {
+        return None;
+    }
+    let start = start as u64;
+    let last = (len > 0).then(|| start + len as u64 - 1);
+    Some((l_type == libc::F_WRLCK as i16, start, last))
+}
+
+fn pids() -> Vec<u32> {
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_proc_locks_lines() {
+        let l = LockLine::parse("1: POSIX  ADVISORY  WRITE 1234 fe:01:5678 0 EOF").unwrap();
+        assert_eq!(
+            (l.id, l.waiting, l.class, l.exclusive, l.pid),
+            (1, false, Class::Posix, true, 1234)
+        );
+        assert_eq!(
+            (l.major, l.minor, l.ino, l.start, l.last),
+            (0xfe, 1, 5678, 0, None)
+        );
+
+        let w = LockLine::parse("12: -> OFDLCK ADVISORY  READ  -1 00:2f:99 3 4").unwrap();
+        assert!(w.waiting);
+        assert_eq!(
+            (w.id, w.class, w.exclusive, w.pid),
+            (12, Class::Ofd, false, -1)
+        );
+        assert_eq!((w.minor, w.start, w.last), (0x2f, 3, Some(4)));
+
+        let fdinfo = "\t1: OFDLCK ADVISORY  WRITE -1 fe:00:10 7 7";
+        assert_eq!(LockLine::parse(fdinfo).unwrap().last, Some(7));
+
+        assert!(LockLine::parse("3: LEASE  ACTIVE    READ 99 fe:00:1 0 EOF").is_none());
+        assert!(LockLine::parse("garbage").is_none());
+        assert!(LockLine::parse("").is_none());
+    }
+}

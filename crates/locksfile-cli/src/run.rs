@@ -1,0 +1,241 @@
+//! `locksfile run`: hold a lock for exactly the lifetime of a command.
+//!
+//! This process takes the lock, starts the command, waits for it and only
+//! then releases. The lock descriptor is close-on-exec, so the command does
+//! not own the lock: in OFD mode the lock belongs to this process's open
+//! file description, in process mode to this process. Whatever the command
+//! does with the file, or however it ends, the lock goes away when this
+//! process has seen it end (or when this process itself dies).
+
+use std::ffi::OsString;
+use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use clap::{Args, ValueEnum};
+use locksfile::{Error, Kind, LockFile, Mode, Span, Wait};
+
+use crate::{exit, span_arg, sys};
+
+/// Lock mode on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ModeArg {
+    /// Open-file-description locks (F_OFD_SETLK): owned by this run's open file.
+    Ofd,
+    /// Classic POSIX record locks (F_SETLK): owned by this process.
+    Process,
+}
+
+impl From<ModeArg> for Mode {
+    fn from(m: ModeArg) -> Mode {
+        match m {
+            ModeArg::Ofd => Mode::Ofd,
+            ModeArg::Process => Mode::Process,
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+#[command(
+    after_help = "The span defaults to lock index 0. Exit status: the command's own, \
+128+N when it was killed by signal N, the -E code (1) when the lock was busy or the \
+timeout passed, 64 for usage errors, 66/73 when FILE cannot be opened or created \
+(or is not a regular file), 69 when the command cannot be started."
+)]
+pub struct RunArgs {
+    /// Take a shared (read) lock.
+    #[arg(short = 's', long, conflicts_with = "exclusive")]
+    shared: bool,
+
+    /// Take an exclusive (write) lock (the default).
+    #[arg(short = 'x', long, short_alias = 'e')]
+    exclusive: bool,
+
+    /// Lock indices to take: N, A..B, A..=B, A.. (to the end) or .. (all).
+    #[arg(
+        short = 'i',
+        long = "index",
+        visible_alias = "span",
+        value_name = "SPAN",
+        value_parser = span_arg::parse,
+        allow_hyphen_values = true,
+        conflicts_with_all = ["start", "count"]
+    )]
+    span: Option<Span>,
+
+    /// First lock index (with --count; the same as --index START..START+COUNT).
+    #[arg(long, value_name = "N")]
+    start: Option<u64>,
+
+    /// Number of lock indices from --start (default 1).
+    #[arg(long, value_name = "M", requires = "start")]
+    count: Option<u64>,
+
+    /// Fail at once if the lock is held (exit with the -E code).
+    #[arg(short = 'n', long = "nonblock", visible_alias = "nb")]
+    nonblock: bool,
+
+    /// Give up after SECS seconds (fractions allowed; 0 = --nonblock).
+    #[arg(
+        short = 'w',
+        long = "timeout",
+        visible_alias = "wait",
+        value_name = "SECS",
+        value_parser = parse_secs
+    )]
+    timeout: Option<Duration>,
+
+    /// Exit code when the lock is busy or the timeout passes.
+    #[arg(
+        short = 'E',
+        long = "conflict-exit-code",
+        value_name = "N",
+        default_value_t = 1
+    )]
+    conflict_exit_code: u8,
+
+    /// Lock mode.
+    #[arg(long, value_enum, default_value_t = ModeArg::Ofd)]
+    mode: ModeArg,
+
+    /// Say on stderr what is waited for, who holds it, and how long it took.
+    #[arg(short, long)]
+    verbose: bool,
+
+    /// The lock file (created if missing; its content is never touched).
+    #[arg(value_name = "FILE")]
+    file: PathBuf,
+
+    /// The command and its arguments; options after it are its own.
+    #[arg(
+        value_name = "COMMAND",
+        required = true,
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        num_args = 1..
+    )]
+    command: Vec<OsString>,
+}
+
+fn parse_secs(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{s}' is not a number of seconds"))?;
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(format!("'{s}' is not a number of seconds >= 0"));
+    }
+    Duration::try_from_secs_f64(secs).map_err(|_| format!("'{s}' seconds is too long"))
+}
+
+pub fn main(args: RunArgs) -> i32 {
+    match run(args) {
+        Ok(code) => code,
+        Err((code, msg)) => {
+            eprintln!("locksfile: {msg}");
+            code
+        }
+    }
+}
+
+fn run(args: RunArgs) -> Result<i32, (i32, String)> {
+    let span = match args.start {
+        Some(start) => span_arg::from_start_count(start, args.count)
+            .map_err(|e| (exit::USAGE, format!("bad span: {e}")))?,
+        None => args
+            .span
+            .unwrap_or_else(|| Span::new(0, 1).expect("0..1 is a span")),
+    };
+    let kind = if args.shared {
+        Kind::Shared
+    } else {
+        Kind::Exclusive
+    };
+    let wait = match args.timeout {
+        _ if args.nonblock => Wait::NonBlocking,
+        Some(d) if d.is_zero() => Wait::NonBlocking,
+        Some(d) => Wait::Timeout(d),
+        None => Wait::Blocking,
+    };
+    let conflict = i32::from(args.conflict_exit_code);
+    let shown = args.file.display();
+
+    let lf = LockFile::options()
+        .mode(args.mode.into())
+        .open(&args.file)
+        .map_err(|e| (exit::for_lock_error(&e), open_message(&args.file, &e)))?;
+
+    let started = Instant::now();
+    if args.verbose {
+        eprintln!("locksfile: taking {kind} lock on {span} of {shown} ({wait:?})");
+    }
+    if let Err(e) = lf.acquire(kind, span, wait) {
+        return match e {
+            Error::WouldBlock { .. } | Error::TimedOut | Error::Deadlock => {
+                if args.verbose || matches!(e, Error::Deadlock) {
+                    eprintln!("locksfile: {shown}: {e}");
+                }
+                Ok(conflict)
+            }
+            e => Err((exit::for_lock_error(&e), format!("{shown}: {e}"))),
+        };
+    }
+    if args.verbose {
+        eprintln!(
+            "locksfile: got {kind} lock on {span} of {shown} after {:.3} s",
+            started.elapsed().as_secs_f64()
+        );
+    }
+
+    // From here a signal sent to this process goes to the command, which
+    // ends it, and the lock is released when we have seen it end.
+    sys::catch_forwarded_signals().map_err(|e| (exit::OSERR, format!("sigaction: {e}")))?;
+    if let Some(sig) = sys::pending_signal() {
+        return Ok(128 + sig);
+    }
+    let program = &args.command[0];
+    let mut child = Command::new(program)
+        .args(&args.command[1..])
+        .spawn()
+        .map_err(|e| {
+            let code = match e.raw_os_error() {
+                Some(libc::ENOMEM | libc::EAGAIN) => exit::OSERR,
+                _ => exit::UNAVAILABLE,
+            };
+            (
+                code,
+                format!("cannot run {}: {e}", program.to_string_lossy()),
+            )
+        })?;
+    sys::forward_to(child.id() as libc::pid_t);
+    let status = child
+        .wait()
+        .map_err(|e| (exit::OSERR, format!("waiting for the command: {e}")))?;
+    if let Err(e) = lf.release_all() {
+        eprintln!("locksfile: releasing the lock: {e}");
+    }
+    drop(lf);
+    Ok(match (status.code(), status.signal()) {
+        (Some(code), _) => code,
+        (None, Some(sig)) => 128 + sig,
+        (None, None) => exit::OSERR,
+    })
+}
+
+/// The message for a lock file that could not be opened.
+pub fn open_message(path: &std::path::Path, e: &Error) -> String {
+    match e {
+        Error::NotRegularFile { .. } => e.to_string(),
+        Error::Io { source, .. } => {
+            // The core already names the path in open errors.
+            let text = source.to_string();
+            if text.contains(&path.display().to_string()) {
+                format!("cannot open lock file {text}")
+            } else {
+                format!("cannot open lock file {}: {text}", path.display())
+            }
+        }
+        e => format!("{}: {e}", path.display()),
+    }
+}
