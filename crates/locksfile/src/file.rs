@@ -166,6 +166,27 @@ impl OpenOptions {
                     found: NotRegular::Directory,
                 };
             }
+            if e.raw_os_error() == Some(libc::ENXIO) {
+                // open(2) answers ENXIO for a Unix socket (and for a device
+                // with no driver): name what is there, as fstat would have.
+                use std::os::unix::fs::FileTypeExt;
+                if let Ok(meta) = std::fs::metadata(path) {
+                    let t = meta.file_type();
+                    let found = if t.is_socket() {
+                        Some(NotRegular::Socket)
+                    } else if t.is_char_device() || t.is_block_device() {
+                        Some(NotRegular::Device)
+                    } else {
+                        None
+                    };
+                    if let Some(found) = found {
+                        return Error::NotRegularFile {
+                            path: path.to_path_buf(),
+                            found,
+                        };
+                    }
+                }
+            }
             Error::Io {
                 op: "open lock file",
                 source: io::Error::new(e.kind(), format!("{}: {e}", path.display())),
