@@ -5,6 +5,7 @@
 //! lock anything.
 
 use std::fmt::Write as _;
+use std::os::unix::fs::FileTypeExt;
 use std::path::PathBuf;
 
 use clap::Args;
@@ -38,10 +39,17 @@ pub fn main(args: StatusArgs) -> i32 {
         }
     };
     if !meta.file_type().is_file() {
-        let what = if meta.is_dir() {
+        let t = meta.file_type();
+        let what = if t.is_dir() {
             "a directory"
+        } else if t.is_fifo() {
+            "a FIFO"
+        } else if t.is_socket() {
+            "a socket"
+        } else if t.is_char_device() || t.is_block_device() {
+            "a device"
         } else {
-            "not a regular file"
+            "something else"
         };
         eprintln!("locksfile: {shown} is {what}, not a regular lock file");
         return exit::NOINPUT;

@@ -1,0 +1,309 @@
+//! `locksfile run` against real processes holding real locks.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn lock_file() -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("data.lock");
+    (dir, path)
+}
+
+fn try_run(file: &std::path::Path, opts: &[&str]) -> i32 {
+    let mut args = vec!["run"];
+    args.extend_from_slice(opts);
+    args.push(file.to_str().unwrap());
+    args.extend_from_slice(&["--", "true"]);
+    code(&run(&args))
+}
+
+#[test]
+fn conflicting_and_free_indices() {
+    for mode in ["ofd", "process"] {
+        let (_d, f) = lock_file();
+        let h = Holder::start(&f, &["--mode", mode, "-i", "3"]);
+        for m in ["ofd", "process"] {
+            assert_eq!(
+                try_run(&f, &["--mode", m, "-n", "-i", "3"]),
+                1,
+                "{mode}/{m}"
+            );
+            assert_eq!(try_run(&f, &["--mode", m, "-n", "-i", "2..=3"]), 1);
+            assert_eq!(try_run(&f, &["--mode", m, "-n", "-i", ".."]), 1);
+            assert_eq!(try_run(&f, &["--mode", m, "-n", "-i", "4"]), 0);
+            assert_eq!(try_run(&f, &["--mode", m, "-n", "-i", "0..3"]), 0);
+            assert_eq!(
+                try_run(&f, &["--mode", m, "-n"]),
+                0,
+                "default index 0 is free"
+            );
+        }
+        assert_eq!(h.release(), 0);
+        assert_eq!(
+            try_run(&f, &["-n", "-i", "3"]),
+            0,
+            "released with the command"
+        );
+    }
+}
+
+#[test]
+fn start_and_count_name_a_span() {
+    let (_d, f) = lock_file();
+    let h = Holder::start(&f, &["--start", "3", "--count", "2"]);
+    assert_eq!(try_run(&f, &["-n", "-i", "4"]), 1);
+    assert_eq!(try_run(&f, &["-n", "-i", "5"]), 0);
+    assert_eq!(try_run(&f, &["-n", "--start", "2"]), 0);
+    assert_eq!(try_run(&f, &["-n", "--start", "2", "--count", "2"]), 1);
+    h.release();
+}
+
+#[test]
+fn shared_excludes_only_exclusive() {
+    let (_d, f) = lock_file();
+    let h = Holder::start(&f, &["-s", "-i", "5"]);
+    assert_eq!(try_run(&f, &["-n", "-s", "-i", "5"]), 0);
+    assert_eq!(
+        try_run(&f, &["-n", "--mode", "process", "--shared", "-i", "5"]),
+        0
+    );
+    assert_eq!(try_run(&f, &["-n", "-x", "-i", "5"]), 1);
+    assert_eq!(
+        try_run(&f, &["-n", "-i", "5"]),
+        1,
+        "exclusive is the default"
+    );
+    h.release();
+
+    let h = Holder::start(&f, &["-x", "-i", "5"]);
+    assert_eq!(try_run(&f, &["-n", "-s", "-i", "5"]), 1);
+    h.release();
+}
+
+#[test]
+fn conflict_exit_code() {
+    let (_d, f) = lock_file();
+    let h = Holder::start(&f, &[]);
+    assert_eq!(try_run(&f, &["-n", "-E", "42"]), 42);
+    assert_eq!(try_run(&f, &["-w", "0", "--conflict-exit-code", "7"]), 7);
+    assert_eq!(try_run(&f, &["-n", "-E", "42", "-i", "1"]), 0);
+    h.release();
+}
+
+#[test]
+fn timeout_waits_about_as_long_as_asked() {
+    let (_d, f) = lock_file();
+    let h = Holder::start(&f, &[]);
+    for mode in ["ofd", "process"] {
+        let t = Instant::now();
+        assert_eq!(try_run(&f, &["--mode", mode, "-w", "0.4", "-E", "9"]), 9);
+        let took = t.elapsed();
+        assert!(
+            took >= Duration::from_millis(400),
+            "{mode}: gave up after {took:?}"
+        );
+        assert!(took < Duration::from_secs(5), "{mode}: took {took:?}");
+    }
+    h.release();
+}
+
+#[test]
+fn blocked_run_proceeds_when_the_holder_ends() {
+    let (_d, f) = lock_file();
+    let h = Holder::start(&f, &["--mode", "process"]);
+    let waiter = locksfile()
+        .args([
+            "run",
+            "--mode",
+            "process",
+            f.to_str().unwrap(),
+            "--",
+            "echo",
+            "got it",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let wpid = waiter.id() as u64;
+    // The kernel lists the waiter once it sleeps in F_SETLKW.
+    await_lock(&f, |l| l["state"] == "waiting" && l["pid"] == wpid);
+    assert_eq!(h.release(), 0);
+    let out = waiter.wait_with_output().unwrap();
+    assert_eq!(code(&out), 0);
+    assert_eq!(stdout(&out), "got it\n");
+}
+
+#[test]
+fn exit_status_and_signals_pass_through() {
+    let (_d, f) = lock_file();
+    let p = f.to_str().unwrap();
+    assert_eq!(code(&run(&["run", p, "--", "sh", "-c", "exit 7"])), 7);
+    assert_eq!(code(&run(&["run", p, "--", "true"])), 0);
+    assert_eq!(
+        code(&run(&["run", p, "--", "sh", "-c", "kill -TERM $$"])),
+        143
+    );
+    assert_eq!(
+        code(&run(&["run", p, "--", "sh", "-c", "kill -KILL $$"])),
+        137
+    );
+    // However the command ended, the lock is free again.
+    assert_eq!(try_run(&f, &["-n"]), 0);
+    // Options after the command are the command's.
+    let out = run(&["run", p, "sh", "-c", "echo \"$0\"", "-x"]);
+    assert_eq!(stdout(&out), "-x\n");
+}
+
+#[test]
+fn a_signal_to_run_goes_to_the_command_and_the_lock_lasts_until_it_ends() {
+    let (_d, f) = lock_file();
+    // The command catches SIGTERM, says so, and goes on until told to stop:
+    // the lock must outlive the signal and last until the command ends.
+    let mut child = locksfile()
+        .args(["run", f.to_str().unwrap(), "--", "sh", "-c"])
+        .arg("trap 'echo term' TERM; echo ready; while :; do read l; [ \"$l\" = stop ] && exit 5; done")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line, "ready\n");
+    let pid = child.id() as libc::pid_t;
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line, "term\n", "the command got the signal");
+    let mut stdin = child.stdin.take().unwrap();
+    assert_eq!(
+        try_run(&f, &["-n"]),
+        1,
+        "still locked while the command runs"
+    );
+    stdin.write_all(b"stop\n").unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(5));
+    assert_eq!(try_run(&f, &["-n"]), 0);
+
+    // A command that does not catch it dies of it: 128 + 15.
+    let mut h = Holder::start(&f, &[]);
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(h.pid() as i32, libc::SIGTERM) }, 0);
+    assert_eq!(h.child.wait().unwrap().code(), Some(143));
+    assert_eq!(try_run(&f, &["-n"]), 0);
+}
+
+#[test]
+fn the_command_does_not_inherit_the_lock_descriptor() {
+    let (_d, f) = lock_file();
+    let out = run(&[
+        "run",
+        f.to_str().unwrap(),
+        "--",
+        "sh",
+        "-c",
+        "for fd in /proc/$$/fd/*; do readlink \"$fd\"; done; exit 0",
+    ]);
+    assert_eq!(code(&out), 0);
+    let fds = stdout(&out);
+    assert!(!fds.is_empty());
+    assert!(
+        !fds.contains("data.lock"),
+        "lock fd leaked into the command:\n{fds}"
+    );
+}
+
+#[test]
+fn bad_input_gets_sysexits_codes_and_messages() {
+    let (d, f) = lock_file();
+    let p = f.to_str().unwrap();
+
+    let out = run(&["run", "--bogus", p, "--", "true"]);
+    assert_eq!(code(&out), 64);
+    assert!(stderr(&out).contains("--bogus"));
+
+    let out = run(&["run", "-i", "5..2", p, "--", "true"]);
+    assert_eq!(code(&out), 64);
+    assert!(
+        stderr(&out).contains("ends before it starts"),
+        "{}",
+        stderr(&out)
+    );
+    let out = run(&["run", "-i", "x", p, "--", "true"]);
+    assert_eq!(code(&out), 64);
+    let out = run(&["run", "--start", "1", "--count", "0", p, "--", "true"]);
+    assert_eq!(code(&out), 64);
+    assert!(stderr(&out).contains("empty"), "{}", stderr(&out));
+    let out = run(&["run", "-w", "soon", p, "--", "true"]);
+    assert_eq!(code(&out), 64);
+
+    let out = run(&["run", p]);
+    assert_eq!(code(&out), 64);
+    assert!(stderr(&out).contains("COMMAND"), "{}", stderr(&out));
+    assert_eq!(code(&run(&["run", p, "--"])), 64);
+    assert_eq!(code(&run(&["frobnicate"])), 64);
+
+    let out = run(&["run", d.path().to_str().unwrap(), "--", "true"]);
+    assert_eq!(code(&out), 66);
+    assert!(stderr(&out).contains("directory"), "{}", stderr(&out));
+
+    let fifo = d.path().join("fifo");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+    let mut child = locksfile()
+        .args(["run", fifo.to_str().unwrap(), "--", "true"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let st = wait_bounded(&mut child, Duration::from_secs(10)).expect("a FIFO hung run");
+    assert_eq!(st.code(), Some(66));
+
+    let out = run(&["run", "/nonexistent-dir/x.lock", "--", "true"]);
+    assert_eq!(code(&out), 66);
+    assert!(
+        stderr(&out).contains("cannot open lock file"),
+        "{}",
+        stderr(&out)
+    );
+
+    let out = run(&["run", p, "--", "/nonexistent/command"]);
+    assert_eq!(code(&out), 69);
+    assert!(stderr(&out).contains("cannot run"), "{}", stderr(&out));
+}
+
+#[test]
+fn the_lock_file_is_never_written() {
+    let (_d, f) = lock_file();
+    std::fs::write(&f, b"precious").unwrap();
+    let before = std::fs::metadata(&f).unwrap();
+    let p = f.to_str().unwrap();
+    for args in [
+        vec!["run", "-i", "0..", p, "--", "true"],
+        vec!["run", "--mode", "process", "-s", "-i", "3", p, "--", "true"],
+        vec!["status", p],
+    ] {
+        assert_eq!(code(&run(&args)), 0);
+    }
+    let h = Holder::start(&f, &["-i", "1..4"]);
+    assert_eq!(try_run(&f, &["-n", "-i", "2"]), 1);
+    h.release();
+    assert_eq!(std::fs::read(&f).unwrap(), b"precious");
+    let after = std::fs::metadata(&f).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(
+        (before.mtime(), before.mtime_nsec()),
+        (after.mtime(), after.mtime_nsec())
+    );
+
+    // A missing file is created empty.
+    let (_d2, g) = lock_file();
+    assert_eq!(try_run(&g, &[]), 0);
+    assert_eq!(std::fs::metadata(&g).unwrap().len(), 0);
+}
