@@ -74,10 +74,10 @@ fn main() -> std::io::Result<()> {
         for (i, k) in rings.iter().enumerate() {
             let m = median(&mut times[i].clone());
             println!("  {:<24} {:>10.3} ms", k.name(), m * 1e3);
-            let samples: Vec<String> = times[i].iter().map(|t| format!("{t:.6}")).collect();
+            let samples: Vec<String> = times[i].iter().map(|t| format!("{t:.9}")).collect();
             let _ = writeln!(
                 json,
-                "  {{\"procs\": {}, \"tracks\": {}, \"rounds\": {}, \"ring\": \"{}\", \"median\": {m:.6}, \"runs\": [{}]}}{}",
+                "  {{\"procs\": {}, \"tracks\": {}, \"rounds\": {}, \"ring\": \"{}\", \"median\": {m:.9}, \"runs\": [{}]}}{}",
                 shape.procs,
                 shape.tracks,
                 shape.rounds,

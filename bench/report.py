@@ -1,0 +1,519 @@
+"""Writes BENCHMARKS.md and its plot from the figures scripts/bench collected.
+
+    report.py --criterion DIR --baselines run1,run2,... --race race.json
+              --python python.json --out BENCHMARKS.md --plot bench/plot.png
+
+Criterion figures: the median estimate of each baseline (one per run of
+the criterion benches), then the median of those. Race and Python figures:
+the medians their harnesses computed over interleaved runs.
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+PAIR_ROWS = [
+    ("locksfile_ofd_guard", "locksfile, OFD mode, guard (`lf.write(5)` dropped)"),
+    ("locksfile_ofd_explicit", "locksfile, OFD mode, `acquire` + `release`"),
+    ("locksfile_process_guard", "locksfile, process mode, guard"),
+    ("locksfile_process_explicit", "locksfile, process mode, `acquire` + `release`"),
+    ("fcntl_ofd", "raw `fcntl(F_OFD_SETLK)` (baseline)"),
+    ("fcntl_posix", "raw `fcntl(F_SETLK)`"),
+    ("flock", "`flock(2)` (whole file)"),
+    ("file_guard", "file-guard (byte range, `F_SETLK`)"),
+    ("fd_lock", "fd-lock (whole file, `flock`)"),
+    ("pthread_rwlock_pshared", "process-shared `pthread_rwlock_t` in shared memory"),
+    ("std_rwlock", "`std::sync::RwLock` (in-process only)"),
+    ("parking_lot_rwlock", "`parking_lot::RwLock` (in-process only)"),
+]
+
+RING_ROWS = [
+    ("locksfile_ofd", "locksfile, OFD mode"),
+    ("locksfile_process", "locksfile, process mode"),
+    ("fcntl_ofd", "raw `F_OFD_SETLKW` (baseline)"),
+    ("fcntl_posix", "raw `F_SETLKW`"),
+    ("sem_open", "POSIX named semaphores, one per track"),
+    ("pthread_rwlock_pshared", "process-shared `pthread_rwlock_t`, one per track"),
+]
+
+PY_ORDER = [
+    "ours_seed_api",
+    "ours_modern_api",
+    "seed_0.0.6",
+    "lockf",
+    "mp_lock",
+    "manager_lock",
+    "filelock",
+    "fasteners",
+    "portalocker",
+]
+
+
+def crit(dirpath, group, bench, baselines):
+    xs = []
+    for b in baselines:
+        p = os.path.join(dirpath, group, *bench.split("/"), b, "estimates.json")
+        if os.path.exists(p):
+            with open(p) as f:
+                xs.append(json.load(f)["median"]["point_estimate"])
+    return statistics.median(xs) if xs else None
+
+
+def fmt_time(ns):
+    if ns is None:
+        return "n/a"
+    if ns < 1e3:
+        return "%.1f ns" % ns
+    if ns < 1e6:
+        return "%.2f µs" % (ns / 1e3)
+    if ns < 1e9:
+        return "%.2f ms" % (ns / 1e6)
+    return "%.2f s" % (ns / 1e9)
+
+
+def fmt_span(lo, hi, like):
+    """`lo–hi` in the unit `fmt_time` picks for `like`."""
+    for scale, unit in ((1e9, "s"), (1e6, "ms"), (1e3, "µs"), (1, "ns")):
+        if like >= scale:
+            break
+    return "%.3g–%.3g %s" % (lo / scale, hi / scale, unit)
+
+
+def fmt_ratio(x, base):
+    if x is None or base is None:
+        return "n/a"
+    r = x / base
+    return ("%.0f×" % r) if r >= 100 else ("%.3g×" % r)
+
+
+def quartiles(xs):
+    """First and third quartiles (inclusive method) of some run times."""
+    if len(xs) < 2:
+        return xs[0], xs[0]
+    q = statistics.quantiles(xs, n=4, method="inclusive")
+    return q[0], q[2]
+
+
+def machine():
+    model = "unknown"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    mem = ""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal"):
+                mem = "%.0f GiB" % (int(line.split()[1]) / 2**20)
+    rustc = subprocess.run(["rustc", "--version"], capture_output=True, text=True).stdout.strip()
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "kernel": platform.release(),
+        "memory": mem,
+        "rustc": rustc,
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--criterion", required=True)
+    ap.add_argument("--baselines", required=True)
+    ap.add_argument("--race", required=True)
+    ap.add_argument("--python", required=True)
+    ap.add_argument("--tmpfs", default="")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--plot", required=True)
+    a = ap.parse_args()
+    baselines = a.baselines.split(",")
+    cdir = a.criterion
+
+    with open(a.race) as f:
+        race = json.load(f)["races"]
+    with open(a.python) as f:
+        py = json.load(f)
+    m = machine()
+
+    pair = {}
+    for kind in ("exclusive", "shared"):
+        for key, _ in PAIR_ROWS:
+            pair[kind, key] = crit(cdir, "pair_" + kind, key, baselines)
+    held_ns = [1, 10, 100, 1000, 10000]
+    held = {(lib, n): crit(cdir, "held", "%s/%d" % (lib, n), baselines) for lib in ("locksfile_ofd", "fcntl_ofd") for n in held_ns}
+    shapes = []
+    for r in race:
+        s = (r["procs"], r["tracks"], r["rounds"])
+        if s not in shapes:
+            shapes.append(s)
+    ring = {((r["procs"], r["tracks"], r["rounds"]), r["ring"]): r["median"] for r in race}
+    ring_q = {((r["procs"], r["tracks"], r["rounds"]), r["ring"]): quartiles(r["runs"]) for r in race}
+    race_runs = len(race[0]["runs"]) if race else 0
+    peers = py["peers"]
+    pyshape = py["shape"]
+
+    L = []
+    w = L.append
+    w("# Benchmarks")
+    w("")
+    w(
+        "**Machine:** %s, %s cores, Linux %s, %s RAM; %s; Python %s."
+        % (m["cpu"], m["cores"], m["kernel"], m["memory"], m["rustc"], py["versions"].get("python", "?"))
+    )
+    if a.tmpfs:
+        w("Lock files live in the system temp directory (%s)." % a.tmpfs)
+    w("")
+    w(
+        "Every figure is a median of several runs, every comparison ran side by side in one run of "
+        "`scripts/bench` on this machine, and ratios are times relative to a stated baseline "
+        "(below 1× is faster than the baseline). Rerun everything, installing the peers it needs, with:"
+    )
+    w("")
+    w("```sh")
+    w("scripts/bench")
+    w("```")
+    w("")
+    w(
+        "It builds the bench crate `crates/locksfile-bench` (peers pinned in `Cargo.lock`), runs its criterion "
+        "benches %d time%s (`--save-baseline run1..`; each figure is the median over the runs of criterion's "
+        "median), its race harness (%d interleaved runs per ring), creates `.bench-venv` (pinned peers from "
+        "`bench/requirements.txt` and this repository's package from `./python`) and `.bench-venv-seed` "
+        "(pylocksfile 0.0.6, which has the same import name), runs `bench/python/peers.py`, and writes this "
+        "file and `bench/plot.png` with `bench/report.py`."
+        % (len(baselines), "" if len(baselines) == 1 else "s", race_runs)
+    )
+    w("")
+    w("![Race cost per library and pair cost against held locks](bench/plot.png)")
+    w("")
+
+    # --- Rust pairs
+    w("## Rust: uncontended lock + unlock")
+    w("")
+    w(
+        "One lock taken and released at once, no other owner: lock 5 (byte 5) where the peer has byte ranges, "
+        "the whole file where it has not. Non-blocking calls where the API has them. Baseline: raw "
+        "`fcntl(F_OFD_SETLK)` lock + `F_UNLCK`."
+    )
+    w("")
+    w("| | exclusive | × baseline | shared | × baseline |")
+    w("|---|---:|---:|---:|---:|")
+    for key, label in PAIR_ROWS:
+        ex, sh = pair["exclusive", key], pair["shared", key]
+        w(
+            "| %s | %s | %s | %s | %s |"
+            % (
+                label,
+                fmt_time(ex),
+                fmt_ratio(ex, pair["exclusive", "fcntl_ofd"]),
+                fmt_time(sh),
+                fmt_ratio(sh, pair["shared", "fcntl_ofd"]),
+            )
+        )
+    w("")
+
+    # --- held
+    w("## Rust: pair cost against locks held by other owners")
+    w("")
+    w(
+        "The same exclusive pair on byte 5 while a second open file description of the same file (another "
+        "OFD owner) holds N locks on even bytes 0, 2, 4, … (never adjacent, so the kernel cannot merge them)."
+    )
+    w("")
+    w("| other locks held | locksfile OFD `acquire` + `release` | raw `F_OFD_SETLK` pair | × baseline |")
+    w("|---:|---:|---:|---:|")
+    for n in held_ns:
+        a_, b_ = held["locksfile_ofd", n], held["fcntl_ofd", n]
+        w("| %s | %s | %s | %s |" % (format(n, ","), fmt_time(a_), fmt_time(b_), fmt_ratio(a_, b_)))
+    w("")
+
+    # --- Rust races
+    w("## Rust: hand-over-hand races between processes")
+    w("")
+    w(
+        "P forked processes each take track 0, then for every later step take the next track of a ring of T "
+        "exclusive locks before releasing the previous one, R times round (the seed's race). Each ring is "
+        "timed whole: from the moment all processes are set up until the last one has exited. "
+        "Baseline: raw `F_OFD_SETLKW`. Each cell: the median, then the interquartile range of the runs."
+    )
+    w("")
+    head = "| ring |" + "".join(" %d/%d/%d | × baseline |" % s for s in shapes)
+    w(head + "")
+    w("|---|" + "---:|---:|" * len(shapes))
+    for key, label in RING_ROWS:
+        cells = []
+        for s in shapes:
+            x = ring.get((s, key))
+            q = ring_q.get((s, key))
+            spread = " (%s)" % fmt_span(q[0] * 1e9, q[1] * 1e9, x * 1e9) if q and x else ""
+            cells.append(
+                "%s%s | %s" % (fmt_time(x * 1e9 if x is not None else None), spread, fmt_ratio(x, ring.get((s, "fcntl_ofd"))))
+            )
+        w("| %s | %s |" % (label, " | ".join(cells)))
+    w("")
+    w("Shapes are procs/tracks/rounds; %d processes is more than this machine's %s cores." % (max(s[0] for s in shapes), m["cores"]))
+    w("")
+
+    # --- Python
+    def pv(k, what):
+        r = peers.get(k)
+        return r and r.get(what + "_median")
+
+    base_seed = pv("seed_0.0.6", "race")
+    base_mgr = pv("manager_lock", "race")
+    base_mp = pv("mp_lock", "race")
+    w("## Python: uncontended pair and the seed's race")
+    w("")
+    w(
+        "The race is the seed's `testRace` (%s procs/tracks/rounds, write locks, hand-over-hand) without its "
+        "result queue, for every peer; the pair is one exclusive lock + unlock in one process. Peers without "
+        "byte ranges (marked †) get one lock object or one lock file per track. Versions: %s."
+        % (pyshape, ", ".join("%s %s" % kv for kv in py["versions"].items()))
+    )
+    w("")
+    w(
+        "| library | pair | × 0.0.6 | race %s | fastest–slowest run | × 0.0.6 | × Manager | × multiprocessing.Lock |"
+        % pyshape
+    )
+    w("|---|---:|---:|---:|---:|---:|---:|---:|")
+    base_pair = pv("seed_0.0.6", "pair")
+    for k in PY_ORDER:
+        if k not in peers:
+            continue
+        r = peers[k]
+        p_, rc = r["pair_median"], r["race_median"]
+        w(
+            "| %s%s | %s | %s | %s | %s | %s | %s | %s |"
+            % (
+                r["name"],
+                "" if r["ranges"] else " †",
+                fmt_time(p_ * 1e9),
+                fmt_ratio(p_, base_pair),
+                fmt_time(rc * 1e9),
+                fmt_span(min(r["race"]) * 1e9, max(r["race"]) * 1e9, rc * 1e9),
+                fmt_ratio(rc, base_seed),
+                fmt_ratio(rc, base_mgr),
+                fmt_ratio(rc, base_mp),
+            )
+        )
+    missing = [k for k in PY_ORDER if k not in peers]
+    if missing:
+        w("")
+        w("Not measured in this run (not importable): %s." % ", ".join(missing))
+    w("")
+    w(
+        "Notes on the peers: filelock and fasteners wait by polling (a failed non-blocking try, then a sleep "
+        "of up to 50 ms and 10–100 ms respectively), so a contended ring mostly measures their sleeps; filelock "
+        "also opens and closes the lock file on every acquire. portalocker is used through `lock`/`unlock` on "
+        "files opened once (blocking `flock`). multiprocessing.Lock is a semaphore in shared memory inherited "
+        "by fork: it cannot be shared by unrelated processes and has no ranges or shared mode. A Manager lock "
+        "is a round trip to the manager process per call."
+    )
+    w("")
+
+    reading(w, pair, held, ring, ring_q, shapes, peers, pv)
+
+    with open(a.out, "w") as f:
+        f.write("\n".join(L) + "\n")
+
+    plot(a.plot, pair, held, held_ns, ring, ring_q, shapes, peers, pyshape, m)
+
+
+def reading(w, pair, held, ring, ring_q, shapes, peers, pv):
+    w("## Reading")
+    w("")
+    ex = pair["exclusive", "locksfile_ofd_guard"]
+    exe = pair["exclusive", "locksfile_ofd_explicit"]
+    base = pair["exclusive", "fcntl_ofd"]
+    floor = pair["exclusive", "pthread_rwlock_pshared"]
+    if ex and base and floor:
+        w(
+            "- **Pairs.** An uncontended locksfile pair costs %s (guard) and %s (explicit) of a raw "
+            "`F_OFD_SETLK` pair: both are the same two `fcntl` system calls, and the rest is the hold "
+            "bookkeeping (one mutex and a small span map per owner) that lets holds compose, convert in place "
+            "and be released by guards. Every fcntl-based lock, ours included, is about %.0f× the floor set by "
+            "a process-shared `pthread_rwlock_t` (%s), which never enters the kernel without contention; the "
+            "price of the shared-memory lock is that it is not named by a path, holds one range only, and "
+            "is left locked forever if its holder dies, where the kernel drops a dead process's record locks."
+            % (fmt_ratio(ex, base), fmt_ratio(exe, base), base / floor, fmt_time(floor))
+        )
+    hb = [(n, held["locksfile_ofd", n], held["fcntl_ofd", n]) for n in (10, 1000, 10000)]
+    if all(x and y for _, x, y in hb):
+        w(
+            "- **Held locks.** The kernel keeps all record locks of a file in one list and every set or unlock "
+            "walks it, so a pair grows linearly with the locks other owners hold: raw `F_OFD_SETLK` %s with 10 "
+            "held, %s with 1,000, %s with 10,000; locksfile follows it (%s, %s, %s), its own bookkeeping being "
+            "per owner and independent of other owners' locks. Keep busy lock files to hundreds of held locks, "
+            "or spread them over several files."
+            % (
+                fmt_time(hb[0][2]),
+                fmt_time(hb[1][2]),
+                fmt_time(hb[2][2]),
+                fmt_time(hb[0][1]),
+                fmt_time(hb[1][1]),
+                fmt_time(hb[2][1]),
+            )
+        )
+    s0 = shapes[0] if shapes else None
+    if s0 and ring.get((s0, "fcntl_ofd")):
+        parts = []
+        for s in shapes:
+            parts.append(
+                "%d/%d/%d: OFD %s of raw `F_OFD_SETLKW`, process mode %s of raw `F_SETLKW`"
+                % (
+                    s[0],
+                    s[1],
+                    s[2],
+                    fmt_ratio(ring.get((s, "locksfile_ofd")), ring.get((s, "fcntl_ofd"))),
+                    fmt_ratio(ring.get((s, "locksfile_process")), ring.get((s, "fcntl_posix"))),
+                )
+            )
+        w(
+            "- **Rust races.** Like for like, locksfile races take %s of the time. Each step of a race is "
+            "the same one or two `fcntl` calls, and under contention the cost is the kernel putting the "
+            "waiter to sleep and waking it, the same for both; the interquartile ranges show that runs of "
+            "one ring differ from each other about as much as the rings do. Semaphores and the shared-memory "
+            "rwlock skip the system call when the next track is free and wake waiters with a futex, so they "
+            "lead; their races are often shorter than a scheduler time slice, so the processes of a run "
+            "sometimes barely overlap and their figures spread widely, from nearly nothing to the fcntl "
+            "figures when the processes do contend. What they lack: a name in the file system, ranges, and "
+            "(the rwlock) any cleanup when a holder dies, which the kernel does for record locks."
+            % "; ".join(parts)
+        )
+    ours = pv("ours_seed_api", "race")
+    seed = pv("seed_0.0.6", "race")
+    mgr = pv("manager_lock", "race")
+    mpl = pv("mp_lock", "race")
+    lockf = pv("lockf", "race")
+    if ours and seed and mgr and mpl:
+        w(
+            "- **Python race.** Our package (seed API) runs the seed's race in %s of the time of pylocksfile "
+            "0.0.6 (%.1f× faster), %s of the Manager locks' time (%.1f× faster) — the seed's own baseline — "
+            "and %s of multiprocessing.Lock's. 0.0.6 rebuilds its interval lists in Python on every call; "
+            "ours does that in Rust, so each step is close to the bare `fcntl.lockf` call (%s of raw "
+            "`lockf`'s race time). multiprocessing.Lock is a futex-backed semaphore that stays in user space "
+            "when free, so it leads the race, at the price of working only between a parent and its forked "
+            "children, with no ranges, no shared mode and no kernel deadlock detection."
+            % (
+                fmt_ratio(ours, seed),
+                seed / ours,
+                fmt_ratio(ours, mgr),
+                mgr / ours,
+                fmt_ratio(ours, mpl),
+                fmt_ratio(ours, lockf) if lockf else "n/a",
+            )
+        )
+    elif seed and mgr:
+        w(
+            "- **Python race.** Our package was not importable in this run; pylocksfile 0.0.6 took %s of "
+            "the Manager locks' time." % fmt_ratio(seed, mgr)
+        )
+    w("")
+
+
+def plot(path, pair, held, held_ns, ring, ring_q, shapes, peers, pyshape, m):
+    fig, axs = plt.subplots(2, 2, figsize=(13, 9.5))
+    ours_c, peer_c, base_c = "#1f77b4", "#9a9a9a", "#ff7f0e"
+
+    def color(key):
+        if key.startswith("locksfile") or key.startswith("ours"):
+            return ours_c
+        if key in ("fcntl_ofd", "seed_0.0.6"):
+            return base_c
+        return peer_c
+
+    # (a) Rust pairs
+    ax = axs[0][0]
+    rows = [(k, pair["exclusive", k]) for k, _ in PAIR_ROWS if pair["exclusive", k]]
+    rows.sort(key=lambda r: r[1])
+    ax.barh([k for k, _ in rows], [v for _, v in rows], color=[color(k) for k, _ in rows])
+    ax.set_xscale("log")
+    ax.set_xlabel("ns per exclusive lock + unlock (log)")
+    ax.set_title("Rust: uncontended pair")
+    for i, (_, v) in enumerate(rows):
+        ax.text(v, i, " " + fmt_time(v), va="center", fontsize=8)
+    ax.set_xlim(right=max(v for _, v in rows) * 8)
+
+    # (b) held locks
+    ax = axs[0][1]
+    for lib, c, lab in (("locksfile_ofd", ours_c, "locksfile OFD"), ("fcntl_ofd", base_c, "raw F_OFD_SETLK")):
+        xs = [n for n in held_ns if held[lib, n]]
+        ax.plot(xs, [held[lib, n] / 1e3 for n in xs], marker="o", color=c, label=lab)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("locks held on the file by another owner (log)")
+    ax.set_ylabel("µs per exclusive lock + unlock (log)")
+    ax.set_title("Rust: pair cost against held locks")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+
+    # (c) Rust races
+    ax = axs[1][0]
+    keys = [k for k, _ in RING_ROWS]
+    width = 0.8 / max(1, len(shapes))
+    shape_colors = ["#4daf4a", "#984ea3", "#a65628", "#e7298a"]
+    for si, s in enumerate(shapes):
+        vals = [(ring.get((s, k)) or 0) * 1e3 for k in keys]
+        qs = [ring_q.get((s, k), (0, 0)) for k in keys]
+        err = [[max(0.0, v - q[0] * 1e3) for v, q in zip(vals, qs)], [max(0.0, q[1] * 1e3 - v) for v, q in zip(vals, qs)]]
+        ax.barh(
+            [i + si * width for i in range(len(keys))],
+            vals,
+            height=width,
+            xerr=err,
+            capsize=2,
+            error_kw={"elinewidth": 0.8},
+            color=shape_colors[si % len(shape_colors)],
+            label="%d/%d/%d" % s,
+        )
+    ax.set_yticks([i + width * (len(shapes) - 1) / 2 for i in range(len(keys))])
+    ax.set_yticklabels(keys)
+    for lab, k in zip(ax.get_yticklabels(), keys):
+        lab.set_color(color(k) if color(k) != peer_c else "black")
+        if k.startswith("locksfile"):
+            lab.set_fontweight("bold")
+    ax.invert_yaxis()
+    ax.set_xlabel("ms per race, median and interquartile range (shapes: procs/tracks/rounds)")
+    ax.set_title("Rust: hand-over-hand race between processes")
+    ax.legend(fontsize=8)
+
+    # (d) Python race
+    ax = axs[1][1]
+    rows = [(k, peers[k]["race_median"]) for k in PY_ORDER if k in peers and peers[k]["race_median"]]
+    rows.sort(key=lambda r: r[1])
+    labels = {
+        "ours_seed_api": "ours (seed API)",
+        "ours_modern_api": "ours (LocksFile)",
+        "seed_0.0.6": "pylocksfile 0.0.6",
+        "lockf": "fcntl.lockf",
+        "mp_lock": "multiprocessing.Lock",
+        "manager_lock": "Manager().Lock()",
+        "filelock": "filelock",
+        "fasteners": "fasteners",
+        "portalocker": "portalocker",
+    }
+    ax.barh([labels[k] for k, _ in rows], [v for _, v in rows], color=[color(k) for k, _ in rows])
+    ax.set_xscale("log")
+    ax.set_xlabel("seconds per race (log)")
+    ax.set_title("Python: the seed's race, %s" % pyshape)
+    for i, (_, v) in enumerate(rows):
+        ax.text(v, i, " %.3g s" % v, va="center", fontsize=8)
+    ax.set_xlim(right=max(v for _, v in rows) * 8)
+
+    fig.suptitle(
+        "locksfile and its peers — %s, %s cores, Linux %s (blue: ours, orange: baseline)"
+        % (m["cpu"], m["cores"], m["kernel"])
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
