@@ -1,0 +1,27 @@
+"""Fixtures: a fresh lock path per test and worker processes that are always
+cleaned up, whatever the test's outcome."""
+
+import pytest
+
+import support
+
+
+@pytest.fixture
+def lock_path(tmp_path):
+    """A path for a lock file in a fresh temporary directory (not created)."""
+    return tmp_path / "test.lock"
+
+
+@pytest.fixture
+def spawn_worker(lock_path):
+    """``spawn_worker(ctx="fork", path=lock_path)`` starts a :class:`support.Worker`."""
+    started = []
+
+    def start(ctx="fork", path=None):
+        w = support.Worker(ctx, path if path is not None else lock_path)
+        started.append(w)
+        return w
+
+    yield start
+    for w in started:
+        w.close()

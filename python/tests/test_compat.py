@@ -1,0 +1,355 @@
+"""Drop-in compatibility with pylocksfile 0.0.6, following its README: names,
+constructor, properties, verbose output and argument checking.
+
+Locks taken in this process are observed through /proc/locks (the kernel's
+own table), never through the package."""
+
+import os
+import stat
+import tempfile
+
+import pytest
+
+import support
+from pylocksfile import IllegalArgumentError, IllegalWithStatement, __version__, pylocksfile
+
+ME = os.getpid()
+
+
+def held(path, width=10):
+    return support.held_map(path, ME, width)
+
+
+# --------------------------------------------------------------------------
+# Names
+# --------------------------------------------------------------------------
+
+
+def test_seed_names_import():
+    import pylocksfile as pkg
+
+    assert pkg.pylocksfile is pylocksfile
+    assert isinstance(__version__, str) and __version__
+    assert issubclass(IllegalArgumentError, ValueError)
+    assert issubclass(IllegalWithStatement, ValueError)
+    assert not issubclass(IllegalArgumentError, IllegalWithStatement)
+
+
+def test_star_import():
+    import pylocksfile as pkg
+
+    ns = {}
+    exec("from pylocksfile import *", ns)  # noqa: S102
+    assert ns["pylocksfile"] is pylocksfile
+    assert "pylocksfile" in pkg.__all__
+    for name in pkg.__all__:
+        assert hasattr(pkg, name), f"__all__ names {name!r}, which does not exist"
+        assert ns[name] is getattr(pkg, name)
+
+
+# --------------------------------------------------------------------------
+# Constructor and properties
+# --------------------------------------------------------------------------
+
+
+def test_default_path_is_a_fresh_private_file_in_the_temp_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    a = pylocksfile()
+    b = pylocksfile()
+    for lf in (a, b):
+        p = lf.locksfile_path
+        assert os.path.isabs(p)
+        assert os.path.dirname(p) == str(tmp_path)
+        st = os.stat(p)
+        assert stat.S_ISREG(st.st_mode)
+        assert st.st_mode & 0o077 == 0, f"lock file {p} is open to others: {oct(st.st_mode)}"
+    assert a.locksfile_path != b.locksfile_path
+    assert a.acquire(writeLock=True, lock_n=3) is True
+    assert held(a.locksfile_path) == "...W......"
+    assert not support.can_lock(a.locksfile_path, 3)
+
+
+def test_existing_file_content_is_kept(lock_path):
+    lock_path.write_bytes(b"precious data\n")
+    lf = pylocksfile(locksfile_path=str(lock_path))
+    assert lf.acquire(writeLock=True, lock_n=(0, 4)) is True
+    lf.release()
+    del lf
+    assert lock_path.read_bytes() == b"precious data\n"
+
+
+def test_path_given_as_pathlike(lock_path):
+    lf = pylocksfile(lock_path)
+    assert lf.locksfile_path == str(lock_path)
+    assert lock_path.exists()
+
+
+def test_relative_path_becomes_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    lf = pylocksfile("rel.lock")
+    assert isinstance(lf.locksfile_path, str)
+    assert lf.locksfile_path == str(tmp_path / "rel.lock")
+    assert (tmp_path / "rel.lock").exists()
+
+
+def test_missing_directory_is_an_illegal_argument(tmp_path):
+    with pytest.raises(IllegalArgumentError):
+        pylocksfile(locksfile_path=str(tmp_path / "no" / "such" / "dir" / "x.lock"))
+    assert not (tmp_path / "no").exists()
+
+
+@pytest.mark.parametrize("verbose", [1, 0, "yes", None, 1.0])
+def test_non_bool_verbose_is_an_illegal_argument(lock_path, verbose):
+    with pytest.raises(IllegalArgumentError, match="verbose"):
+        pylocksfile(locksfile_path=str(lock_path), verbose=verbose)
+
+
+def test_l_id_defaults_to_the_pid(lock_path):
+    lf = pylocksfile(locksfile_path=str(lock_path))
+    assert str(lf.l_id) == str(os.getpid())
+
+
+def test_l_id_is_kept(lock_path):
+    lf = pylocksfile(locksfile_path=str(lock_path), verbose=False, l_id="process_1")
+    assert lf.l_id == "process_1"
+
+
+def test_properties(lock_path):
+    lf = pylocksfile(locksfile_path=str(lock_path), verbose=False, l_id="p")
+    assert lf.locksfile_path == str(lock_path)
+    assert lf.verbose is False
+    lf.verbose = True
+    assert lf.verbose is True
+    lf.verbose = False
+    assert lf.verbose is False
+
+
+def test_l_id_default_in_a_child_is_the_childs_pid(spawn_worker):
+    w = spawn_worker("spawn")
+    w.exec("lf = pylocksfile(path)")
+    assert str(w.eval("lf.l_id")) == str(w.pid)
+
+
+# --------------------------------------------------------------------------
+# Verbose output
+# --------------------------------------------------------------------------
+
+
+def test_verbose_prints_each_operation_prefixed_by_l_id(lock_path, capfd):
+    lf = pylocksfile(locksfile_path=str(lock_path), verbose=True, l_id="Sparrow")
+    capfd.readouterr()
+
+    def lines():
+        out = capfd.readouterr().out
+        got = [ln for ln in out.splitlines() if ln.strip()]
+        assert got, "verbose=True printed nothing"
+        for ln in got:
+            assert "Sparrow" in ln, f"line without the l_id: {ln!r}"
+            assert ln.index("Sparrow") < len(ln) - len("Sparrow"), f"l_id is not a prefix: {ln!r}"
+        return got
+
+    assert lf.acquire(writeLock=True, lock_n=(0, 3)) is True
+    lines()  # locked
+    assert lf.acquire(writeLock=False, lock_n=1) is True
+    lines()  # converted
+    lf.release(1)
+    lines()  # released
+    lf.verbose = False
+    lf.acquire(writeLock=True, lock_n=5)
+    lf.release()
+    assert capfd.readouterr().out == ""
+
+
+def test_not_verbose_prints_nothing(lock_path, capfd):
+    lf = pylocksfile(locksfile_path=str(lock_path), l_id="Quiet")
+    lf.acquire(writeLock=True, lock_n=(0, 3))
+    lf.acquire(writeLock=False, lock_n=1)
+    with lf(writeLock=True, lock_n=7):
+        pass
+    lf.release()
+    del lf
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""
+
+
+def test_verbose_set_later_turns_output_on(lock_path, capfd):
+    lf = pylocksfile(locksfile_path=str(lock_path), l_id="Late")
+    lf.acquire(writeLock=True, lock_n=1)
+    assert capfd.readouterr().out == ""
+    lf.verbose = True
+    lf.release(1)
+    assert "Late" in capfd.readouterr().out
+
+
+# --------------------------------------------------------------------------
+# Bad arguments: IllegalArgumentError, a useful message, object still usable
+# --------------------------------------------------------------------------
+
+BIG = 2**63  # one past the kernel's largest offset
+
+BAD_WRITELOCK = [1, 0, "True", None, 1.0]
+BAD_BLOCKING = [1, 0, "False", None]
+BAD_LOCK_N = [
+    -1,
+    (-1, 1),
+    (0, 0),
+    (0, -1),
+    (3, -5),
+    (1, 2, 3),
+    (1,),
+    (),
+    [1, 2, 3],
+    [4],
+    "3",
+    "(1, 2)",
+    1.5,
+    2.0,
+    (1.5, 2),
+    (1, 2.0),
+    ("1", 2),
+    None,
+    BIG,
+    2**64,
+    2**100,
+    -(2**100),
+    (BIG, 1),
+    (0, BIG),
+    (0, 2**100),
+    (2**62, 2**62 + 1),
+]
+
+
+def assert_usable(lf, path):
+    """No lock was taken by the bad call; the object still locks and releases."""
+    assert held(path) == ".........."
+    assert lf.acquire(writeLock=True, lock_n=2) is True
+    assert held(path) == "..W......."
+    lf.release(2)
+    assert held(path) == ".........."
+
+
+@pytest.mark.parametrize("value", BAD_WRITELOCK, ids=repr)
+def test_bad_writelock(lock_path, value):
+    lf = pylocksfile(str(lock_path))
+    with pytest.raises(IllegalArgumentError, match="writeLock"):
+        lf.acquire(writeLock=value, lock_n=0)
+    assert_usable(lf, lock_path)
+
+
+@pytest.mark.parametrize("value", BAD_BLOCKING, ids=repr)
+def test_bad_blocking(lock_path, value):
+    lf = pylocksfile(str(lock_path))
+    with pytest.raises(IllegalArgumentError, match="blocking"):
+        lf.acquire(writeLock=True, lock_n=0, blocking=value)
+    assert_usable(lf, lock_path)
+
+
+@pytest.mark.parametrize("value", BAD_LOCK_N, ids=repr)
+def test_bad_lock_n_in_acquire(lock_path, value):
+    lf = pylocksfile(str(lock_path))
+    with pytest.raises(IllegalArgumentError) as info:
+        lf.acquire(writeLock=True, lock_n=value)
+    assert len(str(info.value)) > 10, "the message should say what was wrong"
+    assert_usable(lf, lock_path)
+
+
+@pytest.mark.parametrize("value", [v for v in BAD_LOCK_N if v is not None], ids=repr)
+def test_bad_lock_n_in_release(lock_path, value):
+    lf = pylocksfile(str(lock_path))
+    assert lf.acquire(writeLock=True, lock_n=(0, 5)) is True
+    with pytest.raises(IllegalArgumentError) as info:
+        lf.release(value)
+    assert len(str(info.value)) > 10
+    assert held(lock_path) == "WWWWW.....", "a bad release must release nothing"
+    lf.release()
+    assert_usable(lf, lock_path)
+
+
+@pytest.mark.parametrize("value", [(0, 0), -1, "x", 2**64], ids=repr)
+def test_bad_lock_n_in_with(lock_path, value):
+    lf = pylocksfile(str(lock_path))
+    with pytest.raises((IllegalArgumentError, IllegalWithStatement)):
+        with lf(writeLock=True, lock_n=value):
+            pytest.fail("the body must not run")
+    assert_usable(lf, lock_path)
+
+
+def test_bad_writelock_in_with(lock_path):
+    lf = pylocksfile(str(lock_path))
+    with pytest.raises((IllegalArgumentError, IllegalWithStatement)):
+        with lf(writeLock="yes", lock_n=1):
+            pytest.fail("the body must not run")
+    assert_usable(lf, lock_path)
+
+
+def test_largest_indices_are_accepted(lock_path):
+    """The kernel's range ends at 2**63 - 1; spans just inside it are fine."""
+    lf = pylocksfile(str(lock_path))
+    assert lf.acquire(writeLock=True, lock_n=BIG - 2) is True
+    assert lf.acquire(writeLock=False, lock_n=(2**62, 2**62 - 2)) is True
+    locks = [lk for lk in support.kernel_locks(lock_path) if lk.pid == ME]
+    assert {(lk.kind, lk.start) for lk in locks} >= {("W", BIG - 2), ("R", 2**62)}
+    lf.release()
+    assert [lk for lk in support.kernel_locks(lock_path) if lk.pid == ME] == []
+
+
+# --------------------------------------------------------------------------
+# Accepted forms of lock_n
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "lock_n, expect",
+    [
+        (0, "W........."),
+        (4, "....W....."),
+        ((2, 1), "..W......."),
+        ((1, 3), ".WWW......"),
+        ([5, 2], ".....WW..."),
+    ],
+    ids=repr,
+)
+def test_lock_n_forms(lock_path, lock_n, expect):
+    lf = pylocksfile(str(lock_path))
+    assert lf.acquire(writeLock=True, lock_n=lock_n) is True
+    assert held(lock_path) == expect
+    lf.release(lock_n)
+    assert held(lock_path) == ".........."
+
+
+def test_defaults_read_lock_on_zero_blocking(lock_path):
+    lf = pylocksfile(str(lock_path))
+    assert lf.acquire() is True
+    assert held(lock_path) == "R........."
+    lf.release()
+    assert held(lock_path) == ".........."
+
+
+def test_releasing_what_is_not_held_is_harmless(lock_path):
+    lf = pylocksfile(str(lock_path))
+    lf.release()
+    lf.release(3)
+    lf.release((0, 100))
+    assert lf.acquire(writeLock=True, lock_n=1) is True
+    lf.release(7)
+    lf.release((2, 5))
+    assert held(lock_path) == ".W........"
+
+
+def test_readme_example(lock_path):
+    """The README's usage example, step by step."""
+    lf = pylocksfile(locksfile_path=str(lock_path), verbose=False, l_id="process_1")
+    assert lf.acquire(writeLock=False, lock_n=0, blocking=True) is True
+    assert held(lock_path) == "R........."
+    assert lf.acquire(writeLock=True, lock_n=(1, 3), blocking=True) is True
+    assert held(lock_path) == "RWWW......"
+    with lf(writeLock=False, lock_n=(2, 1)):
+        assert held(lock_path) == "RWRW......"
+    assert held(lock_path) == "RW.W......"
+    lf.release(lock_n=(0, 1))
+    assert held(lock_path) == ".W.W......"
+    lf.release(lock_n=(3, 997))
+    assert held(lock_path) == ".W........"
+    lf.release()
+    assert held(lock_path) == ".........."

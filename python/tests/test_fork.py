@@ -1,0 +1,174 @@
+"""Objects inherited through fork never release their parent's locks.
+
+A worker process (the parent) takes locks, forks a child that releases,
+closes and deletes what it inherited, and the test process (a third
+process) checks the kernel's table and probes with fcntl while the child is
+still alive and after it has exited."""
+
+import multiprocessing
+import os
+
+import pytest
+
+import support
+
+FORK_CODE = """
+r1, w1 = os.pipe()
+r2, w2 = os.pipe()
+child = os.fork()
+if child == 0:
+    results = []
+    def step(src):
+        try:
+            value = eval(src)
+        except BaseException as e:
+            value = type(e).__name__
+        results.append(value if value is None or isinstance(value, (bool, str, int, list)) else repr(value))
+    try:
+        for src in ACTIONS:
+            step(src)
+        os.write(w1, repr(results).encode())
+    except BaseException as e:
+        os.write(w1, repr(["ERR", repr(e)]).encode())
+    os.read(r2, 1)
+    os._exit(0)
+report = eval(os.read(r1, 1 << 16).decode())
+"""
+
+EXIT_CHILD = "os.write(w2, b'x'); os.waitpid(child, 0)"
+
+
+def run_child(w, actions):
+    w.exec(f"ACTIONS = {actions!r}\n" + FORK_CODE)
+    return w.eval("report"), w.eval("child")
+
+
+def test_seed_object_in_a_forked_child_is_a_fresh_owner(spawn_worker, lock_path):
+    w = spawn_worker()
+    w.exec("lf = pylocksfile(path)")
+    assert w.eval("lf.acquire(writeLock=True, lock_n=(0, 2))") is True
+    assert w.eval("lf.acquire(writeLock=False, lock_n=3)") is True
+    report, child = run_child(
+        w,
+        [
+            "lf.acquire(writeLock=True, lock_n=0, blocking=False)",  # the parent's: refused
+            "lf.release()",
+            "lf.release((0, 4))",
+            "lf.acquire(writeLock=False, lock_n=3, blocking=False)",  # shares the parent's read
+            "lf.acquire(writeLock=True, lock_n=5, blocking=False)",  # its own
+            "support.held_map(path, os.getpid())",
+            "lf.release(3)",
+            "globals().pop('lf') and None",
+            "gc.collect() and None",
+            "support.held_map(path, os.getpid())",
+        ],
+    )
+    assert report == [False, None, None, True, True, "...R.W....", None, None, None, ".........."]
+    assert w.held() == "WW.R......"
+    assert not support.can_lock(lock_path, 1, write=False)
+    assert not support.can_lock(lock_path, 3, write=True)
+    w.exec(EXIT_CHILD)
+    assert w.held() == "WW.R......"
+    assert support.held_map(lock_path, child) == ".........."
+    # The parent's object still works normally.
+    w.exec("lf.release(0)")
+    assert w.held() == ".W.R......"
+
+
+@pytest.mark.parametrize("mode", ["ofd", "process"])
+def test_modern_object_in_a_forked_child_never_touches_the_parents_locks(spawn_worker, lock_path, mode):
+    w = spawn_worker()
+    w.exec(f"lf = LocksFile(path, mode={mode!r})")
+    w.exec("g = lf.write(0)\nlf.acquire('shared', (2, 2))")
+    owner = -1 if mode == "ofd" else w.pid
+    assert support.held_map(lock_path, owner) == "W.RR......"
+    report, child = run_child(
+        w,
+        [
+            "lf.write(7)",
+            "lf.acquire('exclusive', 8, blocking=False)",
+            "g.release()",
+            "lf.release((2, 1))",
+            "lf.release()",
+            "lf.close()",
+            "globals().pop('g') and None",
+            "globals().pop('lf') and None",
+            "gc.collect() and None",
+        ],
+    )
+    assert report[0] == "ForkedError" and report[1] == "ForkedError", report
+    assert all(r in (None, "ForkedError") for r in report[2:]), report
+    assert support.held_map(lock_path, owner) == "W.RR......"
+    assert support.held_map(lock_path, child) == ".........."
+    assert not support.can_lock(lock_path, 0, write=False)
+    assert not support.can_lock(lock_path, 3, write=True)
+    w.exec(EXIT_CHILD)
+    assert support.held_map(lock_path, owner) == "W.RR......"
+    assert not support.can_lock(lock_path, 0, write=False)
+    # In the parent everything still works, and a fresh object in a child works too.
+    w.exec("g.release()")
+    assert support.held_map(lock_path, owner) == "..RR......"
+    report, child = run_child(w, ["LocksFile(path).try_write(0) is not None", "LocksFile(path).try_write(2) is None"])
+    assert report == [True, True]
+    w.exec(EXIT_CHILD)
+
+
+def _mp_child_uses_inherited(lf, results):
+    results[0] = int(lf.acquire(writeLock=True, lock_n=0, blocking=False))
+    results[1] = int(lf.acquire(writeLock=True, lock_n=1, blocking=False))
+    lf.release()
+    del lf
+
+
+def test_multiprocessing_fork_child_with_an_inherited_object(lock_path):
+    from pylocksfile import pylocksfile
+
+    lf = pylocksfile(str(lock_path))
+    assert lf.acquire(writeLock=True, lock_n=0) is True
+    ctx = multiprocessing.get_context("fork")
+    results = ctx.Array("i", [-1, -1], lock=False)
+    p = ctx.Process(target=_mp_child_uses_inherited, args=(lf, results))
+    p.start()
+    p.join(30)
+    assert p.exitcode == 0
+    assert list(results) == [0, 1]
+    assert support.held_map(lock_path, os.getpid()) == "W........."
+    assert not support.can_lock(lock_path, 0)
+    lf.release()
+    assert support.can_lock(lock_path, 0)
+
+
+def _mp_child_opens_by_path(path, conn):
+    from pylocksfile import pylocksfile
+
+    lf = pylocksfile(path)
+    conn.send(
+        (
+            lf.acquire(writeLock=True, lock_n=0, blocking=False),
+            lf.acquire(writeLock=False, lock_n=1, blocking=False),
+            lf.acquire(writeLock=True, lock_n=2, blocking=False),
+        )
+    )
+    conn.recv()
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+def test_multiprocessing_start_methods(lock_path, method):
+    from pylocksfile import pylocksfile
+
+    lf = pylocksfile(str(lock_path))
+    assert lf.acquire(writeLock=True, lock_n=0) is True
+    assert lf.acquire(writeLock=False, lock_n=1) is True
+    ctx = multiprocessing.get_context(method)
+    parent, child = ctx.Pipe()
+    p = ctx.Process(target=_mp_child_opens_by_path, args=(str(lock_path), child))
+    p.start()
+    assert parent.poll(30)
+    assert parent.recv() == (False, True, True)
+    assert support.held_map(lock_path, p.pid) == ".RW......."
+    parent.send("done")
+    p.join(30)
+    assert p.exitcode == 0
+    assert support.held_map(lock_path, p.pid) == ".........."
+    assert support.held_map(lock_path, os.getpid()) == "WR........"
+    lf.release()

@@ -1,0 +1,189 @@
+"""Threads: blocking waits release the GIL, many threads wait at once, and
+separate LocksFile objects (OFD mode) exclude each other between threads of
+one process. The locks in the way are held by a worker process."""
+
+import sys
+import threading
+import time
+
+import pytest
+
+import support
+from pylocksfile import LocksFile, pylocksfile
+
+JOIN = 10.0
+
+
+class Runner(threading.Thread):
+    """A thread that runs ``fn`` and keeps its result or exception."""
+
+    def __init__(self, fn):
+        super().__init__(daemon=True)
+        self.fn = fn
+        self.result = None
+        self.error = None
+        self.tid = None
+
+    def run(self):
+        self.tid = threading.get_native_id()
+        try:
+            self.result = self.fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            self.error = e
+
+    def outcome(self):
+        self.join(JOIN)
+        assert not self.is_alive(), "thread still blocked"
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+def own_waiters(path):
+    import os
+
+    return sum(1 for lk in support.kernel_locks(path) if lk.waiting and lk.pid in (os.getpid(), -1))
+
+
+def assert_python_keeps_running(blocked_thread, n=2000):
+    """Another Python thread makes progress while ``blocked_thread`` waits."""
+    counter = [0]
+    stop = threading.Event()
+
+    def spin():
+        while not stop.is_set():
+            counter[0] += 1
+
+    spinner = threading.Thread(target=spin, daemon=True)
+    spinner.start()
+    try:
+        support.wait_until(lambda: counter[0] >= n, what="another thread to run while one waits for a lock")
+        assert blocked_thread.is_alive()
+    finally:
+        stop.set()
+        spinner.join(JOIN)
+
+
+@pytest.mark.parametrize(
+    "make, call",
+    [
+        ("pylocksfile(path)", "lambda lf: lf.acquire(writeLock=True, lock_n=(0, 2))"),
+        ("LocksFile(path, mode='process')", "lambda lf: lf.write(1)"),
+        ("LocksFile(path)", "lambda lf: lf.read((0, 3))"),
+        ("LocksFile(path)", "lambda lf: lf.write(1, timeout=20.0)"),
+    ],
+)
+def test_blocking_wait_releases_the_gil(spawn_worker, lock_path, make, call):
+    holder = spawn_worker()
+    holder.exec("h = pylocksfile(path); h.acquire(writeLock=True, lock_n=1)")
+    lf = eval(make, {"pylocksfile": pylocksfile, "LocksFile": LocksFile, "path": str(lock_path)})
+    fn = eval(call)
+    t = Runner(lambda: fn(lf))
+    t.start()
+    if "timeout" in call:
+        # Timed waits poll: wait until the thread sleeps between tries.
+        support.wait_until(
+            lambda: t.tid and support.current_syscall(t.tid) in support.SLEEP_SYSCALLS,
+            what="the thread to sleep in its timed wait",
+        )
+    else:
+        support.wait_until(lambda: own_waiters(lock_path) >= 1, what="the thread's request to queue")
+    assert_python_keeps_running(t)
+    holder.exec("h.release()")
+    assert t.outcome() not in (False, None)
+
+
+def test_many_threads_wait_at_once(spawn_worker, lock_path):
+    n = 8
+    holder = spawn_worker()
+    holder.exec(f"h = pylocksfile(path); h.acquire(writeLock=True, lock_n=(0, {n}))")
+    objs = [LocksFile(lock_path) for _ in range(n)]
+    threads = [Runner(lambda lf=lf, i=i: lf.write(i)) for i, lf in enumerate(objs)]
+    for t in threads:
+        t.start()
+    support.wait_until(lambda: own_waiters(lock_path) == n, what=f"{n} requests to queue")
+    assert_python_keeps_running(threads[0])
+    holder.exec("h.release()")
+    guards = [t.outcome() for t in threads]
+    assert support.held_map(lock_path, -1) == "W" * n + ".."
+    for g in guards:
+        g.release()
+    assert support.held_map(lock_path, -1) == ".........."
+
+
+def test_many_threads_on_one_seed_object(spawn_worker, lock_path):
+    """Threads sharing one process-mode object each wait on their own index;
+    a release by one thread never waits for another thread's wait."""
+    n = 6
+    holder = spawn_worker()
+    holder.exec(f"h = pylocksfile(path); h.acquire(writeLock=True, lock_n=(0, {n}))")
+    lf = pylocksfile(str(lock_path))
+    threads = [Runner(lambda i=i: lf.acquire(writeLock=True, lock_n=i)) for i in range(n)]
+    for t in threads:
+        t.start()
+    support.wait_until(lambda: own_waiters(lock_path) == n, what=f"{n} requests to queue")
+    # Meanwhile this thread takes and drops other indices of the same object.
+    assert lf.acquire(writeLock=True, lock_n=8, blocking=False) is True
+    lf.release(8)
+    holder.exec("h.release()")
+    assert [t.outcome() for t in threads] == [True] * n
+    import os
+
+    assert support.held_map(lock_path, os.getpid()) == "W" * n + "...."
+    lf.release()
+    assert support.held_map(lock_path, os.getpid()) == ".........."
+
+
+def test_separate_ofd_objects_exclude_each_other_between_threads(lock_path):
+    a, b = LocksFile(lock_path), LocksFile(lock_path)
+    ga = a.write(0)
+    assert b.try_write(0) is None
+    assert b.try_read(0) is None
+    gb1 = b.try_write(1)
+    assert gb1 is not None
+    t = Runner(lambda: b.read((0, 1)))
+    t.start()
+    support.wait_until(lambda: own_waiters(lock_path) == 1, what="b's request to queue")
+    assert t.is_alive()
+    ga.downgrade()
+    gb = t.outcome()
+    assert gb.kind == "shared"
+    assert a.try_write(0) is None
+    assert a.try_write(1) is None
+    gb.release()
+    gb1.release()
+    assert a.try_write(1) is not None
+
+
+def test_ofd_objects_give_mutual_exclusion_between_threads(lock_path):
+    n_threads, rounds = 4, 150
+    shared = {"value": 0, "inside": 0, "overlaps": 0}
+    start = threading.Barrier(n_threads)
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+
+    def work():
+        lf = LocksFile(lock_path)
+        start.wait()
+        for _ in range(rounds):
+            with lf.write(3):
+                shared["inside"] += 1
+                if shared["inside"] != 1:
+                    shared["overlaps"] += 1
+                v = shared["value"]
+                time.sleep(0)  # let another thread run inside the critical section
+                shared["value"] = v + 1
+                shared["inside"] -= 1
+        lf.close()
+
+    try:
+        threads = [Runner(work) for _ in range(n_threads)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.outcome()
+    finally:
+        sys.setswitchinterval(old)
+    assert shared["overlaps"] == 0
+    assert shared["value"] == n_threads * rounds
+    assert support.kernel_locks(lock_path) == []
