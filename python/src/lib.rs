@@ -1,1 +1,23 @@
-//! Python bindings (filled in by the binding work).
+//! Python bindings of `locksfile`: the native half of the `pylocksfile`
+//! package (`pylocksfile._native`). The package's `__init__.py` re-exports
+//! everything public; the exception classes live in `pylocksfile._errors`.
+#![deny(unsafe_code)]
+
+mod errors;
+mod modern;
+mod seed;
+mod spans;
+mod wait;
+
+use pyo3::prelude::*;
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("INDEX_END", locksfile::INDEX_END)?;
+    m.add_class::<seed::Seed>()?;
+    m.add_class::<modern::PyLocksFile>()?;
+    m.add_class::<modern::PyGuard>()?;
+    m.add_class::<modern::PyHolder>()?;
+    Ok(())
+}

@@ -1,0 +1,102 @@
+"""Exceptions raised by pylocksfile.
+
+Everything the lock machinery raises derives from :class:`LocksfileError`
+(an :class:`OSError`), and each class also derives from the built-in
+exception that fits it, so ``except BlockingIOError`` or
+``except TimeoutError`` work as well. Failures of plain system calls
+(opening a missing file with ``create=False``, say) are the usual
+:class:`OSError` subclasses such as :class:`FileNotFoundError`.
+
+The original package's :class:`IllegalArgumentError` and
+:class:`IllegalWithStatement` are :class:`ValueError` subclasses, as there.
+"""
+
+from typing import Optional
+
+__all__ = [
+    "LocksfileError",
+    "WouldBlockError",
+    "DeadlockError",
+    "LockTimeout",
+    "InvalidSpanError",
+    "ForkedError",
+    "ReadOnlyLockFileError",
+    "NotRegularFileError",
+    "UnsupportedError",
+    "IllegalArgumentError",
+    "IllegalWithStatement",
+]
+
+
+class LocksfileError(OSError):
+    """Base class of every error of the lock machinery."""
+
+
+class WouldBlockError(LocksfileError, BlockingIOError):
+    """Another owner holds a conflicting lock and the call was not to wait.
+
+    ``holder`` is the conflicting lock as the kernel reported it (a
+    :class:`pylocksfile.Holder`), or None when it could not be named (it may
+    have gone already). ``holder_span``, ``holder_kind`` and ``holder_pid``
+    are shortcuts to its fields (None without a holder).
+    """
+
+    holder = None
+
+    @property
+    def holder_span(self) -> Optional[range]:
+        """The conflicting lock's indices, or None."""
+        return None if self.holder is None else self.holder.span
+
+    @property
+    def holder_kind(self) -> Optional[str]:
+        """``"shared"`` or ``"exclusive"``, or None."""
+        return None if self.holder is None else self.holder.kind
+
+    @property
+    def holder_pid(self) -> Optional[int]:
+        """The holding process (process-associated locks only), or None."""
+        return None if self.holder is None else self.holder.pid
+
+
+class DeadlockError(LocksfileError):
+    """The kernel found that waiting would deadlock (``EDEADLK``, process mode).
+
+    Nothing was acquired; release something and try again.
+    """
+
+
+class LockTimeout(LocksfileError, TimeoutError):
+    """The timeout passed before the lock could be had; nothing was acquired."""
+
+
+class InvalidSpanError(LocksfileError, ValueError):
+    """A span was empty, reversed, negative or beyond the last lock index."""
+
+
+class ForkedError(LocksfileError):
+    """A ``LocksFile`` inherited through ``fork`` was used in the child.
+
+    It does nothing there and never touches the parent's locks; open the
+    lock file again in the child.
+    """
+
+
+class ReadOnlyLockFileError(LocksfileError, PermissionError):
+    """An exclusive lock was asked of a file that could only be opened read-only."""
+
+
+class NotRegularFileError(LocksfileError):
+    """The lock path names a directory, FIFO, socket, device or symbolic link."""
+
+
+class UnsupportedError(LocksfileError):
+    """The kernel or file system cannot take these locks (``ENOLCK``, or no OFD locks)."""
+
+
+class IllegalArgumentError(ValueError):
+    """A bad argument to the original ``pylocksfile`` API; the object stays usable."""
+
+
+class IllegalWithStatement(ValueError):
+    """``with lf:`` without a call: use ``with lf(writeLock=..., lock_n=...):``."""

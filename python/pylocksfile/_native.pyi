@@ -1,0 +1,178 @@
+"""Type stubs of the native half of pylocksfile (``pylocksfile._native``)."""
+
+from os import PathLike
+from types import TracebackType
+from typing import List, Literal, Optional, Tuple, Type, TypeVar, Union, final
+
+__version__: str
+INDEX_END: int
+"""One past the last lock index (2**63 - 1); spans to the end end here."""
+
+LockN = Union[int, Tuple[int, int], List[int]]
+"""The original's ``lock_n``: an index, or ``(start, count)``."""
+
+Span = Union[int, range, slice, Tuple[int, int], List[int]]
+"""An index, a ``range`` (step 1), a ``slice`` (step 1; open stop: to the end), or ``(start, count)``."""
+
+KindName = Literal["shared", "exclusive", "read", "write"]
+
+_S = TypeVar("_S", bound="pylocksfile")
+_L = TypeVar("_L", bound="LocksFile")
+_G = TypeVar("_G", bound="Guard")
+
+class pylocksfile:
+    """Many numbered reader/writer locks in one file; a drop-in for pylocksfile 0.0.6.
+
+    Process-associated locks, as in the original. Without a path a fresh
+    private lock file is created in ``tempfile.gettempdir()``. An existing
+    file is never truncated. ``l_id`` defaults to the pid (as a string).
+    Bad arguments raise ``IllegalArgumentError``.
+    """
+
+    def __init__(
+        self,
+        locksfile_path: Union[str, "PathLike[str]", None] = None,
+        verbose: bool = False,
+        l_id: object = None,
+    ) -> None: ...
+    @property
+    def locksfile_path(self) -> str:
+        """The lock file's absolute path."""
+    @property
+    def l_id(self) -> object:
+        """The id printed before verbose messages."""
+    @property
+    def verbose(self) -> bool:
+        """Whether to print what is locked, converted and released."""
+    @verbose.setter
+    def verbose(self, value: bool) -> None: ...
+    def acquire(self, writeLock: bool = False, lock_n: LockN = 0, blocking: bool = True) -> bool:
+        """Lock ``lock_n`` shared, or exclusive with ``writeLock=True``; held locks convert in place.
+
+        True when held; False when ``blocking=False`` and busy, or when the
+        kernel reports a deadlock (nothing acquired then).
+        """
+    def release(self, lock_n: Optional[LockN] = None) -> None:
+        """Release ``lock_n``, or everything when None. Harmless on what is not held."""
+    def __call__(self: _S, writeLock: bool = False, lock_n: LockN = 0) -> _S:
+        """Record the span for ``with lf(writeLock=..., lock_n=...):``."""
+    def __enter__(self: _S) -> _S:
+        """Acquire the recorded span (blocking); ``IllegalWithStatement`` for a bare ``with lf:``."""
+    def __exit__(
+        self,
+        exc_type: Optional[Type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> bool:
+        """Release the span this ``with`` acquired."""
+
+@final
+class Holder:
+    """A lock another owner holds, as the kernel reported it (a snapshot)."""
+
+    @property
+    def span(self) -> range:
+        """The indices it covers."""
+    @property
+    def kind(self) -> Literal["shared", "exclusive"]:
+        """Its kind."""
+    @property
+    def pid(self) -> Optional[int]:
+        """The holding process for a process-associated lock, else None."""
+
+@final
+class Guard:
+    """A lock on a span held until ``release()``, the end of its ``with`` block, or collection."""
+
+    @property
+    def span(self) -> range:
+        """The indices held."""
+    @property
+    def kind(self) -> Optional[Literal["shared", "exclusive"]]:
+        """The kind held; None once released."""
+    @property
+    def held(self) -> bool:
+        """Whether the lock is still held."""
+    def release(self) -> None:
+        """Release now; harmless when already released."""
+    def upgrade(self: _G, *, blocking: bool = True, timeout: Optional[float] = None) -> _G:
+        """Convert shared to exclusive in place; on failure the shared lock stays."""
+    def downgrade(self: _G) -> _G:
+        """Convert exclusive to shared in place; never blocks."""
+    def __enter__(self: _G) -> _G: ...
+    def __exit__(
+        self,
+        exc_type: Optional[Type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> bool: ...
+
+class LocksFile:
+    """Many numbered reader/writer locks in one file, for new code (OFD locks by default)."""
+
+    def __init__(
+        self,
+        path: Union[str, "PathLike[str]", None] = None,
+        mode: Literal["ofd", "process"] = "ofd",
+        *,
+        create: bool = True,
+        permissions: int = 0o644,
+        follow_symlinks: bool = False,
+    ) -> None: ...
+    @property
+    def path(self) -> str:
+        """The lock file's absolute path."""
+    @property
+    def mode(self) -> Literal["ofd", "process"]:
+        """The lock mode."""
+    @property
+    def closed(self) -> bool:
+        """Whether ``close()`` was called."""
+    @property
+    def writable(self) -> bool:
+        """Whether the file could be opened for writing (exclusive locks need it)."""
+    def read(self, span: Span, *, timeout: Optional[float] = None) -> Guard:
+        """Wait for a shared lock; ``LockTimeout`` when ``timeout`` seconds pass."""
+    def write(self, span: Span, *, timeout: Optional[float] = None) -> Guard:
+        """Wait for an exclusive lock; ``LockTimeout`` when ``timeout`` seconds pass."""
+    def try_read(self, span: Span) -> Optional[Guard]:
+        """A shared lock if no other owner is in the way, else None."""
+    def try_write(self, span: Span) -> Optional[Guard]:
+        """An exclusive lock if no other owner is in the way, else None."""
+    def read_for(self, span: Span, timeout: float) -> Guard:
+        """A shared lock, waiting at most ``timeout`` seconds."""
+    def write_for(self, span: Span, timeout: float) -> Guard:
+        """An exclusive lock, waiting at most ``timeout`` seconds."""
+    def acquire(
+        self,
+        kind: KindName,
+        span: Span,
+        *,
+        blocking: bool = True,
+        timeout: Optional[float] = None,
+    ) -> None:
+        """Lock ``span`` in the explicit layer (last call wins).
+
+        Raises ``WouldBlockError`` (``blocking=False``), ``LockTimeout``,
+        or ``DeadlockError`` (process mode); nothing changes on error.
+        """
+    def release(self, span: Optional[Span] = None) -> None:
+        """Drop explicit locks on ``span`` (all when None); guards keep theirs."""
+    def held(self) -> List[Tuple[range, Literal["shared", "exclusive"]]]:
+        """What this owner holds, guards and explicit locks together."""
+    def held_explicitly(self) -> List[Tuple[range, Literal["shared", "exclusive"]]]:
+        """This object's explicit locks only."""
+    def conflicts(self, span: Span, kind: Optional[KindName] = None) -> Optional[Holder]:
+        """The first other owner's lock in the way of ``kind`` (default exclusive) on ``span``."""
+    def fileno(self) -> int:
+        """The descriptor locks go through; never close it."""
+    def close(self) -> None:
+        """Release everything, guards included, and close."""
+    def __enter__(self: _L) -> _L: ...
+    def __exit__(
+        self,
+        exc_type: Optional[Type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> bool:
+        """``close()``."""

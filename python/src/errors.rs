@@ -1,0 +1,149 @@
+//! Core errors as Python exceptions.
+//!
+//! The exception classes are plain Python classes in `pylocksfile._errors`
+//! (several of them have two OSError-family bases, which a Rust-defined
+//! exception cannot express); they are looked up once and cached.
+
+use locksfile::{Error, Holder, NotRegular};
+use pyo3::exceptions::PyOSError;
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::PyType;
+
+macro_rules! exception_types {
+    ($($fn_name:ident => $class:literal),* $(,)?) => {
+        $(
+            pub fn $fn_name(py: Python<'_>) -> PyResult<&Bound<'_, PyType>> {
+                static CELL: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+                CELL.import(py, "pylocksfile._errors", $class)
+            }
+        )*
+    };
+}
+
+exception_types! {
+    locksfile_error => "LocksfileError",
+    would_block_error => "WouldBlockError",
+    deadlock_error => "DeadlockError",
+    lock_timeout => "LockTimeout",
+    invalid_span_error => "InvalidSpanError",
+    forked_error => "ForkedError",
+    read_only_error => "ReadOnlyLockFileError",
+    not_regular_file_error => "NotRegularFileError",
+    unsupported_error => "UnsupportedError",
+    illegal_argument_error => "IllegalArgumentError",
+    illegal_with_statement => "IllegalWithStatement",
+}
+
+/// Build an exception instance of `ty` from `(errno, message[, filename])`.
+fn build(
+    _py: Python<'_>,
+    ty: PyResult<&Bound<'_, PyType>>,
+    errno: Option<i32>,
+    msg: String,
+    filename: Option<String>,
+) -> PyErr {
+    let made = ty.and_then(|ty| match (errno, filename) {
+        (Some(n), Some(f)) => ty.call1((n, msg, f)),
+        (Some(n), None) => ty.call1((n, msg)),
+        (None, _) => ty.call1((msg,)),
+    });
+    match made {
+        Ok(obj) => PyErr::from_value(obj),
+        Err(e) => e,
+    }
+}
+
+/// `IllegalArgumentError(msg)`.
+pub fn illegal_argument(py: Python<'_>, msg: impl Into<String>) -> PyErr {
+    build(py, illegal_argument_error(py), None, msg.into(), None)
+}
+
+/// `IllegalWithStatement(msg)`.
+pub fn illegal_with(py: Python<'_>, msg: impl Into<String>) -> PyErr {
+    build(py, illegal_with_statement(py), None, msg.into(), None)
+}
+
+/// `InvalidSpanError(EINVAL, msg)`.
+pub fn invalid_span(py: Python<'_>, msg: impl Into<String>) -> PyErr {
+    build(
+        py,
+        invalid_span_error(py),
+        Some(libc::EINVAL),
+        msg.into(),
+        None,
+    )
+}
+
+/// The `Holder` object for an exception attribute.
+pub fn holder_object(py: Python<'_>, h: &Holder) -> PyResult<Py<PyAny>> {
+    Ok(Py::new(py, crate::modern::PyHolder::from(*h))?.into_any())
+}
+
+/// Map a core error to the matching Python exception.
+pub fn to_py(py: Python<'_>, e: Error) -> PyErr {
+    let msg = e.to_string();
+    match e {
+        Error::WouldBlock { holder } => {
+            let err = build(py, would_block_error(py), Some(libc::EAGAIN), msg, None);
+            if let Some(h) = holder {
+                if let Ok(obj) = holder_object(py, &h) {
+                    let _ = err.value(py).setattr("holder", obj);
+                }
+            }
+            err
+        }
+        Error::Deadlock => build(py, deadlock_error(py), Some(libc::EDEADLK), msg, None),
+        Error::TimedOut => build(py, lock_timeout(py), Some(libc::ETIMEDOUT), msg, None),
+        Error::Interrupted => build(py, locksfile_error(py), Some(libc::EINTR), msg, None),
+        Error::InvalidSpan(_) => build(py, invalid_span_error(py), Some(libc::EINVAL), msg, None),
+        Error::Forked => build(py, forked_error(py), None, msg, None),
+        Error::ReadOnly { ref path } => {
+            let p = path.display().to_string();
+            build(py, read_only_error(py), Some(libc::EBADF), msg, Some(p))
+        }
+        Error::NotRegularFile { ref path, found } => {
+            let p = path.display().to_string();
+            let errno = match found {
+                NotRegular::Directory => libc::EISDIR,
+                NotRegular::Symlink => libc::ELOOP,
+                _ => libc::EINVAL,
+            };
+            build(py, not_regular_file_error(py), Some(errno), msg, Some(p))
+        }
+        Error::Unsupported { ref source, .. } => {
+            let errno = source.raw_os_error().unwrap_or(libc::ENOLCK);
+            build(py, unsupported_error(py), Some(errno), msg, None)
+        }
+        Error::Io { ref source, .. } => {
+            match source.raw_os_error().or_else(|| errno_of(source.kind())) {
+                // OSError(errno, ...) picks the fitting subclass (FileNotFoundError, ...).
+                Some(n) => PyOSError::new_err((n, msg)),
+                None => PyOSError::new_err(msg),
+            }
+        }
+        _ => build(py, locksfile_error(py), None, msg, None),
+    }
+}
+
+/// The errno behind an `io::ErrorKind`, for errors whose message was
+/// rewritten (the core adds the path) and so lost their raw code.
+fn errno_of(kind: std::io::ErrorKind) -> Option<i32> {
+    use std::io::ErrorKind as K;
+    Some(match kind {
+        K::NotFound => libc::ENOENT,
+        K::PermissionDenied => libc::EACCES,
+        K::AlreadyExists => libc::EEXIST,
+        K::WouldBlock => libc::EAGAIN,
+        K::InvalidInput => libc::EINVAL,
+        K::TimedOut => libc::ETIMEDOUT,
+        K::Interrupted => libc::EINTR,
+        K::Unsupported => libc::EOPNOTSUPP,
+        K::OutOfMemory => libc::ENOMEM,
+        K::NotADirectory => libc::ENOTDIR,
+        K::IsADirectory => libc::EISDIR,
+        K::ReadOnlyFilesystem => libc::EROFS,
+        K::Deadlock => libc::EDEADLK,
+        _ => return None,
+    })
+}

@@ -1,0 +1,600 @@
+//! `LocksFile`: the API for new code, with guards, timeouts and typed errors.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+
+use locksfile::{Error, Holder, Kind, LockFile, Mode, ReadGuard, Span, WriteGuard};
+use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyList, PyString, PyTuple};
+
+use crate::errors::to_py;
+use crate::spans::{py_span, span_to_range};
+use crate::wait::{with_patience, Patience};
+
+fn lock_mutex<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn kind_name(k: Kind) -> &'static str {
+    match k {
+        Kind::Shared => "shared",
+        Kind::Exclusive => "exclusive",
+    }
+}
+
+/// `"shared"`/`"read"` or `"exclusive"`/`"write"`.
+fn parse_kind(obj: &Bound<'_, PyAny>) -> PyResult<Kind> {
+    let s = obj.cast::<PyString>().map_err(|_| {
+        PyTypeError::new_err("kind must be \"shared\" or \"exclusive\" (or \"read\" / \"write\")")
+    })?;
+    match &*s.to_cow()? {
+        "shared" | "read" => Ok(Kind::Shared),
+        "exclusive" | "write" => Ok(Kind::Exclusive),
+        other => Err(PyValueError::new_err(format!(
+            "kind must be \"shared\" or \"exclusive\" (or \"read\" / \"write\"), got {other:?}"
+        ))),
+    }
+}
+
+/// A lock another owner holds, as the kernel reported it (a snapshot).
+#[pyclass(name = "Holder", module = "pylocksfile", frozen, eq)]
+#[derive(PartialEq)]
+pub struct PyHolder {
+    inner: Holder,
+}
+
+impl From<Holder> for PyHolder {
+    fn from(inner: Holder) -> Self {
+        PyHolder { inner }
+    }
+}
+
+#[pymethods]
+impl PyHolder {
+    /// The indices the conflicting lock covers, as a ``range`` (a lock to
+    /// the end of the file ends at ``INDEX_END``).
+    #[getter]
+    fn span<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        span_to_range(py, self.inner.span)
+    }
+
+    /// ``"shared"`` or ``"exclusive"``.
+    #[getter]
+    fn kind(&self) -> &'static str {
+        kind_name(self.inner.kind)
+    }
+
+    /// The holding process for a process-associated lock; None for an
+    /// open-file-description lock, whose owner the kernel does not name.
+    #[getter]
+    fn pid(&self) -> Option<u32> {
+        self.inner.pid
+    }
+
+    fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
+        Ok(format!(
+            "Holder(span={}, kind={:?}, pid={})",
+            span_to_range(py, self.inner.span)?.repr()?,
+            kind_name(self.inner.kind),
+            self.inner.pid.map_or("None".to_string(), |p| p.to_string())
+        ))
+    }
+}
+
+enum Held {
+    Read(ReadGuard<Arc<LockFile>>),
+    Write(WriteGuard<Arc<LockFile>>),
+    /// Taken out by a thread that is converting it.
+    Busy,
+    Released,
+}
+
+struct GuardCell {
+    held: Mutex<Held>,
+    span: Span,
+}
+
+impl GuardCell {
+    fn release(&self) -> Result<(), Error> {
+        let held = std::mem::replace(&mut *lock_mutex(&self.held), Held::Released);
+        match held {
+            Held::Read(g) => ReadGuard::unlock(g),
+            Held::Write(g) => WriteGuard::unlock(g),
+            Held::Busy | Held::Released => Ok(()),
+        }
+    }
+}
+
+/// A lock on a span, held until released: by ``release()``, at the end of a
+/// ``with`` block, when the guard is collected, or when its ``LocksFile`` is
+/// closed. Returned by ``LocksFile.read()``/``write()`` and their ``try_``
+/// and ``_for`` forms, with the lock already taken.
+#[pyclass(name = "Guard", module = "pylocksfile", frozen, weakref)]
+pub struct PyGuard {
+    cell: Arc<GuardCell>,
+}
+
+impl PyGuard {
+    fn take_busy(&self, py: Python<'_>) -> PyResult<Held> {
+        let mut held = lock_mutex(&self.cell.held);
+        match &*held {
+            Held::Busy => Err(PyRuntimeError::new_err(
+                "the guard is being converted by another thread",
+            )),
+            Held::Released => Err(PyRuntimeError::new_err("the guard was released")),
+            _ => {
+                let _ = py;
+                Ok(std::mem::replace(&mut *held, Held::Busy))
+            }
+        }
+    }
+
+    fn put(&self, h: Held) {
+        *lock_mutex(&self.cell.held) = h;
+    }
+}
+
+#[pymethods]
+impl PyGuard {
+    /// The indices held, as a ``range``.
+    #[getter]
+    fn span<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        span_to_range(py, self.cell.span)
+    }
+
+    /// ``"shared"`` or ``"exclusive"``; None once released.
+    #[getter]
+    fn kind(&self) -> Option<&'static str> {
+        match &*lock_mutex(&self.cell.held) {
+            Held::Read(_) => Some("shared"),
+            Held::Write(_) => Some("exclusive"),
+            // Only an upgrade makes a guard busy; it is shared until that ends.
+            Held::Busy => Some("shared"),
+            Held::Released => None,
+        }
+    }
+
+    /// Whether the lock is still held by this guard.
+    #[getter]
+    fn held(&self) -> bool {
+        !matches!(&*lock_mutex(&self.cell.held), Held::Released)
+    }
+
+    /// Release the lock now. Releasing twice is harmless.
+    fn release(&self, py: Python<'_>) -> PyResult<()> {
+        self.cell.release().map_err(|e| to_py(py, e))
+    }
+
+    /// Convert a shared lock to exclusive in place (the shared lock is kept
+    /// while waiting). ``blocking=False`` raises ``WouldBlockError`` at once
+    /// on conflict; ``timeout`` (seconds) raises ``LockTimeout``. On any
+    /// failure the guard still holds its shared lock. Returns the guard.
+    #[pyo3(signature = (*, blocking = true, timeout = None))]
+    fn upgrade<'py>(
+        slf: &Bound<'py, Self>,
+        blocking: bool,
+        timeout: Option<f64>,
+    ) -> PyResult<Bound<'py, Self>> {
+        let py = slf.py();
+        let me = slf.get();
+        let patience = Patience::from_args(blocking, timeout)?;
+        let g = match me.take_busy(py)? {
+            Held::Read(g) => g,
+            other => {
+                me.put(other);
+                return Ok(slf.clone());
+            }
+        };
+        let mut slot = Some(g);
+        let outcome = with_patience(py, patience, |w| {
+            let g = slot.take().expect("the read guard is back between tries");
+            match ReadGuard::upgrade_with(g, w) {
+                Ok(wg) => Ok(wg),
+                Err((g, e)) => {
+                    slot = Some(g);
+                    Err(e)
+                }
+            }
+        });
+        match outcome {
+            Ok(Ok(wg)) => {
+                me.put(Held::Write(wg));
+                Ok(slf.clone())
+            }
+            Ok(Err(e)) => {
+                me.put(Held::Read(slot.take().expect("the read guard came back")));
+                let e = match (e, timeout) {
+                    (Error::WouldBlock { .. }, Some(_)) => Error::TimedOut,
+                    (e, _) => e,
+                };
+                Err(to_py(py, e))
+            }
+            Err(e) => {
+                me.put(Held::Read(slot.take().expect("the read guard came back")));
+                Err(e)
+            }
+        }
+    }
+
+    /// Convert an exclusive lock to shared in place; never blocks. Returns the guard.
+    fn downgrade<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, Self>> {
+        let me = slf.get();
+        let h = me.take_busy(slf.py())?;
+        me.put(match h {
+            Held::Write(g) => Held::Read(WriteGuard::downgrade(g)),
+            other => other,
+        });
+        Ok(slf.clone())
+    }
+
+    fn __enter__<'py>(slf: &Bound<'py, Self>) -> Bound<'py, Self> {
+        slf.clone()
+    }
+
+    #[pyo3(signature = (*_exc))]
+    fn __exit__(&self, py: Python<'_>, _exc: &Bound<'_, PyTuple>) -> PyResult<bool> {
+        self.release(py)?;
+        Ok(false)
+    }
+
+    fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
+        let state = match &*lock_mutex(&self.cell.held) {
+            Held::Read(_) => "shared",
+            Held::Write(_) => "exclusive",
+            Held::Busy => "converting",
+            Held::Released => "released",
+        };
+        Ok(format!(
+            "<Guard {} {state}>",
+            span_to_range(py, self.cell.span)?.repr()?
+        ))
+    }
+}
+
+/// A lock file: many numbered reader/writer locks, lock ``n`` being byte
+/// ``n`` of the file, whose content is never touched.
+///
+/// ``LocksFile(path=None, mode="ofd", *, create=True, permissions=0o644,
+/// follow_symlinks=False)``. Without a path a fresh private lock file
+/// (mode 0600) is created in ``tempfile.gettempdir()`` and left there.
+///
+/// ``mode="ofd"`` (default): open-file-description locks; each object is
+/// its own owner, so two objects exclude each other even between threads
+/// of one process. ``mode="process"``: classic POSIX locks; every object on
+/// one file in one process is the same owner, and the kernel detects
+/// deadlocks between processes (``DeadlockError``).
+///
+/// Spans are an int (one lock), a ``range`` with step 1, a ``slice`` with
+/// step 1 (``slice(3, None)`` runs to the end), or a ``(start, count)``
+/// pair. Locks are taken two ways that mix: guards (``read``/``write``...)
+/// and the explicit ``acquire``/``release`` layer, where the last call on
+/// an index wins. An index stays locked while either covers it, at the
+/// strongest kind asked for.
+///
+/// Blocking waits release the GIL and end with ``KeyboardInterrupt`` on
+/// Ctrl-C, with nothing half-held. An object inherited through ``fork``
+/// raises ``ForkedError`` in the child and never touches the parent's
+/// locks: open the path again there.
+#[pyclass(name = "LocksFile", module = "pylocksfile", frozen, subclass, weakref)]
+pub struct PyLocksFile {
+    handle: Mutex<Option<Arc<LockFile>>>,
+    guards: Mutex<Vec<Weak<GuardCell>>>,
+    path: Py<PyString>,
+    mode: Mode,
+}
+
+impl PyLocksFile {
+    fn lf(&self) -> PyResult<Arc<LockFile>> {
+        lock_mutex(&self.handle)
+            .as_ref()
+            .map(Arc::clone)
+            .ok_or_else(|| PyValueError::new_err("I/O operation on a closed LocksFile"))
+    }
+
+    fn guard(
+        &self,
+        py: Python<'_>,
+        span: &Bound<'_, PyAny>,
+        kind: Kind,
+        patience: Patience,
+        timed: bool,
+    ) -> PyResult<Option<PyGuard>> {
+        let span = py_span(span)?;
+        let lf = self.lf()?;
+        let outcome = with_patience(py, patience, |w| match kind {
+            Kind::Shared => ReadGuard::acquire(Arc::clone(&lf), span, w).map(Held::Read),
+            Kind::Exclusive => WriteGuard::acquire(Arc::clone(&lf), span, w).map(Held::Write),
+        })?;
+        match outcome {
+            Ok(h) => {
+                let cell = Arc::new(GuardCell {
+                    held: Mutex::new(h),
+                    span,
+                });
+                let mut guards = lock_mutex(&self.guards);
+                guards.retain(|w| w.strong_count() > 0);
+                guards.push(Arc::downgrade(&cell));
+                Ok(Some(PyGuard { cell }))
+            }
+            Err(Error::WouldBlock { .. }) if !timed && matches!(patience, Patience::Never) => {
+                Ok(None)
+            }
+            Err(Error::WouldBlock { .. }) if timed => Err(to_py(py, Error::TimedOut)),
+            Err(e) => Err(to_py(py, e)),
+        }
+    }
+}
+
+fn mode_name(m: Mode) -> &'static str {
+    match m {
+        Mode::Ofd => "ofd",
+        Mode::Process => "process",
+    }
+}
+
+#[pymethods]
+impl PyLocksFile {
+    #[new]
+    #[pyo3(
+        signature = (path = None, mode = "ofd", *, create = true, permissions = 0o644, follow_symlinks = false),
+        text_signature = "(path=None, mode='ofd', *, create=True, permissions=0o644, follow_symlinks=False)"
+    )]
+    fn new(
+        py: Python<'_>,
+        path: Option<&Bound<'_, PyAny>>,
+        mode: &str,
+        create: bool,
+        permissions: u32,
+        follow_symlinks: bool,
+    ) -> PyResult<Self> {
+        let mode = match mode {
+            "ofd" => Mode::Ofd,
+            "process" => Mode::Process,
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "mode must be \"ofd\" or \"process\", got {other:?}"
+                )))
+            }
+        };
+        if permissions > 0o7777 {
+            return Err(PyValueError::new_err("permissions must be at most 0o7777"));
+        }
+        let os = py.import("os")?;
+        let path = match path {
+            None => {
+                let kw = pyo3::types::PyDict::new(py);
+                kw.set_item("prefix", "locksfile-")?;
+                kw.set_item("suffix", ".lock")?;
+                let made = py
+                    .import("tempfile")?
+                    .call_method("mkstemp", (), Some(&kw))?;
+                let made = made.cast::<PyTuple>()?;
+                os.call_method1("close", (made.get_item(0)?,))?;
+                made.get_item(1)?
+            }
+            Some(p) => os.call_method1("fspath", (p,))?,
+        };
+        let abs = os.getattr("path")?.call_method1("abspath", (&path,))?;
+        let abs = abs.cast_into::<PyString>().map_err(|_| {
+            PyTypeError::new_err("path must be a str or an os.PathLike giving a str")
+        })?;
+        let lf = LockFile::options()
+            .mode(mode)
+            .create(create)
+            .permissions(permissions)
+            .follow_symlinks(follow_symlinks)
+            .open(abs.extract::<PathBuf>()?)
+            .map_err(|e| to_py(py, e))?;
+        Ok(PyLocksFile {
+            handle: Mutex::new(Some(Arc::new(lf))),
+            guards: Mutex::new(Vec::new()),
+            path: abs.unbind(),
+            mode,
+        })
+    }
+
+    /// The lock file's absolute path.
+    #[getter]
+    fn path(&self, py: Python<'_>) -> Py<PyString> {
+        self.path.clone_ref(py)
+    }
+
+    /// ``"ofd"`` or ``"process"``.
+    #[getter]
+    fn mode(&self) -> &'static str {
+        mode_name(self.mode)
+    }
+
+    /// Whether ``close()`` was called.
+    #[getter]
+    fn closed(&self) -> bool {
+        lock_mutex(&self.handle).is_none()
+    }
+
+    /// Whether the file could be opened for writing (exclusive locks need it).
+    #[getter]
+    fn writable(&self) -> PyResult<bool> {
+        Ok(self.lf()?.is_writable())
+    }
+
+    /// Wait for a shared lock on ``span`` and return its ``Guard``.
+    /// ``timeout`` (seconds) raises ``LockTimeout`` when it passes.
+    #[pyo3(signature = (span, *, timeout = None))]
+    fn read(
+        &self,
+        py: Python<'_>,
+        span: &Bound<'_, PyAny>,
+        timeout: Option<f64>,
+    ) -> PyResult<PyGuard> {
+        let p = Patience::from_args(true, timeout)?;
+        Ok(self
+            .guard(py, span, Kind::Shared, p, timeout.is_some())?
+            .expect("waited"))
+    }
+
+    /// Wait for an exclusive lock on ``span`` and return its ``Guard``.
+    /// ``timeout`` (seconds) raises ``LockTimeout`` when it passes.
+    #[pyo3(signature = (span, *, timeout = None))]
+    fn write(
+        &self,
+        py: Python<'_>,
+        span: &Bound<'_, PyAny>,
+        timeout: Option<f64>,
+    ) -> PyResult<PyGuard> {
+        let p = Patience::from_args(true, timeout)?;
+        Ok(self
+            .guard(py, span, Kind::Exclusive, p, timeout.is_some())?
+            .expect("waited"))
+    }
+
+    /// A shared lock on ``span`` if no other owner is in the way, else None.
+    fn try_read(&self, py: Python<'_>, span: &Bound<'_, PyAny>) -> PyResult<Option<PyGuard>> {
+        self.guard(py, span, Kind::Shared, Patience::Never, false)
+    }
+
+    /// An exclusive lock on ``span`` if no other owner is in the way, else None.
+    fn try_write(&self, py: Python<'_>, span: &Bound<'_, PyAny>) -> PyResult<Option<PyGuard>> {
+        self.guard(py, span, Kind::Exclusive, Patience::Never, false)
+    }
+
+    /// A shared lock on ``span``, waiting at most ``timeout`` seconds
+    /// (``LockTimeout`` after that).
+    fn read_for(&self, py: Python<'_>, span: &Bound<'_, PyAny>, timeout: f64) -> PyResult<PyGuard> {
+        self.read(py, span, Some(timeout))
+    }
+
+    /// An exclusive lock on ``span``, waiting at most ``timeout`` seconds
+    /// (``LockTimeout`` after that).
+    fn write_for(
+        &self,
+        py: Python<'_>,
+        span: &Bound<'_, PyAny>,
+        timeout: f64,
+    ) -> PyResult<PyGuard> {
+        self.write(py, span, Some(timeout))
+    }
+
+    /// Lock ``span`` at ``kind`` (``"shared"``/``"exclusive"``) in the
+    /// explicit layer, converting what it holds there in place. Without
+    /// waiting (``blocking=False``) a conflict raises ``WouldBlockError``;
+    /// with ``timeout`` (seconds) ``LockTimeout``; in process mode a
+    /// deadlock raises ``DeadlockError``. On any error nothing changed.
+    #[pyo3(signature = (kind, span, *, blocking = true, timeout = None))]
+    fn acquire(
+        &self,
+        py: Python<'_>,
+        kind: &Bound<'_, PyAny>,
+        span: &Bound<'_, PyAny>,
+        blocking: bool,
+        timeout: Option<f64>,
+    ) -> PyResult<()> {
+        let kind = parse_kind(kind)?;
+        let span = py_span(span)?;
+        let patience = Patience::from_args(blocking, timeout)?;
+        let lf = self.lf()?;
+        match with_patience(py, patience, |w| lf.acquire(kind, span, w))? {
+            Ok(()) => Ok(()),
+            Err(Error::WouldBlock { .. }) if timeout.is_some() => Err(to_py(py, Error::TimedOut)),
+            Err(e) => Err(to_py(py, e)),
+        }
+    }
+
+    /// Drop the explicit locks on ``span`` (all of them when None). Guards
+    /// keep theirs. Releasing what is not held is harmless; never blocks.
+    #[pyo3(signature = (span = None))]
+    fn release(&self, py: Python<'_>, span: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
+        let lf = self.lf()?;
+        let r = match span {
+            Some(s) => lf.release(py_span(s)?),
+            None => lf.release_all(),
+        };
+        r.map_err(|e| to_py(py, e))
+    }
+
+    /// What this owner holds, guards and explicit locks together, as a
+    /// sorted list of ``(range, "shared" | "exclusive")``. In process mode
+    /// that is every object of this file in this process.
+    fn held<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let items = self
+            .lf()?
+            .held()
+            .into_iter()
+            .map(|(s, k)| Ok((span_to_range(py, s)?, kind_name(k))))
+            .collect::<PyResult<Vec<_>>>()?;
+        PyList::new(py, items)
+    }
+
+    /// This object's explicit locks only, as ``held()`` lists them.
+    fn held_explicitly<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let items = self
+            .lf()?
+            .held_explicitly()
+            .into_iter()
+            .map(|(s, k)| Ok((span_to_range(py, s)?, kind_name(k))))
+            .collect::<PyResult<Vec<_>>>()?;
+        PyList::new(py, items)
+    }
+
+    /// The first lock of another owner that would conflict with ``kind``
+    /// on ``span`` (``F_GETLK``), as a ``Holder``, or None. A snapshot.
+    #[pyo3(signature = (span, kind = None))]
+    fn conflicts(
+        &self,
+        py: Python<'_>,
+        span: &Bound<'_, PyAny>,
+        kind: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Option<PyHolder>> {
+        let kind = match kind {
+            Some(k) => parse_kind(k)?,
+            None => Kind::Exclusive,
+        };
+        let span = py_span(span)?;
+        self.lf()?
+            .conflicts(kind, span)
+            .map(|h| h.map(PyHolder::from))
+            .map_err(|e| to_py(py, e))
+    }
+
+    /// The descriptor locks go through. Do not close it: in process mode
+    /// that drops every lock the process holds on the file.
+    fn fileno(&self) -> PyResult<i32> {
+        use std::os::fd::{AsFd, AsRawFd};
+        Ok(self.lf()?.as_fd().as_raw_fd())
+    }
+
+    /// Release everything (explicit locks and every live guard) and close
+    /// the handle. Closing twice is harmless.
+    fn close(&self) -> PyResult<()> {
+        let guards = std::mem::take(&mut *lock_mutex(&self.guards));
+        for g in guards.iter().filter_map(Weak::upgrade) {
+            // In a forked child this fails with nothing touched; ignore it.
+            let _ = g.release();
+        }
+        let lf = lock_mutex(&self.handle).take();
+        if let Some(lf) = lf {
+            let _ = lf.release_all();
+        }
+        Ok(())
+    }
+
+    fn __enter__<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, Self>> {
+        slf.get().lf()?;
+        Ok(slf.clone())
+    }
+
+    #[pyo3(signature = (*_exc))]
+    fn __exit__(&self, _exc: &Bound<'_, PyTuple>) -> PyResult<bool> {
+        self.close()?;
+        Ok(false)
+    }
+
+    fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
+        Ok(format!(
+            "LocksFile({}, mode={:?}{})",
+            self.path.bind(py).repr()?,
+            mode_name(self.mode),
+            if self.closed() { ", closed" } else { "" }
+        ))
+    }
+}

@@ -1,0 +1,590 @@
+//! `pylocksfile`: the original package's class, same calls, same answers.
+//!
+//! Implemented in Rust so that the common call, `acquire(writeLock=True,
+//! lock_n=5)` then `release(5)`, costs little more than the two `fcntl`
+//! calls it makes: arguments are checked here without allocating, the lock
+//! is tried once with the GIL held, and only contention releases the GIL.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::ThreadId;
+
+use locksfile::{Error, Holder, Kind, LockFile, Mode, Span, Wait};
+use pyo3::prelude::*;
+use pyo3::types::{PyBool, PyString, PyTuple};
+
+use crate::errors::{illegal_argument, illegal_with, to_py};
+use crate::spans::seed_span;
+use crate::wait::{with_patience, Patience};
+
+macro_rules! strict_bool {
+    ($name:ident, $arg:literal) => {
+        /// A `bool` argument that refuses anything but `True` and `False`.
+        #[derive(Clone, Copy)]
+        pub struct $name(pub bool);
+
+        impl<'a, 'py> FromPyObject<'a, 'py> for $name {
+            type Error = PyErr;
+            fn extract(obj: Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
+                let py = obj.py();
+                if obj.is(PyBool::new(py, true)) {
+                    Ok($name(true))
+                } else if obj.is(PyBool::new(py, false)) {
+                    Ok($name(false))
+                } else {
+                    let ty = obj
+                        .get_type()
+                        .name()
+                        .map(|n| n.to_string())
+                        .unwrap_or_default();
+                    Err(illegal_argument(
+                        py,
+                        format!(concat!($arg, " must be True or False, got {}"), ty),
+                    ))
+                }
+            }
+        }
+    };
+}
+
+strict_bool!(WriteLockArg, "writeLock");
+strict_bool!(BlockingArg, "blocking");
+strict_bool!(VerboseArg, "verbose");
+
+/// `lock_n`: an index or a `(start, count)` pair.
+#[derive(Clone, Copy)]
+pub struct LockN(pub Span);
+
+impl LockN {
+    fn zero() -> LockN {
+        LockN(Span::with_count(0, 1).expect("lock 0 is a span"))
+    }
+}
+
+impl<'a, 'py> FromPyObject<'a, 'py> for LockN {
+    type Error = PyErr;
+    fn extract(obj: Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
+        seed_span(&obj).map(LockN)
+    }
+}
+
+/// A `with lf(...)` in progress: `lf(...)` records it, `__enter__` takes it.
+struct WithEntry {
+    thread: ThreadId,
+    write: bool,
+    span: Span,
+    entered: bool,
+}
+
+/// A lock file holding many numbered reader/writer locks; lock ``n`` is byte
+/// ``n`` of the file. A drop-in for ``pylocksfile.pylocksfile`` 0.0.6.
+///
+/// ``pylocksfile(locksfile_path=None, verbose=False, l_id=None)``: without a
+/// path a fresh private lock file (mode 0600) is created in
+/// ``tempfile.gettempdir()``; it is left in place so other processes can
+/// open ``locksfile_path``. An existing file is opened, never truncated;
+/// a missing file is created with mode 0644. Symbolic links at the lock
+/// path are refused. ``l_id`` (default: the pid as a string) prefixes what
+/// ``verbose`` prints.
+///
+/// Locks are process-associated ``fcntl`` record locks, as in the original:
+/// all objects on one file in one process are one owner to the kernel, and
+/// the kernel detects deadlocks between processes. Other threads of the
+/// process never wait for this process's own locks; use ``LocksFile`` for
+/// locks that exclude threads.
+///
+/// After ``fork`` the child's object is a fresh owner of the same file: it
+/// holds nothing at first, and nothing it does (including being deleted)
+/// touches the parent's locks, as with the original.
+#[pyclass(
+    name = "pylocksfile",
+    module = "pylocksfile",
+    frozen,
+    subclass,
+    weakref
+)]
+pub struct Seed {
+    handle: Arc<LockFile>,
+    /// The handle this process uses when `handle` was inherited through fork.
+    child: Mutex<Option<(u32, Arc<LockFile>)>>,
+    path: Py<PyString>,
+    path_buf: PathBuf,
+    l_id: Py<PyAny>,
+    verbose: AtomicBool,
+    withs: Mutex<Vec<WithEntry>>,
+    pid: u32,
+}
+
+fn lock_mutex<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn open_process(path: &std::path::Path) -> Result<LockFile, Error> {
+    LockFile::options().mode(Mode::Process).open(path)
+}
+
+/// "lock 5", "locks 1 to 3", "locks 3 onwards".
+fn locks(s: Span) -> String {
+    if s.count() == 1 {
+        format!("lock {}", s.start())
+    } else if s.is_to_end() {
+        format!("locks {} onwards", s.start())
+    } else {
+        format!("locks {} to {}", s.start(), s.end() - 1)
+    }
+}
+
+fn kind_word(k: Kind) -> &'static str {
+    match k {
+        Kind::Shared => "read",
+        Kind::Exclusive => "write",
+    }
+}
+
+fn holder_words(h: &Holder) -> String {
+    match h.pid {
+        Some(pid) => format!(
+            "pid {pid} holds a {} lock on {}",
+            kind_word(h.kind),
+            locks(h.span)
+        ),
+        None => format!(
+            "another owner holds a {} lock on {}",
+            kind_word(h.kind),
+            locks(h.span)
+        ),
+    }
+}
+
+impl Seed {
+    /// The handle of this process: the original one, or after a fork a
+    /// fresh one opened by path in the child.
+    fn child_handle(&self, py: Python<'_>) -> PyResult<Arc<LockFile>> {
+        let pid = std::process::id();
+        let mut child = lock_mutex(&self.child);
+        if let Some((p, h)) = &*child {
+            if *p == pid {
+                return Ok(Arc::clone(h));
+            }
+        }
+        let h = Arc::new(open_process(&self.path_buf).map_err(|e| to_py(py, e))?);
+        // The old one, if any, was inherited too: dropping it here touches
+        // no lock of any process.
+        *child = Some((pid, Arc::clone(&h)));
+        Ok(h)
+    }
+
+    /// The handle to use now (the slow way; the hot paths try `handle` first).
+    fn current(&self, py: Python<'_>) -> PyResult<Arc<LockFile>> {
+        if std::process::id() == self.pid {
+            Ok(Arc::clone(&self.handle))
+        } else {
+            self.child_handle(py)
+        }
+    }
+
+    fn say(&self, py: Python<'_>, msg: &str) {
+        let l_id = self
+            .l_id
+            .bind(py)
+            .str()
+            .map(|s| s.to_string())
+            .unwrap_or_default();
+        let line = format!("{l_id} - {msg}");
+        let printed = py.import("builtins").and_then(|b| {
+            let kwargs = pyo3::types::PyDict::new(py);
+            kwargs.set_item("flush", true)?;
+            b.getattr("print")?.call((line,), Some(&kwargs))
+        });
+        if let Err(e) = printed {
+            e.write_unraisable(py, None);
+        }
+    }
+
+    fn verbose(&self) -> bool {
+        self.verbose.load(Ordering::Relaxed)
+    }
+
+    /// Acquire; `Ok(false)` for contention without waiting or a deadlock.
+    fn do_acquire(&self, py: Python<'_>, kind: Kind, span: Span, blocking: bool) -> PyResult<bool> {
+        let verbose = self.verbose();
+        let before = if verbose {
+            self.current(py)?.held_explicitly()
+        } else {
+            Vec::new()
+        };
+        let first = self.handle.acquire(kind, span, Wait::NonBlocking);
+        let outcome = match first {
+            Ok(()) => Ok(()),
+            Err(Error::WouldBlock { .. }) if blocking => {
+                let h = &self.handle;
+                with_patience(py, Patience::Forever, |w| h.acquire(kind, span, w))?
+            }
+            Err(Error::Forked) => {
+                let h = self.child_handle(py)?;
+                let patience = if blocking {
+                    Patience::Forever
+                } else {
+                    Patience::Never
+                };
+                with_patience(py, patience, |w| h.acquire(kind, span, w))?
+            }
+            Err(e) => Err(e),
+        };
+        match outcome {
+            Ok(()) => {
+                if verbose {
+                    self.say_acquired(py, kind, span, &before);
+                }
+                Ok(true)
+            }
+            Err(Error::WouldBlock { holder }) => {
+                if verbose {
+                    let why = holder.map_or_else(|| "busy".to_string(), |h| holder_words(&h));
+                    self.say(
+                        py,
+                        &format!("{} {} not acquired: {why}", kind_word(kind), locks(span)),
+                    );
+                }
+                Ok(false)
+            }
+            Err(Error::Deadlock) => {
+                if verbose {
+                    self.say(
+                        py,
+                        &format!(
+                            "{} {} not acquired: the kernel detected a deadlock (EDEADLK); \
+                             the request was dropped",
+                            kind_word(kind),
+                            locks(span)
+                        ),
+                    );
+                }
+                Ok(false)
+            }
+            Err(e) => Err(to_py(py, e)),
+        }
+    }
+
+    fn say_acquired(&self, py: Python<'_>, kind: Kind, span: Span, before: &[(Span, Kind)]) {
+        let mut msg = format!("{} {} acquired", kind_word(kind), locks(span));
+        for (s, k) in before {
+            if *k != kind {
+                if let Some(part) = s.intersect(span) {
+                    msg.push_str(&format!(
+                        "; converted {} from {} to {}",
+                        locks(part),
+                        kind_word(*k),
+                        kind_word(kind)
+                    ));
+                }
+            }
+        }
+        self.say(py, &msg);
+    }
+
+    fn do_release(&self, py: Python<'_>, span: Option<Span>) -> PyResult<()> {
+        let r = match span {
+            Some(s) => self.handle.release(s),
+            None => self.handle.release_all(),
+        };
+        let r = match r {
+            Err(Error::Forked) => {
+                let h = self.child_handle(py)?;
+                match span {
+                    Some(s) => h.release(s),
+                    None => h.release_all(),
+                }
+            }
+            r => r,
+        };
+        if self.verbose() {
+            match span {
+                Some(s) => self.say(py, &format!("released {}", locks(s))),
+                None => self.say(py, "released all locks"),
+            }
+        }
+        r.map_err(|e| to_py(py, e))
+    }
+}
+
+#[pymethods]
+impl Seed {
+    #[new]
+    #[pyo3(
+        signature = (locksfile_path = None, verbose = VerboseArg(false), l_id = None),
+        text_signature = "(locksfile_path=None, verbose=False, l_id=None)"
+    )]
+    fn new(
+        py: Python<'_>,
+        locksfile_path: Option<&Bound<'_, PyAny>>,
+        verbose: VerboseArg,
+        l_id: Option<Py<PyAny>>,
+    ) -> PyResult<Seed> {
+        let os = py.import("os")?;
+        let os_path = os.getattr("path")?;
+        let path: Bound<'_, PyAny> = match locksfile_path {
+            None => {
+                // mkstemp: a new file of our own, mode 0600, never an existing one.
+                let made = py.import("tempfile")?.call_method(
+                    "mkstemp",
+                    (),
+                    Some(&{
+                        let kw = pyo3::types::PyDict::new(py);
+                        kw.set_item("prefix", "pylocksfile-")?;
+                        kw.set_item("suffix", ".lock")?;
+                        kw
+                    }),
+                )?;
+                let made = made.cast::<PyTuple>()?;
+                os.call_method1("close", (made.get_item(0)?,))?;
+                made.get_item(1)?
+            }
+            Some(p) => {
+                if !(p.is_instance_of::<PyString>() || p.hasattr("__fspath__")?) {
+                    let ty = p.get_type().name()?.to_string();
+                    return Err(illegal_argument(
+                        py,
+                        format!("locksfile_path must be a str or os.PathLike, got {ty}"),
+                    ));
+                }
+                let p = os.call_method1("fspath", (p,))?;
+                if !p.is_instance_of::<PyString>() {
+                    return Err(illegal_argument(py, "locksfile_path must name a str path"));
+                }
+                p
+            }
+        };
+        let abs = os_path.call_method1("abspath", (&path,))?;
+        let dir = os_path.call_method1("dirname", (&abs,))?;
+        if !os_path.call_method1("isdir", (&dir,))?.is_truthy()? {
+            return Err(illegal_argument(
+                py,
+                format!("locksfile_path directory {dir} does not exist"),
+            ));
+        }
+        let abs = abs.cast_into::<PyString>()?;
+        let path_buf = abs.extract::<PathBuf>()?;
+        let handle = match open_process(&path_buf) {
+            Ok(h) => h,
+            Err(e @ Error::NotRegularFile { .. }) => {
+                return Err(illegal_argument(py, format!("locksfile_path: {e}")))
+            }
+            Err(e) => return Err(to_py(py, e)),
+        };
+        let l_id = match l_id {
+            Some(l) => l,
+            None => PyString::new(py, &std::process::id().to_string())
+                .into_any()
+                .unbind(),
+        };
+        Ok(Seed {
+            handle: Arc::new(handle),
+            child: Mutex::new(None),
+            path: abs.unbind(),
+            path_buf,
+            l_id,
+            verbose: AtomicBool::new(verbose.0),
+            withs: Mutex::new(Vec::new()),
+            pid: std::process::id(),
+        })
+    }
+
+    /// The lock file's absolute path.
+    #[getter]
+    fn locksfile_path(&self, py: Python<'_>) -> Py<PyString> {
+        self.path.clone_ref(py)
+    }
+
+    /// The id printed before verbose messages (default: the pid as a string).
+    #[getter]
+    fn l_id(&self, py: Python<'_>) -> Py<PyAny> {
+        self.l_id.clone_ref(py)
+    }
+
+    /// Whether to print what is locked, converted and released.
+    #[getter(verbose)]
+    fn get_verbose(&self) -> bool {
+        self.verbose()
+    }
+
+    #[setter(verbose)]
+    fn set_verbose(&self, value: Option<VerboseArg>) -> PyResult<()> {
+        match value {
+            Some(v) => {
+                self.verbose.store(v.0, Ordering::Relaxed);
+                Ok(())
+            }
+            None => Err(pyo3::exceptions::PyAttributeError::new_err(
+                "verbose cannot be deleted",
+            )),
+        }
+    }
+
+    /// Lock ``lock_n`` (an index, or ``(start, count)`` as a tuple or list)
+    /// for reading (shared) or, with ``writeLock=True``, for writing
+    /// (exclusive). Locks this object already holds in that span are
+    /// converted in place: the last call wins.
+    ///
+    /// Returns True when held. With ``blocking=False`` returns False at
+    /// once if another process holds a conflicting lock. A blocking call
+    /// returns False when the kernel reports that waiting would deadlock
+    /// (``EDEADLK``); nothing was acquired then. A blocking wait releases
+    /// the GIL and is interrupted by Ctrl-C (``KeyboardInterrupt``, nothing
+    /// acquired). Bad arguments raise ``IllegalArgumentError``.
+    #[allow(non_snake_case)]
+    #[pyo3(
+        signature = (writeLock = WriteLockArg(false), lock_n = LockN::zero(), blocking = BlockingArg(true)),
+        text_signature = "($self, writeLock=False, lock_n=0, blocking=True)"
+    )]
+    fn acquire(
+        &self,
+        py: Python<'_>,
+        writeLock: WriteLockArg,
+        lock_n: LockN,
+        blocking: BlockingArg,
+    ) -> PyResult<bool> {
+        let kind = if writeLock.0 {
+            Kind::Exclusive
+        } else {
+            Kind::Shared
+        };
+        // The hot path: nothing to print, no contention, not forked.
+        if !self.verbose() {
+            match self.handle.acquire(kind, lock_n.0, Wait::NonBlocking) {
+                Ok(()) => return Ok(true),
+                Err(Error::WouldBlock { .. }) if !blocking.0 => return Ok(false),
+                Err(_) => {}
+            }
+        }
+        self.do_acquire(py, kind, lock_n.0, blocking.0)
+    }
+
+    /// Release ``lock_n`` (an index or ``(start, count)``), or every lock
+    /// this object holds when ``lock_n`` is None. Releasing what is not
+    /// held is harmless. Never blocks.
+    #[pyo3(signature = (lock_n = None))]
+    fn release(&self, py: Python<'_>, lock_n: Option<LockN>) -> PyResult<()> {
+        if let (Some(s), false) = (lock_n, self.verbose()) {
+            if self.handle.release(s.0).is_ok() {
+                return Ok(());
+            }
+        }
+        self.do_release(py, lock_n.map(|l| l.0))
+    }
+
+    /// ``with lf(writeLock=False, lock_n=0):`` acquires (blocking) on entry
+    /// and releases ``lock_n`` on exit. The span is taken and released like
+    /// ``acquire``/``release`` do, so inside ``with lf(lock_n=2)`` a lock 2
+    /// held for writing before is converted to reading, and after the block
+    /// lock 2 is released (the original's README example); other locks are
+    /// untouched. ``with`` statements nest, each releasing its own span on
+    /// exit, in each thread independently.
+    #[allow(non_snake_case)]
+    #[pyo3(signature = (writeLock = WriteLockArg(false), lock_n = LockN::zero()))]
+    fn __call__<'py>(
+        slf: &Bound<'py, Self>,
+        writeLock: WriteLockArg,
+        lock_n: LockN,
+    ) -> Bound<'py, Self> {
+        let me = slf.get();
+        lock_mutex(&me.withs).push(WithEntry {
+            thread: std::thread::current().id(),
+            write: writeLock.0,
+            span: lock_n.0,
+            entered: false,
+        });
+        slf.clone()
+    }
+
+    fn __enter__<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, Self>> {
+        let py = slf.py();
+        let me = slf.get();
+        let thread = std::thread::current().id();
+        let (write, span) = {
+            let withs = lock_mutex(&me.withs);
+            match withs.iter().rev().find(|e| e.thread == thread) {
+                Some(e) if !e.entered => (e.write, e.span),
+                _ => {
+                    return Err(illegal_with(
+                        py,
+                        "use `with lf(writeLock=..., lock_n=...):`, not `with lf:`",
+                    ))
+                }
+            }
+        };
+        let kind = if write { Kind::Exclusive } else { Kind::Shared };
+        let forget_entry = || {
+            let mut withs = lock_mutex(&me.withs);
+            if let Some(i) = withs.iter().rposition(|e| e.thread == thread) {
+                withs.remove(i);
+            }
+        };
+        match me.do_acquire(py, kind, span, true) {
+            Ok(true) => {
+                let mut withs = lock_mutex(&me.withs);
+                if let Some(e) = withs.iter_mut().rev().find(|e| e.thread == thread) {
+                    e.entered = true;
+                }
+                Ok(slf.clone())
+            }
+            Ok(false) => {
+                forget_entry();
+                // A blocking acquire only fails this way on EDEADLK; running
+                // the block without its lock would be worse than raising.
+                Err(to_py(py, Error::Deadlock))
+            }
+            Err(e) => {
+                forget_entry();
+                Err(e)
+            }
+        }
+    }
+
+    #[pyo3(signature = (*_exc))]
+    fn __exit__(&self, py: Python<'_>, _exc: &Bound<'_, PyTuple>) -> PyResult<bool> {
+        let thread = std::thread::current().id();
+        let span = {
+            let mut withs = lock_mutex(&self.withs);
+            let Some(i) = withs.iter().rposition(|e| e.thread == thread && e.entered) else {
+                return Err(illegal_with(py, "__exit__ without a matching __enter__"));
+            };
+            let span = withs[i].span;
+            // Calls recorded after it and never entered are dropped with it.
+            let mut j = withs.len();
+            while j > i {
+                j -= 1;
+                if withs[j].thread == thread {
+                    withs.remove(j);
+                }
+            }
+            span
+        };
+        self.do_release(py, Some(span))?;
+        Ok(false)
+    }
+
+    fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
+        Ok(format!(
+            "pylocksfile(locksfile_path={}, l_id={})",
+            self.path.bind(py).repr()?,
+            self.l_id.bind(py).repr()?
+        ))
+    }
+}
+
+impl Drop for Seed {
+    fn drop(&mut self) {
+        // The handles release everything as they drop; only the message is ours.
+        if !self.verbose.load(Ordering::Relaxed) {
+            return;
+        }
+        let pid = std::process::id();
+        let ours =
+            pid == self.pid || matches!(&*lock_mutex(&self.child), Some((p, _)) if *p == pid);
+        if ours {
+            let _ = Python::try_attach(|py| self.say(py, "deleted: releasing all locks"));
+        }
+    }
+}

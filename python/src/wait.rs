@@ -1,0 +1,92 @@
+//! Waiting for locks without holding the GIL, and without deafness to Ctrl-C.
+//!
+//! Every wait first tries once with the GIL held (an uncontended lock costs
+//! one system call and no GIL hand-over). When that meets contention the
+//! wait goes on with the GIL released: a blocking wait sleeps in
+//! `F_SETLKW` and a signal ends it with `Error::Interrupted` (nothing
+//! held), so Python's handlers run (`KeyboardInterrupt` propagates) before
+//! it sleeps again; a timed wait runs in slices of at most `SLICE` so the
+//! handlers run between slices.
+
+use std::time::{Duration, Instant};
+
+use locksfile::{Error, Wait};
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+
+/// Longest stretch a timed wait spends deaf to signals.
+const SLICE: Duration = Duration::from_millis(50);
+
+/// How long to wait, as the Python caller said it.
+#[derive(Clone, Copy, Debug)]
+pub enum Patience {
+    /// Do not wait.
+    Never,
+    /// Wait as long as it takes.
+    Forever,
+    /// Wait until this instant at the latest.
+    Until(Instant),
+}
+
+impl Patience {
+    /// From `blocking=` and `timeout=` (seconds; `None` for no limit).
+    pub fn from_args(blocking: bool, timeout: Option<f64>) -> PyResult<Patience> {
+        match timeout {
+            None => Ok(if blocking {
+                Patience::Forever
+            } else {
+                Patience::Never
+            }),
+            Some(t) if t.is_nan() || t < 0.0 => Err(PyValueError::new_err(format!(
+                "timeout must be a non-negative number of seconds, got {t}"
+            ))),
+            Some(_) if !blocking => Err(PyValueError::new_err(
+                "a timeout cannot be given with blocking=False",
+            )),
+            Some(0.0) => Ok(Patience::Never),
+            Some(t) => match Duration::try_from_secs_f64(t)
+                .ok()
+                .and_then(|d| Instant::now().checked_add(d))
+            {
+                Some(deadline) => Ok(Patience::Until(deadline)),
+                None => Ok(Patience::Forever),
+            },
+        }
+    }
+}
+
+/// Run `op` with `Wait::NonBlocking` first; on contention, wait as
+/// `patience` says with the GIL released, calling `op` again with the
+/// fitting `Wait`. Returns the last outcome; `Err` only for a Python
+/// exception raised by a signal handler (nothing is held then).
+pub fn with_patience<T, F>(
+    py: Python<'_>,
+    patience: Patience,
+    mut op: F,
+) -> PyResult<Result<T, Error>>
+where
+    F: FnMut(Wait) -> Result<T, Error> + Send,
+    T: Send,
+{
+    let first = op(Wait::NonBlocking);
+    match (&first, patience) {
+        (Err(Error::WouldBlock { .. }), Patience::Forever) => loop {
+            match py.detach(|| op(Wait::BlockingInterruptible)) {
+                Err(Error::Interrupted) => py.check_signals()?,
+                other => return Ok(other),
+            }
+        },
+        (Err(Error::WouldBlock { .. }), Patience::Until(deadline)) => loop {
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(Err(Error::TimedOut));
+            }
+            let slice_end = deadline.min(now + SLICE);
+            match py.detach(|| op(Wait::Deadline(slice_end))) {
+                Err(Error::TimedOut) | Err(Error::Interrupted) => py.check_signals()?,
+                other => return Ok(other),
+            }
+        },
+        _ => Ok(first),
+    }
+}
