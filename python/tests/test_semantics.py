@@ -268,3 +268,60 @@ def test_objects_in_different_processes_see_the_same_file_by_path(spawn_worker, 
     assert a.eval("lf.acquire(writeLock=True, lock_n=2)") is True
     assert b.eval("lf.acquire(writeLock=False, lock_n=2, blocking=False)") is False
     assert b.eval("lf.acquire(writeLock=False, lock_n=3, blocking=False)") is True
+
+
+def test_with_without_arguments_is_an_illegal_with_statement(spawn_worker, lock_path):
+    w = spawn_worker()
+    w.exec("lf = pylocksfile(path)")
+    with pytest.raises(support.RemoteError) as info:
+        w.exec("with lf:\n    ran = True\n")
+    assert info.value.isa("IllegalWithStatement") and info.value.isa("ValueError")
+    assert w.eval("'ran' in globals()") is False
+    assert w.held() == EMPTY
+    w.exec("with lf(writeLock=True, lock_n=1):\n    inside = support.held_map(path, os.getpid())\n")
+    assert w.eval("inside") == ".W........"
+
+
+def test_with_that_would_deadlock_raises_and_runs_nothing(spawn_worker, lock_path):
+    a, b = spawn_worker(), spawn_worker()
+    a.exec("lf = pylocksfile(path)")
+    b.exec("lf = pylocksfile(path)")
+    assert a.eval("lf.acquire(writeLock=True, lock_n=0)") is True
+    assert b.eval("lf.acquire(writeLock=True, lock_n=1)") is True
+    a.send_eval("lf.acquire(writeLock=True, lock_n=1)")
+    a.wait_blocked()
+    with pytest.raises(support.RemoteError) as info:
+        b.exec("with lf(writeLock=False, lock_n=(0, 1)):\n    ran = True\n")
+    assert info.value.isa("Exception")
+    assert b.eval("'ran' in globals()") is False
+    assert b.held() == ".W........"
+    b.exec("lf.release()")
+    assert a.result() is True
+
+
+def test_with_statements_of_two_threads_on_one_object(spawn_worker, lock_path):
+    """Each thread's ``with`` releases its own span on exit, whatever the
+    other thread's blocks do in between."""
+    w = spawn_worker()
+    w.exec(
+        "import threading\n"
+        "lf = pylocksfile(path)\n"
+        "steps = [threading.Event() for _ in range(4)]\n"
+        "seen = {}\n"
+        "def look(tag):\n"
+        "    seen[tag] = support.held_map(path, os.getpid())\n"
+        "def first():\n"
+        "    with lf(writeLock=True, lock_n=1):\n"
+        "        steps[0].set(); steps[1].wait(10)\n"
+        "        look('both')\n"
+        "    steps[2].set()\n"
+        "def second():\n"
+        "    steps[0].wait(10)\n"
+        "    with lf(writeLock=False, lock_n=(4, 2)):\n"
+        "        steps[1].set(); steps[2].wait(10)\n"
+        "        look('second only')\n"
+        "    look('none')\n"
+        "ts = [threading.Thread(target=first), threading.Thread(target=second)]\n"
+        "[t.start() for t in ts]; [t.join(10) for t in ts]\n"
+    )
+    assert w.eval("seen") == {"both": ".W..RR....", "second only": "....RR....", "none": EMPTY}
