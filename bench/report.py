@@ -363,28 +363,31 @@ def reading(w, pair, held, ring, ring_q, shapes, peers, pv):
         )
     s0 = shapes[0] if shapes else None
     if s0 and ring.get((s0, "fcntl_ofd")):
-        parts = []
-        for s in shapes:
-            parts.append(
-                "%d/%d/%d: OFD %s of raw `F_OFD_SETLKW`, process mode %s of raw `F_SETLKW`"
-                % (
-                    s[0],
-                    s[1],
-                    s[2],
-                    fmt_ratio(ring.get((s, "locksfile_ofd")), ring.get((s, "fcntl_ofd"))),
-                    fmt_ratio(ring.get((s, "locksfile_process")), ring.get((s, "fcntl_posix"))),
-                )
-            )
+
+        def like(s, ours, raw):
+            x, y = ring.get((s, ours)), ring.get((s, raw))
+            qx, qy = ring_q.get((s, ours)), ring_q.get((s, raw))
+            overlap = qx and qy and qx[0] <= qy[1] and qy[0] <= qx[1]
+            return "%s%s" % (fmt_ratio(x, y), "\\*" if overlap else "")
+
+        parts = [
+            "%d/%d/%d: OFD %s, process %s"
+            % (s[0], s[1], s[2], like(s, "locksfile_ofd", "fcntl_ofd"), like(s, "locksfile_process", "fcntl_posix"))
+            for s in shapes
+        ]
         w(
-            "- **Rust races.** Like for like, locksfile races take %s of the time. Each step of a race is "
-            "the same one or two `fcntl` calls, and under contention the cost is the kernel putting the "
-            "waiter to sleep and waking it, the same for both; the interquartile ranges show that runs of "
-            "one ring differ from each other about as much as the rings do. Semaphores and the shared-memory "
-            "rwlock skip the system call when the next track is free and wake waiters with a futex, so they "
-            "lead; their races are often shorter than a scheduler time slice, so the processes of a run "
-            "sometimes barely overlap and their figures spread widely, from nearly nothing to the fcntl "
-            "figures when the processes do contend. What they lack: a name in the file system, ranges, and "
-            "(the rwlock) any cleanup when a holder dies, which the kernel does for record locks."
+            "- **Rust races.** Like for like (locksfile OFD mode against raw `F_OFD_SETLKW`, process mode "
+            "against raw `F_SETLKW`), locksfile races take %s of the time (\\* where the interquartile ranges "
+            "of the two overlap). Each step is the same one or two `fcntl` calls, and under "
+            "contention the cost is the kernel putting the waiter to sleep and waking it, the same for both, so "
+            "the differences are mostly the spread of the runs. The races are short and this machine has two "
+            "cores, so scheduling decides a lot: with few tracks the runs split in two, either the processes "
+            "run nearly one after another (a few ms) or they convoy, every step waiting for a wake-up (tens of "
+            "ms), and the median follows the mix, not the lock. Semaphores and the shared-memory rwlock skip "
+            "the system call when the next track is free and wake waiters with a futex, so they lead with many "
+            "tracks; their races are often shorter than a scheduler time slice, so the processes of a run may "
+            "barely overlap. What they lack: a name in the file system, byte ranges, a shared mode (semaphores), "
+            "and (the rwlock) any cleanup when a holder dies, which the kernel does for record locks."
             % "; ".join(parts)
         )
     ours = pv("ours_seed_api", "race")
