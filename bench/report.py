@@ -239,8 +239,9 @@ def main():
     w("")
     w(
         "P forked processes each take track 0, then for every later step take the next track of a ring of T "
-        "exclusive locks before releasing the previous one, R times round (the seed's race). Each ring is "
-        "timed whole: from the moment all processes are set up until the last one has exited. "
+        "exclusive locks before releasing the previous one, R times round (the seed's race). Each race is "
+        "timed whole: every process stamps the monotonic clock when all are set up and released at once, and "
+        "again after its last release; a race lasts from the first start to the last finish. "
         "Baseline: raw `F_OFD_SETLKW`. Each cell: the median, then the interquartile range of the runs."
     )
     w("")
@@ -273,7 +274,7 @@ def main():
     w("")
     w(
         "The race is the seed's `testRace` (%s procs/tracks/rounds, write locks, hand-over-hand) without its "
-        "result queue, for every peer; the pair is one exclusive lock + unlock in one process. Peers without "
+        "result queue, for every peer, timed as the Rust races are; the pair is one exclusive lock + unlock in one process. Peers without "
         "byte ranges (marked †) get one lock object or one lock file per track. Versions: %s."
         % (pyshape, ", ".join("%s %s" % kv for kv in py["versions"].items()))
     )

@@ -14,8 +14,10 @@ measured by this same file running under another interpreter
 The race is the seed's testRace without its result queue: P processes each
 take track 0, then for every later step take the next track of the ring
 (write lock) before releasing the previous one, T tracks, R times round.
-The clock runs from the moment every process is set up (a barrier) until
-the last one has exited. Peers without byte ranges (multiprocessing, Manager,
+Every process
+stamps the system-wide monotonic clock when it leaves a start barrier (all
+set up) and after its last release; a race lasts from the first start to the
+last finish (process start-up and exit are left out). Peers without byte ranges (multiprocessing, Manager,
 filelock, fasteners, portalocker) get one lock object or lock file per track.
 """
 
@@ -255,17 +257,19 @@ PEERS = {
 # --- measurements -----------------------------------------------------------
 
 
-def _racer(peer, barrier, tracks, rounds):
+def _racer(peer, barrier, stamps, i, tracks, rounds):
     code = 0
     try:
         j = peer.join()
         barrier.wait()
+        stamps[2 * i] = time.monotonic()
         total = tracks * rounds
         j.lock(0)
         for step in range(1, total):
             j.lock(step % tracks)
             j.unlock((step - 1) % tracks)
         j.unlock((total - 1) % tracks)
+        stamps[2 * i + 1] = time.monotonic()
     except BaseException as e:  # report, and fail the run through the exit code
         print("race process failed: %r" % (e,), file=sys.stderr)
         code = 1
@@ -275,20 +279,22 @@ def _racer(peer, barrier, tracks, rounds):
 
 
 def race_once(cls, procs, tracks, rounds):
-    """One race; seconds from the start barrier until every process exited."""
+    """One race; seconds from the first process's start to the last one's finish."""
     ctx = mp.get_context("fork")
     with tempfile.TemporaryDirectory(prefix="peers-race-") as d:
         peer = cls(d, tracks)
         try:
-            barrier = ctx.Barrier(procs + 1)
-            ps = [ctx.Process(target=_racer, args=(peer, barrier, tracks, rounds)) for _ in range(procs)]
+            barrier = ctx.Barrier(procs)
+            stamps = ctx.Array("d", 2 * procs, lock=False)
+            ps = [
+                ctx.Process(target=_racer, args=(peer, barrier, stamps, i, tracks, rounds))
+                for i in range(procs)
+            ]
             for p in ps:
                 p.start()
-            barrier.wait()
-            t0 = time.perf_counter()
             for p in ps:
                 p.join()
-            elapsed = time.perf_counter() - t0
+            elapsed = max(stamps[1::2]) - min(stamps[0::2])
         finally:
             peer.close()
         bad = [p.exitcode for p in ps if p.exitcode != 0]

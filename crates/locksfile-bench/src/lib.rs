@@ -14,7 +14,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use locksfile::{Kind, LockFile, Mode, Wait};
 
@@ -417,16 +417,20 @@ impl Ring {
     }
 
     /// Runs one race: forks `shape.procs` children that each join the ring,
-    /// say they are ready on a pipe and wait on a second pipe; the clock runs
-    /// from closing that pipe (all start at once) until the last child is reaped.
+    /// say they are ready on a pipe and wait on a second pipe, which the
+    /// parent then closes so that all start at once. Each child stamps
+    /// `CLOCK_MONOTONIC` when it starts and after its last release into a
+    /// shared page; the race lasts from the first start to the last finish
+    /// (process exit and reaping are left out).
     ///
     /// Call it from a process with a single thread.
     pub fn race(&self, shape: Shape) -> io::Result<Duration> {
         assert!(shape.tracks > shape.procs, "the ring needs a free track");
+        let stamps = Stamps::new(2 * shape.procs)?;
         let (ready_r, ready_w) = pipe()?;
         let (go_r, go_w) = pipe()?;
         let mut pids = Vec::with_capacity(shape.procs);
-        for _ in 0..shape.procs {
+        for p in 0..shape.procs {
             // SAFETY: the caller is single-threaded, so the child may run any code.
             let pid = cvt(unsafe { libc::fork() })?;
             if pid == 0 {
@@ -441,7 +445,10 @@ impl Ring {
                             libc::write(ready_w, b.as_ptr().cast(), 1);
                             let mut buf = [0u8];
                             while libc::read(go_r, buf.as_mut_ptr().cast(), 1) < 0 {}
-                            match racer.race(shape.tracks, shape.rounds) {
+                            stamps.stamp(2 * p);
+                            let r = racer.race(shape.tracks, shape.rounds);
+                            stamps.stamp(2 * p + 1);
+                            match r {
                                 Ok(()) => 0,
                                 Err(_) => 2,
                             }
@@ -470,7 +477,6 @@ impl Ring {
             }
             libc::close(ready_r);
         }
-        let start = Instant::now();
         // SAFETY: our own descriptor; EOF releases every child at once.
         unsafe { libc::close(go_w) };
         let mut failed = None;
@@ -487,7 +493,9 @@ impl Ring {
                 failed = Some(status);
             }
         }
-        let elapsed = start.elapsed();
+        let first = (0..shape.procs).map(|p| stamps.get(2 * p)).min();
+        let last = (0..shape.procs).map(|p| stamps.get(2 * p + 1)).max();
+        let elapsed = Duration::from_nanos(last.unwrap_or(0).saturating_sub(first.unwrap_or(0)));
         match failed {
             Some(status) => Err(io::Error::other(format!(
                 "{} race child failed (wait status {status:#x})",
@@ -495,6 +503,59 @@ impl Ring {
             ))),
             None => Ok(elapsed),
         }
+    }
+}
+
+/// `CLOCK_MONOTONIC` stamps in a `MAP_SHARED` page, written by forked
+/// children and read by the parent after it has reaped them.
+struct Stamps {
+    ptr: *mut u64,
+    n: usize,
+}
+
+impl Stamps {
+    fn new(n: usize) -> io::Result<Stamps> {
+        // SAFETY: a fresh anonymous shared mapping; the result is checked.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                n * 8,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Stamps { ptr: ptr.cast(), n })
+    }
+
+    fn stamp(&self, i: usize) {
+        assert!(i < self.n);
+        // SAFETY: a stack timespec for the call; slot `i` lies in our mapping.
+        unsafe {
+            let mut ts: libc::timespec = std::mem::zeroed();
+            libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts);
+            std::ptr::write_volatile(
+                self.ptr.add(i),
+                ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64,
+            );
+        }
+    }
+
+    fn get(&self, i: usize) -> u64 {
+        assert!(i < self.n);
+        // SAFETY: slot `i` lies in our mapping; the writer has been reaped.
+        unsafe { std::ptr::read_volatile(self.ptr.add(i)) }
+    }
+}
+
+impl Drop for Stamps {
+    fn drop(&mut self) {
+        // SAFETY: unmapping the mapping made in `new`.
+        unsafe { libc::munmap(self.ptr.cast(), self.n * 8) };
     }
 }
 
