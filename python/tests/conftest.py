@@ -25,3 +25,14 @@ def spawn_worker(lock_path):
     yield start
     for w in started:
         w.close()
+
+
+try:
+    from hypothesis import settings
+except ImportError:  # the model tests skip themselves then
+    pass
+else:
+    # No example database in the working tree; a failure prints a blob that
+    # replays it (@reproduce_failure).
+    settings.register_profile("locksfile", database=None, print_blob=True)
+    settings.load_profile("locksfile")

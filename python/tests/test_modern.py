@@ -471,3 +471,21 @@ def test_process_mode_objects_in_one_process_are_one_owner(lock_path):
     assert support.held_map(lock_path, ME) == "W........."
     gb.release()
     assert support.held_map(lock_path, ME) == ".........."
+
+
+def test_upgrade_deadlock_keeps_the_shared_lock(spawn_worker, lock_path):
+    """Two readers both upgrading: the kernel refuses the second (process
+    mode); its guard is still shared, and the first completes once it goes."""
+    a, b = spawn_worker(), spawn_worker()
+    for w in (a, b):
+        w.exec("lf = LocksFile(path, mode='process'); g = lf.read((0, 2))")
+    a.send_eval("g.upgrade().kind")
+    a.wait_blocked()
+    with pytest.raises(support.RemoteError) as info:
+        b.eval("g.upgrade()")
+    assert info.value.isa("DeadlockError")
+    assert b.eval("g.kind") == "shared"
+    assert b.held() == "RR........"
+    b.exec("g.release()")
+    assert a.result() == "exclusive"
+    assert a.held() == "WW........"

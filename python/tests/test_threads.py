@@ -187,3 +187,25 @@ def test_ofd_objects_give_mutual_exclusion_between_threads(lock_path):
     assert shared["overlaps"] == 0
     assert shared["value"] == n_threads * rounds
     assert support.kernel_locks(lock_path) == []
+
+
+def test_release_all_while_another_thread_waits(spawn_worker, lock_path):
+    """``release()`` from one thread never waits for another thread's pending
+    acquire of the same object, and that acquire, once granted, is held."""
+    import os
+
+    holder = spawn_worker()
+    holder.exec("h = pylocksfile(path); h.acquire(writeLock=True, lock_n=2)")
+    lf = pylocksfile(str(lock_path))
+    assert lf.acquire(writeLock=False, lock_n=(6, 2)) is True
+    t = Runner(lambda: lf.acquire(writeLock=True, lock_n=(0, 4)))
+    t.start()
+    support.wait_until(lambda: own_waiters(lock_path) == 1, what="the thread's request to queue")
+    lf.release()
+    assert support.held_map(lock_path, os.getpid())[6:8] == "..", "release() did not release 6 and 7"
+    assert t.is_alive()
+    holder.exec("h.release()")
+    assert t.outcome() is True
+    assert support.held_map(lock_path, os.getpid()) == "WWWW......"
+    lf.release()
+    assert support.held_map(lock_path, os.getpid()) == ".........."
