@@ -120,9 +120,19 @@ impl Owner {
         };
         let mut st = self.lock();
         loop {
-            if !st.busy.is_empty() && st.busy.iter().any(|b| b.intersect(span).is_some()) {
+            let st_ref = &mut *st;
+            st_ref.moves.clear();
+            let undo = st_ref.holds.apply(change, &mut st_ref.moves);
+            let raises = st_ref.moves.iter().any(|m| m.is_raise());
+            if raises
+                && !st_ref.busy.is_empty()
+                && st_ref.busy.iter().any(|b| b.intersect(span).is_some())
+            {
                 // Another thread of this owner is sleeping on part of this
-                // span; the kernel state there is in flux until it wakes.
+                // span, so what the kernel holds there is in flux until it
+                // wakes. Changes that only lower (or need nothing) go
+                // ahead: the sleeper puts the kernel right when it wakes.
+                st_ref.holds.undo(undo);
                 st = match wait {
                     Wait::NonBlocking => return Err(Error::WouldBlock { holder: None }),
                     Wait::Timeout(_) | Wait::Deadline(_) => {
@@ -136,9 +146,6 @@ impl Owner {
                 };
                 continue;
             }
-            let st_ref = &mut *st;
-            st_ref.moves.clear();
-            let undo = st_ref.holds.apply(change, &mut st_ref.moves);
             let engine = self.engine(st_ref);
             // Raises first: they are the only calls that can fail for
             // contention, and nothing is lowered until they all succeed.
