@@ -5,6 +5,7 @@ closes and deletes what it inherited, and the test process (a third
 process) checks the kernel's table and probes with fcntl while the child is
 still alive and after it has exited."""
 
+import errno
 import multiprocessing
 import os
 
@@ -172,3 +173,49 @@ def test_multiprocessing_start_methods(lock_path, method):
     assert support.held_map(lock_path, p.pid) == ".........."
     assert support.held_map(lock_path, os.getpid()) == "WR........"
     lf.release()
+
+
+def _busy_write(path, index):
+    from pylocksfile import LocksFile
+
+    LocksFile(path, mode="process").acquire("exclusive", index, blocking=False)
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_lock_errors_cross_process_boundaries(lock_path, method):
+    """A pool task failing with WouldBlockError reaches the parent as that
+    error (multiprocessing pickles it), naming the holder."""
+    from pylocksfile import LocksFile, WouldBlockError
+
+    mine = LocksFile(lock_path, mode="process")
+    mine.acquire("exclusive", 4)
+    with multiprocessing.get_context(method).Pool(1) as pool:
+        with pytest.raises(WouldBlockError) as info:
+            pool.apply(_busy_write, (str(lock_path), 4))
+    e = info.value
+    assert e.errno == errno.EAGAIN
+    if e.holder is not None:
+        assert (e.holder.span, e.holder.kind, e.holder.pid) == (range(4, 5), "exclusive", os.getpid())
+
+
+def test_lock_errors_pickle(lock_path):
+    import pickle
+
+    from pylocksfile import IllegalArgumentError, LocksFile, LockTimeout, WouldBlockError, pylocksfile
+
+    a, b = LocksFile(lock_path), LocksFile(lock_path)
+    g = a.write(0)
+    errors = []
+    for call in (
+        lambda: b.acquire("exclusive", 0, blocking=False),
+        lambda: b.write(0, timeout=0),
+        lambda: pylocksfile(str(lock_path)).acquire(lock_n=-1),
+    ):
+        with pytest.raises((WouldBlockError, LockTimeout, IllegalArgumentError)) as info:
+            call()
+        errors.append(info.value)
+    for e in errors:
+        back = pickle.loads(pickle.dumps(e))
+        assert type(back) is type(e) and back.args == e.args
+        assert getattr(back, "holder", None) == getattr(e, "holder", None)
+    g.release()
