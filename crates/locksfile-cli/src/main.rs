@@ -47,6 +47,7 @@ fn main() {
             std::process::exit(code);
         }
     };
+    sys::default_sigpipe();
     let code = match cli.command {
         Command::Run(args) => run::main(args),
         Command::Status(args) => status::main(args),

@@ -55,6 +55,7 @@ pub enum RaceMode {
 }
 
 #[derive(Args, Debug)]
+#[command(after_long_help = RACE_NOTES)]
 pub struct RaceArgs {
     /// Number of racing processes (K); fewer than the tracks.
     #[arg(short = 'k', long = "procs", value_name = "K", default_value_t = 4)]
@@ -84,6 +85,16 @@ pub struct RaceArgs {
     #[arg(long, hide = true)]
     unsafe_skip_locking: bool,
 }
+
+const RACE_NOTES: &str = "\
+Racer i starts on track i*N/K holding its lock. A step takes the next track's
+lock, enters that track, leaves the current one and releases its lock; after
+R*N steps every racer is back at its start. The racers write what they see in
+shared memory while holding the locks, and the race fails (exit 1) when two
+racers were ever on one track, a track was not entered exactly K*R times, or a
+racer overtook or lapped another (racers must keep their order round the ring).
+Prints steps per second and microseconds per step (elapsed time / all steps)
+for each mode.";
 
 const MAX_PROCS: usize = 1024;
 const MAX_TRACKS: usize = 1 << 20;

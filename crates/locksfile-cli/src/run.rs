@@ -37,12 +37,7 @@ impl From<ModeArg> for Mode {
 }
 
 #[derive(Args, Debug)]
-#[command(
-    after_help = "The span defaults to lock index 0. Exit status: the command's own, \
-128+N when it was killed by signal N, the -E code (1) when the lock was busy or the \
-timeout passed, 64 for usage errors, 66/73 when FILE cannot be opened or created \
-(or is not a regular file), 69 when the command cannot be started."
-)]
+#[command(after_long_help = RUN_NOTES)]
 pub struct RunArgs {
     /// Take a shared (read) lock.
     #[arg(short = 's', long, conflicts_with = "exclusive")]
@@ -117,6 +112,25 @@ pub struct RunArgs {
     )]
     command: Vec<OsString>,
 }
+
+const RUN_NOTES: &str = "\
+The span defaults to lock index 0; use --index .. for the whole index space.
+
+The lock belongs to this locksfile process, not to COMMAND: the lock's file
+descriptor is close-on-exec, so COMMAND never holds it and cannot release it.
+It is released when COMMAND has ended, however it ended. Signals sent to this
+process (TERM, INT, HUP, QUIT, USR1, USR2) are passed on to COMMAND, and if this
+process is killed outright, COMMAND is killed too, so it never runs unlocked.
+
+Exit status:
+  the command's own status, or 128+N when it was killed by signal N
+  1 (or -E N)  the lock was busy (-n) or the timeout (-w) passed
+  64           usage error: unknown option, bad span or number, no command
+  66           FILE cannot be opened, or is a directory, FIFO or other non-file
+  69           COMMAND cannot be started (not found, not executable)
+  71           a system call failed (fork, memory, descriptors)
+  73           FILE cannot be created (read-only file system, no space)
+  77           an exclusive lock on a file that can only be opened read-only";
 
 fn parse_secs(s: &str) -> Result<Duration, String> {
     let secs: f64 = s
@@ -195,19 +209,19 @@ fn run(args: RunArgs) -> Result<i32, (i32, String)> {
         return Ok(128 + sig);
     }
     let program = &args.command[0];
-    let mut child = Command::new(program)
-        .args(&args.command[1..])
-        .spawn()
-        .map_err(|e| {
-            let code = match e.raw_os_error() {
-                Some(libc::ENOMEM | libc::EAGAIN) => exit::OSERR,
-                _ => exit::UNAVAILABLE,
-            };
-            (
-                code,
-                format!("cannot run {}: {e}", program.to_string_lossy()),
-            )
-        })?;
+    let mut command = Command::new(program);
+    command.args(&args.command[1..]);
+    sys::kill_with_parent(&mut command);
+    let mut child = command.spawn().map_err(|e| {
+        let code = match e.raw_os_error() {
+            Some(libc::ENOMEM | libc::EAGAIN) => exit::OSERR,
+            _ => exit::UNAVAILABLE,
+        };
+        (
+            code,
+            format!("cannot run {}: {e}", program.to_string_lossy()),
+        )
+    })?;
     sys::forward_to(child.id() as libc::pid_t);
     let status = child
         .wait()

@@ -194,3 +194,33 @@ pub fn pending_signal() -> Option<libc::c_int> {
         s => Some(s),
     }
 }
+
+/// Arrange for `cmd`'s process to be killed (`SIGKILL`) if this process
+/// dies first: `prctl(PR_SET_PDEATHSIG)` in the child before `exec`, so a
+/// command never goes on running after the process that held its lock.
+pub fn kill_with_parent(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: getpid is async-signal-safe and reads no shared state.
+    let parent = unsafe { libc::getpid() };
+    // SAFETY: the closure only makes async-signal-safe calls (prctl,
+    // getppid) and allocates nothing, as required between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) == -1 {
+                return Err(io::Error::last_os_error());
+            }
+            // The parent may have died before the prctl took effect.
+            if libc::getppid() != parent {
+                return Err(io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Restore the default action of `SIGPIPE` (the Rust runtime ignores it),
+/// so `locksfile status | head` ends quietly like other tools.
+pub fn default_sigpipe() {
+    // SAFETY: setting a standard disposition; no handler code involved.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+}

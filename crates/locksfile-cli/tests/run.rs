@@ -307,3 +307,38 @@ fn the_lock_file_is_never_written() {
     assert_eq!(try_run(&g, &[]), 0);
     assert_eq!(std::fs::metadata(&g).unwrap().len(), 0);
 }
+
+#[test]
+fn the_command_dies_with_run_so_it_never_runs_unlocked() {
+    let (_d, f) = lock_file();
+    let mut child = locksfile()
+        .args([
+            "run",
+            f.to_str().unwrap(),
+            "--",
+            "sh",
+            "-c",
+            "echo ready; exec sleep 600",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line, "ready\n");
+    child.kill().unwrap(); // SIGKILL: no chance to pass anything on
+    child.wait().unwrap();
+    // The command's end of the pipe closes only when the command is gone.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut rest = String::new();
+        let _ = tx.send(out.read_line(&mut rest).map(|n| (n, rest)).ok());
+    });
+    let got = rx.recv_timeout(Duration::from_secs(20));
+    assert!(
+        matches!(got, Ok(Some((0, _)))),
+        "the command outlived run: {got:?}"
+    );
+    assert_eq!(try_run(&f, &["-n"]), 0);
+}
