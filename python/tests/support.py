@@ -410,9 +410,11 @@ def check_race(n_racers, n_tracks, n_rounds, visits, log_who, log_step):
 # --------------------------------------------------------------------------
 
 SYS_FCNTL = 72  # x86-64
+SYS_FUTEX = 202
 SLEEP_SYSCALLS = {35, 230}  # nanosleep, clock_nanosleep (x86-64)
 if os.uname().machine == "aarch64":
     SYS_FCNTL = 25
+    SYS_FUTEX = 98
     SLEEP_SYSCALLS = {101, 115}
 
 

@@ -163,3 +163,44 @@ def test_other_signals_run_their_handler_and_the_wait_goes_on(spawn_worker, lock
     assert w.result() is True
     assert w.held() == ".WW......."
     assert len(w.eval("handled")) == 1
+
+
+@pytest.mark.parametrize(
+    "make, call",
+    [
+        ("pylocksfile(path)", "lf.acquire(writeLock=True, lock_n=(1, 2))"),
+        ("LocksFile(path)", "lf.write((1, 2))"),
+        ("LocksFile(path, mode='process')", "lf.read(2)"),
+    ],
+)
+def test_ctrl_c_interrupts_a_wait_behind_another_thread_of_the_same_owner(
+    spawn_worker, lock_path, blocker, make, call
+):
+    """A background thread of the child already sleeps in the kernel on the
+    same indices through the same object; the main thread's acquire queues
+    behind it inside the process. Ctrl-C must still end the main thread's
+    wait within 100 ms, and the background thread's wait goes on."""
+    w = spawn_worker()
+    w.exec(
+        CHILD_CODE
+        + "import threading\n"
+        + f"lf = {make}\n"
+        + f"bg = threading.Thread(target=lambda: {call}, daemon=True)\n"
+        + "bg.start()\n"
+    )
+    support.wait_until(lambda: support.waiting_pids(lock_path), what="the background thread to sleep in the kernel")
+    w.send_eval(f"attempt({call!r})")
+    support.wait_until(
+        lambda: support.current_syscall(w.pid) == support.SYS_FUTEX or w.replied(),
+        what="the main thread to wait behind the background thread",
+    )
+    assert not w.replied()
+    sent = time.monotonic()
+    os.kill(w.pid, signal.SIGINT)
+    outcome, when = w.result(timeout=2.0)
+    assert outcome == "interrupted"
+    assert when - sent < LATENCY_LIMIT
+    assert w.eval("bg.is_alive()") is True
+    fcntl.lockf(blocker, fcntl.LOCK_UN, 1, 2)
+    w.exec("bg.join(10)")
+    assert w.eval("bg.is_alive()") is False
