@@ -325,3 +325,27 @@ def test_with_statements_of_two_threads_on_one_object(spawn_worker, lock_path):
         "[t.start() for t in ts]; [t.join(10) for t in ts]\n"
     )
     assert w.eval("seen") == {"both": ".W..RR....", "second only": "....RR....", "none": EMPTY}
+
+
+@pytest.mark.parametrize("how", ["same path", "hard link", "modern object"])
+def test_closing_one_object_keeps_the_other_objects_locks(spawn_worker, lock_path, how):
+    """With process-associated locks, closing any descriptor of a file drops
+    every lock the process holds on it; objects going away must not do that
+    to the other objects of the same file in the process."""
+    w = spawn_worker()
+    other = "path"
+    if how == "hard link":
+        w.exec("open(path, 'a').close(); os.link(path, path + '.link')")
+        other = "path + '.link'"
+    w.exec("a = pylocksfile(path)")
+    assert w.eval("a.acquire(writeLock=True, lock_n=(0, 2))") is True
+    if how == "modern object":
+        w.exec("b = LocksFile(path, mode='process'); gb = b.read(5)")
+        assert w.held() == "WW...R...."
+        w.exec("gb.release(); b.close(); del b, gb; gc.collect()")
+    else:
+        w.exec(f"b = pylocksfile({other}); b.acquire(writeLock=False, lock_n=5)")
+        assert w.held() == "WW...R...."
+        w.exec("del b; gc.collect()")
+    assert w.held() == "WW........"
+    assert not support.can_lock(lock_path, 1, write=False)
