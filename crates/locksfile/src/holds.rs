@@ -102,6 +102,12 @@ impl<V: Copy + Eq + Default> SegMap<V> {
         self.coalesce(i, j);
     }
 
+    /// The segment holding all of `span`, if one does, with its value.
+    fn segment_holding(&self, span: Span) -> Option<(usize, V)> {
+        let i = self.find(span.start());
+        (span.end() <= self.end_of(i)).then(|| (i, self.segs[i].1))
+    }
+
     /// Set `span`, which lies inside segment `i`, to `new` (which differs
     /// from the segment's value), keeping the map coalesced.
     fn replace_within(&mut self, i: usize, span: Span, new: V) {
@@ -114,7 +120,11 @@ impl<V: Copy + Eq + Default> SegMap<V> {
                 let next_same = self.segs.get(i + 1).is_some_and(|s| s.1 == new);
                 let prev_same = i > 0 && self.segs[i - 1].1 == new;
                 match (prev_same, next_same) {
-                    (true, true) => drop(self.segs.drain(i..i + 2)),
+                    (true, true) => {
+                        // Both neighbours match: segments i and i+1 go.
+                        self.segs.copy_within(i + 2.., i);
+                        self.segs.truncate(self.segs.len() - 2);
+                    }
                     (true, false) => drop(self.segs.remove(i)),
                     (false, true) => drop(self.segs.remove(i + 1)),
                     (false, false) => {}
@@ -267,6 +277,27 @@ fn push_move(out: &mut Vec<Move>, m: Move) {
     out.push(m);
 }
 
+/// A change that falls inside one piece of the map, worked out but not
+/// yet made: the fast path can look at the effective kinds, make its one
+/// system call, and only then commit, so it never needs an undo.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Single {
+    seg: usize,
+    pub span: Span,
+    old: Counts,
+    new: Counts,
+}
+
+impl Single {
+    pub fn from(&self) -> Option<Kind> {
+        self.old.effective()
+    }
+
+    pub fn to(&self) -> Option<Kind> {
+        self.new.effective()
+    }
+}
+
 /// What an applied change needs to be taken back. Valid only until the
 /// next [`Holds::apply`]: an explicit change's old layer lives in a buffer
 /// of `Holds` that is reused, so the hot path never allocates.
@@ -346,6 +377,35 @@ impl Holds {
                 self.before = before;
                 Undo::Explicit { handle }
             }
+        }
+    }
+
+    /// `change` as a [`Single`], when it touches one piece of the map and
+    /// no separate explicit layer (the common case: one lock taken or
+    /// dropped by a guard or by the first handle).
+    pub fn single(&self, change: Change) -> Option<Single> {
+        let span = change.span();
+        let (seg, old) = self.counts.segment_holding(span)?;
+        let new = match change {
+            Change::Guard { from, to, .. } => old.with(from, to),
+            Change::Explicit { handle, kind, .. } if handle == FIRST_HANDLE => {
+                Counts { first: kind, ..old }
+            }
+            Change::Explicit { .. } => return None,
+        };
+        Some(Single {
+            seg,
+            span,
+            old,
+            new,
+        })
+    }
+
+    /// Make a change worked out by [`Holds::single`] (nothing may have
+    /// changed in between).
+    pub fn commit(&mut self, s: Single) {
+        if s.new != s.old {
+            self.counts.replace_within(s.seg, s.span, s.new);
         }
     }
 

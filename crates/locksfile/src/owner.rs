@@ -119,6 +119,14 @@ impl Owner {
             _ => None,
         };
         let mut st = self.lock();
+        if st.busy.is_empty() {
+            if let Some(single) = st.holds.single(change) {
+                if self.change_single(&mut st, single)? {
+                    return Ok(());
+                }
+                // Contention: the general path below retries and waits.
+            }
+        }
         loop {
             let st_ref = &mut *st;
             st_ref.moves.clear();
@@ -193,6 +201,32 @@ impl Owner {
                 _ => return self.sleep_and_apply(st, change, raises, wait, deadline),
             }
         }
+    }
+
+    /// The fast path: a change inside one piece of the map, at most one
+    /// system call. `Ok(false)` when another owner is in the way (nothing
+    /// changed).
+    fn change_single(&self, st: &mut State, single: crate::holds::Single) -> Result<bool, Error> {
+        let (from, to) = (single.from(), single.to());
+        if from != to {
+            let raise = rank(to) > rank(from);
+            if raise && to == Some(Kind::Exclusive) && !st.writable {
+                return Err(Error::ReadOnly {
+                    path: std::path::PathBuf::new(),
+                });
+            }
+            let granted = self.engine(st).try_set(single.span, to);
+            if raise && !matches!(granted, Ok(true)) {
+                return granted;
+            }
+            // A lowering is kept in the bookkeeping even if the call
+            // failed: the kernel then holds more than it says, which only
+            // delays others, and the error is reported.
+            st.holds.commit(single);
+            return granted.map(|_| true);
+        }
+        st.holds.commit(single);
+        Ok(true)
     }
 
     /// Undo the first `done` raises of `moves` after a later one failed.
