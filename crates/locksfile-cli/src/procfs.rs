@@ -165,12 +165,7 @@ pub struct Found {
 
 /// Every lock and waiter on `file`, with their processes.
 pub fn locks_on(file: FileId) -> std::io::Result<Vec<Found>> {
-    let text = fs::read_to_string("/proc/locks")?;
-    let lines: Vec<LockLine> = text
-        .lines()
-        .filter_map(LockLine::parse)
-        .filter(|l| file.matches(l))
-        .collect();
+    let lines = stable_lines(file)?;
     let mut found: Vec<Found> = lines
         .into_iter()
         .map(|line| {
@@ -195,6 +190,56 @@ pub fn locks_on(file: FileId) -> std::io::Result<Vec<Found>> {
         name_ofd_waiters(file, &mut found);
     }
     Ok(found)
+}
+
+/// The lines of `/proc/locks` about `file`, from a consistent snapshot.
+///
+/// The kernel builds `/proc/locks` a page per `read` call, walking the
+/// global lock list afresh each time: locks taken or dropped anywhere on
+/// the system between two calls shift the list, so a lock can be printed
+/// twice or not at all. Each read here asks for everything at once (one
+/// page is one walk), and the whole file is read until two readings in a
+/// row agree on this file's lines and ids.
+fn stable_lines(file: FileId) -> std::io::Result<Vec<LockLine>> {
+    let read = || -> std::io::Result<Vec<LockLine>> {
+        let text = read_all("/proc/locks")?;
+        Ok(text
+            .lines()
+            .filter_map(LockLine::parse)
+            .filter(|l| file.matches(l))
+            .collect())
+    };
+    let mut last = read()?;
+    for _ in 0..20 {
+        let now = read()?;
+        if now == last {
+            return Ok(now);
+        }
+        last = now;
+    }
+    Ok(last)
+}
+
+/// Read a file with large `read` calls (`read_to_string` starts with a
+/// small probe, which splits a `/proc` file into more walks than needed).
+fn read_all(path: &str) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut f = fs::File::open(path)?;
+    let mut buf = vec![0u8; 1 << 16];
+    let mut len = 0;
+    loop {
+        if len == buf.len() {
+            buf.resize(buf.len() * 2, 0);
+        }
+        match f.read(&mut buf[len..]) {
+            Ok(0) => break,
+            Ok(n) => len += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    buf.truncate(len);
+    Ok(String::from_utf8_lossy(&buf).into_owned())
 }
 
 /// Pids whose fdinfo lists each held OFD lock; identical locks (same
