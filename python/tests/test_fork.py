@@ -18,6 +18,9 @@ r1, w1 = os.pipe()
 r2, w2 = os.pipe()
 child = os.fork()
 if child == 0:
+    # Own only the ends it uses, so it sees EOF (and exits) if the parent dies.
+    os.close(r1)
+    os.close(w2)
     results = []
     def step(src):
         try:
@@ -33,6 +36,8 @@ if child == 0:
         os.write(w1, repr(["ERR", repr(e)]).encode())
     os.read(r2, 1)
     os._exit(0)
+os.close(w1)
+os.close(r2)
 report = eval(os.read(r1, 1 << 16).decode())
 """
 
