@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use clap::{Args, ValueEnum};
 use locksfile::{Error, Kind, LockFile, Mode, Span, Wait};
 
-use crate::{exit, span_arg, sys};
+use crate::{exit, procfs, span_arg, sys};
 
 /// Lock mode on the command line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -182,13 +182,21 @@ fn run(args: RunArgs) -> Result<i32, (i32, String)> {
 
     let started = Instant::now();
     if args.verbose {
-        eprintln!("locksfile: taking {kind} lock on {span} of {shown} ({wait:?})");
+        let how = match wait {
+            Wait::NonBlocking => "without waiting".to_string(),
+            Wait::Timeout(d) => format!("waiting up to {} s", d.as_secs_f64()),
+            _ => "waiting as long as it takes".to_string(),
+        };
+        eprintln!("locksfile: taking {kind} lock on {span} of {shown}, {how}");
     }
     if let Err(e) = lf.acquire(kind, span, wait) {
         return match e {
             Error::WouldBlock { .. } | Error::TimedOut | Error::Deadlock => {
                 if args.verbose || matches!(e, Error::Deadlock) {
                     eprintln!("locksfile: {shown}: {e}");
+                }
+                if args.verbose {
+                    name_holders(&args.file, span, kind);
                 }
                 Ok(conflict)
             }
@@ -235,6 +243,48 @@ fn run(args: RunArgs) -> Result<i32, (i32, String)> {
         (None, Some(sig)) => 128 + sig,
         (None, None) => exit::OSERR,
     })
+}
+
+/// Say who holds what is in the way (OFD holders are found through
+/// `/proc`, which the kernel's own answer does not name).
+fn name_holders(file: &std::path::Path, span: Span, kind: Kind) {
+    let Ok(meta) = std::fs::metadata(file) else {
+        return;
+    };
+    let Ok(locks) = procfs::locks_on(procfs::FileId::of(&meta)) else {
+        return;
+    };
+    for f in locks.iter().filter(|f| !f.line.waiting) {
+        let end = f
+            .line
+            .last
+            .map_or(locksfile::INDEX_END, |l| l.saturating_add(1));
+        let overlaps = f.line.start < span.end() && span.start() < end;
+        if !overlaps || (kind == Kind::Shared && !f.line.exclusive) {
+            continue;
+        }
+        let what = if f.line.exclusive {
+            "exclusive"
+        } else {
+            "shared"
+        };
+        let shown = Span::new(f.line.start, end.min(locksfile::INDEX_END))
+            .map(|s| s.to_string())
+            .unwrap_or_else(|_| format!("{}..", f.line.start));
+        let who = if f.procs.is_empty() {
+            "an unknown process".to_string()
+        } else {
+            f.procs
+                .iter()
+                .map(|p| format!("pid {} ({})", p.pid, p.command.as_deref().unwrap_or("?")))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        eprintln!(
+            "locksfile:   {what} {} lock on {shown} held by {who}",
+            f.line.class.name()
+        );
+    }
 }
 
 /// The message for a lock file that could not be opened.

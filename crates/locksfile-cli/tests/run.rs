@@ -53,6 +53,31 @@ fn conflicting_and_free_indices() {
 }
 
 #[test]
+fn verbose_conflict_names_the_holder() {
+    for mode in ["ofd", "process"] {
+        let (_d, f) = lock_file();
+        let h = Holder::start(&f, &["--mode", mode, "-i", "2..5"]);
+        let out = run(&[
+            "run",
+            "-v",
+            "-n",
+            "-i",
+            "3",
+            f.to_str().unwrap(),
+            "--",
+            "true",
+        ]);
+        assert_eq!(code(&out), 1);
+        let err = stderr(&out);
+        assert!(
+            err.contains(&format!("held by pid {} (locksfile)", h.pid())),
+            "{err}"
+        );
+        h.release();
+    }
+}
+
+#[test]
 fn start_and_count_name_a_span() {
     let (_d, f) = lock_file();
     let h = Holder::start(&f, &["--start", "3", "--count", "2"]);
