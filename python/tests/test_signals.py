@@ -204,3 +204,23 @@ def test_ctrl_c_interrupts_a_wait_behind_another_thread_of_the_same_owner(
     fcntl.lockf(blocker, fcntl.LOCK_UN, 1, 2)
     w.exec("bg.join(10)")
     assert w.eval("bg.is_alive()") is False
+
+
+@pytest.mark.parametrize("mode", ["ofd", "process"])
+def test_ctrl_c_during_an_upgrade_keeps_the_shared_lock(spawn_worker, lock_path, blocker, mode):
+    fcntl.lockf(blocker, fcntl.LOCK_SH, 1, 8)  # a reader in the way of the upgrade
+    w = spawn_worker()
+    w.exec(CHILD_CODE + f"lf = LocksFile(path, mode={mode!r})\ng = lf.read((7, 3))")
+    owner = w.pid if mode == "process" else -1
+    assert support.held_map(lock_path, owner) == ".......RRR"
+    w.send_eval("attempt('g.upgrade()')")
+    support.wait_until(lambda: support.waiting_pids(lock_path) or w.replied(), what="the upgrade to wait")
+    assert not w.replied()
+    sent = time.monotonic()
+    os.kill(w.pid, signal.SIGINT)
+    outcome, when = w.result()
+    assert outcome == "interrupted"
+    assert when - sent < LATENCY_LIMIT
+    assert w.eval("g.kind") == "shared"
+    assert support.held_map(lock_path, owner) == ".......RRR"
+    assert support.waiting_pids(lock_path) == set()
