@@ -385,6 +385,7 @@ def report(res):
         base = ISSUE_BASELINE["race_us_per_step"].get(key)
         print(f"  {r['name']:40} {r['median_s']:10.4f} {r['us_per_step']:9.2f} "
               f"{fmt(ratio(r['median_s'], ours), '8.2f')}x {fmt(base, '14.2f')}")
+    print("  (vs ours: how many times longer than ours the race took; issue: the issue's figures, another run)")
     print(f"\nUncontended pair (index {PAIR_INDEX}); median of {res['runs']} runs")
     print(f"  {'peer':88} {'us/pair':>8} {'issue us':>9}")
     for key, r in res["pair"].items():
@@ -395,7 +396,8 @@ def report(res):
         v = res["ratios"].get(name)
         ok = res["targets"].get(name)
         state = "n/a" if ok is None else ("met" if ok else "NOT MET")
-        print(f"  {name:24} {fmt(v, '8.2f')}x   target {op} {bound}x   {state}")
+        shown = "      -  " if v is None else f"{v:8.2f}x"
+        print(f"  {name:24} {shown}   target {op} {bound}x   {state}")
     lo = res["ratios"].get("race_lockf_vs_seed_0.0.6")
     if lo is not None:
         print(f"  (for scale: raw fcntl.lockf runs this race {lo:.2f}x faster than 0.0.6 here)")
