@@ -224,3 +224,28 @@ def test_lock_errors_pickle(lock_path):
         assert type(back) is type(e) and back.args == e.args
         assert getattr(back, "holder", None) == getattr(e, "holder", None)
     g.release()
+
+
+@pytest.mark.parametrize("make", ["pylocksfile(path)", "LocksFile(path, mode='process')"])
+def test_dropping_an_inherited_object_keeps_the_childs_own_locks(spawn_worker, lock_path, make):
+    """Closing any descriptor of a file drops the calling process's POSIX
+    locks on it: the inherited object's descriptors must not be closed under
+    the child's own, newer objects."""
+    w = spawn_worker()
+    w.exec(f"inh = {make}")
+    w.exec("inh.acquire(writeLock=True, lock_n=0)" if make.startswith("pyl") else "inh.acquire('exclusive', 0)")
+    report, child = run_child(
+        w,
+        [
+            "globals().__setitem__('fresh', pylocksfile(path)) or fresh.acquire(writeLock=True, lock_n=5)",
+            "globals().__setitem__('fresh2', LocksFile(path, mode='process')) or fresh2.acquire('exclusive', 7)",
+            "support.held_map(path, os.getpid())",
+            "globals().pop('inh') and None",
+            "gc.collect() and None",
+            "support.held_map(path, os.getpid())",
+        ],
+    )
+    assert report == [True, None, ".....W.W..", None, None, ".....W.W.."]
+    assert w.held() == "W........."
+    w.exec(EXIT_CHILD)
+    assert w.held() == "W........."
