@@ -142,6 +142,11 @@ SPANS = [
     (slice(4, 6), "....WW....", [(range(4, 6), "exclusive")]),
     ((1, 2), ".WW.......", [(range(1, 3), "exclusive")]),
     (slice(7, None), ".......WWW+", [(range(7, END), "exclusive")]),
+    (slice(None, 3), "WWW.......", [(range(0, 3), "exclusive")]),
+    (slice(None, None), "WWWWWWWWWW+", [(range(0, END), "exclusive")]),
+    (range(8, END), "........WW+", [(range(8, END), "exclusive")]),
+    ((9, END - 9), ".........W+", [(range(9, END), "exclusive")]),
+    (END - 1, "..........+", [(range(END - 1, END), "exclusive")]),
 ]
 
 
