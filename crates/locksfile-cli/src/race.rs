@@ -384,6 +384,12 @@ fn print_row(plan: &Plan, o: &Outcome) {
         steps / o.seconds,
         o.seconds * 1e6 / steps
     );
+    if o.deadlock_retries > 0 {
+        println!(
+            "         the kernel answered EDEADLK {} times; those waits were retried",
+            o.deadlock_retries
+        );
+    }
     if let Some(first) = &o.first_problem {
         println!("         first problem: {first}");
     }
