@@ -94,6 +94,10 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value_t = ModeArg::Ofd)]
     mode: ModeArg,
 
+    /// Lock the file a symbolic link at FILE points to (refused otherwise).
+    #[arg(short = 'L', long = "follow-symlinks")]
+    follow_symlinks: bool,
+
     /// Say on stderr what is waited for, who holds it, and how long it took.
     #[arg(short, long)]
     verbose: bool,
@@ -177,6 +181,7 @@ fn run(args: RunArgs) -> Result<i32, (i32, String)> {
 
     let lf = LockFile::options()
         .mode(args.mode.into())
+        .follow_symlinks(args.follow_symlinks)
         .open(&args.file)
         .map_err(|e| (exit::for_lock_error(&e), open_message(&args.file, &e)))?;
 

@@ -290,6 +290,16 @@ fn bad_input_gets_sysexits_codes_and_messages() {
     let st = wait_bounded(&mut child, Duration::from_secs(10)).expect("a FIFO hung run");
     assert_eq!(st.code(), Some(66));
 
+    let link = d.path().join("link.lock");
+    std::os::unix::fs::symlink(&f, &link).unwrap();
+    let out = run(&["run", link.to_str().unwrap(), "--", "true"]);
+    assert_eq!(code(&out), 66);
+    assert!(stderr(&out).contains("symbolic link"), "{}", stderr(&out));
+    let h = Holder::start(&f, &[]);
+    let out = run(&["run", "-L", "-n", link.to_str().unwrap(), "--", "true"]);
+    assert_eq!(code(&out), 1, "-L locks the target: {}", stderr(&out));
+    h.release();
+
     let out = run(&["run", "/nonexistent-dir/x.lock", "--", "true"]);
     assert_eq!(code(&out), 66);
     assert!(
