@@ -2,6 +2,7 @@
 separate LocksFile objects (OFD mode) exclude each other between threads of
 one process. The locks in the way are held by a worker process."""
 
+import os
 import sys
 import threading
 import time
@@ -40,8 +41,6 @@ class Runner(threading.Thread):
 
 
 def own_waiters(path):
-    import os
-
     return sum(1 for lk in support.kernel_locks(path) if lk.waiting and lk.pid in (os.getpid(), -1))
 
 
@@ -127,8 +126,6 @@ def test_many_threads_on_one_seed_object(spawn_worker, lock_path):
     lf.release(8)
     holder.exec("h.release()")
     assert [t.outcome() for t in threads] == [True] * n
-    import os
-
     assert support.held_map(lock_path, os.getpid()) == "W" * n + "...."
     lf.release()
     assert support.held_map(lock_path, os.getpid()) == ".........."
@@ -192,8 +189,6 @@ def test_ofd_objects_give_mutual_exclusion_between_threads(lock_path):
 def test_release_all_while_another_thread_waits(spawn_worker, lock_path):
     """``release()`` from one thread never waits for another thread's pending
     acquire of the same object, and that acquire, once granted, is held."""
-    import os
-
     holder = spawn_worker()
     holder.exec("h = pylocksfile(path); h.acquire(writeLock=True, lock_n=2)")
     lf = pylocksfile(str(lock_path))
