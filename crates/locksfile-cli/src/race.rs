@@ -488,10 +488,18 @@ fn race(plan: Plan, mode: Mode, progress: bool) -> Result<Outcome, String> {
             Ok(Forked::Child) => {
                 drop(go_w);
                 drop(ready_r);
-                let code = match run_racer(&plan, mode, &board, racer, &path, ready_w, go_r) {
-                    Ok(()) => 0,
-                    Err(msg) => {
+                // Nothing may unwind out of here into the parent's code.
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    run_racer(&plan, mode, &board, racer, &path, ready_w, go_r)
+                }));
+                let code = match result {
+                    Ok(Ok(())) => 0,
+                    Ok(Err(msg)) => {
                         board.note(None, || format!("racer {racer} failed: {msg}"));
+                        exit::SOFTWARE
+                    }
+                    Err(_) => {
+                        board.note(None, || format!("racer {racer} panicked"));
                         exit::SOFTWARE
                     }
                 };
@@ -553,9 +561,10 @@ fn race(plan: Plan, mode: Mode, progress: bool) -> Result<Outcome, String> {
         (failures, elapsed)
     });
 
+    // The counts are only known when every racer ran to the end.
     let expected = plan.procs as u64 * plan.rounds;
     let mut count_errors = 0;
-    for t in 0..plan.tracks as u64 {
+    for t in (0..plan.tracks as u64).filter(|_| failures == 0) {
         let c = board.counter(t).load(Ordering::Acquire);
         if c != expected {
             count_errors += 1;
@@ -564,10 +573,10 @@ fn race(plan: Plan, mode: Mode, progress: bool) -> Result<Outcome, String> {
             });
         }
     }
-    for r in 0..plan.procs {
+    for r in (0..plan.procs).filter(|_| failures == 0) {
         let end = board.start_of(r) + plan.steps_per_racer();
         let at = board.pos(r).load(Ordering::Acquire);
-        if at != end && failures == 0 {
+        if at != end {
             count_errors += 1;
             board.note(None, || {
                 format!("racer {r} stopped at position {at}, not {end}")
