@@ -707,3 +707,92 @@ fn show_progress(plan: &Plan, mode: Mode, board: &Board, done: &AtomicBool, star
         let _ = err.flush();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn board(words: &[AtomicU64], procs: usize, tracks: u64) -> Board<'_> {
+        Board {
+            w: words,
+            procs,
+            tracks,
+        }
+    }
+
+    fn words(procs: usize, tracks: usize) -> Vec<AtomicU64> {
+        (0..Board::words_for(procs, tracks))
+            .map(|_| AtomicU64::new(0))
+            .collect()
+    }
+
+    #[test]
+    fn order_check_accepts_the_ring_and_catches_overtaking_and_lapping() {
+        let w = words(3, 10);
+        let b = board(&w, 3, 10);
+        let place = |p: [u64; 3]| {
+            for (r, at) in p.into_iter().enumerate() {
+                b.pos(r).store(at, Ordering::Relaxed);
+            }
+        };
+        let breaks = || w[ORDER_BREAKS].load(Ordering::Relaxed);
+        assert_eq!((b.start_of(0), b.start_of(1), b.start_of(2)), (0, 3, 6));
+
+        place([1, 3, 6]);
+        b.check_order(0, 1);
+        place([12, 18, 20]); // a lap on, still in order
+        b.check_order(1, 18);
+        b.check_order(2, 20);
+        b.check_order(0, 12);
+        assert_eq!(breaks(), 0);
+
+        place([4, 3, 6]); // racer 0 passed racer 1
+        b.check_order(0, 4);
+        assert_eq!(breaks(), 1);
+        place([1, 11, 6]); // racer 1 a lap ahead of racer 0: also behind it
+        b.check_order(0, 1);
+        assert_eq!(breaks(), 2);
+        place([10, 13, 20]); // racer 2 caught up with racer 0 a lap on
+        b.check_order(2, 20);
+        assert_eq!(breaks(), 3);
+        assert!(b
+            .first_message()
+            .unwrap()
+            .starts_with("order broken: racer 0"));
+    }
+
+    #[test]
+    fn occupancy_and_counts() {
+        let w = words(2, 4);
+        let b = board(&w, 2, 4);
+        b.enter(0, 1, true);
+        b.leave(0, 1);
+        b.enter(1, 5, true); // track 1 again, a lap on
+        assert_eq!(w[COLLISIONS].load(Ordering::Relaxed), 0);
+        b.enter(0, 1, true); // racer 1 is still on track 1
+        assert_eq!(w[COLLISIONS].load(Ordering::Relaxed), 1);
+        b.leave(1, 5); // finds racer 0 there
+        assert_eq!(w[COLLISIONS].load(Ordering::Relaxed), 2);
+        assert_eq!(b.counter(1).load(Ordering::Relaxed), 3);
+        assert!(b
+            .first_message()
+            .unwrap()
+            .contains("while racer 1 was on it"));
+    }
+
+    #[test]
+    fn plans_that_cannot_run_are_refused() {
+        let plan = |procs, tracks, rounds| Plan {
+            procs,
+            tracks,
+            rounds,
+            locking: true,
+        };
+        assert!(check_plan(&plan(4, 50, 100)).is_ok());
+        assert!(check_plan(&plan(1, 2, 1)).is_ok());
+        assert!(check_plan(&plan(4, 4, 1)).is_err());
+        assert!(check_plan(&plan(0, 4, 1)).is_err());
+        assert!(check_plan(&plan(1, 1, 1)).is_err());
+        assert!(check_plan(&plan(1, 4, 0)).is_err());
+    }
+}
