@@ -74,7 +74,10 @@ pub enum Wait {
     /// In process mode the kernel may answer [`Error::Deadlock`].
     Blocking,
     /// As `Blocking`, but a signal ends the wait with [`Error::Interrupted`]
-    /// (nothing held) so the caller can run its handlers and decide.
+    /// (nothing held) so the caller can run its handlers and decide. While
+    /// it waits behind another thread of the same owner (which no signal
+    /// can cut short) it also returns `Interrupted` every 20 ms, so callers
+    /// call again in a loop.
     BlockingInterruptible,
     /// Wait at most this long, then fail with [`Error::TimedOut`].
     Timeout(Duration),

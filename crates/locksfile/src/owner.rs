@@ -49,6 +49,9 @@ pub(crate) struct State {
 /// sees a release, while costing well under 1% of a core.
 const MAX_POLL: Duration = Duration::from_millis(1);
 const FIRST_POLL: Duration = Duration::from_micros(50);
+/// How long an interruptible wait behind a sibling thread sleeps before it
+/// returns [`Error::Interrupted`] so its caller can look at signals.
+const INTERRUPT_SLICE: Duration = Duration::from_millis(20);
 
 impl Owner {
     pub fn new(family: Family, dev: u64, ino: u64, fd: OwnedFd, writable: bool) -> Owner {
@@ -149,6 +152,19 @@ impl Owner {
                             .wait_timeout(st, left)
                             .unwrap_or_else(|p| p.into_inner())
                             .0
+                    }
+                    Wait::BlockingInterruptible => {
+                        // A condition variable wait does not end on a
+                        // signal, so wake every slice and let the caller
+                        // run its signal handlers before calling again.
+                        let (st, slept) = self
+                            .cond
+                            .wait_timeout(st, INTERRUPT_SLICE)
+                            .unwrap_or_else(|p| p.into_inner());
+                        if slept.timed_out() {
+                            return Err(Error::Interrupted);
+                        }
+                        st
                     }
                     _ => self.cond.wait(st).unwrap_or_else(|p| p.into_inner()),
                 };

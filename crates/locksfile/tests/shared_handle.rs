@@ -73,6 +73,13 @@ fn release_while_a_sibling_thread_waits_never_blocks() {
             Err(Error::TimedOut)
         ));
         assert!(t0.elapsed() >= Duration::from_millis(30));
+        // An interruptible wait behind the sibling comes back to its caller
+        // (to look at signals) instead of sleeping until the sibling is done.
+        assert!(matches!(
+            lf.acquire(Kind::Exclusive, 4, Wait::BlockingInterruptible),
+            Err(Error::Interrupted)
+        ));
+        assert_eq!(lf.held_explicitly(), vec![]);
         // A read elsewhere in the busy span must also wait for the sibling
         // (the kernel's state there is in flux), but a read outside it is free.
         assert!(matches!(lf.try_read(3u64), Err(Error::WouldBlock { .. })));
