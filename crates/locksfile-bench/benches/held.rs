@@ -58,8 +58,8 @@ fn held(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default()
-        .warm_up_time(Duration::from_millis(300))
-        .measurement_time(Duration::from_millis(1200))
+        .warm_up_time(Duration::from_millis(200))
+        .measurement_time(Duration::from_millis(600))
         .sample_size(20);
     targets = held
 }
