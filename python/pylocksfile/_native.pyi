@@ -70,6 +70,7 @@ class pylocksfile:
 class Holder:
     """A lock another owner holds, as the kernel reported it (a snapshot)."""
 
+    def __init__(self, span: Span, kind: KindName, pid: Optional[int] = None) -> None: ...
     @property
     def span(self) -> range:
         """The indices it covers."""

@@ -52,6 +52,37 @@ impl From<Holder> for PyHolder {
 
 #[pymethods]
 impl PyHolder {
+    /// ``Holder(span, kind, pid=None)``: normally made by the library, from
+    /// what the kernel reports; constructible so that it pickles.
+    #[new]
+    #[pyo3(signature = (span, kind, pid = None))]
+    fn new(span: &Bound<'_, PyAny>, kind: &Bound<'_, PyAny>, pid: Option<u32>) -> PyResult<Self> {
+        Ok(PyHolder {
+            inner: Holder {
+                span: py_span(span)?,
+                kind: parse_kind(kind)?,
+                pid,
+            },
+        })
+    }
+
+    fn __reduce__<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyTuple>> {
+        let py = slf.py();
+        let me = slf.get();
+        let args = (
+            span_to_range(py, me.inner.span)?,
+            kind_name(me.inner.kind),
+            me.inner.pid,
+        );
+        PyTuple::new(
+            py,
+            [
+                slf.get_type().into_any(),
+                args.into_pyobject(py)?.into_any(),
+            ],
+        )
+    }
+
     /// The indices the conflicting lock covers, as a ``range`` (a lock to
     /// the end of the file ends at ``INDEX_END``).
     #[getter]
