@@ -352,18 +352,23 @@ fn acquiring_what_is_held_changes_nothing() {
         let lf = open(&path, mode);
         lf.acquire(Kind::Exclusive, 0..4, Wait::NonBlocking)
             .unwrap();
-        let kernel = proc_locks(&path);
+        let kernel = fd_locks(&lf);
+        assert_eq!(kernel.len(), 1, "{kernel:?}");
+        assert!(
+            kernel[0].contains("WRITE") && kernel[0].ends_with(" 0 3"),
+            "{kernel:?}"
+        );
         let held = lf.held();
         lf.acquire(Kind::Exclusive, 0..4, Wait::NonBlocking)
             .unwrap();
         lf.acquire(Kind::Exclusive, 1..3, Wait::Blocking).unwrap();
         let g = lf.try_write(2).unwrap();
         let r = lf.try_read(0..4).unwrap();
-        assert_eq!(proc_locks(&path), kernel);
+        assert_eq!(fd_locks(&lf), kernel);
         assert_eq!(lf.held(), held);
         drop(g);
         drop(r);
-        assert_eq!(proc_locks(&path), kernel);
+        assert_eq!(fd_locks(&lf), kernel);
         assert_eq!(lf.held(), held);
         assert_eq!(lf.held_explicitly(), vec![(span(0..4), Kind::Exclusive)]);
         assert_eq!(

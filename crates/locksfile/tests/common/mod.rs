@@ -352,7 +352,30 @@ pub fn holder(mode: Mode, s: impl locksfile::IntoSpan, kind: Kind, pid: u32) -> 
     }
 }
 
-/// One line of `/proc/locks`.
+/// The kernel's own list of the locks held through `lf`'s descriptor (the
+/// `lock:` lines of `/proc/self/fdinfo/FD`), read from the file's lock
+/// context directly, so it is exact even while other processes churn the
+/// global `/proc/locks` (whose reads can skip or repeat lines then).
+pub fn fd_locks(lf: &LockFile) -> Vec<String> {
+    use std::os::fd::AsFd;
+    let fd = lf.as_fd().as_raw_fd();
+    let info = fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).expect("read fdinfo");
+    info.lines()
+        .filter_map(|l| l.strip_prefix("lock:"))
+        .map(|l| {
+            // Drop the running number in front ("1: POSIX ...").
+            let l = l.trim();
+            l.split_once(' ')
+                .map_or(l, |(_, rest)| rest)
+                .trim()
+                .to_string()
+        })
+        .collect()
+}
+
+/// One line of `/proc/locks`. Reads of `/proc/locks` may skip or repeat
+/// lines while other processes take and drop locks, so it is only used to
+/// wait for something to show up.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProcLock {
     pub waiting: bool,
