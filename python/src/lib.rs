@@ -1,9 +1,11 @@
 //! Python bindings of `locksfile`: the native half of the `pylocksfile`
 //! package (`pylocksfile._native`). The package's `__init__.py` re-exports
 //! everything public; the exception classes live in `pylocksfile._errors`.
+// Unsafe code only in `fastcall`, which says why it is sound.
 #![deny(unsafe_code)]
 
 mod errors;
+mod fastcall;
 mod modern;
 mod seed;
 mod spans;
@@ -16,6 +18,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("INDEX_END", locksfile::INDEX_END)?;
     m.add_class::<seed::Seed>()?;
+    fastcall::install(&m.py().get_type::<seed::Seed>())?;
     m.add_class::<modern::PyLocksFile>()?;
     m.add_class::<modern::PyGuard>()?;
     m.add_class::<modern::PyHolder>()?;

@@ -57,7 +57,7 @@ strict_bool!(VerboseArg, "verbose");
 pub struct LockN(pub Span);
 
 impl LockN {
-    fn zero() -> LockN {
+    pub fn zero() -> LockN {
         LockN(Span::with_count(0, 1).expect("lock 0 is a span"))
     }
 }
@@ -158,6 +158,37 @@ fn holder_words(h: &Holder) -> String {
 }
 
 impl Seed {
+    /// `acquire(writeLock, lock_n, blocking)`, arguments checked (the
+    /// Python method is in `fastcall`). The hot path: nothing to print, no
+    /// contention, not forked: one try with the GIL held.
+    pub fn acquire(
+        &self,
+        py: Python<'_>,
+        write: bool,
+        span: Span,
+        blocking: bool,
+    ) -> PyResult<bool> {
+        let kind = if write { Kind::Exclusive } else { Kind::Shared };
+        if !self.verbose() {
+            match self.handle.acquire(kind, span, Wait::NonBlocking) {
+                Ok(()) => return Ok(true),
+                Err(Error::WouldBlock { .. }) if !blocking => return Ok(false),
+                Err(_) => {}
+            }
+        }
+        self.do_acquire(py, kind, span, blocking)
+    }
+
+    /// `release(lock_n)`, argument checked (the Python method is in `fastcall`).
+    pub fn release(&self, py: Python<'_>, span: Option<Span>) -> PyResult<()> {
+        if let (Some(s), false) = (span, self.verbose()) {
+            if self.handle.release(s).is_ok() {
+                return Ok(());
+            }
+        }
+        self.do_release(py, span)
+    }
+
     /// The handle of this process: the original one, or after a fork a
     /// fresh one opened by path in the child.
     fn child_handle(&self, py: Python<'_>) -> PyResult<Arc<LockFile>> {
@@ -420,58 +451,6 @@ impl Seed {
                 "verbose cannot be deleted",
             )),
         }
-    }
-
-    /// Lock ``lock_n`` (an index, or ``(start, count)`` as a tuple or list)
-    /// for reading (shared) or, with ``writeLock=True``, for writing
-    /// (exclusive). Locks this object already holds in that span are
-    /// converted in place: the last call wins.
-    ///
-    /// Returns True when held. With ``blocking=False`` returns False at
-    /// once if another process holds a conflicting lock. A blocking call
-    /// returns False when the kernel reports that waiting would deadlock
-    /// (``EDEADLK``); nothing was acquired then. A blocking wait releases
-    /// the GIL and is interrupted by Ctrl-C (``KeyboardInterrupt``, nothing
-    /// acquired). Bad arguments raise ``IllegalArgumentError``.
-    #[allow(non_snake_case)]
-    #[pyo3(
-        signature = (writeLock = WriteLockArg(false), lock_n = LockN::zero(), blocking = BlockingArg(true)),
-        text_signature = "($self, writeLock=False, lock_n=0, blocking=True)"
-    )]
-    fn acquire(
-        &self,
-        py: Python<'_>,
-        writeLock: WriteLockArg,
-        lock_n: LockN,
-        blocking: BlockingArg,
-    ) -> PyResult<bool> {
-        let kind = if writeLock.0 {
-            Kind::Exclusive
-        } else {
-            Kind::Shared
-        };
-        // The hot path: nothing to print, no contention, not forked.
-        if !self.verbose() {
-            match self.handle.acquire(kind, lock_n.0, Wait::NonBlocking) {
-                Ok(()) => return Ok(true),
-                Err(Error::WouldBlock { .. }) if !blocking.0 => return Ok(false),
-                Err(_) => {}
-            }
-        }
-        self.do_acquire(py, kind, lock_n.0, blocking.0)
-    }
-
-    /// Release ``lock_n`` (an index or ``(start, count)``), or every lock
-    /// this object holds when ``lock_n`` is None. Releasing what is not
-    /// held is harmless. Never blocks.
-    #[pyo3(signature = (lock_n = None))]
-    fn release(&self, py: Python<'_>, lock_n: Option<LockN>) -> PyResult<()> {
-        if let (Some(s), false) = (lock_n, self.verbose()) {
-            if self.handle.release(s.0).is_ok() {
-                return Ok(());
-            }
-        }
-        self.do_release(py, lock_n.map(|l| l.0))
     }
 
     /// ``with lf(writeLock=False, lock_n=0):`` acquires (blocking) on entry

@@ -5,7 +5,8 @@
 //! wait goes on with the GIL released: a blocking wait sleeps in
 //! `F_SETLKW` and a signal ends it with `Error::Interrupted` (nothing
 //! held), so Python's handlers run (`KeyboardInterrupt` propagates) before
-//! it sleeps again; a timed wait runs in slices of at most `SLICE` so the
+//! it sleeps again (it first yields the CPU and tries again, twice: see
+//! `YIELDS`); a timed wait runs in slices of at most `SLICE` so the
 //! handlers run between slices.
 
 use std::time::{Duration, Instant};
@@ -13,6 +14,12 @@ use std::time::{Duration, Instant};
 use locksfile::{Error, Wait};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
+
+/// Tries after yielding the CPU before a blocking wait goes to sleep in the
+/// kernel: a lock held for a moment (hand-over-hand, say) is often free
+/// again after the holder ran, and a sleep plus wake-up costs more than a
+/// couple of failed tries.
+const YIELDS: u32 = 2;
 
 /// Longest stretch a timed wait spends deaf to signals.
 const SLICE: Duration = Duration::from_millis(50);
@@ -70,12 +77,23 @@ where
 {
     let first = op(Wait::NonBlocking);
     match (&first, patience) {
-        (Err(Error::WouldBlock { .. }), Patience::Forever) => loop {
-            match py.detach(|| op(Wait::BlockingInterruptible)) {
-                Err(Error::Interrupted) => py.check_signals()?,
-                other => return Ok(other),
+        (Err(Error::WouldBlock { .. }), Patience::Forever) => {
+            for _ in 0..YIELDS {
+                let r = py.detach(|| {
+                    std::thread::yield_now();
+                    op(Wait::NonBlocking)
+                });
+                if !matches!(r, Err(Error::WouldBlock { .. })) {
+                    return Ok(r);
+                }
             }
-        },
+            loop {
+                match py.detach(|| op(Wait::BlockingInterruptible)) {
+                    Err(Error::Interrupted) => py.check_signals()?,
+                    other => return Ok(other),
+                }
+            }
+        }
         (Err(Error::WouldBlock { .. }), Patience::Until(deadline)) => loop {
             let now = Instant::now();
             if now >= deadline {
