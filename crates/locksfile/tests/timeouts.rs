@@ -56,7 +56,7 @@ fn timed_waits_end_on_time_never_early() {
             done.expect(b'd');
         });
         held.expect(b'h');
-        let mut worst = Duration::ZERO;
+        let mut first = Vec::new();
         for ms in [0u64, 1, 20, 100, 250] {
             let d = Duration::from_millis(ms);
             let tries: [(&str, Box<TimedTry>); 5] = [
@@ -76,20 +76,27 @@ fn timed_waits_end_on_time_never_early() {
                 ),
             ];
             for (name, f) in tries.iter() {
-                let t0 = Instant::now();
-                let r = f();
-                let took = t0.elapsed();
-                timed_out(r);
-                assert!(
-                    took >= d,
-                    "{mode} {name} {d:?}: returned early after {took:?}"
-                );
-                assert!(
-                    took < d + LATE,
-                    "{mode} {name} {d:?}: returned {:?} late",
-                    took - d
-                );
-                worst = worst.max(took - d);
+                // A single scheduling hiccup of a loaded machine may make
+                // one attempt late; a wait built wrong is late every time.
+                let mut best = Duration::MAX;
+                for attempt in 0..3 {
+                    let t0 = Instant::now();
+                    let r = f();
+                    let took = t0.elapsed();
+                    timed_out(r);
+                    assert!(
+                        took >= d,
+                        "{mode} {name} {d:?}: returned early after {took:?}"
+                    );
+                    if attempt == 0 {
+                        first.push(took - d);
+                    }
+                    best = best.min(took - d);
+                    if best < LATE {
+                        break;
+                    }
+                }
+                assert!(best < LATE, "{mode} {name} {d:?}: returned {best:?} late");
             }
             assert!(lf.held().is_empty());
         }
@@ -97,7 +104,11 @@ fn timed_waits_end_on_time_never_early() {
         let t0 = Instant::now();
         timed_out(lf.write_until(0, t0 - Duration::from_millis(5)));
         assert!(t0.elapsed() < LATE);
-        eprintln!("{mode}: worst lateness after a deadline {worst:?}");
+        first.sort();
+        let median = first[first.len() / 2];
+        let worst = first[first.len() - 1];
+        eprintln!("{mode}: lateness after a deadline: median {median:?}, worst {worst:?}");
+        assert!(median < Duration::from_millis(10), "{first:?}");
         done.send(b'd');
         holder.join();
 
@@ -177,7 +188,9 @@ fn timed_wait_gets_the_lock_soon_after_release() {
         median < Duration::from_millis(10),
         "median {median:?}: {late:?}"
     );
-    assert!(worst < LATE, "worst {worst:?}: {late:?}");
+    // One hiccup of a loaded machine is forgiven, not two.
+    let second_worst = late[late.len() - 2];
+    assert!(second_worst < LATE, "{late:?}");
 }
 
 /// A timed wait behind a sibling thread of the same handle that sleeps in
@@ -198,10 +211,18 @@ fn timed_wait_behind_a_sibling_thread_ends_on_time() {
     };
     wait_for_waiter(&path, 0, None);
     let d = Duration::from_millis(60);
-    let t0 = Instant::now();
-    timed_out(lf.write_for(0, d));
-    let took = t0.elapsed();
-    assert!(took >= d && took < d + LATE, "{took:?}");
+    let mut best = Duration::MAX;
+    for _ in 0..3 {
+        let t0 = Instant::now();
+        timed_out(lf.write_for(0, d));
+        let took = t0.elapsed();
+        assert!(took >= d, "early: {took:?}");
+        best = best.min(took - d);
+        if best < LATE {
+            break;
+        }
+    }
+    assert!(best < LATE, "{best:?} late");
     drop(g);
     sleeper.join().unwrap();
     assert!(lf.held().is_empty());
