@@ -158,6 +158,7 @@ def main():
     ap.add_argument("--race", required=True)
     ap.add_argument("--python", required=True)
     ap.add_argument("--tmpfs", default="")
+    ap.add_argument("--load", default="", help="1-minute load averages at the start and the end")
     ap.add_argument("--out", required=True)
     ap.add_argument("--plot", required=True)
     a = ap.parse_args()
@@ -199,6 +200,12 @@ def main():
     )
     if a.tmpfs:
         w("Lock files live in the system temp directory (%s)." % a.tmpfs)
+    if a.load:
+        start, end = a.load.split(",")
+        w(
+            "One-minute load average %s when the run started and %s when it ended: other work on the machine "
+            "during a run shows up as spread between runs." % (start, end)
+        )
     w("")
     w(
         "Every figure is a median of several runs, every comparison ran side by side in one run of "
