@@ -313,9 +313,21 @@ pub struct PyLocksFile {
     guards: Mutex<Vec<Weak<GuardCell>>>,
     path: Py<PyString>,
     mode: Mode,
+    /// The process that opened it: `held()` answers from bookkeeping
+    /// without a system call, so it checks for a fork itself.
+    pid: u32,
 }
 
 impl PyLocksFile {
+    /// The handle, unless closed or inherited through fork.
+    fn lf_not_forked(&self, py: Python<'_>) -> PyResult<Arc<LockFile>> {
+        let lf = self.lf()?;
+        if std::process::id() != self.pid {
+            return Err(to_py(py, Error::Forked));
+        }
+        Ok(lf)
+    }
+
     fn lf(&self) -> PyResult<Arc<LockFile>> {
         lock_mutex(&self.handle)
             .as_ref()
@@ -422,6 +434,7 @@ impl PyLocksFile {
             guards: Mutex::new(Vec::new()),
             path: abs.unbind(),
             mode,
+            pid: std::process::id(),
         })
     }
 
@@ -548,7 +561,7 @@ impl PyLocksFile {
     /// that is every object of this file in this process.
     fn held<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         let items = self
-            .lf()?
+            .lf_not_forked(py)?
             .held()
             .into_iter()
             .map(|(s, k)| Ok((span_to_range(py, s)?, kind_name(k))))
@@ -559,7 +572,7 @@ impl PyLocksFile {
     /// This object's explicit locks only, as ``held()`` lists them.
     fn held_explicitly<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         let items = self
-            .lf()?
+            .lf_not_forked(py)?
             .held_explicitly()
             .into_iter()
             .map(|(s, k)| Ok((span_to_range(py, s)?, kind_name(k))))
