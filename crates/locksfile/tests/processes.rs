@@ -406,7 +406,7 @@ fn hand_over_hand_ring_process() {
 
 /// A holder killed with SIGKILL runs no destructor; the kernel frees its
 /// locks and a waiter asleep in `F_SETLKW` in another process gets them.
-fn killed_holder(mode: Mode) {
+fn killed_holder(mode: Mode, wait: Wait) {
     let _s = serial();
     let (_dir, path) = lock_path();
     let path = &path;
@@ -425,8 +425,13 @@ fn killed_holder(mode: Mode) {
     held.expect(b'h');
     let waiter = fork(|| {
         let lf = open(path, mode);
+        // Still held when the wait starts.
+        assert!(matches!(
+            lf.try_write(5),
+            Err(Error::WouldBlock { holder: Some(_) })
+        ));
         waiting.send(b'w');
-        let g = lf.write(5).unwrap();
+        let g = locksfile::WriteGuard::acquire(&lf, 5, wait).unwrap();
         assert_eq!(lf.held(), vec![(span(5), Kind::Exclusive)]);
         waiting.send(b'g');
         // Keep it until told, so the parent can see it held.
@@ -434,7 +439,9 @@ fn killed_holder(mode: Mode) {
         drop(g);
     });
     waiting.expect(b'w');
-    wait_for_waiter(path, 5, pid_in(mode, waiter.pid));
+    if wait == Wait::Blocking {
+        wait_for_waiter(path, 5, pid_in(mode, waiter.pid));
+    }
     assert_eq!(waiting.try_recv(std::time::Duration::ZERO), None);
     assert_eq!(
         probe(path, Kind::Shared, 5),
@@ -455,12 +462,22 @@ fn killed_holder(mode: Mode) {
 
 #[test]
 fn killed_holder_frees_locks_for_waiter_ofd() {
-    killed_holder(Mode::Ofd);
+    killed_holder(Mode::Ofd, Wait::Blocking);
+}
+
+#[test]
+fn killed_holder_frees_locks_for_timed_waiter_ofd() {
+    killed_holder(Mode::Ofd, Wait::Timeout(STUCK));
+}
+
+#[test]
+fn killed_holder_frees_locks_for_timed_waiter_process() {
+    killed_holder(Mode::Process, Wait::Timeout(STUCK));
 }
 
 #[test]
 fn killed_holder_frees_locks_for_waiter_process() {
-    killed_holder(Mode::Process);
+    killed_holder(Mode::Process, Wait::Blocking);
 }
 
 /// A holds 0 and sleeps waiting for 1; B holds 1 and asks for 0: in process
