@@ -16,7 +16,7 @@ use pyo3::types::{PyBool, PyString, PyTuple};
 
 use crate::errors::{illegal_argument, illegal_with, to_py};
 use crate::spans::seed_span;
-use crate::wait::{with_patience, Patience};
+use crate::wait::{continue_patience, with_patience, Patience};
 
 macro_rules! strict_bool {
     ($name:ident, $arg:literal) => {
@@ -170,9 +170,16 @@ impl Seed {
     ) -> PyResult<bool> {
         let kind = if write { Kind::Exclusive } else { Kind::Shared };
         if !self.verbose() {
-            match self.handle.acquire(kind, span, Wait::NonBlocking) {
+            let h = &self.handle;
+            match h.acquire(kind, span, Wait::NonBlocking) {
                 Ok(()) => return Ok(true),
                 Err(Error::WouldBlock { .. }) if !blocking => return Ok(false),
+                first @ Err(Error::WouldBlock { .. }) => {
+                    let r = continue_patience(py, Patience::Forever, first, |w| {
+                        h.acquire(kind, span, w)
+                    })?;
+                    return self.outcome(py, kind, span, r, &[]);
+                }
                 Err(_) => {}
             }
         }
@@ -248,9 +255,9 @@ impl Seed {
         let first = self.handle.acquire(kind, span, Wait::NonBlocking);
         let outcome = match first {
             Ok(()) => Ok(()),
-            Err(Error::WouldBlock { .. }) if blocking => {
+            first @ Err(Error::WouldBlock { .. }) if blocking => {
                 let h = &self.handle;
-                with_patience(py, Patience::Forever, |w| h.acquire(kind, span, w))?
+                continue_patience(py, Patience::Forever, first, |w| h.acquire(kind, span, w))?
             }
             Err(Error::Forked) => {
                 let h = self.child_handle(py)?;
@@ -263,10 +270,23 @@ impl Seed {
             }
             Err(e) => Err(e),
         };
+        self.outcome(py, kind, span, outcome, &before)
+    }
+
+    /// The answer to `acquire`: True, False (busy or deadlock), or an error.
+    fn outcome(
+        &self,
+        py: Python<'_>,
+        kind: Kind,
+        span: Span,
+        outcome: Result<(), Error>,
+        before: &[(Span, Kind)],
+    ) -> PyResult<bool> {
+        let verbose = self.verbose();
         match outcome {
             Ok(()) => {
                 if verbose {
-                    self.say_acquired(py, kind, span, &before);
+                    self.say_acquired(py, kind, span, before);
                 }
                 Ok(true)
             }

@@ -76,6 +76,20 @@ where
     T: Send,
 {
     let first = op(Wait::NonBlocking);
+    continue_patience(py, patience, first, op)
+}
+
+/// As [`with_patience`], given the outcome of the first try already made.
+pub fn continue_patience<T, F>(
+    py: Python<'_>,
+    patience: Patience,
+    first: Result<T, Error>,
+    mut op: F,
+) -> PyResult<Result<T, Error>>
+where
+    F: FnMut(Wait) -> Result<T, Error> + Send,
+    T: Send,
+{
     match (&first, patience) {
         (Err(Error::WouldBlock { .. }), Patience::Forever) => {
             for _ in 0..YIELDS {
