@@ -49,6 +49,8 @@ pub(crate) struct State {
 /// sees a release, while costing well under 1% of a core.
 const MAX_POLL: Duration = Duration::from_millis(1);
 const FIRST_POLL: Duration = Duration::from_micros(50);
+/// Tries after yielding the CPU before a blocking wait sleeps in the kernel.
+const YIELDS_BEFORE_SLEEP: u32 = 2;
 /// How long an interruptible wait behind a sibling thread sleeps before it
 /// returns [`Error::Interrupted`] so its caller can look at signals.
 const INTERRUPT_SLICE: Duration = Duration::from_millis(20);
@@ -295,6 +297,7 @@ impl Owner {
                 Wait::Timeout(_) | Wait::Deadline(_) => {
                     poll_until(engine, m.span, kind, deadline.unwrap_or_else(Instant::now))
                 }
+                _ if yield_and_retry(engine, m.span, kind)? => Ok(()),
                 Wait::BlockingInterruptible => engine.wait_set(m.span, kind),
                 _ => loop {
                     match engine.wait_set(m.span, kind) {
@@ -402,6 +405,21 @@ fn set_or_keep(engine: Fcntl, span: Span, kind: Option<Kind>, result: &mut Resul
 fn remaining(deadline: Option<Instant>) -> Option<Duration> {
     let left = deadline?.checked_duration_since(Instant::now())?;
     (!left.is_zero()).then_some(left)
+}
+
+/// Give the CPU away and try again, a few times, before sleeping in the
+/// kernel. A lock held for a moment (hand-over-hand, above all with more
+/// processes than cores) is often free once its holder has run, and a
+/// failed try costs far less than a sleep and a wake-up. The kernel wait
+/// that follows still detects deadlocks.
+fn yield_and_retry(engine: Fcntl, span: Span, kind: Kind) -> Result<bool, Error> {
+    for _ in 0..YIELDS_BEFORE_SLEEP {
+        std::thread::yield_now();
+        if engine.try_set(span, Some(kind))? {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// Try, sleep a little, try again, until `deadline`. The kernel has no
