@@ -355,7 +355,17 @@ impl PyLocksFile {
                     held: Mutex::new(h),
                     span,
                 });
+                // Under the guards' lock, so `close()` (which closes first,
+                // then takes the guards) either sees this guard or we see it closed.
                 let mut guards = lock_mutex(&self.guards);
+                if self.closed() {
+                    // Closed by another thread while this one waited.
+                    drop(guards);
+                    let _ = cell.release();
+                    return Err(PyValueError::new_err(
+                        "the LocksFile was closed while waiting",
+                    ));
+                }
                 guards.retain(|w| w.strong_count() > 0);
                 guards.push(Arc::downgrade(&cell));
                 Ok(Some(PyGuard { cell }))
@@ -610,12 +620,12 @@ impl PyLocksFile {
     /// Release everything (explicit locks and every live guard) and close
     /// the handle. Closing twice is harmless.
     fn close(&self) -> PyResult<()> {
+        let lf = lock_mutex(&self.handle).take();
         let guards = std::mem::take(&mut *lock_mutex(&self.guards));
         for g in guards.iter().filter_map(Weak::upgrade) {
             // In a forked child this fails with nothing touched; ignore it.
             let _ = g.release();
         }
-        let lf = lock_mutex(&self.handle).take();
         if let Some(lf) = lf {
             let _ = lf.release_all();
         }
