@@ -7,7 +7,7 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::thread::ThreadId;
 
 use locksfile::{Error, Holder, Kind, LockFile, Mode, Span, Wait};
@@ -105,14 +105,22 @@ struct WithEntry {
     weakref
 )]
 pub struct Seed {
-    handle: Arc<LockFile>,
+    /// Set by `__init__` (so that subclasses calling `super().__init__(...)`
+    /// work as with the original's plain Python class).
+    state: OnceLock<Open>,
     /// The handle this process uses when `handle` was inherited through fork.
     child: Mutex<Option<(u32, Arc<LockFile>)>>,
+    verbose: AtomicBool,
+    withs: Mutex<Vec<WithEntry>>,
+}
+
+/// What `__init__` opened.
+struct Open {
+    handle: Arc<LockFile>,
     path: Py<PyString>,
     path_buf: PathBuf,
     l_id: Py<PyAny>,
-    verbose: AtomicBool,
-    withs: Mutex<Vec<WithEntry>>,
+    /// The process that opened it.
     pid: u32,
 }
 
@@ -158,6 +166,14 @@ fn holder_words(h: &Holder) -> String {
 }
 
 impl Seed {
+    fn open(&self) -> PyResult<&Open> {
+        self.state.get().ok_or_else(|| {
+            pyo3::exceptions::PyRuntimeError::new_err(
+                "pylocksfile.__init__ was not called (a subclass's __init__ must call it)",
+            )
+        })
+    }
+
     /// `acquire(writeLock, lock_n, blocking)`, arguments checked (the
     /// Python method is in `fastcall`). The hot path: nothing to print, no
     /// contention, not forked: one try with the GIL held.
@@ -170,7 +186,7 @@ impl Seed {
     ) -> PyResult<bool> {
         let kind = if write { Kind::Exclusive } else { Kind::Shared };
         if !self.verbose() {
-            let h = &self.handle;
+            let h = &self.open()?.handle;
             match h.acquire(kind, span, Wait::NonBlocking) {
                 Ok(()) => return Ok(true),
                 Err(Error::WouldBlock { .. }) if !blocking => return Ok(false),
@@ -189,7 +205,7 @@ impl Seed {
     /// `release(lock_n)`, argument checked (the Python method is in `fastcall`).
     pub fn release(&self, py: Python<'_>, span: Option<Span>) -> PyResult<()> {
         if let (Some(s), false) = (span, self.verbose()) {
-            if self.handle.release(s).is_ok() {
+            if self.open()?.handle.release(s).is_ok() {
                 return Ok(());
             }
         }
@@ -206,7 +222,7 @@ impl Seed {
                 return Ok(Arc::clone(h));
             }
         }
-        let h = Arc::new(open_process(&self.path_buf).map_err(|e| to_py(py, e))?);
+        let h = Arc::new(open_process(&self.open()?.path_buf).map_err(|e| to_py(py, e))?);
         // The old one, if any, was inherited too: dropping it here touches
         // no lock of any process.
         *child = Some((pid, Arc::clone(&h)));
@@ -215,15 +231,19 @@ impl Seed {
 
     /// The handle to use now (the slow way; the hot paths try `handle` first).
     fn current(&self, py: Python<'_>) -> PyResult<Arc<LockFile>> {
-        if std::process::id() == self.pid {
-            Ok(Arc::clone(&self.handle))
+        let open = self.open()?;
+        if std::process::id() == open.pid {
+            Ok(Arc::clone(&open.handle))
         } else {
             self.child_handle(py)
         }
     }
 
     fn say(&self, py: Python<'_>, msg: &str) {
-        let l_id = self
+        let Some(open) = self.state.get() else {
+            return;
+        };
+        let l_id = open
             .l_id
             .bind(py)
             .str()
@@ -252,11 +272,11 @@ impl Seed {
         } else {
             Vec::new()
         };
-        let first = self.handle.acquire(kind, span, Wait::NonBlocking);
+        let first = self.open()?.handle.acquire(kind, span, Wait::NonBlocking);
         let outcome = match first {
             Ok(()) => Ok(()),
             first @ Err(Error::WouldBlock { .. }) if blocking => {
-                let h = &self.handle;
+                let h = &self.open()?.handle;
                 continue_patience(py, Patience::Forever, first, |w| h.acquire(kind, span, w))?
             }
             Err(Error::Forked) => {
@@ -337,8 +357,8 @@ impl Seed {
 
     fn do_release(&self, py: Python<'_>, span: Option<Span>) -> PyResult<()> {
         let r = match span {
-            Some(s) => self.handle.release(s),
-            None => self.handle.release_all(),
+            Some(s) => self.open()?.handle.release(s),
+            None => self.open()?.handle.release_all(),
         };
         let r = match r {
             Err(Error::Forked) => {
@@ -362,17 +382,35 @@ impl Seed {
 
 #[pymethods]
 impl Seed {
+    /// An object with nothing open yet: `__init__` opens the lock file.
     #[new]
     #[pyo3(
-        signature = (locksfile_path = None, verbose = VerboseArg(false), l_id = None),
+        signature = (*_args, **_kwargs),
         text_signature = "(locksfile_path=None, verbose=False, l_id=None)"
     )]
-    fn new(
+    fn new(_args: &Bound<'_, PyTuple>, _kwargs: Option<&Bound<'_, pyo3::types::PyDict>>) -> Seed {
+        Seed {
+            state: OnceLock::new(),
+            child: Mutex::new(None),
+            verbose: AtomicBool::new(false),
+            withs: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Open (or create) the lock file; see the class documentation.
+    #[pyo3(signature = (locksfile_path = None, verbose = VerboseArg(false), l_id = None))]
+    fn __init__(
+        &self,
         py: Python<'_>,
         locksfile_path: Option<&Bound<'_, PyAny>>,
         verbose: VerboseArg,
         l_id: Option<Py<PyAny>>,
-    ) -> PyResult<Seed> {
+    ) -> PyResult<()> {
+        if self.state.get().is_some() {
+            return Err(pyo3::exceptions::PyRuntimeError::new_err(
+                "pylocksfile objects cannot be initialized twice",
+            ));
+        }
         let os = py.import("os")?;
         let os_path = os.getattr("path")?;
         let path: Bound<'_, PyAny> = match locksfile_path {
@@ -430,28 +468,32 @@ impl Seed {
                 .into_any()
                 .unbind(),
         };
-        Ok(Seed {
+        let open = Open {
             handle: Arc::new(handle),
-            child: Mutex::new(None),
             path: abs.unbind(),
             path_buf,
             l_id,
-            verbose: AtomicBool::new(verbose.0),
-            withs: Mutex::new(Vec::new()),
             pid: std::process::id(),
-        })
+        };
+        self.state.set(open).map_err(|_| {
+            pyo3::exceptions::PyRuntimeError::new_err(
+                "pylocksfile objects cannot be initialized twice",
+            )
+        })?;
+        self.verbose.store(verbose.0, Ordering::Relaxed);
+        Ok(())
     }
 
     /// The lock file's absolute path.
     #[getter]
-    fn locksfile_path(&self, py: Python<'_>) -> Py<PyString> {
-        self.path.clone_ref(py)
+    fn locksfile_path(&self, py: Python<'_>) -> PyResult<Py<PyString>> {
+        Ok(self.open()?.path.clone_ref(py))
     }
 
     /// The id printed before verbose messages (default: the pid as a string).
     #[getter]
-    fn l_id(&self, py: Python<'_>) -> Py<PyAny> {
-        self.l_id.clone_ref(py)
+    fn l_id(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        Ok(self.open()?.l_id.clone_ref(py))
     }
 
     /// Whether to print what is locked, converted and released.
@@ -567,8 +609,8 @@ impl Seed {
     fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
         Ok(format!(
             "pylocksfile(locksfile_path={}, l_id={})",
-            self.path.bind(py).repr()?,
-            self.l_id.bind(py).repr()?
+            self.open()?.path.bind(py).repr()?,
+            self.open()?.l_id.bind(py).repr()?
         ))
     }
 }
@@ -579,9 +621,12 @@ impl Drop for Seed {
         if !self.verbose.load(Ordering::Relaxed) {
             return;
         }
+        let Some(open) = self.state.get() else {
+            return;
+        };
         let pid = std::process::id();
         let ours =
-            pid == self.pid || matches!(&*lock_mutex(&self.child), Some((p, _)) if *p == pid);
+            pid == open.pid || matches!(&*lock_mutex(&self.child), Some((p, _)) if *p == pid);
         if ours {
             let _ = Python::try_attach(|py| self.say(py, "deleted: releasing all locks"));
         }
