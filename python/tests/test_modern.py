@@ -412,7 +412,8 @@ def test_timed_wait_gets_the_lock_soon_after_release(lock_path, holder):
     holder.exec("h.release()")
     t.join(10)
     assert "g" in out, "the timed wait did not get the lock"
-    assert out["got"] - released < 0.05
+    # Picked up by the polling, long before the 20 s timeout.
+    assert out["got"] - released < 0.25
     assert ofd_held(lock_path) == "...W......"
 
 
