@@ -248,6 +248,14 @@ pub(crate) struct Move {
 }
 
 impl Move {
+    fn between(span: Span, old: Counts, new: Counts) -> Move {
+        Move {
+            span,
+            from: old.effective(),
+            to: new.effective(),
+        }
+    }
+
     pub fn is_raise(&self) -> bool {
         rank(self.to) > rank(self.from)
     }
@@ -296,6 +304,18 @@ impl Single {
     pub fn to(&self) -> Option<Kind> {
         self.new.effective()
     }
+}
+
+/// Pieces with neighbours of equal kind merged.
+fn merged(pieces: impl Iterator<Item = (Span, Option<Kind>)>) -> Vec<(Span, Option<Kind>)> {
+    let mut out: Vec<(Span, Option<Kind>)> = Vec::new();
+    for (s, k) in pieces {
+        match out.last_mut() {
+            Some((last, lk)) if *lk == k => *last = Span::from_checked(last.start(), s.end()),
+            _ => out.push((s, k)),
+        }
+    }
+    out
 }
 
 /// What an applied change needs to be taken back. Valid only until the
@@ -353,14 +373,7 @@ impl Holds {
                     |c| Counts { first: kind, ..c },
                     |piece, old, new| {
                         before.push((piece, old.first));
-                        push_move(
-                            moves,
-                            Move {
-                                span: piece,
-                                from: old.effective(),
-                                to: new.effective(),
-                            },
-                        )
+                        push_move(moves, Move::between(piece, old, new))
                     },
                 );
                 Undo::Explicit { handle }
@@ -443,46 +456,20 @@ impl Holds {
         self.counts.update(
             span,
             |c| c.with(from, to),
-            |piece, old, new| {
-                push_move(
-                    moves,
-                    Move {
-                        span: piece,
-                        from: old.effective(),
-                        to: new.effective(),
-                    },
-                )
-            },
+            |piece, old, new| push_move(moves, Move::between(piece, old, new)),
         );
     }
 
     /// The owner's effective kind over `span`, piece by piece (`None` = unlocked).
     /// Neighbouring pieces of equal kind are merged.
     pub fn effective(&self, span: Span) -> Vec<(Span, Option<Kind>)> {
-        let mut out: Vec<(Span, Option<Kind>)> = Vec::new();
-        for (s, c) in self.counts.pieces(span) {
-            let k = c.effective();
-            match out.last_mut() {
-                Some((last, lk)) if *lk == k => *last = Span::from_checked(last.start(), s.end()),
-                _ => out.push((s, k)),
-            }
-        }
-        out
+        merged(self.counts.pieces(span).map(|(s, c)| (s, c.effective())))
     }
 
     /// The handle's explicit layer over `span`.
     pub fn explicit(&self, handle: HandleId, span: Span) -> Vec<(Span, Option<Kind>)> {
         if handle == FIRST_HANDLE {
-            let mut out: Vec<(Span, Option<Kind>)> = Vec::new();
-            for (s, c) in self.counts.pieces(span) {
-                match out.last_mut() {
-                    Some((last, k)) if *k == c.first => {
-                        *last = Span::from_checked(last.start(), s.end())
-                    }
-                    _ => out.push((s, c.first)),
-                }
-            }
-            return out;
+            return merged(self.counts.pieces(span).map(|(s, c)| (s, c.first)));
         }
         match self.explicit.iter().find(|(h, _)| *h == handle) {
             Some((_, layer)) => layer.pieces(span).collect(),
