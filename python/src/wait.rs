@@ -102,6 +102,9 @@ where
                 }
             }
             loop {
+                // A signal that came during the tries above would not
+                // interrupt the sleep below: run its handler now.
+                py.check_signals()?;
                 match py.detach(|| op(Wait::BlockingInterruptible)) {
                     Err(Error::Interrupted) => py.check_signals()?,
                     other => return Ok(other),
