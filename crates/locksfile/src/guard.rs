@@ -126,7 +126,7 @@ impl<H: Deref<Target = LockFile>> ReadGuard<H> {
     /// # Errors
     /// Gives the read guard back when another owner is in the way.
     pub fn try_upgrade(this: Self) -> Result<WriteGuard<H>, Self> {
-        Self::upgrade_with(this, Wait::NonBlocking).map_err(|(g, _)| g)
+        Self::upgrade_with(this, Wait::NonBlockingNoHolder).map_err(|(g, _)| g)
     }
 
     /// Convert to an exclusive lock, waiting as `wait` says.

@@ -68,8 +68,12 @@ impl fmt::Display for Kind {
 /// How long to wait for a lock another owner holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Wait {
-    /// Do not wait: fail with [`Error::WouldBlock`].
+    /// Do not wait: fail with [`Error::WouldBlock`], naming the holder
+    /// (one more `F_GETLK` call on contention).
     NonBlocking,
+    /// Do not wait, and do not look up the holder: `WouldBlock { holder:
+    /// None }`. For callers that go on to wait anyway.
+    NonBlockingNoHolder,
     /// Sleep in the kernel (`F_SETLKW`) until granted; signals are retried.
     /// In process mode the kernel may answer [`Error::Deadlock`].
     Blocking,

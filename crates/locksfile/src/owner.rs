@@ -147,7 +147,9 @@ impl Owner {
                 // ahead: the sleeper puts the kernel right when it wakes.
                 st_ref.holds.undo(undo);
                 st = match wait {
-                    Wait::NonBlocking => return Err(Error::WouldBlock { holder: None }),
+                    Wait::NonBlocking | Wait::NonBlockingNoHolder => {
+                        return Err(Error::WouldBlock { holder: None })
+                    }
                     Wait::Timeout(_) | Wait::Deadline(_) => {
                         let left = remaining(deadline).ok_or(Error::TimedOut)?;
                         self.cond
@@ -216,6 +218,7 @@ impl Owner {
                         holder: holder.flatten(),
                     });
                 }
+                Wait::NonBlockingNoHolder => return Err(Error::WouldBlock { holder: None }),
                 _ => return self.sleep_and_apply(st, change, raises, wait, deadline),
             }
         }

@@ -137,3 +137,32 @@ fn failed_wait_gives_back_what_it_took() {
     other.release_all().unwrap();
     assert_eq!(observer.conflicts(Kind::Exclusive, ..).unwrap(), None);
 }
+
+#[test]
+fn non_blocking_names_the_holder_unless_asked_not_to() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("holder.lock");
+    let lf = LockFile::open(&path).unwrap();
+    let other = LockFile::open(&path).unwrap();
+    other
+        .acquire(Kind::Exclusive, 3, Wait::NonBlocking)
+        .unwrap();
+
+    match lf.acquire(Kind::Shared, 2..5u64, Wait::NonBlocking) {
+        Err(Error::WouldBlock { holder: Some(h) }) => {
+            assert_eq!(h.span, locksfile::Span::new(3, 4).unwrap());
+            assert_eq!(h.kind, Kind::Exclusive);
+            assert_eq!(h.pid, None, "OFD locks have no pid");
+        }
+        other => panic!("expected WouldBlock with a holder, got {other:?}"),
+    }
+    assert!(matches!(
+        lf.acquire(Kind::Shared, 2..5u64, Wait::NonBlockingNoHolder),
+        Err(Error::WouldBlock { holder: None })
+    ));
+    assert!(lf.held().is_empty());
+    other.release_all().unwrap();
+    lf.acquire(Kind::Shared, 2..5u64, Wait::NonBlockingNoHolder)
+        .unwrap();
+    assert_eq!(lf.held().len(), 1);
+}
