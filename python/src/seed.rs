@@ -187,7 +187,7 @@ impl Seed {
         let kind = if write { Kind::Exclusive } else { Kind::Shared };
         if !self.verbose() {
             let h = &self.open()?.handle;
-            match h.acquire(kind, span, Wait::NonBlocking) {
+            match h.acquire(kind, span, Wait::NonBlockingNoHolder) {
                 Ok(()) => return Ok(true),
                 Err(Error::WouldBlock { .. }) if !blocking => return Ok(false),
                 first @ Err(Error::WouldBlock { .. }) => {
@@ -272,7 +272,7 @@ impl Seed {
         } else {
             Vec::new()
         };
-        let first = self.open()?.handle.acquire(kind, span, Wait::NonBlocking);
+        let first = self.open()?.handle.acquire(kind, span, Wait::NonBlockingNoHolder);
         let outcome = match first {
             Ok(()) => Ok(()),
             first @ Err(Error::WouldBlock { .. }) if blocking => {

@@ -5,8 +5,7 @@
 //! wait goes on with the GIL released: a blocking wait sleeps in
 //! `F_SETLKW` and a signal ends it with `Error::Interrupted` (nothing
 //! held), so Python's handlers run (`KeyboardInterrupt` propagates) before
-//! it sleeps again (it first yields the CPU and tries again, twice: see
-//! `YIELDS`); a timed wait runs in slices of at most `SLICE` so the
+//! it sleeps again; a timed wait runs in slices of at most `SLICE` so the
 //! handlers run between slices.
 
 use std::time::{Duration, Instant};
@@ -14,12 +13,6 @@ use std::time::{Duration, Instant};
 use locksfile::{Error, Wait};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-
-/// Tries after yielding the CPU before a blocking wait goes to sleep in the
-/// kernel: a lock held for a moment (hand-over-hand, say) is often free
-/// again after the holder ran, and a sleep plus wake-up costs more than a
-/// couple of failed tries.
-const YIELDS: u32 = 2;
 
 /// Longest stretch a timed wait spends deaf to signals.
 const SLICE: Duration = Duration::from_millis(50);
@@ -75,7 +68,12 @@ where
     F: FnMut(Wait) -> Result<T, Error> + Send,
     T: Send,
 {
-    let first = op(Wait::NonBlocking);
+    // Only a caller that will not wait gets to see who is in the way; the
+    // others save the F_GETLK that names the holder.
+    let first = op(match patience {
+        Patience::Never => Wait::NonBlocking,
+        _ => Wait::NonBlockingNoHolder,
+    });
     continue_patience(py, patience, first, op)
 }
 
@@ -92,18 +90,12 @@ where
 {
     match (&first, patience) {
         (Err(Error::WouldBlock { .. }), Patience::Forever) => {
-            for _ in 0..YIELDS {
-                let r = py.detach(|| {
-                    std::thread::yield_now();
-                    op(Wait::NonBlocking)
-                });
-                if !matches!(r, Err(Error::WouldBlock { .. })) {
-                    return Ok(r);
-                }
-            }
+            // The core yields the CPU and tries again twice before it
+            // sleeps in the kernel, so a lock held for a moment (a
+            // hand-over-hand walk) is had without a sleep and a wake-up.
             loop {
-                // A signal that came during the tries above would not
-                // interrupt the sleep below: run its handler now.
+                // A signal that came since the last try would not interrupt
+                // the sleep below: run its handler now.
                 py.check_signals()?;
                 match py.detach(|| op(Wait::BlockingInterruptible)) {
                     Err(Error::Interrupted) => py.check_signals()?,

@@ -48,28 +48,44 @@ def _file_id(path) -> tuple[int, int, int]:
 def kernel_locks(path) -> list[KernelLock]:
     """Every granted lock and blocked request on ``path``, read from /proc/locks."""
     major, minor, ino = _file_id(path)
+    # The kernel rebuilds /proc/locks while it is read, so a lock taken or
+    # dropped elsewhere meanwhile can make a line repeat or vanish: read it
+    # whole, again and again, until two readings agree about this file.
+    previous = None
+    for _ in range(100):
+        current = _locks_of(major, minor, ino)
+        if current == previous:
+            break
+        previous = current
+    return current
+
+
+def _locks_of(major, minor, ino) -> list[KernelLock]:
     out = []
-    with open("/proc/locks") as f:
-        for line in f:
-            parts = line.split()
-            waiting = parts[1] == "->"
-            if waiting:
-                del parts[1]
-            # N: FAMILY ADVISORY|MANDATORY READ|WRITE PID MAJ:MIN:INO START END
-            dev = parts[5].split(":")
-            if (int(dev[0], 16), int(dev[1], 16), int(dev[2])) != (major, minor, ino):
-                continue
-            end = None if parts[7] == "EOF" else int(parts[7])
-            out.append(
-                KernelLock(
-                    family=parts[1],
-                    kind="W" if parts[3] == "WRITE" else "R",
-                    pid=int(parts[4]),
-                    start=int(parts[6]),
-                    end=end,
-                    waiting=waiting,
-                )
+    with open("/proc/locks", "rb", buffering=0) as f:
+        data = b""
+        while chunk := f.read(1 << 20):
+            data += chunk
+    for line in data.decode().splitlines():
+        parts = line.split()
+        waiting = parts[1] == "->"
+        if waiting:
+            del parts[1]
+        # N: FAMILY ADVISORY|MANDATORY READ|WRITE PID MAJ:MIN:INO START END
+        dev = parts[5].split(":")
+        if (int(dev[0], 16), int(dev[1], 16), int(dev[2])) != (major, minor, ino):
+            continue
+        end = None if parts[7] == "EOF" else int(parts[7])
+        out.append(
+            KernelLock(
+                family=parts[1],
+                kind="W" if parts[3] == "WRITE" else "R",
+                pid=int(parts[4]),
+                start=int(parts[6]),
+                end=end,
+                waiting=waiting,
             )
+        )
     return out
 
 
