@@ -272,7 +272,10 @@ impl Seed {
         } else {
             Vec::new()
         };
-        let first = self.open()?.handle.acquire(kind, span, Wait::NonBlockingNoHolder);
+        let first = self
+            .open()?
+            .handle
+            .acquire(kind, span, Wait::NonBlockingNoHolder);
         let outcome = match first {
             Ok(()) => Ok(()),
             first @ Err(Error::WouldBlock { .. }) if blocking => {
