@@ -116,6 +116,10 @@ def quartiles(xs):
     return q[0], q[2]
 
 
+def and_join(xs):
+    return xs[0] if len(xs) == 1 else ", ".join(xs[:-1]) + " and " + xs[-1]
+
+
 def runs_text(counts):
     """"7 runs" or, when the slow peers got fewer races, "21 runs (7 for ...)"."""
     if not counts:
@@ -179,6 +183,17 @@ def main():
             pair_runs[kind, key] = crit_all(cdir, "pair_" + kind, key, baselines)
     held_ns = [1, 10, 100, 1000, 10000]
     held = {(lib, n): crit(cdir, "held", "%s/%d" % (lib, n), baselines) for lib in ("locksfile_ofd", "fcntl_ofd") for n in held_ns}
+    held_runs = {
+        (lib, n): crit_all(cdir, "held", "%s/%d" % (lib, n), baselines)
+        for lib in ("locksfile_ofd", "fcntl_ofd")
+        for n in held_ns
+    }
+
+    def held_cell(lib, n):
+        x, xs = held[lib, n], held_runs[lib, n]
+        if x is None:
+            return "n/a"
+        return "%s (%s)" % (fmt_time(x), fmt_span(min(xs), max(xs), x)) if len(xs) > 1 else fmt_time(x)
     shapes = []
     for r in race:
         s = (r["procs"], r["tracks"], r["rounds"])
@@ -260,14 +275,18 @@ def main():
     w("")
     w(
         "The same exclusive pair on byte 5 while a second open file description of the same file (another "
-        "OFD owner) holds N locks on even bytes 0, 2, 4, … (never adjacent, so the kernel cannot merge them)."
+        "OFD owner) holds N locks on even bytes 0, 2, 4, … (never adjacent, so the kernel cannot merge them). "
+        "Each cell: the median over the runs, then the fastest and slowest run."
     )
     w("")
     w("| other locks held | locksfile OFD `acquire` + `release` | raw `F_OFD_SETLK` pair | × baseline |")
     w("|---:|---:|---:|---:|")
     for n in held_ns:
         a_, b_ = held["locksfile_ofd", n], held["fcntl_ofd", n]
-        w("| %s | %s | %s | %s |" % (format(n, ","), fmt_time(a_), fmt_time(b_), fmt_ratio(a_, b_)))
+        w(
+            "| %s | %s | %s | %s |"
+            % (format(n, ","), held_cell("locksfile_ofd", n), held_cell("fcntl_ofd", n), fmt_ratio(a_, b_))
+        )
     w("")
 
     # --- Rust races
@@ -361,7 +380,7 @@ def main():
     )
     w("")
 
-    reading(w, pair, pair_runs, held, ring, ring_q, shapes, peers, pv)
+    reading(w, pair, pair_runs, held, held_runs, ring, ring_q, shapes, peers, pv)
 
     with open(a.out, "w") as f:
         f.write("\n".join(L) + "\n")
@@ -369,7 +388,7 @@ def main():
     plot(a.plot, pair, held, held_ns, ring, ring_q, shapes, peers, pyshape, m)
 
 
-def reading(w, pair, pair_runs, held, ring, ring_q, shapes, peers, pv):
+def reading(w, pair, pair_runs, held, held_runs, ring, ring_q, shapes, peers, pv):
     w("## Reading")
     w("")
     ex = pair["exclusive", "locksfile_ofd_guard"]
@@ -405,10 +424,13 @@ def reading(w, pair, pair_runs, held, ring, ring_q, shapes, peers, pv):
     if all(x and y for _, x, y in hb):
         w(
             "- **Held locks.** The kernel keeps all record locks of a file in one list and every set or unlock "
-            "walks it, so a pair grows linearly with the locks other owners hold: raw `F_OFD_SETLK` %s with 10 "
+            "walks it, so a pair grows with the locks other owners hold (about linearly up to 1,000, faster "
+            "beyond): raw `F_OFD_SETLK` %s with 10 "
             "held, %s with 1,000, %s with 10,000; locksfile follows it (%s, %s, %s), its own bookkeeping being "
-            "per owner and independent of other owners' locks. Keep busy lock files to hundreds of held locks, "
-            "or spread them over several files."
+            "per owner and independent of other owners' locks. With 10,000 locks the walk goes through megabytes "
+            "of lock records, so it also depends on what else is using the caches: runs spread from %s to %s "
+            "(raw) and %s to %s (locksfile), and the ratio at that size says more about the machine than about "
+            "either. Keep busy lock files to hundreds of held locks, or spread them over several files."
             % (
                 fmt_time(hb[0][2]),
                 fmt_time(hb[1][2]),
@@ -416,40 +438,55 @@ def reading(w, pair, pair_runs, held, ring, ring_q, shapes, peers, pv):
                 fmt_time(hb[0][1]),
                 fmt_time(hb[1][1]),
                 fmt_time(hb[2][1]),
+                fmt_time(min(held_runs["fcntl_ofd", 10000])),
+                fmt_time(max(held_runs["fcntl_ofd", 10000])),
+                fmt_time(min(held_runs["locksfile_ofd", 10000])),
+                fmt_time(max(held_runs["locksfile_ofd", 10000])),
             )
         )
     s0 = shapes[0] if shapes else None
     if s0 and ring.get((s0, "fcntl_ofd")):
+        pairs = (("locksfile_ofd", "fcntl_ofd", "OFD"), ("locksfile_process", "fcntl_posix", "process"))
+        lead, trail = [], []
 
-        def like(s, ours, raw):
+        def like(s, ours, raw, label):
             x, y = ring.get((s, ours)), ring.get((s, raw))
             qx, qy = ring_q.get((s, ours)), ring_q.get((s, raw))
-            overlap = qx and qy and qx[0] <= qy[1] and qy[0] <= qx[1]
+            overlap = bool(qx and qy and qx[0] <= qy[1] and qy[0] <= qx[1])
+            if x and y and not overlap:
+                (lead if x < y else trail).append("%s mode at %d/%d/%d" % (label, *s))
             return "%s%s" % (fmt_ratio(x, y), "\\*" if overlap else "")
 
         parts = [
             "%d/%d/%d: OFD %s, process %s"
-            % (s[0], s[1], s[2], like(s, "locksfile_ofd", "fcntl_ofd"), like(s, "locksfile_process", "fcntl_posix"))
+            % (s[0], s[1], s[2], like(s, pairs[0][0], pairs[0][1], "OFD"), like(s, pairs[1][0], pairs[1][1], "process"))
             for s in shapes
         ]
+        verdict = []
+        if lead:
+            verdict.append("It leads, beyond the spread of the runs, in %s: the yields pay." % and_join(lead))
+        if trail:
+            verdict.append("It trails, beyond the spread of the runs, in %s: the failed retries cost." % and_join(trail))
+        verdict.append(
+            "Elsewhere the difference is within the spread of the runs." if (lead or trail) else
+            "Everywhere the difference is within the spread of the runs."
+        )
         w(
             "- **Rust races.** Like for like (locksfile OFD mode against raw `F_OFD_SETLKW`, process mode "
             "against raw `F_SETLKW`), locksfile races take %s of the time (\\* where the interquartile ranges "
-            "of the two overlap). Where it trails, the reason is known: to take a lock, locksfile first tries "
-            "`F_OFD_SETLK`/`F_SETLK` without waiting and, when another process holds the track, tries once more "
-            "on its general path before sleeping in `F_OFD_SETLKW`/`F_SETLKW`: two extra system calls for a "
-            "contended step, where the raw ring makes the one waiting call. Counted with `strace -c` on a "
-            "4/50/100 race (strace slows the processes, so the share is indicative), one acquire in five to "
-            "seven met a holder, and the locksfile rings made 15–20%% more `fcntl` calls than the raw rings. The rest of a contended step is the kernel putting the waiter to "
-            "sleep and waking it, the same for both. The races are short and this machine has two cores, so "
-            "scheduling decides a lot: with few tracks the runs split in two, either the processes run nearly "
-            "one after another (a few ms) or they convoy, every step waiting for a wake-up (tens of ms), and "
-            "the median follows the mix, not the lock. Semaphores and the shared-memory rwlock skip the system "
-            "call when the next track is free and wake waiters with a futex, so they lead with many tracks; "
-            "their races are often shorter than a scheduler time slice, so the processes of a run may barely "
-            "overlap. What they lack: a name in the file system, byte ranges, a shared mode (semaphores), and "
-            "(the rwlock) any cleanup when a holder dies, which the kernel does for record locks."
-            % "; ".join(parts)
+            "of the two overlap). Each step is the same `fcntl` calls for both; what differs is the wait. The "
+            "raw ring sleeps in `F_SETLKW` at once, while locksfile, when another process holds the track, "
+            "gives the CPU away (`sched_yield`) and tries again, twice, before sleeping in the kernel. In a "
+            "hand-over-hand ring the holder often lets go during the yield, so a contended step skips the "
+            "kernel's sleep and wake-up; when the retries fail they are extra system calls. %s The races are "
+            "short and this machine has two cores, so scheduling decides a lot: with few tracks the runs split "
+            "in two, either the processes run nearly one after another (a few ms) or they convoy, every step "
+            "waiting for a wake-up (tens of ms), and the median follows the mix, not the lock. Semaphores and "
+            "the shared-memory rwlock skip the system call when the next track is free and wake waiters with a "
+            "futex, so they lead with many tracks; their races are often shorter than a scheduler time slice, "
+            "so the processes of a run may barely overlap. What they lack: a name in the file system, byte "
+            "ranges, a shared mode (semaphores), and (the rwlock) any cleanup when a holder dies, which the "
+            "kernel does for record locks." % ("; ".join(parts), " ".join(verdict))
         )
     ours = pv("ours_seed_api", "race")
     seed = pv("seed_0.0.6", "race")
@@ -462,8 +499,8 @@ def reading(w, pair, pair_runs, held, ring, ring_q, shapes, peers, pv):
             "0.0.6 (%.1f× faster), %s of the Manager locks' time (%.1f× faster) — the seed's own baseline — "
             "and %s of multiprocessing.Lock's. 0.0.6 rebuilds its interval lists in Python on every call; "
             "ours keeps them in Rust, so a step is one call into the extension around the same `fcntl` calls "
-            "(with the extra tries described above when a track is taken): %s of a bare `fcntl.lockf` loop's "
-            "race time. multiprocessing.Lock is a futex-backed semaphore that stays in user space "
+            "(with the yields and retries described above when a track is taken): %s of a bare `fcntl.lockf` "
+            "loop's race time. multiprocessing.Lock is a futex-backed semaphore that stays in user space "
             "when free, so it leads the race, at the price of working only between a parent and its forked "
             "children, with no ranges, no shared mode and no kernel deadlock detection."
             % (
