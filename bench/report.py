@@ -385,7 +385,7 @@ def main():
     with open(a.out, "w") as f:
         f.write("\n".join(L) + "\n")
 
-    plot(a.plot, pair, held, held_ns, ring, ring_q, shapes, peers, pyshape, m)
+    plot(a.plot, pair, held, held_runs, held_ns, ring, ring_q, shapes, peers, pyshape, m)
 
 
 def reading(w, pair, pair_runs, held, held_runs, ring, ring_q, shapes, peers, pv):
@@ -520,7 +520,7 @@ def reading(w, pair, pair_runs, held, held_runs, ring, ring_q, shapes, peers, pv
     w("")
 
 
-def plot(path, pair, held, held_ns, ring, ring_q, shapes, peers, pyshape, m):
+def plot(path, pair, held, held_runs, held_ns, ring, ring_q, shapes, peers, pyshape, m):
     fig, axs = plt.subplots(2, 2, figsize=(13, 9.5))
     ours_c, peer_c, base_c = "#1f77b4", "#9a9a9a", "#ff7f0e"
 
@@ -547,14 +547,23 @@ def plot(path, pair, held, held_ns, ring, ring_q, shapes, peers, pyshape, m):
     ax = axs[0][1]
     for lib, c, lab in (("locksfile_ofd", ours_c, "locksfile OFD"), ("fcntl_ofd", base_c, "raw F_OFD_SETLK")):
         xs = [n for n in held_ns if held[lib, n]]
-        ax.plot(xs, [held[lib, n] / 1e3 for n in xs], marker="o", color=c, label=lab)
+        ax.plot(xs, [held[lib, n] / 1e3 for n in xs], marker="o", color=c, label=lab + " (median)")
+        if all(held_runs[lib, n] for n in xs):
+            ax.fill_between(
+                xs,
+                [min(held_runs[lib, n]) / 1e3 for n in xs],
+                [max(held_runs[lib, n]) / 1e3 for n in xs],
+                color=c,
+                alpha=0.15,
+                label=lab + " (fastest–slowest run)",
+            )
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("locks held on the file by another owner (log)")
     ax.set_ylabel("µs per exclusive lock + unlock (log)")
     ax.set_title("Rust: pair cost against held locks")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
 
     # (c) Rust races
     ax = axs[1][0]
@@ -601,12 +610,22 @@ def plot(path, pair, held, held_ns, ring, ring_q, shapes, peers, pyshape, m):
         "fasteners": "fasteners",
         "portalocker": "portalocker",
     }
-    ax.barh([labels[k] for k, _ in rows], [v for _, v in rows], color=[color(k) for k, _ in rows])
+    ax.barh(
+        [labels[k] for k, _ in rows],
+        [v for _, v in rows],
+        color=[color(k) for k, _ in rows],
+        xerr=[
+            [v - min(peers[k]["race"]) for k, v in rows],
+            [max(peers[k]["race"]) - v for k, v in rows],
+        ],
+        capsize=2,
+        error_kw={"elinewidth": 0.8},
+    )
     ax.set_xscale("log")
-    ax.set_xlabel("seconds per race (log)")
+    ax.set_xlabel("seconds per race, median and fastest–slowest run (log)")
     ax.set_title("Python: the seed's race, %s" % pyshape)
-    for i, (_, v) in enumerate(rows):
-        ax.text(v, i, " %.3g s" % v, va="center", fontsize=8)
+    for i, (k, v) in enumerate(rows):
+        ax.text(max(peers[k]["race"]), i, "  %.3g s" % v, va="center", fontsize=8)
     ax.set_xlim(right=max(v for _, v in rows) * 8)
 
     fig.suptitle(
