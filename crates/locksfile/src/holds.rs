@@ -34,6 +34,15 @@ impl<V: Copy + Eq + Default> SegMap<V> {
 
     /// Index of the segment containing `pos`.
     fn find(&self, pos: u64) -> usize {
+        // An owner usually holds a handful of pieces: a scan from the top
+        // (where new locks go) beats a binary search there.
+        if self.segs.len() <= 8 {
+            let mut i = self.segs.len() - 1;
+            while self.segs[i].0 > pos {
+                i -= 1;
+            }
+            return i;
+        }
         // The first segment starts at 0, so the partition point is >= 1.
         self.segs.partition_point(|s| s.0 <= pos) - 1
     }
@@ -122,7 +131,9 @@ impl<V: Copy + Eq + Default> SegMap<V> {
                 match (prev_same, next_same) {
                     (true, true) => {
                         // Both neighbours match: segments i and i+1 go.
-                        self.segs.copy_within(i + 2.., i);
+                        if i + 2 < self.segs.len() {
+                            self.segs.copy_within(i + 2.., i);
+                        }
                         self.segs.truncate(self.segs.len() - 2);
                     }
                     (true, false) => drop(self.segs.remove(i)),
@@ -135,21 +146,31 @@ impl<V: Copy + Eq + Default> SegMap<V> {
                     self.segs[i].0 = b;
                 } else {
                     self.segs[i].1 = new;
-                    self.segs.insert(i + 1, (b, old));
+                    self.insert(i + 1, (b, old));
                 }
             }
             (false, true) => {
                 if self.segs.get(i + 1).is_some_and(|s| s.1 == new) {
                     self.segs[i + 1].0 = a;
                 } else {
-                    self.segs.insert(i + 1, (a, new));
+                    self.insert(i + 1, (a, new));
                 }
             }
             (false, false) => {
                 self.segs.reserve(2);
-                self.segs.insert(i + 1, (a, new));
-                self.segs.insert(i + 2, (b, old));
+                self.insert(i + 1, (a, new));
+                self.insert(i + 2, (b, old));
             }
+        }
+    }
+
+    /// `Vec::insert`, minus the move of an empty tail: the new piece is
+    /// usually the last (locks are taken above the highest one held).
+    fn insert(&mut self, i: usize, seg: (u64, V)) {
+        if i == self.segs.len() {
+            self.segs.push(seg);
+        } else {
+            self.segs.insert(i, seg);
         }
     }
 

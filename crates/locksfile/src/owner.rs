@@ -117,12 +117,7 @@ impl Owner {
         if self.is_inherited() {
             return Err(Error::Forked);
         }
-        let span = change.span();
-        let deadline = match wait {
-            Wait::Timeout(d) => Instant::now().checked_add(d),
-            Wait::Deadline(t) => Some(t),
-            _ => None,
-        };
+        let started = matches!(wait, Wait::Timeout(_)).then(Instant::now);
         let mut st = self.lock();
         if st.busy.is_empty() {
             if let Some(single) = st.holds.single(change) {
@@ -132,6 +127,12 @@ impl Owner {
                 // Contention: the general path below retries and waits.
             }
         }
+        let span = change.span();
+        let deadline = match wait {
+            Wait::Timeout(d) => started.and_then(|t| t.checked_add(d)),
+            Wait::Deadline(t) => Some(t),
+            _ => None,
+        };
         loop {
             let st_ref = &mut *st;
             st_ref.moves.clear();
