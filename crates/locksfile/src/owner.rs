@@ -119,20 +119,29 @@ impl Owner {
         }
         let started = matches!(wait, Wait::Timeout(_)).then(Instant::now);
         let mut st = self.lock();
+        let deadline = || match wait {
+            Wait::Timeout(d) => started.and_then(|t| t.checked_add(d)),
+            Wait::Deadline(t) => Some(t),
+            _ => None,
+        };
         if st.busy.is_empty() {
             if let Some(single) = st.holds.single(change) {
                 if self.change_single(&mut st, single)? {
                     return Ok(());
                 }
-                // Contention: the general path below retries and waits.
+                // Contention on the one raise: straight to waiting (or
+                // failing), without trying the same call again.
+                let refused = Move {
+                    span: single.span,
+                    from: single.from(),
+                    to: single.to(),
+                };
+                let engine = self.engine(&st);
+                return self.refused(st, engine, change, refused, vec![refused], wait, deadline());
             }
         }
         let span = change.span();
-        let deadline = match wait {
-            Wait::Timeout(d) => started.and_then(|t| t.checked_add(d)),
-            Wait::Deadline(t) => Some(t),
-            _ => None,
-        };
+        let deadline = deadline();
         loop {
             let st_ref = &mut *st;
             st_ref.moves.clear();
@@ -212,16 +221,32 @@ impl Owner {
                 .filter(|m| m.is_raise())
                 .copied()
                 .collect();
-            match wait {
-                Wait::NonBlocking => {
-                    let holder = refused.to.and_then(|k| engine.probe(refused.span, k).ok());
-                    return Err(Error::WouldBlock {
-                        holder: holder.flatten(),
-                    });
-                }
-                Wait::NonBlockingNoHolder => return Err(Error::WouldBlock { holder: None }),
-                _ => return self.sleep_and_apply(st, change, raises, wait, deadline),
+            return self.refused(st, engine, change, refused, raises, wait, deadline);
+        }
+    }
+
+    /// Another owner refused one of `raises` (nothing is changed): fail
+    /// as a non-blocking call, or wait for all of them.
+    #[allow(clippy::too_many_arguments)]
+    fn refused(
+        &self,
+        st: MutexGuard<'_, State>,
+        engine: Fcntl,
+        change: Change,
+        refused: Move,
+        raises: Vec<Move>,
+        wait: Wait,
+        deadline: Option<Instant>,
+    ) -> Result<(), Error> {
+        match wait {
+            Wait::NonBlocking => {
+                let holder = refused.to.and_then(|k| engine.probe(refused.span, k).ok());
+                Err(Error::WouldBlock {
+                    holder: holder.flatten(),
+                })
             }
+            Wait::NonBlockingNoHolder => Err(Error::WouldBlock { holder: None }),
+            _ => self.sleep_and_apply(st, change, raises, wait, deadline),
         }
     }
 
