@@ -136,8 +136,7 @@ impl Owner {
                     from: single.from(),
                     to: single.to(),
                 };
-                let engine = self.engine(&st);
-                return self.refused(st, engine, change, refused, vec![refused], wait, deadline());
+                return self.refused(st, change, refused, vec![refused], wait, deadline());
             }
         }
         let span = change.span();
@@ -193,6 +192,8 @@ impl Owner {
                 if m.to == Some(Kind::Exclusive) && !st_ref.writable {
                     Self::roll_back(engine, &st_ref.moves, done);
                     st_ref.holds.undo(undo);
+                    // The handle fills in its path (an owner may be
+                    // reached by several).
                     return Err(Error::ReadOnly {
                         path: std::path::PathBuf::new(),
                     });
@@ -221,17 +222,15 @@ impl Owner {
                 .filter(|m| m.is_raise())
                 .copied()
                 .collect();
-            return self.refused(st, engine, change, refused, raises, wait, deadline);
+            return self.refused(st, change, refused, raises, wait, deadline);
         }
     }
 
     /// Another owner refused one of `raises` (nothing is changed): fail
     /// as a non-blocking call, or wait for all of them.
-    #[allow(clippy::too_many_arguments)]
     fn refused(
         &self,
         st: MutexGuard<'_, State>,
-        engine: Fcntl,
         change: Change,
         refused: Move,
         raises: Vec<Move>,
@@ -240,6 +239,7 @@ impl Owner {
     ) -> Result<(), Error> {
         match wait {
             Wait::NonBlocking => {
+                let engine = self.engine(&st);
                 let holder = refused.to.and_then(|k| engine.probe(refused.span, k).ok());
                 Err(Error::WouldBlock {
                     holder: holder.flatten(),
