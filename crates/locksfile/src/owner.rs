@@ -326,13 +326,19 @@ impl Owner {
                 Wait::Timeout(_) | Wait::Deadline(_) => {
                     poll_until(engine, m.span, kind, deadline.unwrap_or_else(Instant::now))
                 }
-                _ if yield_and_retry(engine, m.span, kind)? => Ok(()),
-                Wait::BlockingInterruptible => engine.wait_set(m.span, kind),
-                _ => loop {
-                    match engine.wait_set(m.span, kind) {
-                        Err(Error::Interrupted) => continue,
-                        other => break other,
+                // No early return from here on: the busy mark must go.
+                _ => match yield_and_retry(engine, m.span, kind) {
+                    Ok(true) => Ok(()),
+                    Err(e) => Err(e),
+                    Ok(false) if wait == Wait::BlockingInterruptible => {
+                        engine.wait_set(m.span, kind)
                     }
+                    Ok(false) => loop {
+                        match engine.wait_set(m.span, kind) {
+                            Err(Error::Interrupted) => continue,
+                            other => break other,
+                        }
+                    },
                 },
             };
             if outcome.is_err() {
