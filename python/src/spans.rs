@@ -102,60 +102,20 @@ pub fn seed_span(obj: &Bound<'_, PyAny>) -> PyResult<Span> {
                 ));
             }
             let (a, b) = (a.expect("two items"), b.expect("two items"));
-            let start = match int_value(&a) {
-                Ok(v) if v >= 0 => v as u64,
-                Ok(v) => {
-                    return Err(illegal_argument(
-                        py,
-                        format!("lock_n start must be a non-negative lock index, got {v}"),
-                    ))
-                }
-                Err(Some(true)) => {
-                    return Err(illegal_argument(
-                        py,
-                        "lock_n start must be a non-negative lock index, got a negative int",
-                    ))
-                }
-                Err(Some(false)) => {
-                    return Err(illegal_argument(
-                        py,
-                        format!("lock_n start is beyond the last lock index ({LAST_INDEX})"),
-                    ))
-                }
-                Err(None) => {
-                    return Err(illegal_argument(
-                        py,
-                        format!("lock_n start must be an int, got {}", describe(&a)),
-                    ))
-                }
-            };
-            let count = match int_value(&b) {
-                Ok(v) if v > 0 => v as u64,
-                Ok(v) => {
-                    return Err(illegal_argument(
-                        py,
-                        format!("lock_n count must be a positive number of locks, got {v}"),
-                    ))
-                }
-                Err(Some(true)) => {
-                    return Err(illegal_argument(
-                        py,
-                        "lock_n count must be a positive number of locks, got a negative int",
-                    ))
-                }
-                Err(Some(false)) => {
-                    return Err(illegal_argument(
-                        py,
-                        format!("lock_n count goes beyond the last lock index ({LAST_INDEX})"),
-                    ))
-                }
-                Err(None) => {
-                    return Err(illegal_argument(
-                        py,
-                        format!("lock_n count must be an int, got {}", describe(&b)),
-                    ))
-                }
-            };
+            let start = pair_field(
+                &a,
+                "start",
+                "a non-negative lock index",
+                0,
+                "is beyond the last lock index",
+            )?;
+            let count = pair_field(
+                &b,
+                "count",
+                "a positive number of locks",
+                1,
+                "goes beyond the last lock index",
+            )?;
             Span::with_count(start, count).map_err(|_| {
                 illegal_argument(
                     py,
@@ -166,6 +126,25 @@ pub fn seed_span(obj: &Bound<'_, PyAny>) -> PyResult<Span> {
             })
         }
     }
+}
+
+/// One field of the seed's `(start, count)`: an int of at least `min`.
+fn pair_field(
+    item: &Bound<'_, PyAny>,
+    field: &str,
+    rule: &str,
+    min: i64,
+    beyond: &str,
+) -> PyResult<u64> {
+    let py = item.py();
+    let msg = match int_value(item) {
+        Ok(v) if v >= min => return Ok(v as u64),
+        Ok(v) => format!("lock_n {field} must be {rule}, got {v}"),
+        Err(Some(true)) => format!("lock_n {field} must be {rule}, got a negative int"),
+        Err(Some(false)) => format!("lock_n {field} {beyond} ({LAST_INDEX})"),
+        Err(None) => format!("lock_n {field} must be an int, got {}", describe(item)),
+    };
+    Err(illegal_argument(py, msg))
 }
 
 /// A lock index or bound for the modern API (`InvalidSpanError` when negative or too large).
