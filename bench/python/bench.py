@@ -111,18 +111,9 @@ def ours_locksfile(d, tracks):
     return join
 
 
-def seed_006(d, tracks):
-    # Only ever called inside the seed's virtual environment.
-    path = _ring(d)
-
-    def join():
-        from pylocksfile import pylocksfile
-
-        lf = pylocksfile(path, verbose=False)
-        acquire, release = lf.acquire, lf.release
-        return (lambda t: acquire(writeLock=True, lock_n=t)), release
-
-    return join
+# pylocksfile 0.0.6 has the same API and import name: the same join, only
+# ever called inside the seed's virtual environment.
+seed_006 = ours_seed_api
 
 
 def raw_lockf(d, tracks):
