@@ -291,14 +291,19 @@ pub(crate) fn rank(k: Option<Kind>) -> u8 {
     }
 }
 
-/// Append a move, merging it into the previous one when they touch and go
-/// the same way, so one kernel call covers both.
+/// Append a move, merging it into the previous one when they touch and
+/// move between the same two kinds, so one kernel call covers both.
+///
+/// Both kinds must match, not only the target: a raise that another owner
+/// refuses part-way is rolled back move by move to each move's `from`, so a
+/// merged "none and shared to exclusive" would come back as one kind and
+/// drop (or leak) the other piece's lock in the kernel.
 fn push_move(out: &mut Vec<Move>, m: Move) {
     if m.from == m.to {
         return;
     }
     if let Some(last) = out.last_mut() {
-        if last.span.end() == m.span.start() && last.to == m.to && last.is_raise() == m.is_raise() {
+        if last.span.end() == m.span.start() && last.to == m.to && last.from == m.from {
             last.span = Span::from_checked(last.span.start(), m.span.end());
             return;
         }
