@@ -593,6 +593,50 @@ mod tests {
         );
     }
 
+    /// Raises from different kinds stay separate moves, so a rollback can
+    /// put each piece back to its own kind.
+    #[test]
+    fn raises_from_different_kinds_stay_apart() {
+        let mut h = Holds::new();
+        let mut mv = Vec::new();
+        let shared_3 = Change::Guard {
+            span: span(3, 4),
+            from: None,
+            to: Some(Kind::Shared),
+        };
+        h.apply(shared_3, &mut mv);
+        mv.clear();
+        h.apply(
+            Change::Explicit {
+                handle: FIRST_HANDLE,
+                span: span(0, 6),
+                kind: Some(Kind::Exclusive),
+            },
+            &mut mv,
+        );
+        let ex = Some(Kind::Exclusive);
+        assert_eq!(
+            mv,
+            vec![
+                Move {
+                    span: span(0, 3),
+                    from: None,
+                    to: ex
+                },
+                Move {
+                    span: span(3, 4),
+                    from: Some(Kind::Shared),
+                    to: ex
+                },
+                Move {
+                    span: span(4, 6),
+                    from: None,
+                    to: ex
+                },
+            ]
+        );
+    }
+
     #[test]
     fn undo_restores_counts() {
         for handle in [FIRST_HANDLE, FIRST_HANDLE + 1] {

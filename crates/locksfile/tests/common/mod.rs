@@ -516,3 +516,31 @@ impl Drop for Shared {
         }
     }
 }
+
+/// What the kernel holds through `lf`'s descriptor, as maximal pieces with
+/// their kinds, in the shape of [`LockFile::held`]: the kernel merges a
+/// lock owner's touching locks of one kind just as `held()` does, so the
+/// two lists must be equal whenever the bookkeeping tells the truth.
+pub fn kernel_held(lf: &LockFile) -> Vec<(Span, Kind)> {
+    let mut out: Vec<(Span, Kind)> = fd_locks(lf)
+        .iter()
+        .map(|l| {
+            // "OFDLCK ADVISORY WRITE -1 00:2c:1234 0 3" (the end may be EOF).
+            let f: Vec<&str> = l.split_whitespace().collect();
+            assert!(f.len() >= 7, "unexpected fdinfo lock line {l:?}");
+            let kind = match f[2] {
+                "WRITE" => Kind::Exclusive,
+                "READ" => Kind::Shared,
+                other => panic!("unexpected lock type {other:?} in {l:?}"),
+            };
+            let start: u64 = f[5].parse().expect("start");
+            let s = match f[6] {
+                "EOF" => Span::to_end(start).expect("span to the end"),
+                last => Span::new(start, last.parse::<u64>().expect("end") + 1).expect("span"),
+            };
+            (s, kind)
+        })
+        .collect();
+    out.sort_by_key(|(s, _)| s.start());
+    out
+}
