@@ -117,6 +117,19 @@ impl<H: Deref<Target = LockFile>> ReadGuard<H> {
     ///
     /// # Errors
     /// As [`LockFile::acquire`]; the read guard comes back with the error.
+    ///
+    /// # Deadlocks
+    /// Two owners that both hold a shared lock on the same span and both
+    /// upgrade wait for each other: each keeps its shared lock while it
+    /// waits, so neither can be granted. In process mode the kernel sees
+    /// the cycle and one of them gets [`Error::Deadlock`]; in OFD mode the
+    /// kernel detects no deadlocks, and a [`Wait::Blocking`] upgrade on
+    /// both sides waits forever. Upgrade with a timeout
+    /// ([`ReadGuard::upgrade_with`] and [`Wait::Timeout`]) and, on
+    /// [`Error::TimedOut`], drop the read guard and start again, or take
+    /// the exclusive lock from the start when you may write.
+    /// The same holds for any two owners that each wait for a lock the
+    /// other holds (explicit [`LockFile::acquire`] calls included).
     pub fn upgrade(this: Self) -> Result<WriteGuard<H>, (Self, Error)> {
         Self::upgrade_with(this, Wait::Blocking)
     }
@@ -133,6 +146,10 @@ impl<H: Deref<Target = LockFile>> ReadGuard<H> {
     ///
     /// # Errors
     /// As [`LockFile::acquire`]; the read guard comes back with the error.
+    ///
+    /// # Deadlocks
+    /// See [`ReadGuard::upgrade`]: in OFD mode two owners upgrading the
+    /// same span wait forever unless `wait` is timed.
     pub fn upgrade_with(mut this: Self, wait: Wait) -> Result<WriteGuard<H>, (Self, Error)> {
         match this.hold.convert(Kind::Exclusive, wait) {
             Ok(()) => {

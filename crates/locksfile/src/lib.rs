@@ -26,6 +26,28 @@
 //!
 //! See `docs/DESIGN.md` for the model: the two modes, how holds compose,
 //! why releasing never blocks, and what threads and forks get.
+//!
+//! # Deadlocks
+//! In process mode the kernel refuses a wait that would close a cycle
+//! between processes ([`Error::Deadlock`]). In OFD mode (the default) it
+//! detects nothing: two owners that each wait for a lock the other holds
+//! wait forever, and two readers of one span that both upgrade are such a
+//! pair (see [`ReadGuard::upgrade`]). Wait with a timeout where that can
+//! happen.
+//!
+//! # How long a lock lives
+//! - An OFD lock belongs to the open file description, not to the process:
+//!   a child made by `fork` that has not called `exec` shares it, so a
+//!   holder's forked children (`multiprocessing` with the fork start
+//!   method, say) keep its locks after the holder dies, until they exit
+//!   too. The handle refuses to work in the child ([`Error::Forked`]) and
+//!   never releases the parent's locks, but it cannot close the child's
+//!   inherited descriptor for it. Process-mode locks are never inherited.
+//! - Locks belong to the file (its inode), not to its name. Deleting or
+//!   renaming a file over a lock file that is in use splits the lock: the
+//!   processes that opened the old file keep excluding each other, and
+//!   those that open the path afterwards lock a different file. Never
+//!   delete or replace a lock file that may be in use.
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 

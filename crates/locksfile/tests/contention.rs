@@ -229,3 +229,50 @@ fn refused_change_over_every_mix_of_kinds() {
         assert_eq!(kernel_held(&a), vec![]);
     }
 }
+
+/// Take shared 0, wait for the other reader, then upgrade with a timeout;
+/// report the error and what was held after it.
+type Refusal = (Error, (Vec<(Span, Kind)>, Vec<(Span, Kind)>));
+
+fn timed_upgrade(lf: &LockFile, both_read: &std::sync::Barrier) -> Result<Refusal, String> {
+    let g = lf.read(0).unwrap();
+    both_read.wait();
+    let r = ReadGuard::upgrade_with(g, Wait::Timeout(Duration::from_millis(300)));
+    // Keep the shared lock until the other side is done too, so the first
+    // to time out does not let the other through.
+    both_read.wait();
+    match r {
+        Ok(_) => Err("upgrade granted while the other owner reads".to_string()),
+        Err((g, e)) => {
+            // Still shared, in the bookkeeping and in the kernel.
+            let held = (lf.held(), kernel_held(lf));
+            drop(g);
+            Ok((e, held))
+        }
+    }
+}
+
+/// OFD mode has no deadlock detection: two readers of one span that both
+/// upgrade wait for each other. With timed upgrades both time out and
+/// both keep their shared lock, as the `# Deadlocks` docs promise.
+#[test]
+fn two_timed_upgrades_of_one_span_both_time_out_ofd() {
+    let _s = serial();
+    let (_dir, path) = lock_path();
+    let (a, b) = (open(&path, Mode::Ofd), open(&path, Mode::Ofd));
+    let both_read = std::sync::Barrier::new(2);
+    let results = std::thread::scope(|s| {
+        let ta = s.spawn(|| timed_upgrade(&a, &both_read));
+        let tb = s.spawn(|| timed_upgrade(&b, &both_read));
+        [ta.join().unwrap(), tb.join().unwrap()]
+    });
+    let shared_0 = vec![(Span::new(0, 1).unwrap(), Kind::Shared)];
+    for r in results {
+        let (e, (held, kernel)) = r.unwrap();
+        assert!(matches!(e, Error::TimedOut), "{e:?}");
+        assert_eq!(held, shared_0);
+        assert_eq!(kernel, shared_0);
+    }
+    assert_eq!(kernel_held(&a), vec![]);
+    assert_eq!(kernel_held(&b), vec![]);
+}
