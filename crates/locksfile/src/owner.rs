@@ -117,10 +117,9 @@ impl Owner {
         if self.is_inherited() {
             return Err(Error::Forked);
         }
-        let started = matches!(wait, Wait::Timeout(_)).then(Instant::now);
+        let wait = timeout_to_deadline(wait);
         let mut st = self.lock();
         let deadline = || match wait {
-            Wait::Timeout(d) => started.and_then(|t| t.checked_add(d)),
             Wait::Deadline(t) => Some(t),
             _ => None,
         };
@@ -434,6 +433,19 @@ fn set_or_keep(engine: Fcntl, span: Span, kind: Option<Kind>, result: &mut Resul
         if result.is_ok() {
             *result = Err(e);
         }
+    }
+}
+
+/// A timeout as the deadline it sets, counted from now. A timeout that
+/// ends past what the clock can hold (`Duration::MAX`, say) sets no
+/// deadline at all: the caller means "as long as it takes", so it is a
+/// blocking wait, not one that gives up at once.
+fn timeout_to_deadline(wait: Wait) -> Wait {
+    match wait {
+        Wait::Timeout(d) => Instant::now()
+            .checked_add(d)
+            .map_or(Wait::Blocking, Wait::Deadline),
+        w => w,
     }
 }
 
