@@ -377,3 +377,37 @@ fn the_command_dies_with_run_so_it_never_runs_unlocked() {
     );
     assert_eq!(try_run(&f, &["-n"]), 0);
 }
+
+/// `-w` with more seconds than the clock can hold (or `inf`) waits as long
+/// as it takes, sleeping in the kernel like a run without `-w`, and runs the
+/// command once the holder is gone; a negative or NaN timeout is a usage
+/// error.
+#[test]
+fn a_timeout_past_the_clocks_range_waits_as_long_as_it_takes() {
+    for secs in ["1e19", "inf", "1e300"] {
+        let (_d, f) = lock_file();
+        let h = Holder::start(&f, &["--mode", "process"]);
+        let mut waiter = locksfile()
+            .args(["run", "--mode", "process", "-w", secs])
+            .arg(&f)
+            .args(["--", "echo", "got it"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let wpid = waiter.id() as u64;
+        await_lock(&f, |l| l["state"] == "waiting" && l["pid"] == wpid);
+        assert!(
+            waiter.try_wait().unwrap().is_none(),
+            "-w {secs} gave up while the lock was held"
+        );
+        assert_eq!(h.release(), 0);
+        let out = waiter.wait_with_output().unwrap();
+        assert_eq!(code(&out), 0, "-w {secs}: {}", stderr(&out));
+        assert_eq!(stdout(&out), "got it\n");
+    }
+    let (_d, f) = lock_file();
+    for secs in ["-1", "nan", "-inf"] {
+        let out = run(&["run", "-w", secs, f.to_str().unwrap(), "--", "true"]);
+        assert_eq!(code(&out), 64, "-w {secs}: {}", stderr(&out));
+    }
+}
