@@ -229,8 +229,10 @@ fn run(args: RunArgs) -> Result<i32, (i32, String)> {
     command.args(&args.command[1..]);
     sys::kill_with_parent(&mut command);
     let mut child = command.spawn().map_err(|e| {
+        // Out of processes, memory or descriptors is our failure, not the
+        // command's.
         let code = match e.raw_os_error() {
-            Some(libc::ENOMEM | libc::EAGAIN) => exit::OSERR,
+            Some(libc::ENOMEM | libc::EAGAIN | libc::EMFILE | libc::ENFILE) => exit::OSERR,
             _ => exit::UNAVAILABLE,
         };
         (
@@ -298,16 +300,9 @@ fn name_holders(file: &std::path::Path, span: Span, kind: Kind) {
 /// The message for a lock file that could not be opened.
 pub fn open_message(path: &std::path::Path, e: &Error) -> String {
     match e {
-        Error::NotRegularFile { .. } => e.to_string(),
-        Error::Io { source, .. } => {
-            // The core already names the path in open errors.
-            let text = source.to_string();
-            if text.contains(&path.display().to_string()) {
-                format!("cannot open lock file {text}")
-            } else {
-                format!("cannot open lock file {}: {text}", path.display())
-            }
-        }
+        // Both name the path already.
+        Error::NotRegularFile { .. } | Error::Open { .. } => e.to_string(),
+        Error::Io { source, .. } => format!("cannot open lock file {}: {source}", path.display()),
         e => format!("{}: {e}", path.display()),
     }
 }

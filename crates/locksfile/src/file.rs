@@ -109,8 +109,10 @@ impl OpenOptions {
     ///
     /// # Errors
     /// [`Error::NotRegularFile`] for a directory, FIFO, socket, device or
-    /// (unless followed) a symlink; [`Error::Io`] when the file cannot be
-    /// opened; [`Error::Unsupported`] when OFD locks are not available.
+    /// (unless followed) a symlink; [`Error::Open`] when the file cannot be
+    /// opened or created (with the kernel's errno: `ENOENT`, `EACCES`,
+    /// `EROFS`, `EMFILE`, ...); [`Error::Unsupported`] when OFD locks are
+    /// not available.
     pub fn open(&self, path: impl AsRef<Path>) -> Result<LockFile, Error> {
         let path = path.as_ref();
         let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
@@ -187,9 +189,10 @@ impl OpenOptions {
                     }
                 }
             }
-            Error::Io {
-                op: "open lock file",
-                source: io::Error::new(e.kind(), format!("{}: {e}", path.display())),
+            // The kernel's error as it came (errno and all), beside the path.
+            Error::Open {
+                path: path.to_path_buf(),
+                source: e,
             }
         };
         // Two tries: create it exclusively (so we know the mode is ours to
