@@ -81,8 +81,8 @@ impl fmt::Display for NotRegular {
 
 /// Everything that can go wrong, told apart so callers can react.
 ///
-/// Converts into [`std::io::Error`] with a fitting [`io::ErrorKind`] (and,
-/// for [`Error::Open`], the kernel's errno).
+/// Converts into [`std::io::Error`] with a fitting [`io::ErrorKind`]; the
+/// kernel's own error, where there is one, is its `source()`.
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum Error {
@@ -194,14 +194,11 @@ impl std::error::Error for Error {
 }
 
 impl From<Error> for io::Error {
-    /// An [`io::Error`] of the fitting kind that carries `e`, except for
-    /// [`Error::Open`], which gives back the kernel's own error as
-    /// `std::fs::File::open` would (its kind and raw errno; the path stays
-    /// with the `Error`).
+    /// An [`io::Error`] of the fitting kind that carries `e` (so its
+    /// message still names the path). For [`Error::Open`] and
+    /// [`Error::Io`] the kind is the kernel's error's, and that error, errno
+    /// and all, is the `io::Error`'s [`source`](std::error::Error::source).
     fn from(e: Error) -> io::Error {
-        if let Error::Open { source, .. } = e {
-            return source;
-        }
         let kind = match &e {
             Error::WouldBlock { .. } => io::ErrorKind::WouldBlock,
             Error::Deadlock => io::ErrorKind::Deadlock,

@@ -213,7 +213,7 @@ fn missing_file_without_create_is_not_found() {
 
 /// An open that fails keeps the kernel's errno and the path as data, so
 /// callers can tell a missing directory from a read-only file system or a
-/// full descriptor table; the `io::Error` made from it is the kernel's own.
+/// full descriptor table, also through the `io::Error` made from it.
 #[test]
 fn open_errors_keep_the_errno_and_the_path() {
     let _s = serial();
@@ -242,9 +242,15 @@ fn open_errors_keep_the_errno_and_the_path() {
             );
             let inner = std::error::Error::source(&e).expect("a source");
             assert_eq!(inner.to_string(), source.to_string());
+            // As an io::Error: the kind, the message with the path, and
+            // the kernel's error (errno and all) as its source.
             let io: std::io::Error = e.into();
-            assert_eq!(io.raw_os_error(), Some(libc::ENOENT));
             assert_eq!(io.kind(), ErrorKind::NotFound);
+            assert!(io.to_string().contains(path.to_str().unwrap()), "{io}");
+            let kernel = std::error::Error::source(&io)
+                .and_then(|s| s.downcast_ref::<std::io::Error>())
+                .expect("the kernel's error as the source");
+            assert_eq!(kernel.raw_os_error(), Some(libc::ENOENT));
         }
     }
     assert!(!dir.path().join("no-such-dir").exists());
