@@ -55,6 +55,16 @@ const YIELDS_BEFORE_SLEEP: u32 = 2;
 /// returns [`Error::Interrupted`] so its caller can look at signals.
 const INTERRUPT_SLICE: Duration = Duration::from_millis(20);
 
+impl State {
+    /// Whether closing a descriptor of the file now could lose none of this
+    /// owner's process-associated locks: nothing is held, and no thread
+    /// sleeps in the kernel (a sleeper may already hold the first raises of
+    /// a multi-piece wait, which `holds` shows only once it wakes).
+    pub fn is_idle(&self) -> bool {
+        self.holds.is_empty() && self.busy.is_empty()
+    }
+}
+
 impl Owner {
     pub fn new(family: Family, dev: u64, ino: u64, fd: OwnedFd, writable: bool) -> Owner {
         use std::os::fd::AsRawFd;
