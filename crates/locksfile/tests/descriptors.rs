@@ -169,3 +169,61 @@ fn a_sleepers_partial_raises_survive_handles_coming_and_going() {
     );
     assert_eq!(a.held(), vec![(span(0..6), Kind::Exclusive)]);
 }
+
+/// A process-mode owner that could only open its file read-only takes
+/// exclusive locks once the file can be opened for writing, whether a new
+/// process-mode handle opens it or an OFD handle left a writable descriptor
+/// behind; no descriptor piles up on the way.
+#[test]
+fn a_read_only_owner_becomes_writable_with_its_file() {
+    let _s = serial();
+    let (dir, path) = lock_path();
+    let p = &path;
+    fork(|| {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o777)).unwrap();
+        // SAFETY: plain syscalls; the child is single-threaded.
+        unsafe {
+            if libc::geteuid() == 0 {
+                assert_eq!(libc::setgid(65534), 0, "setgid");
+                assert_eq!(libc::setuid(65534), 0, "setuid");
+            }
+        }
+        // Our own file, which we may chmod: read-only for now.
+        fs::write(p, b"").unwrap();
+        fs::set_permissions(p, fs::Permissions::from_mode(0o444)).unwrap();
+        let a = open(p, Mode::Process);
+        assert!(!a.is_writable());
+        let _g = a.read(0).unwrap();
+        let before = open_fds();
+        for _ in 0..100 {
+            drop(open(p, Mode::Process));
+            drop(open(p, Mode::Ofd));
+        }
+        assert!(!a.is_writable());
+        fs::set_permissions(p, fs::Permissions::from_mode(0o644)).unwrap();
+        // An OFD handle opens it for writing and leaves that descriptor
+        // parked; the next process-mode handle hands it to the owner.
+        let b = open(p, Mode::Ofd);
+        assert!(b.is_writable());
+        drop(b);
+        drop(open(p, Mode::Process));
+        assert!(a.is_writable());
+        a.acquire(Kind::Exclusive, 1, Wait::NonBlocking).unwrap();
+        for _ in 0..100 {
+            drop(open(p, Mode::Process));
+            let c = open(p, Mode::Ofd);
+            assert!(c.is_writable());
+            drop(c);
+        }
+        let after = open_fds();
+        assert!(after <= before + 3, "{} more descriptors", after - before);
+        assert_eq!(
+            a.held(),
+            vec![(span(0..1), Kind::Shared), (span(1..2), Kind::Exclusive)]
+        );
+    })
+    .join();
+    // The file's bytes are untouched (and its mode is the test's own).
+    assert_eq!(fs::read(&path).unwrap(), b"");
+}
