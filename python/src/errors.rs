@@ -115,35 +115,26 @@ pub fn to_py(py: Python<'_>, e: Error) -> PyErr {
             let errno = source.raw_os_error().unwrap_or(libc::ENOLCK);
             build(py, unsupported_error(py), Some(errno), msg, None)
         }
-        Error::Io { ref source, .. } => {
-            match source.raw_os_error().or_else(|| errno_of(source.kind())) {
-                // OSError(errno, ...) picks the fitting subclass (FileNotFoundError, ...).
-                Some(n) => PyOSError::new_err((n, msg)),
-                None => PyOSError::new_err(msg),
-            }
-        }
+        // OSError(errno, strerror, filename) picks the fitting subclass
+        // (FileNotFoundError, PermissionError, ...) and sets .errno and
+        // .filename, as Python's own open() does.
+        Error::Open { path, source } => match source.raw_os_error() {
+            Some(n) => PyOSError::new_err((n, strerror(py, n, &source), path.into_os_string())),
+            None => PyOSError::new_err(msg),
+        },
+        Error::Io { ref source, .. } => match source.raw_os_error() {
+            Some(n) => PyOSError::new_err((n, msg)),
+            None => PyOSError::new_err(msg),
+        },
         _ => build(py, locksfile_error(py), None, msg, None),
     }
 }
 
-/// The errno behind an `io::ErrorKind`, for errors whose message was
-/// rewritten (the core adds the path) and so lost their raw code.
-fn errno_of(kind: std::io::ErrorKind) -> Option<i32> {
-    use std::io::ErrorKind as K;
-    Some(match kind {
-        K::NotFound => libc::ENOENT,
-        K::PermissionDenied => libc::EACCES,
-        K::AlreadyExists => libc::EEXIST,
-        K::WouldBlock => libc::EAGAIN,
-        K::InvalidInput => libc::EINVAL,
-        K::TimedOut => libc::ETIMEDOUT,
-        K::Interrupted => libc::EINTR,
-        K::Unsupported => libc::EOPNOTSUPP,
-        K::OutOfMemory => libc::ENOMEM,
-        K::NotADirectory => libc::ENOTDIR,
-        K::IsADirectory => libc::EISDIR,
-        K::ReadOnlyFilesystem => libc::EROFS,
-        K::Deadlock => libc::EDEADLK,
-        _ => return None,
-    })
+/// The C library's text for `errno`, as Python's `os.strerror` gives it
+/// (what `OSError` shows for its own errors), falling back to Rust's.
+fn strerror(py: Python<'_>, errno: i32, source: &std::io::Error) -> String {
+    py.import("os")
+        .and_then(|os| os.call_method1("strerror", (errno,)))
+        .and_then(|s| s.extract::<String>())
+        .unwrap_or_else(|_| source.to_string())
 }

@@ -49,6 +49,8 @@ impl Patience {
                 .and_then(|d| Instant::now().checked_add(d))
             {
                 Some(deadline) => Ok(Patience::Until(deadline)),
+                // Past what the clock can hold (`1e19`, `inf`): no limit,
+                // not a deadline that has already passed.
                 None => Ok(Patience::Forever),
             },
         }

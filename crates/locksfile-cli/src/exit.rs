@@ -26,7 +26,8 @@ pub const OSERR: i32 = 71;
 pub const CANTCREAT: i32 = 73;
 pub const NOPERM: i32 = 77;
 
-/// The sysexits code for a failure to open a lock file, as `flock(1)` picks it.
+/// The sysexits code for a failure to open a lock file, from the kernel's
+/// errno, as `flock(1)` picks it.
 pub fn for_open_error(e: &io::Error) -> i32 {
     match e.raw_os_error() {
         Some(libc::ENOMEM | libc::EMFILE | libc::ENFILE) => OSERR,
@@ -44,7 +45,7 @@ pub fn for_lock_error(e: &locksfile::Error) -> i32 {
         Error::ReadOnly { .. } => NOPERM,
         Error::NotRegularFile { .. } => NOINPUT,
         Error::Unsupported { .. } => UNAVAILABLE,
-        Error::Io { source, .. } => for_open_error(source),
+        Error::Open { source, .. } | Error::Io { source, .. } => for_open_error(source),
         _ => OSERR,
     }
 }

@@ -71,7 +71,7 @@ pub struct RunArgs {
     #[arg(short = 'n', long = "nonblock", visible_alias = "nb")]
     nonblock: bool,
 
-    /// Give up after SECS seconds (fractions allowed; 0 = --nonblock).
+    /// Give up after SECS seconds (fractions allowed; 0 = --nonblock; inf = no limit).
     #[arg(
         short = 'w',
         long = "timeout",
@@ -141,10 +141,11 @@ fn parse_secs(s: &str) -> Result<Duration, String> {
         .trim()
         .parse()
         .map_err(|_| format!("'{s}' is not a number of seconds"))?;
-    if !secs.is_finite() || secs < 0.0 {
+    if secs.is_nan() || secs < 0.0 {
         return Err(format!("'{s}' is not a number of seconds >= 0"));
     }
-    Duration::try_from_secs_f64(secs).map_err(|_| format!("'{s}' seconds is too long"))
+    // Longer than a Duration holds (`inf`, `1e30`): no limit at all.
+    Ok(Duration::try_from_secs_f64(secs).unwrap_or(Duration::MAX))
 }
 
 pub fn main(args: RunArgs) -> i32 {
@@ -173,6 +174,8 @@ fn run(args: RunArgs) -> Result<i32, (i32, String)> {
     let wait = match args.timeout {
         _ if args.nonblock => Wait::NonBlocking,
         Some(d) if d.is_zero() => Wait::NonBlocking,
+        // A timeout that ends past what the clock can hold is no limit.
+        Some(d) if Instant::now().checked_add(d).is_none() => Wait::Blocking,
         Some(d) => Wait::Timeout(d),
         None => Wait::Blocking,
     };
@@ -226,8 +229,10 @@ fn run(args: RunArgs) -> Result<i32, (i32, String)> {
     command.args(&args.command[1..]);
     sys::kill_with_parent(&mut command);
     let mut child = command.spawn().map_err(|e| {
+        // Out of processes, memory or descriptors is our failure, not the
+        // command's.
         let code = match e.raw_os_error() {
-            Some(libc::ENOMEM | libc::EAGAIN) => exit::OSERR,
+            Some(libc::ENOMEM | libc::EAGAIN | libc::EMFILE | libc::ENFILE) => exit::OSERR,
             _ => exit::UNAVAILABLE,
         };
         (
@@ -295,16 +300,9 @@ fn name_holders(file: &std::path::Path, span: Span, kind: Kind) {
 /// The message for a lock file that could not be opened.
 pub fn open_message(path: &std::path::Path, e: &Error) -> String {
     match e {
-        Error::NotRegularFile { .. } => e.to_string(),
-        Error::Io { source, .. } => {
-            // The core already names the path in open errors.
-            let text = source.to_string();
-            if text.contains(&path.display().to_string()) {
-                format!("cannot open lock file {text}")
-            } else {
-                format!("cannot open lock file {}: {text}", path.display())
-            }
-        }
+        // Both name the path already.
+        Error::NotRegularFile { .. } | Error::Open { .. } => e.to_string(),
+        Error::Io { source, .. } => format!("cannot open lock file {}: {source}", path.display()),
         e => format!("{}: {e}", path.display()),
     }
 }

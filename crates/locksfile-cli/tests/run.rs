@@ -377,3 +377,132 @@ fn the_command_dies_with_run_so_it_never_runs_unlocked() {
     );
     assert_eq!(try_run(&f, &["-n"]), 0);
 }
+
+/// `-w` with more seconds than the clock can hold (or `inf`) waits as long
+/// as it takes, sleeping in the kernel like a run without `-w`, and runs the
+/// command once the holder is gone; a negative or NaN timeout is a usage
+/// error.
+#[test]
+fn a_timeout_past_the_clocks_range_waits_as_long_as_it_takes() {
+    for secs in ["1e19", "inf", "1e300"] {
+        let (_d, f) = lock_file();
+        let h = Holder::start(&f, &["--mode", "process"]);
+        let mut waiter = locksfile()
+            .args(["run", "--mode", "process", "-w", secs])
+            .arg(&f)
+            .args(["--", "echo", "got it"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let wpid = waiter.id() as u64;
+        await_lock(&f, |l| l["state"] == "waiting" && l["pid"] == wpid);
+        assert!(
+            waiter.try_wait().unwrap().is_none(),
+            "-w {secs} gave up while the lock was held"
+        );
+        assert_eq!(h.release(), 0);
+        let out = waiter.wait_with_output().unwrap();
+        assert_eq!(code(&out), 0, "-w {secs}: {}", stderr(&out));
+        assert_eq!(stdout(&out), "got it\n");
+    }
+    let (_d, f) = lock_file();
+    for secs in ["-1", "nan", "-inf"] {
+        let out = run(&["run", "-w", secs, f.to_str().unwrap(), "--", "true"]);
+        assert_eq!(code(&out), 64, "-w {secs}: {}", stderr(&out));
+    }
+}
+
+/// `locksfile run FILE -- true` with standard descriptors 0, 1, 2 closed and
+/// `RLIMIT_NOFILE` at `limit`. The dynamic loader has room (0 is free while
+/// it runs); std's start-up then fills 0, 1 and 2 with `/dev/null`, so the
+/// program itself has exactly `limit - 3` descriptors left.
+fn run_with_descriptor_limit(file: &std::path::Path, limit: u64) -> i32 {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = locksfile();
+    cmd.arg("run").arg(file).args(["--", "true"]);
+    // SAFETY: the closure only makes async-signal-safe calls (close,
+    // setrlimit) between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            for fd in 0..3 {
+                libc::close(fd);
+            }
+            let lim = libc::rlimit {
+                rlim_cur: limit,
+                rlim_max: limit,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.status()
+        .expect("spawn locksfile")
+        .code()
+        .expect("exited")
+}
+
+/// Running out of descriptors is `EX_OSERR` (71), whether opening the lock
+/// file meets `EMFILE` or starting the command does; the open's errno is
+/// no longer lost on the way.
+#[test]
+fn out_of_descriptors_exits_71() {
+    let (_d, f) = lock_file();
+    // No descriptor at all for the lock file.
+    assert_eq!(run_with_descriptor_limit(&f, 3), 71, "open meets EMFILE");
+    // The lock file opens, the command's start-up pipe does not.
+    assert_eq!(run_with_descriptor_limit(&f, 4), 71, "spawn meets EMFILE");
+    // Enough room: it runs.
+    assert_eq!(run_with_descriptor_limit(&f, 64), 0);
+}
+
+/// A lock file that cannot be created on a read-only file system is
+/// `EX_CANTCREAT` (73), as documented; a missing directory stays 66.
+#[test]
+fn read_only_file_system_exits_73() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = std::ffi::CString::new(dir.path().to_str().unwrap()).unwrap();
+    let tmpfs = std::ffi::CString::new("tmpfs").unwrap();
+    // SAFETY: valid NUL-terminated strings; no data argument.
+    let r = unsafe {
+        libc::mount(
+            tmpfs.as_ptr(),
+            c.as_ptr(),
+            tmpfs.as_ptr(),
+            libc::MS_RDONLY,
+            std::ptr::null(),
+        )
+    };
+    if r != 0 {
+        let e = std::io::Error::last_os_error();
+        assert_eq!(
+            e.raw_os_error(),
+            Some(libc::EPERM),
+            "mount a read-only tmpfs: {e}"
+        );
+        eprintln!("skipped: this sandbox does not allow mounting ({e})");
+        return;
+    }
+    struct Unmount<'a>(&'a std::ffi::CString);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            // SAFETY: a valid NUL-terminated path we mounted on.
+            unsafe { libc::umount(self.0.as_ptr()) };
+        }
+    }
+    let _unmount = Unmount(&c);
+    let f = dir.path().join("data.lock");
+    let out = run(&["run", f.to_str().unwrap(), "--", "true"]);
+    assert_eq!(code(&out), 73, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("Read-only file system"),
+        "{}",
+        stderr(&out)
+    );
+    let missing = dir.path().join("no-such-dir").join("data.lock");
+    assert_eq!(
+        code(&run(&["run", missing.to_str().unwrap(), "--", "true"])),
+        66
+    );
+}

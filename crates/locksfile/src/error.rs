@@ -81,7 +81,8 @@ impl fmt::Display for NotRegular {
 
 /// Everything that can go wrong, told apart so callers can react.
 ///
-/// Converts into [`std::io::Error`] with a fitting [`io::ErrorKind`].
+/// Converts into [`std::io::Error`] with a fitting [`io::ErrorKind`]; the
+/// kernel's own error, where there is one, is its `source()`.
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum Error {
@@ -121,6 +122,16 @@ pub enum Error {
         path: PathBuf,
         /// What is there instead.
         found: NotRegular,
+    },
+    /// The lock file could not be opened or created (`open(2)` failed):
+    /// the path and the kernel's own error, errno and all
+    /// ([`io::Error::raw_os_error`]), so callers can tell a missing
+    /// directory from a read-only file system or a full descriptor table.
+    Open {
+        /// The lock path, absolute.
+        path: PathBuf,
+        /// The kernel's answer to `open(2)`.
+        source: io::Error,
     },
     /// Any other failure of a system call.
     Io {
@@ -163,6 +174,9 @@ impl fmt::Display for Error {
             Error::NotRegularFile { path, found } => {
                 write!(f, "{} is {found}, not a regular lock file", path.display())
             }
+            Error::Open { path, source } => {
+                write!(f, "cannot open lock file {}: {source}", path.display())
+            }
             Error::Io { op, source } => write!(f, "{op}: {source}"),
         }
     }
@@ -171,13 +185,19 @@ impl fmt::Display for Error {
 impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            Error::Unsupported { source, .. } | Error::Io { source, .. } => Some(source),
+            Error::Unsupported { source, .. }
+            | Error::Open { source, .. }
+            | Error::Io { source, .. } => Some(source),
             _ => None,
         }
     }
 }
 
 impl From<Error> for io::Error {
+    /// An [`io::Error`] of the fitting kind that carries `e` (so its
+    /// message still names the path). For [`Error::Open`] and
+    /// [`Error::Io`] the kind is the kernel's error's, and that error, errno
+    /// and all, is the `io::Error`'s [`source`](std::error::Error::source).
     fn from(e: Error) -> io::Error {
         let kind = match &e {
             Error::WouldBlock { .. } => io::ErrorKind::WouldBlock,
@@ -191,7 +211,7 @@ impl From<Error> for io::Error {
                 NotRegular::Directory => io::ErrorKind::IsADirectory,
                 _ => io::ErrorKind::InvalidInput,
             },
-            Error::Io { source, .. } => source.kind(),
+            Error::Open { source, .. } | Error::Io { source, .. } => source.kind(),
             Error::Forked => io::ErrorKind::Other,
         };
         io::Error::new(kind, e)

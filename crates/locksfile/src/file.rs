@@ -109,22 +109,25 @@ impl OpenOptions {
     ///
     /// # Errors
     /// [`Error::NotRegularFile`] for a directory, FIFO, socket, device or
-    /// (unless followed) a symlink; [`Error::Io`] when the file cannot be
-    /// opened; [`Error::Unsupported`] when OFD locks are not available.
+    /// (unless followed) a symlink; [`Error::Open`] when the file cannot be
+    /// opened or created (with the kernel's errno: `ENOENT`, `EACCES`,
+    /// `EROFS`, `EMFILE`, ...); [`Error::Unsupported`] when OFD locks are
+    /// not available.
     pub fn open(&self, path: impl AsRef<Path>) -> Result<LockFile, Error> {
         let path = path.as_ref();
         let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
-        let (fd, writable) = self.open_fd(&abs)?;
-        let id = sys::fstat(fd.as_fd()).map_err(|e| Error::io("fstat lock file", e))?;
-        if id.file_type != FileType::Regular {
-            return Err(Error::NotRegularFile {
-                path: abs,
-                found: not_regular(id.file_type),
-            });
-        }
-        let owner = match self.mode {
-            Mode::Ofd => Arc::new(Owner::new(sys::Family::Ofd, id.dev, id.ino, fd, writable)),
-            Mode::Process => registry::join(id.dev, id.ino, fd, writable),
+        let c = CString::new(abs.as_os_str().as_bytes()).map_err(|_| {
+            Error::io(
+                "open lock file",
+                io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"),
+            )
+        })?;
+        let owner = match self.reuse(&abs, &c)? {
+            Some(owner) => owner,
+            None => {
+                let (fd, writable) = self.open_fd(&abs, &c)?;
+                self.owner_of(&abs, fd, writable)?
+            }
         };
         let handle = owner.new_handle_id();
         let lf = LockFile {
@@ -139,20 +142,85 @@ impl OpenOptions {
         Ok(lf)
     }
 
-    fn open_fd(&self, path: &Path) -> Result<(OwnedFd, bool), Error> {
-        let c = CString::new(path.as_os_str().as_bytes()).map_err(|_| {
-            Error::io(
-                "open lock file",
-                io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"),
-            )
-        })?;
-        let how = |write, create_exclusive| OpenHow {
+    /// The owner for a handle on the freshly opened `fd`.
+    fn owner_of(&self, path: &Path, fd: OwnedFd, writable: bool) -> Result<Arc<Owner>, Error> {
+        let id = sys::fstat(fd.as_fd()).map_err(|e| Error::io("fstat lock file", e))?;
+        if id.file_type != FileType::Regular {
+            return Err(Error::NotRegularFile {
+                path: path.to_path_buf(),
+                found: not_regular(id.file_type),
+            });
+        }
+        Ok(match self.mode {
+            Mode::Ofd => Arc::new(Owner::new(sys::Family::Ofd, id.dev, id.ino, fd, writable)),
+            Mode::Process => registry::join(id.dev, id.ino, fd, writable),
+        })
+    }
+
+    /// An owner for a new handle without opening a new descriptor, where the
+    /// file already has a process-mode owner in this process. Each
+    /// descriptor opened then would have to stay open as long as that owner
+    /// lives (closing it would drop the owner's locks), so a process-mode
+    /// handle joins the owner and an OFD handle takes a parked descriptor
+    /// (see `registry`). `None`: open as usual.
+    fn reuse(&self, path: &Path, c: &CString) -> Result<Option<Arc<Owner>>, Error> {
+        if !registry::has_owners() {
+            return Ok(None);
+        }
+        // What the path names now; if that goes stale before we use it, the
+        // handle is on the file the path named a moment ago, as an open
+        // racing a rename would be.
+        let Ok(id) = sys::stat(c, self.follow_symlinks) else {
+            return Ok(None);
+        };
+        if id.file_type != FileType::Regular {
+            return Ok(None);
+        }
+        let family = match self.mode {
+            Mode::Ofd => sys::Family::Ofd,
+            Mode::Process => sys::Family::Posix,
+        };
+        let reused = |r| match r {
+            registry::Reuse::Joined(owner) => Some(owner),
+            registry::Reuse::Lent(fd, writable) => Some(Arc::new(Owner::new(
+                sys::Family::Ofd,
+                id.dev,
+                id.ino,
+                fd,
+                writable,
+            ))),
+            registry::Reuse::NoFit | registry::Reuse::NoOwner => None,
+        };
+        match registry::reuse(id.dev, id.ino, family, false) {
+            registry::Reuse::NoOwner => return Ok(None),
+            registry::Reuse::NoFit => {}
+            r => return Ok(reused(r)),
+        }
+        // Nothing writable to reuse. If the file opens for writing now, that
+        // descriptor is worth keeping (writable ones are lent again); if it
+        // does not, a read-only one is reused rather than one more opened.
+        match sys::open(c, self.how(true, false)) {
+            Ok(fd) => self.owner_of(path, fd, true).map(Some),
+            Err(e) if only_read_only(&e) => {
+                Ok(reused(registry::reuse(id.dev, id.ino, family, true)))
+            }
+            // Let the usual open meet and report it.
+            Err(_) => Ok(None),
+        }
+    }
+
+    fn how(&self, write: bool, create_exclusive: bool) -> OpenHow {
+        OpenHow {
             write,
             create_exclusive,
             create: false,
             follow: self.follow_symlinks,
             mode: self.permissions,
-        };
+        }
+    }
+
+    fn open_fd(&self, path: &Path, c: &CString) -> Result<(OwnedFd, bool), Error> {
+        let how = |write, create_exclusive| self.how(write, create_exclusive);
         let open_err = |e: io::Error| -> Error {
             if e.raw_os_error() == Some(libc::ELOOP) && !self.follow_symlinks {
                 return Error::NotRegularFile {
@@ -187,9 +255,10 @@ impl OpenOptions {
                     }
                 }
             }
-            Error::Io {
-                op: "open lock file",
-                source: io::Error::new(e.kind(), format!("{}: {e}", path.display())),
+            // The kernel's error as it came (errno and all), beside the path.
+            Error::Open {
+                path: path.to_path_buf(),
+                source: e,
             }
         };
         // Two tries: create it exclusively (so we know the mode is ours to
@@ -197,7 +266,7 @@ impl OpenOptions {
         // sends us round again.
         for _ in 0..8 {
             if self.create {
-                match sys::open(&c, how(true, true)) {
+                match sys::open(c, how(true, true)) {
                     Ok(fd) => {
                         sys::fchmod(fd.as_fd(), self.permissions)
                             .map_err(|e| Error::io("set lock file mode", e))?;
@@ -207,15 +276,10 @@ impl OpenOptions {
                     Err(e) => return Err(open_err(e)),
                 }
             }
-            match sys::open(&c, how(true, false)) {
+            match sys::open(c, how(true, false)) {
                 Ok(fd) => return Ok((fd, true)),
-                Err(e)
-                    if matches!(
-                        e.raw_os_error(),
-                        Some(libc::EACCES) | Some(libc::EROFS) | Some(libc::ETXTBSY)
-                    ) =>
-                {
-                    return sys::open(&c, how(false, false))
+                Err(e) if only_read_only(&e) => {
+                    return sys::open(c, how(false, false))
                         .map(|fd| (fd, false))
                         .map_err(open_err);
                 }
@@ -225,7 +289,7 @@ impl OpenOptions {
                         // through it without O_EXCL (the mode is the umask's).
                         let mut h = how(true, false);
                         h.create = true;
-                        return sys::open(&c, h).map(|fd| (fd, true)).map_err(open_err);
+                        return sys::open(c, h).map(|fd| (fd, true)).map_err(open_err);
                     }
                     continue;
                 }
@@ -237,6 +301,15 @@ impl OpenOptions {
             io::Error::other("the file kept disappearing"),
         ))
     }
+}
+
+/// Whether a failed open for writing means the file can still be opened
+/// read-only (and take shared locks).
+fn only_read_only(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EACCES) | Some(libc::EROFS) | Some(libc::ETXTBSY)
+    )
 }
 
 fn not_regular(t: FileType) -> NotRegular {

@@ -105,7 +105,9 @@ pub enum Wait {
     /// can cut short) it also returns `Interrupted` every 20 ms, so callers
     /// call again in a loop.
     BlockingInterruptible,
-    /// Wait at most this long, then fail with [`Error::TimedOut`].
+    /// Wait at most this long, then fail with [`Error::TimedOut`]. A
+    /// timeout that ends past what [`Instant`] can hold (`Duration::MAX`)
+    /// sets no limit: it waits as [`Wait::Blocking`] does.
     Timeout(Duration),
     /// Wait until this instant at the latest, then fail with [`Error::TimedOut`].
     Deadline(Instant),

@@ -55,6 +55,16 @@ const YIELDS_BEFORE_SLEEP: u32 = 2;
 /// returns [`Error::Interrupted`] so its caller can look at signals.
 const INTERRUPT_SLICE: Duration = Duration::from_millis(20);
 
+impl State {
+    /// Whether closing a descriptor of the file now could lose none of this
+    /// owner's process-associated locks: nothing is held, and no thread
+    /// sleeps in the kernel (a sleeper may already hold the first raises of
+    /// a multi-piece wait, which `holds` shows only once it wakes).
+    pub fn is_idle(&self) -> bool {
+        self.holds.is_empty() && self.busy.is_empty()
+    }
+}
+
 impl Owner {
     pub fn new(family: Family, dev: u64, ino: u64, fd: OwnedFd, writable: bool) -> Owner {
         use std::os::fd::AsRawFd;
@@ -117,10 +127,9 @@ impl Owner {
         if self.is_inherited() {
             return Err(Error::Forked);
         }
-        let started = matches!(wait, Wait::Timeout(_)).then(Instant::now);
+        let wait = timeout_to_deadline(wait);
         let mut st = self.lock();
         let deadline = || match wait {
-            Wait::Timeout(d) => started.and_then(|t| t.checked_add(d)),
             Wait::Deadline(t) => Some(t),
             _ => None,
         };
@@ -434,6 +443,19 @@ fn set_or_keep(engine: Fcntl, span: Span, kind: Option<Kind>, result: &mut Resul
         if result.is_ok() {
             *result = Err(e);
         }
+    }
+}
+
+/// A timeout as the deadline it sets, counted from now. A timeout that
+/// ends past what the clock can hold (`Duration::MAX`, say) sets no
+/// deadline at all: the caller means "as long as it takes", so it is a
+/// blocking wait, not one that gives up at once.
+fn timeout_to_deadline(wait: Wait) -> Wait {
+    match wait {
+        Wait::Timeout(d) => Instant::now()
+            .checked_add(d)
+            .map_or(Wait::Blocking, Wait::Deadline),
+        w => w,
     }
 }
 

@@ -167,6 +167,28 @@ pub(crate) fn fstat(fd: BorrowedFd<'_>) -> io::Result<FileId> {
     if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } == -1 {
         return Err(io::Error::last_os_error());
     }
+    Ok(file_id(&st))
+}
+
+/// `stat(path)` (`lstat` unless `follow`): device, inode and type of what
+/// the path names now, without opening it.
+pub(crate) fn stat(path: &CString, follow: bool) -> io::Result<FileId> {
+    // SAFETY: `stat` is plain data; zeroed is valid and stat overwrites it.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    let r = if follow {
+        // SAFETY: NUL-terminated path that outlives the call; valid out-pointer.
+        unsafe { libc::stat(path.as_ptr(), &mut st) }
+    } else {
+        // SAFETY: as above.
+        unsafe { libc::lstat(path.as_ptr(), &mut st) }
+    };
+    if r == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(file_id(&st))
+}
+
+fn file_id(st: &libc::stat) -> FileId {
     let file_type = match st.st_mode & libc::S_IFMT {
         libc::S_IFREG => FileType::Regular,
         libc::S_IFDIR => FileType::Directory,
@@ -177,11 +199,24 @@ pub(crate) fn fstat(fd: BorrowedFd<'_>) -> io::Result<FileId> {
         libc::S_IFLNK => FileType::Symlink,
         _ => FileType::Other,
     };
-    Ok(FileId {
+    FileId {
         dev: st.st_dev,
         ino: st.st_ino,
         file_type,
-    })
+    }
+}
+
+/// `fcntl(fd, F_GETFL)`: whether `fd` was opened for writing.
+pub(crate) fn is_writable(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    // SAFETY: live descriptor; F_GETFL takes no argument.
+    let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+    if flags == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(matches!(
+        flags & libc::O_ACCMODE,
+        libc::O_RDWR | libc::O_WRONLY
+    ))
 }
 
 /// How to open a lock file.

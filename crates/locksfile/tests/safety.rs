@@ -204,11 +204,89 @@ fn missing_file_without_create_is_not_found() {
             .create(false)
             .open(&path)
             .unwrap_err();
-        assert!(matches!(e, Error::Io { .. }), "{e:?}");
+        assert!(matches!(e, Error::Open { .. }), "{e:?}");
         let io: std::io::Error = e.into();
         assert_eq!(io.kind(), ErrorKind::NotFound);
         assert!(!path.exists());
     }
+}
+
+/// An open that fails keeps the kernel's errno and the path as data, so
+/// callers can tell a missing directory from a read-only file system or a
+/// full descriptor table, also through the `io::Error` made from it.
+#[test]
+fn open_errors_keep_the_errno_and_the_path() {
+    let _s = serial();
+    let (dir, _) = lock_path();
+    let path = dir.path().join("no-such-dir").join("x.lock");
+    for mode in MODES {
+        for create in [true, false] {
+            let e = LockFile::options()
+                .mode(mode)
+                .create(create)
+                .open(&path)
+                .unwrap_err();
+            let Error::Open {
+                path: ref p,
+                ref source,
+            } = e
+            else {
+                panic!("{mode}: expected Error::Open, got {e:?}");
+            };
+            assert_eq!(p, &path);
+            assert_eq!(source.raw_os_error(), Some(libc::ENOENT), "{source:?}");
+            let shown = e.to_string();
+            assert!(
+                shown.contains(path.to_str().unwrap()) && shown.contains(&source.to_string()),
+                "{shown}"
+            );
+            let inner = std::error::Error::source(&e).expect("a source");
+            assert_eq!(inner.to_string(), source.to_string());
+            // As an io::Error: the kind, the message with the path, and
+            // the kernel's error (errno and all) as its source.
+            let io: std::io::Error = e.into();
+            assert_eq!(io.kind(), ErrorKind::NotFound);
+            assert!(io.to_string().contains(path.to_str().unwrap()), "{io}");
+            let kernel = std::error::Error::source(&io)
+                .and_then(|s| s.downcast_ref::<std::io::Error>())
+                .expect("the kernel's error as the source");
+            assert_eq!(kernel.raw_os_error(), Some(libc::ENOENT));
+        }
+    }
+    assert!(!dir.path().join("no-such-dir").exists());
+}
+
+/// With no descriptor left (`RLIMIT_NOFILE` reached), the open fails with
+/// `EMFILE` itself, not a rewritten error without an errno.
+#[test]
+fn open_with_no_descriptor_left_says_emfile() {
+    let _s = serial();
+    let (_dir, path) = lock_path();
+    let p = &path;
+    fork(|| {
+        // open(2) takes the lowest free number and fails with EMFILE when
+        // that is at or above the limit: set the limit right there.
+        let mut lowest_free = 0;
+        while fs::metadata(format!("/proc/self/fd/{lowest_free}")).is_ok() {
+            lowest_free += 1;
+        }
+        let lim = libc::rlimit {
+            rlim_cur: lowest_free,
+            rlim_max: lowest_free,
+        };
+        // SAFETY: a valid rlimit struct for the call.
+        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) }, 0);
+        for mode in MODES {
+            let e = LockFile::options().mode(mode).open(p).unwrap_err();
+            match e {
+                Error::Open { ref source, .. } => {
+                    assert_eq!(source.raw_os_error(), Some(libc::EMFILE), "{e:?}")
+                }
+                e => panic!("{mode}: expected Error::Open, got {e:?}"),
+            }
+        }
+    })
+    .join();
 }
 
 /// A file this process can only open read-only: as root (which ignores

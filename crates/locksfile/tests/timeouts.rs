@@ -353,3 +353,57 @@ fn signals_during_kernel_waits_ofd() {
 fn signals_during_kernel_waits_process() {
     signals(Mode::Process);
 }
+
+/// A timeout too long for the clock to hold (`Duration::MAX`, or a deadline
+/// centuries away) means "as long as it takes": the waiter sleeps in the
+/// kernel like a blocking wait, and gets the lock once the holder lets go,
+/// instead of giving up at once.
+#[test]
+fn a_timeout_past_the_clocks_range_waits_as_long_as_it_takes() {
+    let _s = serial();
+    let (_dir, path) = lock_path();
+    let huge = [Duration::MAX, Duration::from_secs(u64::MAX / 2)];
+    for mode in MODES {
+        for (round, timeout) in huge.into_iter().enumerate() {
+            let lf = open(&path, mode);
+            let held = Pipe::new();
+            let done = Pipe::new();
+            let p = &path;
+            let holder = fork(|| {
+                let h = open(p, mode);
+                let _g = h.write(0..4).unwrap();
+                held.send(b'h');
+                done.expect(b'd');
+            });
+            held.expect(b'h');
+            std::thread::scope(|s| {
+                let (tx, rx) = mpsc::channel();
+                let lf = &lf;
+                s.spawn(move || {
+                    let r = if round == 0 {
+                        lf.read_for(2, timeout).map(drop)
+                    } else {
+                        lf.acquire(Kind::Exclusive, 2, Wait::Timeout(timeout))
+                    };
+                    tx.send(r).unwrap();
+                });
+                assert!(
+                    matches!(
+                        rx.recv_timeout(Duration::from_millis(300)),
+                        Err(mpsc::RecvTimeoutError::Timeout)
+                    ),
+                    "{mode}: a wait of {timeout:?} ended early"
+                );
+                // Asleep in F_SETLKW, as a blocking wait.
+                wait_for_waiter(p, 2, waiter_pid(mode, pid()));
+                done.send(b'd');
+                holder.join();
+                match rx.recv_timeout(STUCK) {
+                    Ok(Ok(())) => {}
+                    other => panic!("{mode}: after the release: {other:?}"),
+                }
+            });
+            lf.release_all().unwrap();
+        }
+    }
+}
