@@ -2,7 +2,7 @@
 
 from os import PathLike
 from types import TracebackType
-from typing import List, Literal, Optional, Tuple, Type, TypeVar, Union, final
+from typing import Generic, List, Literal, Optional, Tuple, Type, TypeVar, Union, final
 
 __version__: str
 INDEX_END: int
@@ -54,10 +54,17 @@ class pylocksfile:
         """
     def release(self, lock_n: Optional[LockN] = None) -> None:
         """Release ``lock_n``, or everything when None. Harmless on what is not held."""
-    def __call__(self: _S, writeLock: bool = False, lock_n: LockN = 0) -> _S:
-        """Record the span for ``with lf(writeLock=..., lock_n=...):``."""
+    def __call__(self: _S, writeLock: bool = False, lock_n: LockN = 0) -> "_WithStatement[_S]":
+        """The context manager of ``with lf(writeLock=..., lock_n=...):``.
+
+        Its ``__enter__``/``__exit__`` call this object's (looked up on the
+        type, so a subclass's run); ``as`` binds this object. A call never
+        entered leaves nothing behind.
+        """
     def __enter__(self: _S) -> _S:
-        """Acquire the recorded span (blocking); ``IllegalWithStatement`` for a bare ``with lf:``."""
+        """Acquire the span of the ``with lf(...)`` being entered (blocking);
+        ``IllegalWithStatement`` for a bare ``with lf:``, even after a call
+        that no ``with`` entered."""
     def __exit__(
         self,
         exc_type: Optional[Type[BaseException]],
@@ -65,6 +72,20 @@ class pylocksfile:
         tb: Optional[TracebackType],
     ) -> bool:
         """Release the span this ``with`` acquired."""
+
+@final
+class _WithStatement(Generic[_S]):
+    """What ``pylocksfile.__call__`` returns: one ``with`` statement's arguments."""
+
+    def __enter__(self) -> _S:
+        """Acquire through the ``pylocksfile``'s ``__enter__``; returns that object."""
+    def __exit__(
+        self,
+        exc_type: Optional[Type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> bool:
+        """Release through the ``pylocksfile``'s ``__exit__``."""
 
 @final
 class Holder:
