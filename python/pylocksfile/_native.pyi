@@ -37,7 +37,7 @@ class pylocksfile:
     ) -> None: ...
     @property
     def locksfile_path(self) -> str:
-        """The lock file's absolute path."""
+        """The lock file's path made absolute as opened (``..`` kept; the kernel resolves it)."""
     @property
     def l_id(self) -> object:
         """The id printed before verbose messages."""
@@ -143,7 +143,7 @@ class LocksFile:
     ) -> None: ...
     @property
     def path(self) -> str:
-        """The lock file's absolute path."""
+        """The lock file's path made absolute as opened (``..`` kept; the kernel resolves it)."""
     @property
     def mode(self) -> Literal["ofd", "process"]:
         """The lock mode."""

@@ -379,6 +379,22 @@ impl PyLocksFile {
     }
 }
 
+/// Refuse paths that cannot name a lock file: `""` (the kernel's
+/// `ENOENT`, but `std::path::absolute` would turn it into the working
+/// directory) and a trailing `/` (a directory; the core's path handling
+/// would drop the slash and open the file without it).
+pub fn check_path(path: &str) -> Result<(), String> {
+    if path.is_empty() {
+        Err("the lock file path is empty".to_string())
+    } else if path.ends_with('/') {
+        Err(format!(
+            "the lock file path {path:?} ends with '/': it names a directory, not a file"
+        ))
+    } else {
+        Ok(())
+    }
+}
+
 fn mode_name(m: Mode) -> &'static str {
     match m {
         Mode::Ofd => "ofd",
@@ -428,17 +444,22 @@ impl PyLocksFile {
             }
             Some(p) => os.call_method1("fspath", (p,))?,
         };
-        let abs = os.getattr("path")?.call_method1("abspath", (&path,))?;
-        let abs = abs.cast_into::<PyString>().map_err(|_| {
+        let path = path.cast_into::<PyString>().map_err(|_| {
             PyTypeError::new_err("path must be a str or an os.PathLike giving a str")
         })?;
+        let text = path.to_cow()?;
+        check_path(&text).map_err(PyValueError::new_err)?;
+        // Handed over as written: the core makes it absolute without
+        // touching `..`, so `link/../x.lock` is resolved by the kernel,
+        // symlink first, as every other opener of the same string does.
         let lf = LockFile::options()
             .mode(mode)
             .create(create)
             .permissions(permissions)
             .follow_symlinks(follow_symlinks)
-            .open(abs.extract::<PathBuf>()?)
+            .open(path.extract::<PathBuf>()?)
             .map_err(|e| to_py(py, e))?;
+        let abs = lf.path().as_os_str().into_pyobject(py)?.cast_into::<PyString>()?;
         Ok(PyLocksFile {
             handle: Mutex::new(Some(Arc::new(lf))),
             guards: Mutex::new(Vec::new()),
@@ -448,7 +469,9 @@ impl PyLocksFile {
         })
     }
 
-    /// The lock file's absolute path.
+    /// The lock file's path made absolute, as the core opened it: joined
+    /// to the working directory, ``..`` kept (the kernel resolves it,
+    /// symbolic links first, as for any other opener of the same string).
     #[getter]
     fn path(&self, py: Python<'_>) -> Py<PyString> {
         self.path.clone_ref(py)

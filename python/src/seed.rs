@@ -448,17 +448,26 @@ impl Seed {
                 p
             }
         };
-        let abs = os_path.call_method1("abspath", (&path,))?;
-        let dir = os_path.call_method1("dirname", (&abs,))?;
+        let path = path.cast_into::<PyString>()?;
+        if let Err(msg) = crate::modern::check_path(&path.to_cow()?) {
+            return Err(illegal_argument(py, format!("locksfile_path: {msg}")));
+        }
+        // The directory as the kernel will resolve it (`link/..` is the
+        // parent of the link's target), not as `os.path` would rewrite it.
+        let dir = os_path.call_method1("dirname", (&path,))?;
+        let dir = if dir.is_truthy()? {
+            dir
+        } else {
+            PyString::new(py, ".").into_any()
+        };
         if !os_path.call_method1("isdir", (&dir,))?.is_truthy()? {
             return Err(illegal_argument(
                 py,
                 format!("locksfile_path directory {dir} does not exist"),
             ));
         }
-        let abs = abs.cast_into::<PyString>()?;
-        let path_buf = abs.extract::<PathBuf>()?;
-        let handle = match open_process(&path_buf) {
+        // Handed over as written; the core makes it absolute, keeping `..`.
+        let handle = match open_process(&path.extract::<PathBuf>()?) {
             Ok(h) => h,
             Err(e @ Error::NotRegularFile { .. }) => {
                 return Err(illegal_argument(py, format!("locksfile_path: {e}")))
@@ -471,6 +480,11 @@ impl Seed {
                 .into_any()
                 .unbind(),
         };
+        let path_buf = handle.path().to_path_buf();
+        let abs = path_buf
+            .as_os_str()
+            .into_pyobject(py)?
+            .cast_into::<PyString>()?;
         let open = Open {
             handle: Arc::new(handle),
             path: abs.unbind(),
@@ -487,7 +501,8 @@ impl Seed {
         Ok(())
     }
 
-    /// The lock file's absolute path.
+    /// The lock file's path made absolute, as the core opened it: joined
+    /// to the working directory, ``..`` kept (the kernel resolves it).
     #[getter]
     fn locksfile_path(&self, py: Python<'_>) -> PyResult<Py<PyString>> {
         Ok(self.open()?.path.clone_ref(py))
