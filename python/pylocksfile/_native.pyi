@@ -104,7 +104,11 @@ class Holder:
 
 @final
 class Guard:
-    """A lock on a span held until ``release()``, the end of its ``with`` block, or collection."""
+    """A lock on a span held until ``release()``, the end of its ``with`` block, or collection.
+
+    Inherited through ``fork``, every method raises ``ForkedError`` in the
+    child and never touches the parent's lock.
+    """
 
     @property
     def span(self) -> range:
@@ -116,9 +120,20 @@ class Guard:
     def held(self) -> bool:
         """Whether the lock is still held."""
     def release(self) -> None:
-        """Release now; harmless when already released."""
+        """Release now; harmless when already released.
+
+        Released while another thread upgrades it, the guard stays released:
+        that upgrade unlocks what it holds and raises ``RuntimeError``.
+        """
     def upgrade(self: _G, *, blocking: bool = True, timeout: Optional[float] = None) -> _G:
-        """Convert shared to exclusive in place; on failure the shared lock stays."""
+        """Convert shared to exclusive in place; on a conflict, timeout or
+        deadlock the shared lock stays.
+
+        If another thread releases the guard (``RuntimeError``) or closes its
+        ``LocksFile`` (``ValueError``) meanwhile, this call unlocks everything
+        the guard held and raises when its wait ends (a timed wait at its
+        next try, an untimed one when the kernel grants the lock).
+        """
     def downgrade(self: _G) -> _G:
         """Convert exclusive to shared in place; never blocks."""
     def __enter__(self: _G) -> _G: ...
@@ -130,7 +145,11 @@ class Guard:
     ) -> bool: ...
 
 class LocksFile:
-    """Many numbered reader/writer locks in one file, for new code (OFD locks by default)."""
+    """Many numbered reader/writer locks in one file, for new code (OFD locks by default).
+
+    Every call but ``close()`` on a closed object raises ``ValueError``; on
+    an object inherited through ``fork``, ``ForkedError``.
+    """
 
     def __init__(
         self,
@@ -189,7 +208,12 @@ class LocksFile:
     def fileno(self) -> int:
         """The descriptor locks go through; never close it."""
     def close(self) -> None:
-        """Release everything, guards included, and close."""
+        """Release everything, guards included, and close.
+
+        Calls waiting in other threads end with ``ValueError`` and hold
+        nothing: timed waits at their next try, untimed ones when the kernel
+        grants their lock. In a forked child it releases nothing.
+        """
     def __enter__(self: _L) -> _L: ...
     def __exit__(
         self,

@@ -668,10 +668,7 @@ impl SeedWith {
             .and_then(|f| f.call1((lf,)));
         // Whatever `__enter__` did, this statement's record is entered or gone.
         let mut withs = lock_mutex(&me.withs);
-        if let Some(i) = withs
-            .iter()
-            .rposition(|e| e.thread == thread && !e.entered)
-        {
+        if let Some(i) = withs.iter().rposition(|e| e.thread == thread && !e.entered) {
             withs.remove(i);
         }
         entered.map(Bound::unbind)

@@ -249,3 +249,51 @@ def test_dropping_an_inherited_object_keeps_the_childs_own_locks(spawn_worker, l
     assert w.held() == "W........."
     w.exec(EXIT_CHILD)
     assert w.held() == "W........."
+
+
+@pytest.mark.parametrize("mode", ["ofd", "process"])
+def test_every_guard_and_object_method_refuses_in_a_forked_child(spawn_worker, lock_path, mode):
+    """Each call on an inherited guard or object raises ForkedError in the
+    child, changes nothing there and never touches the parent's locks
+    (in OFD mode the child shares them through the open file description)."""
+    w = spawn_worker()
+    w.exec(f"lf = LocksFile(path, mode={mode!r})")
+    w.exec("gr = lf.read(0)\ngw = lf.write(2)\nlf.acquire('shared', 4)")
+    owner = -1 if mode == "ofd" else w.pid
+    assert support.held_map(lock_path, owner) == "R.W.R....."
+    calls = [
+        "gw.downgrade()",
+        "gr.upgrade()",
+        "gr.upgrade(blocking=False)",
+        "gr.upgrade(timeout=0.1)",
+        "gw.release()",
+        "gr.release()",
+        "gw.__enter__()",
+        "gr.__exit__(None, None, None)",
+        "lf.read(6)",
+        "lf.write(6, timeout=0.1)",
+        "lf.try_read(6)",
+        "lf.try_write(6)",
+        "lf.read_for(6, 0.1)",
+        "lf.write_for(6, 0.1)",
+        "lf.acquire('exclusive', 6)",
+        "lf.release(4)",
+        "lf.release()",
+        "lf.held()",
+        "lf.held_explicitly()",
+        "lf.conflicts(0)",
+        "lf.fileno()",
+        "lf.writable",
+        "lf.__enter__()",
+    ]
+    report, child = run_child(w, calls + ["[gr.kind, gw.kind, gr.held, gw.held]"])
+    assert dict(zip(calls, report)) == {c: "ForkedError" for c in calls}
+    assert report[-1] == ["shared", "exclusive", True, True], "the child's guards changed"
+    assert support.held_map(lock_path, owner) == "R.W.R....."
+    assert support.held_map(lock_path, child) == ".........."
+    w.exec(EXIT_CHILD)
+    assert support.held_map(lock_path, owner) == "R.W.R....."
+    assert not support.can_lock(lock_path, 2, write=False)
+    # The parent's guards still work.
+    w.exec("gw.downgrade()\ngr.upgrade()")
+    assert support.held_map(lock_path, owner) == "W.R.R....."
