@@ -133,6 +133,15 @@ class Guard:
         ``LocksFile`` (``ValueError``) meanwhile, this call unlocks everything
         the guard held and raises when its wait ends (a timed wait at its
         next try, an untimed one when the kernel grants the lock).
+
+        Deadlocks
+        ---------
+        Two owners that both hold a shared lock on the same span and both
+        upgrade it wait for each other. In process mode the kernel sees that
+        and one of them gets ``DeadlockError``. In OFD mode (the default) the
+        kernel detects no deadlocks: both wait forever. Give such upgrades a
+        ``timeout`` (both then raise ``LockTimeout`` and keep their shared
+        lock) or use ``blocking=False``, or take the exclusive lock at once.
         """
     def downgrade(self: _G) -> _G:
         """Convert exclusive to shared in place; never blocks."""

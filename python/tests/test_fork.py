@@ -297,3 +297,36 @@ def test_every_guard_and_object_method_refuses_in_a_forked_child(spawn_worker, l
     # The parent's guards still work.
     w.exec("gw.downgrade()\ngr.upgrade()")
     assert support.held_map(lock_path, owner) == "W.R.R....."
+
+
+def test_ofd_lock_outlives_its_holder_in_a_forked_child(spawn_worker, lock_path):
+    """The README's caveat: a child forked by the holder (no exec) keeps the
+    open file description, so the holder's OFD lock survives the holder's
+    death until that child exits too."""
+    r, w_end = os.pipe()
+    try:
+        holder = spawn_worker()  # forked from this process: it has both pipe ends
+        holder.exec(f"os.close({w_end})\nlf = LocksFile(path)\ng = lf.write(0)")
+        # The grandchild keeps only the lock's descriptor and the pipe's read
+        # end (so the holder's other pipes see the holder die), and waits for
+        # this test to close the pipe's write end.
+        holder.exec(
+            "keep = sorted({%d, lf.fileno()})\n"
+            "child = os.fork()\n"
+            "if child == 0:\n"
+            "    os.closerange(3, keep[0])\n"
+            "    os.closerange(keep[0] + 1, keep[1])\n"
+            "    os.closerange(keep[1] + 1, 1 << 16)\n"
+            "    os.read(%d, 1)\n"
+            "    os._exit(0)\n" % (r, r)
+        )
+        assert not support.can_lock(lock_path, 0, write=False)
+        holder.kill()
+        assert not holder.proc.is_alive()
+        assert not support.can_lock(lock_path, 0, write=False), "the forked child keeps the dead holder's lock"
+        assert [(lk.family, lk.kind) for lk in support.kernel_locks(lock_path)] == [("OFDLCK", "W")]
+    finally:
+        os.close(w_end)
+        os.close(r)
+    support.wait_until(lambda: support.kernel_locks(lock_path) == [], what="the child to exit and the lock to go")
+    assert support.can_lock(lock_path, 0, write=True)

@@ -112,3 +112,22 @@ def test_trailing_slash_after_an_existing_file_is_refused(lock_path):
         LocksFile(f"{lock_path}/")
     with pytest.raises(IllegalArgumentError, match="ends with '/'"):
         pylocksfile(f"{lock_path}/")
+
+
+@pytest.mark.parametrize("how", ["delete", "rename over"])
+def test_replacing_a_held_lock_file_splits_the_lock(lock_path, how):
+    """The README's caveat: locks belong to the inode, so a new opener of a
+    deleted or replaced lock file gets another file and is not excluded."""
+    a = LocksFile(lock_path)
+    g = a.write(0)
+    if how == "delete":
+        os.unlink(lock_path)
+    else:
+        other = lock_path.with_name("other.lock")
+        other.touch()
+        os.rename(other, lock_path)
+    b = LocksFile(lock_path)
+    assert os.fstat(a.fileno()).st_ino != os.fstat(b.fileno()).st_ino
+    split = b.try_write(0)
+    assert split is not None, "the new file's lock 0 is free although a still holds the old one's"
+    assert g.held
