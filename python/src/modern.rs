@@ -495,12 +495,17 @@ impl PyLocksFile {
 /// `ENOENT`, but `std::path::absolute` would turn it into the working
 /// directory) and a trailing `/` (a directory; the core's path handling
 /// would drop the slash and open the file without it).
-pub fn check_path(path: &str) -> Result<(), String> {
-    if path.is_empty() {
+/// Checked on the bytes the kernel will see, so names that are not UTF-8
+/// (`os.fsdecode`'s surrogate escapes) pass through unchanged.
+pub fn check_path(path: &std::path::Path) -> Result<(), String> {
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = path.as_os_str().as_bytes();
+    if bytes.is_empty() {
         Err("the lock file path is empty".to_string())
-    } else if path.ends_with('/') {
+    } else if bytes.ends_with(b"/") {
         Err(format!(
-            "the lock file path {path:?} ends with '/': it names a directory, not a file"
+            "the lock file path {:?} ends with '/': it names a directory, not a file",
+            path.display()
         ))
     } else {
         Ok(())
@@ -559,8 +564,8 @@ impl PyLocksFile {
         let path = path.cast_into::<PyString>().map_err(|_| {
             PyTypeError::new_err("path must be a str or an os.PathLike giving a str")
         })?;
-        let text = path.to_cow()?;
-        check_path(&text).map_err(PyValueError::new_err)?;
+        let path_buf = path.extract::<PathBuf>()?;
+        check_path(&path_buf).map_err(PyValueError::new_err)?;
         // Handed over as written: the core makes it absolute without
         // touching `..`, so `link/../x.lock` is resolved by the kernel,
         // symlink first, as every other opener of the same string does.
@@ -569,7 +574,7 @@ impl PyLocksFile {
             .create(create)
             .permissions(permissions)
             .follow_symlinks(follow_symlinks)
-            .open(path.extract::<PathBuf>()?)
+            .open(path_buf)
             .map_err(|e| to_py(py, e))?;
         let abs = lf
             .path()

@@ -449,7 +449,8 @@ impl Seed {
             }
         };
         let path = path.cast_into::<PyString>()?;
-        if let Err(msg) = crate::modern::check_path(&path.to_cow()?) {
+        let given = path.extract::<PathBuf>()?;
+        if let Err(msg) = crate::modern::check_path(&given) {
             return Err(illegal_argument(py, format!("locksfile_path: {msg}")));
         }
         // The directory as the kernel will resolve it (`link/..` is the
@@ -467,7 +468,7 @@ impl Seed {
             ));
         }
         // Handed over as written; the core makes it absolute, keeping `..`.
-        let handle = match open_process(&path.extract::<PathBuf>()?) {
+        let handle = match open_process(&given) {
             Ok(h) => h,
             Err(e @ Error::NotRegularFile { .. }) => {
                 return Err(illegal_argument(py, format!("locksfile_path: {e}")))

@@ -131,3 +131,16 @@ def test_replacing_a_held_lock_file_splits_the_lock(lock_path, how):
     split = b.try_write(0)
     assert split is not None, "the new file's lock 0 is free although a still holds the old one's"
     assert g.held
+
+
+def test_names_that_are_not_utf8_pass_through(tmp_path):
+    """`os.fsdecode` turns undecodable bytes into surrogate escapes; the path
+    must reach the kernel as those bytes, and come back the same way."""
+    name = os.fsdecode(b"\xff\xfe.lock")
+    path = os.path.join(str(tmp_path), name)
+    lf = LocksFile(path)
+    seed = pylocksfile(path)
+    assert lf.path == seed.locksfile_path == path
+    assert os.listdir(os.fsencode(str(tmp_path))) == [b"\xff\xfe.lock"]
+    with lf.write(1):
+        assert seed.acquire(writeLock=False, lock_n=1, blocking=False) is False
