@@ -491,12 +491,12 @@ impl PyLocksFile {
     }
 }
 
-/// Refuse paths that cannot name a lock file: `""` (the kernel's
-/// `ENOENT`, but `std::path::absolute` would turn it into the working
-/// directory) and a trailing `/` (a directory; the core's path handling
-/// would drop the slash and open the file without it).
-/// Checked on the bytes the kernel will see, so names that are not UTF-8
-/// (`os.fsdecode`'s surrogate escapes) pass through unchanged.
+/// Refuse paths that cannot name a lock file, with a message that says
+/// why, before anything is opened: `""` (`os.path.abspath` made it the
+/// working directory; the kernel answers `ENOENT`) and a trailing `/`
+/// (`os.path.abspath` dropped it and opened the file; the kernel answers
+/// `EISDIR` or `ENOTDIR`). Checked on the bytes the kernel will see, so
+/// names that are not UTF-8 (`os.fsdecode`'s surrogate escapes) pass.
 pub fn check_path(path: &std::path::Path) -> Result<(), String> {
     use std::os::unix::ffi::OsStrExt;
     let bytes = path.as_os_str().as_bytes();
