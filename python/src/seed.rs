@@ -663,10 +663,15 @@ impl SeedWith {
             span: self.span,
             entered: false,
         });
-        let entered = lf
-            .get_type()
-            .getattr("__enter__")
-            .and_then(|f| f.call1((lf,)));
+        // The class itself: its own `__enter__` directly; a subclass: through
+        // the type, so an override runs.
+        let entered = if lf.get_type().is(py.get_type::<Seed>()) {
+            Seed::__enter__(lf).map(Bound::into_any)
+        } else {
+            lf.get_type()
+                .getattr("__enter__")
+                .and_then(|f| f.call1((lf,)))
+        };
         // Whatever `__enter__` did, this statement's record is entered or gone.
         let mut withs = lock_mutex(&me.withs);
         if let Some(i) = withs.iter().rposition(|e| e.thread == thread && !e.entered) {
@@ -678,6 +683,10 @@ impl SeedWith {
     #[pyo3(signature = (*exc))]
     fn __exit__(&self, py: Python<'_>, exc: &Bound<'_, PyTuple>) -> PyResult<Py<PyAny>> {
         let lf = self.lf.bind(py);
+        if lf.get_type().is(py.get_type::<Seed>()) {
+            let suppress = lf.get().__exit__(py, exc)?;
+            return Ok(PyBool::new(py, suppress).to_owned().into_any().unbind());
+        }
         let mut args = vec![lf.clone().into_any()];
         args.extend(exc.iter());
         lf.get_type()
