@@ -2,7 +2,7 @@
 
 from os import PathLike
 from types import TracebackType
-from typing import Generic, List, Literal, Optional, Tuple, Type, TypeVar, Union, final
+from typing import Any, Generic, List, Literal, Optional, Tuple, Type, TypeVar, Union, final
 
 __version__: str
 INDEX_END: int
@@ -75,7 +75,12 @@ class pylocksfile:
 
 @final
 class _WithStatement(Generic[_S]):
-    """What ``pylocksfile.__call__`` returns: one ``with`` statement's arguments."""
+    """What ``pylocksfile.__call__`` returns: one ``with`` statement's arguments.
+
+    Other attributes are the ``pylocksfile``'s, as when the call returned it.
+    """
+
+    def __getattr__(self, name: str) -> Any: ...
 
     def __enter__(self) -> _S:
         """Acquire through the ``pylocksfile``'s ``__enter__``; returns that object."""

@@ -695,6 +695,15 @@ impl SeedWith {
             .map(Bound::unbind)
     }
 
+    /// Everything else is the `pylocksfile`'s, as when the call returned it.
+    fn __getattr__<'py>(
+        &self,
+        py: Python<'py>,
+        name: &Bound<'py, PyString>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        self.lf.bind(py).getattr(name)
+    }
+
     fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
         Ok(format!(
             "<with {}(writeLock={}, lock_n={}) statement>",

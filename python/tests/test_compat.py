@@ -419,6 +419,12 @@ def test_a_call_kept_for_later_still_enters(lock_path):
         assert entered is lf
         assert held(lock_path) == "......WW.."
     assert held(lock_path) == ".........."
+    # Code that used the call's result as the object itself still works.
+    assert statement.locksfile_path == lf.locksfile_path
+    assert statement.acquire(writeLock=True, lock_n=1) is True
+    assert held(lock_path) == ".W........"
+    statement.release()
+    assert held(lock_path) == ".........."
 
 
 def test_with_runs_a_subclass_enter_and_exit(lock_path):
