@@ -2,7 +2,7 @@
 
 from os import PathLike
 from types import TracebackType
-from typing import List, Literal, Optional, Tuple, Type, TypeVar, Union, final
+from typing import Any, Generic, List, Literal, Optional, Tuple, Type, TypeVar, Union, final
 
 __version__: str
 INDEX_END: int
@@ -37,7 +37,7 @@ class pylocksfile:
     ) -> None: ...
     @property
     def locksfile_path(self) -> str:
-        """The lock file's absolute path."""
+        """The lock file's path made absolute as opened (``..`` kept; the kernel resolves it)."""
     @property
     def l_id(self) -> object:
         """The id printed before verbose messages."""
@@ -54,10 +54,17 @@ class pylocksfile:
         """
     def release(self, lock_n: Optional[LockN] = None) -> None:
         """Release ``lock_n``, or everything when None. Harmless on what is not held."""
-    def __call__(self: _S, writeLock: bool = False, lock_n: LockN = 0) -> _S:
-        """Record the span for ``with lf(writeLock=..., lock_n=...):``."""
+    def __call__(self: _S, writeLock: bool = False, lock_n: LockN = 0) -> "_WithStatement[_S]":
+        """The context manager of ``with lf(writeLock=..., lock_n=...):``.
+
+        Its ``__enter__``/``__exit__`` call this object's (looked up on the
+        type, so a subclass's run); ``as`` binds this object. A call never
+        entered leaves nothing behind.
+        """
     def __enter__(self: _S) -> _S:
-        """Acquire the recorded span (blocking); ``IllegalWithStatement`` for a bare ``with lf:``."""
+        """Acquire the span of the ``with lf(...)`` being entered (blocking);
+        ``IllegalWithStatement`` for a bare ``with lf:``, even after a call
+        that no ``with`` entered."""
     def __exit__(
         self,
         exc_type: Optional[Type[BaseException]],
@@ -65,6 +72,25 @@ class pylocksfile:
         tb: Optional[TracebackType],
     ) -> bool:
         """Release the span this ``with`` acquired."""
+
+@final
+class _WithStatement(Generic[_S]):
+    """What ``pylocksfile.__call__`` returns: one ``with`` statement's arguments.
+
+    Other attributes are the ``pylocksfile``'s, as when the call returned it.
+    """
+
+    def __getattr__(self, name: str) -> Any: ...
+
+    def __enter__(self) -> _S:
+        """Acquire through the ``pylocksfile``'s ``__enter__``; returns that object."""
+    def __exit__(
+        self,
+        exc_type: Optional[Type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> bool:
+        """Release through the ``pylocksfile``'s ``__exit__``."""
 
 @final
 class Holder:
@@ -83,7 +109,11 @@ class Holder:
 
 @final
 class Guard:
-    """A lock on a span held until ``release()``, the end of its ``with`` block, or collection."""
+    """A lock on a span held until ``release()``, the end of its ``with`` block, or collection.
+
+    Inherited through ``fork``, every method raises ``ForkedError`` in the
+    child and never touches the parent's lock.
+    """
 
     @property
     def span(self) -> range:
@@ -95,9 +125,29 @@ class Guard:
     def held(self) -> bool:
         """Whether the lock is still held."""
     def release(self) -> None:
-        """Release now; harmless when already released."""
+        """Release now; harmless when already released.
+
+        Released while another thread upgrades it, the guard stays released:
+        that upgrade unlocks what it holds and raises ``RuntimeError``.
+        """
     def upgrade(self: _G, *, blocking: bool = True, timeout: Optional[float] = None) -> _G:
-        """Convert shared to exclusive in place; on failure the shared lock stays."""
+        """Convert shared to exclusive in place; on a conflict, timeout or
+        deadlock the shared lock stays.
+
+        If another thread releases the guard (``RuntimeError``) or closes its
+        ``LocksFile`` (``ValueError``) meanwhile, this call unlocks everything
+        the guard held and raises when its wait ends (a timed wait at its
+        next try, an untimed one when the kernel grants the lock).
+
+        Deadlocks
+        ---------
+        Two owners that both hold a shared lock on the same span and both
+        upgrade it wait for each other. In process mode the kernel sees that
+        and one of them gets ``DeadlockError``. In OFD mode (the default) the
+        kernel detects no deadlocks: both wait forever. Give such upgrades a
+        ``timeout`` (both then raise ``LockTimeout`` and keep their shared
+        lock) or use ``blocking=False``, or take the exclusive lock at once.
+        """
     def downgrade(self: _G) -> _G:
         """Convert exclusive to shared in place; never blocks."""
     def __enter__(self: _G) -> _G: ...
@@ -109,7 +159,11 @@ class Guard:
     ) -> bool: ...
 
 class LocksFile:
-    """Many numbered reader/writer locks in one file, for new code (OFD locks by default)."""
+    """Many numbered reader/writer locks in one file, for new code (OFD locks by default).
+
+    Every call but ``close()`` on a closed object raises ``ValueError``; on
+    an object inherited through ``fork``, ``ForkedError``.
+    """
 
     def __init__(
         self,
@@ -122,7 +176,7 @@ class LocksFile:
     ) -> None: ...
     @property
     def path(self) -> str:
-        """The lock file's absolute path."""
+        """The lock file's path made absolute as opened (``..`` kept; the kernel resolves it)."""
     @property
     def mode(self) -> Literal["ofd", "process"]:
         """The lock mode."""
@@ -168,7 +222,12 @@ class LocksFile:
     def fileno(self) -> int:
         """The descriptor locks go through; never close it."""
     def close(self) -> None:
-        """Release everything, guards included, and close."""
+        """Release everything, guards included, and close.
+
+        Calls waiting in other threads end with ``ValueError`` and hold
+        nothing: timed waits at their next try, untimed ones when the kernel
+        grants their lock. In a forked child it releases nothing.
+        """
     def __enter__(self: _L) -> _L: ...
     def __exit__(
         self,

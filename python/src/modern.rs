@@ -119,50 +119,120 @@ enum Held {
     /// Taken out by a thread that is converting it.
     Busy,
     Released,
+    /// Released by `LocksFile.close()`.
+    Closed,
+}
+
+impl Held {
+    fn unlock(self) -> Result<(), Error> {
+        match self {
+            Held::Read(g) => ReadGuard::unlock(g),
+            Held::Write(g) => WriteGuard::unlock(g),
+            Held::Busy | Held::Released | Held::Closed => Ok(()),
+        }
+    }
 }
 
 struct GuardCell {
     held: Mutex<Held>,
     span: Span,
+    /// The process that took it: in a forked child every method refuses
+    /// before touching anything, so the parent's locks stay as they are.
+    pid: u32,
 }
 
 impl GuardCell {
-    fn release(&self) -> Result<(), Error> {
-        let held = std::mem::replace(&mut *lock_mutex(&self.held), Held::Released);
-        match held {
-            Held::Read(g) => ReadGuard::unlock(g),
-            Held::Write(g) => WriteGuard::unlock(g),
-            Held::Busy | Held::Released => Ok(()),
+    /// Release, leaving `end` (`Released` or `Closed`) behind. A guard that
+    /// another thread is converting is marked at once; that thread unlocks
+    /// what it holds when its wait ends (see `PyGuard::finish`).
+    fn release(&self, end: Held) -> Result<(), Error> {
+        let mut slot = lock_mutex(&self.held);
+        if matches!(&*slot, Held::Released | Held::Closed) {
+            return Ok(());
         }
+        let held = std::mem::replace(&mut *slot, end);
+        drop(slot);
+        held.unlock()
     }
+}
+
+/// What a wait's next try returns once its object was closed or its guard
+/// released: any error but `TimedOut`/`Interrupted` ends a wait at once.
+/// Only timed waits try again before the lock is had; an untimed one sleeps
+/// in `F_SETLKW` until the kernel grants it.
+const GIVE_UP: Error = Error::WouldBlock { holder: None };
+
+fn closed_error() -> PyErr {
+    PyValueError::new_err("I/O operation on a closed LocksFile")
+}
+
+fn closed_while_waiting() -> PyErr {
+    PyValueError::new_err("the LocksFile was closed while this call waited; nothing is held")
 }
 
 /// A lock on a span, held until released: by ``release()``, at the end of a
 /// ``with`` block, when the guard is collected, or when its ``LocksFile`` is
 /// closed. Returned by ``LocksFile.read()``/``write()`` and their ``try_``
 /// and ``_for`` forms, with the lock already taken.
+///
+/// Inherited through ``fork``, every method raises ``ForkedError`` in the
+/// child and never touches the parent's lock.
 #[pyclass(name = "Guard", module = "pylocksfile", frozen, weakref)]
 pub struct PyGuard {
     cell: Arc<GuardCell>,
 }
 
 impl PyGuard {
+    fn not_forked(&self, py: Python<'_>) -> PyResult<()> {
+        if std::process::id() != self.cell.pid {
+            return Err(to_py(py, Error::Forked));
+        }
+        Ok(())
+    }
+
     fn take_busy(&self, py: Python<'_>) -> PyResult<Held> {
+        self.not_forked(py)?;
         let mut held = lock_mutex(&self.cell.held);
         match &*held {
             Held::Busy => Err(PyRuntimeError::new_err(
                 "the guard is being converted by another thread",
             )),
             Held::Released => Err(PyRuntimeError::new_err("the guard was released")),
-            _ => {
-                let _ = py;
-                Ok(std::mem::replace(&mut *held, Held::Busy))
-            }
+            Held::Closed => Err(PyValueError::new_err(
+                "the guard was released by closing its LocksFile",
+            )),
+            _ => Ok(std::mem::replace(&mut *held, Held::Busy)),
         }
     }
 
-    fn put(&self, h: Held) {
-        *lock_mutex(&self.cell.held) = h;
+    /// Whether the guard was released or its file closed (while busy).
+    fn ended(&self) -> bool {
+        matches!(&*lock_mutex(&self.cell.held), Held::Released | Held::Closed)
+    }
+
+    /// Put back what a conversion took out. If the guard was released or
+    /// its file closed meanwhile, that release stands: `h` is unlocked and
+    /// the conversion fails.
+    fn finish(&self, py: Python<'_>, h: Held) -> PyResult<()> {
+        let mut slot = lock_mutex(&self.cell.held);
+        let closed = match &*slot {
+            Held::Busy => {
+                *slot = h;
+                return Ok(());
+            }
+            other => matches!(other, Held::Closed),
+        };
+        drop(slot);
+        h.unlock().map_err(|e| to_py(py, e))?;
+        Err(if closed {
+            PyValueError::new_err(
+                "the LocksFile was closed while the guard was converting; nothing is held",
+            )
+        } else {
+            PyRuntimeError::new_err(
+                "the guard was released while it was converting; nothing is held",
+            )
+        })
     }
 }
 
@@ -182,25 +252,42 @@ impl PyGuard {
             Held::Write(_) => Some("exclusive"),
             // Only an upgrade makes a guard busy; it is shared until that ends.
             Held::Busy => Some("shared"),
-            Held::Released => None,
+            Held::Released | Held::Closed => None,
         }
     }
 
     /// Whether the lock is still held by this guard.
     #[getter]
     fn held(&self) -> bool {
-        !matches!(&*lock_mutex(&self.cell.held), Held::Released)
+        !matches!(&*lock_mutex(&self.cell.held), Held::Released | Held::Closed)
     }
 
-    /// Release the lock now. Releasing twice is harmless.
+    /// Release the lock now. Releasing twice is harmless. Released while
+    /// another thread upgrades it, the guard stays released: that upgrade
+    /// fails (``RuntimeError``) and unlocks what it holds when its wait ends.
     fn release(&self, py: Python<'_>) -> PyResult<()> {
-        self.cell.release().map_err(|e| to_py(py, e))
+        self.not_forked(py)?;
+        self.cell.release(Held::Released).map_err(|e| to_py(py, e))
     }
 
     /// Convert a shared lock to exclusive in place (the shared lock is kept
     /// while waiting). ``blocking=False`` raises ``WouldBlockError`` at once
-    /// on conflict; ``timeout`` (seconds) raises ``LockTimeout``. On any
-    /// failure the guard still holds its shared lock. Returns the guard.
+    /// on conflict; ``timeout`` (seconds) raises ``LockTimeout``. On those
+    /// failures the guard still holds its shared lock. Returns the guard.
+    ///
+    /// If another thread releases the guard (or closes its ``LocksFile``)
+    /// while this call waits, the release stands: when the wait ends this
+    /// call unlocks everything the guard held and raises ``RuntimeError``
+    /// (``ValueError`` for a closed file).
+    ///
+    /// Deadlocks
+    /// ---------
+    /// Two owners that both hold a shared lock on the same span and both
+    /// upgrade it wait for each other. In process mode the kernel sees that
+    /// and one of them gets ``DeadlockError``. In OFD mode (the default) the
+    /// kernel detects no deadlocks: both wait forever. Give such upgrades a
+    /// ``timeout`` (both then raise ``LockTimeout`` and keep their shared
+    /// lock) or use ``blocking=False``, or take the exclusive lock at once.
     #[pyo3(signature = (*, blocking = true, timeout = None))]
     fn upgrade<'py>(
         slf: &Bound<'py, Self>,
@@ -213,13 +300,17 @@ impl PyGuard {
         let g = match me.take_busy(py)? {
             Held::Read(g) => g,
             other => {
-                me.put(other);
+                me.finish(py, other)?;
                 return Ok(slf.clone());
             }
         };
         let mut slot = Some(g);
         let outcome = with_patience(py, patience, |w| {
             let g = slot.take().expect("the read guard is back between tries");
+            if me.ended() {
+                slot = Some(g);
+                return Err(GIVE_UP);
+            }
             match ReadGuard::upgrade_with(g, w) {
                 Ok(wg) => Ok(wg),
                 Err((g, e)) => {
@@ -230,11 +321,14 @@ impl PyGuard {
         });
         match outcome {
             Ok(Ok(wg)) => {
-                me.put(Held::Write(wg));
+                me.finish(py, Held::Write(wg))?;
                 Ok(slf.clone())
             }
             Ok(Err(e)) => {
-                me.put(Held::Read(slot.take().expect("the read guard came back")));
+                me.finish(
+                    py,
+                    Held::Read(slot.take().expect("the read guard came back")),
+                )?;
                 let e = match (e, timeout) {
                     (Error::WouldBlock { .. }, Some(_)) => Error::TimedOut,
                     (e, _) => e,
@@ -242,7 +336,11 @@ impl PyGuard {
                 Err(to_py(py, e))
             }
             Err(e) => {
-                me.put(Held::Read(slot.take().expect("the read guard came back")));
+                // A signal handler's exception wins over a release meanwhile.
+                let _ = me.finish(
+                    py,
+                    Held::Read(slot.take().expect("the read guard came back")),
+                );
                 Err(e)
             }
         }
@@ -250,17 +348,22 @@ impl PyGuard {
 
     /// Convert an exclusive lock to shared in place; never blocks. Returns the guard.
     fn downgrade<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, Self>> {
+        let py = slf.py();
         let me = slf.get();
-        let h = me.take_busy(slf.py())?;
-        me.put(match h {
-            Held::Write(g) => Held::Read(WriteGuard::downgrade(g)),
-            other => other,
-        });
+        let h = me.take_busy(py)?;
+        me.finish(
+            py,
+            match h {
+                Held::Write(g) => Held::Read(WriteGuard::downgrade(g)),
+                other => other,
+            },
+        )?;
         Ok(slf.clone())
     }
 
-    fn __enter__<'py>(slf: &Bound<'py, Self>) -> Bound<'py, Self> {
-        slf.clone()
+    fn __enter__<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, Self>> {
+        slf.get().not_forked(slf.py())?;
+        Ok(slf.clone())
     }
 
     #[pyo3(signature = (*_exc))]
@@ -274,7 +377,7 @@ impl PyGuard {
             Held::Read(_) => "shared",
             Held::Write(_) => "exclusive",
             Held::Busy => "converting",
-            Held::Released => "released",
+            Held::Released | Held::Closed => "released",
         };
         Ok(format!(
             "<Guard {} {state}>",
@@ -307,6 +410,10 @@ impl PyGuard {
 /// Ctrl-C, with nothing half-held. An object inherited through ``fork``
 /// raises ``ForkedError`` in the child and never touches the parent's
 /// locks: open the path again there.
+///
+/// After ``close()`` every call raises ``ValueError`` (as a closed file
+/// does), and calls that were waiting in other threads end with it too,
+/// holding nothing; see ``close()``.
 #[pyclass(name = "LocksFile", module = "pylocksfile", frozen, subclass, weakref)]
 pub struct PyLocksFile {
     handle: Mutex<Option<Arc<LockFile>>>,
@@ -332,7 +439,7 @@ impl PyLocksFile {
         lock_mutex(&self.handle)
             .as_ref()
             .map(Arc::clone)
-            .ok_or_else(|| PyValueError::new_err("I/O operation on a closed LocksFile"))
+            .ok_or_else(closed_error)
     }
 
     fn guard(
@@ -344,16 +451,22 @@ impl PyLocksFile {
         timed: bool,
     ) -> PyResult<Option<PyGuard>> {
         let span = py_span(span)?;
-        let lf = self.lf()?;
-        let outcome = with_patience(py, patience, |w| match kind {
-            Kind::Shared => ReadGuard::acquire(Arc::clone(&lf), span, w).map(Held::Read),
-            Kind::Exclusive => WriteGuard::acquire(Arc::clone(&lf), span, w).map(Held::Write),
+        let lf = self.lf_not_forked(py)?;
+        let outcome = with_patience(py, patience, |w| {
+            if self.closed() {
+                return Err(GIVE_UP);
+            }
+            match kind {
+                Kind::Shared => ReadGuard::acquire(Arc::clone(&lf), span, w).map(Held::Read),
+                Kind::Exclusive => WriteGuard::acquire(Arc::clone(&lf), span, w).map(Held::Write),
+            }
         })?;
         match outcome {
             Ok(h) => {
                 let cell = Arc::new(GuardCell {
                     held: Mutex::new(h),
                     span,
+                    pid: self.pid,
                 });
                 // Under the guards' lock, so `close()` (which closes first,
                 // then takes the guards) either sees this guard or we see it closed.
@@ -361,21 +474,41 @@ impl PyLocksFile {
                 if self.closed() {
                     // Closed by another thread while this one waited.
                     drop(guards);
-                    let _ = cell.release();
-                    return Err(PyValueError::new_err(
-                        "the LocksFile was closed while waiting",
-                    ));
+                    let _ = cell.release(Held::Closed);
+                    return Err(closed_while_waiting());
                 }
                 guards.retain(|w| w.strong_count() > 0);
                 guards.push(Arc::downgrade(&cell));
                 Ok(Some(PyGuard { cell }))
             }
+            Err(_) if self.closed() => Err(closed_while_waiting()),
             Err(Error::WouldBlock { .. }) if !timed && matches!(patience, Patience::Never) => {
                 Ok(None)
             }
             Err(Error::WouldBlock { .. }) if timed => Err(to_py(py, Error::TimedOut)),
             Err(e) => Err(to_py(py, e)),
         }
+    }
+}
+
+/// Refuse paths that cannot name a lock file, with a message that says
+/// why, before anything is opened: `""` (`os.path.abspath` made it the
+/// working directory; the kernel answers `ENOENT`) and a trailing `/`
+/// (`os.path.abspath` dropped it and opened the file; the kernel answers
+/// `EISDIR` or `ENOTDIR`). Checked on the bytes the kernel will see, so
+/// names that are not UTF-8 (`os.fsdecode`'s surrogate escapes) pass.
+pub fn check_path(path: &std::path::Path) -> Result<(), String> {
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = path.as_os_str().as_bytes();
+    if bytes.is_empty() {
+        Err("the lock file path is empty".to_string())
+    } else if bytes.ends_with(b"/") {
+        Err(format!(
+            "the lock file path {:?} ends with '/': it names a directory, not a file",
+            path.display()
+        ))
+    } else {
+        Ok(())
     }
 }
 
@@ -428,17 +561,26 @@ impl PyLocksFile {
             }
             Some(p) => os.call_method1("fspath", (p,))?,
         };
-        let abs = os.getattr("path")?.call_method1("abspath", (&path,))?;
-        let abs = abs.cast_into::<PyString>().map_err(|_| {
+        let path = path.cast_into::<PyString>().map_err(|_| {
             PyTypeError::new_err("path must be a str or an os.PathLike giving a str")
         })?;
+        let path_buf = path.extract::<PathBuf>()?;
+        check_path(&path_buf).map_err(PyValueError::new_err)?;
+        // Handed over as written: the core makes it absolute without
+        // touching `..`, so `link/../x.lock` is resolved by the kernel,
+        // symlink first, as every other opener of the same string does.
         let lf = LockFile::options()
             .mode(mode)
             .create(create)
             .permissions(permissions)
             .follow_symlinks(follow_symlinks)
-            .open(abs.extract::<PathBuf>()?)
+            .open(path_buf)
             .map_err(|e| to_py(py, e))?;
+        let abs = lf
+            .path()
+            .as_os_str()
+            .into_pyobject(py)?
+            .cast_into::<PyString>()?;
         Ok(PyLocksFile {
             handle: Mutex::new(Some(Arc::new(lf))),
             guards: Mutex::new(Vec::new()),
@@ -448,7 +590,9 @@ impl PyLocksFile {
         })
     }
 
-    /// The lock file's absolute path.
+    /// The lock file's path made absolute, as the core opened it: joined
+    /// to the working directory, ``..`` kept (the kernel resolves it,
+    /// symbolic links first, as for any other opener of the same string).
     #[getter]
     fn path(&self, py: Python<'_>) -> Py<PyString> {
         self.path.clone_ref(py)
@@ -468,8 +612,8 @@ impl PyLocksFile {
 
     /// Whether the file could be opened for writing (exclusive locks need it).
     #[getter]
-    fn writable(&self) -> PyResult<bool> {
-        Ok(self.lf()?.is_writable())
+    fn writable(&self, py: Python<'_>) -> PyResult<bool> {
+        Ok(self.lf_not_forked(py)?.is_writable())
     }
 
     /// Wait for a shared lock on ``span`` and return its ``Guard``.
@@ -546,8 +690,21 @@ impl PyLocksFile {
         let kind = parse_kind(kind)?;
         let span = py_span(span)?;
         let patience = Patience::from_args(blocking, timeout)?;
-        let lf = self.lf()?;
-        match with_patience(py, patience, |w| lf.acquire(kind, span, w))? {
+        let lf = self.lf_not_forked(py)?;
+        let outcome = with_patience(py, patience, |w| {
+            if self.closed() {
+                return Err(GIVE_UP);
+            }
+            lf.acquire(kind, span, w)
+        })?;
+        match outcome {
+            Err(_) if self.closed() => Err(closed_while_waiting()),
+            Ok(()) if self.closed() => {
+                // Closed by another thread while this one waited: `close()`
+                // may have released everything before this lock was had.
+                lf.release_all().map_err(|e| to_py(py, e))?;
+                Err(closed_while_waiting())
+            }
             Ok(()) => Ok(()),
             Err(Error::WouldBlock { .. }) if timeout.is_some() => Err(to_py(py, Error::TimedOut)),
             Err(e) => Err(to_py(py, e)),
@@ -558,7 +715,7 @@ impl PyLocksFile {
     /// keep theirs. Releasing what is not held is harmless; never blocks.
     #[pyo3(signature = (span = None))]
     fn release(&self, py: Python<'_>, span: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
-        let lf = self.lf()?;
+        let lf = self.lf_not_forked(py)?;
         let r = match span {
             Some(s) => lf.release(py_span(s)?),
             None => lf.release_all(),
@@ -604,7 +761,7 @@ impl PyLocksFile {
             None => Kind::Exclusive,
         };
         let span = py_span(span)?;
-        self.lf()?
+        self.lf_not_forked(py)?
             .conflicts(kind, span)
             .map(|h| h.map(PyHolder::from))
             .map_err(|e| to_py(py, e))
@@ -612,19 +769,32 @@ impl PyLocksFile {
 
     /// The descriptor locks go through. Do not close it: in process mode
     /// that drops every lock the process holds on the file.
-    fn fileno(&self) -> PyResult<i32> {
+    fn fileno(&self, py: Python<'_>) -> PyResult<i32> {
         use std::os::fd::{AsFd, AsRawFd};
-        Ok(self.lf()?.as_fd().as_raw_fd())
+        Ok(self.lf_not_forked(py)?.as_fd().as_raw_fd())
     }
 
     /// Release everything (explicit locks and every live guard) and close
     /// the handle. Closing twice is harmless.
+    ///
+    /// Calls of other threads still waiting for a lock of this object go on
+    /// waiting in the kernel; when their wait ends they release what they
+    /// got and raise ``ValueError`` (closed), so nothing stays held. An
+    /// upgrade in progress on one of its guards ends the same way.
+    ///
+    /// In a forked child it closes the child's copy and releases nothing:
+    /// the parent's locks stay.
     fn close(&self) -> PyResult<()> {
         let lf = lock_mutex(&self.handle).take();
         let guards = std::mem::take(&mut *lock_mutex(&self.guards));
+        let forked = std::process::id() != self.pid;
         for g in guards.iter().filter_map(Weak::upgrade) {
-            // In a forked child this fails with nothing touched; ignore it.
-            let _ = g.release();
+            if forked {
+                // Mark it closed without unlocking: the locks are the parent's.
+                *lock_mutex(&g.held) = Held::Closed;
+            } else {
+                let _ = g.release(Held::Closed);
+            }
         }
         if let Some(lf) = lf {
             let _ = lf.release_all();
@@ -633,7 +803,7 @@ impl PyLocksFile {
     }
 
     fn __enter__<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, Self>> {
-        slf.get().lf()?;
+        slf.get().lf_not_forked(slf.py())?;
         Ok(slf.clone())
     }
 

@@ -448,17 +448,27 @@ impl Seed {
                 p
             }
         };
-        let abs = os_path.call_method1("abspath", (&path,))?;
-        let dir = os_path.call_method1("dirname", (&abs,))?;
+        let path = path.cast_into::<PyString>()?;
+        let given = path.extract::<PathBuf>()?;
+        if let Err(msg) = crate::modern::check_path(&given) {
+            return Err(illegal_argument(py, format!("locksfile_path: {msg}")));
+        }
+        // The directory as the kernel will resolve it (`link/..` is the
+        // parent of the link's target), not as `os.path` would rewrite it.
+        let dir = os_path.call_method1("dirname", (&path,))?;
+        let dir = if dir.is_truthy()? {
+            dir
+        } else {
+            PyString::new(py, ".").into_any()
+        };
         if !os_path.call_method1("isdir", (&dir,))?.is_truthy()? {
             return Err(illegal_argument(
                 py,
                 format!("locksfile_path directory {dir} does not exist"),
             ));
         }
-        let abs = abs.cast_into::<PyString>()?;
-        let path_buf = abs.extract::<PathBuf>()?;
-        let handle = match open_process(&path_buf) {
+        // Handed over as written; the core makes it absolute, keeping `..`.
+        let handle = match open_process(&given) {
             Ok(h) => h,
             Err(e @ Error::NotRegularFile { .. }) => {
                 return Err(illegal_argument(py, format!("locksfile_path: {e}")))
@@ -471,6 +481,11 @@ impl Seed {
                 .into_any()
                 .unbind(),
         };
+        let path_buf = handle.path().to_path_buf();
+        let abs = path_buf
+            .as_os_str()
+            .into_pyobject(py)?
+            .cast_into::<PyString>()?;
         let open = Open {
             handle: Arc::new(handle),
             path: abs.unbind(),
@@ -487,7 +502,8 @@ impl Seed {
         Ok(())
     }
 
-    /// The lock file's absolute path.
+    /// The lock file's path made absolute, as the core opened it: joined
+    /// to the working directory, ``..`` kept (the kernel resolves it).
     #[getter]
     fn locksfile_path(&self, py: Python<'_>) -> PyResult<Py<PyString>> {
         Ok(self.open()?.path.clone_ref(py))
@@ -525,23 +541,28 @@ impl Seed {
     /// lock 2 is released (the original's README example); other locks are
     /// untouched. ``with`` statements nest, each releasing its own span on
     /// exit, in each thread independently.
+    ///
+    /// The call returns a small context manager that remembers the
+    /// arguments; its ``__enter__`` and ``__exit__`` call this object's,
+    /// and ``with lf(...) as x`` binds ``x`` to this object. A call not
+    /// used in a ``with`` statement leaves nothing behind, and a later
+    /// bare ``with lf:`` raises ``IllegalWithStatement``.
     #[allow(non_snake_case)]
     #[pyo3(signature = (writeLock = WriteLockArg(false), lock_n = LockN::zero()))]
-    fn __call__<'py>(
-        slf: &Bound<'py, Self>,
+    fn __call__(
+        slf: &Bound<'_, Self>,
         writeLock: WriteLockArg,
         lock_n: LockN,
-    ) -> Bound<'py, Self> {
-        let me = slf.get();
-        lock_mutex(&me.withs).push(WithEntry {
-            thread: std::thread::current().id(),
+    ) -> PyResult<SeedWith> {
+        Ok(SeedWith {
+            lf: slf.clone().unbind(),
             write: writeLock.0,
             span: lock_n.0,
-            entered: false,
-        });
-        slf.clone()
+        })
     }
 
+    /// Acquire the span of the ``with lf(...)`` being entered;
+    /// ``IllegalWithStatement`` for a bare ``with lf:``.
     fn __enter__<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, Self>> {
         let py = slf.py();
         let me = slf.get();
@@ -614,6 +635,85 @@ impl Seed {
             "pylocksfile(locksfile_path={}, l_id={})",
             self.open()?.path.bind(py).repr()?,
             self.open()?.l_id.bind(py).repr()?
+        ))
+    }
+}
+
+/// What `lf(writeLock=..., lock_n=...)` returns: the arguments of one
+/// `with` statement. Entering it records them on the `pylocksfile` for the
+/// length of that object's `__enter__` (looked up on its type, so a
+/// subclass's `__enter__`/`__exit__` run as with the original) and no
+/// longer; a call never entered leaves nothing behind.
+#[pyclass(name = "_WithStatement", module = "pylocksfile", frozen)]
+pub struct SeedWith {
+    lf: Py<Seed>,
+    write: bool,
+    span: Span,
+}
+
+#[pymethods]
+impl SeedWith {
+    fn __enter__(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        let lf = self.lf.bind(py);
+        let me = lf.get();
+        let thread = std::thread::current().id();
+        lock_mutex(&me.withs).push(WithEntry {
+            thread,
+            write: self.write,
+            span: self.span,
+            entered: false,
+        });
+        // The class itself: its own `__enter__` directly; a subclass: through
+        // the type, so an override runs.
+        let entered = if lf.get_type().is(py.get_type::<Seed>()) {
+            Seed::__enter__(lf).map(Bound::into_any)
+        } else {
+            lf.get_type()
+                .getattr("__enter__")
+                .and_then(|f| f.call1((lf,)))
+        };
+        // Whatever `__enter__` did, this statement's record is entered or gone.
+        let mut withs = lock_mutex(&me.withs);
+        if let Some(i) = withs.iter().rposition(|e| e.thread == thread && !e.entered) {
+            withs.remove(i);
+        }
+        entered.map(Bound::unbind)
+    }
+
+    #[pyo3(signature = (*exc))]
+    fn __exit__(&self, py: Python<'_>, exc: &Bound<'_, PyTuple>) -> PyResult<Py<PyAny>> {
+        let lf = self.lf.bind(py);
+        if lf.get_type().is(py.get_type::<Seed>()) {
+            let suppress = lf.get().__exit__(py, exc)?;
+            return Ok(PyBool::new(py, suppress).to_owned().into_any().unbind());
+        }
+        let mut args = vec![lf.clone().into_any()];
+        args.extend(exc.iter());
+        lf.get_type()
+            .getattr("__exit__")?
+            .call1(PyTuple::new(py, args)?)
+            .map(Bound::unbind)
+    }
+
+    /// Everything else is the `pylocksfile`'s, as when the call returned it.
+    fn __getattr__<'py>(
+        &self,
+        py: Python<'py>,
+        name: &Bound<'py, PyString>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        self.lf.bind(py).getattr(name)
+    }
+
+    fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
+        Ok(format!(
+            "<with {}(writeLock={}, lock_n={}) statement>",
+            self.lf.bind(py).get_type().name()?,
+            if self.write { "True" } else { "False" },
+            if self.span.count() == 1 {
+                self.span.start().to_string()
+            } else {
+                format!("({}, {})", self.span.start(), self.span.count())
+            }
         ))
     }
 }

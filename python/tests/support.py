@@ -50,14 +50,14 @@ def kernel_locks(path) -> list[KernelLock]:
     major, minor, ino = _file_id(path)
     # The kernel rebuilds /proc/locks while it is read, so a lock taken or
     # dropped elsewhere meanwhile can make a line repeat or vanish: read it
-    # whole, again and again, until two readings agree about this file.
-    previous = None
-    for _ in range(100):
-        current = _locks_of(major, minor, ino)
-        if current == previous:
+    # whole, again and again, until three readings in a row agree about this
+    # file (two agreeing on a repeated line were seen on a busy machine).
+    readings = []
+    for _ in range(200):
+        readings.append(_locks_of(major, minor, ino))
+        if len(readings) >= 3 and readings[-1] == readings[-2] == readings[-3]:
             break
-        previous = current
-    return current
+    return readings[-1]
 
 
 def _locks_of(major, minor, ino) -> list[KernelLock]:

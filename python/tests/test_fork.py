@@ -249,3 +249,84 @@ def test_dropping_an_inherited_object_keeps_the_childs_own_locks(spawn_worker, l
     assert w.held() == "W........."
     w.exec(EXIT_CHILD)
     assert w.held() == "W........."
+
+
+@pytest.mark.parametrize("mode", ["ofd", "process"])
+def test_every_guard_and_object_method_refuses_in_a_forked_child(spawn_worker, lock_path, mode):
+    """Each call on an inherited guard or object raises ForkedError in the
+    child, changes nothing there and never touches the parent's locks
+    (in OFD mode the child shares them through the open file description)."""
+    w = spawn_worker()
+    w.exec(f"lf = LocksFile(path, mode={mode!r})")
+    w.exec("gr = lf.read(0)\ngw = lf.write(2)\nlf.acquire('shared', 4)")
+    owner = -1 if mode == "ofd" else w.pid
+    assert support.held_map(lock_path, owner) == "R.W.R....."
+    calls = [
+        "gw.downgrade()",
+        "gr.upgrade()",
+        "gr.upgrade(blocking=False)",
+        "gr.upgrade(timeout=0.1)",
+        "gw.release()",
+        "gr.release()",
+        "gw.__enter__()",
+        "gr.__exit__(None, None, None)",
+        "lf.read(6)",
+        "lf.write(6, timeout=0.1)",
+        "lf.try_read(6)",
+        "lf.try_write(6)",
+        "lf.read_for(6, 0.1)",
+        "lf.write_for(6, 0.1)",
+        "lf.acquire('exclusive', 6)",
+        "lf.release(4)",
+        "lf.release()",
+        "lf.held()",
+        "lf.held_explicitly()",
+        "lf.conflicts(0)",
+        "lf.fileno()",
+        "lf.writable",
+        "lf.__enter__()",
+    ]
+    report, child = run_child(w, calls + ["[gr.kind, gw.kind, gr.held, gw.held]"])
+    assert dict(zip(calls, report)) == {c: "ForkedError" for c in calls}
+    assert report[-1] == ["shared", "exclusive", True, True], "the child's guards changed"
+    assert support.held_map(lock_path, owner) == "R.W.R....."
+    assert support.held_map(lock_path, child) == ".........."
+    w.exec(EXIT_CHILD)
+    assert support.held_map(lock_path, owner) == "R.W.R....."
+    assert not support.can_lock(lock_path, 2, write=False)
+    # The parent's guards still work.
+    w.exec("gw.downgrade()\ngr.upgrade()")
+    assert support.held_map(lock_path, owner) == "W.R.R....."
+
+
+def test_ofd_lock_outlives_its_holder_in_a_forked_child(spawn_worker, lock_path):
+    """The README's caveat: a child forked by the holder (no exec) keeps the
+    open file description, so the holder's OFD lock survives the holder's
+    death until that child exits too."""
+    r, w_end = os.pipe()
+    try:
+        holder = spawn_worker()  # forked from this process: it has both pipe ends
+        holder.exec(f"os.close({w_end})\nlf = LocksFile(path)\ng = lf.write(0)")
+        # The grandchild keeps only the lock's descriptor and the pipe's read
+        # end (so the holder's other pipes see the holder die), and waits for
+        # this test to close the pipe's write end.
+        holder.exec(
+            "keep = sorted({%d, lf.fileno()})\n"
+            "child = os.fork()\n"
+            "if child == 0:\n"
+            "    os.closerange(3, keep[0])\n"
+            "    os.closerange(keep[0] + 1, keep[1])\n"
+            "    os.closerange(keep[1] + 1, 1 << 16)\n"
+            "    os.read(%d, 1)\n"
+            "    os._exit(0)\n" % (r, r)
+        )
+        assert not support.can_lock(lock_path, 0, write=False)
+        holder.kill()
+        assert not holder.proc.is_alive()
+        assert not support.can_lock(lock_path, 0, write=False), "the forked child keeps the dead holder's lock"
+        assert [(lk.family, lk.kind) for lk in support.kernel_locks(lock_path)] == [("OFDLCK", "W")]
+    finally:
+        os.close(w_end)
+        os.close(r)
+    support.wait_until(lambda: support.kernel_locks(lock_path) == [], what="the child to exit and the lock to go")
+    assert support.can_lock(lock_path, 0, write=True)

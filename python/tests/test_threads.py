@@ -204,3 +204,37 @@ def test_release_all_while_another_thread_waits(spawn_worker, lock_path):
     assert support.held_map(lock_path, os.getpid()) == "WWWW......"
     lf.release()
     assert support.held_map(lock_path, os.getpid()) == ".........."
+
+
+def test_ofd_two_readers_upgrading_wait_for_each_other(lock_path):
+    """The Deadlocks section of `Guard.upgrade`: in OFD mode the kernel
+    detects no deadlock, so two owners of one shared span that both upgrade
+    wait for each other. A timeout ends both waits, each keeping its shared lock."""
+    from pylocksfile import LockTimeout
+
+    a, b = LocksFile(lock_path), LocksFile(lock_path)
+    ga, gb = a.read(0), b.read(0)
+    start = threading.Barrier(2)
+    errors = {}
+
+    def upgrade(name, g):
+        start.wait()
+        try:
+            g.upgrade(timeout=0.3)
+        except BaseException as e:  # noqa: BLE001 - checked below
+            errors[name] = e
+
+    threads = [threading.Thread(target=upgrade, args=(n, g)) for n, g in (("a", ga), ("b", gb))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(support.DEFAULT_TIMEOUT)
+        assert not t.is_alive()
+    assert sorted(errors) == ["a", "b"], errors
+    assert all(isinstance(e, LockTimeout) for e in errors.values()), errors
+    assert ga.kind == gb.kind == "shared"
+    assert a.held() == b.held() == [(range(0, 1), "shared")]
+    shared = [lk for lk in support.kernel_locks(lock_path) if not lk.waiting]
+    assert [(lk.pid, lk.kind, lk.start) for lk in shared] == [(-1, "R", 0), (-1, "R", 0)]
+    assert not support.can_lock(lock_path, 0, write=True)
+    assert support.can_lock(lock_path, 0, write=False)
