@@ -653,6 +653,10 @@ impl<'a> Worker<'a> {
                 self.session();
             }
         }
+        // An explicit lock must not outlive the thread that may release
+        // it: a wait without a deadline in another process could be
+        // waiting for it while this process waits for that one to end.
+        self.release(self.h, None);
     }
 }
 
@@ -813,6 +817,10 @@ fn stress(mode: Mode) {
         if has_ended(&c) {
             ended.push(c);
         } else {
+            println!(
+                "worker {p} stuck; locks on the file: {:?}",
+                proc_locks(&path)
+            );
             c.kill(libc::SIGKILL);
             assert_eq!(c.wait(), Exit::Signal(libc::SIGKILL));
             hangs += (THREADS as u64 - t.get(DONE + p)).max(1);
