@@ -14,6 +14,12 @@
 //!   `/proc/self/fdinfo`) differing from that owner's claims, wherever one
 //!   thread alone acts for the owner, so the claims are exact.
 //!
+//! Waits are non-blocking, timed, or, where that cannot deadlock (OFD
+//! locks have no deadlock detection), without a deadline: by an owner that
+//! holds nothing (see `Owner::gate`), or by the one owner at a time that
+//! holds the `TOKEN` while everyone else waits with a deadline or holds
+//! nothing.
+//!
 //! Besides: every worker must finish in time (a stuck one is killed and
 //! counted as hung), and no lock may be left in the kernel at the end.
 //!
@@ -50,7 +56,11 @@ const REFUSED: usize = 5;
 /// Refused changes over indices the owner already held: the part-way case.
 const REFUSED_OVER_OWN: usize = 6;
 const BLOCKING: usize = 7;
-const COUNTERS: usize = 8;
+/// Waits without a deadline while holding locks.
+const BLOCKING_HOLDING: usize = 8;
+/// Nonzero while some owner waits without a deadline holding locks.
+const TOKEN: usize = 9;
+const COUNTERS: usize = 10;
 /// Then one slot per process: how many of its threads finished.
 const DONE: usize = COUNTERS;
 
@@ -641,8 +651,64 @@ impl<'a> Worker<'a> {
         for _ in 0..self.rng.below(16) {
             self.step(true);
         }
+        // One owner at a time, across all processes, may also wait without
+        // a deadline while it holds locks: whoever it waits for then either
+        // waits with a deadline or holds nothing, so is bound to let go.
+        if self.rng.one_in(2) {
+            let token = self.t.counter(TOKEN);
+            if token.compare_exchange(0, 1, SeqCst, SeqCst).is_ok() {
+                self.wait_while_holding();
+                token.store(0, SeqCst);
+            }
+        }
         self.drop_guards();
         self.mirror("dropping the guards");
+    }
+
+    /// An untimed upgrade, or an untimed change over what the owner holds
+    /// (several raises, made and waited for one after the other).
+    fn wait_while_holding(&mut self) {
+        self.t.count(BLOCKING_HOLDING);
+        let read = self.guards.iter().position(|g| matches!(g, Guard::R(..)));
+        match (self.rng.below(3), read) {
+            (0, Some(i)) => {
+                let Guard::R(g, sp) = self.guards.swap_remove(i) else {
+                    unreachable!()
+                };
+                self.op();
+                match ReadGuard::upgrade(g) {
+                    Ok(w) => {
+                        self.t.mark(self.owner.row, sp.cols(), Kind::Exclusive);
+                        self.t.unmark(self.owner.row, sp.cols(), Kind::Shared);
+                        self.guards.push(Guard::W(w, sp));
+                    }
+                    Err((g, e)) => {
+                        assert!(refusal(&e), "untimed upgrade of {sp:?}: {e}");
+                        self.refused(sp);
+                        self.guards.push(Guard::R(g, sp));
+                    }
+                }
+            }
+            (1, _) => {
+                let sp = self.over_own();
+                self.op();
+                match self.lf().write(sp.span()) {
+                    Ok(g) => {
+                        self.t.mark(self.owner.row, sp.cols(), Kind::Exclusive);
+                        self.guards.push(Guard::W(g, sp));
+                    }
+                    Err(e) if refusal(&e) => self.refused(sp),
+                    Err(e) => panic!("untimed write over {sp:?}: {e}"),
+                }
+            }
+            _ => {
+                let sp = self.over_own();
+                let kind = self.rng.kind();
+                self.acquire(kind, sp, Wait::Blocking);
+            }
+        }
+        self.mirror("a wait without a deadline while holding");
+        self.hold();
     }
 
     fn run(&mut self, until: Instant) {
@@ -845,10 +911,11 @@ fn stress(mode: Mode) {
     println!(
         "stress {mode}: {ops} operations, {violations} violations, {mismatches} mismatches, \
          {hangs} hangs, {leftover} leftover, {errors} errors \
-         ({} refused, {} of them over own locks, {} blocking waits; {secs} s, seed {seed:#x})",
+         ({} refused, {} of them over own locks, untimed waits: {} holding nothing, {} holding locks; {secs} s, seed {seed:#x})",
         t.get(REFUSED),
         t.get(REFUSED_OVER_OWN),
         t.get(BLOCKING),
+        t.get(BLOCKING_HOLDING),
     );
     // A child that failed outside its threads reports its panic here.
     for c in ended {
