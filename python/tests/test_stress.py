@@ -14,6 +14,11 @@ after a lock is had, cleared before it goes), and two checks judge the run:
   lines of ``/proc/self/fdinfo``) differing from that owner's claims,
   wherever one thread alone acts for the owner, so the claims are exact.
 
+Waits are non-blocking, timed, or, where that cannot deadlock (OFD locks
+have no deadlock detection), without a deadline: by an owner that holds
+nothing (see ``Gate``), or by the one owner at a time that holds the token
+file while everyone else waits with a deadline or holds nothing.
+
 Besides: every worker must finish in time (a stuck one is killed and counted
 as hung), and no lock may be left in the kernel at the end.
 
@@ -53,7 +58,18 @@ S, X = "S", "X"
 REFUSALS = (WouldBlockError, LockTimeout, DeadlockError)
 
 # Counters, one row per process (each process writes only its own row).
-COUNTERS = ("ops", "violations", "mismatches", "leftover", "errors", "refused", "refused_over_own", "blocking", "done")
+COUNTERS = (
+    "ops",
+    "violations",
+    "mismatches",
+    "leftover",
+    "errors",
+    "refused",
+    "refused_over_own",
+    "blocking",
+    "blocking_holding",
+    "done",
+)
 C = {name: i for i, name in enumerate(COUNTERS)}
 
 
@@ -264,8 +280,9 @@ class Owner:
 
 
 class Worker:
-    def __init__(self, t: Table, owner: Owner, handle: Handle, seed_api: bool, rng):
+    def __init__(self, t: Table, owner: Owner, handle: Handle, seed_api: bool, rng, token: str):
         self.t = t
+        self.token = token
         self.owner = owner
         self.handle = handle
         self.seed_api = seed_api
@@ -383,8 +400,9 @@ class Worker:
         self.op()
         g.downgrade()
 
-    def acquire(self, kind, sp, blocking=False, timeout=None) -> bool:
-        """An explicit acquire: the last call wins on every index of ``sp``."""
+    def acquire(self, kind, sp, blocking=False, timeout=None, call=None) -> bool:
+        """An explicit acquire: the last call wins on every index of ``sp``.
+        ``call`` makes it another way (the seed API's ``with``)."""
         h = self.handle
         owner = self.owner.row
         with h.lock:
@@ -396,7 +414,10 @@ class Worker:
                 self.t.unmark(owner, range(c, c + 1), X)
             self.op()
             try:
-                if self.seed_api:
+                if call is not None:
+                    call()
+                    ok = True
+                elif self.seed_api:
                     ok = h.obj.acquire(writeLock=kind == X, lock_n=sp.seed_api(), blocking=blocking)
                 else:
                     wait = {"blocking": blocking} if timeout is None else {"timeout": timeout}
@@ -419,8 +440,9 @@ class Worker:
         self.refused(sp)
         return False
 
-    def release(self, h: Handle, sp=None):
-        """An explicit release of ``sp``, or of everything."""
+    def release(self, h: Handle, sp=None, call=None):
+        """An explicit release of ``sp``, or of everything; ``call`` makes it
+        another way (the end of the seed API's ``with``)."""
         with h.lock:
             cols = range(COLS) if sp is None else sp.cols()
             for c in cols:
@@ -428,7 +450,9 @@ class Worker:
                     self.t.unmark(self.owner.row, range(c, c + 1), h.layer[c])
                     h.layer[c] = None
             self.op()
-            if sp is None:
+            if call is not None:
+                call()
+            elif sp is None:
                 h.obj.release()
             elif self.seed_api:
                 h.obj.release(sp.seed_api())
@@ -502,8 +526,72 @@ class Worker:
                 self.blocking_wait()
             for _ in range(self.rng.randrange(16)):
                 self.step(True)
+            # One owner at a time, across all processes, may also wait
+            # without a deadline while it holds locks: whoever it waits for
+            # then either waits with a deadline or holds nothing, so is
+            # bound to let go. The token is a file created exclusively.
+            if self.rng.randrange(2) and self.take_token():
+                try:
+                    self.wait_while_holding()
+                finally:
+                    os.unlink(self.token)
             self.drop_guards()
             self.mirror("dropping the guards")
+
+    def seed_with(self, kind, sp):
+        """The original's ``with lf(writeLock=..., lock_n=...):``: an explicit
+        acquire without a deadline on entry, an explicit release of the whole
+        span on exit (whatever the span held before), as in 0.0.6."""
+        lf = self.handle.obj
+        if not self.acquire(kind, sp, call=lambda: lf(writeLock=kind == X, lock_n=sp.seed_api()).__enter__()):
+            return
+        self.mirror("entering a with")
+        self.hold()
+        self.release(self.handle, sp, call=lambda: lf.__exit__(None, None, None))
+
+    def take_token(self) -> bool:
+        try:
+            os.close(os.open(self.token, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return False
+        return True
+
+    def wait_while_holding(self):
+        """An untimed upgrade, or an untimed change over what the owner holds
+        (several raises, made and waited for one after the other)."""
+        self.t.count("blocking_holding")
+        reads = [i for i, g in enumerate(self.guards) if g[2] == S]
+        r = self.rng.randrange(3)
+        sp = self.over_own()
+        kind = self.rng.choice((S, X))
+        lf = self.handle.obj
+        if self.seed_api and r == 0:
+            self.seed_with(kind, sp)
+        elif not self.seed_api and r == 0 and reads:
+            i = self.rng.choice(reads)
+            g, gsp, _ = self.guards[i]
+            self.op()
+            try:
+                g.upgrade()
+            except REFUSALS:
+                self.refused(gsp)
+            else:
+                self.t.mark(self.owner.row, gsp.cols(), X)
+                self.t.unmark(self.owner.row, gsp.cols(), S)
+                self.guards[i][2] = X
+        elif not self.seed_api and r == 1:
+            self.op()
+            try:
+                g = lf.write(sp.api())
+            except REFUSALS:
+                self.refused(sp)
+            else:
+                self.t.mark(self.owner.row, sp.cols(), X)
+                self.guards.append([g, sp, X])
+        else:
+            self.acquire(kind, sp, blocking=True)
+        self.mirror("a wait without a deadline while holding")
+        self.hold()
 
     def blocking_wait(self):
         sp = Sp.random(self.rng, not self.seed_api)
@@ -514,13 +602,7 @@ class Worker:
                 assert self.acquire(kind, sp, blocking=True)
                 self.mirror("a blocking acquire")
                 return
-            # The original's ``with`` statement waits without a deadline.
-            self.op()
-            with lf(writeLock=kind == X, lock_n=sp.seed_api()):
-                self.t.mark(self.owner.row, sp.cols(), kind)
-                self.mirror("a blocking with")
-                self.hold()
-                self.t.unmark(self.owner.row, sp.cols(), kind)
+            self.seed_with(kind, sp)
             return
         r = self.rng.randrange(3)
         if r == 2:
@@ -572,7 +654,8 @@ def worker(table_path, path, mode, p, seed, until):
 
     def thread_main(th, owner, handle):
         try:
-            w = Worker(t, owner, handle, mode == "seed", random.Random(seed * 1000 + p * THREADS + th))
+            rng = random.Random(seed * 1000 + p * THREADS + th)
+            w = Worker(t, owner, handle, mode == "seed", rng, table_path + ".token")
             w.run(until)
             w.drop_guards()
         except BaseException:  # noqa: BLE001 - counted and shown
@@ -654,7 +737,8 @@ def test_stress(tmp_path, mode):
         f"stress {mode}: {ops} operations, {violations} violations, {mismatches} mismatches, "
         f"{hangs} hangs, {leftover} leftover, {errors} errors "
         f"({t.total('refused')} refused, {t.total('refused_over_own')} of them over own locks, "
-        f"{t.total('blocking')} blocking waits; {secs} s, seed {seed})"
+        f"untimed waits: {t.total('blocking')} holding nothing, {t.total('blocking_holding')} holding locks; "
+        f"{secs} s, seed {seed})"
     )
     refused_over_own = t.total("refused_over_own")
     t.close()
