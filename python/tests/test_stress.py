@@ -345,9 +345,9 @@ class Worker:
 
     # -- steps ----------------------------------------------------------
 
-    def new_guard(self):
-        sp = self.pick_span()
-        kind = self.rng.choice((S, X))
+    def new_guard(self, kind=None, sp=None) -> bool:
+        sp = sp or self.pick_span()
+        kind = kind or self.rng.choice((S, X))
         lf = self.handle.obj
         how = self.rng.randrange(3)
         self.op()
@@ -362,10 +362,37 @@ class Worker:
             g = None
         if g is None:
             self.refused(sp)
-            return
+            return False
         self.t.mark(self.owner.row, sp.cols(), kind)
         self.guards.append([g, sp, kind])
         self.hold()
+        return True
+
+    def part_way(self):
+        """The case that once broke: a shared piece, a gap and an exclusive
+        piece held, then one exclusive change from before the shared piece
+        to past the exclusive one, which other owners often refuse beyond
+        the exclusive piece, after the pieces before it were raised. A
+        refused change must leave every piece as it was."""
+        p = self.rng.randrange(LAST - 4)
+        q = p + 2 + self.rng.randrange(2)
+        shared, exclusive = Sp(p, p + 1), Sp(q, q + 1)
+        start = max(0, p - self.rng.randrange(3))
+        if not self.seed_api and self.rng.randrange(4) == 0:
+            wide = Sp(start, None)
+        else:
+            wide = Sp(start, min(LAST, q + 2 + self.rng.randrange(4)))
+        if self.seed_api or self.rng.randrange(2):
+            held = self.acquire(S, shared) and self.acquire(X, exclusive)
+        else:
+            held = self.new_guard(S, shared) and self.new_guard(X, exclusive)
+        if not held:
+            return
+        if self.seed_api or self.rng.randrange(2):
+            w = {"blocking": False} if self.seed_api else self.wait_args()
+            self.acquire(X, wide, **w)
+        else:
+            self.new_guard(X, wide)
 
     def drop_guard(self, i):
         g, sp, kind = self.guards.pop(i)
@@ -465,7 +492,10 @@ class Worker:
         if self.seed_api:
             # The seed API has no guards but its ``with``: explicit calls only.
             r = 60 + r * 40 // 100
-        if r < 25 and n < MAX_GUARDS:
+        if self.rng.randrange(8) == 0:
+            self.part_way()
+            what = "a change over mixed pieces"
+        elif r < 25 and n < MAX_GUARDS:
             self.new_guard()
             what = "a guard"
         elif 25 <= r < 40 and n:
