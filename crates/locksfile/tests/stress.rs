@@ -394,9 +394,15 @@ impl<'a> Worker<'a> {
 
     fn new_guard(&mut self, wait: Wait) {
         let sp = self.pick_span();
+        let kind = self.rng.kind();
+        self.guard(kind, sp, wait);
+    }
+
+    /// Take a guard; whether it was had.
+    fn guard(&mut self, kind: Kind, sp: Sp, wait: Wait) -> bool {
         let lf = self.lf();
         self.op();
-        let g = match self.rng.kind() {
+        let g = match kind {
             Kind::Shared => ReadGuard::acquire(lf, sp.span(), wait).map(|g| Guard::R(g, sp)),
             Kind::Exclusive => WriteGuard::acquire(lf, sp.span(), wait).map(|g| Guard::W(g, sp)),
         };
@@ -409,9 +415,52 @@ impl<'a> Worker<'a> {
                 self.t.mark(self.owner.row, sp.cols(), kind);
                 self.guards.push(g);
                 self.hold();
+                true
             }
-            Err(e) if refusal(&e) => self.refused(sp),
+            Err(e) if refusal(&e) => {
+                self.refused(sp);
+                false
+            }
             Err(e) => panic!("guard on {sp:?} waiting {wait:?}: {e}"),
+        }
+    }
+
+    /// The case that once broke: a shared piece, a gap and an exclusive
+    /// piece held, then one exclusive change from before the shared piece
+    /// to past the exclusive one, which other owners often refuse beyond
+    /// the exclusive piece, after the pieces before it were raised. A
+    /// refused change must leave every piece as it was.
+    fn part_way(&mut self) {
+        let p = self.rng.below(LAST - 4);
+        let q = p + 2 + self.rng.below(2);
+        let shared = Sp {
+            start: p,
+            end: Some(p + 1),
+        };
+        let exclusive = Sp {
+            start: q,
+            end: Some(q + 1),
+        };
+        let start = p.saturating_sub(self.rng.below(3));
+        let wide = Sp {
+            start,
+            end: (!self.rng.one_in(4)).then(|| (q + 2 + self.rng.below(4)).min(LAST)),
+        };
+        let held = if self.rng.one_in(2) {
+            self.acquire(Kind::Shared, shared, Wait::NonBlocking)
+                && self.acquire(Kind::Exclusive, exclusive, Wait::NonBlocking)
+        } else {
+            self.guard(Kind::Shared, shared, Wait::NonBlocking)
+                && self.guard(Kind::Exclusive, exclusive, Wait::NonBlocking)
+        };
+        if !held {
+            return;
+        }
+        let wait = self.rng.wait();
+        if self.rng.one_in(2) {
+            self.acquire(Kind::Exclusive, wide, wait);
+        } else {
+            self.guard(Kind::Exclusive, wide, wait);
         }
     }
 
@@ -549,6 +598,10 @@ impl<'a> Worker<'a> {
         let what = self.rng.below(100);
         let n = self.guards.len();
         let label = match what {
+            _ if self.rng.one_in(8) => {
+                self.part_way();
+                "a change over mixed pieces"
+            }
             0..=24 if n < MAX_GUARDS => {
                 let wait = self.rng.wait();
                 self.new_guard(wait);
