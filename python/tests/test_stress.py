@@ -224,8 +224,9 @@ class Gate:
     """Shared by a thread for as long as it holds guards; exclusive for a
     thread that acts alone for its owner (the explicit layers are emptied
     first), which is when the claims are exact and when a wait without a
-    deadline cannot deadlock: the owner holds nothing, and whoever it waits
-    for only ever waits with a deadline."""
+    deadline cannot deadlock: the owner holds nothing, so no one waits for
+    it, and whoever it waits for waits with a deadline or is the one owner
+    holding the token file, whose own wait ends by the same argument."""
 
     def __init__(self):
         self.cv = threading.Condition()

@@ -287,7 +287,9 @@ struct Owner {
     /// exclusively by a thread that acts alone for the owner (the explicit
     /// layers are emptied first), which is when the claims are exact and
     /// when a wait without a deadline cannot deadlock: the owner holds
-    /// nothing, and whoever it waits for only ever waits with a deadline.
+    /// nothing, so no one waits for it, and whoever it waits for waits
+    /// with a deadline or is the one owner holding the `TOKEN`, whose own
+    /// wait ends by the same argument.
     gate: RwLock<()>,
     handles: Vec<usize>,
     threads: usize,
