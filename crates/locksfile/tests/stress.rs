@@ -55,6 +55,7 @@ const ERRORS: usize = 4;
 const REFUSED: usize = 5;
 /// Refused changes over indices the owner already held: the part-way case.
 const REFUSED_OVER_OWN: usize = 6;
+/// Waits without a deadline while holding nothing.
 const BLOCKING: usize = 7;
 /// Waits without a deadline while holding locks.
 const BLOCKING_HOLDING: usize = 8;
