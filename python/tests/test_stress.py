@@ -1,0 +1,784 @@
+"""A random multi-process stress test, checked by an oracle that does not
+trust the package's bookkeeping.
+
+Several processes (forked and spawned) run several threads each; every
+thread takes and drops guards, converts them, and changes its object's
+explicit layer over random spans of a small index range, so that changes
+often span pieces of mixed kinds and are refused part-way by other owners.
+Every owner marks what it claims in a table in a shared ``mmap`` (marked
+after a lock is had, cleared before it goes), and two checks judge the run:
+
+* a *violation* is an exclusive claim of one owner overlapping any claim of
+  another owner: two owners believed they held conflicting locks;
+* a *mismatch* is the kernel's own list of an owner's locks (the ``lock:``
+  lines of ``/proc/self/fdinfo``) differing from that owner's claims,
+  wherever one thread alone acts for the owner, so the claims are exact.
+
+Waits are non-blocking, timed, or, where that cannot deadlock (OFD locks
+have no deadlock detection), without a deadline: by an owner that holds
+nothing (see ``Gate``), or by the one owner at a time that holds the token
+file while everyone else waits with a deadline or holds nothing.
+
+Besides: every worker must finish in time (a stuck one is killed and counted
+as hung), and no lock may be left in the kernel at the end.
+
+Owners: in ``"ofd"`` mode each ``LocksFile`` object (threads 0 and 1 of a
+process share one, thread 2 has its own); in ``"process"`` mode, and with the
+seed API class ``pylocksfile``, each process. ``LOCKSFILE_STRESS_SECS`` sets
+the run time per mode (default 3 s), ``LOCKSFILE_STRESS_SEED`` the seed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import multiprocessing
+import os
+import random
+import sys
+import threading
+import time
+import traceback
+
+import pytest
+
+from pylocksfile import DeadlockError, LocksFile, LockTimeout, WouldBlockError
+from pylocksfile import pylocksfile as Seed
+
+import support
+
+PROCS = 3
+THREADS = 3
+# Indices 0..16 get one column each; column 16 stands for 16 and all beyond,
+# which only spans to the end reach.
+COLS = 17
+LAST = 16
+MAX_GUARDS = 4
+S, X = "S", "X"
+REFUSALS = (WouldBlockError, LockTimeout, DeadlockError)
+
+# Counters, one row per process (each process writes only its own row).
+COUNTERS = (
+    "ops",
+    "violations",
+    "mismatches",
+    "leftover",
+    "errors",
+    "refused",
+    "refused_over_own",
+    "blocking",
+    "blocking_holding",
+    "done",
+)
+C = {name: i for i, name in enumerate(COUNTERS)}
+
+
+def owners_of(mode: str) -> int:
+    return 2 * PROCS if mode == "ofd" else PROCS
+
+
+def table_size(mode: str) -> int:
+    return (owners_of(mode) * COLS * 2 + PROCS * len(COUNTERS)) * 8
+
+
+class Table:
+    """The claims of every owner, and the counters, in a shared ``mmap``.
+
+    A process changes only its own owners' rows and its own counters, under
+    one lock of its own, and reads the other rows without any: aligned
+    8-byte loads and stores. A claim is cleared before the lock goes and
+    made after it comes, and taking or dropping a lock is a system call
+    between the two, so a claim seen set is really held: no false alarm.
+    """
+
+    def __init__(self, path, mode: str, p: int):
+        self.file = open(path, "r+b")  # noqa: SIM115 - lives as long as the table
+        self.mm = mmap.mmap(self.file.fileno(), 0)
+        self.v = memoryview(self.mm).cast("q")
+        self.owners = owners_of(mode)
+        self.p = p
+        self.lock = threading.Lock()
+
+    def close(self):
+        self.v.release()
+        self.mm.close()
+        self.file.close()
+
+    def _claim(self, owner: int, col: int, kind: str) -> int:
+        return (owner * COLS + col) * 2 + (kind == X)
+
+    def _counter(self, p: int, name: str) -> int:
+        return self.owners * COLS * 2 + p * len(COUNTERS) + C[name]
+
+    def count(self, name: str, n: int = 1) -> int:
+        with self.lock:
+            i = self._counter(self.p, name)
+            was = self.v[i]
+            self.v[i] = was + n
+            return was
+
+    def total(self, name: str) -> int:
+        return sum(self.v[self._counter(p, name)] for p in range(PROCS))
+
+    def get(self, p: int, name: str) -> int:
+        return self.v[self._counter(p, name)]
+
+    def mark(self, owner: int, cols: range, kind: str):
+        """Claim ``kind`` on ``cols`` (the lock is held), then look for conflicts."""
+        with self.lock:
+            for c in cols:
+                self.v[self._claim(owner, c, kind)] += 1
+        self.check(owner, cols, kind, "after marking")
+
+    def unmark(self, owner: int, cols: range, kind: str):
+        """Look for conflicts once more, then give up the claim (before the lock goes)."""
+        self.check(owner, cols, kind, "before clearing")
+        with self.lock:
+            for c in cols:
+                i = self._claim(owner, c, kind)
+                assert self.v[i] > 0, f"test bug: owner {owner} clears {kind} on {c} it never claimed"
+                self.v[i] -= 1
+
+    def check(self, owner: int, cols: range, kind: str, when: str):
+        """Every column where another owner claims something in conflict with ``kind``."""
+        for c in cols:
+            for other in range(self.owners):
+                if other == owner:
+                    continue
+                x = self.v[self._claim(other, c, X)]
+                s = self.v[self._claim(other, c, S)] if kind == X else 0
+                if x + s:
+                    if self.count("violations") < 5:
+                        print(
+                            f"violation {when}: owner {owner} claims {kind} on {c}, "
+                            f"owner {other} claims {s} shared and {x} exclusive there",
+                            file=sys.stderr,
+                            flush=True,
+                        )
+
+    def row(self, owner: int) -> list:
+        out = []
+        for c in range(COLS):
+            if self.v[self._claim(owner, c, X)]:
+                out.append(X)
+            elif self.v[self._claim(owner, c, S)]:
+                out.append(S)
+            else:
+                out.append(None)
+        return out
+
+
+def kernel_row(fd: int):
+    """The kernel's list of the locks held through ``fd`` as table columns, or
+    the line of a lock the table cannot express (past 16 but not to the end)."""
+    row = [None] * COLS
+    with open(f"/proc/self/fdinfo/{fd}") as f:
+        lines = [ln.split(None, 1)[1] for ln in f if ln.startswith("lock:")]
+    for line in lines:
+        # N: FAMILY ADVISORY READ|WRITE PID DEV:INO START END|EOF
+        f = line.split()
+        kind = X if f[3] == "WRITE" else S
+        start = int(f[6])
+        last = None if f[7] == "EOF" else int(f[7])
+        if start > LAST or (last is not None and last >= LAST):
+            return line
+        for c in range(COLS):
+            if c >= start and (last is None or c <= last):
+                row[c] = kind
+    return row
+
+
+def show(row) -> str:
+    return "".join(k or "." for k in row)
+
+
+class Sp:
+    """A span over the table; ``end is None`` runs to the end of the index space."""
+
+    __slots__ = ("start", "end")
+
+    def __init__(self, start, end):
+        self.start, self.end = start, end
+
+    @staticmethod
+    def random(rng, to_end=True):
+        start = rng.randrange(LAST)
+        if to_end and rng.randrange(8) == 0:
+            return Sp(start, None)
+        return Sp(start, min(start + 1 + rng.randrange(6), LAST))
+
+    def api(self):
+        return slice(self.start, None) if self.end is None else range(self.start, self.end)
+
+    def seed_api(self):
+        return (self.start, self.end - self.start)
+
+    def cols(self) -> range:
+        return range(self.start, COLS if self.end is None else self.end)
+
+    def __repr__(self):
+        return f"{self.start}..{'' if self.end is None else self.end}"
+
+
+class Gate:
+    """Shared by a thread for as long as it holds guards; exclusive for a
+    thread that acts alone for its owner (the explicit layers are emptied
+    first), which is when the claims are exact and when a wait without a
+    deadline cannot deadlock: the owner holds nothing, so no one waits for
+    it, and whoever it waits for waits with a deadline or is the one owner
+    holding the token file, whose own wait ends by the same argument."""
+
+    def __init__(self):
+        self.cv = threading.Condition()
+        self.readers = 0
+        self.writer = False
+        self.waiting = 0
+
+    @contextlib.contextmanager
+    def shared(self):
+        with self.cv:
+            self.cv.wait_for(lambda: not self.writer and not self.waiting)
+            self.readers += 1
+        try:
+            yield
+        finally:
+            with self.cv:
+                self.readers -= 1
+                self.cv.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self):
+        with self.cv:
+            self.waiting += 1
+            self.cv.wait_for(lambda: not self.writer and not self.readers)
+            self.waiting -= 1
+            self.writer = True
+        try:
+            yield
+        finally:
+            with self.cv:
+                self.writer = False
+                self.cv.notify_all()
+
+
+class Handle:
+    """A lock object and the test's copy of its explicit layer (last call
+    wins); the lock is held across each explicit call, so both agree."""
+
+    def __init__(self, obj, fd):
+        self.obj = obj
+        self.fd = fd
+        self.layer = [None] * COLS
+        self.lock = threading.Lock()
+
+
+class Owner:
+    def __init__(self, row, handles, threads):
+        self.row = row
+        self.handles = handles
+        self.threads = threads
+        self.gate = Gate()
+
+
+class Worker:
+    def __init__(self, t: Table, owner: Owner, handle: Handle, seed_api: bool, rng, token: str):
+        self.t = t
+        self.token = token
+        self.owner = owner
+        self.handle = handle
+        self.seed_api = seed_api
+        self.rng = rng
+        self.guards = []  # [guard, Sp, kind]
+
+    # -- helpers --------------------------------------------------------
+
+    def op(self):
+        self.t.count("ops")
+
+    def refused(self, sp):
+        self.t.count("refused")
+        row = self.t.row(self.owner.row)
+        if any(row[c] for c in sp.cols()):
+            self.t.count("refused_over_own")
+
+    def hold(self):
+        """Keep a lock a moment, so that others run into it."""
+        if self.rng.randrange(4) == 0:
+            time.sleep(0)
+
+    def wait_args(self):
+        """A short wait, or none at all: keyword arguments for the modern API."""
+        r = self.rng.randrange(3)
+        if r == 0:
+            return {"blocking": False}
+        return {"timeout": self.rng.random() * 0.003}
+
+    def over_own(self):
+        """A span over what the owner holds, reaching past it on both sides:
+        the change then raises pieces of mixed kinds at once."""
+        row = self.t.row(self.owner.row)
+        held = [c for c in range(LAST) if row[c]]
+        if not held:
+            return Sp.random(self.rng, not self.seed_api)
+        a, b = self.rng.choice(held), self.rng.choice(held)
+        start = max(0, min(a, b) - self.rng.randrange(3))
+        if not self.seed_api and self.rng.randrange(4) == 0:
+            return Sp(start, None)
+        return Sp(start, min(max(a, b) + 1 + self.rng.randrange(4), LAST))
+
+    def pick_span(self):
+        if self.rng.randrange(2):
+            return self.over_own()
+        return Sp.random(self.rng, not self.seed_api)
+
+    def mirror(self, what):
+        want = self.t.row(self.owner.row)
+        got = kernel_row(self.handle.fd)
+        if got != want:
+            if self.t.count("mismatches") < 5:
+                got = show(got) if isinstance(got, list) else got
+                print(
+                    f"kernel differs from the claims of owner {self.owner.row} after {what}: "
+                    f"claims {show(want)} kernel {got}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+
+    # -- steps ----------------------------------------------------------
+
+    def new_guard(self, kind=None, sp=None) -> bool:
+        sp = sp or self.pick_span()
+        kind = kind or self.rng.choice((S, X))
+        lf = self.handle.obj
+        how = self.rng.randrange(3)
+        self.op()
+        try:
+            if how == 0:
+                g = (lf.try_read if kind == S else lf.try_write)(sp.api())
+            elif how == 1:
+                g = (lf.read_for if kind == S else lf.write_for)(sp.api(), self.rng.random() * 0.003)
+            else:
+                g = (lf.read if kind == S else lf.write)(sp.api(), timeout=self.rng.random() * 0.003)
+        except REFUSALS:
+            g = None
+        if g is None:
+            self.refused(sp)
+            return False
+        self.t.mark(self.owner.row, sp.cols(), kind)
+        self.guards.append([g, sp, kind])
+        self.hold()
+        return True
+
+    def part_way(self):
+        """The case that once broke: a shared piece, a gap and an exclusive
+        piece held, then one exclusive change from before the shared piece
+        to past the exclusive one, which other owners often refuse beyond
+        the exclusive piece, after the pieces before it were raised. A
+        refused change must leave every piece as it was."""
+        p = self.rng.randrange(LAST - 4)
+        q = p + 2 + self.rng.randrange(2)
+        shared, exclusive = Sp(p, p + 1), Sp(q, q + 1)
+        start = max(0, p - self.rng.randrange(3))
+        if not self.seed_api and self.rng.randrange(4) == 0:
+            wide = Sp(start, None)
+        else:
+            wide = Sp(start, min(LAST, q + 2 + self.rng.randrange(4)))
+        if self.seed_api or self.rng.randrange(2):
+            held = self.acquire(S, shared) and self.acquire(X, exclusive)
+        else:
+            held = self.new_guard(S, shared) and self.new_guard(X, exclusive)
+        if not held:
+            return
+        if self.seed_api or self.rng.randrange(2):
+            w = {"blocking": False} if self.seed_api else self.wait_args()
+            self.acquire(X, wide, **w)
+        else:
+            self.new_guard(X, wide)
+
+    def drop_guard(self, i):
+        g, sp, kind = self.guards.pop(i)
+        self.t.unmark(self.owner.row, sp.cols(), kind)
+        self.op()
+        g.release()
+
+    def upgrade(self, i):
+        g, sp, kind = self.guards[i]
+        if kind != S:
+            return
+        self.op()
+        try:
+            g.upgrade(**self.wait_args())
+        except REFUSALS:
+            self.refused(sp)
+            return
+        # The shared lock was kept throughout, then became exclusive.
+        self.t.mark(self.owner.row, sp.cols(), X)
+        self.t.unmark(self.owner.row, sp.cols(), S)
+        self.guards[i][2] = X
+        self.hold()
+
+    def downgrade(self, i):
+        g, sp, kind = self.guards[i]
+        if kind != X:
+            return
+        # Claim the weaker kind first, drop the stronger claim before the lock weakens.
+        self.t.mark(self.owner.row, sp.cols(), S)
+        self.t.unmark(self.owner.row, sp.cols(), X)
+        self.guards[i][2] = S
+        self.op()
+        g.downgrade()
+
+    def acquire(self, kind, sp, blocking=False, timeout=None, call=None) -> bool:
+        """An explicit acquire: the last call wins on every index of ``sp``.
+        ``call`` makes it another way (the seed API's ``with``)."""
+        h = self.handle
+        owner = self.owner.row
+        with h.lock:
+            # Indices going from exclusive to shared lose their exclusive
+            # claim before the call; a refused call changes nothing, so it
+            # comes back.
+            lowered = [c for c in sp.cols() if kind == S and h.layer[c] == X]
+            for c in lowered:
+                self.t.unmark(owner, range(c, c + 1), X)
+            self.op()
+            try:
+                if call is not None:
+                    call()
+                    ok = True
+                elif self.seed_api:
+                    ok = h.obj.acquire(writeLock=kind == X, lock_n=sp.seed_api(), blocking=blocking)
+                else:
+                    wait = {"blocking": blocking} if timeout is None else {"timeout": timeout}
+                    h.obj.acquire("exclusive" if kind == X else "shared", sp.api(), **wait)
+                    ok = True
+            except REFUSALS:
+                ok = False
+            if ok:
+                for c in sp.cols():
+                    old = h.layer[c]
+                    if old == kind and c not in lowered:
+                        continue
+                    self.t.mark(owner, range(c, c + 1), kind)
+                    if old == S:
+                        self.t.unmark(owner, range(c, c + 1), S)
+                    h.layer[c] = kind
+                return True
+            for c in lowered:
+                self.t.mark(owner, range(c, c + 1), X)
+        self.refused(sp)
+        return False
+
+    def release(self, h: Handle, sp=None, call=None):
+        """An explicit release of ``sp``, or of everything; ``call`` makes it
+        another way (the end of the seed API's ``with``)."""
+        with h.lock:
+            cols = range(COLS) if sp is None else sp.cols()
+            for c in cols:
+                if h.layer[c] is not None:
+                    self.t.unmark(self.owner.row, range(c, c + 1), h.layer[c])
+                    h.layer[c] = None
+            self.op()
+            if call is not None:
+                call()
+            elif sp is None:
+                h.obj.release()
+            elif self.seed_api:
+                h.obj.release(sp.seed_api())
+            else:
+                h.obj.release(sp.api())
+
+    def step(self, alone):
+        r = self.rng.randrange(100)
+        n = len(self.guards)
+        if self.seed_api:
+            # The seed API has no guards but its ``with``: explicit calls only.
+            r = 60 + r * 40 // 100
+        if self.rng.randrange(8) == 0:
+            self.part_way()
+            what = "a change over mixed pieces"
+        elif r < 25 and n < MAX_GUARDS:
+            self.new_guard()
+            what = "a guard"
+        elif 25 <= r < 40 and n:
+            self.drop_guard(self.rng.randrange(n))
+            what = "dropping a guard"
+        elif 40 <= r < 52 and n:
+            self.upgrade(self.rng.randrange(n))
+            what = "an upgrade"
+        elif 52 <= r < 60 and n:
+            self.downgrade(self.rng.randrange(n))
+            what = "a downgrade"
+        elif 60 <= r < 85:
+            kind = self.rng.choice((S, X))
+            sp = self.pick_span()
+            if self.seed_api:
+                w = {"blocking": False}
+            else:
+                w = self.wait_args()
+            if self.acquire(kind, sp, **w):
+                self.hold()
+            what = "an explicit acquire"
+        elif 85 <= r < 95:
+            self.release(self.handle, Sp.random(self.rng, not self.seed_api))
+            what = "an explicit release"
+        elif 95 <= r < 98:
+            self.release(self.handle)
+            what = "release()"
+        else:
+            self.hold()
+            what = "holding"
+        if alone:
+            self.mirror(what)
+
+    def drop_guards(self):
+        while self.guards:
+            self.drop_guard(len(self.guards) - 1)
+
+    def session(self):
+        """Some steps among the other threads of the owner."""
+        alone = self.owner.threads == 1
+        with self.owner.gate.shared():
+            for _ in range(1 + self.rng.randrange(12)):
+                self.step(alone)
+            self.drop_guards()
+            if alone:
+                self.mirror("dropping the guards")
+
+    def alone(self):
+        """Steps with the owner to this thread: the kernel must agree with the
+        claims after every step. Starts from nothing held, which is when a
+        wait without a deadline is safe."""
+        with self.owner.gate.exclusive():
+            for h in self.owner.handles:
+                self.release(h)
+            self.mirror("emptying the owner")
+            if self.rng.randrange(2):
+                self.t.count("blocking")
+                self.blocking_wait()
+            for _ in range(self.rng.randrange(16)):
+                self.step(True)
+            # One owner at a time, across all processes, may also wait
+            # without a deadline while it holds locks: whoever it waits for
+            # then either waits with a deadline or holds nothing, so is
+            # bound to let go. The token is a file created exclusively.
+            if self.rng.randrange(2) and self.take_token():
+                try:
+                    self.wait_while_holding()
+                finally:
+                    os.unlink(self.token)
+            self.drop_guards()
+            self.mirror("dropping the guards")
+
+    def seed_with(self, kind, sp):
+        """The original's ``with lf(writeLock=..., lock_n=...):``: an explicit
+        acquire without a deadline on entry, an explicit release of the whole
+        span on exit (whatever the span held before), as in 0.0.6."""
+        lf = self.handle.obj
+        if not self.acquire(kind, sp, call=lambda: lf(writeLock=kind == X, lock_n=sp.seed_api()).__enter__()):
+            return
+        self.mirror("entering a with")
+        self.hold()
+        self.release(self.handle, sp, call=lambda: lf.__exit__(None, None, None))
+
+    def take_token(self) -> bool:
+        try:
+            os.close(os.open(self.token, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return False
+        return True
+
+    def wait_while_holding(self):
+        """An untimed upgrade, or an untimed change over what the owner holds
+        (several raises, made and waited for one after the other)."""
+        self.t.count("blocking_holding")
+        reads = [i for i, g in enumerate(self.guards) if g[2] == S]
+        r = self.rng.randrange(3)
+        sp = self.over_own()
+        kind = self.rng.choice((S, X))
+        lf = self.handle.obj
+        if self.seed_api and r == 0:
+            self.seed_with(kind, sp)
+        elif not self.seed_api and r == 0 and reads:
+            i = self.rng.choice(reads)
+            g, gsp, _ = self.guards[i]
+            self.op()
+            try:
+                g.upgrade()
+            except REFUSALS:
+                self.refused(gsp)
+            else:
+                self.t.mark(self.owner.row, gsp.cols(), X)
+                self.t.unmark(self.owner.row, gsp.cols(), S)
+                self.guards[i][2] = X
+        elif not self.seed_api and r == 1:
+            self.op()
+            try:
+                g = lf.write(sp.api())
+            except REFUSALS:
+                self.refused(sp)
+            else:
+                self.t.mark(self.owner.row, sp.cols(), X)
+                self.guards.append([g, sp, X])
+        else:
+            self.acquire(kind, sp, blocking=True)
+        self.mirror("a wait without a deadline while holding")
+        self.hold()
+
+    def blocking_wait(self):
+        sp = Sp.random(self.rng, not self.seed_api)
+        kind = self.rng.choice((S, X))
+        lf = self.handle.obj
+        if self.seed_api:
+            if self.rng.randrange(2):
+                assert self.acquire(kind, sp, blocking=True)
+                self.mirror("a blocking acquire")
+                return
+            self.seed_with(kind, sp)
+            return
+        r = self.rng.randrange(3)
+        if r == 2:
+            assert self.acquire(kind, sp, blocking=True)
+        else:
+            self.op()
+            g = (lf.read if kind == S else lf.write)(sp.api())
+            self.t.mark(self.owner.row, sp.cols(), kind)
+            self.guards.append([g, sp, kind])
+        self.mirror("a blocking wait")
+        self.hold()
+
+    def run(self, until):
+        while time.monotonic() < until:
+            if self.rng.randrange(5) == 0:
+                self.alone()
+            else:
+                self.session()
+        # An explicit lock must not outlive the thread that may release it:
+        # a wait without a deadline in another process could be waiting for
+        # it while this process waits for that one to end.
+        self.release(self.handle)
+
+
+def worker(table_path, path, mode, p, seed, until):
+    """One worker process: THREADS threads over its owners."""
+    t = Table(table_path, mode, p)
+    if mode == "ofd":
+        # Threads 0 and 1 share one object (one owner of two threads),
+        # thread 2 has its own.
+        objs = [LocksFile(path, mode="ofd") for _ in range(2)]
+        handles = [Handle(o, o.fileno()) for o in objs]
+        owners = [Owner(2 * p, [handles[0]], 2), Owner(2 * p + 1, [handles[1]], 1)]
+        plan = [(owners[0], handles[0]), (owners[0], handles[0]), (owners[1], handles[1])]
+    else:
+        # One owner per process; every thread has an object of its own
+        # (they compose). A process-mode object opened first lends its
+        # descriptor, through which the owner's locks are all taken, to
+        # read the kernel's list from.
+        probe = LocksFile(path, mode="process")
+        fd = probe.fileno()
+        if mode == "process":
+            objs = [LocksFile(path, mode="process") for _ in range(THREADS)]
+        else:
+            objs = [Seed(path) for _ in range(THREADS)]
+        handles = [Handle(o, fd) for o in objs]
+        owners = [Owner(p, handles, THREADS)]
+        plan = [(owners[0], h) for h in handles]
+
+    def thread_main(th, owner, handle):
+        try:
+            rng = random.Random(seed * 1000 + p * THREADS + th)
+            w = Worker(t, owner, handle, mode == "seed", rng, table_path + ".token")
+            w.run(until)
+            w.drop_guards()
+        except BaseException:  # noqa: BLE001 - counted and shown
+            t.count("errors")
+            print(f"worker {p}.{th} failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+        finally:
+            t.count("done")
+
+    threads = [threading.Thread(target=thread_main, args=(th, o, h)) for th, (o, h) in enumerate(plan)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+
+    # Every thread is done: empty the explicit layers; the kernel must then
+    # hold nothing for any owner of this process.
+    for o in owners:
+        for h in o.handles:
+            with h.lock:
+                for c in range(COLS):
+                    if h.layer[c] is not None:
+                        t.unmark(o.row, range(c, c + 1), h.layer[c])
+                        h.layer[c] = None
+                h.obj.release()
+        left = kernel_row(o.handles[0].fd)
+        if left != [None] * COLS:
+            print(f"owner {o.row} holds after releasing all: {left}", file=sys.stderr, flush=True)
+            t.count("leftover")
+    for obj in objs:
+        if isinstance(obj, LocksFile):
+            obj.close()
+    t.close()
+
+
+@pytest.mark.parametrize("mode", ["ofd", "process", "seed"])
+def test_stress(tmp_path, mode):
+    secs = float(os.environ.get("LOCKSFILE_STRESS_SECS", "3"))
+    seed = int(os.environ.get("LOCKSFILE_STRESS_SEED", "24301")) + ["ofd", "process", "seed"].index(mode)
+    path = tmp_path / "stress.lock"
+    LocksFile(path).close()  # create the file before anyone races to
+    table_path = tmp_path / "claims"
+    table_path.write_bytes(b"\0" * table_size(mode))
+    t = Table(table_path, mode, 0)
+
+    # Every worker stops at ``until`` (CLOCK_MONOTONIC is system-wide), so
+    # the spawned one, slower to start, just runs a little less.
+    until = time.monotonic() + secs
+    procs = []
+    for p in range(PROCS):
+        ctx = multiprocessing.get_context("spawn" if p == PROCS - 1 else "fork")
+        pr = ctx.Process(target=worker, args=(os.fspath(table_path), os.fspath(path), mode, p, seed, until))
+        pr.start()
+        procs.append(pr)
+
+    hangs = 0
+    errors = 0
+    limit = until + secs + 10.0
+    for p, pr in enumerate(procs):
+        pr.join(max(0.0, limit - time.monotonic()))
+        if pr.is_alive():
+            print(f"worker {p} stuck; locks on the file: {support.kernel_locks(path)}")
+            pr.kill()
+            pr.join(support.DEFAULT_TIMEOUT)
+            hangs += max(1, THREADS - t.get(p, "done"))
+        elif pr.exitcode != 0:
+            errors += 1
+
+    # All owners are gone: a fresh one must find the whole file free.
+    leftover = t.total("leftover") + len(support.kernel_locks(path))
+    with LocksFile(path) as fresh:
+        holder = fresh.conflicts(slice(0, None), "exclusive")
+        if holder is not None:
+            print(f"left in the kernel: {holder.span} {holder.kind} pid {holder.pid}")
+            leftover += 1
+
+    ops, violations, mismatches = t.total("ops"), t.total("violations"), t.total("mismatches")
+    errors += t.total("errors")
+    print(
+        f"stress {mode}: {ops} operations, {violations} violations, {mismatches} mismatches, "
+        f"{hangs} hangs, {leftover} leftover, {errors} errors "
+        f"({t.total('refused')} refused, {t.total('refused_over_own')} of them over own locks, "
+        f"untimed waits: {t.total('blocking')} holding nothing, {t.total('blocking_holding')} holding locks; "
+        f"{secs} s, seed {seed})"
+    )
+    refused_over_own = t.total("refused_over_own")
+    t.close()
+    assert violations == 0, "owners held conflicting locks"
+    assert mismatches == 0, "the kernel disagreed with an owner's claims"
+    assert hangs == 0, "workers stuck"
+    assert leftover == 0, "locks left in the kernel"
+    assert errors == 0, "workers failed"
+    # The run must have done its job: operations, and changes refused
+    # part-way over locks the owner held.
+    assert ops > 1000, f"only {ops} operations"
+    assert refused_over_own > 0, "no change refused over own locks"
