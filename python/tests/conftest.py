@@ -36,3 +36,11 @@ else:
     # replays it (@reproduce_failure).
     settings.register_profile("locksfile", database=None, print_blob=True)
     settings.load_profile("locksfile")
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The figures tests recorded in ``support.SUMMARIES`` (the stress runs)."""
+    if support.SUMMARIES:
+        terminalreporter.section("figures")
+        for line in support.SUMMARIES:
+            terminalreporter.write_line(line)

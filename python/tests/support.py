@@ -19,6 +19,10 @@ from dataclasses import dataclass
 
 DEFAULT_TIMEOUT = 10.0
 
+# One-line figures that tests want shown at the end of the run, whatever
+# pytest captured (conftest.py prints them).
+SUMMARIES: list[str] = []
+
 
 # --------------------------------------------------------------------------
 # The kernel's view: /proc/locks

@@ -764,13 +764,16 @@ def test_stress(tmp_path, mode):
 
     ops, violations, mismatches = t.total("ops"), t.total("violations"), t.total("mismatches")
     errors += t.total("errors")
-    print(
+    summary = (
         f"stress {mode}: {ops} operations, {violations} violations, {mismatches} mismatches, "
         f"{hangs} hangs, {leftover} leftover, {errors} errors "
         f"({t.total('refused')} refused, {t.total('refused_over_own')} of them over own locks, "
         f"untimed waits: {t.total('blocking')} holding nothing, {t.total('blocking_holding')} holding locks; "
         f"{secs} s, seed {seed})"
     )
+    print(summary)
+    # Shown at the end of every run (see conftest.py), captured or not.
+    support.SUMMARIES.append(summary)
     refused_over_own = t.total("refused_over_own")
     t.close()
     assert violations == 0, "owners held conflicting locks"

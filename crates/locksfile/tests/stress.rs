@@ -964,7 +964,9 @@ fn stress(mode: Mode) {
         t.get(MISMATCHES),
         t.get(ERRORS),
     );
-    println!(
+    // Straight to standard error, past the harness's capture, so that every
+    // run (CI's too) shows its figures.
+    say(&format!(
         "stress {mode}: {ops} operations, {violations} violations, {mismatches} mismatches, \
          {hangs} hangs, {leftover} leftover, {errors} errors \
          ({} refused, {} of them over own locks, untimed waits: {} holding nothing, {} holding locks; {secs} s, seed {seed:#x})",
@@ -972,7 +974,7 @@ fn stress(mode: Mode) {
         t.get(REFUSED_OVER_OWN),
         t.get(BLOCKING),
         t.get(BLOCKING_HOLDING),
-    );
+    ));
     // A child that failed outside its threads reports its panic here.
     for c in ended {
         c.join();
