@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::engine::fcntl::Fcntl;
+use crate::engine::Engine;
 use crate::error::{Error, Holder, NotRegular};
 use crate::guard::{ReadGuard, WriteGuard};
 use crate::holds::{Change, HandleId};
@@ -143,7 +145,12 @@ impl OpenOptions {
     }
 
     /// The owner for a handle on the freshly opened `fd`.
-    fn owner_of(&self, path: &Path, fd: OwnedFd, writable: bool) -> Result<Arc<Owner>, Error> {
+    fn owner_of(
+        &self,
+        path: &Path,
+        fd: OwnedFd,
+        writable: bool,
+    ) -> Result<Arc<Owner<Fcntl>>, Error> {
         let id = sys::fstat(fd.as_fd()).map_err(|e| Error::io("fstat lock file", e))?;
         if id.file_type != FileType::Regular {
             return Err(Error::NotRegularFile {
@@ -152,7 +159,13 @@ impl OpenOptions {
             });
         }
         Ok(match self.mode {
-            Mode::Ofd => Arc::new(Owner::new(sys::Family::Ofd, id.dev, id.ino, fd, writable)),
+            Mode::Ofd => Arc::new(Owner::new(Fcntl::new(
+                sys::Family::Ofd,
+                id.dev,
+                id.ino,
+                fd,
+                writable,
+            ))),
             Mode::Process => registry::join(id.dev, id.ino, fd, writable),
         })
     }
@@ -163,7 +176,7 @@ impl OpenOptions {
     /// lives (closing it would drop the owner's locks), so a process-mode
     /// handle joins the owner and an OFD handle takes a parked descriptor
     /// (see `registry`). `None`: open as usual.
-    fn reuse(&self, path: &Path, c: &CString) -> Result<Option<Arc<Owner>>, Error> {
+    fn reuse(&self, path: &Path, c: &CString) -> Result<Option<Arc<Owner<Fcntl>>>, Error> {
         if !registry::has_owners() {
             return Ok(None);
         }
@@ -182,13 +195,13 @@ impl OpenOptions {
         };
         let reused = |r| match r {
             registry::Reuse::Joined(owner) => Some(owner),
-            registry::Reuse::Lent(fd, writable) => Some(Arc::new(Owner::new(
+            registry::Reuse::Lent(fd, writable) => Some(Arc::new(Owner::new(Fcntl::new(
                 sys::Family::Ofd,
                 id.dev,
                 id.ino,
                 fd,
                 writable,
-            ))),
+            )))),
             registry::Reuse::NoFit | registry::Reuse::NoOwner => None,
         };
         match registry::reuse(id.dev, id.ino, family, false) {
@@ -357,7 +370,7 @@ fn not_regular(t: FileType) -> NotRegular {
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub struct LockFile {
-    owner: Arc<Owner>,
+    owner: Arc<Owner<Fcntl>>,
     handle: HandleId,
     mode: Mode,
     path: PathBuf,
@@ -396,9 +409,27 @@ impl LockFile {
         &self.path
     }
 
+    /// What this handle's mode offers beyond mutual exclusion: whether a
+    /// wait that would deadlock is refused ([`Error::Deadlock`], process
+    /// mode) or waits forever (OFD mode), whether waiters are served in
+    /// order, whether a dead holder's locks are freed.
+    ///
+    /// ```
+    /// use locksfile::{LockFile, Mode};
+    /// let dir = tempfile::tempdir()?;
+    /// let path = dir.path().join("data.lock");
+    /// assert!(!LockFile::open(&path)?.abilities().detects_deadlocks);
+    /// let p = LockFile::options().mode(Mode::Process).open(&path)?;
+    /// assert!(p.abilities().detects_deadlocks);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn abilities(&self) -> crate::Abilities {
+        self.owner.engine.abilities()
+    }
+
     /// Whether the file could be opened for writing (needed for exclusive locks).
     pub fn is_writable(&self) -> bool {
-        self.owner.lock().writable
+        self.owner.engine.writable()
     }
 
     fn check_ofd_supported(&self) -> Result<(), Error> {
@@ -408,12 +439,19 @@ impl LockFile {
     }
 
     pub(crate) fn change(&self, change: Change, wait: Wait) -> Result<(), Error> {
-        self.owner.change(change, wait).map_err(|e| match e {
-            Error::ReadOnly { .. } => Error::ReadOnly {
+        // Only a change asking for exclusive can need an exclusive lock, and
+        // an owner that cannot write never holds one: refuse it here, where
+        // the path is known, before anything is tried.
+        let wants_exclusive = match change {
+            Change::Guard { to, .. } => to == Some(Kind::Exclusive),
+            Change::Explicit { kind, .. } => kind == Some(Kind::Exclusive),
+        };
+        if wants_exclusive && !self.owner.engine.writable() {
+            return Err(Error::ReadOnly {
                 path: self.path.clone(),
-            },
-            e => e,
-        })
+            });
+        }
+        self.owner.change(change, wait)
     }
 
     /// `fcntl(F_OFD_SETLK | F_SETLK[W])`: lock `span` at `kind` in this
@@ -578,7 +616,7 @@ impl AsFd for LockFile {
     /// The descriptor locks go through. Closing a duplicate of it in
     /// process mode would drop the process's locks on the file: don't.
     fn as_fd(&self) -> BorrowedFd<'_> {
-        let raw = self.owner.lock().fds[0].as_raw_fd();
+        let raw = self.owner.engine.fds()[0].as_raw_fd();
         // The owner keeps every descriptor it ever held open as long as it
         // lives, and `self` keeps the owner alive.
         sys::borrow_raw(raw)

@@ -330,6 +330,15 @@ impl Single {
     pub fn to(&self) -> Option<Kind> {
         self.new.effective()
     }
+
+    /// The one move this change makes.
+    pub fn as_move(&self) -> Move {
+        Move {
+            span: self.span,
+            from: self.from(),
+            to: self.to(),
+        }
+    }
 }
 
 /// Pieces with neighbours of equal kind merged.

@@ -64,6 +64,7 @@ mod sys;
 use std::fmt;
 use std::time::{Duration, Instant};
 
+pub use engine::Abilities;
 pub use error::{Error, Holder, NotRegular, Result, SpanError};
 pub use file::{LockFile, Mode, OpenOptions};
 pub use guard::{ReadGuard, WriteGuard};

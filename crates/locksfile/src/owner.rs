@@ -1,85 +1,96 @@
-//! A lock owner: hold bookkeeping plus the engine, and the protocol that
-//! keeps the kernel's view equal to the bookkeeping's.
+//! A lock owner: hold bookkeeping plus an engine, and the protocol that
+//! keeps the engine's view equal to the bookkeeping's.
 //!
-//! Invariant: outside the `busy` spans, the kernel holds exactly the
-//! effective kind the bookkeeping computes. A thread that must sleep in the
-//! kernel marks its span busy and lets go of the mutex, so other threads of
-//! the same owner can still release (releases never block); they skip the
-//! kernel inside busy spans and the sleeper puts things right when it wakes.
+//! Invariant: outside the `busy` spans, the engine holds exactly the
+//! effective kind the bookkeeping computes. A thread that must wait marks
+//! its span busy and lets go of the mutex, so other threads of the same
+//! owner can still release (releases never block); they skip the engine
+//! inside busy spans and the waiter puts things right when it wakes.
+//!
+//! Nothing here knows how an engine keeps its locks: see `engine/mod.rs`
+//! for what the protocol asks of one.
 
-use std::os::fd::{OwnedFd, RawFd};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crate::engine::Fcntl;
+use crate::engine::{Engine, Until};
 use crate::error::{Error, Holder};
-use crate::holds::{rank, Change, HandleId, Holds, Move};
+use crate::holds::{rank, Change, HandleId, Holds, Move, Single, Undo};
 use crate::span::Span;
-use crate::sys::{self, Family};
+use crate::sys;
 use crate::{Kind, Wait};
 
-pub(crate) struct Owner {
-    pub family: Family,
-    pub generation: u64,
-    pub dev: u64,
-    pub ino: u64,
+pub(crate) struct Owner<E> {
+    pub engine: E,
+    generation: u64,
     state: Mutex<State>,
     /// Signalled whenever a busy span is cleared.
     cond: Condvar,
 }
 
-pub(crate) struct State {
+struct State {
     holds: Holds,
     busy: Vec<Span>,
     /// Scratch buffer for the moves of one change; kept to avoid allocating.
     moves: Vec<Move>,
-    /// The descriptor locks are taken through.
-    fd: RawFd,
-    pub writable: bool,
-    /// Every descriptor this owner keeps open; `fd` is one of them. In
-    /// process mode closing any of them would drop the process's locks on
-    /// the file, so they all live as long as the owner.
-    pub fds: Vec<OwnedFd>,
     /// Handles sharing this owner (process mode).
-    pub handles: usize,
+    handles: usize,
     next_handle: HandleId,
 }
 
-/// How long a timed wait sleeps between polls, at most: bounds how late it
-/// sees a release, while costing well under 1% of a core.
-const MAX_POLL: Duration = Duration::from_millis(1);
-const FIRST_POLL: Duration = Duration::from_micros(50);
-/// Tries after yielding the CPU before a blocking wait sleeps in the kernel.
-const YIELDS_BEFORE_SLEEP: u32 = 2;
+impl State {
+    /// Apply `change` to the bookkeeping; its moves land in `self.moves`.
+    fn apply(&mut self, change: Change) -> Undo {
+        self.moves.clear();
+        self.holds.apply(change, &mut self.moves)
+    }
+
+    fn raises(&self) -> impl Iterator<Item = &Move> {
+        self.moves.iter().filter(|m| m.is_raise())
+    }
+
+    /// Whether another thread of this owner waits on part of `span`.
+    fn busy_over(&self, span: Span) -> bool {
+        !self.busy.is_empty() && self.busy.iter().any(|b| b.intersect(span).is_some())
+    }
+}
+
+/// How raising the pieces of a change went.
+enum Raised {
+    All,
+    /// Another owner refused this move; the earlier ones were rolled back.
+    Refused(Move),
+    /// A call failed; the earlier ones were rolled back.
+    Failed(Error),
+}
+
 /// How long an interruptible wait behind a sibling thread sleeps before it
 /// returns [`Error::Interrupted`] so its caller can look at signals.
 const INTERRUPT_SLICE: Duration = Duration::from_millis(20);
 
-impl State {
-    /// Whether closing a descriptor of the file now could lose none of this
-    /// owner's process-associated locks: nothing is held, and no thread
-    /// sleeps in the kernel (a sleeper may already hold the first raises of
-    /// a multi-piece wait, which `holds` shows only once it wakes).
-    pub fn is_idle(&self) -> bool {
-        self.holds.is_empty() && self.busy.is_empty()
+/// When a wait must give up: a timeout past what the clock can hold means
+/// waiting forever, not failing at once.
+fn until(wait: Wait, started: Option<Instant>) -> Until {
+    match wait {
+        Wait::Timeout(d) => started
+            .and_then(|t| t.checked_add(d))
+            .map_or(Until::Forever, Until::Deadline),
+        Wait::Deadline(t) => Until::Deadline(t),
+        Wait::BlockingInterruptible => Until::Interruptible,
+        // Non-blocking calls never reach a wait.
+        _ => Until::Forever,
     }
 }
 
-impl Owner {
-    pub fn new(family: Family, dev: u64, ino: u64, fd: OwnedFd, writable: bool) -> Owner {
-        use std::os::fd::AsRawFd;
+impl<E: Engine> Owner<E> {
+    pub fn new(engine: E) -> Owner<E> {
         Owner {
-            family,
+            engine,
             generation: sys::fork_generation(),
-            dev,
-            ino,
             state: Mutex::new(State {
                 holds: Holds::new(),
                 busy: Vec::new(),
                 moves: Vec::new(),
-                fd: fd.as_raw_fd(),
-                writable,
-                fds: vec![fd],
                 handles: 1,
                 next_handle: 0,
             }),
@@ -87,7 +98,7 @@ impl Owner {
         }
     }
 
-    pub fn lock(&self) -> MutexGuard<'_, State> {
+    fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the mutex leaves the bookkeeping as it was
         // at some consistent step: every mutation completes before any call
         // that can panic.
@@ -104,35 +115,26 @@ impl Owner {
         st.next_handle
     }
 
-    /// Use `fd` for locking from now on (a writable descriptor replacing a
-    /// read-only one in process mode).
-    pub fn adopt_fd(st: &mut State, fd: OwnedFd, writable: bool) {
-        use std::os::fd::AsRawFd;
-        if writable && !st.writable {
-            st.fd = fd.as_raw_fd();
-            st.writable = true;
-        }
-        st.fds.push(fd);
+    /// One more handle shares this owner (process mode).
+    pub fn add_handle(&self) {
+        self.lock().handles += 1;
     }
 
-    fn engine(&self, st: &State) -> Fcntl {
-        Fcntl {
-            fd: st.fd,
-            family: self.family,
-        }
+    /// One handle leaves; how many are left.
+    pub fn remove_handle(&self) -> usize {
+        let mut st = self.lock();
+        st.handles -= 1;
+        st.handles
     }
 
-    /// Apply `change`, making the kernel agree, waiting as `wait` says.
+    /// Apply `change`, making the engine agree, waiting as `wait` says.
     pub fn change(&self, change: Change, wait: Wait) -> Result<(), Error> {
         if self.is_inherited() {
             return Err(Error::Forked);
         }
-        let wait = timeout_to_deadline(wait);
+        // A timeout counts from the call, not from when waiting starts.
+        let started = matches!(wait, Wait::Timeout(_)).then(Instant::now);
         let mut st = self.lock();
-        let deadline = || match wait {
-            Wait::Deadline(t) => Some(t),
-            _ => None,
-        };
         if st.busy.is_empty() {
             if let Some(single) = st.holds.single(change) {
                 if self.change_single(&mut st, single)? {
@@ -140,99 +142,138 @@ impl Owner {
                 }
                 // Contention on the one raise: straight to waiting (or
                 // failing), without trying the same call again.
-                let refused = Move {
-                    span: single.span,
-                    from: single.from(),
-                    to: single.to(),
-                };
-                return self.refused(st, change, refused, vec![refused], wait, deadline());
+                let refused = single.as_move();
+                return self.refused(st, change, refused, vec![refused], wait, started);
             }
         }
-        let span = change.span();
-        let deadline = deadline();
+        self.change_pieces(st, change, wait, started)
+    }
+
+    /// The fast path: a change inside one piece of the map, at most one
+    /// engine call. `Ok(false)` when another owner is in the way (nothing
+    /// changed).
+    fn change_single(&self, st: &mut State, single: Single) -> Result<bool, Error> {
+        let (from, to) = (single.from(), single.to());
+        if from != to {
+            let granted = self.engine.try_set(single.span, to);
+            if rank(to) > rank(from) && !matches!(granted, Ok(true)) {
+                return granted;
+            }
+            // A lowering is kept in the bookkeeping even if the call
+            // failed: the engine then holds more than it says, which only
+            // delays others, and the error is reported.
+            st.holds.commit(single);
+            return granted.map(|_| true);
+        }
+        st.holds.commit(single);
+        Ok(true)
+    }
+
+    /// The general path: any number of pieces, raises first.
+    fn change_pieces<'a>(
+        &'a self,
+        mut st: MutexGuard<'a, State>,
+        change: Change,
+        wait: Wait,
+        started: Option<Instant>,
+    ) -> Result<(), Error> {
         loop {
-            let st_ref = &mut *st;
-            st_ref.moves.clear();
-            let undo = st_ref.holds.apply(change, &mut st_ref.moves);
-            let raises = st_ref.moves.iter().any(|m| m.is_raise());
-            if raises
-                && !st_ref.busy.is_empty()
-                && st_ref.busy.iter().any(|b| b.intersect(span).is_some())
-            {
-                // Another thread of this owner is sleeping on part of this
-                // span, so what the kernel holds there is in flux until it
+            let undo = st.apply(change);
+            if st.raises().next().is_some() && st.busy_over(change.span()) {
+                // Another thread of this owner is waiting on part of this
+                // span, so what the engine holds there is in flux until it
                 // wakes. Changes that only lower (or need nothing) go
-                // ahead: the sleeper puts the kernel right when it wakes.
-                st_ref.holds.undo(undo);
-                st = match wait {
-                    Wait::NonBlocking | Wait::NonBlockingNoHolder => {
-                        return Err(Error::WouldBlock { holder: None })
-                    }
-                    Wait::Timeout(_) | Wait::Deadline(_) => {
-                        let left = remaining(deadline).ok_or(Error::TimedOut)?;
-                        self.cond
-                            .wait_timeout(st, left)
-                            .unwrap_or_else(|p| p.into_inner())
-                            .0
-                    }
-                    Wait::BlockingInterruptible => {
-                        // A condition variable wait does not end on a
-                        // signal, so wake every slice and let the caller
-                        // run its signal handlers before calling again.
-                        let (st, slept) = self
-                            .cond
-                            .wait_timeout(st, INTERRUPT_SLICE)
-                            .unwrap_or_else(|p| p.into_inner());
-                        if slept.timed_out() {
-                            return Err(Error::Interrupted);
-                        }
-                        st
-                    }
-                    _ => self.cond.wait(st).unwrap_or_else(|p| p.into_inner()),
-                };
+                // ahead: the waiter puts the engine right when it wakes.
+                st.holds.undo(undo);
+                st = self.wait_for_sibling(st, wait, started)?;
                 continue;
             }
-            let engine = self.engine(st_ref);
-            // Raises first: they are the only calls that can fail for
-            // contention, and nothing is lowered until they all succeed.
-            let mut done = 0;
-            let mut refused = None;
-            for m in st_ref.moves.iter().filter(|m| m.is_raise()) {
-                if m.to == Some(Kind::Exclusive) && !st_ref.writable {
-                    Self::roll_back(engine, &st_ref.moves, done);
-                    st_ref.holds.undo(undo);
-                    // The handle fills in its path (an owner may be
-                    // reached by several).
-                    return Err(Error::ReadOnly {
-                        path: std::path::PathBuf::new(),
-                    });
+            return match self.raise_all(&st) {
+                Raised::All => self.lower(&st),
+                Raised::Refused(refused) => {
+                    st.holds.undo(undo);
+                    let raises: Vec<Move> = st.raises().copied().collect();
+                    self.refused(st, change, refused, raises, wait, started)
                 }
-                match engine.try_set(m.span, m.to) {
-                    Ok(true) => done += 1,
-                    Ok(false) => {
-                        refused = Some(*m);
-                        break;
-                    }
-                    Err(e) => {
-                        Self::roll_back(engine, &st_ref.moves, done);
-                        st_ref.holds.undo(undo);
-                        return Err(e);
-                    }
+                Raised::Failed(e) => {
+                    st.holds.undo(undo);
+                    Err(e)
+                }
+            };
+        }
+    }
+
+    /// Make every raise of the moves just computed, without waiting. They
+    /// go first because they are the only calls that can fail for
+    /// contention; if one does, the ones made are put back, each to the
+    /// kind its own piece had, so the engine is as it was.
+    fn raise_all(&self, st: &State) -> Raised {
+        for (done, m) in st.raises().enumerate() {
+            let outcome = match self.engine.try_set(m.span, m.to) {
+                Ok(true) => continue,
+                Ok(false) => Raised::Refused(*m),
+                Err(e) => Raised::Failed(e),
+            };
+            for made in st.raises().take(done) {
+                // Lowering never blocks; if it fails the engine holds more
+                // than the bookkeeping says, which only delays other owners.
+                let _ = self.engine.try_set(made.span, made.from);
+            }
+            return outcome;
+        }
+        Raised::All
+    }
+
+    /// Make the engine follow the lowering moves just computed, skipping
+    /// spans another thread is waiting on.
+    fn lower(&self, st: &State) -> Result<(), Error> {
+        let mut result = Ok(());
+        for m in st.moves.iter().filter(|m| !m.is_raise()) {
+            if st.busy.is_empty() {
+                self.set_or_keep(m.span, m.to, &mut result);
+            } else {
+                for piece in outside(m.span, &st.busy) {
+                    self.set_or_keep(piece, m.to, &mut result);
                 }
             }
-            let Some(refused) = refused else {
-                return self.lower(st_ref, engine);
-            };
-            Self::roll_back(engine, &st_ref.moves, done);
-            st_ref.holds.undo(undo);
-            let raises: Vec<Move> = st_ref
-                .moves
-                .iter()
-                .filter(|m| m.is_raise())
-                .copied()
-                .collect();
-            return self.refused(st, change, refused, raises, wait, deadline);
         }
+        result
+    }
+
+    /// Wait for a sibling thread's wait over part of our span to end.
+    fn wait_for_sibling<'a>(
+        &'a self,
+        st: MutexGuard<'a, State>,
+        wait: Wait,
+        started: Option<Instant>,
+    ) -> Result<MutexGuard<'a, State>, Error> {
+        let st = match (wait, until(wait, started)) {
+            (Wait::NonBlocking | Wait::NonBlockingNoHolder, _) => {
+                return Err(Error::WouldBlock { holder: None })
+            }
+            (_, Until::Deadline(t)) => {
+                let left = remaining(t).ok_or(Error::TimedOut)?;
+                self.cond
+                    .wait_timeout(st, left)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0
+            }
+            (_, Until::Interruptible) => {
+                // A condition variable wait does not end on a signal, so
+                // wake every slice and let the caller run its signal
+                // handlers before calling again.
+                let (st, slept) = self
+                    .cond
+                    .wait_timeout(st, INTERRUPT_SLICE)
+                    .unwrap_or_else(|p| p.into_inner());
+                if slept.timed_out() {
+                    return Err(Error::Interrupted);
+                }
+                st
+            }
+            (_, Until::Forever) => self.cond.wait(st).unwrap_or_else(|p| p.into_inner()),
+        };
+        Ok(st)
     }
 
     /// Another owner refused one of `raises` (nothing is changed): fail
@@ -244,116 +285,47 @@ impl Owner {
         refused: Move,
         raises: Vec<Move>,
         wait: Wait,
-        deadline: Option<Instant>,
+        started: Option<Instant>,
     ) -> Result<(), Error> {
         match wait {
             Wait::NonBlocking => {
-                let engine = self.engine(&st);
-                let holder = refused.to.and_then(|k| engine.probe(refused.span, k).ok());
+                let holder = refused
+                    .to
+                    .and_then(|k| self.engine.probe(refused.span, k).ok());
                 Err(Error::WouldBlock {
                     holder: holder.flatten(),
                 })
             }
             Wait::NonBlockingNoHolder => Err(Error::WouldBlock { holder: None }),
-            _ => self.sleep_and_apply(st, change, raises, wait, deadline),
+            _ => self.wait_and_apply(st, change, raises, until(wait, started)),
         }
-    }
-
-    /// The fast path: a change inside one piece of the map, at most one
-    /// system call. `Ok(false)` when another owner is in the way (nothing
-    /// changed).
-    fn change_single(&self, st: &mut State, single: crate::holds::Single) -> Result<bool, Error> {
-        let (from, to) = (single.from(), single.to());
-        if from != to {
-            let raise = rank(to) > rank(from);
-            if raise && to == Some(Kind::Exclusive) && !st.writable {
-                return Err(Error::ReadOnly {
-                    path: std::path::PathBuf::new(),
-                });
-            }
-            let granted = self.engine(st).try_set(single.span, to);
-            if raise && !matches!(granted, Ok(true)) {
-                return granted;
-            }
-            // A lowering is kept in the bookkeeping even if the call
-            // failed: the kernel then holds more than it says, which only
-            // delays others, and the error is reported.
-            st.holds.commit(single);
-            return granted.map(|_| true);
-        }
-        st.holds.commit(single);
-        Ok(true)
-    }
-
-    /// Undo the first `done` raises of `moves` after a later one failed.
-    fn roll_back(engine: Fcntl, moves: &[Move], done: usize) {
-        for m in moves.iter().filter(|m| m.is_raise()).take(done) {
-            // Lowering never blocks; if it fails the kernel holds more than
-            // the bookkeeping says, which only delays other owners.
-            let _ = engine.try_set(m.span, m.from);
-        }
-    }
-
-    /// Make the kernel follow the lowering moves just computed, skipping
-    /// spans another thread is sleeping on.
-    fn lower(&self, st: &mut State, engine: Fcntl) -> Result<(), Error> {
-        let mut result = Ok(());
-        for m in st.moves.iter().filter(|m| !m.is_raise()) {
-            if st.busy.is_empty() {
-                set_or_keep(engine, m.span, m.to, &mut result);
-            } else {
-                for piece in outside(m.span, &st.busy) {
-                    set_or_keep(engine, piece, m.to, &mut result);
-                }
-            }
-        }
-        result
     }
 
     /// The slow path: with the change not applied, mark its span busy, drop
-    /// the mutex, wait in the kernel for every raise, then apply the change
+    /// the mutex, wait in the engine for every raise, then apply the change
     /// and lower whatever the wait took beyond what is now needed.
-    fn sleep_and_apply(
+    fn wait_and_apply(
         &self,
         mut st: MutexGuard<'_, State>,
         change: Change,
         raises: Vec<Move>,
-        wait: Wait,
-        deadline: Option<Instant>,
+        until: Until,
     ) -> Result<(), Error> {
         let span = change.span();
-        // What the kernel holds over the span, as we go.
-        let mut kernel: Vec<(Span, Option<Kind>)> = st.holds.effective(span);
+        // What the engine holds over the span, as we go.
+        let mut held: Vec<(Span, Option<Kind>)> = st.holds.effective(span);
         st.busy.push(span);
-        let engine = self.engine(&st);
         drop(st);
 
+        // No early return from here on: the busy mark must go.
         let mut outcome = Ok(());
         for m in &raises {
             let kind = m.to.expect("a raise has a kind");
-            outcome = match wait {
-                Wait::Timeout(_) | Wait::Deadline(_) => {
-                    poll_until(engine, m.span, kind, deadline.unwrap_or_else(Instant::now))
-                }
-                // No early return from here on: the busy mark must go.
-                _ => match yield_and_retry(engine, m.span, kind) {
-                    Ok(true) => Ok(()),
-                    Err(e) => Err(e),
-                    Ok(false) if wait == Wait::BlockingInterruptible => {
-                        engine.wait_set(m.span, kind)
-                    }
-                    Ok(false) => loop {
-                        match engine.wait_set(m.span, kind) {
-                            Err(Error::Interrupted) => continue,
-                            other => break other,
-                        }
-                    },
-                },
-            };
+            outcome = self.engine.wait_set(m.span, kind, until);
             if outcome.is_err() {
                 break;
             }
-            overwrite(&mut kernel, m.span, Some(kind));
+            overwrite(&mut held, m.span, Some(kind));
         }
 
         let mut st = self.lock();
@@ -364,26 +336,31 @@ impl Owner {
             .expect("our busy span");
         st.busy.swap_remove(busy_at);
         if outcome.is_ok() {
-            let st_ref = &mut *st;
-            st_ref.moves.clear();
-            st_ref.holds.apply(change, &mut st_ref.moves);
+            st.apply(change);
         }
-        // Everything over the span that the kernel holds beyond the
-        // bookkeeping (our extra raises after a failure, or releases other
-        // threads skipped while we slept) is lowered now.
+        // Everything over the span that the engine holds beyond the
+        // bookkeeping (our raises after a failure, or releases other
+        // threads skipped while we waited) is lowered now.
         let desired: Vec<(Span, Option<Kind>)> = st.holds.effective(span);
         let mut lowered = Ok(());
-        for (piece, have, want) in zip_pieces(&kernel, &desired) {
+        for (piece, have, want) in zip_pieces(&held, &desired) {
             if rank(want) < rank(have) {
-                let others_busy = st.busy.clone();
-                for p in outside(piece, &others_busy) {
-                    set_or_keep(engine, p, want, &mut lowered);
+                for p in outside(piece, &st.busy) {
+                    self.set_or_keep(p, want, &mut lowered);
                 }
             }
         }
         drop(st);
         self.cond.notify_all();
         outcome.and(lowered)
+    }
+
+    fn set_or_keep(&self, span: Span, kind: Option<Kind>, result: &mut Result<(), Error>) {
+        if let Err(e) = self.engine.try_set(span, kind) {
+            if result.is_ok() {
+                *result = Err(e);
+            }
+        }
     }
 
     /// What the owner holds, piece by piece.
@@ -411,8 +388,7 @@ impl Owner {
         if self.is_inherited() {
             return Err(Error::Forked);
         }
-        let st = self.lock();
-        self.engine(&st).probe(span, kind)
+        self.engine.probe(span, kind)
     }
 
     /// Release a handle's explicit layer and forget it.
@@ -429,75 +405,32 @@ impl Owner {
         r
     }
 
-    /// Unlock every index in the kernel (the owner is going away).
+    /// Run `f` under the owner's mutex if the owner holds nothing and no
+    /// thread of it is waiting: then nothing it holds can be lost, whatever
+    /// `f` does to the engine's file (a waiter may already hold the first
+    /// raises of a multi-piece wait, which the bookkeeping shows only once
+    /// it wakes).
+    pub fn if_idle(&self, f: impl FnOnce()) {
+        let st = self.lock();
+        if st.holds.is_empty() && st.busy.is_empty() {
+            f();
+        }
+    }
+
+    /// Unlock everything in the engine (the owner is going away).
     pub fn unlock_everything(&self) {
         let st = self.lock();
         if !st.holds.is_empty() {
-            let _ = self.engine(&st).try_set(Span::ALL, None);
+            let _ = self.engine.unlock_all();
         }
     }
 }
 
-fn set_or_keep(engine: Fcntl, span: Span, kind: Option<Kind>, result: &mut Result<(), Error>) {
-    if let Err(e) = engine.try_set(span, kind) {
-        if result.is_ok() {
-            *result = Err(e);
-        }
-    }
-}
-
-/// A timeout as the deadline it sets, counted from now. A timeout that
-/// ends past what the clock can hold (`Duration::MAX`, say) sets no
-/// deadline at all: the caller means "as long as it takes", so it is a
-/// blocking wait, not one that gives up at once.
-fn timeout_to_deadline(wait: Wait) -> Wait {
-    match wait {
-        Wait::Timeout(d) => Instant::now()
-            .checked_add(d)
-            .map_or(Wait::Blocking, Wait::Deadline),
-        w => w,
-    }
-}
-
-fn remaining(deadline: Option<Instant>) -> Option<Duration> {
-    let left = deadline?.checked_duration_since(Instant::now())?;
+fn remaining(deadline: Instant) -> Option<Duration> {
+    let left = deadline.checked_duration_since(Instant::now())?;
     (!left.is_zero()).then_some(left)
 }
 
-/// Give the CPU away and try again, a few times, before sleeping in the
-/// kernel. A lock held for a moment (hand-over-hand, above all with more
-/// processes than cores) is often free once its holder has run, and a
-/// failed try costs far less than a sleep and a wake-up. The kernel wait
-/// that follows still detects deadlocks.
-fn yield_and_retry(engine: Fcntl, span: Span, kind: Kind) -> Result<bool, Error> {
-    for _ in 0..YIELDS_BEFORE_SLEEP {
-        std::thread::yield_now();
-        if engine.try_set(span, Some(kind))? {
-            return Ok(true);
-        }
-    }
-    Ok(false)
-}
-
-/// Try, sleep a little, try again, until `deadline`. The kernel has no
-/// timed `F_SETLKW`; polling with a capped back-off keeps both the lateness
-/// after a release and the CPU cost small.
-fn poll_until(engine: Fcntl, span: Span, kind: Kind, deadline: Instant) -> Result<(), Error> {
-    let mut pause = FIRST_POLL;
-    loop {
-        if engine.try_set(span, Some(kind))? {
-            return Ok(());
-        }
-        let now = Instant::now();
-        if now >= deadline {
-            return Err(Error::TimedOut);
-        }
-        std::thread::sleep(pause.min(deadline - now));
-        pause = (pause * 2).min(MAX_POLL);
-    }
-}
-
-/// The parts of `span` outside every span in `busy`.
 fn outside(span: Span, busy: &[Span]) -> Vec<Span> {
     let mut parts = vec![span];
     for b in busy {
@@ -559,11 +492,5 @@ fn zip_pieces(
     out
 }
 
-impl Drop for Owner {
-    fn drop(&mut self) {
-        let fds = std::mem::take(&mut self.state.get_mut().unwrap_or_else(|p| p.into_inner()).fds);
-        for fd in fds {
-            crate::registry::close(self.dev, self.ino, fd);
-        }
-    }
-}
+#[cfg(test)]
+mod tests;

@@ -24,7 +24,7 @@
 //!   opens, leaves or parks a descriptor), parked descriptors are closed if
 //!   the owner holds nothing *and* no thread of it sleeps in the kernel: a
 //!   sleeper may already hold the first raises of a multi-piece wait that
-//!   the bookkeeping does not show yet ([`crate::owner::State::is_idle`]).
+//!   the bookkeeping does not show yet ([`Owner::if_idle`]).
 //!   They are closed under the owner's mutex, so no lock can be taken
 //!   between the check and the close.
 //!
@@ -34,10 +34,13 @@
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::engine::Fcntl;
-use crate::owner::{Owner, State};
+use crate::engine::fcntl::Fcntl;
+use crate::engine::Engine;
+use crate::owner::Owner;
 use crate::span::Span;
-use crate::sys::{self, Family};
+use crate::sys::{self, Family, LockType};
+
+type FcntlOwner = Owner<Fcntl>;
 
 /// A descriptor of a file with a process-mode owner, kept open only so its
 /// closing drops none of the owner's locks.
@@ -47,16 +50,17 @@ struct Parked {
 }
 
 struct Entry {
-    owner: Arc<Owner>,
+    owner: Arc<FcntlOwner>,
     parked: Vec<Parked>,
 }
 
 impl Entry {
-    /// Close every parked descriptor if that can lose no lock; `st` is the
-    /// owner's state, locked by the caller for the whole check and close.
-    fn close_parked_if_idle(&mut self, st: &State) {
-        if !self.parked.is_empty() && st.is_idle() {
-            self.parked.clear();
+    /// Close every parked descriptor if that can lose no lock (checked
+    /// and done under the owner's mutex, so no lock is taken in between).
+    fn close_parked_if_idle(&mut self) {
+        if !self.parked.is_empty() {
+            let parked = &mut self.parked;
+            self.owner.if_idle(|| parked.clear());
         }
     }
 
@@ -73,11 +77,13 @@ impl Entry {
         // Its last OFD owner unlocked what it knew of; a lowering that
         // failed would still be there, and would stand in the way of this
         // process's own locks. Without OFD support there is nothing to clear.
-        let _ = Fcntl {
-            fd: std::os::fd::AsRawFd::as_raw_fd(&p.fd),
-            family: Family::Ofd,
-        }
-        .try_set(Span::ALL, None);
+        let _ = sys::set_lock(
+            p.fd.as_fd(),
+            Family::Ofd,
+            LockType::Unlock,
+            Span::ALL.to_sys(),
+            false,
+        );
         Some(p)
     }
 }
@@ -100,11 +106,10 @@ impl Table {
     /// Drop entries inherited through fork without closing anything:
     /// closing their descriptors here could drop the child's own locks.
     fn forget_inherited(&mut self) {
-        let gen = sys::current_fork_generation();
-        if self.entries.iter().any(|e| e.owner.generation != gen) {
+        if self.entries.iter().any(|e| e.owner.is_inherited()) {
             let (stale, live) = std::mem::take(&mut self.entries)
                 .into_iter()
-                .partition(|e| e.owner.generation != gen);
+                .partition(|e| e.owner.is_inherited());
             self.entries = live;
             std::mem::forget::<Vec<Entry>>(stale);
         }
@@ -113,7 +118,7 @@ impl Table {
     fn find(&mut self, dev: u64, ino: u64) -> Option<&mut Entry> {
         self.entries
             .iter_mut()
-            .find(|e| e.owner.dev == dev && e.owner.ino == ino)
+            .find(|e| e.owner.engine.dev == dev && e.owner.engine.ino == ino)
     }
 }
 
@@ -126,7 +131,7 @@ pub(crate) fn has_owners() -> bool {
 /// What the table can give a new handle of a file without opening it.
 pub(crate) enum Reuse {
     /// A process-mode handle joined the file's owner (counted in).
-    Joined(Arc<Owner>),
+    Joined(Arc<FcntlOwner>),
     /// A parked descriptor for an OFD handle of its own, and whether it is
     /// writable.
     Lent(OwnedFd, bool),
@@ -148,19 +153,18 @@ pub(crate) fn reuse(dev: u64, ino: u64, family: Family, read_only_ok: bool) -> R
         return Reuse::NoOwner;
     };
     let owner = Arc::clone(&entry.owner);
-    let mut st = owner.lock();
     let got = match family {
         Family::Posix => {
-            if !st.writable {
+            if !owner.engine.writable() {
                 // A writable descriptor parked by an OFD handle lets the
                 // owner take exclusive locks from now on.
                 if let Some(p) = entry.take_parked(false) {
-                    Owner::adopt_fd(&mut st, p.fd, true);
+                    owner.engine.adopt(p.fd, true);
                 }
             }
-            if st.writable || read_only_ok {
-                st.handles += 1;
-                Reuse::Joined(Arc::clone(&owner))
+            if owner.engine.writable() || read_only_ok {
+                owner.add_handle();
+                Reuse::Joined(owner)
             } else {
                 Reuse::NoFit
             }
@@ -170,30 +174,29 @@ pub(crate) fn reuse(dev: u64, ino: u64, family: Family, read_only_ok: bool) -> R
             None => Reuse::NoFit,
         },
     };
-    entry.close_parked_if_idle(&st);
+    entry.close_parked_if_idle();
     got
 }
 
 /// The process-mode owner of (dev, ino), joined by one more handle that
 /// brings `fd`; created if there is none.
-pub(crate) fn join(dev: u64, ino: u64, fd: OwnedFd, writable: bool) -> Arc<Owner> {
+pub(crate) fn join(dev: u64, ino: u64, fd: OwnedFd, writable: bool) -> Arc<FcntlOwner> {
     let mut t = table();
     if let Some(entry) = t.find(dev, ino) {
         let owner = Arc::clone(&entry.owner);
-        let mut st = owner.lock();
-        st.handles += 1;
-        if writable && !st.writable {
-            Owner::adopt_fd(&mut st, fd, writable);
+        owner.add_handle();
+        if writable && !owner.engine.writable() {
+            owner.engine.adopt(fd, writable);
         } else {
             // The owner needs no second descriptor; closing it could drop
             // the owner's locks, though.
             entry.parked.push(Parked { fd, writable });
-            entry.close_parked_if_idle(&st);
+            entry.close_parked_if_idle();
         }
-        drop(st);
         return owner;
     }
-    let owner = Arc::new(Owner::new(Family::Posix, dev, ino, fd, writable));
+    let engine = Fcntl::new(Family::Posix, dev, ino, fd, writable);
+    let owner = Arc::new(Owner::new(engine));
     t.entries.push(Entry {
         owner: Arc::clone(&owner),
         parked: Vec::new(),
@@ -204,17 +207,14 @@ pub(crate) fn join(dev: u64, ino: u64, fd: OwnedFd, writable: bool) -> Arc<Owner
 /// One process-mode handle leaves; the last one unlocks everything and
 /// takes the owner out of the table, closing its parked descriptors (its
 /// own close when it drops).
-pub(crate) fn leave(owner: &Arc<Owner>) {
+pub(crate) fn leave(owner: &Arc<FcntlOwner>) {
     let mut t = table();
-    let mut st = owner.lock();
-    st.handles -= 1;
-    if st.handles > 0 {
-        if let Some(entry) = t.find(owner.dev, owner.ino) {
-            entry.close_parked_if_idle(&st);
+    if owner.remove_handle() > 0 {
+        if let Some(entry) = t.find(owner.engine.dev, owner.engine.ino) {
+            entry.close_parked_if_idle();
         }
         return;
     }
-    drop(st);
     // Still under the table lock, so no new owner of this file exists yet
     // whose locks this could drop.
     owner.unlock_everything();
@@ -229,11 +229,9 @@ pub(crate) fn close(dev: u64, ino: u64, fd: OwnedFd) {
         drop(t);
         return drop(fd);
     };
-    let owner = Arc::clone(&entry.owner);
-    let st = owner.lock();
     // Unknown access mode: park it as read-only, which never lends it for
     // an exclusive lock it cannot take.
     let writable = sys::is_writable(fd.as_fd()).unwrap_or(false);
     entry.parked.push(Parked { fd, writable });
-    entry.close_parked_if_idle(&st);
+    entry.close_parked_if_idle();
 }

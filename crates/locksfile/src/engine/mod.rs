@@ -1,0 +1,87 @@
+//! Lock engines: where "this owner holds this span at this kind" is made
+//! true.
+//!
+//! The owner protocol (`owner.rs`) and the hold bookkeeping (`holds.rs`)
+//! sit above the [`Engine`] trait and know nothing of how an engine keeps
+//! its locks, in the spirit of `lock_api::RawRwLock`: a few required
+//! operations on one owner's locks, and what the engine can do beyond
+//! them told as [`Abilities`]. Today's engine is [`fcntl::Fcntl`] (record
+//! locks, OFD or process-associated); tests also run the protocol on
+//! [`fake::Fake`], a lock table in memory that makes no system call.
+//!
+//! What every engine must guarantee (the protocol relies on it):
+//! - A refused or failed call changes nothing: the owner holds exactly
+//!   what it held before, piece by piece.
+//! - Lowering (to a weaker kind, or unlocking) is never refused and never
+//!   blocks.
+//! - Setting a span the owner partly holds converts it in place, and a
+//!   raise that waits keeps what the owner already held meanwhile.
+//! - An owner never conflicts with itself.
+
+pub(crate) mod fcntl;
+
+#[cfg(test)]
+pub(crate) mod fake;
+
+use std::time::Instant;
+
+use crate::error::{Error, Holder};
+use crate::span::Span;
+use crate::Kind;
+
+/// How long [`Engine::wait_set`] may wait.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Until {
+    /// Until granted; signals do not end the wait.
+    Forever,
+    /// Until granted or a signal arrives ([`Error::Interrupted`]).
+    Interruptible,
+    /// Until granted or this instant ([`Error::TimedOut`]).
+    Deadline(Instant),
+}
+
+/// What a lock mode offers beyond mutual exclusion; see
+/// [`LockFile::abilities`](crate::LockFile::abilities).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Abilities {
+    /// A wait that would close a cycle of waiting owners fails with
+    /// [`Error::Deadlock`] instead of waiting forever.
+    pub detects_deadlocks: bool,
+    /// Waiters are served in order: a stream of readers cannot starve a
+    /// waiting writer.
+    pub fair: bool,
+    /// A holder that dies loses its locks, and its waiters get them.
+    pub releases_on_death: bool,
+}
+
+/// One owner's locks in some lock table.
+///
+/// Methods take `&self` and may be called from several threads of the
+/// owner at once: the protocol calls [`Engine::wait_set`] without holding
+/// its own mutex, so that other threads can release meanwhile.
+pub(crate) trait Engine: Send + Sync {
+    /// Set `span` to `kind` for this owner (`None` unlocks) without
+    /// waiting. `Ok(false)` when another owner is in the way; then nothing
+    /// changed.
+    fn try_set(&self, span: Span, kind: Option<Kind>) -> Result<bool, Error>;
+
+    /// Raise `span` to `kind`, waiting as `until` says. On any error
+    /// nothing changed.
+    fn wait_set(&self, span: Span, kind: Kind, until: Until) -> Result<(), Error>;
+
+    /// The first lock of another owner in the way of `kind` on `span`.
+    fn probe(&self, span: Span, kind: Kind) -> Result<Option<Holder>, Error>;
+
+    /// Whether exclusive locks can be had at all (not through a file that
+    /// could only be opened read-only).
+    fn writable(&self) -> bool;
+
+    /// What the engine offers beyond the required operations.
+    fn abilities(&self) -> Abilities;
+
+    /// Drop every lock of this owner, which is going away.
+    fn unlock_all(&self) -> Result<(), Error> {
+        self.try_set(Span::ALL, None).map(drop)
+    }
+}
