@@ -438,6 +438,7 @@ impl LockFile {
         self.owner.probe(Span::ALL, Kind::Shared).map(|_| ())
     }
 
+    #[inline]
     pub(crate) fn change(&self, change: Change, wait: Wait) -> Result<(), Error> {
         // Only a change asking for exclusive can need an exclusive lock, and
         // an owner that cannot write never holds one: refuse it here, where

@@ -28,11 +28,13 @@ impl<V: Copy + Eq + Default> SegMap<V> {
         }
     }
 
+    #[inline]
     fn end_of(&self, i: usize) -> u64 {
         self.segs.get(i + 1).map_or(INDEX_END, |s| s.0)
     }
 
     /// Index of the segment containing `pos`.
+    #[inline]
     fn find(&self, pos: u64) -> usize {
         // An owner usually holds a handful of pieces: a scan from the top
         // (where new locks go) beats a binary search there.
@@ -109,12 +111,6 @@ impl<V: Copy + Eq + Default> SegMap<V> {
             seen(Span::from_checked(self.segs[k].0, self.end_of(k)), old, new);
         }
         self.coalesce(i, j);
-    }
-
-    /// The segment holding all of `span`, if one does, with its value.
-    fn segment_holding(&self, span: Span) -> Option<(usize, V)> {
-        let i = self.find(span.start());
-        (span.end() <= self.end_of(i)).then(|| (i, self.segs[i].1))
     }
 
     /// Set `span`, which lies inside segment `i`, to `new` (which differs
@@ -199,36 +195,73 @@ impl<V: Copy + Eq + Default> SegMap<V> {
 /// has that one handle), so its `acquire`/`release` update a single map;
 /// further handles of a process-mode owner keep layers of their own and
 /// count as holders here.
+///
+/// Packed in one word (readers in bits 0..30, writers in 30..60, the first
+/// handle's kind in 60..62): the hot path copies, compares and updates it
+/// with single instructions, and a map entry is two words.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub(crate) struct Counts {
-    read: u32,
-    write: u32,
-    first: Option<Kind>,
+pub(crate) struct Counts(u64);
+
+const READERS: u64 = (1 << 30) - 1;
+const WRITERS: u64 = READERS << 30;
+const FIRST_SHIFT: u32 = 60;
+const FIRST: u64 = 0b11 << FIRST_SHIFT;
+const FIRST_EXCLUSIVE: u64 = 2 << FIRST_SHIFT;
+
+/// One holder of `kind`, as a count.
+#[inline]
+fn one(kind: Option<Kind>) -> u64 {
+    match kind {
+        None => 0,
+        Some(Kind::Shared) => 1,
+        Some(Kind::Exclusive) => 1 << 30,
+    }
 }
 
 impl Counts {
+    #[inline]
     pub fn effective(self) -> Option<Kind> {
-        if self.write > 0 || self.first == Some(Kind::Exclusive) {
+        if self.0 & (WRITERS | FIRST_EXCLUSIVE) != 0 {
             Some(Kind::Exclusive)
-        } else if self.read > 0 || self.first.is_some() {
+        } else if self.0 != 0 {
+            // Readers, or the first handle's shared lock.
             Some(Kind::Shared)
         } else {
             None
         }
     }
 
-    fn with(mut self, from: Option<Kind>, to: Option<Kind>) -> Counts {
-        match from {
-            Some(Kind::Shared) => self.read -= 1,
-            Some(Kind::Exclusive) => self.write -= 1,
-            None => {}
+    /// One holder moves from `from` to `to`.
+    #[inline]
+    fn with(self, from: Option<Kind>, to: Option<Kind>) -> Counts {
+        let (down, up) = (one(from), one(to));
+        debug_assert!(self.0 & (READERS | WRITERS) >= down, "no such holder");
+        let n = self.0 - down;
+        // A billion holders of one index would carry into the next field.
+        assert!(
+            (n & READERS) != READERS && (n & WRITERS) != WRITERS,
+            "too many holders of one lock"
+        );
+        Counts(n + up)
+    }
+
+    /// The first handle's explicit kind.
+    fn first(self) -> Option<Kind> {
+        match self.0 >> FIRST_SHIFT {
+            0 => None,
+            1 => Some(Kind::Shared),
+            _ => Some(Kind::Exclusive),
         }
-        match to {
-            Some(Kind::Shared) => self.read += 1,
-            Some(Kind::Exclusive) => self.write += 1,
-            None => {}
-        }
-        self
+    }
+
+    #[inline]
+    fn with_first(self, kind: Option<Kind>) -> Counts {
+        let bits = match kind {
+            None => 0,
+            Some(Kind::Shared) => 1,
+            Some(Kind::Exclusive) => 2,
+        };
+        Counts((self.0 & !FIRST) | (bits << FIRST_SHIFT))
     }
 }
 
@@ -311,34 +344,15 @@ fn push_move(out: &mut Vec<Move>, m: Move) {
     out.push(m);
 }
 
-/// A change that falls inside one piece of the map, worked out but not
-/// yet made: the fast path can look at the effective kinds, make its one
-/// system call, and only then commit, so it never needs an undo.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct Single {
-    seg: usize,
-    pub span: Span,
-    old: Counts,
-    new: Counts,
-}
-
-impl Single {
-    pub fn from(&self) -> Option<Kind> {
-        self.old.effective()
-    }
-
-    pub fn to(&self) -> Option<Kind> {
-        self.new.effective()
-    }
-
-    /// The one move this change makes.
-    pub fn as_move(&self) -> Move {
-        Move {
-            span: self.span,
-            from: self.from(),
-            to: self.to(),
-        }
-    }
+/// How [`Holds::change_in_one_piece`] went.
+pub(crate) enum OnePiece<E> {
+    /// The change spans several pieces (or another handle's layer): take
+    /// the general path.
+    NotOne,
+    /// Made (or failed with an error, the change not made if it raised).
+    Done(Result<(), E>),
+    /// Another owner is in the way of this raise; nothing changed.
+    Refused(Move),
 }
 
 /// Pieces with neighbours of equal kind merged.
@@ -405,9 +419,9 @@ impl Holds {
                 before.clear();
                 self.counts.update(
                     span,
-                    |c| Counts { first: kind, ..c },
+                    |c| c.with_first(kind),
                     |piece, old, new| {
-                        before.push((piece, old.first));
+                        before.push((piece, old.first()));
                         push_move(moves, Move::between(piece, old, new))
                     },
                 );
@@ -428,33 +442,49 @@ impl Holds {
         }
     }
 
-    /// `change` as a [`Single`], when it touches one piece of the map and
-    /// no separate explicit layer (the common case: one lock taken or
-    /// dropped by a guard or by the first handle).
-    pub fn single(&self, change: Change) -> Option<Single> {
+    /// The fast path, for a change inside one piece of the map and no
+    /// separate explicit layer (the common case: one lock taken or dropped
+    /// by a guard or by the first handle). Works out the piece's effective
+    /// kind before and after, lets `set(span, from, to)` make the move
+    /// (it answers whether it was granted), and only then commits, so it
+    /// never needs an undo. A lowering is committed even if `set` failed:
+    /// the engine then holds more than the bookkeeping says, which only
+    /// delays others, and the error is reported.
+    #[inline]
+    pub fn change_in_one_piece<E>(
+        &mut self,
+        change: Change,
+        set: impl FnOnce(Span, Option<Kind>) -> Result<bool, E>,
+    ) -> OnePiece<E> {
         let span = change.span();
-        let (seg, old) = self.counts.segment_holding(span)?;
+        let i = self.counts.find(span.start());
+        if span.end() > self.counts.end_of(i) {
+            return OnePiece::NotOne;
+        }
+        let old = self.counts.segs[i].1;
         let new = match change {
             Change::Guard { from, to, .. } => old.with(from, to),
-            Change::Explicit { handle, kind, .. } if handle == FIRST_HANDLE => {
-                Counts { first: kind, ..old }
-            }
-            Change::Explicit { .. } => return None,
+            Change::Explicit { handle, kind, .. } if handle == FIRST_HANDLE => old.with_first(kind),
+            Change::Explicit { .. } => return OnePiece::NotOne,
         };
-        Some(Single {
-            seg,
-            span,
-            old,
-            new,
-        })
-    }
-
-    /// Make a change worked out by [`Holds::single`] (nothing may have
-    /// changed in between).
-    pub fn commit(&mut self, s: Single) {
-        if s.new != s.old {
-            self.counts.replace_within(s.seg, s.span, s.new);
+        let (from, to) = (old.effective(), new.effective());
+        let mut outcome = Ok(());
+        if from != to {
+            match set(span, to) {
+                Ok(true) => {}
+                Ok(false) if rank(to) > rank(from) => {
+                    return OnePiece::Refused(Move { span, from, to });
+                }
+                Err(e) if rank(to) > rank(from) => return OnePiece::Done(Err(e)),
+                // Lowering is never refused; an error is kept to report.
+                Ok(false) => {}
+                Err(e) => outcome = Err(e),
+            }
         }
+        if new != old {
+            self.counts.replace_within(i, span, new);
+        }
+        OnePiece::Done(outcome)
     }
 
     /// Take back a change made by [`Holds::apply`].
@@ -468,7 +498,7 @@ impl Holds {
             Undo::Explicit { handle } if handle == FIRST_HANDLE => {
                 for (piece, old) in std::mem::take(&mut self.before) {
                     self.counts
-                        .update(piece, |c| Counts { first: old, ..c }, |_, _, _| {});
+                        .update(piece, |c| c.with_first(old), |_, _, _| {});
                 }
             }
             Undo::Explicit { handle } => {
@@ -504,7 +534,7 @@ impl Holds {
     /// The handle's explicit layer over `span`.
     pub fn explicit(&self, handle: HandleId, span: Span) -> Vec<(Span, Option<Kind>)> {
         if handle == FIRST_HANDLE {
-            return merged(self.counts.pieces(span).map(|(s, c)| (s, c.first)));
+            return merged(self.counts.pieces(span).map(|(s, c)| (s, c.first())));
         }
         match self.explicit.iter().find(|(h, _)| *h == handle) {
             Some((_, layer)) => layer.pieces(span).collect(),

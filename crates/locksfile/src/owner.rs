@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use crate::engine::{Engine, Until};
 use crate::error::{Error, Holder};
-use crate::holds::{rank, Change, HandleId, Holds, Move, Single, Undo};
+use crate::holds::{rank, Change, HandleId, Holds, Move, OnePiece, Undo};
 use crate::span::Span;
 use crate::sys;
 use crate::{Kind, Wait};
@@ -136,37 +136,19 @@ impl<E: Engine> Owner<E> {
         let started = matches!(wait, Wait::Timeout(_)).then(Instant::now);
         let mut st = self.lock();
         if st.busy.is_empty() {
-            if let Some(single) = st.holds.single(change) {
-                if self.change_single(&mut st, single)? {
-                    return Ok(());
-                }
+            let engine = &self.engine;
+            match st
+                .holds
+                .change_in_one_piece(change, |span, to| engine.try_set(span, to))
+            {
+                OnePiece::Done(outcome) => return outcome,
                 // Contention on the one raise: straight to waiting (or
                 // failing), without trying the same call again.
-                let refused = single.as_move();
-                return self.refused(st, change, refused, vec![refused], wait, started);
+                OnePiece::Refused(m) => return self.refused(st, change, m, vec![m], wait, started),
+                OnePiece::NotOne => {}
             }
         }
         self.change_pieces(st, change, wait, started)
-    }
-
-    /// The fast path: a change inside one piece of the map, at most one
-    /// engine call. `Ok(false)` when another owner is in the way (nothing
-    /// changed).
-    fn change_single(&self, st: &mut State, single: Single) -> Result<bool, Error> {
-        let (from, to) = (single.from(), single.to());
-        if from != to {
-            let granted = self.engine.try_set(single.span, to);
-            if rank(to) > rank(from) && !matches!(granted, Ok(true)) {
-                return granted;
-            }
-            // A lowering is kept in the bookkeeping even if the call
-            // failed: the engine then holds more than it says, which only
-            // delays others, and the error is reported.
-            st.holds.commit(single);
-            return granted.map(|_| true);
-        }
-        st.holds.commit(single);
-        Ok(true)
     }
 
     /// The general path: any number of pieces, raises first.

@@ -77,6 +77,7 @@ impl Fcntl {
         fds.push(fd);
     }
 
+    #[inline]
     fn set(&self, span: Span, kind: Option<Kind>, wait: bool) -> io::Result<()> {
         sys::set_lock(
             sys::borrow_raw(self.raw_fd()),
@@ -85,6 +86,26 @@ impl Fcntl {
             span.to_sys(),
             wait,
         )
+    }
+
+    /// The rest of [`Engine::try_set`] once the first call failed, out of
+    /// line so that the granted case stays small.
+    #[cold]
+    #[inline(never)]
+    fn try_set_failed(&self, span: Span, kind: Option<Kind>, e: io::Error) -> Result<bool, Error> {
+        let mut e = e;
+        loop {
+            if is_contention(&e) {
+                return Ok(false);
+            }
+            if e.raw_os_error() != Some(libc::EINTR) {
+                return Err(self.error(e));
+            }
+            match self.set(span, kind, false) {
+                Ok(()) => return Ok(true),
+                Err(again) => e = again,
+            }
+        }
     }
 
     /// One `F_SETLKW`; `EINTR` comes back as [`Error::Interrupted`].
@@ -168,14 +189,11 @@ fn is_contention(e: &io::Error) -> bool {
 }
 
 impl Engine for Fcntl {
+    #[inline]
     fn try_set(&self, span: Span, kind: Option<Kind>) -> Result<bool, Error> {
-        loop {
-            match self.set(span, kind, false) {
-                Ok(()) => return Ok(true),
-                Err(e) if is_contention(&e) => return Ok(false),
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-                Err(e) => return Err(self.error(e)),
-            }
+        match self.set(span, kind, false) {
+            Ok(()) => Ok(true),
+            Err(e) => self.try_set_failed(span, kind, e),
         }
     }
 
