@@ -115,6 +115,7 @@ impl<V: Copy + Eq + Default> SegMap<V> {
 
     /// Set `span`, which lies inside segment `i`, to `new` (which differs
     /// from the segment's value), keeping the map coalesced.
+    #[inline]
     fn replace_within(&mut self, i: usize, span: Span, new: V) {
         let (seg_start, old) = self.segs[i];
         let seg_end = self.end_of(i);
@@ -468,19 +469,20 @@ impl Holds {
             Change::Explicit { .. } => return OnePiece::NotOne,
         };
         let (from, to) = (old.effective(), new.effective());
-        let mut outcome = Ok(());
-        if from != to {
+        let outcome = if from == to {
+            Ok(())
+        } else {
             match set(span, to) {
-                Ok(true) => {}
+                Ok(true) => Ok(()),
                 Ok(false) if rank(to) > rank(from) => {
                     return OnePiece::Refused(Move { span, from, to });
                 }
                 Err(e) if rank(to) > rank(from) => return OnePiece::Done(Err(e)),
                 // Lowering is never refused; an error is kept to report.
-                Ok(false) => {}
-                Err(e) => outcome = Err(e),
+                Ok(false) => Ok(()),
+                Err(e) => Err(e),
             }
-        }
+        };
         if new != old {
             self.counts.replace_within(i, span, new);
         }

@@ -37,6 +37,7 @@ impl Span {
     ///
     /// # Errors
     /// [`Error::InvalidSpan`] when `end <= start` or `end > INDEX_END`.
+    #[inline]
     pub fn new(start: u64, end: u64) -> Result<Span, Error> {
         if end > INDEX_END || start >= INDEX_END {
             return Err(Error::InvalidSpan(SpanError::Overflow));
@@ -168,6 +169,7 @@ pub trait IntoSpan {
 }
 
 impl IntoSpan for Span {
+    #[inline]
     fn into_span(self) -> Result<Span, Error> {
         Ok(self)
     }
@@ -175,12 +177,21 @@ impl IntoSpan for Span {
 
 /// A single index.
 impl IntoSpan for u64 {
+    #[inline]
     fn into_span(self) -> Result<Span, Error> {
-        Span::with_count(self, 1)
+        if self < INDEX_END {
+            Ok(Span {
+                start: self,
+                end: self + 1,
+            })
+        } else {
+            Err(Error::InvalidSpan(SpanError::Overflow))
+        }
     }
 }
 
 impl IntoSpan for Range<u64> {
+    #[inline]
     fn into_span(self) -> Result<Span, Error> {
         Span::new(self.start, self.end)
     }

@@ -82,25 +82,9 @@ fn convert_in_place(mode: Mode, use_guard: bool) {
     assert_eq!(probe(p, Kind::Exclusive, ..), None);
 }
 
-#[test]
-fn explicit_conversion_in_place_ofd() {
-    convert_in_place(Mode::Ofd, false);
-}
+mode_tests! { explicit_conversion_in_place => |m| convert_in_place(m, false) }
 
-#[test]
-fn explicit_conversion_in_place_process() {
-    convert_in_place(Mode::Process, false);
-}
-
-#[test]
-fn guard_downgrade_in_place_ofd() {
-    convert_in_place(Mode::Ofd, true);
-}
-
-#[test]
-fn guard_downgrade_in_place_process() {
-    convert_in_place(Mode::Process, true);
-}
+mode_tests! { guard_downgrade_in_place => |m| convert_in_place(m, true) }
 
 /// Upgrading a read guard waits for the other reader and keeps its read
 /// lock meanwhile; `try_upgrade` gives the guard back while a reader is
@@ -158,15 +142,7 @@ fn upgrade(mode: Mode) {
     assert_eq!(probe(p, Kind::Exclusive, ..), None);
 }
 
-#[test]
-fn upgrade_waits_for_readers_ofd() {
-    upgrade(Mode::Ofd);
-}
-
-#[test]
-fn upgrade_waits_for_readers_process() {
-    upgrade(Mode::Process);
-}
+mode_tests! { upgrade_waits_for_readers => upgrade }
 
 /// Release of a sub-range, `release_all` leaving guards alone, and what
 /// `held` / `held_explicitly` report, checked against another process.
@@ -232,15 +208,7 @@ fn release_parts(mode: Mode) {
     assert_eq!(probe(&path, Kind::Exclusive, ..), None);
 }
 
-#[test]
-fn release_parts_and_all_ofd() {
-    release_parts(Mode::Ofd);
-}
-
-#[test]
-fn release_parts_and_all_process() {
-    release_parts(Mode::Process);
-}
+mode_tests! { release_parts_and_all => release_parts }
 
 /// Guards and explicit locks compose at the strongest kind; dropping a
 /// guard only lowers to what the rest still needs.
@@ -332,15 +300,7 @@ fn guards_and_explicit_compose(mode: Mode) {
     assert_eq!(probe(&path, Kind::Exclusive, ..), None);
 }
 
-#[test]
-fn guards_and_explicit_compose_ofd() {
-    guards_and_explicit_compose(Mode::Ofd);
-}
-
-#[test]
-fn guards_and_explicit_compose_process() {
-    guards_and_explicit_compose(Mode::Process);
-}
+mode_tests! { guards_and_explicit_compose => guards_and_explicit_compose }
 
 /// Asking again for what is held at the same kind changes nothing, as the
 /// kernel and the bookkeeping both see it.
@@ -453,15 +413,7 @@ fn holders_named(mode: Mode) {
     assert!(lf.try_write(..).is_ok());
 }
 
-#[test]
-fn holders_named_ofd() {
-    holders_named(Mode::Ofd);
-}
-
-#[test]
-fn holders_named_process() {
-    holders_named(Mode::Process);
-}
+mode_tests! { holders_named => holders_named }
 
 fn io_kind(e: Error) -> (ErrorKind, String) {
     let msg = e.to_string();

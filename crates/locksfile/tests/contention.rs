@@ -120,15 +120,7 @@ fn every_case(mode: Mode) {
     }
 }
 
-#[test]
-fn refused_change_changes_nothing_ofd() {
-    every_case(Mode::Ofd);
-}
-
-#[test]
-fn refused_change_changes_nothing_process() {
-    every_case(Mode::Process);
-}
+mode_tests! { refused_change_changes_nothing => every_case }
 
 /// The reproduction as written, OFD mode: a third owner must not
 /// get a write lock on 3 after a's refused change.

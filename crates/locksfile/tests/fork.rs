@@ -110,15 +110,7 @@ fn inherited_handle(mode: Mode) {
     assert_eq!(probe(path, Kind::Exclusive, ..), None);
 }
 
-#[test]
-fn inherited_handle_is_refused_and_never_releases_ofd() {
-    inherited_handle(Mode::Ofd);
-}
-
-#[test]
-fn inherited_handle_is_refused_and_never_releases_process() {
-    inherited_handle(Mode::Process);
-}
+mode_tests! { inherited_handle_is_refused_and_never_releases => inherited_handle }
 
 /// A child that ends without touching the inherited handle, and one that
 /// just drops it: the parent's locks stay either way.
@@ -143,15 +135,7 @@ fn child_exit(mode: Mode) {
     );
 }
 
-#[test]
-fn child_dropping_inherited_handle_keeps_parent_locks_ofd() {
-    child_exit(Mode::Ofd);
-}
-
-#[test]
-fn child_dropping_inherited_handle_keeps_parent_locks_process() {
-    child_exit(Mode::Process);
-}
+mode_tests! { child_dropping_inherited_handle_keeps_parent_locks => child_exit }
 
 /// In process mode the child's own handles on the same file form a new
 /// owner of their own: the inherited entry of the per-file table is not

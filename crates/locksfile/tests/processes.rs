@@ -262,15 +262,7 @@ fn holder_of(mode: Mode, s: impl locksfile::IntoSpan, kind: Kind, pid: u32) -> l
     holder(mode, s, kind, pid)
 }
 
-#[test]
-fn seed_two_process_scenario_ofd() {
-    seed_scenario(Mode::Ofd);
-}
-
-#[test]
-fn seed_two_process_scenario_process() {
-    seed_scenario(Mode::Process);
-}
+mode_tests! { seed_two_process_scenario => seed_scenario }
 
 /// K processes go round a ring of N tracks R times, hand over hand: take
 /// the next track, then let go of the current one. Under the locks each
@@ -394,15 +386,7 @@ fn ring(mode: Mode) {
     assert_eq!(probe(path, Kind::Exclusive, ..), None);
 }
 
-#[test]
-fn hand_over_hand_ring_ofd() {
-    ring(Mode::Ofd);
-}
-
-#[test]
-fn hand_over_hand_ring_process() {
-    ring(Mode::Process);
-}
+mode_tests! { hand_over_hand_ring => ring }
 
 /// A holder killed with SIGKILL runs no destructor; the kernel frees its
 /// locks and a waiter asleep in `F_SETLKW` in another process gets them.
@@ -460,24 +444,9 @@ fn killed_holder(mode: Mode, wait: Wait) {
     assert_eq!(probe(path, Kind::Shared, ..), None);
 }
 
-#[test]
-fn killed_holder_frees_locks_for_waiter_ofd() {
-    killed_holder(Mode::Ofd, Wait::Blocking);
-}
-
-#[test]
-fn killed_holder_frees_locks_for_timed_waiter_ofd() {
-    killed_holder(Mode::Ofd, Wait::Timeout(STUCK));
-}
-
-#[test]
-fn killed_holder_frees_locks_for_timed_waiter_process() {
-    killed_holder(Mode::Process, Wait::Timeout(STUCK));
-}
-
-#[test]
-fn killed_holder_frees_locks_for_waiter_process() {
-    killed_holder(Mode::Process, Wait::Blocking);
+mode_tests! {
+    killed_holder_frees_locks_for_waiter => |m| killed_holder(m, Wait::Blocking),
+    killed_holder_frees_locks_for_timed_waiter => |m| killed_holder(m, Wait::Timeout(STUCK)),
 }
 
 /// A holds 0 and sleeps waiting for 1; B holds 1 and asks for 0: in process

@@ -369,15 +369,7 @@ impl FdFlags for LockFile {
     }
 }
 
-#[test]
-fn read_only_file_takes_read_locks_only_ofd() {
-    read_only_file(Mode::Ofd);
-}
-
-#[test]
-fn read_only_file_takes_read_locks_only_process() {
-    read_only_file(Mode::Process);
-}
+mode_tests! { read_only_file_takes_read_locks_only => read_only_file }
 
 #[test]
 fn descriptors_are_close_on_exec() {

@@ -344,15 +344,7 @@ fn signals(mode: Mode) {
     child.join();
 }
 
-#[test]
-fn signals_during_kernel_waits_ofd() {
-    signals(Mode::Ofd);
-}
-
-#[test]
-fn signals_during_kernel_waits_process() {
-    signals(Mode::Process);
-}
+mode_tests! { signals_during_kernel_waits => signals }
 
 /// A timeout too long for the clock to hold (`Duration::MAX`, or a deadline
 /// centuries away) means "as long as it takes": the waiter sleeps in the

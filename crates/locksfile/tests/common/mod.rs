@@ -544,3 +544,27 @@ pub fn kernel_held(lf: &LockFile) -> Vec<(Span, Kind)> {
     out.sort_by_key(|(s, _)| s.start());
     out
 }
+
+/// One test per lock mode for each function given, written once:
+/// `mode_tests! { ring => ring }` defines `ring::ofd` and `ring::process`,
+/// and `mode_tests! { name => |m| f(m, true) }` passes other arguments. A
+/// new mode is one more line here, and every suite runs on it.
+#[macro_export]
+macro_rules! mode_tests {
+    ($($name:ident => $f:expr),* $(,)?) => {$(
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            #[test]
+            fn ofd() {
+                ($f)(locksfile::Mode::Ofd)
+            }
+
+            #[test]
+            fn process() {
+                ($f)(locksfile::Mode::Process)
+            }
+        }
+    )*};
+}
