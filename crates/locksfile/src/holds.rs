@@ -163,6 +163,7 @@ impl<V: Copy + Eq + Default> SegMap<V> {
 
     /// `Vec::insert`, minus the move of an empty tail: the new piece is
     /// usually the last (locks are taken above the highest one held).
+    #[inline]
     fn insert(&mut self, i: usize, seg: (u64, V)) {
         if i == self.segs.len() {
             self.segs.push(seg);
@@ -218,7 +219,6 @@ fn one(kind: Option<Kind>) -> u64 {
         Some(Kind::Exclusive) => 1 << 30,
     }
 }
-
 impl Counts {
     #[inline]
     pub fn effective(self) -> Option<Kind> {
@@ -317,6 +317,7 @@ impl Move {
 }
 
 /// Orders `None < Shared < Exclusive`.
+#[inline]
 pub(crate) fn rank(k: Option<Kind>) -> u8 {
     match k {
         None => 0,

@@ -151,7 +151,9 @@ impl<E: Engine> Owner<E> {
         self.change_pieces(st, change, wait, started)
     }
 
-    /// The general path: any number of pieces, raises first.
+    /// The general path: any number of pieces, raises first. Out of line,
+    /// so that the one-piece path stays small.
+    #[inline(never)]
     fn change_pieces<'a>(
         &'a self,
         mut st: MutexGuard<'a, State>,
@@ -260,6 +262,7 @@ impl<E: Engine> Owner<E> {
 
     /// Another owner refused one of `raises` (nothing is changed): fail
     /// as a non-blocking call, or wait for all of them.
+    #[inline(never)]
     fn refused(
         &self,
         st: MutexGuard<'_, State>,

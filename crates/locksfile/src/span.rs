@@ -80,11 +80,13 @@ impl Span {
     };
 
     /// First index.
+    #[inline]
     pub fn start(&self) -> u64 {
         self.start
     }
 
     /// One past the last index (`INDEX_END` for a span to the end).
+    #[inline]
     pub fn end(&self) -> u64 {
         self.end
     }
@@ -95,6 +97,7 @@ impl Span {
     }
 
     /// Whether the span runs to the end of the index space.
+    #[inline]
     pub fn is_to_end(&self) -> bool {
         self.end == INDEX_END
     }
@@ -118,6 +121,7 @@ impl Span {
     }
 
     /// The kernel's spelling: a length of 0 means "to the end".
+    #[inline]
     pub(crate) fn to_sys(self) -> crate::sys::Range {
         crate::sys::Range {
             start: self.start as i64,

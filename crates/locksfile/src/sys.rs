@@ -23,6 +23,7 @@ pub(crate) enum LockType {
 }
 
 impl LockType {
+    #[inline]
     fn raw(self) -> libc::c_short {
         (match self {
             LockType::Read => libc::F_RDLCK,
@@ -46,6 +47,7 @@ pub(crate) struct Range {
     pub len: i64,
 }
 
+#[inline]
 fn flock(ty: LockType, range: Range) -> libc::flock {
     // SAFETY: `flock` is a plain C struct of integers; all-zero is a valid value.
     let mut fl: libc::flock = unsafe { std::mem::zeroed() };
@@ -58,6 +60,7 @@ fn flock(ty: LockType, range: Range) -> libc::flock {
     fl
 }
 
+#[inline]
 fn fcntl_lock(fd: BorrowedFd<'_>, cmd: libc::c_int, fl: &mut libc::flock) -> io::Result<()> {
     // SAFETY: `fd` is a live descriptor for the duration of the borrow and `fl`
     // points to an initialised `flock` that outlives the call.
@@ -79,6 +82,7 @@ fn fcntl_lock(fd: BorrowedFd<'_>, cmd: libc::c_int, fl: &mut libc::flock) -> io:
 /// fcntl(2), "Advisory record locking" and "Open file description locks".
 #[doc(alias = "F_OFD_SETLK")]
 #[doc(alias = "F_SETLKW")]
+#[inline]
 pub(crate) fn set_lock(
     fd: BorrowedFd<'_>,
     family: Family,
@@ -275,6 +279,7 @@ pub(crate) fn fchmod(fd: BorrowedFd<'_>, mode: u32) -> io::Result<()> {
 }
 
 /// Borrow a raw descriptor that the caller keeps open for `'a`.
+#[inline]
 pub(crate) fn borrow_raw<'a>(fd: RawFd) -> BorrowedFd<'a> {
     // SAFETY: callers only pass descriptors owned by an `OwnedFd` that lives
     // at least as long as the returned borrow (see `owner::Owner`).

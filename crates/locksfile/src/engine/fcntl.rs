@@ -56,6 +56,7 @@ impl Fcntl {
     }
 
     /// The descriptor locks go through.
+    #[inline]
     pub fn raw_fd(&self) -> RawFd {
         self.fd.load(Ordering::Relaxed)
     }
@@ -175,6 +176,7 @@ impl Drop for Fcntl {
     }
 }
 
+#[inline]
 fn lock_type(kind: Option<Kind>) -> LockType {
     match kind {
         None => LockType::Unlock,
