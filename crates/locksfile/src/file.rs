@@ -617,7 +617,7 @@ impl AsFd for LockFile {
     /// The descriptor locks go through. Closing a duplicate of it in
     /// process mode would drop the process's locks on the file: don't.
     fn as_fd(&self) -> BorrowedFd<'_> {
-        let raw = self.owner.engine.fds()[0].as_raw_fd();
+        let raw = self.owner.engine.raw_fd();
         // The owner keeps every descriptor it ever held open as long as it
         // lives, and `self` keeps the owner alive.
         sys::borrow_raw(raw)

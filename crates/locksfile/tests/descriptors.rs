@@ -210,6 +210,13 @@ fn a_read_only_owner_becomes_writable_with_its_file() {
         drop(open(p, Mode::Process));
         assert!(a.is_writable());
         a.acquire(Kind::Exclusive, 1, Wait::NonBlocking).unwrap();
+        // `as_fd` is the descriptor locks go through now: the kernel lists
+        // the exclusive lock just taken under it.
+        assert!(
+            kernel_held(&a).contains(&(span(1..2), Kind::Exclusive)),
+            "{:?}",
+            kernel_held(&a)
+        );
         for _ in 0..100 {
             drop(open(p, Mode::Process));
             let c = open(p, Mode::Ofd);

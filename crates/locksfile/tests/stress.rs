@@ -993,12 +993,4 @@ fn stress(mode: Mode) {
     );
 }
 
-#[test]
-fn stress_ofd() {
-    stress(Mode::Ofd);
-}
-
-#[test]
-fn stress_process() {
-    stress(Mode::Process);
-}
+mode_tests! { stress => stress }
