@@ -346,13 +346,13 @@ fn push_move(out: &mut Vec<Move>, m: Move) {
     out.push(m);
 }
 
-/// How [`Holds::change_in_one_piece`] went.
-pub(crate) enum OnePiece<E> {
+/// How [`Holds::change_in_one_piece`] went, when no call failed.
+pub(crate) enum OnePiece {
     /// The change spans several pieces (or another handle's layer): take
     /// the general path.
     NotOne,
-    /// Made (or failed with an error, the change not made if it raised).
-    Done(Result<(), E>),
+    /// Made.
+    Done,
     /// Another owner is in the way of this raise; nothing changed.
     Refused(Move),
 }
@@ -447,47 +447,48 @@ impl Holds {
     /// The fast path, for a change inside one piece of the map and no
     /// separate explicit layer (the common case: one lock taken or dropped
     /// by a guard or by the first handle). Works out the piece's effective
-    /// kind before and after, lets `set(span, from, to)` make the move
-    /// (it answers whether it was granted), and only then commits, so it
-    /// never needs an undo. A lowering is committed even if `set` failed:
-    /// the engine then holds more than the bookkeeping says, which only
-    /// delays others, and the error is reported.
+    /// kind before and after, lets `set(span, to)` make the move (it
+    /// answers whether it was granted), and only then commits, so it never
+    /// needs an undo. A lowering is committed even if `set` failed: the
+    /// engine then holds more than the bookkeeping says, which only delays
+    /// others, and the error is reported.
     #[inline]
     pub fn change_in_one_piece<E>(
         &mut self,
         change: Change,
         set: impl FnOnce(Span, Option<Kind>) -> Result<bool, E>,
-    ) -> OnePiece<E> {
+    ) -> Result<OnePiece, E> {
         let span = change.span();
         let i = self.counts.find(span.start());
         if span.end() > self.counts.end_of(i) {
-            return OnePiece::NotOne;
+            return Ok(OnePiece::NotOne);
         }
         let old = self.counts.segs[i].1;
         let new = match change {
             Change::Guard { from, to, .. } => old.with(from, to),
             Change::Explicit { handle, kind, .. } if handle == FIRST_HANDLE => old.with_first(kind),
-            Change::Explicit { .. } => return OnePiece::NotOne,
+            Change::Explicit { .. } => return Ok(OnePiece::NotOne),
         };
         let (from, to) = (old.effective(), new.effective());
-        let outcome = if from == to {
-            Ok(())
-        } else {
+        let mut failed = None;
+        if from != to {
+            let raise = rank(to) > rank(from);
             match set(span, to) {
-                Ok(true) => Ok(()),
-                Ok(false) if rank(to) > rank(from) => {
-                    return OnePiece::Refused(Move { span, from, to });
-                }
-                Err(e) if rank(to) > rank(from) => return OnePiece::Done(Err(e)),
+                Ok(true) => {}
+                Ok(false) if raise => return Ok(OnePiece::Refused(Move { span, from, to })),
+                Err(e) if raise => return Err(e),
                 // Lowering is never refused; an error is kept to report.
-                Ok(false) => Ok(()),
-                Err(e) => Err(e),
+                Ok(false) => {}
+                Err(e) => failed = Some(e),
             }
-        };
+        }
         if new != old {
             self.counts.replace_within(i, span, new);
         }
-        OnePiece::Done(outcome)
+        match failed {
+            None => Ok(OnePiece::Done),
+            Some(e) => Err(e),
+        }
     }
 
     /// Take back a change made by [`Holds::apply`].

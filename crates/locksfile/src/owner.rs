@@ -128,6 +128,7 @@ impl<E: Engine> Owner<E> {
     }
 
     /// Apply `change`, making the engine agree, waiting as `wait` says.
+    #[inline]
     pub fn change(&self, change: Change, wait: Wait) -> Result<(), Error> {
         if self.is_inherited() {
             return Err(Error::Forked);
@@ -139,9 +140,9 @@ impl<E: Engine> Owner<E> {
             let engine = &self.engine;
             match st
                 .holds
-                .change_in_one_piece(change, |span, to| engine.try_set(span, to))
+                .change_in_one_piece(change, |span, to| engine.try_set(span, to))?
             {
-                OnePiece::Done(outcome) => return outcome,
+                OnePiece::Done => return Ok(()),
                 // Contention on the one raise: straight to waiting (or
                 // failing), without trying the same call again.
                 OnePiece::Refused(m) => return self.refused(st, change, m, vec![m], wait, started),

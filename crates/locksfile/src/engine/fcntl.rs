@@ -232,6 +232,7 @@ impl Engine for Fcntl {
         }))
     }
 
+    #[inline]
     fn writable(&self) -> bool {
         self.writable.load(Ordering::Acquire)
     }
