@@ -1,0 +1,98 @@
+//! What locksfile adds to the raw system calls of an uncontended lock +
+//! unlock pair, measured so that it can be told apart from noise on a
+//! shared machine. Run with `cargo bench -p locksfile --bench overhead`.
+//!
+//! Not criterion: the figure wanted is a difference of two times, and the
+//! raw pair's own cost drifts by tens of nanoseconds over a run here (the
+//! `pair` bench's separate groups see that drift as overhead, or hide it).
+//! So blocks of raw pairs and of locksfile pairs alternate, each block
+//! timed, and the median of the per-block differences is the overhead.
+#![allow(unsafe_code)]
+
+use std::os::fd::AsRawFd;
+use std::time::Instant;
+
+use locksfile::{Kind, LockFile, Mode, Wait};
+
+fn raw(fd: i32, cmd: libc::c_int, ty: libc::c_int, index: i64) {
+    // SAFETY: plain C struct, zero is valid; fd is a live descriptor.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = ty as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_start = index;
+    fl.l_len = 1;
+    // SAFETY: `fl` outlives the call.
+    let r = unsafe { libc::fcntl(fd, cmd, &mut fl) };
+    assert_eq!(r, 0);
+}
+
+const BLOCK: u32 = 1000;
+const BLOCKS: usize = 400;
+
+fn per_pair(f: &mut dyn FnMut()) -> f64 {
+    let t = Instant::now();
+    for _ in 0..BLOCK {
+        f();
+    }
+    t.elapsed().as_nanos() as f64 / f64::from(BLOCK)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn measure(name: &str, cmd: libc::c_int, fd: i32, index: i64, ours: &mut dyn FnMut()) {
+    let mut raw_pair = || {
+        raw(fd, cmd, libc::F_WRLCK, index);
+        raw(fd, cmd, libc::F_UNLCK, index);
+    };
+    // Warm up both.
+    per_pair(&mut raw_pair);
+    per_pair(ours);
+    let (mut raws, mut diffs, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..BLOCKS {
+        let r = per_pair(&mut raw_pair);
+        let o = per_pair(ours);
+        raws.push(r);
+        diffs.push(o - r);
+        ratios.push(o / r);
+    }
+    println!(
+        "{name:<28} raw pair {:>6.0} ns   overhead {:>6.1} ns   ratio {:.3}",
+        median(raws),
+        median(diffs),
+        median(ratios)
+    );
+}
+
+fn main() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bench.lock");
+    let ofd = LockFile::open(&path).unwrap();
+    let process = LockFile::options().mode(Mode::Process).open(&path).unwrap();
+    let raw_file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    let fd = raw_file.as_raw_fd();
+    println!("uncontended exclusive pair, median of {BLOCKS} interleaved blocks of {BLOCK} pairs");
+    measure("ofd guard", libc::F_OFD_SETLK, fd, 5, &mut || {
+        drop(std::hint::black_box(ofd.try_write(5u64).unwrap()))
+    });
+    measure("ofd explicit", libc::F_OFD_SETLK, fd, 5, &mut || {
+        ofd.acquire(Kind::Exclusive, 5u64, Wait::NonBlocking)
+            .unwrap();
+        ofd.release(5u64).unwrap();
+    });
+    measure("process guard", libc::F_SETLK, fd, 6, &mut || {
+        drop(std::hint::black_box(process.try_write(6u64).unwrap()))
+    });
+    measure("process explicit", libc::F_SETLK, fd, 6, &mut || {
+        process
+            .acquire(Kind::Exclusive, 6u64, Wait::NonBlocking)
+            .unwrap();
+        process.release(6u64).unwrap();
+    });
+}
