@@ -363,7 +363,7 @@ def versions(seed_python):
     from importlib import metadata
 
     v = {"python": sys.version.split()[0]}
-    for dist in ("pylocksfile", "filelock", "fasteners", "portalocker"):
+    for dist in ("locksfile", "filelock", "fasteners", "portalocker"):
         try:
             v[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
