@@ -8,6 +8,7 @@ use crate::{Kind, Span};
 
 /// Why a span was refused before it reached the kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum SpanError {
     /// No index in it (`a..a`, or a count of 0).
     Empty,
@@ -15,6 +16,8 @@ pub enum SpanError {
     Reversed,
     /// Past the last lock index, `i64::MAX - 1`.
     Overflow,
+    /// A negative index (given as a signed integer).
+    Negative,
 }
 
 impl fmt::Display for SpanError {
@@ -23,6 +26,7 @@ impl fmt::Display for SpanError {
             SpanError::Empty => "the span is empty",
             SpanError::Reversed => "the span ends before it starts",
             SpanError::Overflow => "the span goes past the last lock index (i64::MAX - 1)",
+            SpanError::Negative => "a lock index cannot be negative",
         })
     }
 }

@@ -98,7 +98,7 @@ pub struct WriteGuard<H: Deref<Target = LockFile>> {
 
 impl<H: Deref<Target = LockFile>> ReadGuard<H> {
     /// Take a shared lock on `span` through `handle`, waiting as `wait` says.
-    /// [`LockFile::read`] and friends call this with `&LockFile`; call it
+    /// [`LockFile::read`] and friends call self with `&LockFile`; call it
     /// with an `Arc<LockFile>` for a guard that owns its handle.
     ///
     /// # Errors
@@ -108,8 +108,8 @@ impl<H: Deref<Target = LockFile>> ReadGuard<H> {
     }
 
     /// The span held.
-    pub fn span(this: &Self) -> Span {
-        this.hold.span
+    pub fn span(&self) -> Span {
+        self.hold.span
     }
 
     /// Convert to an exclusive lock in place, waiting for other readers.
@@ -130,16 +130,16 @@ impl<H: Deref<Target = LockFile>> ReadGuard<H> {
     /// the exclusive lock from the start when you may write.
     /// The same holds for any two owners that each wait for a lock the
     /// other holds (explicit [`LockFile::acquire`] calls included).
-    pub fn upgrade(this: Self) -> Result<WriteGuard<H>, (Self, Error)> {
-        Self::upgrade_with(this, Wait::Blocking)
+    pub fn upgrade(self) -> Result<WriteGuard<H>, (Self, Error)> {
+        Self::upgrade_with(self, Wait::Blocking)
     }
 
     /// Convert to an exclusive lock if no one else holds the span.
     ///
     /// # Errors
     /// Gives the read guard back when another owner is in the way.
-    pub fn try_upgrade(this: Self) -> Result<WriteGuard<H>, Self> {
-        Self::upgrade_with(this, Wait::NonBlockingNoHolder).map_err(|(g, _)| g)
+    pub fn try_upgrade(self) -> Result<WriteGuard<H>, Self> {
+        Self::upgrade_with(self, Wait::NonBlockingNoHolder).map_err(|(g, _)| g)
     }
 
     /// Convert to an exclusive lock, waiting as `wait` says.
@@ -150,10 +150,10 @@ impl<H: Deref<Target = LockFile>> ReadGuard<H> {
     /// # Deadlocks
     /// See [`ReadGuard::upgrade`]: in OFD mode two owners upgrading the
     /// same span wait forever unless `wait` is timed.
-    pub fn upgrade_with(mut this: Self, wait: Wait) -> Result<WriteGuard<H>, (Self, Error)> {
-        match this.hold.convert(Kind::Exclusive, wait) {
+    pub fn upgrade_with(mut self, wait: Wait) -> Result<WriteGuard<H>, (Self, Error)> {
+        match self.hold.convert(Kind::Exclusive, wait) {
             Ok(()) => {
-                let (handle, span) = this.hold.into_parts();
+                let (handle, span) = self.hold.into_parts();
                 Ok(WriteGuard {
                     hold: Hold {
                         handle: Some(handle),
@@ -162,7 +162,7 @@ impl<H: Deref<Target = LockFile>> ReadGuard<H> {
                     },
                 })
             }
-            Err(e) => Err((this, e)),
+            Err(e) => Err((self, e)),
         }
     }
 
@@ -170,8 +170,8 @@ impl<H: Deref<Target = LockFile>> ReadGuard<H> {
     ///
     /// # Errors
     /// A failed unlock call.
-    pub fn unlock(mut this: Self) -> Result<(), Error> {
-        this.hold.release()
+    pub fn unlock(mut self) -> Result<(), Error> {
+        self.hold.release()
     }
 }
 
@@ -185,22 +185,22 @@ impl<H: Deref<Target = LockFile>> WriteGuard<H> {
     }
 
     /// The span held.
-    pub fn span(this: &Self) -> Span {
-        this.hold.span
+    pub fn span(&self) -> Span {
+        self.hold.span
     }
 
     /// Convert to a shared lock in place. Never blocks: a lock only gets weaker.
-    pub fn downgrade(mut this: Self) -> ReadGuard<H> {
+    pub fn downgrade(mut self) -> ReadGuard<H> {
         // Lowering cannot meet contention; a failed call leaves the kernel
         // holding the stronger lock, which is still a correct read lock.
-        match this.hold.convert(Kind::Shared, Wait::NonBlocking) {
+        match self.hold.convert(Kind::Shared, Wait::NonBlocking) {
             // In a forked child nothing changed, so the hold keeps its kind.
             Ok(()) | Err(Error::Forked) => {}
             // The bookkeeping moved even though the kernel call failed.
-            Err(_) => this.hold.kind = Kind::Shared,
+            Err(_) => self.hold.kind = Kind::Shared,
         }
-        let kind = this.hold.kind;
-        let (handle, span) = this.hold.into_parts();
+        let kind = self.hold.kind;
+        let (handle, span) = self.hold.into_parts();
         ReadGuard {
             hold: Hold {
                 handle: Some(handle),
@@ -214,8 +214,8 @@ impl<H: Deref<Target = LockFile>> WriteGuard<H> {
     ///
     /// # Errors
     /// A failed unlock call.
-    pub fn unlock(mut this: Self) -> Result<(), Error> {
-        this.hold.release()
+    pub fn unlock(mut self) -> Result<(), Error> {
+        self.hold.release()
     }
 }
 

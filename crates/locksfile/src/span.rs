@@ -1,7 +1,7 @@
 //! Spans of lock indices: lock `n` is byte `n` of the lock file.
 
 use std::fmt;
-use std::ops::{Range, RangeFrom, RangeFull, RangeInclusive};
+use std::ops::{Range, RangeFrom, RangeFull, RangeInclusive, RangeTo, RangeToInclusive};
 
 use crate::error::{Error, SpanError};
 
@@ -163,7 +163,22 @@ impl fmt::Display for Span {
     }
 }
 
-/// Anything that names a span of lock indices.
+/// Anything that names a span of lock indices: an index, a range of
+/// indices (`a..b`, `a..=b`, `a..`, `..b`, `..=b`, `..`) of any integer
+/// type, `(start, count)`, or a [`Span`].
+///
+/// An unsuffixed literal is an `i32`, as everywhere in Rust: write
+/// `1u64 << 40` for an index past `i32::MAX`. Negative indices are refused
+/// ([`SpanError::Negative`](crate::SpanError::Negative)).
+///
+/// ```
+/// use locksfile::IntoSpan;
+/// let rows: std::ops::Range<usize> = 10..20;
+/// assert_eq!(rows.into_span()?, (10u64..20).into_span()?);
+/// assert_eq!((4, 2).into_span()?.to_string(), "4..6");
+/// assert!((-1).into_span().is_err());
+/// # Ok::<(), locksfile::Error>(())
+/// ```
 pub trait IntoSpan {
     /// Check and convert.
     ///
@@ -220,6 +235,18 @@ impl IntoSpan for RangeFrom<u64> {
     }
 }
 
+impl IntoSpan for RangeTo<u64> {
+    fn into_span(self) -> Result<Span, Error> {
+        Span::new(0, self.end)
+    }
+}
+
+impl IntoSpan for RangeToInclusive<u64> {
+    fn into_span(self) -> Result<Span, Error> {
+        (0..=self.end).into_span()
+    }
+}
+
 impl IntoSpan for RangeFull {
     fn into_span(self) -> Result<Span, Error> {
         Ok(Span::ALL)
@@ -232,3 +259,70 @@ impl IntoSpan for (u64, u64) {
         Span::with_count(self.0, self.1)
     }
 }
+
+/// An index of any integer type as a `u64`; negative ones are refused.
+#[inline]
+fn index<T: TryInto<u64> + Copy + PartialOrd + Default>(i: T) -> Result<u64, Error> {
+    if i < T::default() {
+        return Err(Error::InvalidSpan(SpanError::Negative));
+    }
+    // Every non-negative value of the integer types below fits in a u64
+    // (u128 and i128 past it are past the last lock index anyway).
+    i.try_into()
+        .map_err(|_| Error::InvalidSpan(SpanError::Overflow))
+}
+
+/// Indices of every other integer type name the same spans as `u64` ones,
+/// so `usize` indices and unsuffixed literals (`i32` by default) work;
+/// a negative index is an [`SpanError::Negative`] error.
+macro_rules! integer_spans {
+    ($($t:ty),*) => {$(
+        impl IntoSpan for $t {
+            #[inline]
+            fn into_span(self) -> Result<Span, Error> {
+                index(self)?.into_span()
+            }
+        }
+
+        impl IntoSpan for Range<$t> {
+            #[inline]
+            fn into_span(self) -> Result<Span, Error> {
+                (index(self.start)?..index(self.end)?).into_span()
+            }
+        }
+
+        impl IntoSpan for RangeInclusive<$t> {
+            fn into_span(self) -> Result<Span, Error> {
+                let (start, last) = self.into_inner();
+                (index(start)?..=index(last)?).into_span()
+            }
+        }
+
+        impl IntoSpan for RangeFrom<$t> {
+            fn into_span(self) -> Result<Span, Error> {
+                (index(self.start)?..).into_span()
+            }
+        }
+
+        impl IntoSpan for RangeTo<$t> {
+            fn into_span(self) -> Result<Span, Error> {
+                (..index(self.end)?).into_span()
+            }
+        }
+
+        impl IntoSpan for RangeToInclusive<$t> {
+            fn into_span(self) -> Result<Span, Error> {
+                (..=index(self.end)?).into_span()
+            }
+        }
+
+        /// `(start, count)`.
+        impl IntoSpan for ($t, $t) {
+            fn into_span(self) -> Result<Span, Error> {
+                (index(self.0)?, index(self.1)?).into_span()
+            }
+        }
+    )*};
+}
+
+integer_spans!(u8, u16, u32, u128, usize, i8, i16, i32, i64, i128, isize);

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use locksfile::{Error, Holder, Kind, LockFile, Mode, ReadGuard, Wait, WriteGuard};
+use locksfile::{Error, Holder, Kind, LockFile, Mode, ReadGuard, SpanError, Wait, WriteGuard};
 
 /// Converting a write lock to a read lock in place lets a reader in and
 /// keeps a writer out: a third process already waiting for a write lock
@@ -495,4 +495,58 @@ fn handle_reports_mode_path_and_writability() {
     }
     assert_eq!(Mode::default(), Mode::Ofd);
     assert_eq!(LockFile::open(&path).unwrap().mode(), Mode::Ofd);
+}
+
+/// Indices of any integer type name the same spans; negative ones are
+/// refused before anything is locked; unsuffixed literals work.
+#[test]
+fn indices_of_any_integer_type() {
+    let _s = serial();
+    let (_dir, path) = lock_path();
+    let lf = open(&path, Mode::Ofd);
+    let i: usize = 3;
+    assert_eq!(lf.write(i).unwrap().span(), span(3u64));
+    assert_eq!(lf.write(2u8..5u8).unwrap().span(), span(2u64..5));
+    assert_eq!(lf.write(2u32..=4u32).unwrap().span(), span(2u64..5));
+    assert_eq!(lf.write(7usize..).unwrap().span(), span(7u64..));
+    assert_eq!(lf.write(..3u16).unwrap().span(), span(0u64..3));
+    assert_eq!(lf.write(..=3i64).unwrap().span(), span(0u64..4));
+    assert_eq!(lf.write(10..20).unwrap().span(), span(10u64..20));
+    lf.acquire(Kind::Shared, (4usize, 2usize), Wait::NonBlocking)
+        .unwrap();
+    assert_eq!(lf.held(), vec![(span(4u64..6), Kind::Shared)]);
+    for r in [
+        lf.try_write(-1).map(drop),
+        lf.try_write(-3..2).map(drop),
+        lf.acquire(Kind::Shared, (-1, 2), Wait::NonBlocking),
+    ] {
+        assert!(
+            matches!(r, Err(Error::InvalidSpan(SpanError::Negative))),
+            "{r:?}"
+        );
+    }
+    assert!(matches!(
+        lf.try_write(u128::MAX),
+        Err(Error::InvalidSpan(SpanError::Overflow))
+    ));
+    assert_eq!(lf.held(), vec![(span(4u64..6), Kind::Shared)]);
+}
+
+/// Guard operations read as methods too (`g.span()`, `g.upgrade()`), not
+/// only as associated functions.
+#[test]
+fn guard_operations_are_methods() {
+    let _s = serial();
+    let (_dir, path) = lock_path();
+    let lf = open(&path, Mode::Ofd);
+    let r = lf.read(1..3).unwrap();
+    assert_eq!(r.span(), span(1u64..3));
+    let w = r.try_upgrade().map_err(|_| "refused").unwrap();
+    assert_eq!(fd_locks(&lf).len(), 1);
+    assert!(fd_locks(&lf)[0].contains("WRITE"), "{:?}", fd_locks(&lf));
+    let r = w.downgrade();
+    assert!(fd_locks(&lf)[0].contains("READ"), "{:?}", fd_locks(&lf));
+    let w = r.upgrade().map_err(|(_, e)| e).unwrap();
+    w.unlock().unwrap();
+    assert_eq!(fd_locks(&lf), Vec::<String>::new());
 }

@@ -511,7 +511,7 @@ fn empty_file_stays_empty() {
         let lf = open(&path, mode);
         lf.acquire(Kind::Exclusive, INDEX_END - 1, Wait::NonBlocking)
             .unwrap();
-        let _g = lf.write(1 << 40..(1 << 40) + 10).unwrap();
+        let _g = lf.write(1u64 << 40..(1u64 << 40) + 10).unwrap();
         lf.acquire(Kind::Shared, .., Wait::NonBlocking).unwrap();
         assert_eq!(fs::metadata(&path).unwrap().len(), 0);
     }
