@@ -529,8 +529,18 @@ def reading(w, pair, pair_runs, held, held_runs, ring, ring_q, shapes, peers, pv
     w("")
 
 
+def plain(label):
+    """A table's row name as a plot label: no Markdown, no asides."""
+    label = label.replace("`", "")
+    for aside in (" (baseline)", " (in-process only)", " in shared memory", " (`lf.write(5)` dropped)", " (lf.write(5) dropped)"):
+        label = label.replace(aside, "")
+    return label
+
+
 def plot(path, pair, held, held_runs, held_ns, ring, ring_q, shapes, peers, pyshape, m):
-    fig, axs = plt.subplots(2, 2, figsize=(13, 9.5))
+    fig, axs = plt.subplots(2, 2, figsize=(14, 10))
+    pair_names = dict(PAIR_ROWS)
+    ring_names = dict(RING_ROWS)
     ours_c, peer_c, base_c = "#1f77b4", "#9a9a9a", "#ff7f0e"
 
     def color(key):
@@ -544,7 +554,8 @@ def plot(path, pair, held, held_runs, held_ns, ring, ring_q, shapes, peers, pysh
     ax = axs[0][0]
     rows = [(k, pair["exclusive", k]) for k, _ in PAIR_ROWS if pair["exclusive", k]]
     rows.sort(key=lambda r: r[1])
-    ax.barh([k for k, _ in rows], [v for _, v in rows], color=[color(k) for k, _ in rows])
+    ax.barh([plain(pair_names[k]) for k, _ in rows], [v for _, v in rows], color=[color(k) for k, _ in rows])
+    ax.tick_params(axis="y", labelsize=8)
     ax.set_xscale("log")
     ax.set_xlabel("ns per exclusive lock + unlock (log)")
     ax.set_title("Rust: uncontended pair")
@@ -594,15 +605,24 @@ def plot(path, pair, held, held_runs, held_ns, ring, ring_q, shapes, peers, pysh
             label="%d/%d/%d" % s,
         )
     ax.set_yticks([i + width * (len(shapes) - 1) / 2 for i in range(len(keys))])
-    ax.set_yticklabels(keys)
+    ax.set_yticklabels([plain(ring_names[k]) for k in keys], fontsize=8)
     for lab, k in zip(ax.get_yticklabels(), keys):
         lab.set_color(color(k) if color(k) != peer_c else "black")
         if k.startswith("locksfile"):
             lab.set_fontweight("bold")
     ax.invert_yaxis()
-    ax.set_xlabel("ms per race, median and interquartile range (shapes: procs/tracks/rounds)")
+    ax.set_xlabel("ms per race, median and interquartile range")
     ax.set_title("Rust: hand-over-hand race between processes")
-    ax.legend(fontsize=8)
+    # Below the panel, never over a bar.
+    ax.legend(
+        title="processes/tracks/rounds",
+        fontsize=8,
+        title_fontsize=8,
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.13),
+        ncol=max(1, len(shapes)),
+        frameon=False,
+    )
 
     # (d) Python race
     ax = axs[1][1]
@@ -619,8 +639,9 @@ def plot(path, pair, held, held_runs, held_ns, ring, ring_q, shapes, peers, pysh
         "fasteners": "fasteners",
         "portalocker": "portalocker",
     }
+    # † as in the table: no byte ranges, one lock per track instead.
     ax.barh(
-        [labels[k] for k, _ in rows],
+        [labels[k] + ("" if peers[k]["ranges"] else " †") for k, _ in rows],
         [v for _, v in rows],
         color=[color(k) for k, _ in rows],
         xerr=[
@@ -632,7 +653,7 @@ def plot(path, pair, held, held_runs, held_ns, ring, ring_q, shapes, peers, pysh
     )
     ax.set_xscale("log")
     ax.set_xlabel("seconds per race, median and fastest–slowest run (log)")
-    ax.set_title("Python: the seed's race, %s" % pyshape)
+    ax.set_title("Python: the seed's race, %s (†: one lock per track)" % pyshape)
     for i, (k, v) in enumerate(rows):
         ax.text(max(peers[k]["race"]), i, "  %.3g s" % v, va="center", fontsize=8)
     ax.set_xlim(right=max(v for _, v in rows) * 8)
