@@ -444,7 +444,13 @@ fn name_holders(file: &std::path::Path, span: Span, kind: Kind) {
         } else {
             f.procs
                 .iter()
-                .map(|p| format!("pid {} ({})", p.pid, p.command.as_deref().unwrap_or("?")))
+                .map(|p| {
+                    let command = p.command.as_deref().unwrap_or("?");
+                    match &p.wraps {
+                        Some(w) => format!("pid {} ({command} running {w})", p.pid),
+                        None => format!("pid {} ({command})", p.pid),
+                    }
+                })
                 .collect::<Vec<_>>()
                 .join(", ")
         };

@@ -70,7 +70,10 @@ fn verbose_conflict_names_the_holder() {
         assert_eq!(code(&out), 1);
         let err = stderr(&out);
         assert!(
-            err.contains(&format!("held by pid {} (locksfile)", h.pid())),
+            err.contains(&format!(
+                "held by pid {} (locksfile running sh -c 'echo ready; read x; exit 0')",
+                h.pid()
+            )),
             "{err}"
         );
         h.release();
