@@ -49,8 +49,8 @@ pub struct RunArgs {
     #[arg(short = 's', long, conflicts_with = "exclusive")]
     shared: bool,
 
-    /// Take an exclusive (write) lock (the default).
-    #[arg(short = 'x', long, visible_short_alias = 'e')]
+    /// Take an exclusive (write) lock (the default; -e is the same, as in flock(1)).
+    #[arg(short = 'x', long, short_alias = 'e')]
     exclusive: bool,
 
     /// Release the span on descriptor FD instead of locking it (descriptor form only).
