@@ -177,7 +177,8 @@ Exit status:
   69           COMMAND cannot be started (not found, not executable)
   71           a system call failed (fork, memory, descriptors)
   73           FILE cannot be created (read-only file system, no space)
-  77           an exclusive lock on a file that can only be opened read-only";
+  77           an exclusive lock on a file that can only be opened read-only
+               (or a read-only FD), a shared one on a write-only FD";
 
 fn parse_secs(s: &str) -> Result<Duration, String> {
     let secs: f64 = s
@@ -359,6 +360,16 @@ fn lock_descriptor(
         sys::ofd_unlock(lf.as_fd(), span.start(), span.end())
             .map_err(|e| (exit::OSERR, format!("unlocking {shown}: {e}")))?;
         return Ok(0);
+    }
+    // A read lock needs a readable descriptor (fcntl answers EBADF):
+    // refused like an exclusive lock on a read-only one.
+    if kind == Kind::Shared && sys::is_write_only(lf.as_fd()).unwrap_or(false) {
+        return Err((
+            exit::NOPERM,
+            format!(
+                "{shown} is open write-only: a shared lock needs it readable (9<file or 9<>file)"
+            ),
+        ));
     }
     if !take(&lf, args, &shown, kind, span, wait)? {
         return Ok(conflict);

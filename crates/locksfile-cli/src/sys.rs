@@ -237,6 +237,14 @@ pub fn dup_cloexec(fd: RawFd) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(new) })
 }
 
+/// `fcntl(fd, F_GETFL)`: whether `fd` was opened write-only (`O_WRONLY`),
+/// which a read lock cannot be taken through.
+pub fn is_write_only(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    // SAFETY: a live descriptor; F_GETFL takes no argument.
+    let flags = cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) })?;
+    Ok(flags & libc::O_ACCMODE == libc::O_WRONLY)
+}
+
 /// `fcntl(fd, F_SETFD, flags & !FD_CLOEXEC)`: let `fd` survive `exec`.
 pub fn clear_cloexec(fd: BorrowedFd<'_>) -> io::Result<()> {
     // SAFETY: a live descriptor; F_GETFD takes no argument.

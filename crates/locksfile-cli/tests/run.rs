@@ -603,6 +603,12 @@ fn descriptor_form_leaves_the_lock_with_the_shell() {
         &f,
     );
     assert_eq!(stdout(&out), "shared 0\nexclusive 77\n", "{}", stderr(&out));
+    // Write-only descriptor: the other way round.
+    let out = shell(
+        r#"( "$L" run -s -n 9; echo "shared $?"; "$L" run -x -n 9; echo "exclusive $?" ) 9>"$F""#,
+        &f,
+    );
+    assert_eq!(stdout(&out), "shared 77\nexclusive 0\n", "{}", stderr(&out));
 
     // Not open, process mode, a command with -u: refused.
     let out = shell(r#"exec 9>&-; "$L" run 9"#, &f);
