@@ -268,12 +268,14 @@ impl OpenOptions {
         };
         let reused = |r| match r {
             registry::Reuse::Joined(owner) => Some(owner),
+            // A parked descriptor may be writable; a read-only handle
+            // still takes shared locks only.
             registry::Reuse::Lent(fd, writable) => Some(Arc::new(Owner::new(Fcntl::new(
                 sys::Family::Ofd,
                 id.dev,
                 id.ino,
                 fd,
-                writable,
+                writable && self.write,
             )))),
             registry::Reuse::NoFit | registry::Reuse::NoOwner => None,
         };
