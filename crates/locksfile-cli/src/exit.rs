@@ -11,7 +11,7 @@
 //! | 70 `EX_SOFTWARE` | `race`: a racer failed with an error |
 //! | 71 `EX_OSERR` | a system call failed (fork, memory, descriptors) |
 //! | 73 `EX_CANTCREAT` | FILE cannot be created (read-only file system, no space) |
-//! | 77 `EX_NOPERM` | an exclusive lock on a file that can only be opened read-only |
+//! | 77 `EX_NOPERM` | an exclusive lock on a file that can only be opened read-only (or descriptor FD), a shared one on a write-only FD |
 //! | 128+N | `run`: the command was killed by signal N |
 
 use std::io;

@@ -6,6 +6,7 @@
 #![deny(unsafe_code)]
 
 mod exit;
+mod generate;
 mod procfs;
 mod race;
 mod run;
@@ -14,7 +15,7 @@ mod status;
 mod sys;
 
 use clap::error::ErrorKind;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 /// Named, file-backed, byte-range reader/writer locks: lock N is byte N of FILE.
 #[derive(Parser, Debug)]
@@ -32,6 +33,10 @@ enum Command {
     Status(status::StatusArgs),
     /// Race processes hand-over-hand around a ring of locks and verify them.
     Race(race::RaceArgs),
+    /// Print a completion script for SHELL (bash, zsh, fish, elvish, powershell).
+    Completions(generate::CompletionsArgs),
+    /// Print the man page of locksfile, or of one SUBCOMMAND, in roff.
+    Man(generate::ManArgs),
 }
 
 fn main() {
@@ -52,6 +57,8 @@ fn main() {
         Command::Run(args) => run::main(args),
         Command::Status(args) => status::main(args),
         Command::Race(args) => race::main(args),
+        Command::Completions(args) => generate::completions(Cli::command(), args),
+        Command::Man(args) => generate::man(Cli::command(), args),
     };
     std::process::exit(code);
 }

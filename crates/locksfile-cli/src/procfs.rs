@@ -144,14 +144,98 @@ impl FileId {
 pub struct Proc {
     pub pid: u32,
     pub command: Option<String>,
+    /// For a `locksfile run` holder, the command line of the command it
+    /// runs (its child), shell-quoted.
+    pub wraps: Option<String>,
 }
 
 impl Proc {
-    fn new(pid: u32) -> Proc {
+    pub(crate) fn new(pid: u32) -> Proc {
         let command = fs::read_to_string(format!("/proc/{pid}/comm"))
             .ok()
             .map(|s| s.trim_end_matches('\n').to_string());
-        Proc { pid, command }
+        let wraps = if command.as_deref() == Some("locksfile") {
+            wrapped_command(pid)
+        } else {
+            None
+        };
+        Proc {
+            pid,
+            command,
+            wraps,
+        }
+    }
+}
+
+/// The command line of the command `locksfile run` process `pid` runs:
+/// its child, the one process whose parent it is (a `run` starts one).
+fn wrapped_command(pid: u32) -> Option<String> {
+    let argv = cmdline(pid)?;
+    if argv.get(1).map(String::as_str) != Some("run") {
+        return None;
+    }
+    let child = children(pid).into_iter().next()?;
+    let argv = cmdline(child)?;
+    Some(
+        argv.iter()
+            .map(|a| shell_quoted(a))
+            .collect::<Vec<_>>()
+            .join(" "),
+    )
+}
+
+fn cmdline(pid: u32) -> Option<Vec<String>> {
+    let raw = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let argv: Vec<String> = raw
+        .split(|&b| b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    (!argv.is_empty()).then_some(argv)
+}
+
+/// Children of `pid`: from `/proc/PID/task/*/children` where the kernel
+/// has it, else by the parent pid in every `/proc/*/stat`.
+fn children(pid: u32) -> Vec<u32> {
+    if let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) {
+        let mut found = Vec::new();
+        let mut readable = false;
+        for t in tasks.flatten() {
+            if let Ok(list) = fs::read_to_string(t.path().join("children")) {
+                readable = true;
+                found.extend(
+                    list.split_whitespace()
+                        .filter_map(|c| c.parse::<u32>().ok()),
+                );
+            }
+        }
+        if readable {
+            return found;
+        }
+    }
+    pids()
+        .into_iter()
+        .filter(|&c| {
+            // Field 4 of stat, after the command name in parentheses.
+            fs::read_to_string(format!("/proc/{c}/stat"))
+                .ok()
+                .and_then(|st| {
+                    let rest = &st[st.rfind(')')? + 1..];
+                    rest.split_whitespace().nth(1)?.parse::<u32>().ok()
+                })
+                == Some(pid)
+        })
+        .collect()
+}
+
+/// `arg` as a POSIX shell reads it back: bare when it is only safe
+/// characters, else in single quotes.
+fn shell_quoted(arg: &str) -> String {
+    let safe = |c: char| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c);
+    if !arg.is_empty() && arg.chars().all(safe) {
+        arg.to_string()
+    } else {
+        format!("'{}'", arg.replace('\'', r"'\''"))
     }
 }
 
@@ -379,6 +463,14 @@ fn pids() -> Vec<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn quotes_arguments_for_the_shell() {
+        assert_eq!(shell_quoted("make"), "make");
+        assert_eq!(shell_quoted("a b"), "'a b'");
+        assert_eq!(shell_quoted("it's"), r"'it'\''s'");
+        assert_eq!(shell_quoted(""), "''");
+    }
 
     #[test]
     fn parses_proc_locks_lines() {

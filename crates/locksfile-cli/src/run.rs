@@ -6,10 +6,16 @@
 //! file description, in process mode to this process. Whatever the command
 //! does with the file, or however it ends, the lock goes away when this
 //! process has seen it end (or when this process itself dies).
+//!
+//! Two `flock(1)` forms work otherwise: `-F` execs the command in this
+//! process, which then holds the lock itself, and the descriptor form
+//! (`locksfile run 9`, no command) locks a descriptor the caller opened
+//! and leaves the lock with the caller's open file description.
 
 use std::ffi::OsString;
-use std::os::unix::process::ExitStatusExt;
-use std::path::PathBuf;
+use std::os::fd::{AsFd, RawFd};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -43,9 +49,17 @@ pub struct RunArgs {
     #[arg(short = 's', long, conflicts_with = "exclusive")]
     shared: bool,
 
-    /// Take an exclusive (write) lock (the default).
+    /// Take an exclusive (write) lock (the default; -e is the same, as in flock(1)).
     #[arg(short = 'x', long, short_alias = 'e')]
     exclusive: bool,
+
+    /// Release the span on descriptor FD instead of locking it (descriptor form only).
+    #[arg(
+        short = 'u',
+        long,
+        conflicts_with_all = ["shared", "exclusive", "nonblock", "timeout", "no_fork"]
+    )]
+    unlock: bool,
 
     /// Lock indices to take: N, A..B, A..=B, A.. (to the end) or .. (all).
     #[arg(
@@ -94,6 +108,25 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value_t = ModeArg::Ofd)]
     mode: ModeArg,
 
+    /// Run CMD with `/bin/sh -c CMD` instead of a COMMAND and its arguments.
+    #[arg(
+        short = 'c',
+        long = "command",
+        value_name = "CMD",
+        conflicts_with = "command"
+    )]
+    shell_command: Option<OsString>,
+
+    /// Close the lock descriptor before running the command: always done
+    /// (it is close-on-exec); accepted for flock(1) compatibility.
+    #[arg(short = 'o', long, conflicts_with = "no_fork")]
+    close: bool,
+
+    /// Exec the command in this process instead of forking: the command
+    /// itself then holds the lock (on an inherited descriptor) until it ends.
+    #[arg(short = 'F', long = "no-fork")]
+    no_fork: bool,
+
     /// Lock the file a symbolic link at FILE points to (refused otherwise).
     #[arg(short = 'L', long = "follow-symlinks")]
     follow_symlinks: bool,
@@ -102,14 +135,14 @@ pub struct RunArgs {
     #[arg(short, long)]
     verbose: bool,
 
-    /// The lock file (created if missing; its content is never touched).
-    #[arg(value_name = "FILE")]
+    /// The lock file (created if missing; its content is never touched),
+    /// or with no command, the number of an open descriptor to lock.
+    #[arg(value_name = "FILE|FD")]
     file: PathBuf,
 
     /// The command and its arguments; options after it are its own.
     #[arg(
         value_name = "COMMAND",
-        required = true,
         trailing_var_arg = true,
         allow_hyphen_values = true,
         num_args = 1..
@@ -125,16 +158,27 @@ descriptor is close-on-exec, so COMMAND never holds it and cannot release it.
 It is released when COMMAND has ended, however it ended. Signals sent to this
 process (TERM, INT, HUP, QUIT, USR1, USR2) are passed on to COMMAND, and if this
 process is killed outright, COMMAND is killed too, so it never runs unlocked.
+With -F (--no-fork) locksfile execs COMMAND instead, which then holds the lock
+on an inherited descriptor until it and its children have closed it.
+
+With a descriptor number and no command (`( locksfile run -n 9 || exit 1;
+...; ) 9>file`), the lock is taken on the caller's open file description
+and stays when locksfile exits, until -u releases it or the last descriptor
+of it is closed. OFD mode only: a process-mode lock would die with locksfile.
+
+A shared lock (-s) opens FILE read-only, as flock(1) does.
 
 Exit status:
   the command's own status, or 128+N when it was killed by signal N
   1 (or -E N)  the lock was busy (-n) or the timeout (-w) passed
   64           usage error: unknown option, bad span or number, no command
-  66           FILE cannot be opened, or is a directory, FIFO or other non-file
+  66           FILE cannot be opened, or is a directory, FIFO or other non-file,
+               or descriptor FD is not open or not a regular file
   69           COMMAND cannot be started (not found, not executable)
   71           a system call failed (fork, memory, descriptors)
   73           FILE cannot be created (read-only file system, no space)
-  77           an exclusive lock on a file that can only be opened read-only";
+  77           an exclusive lock on a file that can only be opened read-only
+               (or a read-only FD), a shared one on a write-only FD";
 
 fn parse_secs(s: &str) -> Result<Duration, String> {
     let secs: f64 = s
@@ -180,14 +224,174 @@ fn run(args: RunArgs) -> Result<i32, (i32, String)> {
         None => Wait::Blocking,
     };
     let conflict = i32::from(args.conflict_exit_code);
-    let shown = args.file.display();
 
+    let argv: Vec<OsString> = match &args.shell_command {
+        Some(cmd) => vec!["/bin/sh".into(), "-c".into(), cmd.clone()],
+        None => args.command.clone(),
+    };
+    if argv.is_empty() {
+        let Some(fd) = descriptor(&args.file) else {
+            return Err((
+                exit::USAGE,
+                "no COMMAND to run: give one (or -c CMD), or a descriptor number instead of FILE"
+                    .into(),
+            ));
+        };
+        return lock_descriptor(&args, fd, span, kind, wait, conflict);
+    }
+    if args.unlock {
+        return Err((
+            exit::USAGE,
+            "-u releases a lock held on a descriptor: locksfile run -u FD, with no command".into(),
+        ));
+    }
+
+    let shown = args.file.display().to_string();
     let lf = LockFile::options()
         .mode(args.mode.into())
+        // Shared locks need no write access: open read-only, as flock(1)
+        // does, so a file we may only read (another user's, or a script
+        // locking itself) is never opened for writing.
+        .write(kind == Kind::Exclusive)
         .follow_symlinks(args.follow_symlinks)
         .open(&args.file)
         .map_err(|e| (exit::for_lock_error(&e), open_message(&args.file, &e)))?;
+    if !take(&lf, &args, &shown, kind, span, wait)? {
+        return Ok(conflict);
+    }
 
+    let program = &argv[0];
+    let cannot_run = |e: std::io::Error| {
+        // Out of processes, memory or descriptors is our failure, not the
+        // command's.
+        let code = match e.raw_os_error() {
+            Some(libc::ENOMEM | libc::EAGAIN | libc::EMFILE | libc::ENFILE) => exit::OSERR,
+            _ => exit::UNAVAILABLE,
+        };
+        (
+            code,
+            format!("cannot run {}: {e}", program.to_string_lossy()),
+        )
+    };
+    let mut command = Command::new(program);
+    command.args(&argv[1..]);
+
+    if args.no_fork {
+        // The command replaces this process and must hold the lock itself:
+        // its descriptor has to survive the exec. In process mode too, as
+        // POSIX locks survive exec but an exec that closes a descriptor of
+        // the file drops them all.
+        sys::clear_cloexec(lf.as_fd()).map_err(|e| (exit::OSERR, format!("fcntl: {e}")))?;
+        let e = command.exec();
+        // Only a failed exec returns; the lock is released as usual.
+        return Err(cannot_run(e));
+    }
+
+    // From here a signal sent to this process goes to the command, which
+    // ends it, and the lock is released when we have seen it end.
+    sys::catch_forwarded_signals().map_err(|e| (exit::OSERR, format!("sigaction: {e}")))?;
+    if let Some(sig) = sys::pending_signal() {
+        return Ok(128 + sig);
+    }
+    sys::kill_with_parent(&mut command);
+    let mut child = command.spawn().map_err(cannot_run)?;
+    sys::forward_to(child.id() as libc::pid_t);
+    let status = child
+        .wait()
+        .map_err(|e| (exit::OSERR, format!("waiting for the command: {e}")))?;
+    if let Err(e) = lf.release_all() {
+        eprintln!("locksfile: releasing the lock: {e}");
+    }
+    drop(lf);
+    Ok(match (status.code(), status.signal()) {
+        (Some(code), _) => code,
+        (None, Some(sig)) => 128 + sig,
+        (None, None) => exit::OSERR,
+    })
+}
+
+/// FILE as a descriptor number, as `flock(1)` reads a lone number with no
+/// command (name a file `9` as `./9`).
+fn descriptor(file: &Path) -> Option<RawFd> {
+    let s = file.to_str()?;
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
+}
+
+/// The descriptor form: lock (or with `-u`, unlock) the caller's descriptor
+/// `fd` and exit, leaving the lock with the caller's open file description.
+fn lock_descriptor(
+    args: &RunArgs,
+    fd: RawFd,
+    span: Span,
+    kind: Kind,
+    wait: Wait,
+    conflict: i32,
+) -> Result<i32, (i32, String)> {
+    if args.mode == ModeArg::Process {
+        return Err((
+            exit::USAGE,
+            format!(
+                "--mode process cannot lock descriptor {fd} for the caller: a process-mode \
+                 lock belongs to locksfile and ends when it exits (use --mode ofd)"
+            ),
+        ));
+    }
+    if args.no_fork {
+        return Err((exit::USAGE, "-F needs a command to run".into()));
+    }
+    let shown = format!("descriptor {fd}");
+    // A duplicate shares the caller's open file description, which is what
+    // OFD locks belong to; the caller's own descriptor is left as it is.
+    let dup = sys::dup_cloexec(fd).map_err(|e| match e.raw_os_error() {
+        Some(libc::EBADF) => (exit::NOINPUT, format!("{shown} is not open")),
+        _ => (exit::OSERR, format!("duplicating {shown}: {e}")),
+    })?;
+    let lf = LockFile::options()
+        .mode(args.mode.into())
+        .write(kind == Kind::Exclusive && !args.unlock)
+        .open_fd(dup)
+        .map_err(|e| (exit::for_lock_error(&e), format!("{shown}: {e}")))?;
+    if args.unlock {
+        // The handle knows nothing of what the description holds, so the
+        // unlock goes straight to the kernel.
+        sys::ofd_unlock(lf.as_fd(), span.start(), span.end())
+            .map_err(|e| (exit::OSERR, format!("unlocking {shown}: {e}")))?;
+        return Ok(0);
+    }
+    // A read lock needs a readable descriptor (fcntl answers EBADF):
+    // refused like an exclusive lock on a read-only one.
+    if kind == Kind::Shared && sys::is_write_only(lf.as_fd()).unwrap_or(false) {
+        return Err((
+            exit::NOPERM,
+            format!(
+                "{shown} is open write-only: a shared lock needs it readable (9<file or 9<>file)"
+            ),
+        ));
+    }
+    if !take(&lf, args, &shown, kind, span, wait)? {
+        return Ok(conflict);
+    }
+    // The lock is the caller's now: it must outlive this process. Dropping
+    // the handle would unlock it (OFD handles release what they took), so
+    // the handle is leaked instead; exiting closes our duplicate, which
+    // leaves the lock with the caller's descriptors of the description.
+    std::mem::forget(lf);
+    Ok(0)
+}
+
+/// Take the lock, saying what happens with `-v`. `Ok(false)`: busy or
+/// timed out (already reported).
+fn take(
+    lf: &LockFile,
+    args: &RunArgs,
+    shown: &str,
+    kind: Kind,
+    span: Span,
+    wait: Wait,
+) -> Result<bool, (i32, String)> {
     let started = Instant::now();
     if args.verbose {
         let how = match wait {
@@ -204,9 +408,9 @@ fn run(args: RunArgs) -> Result<i32, (i32, String)> {
                     eprintln!("locksfile: {shown}: {e}");
                 }
                 if args.verbose {
-                    name_holders(&args.file, span, kind);
+                    name_holders(lf.path(), span, kind);
                 }
-                Ok(conflict)
+                Ok(false)
             }
             e => Err((exit::for_lock_error(&e), format!("{shown}: {e}"))),
         };
@@ -217,42 +421,7 @@ fn run(args: RunArgs) -> Result<i32, (i32, String)> {
             started.elapsed().as_secs_f64()
         );
     }
-
-    // From here a signal sent to this process goes to the command, which
-    // ends it, and the lock is released when we have seen it end.
-    sys::catch_forwarded_signals().map_err(|e| (exit::OSERR, format!("sigaction: {e}")))?;
-    if let Some(sig) = sys::pending_signal() {
-        return Ok(128 + sig);
-    }
-    let program = &args.command[0];
-    let mut command = Command::new(program);
-    command.args(&args.command[1..]);
-    sys::kill_with_parent(&mut command);
-    let mut child = command.spawn().map_err(|e| {
-        // Out of processes, memory or descriptors is our failure, not the
-        // command's.
-        let code = match e.raw_os_error() {
-            Some(libc::ENOMEM | libc::EAGAIN | libc::EMFILE | libc::ENFILE) => exit::OSERR,
-            _ => exit::UNAVAILABLE,
-        };
-        (
-            code,
-            format!("cannot run {}: {e}", program.to_string_lossy()),
-        )
-    })?;
-    sys::forward_to(child.id() as libc::pid_t);
-    let status = child
-        .wait()
-        .map_err(|e| (exit::OSERR, format!("waiting for the command: {e}")))?;
-    if let Err(e) = lf.release_all() {
-        eprintln!("locksfile: releasing the lock: {e}");
-    }
-    drop(lf);
-    Ok(match (status.code(), status.signal()) {
-        (Some(code), _) => code,
-        (None, Some(sig)) => 128 + sig,
-        (None, None) => exit::OSERR,
-    })
+    Ok(true)
 }
 
 /// Say who holds what is in the way (OFD holders are found through
@@ -286,7 +455,13 @@ fn name_holders(file: &std::path::Path, span: Span, kind: Kind) {
         } else {
             f.procs
                 .iter()
-                .map(|p| format!("pid {} ({})", p.pid, p.command.as_deref().unwrap_or("?")))
+                .map(|p| {
+                    let command = p.command.as_deref().unwrap_or("?");
+                    match &p.wraps {
+                        Some(w) => format!("pid {} ({command} running {w})", p.pid),
+                        None => format!("pid {} ({command})", p.pid),
+                    }
+                })
                 .collect::<Vec<_>>()
                 .join(", ")
         };

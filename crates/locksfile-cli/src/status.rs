@@ -105,7 +105,7 @@ fn to_json(path: &std::path::Path, id: FileId, locks: &[Found]) -> Value {
             let procs: Vec<Value> = f
                 .procs
                 .iter()
-                .map(|p| json!({"pid": p.pid, "command": p.command}))
+                .map(|p| json!({"pid": p.pid, "command": p.command, "wraps": p.wraps}))
                 .collect();
             let first = f.procs.first();
             json!({
@@ -118,6 +118,7 @@ fn to_json(path: &std::path::Path, id: FileId, locks: &[Found]) -> Value {
                 "end": if span.is_to_end() { None } else { Some(span.end()) },
                 "pid": first.map(|p| p.pid),
                 "command": first.and_then(|p| p.command.clone()),
+                "wraps": first.and_then(|p| p.wraps.clone()),
                 "processes": procs,
             })
         })
@@ -138,9 +139,27 @@ fn who(f: &Found) -> (String, String) {
     let cmds: Vec<String> = f
         .procs
         .iter()
-        .map(|p| p.command.clone().unwrap_or_else(|| "unknown".into()))
+        .map(|p| {
+            let command = p.command.as_deref().unwrap_or("unknown");
+            match &p.wraps {
+                Some(w) => format!("{command} ({})", shortened(w)),
+                None => command.to_string(),
+            }
+        })
         .collect();
     (pids.join(","), cmds.join(","))
+}
+
+/// A wrapped command line cut to fit a table cell.
+fn shortened(s: &str) -> String {
+    const MAX: usize = 40;
+    if s.chars().count() <= MAX {
+        s.to_string()
+    } else {
+        let mut cut: String = s.chars().take(MAX - 3).collect();
+        cut.push_str("...");
+        cut
+    }
 }
 
 fn render(path: &std::path::Path, id: FileId, locks: &[Found]) -> String {
@@ -311,6 +330,7 @@ mod tests {
             procs: vec![Proc {
                 pid,
                 command: Some("cmd".into()),
+                wraps: None,
             }],
         }
     }

@@ -1,5 +1,6 @@
 //! The system calls std does not wrap: fork, a shared memory region,
-//! waiting for children, and forwarding signals to a child.
+//! waiting for children, forwarding signals to a child, and the descriptor
+//! calls of `run -F` and `run FD`.
 //!
 //! # Safety
 //! Every `unsafe` block of the crate is here. Each calls one libc function
@@ -8,7 +9,7 @@
 #![allow(unsafe_code)]
 
 use std::io;
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 
 fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
@@ -223,4 +224,53 @@ pub fn kill_with_parent(cmd: &mut std::process::Command) {
 pub fn default_sigpipe() {
     // SAFETY: setting a standard disposition; no handler code involved.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+}
+
+/// `fcntl(fd, F_DUPFD_CLOEXEC, 0)`: a close-on-exec duplicate of a
+/// descriptor this process inherited, sharing its open file description.
+/// `EBADF` when `fd` is not open.
+pub fn dup_cloexec(fd: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: F_DUPFD_CLOEXEC only reads `fd` (answering EBADF when it is
+    // not open) and returns a new descriptor, which we then own.
+    let new = cvt(unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) })?;
+    // SAFETY: fcntl just returned this descriptor and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(new) })
+}
+
+/// `fcntl(fd, F_GETFL)`: whether `fd` was opened write-only (`O_WRONLY`),
+/// which a read lock cannot be taken through.
+pub fn is_write_only(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    // SAFETY: a live descriptor; F_GETFL takes no argument.
+    let flags = cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) })?;
+    Ok(flags & libc::O_ACCMODE == libc::O_WRONLY)
+}
+
+/// `fcntl(fd, F_SETFD, flags & !FD_CLOEXEC)`: let `fd` survive `exec`.
+pub fn clear_cloexec(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: a live descriptor; F_GETFD takes no argument.
+    let flags = cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFD) })?;
+    // SAFETY: as above; F_SETFD takes an int.
+    cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, flags & !libc::FD_CLOEXEC) }).map(drop)
+}
+
+/// `fcntl(fd, F_OFD_SETLK, F_UNLCK on start..end)`: release what the open
+/// file description of `fd` holds there, whoever took it. `end` is
+/// exclusive; `i64::MAX` means to the end of the file (`l_len = 0`).
+pub fn ofd_unlock(fd: BorrowedFd<'_>, start: u64, end: u64) -> io::Result<()> {
+    let too_big = || io::Error::new(io::ErrorKind::InvalidInput, "span beyond off_t");
+    let l_start = libc::off_t::try_from(start).map_err(|_| too_big())?;
+    let l_len = if end >= i64::MAX as u64 {
+        0
+    } else {
+        libc::off_t::try_from(end - start).map_err(|_| too_big())?
+    };
+    // SAFETY: `flock` is plain data; zeroed is valid (l_pid must be 0 for
+    // OFD requests) and the fields that matter are set below.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = libc::F_UNLCK as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_start = l_start;
+    fl.l_len = l_len;
+    // SAFETY: a live descriptor and a valid `struct flock` for the call.
+    cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_OFD_SETLK, &mut fl) }).map(drop)
 }

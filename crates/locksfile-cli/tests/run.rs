@@ -70,7 +70,10 @@ fn verbose_conflict_names_the_holder() {
         assert_eq!(code(&out), 1);
         let err = stderr(&out);
         assert!(
-            err.contains(&format!("held by pid {} (locksfile)", h.pid())),
+            err.contains(&format!(
+                "held by pid {} (locksfile running sh -c 'echo ready; read x; exit 0')",
+                h.pid()
+            )),
             "{err}"
         );
         h.release();
@@ -504,5 +507,239 @@ fn read_only_file_system_exits_73() {
     assert_eq!(
         code(&run(&["run", missing.to_str().unwrap(), "--", "true"])),
         66
+    );
+}
+
+/// Output of `sh -c SCRIPT`, with `$L` naming the binary and `$F` the lock file.
+fn shell(script: &str, file: &std::path::Path) -> std::process::Output {
+    std::process::Command::new("sh")
+        .args(["-c", script])
+        .env("L", BIN)
+        .env("F", file)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn dash_c_runs_its_command_through_sh() {
+    let (_d, f) = lock_file();
+    let p = f.to_str().unwrap();
+    // A pipe and an exit status only a shell gives, after FILE or before it.
+    let out = run(&["run", p, "-c", "echo a b | tr ' ' _; exit 3"]);
+    assert_eq!((code(&out), stdout(&out).as_str()), (3, "a_b\n"));
+    let out = run(&["run", "-n", "-c", "echo $0", p]);
+    assert_eq!((code(&out), stdout(&out).as_str()), (0, "/bin/sh\n"));
+    // The lock is held while it runs.
+    let out = run(&[
+        "run",
+        p,
+        "-c",
+        &format!("{BIN} run -n {p} -- true; echo $?"),
+    ]);
+    assert_eq!(stdout(&out), "1\n");
+    // Either -c or a command, not both.
+    assert_eq!(code(&run(&["run", p, "-c", "true", "--", "true"])), 64);
+}
+
+#[test]
+fn dash_e_is_exclusive_and_dash_o_is_accepted() {
+    let (_d, f) = lock_file();
+    let h = Holder::start(&f, &["-s"]);
+    assert_eq!(try_run(&f, &["-s", "-n"]), 0);
+    assert_eq!(try_run(&f, &["-e", "-n"]), 1, "-e takes an exclusive lock");
+    assert_eq!(try_run(&f, &["-x", "-n"]), 1);
+    h.release();
+    // -o closes the lock descriptor before the command: ours always is.
+    let out = run(&[
+        "run",
+        "-o",
+        f.to_str().unwrap(),
+        "--",
+        "sh",
+        "-c",
+        "for fd in /proc/$$/fd/*; do readlink \"$fd\"; done; exit 0",
+    ]);
+    assert_eq!(code(&out), 0);
+    assert!(!stdout(&out).contains("data.lock"), "{}", stdout(&out));
+    assert_eq!(code(&run(&["run", "-o", "-F", "x", "--", "true"])), 64);
+}
+
+/// The descriptor form of flock(1): the lock is taken on the shell's open
+/// file description, outlives `locksfile run`, and ends with the subshell
+/// (or `-u`).
+#[test]
+fn descriptor_form_leaves_the_lock_with_the_shell() {
+    let (_d, f) = lock_file();
+    let out = shell(
+        r#"( "$L" run -n 9 || exit 9
+             "$L" run -n "$F" -- true; echo "held $?"
+             "$L" run -n -s -i 1 "$F" -- true; echo "other index $?"
+             "$L" run -u 9; echo "unlock $?"
+             "$L" run -n "$F" -- true; echo "unlocked $?"
+             "$L" run -n -i 0..4 9; echo "relock $?"
+             "$L" run -n -i 3 "$F" -- true; echo "held again $?"
+           ) 9>"$F"
+           "$L" run -n -i 0..4 "$F" -- true; echo "after the subshell $?""#,
+        &f,
+    );
+    assert_eq!(
+        stdout(&out),
+        "held 1\nother index 0\nunlock 0\nunlocked 0\nrelock 0\nheld again 1\n\
+         after the subshell 0\n",
+        "{}",
+        stderr(&out)
+    );
+
+    // A held lock makes the descriptor form wait, or fail with -n (-E).
+    let h = Holder::start(&f, &[]);
+    let out = shell(r#"( "$L" run -n -E 7 9; echo "busy $?" ) 9>"$F""#, &f);
+    assert_eq!(stdout(&out), "busy 7\n", "{}", stderr(&out));
+    h.release();
+
+    // Read-only descriptor: shared yes, exclusive is EX_NOPERM.
+    let out = shell(
+        r#"( "$L" run -s -n 9; echo "shared $?"; "$L" run -x -n 9; echo "exclusive $?" ) 9<"$F""#,
+        &f,
+    );
+    assert_eq!(stdout(&out), "shared 0\nexclusive 77\n", "{}", stderr(&out));
+    // Write-only descriptor: the other way round.
+    let out = shell(
+        r#"( "$L" run -s -n 9; echo "shared $?"; "$L" run -x -n 9; echo "exclusive $?" ) 9>"$F""#,
+        &f,
+    );
+    assert_eq!(stdout(&out), "shared 77\nexclusive 0\n", "{}", stderr(&out));
+
+    // Not open, process mode, a command with -u: refused.
+    let out = shell(r#"exec 9>&-; "$L" run 9"#, &f);
+    assert_eq!(code(&out), 66, "{}", stderr(&out));
+    assert!(stderr(&out).contains("not open"), "{}", stderr(&out));
+    let out = shell(r#""$L" run --mode process 9 9>"$F""#, &f);
+    assert_eq!(code(&out), 64, "{}", stderr(&out));
+    assert!(stderr(&out).contains("process"), "{}", stderr(&out));
+    assert_eq!(
+        code(&run(&["run", "-u", f.to_str().unwrap(), "--", "true"])),
+        64
+    );
+}
+
+/// `-F` execs the command in place (same pid), and the command holds the
+/// lock through the descriptor it inherits, in both modes.
+#[test]
+fn no_fork_execs_the_command_which_holds_the_lock() {
+    for mode in ["ofd", "process"] {
+        let (_d, f) = lock_file();
+        let p = f.to_str().unwrap();
+        let child = locksfile()
+            .args(["run", "-F", "--mode", mode, p, "--", "sh", "-c"])
+            .arg(format!(
+                "echo $$; {BIN} run -n {p} -- true; echo $?; {BIN} run -n -i 1 {p} -- true; echo $?"
+            ))
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(
+            stdout(&out),
+            format!("{pid}\n1\n0\n"),
+            "{mode}: not exec'd or lock not held"
+        );
+        assert_eq!(out.status.code(), Some(0));
+        assert_eq!(try_run(&f, &["-n"]), 0, "released when the command ended");
+    }
+}
+
+/// The open flags of the lock descriptor of the `locksfile run` that is
+/// the command's parent, as the command sees them in /proc.
+fn lock_fd_flags(opts: &[&str]) -> u32 {
+    let (_d, f) = lock_file();
+    let mut args = vec!["run"];
+    args.extend_from_slice(opts);
+    args.extend_from_slice(&[f.to_str().unwrap(), "--", "sh", "-c"]);
+    let script = format!(
+        "for fd in /proc/$PPID/fd/*; do [ \"$(readlink $fd)\" = {} ] && \
+         sed -n 's/^flags:[[:space:]]*//p' /proc/$PPID/fdinfo/${{fd##*/}}; done; exit 0",
+        f.display()
+    );
+    args.push(&script);
+    let out = run(&args);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    u32::from_str_radix(stdout(&out).trim(), 8).expect("one octal flags line")
+}
+
+#[test]
+fn a_shared_lock_opens_the_file_read_only() {
+    let acc = libc::O_ACCMODE as u32;
+    assert_eq!(lock_fd_flags(&["-s"]) & acc, libc::O_RDONLY as u32);
+    assert_eq!(
+        lock_fd_flags(&["-s", "--mode", "process"]) & acc,
+        libc::O_RDONLY as u32
+    );
+    assert_eq!(lock_fd_flags(&[]) & acc, libc::O_RDWR as u32);
+}
+
+/// As another user: shared locks on a file we may only read work (a script
+/// locking itself with `-s "$0"`), exclusive ones are EX_NOPERM (77).
+#[test]
+fn another_users_file_takes_shared_locks() {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let setpriv = std::path::Path::new("/usr/bin/setpriv");
+    if !root || !setpriv.exists() {
+        eprintln!("skipped: needs root and setpriv to act as another user");
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let f = dir.path().join("data.lock");
+    std::fs::write(&f, b"").unwrap();
+    std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let script = dir.path().join("self-locking");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\n[ \"$LOCKER\" = \"$0\" ] || exec env LOCKER=\"$0\" {BIN} run -s -n \"$0\" \"$0\" \"$@\"\n\
+             {BIN} status --json \"$0\"\n"
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let nobody = |args: &[&std::ffi::OsStr]| {
+        std::process::Command::new(setpriv)
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let bin = std::ffi::OsStr::new(BIN);
+    let out = nobody(&[
+        bin,
+        "run".as_ref(),
+        "-s".as_ref(),
+        f.as_ref(),
+        "true".as_ref(),
+    ]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let out = nobody(&[
+        bin,
+        "run".as_ref(),
+        "-x".as_ref(),
+        f.as_ref(),
+        "true".as_ref(),
+    ]);
+    assert_eq!(code(&out), 77, "{}", stderr(&out));
+    let out = nobody(&[script.as_os_str()]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    // The script runs under its own shared lock.
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let locks = st["locks"].as_array().unwrap();
+    assert_eq!(locks.len(), 1, "{st}");
+    assert_eq!(
+        (locks[0]["kind"].as_str(), locks[0]["state"].as_str()),
+        (Some("shared"), Some("held")),
+        "{st}"
     );
 }

@@ -33,13 +33,17 @@ fn names_the_holder_in_both_modes() {
         assert_eq!((l["start"].as_u64(), l["end"].as_u64()), (Some(2), Some(5)));
         assert_eq!(l["pid"].as_u64(), Some(h.pid() as u64), "{mode}: {st}");
         assert_eq!(l["command"], "locksfile");
+        // The command the holder runs, not only `locksfile`.
+        let wrapped = "sh -c 'echo ready; read x; exit 0'";
+        assert_eq!(l["wraps"], wrapped, "{st}");
+        assert_eq!(l["processes"][0]["wraps"], wrapped, "{st}");
 
         let out = run(&["status", f.to_str().unwrap()]);
         assert_eq!(code(&out), 0);
         let text = stdout(&out);
         assert!(text.contains(&h.pid().to_string()), "{text}");
         assert!(
-            text.contains("2..5") && text.contains("locksfile"),
+            text.contains("2..5") && text.contains(&format!("locksfile ({wrapped})")),
             "{text}"
         );
         let lane = text

@@ -3,7 +3,7 @@
 use std::ffi::CString;
 use std::fmt;
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -58,6 +58,7 @@ impl fmt::Display for Mode {
 pub struct OpenOptions {
     mode: Mode,
     create: bool,
+    write: bool,
     permissions: u32,
     follow_symlinks: bool,
 }
@@ -67,6 +68,7 @@ impl Default for OpenOptions {
         OpenOptions {
             mode: Mode::Ofd,
             create: true,
+            write: true,
             permissions: 0o644,
             follow_symlinks: false,
         }
@@ -88,6 +90,26 @@ impl OpenOptions {
     /// Create the file when missing (default `true`).
     pub fn create(&mut self, create: bool) -> &mut Self {
         self.create = create;
+        self
+    }
+
+    /// Open for writing when the file allows it (default `true`). With
+    /// `false` the file is opened `O_RDONLY` only (and created that way when
+    /// missing), as `flock(1)` opens it: the handle takes shared locks
+    /// ([`Error::ReadOnly`] for exclusive ones), and a file the caller may
+    /// not write never sees a write-open attempt.
+    ///
+    /// ```
+    /// use locksfile::LockFile;
+    /// let dir = tempfile::tempdir()?;
+    /// let lf = LockFile::options().write(false).open(dir.path().join("data.lock"))?;
+    /// assert!(!lf.is_writable());
+    /// let _shared = lf.read(0..4)?;
+    /// assert!(lf.try_write(5).is_err());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn write(&mut self, write: bool) -> &mut Self {
+        self.write = write;
         self
     }
 
@@ -127,16 +149,67 @@ impl OpenOptions {
         let owner = match self.reuse(&abs, &c)? {
             Some(owner) => owner,
             None => {
-                let (fd, writable) = self.open_fd(&abs, &c)?;
+                let (fd, writable) = self.open_path(&abs, &c)?;
                 self.owner_of(&abs, fd, writable)?
             }
         };
+        self.handle_on(owner, abs)
+    }
+
+    /// Lock through a descriptor the caller already has instead of opening
+    /// a path: `fstat(fd)` checks that it is a regular file, and
+    /// `fcntl(fd, F_GETFL)` whether it was opened for writing (needed for
+    /// exclusive locks). Nothing else is done to it: no flag is changed and
+    /// no lock is taken or dropped. `create`, `permissions` and
+    /// `follow_symlinks` do not apply.
+    ///
+    /// The handle owns `fd` and closes it when dropped; pass a duplicate
+    /// (`try_clone`) to keep yours. In [`Mode::Ofd`] the locks belong to the
+    /// open file description, which every duplicate of `fd` shares, also in
+    /// other processes (a descriptor a shell opened and passed down): they
+    /// last until it is unlocked or its last descriptor is closed, not just
+    /// this one. Dropping the handle unlocks what it locked, as always. In
+    /// [`Mode::Process`] they belong to this process, as for [`open`](Self::open).
+    ///
+    /// # Errors
+    /// [`Error::NotRegularFile`] when `fd` is not a regular file;
+    /// [`Error::Io`] when `fstat` or `fcntl` fails; [`Error::Unsupported`]
+    /// when OFD locks are not available.
+    ///
+    /// # Examples
+    /// ```
+    /// use locksfile::{Error, Kind, LockFile, Wait};
+    /// let dir = tempfile::tempdir()?;
+    /// let path = dir.path().join("data.lock");
+    /// let file = std::fs::File::create(&path)?;
+    /// let lf = LockFile::options().open_fd(file.try_clone()?.into())?;
+    /// lf.acquire(Kind::Exclusive, 2, Wait::NonBlocking)?;
+    /// assert!(LockFile::open(&path)?.try_read(2).is_err());
+    ///
+    /// let dir_fd = std::fs::File::open(dir.path())?;
+    /// let refused = LockFile::options().open_fd(dir_fd.into());
+    /// assert!(matches!(refused, Err(Error::NotRegularFile { .. })));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # References
+    /// fcntl(2), "Open file description locks (non-POSIX)".
+    pub fn open_fd(&self, fd: OwnedFd) -> Result<LockFile, Error> {
+        let path = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+            .unwrap_or_else(|_| PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd())));
+        let writable = self.write
+            && sys::is_writable(fd.as_fd()).map_err(|e| Error::io("fcntl lock descriptor", e))?;
+        let owner = self.owner_of(&path, fd, writable)?;
+        self.handle_on(owner, path)
+    }
+
+    fn handle_on(&self, owner: Arc<Owner<Fcntl>>, path: PathBuf) -> Result<LockFile, Error> {
         let handle = owner.new_handle_id();
         let lf = LockFile {
             owner,
             handle,
             mode: self.mode,
-            path: abs,
+            path,
         };
         if self.mode == Mode::Ofd {
             lf.check_ofd_supported()?;
@@ -195,15 +268,21 @@ impl OpenOptions {
         };
         let reused = |r| match r {
             registry::Reuse::Joined(owner) => Some(owner),
+            // A parked descriptor may be writable; a read-only handle
+            // still takes shared locks only.
             registry::Reuse::Lent(fd, writable) => Some(Arc::new(Owner::new(Fcntl::new(
                 sys::Family::Ofd,
                 id.dev,
                 id.ino,
                 fd,
-                writable,
+                writable && self.write,
             )))),
             registry::Reuse::NoFit | registry::Reuse::NoOwner => None,
         };
+        if !self.write {
+            // Shared locks only: a descriptor of either kind serves.
+            return Ok(reused(registry::reuse(id.dev, id.ino, family, true)));
+        }
         match registry::reuse(id.dev, id.ino, family, false) {
             registry::Reuse::NoOwner => return Ok(None),
             registry::Reuse::NoFit => {}
@@ -232,7 +311,7 @@ impl OpenOptions {
         }
     }
 
-    fn open_fd(&self, path: &Path, c: &CString) -> Result<(OwnedFd, bool), Error> {
+    fn open_path(&self, path: &Path, c: &CString) -> Result<(OwnedFd, bool), Error> {
         let how = |write, create_exclusive| self.how(write, create_exclusive);
         let open_err = |e: io::Error| -> Error {
             if e.raw_os_error() == Some(libc::ELOOP) && !self.follow_symlinks {
@@ -279,19 +358,19 @@ impl OpenOptions {
         // sends us round again.
         for _ in 0..8 {
             if self.create {
-                match sys::open(c, how(true, true)) {
+                match sys::open(c, how(self.write, true)) {
                     Ok(fd) => {
                         sys::fchmod(fd.as_fd(), self.permissions)
                             .map_err(|e| Error::io("set lock file mode", e))?;
-                        return Ok((fd, true));
+                        return Ok((fd, self.write));
                     }
                     Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
                     Err(e) => return Err(open_err(e)),
                 }
             }
-            match sys::open(c, how(true, false)) {
-                Ok(fd) => return Ok((fd, true)),
-                Err(e) if only_read_only(&e) => {
+            match sys::open(c, how(self.write, false)) {
+                Ok(fd) => return Ok((fd, self.write)),
+                Err(e) if self.write && only_read_only(&e) => {
                     return sys::open(c, how(false, false))
                         .map(|fd| (fd, false))
                         .map_err(open_err);
@@ -300,9 +379,9 @@ impl OpenOptions {
                     if self.follow_symlinks {
                         // A dangling symlink: O_EXCL refuses it, so create
                         // through it without O_EXCL (the mode is the umask's).
-                        let mut h = how(true, false);
+                        let mut h = how(self.write, false);
                         h.create = true;
-                        return sys::open(c, h).map(|fd| (fd, true)).map_err(open_err);
+                        return sys::open(c, h).map(|fd| (fd, self.write)).map_err(open_err);
                     }
                     continue;
                 }

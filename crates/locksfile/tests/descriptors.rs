@@ -234,3 +234,87 @@ fn a_read_only_owner_becomes_writable_with_its_file() {
     // The file's bytes are untouched (and its mode is the test's own).
     assert_eq!(fs::read(&path).unwrap(), b"");
 }
+
+/// `O_ACCMODE` of the descriptor a handle locks through, from
+/// `/proc/self/fdinfo`.
+fn access_mode(lf: &locksfile::LockFile) -> u32 {
+    use std::os::fd::{AsFd, AsRawFd};
+    let info = fs::read_to_string(format!("/proc/self/fdinfo/{}", lf.as_fd().as_raw_fd())).unwrap();
+    let flags = info
+        .lines()
+        .find_map(|l| l.strip_prefix("flags:"))
+        .expect("a flags line");
+    u32::from_str_radix(flags.trim(), 8).unwrap() & 0o3
+}
+
+#[test]
+fn write_false_opens_read_only_and_takes_shared_locks() {
+    let _s = serial();
+    for mode in [Mode::Ofd, Mode::Process] {
+        let (_dir, path) = lock_path();
+        let lf = locksfile::LockFile::options()
+            .mode(mode)
+            .write(false)
+            .open(&path)
+            .unwrap();
+        assert!(path.exists(), "{mode}: created");
+        assert_eq!(access_mode(&lf), 0, "{mode}: O_RDONLY");
+        assert!(!lf.is_writable());
+        let _g = lf.read(0..4).unwrap();
+        assert!(matches!(lf.try_write(5), Err(Error::ReadOnly { .. })));
+        // Opening it again for writing still can.
+        let w = open(&path, Mode::Ofd);
+        assert_eq!(access_mode(&w), 2, "{mode}: O_RDWR");
+        assert!(w.try_write(5).is_ok());
+    }
+}
+
+#[test]
+fn open_fd_locks_through_the_callers_open_file_description() {
+    let _s = serial();
+    let (dir, path) = lock_path();
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .unwrap();
+    let lf = locksfile::LockFile::options()
+        .open_fd(file.try_clone().unwrap().into())
+        .unwrap();
+    assert!(lf.is_writable());
+    lf.acquire(Kind::Exclusive, 0..2, Wait::NonBlocking)
+        .unwrap();
+    // Another open file description conflicts; one more duplicate of
+    // `file` is the same owner to the kernel.
+    let other = open(&path, Mode::Ofd);
+    assert!(other.try_read(1).is_err());
+    let same = locksfile::LockFile::options()
+        .open_fd(file.try_clone().unwrap().into())
+        .unwrap();
+    assert_eq!(same.conflicts(Kind::Exclusive, 0..2).unwrap(), None);
+    drop(same);
+    assert!(
+        other.try_read(1).is_err(),
+        "a handle that took nothing drops nothing"
+    );
+    drop(lf);
+    assert!(other.try_read(1).is_ok(), "the handle unlocks what it took");
+
+    // Read-only descriptors take shared locks only; write(false) makes a
+    // writable one so too; other files are refused.
+    let ro = locksfile::LockFile::options()
+        .open_fd(fs::File::open(&path).unwrap().into())
+        .unwrap();
+    assert!(!ro.is_writable());
+    assert!(matches!(ro.try_write(3), Err(Error::ReadOnly { .. })));
+    let shared_only = locksfile::LockFile::options()
+        .write(false)
+        .open_fd(file.try_clone().unwrap().into())
+        .unwrap();
+    assert!(!shared_only.is_writable());
+    let refused =
+        locksfile::LockFile::options().open_fd(fs::File::open(dir.path()).unwrap().into());
+    assert!(matches!(refused, Err(Error::NotRegularFile { .. })));
+}
