@@ -41,8 +41,10 @@ pub struct Holder {
     pub span: Span,
     /// Its kind.
     pub kind: Kind,
-    /// The holding process for a process-associated lock; `None` for an
-    /// open-file-description lock, whose owner the kernel does not name.
+    /// The holding process for a process-associated lock, the process that
+    /// took it for a `flock(2)` lock (it may have shared it through `fork`
+    /// since); `None` for an open-file-description lock, whose owner the
+    /// kernel does not name.
     pub pid: Option<u32>,
 }
 

@@ -511,16 +511,20 @@ impl LockFile {
     }
 
     /// `fcntl(F_OFD_SETLK | F_SETLK[W])`: lock `span` at `kind` in this
-    /// handle's explicit layer. Acquiring over a span it already holds
-    /// converts it in place (atomically in the kernel): the last call wins.
+    /// handle's explicit layer (`flock(LOCK_SH | LOCK_EX)` on the whole file
+    /// in [`Mode::Flock`]). Acquiring over a span it already holds converts
+    /// it in place (atomically in the kernel, except in [`Mode::Flock`]: see
+    /// there): the last call wins.
     /// Acquiring what the owner already holds at that kind makes no system call.
     ///
     /// # Errors
     /// [`Error::WouldBlock`] (with the holder) when `wait` is
     /// [`Wait::NonBlocking`] and another owner is in the way;
     /// [`Error::TimedOut`]; [`Error::Deadlock`] (process mode);
-    /// [`Error::InvalidSpan`]; [`Error::ReadOnly`] for an exclusive lock on
-    /// a read-only file; [`Error::Forked`]. On error nothing changed.
+    /// [`Error::InvalidSpan`] (in [`Mode::Flock`] for any span but `..`);
+    /// [`Error::ReadOnly`] for an exclusive lock on a read-only file;
+    /// [`Error::Forked`]. On error nothing changed, except after
+    /// [`Error::ConversionLost`] (flock mode), which says what was lost.
     ///
     /// # References
     /// fcntl(2), "Advisory record locking".
@@ -577,7 +581,9 @@ impl LockFile {
 
     /// `fcntl(F_OFD_GETLK | F_GETLK)`: the first lock of another owner that
     /// would conflict with `kind` on `span`, or `None`. A snapshot: it may
-    /// be stale by the time it returns.
+    /// be stale by the time it returns. In [`Mode::Flock`], which has no
+    /// such call, the `FLOCK` lines of `/proc/locks`, with the pid that took
+    /// the lock.
     ///
     /// # Errors
     /// [`Error::InvalidSpan`], [`Error::Forked`], or the call failing.
