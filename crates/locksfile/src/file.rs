@@ -488,6 +488,13 @@ impl LockFile {
                 if wants_exclusive && !o.engine.writable() {
                     return Err(self.read_only());
                 }
+                let wants_lock = match change {
+                    Change::Guard { to, .. } => to.is_some(),
+                    Change::Explicit { kind, .. } => kind.is_some(),
+                };
+                if let (true, Some(held)) = (wants_lock, o.engine.lost()) {
+                    return Err(Error::ConversionLost { held });
+                }
                 o.change(change, wait)
             }
         }

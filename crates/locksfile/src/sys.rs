@@ -150,14 +150,28 @@ pub(crate) struct FlockLine {
 
 /// The `FLOCK` locks held (not waited for) on file (dev, ino), read from
 /// `/proc/locks` (`1: FLOCK  ADVISORY  WRITE 1234 fe:00:5678 0 EOF`). The
-/// kernel names no owner of a flock(2) lock beyond the pid that took it,
-/// and a read while other processes lock and unlock may skip or repeat a
-/// line: a snapshot, good for naming a holder, not for deciding anything.
+/// kernel names no owner of a flock(2) lock beyond the pid that took it.
+/// The kernel rebuilds the list as it is read, so a read while other
+/// processes lock and unlock (any file) may skip or repeat a line: it is
+/// read until two readings agree about this file (a few times at most).
+/// Still a snapshot, good for naming a holder, not for deciding anything.
 ///
 /// # References
 /// proc_locks(5).
 pub(crate) fn flock_locks(dev: u64, ino: u64) -> io::Result<Vec<FlockLine>> {
     let want = format!("{:02x}:{:02x}:{ino}", libc::major(dev), libc::minor(dev));
+    let mut last = flock_locks_once(&want)?;
+    for _ in 0..3 {
+        let now = flock_locks_once(&want)?;
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    Ok(last)
+}
+
+fn flock_locks_once(want: &str) -> io::Result<Vec<FlockLine>> {
     let text = std::fs::read_to_string("/proc/locks")?;
     let mut out = Vec::new();
     for line in text.lines() {

@@ -333,16 +333,22 @@ fn waiting_upgrade_keeps_the_shared_lock() {
     let r = ReadGuard::acquire(lf.clone(), .., Wait::Blocking).unwrap();
     let upgrader = std::thread::spawn(move || ReadGuard::upgrade(r).map(drop).map_err(|(_, e)| e));
     // A blocking flock(LOCK_EX) would drop our shared lock and sleep as a
-    // waiter; the poll keeps the shared lock and never shows as one.
+    // waiter; the poll keeps the shared lock and never shows as one. Each
+    // of its rare tries drops the lock for a moment (flock(2) converts by
+    // unlocking first), which a sample may catch.
+    let mut without = 0;
     for _ in 0..200 {
         let lines = flock_lines(&path);
         assert!(!lines.iter().any(|l| l.0), "a waiter: {lines:?}");
-        assert!(
-            lines.contains(&(false, Kind::Shared, i64::from(pid()))),
-            "our shared lock went: {lines:?}"
-        );
+        if !lines.contains(&(false, Kind::Shared, i64::from(pid()))) {
+            without += 1;
+        }
         std::thread::yield_now();
     }
+    assert!(
+        without < 20,
+        "our shared lock was gone in {without} of 200 samples"
+    );
     other.release();
     upgrader.join().unwrap().expect("upgraded once alone");
     assert!(flock_lines(&path).is_empty());
@@ -453,4 +459,28 @@ fn does_not_mix_with_record_locks() {
                 .expect("record locks ignore flock(2)"),
         );
     }
+}
+
+#[test]
+fn closing_a_flock_handle_keeps_process_mode_locks() {
+    let _s = serial();
+    let (_dir, path) = lock_path();
+    let p = open(&path, Mode::Process);
+    p.acquire(Kind::Exclusive, 0, Wait::NonBlocking).unwrap();
+    // Closing any descriptor of the file would drop the process's record
+    // locks on it: a flock handle's descriptor is parked, not closed, and
+    // the next flock handle takes it again rather than open one more.
+    let open_fds = || fs::read_dir("/proc/self/fd").unwrap().count();
+    let mut after_first = None;
+    for _ in 0..3 {
+        let f = flock_mode(&path);
+        drop(f.write(..).unwrap());
+        drop(f);
+        assert_eq!(
+            probe(&path, Kind::Shared, 0),
+            Some(holder(Mode::Process, 0, Kind::Exclusive, pid()))
+        );
+        assert_eq!(*after_first.get_or_insert_with(open_fds), open_fds());
+    }
+    assert!(flock_lines(&path).is_empty());
 }

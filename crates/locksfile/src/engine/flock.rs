@@ -15,7 +15,9 @@
 //! lock back at once ([`Error::ConversionLost`] if someone else got in
 //! first), and a waiting upgrade polls instead of sleeping in a blocking
 //! `flock`, which would hold nothing for the whole wait while the owner's
-//! readers believe they still hold the file.
+//! readers believe they still hold the file. The poll only tries when
+//! `/proc/locks` shows the way clear (and now and then regardless), so the
+//! moments without the shared lock stay few.
 
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -34,6 +36,11 @@ use crate::Kind;
 /// sleep does not end on one); as a wait behind a sibling thread does.
 const INTERRUPT_SLICE: Duration = Duration::from_millis(20);
 
+/// While converting, every how many polls a try is made even though
+/// `/proc/locks` shows the file taken (about every 64 ms once the back-off
+/// is at its cap).
+const TRY_ANYWAY_EVERY: u32 = 64;
+
 const NOTHING: u8 = 0;
 const SHARED: u8 = 1;
 const EXCLUSIVE: u8 = 2;
@@ -51,6 +58,11 @@ pub(crate) struct Flock {
     /// mutex, or by a waiter while the whole index space is busy (when no
     /// sibling calls the engine), so calls never race on it.
     held: AtomicU8,
+    /// The kind a conversion lost ([`Error::ConversionLost`]), until the
+    /// owner unlocks: meanwhile the bookkeeping still shows it held, and a
+    /// new guard over it would make no call, so `LockFile` refuses every
+    /// lock until the owner's holders are gone.
+    lost: AtomicU8,
 }
 
 impl Flock {
@@ -61,6 +73,7 @@ impl Flock {
             fd: Some(fd),
             writable,
             held: AtomicU8::new(NOTHING),
+            lost: AtomicU8::new(NOTHING),
         }
     }
 
@@ -71,20 +84,17 @@ impl Flock {
     }
 
     fn held(&self) -> Option<Kind> {
-        match self.held.load(Ordering::Relaxed) {
-            SHARED => Some(Kind::Shared),
-            EXCLUSIVE => Some(Kind::Exclusive),
-            _ => None,
-        }
+        kind_of(self.held.load(Ordering::Relaxed))
     }
 
     fn set_held(&self, kind: Option<Kind>) {
-        let v = match kind {
-            None => NOTHING,
-            Some(Kind::Shared) => SHARED,
-            Some(Kind::Exclusive) => EXCLUSIVE,
-        };
-        self.held.store(v, Ordering::Relaxed);
+        self.held.store(code_of(kind), Ordering::Relaxed);
+    }
+
+    /// The kind a conversion lost, while the owner still thinks it holds it.
+    #[inline]
+    pub fn lost(&self) -> Option<Kind> {
+        kind_of(self.lost.load(Ordering::Relaxed))
     }
 
     /// One `flock` call; `EINTR` retried when not `wait` (nothing asked to
@@ -112,6 +122,7 @@ impl Flock {
             Ok(()) => Ok(()),
             Err(e) => {
                 self.set_held(None);
+                self.lost.store(code_of(Some(held)), Ordering::Relaxed);
                 if is_contention(&e) {
                     Err(Error::ConversionLost { held })
                 } else {
@@ -138,8 +149,17 @@ impl Flock {
     /// with the fcntl engine's capped back-off.
     fn poll_until(&self, kind: Kind, deadline: Option<Instant>) -> Result<(), Error> {
         let mut pause = FIRST_POLL;
+        let mut polls: u32 = 0;
         loop {
-            if self.try_set(Span::ALL, Some(kind))? {
+            // A conversion's try drops the held lock for a moment (the
+            // kernel unlocks first), opening a gap for others each time:
+            // skip it while `/proc/locks` shows someone in the way, but try
+            // now and then anyway, in case that snapshot is wrong.
+            let worth_trying = self.held().is_none()
+                || polls % TRY_ANYWAY_EVERY == 0
+                || !matches!(self.probe(Span::ALL, kind), Ok(Some(_)));
+            polls = polls.wrapping_add(1);
+            if worth_trying && self.try_set(Span::ALL, Some(kind))? {
                 return Ok(());
             }
             let mut nap = pause;
@@ -166,6 +186,22 @@ impl Drop for Flock {
     }
 }
 
+fn kind_of(code: u8) -> Option<Kind> {
+    match code {
+        SHARED => Some(Kind::Shared),
+        EXCLUSIVE => Some(Kind::Exclusive),
+        _ => None,
+    }
+}
+
+fn code_of(kind: Option<Kind>) -> u8 {
+    match kind {
+        None => NOTHING,
+        Some(Kind::Shared) => SHARED,
+        Some(Kind::Exclusive) => EXCLUSIVE,
+    }
+}
+
 fn is_contention(e: &io::Error) -> bool {
     e.raw_os_error() == Some(libc::EWOULDBLOCK)
 }
@@ -189,6 +225,11 @@ impl Engine for Flock {
             "LockFile refuses other spans in flock mode"
         );
         let before = self.held();
+        if kind.is_none() {
+            // The owner lets go of everything: from here on its bookkeeping
+            // and the kernel agree again, even after a lost conversion.
+            self.lost.store(NOTHING, Ordering::Relaxed);
+        }
         if kind == before {
             return Ok(true);
         }
@@ -200,6 +241,8 @@ impl Engine for Flock {
             Err(e) => {
                 if let Some(before) = before {
                     // A conversion: the kernel may have dropped `before`.
+                    #[cfg(test)]
+                    tests::between_calls();
                     self.take_back(before)?;
                 }
                 if is_contention(&e) {
@@ -295,5 +338,65 @@ impl Engine for Flock {
             fair: false,
             releases_on_death: true,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The lost conversion needs another owner to take the file between
+    //! the engine's two calls, which no outside process can time: a hook
+    //! runs there instead.
+
+    use std::cell::RefCell;
+    use std::fs::File;
+    use std::os::fd::AsFd;
+
+    use crate::sys::{self, FlockOp};
+    use crate::{Error, Kind, LockFile, Mode, ReadGuard};
+
+    thread_local! {
+        static BETWEEN: RefCell<Option<Box<dyn FnOnce()>>> = RefCell::new(None);
+    }
+
+    /// Runs the hook set on this thread, once.
+    pub(super) fn between_calls() {
+        if let Some(f) = BETWEEN.with(|b| b.borrow_mut().take()) {
+            f();
+        }
+    }
+
+    #[test]
+    fn lost_conversion_is_reported_and_refuses_locks_until_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.lock");
+        let lf = LockFile::options().mode(Mode::Flock).open(&path).unwrap();
+        let reader = File::open(&path).unwrap();
+        let writer = File::open(&path).unwrap();
+        sys::flock_file(reader.as_fd(), FlockOp::Shared, false).unwrap();
+        let r = lf.read(..).unwrap();
+
+        // Between the refused upgrade (the other reader is in the way) and
+        // taking the shared lock back, that reader leaves and a writer
+        // takes the file.
+        BETWEEN.with(|b| {
+            *b.borrow_mut() = Some(Box::new(move || {
+                sys::flock_file(reader.as_fd(), FlockOp::Unlock, false).unwrap();
+                sys::flock_file(writer.as_fd(), FlockOp::Exclusive, false)
+                    .expect("the upgrade dropped our shared lock");
+                std::mem::forget(writer); // hold it for the rest of the test
+            }))
+        });
+        let r = match ReadGuard::upgrade(r) {
+            Err((r, Error::ConversionLost { held: Kind::Shared })) => r,
+            other => panic!("expected ConversionLost, got {other:?}"),
+        };
+        // The guard still thinks it holds the file: no lock may be built on
+        // that until it is gone.
+        assert!(matches!(
+            lf.try_read(..),
+            Err(Error::ConversionLost { held: Kind::Shared })
+        ));
+        drop(r);
+        assert!(matches!(lf.try_read(..), Err(Error::WouldBlock { .. })));
     }
 }
