@@ -59,9 +59,11 @@ pub enum Mode {
     /// Converting a lock is **not atomic** here: the kernel drops the old
     /// lock before it asks for the new one. A refused upgrade takes the
     /// shared lock back at once, and fails with [`Error::ConversionLost`]
-    /// if another owner got the file in that moment; a waiting upgrade
-    /// polls (with a back-off capped at 1 ms) and keeps its shared lock
-    /// between tries. A holder is named by the pid `/proc/locks` shows.
+    /// if another owner got the file in that moment (the handle then
+    /// refuses every lock until its holders let go); a waiting upgrade
+    /// polls (with a back-off capped at 1 ms), tries only when
+    /// `/proc/locks` shows the way clear, and keeps its shared lock between
+    /// tries. A holder is named by the pid `/proc/locks` shows.
     Flock,
 }
 
