@@ -7,11 +7,12 @@ import fcntl
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 
 import support
-from pylocksfile import InvalidSpanError, LocksFile, WouldBlockError
+from pylocksfile import InvalidSpanError, LocksFile, LockTimeout, WouldBlockError
 
 ALL = slice(None)
 
@@ -122,3 +123,32 @@ def test_only_the_whole_index_space(lock_path):
 def test_bad_mode_names_flock(lock_path):
     with pytest.raises(ValueError, match='"flock"'):
         LocksFile(lock_path, mode="bsd")
+
+
+def test_upgrade_with_another_reader(lock_path):
+    """flock(2) converts by unlocking first: a refused or timed-out upgrade
+    still holds its shared lock, and a waiting one gets the file once the
+    other reader leaves."""
+    lf = LocksFile(lock_path, mode="flock")
+    h = FlockHolder(lock_path, "s")
+    g = lf.read(ALL)
+    try:
+        with pytest.raises(WouldBlockError):
+            g.upgrade(blocking=False)
+        with pytest.raises(LockTimeout):
+            g.upgrade(timeout=0.05)
+        assert g.kind == "shared"
+        mine = [l for l in support.kernel_locks(lock_path) if l.pid == os.getpid()]
+        assert [(l.family, l.kind) for l in mine] == [("FLOCK", "R")]
+        assert not other_process_gets(lock_path, "x")
+        done = []
+        t = threading.Thread(target=lambda: done.append(g.upgrade()))
+        t.start()
+    finally:
+        h.release()
+    t.join(timeout=20)
+    assert done and g.kind == "exclusive"
+    assert not other_process_gets(lock_path, "s")
+    g.release()
+    assert other_process_gets(lock_path, "x")
+    lf.close()
