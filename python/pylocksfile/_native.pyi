@@ -168,7 +168,7 @@ class LocksFile:
     def __init__(
         self,
         path: Union[str, "PathLike[str]", None] = None,
-        mode: Literal["ofd", "process"] = "ofd",
+        mode: Literal["ofd", "process", "flock"] = "ofd",
         *,
         create: bool = True,
         permissions: int = 0o644,
@@ -178,7 +178,7 @@ class LocksFile:
     def path(self) -> str:
         """The lock file's path made absolute as opened (``..`` kept; the kernel resolves it)."""
     @property
-    def mode(self) -> Literal["ofd", "process"]:
+    def mode(self) -> Literal["ofd", "process", "flock"]:
         """The lock mode."""
     @property
     def closed(self) -> bool:

@@ -397,7 +397,12 @@ impl PyGuard {
 /// its own owner, so two objects exclude each other even between threads
 /// of one process. ``mode="process"``: classic POSIX locks; every object on
 /// one file in one process is the same owner, and the kernel detects
-/// deadlocks between processes (``DeadlockError``).
+/// deadlocks between processes (``DeadlockError``). ``mode="flock"``:
+/// ``flock(2)`` on the whole file, the lock ``filelock``, ``portalocker``,
+/// ``fcntl.flock`` and ``flock(1)`` take, which the other two modes never
+/// meet; each object is its own owner, the only span is the whole index
+/// space (``slice(None)``; any other raises ``InvalidSpanError``), and a
+/// conversion is not atomic (see the README).
 ///
 /// Spans are an int (one lock), a ``range`` with step 1, a ``slice`` with
 /// step 1 (``slice(3, None)`` runs to the end), or a ``(start, count)``
@@ -516,6 +521,7 @@ fn mode_name(m: Mode) -> &'static str {
     match m {
         Mode::Ofd => "ofd",
         Mode::Process => "process",
+        Mode::Flock => "flock",
     }
 }
 
@@ -537,9 +543,10 @@ impl PyLocksFile {
         let mode = match mode {
             "ofd" => Mode::Ofd,
             "process" => Mode::Process,
+            "flock" => Mode::Flock,
             other => {
                 return Err(PyValueError::new_err(format!(
-                    "mode must be \"ofd\" or \"process\", got {other:?}"
+                    "mode must be \"ofd\", \"process\" or \"flock\", got {other:?}"
                 )))
             }
         };
@@ -598,7 +605,7 @@ impl PyLocksFile {
         self.path.clone_ref(py)
     }
 
-    /// ``"ofd"`` or ``"process"``.
+    /// ``"ofd"``, ``"process"`` or ``"flock"``.
     #[getter]
     fn mode(&self) -> &'static str {
         mode_name(self.mode)

@@ -2,8 +2,8 @@
 //!
 //! This process takes the lock, starts the command, waits for it and only
 //! then releases. The lock descriptor is close-on-exec, so the command does
-//! not own the lock: in OFD mode the lock belongs to this process's open
-//! file description, in process mode to this process. Whatever the command
+//! not own the lock: in OFD and flock mode the lock belongs to this
+//! process's open file description, in process mode to this process. Whatever the command
 //! does with the file, or however it ends, the lock goes away when this
 //! process has seen it end (or when this process itself dies).
 //!
@@ -31,6 +31,8 @@ pub enum ModeArg {
     Ofd,
     /// Classic POSIX record locks (F_SETLK): owned by this process.
     Process,
+    /// flock(2) on the whole file, as flock(1) takes it: owned by this run's open file.
+    Flock,
 }
 
 impl From<ModeArg> for Mode {
@@ -38,6 +40,7 @@ impl From<ModeArg> for Mode {
         match m {
             ModeArg::Ofd => Mode::Ofd,
             ModeArg::Process => Mode::Process,
+            ModeArg::Flock => Mode::Flock,
         }
     }
 }
@@ -152,6 +155,8 @@ pub struct RunArgs {
 
 const RUN_NOTES: &str = "\
 The span defaults to lock index 0; use --index .. for the whole index space.
+--mode flock locks the whole file, as flock(1) does, and so excludes flock(1)
+and other flock(2) users; its span is always .. (any other is a usage error).
 
 The lock belongs to this locksfile process, not to COMMAND: the lock's file
 descriptor is close-on-exec, so COMMAND never holds it and cannot release it.
@@ -203,12 +208,22 @@ pub fn main(args: RunArgs) -> i32 {
 }
 
 fn run(args: RunArgs) -> Result<i32, (i32, String)> {
-    let span = match args.start {
-        Some(start) => span_arg::from_start_count(start, args.count)
-            .map_err(|e| (exit::USAGE, format!("bad span: {e}")))?,
-        None => args
-            .span
-            .unwrap_or_else(|| Span::new(0, 1).expect("0..1 is a span")),
+    let given = match args.start {
+        Some(start) => Some(
+            span_arg::from_start_count(start, args.count)
+                .map_err(|e| (exit::USAGE, format!("bad span: {e}")))?,
+        ),
+        None => args.span,
+    };
+    let span = match (args.mode, given) {
+        // flock(2) has no ranges: the whole file is the only span, and any
+        // other is refused before the file is even opened.
+        (ModeArg::Flock, None | Some(Span::ALL)) => Span::ALL,
+        (ModeArg::Flock, Some(_)) => {
+            let e = Error::InvalidSpan(locksfile::SpanError::NotWholeFile);
+            return Err((exit::USAGE, format!("bad span: {e}")));
+        }
+        (_, given) => given.unwrap_or_else(|| Span::new(0, 1).expect("0..1 is a span")),
     };
     let kind = if args.shared {
         Kind::Shared
@@ -357,13 +372,20 @@ fn lock_descriptor(
     if args.unlock {
         // The handle knows nothing of what the description holds, so the
         // unlock goes straight to the kernel.
-        sys::ofd_unlock(lf.as_fd(), span.start(), span.end())
-            .map_err(|e| (exit::OSERR, format!("unlocking {shown}: {e}")))?;
+        let unlocked = match args.mode {
+            ModeArg::Flock => sys::flock_unlock(lf.as_fd()),
+            _ => sys::ofd_unlock(lf.as_fd(), span.start(), span.end()),
+        };
+        unlocked.map_err(|e| (exit::OSERR, format!("unlocking {shown}: {e}")))?;
         return Ok(0);
     }
-    // A read lock needs a readable descriptor (fcntl answers EBADF):
-    // refused like an exclusive lock on a read-only one.
-    if kind == Kind::Shared && sys::is_write_only(lf.as_fd()).unwrap_or(false) {
+    // A read lock needs a readable descriptor (fcntl answers EBADF;
+    // flock(2) minds no access mode): refused like an exclusive lock on a
+    // read-only one.
+    if args.mode != ModeArg::Flock
+        && kind == Kind::Shared
+        && sys::is_write_only(lf.as_fd()).unwrap_or(false)
+    {
         return Err((
             exit::NOPERM,
             format!(

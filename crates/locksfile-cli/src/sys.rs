@@ -253,6 +253,13 @@ pub fn clear_cloexec(fd: BorrowedFd<'_>) -> io::Result<()> {
     cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, flags & !libc::FD_CLOEXEC) }).map(drop)
 }
 
+/// `flock(fd, LOCK_UN)`: drop the `flock(2)` lock of `fd`'s open file
+/// description, whoever took it through it.
+pub fn flock_unlock(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: a live descriptor; LOCK_UN takes no pointer.
+    cvt(unsafe { libc::flock(fd.as_raw_fd(), libc::LOCK_UN) }).map(drop)
+}
+
 /// `fcntl(fd, F_OFD_SETLK, F_UNLCK on start..end)`: release what the open
 /// file description of `fd` holds there, whoever took it. `end` is
 /// exclusive; `i64::MAX` means to the end of the file (`l_len = 0`).

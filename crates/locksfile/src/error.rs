@@ -18,6 +18,10 @@ pub enum SpanError {
     Overflow,
     /// A negative index (given as a signed integer).
     Negative,
+    /// Not the whole index space (`..`), the only span a
+    /// [`Mode::Flock`](crate::Mode::Flock) handle can lock: `flock(2)` locks
+    /// whole files.
+    NotWholeFile,
 }
 
 impl fmt::Display for SpanError {
@@ -27,6 +31,9 @@ impl fmt::Display for SpanError {
             SpanError::Reversed => "the span ends before it starts",
             SpanError::Overflow => "the span goes past the last lock index (i64::MAX - 1)",
             SpanError::Negative => "a lock index cannot be negative",
+            SpanError::NotWholeFile => {
+                "flock mode locks the whole file only: the span must be `..` (all indices)"
+            }
         })
     }
 }
@@ -38,8 +45,10 @@ pub struct Holder {
     pub span: Span,
     /// Its kind.
     pub kind: Kind,
-    /// The holding process for a process-associated lock; `None` for an
-    /// open-file-description lock, whose owner the kernel does not name.
+    /// The holding process for a process-associated lock, the process that
+    /// took it for a `flock(2)` lock (it may have shared it through `fork`
+    /// since); `None` for an open-file-description lock, whose owner the
+    /// kernel does not name.
     pub pid: Option<u32>,
 }
 
@@ -102,8 +111,19 @@ pub enum Error {
     TimedOut,
     /// The wait was interrupted by a signal and the caller asked to hear of it.
     Interrupted,
-    /// The span was empty, reversed or too large.
+    /// The span was empty, reversed or too large, or not the whole index
+    /// space in [`Mode::Flock`](crate::Mode::Flock).
     InvalidSpan(SpanError),
+    /// A [`Mode::Flock`](crate::Mode::Flock) conversion was refused after
+    /// `flock(2)` had already dropped the lock it converts (the kernel
+    /// converts by unlocking first), and another owner took the file before
+    /// that lock could be taken back. The owner now holds nothing, whatever
+    /// its guards say: drop them. Rare: it needs another owner to take the
+    /// lock in the moment between the two calls.
+    ConversionLost {
+        /// The kind that was held and is lost.
+        held: Kind,
+    },
     /// The kernel or file system cannot do what was asked (`ENOLCK`, or
     /// `EINVAL` for open-file-description locks on an old kernel).
     Unsupported {
@@ -166,6 +186,11 @@ impl fmt::Display for Error {
             Error::TimedOut => f.write_str("timed out waiting for the lock"),
             Error::Interrupted => f.write_str("wait for the lock interrupted by a signal"),
             Error::InvalidSpan(e) => write!(f, "invalid lock span: {e}"),
+            Error::ConversionLost { held } => write!(
+                f,
+                "flock(2) dropped the {held} lock to convert it, the conversion was refused, \
+                 and another owner took the file before it could be taken back: nothing is held"
+            ),
             Error::Unsupported { what, source } => write!(f, "{what} not supported here: {source}"),
             Error::Forked => f.write_str(
                 "lock handle used in a forked child; open the lock file again in the child",
@@ -216,7 +241,7 @@ impl From<Error> for io::Error {
                 _ => io::ErrorKind::InvalidInput,
             },
             Error::Open { source, .. } | Error::Io { source, .. } => source.kind(),
-            Error::Forked => io::ErrorKind::Other,
+            Error::Forked | Error::ConversionLost { .. } => io::ErrorKind::Other,
         };
         io::Error::new(kind, e)
     }

@@ -10,14 +10,32 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::engine::fcntl::Fcntl;
+use crate::engine::flock::Flock;
 use crate::engine::Engine;
-use crate::error::{Error, Holder, NotRegular};
+use crate::error::{Error, Holder, NotRegular, SpanError};
 use crate::guard::{ReadGuard, WriteGuard};
 use crate::holds::{Change, HandleId};
 use crate::owner::Owner;
 use crate::span::{IntoSpan, Span};
 use crate::sys::{self, FileType, OpenHow};
 use crate::{registry, Kind, Wait};
+
+/// The owner behind a handle, by engine. One match per call, after which
+/// the owner's code is the engine's own (no dynamic call on the hot path).
+enum Owners {
+    Fcntl(Arc<Owner<Fcntl>>),
+    Flock(Arc<Owner<Flock>>),
+}
+
+/// Run `$body` with `$o` bound to the owner, whichever engine it has.
+macro_rules! with_owner {
+    ($owners:expr, $o:ident => $body:expr) => {
+        match $owners {
+            Owners::Fcntl($o) => $body,
+            Owners::Flock($o) => $body,
+        }
+    };
+}
 
 /// Who owns the locks taken through a handle.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -31,6 +49,22 @@ pub enum Mode {
     /// process are one owner, and the kernel detects deadlocks between
     /// processes (`EDEADLK`).
     Process,
+    /// `flock(2)` locks on the whole file, the ones util-linux `flock(1)`,
+    /// Python's `filelock` and `portalocker`, `fd-lock` and Rust's
+    /// `File::lock` take; on Linux they never meet `fcntl` record locks, so
+    /// only this mode excludes those tools. Each handle is its own owner,
+    /// as in OFD mode. The only span is the whole index space (`..`);
+    /// any other is [`SpanError::NotWholeFile`].
+    ///
+    /// Converting a lock is **not atomic** here: the kernel drops the old
+    /// lock before it asks for the new one. A refused upgrade takes the
+    /// shared lock back at once, and fails with [`Error::ConversionLost`]
+    /// if another owner got the file in that moment (the handle then
+    /// refuses every lock until its holders let go); a waiting upgrade
+    /// polls (with a back-off capped at 1 ms), tries only when
+    /// `/proc/locks` shows the way clear, and keeps its shared lock between
+    /// tries. A holder is named by the pid `/proc/locks` shows.
+    Flock,
 }
 
 impl fmt::Display for Mode {
@@ -38,6 +72,7 @@ impl fmt::Display for Mode {
         f.write_str(match self {
             Mode::Ofd => "ofd",
             Mode::Process => "process",
+            Mode::Flock => "flock",
         })
     }
 }
@@ -203,8 +238,8 @@ impl OpenOptions {
         self.handle_on(owner, path)
     }
 
-    fn handle_on(&self, owner: Arc<Owner<Fcntl>>, path: PathBuf) -> Result<LockFile, Error> {
-        let handle = owner.new_handle_id();
+    fn handle_on(&self, owner: Owners, path: PathBuf) -> Result<LockFile, Error> {
+        let handle = with_owner!(&owner, o => o.new_handle_id());
         let lf = LockFile {
             owner,
             handle,
@@ -218,12 +253,7 @@ impl OpenOptions {
     }
 
     /// The owner for a handle on the freshly opened `fd`.
-    fn owner_of(
-        &self,
-        path: &Path,
-        fd: OwnedFd,
-        writable: bool,
-    ) -> Result<Arc<Owner<Fcntl>>, Error> {
+    fn owner_of(&self, path: &Path, fd: OwnedFd, writable: bool) -> Result<Owners, Error> {
         let id = sys::fstat(fd.as_fd()).map_err(|e| Error::io("fstat lock file", e))?;
         if id.file_type != FileType::Regular {
             return Err(Error::NotRegularFile {
@@ -231,25 +261,32 @@ impl OpenOptions {
                 found: not_regular(id.file_type),
             });
         }
-        Ok(match self.mode {
-            Mode::Ofd => Arc::new(Owner::new(Fcntl::new(
+        Ok(self.own(id.dev, id.ino, fd, writable))
+    }
+
+    /// A new owner of (dev, ino) on `fd` (joining the process-mode one).
+    fn own(&self, dev: u64, ino: u64, fd: OwnedFd, writable: bool) -> Owners {
+        match self.mode {
+            Mode::Ofd => Owners::Fcntl(Arc::new(Owner::new(Fcntl::new(
                 sys::Family::Ofd,
-                id.dev,
-                id.ino,
+                dev,
+                ino,
                 fd,
                 writable,
-            ))),
-            Mode::Process => registry::join(id.dev, id.ino, fd, writable),
-        })
+            )))),
+            Mode::Process => Owners::Fcntl(registry::join(dev, ino, fd, writable)),
+            Mode::Flock => Owners::Flock(Arc::new(Owner::new(Flock::new(dev, ino, fd, writable)))),
+        }
     }
 
     /// An owner for a new handle without opening a new descriptor, where the
     /// file already has a process-mode owner in this process. Each
     /// descriptor opened then would have to stay open as long as that owner
     /// lives (closing it would drop the owner's locks), so a process-mode
-    /// handle joins the owner and an OFD handle takes a parked descriptor
-    /// (see `registry`). `None`: open as usual.
-    fn reuse(&self, path: &Path, c: &CString) -> Result<Option<Arc<Owner<Fcntl>>>, Error> {
+    /// handle joins the owner and an OFD or flock handle takes a parked
+    /// descriptor, an open file description no one else uses (see
+    /// `registry`). `None`: open as usual.
+    fn reuse(&self, path: &Path, c: &CString) -> Result<Option<Owners>, Error> {
         if !registry::has_owners() {
             return Ok(None);
         }
@@ -263,20 +300,16 @@ impl OpenOptions {
             return Ok(None);
         }
         let family = match self.mode {
-            Mode::Ofd => sys::Family::Ofd,
+            Mode::Ofd | Mode::Flock => sys::Family::Ofd,
             Mode::Process => sys::Family::Posix,
         };
         let reused = |r| match r {
-            registry::Reuse::Joined(owner) => Some(owner),
+            registry::Reuse::Joined(owner) => Some(Owners::Fcntl(owner)),
             // A parked descriptor may be writable; a read-only handle
             // still takes shared locks only.
-            registry::Reuse::Lent(fd, writable) => Some(Arc::new(Owner::new(Fcntl::new(
-                sys::Family::Ofd,
-                id.dev,
-                id.ino,
-                fd,
-                writable && self.write,
-            )))),
+            registry::Reuse::Lent(fd, writable) => {
+                Some(self.own(id.dev, id.ino, fd, writable && self.write))
+            }
             registry::Reuse::NoFit | registry::Reuse::NoOwner => None,
         };
         if !self.write {
@@ -449,7 +482,7 @@ fn not_regular(t: FileType) -> NotRegular {
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub struct LockFile {
-    owner: Arc<Owner<Fcntl>>,
+    owner: Owners,
     handle: HandleId,
     mode: Mode,
     path: PathBuf,
@@ -503,18 +536,18 @@ impl LockFile {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn abilities(&self) -> crate::Abilities {
-        self.owner.engine.abilities()
+        with_owner!(&self.owner, o => o.engine.abilities())
     }
 
     /// Whether the file could be opened for writing (needed for exclusive locks).
     pub fn is_writable(&self) -> bool {
-        self.owner.engine.writable()
+        with_owner!(&self.owner, o => o.engine.writable())
     }
 
     fn check_ofd_supported(&self) -> Result<(), Error> {
         // F_OFD_GETLK on an old kernel answers EINVAL: say so now rather
         // than at the first lock, and never fall back to process locks.
-        self.owner.probe(Span::ALL, Kind::Shared).map(|_| ())
+        with_owner!(&self.owner, o => o.probe(Span::ALL, Kind::Shared).map(|_| ()))
     }
 
     #[inline]
@@ -526,25 +559,62 @@ impl LockFile {
             Change::Guard { to, .. } => to == Some(Kind::Exclusive),
             Change::Explicit { kind, .. } => kind == Some(Kind::Exclusive),
         };
-        if wants_exclusive && !self.owner.engine.writable() {
-            return Err(Error::ReadOnly {
-                path: self.path.clone(),
-            });
+        match &self.owner {
+            Owners::Fcntl(o) => {
+                if wants_exclusive && !o.engine.writable() {
+                    return Err(self.read_only());
+                }
+                o.change(change, wait)
+            }
+            Owners::Flock(o) => {
+                self.whole_file_only(change.span())?;
+                if wants_exclusive && !o.engine.writable() {
+                    return Err(self.read_only());
+                }
+                let wants_lock = match change {
+                    Change::Guard { to, .. } => to.is_some(),
+                    Change::Explicit { kind, .. } => kind.is_some(),
+                };
+                if let (true, Some(held)) = (wants_lock, o.engine.lost()) {
+                    return Err(Error::ConversionLost { held });
+                }
+                o.change(change, wait)
+            }
         }
-        self.owner.change(change, wait)
+    }
+
+    #[cold]
+    fn read_only(&self) -> Error {
+        Error::ReadOnly {
+            path: self.path.clone(),
+        }
+    }
+
+    /// In flock mode, refuse any span but the whole index space before
+    /// anything is tried: flock(2) has no ranges, and taking the whole file
+    /// for part of it would exclude more than asked, silently.
+    fn whole_file_only(&self, span: Span) -> Result<(), Error> {
+        if self.mode == Mode::Flock && span != Span::ALL {
+            return Err(Error::InvalidSpan(SpanError::NotWholeFile));
+        }
+        Ok(())
     }
 
     /// `fcntl(F_OFD_SETLK | F_SETLK[W])`: lock `span` at `kind` in this
-    /// handle's explicit layer. Acquiring over a span it already holds
-    /// converts it in place (atomically in the kernel): the last call wins.
+    /// handle's explicit layer (`flock(LOCK_SH | LOCK_EX)` on the whole file
+    /// in [`Mode::Flock`]). Acquiring over a span it already holds converts
+    /// it in place (atomically in the kernel, except in [`Mode::Flock`]: see
+    /// there): the last call wins.
     /// Acquiring what the owner already holds at that kind makes no system call.
     ///
     /// # Errors
     /// [`Error::WouldBlock`] (with the holder) when `wait` is
     /// [`Wait::NonBlocking`] and another owner is in the way;
     /// [`Error::TimedOut`]; [`Error::Deadlock`] (process mode);
-    /// [`Error::InvalidSpan`]; [`Error::ReadOnly`] for an exclusive lock on
-    /// a read-only file; [`Error::Forked`]. On error nothing changed.
+    /// [`Error::InvalidSpan`] (in [`Mode::Flock`] for any span but `..`);
+    /// [`Error::ReadOnly`] for an exclusive lock on a read-only file;
+    /// [`Error::Forked`]. On error nothing changed, except after
+    /// [`Error::ConversionLost`] (flock mode), which says what was lost.
     ///
     /// # References
     /// fcntl(2), "Advisory record locking".
@@ -591,24 +661,28 @@ impl LockFile {
     /// Everything the owner holds (the handle in OFD mode; every handle of
     /// this file in this process in process mode), with guards, piece by piece.
     pub fn held(&self) -> Vec<(Span, Kind)> {
-        self.owner.held()
+        with_owner!(&self.owner, o => o.held())
     }
 
     /// This handle's explicit locks only.
     pub fn held_explicitly(&self) -> Vec<(Span, Kind)> {
-        self.owner.explicit(self.handle)
+        with_owner!(&self.owner, o => o.explicit(self.handle))
     }
 
     /// `fcntl(F_OFD_GETLK | F_GETLK)`: the first lock of another owner that
     /// would conflict with `kind` on `span`, or `None`. A snapshot: it may
-    /// be stale by the time it returns.
+    /// be stale by the time it returns. In [`Mode::Flock`], which has no
+    /// such call, the `FLOCK` lines of `/proc/locks`, with the pid that took
+    /// the lock.
     ///
     /// # Errors
     /// [`Error::InvalidSpan`], [`Error::Forked`], or the call failing.
     #[doc(alias = "F_GETLK")]
     #[doc(alias = "F_OFD_GETLK")]
     pub fn conflicts(&self, kind: Kind, span: impl IntoSpan) -> Result<Option<Holder>, Error> {
-        self.owner.probe(span.into_span()?, kind)
+        let span = span.into_span()?;
+        self.whole_file_only(span)?;
+        with_owner!(&self.owner, o => o.probe(span, kind))
     }
 
     /// Wait for a shared lock on `span`; released when the guard drops.
@@ -696,25 +770,32 @@ impl AsFd for LockFile {
     /// The descriptor locks go through. Closing a duplicate of it in
     /// process mode would drop the process's locks on the file: don't.
     fn as_fd(&self) -> BorrowedFd<'_> {
-        let raw = self.owner.engine.raw_fd();
-        // The owner keeps every descriptor it ever held open as long as it
-        // lives, and `self` keeps the owner alive.
-        sys::borrow_raw(raw)
+        match &self.owner {
+            Owners::Fcntl(o) => {
+                let raw = o.engine.raw_fd();
+                // The owner keeps every descriptor it ever held open as long
+                // as it lives, and `self` keeps the owner alive.
+                sys::borrow_raw(raw)
+            }
+            Owners::Flock(o) => o.engine.fd(),
+        }
     }
 }
 
 impl Drop for LockFile {
     fn drop(&mut self) {
-        if self.owner.is_inherited() {
-            // Inherited through fork: the parent's locks are not ours.
+        if with_owner!(&self.owner, o => o.is_inherited()) {
+            // Inherited through fork: the parent's locks are not ours (a
+            // flock(2) lock, like an OFD one, is shared with the child
+            // through the open file description: unlocking would free it).
             return;
         }
-        match self.mode {
-            Mode::Ofd => self.owner.unlock_everything(),
-            Mode::Process => {
-                let _ = self.owner.forget_handle(self.handle);
-                registry::leave(&self.owner);
+        match &self.owner {
+            Owners::Fcntl(o) if self.mode == Mode::Process => {
+                let _ = o.forget_handle(self.handle);
+                registry::leave(o);
             }
+            owners => with_owner!(owners, o => o.unlock_everything()),
         }
     }
 }

@@ -1,11 +1,12 @@
 //! Named, file-backed, byte-range reader/writer locks for processes on Linux.
 //!
 //! One lock file holds many numbered locks: lock `n` is byte `n` of the
-//! file, locked with `fcntl` record locks. Locks are shared (read) or
-//! exclusive (write), taken over whole spans of consecutive indices in one
-//! call, converted in place, waited for with or without a deadline, and
-//! released when their guard or handle goes away. The file's content is
-//! never touched.
+//! file, locked with `fcntl` record locks ([`Mode::Flock`] instead takes
+//! one `flock(2)` lock on the whole file, to exclude the tools that use
+//! those). Locks are shared (read) or exclusive (write), taken over whole
+//! spans of consecutive indices in one call, converted in place, waited
+//! for with or without a deadline, and released when their guard or handle
+//! goes away. The file's content is never touched.
 //!
 //! ```
 //! use locksfile::{Kind, LockFile, Wait};
@@ -24,7 +25,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
-//! See `docs/DESIGN.md` for the model: the two modes, how holds compose,
+//! See `docs/DESIGN.md` for the model: the modes, how holds compose,
 //! why releasing never blocks, and what threads and forks get.
 //!
 //! # Deadlocks

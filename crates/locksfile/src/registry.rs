@@ -84,6 +84,8 @@ impl Entry {
             Span::ALL.to_sys(),
             false,
         );
+        // Nor may a flock(2) lock left by a flock-mode handle stay on it.
+        let _ = sys::flock_file(p.fd.as_fd(), sys::FlockOp::Unlock, false);
         Some(p)
     }
 }

@@ -814,6 +814,7 @@ fn worker(t: &Table, path: &std::path::Path, mode: Mode, p: usize, seed: u64, un
             ],
             [0, 0, 1],
         ),
+        Mode::Flock => unreachable!("the stress table locks byte ranges; flock mode has none"),
     };
     let nhandles = owners.iter().map(|o| o.handles.len()).sum();
     let handles: Vec<Handle> = (0..nhandles)
@@ -911,6 +912,7 @@ fn stress(mode: Mode) {
     let owners = match mode {
         Mode::Ofd => 2 * PROCS,
         Mode::Process => PROCS,
+        Mode::Flock => unreachable!("the stress table locks byte ranges; flock mode has none"),
     };
     let shared = Shared::new(owners * COLS * 2 + COUNTERS + PROCS);
     let t = Table {

@@ -22,8 +22,8 @@ use crate::Kind;
 
 /// How long a timed wait sleeps between polls, at most: bounds how late it
 /// sees a release, while costing well under 1% of a core.
-const MAX_POLL: Duration = Duration::from_millis(1);
-const FIRST_POLL: Duration = Duration::from_micros(50);
+pub(super) const MAX_POLL: Duration = Duration::from_millis(1);
+pub(super) const FIRST_POLL: Duration = Duration::from_micros(50);
 /// Tries after yielding the CPU before a blocking wait sleeps in the kernel.
 const YIELDS_BEFORE_SLEEP: u32 = 2;
 

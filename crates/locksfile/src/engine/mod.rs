@@ -19,6 +19,7 @@
 //! - An owner never conflicts with itself.
 
 pub(crate) mod fcntl;
+pub(crate) mod flock;
 
 #[cfg(test)]
 pub(crate) mod fake;

@@ -339,7 +339,8 @@ pub fn probe(path: &Path, kind: Kind, s: impl locksfile::IntoSpan) -> Option<Hol
 /// The pid a holder should carry: the process in process mode, none in OFD mode.
 pub fn pid_in(mode: Mode, pid: u32) -> Option<u32> {
     match mode {
-        Mode::Process => Some(pid),
+        // /proc/locks names the process that took a flock(2) lock.
+        Mode::Process | Mode::Flock => Some(pid),
         Mode::Ofd => None,
     }
 }
