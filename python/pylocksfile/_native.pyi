@@ -118,6 +118,9 @@ class Holder:
 class Guard:
     """A lock on a span held until ``release()``, the end of its ``with`` block, or collection.
 
+    Collected while still held and never entered by ``with`` (a bare
+    ``lf.write(5)`` statement), it emits a ``ResourceWarning``.
+
     Inherited through ``fork``, every method raises ``ForkedError`` in the
     child and never touches the parent's lock.
     """

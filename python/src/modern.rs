@@ -178,6 +178,11 @@ fn closed_while_waiting() -> PyErr {
 /// closed. Returned by ``LocksFile.read()``/``write()`` and their ``try_``
 /// and ``_for`` forms, with the lock already taken.
 ///
+/// Keep it in a name or a ``with`` statement: a bare ``lf.write(5)`` is
+/// collected, and released, at once. A guard collected while it still
+/// holds its lock and was never entered by ``with`` emits a
+/// ``ResourceWarning``, as an unclosed file does.
+///
 /// Inherited through ``fork``, every method raises ``ForkedError`` in the
 /// child and never touches the parent's lock.
 #[pyclass(name = "Guard", module = "pylocksfile", frozen, weakref)]
@@ -214,6 +219,8 @@ impl Drop for PyGuard {
         }
         let span = self.cell.span;
         Python::attach(|py| {
+            // Collection may happen while an exception propagates: keep it.
+            let pending = PyErr::take(py);
             let span = span_to_range(py, span)
                 .and_then(|r| r.repr())
                 .map(|r| r.to_string())
@@ -227,6 +234,9 @@ impl Drop for PyGuard {
             if let Err(e) = PyErr::warn(py, category.as_any(), &msg, 1) {
                 // A filter made it an error: report it as unclosed files do.
                 e.write_unraisable(py, None);
+            }
+            if let Some(e) = pending {
+                e.restore(py);
             }
         });
     }

@@ -94,6 +94,22 @@ def test_the_warning_can_be_made_an_error_without_keeping_the_lock(lock_path):
     assert ofd_held(lock_path) == ".........."
 
 
+def test_an_exception_in_flight_survives_the_warning(lock_path):
+    """A guard dropped while an exception unwinds the stack: the warning is
+    emitted and the exception arrives unchanged."""
+    lf = LocksFile(lock_path)
+
+    def fails():
+        return (lf.write(8), 1 // 0)
+
+    def run():
+        with pytest.raises(ZeroDivisionError):
+            fails()
+
+    assert len(resource_warnings(run)) == 1
+    assert ofd_held(lock_path) == ".........."
+
+
 # --------------------------------------------------------------------------
 # Threads sharing one object
 # --------------------------------------------------------------------------
