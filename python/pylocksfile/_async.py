@@ -96,22 +96,27 @@ def _give_back(wait: _Wait, value: Any) -> None:
 class GuardRequest:
     """What ``LocksFile.read_async``/``write_async`` return: ``await`` it for a
     :class:`Guard`, or use it in ``async with`` (the guard is released at the
-    end of the block)."""
+    end of the block). One use only, as a coroutine."""
 
-    __slots__ = ("_wait", "_guard")
+    __slots__ = ("_wait", "_used", "_guard")
 
     def __init__(self, wait: _Wait) -> None:
         self._wait = wait
+        self._used = False
         self._guard: Optional[Guard] = None
 
+    def _start(self) -> _Wait:
+        if self._used:
+            raise RuntimeError("this lock request was awaited already; call read_async/write_async again")
+        self._used = True
+        return self._wait
+
     def __await__(self) -> Generator[Any, None, Guard]:
-        guard: Guard = yield from _run(self._wait).__await__()
+        guard: Guard = yield from _run(self._start()).__await__()
         return guard
 
     async def __aenter__(self) -> Guard:
-        if self._guard is not None:
-            raise RuntimeError("this request was entered already; call read_async/write_async again")
-        guard: Guard = await _run(self._wait)
+        guard: Guard = await _run(self._start())
         self._guard = guard.__enter__()
         return guard
 

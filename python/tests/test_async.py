@@ -171,6 +171,14 @@ def test_bad_arguments_raise_at_the_call(lock_path):
         lf.read_async(1, timeout=-1.0)
     with pytest.raises(ValueError):
         lf.acquire_async("sideways", 1)
+    request = lf.write_async(1)
+
+    async def twice():
+        (await request).release()
+        with pytest.raises(RuntimeError, match="awaited already"):
+            await request
+
+    asyncio.run(twice())
     lf.close()
     with pytest.raises(ValueError):
         lf.write_async(1)
