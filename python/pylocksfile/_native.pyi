@@ -245,13 +245,15 @@ class LocksFile:
     def release(self, span: Optional[_Span] = None) -> None:
         """Drop explicit locks on ``span`` (all when None); guards keep theirs."""
     def held(self) -> List[Tuple[range, Literal["shared", "exclusive"]]]:
-        """What this owner holds, guards and explicit locks together."""
+        """What this owner holds, guards and explicit locks together
+        (the calling thread's owner with ``thread_local=True``)."""
     def held_explicitly(self) -> List[Tuple[range, Literal["shared", "exclusive"]]]:
-        """This object's explicit locks only."""
+        """This object's explicit locks only (the calling thread's with ``thread_local=True``)."""
     def conflicts(self, span: _Span, kind: Optional[_KindName] = None) -> Optional[Holder]:
         """The first other owner's lock in the way of ``kind`` (default exclusive) on ``span``."""
     def fileno(self) -> int:
-        """The descriptor locks go through; never close it."""
+        """The descriptor locks go through (the calling thread's with
+        ``thread_local=True``); never close it."""
     def close(self) -> None:
         """Release everything, guards included, and close.
 

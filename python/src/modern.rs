@@ -1131,7 +1131,8 @@ impl PyLocksFile {
         r.map_err(|e| to_py(py, e))
     }
 
-    /// What this owner holds, guards and explicit locks together, as a
+    /// What this owner (with ``thread_local=True``, the calling thread's)
+    /// holds, guards and explicit locks together, as a
     /// sorted list of ``(range, "shared" | "exclusive")``. In process mode
     /// that is every object of this file in this process.
     fn held<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
@@ -1145,7 +1146,8 @@ impl PyLocksFile {
         PyList::new(py, items)
     }
 
-    /// This object's explicit locks only, as ``held()`` lists them.
+    /// This object's explicit locks only (the calling thread's with
+    /// ``thread_local=True``), as ``held()`` lists them.
     fn held_explicitly<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         let items = self
             .lf_if_open(py, false)?
@@ -1177,7 +1179,8 @@ impl PyLocksFile {
             .map_err(|e| to_py(py, e))
     }
 
-    /// The descriptor locks go through. Do not close it: in process mode
+    /// The descriptor locks go through (the calling thread's with
+    /// ``thread_local=True``). Do not close it: in process mode
     /// that drops every lock the process holds on the file.
     fn fileno(&self, py: Python<'_>) -> PyResult<i32> {
         use std::os::fd::{AsFd, AsRawFd};
