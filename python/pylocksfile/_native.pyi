@@ -2,24 +2,31 @@
 
 from os import PathLike
 from types import TracebackType
-from typing import Any, Generic, List, Literal, Optional, Tuple, Type, TypeVar, Union, final
+from typing import Any, Coroutine, Generic, List, Literal, Optional, Tuple, Type, TypeVar, Union, final
+
+from typing_extensions import disjoint_base
+
+from ._async import GuardRequest
+
+__all__ = ["__version__", "INDEX_END", "pylocksfile", "LocksFile", "Guard", "Holder"]
 
 __version__: str
 INDEX_END: int
 """One past the last lock index (2**63 - 1); spans to the end end here."""
 
-LockN = Union[int, Tuple[int, int], List[int]]
+_LockN = Union[int, Tuple[int, int], List[int]]
 """The original's ``lock_n``: an index, or ``(start, count)``."""
 
-Span = Union[int, range, slice, Tuple[int, int], List[int]]
+_Span = Union[int, range, slice, Tuple[int, int], List[int]]
 """An index, a ``range`` (step 1), a ``slice`` (step 1; open stop: to the end), or ``(start, count)``."""
 
-KindName = Literal["shared", "exclusive", "read", "write"]
+_KindName = Literal["shared", "exclusive", "read", "write"]
 
 _S = TypeVar("_S", bound="pylocksfile")
 _L = TypeVar("_L", bound="LocksFile")
 _G = TypeVar("_G", bound="Guard")
 
+@disjoint_base
 class pylocksfile:
     """Many numbered reader/writer locks in one file; a drop-in for pylocksfile 0.0.6.
 
@@ -46,15 +53,15 @@ class pylocksfile:
         """Whether to print what is locked, converted and released."""
     @verbose.setter
     def verbose(self, value: bool) -> None: ...
-    def acquire(self, writeLock: bool = False, lock_n: LockN = 0, blocking: bool = True) -> bool:
+    def acquire(self, writeLock: bool = False, lock_n: _LockN = 0, blocking: bool = True) -> bool:
         """Lock ``lock_n`` shared, or exclusive with ``writeLock=True``; held locks convert in place.
 
         True when held; False when ``blocking=False`` and busy, or when the
         kernel reports a deadlock (nothing acquired then).
         """
-    def release(self, lock_n: Optional[LockN] = None) -> None:
+    def release(self, lock_n: Optional[_LockN] = None) -> None:
         """Release ``lock_n``, or everything when None. Harmless on what is not held."""
-    def __call__(self: _S, writeLock: bool = False, lock_n: LockN = 0) -> "_WithStatement[_S]":
+    def __call__(self: _S, writeLock: bool = False, lock_n: _LockN = 0) -> "_WithStatement[_S]":
         """The context manager of ``with lf(writeLock=..., lock_n=...):``.
 
         Its ``__enter__``/``__exit__`` call this object's (looked up on the
@@ -70,7 +77,7 @@ class pylocksfile:
         exc_type: Optional[Type[BaseException]],
         exc: Optional[BaseException],
         tb: Optional[TracebackType],
-    ) -> bool:
+    ) -> Literal[False]:
         """Release the span this ``with`` acquired."""
 
 @final
@@ -89,14 +96,14 @@ class _WithStatement(Generic[_S]):
         exc_type: Optional[Type[BaseException]],
         exc: Optional[BaseException],
         tb: Optional[TracebackType],
-    ) -> bool:
+    ) -> Literal[False]:
         """Release through the ``pylocksfile``'s ``__exit__``."""
 
 @final
 class Holder:
     """A lock another owner holds, as the kernel reported it (a snapshot)."""
 
-    def __init__(self, span: Span, kind: KindName, pid: Optional[int] = None) -> None: ...
+    def __new__(cls, span: _Span, kind: _KindName, pid: Optional[int] = None) -> "Holder": ...
     @property
     def span(self) -> range:
         """The indices it covers."""
@@ -110,6 +117,9 @@ class Holder:
 @final
 class Guard:
     """A lock on a span held until ``release()``, the end of its ``with`` block, or collection.
+
+    Collected while still held and never entered by ``with`` (a bare
+    ``lf.write(5)`` statement), it emits a ``ResourceWarning``.
 
     Inherited through ``fork``, every method raises ``ForkedError`` in the
     child and never touches the parent's lock.
@@ -156,24 +166,31 @@ class Guard:
         exc_type: Optional[Type[BaseException]],
         exc: Optional[BaseException],
         tb: Optional[TracebackType],
-    ) -> bool: ...
+    ) -> Literal[False]: ...
 
+@disjoint_base
 class LocksFile:
     """Many numbered reader/writer locks in one file, for new code (OFD locks by default).
+
+    Threads sharing one object are one owner and do not exclude each other;
+    with ``thread_local=True`` (OFD or flock mode) each thread gets its own
+    owner, closed when the thread ends. Without a path a private file is
+    created, and removed again by ``close()`` or collection.
 
     Every call but ``close()`` on a closed object raises ``ValueError``; on
     an object inherited through ``fork``, ``ForkedError``.
     """
 
-    def __init__(
-        self,
+    def __new__(
+        cls: Type[_L],
         path: Union[str, "PathLike[str]", None] = None,
         mode: Literal["ofd", "process", "flock"] = "ofd",
         *,
         create: bool = True,
         permissions: int = 0o644,
         follow_symlinks: bool = False,
-    ) -> None: ...
+        thread_local: bool = False,
+    ) -> _L: ...
     @property
     def path(self) -> str:
         """The lock file's path made absolute as opened (``..`` kept; the kernel resolves it)."""
@@ -186,22 +203,22 @@ class LocksFile:
     @property
     def writable(self) -> bool:
         """Whether the file could be opened for writing (exclusive locks need it)."""
-    def read(self, span: Span, *, timeout: Optional[float] = None) -> Guard:
+    def read(self, span: _Span, *, timeout: Optional[float] = None) -> Guard:
         """Wait for a shared lock; ``LockTimeout`` when ``timeout`` seconds pass."""
-    def write(self, span: Span, *, timeout: Optional[float] = None) -> Guard:
+    def write(self, span: _Span, *, timeout: Optional[float] = None) -> Guard:
         """Wait for an exclusive lock; ``LockTimeout`` when ``timeout`` seconds pass."""
-    def try_read(self, span: Span) -> Optional[Guard]:
+    def try_read(self, span: _Span) -> Optional[Guard]:
         """A shared lock if no other owner is in the way, else None."""
-    def try_write(self, span: Span) -> Optional[Guard]:
+    def try_write(self, span: _Span) -> Optional[Guard]:
         """An exclusive lock if no other owner is in the way, else None."""
-    def read_for(self, span: Span, timeout: float) -> Guard:
+    def read_for(self, span: _Span, timeout: float) -> Guard:
         """A shared lock, waiting at most ``timeout`` seconds."""
-    def write_for(self, span: Span, timeout: float) -> Guard:
+    def write_for(self, span: _Span, timeout: float) -> Guard:
         """An exclusive lock, waiting at most ``timeout`` seconds."""
     def acquire(
         self,
-        kind: KindName,
-        span: Span,
+        kind: _KindName,
+        span: _Span,
         *,
         blocking: bool = True,
         timeout: Optional[float] = None,
@@ -211,16 +228,32 @@ class LocksFile:
         Raises ``WouldBlockError`` (``blocking=False``), ``LockTimeout``,
         or ``DeadlockError`` (process mode); nothing changes on error.
         """
-    def release(self, span: Optional[Span] = None) -> None:
+    def read_async(self, span: _Span, *, timeout: Optional[float] = None) -> GuardRequest:
+        """A shared lock without blocking the event loop: ``await`` it for a
+        ``Guard``, or ``async with lf.read_async(span) as g:``.
+
+        On contention the wait runs in a thread of its own, in slices;
+        cancelling the task ends it with nothing held and the thread gone.
+        """
+    def write_async(self, span: _Span, *, timeout: Optional[float] = None) -> GuardRequest:
+        """As ``read_async``, for an exclusive lock."""
+    def acquire_async(
+        self, kind: _KindName, span: _Span, *, timeout: Optional[float] = None
+    ) -> Coroutine[Any, Any, None]:
+        """``acquire`` without blocking the event loop; a cancelled call leaves
+        the explicit locks as they were."""
+    def release(self, span: Optional[_Span] = None) -> None:
         """Drop explicit locks on ``span`` (all when None); guards keep theirs."""
     def held(self) -> List[Tuple[range, Literal["shared", "exclusive"]]]:
-        """What this owner holds, guards and explicit locks together."""
+        """What this owner holds, guards and explicit locks together
+        (the calling thread's owner with ``thread_local=True``)."""
     def held_explicitly(self) -> List[Tuple[range, Literal["shared", "exclusive"]]]:
-        """This object's explicit locks only."""
-    def conflicts(self, span: Span, kind: Optional[KindName] = None) -> Optional[Holder]:
+        """This object's explicit locks only (the calling thread's with ``thread_local=True``)."""
+    def conflicts(self, span: _Span, kind: Optional[_KindName] = None) -> Optional[Holder]:
         """The first other owner's lock in the way of ``kind`` (default exclusive) on ``span``."""
     def fileno(self) -> int:
-        """The descriptor locks go through; never close it."""
+        """The descriptor locks go through (the calling thread's with
+        ``thread_local=True``); never close it."""
     def close(self) -> None:
         """Release everything, guards included, and close.
 
@@ -234,5 +267,18 @@ class LocksFile:
         exc_type: Optional[Type[BaseException]],
         exc: Optional[BaseException],
         tb: Optional[TracebackType],
-    ) -> bool:
+    ) -> Literal[False]:
         """``close()``."""
+
+# Not exported by the module: `LocksFile.*_async` make it and hand it to
+# `pylocksfile._async`, whose annotations need its name.
+@final
+class _Wait:
+    """One asyncio wait, driven by ``pylocksfile._async``."""
+
+    @property
+    def span(self) -> range: ...
+    def try_now(self) -> Any: ...
+    def wait(self) -> Any: ...
+    def cancel(self) -> None: ...
+    def undo(self) -> None: ...

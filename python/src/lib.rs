@@ -22,5 +22,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<modern::PyLocksFile>()?;
     m.add_class::<modern::PyGuard>()?;
     m.add_class::<modern::PyHolder>()?;
+    // `_Wait` and `_ThreadOwner` are internal: made by `LocksFile` only,
+    // so not exported.
     Ok(())
 }

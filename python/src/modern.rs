@@ -1,16 +1,19 @@
 //! `LocksFile`: the API for new code, with guards, timeouts and typed errors.
 
+use std::ffi::CString;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Instant;
 
 use locksfile::{Error, Holder, Kind, LockFile, Mode, ReadGuard, Span, WriteGuard};
-use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::exceptions::{PyResourceWarning, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyList, PyString, PyTuple};
 
 use crate::errors::to_py;
 use crate::spans::{py_span, span_to_range};
-use crate::wait::{with_patience, Patience};
+use crate::wait::{cancellable, with_patience, Patience};
 
 fn lock_mutex<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -175,11 +178,68 @@ fn closed_while_waiting() -> PyErr {
 /// closed. Returned by ``LocksFile.read()``/``write()`` and their ``try_``
 /// and ``_for`` forms, with the lock already taken.
 ///
+/// Keep it in a name or a ``with`` statement: a bare ``lf.write(5)`` is
+/// collected, and released, at once. A guard collected while it still
+/// holds its lock and was never entered by ``with`` emits a
+/// ``ResourceWarning``, as an unclosed file does.
+///
 /// Inherited through ``fork``, every method raises ``ForkedError`` in the
 /// child and never touches the parent's lock.
 #[pyclass(name = "Guard", module = "pylocksfile", frozen, weakref)]
 pub struct PyGuard {
     cell: Arc<GuardCell>,
+    /// Entered by a `with` statement, which will release it: collection
+    /// then has nothing to warn about.
+    entered: AtomicBool,
+}
+
+impl PyGuard {
+    fn new(cell: Arc<GuardCell>) -> PyGuard {
+        PyGuard {
+            cell,
+            entered: AtomicBool::new(false),
+        }
+    }
+}
+
+/// A guard collected while it still held its lock, and never entered by a
+/// `with`, was most likely dropped by mistake (`lf.write(5)` as a bare
+/// statement releases at once): say so with a `ResourceWarning`, as an
+/// unclosed file does. The lock is released right after, as before.
+impl Drop for PyGuard {
+    fn drop(&mut self) {
+        if self.entered.load(Ordering::Relaxed) || std::process::id() != self.cell.pid {
+            return;
+        }
+        if !matches!(
+            &*lock_mutex(&self.cell.held),
+            Held::Read(_) | Held::Write(_)
+        ) {
+            return;
+        }
+        let span = self.cell.span;
+        Python::attach(|py| {
+            // Collection may happen while an exception propagates: keep it.
+            let pending = PyErr::take(py);
+            let span = span_to_range(py, span)
+                .and_then(|r| r.repr())
+                .map(|r| r.to_string())
+                .unwrap_or_else(|_| span.to_string());
+            let msg = format!(
+                "unreleased Guard {span} collected; its lock is released now. \
+                 Use `with lf.write(...):`, or bind the guard to a name and call release()"
+            );
+            let msg = CString::new(msg).expect("no NUL in the message");
+            let category = py.get_type::<PyResourceWarning>();
+            if let Err(e) = PyErr::warn(py, category.as_any(), &msg, 1) {
+                // A filter made it an error: report it as unclosed files do.
+                e.write_unraisable(py, None);
+            }
+            if let Some(e) = pending {
+                e.restore(py);
+            }
+        });
+    }
 }
 
 impl PyGuard {
@@ -363,6 +423,7 @@ impl PyGuard {
 
     fn __enter__<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, Self>> {
         slf.get().not_forked(slf.py())?;
+        slf.get().entered.store(true, Ordering::Relaxed);
         Ok(slf.clone())
     }
 
@@ -390,8 +451,9 @@ impl PyGuard {
 /// ``n`` of the file, whose content is never touched.
 ///
 /// ``LocksFile(path=None, mode="ofd", *, create=True, permissions=0o644,
-/// follow_symlinks=False)``. Without a path a fresh private lock file
-/// (mode 0600) is created in ``tempfile.gettempdir()`` and left there.
+/// follow_symlinks=False, thread_local=False)``. Without a path a fresh private lock file
+/// (mode 0600) is created in ``tempfile.gettempdir()``, and removed again
+/// by ``close()`` (or when the object is collected).
 ///
 /// ``mode="ofd"`` (default): open-file-description locks; each object is
 /// its own owner, so two objects exclude each other even between threads
@@ -403,6 +465,12 @@ impl PyGuard {
 /// meet; each object is its own owner, the only span is the whole index
 /// space (``slice(None)``; any other raises ``InvalidSpanError``), and a
 /// conversion is not atomic (see the README).
+///
+/// Threads sharing one object are one owner: they do not exclude each
+/// other. ``thread_local=True`` (OFD mode only) gives each thread its own
+/// owner, opened on its first call and closed when the thread ends (its
+/// explicit locks released then; its guards live until released), so the
+/// threads of one object exclude each other; ``held()`` is then per thread.
 ///
 /// Spans are an int (one lock), a ``range`` with step 1, a ``slice`` with
 /// step 1 (``slice(3, None)`` runs to the end), or a ``(start, count)``
@@ -428,23 +496,154 @@ pub struct PyLocksFile {
     /// The process that opened it: `held()` answers from bookkeeping
     /// without a system call, so it checks for a fork itself.
     pid: u32,
+    /// `thread_local=True`: an owner per thread, opened on first use.
+    threads: Option<ThreadOwners>,
+    /// The file `LocksFile()` created for want of a path, removed on close.
+    temp: Mutex<Option<TempFile>>,
+}
+
+/// A lock file this object created itself (no path was given): removed by
+/// `close()` or collection, if the path still names that file.
+struct TempFile {
+    path: PathBuf,
+    dev: u64,
+    ino: u64,
+}
+
+impl TempFile {
+    fn remove(self) {
+        use std::os::unix::fs::MetadataExt;
+        // Only the file we made: a file renamed over it since is someone else's.
+        if let Ok(m) = std::fs::symlink_metadata(&self.path) {
+            if m.dev() == self.dev && m.ino() == self.ino {
+                // Nothing to report: close() must not fail on a file already gone.
+                let _ = std::fs::remove_file(&self.path);
+            }
+        }
+    }
+}
+
+/// The owners of a `thread_local=True` object: one `LockFile` per thread,
+/// kept in a `threading.local`, so that it is closed (and its explicit
+/// locks released) when its thread ends. `close()` reaches them through
+/// `slots`.
+struct ThreadOwners {
+    local: Py<PyAny>,
+    slots: Mutex<Vec<Weak<Slot>>>,
+    open: locksfile::OpenOptions,
+    abs_path: PathBuf,
+}
+
+type Slot = Mutex<Option<Arc<LockFile>>>;
+
+/// What a thread's `threading.local` keeps: that thread's owner.
+#[pyclass(name = "_ThreadOwner", module = "pylocksfile", frozen)]
+pub struct ThreadSlot {
+    slot: Arc<Slot>,
+}
+
+impl ThreadOwners {
+    fn add(&self, py: Python<'_>, lf: &Arc<LockFile>) -> PyResult<()> {
+        let slot = Arc::new(Mutex::new(Some(Arc::clone(lf))));
+        {
+            let mut slots = lock_mutex(&self.slots);
+            slots.retain(|w| w.strong_count() > 0);
+            slots.push(Arc::downgrade(&slot));
+        }
+        self.local.bind(py).setattr(
+            pyo3::intern!(py, "owner"),
+            Py::new(py, ThreadSlot { slot })?,
+        )
+    }
+
+    /// This thread's owner; opened now when `open` and it has none yet.
+    fn current(&self, py: Python<'_>, open: bool) -> PyResult<Option<Arc<LockFile>>> {
+        let local = self.local.bind(py);
+        if let Ok(obj) = local.getattr(pyo3::intern!(py, "owner")) {
+            let slot = obj.cast::<ThreadSlot>()?;
+            // Emptied by close().
+            return lock_mutex(&slot.get().slot)
+                .as_ref()
+                .map(|lf| Some(Arc::clone(lf)))
+                .ok_or_else(closed_error);
+        }
+        if !open {
+            return Ok(None);
+        }
+        let lf = Arc::new(self.open.open(&self.abs_path).map_err(|e| to_py(py, e))?);
+        self.add(py, &lf)?;
+        Ok(Some(lf))
+    }
+
+    /// Release and close every thread's owner (`close()`).
+    fn close_all(&self, forked: bool) {
+        let slots = std::mem::take(&mut *lock_mutex(&self.slots));
+        for slot in slots.iter().filter_map(Weak::upgrade) {
+            if let Some(lf) = lock_mutex(&slot).take() {
+                if !forked {
+                    let _ = lf.release_all();
+                }
+            }
+        }
+    }
+}
+
+impl Drop for PyLocksFile {
+    fn drop(&mut self) {
+        self.remove_temp();
+    }
 }
 
 impl PyLocksFile {
-    /// The handle, unless closed or inherited through fork.
+    /// This thread's handle, unless closed or inherited through fork.
     fn lf_not_forked(&self, py: Python<'_>) -> PyResult<Arc<LockFile>> {
-        let lf = self.lf()?;
+        Ok(self.lf_if_open(py, true)?.expect("opened when missing"))
+    }
+
+    /// As `lf_not_forked`, but a thread of a `thread_local=True` object
+    /// that has no owner yet gets `None` rather than a new one.
+    fn lf_if_open(&self, py: Python<'_>, open: bool) -> PyResult<Option<Arc<LockFile>>> {
+        let lf = lock_mutex(&self.handle)
+            .as_ref()
+            .map(Arc::clone)
+            .ok_or_else(closed_error)?;
         if std::process::id() != self.pid {
             return Err(to_py(py, Error::Forked));
         }
-        Ok(lf)
+        match &self.threads {
+            None => Ok(Some(lf)),
+            Some(t) => t.current(py, open),
+        }
     }
 
-    fn lf(&self) -> PyResult<Arc<LockFile>> {
-        lock_mutex(&self.handle)
-            .as_ref()
-            .map(Arc::clone)
-            .ok_or_else(closed_error)
+    fn remove_temp(&self) {
+        // A forked child's copy must not take the parent's file away.
+        if std::process::id() == self.pid {
+            if let Some(t) = lock_mutex(&self.temp).take() {
+                t.remove();
+            }
+        }
+    }
+
+    /// Wrap a lock just taken in a guard that `close()` can reach.
+    fn register(&self, span: Span, h: Held) -> PyResult<PyGuard> {
+        let cell = Arc::new(GuardCell {
+            held: Mutex::new(h),
+            span,
+            pid: self.pid,
+        });
+        // Under the guards' lock, so `close()` (which closes first,
+        // then takes the guards) either sees this guard or we see it closed.
+        let mut guards = lock_mutex(&self.guards);
+        if self.closed() {
+            // Closed by another thread while this one waited.
+            drop(guards);
+            let _ = cell.release(Held::Closed);
+            return Err(closed_while_waiting());
+        }
+        guards.retain(|w| w.strong_count() > 0);
+        guards.push(Arc::downgrade(&cell));
+        Ok(PyGuard::new(cell))
     }
 
     fn guard(
@@ -461,31 +660,10 @@ impl PyLocksFile {
             if self.closed() {
                 return Err(GIVE_UP);
             }
-            match kind {
-                Kind::Shared => ReadGuard::acquire(Arc::clone(&lf), span, w).map(Held::Read),
-                Kind::Exclusive => WriteGuard::acquire(Arc::clone(&lf), span, w).map(Held::Write),
-            }
+            take_guard(&lf, kind, span, w)
         })?;
         match outcome {
-            Ok(h) => {
-                let cell = Arc::new(GuardCell {
-                    held: Mutex::new(h),
-                    span,
-                    pid: self.pid,
-                });
-                // Under the guards' lock, so `close()` (which closes first,
-                // then takes the guards) either sees this guard or we see it closed.
-                let mut guards = lock_mutex(&self.guards);
-                if self.closed() {
-                    // Closed by another thread while this one waited.
-                    drop(guards);
-                    let _ = cell.release(Held::Closed);
-                    return Err(closed_while_waiting());
-                }
-                guards.retain(|w| w.strong_count() > 0);
-                guards.push(Arc::downgrade(&cell));
-                Ok(Some(PyGuard { cell }))
-            }
+            Ok(h) => self.register(span, h).map(Some),
             Err(_) if self.closed() => Err(closed_while_waiting()),
             Err(Error::WouldBlock { .. }) if !timed && matches!(patience, Patience::Never) => {
                 Ok(None)
@@ -493,6 +671,192 @@ impl PyLocksFile {
             Err(Error::WouldBlock { .. }) if timed => Err(to_py(py, Error::TimedOut)),
             Err(e) => Err(to_py(py, e)),
         }
+    }
+
+    /// The wait behind `read_async`/`write_async`/`acquire_async`.
+    fn async_wait(
+        slf: &Bound<'_, Self>,
+        kind: Kind,
+        span: &Bound<'_, PyAny>,
+        timeout: Option<f64>,
+        explicit: bool,
+    ) -> PyResult<PyWait> {
+        let py = slf.py();
+        let span = py_span(span)?;
+        let deadline = match Patience::from_args(true, timeout)? {
+            Patience::Never => Some(Instant::now()),
+            Patience::Forever => None,
+            Patience::Until(d) => Some(d),
+        };
+        let lf = slf.get().lf_not_forked(py)?;
+        let before = if explicit {
+            lf.held_explicitly()
+        } else {
+            Vec::new()
+        };
+        Ok(PyWait {
+            owner: slf.clone().unbind(),
+            lf,
+            kind,
+            span,
+            deadline,
+            timed: timeout.is_some(),
+            explicit,
+            before,
+            cancelled: AtomicBool::new(false),
+        })
+    }
+}
+
+/// Hand a wait to its driver in `pylocksfile._async`.
+fn async_helper<'py>(py: Python<'py>, name: &str, w: PyWait) -> PyResult<Bound<'py, PyAny>> {
+    static MODULE: pyo3::sync::PyOnceLock<Py<pyo3::types::PyModule>> =
+        pyo3::sync::PyOnceLock::new();
+    let module =
+        MODULE.get_or_try_init(py, || py.import("pylocksfile._async").map(Bound::unbind))?;
+    module.bind(py).getattr(name)?.call1((Py::new(py, w)?,))
+}
+
+fn take_guard(
+    lf: &Arc<LockFile>,
+    kind: Kind,
+    span: Span,
+    w: locksfile::Wait,
+) -> Result<Held, Error> {
+    match kind {
+        Kind::Shared => ReadGuard::acquire(Arc::clone(lf), span, w).map(Held::Read),
+        Kind::Exclusive => WriteGuard::acquire(Arc::clone(lf), span, w).map(Held::Write),
+    }
+}
+
+/// One asyncio wait (``pylocksfile._async`` drives it): tried once on the
+/// event loop's thread, then, on contention, run in a thread of its own in
+/// slices, so that ``cancel()`` ends it within one slice with nothing held.
+/// The owner is the one of the thread that made it (the loop's), whatever
+/// thread waits.
+#[pyclass(name = "_Wait", module = "pylocksfile", frozen)]
+pub struct PyWait {
+    owner: Py<PyLocksFile>,
+    lf: Arc<LockFile>,
+    kind: Kind,
+    span: Span,
+    /// `None`: no limit.
+    deadline: Option<Instant>,
+    timed: bool,
+    /// The explicit layer (`acquire_async`) rather than a guard.
+    explicit: bool,
+    /// The explicit locks before, for `undo()`.
+    before: Vec<(Span, Kind)>,
+    cancelled: AtomicBool,
+}
+
+impl PyWait {
+    fn attempt(&self, w: locksfile::Wait) -> Result<Option<Held>, Error> {
+        if self.explicit {
+            self.lf.acquire(self.kind, self.span, w).map(|()| None)
+        } else {
+            take_guard(&self.lf, self.kind, self.span, w).map(Some)
+        }
+    }
+
+    /// The Python value of a granted lock: its Guard, or True (explicit).
+    fn granted(&self, py: Python<'_>, h: Option<Held>) -> PyResult<Py<PyAny>> {
+        let owner = self.owner.get();
+        match h {
+            Some(h) => Ok(Py::new(py, owner.register(self.span, h)?)?.into_any()),
+            None if owner.closed() => {
+                // `close()` may have released everything before this lock was had.
+                self.lf.release_all().map_err(|e| to_py(py, e))?;
+                Err(closed_while_waiting())
+            }
+            None => Ok(pyo3::types::PyBool::new(py, true)
+                .to_owned()
+                .into_any()
+                .unbind()),
+        }
+    }
+}
+
+#[pymethods]
+impl PyWait {
+    /// One try without waiting: the Guard (True for the explicit layer),
+    /// or None when another owner is in the way.
+    fn try_now(&self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
+        if self.owner.get().closed() {
+            return Err(closed_error());
+        }
+        match self.attempt(locksfile::Wait::NonBlockingNoHolder) {
+            Ok(h) => self.granted(py, h).map(Some),
+            Err(Error::WouldBlock { .. }) => Ok(None),
+            Err(e) => Err(to_py(py, e)),
+        }
+    }
+
+    /// Wait in slices until granted, timed out (``LockTimeout``), closed
+    /// (``ValueError``) or cancelled (None, nothing held). Releases the GIL.
+    fn wait(&self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
+        let owner = self.owner.get();
+        let outcome = py.detach(|| {
+            cancellable(self.deadline, &self.cancelled, |w| {
+                if owner.closed() {
+                    return Err(GIVE_UP);
+                }
+                self.attempt(w)
+            })
+        });
+        match outcome {
+            Some(Ok(h)) => self.granted(py, h).map(Some),
+            None => Ok(None),
+            Some(Err(_)) if owner.closed() => Err(closed_while_waiting()),
+            Some(Err(Error::WouldBlock { .. })) if self.timed => Err(to_py(py, Error::TimedOut)),
+            Some(Err(e)) => Err(to_py(py, e)),
+        }
+    }
+
+    /// End ``wait()`` at its next slice (another thread calls this).
+    fn cancel(&self) {
+        self.cancelled.store(true, Ordering::Relaxed);
+    }
+
+    /// The span asked for, as a ``range``.
+    #[getter]
+    fn span<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        span_to_range(py, self.span)
+    }
+
+    /// Put the explicit locks on the span back as they were before this
+    /// wait was granted (a cancellation that came too late). Lowering back
+    /// never waits; a piece that was exclusive before and would have to
+    /// wait to be so again is released instead.
+    fn undo(&self, py: Python<'_>) -> PyResult<()> {
+        let mut pos = self.span.start();
+        let end = self.span.end();
+        let put = |s: Span, k: Option<Kind>| -> Result<(), Error> {
+            match k {
+                None => self.lf.release(s),
+                Some(k) => match self.lf.acquire(k, s, locksfile::Wait::NonBlockingNoHolder) {
+                    Err(Error::WouldBlock { .. }) => self.lf.release(s),
+                    other => other,
+                },
+            }
+        };
+        let mut run = || -> Result<(), Error> {
+            for &(s, k) in &self.before {
+                let Some(part) = s.intersect(self.span) else {
+                    continue;
+                };
+                if pos < part.start() {
+                    put(Span::new(pos, part.start())?, None)?;
+                }
+                put(part, Some(k))?;
+                pos = part.end();
+            }
+            if pos < end {
+                put(Span::new(pos, end)?, None)?;
+            }
+            Ok(())
+        };
+        run().map_err(|e| to_py(py, e))
     }
 }
 
@@ -529,8 +893,8 @@ fn mode_name(m: Mode) -> &'static str {
 impl PyLocksFile {
     #[new]
     #[pyo3(
-        signature = (path = None, mode = "ofd", *, create = true, permissions = 0o644, follow_symlinks = false),
-        text_signature = "(path=None, mode='ofd', *, create=True, permissions=0o644, follow_symlinks=False)"
+        signature = (path = None, mode = "ofd", *, create = true, permissions = 0o644, follow_symlinks = false, thread_local = false),
+        text_signature = "(path=None, mode='ofd', *, create=True, permissions=0o644, follow_symlinks=False, thread_local=False)"
     )]
     fn new(
         py: Python<'_>,
@@ -539,6 +903,7 @@ impl PyLocksFile {
         create: bool,
         permissions: u32,
         follow_symlinks: bool,
+        thread_local: bool,
     ) -> PyResult<Self> {
         let mode = match mode {
             "ofd" => Mode::Ofd,
@@ -553,7 +918,14 @@ impl PyLocksFile {
         if permissions > 0o7777 {
             return Err(PyValueError::new_err("permissions must be at most 0o7777"));
         }
+        if thread_local && mode == Mode::Process {
+            return Err(PyValueError::new_err(
+                "thread_local=True needs mode=\"ofd\" (or \"flock\"): in process mode all \
+                 threads of a process are one owner, whatever the objects",
+            ));
+        }
         let os = py.import("os")?;
+        let made_here = path.is_none();
         let path = match path {
             None => {
                 let kw = pyo3::types::PyDict::new(py);
@@ -576,24 +948,56 @@ impl PyLocksFile {
         // Handed over as written: the core makes it absolute without
         // touching `..`, so `link/../x.lock` is resolved by the kernel,
         // symlink first, as every other opener of the same string does.
-        let lf = LockFile::options()
+        let mut options = LockFile::options();
+        options
             .mode(mode)
             .create(create)
             .permissions(permissions)
-            .follow_symlinks(follow_symlinks)
-            .open(path_buf)
-            .map_err(|e| to_py(py, e))?;
+            .follow_symlinks(follow_symlinks);
+        let opened = options.open(&path_buf);
+        let temp = made_here.then(|| {
+            use std::os::unix::fs::MetadataExt;
+            std::fs::symlink_metadata(&path_buf).ok().map(|m| TempFile {
+                path: path_buf.clone(),
+                dev: m.dev(),
+                ino: m.ino(),
+            })
+        });
+        let temp = temp.flatten();
+        let lf = match opened {
+            Ok(lf) => Arc::new(lf),
+            Err(e) => {
+                if let Some(t) = temp {
+                    t.remove();
+                }
+                return Err(to_py(py, e));
+            }
+        };
         let abs = lf
             .path()
             .as_os_str()
             .into_pyobject(py)?
             .cast_into::<PyString>()?;
+        let threads = if thread_local {
+            let t = ThreadOwners {
+                local: py.import("threading")?.call_method0("local")?.unbind(),
+                slots: Mutex::new(Vec::new()),
+                open: options,
+                abs_path: lf.path().to_path_buf(),
+            };
+            t.add(py, &lf)?;
+            Some(t)
+        } else {
+            None
+        };
         Ok(PyLocksFile {
-            handle: Mutex::new(Some(Arc::new(lf))),
+            handle: Mutex::new(Some(lf)),
             guards: Mutex::new(Vec::new()),
             path: abs.unbind(),
             mode,
             pid: std::process::id(),
+            threads,
+            temp: Mutex::new(temp),
         })
     }
 
@@ -722,32 +1126,40 @@ impl PyLocksFile {
     /// keep theirs. Releasing what is not held is harmless; never blocks.
     #[pyo3(signature = (span = None))]
     fn release(&self, py: Python<'_>, span: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
-        let lf = self.lf_not_forked(py)?;
+        let span = span.map(py_span).transpose()?;
+        // A thread that has no owner yet holds nothing to release.
+        let Some(lf) = self.lf_if_open(py, false)? else {
+            return Ok(());
+        };
         let r = match span {
-            Some(s) => lf.release(py_span(s)?),
+            Some(s) => lf.release(s),
             None => lf.release_all(),
         };
         r.map_err(|e| to_py(py, e))
     }
 
-    /// What this owner holds, guards and explicit locks together, as a
+    /// What this owner (with ``thread_local=True``, the calling thread's)
+    /// holds, guards and explicit locks together, as a
     /// sorted list of ``(range, "shared" | "exclusive")``. In process mode
     /// that is every object of this file in this process.
     fn held<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         let items = self
-            .lf_not_forked(py)?
-            .held()
+            .lf_if_open(py, false)?
+            .map(|lf| lf.held())
+            .unwrap_or_default()
             .into_iter()
             .map(|(s, k)| Ok((span_to_range(py, s)?, kind_name(k))))
             .collect::<PyResult<Vec<_>>>()?;
         PyList::new(py, items)
     }
 
-    /// This object's explicit locks only, as ``held()`` lists them.
+    /// This object's explicit locks only (the calling thread's with
+    /// ``thread_local=True``), as ``held()`` lists them.
     fn held_explicitly<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         let items = self
-            .lf_not_forked(py)?
-            .held_explicitly()
+            .lf_if_open(py, false)?
+            .map(|lf| lf.held_explicitly())
+            .unwrap_or_default()
             .into_iter()
             .map(|(s, k)| Ok((span_to_range(py, s)?, kind_name(k))))
             .collect::<PyResult<Vec<_>>>()?;
@@ -774,11 +1186,54 @@ impl PyLocksFile {
             .map_err(|e| to_py(py, e))
     }
 
-    /// The descriptor locks go through. Do not close it: in process mode
+    /// The descriptor locks go through (the calling thread's with
+    /// ``thread_local=True``). Do not close it: in process mode
     /// that drops every lock the process holds on the file.
     fn fileno(&self, py: Python<'_>) -> PyResult<i32> {
         use std::os::fd::{AsFd, AsRawFd};
         Ok(self.lf_not_forked(py)?.as_fd().as_raw_fd())
+    }
+
+    /// ``await lf.read_async(span, timeout=None)``, or ``async with
+    /// lf.read_async(span) as g:``: a shared lock without blocking the
+    /// event loop. On contention the wait runs in a thread of its own, in
+    /// slices of at most 50 ms; cancelling the task ends it within one
+    /// slice, with nothing held and the thread gone. ``LockTimeout`` when
+    /// ``timeout`` seconds pass. The owner is the calling thread's.
+    #[pyo3(signature = (span, *, timeout = None))]
+    fn read_async<'py>(
+        slf: &Bound<'py, Self>,
+        span: &Bound<'py, PyAny>,
+        timeout: Option<f64>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let w = Self::async_wait(slf, Kind::Shared, span, timeout, false)?;
+        async_helper(slf.py(), "GuardRequest", w)
+    }
+
+    /// As ``read_async``, for an exclusive lock.
+    #[pyo3(signature = (span, *, timeout = None))]
+    fn write_async<'py>(
+        slf: &Bound<'py, Self>,
+        span: &Bound<'py, PyAny>,
+        timeout: Option<f64>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let w = Self::async_wait(slf, Kind::Exclusive, span, timeout, false)?;
+        async_helper(slf.py(), "GuardRequest", w)
+    }
+
+    /// ``await lf.acquire_async(kind, span, timeout=None)``: ``acquire``
+    /// without blocking the event loop, waiting as ``read_async`` does. A
+    /// cancelled call leaves the explicit locks as they were.
+    #[pyo3(signature = (kind, span, *, timeout = None))]
+    fn acquire_async<'py>(
+        slf: &Bound<'py, Self>,
+        kind: &Bound<'py, PyAny>,
+        span: &Bound<'py, PyAny>,
+        timeout: Option<f64>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let kind = parse_kind(kind)?;
+        let w = Self::async_wait(slf, kind, span, timeout, true)?;
+        async_helper(slf.py(), "acquire", w)
     }
 
     /// Release everything (explicit locks and every live guard) and close
@@ -804,8 +1259,14 @@ impl PyLocksFile {
             }
         }
         if let Some(lf) = lf {
-            let _ = lf.release_all();
+            if !forked {
+                let _ = lf.release_all();
+            }
         }
+        if let Some(t) = &self.threads {
+            t.close_all(forked);
+        }
+        self.remove_temp();
         Ok(())
     }
 
@@ -822,9 +1283,14 @@ impl PyLocksFile {
 
     fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
         Ok(format!(
-            "LocksFile({}, mode={:?}{})",
+            "LocksFile({}, mode={:?}{}{})",
             self.path.bind(py).repr()?,
             mode_name(self.mode),
+            if self.threads.is_some() {
+                ", thread_local=True"
+            } else {
+                ""
+            },
             if self.closed() { ", closed" } else { "" }
         ))
     }

@@ -8,6 +8,7 @@
 //! it sleeps again; a timed wait runs in slices of at most `SLICE` so the
 //! handlers run between slices.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use locksfile::{Error, Wait};
@@ -117,5 +118,37 @@ where
             }
         },
         _ => Ok(first),
+    }
+}
+
+/// Wait on a thread that another thread may stop: `op` is tried with
+/// `Wait::Deadline` in slices of at most `SLICE`, up to `deadline` (`None`:
+/// no limit), and `cancelled` is checked before each slice, so a
+/// cancellation ends the wait within one slice and no thread is left
+/// asleep in the kernel. `None` when cancelled (nothing held); otherwise
+/// the last outcome, `Err(TimedOut)` once the deadline passes. Called with
+/// the GIL released.
+pub fn cancellable<T, F>(
+    deadline: Option<Instant>,
+    cancelled: &AtomicBool,
+    mut op: F,
+) -> Option<Result<T, Error>>
+where
+    F: FnMut(Wait) -> Result<T, Error>,
+{
+    loop {
+        if cancelled.load(Ordering::Relaxed) {
+            return None;
+        }
+        let now = Instant::now();
+        let slice_end = match deadline {
+            Some(d) if now >= d => return Some(Err(Error::TimedOut)),
+            Some(d) => d.min(now + SLICE),
+            None => now + SLICE,
+        };
+        match op(Wait::Deadline(slice_end)) {
+            Err(Error::TimedOut) | Err(Error::Interrupted) => {}
+            other => return Some(other),
+        }
     }
 }

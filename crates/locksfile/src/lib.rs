@@ -25,6 +25,10 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
+//! With the `tokio` feature, [`LockFile::read_async`] and
+//! [`LockFile::write_async`] wait without blocking a tokio runtime, and a
+//! dropped future ends its wait with nothing held (module `asyncio`).
+//!
 //! See `docs/DESIGN.md` for the model: the modes, how holds compose,
 //! why releasing never blocks, and what threads and forks get.
 //!
@@ -52,6 +56,8 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+#[cfg(feature = "tokio")]
+pub mod asyncio;
 mod engine;
 mod error;
 mod file;
