@@ -7,24 +7,13 @@
 //! `pair` bench's separate groups see that drift as overhead, or hide it).
 //! So blocks of raw pairs and of locksfile pairs alternate, each block
 //! timed, and the median of the per-block differences is the overhead.
-#![allow(unsafe_code)]
 
-use std::os::fd::AsRawFd;
 use std::time::Instant;
 
-use locksfile::{Kind, LockFile, Mode, Wait};
+mod common;
 
-fn raw(fd: i32, cmd: libc::c_int, ty: libc::c_int, index: i64) {
-    // SAFETY: plain C struct, zero is valid; fd is a live descriptor.
-    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-    fl.l_type = ty as libc::c_short;
-    fl.l_whence = libc::SEEK_SET as libc::c_short;
-    fl.l_start = index;
-    fl.l_len = 1;
-    // SAFETY: `fl` outlives the call.
-    let r = unsafe { libc::fcntl(fd, cmd, &mut fl) };
-    assert_eq!(r, 0);
-}
+use common::{raw, Handles};
+use locksfile::{Kind, Wait};
 
 const BLOCK: u32 = 1000;
 const BLOCKS: usize = 400;
@@ -67,16 +56,8 @@ fn measure(name: &str, cmd: libc::c_int, fd: i32, index: i64, ours: &mut dyn FnM
 }
 
 fn main() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("bench.lock");
-    let ofd = LockFile::open(&path).unwrap();
-    let process = LockFile::options().mode(Mode::Process).open(&path).unwrap();
-    let raw_file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&path)
-        .unwrap();
-    let fd = raw_file.as_raw_fd();
+    let h = Handles::new();
+    let (ofd, process, fd) = (&h.ofd, &h.process, h.fd());
     println!("uncontended exclusive pair, median of {BLOCKS} interleaved blocks of {BLOCK} pairs");
     measure("ofd guard", libc::F_OFD_SETLK, fd, 5, &mut || {
         drop(std::hint::black_box(ofd.try_write(5u64).unwrap()))

@@ -1,36 +1,15 @@
 //! Uncontended lock + unlock pairs: locksfile against the raw system call it
 //! makes, side by side in one run. Run with `cargo bench -p locksfile`.
-#![allow(unsafe_code)]
-
-use std::os::fd::AsRawFd;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use locksfile::{Kind, LockFile, Mode, Wait};
+mod common;
 
-/// A raw `fcntl(fd, cmd, &flock)` on one byte, the floor we measure against.
-fn raw(fd: i32, cmd: libc::c_int, ty: libc::c_int, index: i64) {
-    // SAFETY: plain C struct, zero is valid; fd is a live descriptor.
-    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-    fl.l_type = ty as libc::c_short;
-    fl.l_whence = libc::SEEK_SET as libc::c_short;
-    fl.l_start = index;
-    fl.l_len = 1;
-    // SAFETY: `fl` outlives the call.
-    let r = unsafe { libc::fcntl(fd, cmd, &mut fl) };
-    assert_eq!(r, 0);
-}
+use common::{raw, Handles};
+use locksfile::{Kind, Wait};
 
 fn pairs(c: &mut Criterion) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("bench.lock");
-    let ofd = LockFile::open(&path).unwrap();
-    let process = LockFile::options().mode(Mode::Process).open(&path).unwrap();
-    let raw_file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&path)
-        .unwrap();
-    let fd = raw_file.as_raw_fd();
+    let h = Handles::new();
+    let (ofd, process, fd) = (&h.ofd, &h.process, h.fd());
     let mut g = c.benchmark_group("uncontended write pair");
     g.bench_function("raw F_OFD_SETLK", |b| {
         b.iter(|| {
