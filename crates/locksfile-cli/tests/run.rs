@@ -696,12 +696,18 @@ fn another_users_file_takes_shared_locks() {
     let f = dir.path().join("data.lock");
     std::fs::write(&f, b"").unwrap();
     std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
+    // The other user runs a copy of the binary from this world-readable
+    // directory: the build's own folder may be closed to others.
+    let bin_copy = dir.path().join("locksfile");
+    std::fs::copy(BIN, &bin_copy).unwrap();
+    std::fs::set_permissions(&bin_copy, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let shown = bin_copy.display();
     let script = dir.path().join("self-locking");
     std::fs::write(
         &script,
         format!(
-            "#!/bin/sh\n[ \"$LOCKER\" = \"$0\" ] || exec env LOCKER=\"$0\" {BIN} run -s -n \"$0\" \"$0\" \"$@\"\n\
-             {BIN} status --json \"$0\"\n"
+            "#!/bin/sh\n[ \"$LOCKER\" = \"$0\" ] || exec env LOCKER=\"$0\" {shown} run -s -n \"$0\" \"$0\" \"$@\"\n\
+             {shown} status --json \"$0\"\n"
         ),
     )
     .unwrap();
@@ -714,7 +720,7 @@ fn another_users_file_takes_shared_locks() {
             .output()
             .unwrap()
     };
-    let bin = std::ffi::OsStr::new(BIN);
+    let bin = bin_copy.as_os_str();
     let out = nobody(&[
         bin,
         "run".as_ref(),
