@@ -566,21 +566,32 @@ impl LockFile {
                 }
                 o.change(change, wait)
             }
-            Owners::Flock(o) => {
-                self.whole_file_only(change.span())?;
-                if wants_exclusive && !o.engine.writable() {
-                    return Err(self.read_only());
-                }
-                let wants_lock = match change {
-                    Change::Guard { to, .. } => to.is_some(),
-                    Change::Explicit { kind, .. } => kind.is_some(),
-                };
-                if let (true, Some(held)) = (wants_lock, o.engine.lost()) {
-                    return Err(Error::ConversionLost { held });
-                }
-                o.change(change, wait)
-            }
+            Owners::Flock(o) => self.change_flock(o, change, wait, wants_exclusive),
         }
+    }
+
+    /// [`LockFile::change`] in flock mode, out of line so that the fcntl
+    /// path above stays small.
+    #[inline(never)]
+    fn change_flock(
+        &self,
+        o: &Owner<Flock>,
+        change: Change,
+        wait: Wait,
+        wants_exclusive: bool,
+    ) -> Result<(), Error> {
+        self.whole_file_only(change.span())?;
+        if wants_exclusive && !o.engine.writable() {
+            return Err(self.read_only());
+        }
+        let wants_lock = match change {
+            Change::Guard { to, .. } => to.is_some(),
+            Change::Explicit { kind, .. } => kind.is_some(),
+        };
+        if let (true, Some(held)) = (wants_lock, o.engine.lost()) {
+            return Err(Error::ConversionLost { held });
+        }
+        o.change(change, wait)
     }
 
     #[cold]
