@@ -13,7 +13,7 @@
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crate::engine::{Engine, Until};
+use crate::engine::{Engine, Until, INTERRUPT_SLICE};
 use crate::error::{Error, Holder};
 use crate::holds::{rank, Change, HandleId, Holds, Move, OnePiece, Undo};
 use crate::span::Span;
@@ -63,10 +63,6 @@ enum Raised {
     /// A call failed; the earlier ones were rolled back.
     Failed(Error),
 }
-
-/// How long an interruptible wait behind a sibling thread sleeps before it
-/// returns [`Error::Interrupted`] so its caller can look at signals.
-const INTERRUPT_SLICE: Duration = Duration::from_millis(20);
 
 /// When a wait must give up: a timeout past what the clock can hold means
 /// waiting forever, not failing at once.

@@ -23,19 +23,6 @@ enum Held<'a> {
     Write(WriteGuard<&'a LockFile>),
 }
 
-/// Another process holds shared 7 until told to go.
-fn other_owner_holding_7(path: &std::path::Path, mode: Mode) -> (Child, Pipe) {
-    let (ready, go) = (Pipe::new(), Pipe::new());
-    let child = fork(|| {
-        let b = open(path, mode);
-        b.acquire(Kind::Shared, 7, Wait::NonBlocking).unwrap();
-        ready.send(1);
-        go.expect(1);
-    });
-    ready.expect(1);
-    (child, go)
-}
-
 /// The first owner's kind at `i` as seen by another process: what a write
 /// and a read there run into.
 fn seen_from_outside(path: &std::path::Path, i: u64) -> Option<Kind> {
@@ -66,7 +53,7 @@ fn refused_change_changes_nothing(mode: Mode, style: Style, wait: Wait, with_zer
     }
     take(Kind::Shared, 3);
     take(Kind::Exclusive, 5);
-    let (b, go) = other_owner_holding_7(&path, mode);
+    let b = hold_elsewhere(&path, mode, Kind::Shared, 7);
 
     let before = a.held();
     assert_eq!(kernel_held(&a), before, "{mode} {style:?}: before");
@@ -105,8 +92,7 @@ fn refused_change_changes_nothing(mode: Mode, style: Style, wait: Wait, with_zer
     a.release_all().unwrap();
     assert_eq!(a.held(), vec![]);
     assert_eq!(kernel_held(&a), vec![], "{mode} {style:?} {wait:?}: leaked");
-    go.send(1);
-    b.join();
+    b.release();
     assert_eq!(probe(&path, Kind::Exclusive, ..), None);
 }
 
@@ -160,12 +146,11 @@ fn refused_change_leaves_nothing_behind_for_a_blocking_waiter() {
         let g0 = a.read(0).unwrap();
         let g3 = a.read(3).unwrap();
         let g5 = a.write(5).unwrap();
-        let (b, go) = other_owner_holding_7(&path, mode);
+        let b = hold_elsewhere(&path, mode, Kind::Shared, 7);
         assert!(a
             .acquire(Kind::Exclusive, 0..10, Wait::NonBlocking)
             .is_err());
-        go.send(1);
-        b.join();
+        b.release();
         drop((g0, g3, g5));
         // A blocking writer over everything in another process: it gets in
         // only if a left nothing behind.
@@ -194,7 +179,7 @@ fn refused_change_over_every_mix_of_kinds() {
     for mode in MODES {
         let (_dir, path) = lock_path();
         let a = open(&path, mode);
-        let (b, go) = other_owner_holding_7(&path, mode);
+        let b = hold_elsewhere(&path, mode, Kind::Shared, 7);
         // Every sequence of three kinds on 0..3 (27 of them), then a
         // refused exclusive change over 0..8.
         for n in 0..27usize {
@@ -216,8 +201,7 @@ fn refused_change_over_every_mix_of_kinds() {
             assert_eq!(a.held(), vec![(Span::new(0, 8).unwrap(), Kind::Shared)]);
         }
         a.release_all().unwrap();
-        go.send(1);
-        b.join();
+        b.release();
         assert_eq!(kernel_held(&a), vec![]);
     }
 }

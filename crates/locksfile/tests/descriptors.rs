@@ -123,15 +123,7 @@ fn a_sleepers_partial_raises_survive_handles_coming_and_going() {
     let (_dir, path) = lock_path();
     let a = open(&path, Mode::Process);
     let p = &path;
-    let held = Pipe::new();
-    let done = Pipe::new();
-    let other = fork(|| {
-        let h = open(p, Mode::Process);
-        let _g = h.write(5).unwrap();
-        held.send(b'h');
-        done.expect(b'd');
-    });
-    held.expect(b'h');
+    let other = hold_elsewhere(p, Mode::Process, Kind::Exclusive, 5);
     // Shared on 2 splits the sleeper's 0..6 into pieces: 0..2, 2..3 (an
     // upgrade) and 3..6, the one that has to wait.
     a.acquire(Kind::Shared, 2, Wait::NonBlocking).unwrap();
@@ -159,8 +151,7 @@ fn a_sleepers_partial_raises_survive_handles_coming_and_going() {
             "the sleeper's first pieces were dropped while it slept"
         );
         assert!(rx.try_recv().is_err(), "the sleeper must still wait");
-        done.send(b'd');
-        other.join();
+        other.release();
         rx.recv_timeout(STUCK).expect("the sleeper woke").unwrap();
     });
     assert_eq!(

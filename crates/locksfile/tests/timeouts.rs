@@ -358,16 +358,8 @@ fn a_timeout_past_the_clocks_range_waits_as_long_as_it_takes() {
     for mode in MODES {
         for (round, timeout) in huge.into_iter().enumerate() {
             let lf = open(&path, mode);
-            let held = Pipe::new();
-            let done = Pipe::new();
             let p = &path;
-            let holder = fork(|| {
-                let h = open(p, mode);
-                let _g = h.write(0..4).unwrap();
-                held.send(b'h');
-                done.expect(b'd');
-            });
-            held.expect(b'h');
+            let holder = hold_elsewhere(p, mode, Kind::Exclusive, 0..4);
             std::thread::scope(|s| {
                 let (tx, rx) = mpsc::channel();
                 let lf = &lf;
@@ -388,8 +380,7 @@ fn a_timeout_past_the_clocks_range_waits_as_long_as_it_takes() {
                 );
                 // Asleep in F_SETLKW, as a blocking wait.
                 wait_for_waiter(p, 2, waiter_pid(mode, pid()));
-                done.send(b'd');
-                holder.join();
+                holder.release();
                 match rx.recv_timeout(STUCK) {
                     Ok(Ok(())) => {}
                     other => panic!("{mode}: after the release: {other:?}"),

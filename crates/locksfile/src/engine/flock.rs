@@ -22,19 +22,14 @@
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use super::fcntl::{FIRST_POLL, MAX_POLL};
-use super::{Abilities, Engine, Until};
+use super::{Abilities, Engine, Until, INTERRUPT_SLICE};
 use crate::error::{Error, Holder};
 use crate::span::Span;
 use crate::sys::{self, FlockOp};
 use crate::Kind;
-
-/// How long an interruptible upgrade polls before it returns
-/// [`Error::Interrupted`], so its caller can look at signals (a poll's
-/// sleep does not end on one); as a wait behind a sibling thread does.
-const INTERRUPT_SLICE: Duration = Duration::from_millis(20);
 
 /// While converting, every how many polls a try is made even though
 /// `/proc/locks` shows the file taken (about every 64 ms once the back-off

@@ -24,11 +24,16 @@ pub(crate) mod flock;
 #[cfg(test)]
 pub(crate) mod fake;
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::error::{Error, Holder};
 use crate::span::Span;
 use crate::Kind;
+
+/// How long an interruptible wait that cannot be cut short by a signal
+/// (behind a sibling thread, or polling) sleeps before it returns
+/// [`Error::Interrupted`], so that its caller can look at signals.
+pub(crate) const INTERRUPT_SLICE: Duration = Duration::from_millis(20);
 
 /// How long [`Engine::wait_set`] may wait.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -569,3 +569,37 @@ macro_rules! mode_tests {
         }
     )*};
 }
+
+/// A lock held by another process (so another owner in every mode) until
+/// [`Holding::release`].
+pub struct Holding {
+    child: Child,
+    go: Pipe,
+}
+
+/// Fork a process that opens `path` in `mode`, takes `kind` on `s` and
+/// holds it until released; returns once it holds it.
+pub fn hold_elsewhere(path: &Path, mode: Mode, kind: Kind, s: impl locksfile::IntoSpan) -> Holding {
+    let s = span(s);
+    let (ready, go) = (Pipe::new(), Pipe::new());
+    let child = fork(|| {
+        let h = open(path, mode);
+        h.acquire(kind, s, locksfile::Wait::NonBlocking).unwrap();
+        ready.send(b'h');
+        go.expect(b'd');
+    });
+    ready.expect(b'h');
+    Holding { child, go }
+}
+
+impl Holding {
+    pub fn pid(&self) -> u32 {
+        self.child.pid
+    }
+
+    /// Let go, and wait for the process to end.
+    pub fn release(self) {
+        self.go.send(b'd');
+        self.child.join();
+    }
+}
