@@ -97,7 +97,61 @@ pub(crate) fn set_lock(
         (Family::Posix, true) => libc::F_SETLKW,
     };
     let mut fl = flock(ty, range);
-    fcntl_lock(fd, cmd, &mut fl)
+    if wait {
+        fcntl_lock(fd, cmd, &mut fl)
+    } else {
+        fcntl_lock_now(fd, cmd, &mut fl)
+    }
+}
+
+/// [`fcntl_lock`] for a command that never waits, as the `syscall`
+/// instruction itself, not libc's wrapper.
+///
+/// On x86-64 Linux the wrapper costs about 17 ns a call more than the bare
+/// instruction (measured on the uncontended pair, AMD EPYC under KVM):
+/// the first `ret` after a system call is mispredicted and costly, and the
+/// wrapper adds two calls deep to return through. A lock + unlock pair is
+/// two calls, so this is a third of what the bookkeeping around them costs.
+/// The waiting commands keep the wrapper: they are cancellation points there,
+/// and a wait dwarfs it. Elsewhere, the wrapper.
+///
+/// # References
+/// syscall(2), "Architecture calling conventions".
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+#[inline]
+fn fcntl_lock_now(fd: BorrowedFd<'_>, cmd: libc::c_int, fl: &mut libc::flock) -> io::Result<()> {
+    let r: isize;
+    // SAFETY: the x86-64 Linux system call convention: number in rax,
+    // arguments in rdi, rsi, rdx, result in rax, rcx and r11 clobbered, the
+    // stack untouched. `fd` is a live descriptor for the borrow, `cmd` a
+    // command that takes a `struct flock *`, and `fl` an initialised one
+    // that outlives the call (the kernel may write it back; the asm block
+    // is assumed to read and write memory). `libc::flock` is the kernel's
+    // `struct flock` here (64-bit `off_t`), as the wrapper passes it.
+    unsafe {
+        std::arch::asm!(
+            "syscall",
+            inlateout("rax") libc::SYS_fcntl as isize => r,
+            in("rdi") fd.as_raw_fd() as isize,
+            in("rsi") cmd as isize,
+            in("rdx") fl as *mut libc::flock,
+            lateout("rcx") _,
+            lateout("r11") _,
+            options(nostack),
+        );
+    }
+    // The kernel answers -errno (-4095..=-1) on failure, 0 for these commands.
+    if r < 0 {
+        Err(io::Error::from_raw_os_error(-r as i32))
+    } else {
+        Ok(())
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_arch = "x86_64")))]
+#[inline]
+fn fcntl_lock_now(fd: BorrowedFd<'_>, cmd: libc::c_int, fl: &mut libc::flock) -> io::Result<()> {
+    fcntl_lock(fd, cmd, fl)
 }
 
 /// The operations `flock(2)` knows.
@@ -406,4 +460,57 @@ pub(crate) fn fork_generation() -> u64 {
 #[inline]
 pub(crate) fn current_fork_generation() -> u64 {
     FORK_GENERATION.load(Ordering::Relaxed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    fn one(start: i64) -> Range {
+        Range { start, len: 1 }
+    }
+
+    /// The non-waiting set answers as `fcntl(2)` does: granted, refused with
+    /// the kernel's errno, and a bad argument as its own errno.
+    #[test]
+    fn set_lock_answers_with_the_kernels_errno() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let open = || {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)
+                .unwrap()
+        };
+        let (a, b) = (open(), open());
+        let set = |f: &std::fs::File, ty, range| set_lock(f.as_fd(), Family::Ofd, ty, range, false);
+        set(&a, LockType::Write, one(3)).unwrap();
+        let refused = set(&b, LockType::Read, one(3)).unwrap_err();
+        assert!(
+            matches!(
+                refused.raw_os_error(),
+                Some(libc::EAGAIN) | Some(libc::EACCES)
+            ),
+            "{refused:?}"
+        );
+        set(&b, LockType::Write, one(4)).unwrap();
+        let blocker = get_lock(b.as_fd(), Family::Ofd, LockType::Read, one(3))
+            .unwrap()
+            .expect("a's lock");
+        assert_eq!((blocker.ty, blocker.range), (LockType::Write, one(3)));
+        set(&a, LockType::Unlock, one(3)).unwrap();
+        set(&b, LockType::Read, one(3)).unwrap();
+
+        // A negative start is the kernel's EINVAL; a read-only descriptor
+        // cannot take a write lock (EBADF).
+        let bad = set(&a, LockType::Write, one(-1)).unwrap_err();
+        assert_eq!(bad.raw_os_error(), Some(libc::EINVAL));
+        let ro = std::fs::File::open(&path).unwrap();
+        let bad = set(&ro, LockType::Write, one(9)).unwrap_err();
+        assert_eq!(bad.raw_os_error(), Some(libc::EBADF));
+    }
 }
