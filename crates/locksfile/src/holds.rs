@@ -13,13 +13,19 @@ use crate::Kind;
 /// A piecewise-constant map over the whole index space.
 ///
 /// Sorted `(start, value)` pairs; the first starts at 0, each value runs to
-/// the next start (or [`INDEX_END`]), and neighbours always differ, so an
-/// owner holding one lock is three entries and a vector beats a tree: it
-/// keeps its buffer between calls and never allocates on the hot path.
+/// the next start (or [`INDEX_END`]), and neighbours differ, so an owner
+/// holding one lock is three entries and a vector beats a tree: it keeps its
+/// buffer between calls and never allocates on the hot path. The one
+/// exception, [`SegMap::set_within`], may leave a few equal neighbours
+/// behind; [`SegMap::pieces`] shows them, and every reader merges.
 #[derive(Clone, Debug)]
 pub(crate) struct SegMap<V> {
     segs: Vec<(u64, V)>,
 }
+
+/// The largest map that [`SegMap::set_within`] leaves equal neighbours in
+/// (the size up to which [`SegMap::find`] scans).
+const LAZY_LEN: usize = 8;
 
 impl<V: Copy + Eq + Default> SegMap<V> {
     pub fn new() -> Self {
@@ -38,7 +44,7 @@ impl<V: Copy + Eq + Default> SegMap<V> {
     fn find(&self, pos: u64) -> usize {
         // An owner usually holds a handful of pieces: a scan from the top
         // (where new locks go) beats a binary search there.
-        if self.segs.len() <= 8 {
+        if self.segs.len() <= LAZY_LEN {
             let mut i = self.segs.len() - 1;
             while self.segs[i].0 > pos {
                 i -= 1;
@@ -161,6 +167,26 @@ impl<V: Copy + Eq + Default> SegMap<V> {
         }
     }
 
+    /// Set `span`, which lies inside segment `i`, to `new` (which differs
+    /// from the segment's value), as [`SegMap::replace_within`] does, except
+    /// that a span that is its whole segment just takes the new value while
+    /// the map is small, even if that leaves it equal to a neighbour. Taking
+    /// and dropping the same lock again and again, the usual pattern, then
+    /// moves no boundary at all after the first time. Only a map of at most
+    /// [`LAZY_LEN`] entries keeps such a boundary, so there are never more
+    /// than that many, and lookups stay a short scan.
+    #[inline]
+    fn set_within(&mut self, i: usize, span: Span, new: V) {
+        if self.segs.len() <= LAZY_LEN
+            && span.start() == self.segs[i].0
+            && span.end() == self.end_of(i)
+        {
+            self.segs[i].1 = new;
+        } else {
+            self.replace_within(i, span, new);
+        }
+    }
+
     /// `Vec::insert`, minus the move of an empty tail: the new piece is
     /// usually the last (locks are taken above the highest one held).
     #[inline]
@@ -172,7 +198,7 @@ impl<V: Copy + Eq + Default> SegMap<V> {
         }
     }
 
-    /// The pieces of `span` with their values.
+    /// The pieces of `span` with their values; neighbours may be equal.
     pub fn pieces(&self, span: Span) -> impl Iterator<Item = (Span, V)> + '_ {
         let first = self.find(span.start());
         (first..self.segs.len())
@@ -186,7 +212,7 @@ impl<V: Copy + Eq + Default> SegMap<V> {
 
     /// Whether every value is the default.
     pub fn is_empty(&self) -> bool {
-        self.segs.len() == 1 && self.segs[0].1 == V::default()
+        self.segs.iter().all(|s| s.1 == V::default())
     }
 }
 
@@ -346,15 +372,24 @@ fn push_move(out: &mut Vec<Move>, m: Move) {
     out.push(m);
 }
 
-/// How [`Holds::change_in_one_piece`] went, when no call failed.
-pub(crate) enum OnePiece {
-    /// The change spans several pieces (or another handle's layer): take
-    /// the general path.
-    NotOne,
-    /// Made.
-    Done,
-    /// Another owner is in the way of this raise; nothing changed.
-    Refused(Move),
+/// A change that lies inside one piece of the map, worked out by
+/// [`Holds::one_piece`] but not made yet: the common case, one lock taken or
+/// dropped by a guard or by the first handle.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Step {
+    /// The piece's index in the map.
+    i: usize,
+    pub span: Span,
+    old: Counts,
+    new: Counts,
+}
+
+impl Step {
+    /// Where the effective kind moves (`from == to` when it stays).
+    #[inline]
+    pub fn kinds(&self) -> (Option<Kind>, Option<Kind>) {
+        (self.old.effective(), self.new.effective())
+    }
 }
 
 /// Pieces with neighbours of equal kind merged.
@@ -444,50 +479,31 @@ impl Holds {
         }
     }
 
-    /// The fast path, for a change inside one piece of the map and no
-    /// separate explicit layer (the common case: one lock taken or dropped
-    /// by a guard or by the first handle). Works out the piece's effective
-    /// kind before and after, lets `set(span, to)` make the move (it
-    /// answers whether it was granted), and only then commits, so it never
-    /// needs an undo. A lowering is committed even if `set` failed: the
-    /// engine then holds more than the bookkeeping says, which only delays
-    /// others, and the error is reported.
+    /// Work out a change inside one piece of the map with no separate
+    /// explicit layer, without making it; `None` sends it the general way.
+    /// Only the step's own move reaches the engine, and [`Holds::commit`]
+    /// makes it afterwards, so a refused call needs no undo.
     #[inline]
-    pub fn change_in_one_piece<E>(
-        &mut self,
-        change: Change,
-        set: impl FnOnce(Span, Option<Kind>) -> Result<bool, E>,
-    ) -> Result<OnePiece, E> {
+    pub fn one_piece(&self, change: Change) -> Option<Step> {
         let span = change.span();
         let i = self.counts.find(span.start());
         if span.end() > self.counts.end_of(i) {
-            return Ok(OnePiece::NotOne);
+            return None;
         }
         let old = self.counts.segs[i].1;
         let new = match change {
             Change::Guard { from, to, .. } => old.with(from, to),
             Change::Explicit { handle, kind, .. } if handle == FIRST_HANDLE => old.with_first(kind),
-            Change::Explicit { .. } => return Ok(OnePiece::NotOne),
+            Change::Explicit { .. } => return None,
         };
-        let (from, to) = (old.effective(), new.effective());
-        let mut failed = None;
-        if from != to {
-            let raise = rank(to) > rank(from);
-            match set(span, to) {
-                Ok(true) => {}
-                Ok(false) if raise => return Ok(OnePiece::Refused(Move { span, from, to })),
-                Err(e) if raise => return Err(e),
-                // Lowering is never refused; an error is kept to report.
-                Ok(false) => {}
-                Err(e) => failed = Some(e),
-            }
-        }
-        if new != old {
-            self.counts.replace_within(i, span, new);
-        }
-        match failed {
-            None => Ok(OnePiece::Done),
-            Some(e) => Err(e),
+        Some(Step { i, span, old, new })
+    }
+
+    /// Make a step from [`Holds::one_piece`], with nothing applied since.
+    #[inline]
+    pub fn commit(&mut self, step: Step) {
+        if step.new != step.old {
+            self.counts.set_within(step.i, step.span, step.new);
         }
     }
 
@@ -676,6 +692,51 @@ mod tests {
                     from: None,
                     to: ex
                 },
+            ]
+        );
+    }
+
+    /// Taking and dropping one lock after another through the one-piece
+    /// path leaves at most a few boundaries behind, never one per lock, and
+    /// readers still see merged pieces and an empty map.
+    #[test]
+    fn one_piece_steps_leave_few_boundaries() {
+        let mut h = Holds::new();
+        let ex = Some(Kind::Exclusive);
+        for i in 0..100 {
+            for (from, to) in [(None, ex), (ex, None)] {
+                let change = Change::Guard {
+                    span: span(i, i + 1),
+                    from,
+                    to,
+                };
+                let step = match h.one_piece(change) {
+                    Some(step) => step,
+                    // Across a boundary left behind: the general way.
+                    None => {
+                        h.apply(change, &mut Vec::new());
+                        continue;
+                    }
+                };
+                h.commit(step);
+            }
+            assert!(h.counts.segs.len() <= LAZY_LEN + 2, "{:?}", h.counts);
+            assert!(h.is_empty());
+            assert_eq!(h.effective(Span::ALL), vec![(Span::ALL, None)]);
+        }
+        let held = Change::Guard {
+            span: span(40, 42),
+            from: None,
+            to: ex,
+        };
+        h.apply(held, &mut Vec::new());
+        assert!(!h.is_empty());
+        assert_eq!(
+            h.effective(span(30, 50)),
+            vec![
+                (span(30, 40), None),
+                (span(40, 42), ex),
+                (span(42, 50), None)
             ]
         );
     }

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use crate::engine::{Engine, Until, INTERRUPT_SLICE};
 use crate::error::{Error, Holder};
-use crate::holds::{rank, Change, HandleId, Holds, Move, OnePiece, Undo};
+use crate::holds::{rank, Change, HandleId, Holds, Move, Step, Undo};
 use crate::span::Span;
 use crate::sys;
 use crate::{Kind, Wait};
@@ -133,19 +133,57 @@ impl<E: Engine> Owner<E> {
         let started = matches!(wait, Wait::Timeout(_)).then(Instant::now);
         let mut st = self.lock();
         if st.busy.is_empty() {
-            let engine = &self.engine;
-            match st
-                .holds
-                .change_in_one_piece(change, |span, to| engine.try_set(span, to))?
-            {
-                OnePiece::Done => return Ok(()),
-                // Contention on the one raise: straight to waiting (or
-                // failing), without trying the same call again.
-                OnePiece::Refused(m) => return self.refused(st, change, m, vec![m], wait, started),
-                OnePiece::NotOne => {}
+            if let Some(step) = st.holds.one_piece(change) {
+                let (from, to) = step.kinds();
+                if from != to {
+                    match self.engine.try_set(step.span, to) {
+                        Ok(true) => {}
+                        other => {
+                            return self
+                                .one_piece_not_granted(st, change, step, other, wait, started)
+                        }
+                    }
+                }
+                st.holds.commit(step);
+                return Ok(());
             }
         }
         self.change_pieces(st, change, wait, started)
+    }
+
+    /// The one-piece path when its call was refused or failed. A raise then
+    /// changed nothing: a refusal goes straight to waiting (or failing),
+    /// without trying the same call again. A lowering is committed either
+    /// way, as lowering is never refused: after a failed call the engine
+    /// holds more than the bookkeeping says, which only delays other
+    /// owners, and the error is reported.
+    #[cold]
+    #[inline(never)]
+    fn one_piece_not_granted(
+        &self,
+        mut st: MutexGuard<'_, State>,
+        change: Change,
+        step: Step,
+        outcome: Result<bool, Error>,
+        wait: Wait,
+        started: Option<Instant>,
+    ) -> Result<(), Error> {
+        let (from, to) = step.kinds();
+        if rank(to) > rank(from) {
+            return match outcome {
+                Ok(_) => {
+                    let m = Move {
+                        span: step.span,
+                        from,
+                        to,
+                    };
+                    self.refused(st, change, m, vec![m], wait, started)
+                }
+                Err(e) => Err(e),
+            };
+        }
+        st.holds.commit(step);
+        outcome.map(drop)
     }
 
     /// The general path: any number of pieces, raises first. Out of line,
