@@ -62,6 +62,7 @@ impl<H: Deref<Target = LockFile>> Hold<H> {
         )
     }
 
+    #[inline]
     fn release(&mut self) -> Result<(), Error> {
         match self.handle.take() {
             Some(h) => h.change(
@@ -78,6 +79,10 @@ impl<H: Deref<Target = LockFile>> Hold<H> {
 }
 
 impl<H: Deref<Target = LockFile>> Drop for Hold<H> {
+    // Inline, so that dropping a guard calls the unlock directly: on x86-64
+    // each return after a system call is mispredicted, and one level less
+    // saves more than its instructions.
+    #[inline]
     fn drop(&mut self) {
         // Only ever lowers, so it cannot block; `unlock` reports failures.
         let _ = self.release();
