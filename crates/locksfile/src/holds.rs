@@ -45,11 +45,8 @@ impl<V: Copy + Eq + Default> SegMap<V> {
         // An owner usually holds a handful of pieces: a scan from the top
         // (where new locks go) beats a binary search there.
         if self.segs.len() <= LAZY_LEN {
-            let mut i = self.segs.len() - 1;
-            while self.segs[i].0 > pos {
-                i -= 1;
-            }
-            return i;
+            // The first segment starts at 0, so one is always found.
+            return self.segs.iter().rposition(|s| s.0 <= pos).unwrap_or(0);
         }
         // The first segment starts at 0, so the partition point is >= 1.
         self.segs.partition_point(|s| s.0 <= pos) - 1
@@ -167,20 +164,18 @@ impl<V: Copy + Eq + Default> SegMap<V> {
         }
     }
 
-    /// Set `span`, which lies inside segment `i`, to `new` (which differs
-    /// from the segment's value), as [`SegMap::replace_within`] does, except
-    /// that a span that is its whole segment just takes the new value while
+    /// Set `span`, which lies inside segment `i` (`whole`: is all of it), to
+    /// `new` (which differs from the segment's value), as
+    /// [`SegMap::replace_within`] does, except that a span that is its whole
+    /// segment just takes the new value while
     /// the map is small, even if that leaves it equal to a neighbour. Taking
     /// and dropping the same lock again and again, the usual pattern, then
     /// moves no boundary at all after the first time. Only a map of at most
     /// [`LAZY_LEN`] entries keeps such a boundary, so there are never more
     /// than that many, and lookups stay a short scan.
     #[inline]
-    fn set_within(&mut self, i: usize, span: Span, new: V) {
-        if self.segs.len() <= LAZY_LEN
-            && span.start() == self.segs[i].0
-            && span.end() == self.end_of(i)
-        {
+    fn set_within(&mut self, i: usize, whole: bool, span: Span, new: V) {
+        if whole && self.segs.len() <= LAZY_LEN {
             self.segs[i].1 = new;
         } else {
             self.replace_within(i, span, new);
@@ -379,6 +374,8 @@ fn push_move(out: &mut Vec<Move>, m: Move) {
 pub(crate) struct Step {
     /// The piece's index in the map.
     i: usize,
+    /// Whether the span is the whole piece.
+    whole: bool,
     pub span: Span,
     old: Counts,
     new: Counts,
@@ -487,23 +484,32 @@ impl Holds {
     pub fn one_piece(&self, change: Change) -> Option<Step> {
         let span = change.span();
         let i = self.counts.find(span.start());
-        if span.end() > self.counts.end_of(i) {
+        let end = self.counts.end_of(i);
+        if span.end() > end {
             return None;
         }
-        let old = self.counts.segs[i].1;
+        let (start, old) = self.counts.segs[i];
         let new = match change {
             Change::Guard { from, to, .. } => old.with(from, to),
             Change::Explicit { handle, kind, .. } if handle == FIRST_HANDLE => old.with_first(kind),
             Change::Explicit { .. } => return None,
         };
-        Some(Step { i, span, old, new })
+        let whole = span.start() == start && span.end() == end;
+        Some(Step {
+            i,
+            whole,
+            span,
+            old,
+            new,
+        })
     }
 
     /// Make a step from [`Holds::one_piece`], with nothing applied since.
     #[inline]
     pub fn commit(&mut self, step: Step) {
         if step.new != step.old {
-            self.counts.set_within(step.i, step.span, step.new);
+            self.counts
+                .set_within(step.i, step.whole, step.span, step.new);
         }
     }
 
