@@ -117,8 +117,9 @@ impl<V: Copy + Eq + Default> SegMap<V> {
     }
 
     /// Set `span`, which lies inside segment `i`, to `new` (which differs
-    /// from the segment's value), keeping the map coalesced.
-    #[inline]
+    /// from the segment's value), keeping the map coalesced. Out of line:
+    /// the one-piece path mostly finds its piece ready (see `set_within`).
+    #[inline(never)]
     fn replace_within(&mut self, i: usize, span: Span, new: V) {
         let (seg_start, old) = self.segs[i];
         let seg_end = self.end_of(i);
@@ -173,7 +174,7 @@ impl<V: Copy + Eq + Default> SegMap<V> {
     /// moves no boundary at all after the first time. Only a map of at most
     /// [`LAZY_LEN`] entries keeps such a boundary, so there are never more
     /// than that many, and lookups stay a short scan.
-    #[inline]
+    #[inline(always)]
     fn set_within(&mut self, i: usize, whole: bool, span: Span, new: V) {
         if whole && self.segs.len() <= LAZY_LEN {
             self.segs[i].1 = new;
