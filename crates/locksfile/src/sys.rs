@@ -109,15 +109,20 @@ pub(crate) fn set_lock(
 ///
 /// On x86-64 Linux the wrapper costs about 17 ns a call more than the bare
 /// instruction (measured on the uncontended pair, AMD EPYC under KVM):
-/// the first `ret` after a system call is mispredicted and costly, and the
-/// wrapper adds two calls deep to return through. A lock + unlock pair is
-/// two calls, so this is a third of what the bookkeeping around them costs.
-/// The waiting commands keep the wrapper: they are cancellation points there,
-/// and a wait dwarfs it. Elsewhere, the wrapper.
+/// returns right after a system call proved costly there, and the wrapper
+/// adds two calls to return through. A lock + unlock pair makes two calls,
+/// so this was about two thirds of what locksfile added to the raw pair.
+/// The waiting commands keep the wrapper: they are cancellation points
+/// there, and a wait dwarfs it. Other targets (x32 included) use the
+/// wrapper throughout.
 ///
 /// # References
 /// syscall(2), "Architecture calling conventions".
-#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+#[cfg(all(
+    target_os = "linux",
+    target_arch = "x86_64",
+    target_pointer_width = "64"
+))]
 #[inline]
 fn fcntl_lock_now(fd: BorrowedFd<'_>, cmd: libc::c_int, fl: &mut libc::flock) -> io::Result<()> {
     let r: isize;
@@ -148,7 +153,11 @@ fn fcntl_lock_now(fd: BorrowedFd<'_>, cmd: libc::c_int, fl: &mut libc::flock) ->
     }
 }
 
-#[cfg(not(all(target_os = "linux", target_arch = "x86_64")))]
+#[cfg(not(all(
+    target_os = "linux",
+    target_arch = "x86_64",
+    target_pointer_width = "64"
+)))]
 #[inline]
 fn fcntl_lock_now(fd: BorrowedFd<'_>, cmd: libc::c_int, fl: &mut libc::flock) -> io::Result<()> {
     fcntl_lock(fd, cmd, fl)
