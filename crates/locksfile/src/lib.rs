@@ -68,11 +68,17 @@ mod registry;
 mod span;
 mod sys;
 
+/// Reading a [`Mode::Shm`] lock table from outside: who holds what, who
+/// waits (for `locksfile status` and the like).
+pub mod shm {
+    pub use crate::engine::shm::{HeldLock, Snapshot, WaitingLock};
+}
+
 use std::fmt;
 use std::time::{Duration, Instant};
 
 pub use engine::Abilities;
-pub use error::{Error, Holder, NotRegular, Result, SpanError};
+pub use error::{Error, Holder, NotRegular, Result, SidecarProblem, SpanError};
 pub use file::{LockFile, Mode, OpenOptions};
 pub use guard::{ReadGuard, WriteGuard};
 pub use span::{IntoSpan, Span, INDEX_END};
