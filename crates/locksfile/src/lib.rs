@@ -71,6 +71,8 @@ mod sys;
 /// Reading a [`Mode::Shm`] lock table from outside: who holds what, who
 /// waits (for `locksfile status` and the like).
 pub mod shm {
+    #[doc(hidden)]
+    pub use crate::engine::shm::verify;
     pub use crate::engine::shm::{HeldLock, Snapshot, WaitingLock};
 }
 
