@@ -452,10 +452,13 @@ impl Guard<'_> {
     /// Rebuild every derived index from the records, slots and waiters,
     /// dropping whatever does not validate. Dead owners (their liveness
     /// byte free, probed through `fd`) lose their slot and everything.
-    fn repair(&mut self, fd: BorrowedFd<'_>) {
+    /// `me` is the repairer's own slot (`NIL` for none): its liveness
+    /// lock is held through `fd`, which `F_OFD_GETLK` does not report.
+    fn repair(&mut self, fd: BorrowedFd<'_>, me: u32) {
         let h = self.map.header();
         for (s, slot) in self.map.slots().iter_mut().enumerate() {
-            if slot.used != 0 && (slot.used != 1 || !alive(fd, s as u32)) {
+            let dead = s as u32 != me && !alive(fd, s as u32);
+            if slot.used != 0 && (slot.used != 1 || dead) {
                 slot.used = 0;
             }
             slot.head = NIL;
@@ -1364,7 +1367,7 @@ impl Shm {
             .lock()
             .map_err(|e| Error::io("lock table mutex", e))?;
         if died {
-            g.repair(self.fd());
+            g.repair(self.fd(), self.slot);
             // SAFETY: we hold the mutex.
             unsafe { sys::robust_mutex_consistent(self.map.mutex()) };
         }
@@ -1731,7 +1734,7 @@ pub fn verify(lock_path: &Path) -> Result<(), String> {
     let map = check_and_map(&sidecar, fd.as_fd(), None).map_err(|e| e.to_string())?;
     let (mut g, died) = map.lock().map_err(|e| e.to_string())?;
     if died {
-        g.repair(fd.as_fd());
+        g.repair(fd.as_fd(), NIL);
         // SAFETY: we hold the mutex.
         unsafe { sys::robust_mutex_consistent(map.mutex()) };
     }
@@ -1842,7 +1845,7 @@ impl Snapshot {
         let map = check_and_map(&sidecar, fd.as_fd(), None)?;
         let (mut g, died) = map.lock().map_err(|e| Error::io("lock table mutex", e))?;
         if died {
-            g.repair(fd.as_fd());
+            g.repair(fd.as_fd(), NIL);
             // SAFETY: we hold the mutex.
             unsafe { sys::robust_mutex_consistent(map.mutex()) };
         }
@@ -1916,6 +1919,52 @@ mod tests {
         for local in [0x0102_1994, 0xEF53, 0x9123_683E, 0x5846_5342, 0x794C_7630] {
             assert_eq!(network_fs(local), None, "{local:#x}");
         }
+    }
+
+    /// A process that dies holding the table's mutex: the next owner to
+    /// take it repairs the table, and keeps its own locks (its liveness
+    /// lock is invisible through its own descriptor) while the dead
+    /// process's owner loses its.
+    #[test]
+    fn repair_after_a_death_in_the_mutex_keeps_the_living() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.lock");
+        let open = || {
+            let fd = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)
+                .unwrap();
+            Shm::open(&path, fd.into(), true).unwrap()
+        };
+        let a = open();
+        assert!(a.try_set(Span::new(0, 4).unwrap(), Some(Kind::Exclusive)).unwrap());
+        // SAFETY: the child only makes plain calls and `_exit`s.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            let b = open();
+            let ok = b.try_set(Span::new(10, 12).unwrap(), Some(Kind::Shared)).unwrap();
+            let g = b.lock().unwrap();
+            std::mem::forget(g);
+            // SAFETY: ends the child holding the mutex, as a kill would.
+            unsafe { libc::_exit(i32::from(!ok)) };
+        }
+        let mut status = 0;
+        // SAFETY: our child; valid out-pointer.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        assert_eq!(status, 0);
+        // The mutex comes back EOWNERDEAD: repaired under `a`.
+        assert!(a.probe(Span::new(10, 12).unwrap(), Kind::Exclusive).unwrap().is_none());
+        let g = a.lock().unwrap();
+        g.verify().unwrap();
+        assert_eq!(g.map.slots()[a.slot as usize].records, 1);
+        assert_eq!(g.map.slots().iter().filter(|s| s.used == 1).count(), 1);
+        drop(g);
+        let c = open();
+        assert!(!c.try_set(Span::new(2, 3).unwrap(), Some(Kind::Shared)).unwrap());
+        assert!(c.try_set(Span::new(10, 12).unwrap(), Some(Kind::Exclusive)).unwrap());
     }
 
     #[test]
