@@ -43,7 +43,8 @@ fn pairs(c: &mut Criterion) {
     });
     g.bench_function("locksfile shm explicit", |b| {
         b.iter(|| {
-            lf.acquire(Kind::Exclusive, 5u64, Wait::NonBlocking).unwrap();
+            lf.acquire(Kind::Exclusive, 5u64, Wait::NonBlocking)
+                .unwrap();
             lf.release(5u64).unwrap();
         })
     });
@@ -83,7 +84,8 @@ fn pairs(c: &mut Criterion) {
         });
         g.bench_with_input(BenchmarkId::new("locksfile shm explicit", n), &n, |b, _| {
             b.iter(|| {
-                lf.acquire(Kind::Exclusive, 5u64, Wait::NonBlocking).unwrap();
+                lf.acquire(Kind::Exclusive, 5u64, Wait::NonBlocking)
+                    .unwrap();
                 lf.release(5u64).unwrap();
             })
         });

@@ -233,7 +233,11 @@ fn run(mode: Mode, ops: Vec<Op>) -> Result<(), TestCaseError> {
     let layer = |h: usize| if mode == Mode::Process { h } else { 0 };
     // The observer is another owner in both modes: an OFD handle never
     // shares an owner with anything else.
-    let observer_mode = if mode == Mode::Shm { Mode::Shm } else { Mode::Ofd };
+    let observer_mode = if mode == Mode::Shm {
+        Mode::Shm
+    } else {
+        Mode::Ofd
+    };
     let observer = LockFile::options().mode(observer_mode).open(&path).unwrap();
     let other = Other::new(mode, &path);
     let mut model = Model::default();

@@ -257,6 +257,12 @@ unsafe impl Send for Map {}
 // SAFETY: as above.
 unsafe impl Sync for Map {}
 
+// The accessors below hand out `&mut` into memory that other processes
+// share: callers hold the table's mutex (a `Guard`), which every process
+// takes before touching the table, so no one else writes it meanwhile.
+// Each call makes a fresh, short-lived reference from the raw base pointer;
+// the regions (header, slots, waiters, buckets, records) never overlap.
+#[allow(clippy::mut_from_ref)]
 impl Map {
     fn mutex(&self) -> *mut libc::pthread_mutex_t {
         // SAFETY: MUTEX_AT is inside the mapping and suitably aligned.
@@ -376,8 +382,12 @@ impl Guard<'_> {
         }
     }
 
+    #[allow(clippy::mut_from_ref)]
     fn rec(&self, i: u32) -> &mut Rec {
-        &mut self.map.recs()[i as usize]
+        assert!((i as usize) < RECORDS, "record index {i} out of range");
+        // SAFETY: in range; the mutex is held (see `Map`); a reference to
+        // one record only, so references to different records never overlap.
+        unsafe { &mut *self.map.base.add(RECORDS_AT).cast::<Rec>().add(i as usize) }
     }
 
     // ---- derived indices ----
@@ -1940,12 +1950,16 @@ mod tests {
             Shm::open(&path, fd.into(), true).unwrap()
         };
         let a = open();
-        assert!(a.try_set(Span::new(0, 4).unwrap(), Some(Kind::Exclusive)).unwrap());
+        assert!(a
+            .try_set(Span::new(0, 4).unwrap(), Some(Kind::Exclusive))
+            .unwrap());
         // SAFETY: the child only makes plain calls and `_exit`s.
         let pid = unsafe { libc::fork() };
         if pid == 0 {
             let b = open();
-            let ok = b.try_set(Span::new(10, 12).unwrap(), Some(Kind::Shared)).unwrap();
+            let ok = b
+                .try_set(Span::new(10, 12).unwrap(), Some(Kind::Shared))
+                .unwrap();
             let g = b.lock().unwrap();
             std::mem::forget(g);
             // SAFETY: ends the child holding the mutex, as a kill would.
@@ -1956,15 +1970,22 @@ mod tests {
         assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
         assert_eq!(status, 0);
         // The mutex comes back EOWNERDEAD: repaired under `a`.
-        assert!(a.probe(Span::new(10, 12).unwrap(), Kind::Exclusive).unwrap().is_none());
+        assert!(a
+            .probe(Span::new(10, 12).unwrap(), Kind::Exclusive)
+            .unwrap()
+            .is_none());
         let g = a.lock().unwrap();
         g.verify().unwrap();
         assert_eq!(g.map.slots()[a.slot as usize].records, 1);
         assert_eq!(g.map.slots().iter().filter(|s| s.used == 1).count(), 1);
         drop(g);
         let c = open();
-        assert!(!c.try_set(Span::new(2, 3).unwrap(), Some(Kind::Shared)).unwrap());
-        assert!(c.try_set(Span::new(10, 12).unwrap(), Some(Kind::Exclusive)).unwrap());
+        assert!(!c
+            .try_set(Span::new(2, 3).unwrap(), Some(Kind::Shared))
+            .unwrap());
+        assert!(c
+            .try_set(Span::new(10, 12).unwrap(), Some(Kind::Exclusive))
+            .unwrap());
     }
 
     #[test]
