@@ -67,6 +67,9 @@ const LIVENESS: i64 = DMS + 1;
 /// killed holder's waiter gets the lock within this (plus a few µs).
 pub(crate) const LIVENESS_SLICE: Duration = Duration::from_millis(50);
 
+/// Tries after yielding the CPU before a wait queues and sleeps.
+const YIELDS_BEFORE_QUEUEING: u32 = 2;
+
 /// Spans up to this long are checked index by index in the hash; longer
 /// ones walk every owner's records.
 const FINE_SCAN: u64 = 64;
@@ -1468,6 +1471,7 @@ impl Shm {
         let mut g = self.lock()?;
         let mut queued: Option<(u32, u64)> = None;
         let mut slice_over = false;
+        let mut yields = 0;
         loop {
             let ticket = queued.map_or(u64::MAX, |q| q.1);
             let req = Request {
@@ -1485,7 +1489,9 @@ impl Shm {
                 } else {
                     Some(Err(self.full("lock records")))
                 }
-            } else if (queued.is_none() || slice_over) && g.closes_cycle(self.fd(), req) {
+            } else if ((queued.is_none() && yields >= YIELDS_BEFORE_QUEUEING) || slice_over)
+                && g.closes_cycle(self.fd(), req)
+            {
                 Some(Err(Error::Deadlock))
             } else if deadline.is_some_and(|t| Instant::now() >= t) {
                 Some(Err(Error::TimedOut))
@@ -1497,6 +1503,16 @@ impl Shm {
                     g.remove_waiter(me, i, t);
                 }
                 return outcome;
+            }
+            if queued.is_none() && yields < YIELDS_BEFORE_QUEUEING {
+                // A lock held for a moment (hand-over-hand, more processes
+                // than cores) is often free once its holder has run: give
+                // the CPU away and look again before queueing and sleeping.
+                yields += 1;
+                drop(g);
+                std::thread::yield_now();
+                g = self.lock()?;
+                continue;
             }
             if queued.is_none() {
                 queued = Some(
