@@ -701,3 +701,27 @@ fn fair_try_defers_to_a_queued_writer() {
         w.join().unwrap().unwrap();
     });
 }
+
+/// An owner that holds part of a span and asks for all of it converts,
+/// so it queues behind no one, also when the rest of the span comes in
+/// several pieces: here it would otherwise wait behind a waiter that waits
+/// behind a waiter that waits for it, a cycle no one would see.
+#[test]
+fn multi_piece_conversion_queues_behind_no_one() {
+    let _s = serial();
+    let (_dir, path) = lock_path();
+    let (x, y, z) = (shm(&path), shm(&path), shm(&path));
+    x.acquire(Kind::Exclusive, 2, Wait::NonBlocking).unwrap();
+    std::thread::scope(|s| {
+        let yw = s.spawn(|| y.write(2..).map(drop));
+        wait_for_waiter(&path, 2, Some(pid()));
+        let zw = s.spawn(|| z.write(3..6).map(drop));
+        wait_for_waiter(&path, 3, Some(pid()));
+        // Raises 1 and 3..6 (2 is held): granted at once.
+        let r = x.acquire(Kind::Exclusive, 1..6, Wait::Timeout(Duration::from_secs(2)));
+        x.release_all().unwrap();
+        yw.join().unwrap().unwrap();
+        zw.join().unwrap().unwrap();
+        r.expect("a conversion waits for no queued request");
+    });
+}
