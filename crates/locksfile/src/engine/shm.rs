@@ -100,6 +100,9 @@ struct Header {
     waiting: u32,
     /// One past the last waiter entry in use.
     waiter_hwm: u32,
+    /// Records from here on were never used: still zero, in no list, so
+    /// their pages take no memory until needed.
+    fresh: u32,
 }
 
 #[repr(C)]
@@ -496,8 +499,14 @@ impl Guard<'_> {
 
     fn alloc(&mut self) -> u32 {
         let h = self.map.header();
-        let i = h.free_head;
-        h.free_head = self.rec(i).next;
+        let i = if h.free_head != NIL {
+            let i = h.free_head;
+            h.free_head = self.rec(i).next;
+            i
+        } else {
+            h.fresh += 1;
+            h.fresh - 1
+        };
         h.free_count -= 1;
         i
     }
@@ -547,10 +556,12 @@ impl Guard<'_> {
         }
         self.map.buckets().fill(NIL);
         h.free_head = NIL;
-        h.free_count = 0;
         h.coarse_head = NIL;
         h.coarse_count = 0;
-        for i in (0..RECORDS as u32).rev() {
+        let fresh = h.fresh.min(RECORDS as u32);
+        h.fresh = fresh;
+        h.free_count = RECORDS as u32 - fresh;
+        for i in (0..fresh).rev() {
             let r = *self.rec(i);
             if r.owner != 0 && valid(r.owner, r.kind, r.start, r.end) {
                 self.link(i);
@@ -577,15 +588,12 @@ impl Guard<'_> {
         for s in self.map.slots().iter_mut() {
             s.used = 0;
         }
-        for r in self.map.recs().iter_mut() {
-            r.owner = 0;
-        }
+        // The records are zero (the file was just truncated): none in use,
+        // all fresh, their pages untouched.
         self.map.buckets().fill(NIL);
         h.free_head = NIL;
-        h.free_count = 0;
-        for i in (0..RECORDS as u32).rev() {
-            self.free(i);
-        }
+        h.fresh = 0;
+        h.free_count = RECORDS as u32;
         h.coarse_head = NIL;
         h.coarse_count = 0;
         h.waiting = 0;
@@ -1760,11 +1768,22 @@ impl Guard<'_> {
             walk(self.map.buckets()[b], "a bucket")?;
         }
         let free = walk(h.free_head, "the free list")?;
-        if free != h.free_count as usize {
-            return Err(format!("free list {free}, counter {}", h.free_count));
+        let fresh = h.fresh as usize;
+        if fresh > RECORDS || free + (RECORDS - fresh) != h.free_count as usize {
+            return Err(format!(
+                "free list {free} and {} fresh, counter {}",
+                RECORDS.saturating_sub(fresh),
+                h.free_count
+            ));
         }
         for (i, r) in self.map.recs().iter().enumerate() {
             let used = r.owner != 0;
+            if i >= fresh {
+                if used || seen_tier[i] != 0 || seen_owner[i] != 0 {
+                    return Err(format!("fresh record {i} is in use or in a list"));
+                }
+                continue;
+            }
             if seen_tier[i] != 1 || seen_owner[i] != u8::from(used) {
                 return Err(format!(
                     "record {i} (owner {}) is in {} index chains and {} owner lists",
