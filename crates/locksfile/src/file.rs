@@ -592,8 +592,8 @@ impl LockFile {
 
     /// What this handle's mode offers beyond mutual exclusion: whether a
     /// wait that would deadlock is refused ([`Error::Deadlock`], process
-    /// mode) or waits forever (OFD mode), whether waiters are served in
-    /// order, whether a dead holder's locks are freed.
+    /// and shm modes) or waits forever (OFD mode), whether waiters are
+    /// served in order (shm mode), whether a dead holder's locks are freed.
     ///
     /// ```
     /// use locksfile::{LockFile, Mode};
