@@ -725,3 +725,19 @@ fn multi_piece_conversion_queues_behind_no_one() {
         r.expect("a conversion waits for no queued request");
     });
 }
+
+/// What the mode says it offers, and its name.
+#[test]
+fn abilities_and_name() {
+    let _s = serial();
+    let (_dir, path) = lock_path();
+    let lf = shm(&path);
+    let a = lf.abilities();
+    assert!(a.detects_deadlocks && a.fair && a.releases_on_death);
+    assert_eq!(lf.mode().to_string(), "shm");
+    assert!(lf.table_owner().is_some());
+    assert_eq!(
+        open(&path.with_extension("other"), Mode::Ofd).table_owner(),
+        None
+    );
+}
