@@ -741,3 +741,43 @@ fn abilities_and_name() {
         None
     );
 }
+
+/// A lock file on a FUSE file system (mounted with `bindfs` where the
+/// machine has it and lets us mount): refused, naming the file system.
+/// Where it cannot mount, the test says so and checks nothing more; the
+/// classification itself is unit-tested in the engine.
+#[test]
+fn fuse_mount_refused() {
+    let _s = serial();
+    let src = tempfile::tempdir().unwrap();
+    let mnt = tempfile::tempdir().unwrap();
+    let mounted = std::process::Command::new("bindfs")
+        .arg(src.path())
+        .arg(mnt.path())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("fuse_mount_refused: cannot mount with bindfs here; not run");
+        return;
+    }
+    let path = mnt.path().join("data.lock");
+    let r = LockFile::options().mode(Mode::Shm).open(&path);
+    let unmounted = std::process::Command::new("umount")
+        .arg(mnt.path())
+        .status()
+        .is_ok_and(|s| s.success());
+    match r {
+        Err(e @ Error::NetworkFileSystem { .. }) => {
+            let Error::NetworkFileSystem { path: p, fs } = &e else {
+                unreachable!()
+            };
+            assert_eq!(*p, path);
+            assert_eq!(*fs, "FUSE");
+            assert!(e.to_string().contains("FUSE"), "{e}");
+        }
+        other => panic!("shm on FUSE: {other:?}"),
+    }
+    assert!(unmounted, "umount {}", mnt.path().display());
+    // Nothing was created beside it.
+    assert!(!src.path().join("data.lock-shm").exists());
+}
