@@ -886,6 +886,7 @@ fn mode_name(m: Mode) -> &'static str {
         Mode::Ofd => "ofd",
         Mode::Process => "process",
         Mode::Flock => "flock",
+        Mode::Shm => "shm",
     }
 }
 

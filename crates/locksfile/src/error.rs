@@ -47,8 +47,9 @@ pub struct Holder {
     pub kind: Kind,
     /// The holding process for a process-associated lock, the process that
     /// took it for a `flock(2)` lock (it may have shared it through `fork`
-    /// since); `None` for an open-file-description lock, whose owner the
-    /// kernel does not name.
+    /// since), the process that opened the owning handle in
+    /// [`Mode::Shm`](crate::Mode::Shm); `None` for an open-file-description
+    /// lock, whose owner the kernel does not name.
     pub pid: Option<u32>,
 }
 
@@ -92,6 +93,51 @@ impl fmt::Display for NotRegular {
     }
 }
 
+/// What is wrong with a [`Mode::Shm`](crate::Mode::Shm) sidecar file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SidecarProblem {
+    /// It is not empty and does not start with the table's magic number:
+    /// some other file, left untouched.
+    Foreign,
+    /// It was written by a newer version of this library.
+    NewerVersion {
+        /// The version found.
+        found: u32,
+    },
+    /// Its size is not the table's (truncated or grown by something else).
+    WrongSize {
+        /// The size found, in bytes.
+        found: u64,
+        /// The size the table has.
+        expected: u64,
+    },
+    /// Its table belongs to another file than the one now at the lock path
+    /// (the lock file was replaced while the table was in use).
+    OtherLockFile,
+}
+
+impl fmt::Display for SidecarProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SidecarProblem::Foreign => f.write_str("it is not a lock table (wrong magic number)"),
+            SidecarProblem::NewerVersion { found } => {
+                write!(
+                    f,
+                    "its table has version {found}, newer than this library's"
+                )
+            }
+            SidecarProblem::WrongSize { found, expected } => {
+                write!(f, "it is {found} bytes long, not {expected}")
+            }
+            SidecarProblem::OtherLockFile => f.write_str(
+                "its table belongs to another file than the one at the lock path \
+                 (was the lock file replaced while in use?)",
+            ),
+        }
+    }
+}
+
 /// Everything that can go wrong, told apart so callers can react.
 ///
 /// Converts into [`std::io::Error`] with a fitting [`io::ErrorKind`]; the
@@ -105,7 +151,9 @@ pub enum Error {
         /// The conflicting lock, where a follow-up `F_GETLK` found one.
         holder: Option<Holder>,
     },
-    /// The kernel found that waiting would deadlock (`EDEADLK`, process mode).
+    /// Waiting would deadlock: the kernel said so (`EDEADLK`, process
+    /// mode), or the wait would close a cycle of waiting owners
+    /// ([`Mode::Shm`](crate::Mode::Shm)). Nothing was changed.
     Deadlock,
     /// The deadline passed before the lock could be had.
     TimedOut,
@@ -157,6 +205,40 @@ pub enum Error {
         /// The kernel's answer to `open(2)`.
         source: io::Error,
     },
+    /// The [`Mode::Shm`](crate::Mode::Shm) sidecar file cannot be used; it
+    /// is left as it is.
+    Sidecar {
+        /// The sidecar's path.
+        path: PathBuf,
+        /// What is wrong with it.
+        problem: SidecarProblem,
+    },
+    /// The [`Mode::Shm`](crate::Mode::Shm) table has no room left for
+    /// another owner, lock record or waiter; nothing was changed.
+    TableFull {
+        /// The sidecar's path.
+        path: PathBuf,
+        /// What ran out: `"owners"`, `"lock records"` or `"waiters"`.
+        what: &'static str,
+    },
+    /// The lock file is in use by another engine that would not exclude
+    /// this one: a [`Mode::Shm`](crate::Mode::Shm) table when opening in a
+    /// kernel mode, or kernel locks when opening in `Shm` mode.
+    MixedModes {
+        /// The lock path.
+        path: PathBuf,
+        /// What is in use: `"a shared-memory lock table"`, `"fcntl record
+        /// locks"` or `"flock(2) locks"`.
+        in_use: &'static str,
+    },
+    /// [`Mode::Shm`](crate::Mode::Shm) refuses a network file system: mapped
+    /// memory is not kept coherent between hosts.
+    NetworkFileSystem {
+        /// The lock path.
+        path: PathBuf,
+        /// The file system's name.
+        fs: &'static str,
+    },
     /// Any other failure of a system call.
     Io {
         /// What was being done.
@@ -206,6 +288,27 @@ impl fmt::Display for Error {
             Error::Open { path, source } => {
                 write!(f, "cannot open lock file {}: {source}", path.display())
             }
+            Error::Sidecar { path, problem } => {
+                write!(f, "cannot use lock table {}: {problem}", path.display())
+            }
+            Error::TableFull { path, what } => {
+                write!(
+                    f,
+                    "lock table {} has no room for more {what}",
+                    path.display()
+                )
+            }
+            Error::MixedModes { path, in_use } => write!(
+                f,
+                "{} is in use with {in_use}, which this mode would not exclude",
+                path.display()
+            ),
+            Error::NetworkFileSystem { path, fs } => write!(
+                f,
+                "{} is on a network file system ({fs}): shared-memory lock tables \
+                 are not coherent between hosts",
+                path.display()
+            ),
             Error::Io { op, source } => write!(f, "{op}: {source}"),
         }
     }
@@ -241,6 +344,10 @@ impl From<Error> for io::Error {
                 _ => io::ErrorKind::InvalidInput,
             },
             Error::Open { source, .. } | Error::Io { source, .. } => source.kind(),
+            Error::Sidecar { .. } => io::ErrorKind::InvalidData,
+            Error::TableFull { .. } => io::ErrorKind::OutOfMemory,
+            Error::MixedModes { .. } => io::ErrorKind::ResourceBusy,
+            Error::NetworkFileSystem { .. } => io::ErrorKind::Unsupported,
             Error::Forked | Error::ConversionLost { .. } => io::ErrorKind::Other,
         };
         io::Error::new(kind, e)

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use crate::engine::fcntl::Fcntl;
 use crate::engine::flock::Flock;
+use crate::engine::shm::Shm;
 use crate::engine::Engine;
 use crate::error::{Error, Holder, NotRegular, SpanError};
 use crate::guard::{ReadGuard, WriteGuard};
@@ -25,6 +26,7 @@ use crate::{registry, Kind, Wait};
 enum Owners {
     Fcntl(Arc<Owner<Fcntl>>),
     Flock(Arc<Owner<Flock>>),
+    Shm(Arc<Owner<Shm>>),
 }
 
 /// Run `$body` with `$o` bound to the owner, whichever engine it has.
@@ -33,6 +35,7 @@ macro_rules! with_owner {
         match $owners {
             Owners::Fcntl($o) => $body,
             Owners::Flock($o) => $body,
+            Owners::Shm($o) => $body,
         }
     };
 }
@@ -65,6 +68,48 @@ pub enum Mode {
     /// `/proc/locks` shows the way clear, and keeps its shared lock between
     /// tries. A holder is named by the pid `/proc/locks` shows.
     Flock,
+    /// A lock table in shared memory: the sidecar file `<lock path>-shm`
+    /// beside the lock file, mapped by every owner, guarded by one robust
+    /// process-shared mutex. Each handle is its own owner, as in OFD mode,
+    /// with the same spans, kinds, in-place conversion and waits, at the
+    /// cost of a futex instead of two `fcntl` calls, and:
+    /// - **deadlock detection** for any owner and any cycle length: the
+    ///   wait that would close a cycle fails with [`Error::Deadlock`] (two
+    ///   readers that both upgrade are such a cycle). Threads sharing one
+    ///   handle are one owner: a cycle through a handle counts even when
+    ///   another of its threads could still release;
+    /// - **fair grants**: a request waits behind earlier conflicting
+    ///   waiters of other owners, so readers cannot starve a writer (a
+    ///   conversion, and a request whose own locks hold up the earlier
+    ///   waiter, go first; non-blocking tries follow the same rule);
+    /// - **all-or-nothing waits**: a change of several pieces waits until
+    ///   all can be had, holding none of them meanwhile.
+    ///
+    /// A holder that dies (even `SIGKILL`) loses its locks: each owner
+    /// holds an OFD lock on a byte of the sidecar while it lives, and a
+    /// waiter checks its blockers that way every 50 ms, so a dead holder's
+    /// waiter gets the lock within about 50 ms. No pid is trusted.
+    ///
+    /// The sidecar is created with the lock file's permission bits (no
+    /// symlink followed, `O_CLOEXEC`); every user must be able to write
+    /// it, even one that opens the lock file read-only. It is 2.9 MiB,
+    /// sparse: a table in use takes about 340 KiB of memory (and disk),
+    /// plus 40 bytes per lock piece held at the busiest moment. It holds up to
+    /// 1,024 owners, 1,024 waiting threads and 65,536 lock pieces
+    /// ([`Error::TableFull`] beyond that). The first opener when no one
+    /// uses it resets it; a file that is not a table of this version, or
+    /// has the wrong size, is refused ([`Error::Sidecar`]) and left alone.
+    /// Network file systems are refused ([`Error::NetworkFileSystem`]:
+    /// NFS, SMB/CIFS, 9p, Ceph, AFS, FUSE, Coda, Lustre, GPFS), as mapped
+    /// memory is not coherent between hosts.
+    ///
+    /// Kernel locks never meet the table: opening the file in a kernel
+    /// mode while its table is in use, or in this mode while it has
+    /// `fcntl` or `flock(2)` locks, fails with [`Error::MixedModes`]. Not
+    /// seen: a kernel-mode handle opened before the table came into use
+    /// that held nothing when this mode opened. [`crate::shm::Snapshot`]
+    /// reads the table from outside.
+    Shm,
 }
 
 impl fmt::Display for Mode {
@@ -73,6 +118,7 @@ impl fmt::Display for Mode {
             Mode::Ofd => "ofd",
             Mode::Process => "process",
             Mode::Flock => "flock",
+            Mode::Shm => "shm",
         })
     }
 }
@@ -261,12 +307,25 @@ impl OpenOptions {
                 found: not_regular(id.file_type),
             });
         }
-        Ok(self.own(id.dev, id.ino, fd, writable))
+        self.own(path, id.dev, id.ino, fd, writable)
     }
 
     /// A new owner of (dev, ino) on `fd` (joining the process-mode one).
-    fn own(&self, dev: u64, ino: u64, fd: OwnedFd, writable: bool) -> Owners {
-        match self.mode {
+    fn own(
+        &self,
+        path: &Path,
+        dev: u64,
+        ino: u64,
+        fd: OwnedFd,
+        writable: bool,
+    ) -> Result<Owners, Error> {
+        if self.mode != Mode::Shm && crate::engine::shm::table_in_use(path, Some(fd.as_fd())) {
+            // Closed through the registry: a process-mode owner of the file
+            // in this process would lose its locks to a plain close.
+            registry::close(dev, ino, fd);
+            return Err(table_in_use(path));
+        }
+        Ok(match self.mode {
             Mode::Ofd => Owners::Fcntl(Arc::new(Owner::new(Fcntl::new(
                 sys::Family::Ofd,
                 dev,
@@ -276,7 +335,8 @@ impl OpenOptions {
             )))),
             Mode::Process => Owners::Fcntl(registry::join(dev, ino, fd, writable)),
             Mode::Flock => Owners::Flock(Arc::new(Owner::new(Flock::new(dev, ino, fd, writable)))),
-        }
+            Mode::Shm => Owners::Shm(Arc::new(Owner::new(Shm::open(path, fd, writable)?))),
+        })
     }
 
     /// An owner for a new handle without opening a new descriptor, where the
@@ -300,35 +360,37 @@ impl OpenOptions {
             return Ok(None);
         }
         let family = match self.mode {
-            Mode::Ofd | Mode::Flock => sys::Family::Ofd,
+            Mode::Ofd | Mode::Flock | Mode::Shm => sys::Family::Ofd,
             Mode::Process => sys::Family::Posix,
         };
         let reused = |r| match r {
-            registry::Reuse::Joined(owner) => Some(Owners::Fcntl(owner)),
+            registry::Reuse::Joined(_) if crate::engine::shm::table_in_use(path, None) => {
+                Some(Err(table_in_use(path)))
+            }
+            registry::Reuse::Joined(owner) => Some(Ok(Owners::Fcntl(owner))),
             // A parked descriptor may be writable; a read-only handle
             // still takes shared locks only.
             registry::Reuse::Lent(fd, writable) => {
-                Some(self.own(id.dev, id.ino, fd, writable && self.write))
+                Some(self.own(path, id.dev, id.ino, fd, writable && self.write))
             }
             registry::Reuse::NoFit | registry::Reuse::NoOwner => None,
         };
+        let reused = |r| reused(r).transpose();
         if !self.write {
             // Shared locks only: a descriptor of either kind serves.
-            return Ok(reused(registry::reuse(id.dev, id.ino, family, true)));
+            return reused(registry::reuse(id.dev, id.ino, family, true));
         }
         match registry::reuse(id.dev, id.ino, family, false) {
             registry::Reuse::NoOwner => return Ok(None),
             registry::Reuse::NoFit => {}
-            r => return Ok(reused(r)),
+            r => return reused(r),
         }
         // Nothing writable to reuse. If the file opens for writing now, that
         // descriptor is worth keeping (writable ones are lent again); if it
         // does not, a read-only one is reused rather than one more opened.
         match sys::open(c, self.how(true, false)) {
             Ok(fd) => self.owner_of(path, fd, true).map(Some),
-            Err(e) if only_read_only(&e) => {
-                Ok(reused(registry::reuse(id.dev, id.ino, family, true)))
-            }
+            Err(e) if only_read_only(&e) => reused(registry::reuse(id.dev, id.ino, family, true)),
             // Let the usual open meet and report it.
             Err(_) => Ok(None),
         }
@@ -428,6 +490,13 @@ impl OpenOptions {
     }
 }
 
+fn table_in_use(path: &Path) -> Error {
+    Error::MixedModes {
+        path: path.to_path_buf(),
+        in_use: "a shared-memory lock table",
+    }
+}
+
 /// Whether a failed open for writing means the file can still be opened
 /// read-only (and take shared locks).
 fn only_read_only(e: &io::Error) -> bool {
@@ -523,8 +592,8 @@ impl LockFile {
 
     /// What this handle's mode offers beyond mutual exclusion: whether a
     /// wait that would deadlock is refused ([`Error::Deadlock`], process
-    /// mode) or waits forever (OFD mode), whether waiters are served in
-    /// order, whether a dead holder's locks are freed.
+    /// and shm modes) or waits forever (OFD mode), whether waiters are
+    /// served in order (shm mode), whether a dead holder's locks are freed.
     ///
     /// ```
     /// use locksfile::{LockFile, Mode};
@@ -537,6 +606,16 @@ impl LockFile {
     /// ```
     pub fn abilities(&self) -> crate::Abilities {
         with_owner!(&self.owner, o => o.engine.abilities())
+    }
+
+    /// In [`Mode::Shm`], this handle's owner id as
+    /// [`shm::Snapshot`](crate::shm::Snapshot) lists it; `None` in the
+    /// kernel modes.
+    pub fn table_owner(&self) -> Option<u64> {
+        match &self.owner {
+            Owners::Shm(o) => Some(o.engine.owner_id()),
+            _ => None,
+        }
     }
 
     /// Whether the file could be opened for writing (needed for exclusive locks).
@@ -567,6 +646,12 @@ impl LockFile {
                 o.change(change, wait)
             }
             Owners::Flock(o) => self.change_flock(o, change, wait, wants_exclusive),
+            Owners::Shm(o) => {
+                if wants_exclusive && !o.engine.writable() {
+                    return Err(self.read_only());
+                }
+                o.change(change, wait)
+            }
         }
     }
 
@@ -789,6 +874,7 @@ impl AsFd for LockFile {
                 sys::borrow_raw(raw)
             }
             Owners::Flock(o) => o.engine.fd(),
+            Owners::Shm(o) => o.engine.lock_fd(),
         }
     }
 }

@@ -339,13 +339,32 @@ impl<E: Engine> Owner<E> {
 
         // No early return from here on: the busy mark must go.
         let mut outcome = Ok(());
-        for m in &raises {
-            let kind = m.to.expect("a raise has a kind");
-            outcome = self.engine.wait_set(m.span, kind, until);
-            if outcome.is_err() {
-                break;
+        let first = raises.first().and_then(|m| m.to);
+        let all_at_once = match first {
+            Some(kind) if raises.len() > 1 && raises.iter().all(|m| m.to == first) => {
+                let spans: Vec<Span> = raises.iter().map(|m| m.span).collect();
+                self.engine
+                    .wait_set_all(&spans, kind, until)
+                    .map(|r| (r, kind))
             }
-            overwrite(&mut held, m.span, Some(kind));
+            _ => None,
+        };
+        if let Some((r, kind)) = all_at_once {
+            outcome = r;
+            if outcome.is_ok() {
+                for m in &raises {
+                    overwrite(&mut held, m.span, Some(kind));
+                }
+            }
+        } else {
+            for m in &raises {
+                let kind = m.to.expect("a raise has a kind");
+                outcome = self.engine.wait_set(m.span, kind, until);
+                if outcome.is_err() {
+                    break;
+                }
+                overwrite(&mut held, m.span, Some(kind));
+            }
         }
 
         let mut st = self.lock();

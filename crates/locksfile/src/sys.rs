@@ -11,8 +11,10 @@
 use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU32;
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::sync::Once;
+use std::time::Duration;
 
 /// The lock kinds the kernel knows, as `l_type` values.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -308,6 +310,9 @@ pub(crate) struct FileId {
     pub dev: u64,
     pub ino: u64,
     pub file_type: FileType,
+    /// Permission bits (`st_mode & 0o7777`).
+    pub mode: u32,
+    pub size: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -366,6 +371,8 @@ fn file_id(st: &libc::stat) -> FileId {
         dev: st.st_dev,
         ino: st.st_ino,
         file_type,
+        mode: st.st_mode & 0o7777,
+        size: st.st_size as u64,
     }
 }
 
@@ -449,8 +456,47 @@ pub(crate) fn borrow_raw<'a>(fd: RawFd) -> BorrowedFd<'a> {
 /// was inherited without paying for a `getpid` syscall on every operation.
 static FORK_GENERATION: AtomicU64 = AtomicU64::new(0);
 
+/// How many descriptors [`close_in_children`] can hold at once.
+pub(crate) const CLOSE_IN_CHILDREN_MAX: usize = 4096;
+
+/// Descriptors closed in every child right after `fork` (`-1`: free). A
+/// fixed array of atomics, as the hook runs in the child of a process that
+/// may have had other threads mid-call: no lock may be taken there.
+static CLOSE_IN_CHILD: [AtomicI32; CLOSE_IN_CHILDREN_MAX] =
+    [const { AtomicI32::new(-1) }; CLOSE_IN_CHILDREN_MAX];
+
+/// Have every child made by `fork` from now on close `fd` at once, before
+/// it runs any code of its own: `false` when the table is full.
+pub(crate) fn close_in_children(fd: RawFd) -> bool {
+    fork_generation();
+    CLOSE_IN_CHILD.iter().any(|slot| {
+        slot.compare_exchange(-1, fd, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+    })
+}
+
+/// Undo [`close_in_children`] before `fd` is closed.
+pub(crate) fn keep_in_children(fd: RawFd) {
+    for slot in &CLOSE_IN_CHILD {
+        if slot
+            .compare_exchange(fd, -1, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+        {
+            return;
+        }
+    }
+}
+
 extern "C" fn after_fork_in_child() {
     FORK_GENERATION.fetch_add(1, Ordering::Relaxed);
+    for slot in &CLOSE_IN_CHILD {
+        let fd = slot.swap(-1, Ordering::Relaxed);
+        if fd >= 0 {
+            // SAFETY: close(2) is async-signal-safe; the descriptor was
+            // registered by its owner, which never closes it in a child.
+            unsafe { libc::close(fd) };
+        }
+    }
 }
 
 /// The current fork generation; registers the `pthread_atfork` hook on first use.
@@ -469,6 +515,201 @@ pub(crate) fn fork_generation() -> u64 {
 #[inline]
 pub(crate) fn current_fork_generation() -> u64 {
     FORK_GENERATION.load(Ordering::Relaxed)
+}
+
+/// `fstatfs(fd)`: the file system's magic number (`f_type`).
+pub(crate) fn fs_type(fd: BorrowedFd<'_>) -> io::Result<i64> {
+    // SAFETY: `statfs` is plain data; zeroed is valid and fstatfs overwrites it.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: live descriptor, valid out-pointer.
+    if unsafe { libc::fstatfs(fd.as_raw_fd(), &mut st) } == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    #[allow(clippy::unnecessary_cast)]
+    Ok(st.f_type as i64)
+}
+
+/// `ftruncate(fd, len)`.
+pub(crate) fn ftruncate(fd: BorrowedFd<'_>, len: u64) -> io::Result<()> {
+    loop {
+        // SAFETY: live descriptor, integer length.
+        if unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) } == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINTR) {
+            return Err(e);
+        }
+    }
+}
+
+/// `pread(fd, buf, offset)` until `buf` is full or the file ends: the
+/// number of bytes read.
+pub(crate) fn pread(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        // SAFETY: live descriptor; the pointer and length describe the
+        // unfilled tail of `buf`, which outlives the call.
+        let n = unsafe {
+            libc::pread(
+                fd.as_raw_fd(),
+                buf[done..].as_mut_ptr().cast(),
+                buf.len() - done,
+                (offset + done as u64) as libc::off_t,
+            )
+        };
+        match n {
+            0 => break,
+            n if n > 0 => done += n as usize,
+            _ => {
+                let e = io::Error::last_os_error();
+                if e.raw_os_error() != Some(libc::EINTR) {
+                    return Err(e);
+                }
+            }
+        }
+    }
+    Ok(done)
+}
+
+/// `mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)`.
+pub(crate) fn map_shared(fd: BorrowedFd<'_>, len: usize) -> io::Result<*mut u8> {
+    // SAFETY: no fixed address, so nothing existing is replaced; the
+    // caller checked that the file is at least `len` bytes long.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd.as_raw_fd(),
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(p.cast())
+}
+
+/// `munmap(ptr, len)`.
+///
+/// # Safety
+/// `ptr` and `len` are a mapping made by [`map_shared`] that nothing uses
+/// any more.
+pub(crate) unsafe fn unmap(ptr: *mut u8, len: usize) {
+    // SAFETY: as the caller promises.
+    unsafe { libc::munmap(ptr.cast(), len) };
+}
+
+/// `futex(word, FUTEX_WAIT, expected, timeout)` on a word in shared memory
+/// (no `FUTEX_PRIVATE_FLAG`: other processes wake it). `Ok(())` when woken
+/// or the word had changed; `ETIMEDOUT` and `EINTR` come back as errors.
+pub(crate) fn futex_wait(word: &AtomicU32, expected: u32, timeout: Duration) -> io::Result<()> {
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs().min(i64::MAX as u64) as libc::time_t,
+        tv_nsec: timeout.subsec_nanos() as libc::c_long,
+    };
+    // SAFETY: `word` is a live, aligned 32-bit word; `ts` outlives the call.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAIT,
+            expected,
+            &ts as *const libc::timespec,
+        )
+    };
+    if r == -1 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EAGAIN) {
+            return Ok(());
+        }
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// `futex(word, FUTEX_WAKE, INT_MAX)`: wake every waiter on `word`.
+pub(crate) fn futex_wake_all(word: &AtomicU32) {
+    // SAFETY: `word` is a live, aligned 32-bit word.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAKE,
+            libc::c_int::MAX,
+        );
+    }
+}
+
+/// `pthread_mutex_init` of a robust, process-shared mutex at `m`.
+///
+/// # Safety
+/// `m` points to writable memory for a `pthread_mutex_t` that no one uses.
+pub(crate) unsafe fn robust_mutex_init(m: *mut libc::pthread_mutex_t) -> io::Result<()> {
+    // SAFETY: the attribute lives on our stack for the whole block; `m` is
+    // as the caller promises.
+    unsafe {
+        let mut attr: libc::pthread_mutexattr_t = std::mem::zeroed();
+        let mut r = libc::pthread_mutexattr_init(&mut attr);
+        if r == 0 {
+            r = libc::pthread_mutexattr_setpshared(&mut attr, libc::PTHREAD_PROCESS_SHARED);
+        }
+        if r == 0 {
+            r = libc::pthread_mutexattr_setrobust(&mut attr, libc::PTHREAD_MUTEX_ROBUST);
+        }
+        if r == 0 {
+            r = libc::pthread_mutex_init(m, &attr);
+        }
+        libc::pthread_mutexattr_destroy(&mut attr);
+        if r != 0 {
+            return Err(io::Error::from_raw_os_error(r));
+        }
+    }
+    Ok(())
+}
+
+/// How taking a robust mutex went.
+pub(crate) enum Locked {
+    Clean,
+    /// The previous holder died holding it: repair what it guards, then
+    /// [`robust_mutex_consistent`].
+    OwnerDied,
+}
+
+/// `pthread_mutex_lock(m)` of a robust mutex.
+///
+/// # Safety
+/// `m` points to a mutex made by [`robust_mutex_init`], mapped for as long
+/// as the caller holds it.
+#[inline]
+pub(crate) unsafe fn robust_mutex_lock(m: *mut libc::pthread_mutex_t) -> io::Result<Locked> {
+    // SAFETY: as the caller promises.
+    match unsafe { libc::pthread_mutex_lock(m) } {
+        0 => Ok(Locked::Clean),
+        libc::EOWNERDEAD => Ok(Locked::OwnerDied),
+        e => Err(io::Error::from_raw_os_error(e)),
+    }
+}
+
+/// `pthread_mutex_consistent(m)`, after repairing.
+///
+/// # Safety
+/// As [`robust_mutex_lock`], and the caller holds `m`.
+pub(crate) unsafe fn robust_mutex_consistent(m: *mut libc::pthread_mutex_t) {
+    // SAFETY: as the caller promises.
+    unsafe { libc::pthread_mutex_consistent(m) };
+}
+
+/// `pthread_mutex_unlock(m)`.
+///
+/// # Safety
+/// As [`robust_mutex_lock`], and the caller holds `m`.
+#[inline]
+pub(crate) unsafe fn robust_mutex_unlock(m: *mut libc::pthread_mutex_t) {
+    // SAFETY: as the caller promises.
+    unsafe { libc::pthread_mutex_unlock(m) };
 }
 
 #[cfg(test)]

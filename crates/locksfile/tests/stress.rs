@@ -797,7 +797,7 @@ fn worker(t: &Table, path: &std::path::Path, mode: Mode, p: usize, seed: u64, un
             }],
             [0, 1, 2],
         ),
-        Mode::Ofd => (
+        Mode::Ofd | Mode::Shm => (
             vec![
                 Owner {
                     row: 2 * p,
@@ -910,7 +910,7 @@ fn stress(mode: Mode) {
     let (_dir, path) = lock_path();
     drop(open(&path, mode)); // create the file before anyone races to
     let owners = match mode {
-        Mode::Ofd => 2 * PROCS,
+        Mode::Ofd | Mode::Shm => 2 * PROCS,
         Mode::Process => PROCS,
         Mode::Flock => unreachable!("the stress table locks byte ranges; flock mode has none"),
     };
@@ -942,8 +942,10 @@ fn stress(mode: Mode) {
             ended.push(c);
         } else {
             println!(
-                "worker {p} stuck; locks on the file: {:?}",
-                proc_locks(&path)
+                "worker {p} (pid {}) stuck; locks on the file: {:?} {:?}",
+                c.pid,
+                proc_locks(&path),
+                locksfile::shm::Snapshot::read(&path)
             );
             c.kill(libc::SIGKILL);
             assert_eq!(c.wait(), Exit::Signal(libc::SIGKILL));

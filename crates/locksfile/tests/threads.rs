@@ -137,7 +137,7 @@ fn threads_sharing_a_handle_compose() {
     for mode in MODES {
         let (_dir, path) = lock_path();
         let lf = Arc::new(open(&path, mode));
-        let observer = open(&path, Mode::Ofd);
+        let observer = open(&path, other_mode(mode));
         let (to_t1, t1_rx) = mpsc::channel::<()>();
         let (t1_tx, from_t1) = mpsc::channel::<()>();
         let t1 = {

@@ -20,6 +20,7 @@
 
 pub(crate) mod fcntl;
 pub(crate) mod flock;
+pub(crate) mod shm;
 
 #[cfg(test)]
 pub(crate) mod fake;
@@ -75,6 +76,15 @@ pub(crate) trait Engine: Send + Sync {
     /// Raise `span` to `kind`, waiting as `until` says. On any error
     /// nothing changed.
     fn wait_set(&self, span: Span, kind: Kind, until: Until) -> Result<(), Error>;
+
+    /// Raise every one of `pieces` to `kind` at once, waiting as `until`
+    /// says, so the owner never holds part of them while it waits; on any
+    /// error nothing changed. `None`: the engine cannot, and the protocol
+    /// waits piece by piece with [`Engine::wait_set`].
+    fn wait_set_all(&self, pieces: &[Span], kind: Kind, until: Until) -> Option<Result<(), Error>> {
+        let _ = (pieces, kind, until);
+        None
+    }
 
     /// The first lock of another owner in the way of `kind` on `span`.
     fn probe(&self, span: Span, kind: Kind) -> Result<Option<Holder>, Error>;

@@ -272,6 +272,15 @@ impl Child {
         }
     }
 
+    /// What the child reported before it ended (its panic message).
+    pub fn message(&self) -> String {
+        let mut msg = Vec::new();
+        while let Some(b) = self.report.try_recv(Duration::ZERO) {
+            msg.push(b);
+        }
+        String::from_utf8_lossy(&msg).into_owned()
+    }
+
     pub fn kill(&self, sig: i32) {
         // SAFETY: plain syscall; the child is not reaped, so the pid is ours.
         let r = unsafe { libc::kill(self.pid as i32, sig) };
@@ -298,7 +307,7 @@ pub fn probe(path: &Path, kind: Kind, s: impl locksfile::IntoSpan) -> Option<Hol
     let s = span(s);
     let out = Pipe::new();
     let child = fork(|| {
-        let lf = open(path, Mode::Ofd);
+        let lf = open(path, fresh_mode(path));
         let h = lf.conflicts(kind, s).expect("conflicts");
         match h {
             None => out.send(0),
@@ -340,7 +349,7 @@ pub fn probe(path: &Path, kind: Kind, s: impl locksfile::IntoSpan) -> Option<Hol
 pub fn pid_in(mode: Mode, pid: u32) -> Option<u32> {
     match mode {
         // /proc/locks names the process that took a flock(2) lock.
-        Mode::Process | Mode::Flock => Some(pid),
+        Mode::Process | Mode::Flock | Mode::Shm => Some(pid),
         Mode::Ofd => None,
     }
 }
@@ -358,6 +367,25 @@ pub fn holder(mode: Mode, s: impl locksfile::IntoSpan, kind: Kind, pid: u32) -> 
 /// context directly, so it is exact even while other processes churn the
 /// global `/proc/locks` (whose reads can skip or repeat lines then).
 pub fn fd_locks(lf: &LockFile) -> Vec<String> {
+    if let Some(me) = lf.table_owner() {
+        // Shm mode: the table's records, in the kernel's line format.
+        return table_held(lf.path(), me)
+            .into_iter()
+            .map(|(s, k)| {
+                let ty = if k == Kind::Exclusive {
+                    "WRITE"
+                } else {
+                    "READ"
+                };
+                let end = if s.is_to_end() {
+                    "EOF".to_string()
+                } else {
+                    (s.end() - 1).to_string()
+                };
+                format!("OFDLCK ADVISORY {ty} -1 00:00:0 {} {end}", s.start())
+            })
+            .collect();
+    }
     use std::os::fd::AsFd;
     let fd = lf.as_fd().as_raw_fd();
     let info = fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).expect("read fdinfo");
@@ -439,7 +467,10 @@ pub fn wait_for_waiter(path: &Path, start: u64, pid: Option<u32>) {
     loop {
         let found = proc_locks(path)
             .into_iter()
-            .any(|l| l.waiting && l.start == start && pid.is_none_or(|p| l.pid == i64::from(p)));
+            .any(|l| l.waiting && l.start == start && pid.is_none_or(|p| l.pid == i64::from(p)))
+            || shm_waiters(path)
+                .iter()
+                .any(|w| w.span.start() == start && pid.is_none_or(|p| w.pid == p));
         if found {
             return;
         }
@@ -453,11 +484,18 @@ pub fn wait_for_waiter(path: &Path, start: u64, pid: Option<u32>) {
     }
 }
 
+/// The waiters of `path`'s shared-memory table, if it has one in use.
+pub fn shm_waiters(path: &Path) -> Vec<locksfile::shm::WaitingLock> {
+    locksfile::shm::Snapshot::read(path)
+        .map(|s| s.waiters)
+        .unwrap_or_default()
+}
+
 /// Wait until `n` waiters are listed on `path`.
 pub fn wait_for_waiters(path: &Path, n: usize) {
     let deadline = Instant::now() + STUCK;
     loop {
-        let count = proc_locks(path).iter().filter(|l| l.waiting).count();
+        let count = proc_locks(path).iter().filter(|l| l.waiting).count() + shm_waiters(path).len();
         if count >= n {
             return;
         }
@@ -476,7 +514,32 @@ pub fn waiter_pid(mode: Mode, pid: u32) -> Option<u32> {
     pid_in(mode, pid)
 }
 
-pub const MODES: [Mode; 2] = [Mode::Ofd, Mode::Process];
+pub const MODES: [Mode; 3] = [Mode::Ofd, Mode::Process, Mode::Shm];
+
+/// The mode of another owner beside a handle in `mode`: OFD for the
+/// kernel modes (the file's locks are the kernel's), `Shm` for `Shm`.
+pub fn other_mode(mode: Mode) -> Mode {
+    if mode == Mode::Shm {
+        Mode::Shm
+    } else {
+        Mode::Ofd
+    }
+}
+
+/// The mode a fresh handle on `path` must use: `Shm` while the file's
+/// table is in use (a kernel mode is refused then), else OFD.
+pub fn fresh_mode(path: &Path) -> Mode {
+    let shm_in_use = locksfile::shm::Snapshot::read(path)
+        .map(|s| !s.holders.is_empty() || !s.waiters.is_empty())
+        .unwrap_or(false);
+    if shm_in_use {
+        return Mode::Shm;
+    }
+    match LockFile::options().mode(Mode::Ofd).open(path) {
+        Err(locksfile::Error::MixedModes { .. }) => Mode::Shm,
+        _ => Mode::Ofd,
+    }
+}
 
 /// Counters in memory shared with forked children (`MAP_SHARED`).
 pub struct Shared {
@@ -523,6 +586,9 @@ impl Drop for Shared {
 /// lock owner's touching locks of one kind just as `held()` does, so the
 /// two lists must be equal whenever the bookkeeping tells the truth.
 pub fn kernel_held(lf: &LockFile) -> Vec<(Span, Kind)> {
+    if let Some(me) = lf.table_owner() {
+        return table_held(lf.path(), me);
+    }
     let mut out: Vec<(Span, Kind)> = fd_locks(lf)
         .iter()
         .map(|l| {
@@ -546,8 +612,32 @@ pub fn kernel_held(lf: &LockFile) -> Vec<(Span, Kind)> {
     out
 }
 
+/// What owner `me` holds in the shared-memory table of `path`, merged into
+/// maximal pieces as [`LockFile::held`] shows them.
+pub fn table_held(path: &Path, me: u64) -> Vec<(Span, Kind)> {
+    let snap = locksfile::shm::Snapshot::read(path).expect("read lock table");
+    let mut mine: Vec<(Span, Kind)> = snap
+        .holders
+        .iter()
+        .filter(|h| h.owner == me)
+        .map(|h| (h.span, h.kind))
+        .collect();
+    mine.sort_by_key(|(s, _)| s.start());
+    let mut out: Vec<(Span, Kind)> = Vec::new();
+    for (s, k) in mine {
+        match out.last_mut() {
+            Some((last, lk)) if *lk == k && last.end() == s.start() => {
+                *last = Span::new(last.start(), s.end()).expect("merged span");
+            }
+            _ => out.push((s, k)),
+        }
+    }
+    out
+}
+
 /// One test per lock mode for each function given, written once:
-/// `mode_tests! { ring => ring }` defines `ring::ofd` and `ring::process`,
+/// `mode_tests! { ring => ring }` defines `ring::ofd`, `ring::process` and
+/// `ring::shm`,
 /// and `mode_tests! { name => |m| f(m, true) }` passes other arguments. A
 /// new mode is one more line here, and every suite runs on it.
 #[macro_export]
@@ -565,6 +655,11 @@ macro_rules! mode_tests {
             #[test]
             fn process() {
                 ($f)(locksfile::Mode::Process)
+            }
+
+            #[test]
+            fn shm() {
+                ($f)(locksfile::Mode::Shm)
             }
         }
     )*};

@@ -1,0 +1,2075 @@
+//! The shared-memory engine ([`Mode::Shm`](crate::Mode::Shm)): a lock table
+//! in a sidecar file (`<lock path>-shm`) that every owner maps, guarded by
+//! one robust process-shared mutex.
+//!
+//! # Safety
+//!
+//! The table is memory shared with other processes. It is only read or
+//! written while this process holds the table's mutex (a [`Guard`]), which
+//! every process takes before touching it, except the wake-up word, which
+//! is only ever used atomically. Every index read from the table is bounds
+//! checked before use, so a scribbled table can make us panic but never
+//! touch memory outside the mapping. The mapping lives as long as the
+//! [`Shm`] that made it; a file whose size is not the table's is refused
+//! before it is mapped, so no access can fault (`SIGBUS`).
+//!
+//! # Crash safety
+//!
+//! Lock records never move, and an owner's process writes only its own
+//! owners' records (and frees the records of owners proven dead). Every
+//! index over them (hash chains, per-owner lists, the free list, counters)
+//! is derived, and rebuilt from the record array whenever the mutex comes
+//! back `EOWNERDEAD`. A record half-written by a dying owner over-locks
+//! until that owner is found dead; it never frees another owner's lock.
+//!
+//! # Liveness
+//!
+//! Each owner takes a slot and holds an OFD write lock on byte
+//! `LIVENESS + slot` of the sidecar through its own open file description:
+//! the owner is dead when that byte is free (`F_OFD_GETLK`). No pid is
+//! trusted, so pid reuse and pid namespaces do not matter.
+#![allow(unsafe_code)]
+
+use std::ffi::CString;
+use std::io;
+use std::mem::size_of;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use super::{Abilities, Engine, Until};
+use crate::error::{Error, Holder, NotRegular, SidecarProblem};
+use crate::span::{Span, INDEX_END};
+use crate::sys::{self, Family, FileType, LockType, OpenHow, Range};
+use crate::Kind;
+
+const MAGIC: u64 = u64::from_le_bytes(*b"LKFSHM\x00\x01");
+const VERSION: u32 = 1;
+
+/// Owner slots: owners (handles) using one table at once.
+pub(crate) const SLOTS: usize = 1024;
+/// Waiter entries: threads waiting at once.
+pub(crate) const WAITERS: usize = 1024;
+/// Lock records: pieces held at once, by all owners together.
+pub(crate) const RECORDS: usize = 65536;
+/// Hash buckets for single-index records.
+const BUCKETS: usize = 65536;
+
+/// Byte of the sidecar every user holds shared while it has the table
+/// open; the first opener finds it free and (re)initialises the table.
+const DMS: i64 = 1 << 32;
+/// Byte `LIVENESS + slot` is write-locked by the owner in `slot`.
+const LIVENESS: i64 = DMS + 1;
+
+/// How long a waiter sleeps before it checks its blockers are alive: a
+/// killed holder's waiter gets the lock within this (plus a few µs).
+pub(crate) const LIVENESS_SLICE: Duration = Duration::from_millis(50);
+
+/// Tries after yielding the CPU before a wait queues and sleeps.
+const YIELDS_BEFORE_QUEUEING: u32 = 2;
+
+/// Spans up to this long are checked index by index in the hash; longer
+/// ones walk every owner's records.
+const FINE_SCAN: u64 = 64;
+
+/// Records kept back for lowering, which may split a record and must
+/// never be refused: a raise that would eat into them is refused instead.
+const LOWER_RESERVE: usize = 256;
+
+const NIL: u32 = u32::MAX;
+const SHARED: u32 = 1;
+const EXCLUSIVE: u32 = 2;
+
+#[repr(C)]
+struct Header {
+    magic: u64,
+    version: u32,
+    _pad0: u32,
+    size: u64,
+    dev: u64,
+    ino: u64,
+    next_ticket: u64,
+    next_nonce: u64,
+    /// Derived: rebuilt by repair.
+    free_head: u32,
+    free_count: u32,
+    coarse_head: u32,
+    coarse_count: u32,
+    waiting: u32,
+    /// One past the last waiter entry in use.
+    waiter_hwm: u32,
+    /// Records from here on were never used: still zero, in no list, so
+    /// their pages take no memory until needed.
+    fresh: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Slot {
+    /// 1 when an owner has the slot.
+    used: u32,
+    pid: u32,
+    nonce: u64,
+    /// Derived: this owner's records.
+    head: u32,
+    records: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Rec {
+    start: u64,
+    end: u64,
+    /// Slot + 1; 0 for a free record.
+    owner: u32,
+    kind: u32,
+    /// Derived: next in the bucket, coarse or free list.
+    next: u32,
+    /// Derived: next and previous of the same owner.
+    onext: u32,
+    oprev: u32,
+    _pad: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Waiter {
+    /// Slot + 1; 0 for a free entry.
+    owner: u32,
+    kind: u32,
+    start: u64,
+    end: u64,
+    ticket: u64,
+    /// When it started waiting, ns since the Unix epoch (for status).
+    since_ns: u64,
+    pid: u32,
+    _pad: u32,
+}
+
+const fn align(x: usize) -> usize {
+    (x + 4095) & !4095
+}
+const MUTEX_AT: usize = 512;
+/// One futex word per waiter entry: a waiter sleeps on its own word, and a
+/// release wakes only the waiters whose spans it touches.
+const WAKES_AT: usize = 4096;
+const SLOTS_AT: usize = align(WAKES_AT + WAITERS * size_of::<u32>());
+const WAITERS_AT: usize = align(SLOTS_AT + SLOTS * size_of::<Slot>());
+const BUCKETS_AT: usize = align(WAITERS_AT + WAITERS * size_of::<Waiter>());
+const RECORDS_AT: usize = align(BUCKETS_AT + BUCKETS * size_of::<u32>());
+/// The sidecar's size: sparse, and only the pages touched take memory.
+pub(crate) const SIZE: usize = align(RECORDS_AT + RECORDS * size_of::<Rec>());
+
+const _: () = assert!(size_of::<Header>() <= MUTEX_AT);
+const _: () = assert!(MUTEX_AT + size_of::<libc::pthread_mutex_t>() <= WAKES_AT);
+
+/// The sidecar of a lock path: `<path>-shm`.
+pub(crate) fn sidecar_path(lock_path: &Path) -> PathBuf {
+    let mut s = lock_path.as_os_str().to_owned();
+    s.push("-shm");
+    PathBuf::from(s)
+}
+
+fn cstring(path: &Path) -> Result<CString, Error> {
+    CString::new(path.as_os_str().as_bytes()).map_err(|_| {
+        Error::io(
+            "open lock table",
+            io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"),
+        )
+    })
+}
+
+/// The network file systems refused, by `f_type` (statfs(2)).
+fn network_fs(magic: i64) -> Option<&'static str> {
+    Some(match magic as u32 {
+        0x6969 => "NFS",
+        0x517B => "SMB",
+        0xFF53_4D42 => "CIFS",
+        0xFE53_4D42 => "SMB2",
+        0x0102_1997 => "9p",
+        0x00C3_6400 => "Ceph",
+        0x5346_414F | 0x6B41_4653 => "AFS",
+        0x6573_5546 => "FUSE",
+        0x7375_7245 => "Coda",
+        0x0BD0_0BD0 => "Lustre",
+        0x4750_4653 => "GPFS",
+        _ => return None,
+    })
+}
+
+fn byte(at: i64) -> Range {
+    Range { start: at, len: 1 }
+}
+
+fn conflict(a: u32, b: u32) -> bool {
+    a == EXCLUSIVE || b == EXCLUSIVE
+}
+
+fn code(kind: Kind) -> u32 {
+    match kind {
+        Kind::Shared => SHARED,
+        Kind::Exclusive => EXCLUSIVE,
+    }
+}
+
+fn kind_of(code: u32) -> Kind {
+    if code == EXCLUSIVE {
+        Kind::Exclusive
+    } else {
+        Kind::Shared
+    }
+}
+
+fn overlaps(s: u64, e: u64, t: u64, u: u64) -> bool {
+    s < u && t < e
+}
+
+fn bucket(index: u64) -> usize {
+    (index.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 48) as usize % BUCKETS
+}
+
+/// Record indices found by [`Guard::mine_near`]: on the stack unless
+/// there are many.
+#[derive(Default)]
+struct Near {
+    fixed: [u32; 32],
+    n: usize,
+    more: Vec<u32>,
+}
+
+impl Near {
+    fn push(&mut self, i: u32) {
+        if self.n < self.fixed.len() {
+            self.fixed[self.n] = i;
+            self.n += 1;
+        } else {
+            self.more.push(i);
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = u32> + '_ {
+        self.fixed[..self.n].iter().chain(&self.more).copied()
+    }
+}
+
+/// A mapped sidecar.
+struct Map {
+    base: *mut u8,
+}
+
+// SAFETY: the mapping is plain shared memory; every access goes through
+// the table's mutex (or atomics), as the module's safety note says.
+unsafe impl Send for Map {}
+// SAFETY: as above.
+unsafe impl Sync for Map {}
+
+// The accessors below hand out `&mut` into memory that other processes
+// share: callers hold the table's mutex (a `Guard`), which every process
+// takes before touching the table, so no one else writes it meanwhile.
+// Each call makes a fresh, short-lived reference from the raw base pointer;
+// the regions (header, slots, waiters, buckets, records) never overlap.
+#[allow(clippy::mut_from_ref)]
+impl Map {
+    fn mutex(&self) -> *mut libc::pthread_mutex_t {
+        // SAFETY: MUTEX_AT is inside the mapping and suitably aligned.
+        unsafe { self.base.add(MUTEX_AT).cast() }
+    }
+
+    /// Waiter entry `i`'s futex word.
+    fn wake_word(&self, i: usize) -> &AtomicU32 {
+        assert!(i < WAITERS, "waiter index {i} out of range");
+        // SAFETY: in range, inside the mapping, aligned, and only ever used
+        // atomically.
+        unsafe { &*self.base.add(WAKES_AT).cast::<AtomicU32>().add(i) }
+    }
+
+    /// Take the table's mutex. `Err` only for a mutex left unrecoverable.
+    fn lock(&self) -> io::Result<(Guard<'_>, bool)> {
+        // SAFETY: the mutex was initialised by the table's first opener and
+        // stays mapped while `self` lives.
+        let died = match unsafe { sys::robust_mutex_lock(self.mutex()) }? {
+            sys::Locked::Clean => false,
+            sys::Locked::OwnerDied => true,
+        };
+        Ok((
+            Guard {
+                map: self,
+                woken: [0; WAKE_LIST],
+                n_woken: 0,
+                wake_upto: 0,
+            },
+            died,
+        ))
+    }
+
+    fn header(&self) -> &mut Header {
+        // SAFETY: only called through a Guard (the mutex is held).
+        unsafe { &mut *self.base.cast::<Header>() }
+    }
+
+    fn slots(&self) -> &mut [Slot] {
+        // SAFETY: as `header`; the array lies inside the mapping.
+        unsafe { std::slice::from_raw_parts_mut(self.base.add(SLOTS_AT).cast(), SLOTS) }
+    }
+
+    fn waiters(&self) -> &mut [Waiter] {
+        // SAFETY: as `slots`.
+        unsafe { std::slice::from_raw_parts_mut(self.base.add(WAITERS_AT).cast(), WAITERS) }
+    }
+
+    fn buckets(&self) -> &mut [u32] {
+        // SAFETY: as `slots`.
+        unsafe { std::slice::from_raw_parts_mut(self.base.add(BUCKETS_AT).cast(), BUCKETS) }
+    }
+
+    fn recs(&self) -> &mut [Rec] {
+        // SAFETY: as `slots`.
+        unsafe { std::slice::from_raw_parts_mut(self.base.add(RECORDS_AT).cast(), RECORDS) }
+    }
+}
+
+impl Drop for Map {
+    fn drop(&mut self) {
+        // SAFETY: `base` is the mapping `map_shared` made, unused from here.
+        unsafe { sys::unmap(self.base, SIZE) };
+    }
+}
+
+/// How many waiters a guard wakes one by one; beyond that it wakes all.
+const WAKE_LIST: usize = 8;
+
+/// The table, with its mutex held.
+struct Guard<'a> {
+    map: &'a Map,
+    /// Waiter entries to wake once the mutex is let go (their words are
+    /// bumped already)...
+    woken: [u16; WAKE_LIST],
+    n_woken: usize,
+    /// ... or every entry below this.
+    wake_upto: usize,
+}
+
+impl Drop for Guard<'_> {
+    fn drop(&mut self) {
+        // SAFETY: we hold the mutex.
+        unsafe { sys::robust_mutex_unlock(self.map.mutex()) };
+        if self.wake_upto > 0 {
+            for i in 0..self.wake_upto {
+                sys::futex_wake_all(self.map.wake_word(i));
+            }
+        } else {
+            for &i in &self.woken[..self.n_woken] {
+                sys::futex_wake_all(self.map.wake_word(i as usize));
+            }
+        }
+    }
+}
+
+/// Tells whether an owner's slot is alive, through some descriptor of the
+/// sidecar that is not that owner's.
+fn alive(fd: BorrowedFd<'_>, slot: u32) -> bool {
+    match sys::get_lock(
+        fd,
+        Family::Ofd,
+        LockType::Write,
+        byte(LIVENESS + slot as i64),
+    ) {
+        Ok(found) => found.is_some(),
+        // Unknown: never free a lock on a guess.
+        Err(_) => true,
+    }
+}
+
+/// A request as the grant rule sees it.
+#[derive(Clone, Copy)]
+struct Request<'p> {
+    me: u32,
+    pieces: &'p [Span],
+    kind: u32,
+    /// Waiters with an earlier ticket come first; `u64::MAX` for a request
+    /// not queued yet.
+    ticket: u64,
+}
+
+/// What stands in the way of a request.
+enum Blocker {
+    Record(u32),
+    Waiter(u32),
+}
+
+impl Guard<'_> {
+    /// Wake the waiters whose requests overlap `s..e`: something there
+    /// was released, or a request they queued behind went away.
+    fn wake_waiters(&mut self, s: u64, e: u64) {
+        let h = self.map.header();
+        if h.waiting == 0 {
+            return;
+        }
+        for i in 0..h.waiter_hwm as usize {
+            let w = self.map.waiters()[i];
+            if w.owner != 0 && overlaps(s, e, w.start, w.end) {
+                self.wake(i);
+            }
+        }
+    }
+
+    fn wake(&mut self, i: usize) {
+        self.map.wake_word(i).fetch_add(1, Ordering::Release);
+        if self.wake_upto > 0 {
+            self.wake_upto = self.wake_upto.max(i + 1);
+        } else if self.n_woken < WAKE_LIST {
+            self.woken[self.n_woken] = i as u16;
+            self.n_woken += 1;
+        } else {
+            self.wake_upto = WAITERS;
+        }
+    }
+
+    /// Wake every waiter (a dead owner's locks went, or the table was
+    /// repaired).
+    fn wake_everyone(&mut self) {
+        let upto = self.map.header().waiter_hwm as usize;
+        for i in 0..upto {
+            self.map.wake_word(i).fetch_add(1, Ordering::Release);
+        }
+        self.wake_upto = self.wake_upto.max(upto);
+    }
+
+    #[allow(clippy::mut_from_ref)]
+    fn rec(&self, i: u32) -> &mut Rec {
+        assert!((i as usize) < RECORDS, "record index {i} out of range");
+        // SAFETY: in range; the mutex is held (see `Map`); a reference to
+        // one record only, so references to different records never overlap.
+        unsafe { &mut *self.map.base.add(RECORDS_AT).cast::<Rec>().add(i as usize) }
+    }
+
+    // ---- derived indices ----
+
+    fn link(&mut self, i: u32) {
+        let r = *self.rec(i);
+        let h = self.map.header();
+        if r.end - r.start == 1 {
+            let b = &mut self.map.buckets()[bucket(r.start)];
+            self.rec(i).next = *b;
+            *b = i;
+        } else {
+            self.rec(i).next = h.coarse_head;
+            h.coarse_head = i;
+            h.coarse_count += 1;
+        }
+        let slot = &mut self.map.slots()[(r.owner - 1) as usize];
+        self.rec(i).onext = slot.head;
+        self.rec(i).oprev = NIL;
+        if slot.head != NIL {
+            self.rec(slot.head).oprev = i;
+        }
+        slot.head = i;
+        slot.records += 1;
+    }
+
+    /// Take record `i` out of its bucket or the coarse list (not out of
+    /// its owner's list).
+    fn unlink_tier(&mut self, i: u32) {
+        let r = *self.rec(i);
+        let h = self.map.header();
+        let head: &mut u32 = if r.end - r.start == 1 {
+            &mut self.map.buckets()[bucket(r.start)]
+        } else {
+            h.coarse_count -= 1;
+            &mut h.coarse_head
+        };
+        if *head == i {
+            *head = r.next;
+            return;
+        }
+        let mut at = *head;
+        let mut steps = 0;
+        while at != NIL && steps <= RECORDS {
+            let next = self.rec(at).next;
+            if next == i {
+                self.rec(at).next = r.next;
+                return;
+            }
+            at = next;
+            steps += 1;
+        }
+    }
+
+    fn alloc(&mut self) -> u32 {
+        let h = self.map.header();
+        let i = if h.free_head != NIL {
+            let i = h.free_head;
+            h.free_head = self.rec(i).next;
+            i
+        } else {
+            h.fresh += 1;
+            h.fresh - 1
+        };
+        h.free_count -= 1;
+        i
+    }
+
+    fn free(&mut self, i: u32) {
+        let h = self.map.header();
+        let r = self.rec(i);
+        r.owner = 0;
+        r.next = h.free_head;
+        h.free_head = i;
+        h.free_count += 1;
+    }
+
+    /// Rebuild every derived index from the records, slots and waiters,
+    /// dropping whatever does not validate. Dead owners (their liveness
+    /// byte free, probed through `fd`) lose their slot and everything.
+    /// `me` is the repairer's own slot (`NIL` for none): its liveness
+    /// lock is held through `fd`, which `F_OFD_GETLK` does not report.
+    fn repair(&mut self, fd: BorrowedFd<'_>, me: u32) {
+        let h = self.map.header();
+        for (s, slot) in self.map.slots().iter_mut().enumerate() {
+            let dead = s as u32 != me && !alive(fd, s as u32);
+            if slot.used != 0 && (slot.used != 1 || dead) {
+                slot.used = 0;
+            }
+            slot.head = NIL;
+            slot.records = 0;
+        }
+        let map = self.map;
+        let valid = |owner: u32, kind: u32, start: u64, end: u64| {
+            owner >= 1
+                && owner as usize <= SLOTS
+                && map.slots()[(owner - 1) as usize].used == 1
+                && (kind == SHARED || kind == EXCLUSIVE)
+                && start < end
+                && end <= INDEX_END
+        };
+        h.waiting = 0;
+        h.waiter_hwm = 0;
+        for (i, w) in self.map.waiters().iter_mut().enumerate() {
+            if w.owner != 0 && valid(w.owner, w.kind, w.start, w.end) {
+                h.waiting += 1;
+                h.waiter_hwm = i as u32 + 1;
+            } else {
+                w.owner = 0;
+            }
+        }
+        self.map.buckets().fill(NIL);
+        h.free_head = NIL;
+        h.coarse_head = NIL;
+        h.coarse_count = 0;
+        let fresh = h.fresh.min(RECORDS as u32);
+        h.fresh = fresh;
+        h.free_count = RECORDS as u32 - fresh;
+        for i in (0..fresh).rev() {
+            let r = *self.rec(i);
+            if r.owner != 0 && valid(r.owner, r.kind, r.start, r.end) {
+                self.link(i);
+            } else {
+                self.free(i);
+            }
+        }
+        // Waiters of the dead owner's locks must look again.
+        self.wake_everyone();
+    }
+
+    /// Set up a fresh table (the caller holds the sidecar exclusively).
+    fn init(&mut self, dev: u64, ino: u64) {
+        let h = self.map.header();
+        h.version = VERSION;
+        h.size = SIZE as u64;
+        h.dev = dev;
+        h.ino = ino;
+        h.next_ticket = 1;
+        h.next_nonce = 1;
+        for w in self.map.waiters().iter_mut() {
+            w.owner = 0;
+        }
+        for s in self.map.slots().iter_mut() {
+            s.used = 0;
+        }
+        // The records are zero (the file was just truncated): none in use,
+        // all fresh, their pages untouched.
+        self.map.buckets().fill(NIL);
+        h.free_head = NIL;
+        h.fresh = 0;
+        h.free_count = RECORDS as u32;
+        h.coarse_head = NIL;
+        h.coarse_count = 0;
+        h.waiting = 0;
+        h.waiter_hwm = 0;
+        for s in self.map.slots().iter_mut() {
+            s.head = NIL;
+            s.records = 0;
+        }
+    }
+
+    // ---- owners ----
+
+    /// Free everything of the owner in `slot` and the slot itself.
+    fn purge(&mut self, slot: u32) {
+        let mut at = self.map.slots()[slot as usize].head;
+        let mut steps = 0;
+        while at != NIL && steps < RECORDS {
+            let next = self.rec(at).onext;
+            self.unlink_tier(at);
+            self.free(at);
+            at = next;
+            steps += 1;
+        }
+        let s = &mut self.map.slots()[slot as usize];
+        s.head = NIL;
+        s.records = 0;
+        s.used = 0;
+        let h = self.map.header();
+        for w in self.map.waiters()[..h.waiter_hwm as usize].iter_mut() {
+            if w.owner == slot + 1 {
+                w.owner = 0;
+                h.waiting -= 1;
+            }
+        }
+        self.wake_everyone();
+        self.shrink_waiters();
+    }
+
+    /// Purge `slot` if its owner is dead; whether it was.
+    fn purge_if_dead(&mut self, fd: BorrowedFd<'_>, slot: u32) -> bool {
+        if self.map.slots()[slot as usize].used == 1 && !alive(fd, slot) {
+            self.purge(slot);
+            return true;
+        }
+        false
+    }
+
+    fn shrink_waiters(&mut self) {
+        let h = self.map.header();
+        let w = self.map.waiters();
+        while h.waiter_hwm > 0 && w[h.waiter_hwm as usize - 1].owner == 0 {
+            h.waiter_hwm -= 1;
+        }
+    }
+
+    // ---- the grant rule ----
+
+    /// The first record of another owner in the way of `kind` on `s..e`.
+    fn conflicting_record(&self, me: u32, s: u64, e: u64, kind: u32) -> Option<u32> {
+        let h = self.map.header();
+        let hit = |r: &Rec| {
+            r.owner != 0
+                && r.owner != me + 1
+                && overlaps(s, e, r.start, r.end)
+                && conflict(kind, r.kind)
+        };
+        let mut steps = 0;
+        if h.coarse_count > 0 {
+            let mut at = h.coarse_head;
+            while at != NIL && steps < RECORDS {
+                if hit(self.rec(at)) {
+                    return Some(at);
+                }
+                at = self.rec(at).next;
+                steps += 1;
+            }
+        }
+        if e - s <= FINE_SCAN {
+            for i in s..e {
+                let mut at = self.map.buckets()[bucket(i)];
+                while at != NIL && steps < RECORDS {
+                    let r = self.rec(at);
+                    if r.start == i && hit(r) {
+                        return Some(at);
+                    }
+                    at = r.next;
+                    steps += 1;
+                }
+            }
+            return None;
+        }
+        // A long span: every owner's single-index records.
+        for (o, slot) in self.map.slots().iter().enumerate() {
+            if slot.used != 1 || o as u32 == me || slot.records == 0 {
+                continue;
+            }
+            let mut at = slot.head;
+            while at != NIL && steps < RECORDS {
+                let r = self.rec(at);
+                if hit(r) {
+                    return Some(at);
+                }
+                at = r.onext;
+                steps += 1;
+            }
+        }
+        None
+    }
+
+    /// Whether owner `me` holds any record that conflicts with `kind` on
+    /// `s..e` (`kind` 0: any record at all).
+    fn holds_over(&self, me: u32, s: u64, e: u64, kind: u32) -> bool {
+        let mut at = self.map.slots()[me as usize].head;
+        let mut steps = 0;
+        while at != NIL && steps < RECORDS {
+            let r = self.rec(at);
+            if overlaps(s, e, r.start, r.end) && (kind == 0 || conflict(kind, r.kind)) {
+                return true;
+            }
+            at = r.onext;
+            steps += 1;
+        }
+        false
+    }
+
+    /// Whether `req` converts: its owner holds part of the span it changes
+    /// (from its first piece to its last). A conversion queues behind no
+    /// one, as PostgreSQL's lock manager has it.
+    fn is_conversion(&self, req: Request<'_>) -> bool {
+        let s = req.pieces.first().map_or(0, |p| p.start());
+        let e = req.pieces.last().map_or(0, |p| p.end());
+        self.holds_over(req.me, s, e, 0)
+    }
+
+    /// Whether `req` (not a conversion) queues behind the earlier waiter
+    /// `w` of another owner: their spans overlap and their kinds conflict,
+    /// unless the requester's own locks hold `w` up (that would be a cycle
+    /// fcntl never had). The grant rule and the deadlock search both ask
+    /// this, so every wait the rule makes is an edge the search sees.
+    fn defers_to(&self, req: Request<'_>, w: &Waiter) -> bool {
+        w.owner != 0
+            && w.owner != req.me + 1
+            && w.ticket < req.ticket
+            && conflict(req.kind, w.kind)
+            && req
+                .pieces
+                .iter()
+                .any(|p| overlaps(p.start(), p.end(), w.start, w.end))
+            && !self.holds_over(req.me, w.start, w.end, w.kind)
+    }
+
+    /// The first earlier waiter `req` must let go first (fair queueing).
+    fn deferred_to(&self, req: Request<'_>) -> Option<u32> {
+        let h = self.map.header();
+        if h.waiting == 0 || self.is_conversion(req) {
+            return None;
+        }
+        let waiters = &self.map.waiters()[..h.waiter_hwm as usize];
+        waiters
+            .iter()
+            .position(|w| self.defers_to(req, w))
+            .map(|i| i as u32)
+    }
+
+    /// What is in the way of `req`, if anything. Owners of conflicting
+    /// records are checked for life first, and purged when dead.
+    fn blocker(&mut self, fd: BorrowedFd<'_>, req: Request<'_>) -> Option<Blocker> {
+        for p in req.pieces {
+            while let Some(r) = self.conflicting_record(req.me, p.start(), p.end(), req.kind) {
+                let owner = self.rec(r).owner - 1;
+                if !self.purge_if_dead(fd, owner) {
+                    return Some(Blocker::Record(r));
+                }
+            }
+        }
+        self.deferred_to(req).map(Blocker::Waiter)
+    }
+
+    /// Every owner in the way of `req` (holders and earlier waiters it
+    /// defers to), for the deadlock search.
+    fn blocking_owners(&self, req: Request<'_>, out: &mut Vec<u32>) {
+        let h = self.map.header();
+        for (o, slot) in self.map.slots().iter().enumerate() {
+            if slot.used != 1 || o as u32 == req.me {
+                continue;
+            }
+            let mut at = slot.head;
+            let mut steps = 0;
+            while at != NIL && steps < RECORDS {
+                let r = self.rec(at);
+                if conflict(req.kind, r.kind)
+                    && req
+                        .pieces
+                        .iter()
+                        .any(|p| overlaps(p.start(), p.end(), r.start, r.end))
+                {
+                    out.push(o as u32);
+                    break;
+                }
+                at = r.onext;
+                steps += 1;
+            }
+        }
+        if h.waiting == 0 || self.is_conversion(req) {
+            return;
+        }
+        for w in &self.map.waiters()[..h.waiter_hwm as usize] {
+            if self.defers_to(req, w) {
+                out.push(w.owner - 1);
+            }
+        }
+    }
+
+    /// Whether waiting for `req` would close a cycle of waiting owners:
+    /// a search from its blockers through the waits of their owners, over
+    /// every owner slot (no depth limit). Owners found dead are skipped.
+    fn closes_cycle(&mut self, fd: BorrowedFd<'_>, req: Request<'_>) -> bool {
+        let mut seen = vec![false; SLOTS];
+        let mut stack = Vec::new();
+        self.blocking_owners(req, &mut stack);
+        let mut found = false;
+        while let Some(o) = stack.pop() {
+            if o == req.me {
+                found = true;
+                break;
+            }
+            if std::mem::replace(&mut seen[o as usize], true) {
+                continue;
+            }
+            let h = self.map.header();
+            for w in self.map.waiters()[..h.waiter_hwm as usize].iter() {
+                if w.owner != o + 1 {
+                    continue;
+                }
+                let piece = [Span::from_checked(w.start, w.end)];
+                let edge = Request {
+                    me: o,
+                    pieces: &piece,
+                    kind: w.kind,
+                    ticket: w.ticket,
+                };
+                self.blocking_owners(edge, &mut stack);
+            }
+        }
+        if !found {
+            return false;
+        }
+        // A dead owner on the way breaks the cycle once purged: check
+        // everyone this search met, then look again.
+        let mut purged = false;
+        for (o, was_seen) in seen.iter().enumerate() {
+            if *was_seen && o as u32 != req.me {
+                purged |= self.purge_if_dead(fd, o as u32);
+            }
+        }
+        if purged {
+            return self.closes_cycle(fd, req);
+        }
+        true
+    }
+
+    // ---- changes ----
+
+    /// Set `s..e` to `kind` (0: unlock) for owner `me`, converting in
+    /// place, and merge with the owner's touching records of the same kind
+    /// (as the kernel does, so an owner's records stay few). The caller
+    /// checked there are free records: a split takes one, the new record
+    /// one.
+    fn set(&mut self, me: u32, s: u64, e: u64, kind: u32) {
+        let mut near = Near::default();
+        self.mine_near(
+            me,
+            s.saturating_sub(1),
+            e.saturating_add(1).min(INDEX_END),
+            &mut near,
+        );
+        let (mut ns, mut ne) = (s, e);
+        let mut lowered = false;
+        for at in near.iter() {
+            let r = *self.rec(at);
+            let over = overlaps(s, e, r.start, r.end);
+            if kind != 0 && r.kind == kind && (over || r.end == s || r.start == e) {
+                // Same kind, overlapping or touching: the new record covers it.
+                ns = ns.min(r.start);
+                ne = ne.max(r.end);
+                self.drop_record(at);
+                continue;
+            }
+            if !over {
+                continue;
+            }
+            lowered |= kind == 0 || r.kind > kind;
+            if r.start < s && r.end > e {
+                // Split: the right part becomes a new record, written in
+                // full before the left part is trimmed.
+                let n = self.alloc();
+                *self.rec(n) = Rec {
+                    start: e,
+                    end: r.end,
+                    owner: 0,
+                    kind: r.kind,
+                    next: NIL,
+                    onext: NIL,
+                    oprev: NIL,
+                    _pad: 0,
+                };
+                self.rec(n).owner = me + 1;
+                self.unlink_tier(at);
+                self.rec(at).end = s;
+                self.relink_tier(at);
+                self.link(n);
+            } else if r.start < s {
+                self.unlink_tier(at);
+                self.rec(at).end = s;
+                self.relink_tier(at);
+            } else if r.end > e {
+                self.unlink_tier(at);
+                self.rec(at).start = e;
+                self.relink_tier(at);
+            } else {
+                self.drop_record(at);
+            }
+        }
+        if kind != 0 {
+            let n = self.alloc();
+            *self.rec(n) = Rec {
+                start: ns,
+                end: ne,
+                owner: 0,
+                kind,
+                next: NIL,
+                onext: NIL,
+                oprev: NIL,
+                _pad: 0,
+            };
+            self.rec(n).owner = me + 1;
+            self.link(n);
+        }
+        if lowered {
+            self.wake_waiters(s, e);
+        }
+    }
+
+    /// Whether `me` holds all of `s..e` at `kind` or stronger (setting it
+    /// to `kind` then only lowers).
+    fn covered(&self, me: u32, s: u64, e: u64, kind: u32) -> bool {
+        let mut near = Near::default();
+        self.mine_near(me, s, e, &mut near);
+        let mut have = 0;
+        for at in near.iter() {
+            let r = self.rec(at);
+            if r.kind >= kind {
+                have += r.end.min(e) - r.start.max(s);
+            }
+        }
+        have == e - s
+    }
+
+    /// Free record `i` of its owner, out of every list.
+    fn drop_record(&mut self, i: u32) {
+        let r = *self.rec(i);
+        self.unlink_tier(i);
+        let slot = &mut self.map.slots()[(r.owner - 1) as usize];
+        if r.oprev == NIL {
+            slot.head = r.onext;
+        } else {
+            self.rec(r.oprev).onext = r.onext;
+        }
+        if r.onext != NIL {
+            self.rec(r.onext).oprev = r.oprev;
+        }
+        slot.records -= 1;
+        self.free(i);
+    }
+
+    /// `me`'s records overlapping `lo..hi`: through the hash and the
+    /// coarse list for a short span when the owner has many records, else
+    /// through the owner's own list.
+    fn mine_near(&self, me: u32, lo: u64, hi: u64, out: &mut Near) {
+        let slot = self.map.slots()[me as usize];
+        let mut steps = 0;
+        if slot.records > 16 && hi - lo <= FINE_SCAN + 2 {
+            for i in lo..hi {
+                let mut at = self.map.buckets()[bucket(i)];
+                while at != NIL && steps < RECORDS {
+                    let r = self.rec(at);
+                    if r.owner == me + 1 && r.start == i {
+                        out.push(at);
+                    }
+                    at = r.next;
+                    steps += 1;
+                }
+            }
+            let mut at = self.map.header().coarse_head;
+            while at != NIL && steps < 2 * RECORDS {
+                let r = self.rec(at);
+                if r.owner == me + 1 && overlaps(lo, hi, r.start, r.end) {
+                    out.push(at);
+                }
+                at = r.next;
+                steps += 1;
+            }
+            return;
+        }
+        let mut at = slot.head;
+        while at != NIL && steps < RECORDS {
+            let r = self.rec(at);
+            if overlaps(lo, hi, r.start, r.end) {
+                out.push(at);
+            }
+            at = r.onext;
+            steps += 1;
+        }
+    }
+
+    /// Put record `i` back in its bucket or the coarse list.
+    fn relink_tier(&mut self, i: u32) {
+        let r = *self.rec(i);
+        let h = self.map.header();
+        if r.end - r.start == 1 {
+            let b = &mut self.map.buckets()[bucket(r.start)];
+            self.rec(i).next = *b;
+            *b = i;
+        } else {
+            self.rec(i).next = h.coarse_head;
+            h.coarse_head = i;
+            h.coarse_count += 1;
+        }
+    }
+
+    /// Whether a raise of `pieces` pieces (each may split one record and
+    /// add one) fits, keeping [`LOWER_RESERVE`] records for lowering.
+    fn has_room(&self, pieces: usize) -> bool {
+        self.map.header().free_count as usize >= 2 * pieces + LOWER_RESERVE
+    }
+
+    fn add_waiter(&mut self, me: u32, pieces: &[Span], kind: u32) -> Option<(u32, u64)> {
+        let h = self.map.header();
+        let i = self.map.waiters().iter().position(|w| w.owner == 0)?;
+        let ticket = h.next_ticket;
+        h.next_ticket += 1;
+        let w = &mut self.map.waiters()[i];
+        *w = Waiter {
+            owner: 0,
+            kind,
+            start: pieces.first().map_or(0, |p| p.start()),
+            end: pieces.last().map_or(0, |p| p.end()),
+            ticket,
+            since_ns: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64),
+            pid: std::process::id(),
+            _pad: 0,
+        };
+        w.owner = me + 1;
+        h.waiting += 1;
+        h.waiter_hwm = h.waiter_hwm.max(i as u32 + 1);
+        Some((i as u32, ticket))
+    }
+
+    fn remove_waiter(&mut self, me: u32, i: u32, ticket: u64) {
+        let w = &mut self.map.waiters()[i as usize];
+        if w.owner == me + 1 && w.ticket == ticket {
+            w.owner = 0;
+            let (s, e) = (w.start, w.end);
+            self.map.header().waiting -= 1;
+            self.shrink_waiters();
+            // Later waiters may have deferred to this one.
+            self.wake_waiters(s, e);
+        }
+    }
+}
+
+/// One owner's locks in a shared-memory table.
+pub(crate) struct Shm {
+    map: Map,
+    /// This owner's sidecar descriptor, carrying its liveness lock and its
+    /// share of the sidecar's DMS byte. `None` once forgotten in a child.
+    fd: Option<OwnedFd>,
+    /// The lock file, for `as_fd` and the mixed-engine checks.
+    lock_fd: Option<OwnedFd>,
+    pub dev: u64,
+    pub ino: u64,
+    slot: u32,
+    writable: bool,
+    generation: u64,
+    sidecar: PathBuf,
+}
+
+impl std::fmt::Debug for Shm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shm")
+            .field("sidecar", &self.sidecar)
+            .field("slot", &self.slot)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A sidecar opened, checked and mapped, with a share of its DMS byte.
+struct Joined {
+    fd: OwnedFd,
+    map: Map,
+}
+
+/// Open `<lock path>-shm`, creating it with the lock file's permission
+/// bits when missing, by the lock file's rules.
+fn open_sidecar(sidecar: &Path, mode: u32, write: bool) -> Result<OwnedFd, Error> {
+    let c = cstring(sidecar)?;
+    let open_err = |e: io::Error| -> Error {
+        match e.raw_os_error() {
+            Some(libc::ELOOP) => Error::NotRegularFile {
+                path: sidecar.to_path_buf(),
+                found: NotRegular::Symlink,
+            },
+            Some(libc::EISDIR) => Error::NotRegularFile {
+                path: sidecar.to_path_buf(),
+                found: NotRegular::Directory,
+            },
+            _ => Error::Open {
+                path: sidecar.to_path_buf(),
+                source: e,
+            },
+        }
+    };
+    let how = |create_exclusive| OpenHow {
+        write,
+        create_exclusive,
+        create: false,
+        follow: false,
+        mode,
+    };
+    let fd = loop {
+        if write {
+            match sys::open(&c, how(true)) {
+                Ok(fd) => {
+                    sys::fchmod(fd.as_fd(), mode)
+                        .map_err(|e| Error::io("set lock table mode", e))?;
+                    break fd;
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
+                Err(e) => return Err(open_err(e)),
+            }
+        }
+        match sys::open(&c, how(false)) {
+            Ok(fd) => break fd,
+            Err(e) if write && e.raw_os_error() == Some(libc::ENOENT) => continue,
+            Err(e) => return Err(open_err(e)),
+        }
+    };
+    let id = sys::fstat(fd.as_fd()).map_err(|e| Error::io("fstat lock table", e))?;
+    if id.file_type != FileType::Regular {
+        return Err(Error::NotRegularFile {
+            path: sidecar.to_path_buf(),
+            found: NotRegular::Other,
+        });
+    }
+    Ok(fd)
+}
+
+fn set_byte(fd: BorrowedFd<'_>, ty: LockType, at: i64, wait: bool) -> io::Result<()> {
+    loop {
+        match sys::set_lock(fd, Family::Ofd, ty, byte(at), wait) {
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+            r => return r,
+        }
+    }
+}
+
+fn is_contention(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EACCES))
+}
+
+/// Map the sidecar open as `fd` through a new open file description of
+/// it. A mapping keeps its open file description alive, and children
+/// inherit mappings: mapped through `fd`, a forked child would keep the
+/// owner's liveness lock (held through `fd`'s description) after the owner
+/// died.
+fn map_table(fd: BorrowedFd<'_>) -> io::Result<Map> {
+    let proc =
+        CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd())).expect("no NUL in a number");
+    let how = OpenHow {
+        write: true,
+        create_exclusive: false,
+        create: false,
+        follow: true,
+        mode: 0,
+    };
+    let again = sys::open(&proc, how)?;
+    let (a, b) = (sys::fstat(fd)?, sys::fstat(again.as_fd())?);
+    if (a.dev, a.ino) != (b.dev, b.ino) {
+        return Err(io::Error::other("the sidecar changed while being mapped"));
+    }
+    Ok(Map {
+        base: sys::map_shared(again.as_fd(), SIZE)?,
+    })
+}
+
+/// Read the header's first fields with `pread` (never through a mapping,
+/// which a short file would fault).
+fn read_header(fd: BorrowedFd<'_>) -> io::Result<(u64, u32, u64, u64, u64)> {
+    let mut buf = [0u8; 40];
+    let n = sys::pread(fd, &mut buf, 0)?;
+    if n < buf.len() {
+        return Ok((0, 0, 0, 0, 0));
+    }
+    let u64_at = |i: usize| u64::from_ne_bytes(buf[i..i + 8].try_into().expect("8 bytes"));
+    let version = u32::from_ne_bytes(buf[8..12].try_into().expect("4 bytes"));
+    Ok((u64_at(0), version, u64_at(16), u64_at(24), u64_at(32)))
+}
+
+/// Join the table in `sidecar` for the lock file (dev, ino): reset it if
+/// no one uses it, else check it and map it.
+fn join(sidecar: &Path, fd: OwnedFd, dev: u64, ino: u64) -> Result<Joined, Error> {
+    let bad = |problem| Error::Sidecar {
+        path: sidecar.to_path_buf(),
+        problem,
+    };
+    let io_err = |op| move |e| Error::io(op, e);
+    // A table whose first opener died while setting it up has no magic
+    // number yet: whoever holds it shared lets go and tries again, until
+    // one opener finds the DMS byte free and sets it up.
+    for _ in 0..1000 {
+        match set_byte(fd.as_fd(), LockType::Write, DMS, false) {
+            Ok(()) => {
+                // No one has the table open: reset it, unless it is not
+                // ours (a file of the table's size that starts with zeros
+                // is ours, its setting up cut short).
+                let st = sys::fstat(fd.as_fd()).map_err(io_err("fstat lock table"))?;
+                if st.size > 0 {
+                    let (magic, version, ..) =
+                        read_header(fd.as_fd()).map_err(io_err("read lock table"))?;
+                    let unfinished = magic == 0 && st.size == SIZE as u64;
+                    if magic != MAGIC && !unfinished {
+                        return Err(bad(SidecarProblem::Foreign));
+                    }
+                    if version > VERSION {
+                        return Err(bad(SidecarProblem::NewerVersion { found: version }));
+                    }
+                }
+                sys::ftruncate(fd.as_fd(), 0).map_err(io_err("reset lock table"))?;
+                sys::ftruncate(fd.as_fd(), SIZE as u64).map_err(io_err("size lock table"))?;
+                let map = map_table(fd.as_fd()).map_err(io_err("map lock table"))?;
+                // SAFETY: we hold the DMS byte exclusively, so no one else
+                // has the table mapped and in use; the mutex memory is ours.
+                unsafe { sys::robust_mutex_init(map.mutex()) }
+                    .map_err(io_err("initialise lock table mutex"))?;
+                {
+                    let (mut g, _) = map.lock().map_err(io_err("lock table mutex"))?;
+                    g.init(dev, ino);
+                    // Last: a table with its magic number is complete.
+                    g.map.header().magic = MAGIC;
+                }
+                // Atomic conversion: no opener slips in between.
+                set_byte(fd.as_fd(), LockType::Read, DMS, false)
+                    .map_err(io_err("share lock table"))?;
+                return Ok(Joined { fd, map });
+            }
+            Err(e) if is_contention(&e) => {
+                // In use, or being set up: wait for a share.
+                set_byte(fd.as_fd(), LockType::Read, DMS, true)
+                    .map_err(io_err("share lock table"))?;
+                let (magic, ..) = read_header(fd.as_fd()).map_err(io_err("read lock table"))?;
+                let st = sys::fstat(fd.as_fd()).map_err(io_err("fstat lock table"))?;
+                if magic == 0 && (st.size == 0 || st.size == SIZE as u64) {
+                    set_byte(fd.as_fd(), LockType::Unlock, DMS, false)
+                        .map_err(io_err("unlock lock table"))?;
+                    std::thread::yield_now();
+                    continue;
+                }
+                let map = check_and_map(sidecar, fd.as_fd(), Some((dev, ino)))?;
+                return Ok(Joined { fd, map });
+            }
+            Err(e) => return Err(Error::io("lock lock table", e)),
+        }
+    }
+    Err(Error::io(
+        "open lock table",
+        io::Error::other("its first opener never finished setting it up"),
+    ))
+}
+
+/// Check a sidecar in use (magic, version, size, lock file) and map it.
+fn check_and_map(
+    sidecar: &Path,
+    fd: BorrowedFd<'_>,
+    lock_file: Option<(u64, u64)>,
+) -> Result<Map, Error> {
+    let bad = |problem| Error::Sidecar {
+        path: sidecar.to_path_buf(),
+        problem,
+    };
+    let st = sys::fstat(fd).map_err(|e| Error::io("fstat lock table", e))?;
+    let (magic, version, size, dev, ino) =
+        read_header(fd).map_err(|e| Error::io("read lock table", e))?;
+    if magic != MAGIC {
+        return Err(bad(SidecarProblem::Foreign));
+    }
+    if version != VERSION {
+        return Err(bad(SidecarProblem::NewerVersion { found: version }));
+    }
+    if st.size != SIZE as u64 || size != SIZE as u64 {
+        return Err(bad(SidecarProblem::WrongSize {
+            found: st.size,
+            expected: SIZE as u64,
+        }));
+    }
+    if let Some(id) = lock_file {
+        if (dev, ino) != id {
+            return Err(bad(SidecarProblem::OtherLockFile));
+        }
+    }
+    map_table(fd).map_err(|e| Error::io("map lock table", e))
+}
+
+/// The path the lock file really has (symlinks resolved), so that every
+/// name that reaches it through a symlink finds one sidecar. The kernel
+/// tells it for the open descriptor; `given` where it cannot.
+fn real_path(given: &Path, fd: BorrowedFd<'_>) -> PathBuf {
+    match std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())) {
+        Ok(p) if p.is_absolute() && !p.as_os_str().as_bytes().ends_with(b" (deleted)") => p,
+        _ => given.to_path_buf(),
+    }
+}
+
+/// Whether the sidecar of `lock_path` is in use (someone holds its DMS
+/// byte): a kernel-mode open must then be refused.
+pub(crate) fn table_in_use(lock_path: &Path, lock_fd: Option<BorrowedFd<'_>>) -> bool {
+    let real = match lock_fd {
+        Some(fd) => real_path(lock_path, fd),
+        None => std::fs::canonicalize(lock_path).unwrap_or_else(|_| lock_path.to_path_buf()),
+    };
+    let sidecar = sidecar_path(&real);
+    let Ok(c) = CString::new(sidecar.as_os_str().as_bytes()) else {
+        return false;
+    };
+    let how = OpenHow {
+        write: false,
+        create_exclusive: false,
+        create: false,
+        follow: false,
+        mode: 0,
+    };
+    let Ok(fd) = sys::open(&c, how) else {
+        return false;
+    };
+    match sys::fstat(fd.as_fd()) {
+        Ok(id) if id.file_type == FileType::Regular => {}
+        _ => return false,
+    }
+    matches!(
+        sys::get_lock(fd.as_fd(), Family::Ofd, LockType::Write, byte(DMS)),
+        Ok(Some(_))
+    )
+}
+
+/// What kernel locks the lock file has, if any: `Shm` refuses to join
+/// then.
+fn kernel_locks(lock_fd: BorrowedFd<'_>, dev: u64, ino: u64) -> Option<&'static str> {
+    let all = Range { start: 0, len: 0 };
+    if let Ok(Some(_)) = sys::get_lock(lock_fd, Family::Ofd, LockType::Write, all) {
+        return Some("fcntl record locks");
+    }
+    if let Ok(lines) = sys::flock_locks(dev, ino) {
+        if !lines.is_empty() {
+            return Some("flock(2) locks");
+        }
+    }
+    None
+}
+
+impl Shm {
+    /// Join the table of the lock file open as `lock_fd` at `lock_path`.
+    pub fn open(lock_path: &Path, lock_fd: OwnedFd, writable: bool) -> Result<Shm, Error> {
+        let id = sys::fstat(lock_fd.as_fd()).map_err(|e| Error::io("fstat lock file", e))?;
+        let fs = sys::fs_type(lock_fd.as_fd()).map_err(|e| Error::io("statfs lock file", e))?;
+        if let Some(fs) = network_fs(fs) {
+            return Err(Error::NetworkFileSystem {
+                path: lock_path.to_path_buf(),
+                fs,
+            });
+        }
+        if let Some(in_use) = kernel_locks(lock_fd.as_fd(), id.dev, id.ino) {
+            return Err(Error::MixedModes {
+                path: lock_path.to_path_buf(),
+                in_use,
+            });
+        }
+        let sidecar = sidecar_path(&real_path(lock_path, lock_fd.as_fd()));
+        let fd = open_sidecar(&sidecar, id.mode, true)?;
+        let raw = fd.as_raw_fd();
+        // A child must never keep this owner alive, nor the table in use.
+        if !sys::close_in_children(raw) {
+            return Err(Error::TableFull {
+                path: sidecar,
+                what: "shm handles in this process",
+            });
+        }
+        let joined = join(&sidecar, fd, id.dev, id.ino);
+        let Joined { fd, map } = match joined {
+            Ok(j) => j,
+            Err(e) => {
+                sys::keep_in_children(raw);
+                return Err(e);
+            }
+        };
+        let mut shm = Shm {
+            map,
+            fd: Some(fd),
+            lock_fd: Some(lock_fd),
+            dev: id.dev,
+            ino: id.ino,
+            slot: NIL,
+            writable,
+            generation: sys::fork_generation(),
+            sidecar,
+        };
+        shm.slot = shm.claim_slot()?;
+        Ok(shm)
+    }
+
+    fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_ref().expect("open until dropped").as_fd()
+    }
+
+    /// The lock file's descriptor.
+    pub fn lock_fd(&self) -> BorrowedFd<'_> {
+        self.lock_fd.as_ref().expect("open until dropped").as_fd()
+    }
+
+    fn lock(&self) -> Result<Guard<'_>, Error> {
+        let (mut g, died) = self
+            .map
+            .lock()
+            .map_err(|e| Error::io("lock table mutex", e))?;
+        if died {
+            g.repair(self.fd(), self.slot);
+            // SAFETY: we hold the mutex.
+            unsafe { sys::robust_mutex_consistent(self.map.mutex()) };
+        }
+        Ok(g)
+    }
+
+    fn full(&self, what: &'static str) -> Error {
+        Error::TableFull {
+            path: self.sidecar.clone(),
+            what,
+        }
+    }
+
+    /// Take a free slot (or a dead owner's) and its liveness byte.
+    fn claim_slot(&self) -> Result<u32, Error> {
+        let mut g = self.lock()?;
+        for pass in 0..2 {
+            for s in 0..SLOTS as u32 {
+                let used = g.map.slots()[s as usize].used != 0;
+                if used != (pass == 1) {
+                    continue;
+                }
+                // Getting the byte proves the slot's last owner gone.
+                match set_byte(self.fd(), LockType::Write, LIVENESS + s as i64, false) {
+                    Ok(()) => {}
+                    Err(e) if is_contention(&e) => continue,
+                    Err(e) => return Err(Error::io("lock owner slot", e)),
+                }
+                if used {
+                    g.purge(s);
+                }
+                let h = g.map.header();
+                let nonce = h.next_nonce;
+                h.next_nonce += 1;
+                let slot = &mut g.map.slots()[s as usize];
+                slot.pid = std::process::id();
+                slot.nonce = nonce;
+                slot.head = NIL;
+                slot.records = 0;
+                slot.used = 1;
+                return Ok(s);
+            }
+        }
+        Err(self.full("owners"))
+    }
+
+    /// This owner's id, as [`Snapshot`] shows it.
+    pub fn owner_id(&self) -> u64 {
+        self.lock()
+            .map(|g| g.map.slots()[self.slot as usize].nonce)
+            .unwrap_or(0)
+    }
+
+    fn is_inherited(&self) -> bool {
+        self.generation != sys::current_fork_generation()
+    }
+
+    fn holder_of(&self, g: &Guard<'_>, b: Blocker) -> Holder {
+        match b {
+            Blocker::Record(r) => {
+                let r = *g.rec(r);
+                Holder {
+                    span: Span::from_checked(r.start, r.end),
+                    kind: kind_of(r.kind),
+                    pid: Some(g.map.slots()[(r.owner - 1) as usize].pid).filter(|&p| p > 0),
+                }
+            }
+            Blocker::Waiter(w) => {
+                let w = g.map.waiters()[w as usize];
+                Holder {
+                    span: Span::from_checked(w.start, w.end),
+                    kind: kind_of(w.kind),
+                    pid: Some(w.pid).filter(|&p| p > 0),
+                }
+            }
+        }
+    }
+
+    /// Wait until every piece can be raised to `kind` at once, then raise
+    /// them all; on any error nothing changed.
+    fn wait_all(&self, pieces: &[Span], kind: Kind, until: Until) -> Result<(), Error> {
+        let kind = code(kind);
+        let me = self.slot;
+        let deadline = match until {
+            Until::Deadline(t) => Some(t),
+            _ => None,
+        };
+        let mut g = self.lock()?;
+        let mut queued: Option<(u32, u64)> = None;
+        let mut slice_over = false;
+        let mut yields = 0;
+        loop {
+            let ticket = queued.map_or(u64::MAX, |q| q.1);
+            let req = Request {
+                me,
+                pieces,
+                kind,
+                ticket,
+            };
+            let outcome = if g.blocker(self.fd(), req).is_none() {
+                if g.has_room(pieces.len()) {
+                    for p in pieces {
+                        g.set(me, p.start(), p.end(), kind);
+                    }
+                    Some(Ok(()))
+                } else {
+                    Some(Err(self.full("lock records")))
+                }
+            } else if ((queued.is_none() && yields >= YIELDS_BEFORE_QUEUEING) || slice_over)
+                && g.closes_cycle(self.fd(), req)
+            {
+                Some(Err(Error::Deadlock))
+            } else if deadline.is_some_and(|t| Instant::now() >= t) {
+                Some(Err(Error::TimedOut))
+            } else {
+                None
+            };
+            if let Some(outcome) = outcome {
+                if let Some((i, t)) = queued {
+                    g.remove_waiter(me, i, t);
+                }
+                return outcome;
+            }
+            if queued.is_none() && yields < YIELDS_BEFORE_QUEUEING {
+                // A lock held for a moment (hand-over-hand, more processes
+                // than cores) is often free once its holder has run: give
+                // the CPU away and look again before queueing and sleeping.
+                yields += 1;
+                drop(g);
+                std::thread::yield_now();
+                g = self.lock()?;
+                continue;
+            }
+            if queued.is_none() {
+                queued = Some(
+                    g.add_waiter(me, pieces, kind)
+                        .ok_or_else(|| self.full("waiters"))?,
+                );
+            }
+            let word = self.map.wake_word(queued.map_or(0, |q| q.0) as usize);
+            let seen = word.load(Ordering::Acquire);
+            drop(g);
+            let mut sleep = LIVENESS_SLICE;
+            if let Some(t) = deadline {
+                sleep = sleep.min(t.saturating_duration_since(Instant::now()));
+            }
+            let woke = sys::futex_wait(word, seen, sleep);
+            slice_over = false;
+            let interrupted = match woke {
+                Ok(()) => false,
+                Err(e) if e.raw_os_error() == Some(libc::ETIMEDOUT) => {
+                    slice_over = true;
+                    false
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => until == Until::Interruptible,
+                Err(e) => {
+                    let mut g = self.lock()?;
+                    if let Some((i, t)) = queued {
+                        g.remove_waiter(me, i, t);
+                    }
+                    return Err(Error::io("futex wait", e));
+                }
+            };
+            g = self.lock()?;
+            if interrupted {
+                if let Some((i, t)) = queued {
+                    g.remove_waiter(me, i, t);
+                }
+                return Err(Error::Interrupted);
+            }
+        }
+    }
+}
+
+impl Drop for Shm {
+    fn drop(&mut self) {
+        let fd = self.fd.take().expect("open until dropped");
+        if self.is_inherited() {
+            // The parent's: its descriptor was closed at fork (the number
+            // may be another file's by now) and its table is not ours.
+            std::mem::forget(fd);
+            if let Some(lock_fd) = self.lock_fd.take() {
+                drop(lock_fd);
+            }
+            return;
+        }
+        if self.slot != NIL {
+            self.fd = Some(fd);
+            if let Ok(mut g) = self.lock() {
+                g.purge(self.slot);
+            }
+            sys::keep_in_children(self.fd().as_raw_fd());
+            // Closing drops the liveness byte and our share of the table.
+            drop(self.fd.take());
+        } else {
+            sys::keep_in_children(fd.as_raw_fd());
+            drop(fd);
+        }
+        if let Some(lock_fd) = self.lock_fd.take() {
+            crate::registry::close(self.dev, self.ino, lock_fd);
+        }
+    }
+}
+
+impl Engine for Shm {
+    #[inline]
+    fn try_set(&self, span: Span, kind: Option<Kind>) -> Result<bool, Error> {
+        let mut g = self.lock()?;
+        let me = self.slot;
+        match kind {
+            None => {
+                if g.map.header().free_count == 0 {
+                    return Err(self.full("lock records"));
+                }
+                g.set(me, span.start(), span.end(), 0)
+            }
+            Some(k) => {
+                let lowering = g.covered(me, span.start(), span.end(), code(k));
+                let room = if lowering {
+                    g.map.header().free_count > 0
+                } else {
+                    g.has_room(1)
+                };
+                if !room {
+                    return Err(self.full("lock records"));
+                }
+                let k = code(k);
+                let pieces = [span];
+                let req = Request {
+                    me,
+                    pieces: &pieces,
+                    kind: k,
+                    ticket: u64::MAX,
+                };
+                if g.blocker(self.fd(), req).is_some() {
+                    return Ok(false);
+                }
+                g.set(me, span.start(), span.end(), k);
+            }
+        }
+        Ok(true)
+    }
+
+    fn wait_set(&self, span: Span, kind: Kind, until: Until) -> Result<(), Error> {
+        self.wait_all(&[span], kind, until)
+    }
+
+    fn wait_set_all(&self, pieces: &[Span], kind: Kind, until: Until) -> Option<Result<(), Error>> {
+        Some(self.wait_all(pieces, kind, until))
+    }
+
+    fn probe(&self, span: Span, kind: Kind) -> Result<Option<Holder>, Error> {
+        let mut g = self.lock()?;
+        let pieces = [span];
+        let req = Request {
+            me: self.slot,
+            pieces: &pieces,
+            kind: code(kind),
+            ticket: u64::MAX,
+        };
+        Ok(g.blocker(self.fd(), req).map(|b| self.holder_of(&g, b)))
+    }
+
+    fn writable(&self) -> bool {
+        self.writable
+    }
+
+    fn abilities(&self) -> Abilities {
+        Abilities {
+            detects_deadlocks: true,
+            fair: true,
+            releases_on_death: true,
+        }
+    }
+
+    fn unlock_all(&self) -> Result<(), Error> {
+        let mut g = self.lock()?;
+        g.set(self.slot, 0, INDEX_END, 0);
+        Ok(())
+    }
+}
+
+impl Guard<'_> {
+    /// Check the derived indices against the records: every record in use
+    /// is in its owner's list and its tier exactly once, every free one in
+    /// the free list, and the counters agree.
+    fn verify(&self) -> Result<(), String> {
+        let mut seen_owner = vec![0u8; RECORDS];
+        let mut seen_tier = vec![0u8; RECORDS];
+        let h = self.map.header();
+        for (o, slot) in self.map.slots().iter().enumerate() {
+            let mut at = slot.head;
+            let mut n = 0;
+            while at != NIL {
+                let r = self
+                    .map
+                    .recs()
+                    .get(at as usize)
+                    .ok_or("owner list out of range")?;
+                if slot.used != 1 || r.owner as usize != o + 1 {
+                    return Err(format!("record {at} in the list of slot {o} is not its"));
+                }
+                seen_owner[at as usize] += 1;
+                n += 1;
+                if n > RECORDS {
+                    return Err(format!("slot {o}'s list loops"));
+                }
+                at = r.onext;
+            }
+            if n != slot.records as usize {
+                return Err(format!("slot {o} counts {} records, has {n}", slot.records));
+            }
+        }
+        let mut walk = |mut at: u32, what: &str| -> Result<usize, String> {
+            let mut n = 0;
+            while at != NIL {
+                let r = self
+                    .map
+                    .recs()
+                    .get(at as usize)
+                    .ok_or("chain out of range")?;
+                seen_tier[at as usize] += 1;
+                n += 1;
+                if n > RECORDS {
+                    return Err(format!("{what} loops"));
+                }
+                at = r.next;
+            }
+            Ok(n)
+        };
+        let coarse = walk(h.coarse_head, "the coarse list")?;
+        if coarse != h.coarse_count as usize {
+            return Err(format!("coarse list {coarse}, counter {}", h.coarse_count));
+        }
+        for b in 0..BUCKETS {
+            walk(self.map.buckets()[b], "a bucket")?;
+        }
+        let free = walk(h.free_head, "the free list")?;
+        let fresh = h.fresh as usize;
+        if fresh > RECORDS || free + (RECORDS - fresh) != h.free_count as usize {
+            return Err(format!(
+                "free list {free} and {} fresh, counter {}",
+                RECORDS.saturating_sub(fresh),
+                h.free_count
+            ));
+        }
+        for (i, r) in self.map.recs().iter().enumerate() {
+            let used = r.owner != 0;
+            if i >= fresh {
+                if used || seen_tier[i] != 0 || seen_owner[i] != 0 {
+                    return Err(format!("fresh record {i} is in use or in a list"));
+                }
+                continue;
+            }
+            if seen_tier[i] != 1 || seen_owner[i] != u8::from(used) {
+                return Err(format!(
+                    "record {i} (owner {}) is in {} index chains and {} owner lists",
+                    r.owner, seen_tier[i], seen_owner[i]
+                ));
+            }
+            if used && (r.start >= r.end || !(r.kind == SHARED || r.kind == EXCLUSIVE)) {
+                return Err(format!("record {i} is malformed"));
+            }
+        }
+        let waiting = self.map.waiters().iter().filter(|w| w.owner != 0).count();
+        if waiting != h.waiting as usize {
+            return Err(format!("{waiting} waiters, counter {}", h.waiting));
+        }
+        Ok(())
+    }
+}
+
+/// Check a lock table's internal consistency (its derived indices against
+/// its records), for tests: `Err` says what is wrong.
+#[doc(hidden)]
+pub fn verify(lock_path: &Path) -> Result<(), String> {
+    let lock_path = std::fs::canonicalize(lock_path).map_err(|e| e.to_string())?;
+    let sidecar = sidecar_path(&lock_path);
+    let c = cstring(&sidecar).map_err(|e| e.to_string())?;
+    let how = OpenHow {
+        write: true,
+        create_exclusive: false,
+        create: false,
+        follow: false,
+        mode: 0,
+    };
+    let fd = sys::open(&c, how).map_err(|e| e.to_string())?;
+    set_byte(fd.as_fd(), LockType::Read, DMS, true).map_err(|e| e.to_string())?;
+    let map = check_and_map(&sidecar, fd.as_fd(), None).map_err(|e| e.to_string())?;
+    let (mut g, died) = map.lock().map_err(|e| e.to_string())?;
+    if died {
+        g.repair(fd.as_fd(), NIL);
+        // SAFETY: we hold the mutex.
+        unsafe { sys::robust_mutex_consistent(map.mutex()) };
+    }
+    g.verify()
+}
+
+// ---- snapshots ----
+
+/// One lock in a table snapshot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HeldLock {
+    /// The process that opened the owning handle.
+    pub pid: u32,
+    /// The owner's id: unique per table while it lives (a registration
+    /// counter, never reused while the table is in use).
+    pub owner: u64,
+    /// The indices held.
+    pub span: Span,
+    /// Shared or exclusive.
+    pub kind: Kind,
+}
+
+/// One queued request in a table snapshot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WaitingLock {
+    /// The waiting process.
+    pub pid: u32,
+    /// The waiting owner's id (see [`HeldLock::owner`]).
+    pub owner: u64,
+    /// The indices asked for (for a request of several pieces, from the
+    /// first to the last).
+    pub span: Span,
+    /// The kind asked for.
+    pub kind: Kind,
+    /// When the wait began.
+    pub since: std::time::SystemTime,
+}
+
+/// What a [`Mode::Shm`](crate::Mode::Shm) lock table holds, read without
+/// joining it: for `locksfile status` and the like.
+///
+/// ```
+/// use locksfile::{shm::Snapshot, LockFile, Mode};
+/// let dir = tempfile::tempdir()?;
+/// let path = dir.path().join("data.lock");
+/// let lf = LockFile::options().mode(Mode::Shm).open(&path)?;
+/// let _g = lf.write(3..5)?;
+/// let snap = Snapshot::read(&path)?;
+/// assert_eq!(snap.holders.len(), 1);
+/// assert_eq!(snap.holders[0].pid, std::process::id());
+/// assert!(snap.waiters.is_empty());
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Snapshot {
+    /// Every lock held, ordered by start index.
+    pub holders: Vec<HeldLock>,
+    /// Every queued request, oldest first.
+    pub waiters: Vec<WaitingLock>,
+}
+
+impl Snapshot {
+    /// Read the table of the lock file at `lock_path` (its sidecar is
+    /// `<lock_path>-shm`). A table no one uses, or none at all, reads as
+    /// empty. Owners found dead are left out. The snapshot may be stale by
+    /// the time it returns.
+    ///
+    /// # Errors
+    /// [`Error::Open`] when the sidecar cannot be opened for reading and
+    /// writing (taking the table's mutex writes to it); [`Error::Sidecar`]
+    /// for a file that is not a lock table; [`Error::Io`].
+    pub fn read(lock_path: impl AsRef<Path>) -> Result<Snapshot, Error> {
+        let lock_path = std::fs::canonicalize(lock_path.as_ref())
+            .or_else(|_| std::path::absolute(lock_path.as_ref()))
+            .unwrap_or_else(|_| lock_path.as_ref().to_path_buf());
+        let sidecar = sidecar_path(&lock_path);
+        let fd = match open_sidecar(&sidecar, 0, false) {
+            Ok(_) => {
+                // Exists: open it for writing without creating anything.
+                let c = cstring(&sidecar)?;
+                let how = OpenHow {
+                    write: true,
+                    create_exclusive: false,
+                    create: false,
+                    follow: false,
+                    mode: 0,
+                };
+                sys::open(&c, how).map_err(|e| Error::Open {
+                    path: sidecar.clone(),
+                    source: e,
+                })?
+            }
+            Err(Error::Open { source, .. }) if source.raw_os_error() == Some(libc::ENOENT) => {
+                return Ok(Snapshot::default())
+            }
+            Err(e) => return Err(e),
+        };
+        // A share of the DMS byte keeps the table from being reset while
+        // we read; if no one else holds it, no one uses the table.
+        match sys::get_lock(fd.as_fd(), Family::Ofd, LockType::Write, byte(DMS)) {
+            Ok(Some(_)) => {}
+            Ok(None) => return Ok(Snapshot::default()),
+            Err(e) => return Err(Error::io("probe lock table", e)),
+        }
+        set_byte(fd.as_fd(), LockType::Read, DMS, true)
+            .map_err(|e| Error::io("share lock table", e))?;
+        let map = check_and_map(&sidecar, fd.as_fd(), None)?;
+        let (mut g, died) = map.lock().map_err(|e| Error::io("lock table mutex", e))?;
+        if died {
+            g.repair(fd.as_fd(), NIL);
+            // SAFETY: we hold the mutex.
+            unsafe { sys::robust_mutex_consistent(map.mutex()) };
+        }
+        let mut snap = Snapshot::default();
+        let slots = g.map.slots();
+        let live: Vec<bool> = (0..SLOTS as u32)
+            .map(|s| slots[s as usize].used == 1 && alive(fd.as_fd(), s))
+            .collect();
+        for (o, slot) in slots.iter().enumerate() {
+            if !live[o] {
+                continue;
+            }
+            let mut at = slot.head;
+            let mut steps = 0;
+            while at != NIL && steps < RECORDS {
+                let r = *g.rec(at);
+                at = r.onext;
+                steps += 1;
+                if r.owner as usize != o + 1 || r.start >= r.end || r.end > INDEX_END {
+                    continue;
+                }
+                snap.holders.push(HeldLock {
+                    pid: slot.pid,
+                    owner: slot.nonce,
+                    span: Span::from_checked(r.start, r.end),
+                    kind: kind_of(r.kind),
+                });
+            }
+        }
+        let mut waiters: Vec<(u64, WaitingLock)> = Vec::new();
+        for w in g.map.waiters().iter() {
+            if w.owner == 0 || w.owner as usize > SLOTS || !live[(w.owner - 1) as usize] {
+                continue;
+            }
+            if w.start >= w.end || w.end > INDEX_END {
+                continue;
+            }
+            waiters.push((
+                w.ticket,
+                WaitingLock {
+                    pid: w.pid,
+                    owner: slots[(w.owner - 1) as usize].nonce,
+                    span: Span::from_checked(w.start, w.end),
+                    kind: kind_of(w.kind),
+                    since: std::time::UNIX_EPOCH + Duration::from_nanos(w.since_ns),
+                },
+            ));
+        }
+        drop(g);
+        drop(map);
+        waiters.sort_by_key(|(t, _)| *t);
+        snap.waiters = waiters.into_iter().map(|(_, w)| w).collect();
+        snap.holders.sort_by_key(|h| (h.span.start(), h.owner));
+        Ok(snap)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn network_file_systems_are_named() {
+        assert_eq!(network_fs(0x6969), Some("NFS"));
+        assert_eq!(network_fs(0xFF53_4D42_u32 as i32 as i64), Some("CIFS"));
+        assert_eq!(network_fs(0xFE53_4D42), Some("SMB2"));
+        assert_eq!(network_fs(0x0102_1997), Some("9p"));
+        assert_eq!(network_fs(0x00C3_6400), Some("Ceph"));
+        assert_eq!(network_fs(0x6573_5546), Some("FUSE"));
+        // tmpfs, ext4, btrfs, xfs, overlayfs: local.
+        for local in [0x0102_1994, 0xEF53, 0x9123_683E, 0x5846_5342, 0x794C_7630] {
+            assert_eq!(network_fs(local), None, "{local:#x}");
+        }
+    }
+
+    /// A process that dies holding the table's mutex: the next owner to
+    /// take it repairs the table, and keeps its own locks (its liveness
+    /// lock is invisible through its own descriptor) while the dead
+    /// process's owner loses its.
+    #[test]
+    fn repair_after_a_death_in_the_mutex_keeps_the_living() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.lock");
+        let open = || {
+            let fd = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)
+                .unwrap();
+            Shm::open(&path, fd.into(), true).unwrap()
+        };
+        let a = open();
+        assert!(a
+            .try_set(Span::new(0, 4).unwrap(), Some(Kind::Exclusive))
+            .unwrap());
+        // SAFETY: the child only makes plain calls and `_exit`s.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            let b = open();
+            let ok = b
+                .try_set(Span::new(10, 12).unwrap(), Some(Kind::Shared))
+                .unwrap();
+            let g = b.lock().unwrap();
+            std::mem::forget(g);
+            // SAFETY: ends the child holding the mutex, as a kill would.
+            unsafe { libc::_exit(i32::from(!ok)) };
+        }
+        let mut status = 0;
+        // SAFETY: our child; valid out-pointer.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        assert_eq!(status, 0);
+        // The mutex comes back EOWNERDEAD: repaired under `a`.
+        assert!(a
+            .probe(Span::new(10, 12).unwrap(), Kind::Exclusive)
+            .unwrap()
+            .is_none());
+        let g = a.lock().unwrap();
+        g.verify().unwrap();
+        assert_eq!(g.map.slots()[a.slot as usize].records, 1);
+        assert_eq!(g.map.slots().iter().filter(|s| s.used == 1).count(), 1);
+        drop(g);
+        let c = open();
+        assert!(!c
+            .try_set(Span::new(2, 3).unwrap(), Some(Kind::Shared))
+            .unwrap());
+        assert!(c
+            .try_set(Span::new(10, 12).unwrap(), Some(Kind::Exclusive))
+            .unwrap());
+    }
+
+    #[test]
+    fn this_file_system_is_local() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = std::fs::File::create(dir.path().join("x")).unwrap();
+        let t = sys::fs_type(f.as_fd()).unwrap();
+        assert_eq!(network_fs(t), None, "{t:#x}");
+    }
+}
