@@ -93,14 +93,61 @@ def _locks_of(major, minor, ino) -> list[KernelLock]:
     return out
 
 
-def held_map(path, pid: int, width: int = 10) -> str:
+# --------------------------------------------------------------------------
+# The shm lock table's view, read from outside (as /proc/locks is for the
+# kernel's locks)
+# --------------------------------------------------------------------------
+
+MODES = ["ofd", "process", "shm"]
+"""The modes with numbered locks, which the mode-parametrised suites run in."""
+
+
+def table_locks(path) -> list[KernelLock]:
+    """Every lock and queued request in the shm table of ``path``, in the
+    shape of :func:`kernel_locks` (family ``"SHM"``, each with its real pid)."""
+    from pylocksfile import INDEX_END, _native
+
+    table = _native._shm_table(os.fspath(path))
+    out = []
+    for rows, waiting in ((table["holders"], False), (table["waiters"], True)):
+        for pid, _owner, start, stop, kind in rows:
+            out.append(
+                KernelLock(
+                    family="SHM",
+                    kind="W" if kind == "exclusive" else "R",
+                    pid=pid,
+                    start=start,
+                    end=None if stop == INDEX_END else stop - 1,
+                    waiting=waiting,
+                )
+            )
+    return out
+
+
+def mode_locks(path, mode: str) -> list[KernelLock]:
+    """What the engine of ``mode`` holds and queues on ``path``: the table in
+    shm mode, /proc/locks otherwise. Shm locks belong to a handle, like OFD
+    locks, and show pid -1 like them, so one expectation fits both; use
+    :func:`table_locks` for their pids."""
+    if mode != "shm":
+        return kernel_locks(path)
+    return [KernelLock("SHM", lk.kind, -1, lk.start, lk.end, lk.waiting) for lk in table_locks(path)]
+
+
+def owner_pid(mode: str, pid: int) -> int:
+    """The pid :func:`mode_locks` shows for a lock of process ``pid``."""
+    return pid if mode == "process" else -1
+
+
+def held_map(path, pid: int, width: int = 10, mode: str = "") -> str:
     """What ``pid`` holds on indices ``0..width`` as a string: '.', 'R' or 'W'
     per index. OFD locks have pid -1. A lock reaching past ``width`` shows as a
-    trailing '+'."""
+    trailing '+'. With ``mode="shm"`` the shm table is read instead, and
+    ``pid`` is its real pid (-1: every holder)."""
     cells = ["."] * width
     beyond = False
-    for lk in kernel_locks(path):
-        if lk.waiting or lk.pid != pid:
+    for lk in table_locks(path) if mode == "shm" else kernel_locks(path):
+        if lk.waiting or (lk.pid != pid and not (mode == "shm" and pid == -1)):
             continue
         for i in range(width):
             if lk.covers(i):
