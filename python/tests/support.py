@@ -198,21 +198,32 @@ def getlk(fd: int, index: int, count: int = 1, write: bool = True):
     return ("W" if l_type == fcntl.F_WRLCK else "R", l_pid)
 
 
-def can_lock(path, index: int, count: int = 1, write: bool = True) -> bool:
+def can_lock(path, index: int, count: int = 1, write: bool = True, mode: str = "") -> bool:
     """Whether a fresh process could take a POSIX lock on the span now.
 
     Runs ``fcntl.lockf(LOCK_NB)`` in a separate interpreter, so it holds
-    nothing of the caller's and sees every other owner's locks."""
-    code = (
-        "import fcntl, os, sys\n"
-        "fd = os.open(sys.argv[1], os.O_RDWR)\n"
-        "op = (fcntl.LOCK_EX if sys.argv[4] == 'W' else fcntl.LOCK_SH) | fcntl.LOCK_NB\n"
-        "try:\n"
-        "    fcntl.lockf(fd, op, int(sys.argv[3]), int(sys.argv[2]))\n"
-        "except OSError:\n"
-        "    sys.exit(3)\n"
-        "sys.exit(0)\n"
-    )
+    nothing of the caller's and sees every other owner's locks. With
+    ``mode="shm"`` it tries a fresh shm owner there instead (the kernel's
+    locks never meet the table)."""
+    if mode == "shm":
+        code = (
+            "import sys\n"
+            "from pylocksfile import LocksFile\n"
+            "lf = LocksFile(sys.argv[1], mode='shm', create=False)\n"
+            "try_ = lf.try_write if sys.argv[4] == 'W' else lf.try_read\n"
+            "sys.exit(0 if try_((int(sys.argv[2]), int(sys.argv[3]))) is not None else 3)\n"
+        )
+    else:
+        code = (
+            "import fcntl, os, sys\n"
+            "fd = os.open(sys.argv[1], os.O_RDWR)\n"
+            "op = (fcntl.LOCK_EX if sys.argv[4] == 'W' else fcntl.LOCK_SH) | fcntl.LOCK_NB\n"
+            "try:\n"
+            "    fcntl.lockf(fd, op, int(sys.argv[3]), int(sys.argv[2]))\n"
+            "except OSError:\n"
+            "    sys.exit(3)\n"
+            "sys.exit(0)\n"
+        )
     rc = subprocess.run(
         [sys.executable, "-c", code, os.fspath(path), str(index), str(count), "W" if write else "R"],
         timeout=DEFAULT_TIMEOUT,
@@ -346,15 +357,20 @@ class Worker:
         self.send("eval", src)
         return self.result(timeout)
 
-    def held(self, width: int = 10) -> str:
-        return held_map(self.path, self.pid, width)
+    def held(self, width: int = 10, mode: str = "") -> str:
+        return held_map(self.path, self.pid, width, mode=mode)
 
-    def wait_blocked(self, timeout: float = DEFAULT_TIMEOUT):
+    def wait_blocked(self, timeout: float = DEFAULT_TIMEOUT, mode: str = ""):
         """Wait until this worker sleeps in the kernel on a lock of ``path``
-        (a blocked request of its pid in /proc/locks). Fails early if the
-        pending request returns instead."""
+        (a blocked request of its pid in /proc/locks; with ``mode="shm"``, a
+        queued request of its pid in the table). Fails early if the pending
+        request returns instead."""
+        if mode == "shm":
+            blocked = lambda: self.pid in {lk.pid for lk in table_locks(self.path) if lk.waiting}  # noqa: E731
+        else:
+            blocked = lambda: is_waiting(self.path, self.pid)  # noqa: E731
         wait_until(
-            lambda: is_waiting(self.path, self.pid) or self.replied(),
+            lambda: blocked() or self.replied(),
             timeout,
             f"worker {self.pid} to block",
         )
