@@ -1216,6 +1216,14 @@ impl PyLocksFile {
         Ok(self.lf_not_forked(py)?.as_fd().as_raw_fd())
     }
 
+    /// In shm mode, this owner's id as ``_shm_table`` lists it (the calling
+    /// thread's with ``thread_local=True``); None in the kernel modes. Not
+    /// part of the public API.
+    #[getter]
+    fn _table_owner(&self, py: Python<'_>) -> PyResult<Option<u64>> {
+        Ok(self.lf_not_forked(py)?.table_owner())
+    }
+
     /// ``await lf.read_async(span, timeout=None)``, or ``async with
     /// lf.read_async(span) as g:``: a shared lock without blocking the
     /// event loop. On contention the wait runs in a thread of its own, in

@@ -679,6 +679,13 @@ impl Seed {
         Ok(false)
     }
 
+    /// In shm mode, this object's owner id as ``_shm_table`` lists it;
+    /// None otherwise. Not part of the public API.
+    #[getter]
+    fn _table_owner(&self, py: Python<'_>) -> PyResult<Option<u64>> {
+        Ok(self.current(py)?.table_owner())
+    }
+
     /// ``"process"`` (the default), ``"ofd"`` or ``"shm"``.
     #[getter]
     fn mode(&self) -> PyResult<&'static str> {
