@@ -277,6 +277,8 @@ pub enum RingKind {
     LocksfileOfd,
     /// `locksfile`, process mode, explicit `acquire`/`release`.
     LocksfileProcess,
+    /// locksfile in shared-memory mode.
+    LocksfileShm,
     /// Raw `F_OFD_SETLKW` / `F_UNLCK`, one byte per track.
     FcntlOfd,
     /// Raw `F_SETLKW` / `F_UNLCK`, one byte per track.
@@ -289,9 +291,10 @@ pub enum RingKind {
 
 impl RingKind {
     /// Every ring, in report order.
-    pub const ALL: [RingKind; 6] = [
+    pub const ALL: [RingKind; 7] = [
         RingKind::LocksfileOfd,
         RingKind::LocksfileProcess,
+        RingKind::LocksfileShm,
         RingKind::FcntlOfd,
         RingKind::FcntlPosix,
         RingKind::Semaphore,
@@ -303,6 +306,7 @@ impl RingKind {
         match self {
             RingKind::LocksfileOfd => "locksfile_ofd",
             RingKind::LocksfileProcess => "locksfile_process",
+            RingKind::LocksfileShm => "locksfile_shm",
             RingKind::FcntlOfd => "fcntl_ofd",
             RingKind::FcntlPosix => "fcntl_posix",
             RingKind::Semaphore => "sem_open",
@@ -408,6 +412,9 @@ impl Ring {
             }
             RingKind::LocksfileProcess => {
                 Racer::Locksfile(LockFile::options().mode(Mode::Process).open(&self.path)?)
+            }
+            RingKind::LocksfileShm => {
+                Racer::Locksfile(LockFile::options().mode(Mode::Shm).open(&self.path)?)
             }
             RingKind::FcntlOfd => Racer::Fcntl(open_rw(&self.path)?, raw::Cmd::OfdSetlkw),
             RingKind::FcntlPosix => Racer::Fcntl(open_rw(&self.path)?, raw::Cmd::Setlkw),

@@ -3,7 +3,9 @@
 //! One lock file holds many numbered locks: lock `n` is byte `n` of the
 //! file, locked with `fcntl` record locks ([`Mode::Flock`] instead takes
 //! one `flock(2)` lock on the whole file, to exclude the tools that use
-//! those). Locks are shared (read) or exclusive (write), taken over whole
+//! those; [`Mode::Shm`] keeps the locks in a shared-memory table beside
+//! the file, at the cost of a futex, with deadlock detection and fair
+//! queues). Locks are shared (read) or exclusive (write), taken over whole
 //! spans of consecutive indices in one call, converted in place, waited
 //! for with or without a deadline, and released when their guard or handle
 //! goes away. The file's content is never touched.
@@ -38,7 +40,10 @@
 //! detects nothing: two owners that each wait for a lock the other holds
 //! wait forever, and two readers of one span that both upgrade are such a
 //! pair (see [`ReadGuard::upgrade`]). Wait with a timeout where that can
-//! happen.
+//! happen, or use [`Mode::Shm`], which refuses the wait that would close
+//! any cycle of owners with [`Error::Deadlock`] (threads sharing one
+//! handle are one owner there: a cycle through a handle counts even if
+//! another of its threads could still release).
 //!
 //! # How long a lock lives
 //! - An OFD lock belongs to the open file description, not to the process:
@@ -71,6 +76,8 @@ mod sys;
 /// Reading a [`Mode::Shm`] lock table from outside: who holds what, who
 /// waits (for `locksfile status` and the like).
 pub mod shm {
+    #[doc(hidden)]
+    pub use crate::engine::shm::verify;
     pub use crate::engine::shm::{HeldLock, Snapshot, WaitingLock};
 }
 

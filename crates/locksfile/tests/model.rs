@@ -130,7 +130,7 @@ enum Other {
 impl Other {
     fn new(mode: Mode, path: &std::path::Path) -> Other {
         let open = || LockFile::options().mode(mode).open(path).unwrap();
-        if mode == Mode::Ofd {
+        if mode != Mode::Process {
             return Other::Local(open());
         }
         let (orders, answers) = (Pipe::new(), Pipe::new());
@@ -233,7 +233,12 @@ fn run(mode: Mode, ops: Vec<Op>) -> Result<(), TestCaseError> {
     let layer = |h: usize| if mode == Mode::Process { h } else { 0 };
     // The observer is another owner in both modes: an OFD handle never
     // shares an owner with anything else.
-    let observer = LockFile::open(&path).unwrap();
+    let observer_mode = if mode == Mode::Shm {
+        Mode::Shm
+    } else {
+        Mode::Ofd
+    };
+    let observer = LockFile::options().mode(observer_mode).open(&path).unwrap();
     let other = Other::new(mode, &path);
     let mut model = Model::default();
     let mut guards: Vec<Held> = Vec::new();
@@ -407,5 +412,10 @@ proptest! {
     #[test]
     fn process_matches_model(ops in proptest::collection::vec(op(), 1..40)) {
         run(Mode::Process, ops)?;
+    }
+
+    #[test]
+    fn shm_matches_model(ops in proptest::collection::vec(op(), 1..40)) {
+        run(Mode::Shm, ops)?;
     }
 }

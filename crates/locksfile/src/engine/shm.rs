@@ -67,6 +67,9 @@ const LIVENESS: i64 = DMS + 1;
 /// killed holder's waiter gets the lock within this (plus a few µs).
 pub(crate) const LIVENESS_SLICE: Duration = Duration::from_millis(50);
 
+/// Tries after yielding the CPU before a wait queues and sleeps.
+const YIELDS_BEFORE_QUEUEING: u32 = 2;
+
 /// Spans up to this long are checked index by index in the hash; longer
 /// ones walk every owner's records.
 const FINE_SCAN: u64 = 64;
@@ -121,8 +124,10 @@ struct Rec {
     kind: u32,
     /// Derived: next in the bucket, coarse or free list.
     next: u32,
-    /// Derived: next of the same owner.
+    /// Derived: next and previous of the same owner.
     onext: u32,
+    oprev: u32,
+    _pad: u32,
 }
 
 #[repr(C)]
@@ -220,6 +225,30 @@ fn bucket(index: u64) -> usize {
     (index.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 48) as usize % BUCKETS
 }
 
+/// Record indices found by [`Guard::mine_near`]: on the stack unless
+/// there are many.
+#[derive(Default)]
+struct Near {
+    fixed: [u32; 32],
+    n: usize,
+    more: Vec<u32>,
+}
+
+impl Near {
+    fn push(&mut self, i: u32) {
+        if self.n < self.fixed.len() {
+            self.fixed[self.n] = i;
+            self.n += 1;
+        } else {
+            self.more.push(i);
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = u32> + '_ {
+        self.fixed[..self.n].iter().chain(&self.more).copied()
+    }
+}
+
 /// A mapped sidecar.
 struct Map {
     base: *mut u8,
@@ -231,6 +260,12 @@ unsafe impl Send for Map {}
 // SAFETY: as above.
 unsafe impl Sync for Map {}
 
+// The accessors below hand out `&mut` into memory that other processes
+// share: callers hold the table's mutex (a `Guard`), which every process
+// takes before touching the table, so no one else writes it meanwhile.
+// Each call makes a fresh, short-lived reference from the raw base pointer;
+// the regions (header, slots, waiters, buckets, records) never overlap.
+#[allow(clippy::mut_from_ref)]
 impl Map {
     fn mutex(&self) -> *mut libc::pthread_mutex_t {
         // SAFETY: MUTEX_AT is inside the mapping and suitably aligned.
@@ -350,8 +385,12 @@ impl Guard<'_> {
         }
     }
 
+    #[allow(clippy::mut_from_ref)]
     fn rec(&self, i: u32) -> &mut Rec {
-        &mut self.map.recs()[i as usize]
+        assert!((i as usize) < RECORDS, "record index {i} out of range");
+        // SAFETY: in range; the mutex is held (see `Map`); a reference to
+        // one record only, so references to different records never overlap.
+        unsafe { &mut *self.map.base.add(RECORDS_AT).cast::<Rec>().add(i as usize) }
     }
 
     // ---- derived indices ----
@@ -370,6 +409,10 @@ impl Guard<'_> {
         }
         let slot = &mut self.map.slots()[(r.owner - 1) as usize];
         self.rec(i).onext = slot.head;
+        self.rec(i).oprev = NIL;
+        if slot.head != NIL {
+            self.rec(slot.head).oprev = i;
+        }
         slot.head = i;
         slot.records += 1;
     }
@@ -422,10 +465,13 @@ impl Guard<'_> {
     /// Rebuild every derived index from the records, slots and waiters,
     /// dropping whatever does not validate. Dead owners (their liveness
     /// byte free, probed through `fd`) lose their slot and everything.
-    fn repair(&mut self, fd: BorrowedFd<'_>) {
+    /// `me` is the repairer's own slot (`NIL` for none): its liveness
+    /// lock is held through `fd`, which `F_OFD_GETLK` does not report.
+    fn repair(&mut self, fd: BorrowedFd<'_>, me: u32) {
         let h = self.map.header();
         for (s, slot) in self.map.slots().iter_mut().enumerate() {
-            if slot.used != 0 && (slot.used != 1 || !alive(fd, s as u32)) {
+            let dead = s as u32 != me && !alive(fd, s as u32);
+            if slot.used != 0 && (slot.used != 1 || dead) {
                 slot.used = 0;
             }
             slot.head = NIL;
@@ -768,19 +814,31 @@ impl Guard<'_> {
     // ---- changes ----
 
     /// Set `s..e` to `kind` (0: unlock) for owner `me`, converting in
-    /// place. The caller checked there are two free records.
+    /// place, and merge with the owner's touching records of the same kind
+    /// (as the kernel does, so an owner's records stay few). The caller
+    /// checked there are free records: a split takes one, the new record
+    /// one.
     fn set(&mut self, me: u32, s: u64, e: u64, kind: u32) {
-        let mut prev = NIL;
-        let mut at = self.map.slots()[me as usize].head;
-        let mut steps = 0;
+        let mut near = Near::default();
+        self.mine_near(
+            me,
+            s.saturating_sub(1),
+            e.saturating_add(1).min(INDEX_END),
+            &mut near,
+        );
+        let (mut ns, mut ne) = (s, e);
         let mut lowered = false;
-        while at != NIL && steps < RECORDS {
-            steps += 1;
+        for at in near.iter() {
             let r = *self.rec(at);
-            let next = r.onext;
-            if !overlaps(s, e, r.start, r.end) {
-                prev = at;
-                at = next;
+            let over = overlaps(s, e, r.start, r.end);
+            if kind != 0 && r.kind == kind && (over || r.end == s || r.start == e) {
+                // Same kind, overlapping or touching: the new record covers it.
+                ns = ns.min(r.start);
+                ne = ne.max(r.end);
+                self.drop_record(at);
+                continue;
+            }
+            if !over {
                 continue;
             }
             lowered |= kind == 0 || r.kind > kind;
@@ -795,49 +853,37 @@ impl Guard<'_> {
                     kind: r.kind,
                     next: NIL,
                     onext: NIL,
+                    oprev: NIL,
+                    _pad: 0,
                 };
                 self.rec(n).owner = me + 1;
                 self.unlink_tier(at);
                 self.rec(at).end = s;
                 self.relink_tier(at);
                 self.link(n);
-                // `link` put `n` at the head of the list: it is not `prev`.
-                prev = at;
             } else if r.start < s {
                 self.unlink_tier(at);
                 self.rec(at).end = s;
                 self.relink_tier(at);
-                prev = at;
             } else if r.end > e {
                 self.unlink_tier(at);
                 self.rec(at).start = e;
                 self.relink_tier(at);
-                prev = at;
             } else {
-                self.unlink_tier(at);
-                if prev == NIL {
-                    self.map.slots()[me as usize].head = next;
-                } else {
-                    self.rec(prev).onext = next;
-                }
-                self.map.slots()[me as usize].records -= 1;
-                self.free(at);
+                self.drop_record(at);
             }
-            at = next;
         }
         if kind != 0 {
-            // Merge with touching records of the same kind, as the kernel
-            // does, so an owner's records stay few and `held` and the
-            // table agree piece by piece.
-            let (s, e) = self.absorb_neighbours(me, s, e, kind);
             let n = self.alloc();
             *self.rec(n) = Rec {
-                start: s,
-                end: e,
+                start: ns,
+                end: ne,
                 owner: 0,
                 kind,
                 next: NIL,
                 onext: NIL,
+                oprev: NIL,
+                _pad: 0,
             };
             self.rec(n).owner = me + 1;
             self.link(n);
@@ -847,33 +893,76 @@ impl Guard<'_> {
         }
     }
 
-    /// Free `me`'s records of `kind` that touch `s..e` (none overlap it
-    /// any more) and return the span grown over them.
-    fn absorb_neighbours(&mut self, me: u32, mut s: u64, mut e: u64, kind: u32) -> (u64, u64) {
-        let mut prev = NIL;
-        let mut at = self.map.slots()[me as usize].head;
-        let mut steps = 0;
-        while at != NIL && steps < RECORDS {
-            steps += 1;
-            let r = *self.rec(at);
-            let next = r.onext;
-            if r.kind == kind && (r.end == s || r.start == e) {
-                s = s.min(r.start);
-                e = e.max(r.end);
-                self.unlink_tier(at);
-                if prev == NIL {
-                    self.map.slots()[me as usize].head = next;
-                } else {
-                    self.rec(prev).onext = next;
-                }
-                self.map.slots()[me as usize].records -= 1;
-                self.free(at);
-            } else {
-                prev = at;
+    /// Whether `me` holds all of `s..e` at `kind` or stronger (setting it
+    /// to `kind` then only lowers).
+    fn covered(&self, me: u32, s: u64, e: u64, kind: u32) -> bool {
+        let mut near = Near::default();
+        self.mine_near(me, s, e, &mut near);
+        let mut have = 0;
+        for at in near.iter() {
+            let r = self.rec(at);
+            if r.kind >= kind {
+                have += r.end.min(e) - r.start.max(s);
             }
-            at = next;
         }
-        (s, e)
+        have == e - s
+    }
+
+    /// Free record `i` of its owner, out of every list.
+    fn drop_record(&mut self, i: u32) {
+        let r = *self.rec(i);
+        self.unlink_tier(i);
+        let slot = &mut self.map.slots()[(r.owner - 1) as usize];
+        if r.oprev == NIL {
+            slot.head = r.onext;
+        } else {
+            self.rec(r.oprev).onext = r.onext;
+        }
+        if r.onext != NIL {
+            self.rec(r.onext).oprev = r.oprev;
+        }
+        slot.records -= 1;
+        self.free(i);
+    }
+
+    /// `me`'s records overlapping `lo..hi`: through the hash and the
+    /// coarse list for a short span when the owner has many records, else
+    /// through the owner's own list.
+    fn mine_near(&self, me: u32, lo: u64, hi: u64, out: &mut Near) {
+        let slot = self.map.slots()[me as usize];
+        let mut steps = 0;
+        if slot.records > 16 && hi - lo <= FINE_SCAN + 2 {
+            for i in lo..hi {
+                let mut at = self.map.buckets()[bucket(i)];
+                while at != NIL && steps < RECORDS {
+                    let r = self.rec(at);
+                    if r.owner == me + 1 && r.start == i {
+                        out.push(at);
+                    }
+                    at = r.next;
+                    steps += 1;
+                }
+            }
+            let mut at = self.map.header().coarse_head;
+            while at != NIL && steps < 2 * RECORDS {
+                let r = self.rec(at);
+                if r.owner == me + 1 && overlaps(lo, hi, r.start, r.end) {
+                    out.push(at);
+                }
+                at = r.next;
+                steps += 1;
+            }
+            return;
+        }
+        let mut at = slot.head;
+        while at != NIL && steps < RECORDS {
+            let r = self.rec(at);
+            if overlaps(lo, hi, r.start, r.end) {
+                out.push(at);
+            }
+            at = r.onext;
+            steps += 1;
+        }
     }
 
     /// Put record `i` back in its bucket or the coarse list.
@@ -1032,6 +1121,31 @@ fn is_contention(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EACCES))
 }
 
+/// Map the sidecar open as `fd` through a new open file description of
+/// it. A mapping keeps its open file description alive, and children
+/// inherit mappings: mapped through `fd`, a forked child would keep the
+/// owner's liveness lock (held through `fd`'s description) after the owner
+/// died.
+fn map_table(fd: BorrowedFd<'_>) -> io::Result<Map> {
+    let proc =
+        CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd())).expect("no NUL in a number");
+    let how = OpenHow {
+        write: true,
+        create_exclusive: false,
+        create: false,
+        follow: true,
+        mode: 0,
+    };
+    let again = sys::open(&proc, how)?;
+    let (a, b) = (sys::fstat(fd)?, sys::fstat(again.as_fd())?);
+    if (a.dev, a.ino) != (b.dev, b.ino) {
+        return Err(io::Error::other("the sidecar changed while being mapped"));
+    }
+    Ok(Map {
+        base: sys::map_shared(again.as_fd(), SIZE)?,
+    })
+}
+
 /// Read the header's first fields with `pread` (never through a mapping,
 /// which a short file would fault).
 fn read_header(fd: BorrowedFd<'_>) -> io::Result<(u64, u32, u64, u64, u64)> {
@@ -1053,46 +1167,67 @@ fn join(sidecar: &Path, fd: OwnedFd, dev: u64, ino: u64) -> Result<Joined, Error
         problem,
     };
     let io_err = |op| move |e| Error::io(op, e);
-    match set_byte(fd.as_fd(), LockType::Write, DMS, false) {
-        Ok(()) => {
-            // No one has the table open: reset it, unless it is not ours.
-            let st = sys::fstat(fd.as_fd()).map_err(io_err("fstat lock table"))?;
-            if st.size > 0 {
-                let (magic, version, ..) =
-                    read_header(fd.as_fd()).map_err(io_err("read lock table"))?;
-                if magic != MAGIC {
-                    return Err(bad(SidecarProblem::Foreign));
+    // A table whose first opener died while setting it up has no magic
+    // number yet: whoever holds it shared lets go and tries again, until
+    // one opener finds the DMS byte free and sets it up.
+    for _ in 0..1000 {
+        match set_byte(fd.as_fd(), LockType::Write, DMS, false) {
+            Ok(()) => {
+                // No one has the table open: reset it, unless it is not
+                // ours (a file of the table's size that starts with zeros
+                // is ours, its setting up cut short).
+                let st = sys::fstat(fd.as_fd()).map_err(io_err("fstat lock table"))?;
+                if st.size > 0 {
+                    let (magic, version, ..) =
+                        read_header(fd.as_fd()).map_err(io_err("read lock table"))?;
+                    let unfinished = magic == 0 && st.size == SIZE as u64;
+                    if magic != MAGIC && !unfinished {
+                        return Err(bad(SidecarProblem::Foreign));
+                    }
+                    if version > VERSION {
+                        return Err(bad(SidecarProblem::NewerVersion { found: version }));
+                    }
                 }
-                if version > VERSION {
-                    return Err(bad(SidecarProblem::NewerVersion { found: version }));
+                sys::ftruncate(fd.as_fd(), 0).map_err(io_err("reset lock table"))?;
+                sys::ftruncate(fd.as_fd(), SIZE as u64).map_err(io_err("size lock table"))?;
+                let map = map_table(fd.as_fd()).map_err(io_err("map lock table"))?;
+                // SAFETY: we hold the DMS byte exclusively, so no one else
+                // has the table mapped and in use; the mutex memory is ours.
+                unsafe { sys::robust_mutex_init(map.mutex()) }
+                    .map_err(io_err("initialise lock table mutex"))?;
+                {
+                    let (mut g, _) = map.lock().map_err(io_err("lock table mutex"))?;
+                    g.init(dev, ino);
+                    // Last: a table with its magic number is complete.
+                    g.map.header().magic = MAGIC;
                 }
+                // Atomic conversion: no opener slips in between.
+                set_byte(fd.as_fd(), LockType::Read, DMS, false)
+                    .map_err(io_err("share lock table"))?;
+                return Ok(Joined { fd, map });
             }
-            sys::ftruncate(fd.as_fd(), 0).map_err(io_err("reset lock table"))?;
-            sys::ftruncate(fd.as_fd(), SIZE as u64).map_err(io_err("size lock table"))?;
-            let map = Map {
-                base: sys::map_shared(fd.as_fd(), SIZE).map_err(io_err("map lock table"))?,
-            };
-            // SAFETY: we hold the DMS byte exclusively, so no one else
-            // has the table mapped and in use; the mutex memory is ours.
-            unsafe { sys::robust_mutex_init(map.mutex()) }
-                .map_err(io_err("initialise lock table mutex"))?;
-            {
-                let (mut g, _) = map.lock().map_err(io_err("lock table mutex"))?;
-                g.init(dev, ino);
-                g.map.header().magic = MAGIC;
+            Err(e) if is_contention(&e) => {
+                // In use, or being set up: wait for a share.
+                set_byte(fd.as_fd(), LockType::Read, DMS, true)
+                    .map_err(io_err("share lock table"))?;
+                let (magic, ..) = read_header(fd.as_fd()).map_err(io_err("read lock table"))?;
+                let st = sys::fstat(fd.as_fd()).map_err(io_err("fstat lock table"))?;
+                if magic == 0 && (st.size == 0 || st.size == SIZE as u64) {
+                    set_byte(fd.as_fd(), LockType::Unlock, DMS, false)
+                        .map_err(io_err("unlock lock table"))?;
+                    std::thread::yield_now();
+                    continue;
+                }
+                let map = check_and_map(sidecar, fd.as_fd(), Some((dev, ino)))?;
+                return Ok(Joined { fd, map });
             }
-            // Atomic conversion: no opener slips in between.
-            set_byte(fd.as_fd(), LockType::Read, DMS, false).map_err(io_err("share lock table"))?;
-            Ok(Joined { fd, map })
+            Err(e) => return Err(Error::io("lock lock table", e)),
         }
-        Err(e) if is_contention(&e) => {
-            // In use, or being initialised: wait for a share.
-            set_byte(fd.as_fd(), LockType::Read, DMS, true).map_err(io_err("share lock table"))?;
-            let map = check_and_map(sidecar, fd.as_fd(), Some((dev, ino)))?;
-            Ok(Joined { fd, map })
-        }
-        Err(e) => Err(Error::io("lock lock table", e)),
     }
+    Err(Error::io(
+        "open lock table",
+        io::Error::other("its first opener never finished setting it up"),
+    ))
 }
 
 /// Check a sidecar in use (magic, version, size, lock file) and map it.
@@ -1125,9 +1260,7 @@ fn check_and_map(
             return Err(bad(SidecarProblem::OtherLockFile));
         }
     }
-    Ok(Map {
-        base: sys::map_shared(fd, SIZE).map_err(|e| Error::io("map lock table", e))?,
-    })
+    map_table(fd).map_err(|e| Error::io("map lock table", e))
 }
 
 /// The path the lock file really has (symlinks resolved), so that every
@@ -1247,7 +1380,7 @@ impl Shm {
             .lock()
             .map_err(|e| Error::io("lock table mutex", e))?;
         if died {
-            g.repair(self.fd());
+            g.repair(self.fd(), self.slot);
             // SAFETY: we hold the mutex.
             unsafe { sys::robust_mutex_consistent(self.map.mutex()) };
         }
@@ -1338,6 +1471,7 @@ impl Shm {
         let mut g = self.lock()?;
         let mut queued: Option<(u32, u64)> = None;
         let mut slice_over = false;
+        let mut yields = 0;
         loop {
             let ticket = queued.map_or(u64::MAX, |q| q.1);
             let req = Request {
@@ -1355,7 +1489,9 @@ impl Shm {
                 } else {
                     Some(Err(self.full("lock records")))
                 }
-            } else if (queued.is_none() || slice_over) && g.closes_cycle(self.fd(), req) {
+            } else if ((queued.is_none() && yields >= YIELDS_BEFORE_QUEUEING) || slice_over)
+                && g.closes_cycle(self.fd(), req)
+            {
                 Some(Err(Error::Deadlock))
             } else if deadline.is_some_and(|t| Instant::now() >= t) {
                 Some(Err(Error::TimedOut))
@@ -1367,6 +1503,16 @@ impl Shm {
                     g.remove_waiter(me, i, t);
                 }
                 return outcome;
+            }
+            if queued.is_none() && yields < YIELDS_BEFORE_QUEUEING {
+                // A lock held for a moment (hand-over-hand, more processes
+                // than cores) is often free once its holder has run: give
+                // the CPU away and look again before queueing and sleeping.
+                yields += 1;
+                drop(g);
+                std::thread::yield_now();
+                g = self.lock()?;
+                continue;
             }
             if queued.is_none() {
                 queued = Some(
@@ -1451,7 +1597,13 @@ impl Engine for Shm {
                 g.set(me, span.start(), span.end(), 0)
             }
             Some(k) => {
-                if !g.has_room(1) {
+                let lowering = g.covered(me, span.start(), span.end(), code(k));
+                let room = if lowering {
+                    g.map.header().free_count > 0
+                } else {
+                    g.has_room(1)
+                };
+                if !room {
                     return Err(self.full("lock records"));
                 }
                 let k = code(k);
@@ -1508,6 +1660,111 @@ impl Engine for Shm {
         g.set(self.slot, 0, INDEX_END, 0);
         Ok(())
     }
+}
+
+impl Guard<'_> {
+    /// Check the derived indices against the records: every record in use
+    /// is in its owner's list and its tier exactly once, every free one in
+    /// the free list, and the counters agree.
+    fn verify(&self) -> Result<(), String> {
+        let mut seen_owner = vec![0u8; RECORDS];
+        let mut seen_tier = vec![0u8; RECORDS];
+        let h = self.map.header();
+        for (o, slot) in self.map.slots().iter().enumerate() {
+            let mut at = slot.head;
+            let mut n = 0;
+            while at != NIL {
+                let r = self
+                    .map
+                    .recs()
+                    .get(at as usize)
+                    .ok_or("owner list out of range")?;
+                if slot.used != 1 || r.owner as usize != o + 1 {
+                    return Err(format!("record {at} in the list of slot {o} is not its"));
+                }
+                seen_owner[at as usize] += 1;
+                n += 1;
+                if n > RECORDS {
+                    return Err(format!("slot {o}'s list loops"));
+                }
+                at = r.onext;
+            }
+            if n != slot.records as usize {
+                return Err(format!("slot {o} counts {} records, has {n}", slot.records));
+            }
+        }
+        let mut walk = |mut at: u32, what: &str| -> Result<usize, String> {
+            let mut n = 0;
+            while at != NIL {
+                let r = self
+                    .map
+                    .recs()
+                    .get(at as usize)
+                    .ok_or("chain out of range")?;
+                seen_tier[at as usize] += 1;
+                n += 1;
+                if n > RECORDS {
+                    return Err(format!("{what} loops"));
+                }
+                at = r.next;
+            }
+            Ok(n)
+        };
+        let coarse = walk(h.coarse_head, "the coarse list")?;
+        if coarse != h.coarse_count as usize {
+            return Err(format!("coarse list {coarse}, counter {}", h.coarse_count));
+        }
+        for b in 0..BUCKETS {
+            walk(self.map.buckets()[b], "a bucket")?;
+        }
+        let free = walk(h.free_head, "the free list")?;
+        if free != h.free_count as usize {
+            return Err(format!("free list {free}, counter {}", h.free_count));
+        }
+        for (i, r) in self.map.recs().iter().enumerate() {
+            let used = r.owner != 0;
+            if seen_tier[i] != 1 || seen_owner[i] != u8::from(used) {
+                return Err(format!(
+                    "record {i} (owner {}) is in {} index chains and {} owner lists",
+                    r.owner, seen_tier[i], seen_owner[i]
+                ));
+            }
+            if used && (r.start >= r.end || !(r.kind == SHARED || r.kind == EXCLUSIVE)) {
+                return Err(format!("record {i} is malformed"));
+            }
+        }
+        let waiting = self.map.waiters().iter().filter(|w| w.owner != 0).count();
+        if waiting != h.waiting as usize {
+            return Err(format!("{waiting} waiters, counter {}", h.waiting));
+        }
+        Ok(())
+    }
+}
+
+/// Check a lock table's internal consistency (its derived indices against
+/// its records), for tests: `Err` says what is wrong.
+#[doc(hidden)]
+pub fn verify(lock_path: &Path) -> Result<(), String> {
+    let lock_path = std::fs::canonicalize(lock_path).map_err(|e| e.to_string())?;
+    let sidecar = sidecar_path(&lock_path);
+    let c = cstring(&sidecar).map_err(|e| e.to_string())?;
+    let how = OpenHow {
+        write: true,
+        create_exclusive: false,
+        create: false,
+        follow: false,
+        mode: 0,
+    };
+    let fd = sys::open(&c, how).map_err(|e| e.to_string())?;
+    set_byte(fd.as_fd(), LockType::Read, DMS, true).map_err(|e| e.to_string())?;
+    let map = check_and_map(&sidecar, fd.as_fd(), None).map_err(|e| e.to_string())?;
+    let (mut g, died) = map.lock().map_err(|e| e.to_string())?;
+    if died {
+        g.repair(fd.as_fd(), NIL);
+        // SAFETY: we hold the mutex.
+        unsafe { sys::robust_mutex_consistent(map.mutex()) };
+    }
+    g.verify()
 }
 
 // ---- snapshots ----
@@ -1614,7 +1871,7 @@ impl Snapshot {
         let map = check_and_map(&sidecar, fd.as_fd(), None)?;
         let (mut g, died) = map.lock().map_err(|e| Error::io("lock table mutex", e))?;
         if died {
-            g.repair(fd.as_fd());
+            g.repair(fd.as_fd(), NIL);
             // SAFETY: we hold the mutex.
             unsafe { sys::robust_mutex_consistent(map.mutex()) };
         }
@@ -1669,5 +1926,89 @@ impl Snapshot {
         snap.waiters = waiters.into_iter().map(|(_, w)| w).collect();
         snap.holders.sort_by_key(|h| (h.span.start(), h.owner));
         Ok(snap)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn network_file_systems_are_named() {
+        assert_eq!(network_fs(0x6969), Some("NFS"));
+        assert_eq!(network_fs(0xFF53_4D42_u32 as i32 as i64), Some("CIFS"));
+        assert_eq!(network_fs(0xFE53_4D42), Some("SMB2"));
+        assert_eq!(network_fs(0x0102_1997), Some("9p"));
+        assert_eq!(network_fs(0x00C3_6400), Some("Ceph"));
+        assert_eq!(network_fs(0x6573_5546), Some("FUSE"));
+        // tmpfs, ext4, btrfs, xfs, overlayfs: local.
+        for local in [0x0102_1994, 0xEF53, 0x9123_683E, 0x5846_5342, 0x794C_7630] {
+            assert_eq!(network_fs(local), None, "{local:#x}");
+        }
+    }
+
+    /// A process that dies holding the table's mutex: the next owner to
+    /// take it repairs the table, and keeps its own locks (its liveness
+    /// lock is invisible through its own descriptor) while the dead
+    /// process's owner loses its.
+    #[test]
+    fn repair_after_a_death_in_the_mutex_keeps_the_living() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.lock");
+        let open = || {
+            let fd = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)
+                .unwrap();
+            Shm::open(&path, fd.into(), true).unwrap()
+        };
+        let a = open();
+        assert!(a
+            .try_set(Span::new(0, 4).unwrap(), Some(Kind::Exclusive))
+            .unwrap());
+        // SAFETY: the child only makes plain calls and `_exit`s.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            let b = open();
+            let ok = b
+                .try_set(Span::new(10, 12).unwrap(), Some(Kind::Shared))
+                .unwrap();
+            let g = b.lock().unwrap();
+            std::mem::forget(g);
+            // SAFETY: ends the child holding the mutex, as a kill would.
+            unsafe { libc::_exit(i32::from(!ok)) };
+        }
+        let mut status = 0;
+        // SAFETY: our child; valid out-pointer.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        assert_eq!(status, 0);
+        // The mutex comes back EOWNERDEAD: repaired under `a`.
+        assert!(a
+            .probe(Span::new(10, 12).unwrap(), Kind::Exclusive)
+            .unwrap()
+            .is_none());
+        let g = a.lock().unwrap();
+        g.verify().unwrap();
+        assert_eq!(g.map.slots()[a.slot as usize].records, 1);
+        assert_eq!(g.map.slots().iter().filter(|s| s.used == 1).count(), 1);
+        drop(g);
+        let c = open();
+        assert!(!c
+            .try_set(Span::new(2, 3).unwrap(), Some(Kind::Shared))
+            .unwrap());
+        assert!(c
+            .try_set(Span::new(10, 12).unwrap(), Some(Kind::Exclusive))
+            .unwrap());
+    }
+
+    #[test]
+    fn this_file_system_is_local() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = std::fs::File::create(dir.path().join("x")).unwrap();
+        let t = sys::fs_type(f.as_fd()).unwrap();
+        assert_eq!(network_fs(t), None, "{t:#x}");
     }
 }

@@ -272,6 +272,15 @@ impl Child {
         }
     }
 
+    /// What the child reported before it ended (its panic message).
+    pub fn message(&self) -> String {
+        let mut msg = Vec::new();
+        while let Some(b) = self.report.try_recv(Duration::ZERO) {
+            msg.push(b);
+        }
+        String::from_utf8_lossy(&msg).into_owned()
+    }
+
     pub fn kill(&self, sig: i32) {
         // SAFETY: plain syscall; the child is not reaped, so the pid is ours.
         let r = unsafe { libc::kill(self.pid as i32, sig) };
