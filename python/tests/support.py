@@ -407,8 +407,8 @@ def race_runner(path, api, idx, n_tracks, n_rounds, barrier, occupant, visits, l
     import pylocksfile as pkg
 
     per_track = len(log_who) // n_tracks
-    if api == "seed":
-        lf = pkg.pylocksfile(path, verbose=False)
+    if api in ("seed", "seed-shm"):
+        lf = pkg.pylocksfile(path, verbose=False, mode="shm" if api == "seed-shm" else "process")
 
         def lock(t):
             if lf.acquire(writeLock=True, lock_n=t) is not True:
@@ -425,7 +425,7 @@ def race_runner(path, api, idx, n_tracks, n_rounds, barrier, occupant, visits, l
         def unlock(_t, _token):
             pass
     else:
-        lf = pkg.LocksFile(path)
+        lf = pkg.LocksFile(path, mode="shm" if api == "modern-shm" else "ofd")
 
         def lock(t):
             return lf.write(t)

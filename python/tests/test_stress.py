@@ -787,7 +787,12 @@ def test_stress(tmp_path, mode):
     for p, pr in enumerate(procs):
         pr.join(max(0.0, limit - time.monotonic()))
         if pr.is_alive():
-            print(f"worker {p} stuck; locks on the file: {support.mode_locks(path, engine)}")
+            if engine == "shm":
+                from pylocksfile import _native
+
+                print(f"worker {p} (pid {pr.pid}) stuck; the table: {_native._shm_table(os.fspath(path))}")
+            else:
+                print(f"worker {p} stuck; locks on the file: {support.kernel_locks(path)}")
             pr.kill()
             pr.join(support.DEFAULT_TIMEOUT)
             hangs += max(1, THREADS - t.get(p, "done"))
