@@ -124,7 +124,13 @@ pub fn to_py(py: Python<'_>, e: Error) -> PyErr {
         }
         Error::NetworkFileSystem { ref path, .. } => {
             let p = path.display().to_string();
-            build(py, unsupported_error(py), Some(libc::EOPNOTSUPP), msg, Some(p))
+            build(
+                py,
+                unsupported_error(py),
+                Some(libc::EOPNOTSUPP),
+                msg,
+                Some(p),
+            )
         }
         Error::Sidecar { ref path, .. } => {
             let p = path.display().to_string();

@@ -141,7 +141,11 @@ struct Open {
 fn seed_mode(m: &Bound<'_, PyAny>) -> PyResult<Mode> {
     let py = m.py();
     let Ok(name) = m.extract::<String>() else {
-        let ty = m.get_type().name().map(|n| n.to_string()).unwrap_or_default();
+        let ty = m
+            .get_type()
+            .name()
+            .map(|n| n.to_string())
+            .unwrap_or_default();
         return Err(illegal_argument(
             py,
             format!("mode must be \"process\", \"ofd\" or \"shm\", got {ty}"),
