@@ -306,12 +306,6 @@ impl OpenOptions {
                 found: not_regular(id.file_type),
             });
         }
-        if self.mode != Mode::Shm && crate::engine::shm::table_in_use(path, fd.as_fd()) {
-            return Err(Error::MixedModes {
-                path: path.to_path_buf(),
-                in_use: "a shared-memory lock table",
-            });
-        }
         self.own(path, id.dev, id.ino, fd, writable)
     }
 
@@ -324,6 +318,12 @@ impl OpenOptions {
         fd: OwnedFd,
         writable: bool,
     ) -> Result<Owners, Error> {
+        if self.mode != Mode::Shm && crate::engine::shm::table_in_use(path, Some(fd.as_fd())) {
+            // Closed through the registry: a process-mode owner of the file
+            // in this process would lose its locks to a plain close.
+            registry::close(dev, ino, fd);
+            return Err(table_in_use(path));
+        }
         Ok(match self.mode {
             Mode::Ofd => Owners::Fcntl(Arc::new(Owner::new(Fcntl::new(
                 sys::Family::Ofd,
@@ -363,6 +363,9 @@ impl OpenOptions {
             Mode::Process => sys::Family::Posix,
         };
         let reused = |r| match r {
+            registry::Reuse::Joined(_) if crate::engine::shm::table_in_use(path, None) => {
+                Some(Err(table_in_use(path)))
+            }
             registry::Reuse::Joined(owner) => Some(Ok(Owners::Fcntl(owner))),
             // A parked descriptor may be writable; a read-only handle
             // still takes shared locks only.
@@ -483,6 +486,13 @@ impl OpenOptions {
             "open lock file",
             io::Error::other("the file kept disappearing"),
         ))
+    }
+}
+
+fn table_in_use(path: &Path) -> Error {
+    Error::MixedModes {
+        path: path.to_path_buf(),
+        in_use: "a shared-memory lock table",
     }
 }
 

@@ -381,6 +381,30 @@ fn mixed_engines_are_refused() {
     // Not in use any more: kernel modes open again.
     drop(open(&path, Mode::Ofd));
 
+    // A process-mode owner of the file in this process that holds nothing
+    // while the table comes into use: further kernel-mode handles (which
+    // would join it or borrow its descriptors) are refused too, and the
+    // refusals close nothing that would drop its locks later.
+    let p = open(&path, Mode::Process);
+    let t = shm(&path);
+    for mode in [Mode::Process, Mode::Ofd, Mode::Flock] {
+        assert!(
+            matches!(
+                LockFile::options().mode(mode).open(&path),
+                Err(Error::MixedModes { .. })
+            ),
+            "{mode}"
+        );
+    }
+    drop(t);
+    p.acquire(Kind::Exclusive, 9, Wait::NonBlocking).unwrap();
+    drop(open(&path, Mode::Ofd));
+    assert_eq!(
+        probe(&path, Kind::Shared, 9),
+        Some(holder(Mode::Process, 9, Kind::Exclusive, pid()))
+    );
+    drop(p);
+
     for (mode, what) in [
         (Mode::Ofd, "fcntl record locks"),
         (Mode::Process, "fcntl record locks"),

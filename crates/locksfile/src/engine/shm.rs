@@ -1277,8 +1277,12 @@ fn real_path(given: &Path, fd: BorrowedFd<'_>) -> PathBuf {
 
 /// Whether the sidecar of `lock_path` is in use (someone holds its DMS
 /// byte): a kernel-mode open must then be refused.
-pub(crate) fn table_in_use(lock_path: &Path, lock_fd: BorrowedFd<'_>) -> bool {
-    let sidecar = sidecar_path(&real_path(lock_path, lock_fd));
+pub(crate) fn table_in_use(lock_path: &Path, lock_fd: Option<BorrowedFd<'_>>) -> bool {
+    let real = match lock_fd {
+        Some(fd) => real_path(lock_path, fd),
+        None => std::fs::canonicalize(lock_path).unwrap_or_else(|_| lock_path.to_path_buf()),
+    };
+    let sidecar = sidecar_path(&real);
     let Ok(c) = CString::new(sidecar.as_os_str().as_bytes()) else {
         return false;
     };
