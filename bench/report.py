@@ -432,10 +432,10 @@ def reading(w, pair, pair_runs, held, held_runs, ring, ring_q, shapes, peers, pv
                 % (extra, spread * 100)
             )
         w(
-            "- **Pairs.** An uncontended locksfile pair (OFD mode) costs %s (guard) and %s (explicit) of a raw "
+            "- **Pairs.** An uncontended locksfile pair in OFD mode costs %s (guard) and %s (explicit) of a raw "
             "`F_OFD_SETLK` pair, %s. Every fcntl-based lock, ours included, is about %.0f× the floor set by "
             "a process-shared `pthread_rwlock_t` (%s), which never enters the kernel without contention; the "
-            "price of the shared-memory lock is that it is not named by a path, holds one range only, and "
+            "price of that rwlock is that it is not named by a path, holds one range only, and "
             "is left locked forever if its holder dies, where the kernel drops a dead process's record locks. "
             "`flock(2)` (and fd-lock over it) is cheaper than any record lock because it has no ranges to "
             "merge or split."
