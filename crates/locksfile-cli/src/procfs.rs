@@ -470,6 +470,36 @@ fn pids() -> Vec<u32> {
         .collect()
 }
 
+/// Every lock and queued request in the shm lock table of the lock file at
+/// `path` (none when it has no table in use), in the shape of
+/// [`locks_on`]'s: holders first, by start, then waiters, oldest first.
+pub fn shm_locks_on(path: &Path, file: FileId) -> Result<Vec<Found>, locksfile::Error> {
+    let snap = locksfile::shm::Snapshot::read(path)?;
+    let line = |waiting: bool, span: locksfile::Span, kind: locksfile::Kind, pid: u32| LockLine {
+        id: 0,
+        waiting,
+        class: Class::Shm,
+        exclusive: kind == locksfile::Kind::Exclusive,
+        pid: i64::from(pid),
+        major: file.major,
+        minor: file.minor,
+        ino: file.ino,
+        start: span.start(),
+        last: (!span.is_to_end()).then(|| span.end() - 1),
+    };
+    let held = snap.holders.iter().map(|h| Found {
+        line: line(false, h.span, h.kind, h.pid),
+        procs: vec![Proc::new(h.pid)],
+        table_owner: Some(h.owner),
+    });
+    let waiting = snap.waiters.iter().map(|w| Found {
+        line: line(true, w.span, w.kind, w.pid),
+        procs: vec![Proc::new(w.pid)],
+        table_owner: Some(w.owner),
+    });
+    Ok(held.chain(waiting).collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -509,34 +539,4 @@ mod tests {
         assert!(LockLine::parse("garbage").is_none());
         assert!(LockLine::parse("").is_none());
     }
-}
-
-/// Every lock and queued request in the shm lock table of the lock file at
-/// `path` (none when it has no table in use), in the shape of
-/// [`locks_on`]'s: holders first, by start, then waiters, oldest first.
-pub fn shm_locks_on(path: &Path, file: FileId) -> Result<Vec<Found>, locksfile::Error> {
-    let snap = locksfile::shm::Snapshot::read(path)?;
-    let line = |waiting: bool, span: locksfile::Span, kind: locksfile::Kind, pid: u32| LockLine {
-        id: 0,
-        waiting,
-        class: Class::Shm,
-        exclusive: kind == locksfile::Kind::Exclusive,
-        pid: i64::from(pid),
-        major: file.major,
-        minor: file.minor,
-        ino: file.ino,
-        start: span.start(),
-        last: (!span.is_to_end()).then(|| span.end() - 1),
-    };
-    let held = snap.holders.iter().map(|h| Found {
-        line: line(false, h.span, h.kind, h.pid),
-        procs: vec![Proc::new(h.pid)],
-        table_owner: Some(h.owner),
-    });
-    let waiting = snap.waiters.iter().map(|w| Found {
-        line: line(true, w.span, w.kind, w.pid),
-        procs: vec![Proc::new(w.pid)],
-        table_owner: Some(w.owner),
-    });
-    Ok(held.chain(waiting).collect())
 }
