@@ -165,3 +165,38 @@ def test_shm_in_a_directory_without_write_permission_is_a_clear_error(tmp_path):
         assert info.value.filename == str(d / "x.lock-shm")
     finally:
         d.chmod(0o755)
+
+
+def test_shm_table_full_of_owners_is_a_clear_error(spawn_worker):
+    """The table has room for 1,024 owners: the next open raises
+    LockTableFullError (ENOLCK), and closing one makes room again."""
+    import resource
+
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 8192:
+        pytest.skip("needs about 4 descriptors per owner")
+    w = spawn_worker()
+    w.exec(
+        "import resource\n"
+        "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
+        "want = 8192 if hard == resource.RLIM_INFINITY else min(hard, 8192)\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))\n"
+        "objs = []\n"
+        "err = None\n"
+        "while len(objs) < 2000:\n"
+        "    try:\n"
+        "        objs.append(LocksFile(path, mode='shm'))\n"
+        "    except OSError as e:\n"
+        "        err = e\n"
+        "        break\n",
+        timeout=60,
+    )
+    assert w.eval("type(err).__name__") == "LockTableFullError", w.eval("repr(err)")
+    assert w.eval("len(objs)") == 1024
+    assert w.eval("err.errno") == errno.ENOLCK
+    assert "owners" in w.eval("str(err)")
+    # Nothing was changed: the owners in the table still work, and one gone
+    # makes room for another.
+    assert w.eval("objs[0].try_write(0) is not None")
+    w.exec("objs.pop().close()\nobjs.append(LocksFile(path, mode='shm'))")
+    w.exec("for o in objs: o.close()", timeout=60)

@@ -126,9 +126,26 @@ def test_directory_is_refused(tmp_path):
         LocksFile(tmp_path)
 
 
-def test_bad_mode(lock_path):
-    with pytest.raises(ValueError):
-        LocksFile(lock_path, mode="posix-ish")
+@pytest.mark.parametrize("mode", ["posix-ish", "SHM", ""])
+def test_bad_mode(lock_path, mode):
+    with pytest.raises(ValueError, match='mode must be "ofd", "process", "flock" or "shm", got') as info:
+        LocksFile(lock_path, mode=mode)
+    assert repr(mode).replace("'", '"') in str(info.value)
+    # Refused before anything is made.
+    assert not lock_path.exists()
+    assert not (lock_path.parent / (lock_path.name + "-shm")).exists()
+
+
+def test_shm_mode_opens_a_sidecar_and_says_so(lock_path):
+    lf = LocksFile(lock_path, mode="shm", permissions=0o640)
+    assert lf.mode == "shm" and 'mode="shm"' in repr(lf)
+    sidecar = lock_path.parent / (lock_path.name + "-shm")
+    # Beside the lock file, with its permission bits; the lock file is untouched.
+    assert stat.S_IMODE(os.stat(sidecar).st_mode) == 0o640
+    assert os.path.getsize(lock_path) == 0
+    with lf.write(range(3, 6)):
+        assert support.held_map(lock_path, os.getpid(), mode="shm") == "...WWW...."
+    assert os.path.getsize(lock_path) == 0
 
 
 # --------------------------------------------------------------------------
