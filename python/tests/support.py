@@ -101,6 +101,11 @@ def _locks_of(major, minor, ino) -> list[KernelLock]:
 MODES = ["ofd", "process", "shm"]
 """The modes with numbered locks, which the mode-parametrised suites run in."""
 
+DEFAULT_MODE = ""
+"""The mode :func:`held_map` and :func:`can_lock` look at when not told:
+``""`` for the kernel's locks, ``"shm"`` for the table. A suite written for
+the kernel sets it (in the test process and its workers) to run in shm mode."""
+
 
 def table_locks(path) -> list[KernelLock]:
     """Every lock and queued request in the shm table of ``path``, in the
@@ -139,11 +144,12 @@ def owner_pid(mode: str, pid: int) -> int:
     return pid if mode == "process" else -1
 
 
-def held_map(path, pid: int, width: int = 10, mode: str = "") -> str:
+def held_map(path, pid: int, width: int = 10, mode: str | None = None) -> str:
     """What ``pid`` holds on indices ``0..width`` as a string: '.', 'R' or 'W'
     per index. OFD locks have pid -1. A lock reaching past ``width`` shows as a
     trailing '+'. With ``mode="shm"`` the shm table is read instead, and
     ``pid`` is its real pid (-1: every holder)."""
+    mode = DEFAULT_MODE if mode is None else mode
     cells = ["."] * width
     beyond = False
     for lk in table_locks(path) if mode == "shm" else kernel_locks(path):
@@ -198,13 +204,14 @@ def getlk(fd: int, index: int, count: int = 1, write: bool = True):
     return ("W" if l_type == fcntl.F_WRLCK else "R", l_pid)
 
 
-def can_lock(path, index: int, count: int = 1, write: bool = True, mode: str = "") -> bool:
+def can_lock(path, index: int, count: int = 1, write: bool = True, mode: str | None = None) -> bool:
     """Whether a fresh process could take a POSIX lock on the span now.
 
     Runs ``fcntl.lockf(LOCK_NB)`` in a separate interpreter, so it holds
     nothing of the caller's and sees every other owner's locks. With
     ``mode="shm"`` it tries a fresh shm owner there instead (the kernel's
     locks never meet the table)."""
+    mode = DEFAULT_MODE if mode is None else mode
     if mode == "shm":
         code = (
             "import sys\n"
@@ -357,14 +364,15 @@ class Worker:
         self.send("eval", src)
         return self.result(timeout)
 
-    def held(self, width: int = 10, mode: str = "") -> str:
+    def held(self, width: int = 10, mode: str | None = None) -> str:
         return held_map(self.path, self.pid, width, mode=mode)
 
-    def wait_blocked(self, timeout: float = DEFAULT_TIMEOUT, mode: str = ""):
+    def wait_blocked(self, timeout: float = DEFAULT_TIMEOUT, mode: str | None = None):
         """Wait until this worker sleeps in the kernel on a lock of ``path``
         (a blocked request of its pid in /proc/locks; with ``mode="shm"``, a
         queued request of its pid in the table). Fails early if the pending
         request returns instead."""
+        mode = DEFAULT_MODE if mode is None else mode
         if mode == "shm":
             blocked = lambda: self.pid in {lk.pid for lk in table_locks(self.path) if lk.waiting}  # noqa: E731
         else:
