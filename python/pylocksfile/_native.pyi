@@ -273,7 +273,8 @@ class LocksFile:
         """The first other owner's lock in the way of ``kind`` (default exclusive) on ``span``."""
     def fileno(self) -> int:
         """The descriptor locks go through (the calling thread's with
-        ``thread_local=True``); never close it."""
+        ``thread_local=True``; in shm mode the lock file's, the locks being
+        in the table); never close it."""
     def close(self) -> None:
         """Release everything, guards included, and close.
 

@@ -1209,7 +1209,8 @@ impl PyLocksFile {
     }
 
     /// The descriptor locks go through (the calling thread's with
-    /// ``thread_local=True``). Do not close it: in process mode
+    /// ``thread_local=True``); in shm mode, the lock file's descriptor
+    /// (the locks are in the table). Do not close it: in process mode
     /// that drops every lock the process holds on the file.
     fn fileno(&self, py: Python<'_>) -> PyResult<i32> {
         use std::os::fd::{AsFd, AsRawFd};
