@@ -58,7 +58,7 @@ class WouldBlockError(LocksfileError, BlockingIOError):
 
     @property
     def holder_pid(self) -> Optional[int]:
-        """The holding process (process-associated locks only), or None."""
+        """The holding process (process-associated and shm locks), or None."""
         return None if self.holder is None else self.holder.pid
 
 

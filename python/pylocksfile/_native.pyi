@@ -126,7 +126,7 @@ class Holder:
         """Its kind."""
     @property
     def pid(self) -> Optional[int]:
-        """The holding process for a process-associated lock, else None."""
+        """The holding process for a process-associated lock or a shm lock, else None."""
 
 @final
 class Guard:

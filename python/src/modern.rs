@@ -99,8 +99,10 @@ impl PyHolder {
         kind_name(self.inner.kind)
     }
 
-    /// The holding process for a process-associated lock; None for an
-    /// open-file-description lock, whose owner the kernel does not name.
+    /// The holding process for a process-associated lock, or the process
+    /// that opened the holding object in shm mode (the table records it);
+    /// None for an open-file-description lock, whose owner the kernel does
+    /// not name.
     #[getter]
     fn pid(&self) -> Option<u32> {
         self.inner.pid
