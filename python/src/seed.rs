@@ -81,10 +81,10 @@ struct WithEntry {
 /// ``n`` of the file. A drop-in for ``pylocksfile.pylocksfile`` 0.0.6.
 ///
 /// ``pylocksfile(locksfile_path=None, verbose=False, l_id=None, *,
-/// mode="process")``: without a
-/// path a fresh private lock file (mode 0600) is created in
-/// ``tempfile.gettempdir()``; it is left in place so other processes can
-/// open ``locksfile_path``. An existing file is opened, never truncated;
+/// mode="process")``: without a path a fresh private lock file (mode 0600)
+/// is created in ``tempfile.gettempdir()``; it is left in place so other
+/// processes can open ``locksfile_path``. An existing file is opened, never
+/// truncated;
 /// a missing file is created with mode 0644. Symbolic links at the lock
 /// path are refused. ``l_id`` (default: the pid as a string) prefixes what
 /// ``verbose`` prints.
