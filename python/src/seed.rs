@@ -84,10 +84,9 @@ struct WithEntry {
 /// mode="process")``: without a path a fresh private lock file (mode 0600)
 /// is created in ``tempfile.gettempdir()``; it is left in place so other
 /// processes can open ``locksfile_path``. An existing file is opened, never
-/// truncated;
-/// a missing file is created with mode 0644. Symbolic links at the lock
-/// path are refused. ``l_id`` (default: the pid as a string) prefixes what
-/// ``verbose`` prints.
+/// truncated; a missing file is created with mode 0644. Symbolic links at
+/// the lock path are refused. ``l_id`` (default: the pid as a string)
+/// prefixes what ``verbose`` prints.
 ///
 /// Locks are process-associated ``fcntl`` record locks, as in the original:
 /// all objects on one file in one process are one owner to the kernel, and
