@@ -1,6 +1,6 @@
 """Python peers side by side: an uncontended lock + unlock pair and the
 seed's hand-over-hand race, for pylocksfile (this repository's package, both
-APIs), pylocksfile 0.0.6, raw fcntl.lockf, multiprocessing.Lock,
+APIs, in process/OFD mode and in shm mode), pylocksfile 0.0.6, raw fcntl.lockf, multiprocessing.Lock,
 multiprocessing.Manager().Lock(), filelock, fasteners and portalocker.
 
     peers.py [--runs N] [--shape P/T/R] [--seed-python PY] [--only a,b] [--json OUT]
@@ -61,11 +61,12 @@ class Peer:
 
 class OursSeedApi(Peer):
     name = "pylocksfile (seed API)"
+    mode = "process"  # the seed API's default
 
     def join(self):
         from pylocksfile import pylocksfile
 
-        lf = pylocksfile(self.path)
+        lf = pylocksfile(self.path, mode=self.mode)
 
         class J:
             def lock(self, t):
@@ -77,13 +78,19 @@ class OursSeedApi(Peer):
         return J()
 
 
+class OursSeedApiShm(OursSeedApi):
+    name = "pylocksfile (seed API, mode=\"shm\")"
+    mode = "shm"
+
+
 class OursModernApi(Peer):
     name = "pylocksfile (LocksFile guards)"
+    mode = "ofd"
 
     def join(self):
         from pylocksfile import LocksFile
 
-        lf = LocksFile(self.path)
+        lf = LocksFile(self.path, mode=self.mode)
         guards = {}
 
         class J:
@@ -94,6 +101,11 @@ class OursModernApi(Peer):
                 guards.pop(t).release()
 
         return J()
+
+
+class OursModernApiShm(OursModernApi):
+    name = "pylocksfile (LocksFile guards, mode=\"shm\")"
+    mode = "shm"
 
 
 class Seed006(Peer):
@@ -243,7 +255,9 @@ class PortalockerPeer(Peer):
 
 PEERS = {
     "ours_seed_api": OursSeedApi,
+    "ours_seed_api_shm": OursSeedApiShm,
     "ours_modern_api": OursModernApi,
+    "ours_modern_api_shm": OursModernApiShm,
     "seed_0.0.6": Seed006,
     "lockf": RawLockf,
     "mp_lock": MpLock,

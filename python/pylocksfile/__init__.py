@@ -21,7 +21,10 @@ from ._errors import (
     IllegalWithStatement,
     InvalidSpanError,
     LocksfileError,
+    LockTableError,
+    LockTableFullError,
     LockTimeout,
+    MixedModesError,
     NotRegularFileError,
     ReadOnlyLockFileError,
     UnsupportedError,
@@ -46,4 +49,7 @@ __all__ = [
     "ReadOnlyLockFileError",
     "NotRegularFileError",
     "UnsupportedError",
+    "MixedModesError",
+    "LockTableError",
+    "LockTableFullError",
 ]

@@ -23,6 +23,9 @@ __all__ = [
     "ReadOnlyLockFileError",
     "NotRegularFileError",
     "UnsupportedError",
+    "MixedModesError",
+    "LockTableError",
+    "LockTableFullError",
     "IllegalArgumentError",
     "IllegalWithStatement",
 ]
@@ -55,14 +58,17 @@ class WouldBlockError(LocksfileError, BlockingIOError):
 
     @property
     def holder_pid(self) -> Optional[int]:
-        """The holding process (process-associated locks only), or None."""
+        """The holding process (process-associated and shm locks), or None."""
         return None if self.holder is None else self.holder.pid
 
 
 class DeadlockError(LocksfileError):
-    """The kernel found that waiting would deadlock (``EDEADLK``, process mode).
+    """Waiting would deadlock (``EDEADLK``): found by the kernel in process
+    mode, by the lock table in shm mode (any cycle of owners, such as two
+    readers that both upgrade).
 
-    Nothing was acquired; release something and try again.
+    Nothing was acquired (an upgrade keeps its shared lock); release
+    something and try again.
     """
 
 
@@ -91,7 +97,30 @@ class NotRegularFileError(LocksfileError):
 
 
 class UnsupportedError(LocksfileError):
-    """The kernel or file system cannot take these locks (``ENOLCK``, or no OFD locks)."""
+    """The kernel or file system cannot take these locks (``ENOLCK``, no OFD
+    locks, or shm mode on a network file system, whose mapped memory is not
+    coherent between hosts)."""
+
+
+class MixedModesError(LocksfileError):
+    """The lock file is in use with locks this mode would not exclude (``EBUSY``).
+
+    Opening in shm mode while the file has ``fcntl`` or ``flock`` locks, or
+    in another mode while its shm lock table is in use, is refused rather
+    than letting the two kinds of lock miss each other. ``filename`` is the
+    lock path.
+    """
+
+
+class LockTableError(LocksfileError):
+    """The shm sidecar file (``<lock path>-shm``, in ``filename``) is not a
+    lock table this version can use: another file, a newer version, or the
+    wrong size (``EINVAL``). It is left untouched."""
+
+
+class LockTableFullError(LocksfileError):
+    """The shm lock table has no room for another owner, lock piece or
+    waiting thread (``ENOLCK``); nothing was changed."""
 
 
 class IllegalArgumentError(ValueError):

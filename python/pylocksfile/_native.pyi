@@ -2,13 +2,13 @@
 
 from os import PathLike
 from types import TracebackType
-from typing import Any, Coroutine, Generic, List, Literal, Optional, Tuple, Type, TypeVar, Union, final
+from typing import Any, Coroutine, Dict, Generic, List, Literal, Optional, Tuple, Type, TypeVar, Union, final
 
 from typing_extensions import disjoint_base
 
 from ._async import GuardRequest
 
-__all__ = ["__version__", "INDEX_END", "pylocksfile", "LocksFile", "Guard", "Holder"]
+__all__ = ["__version__", "INDEX_END", "pylocksfile", "LocksFile", "Guard", "Holder", "_shm_table"]
 
 __version__: str
 INDEX_END: int
@@ -22,6 +22,12 @@ _Span = Union[int, range, slice, Tuple[int, int], List[int]]
 
 _KindName = Literal["shared", "exclusive", "read", "write"]
 
+_Mode = Literal["ofd", "process", "flock", "shm"]
+"""``LocksFile``'s lock modes."""
+
+_SeedMode = Literal["process", "ofd", "shm"]
+"""``pylocksfile``'s lock modes (the numbered ones)."""
+
 _S = TypeVar("_S", bound="pylocksfile")
 _L = TypeVar("_L", bound="LocksFile")
 _G = TypeVar("_G", bound="Guard")
@@ -30,10 +36,13 @@ _G = TypeVar("_G", bound="Guard")
 class pylocksfile:
     """Many numbered reader/writer locks in one file; a drop-in for pylocksfile 0.0.6.
 
-    Process-associated locks, as in the original. Without a path a fresh
-    private lock file is created in ``tempfile.gettempdir()``. An existing
-    file is never truncated. ``l_id`` defaults to the pid (as a string).
-    Bad arguments raise ``IllegalArgumentError``.
+    Process-associated locks by default, as in the original (which they
+    exclude); ``mode="shm"`` (a shared-memory lock table, sidecar
+    ``<locksfile_path>-shm``) or ``mode="ofd"`` make each object its own
+    owner and exclude only processes using the same mode. Without a path a
+    fresh private lock file is created in ``tempfile.gettempdir()``. An
+    existing file is never truncated. ``l_id`` defaults to the pid (as a
+    string). Bad arguments raise ``IllegalArgumentError``.
     """
 
     def __init__(
@@ -41,7 +50,12 @@ class pylocksfile:
         locksfile_path: Union[str, "PathLike[str]", None] = None,
         verbose: bool = False,
         l_id: object = None,
+        *,
+        mode: _SeedMode = "process",
     ) -> None: ...
+    @property
+    def mode(self) -> _SeedMode:
+        """The lock mode."""
     @property
     def locksfile_path(self) -> str:
         """The lock file's path made absolute as opened (``..`` kept; the kernel resolves it)."""
@@ -56,8 +70,8 @@ class pylocksfile:
     def acquire(self, writeLock: bool = False, lock_n: _LockN = 0, blocking: bool = True) -> bool:
         """Lock ``lock_n`` shared, or exclusive with ``writeLock=True``; held locks convert in place.
 
-        True when held; False when ``blocking=False`` and busy, or when the
-        kernel reports a deadlock (nothing acquired then).
+        True when held; False when ``blocking=False`` and busy, or when a
+        deadlock is detected (nothing acquired then).
         """
     def release(self, lock_n: Optional[_LockN] = None) -> None:
         """Release ``lock_n``, or everything when None. Harmless on what is not held."""
@@ -112,7 +126,7 @@ class Holder:
         """Its kind."""
     @property
     def pid(self) -> Optional[int]:
-        """The holding process for a process-associated lock, else None."""
+        """The holding process for a process-associated lock or a shm lock, else None."""
 
 @final
 class Guard:
@@ -153,10 +167,13 @@ class Guard:
         ---------
         Two owners that both hold a shared lock on the same span and both
         upgrade it wait for each other. In process mode the kernel sees that
-        and one of them gets ``DeadlockError``. In OFD mode (the default) the
-        kernel detects no deadlocks: both wait forever. Give such upgrades a
-        ``timeout`` (both then raise ``LockTimeout`` and keep their shared
-        lock) or use ``blocking=False``, or take the exclusive lock at once.
+        and one of them gets ``DeadlockError``; in shm mode the lock table
+        sees it between any owners, and the upgrade closing the cycle gets
+        ``DeadlockError`` (keeping its shared lock). In OFD (the default) and
+        flock mode nothing detects deadlocks: both wait forever. Give such
+        upgrades a ``timeout`` (both then raise ``LockTimeout`` and keep
+        their shared lock) or use ``blocking=False``, or take the exclusive
+        lock at once.
         """
     def downgrade(self: _G) -> _G:
         """Convert exclusive to shared in place; never blocks."""
@@ -172,8 +189,11 @@ class Guard:
 class LocksFile:
     """Many numbered reader/writer locks in one file, for new code (OFD locks by default).
 
+    ``mode="shm"`` keeps the locks in a shared-memory table (sidecar file
+    ``<path>-shm``): cheaper calls, deadlock detection, fair grants; it
+    refuses files in use with kernel locks (``MixedModesError``).
     Threads sharing one object are one owner and do not exclude each other;
-    with ``thread_local=True`` (OFD or flock mode) each thread gets its own
+    with ``thread_local=True`` (any mode but process) each thread gets its own
     owner, closed when the thread ends. Without a path a private file is
     created, and removed again by ``close()`` or collection.
 
@@ -184,7 +204,7 @@ class LocksFile:
     def __new__(
         cls: Type[_L],
         path: Union[str, "PathLike[str]", None] = None,
-        mode: Literal["ofd", "process", "flock"] = "ofd",
+        mode: _Mode = "ofd",
         *,
         create: bool = True,
         permissions: int = 0o644,
@@ -195,7 +215,7 @@ class LocksFile:
     def path(self) -> str:
         """The lock file's path made absolute as opened (``..`` kept; the kernel resolves it)."""
     @property
-    def mode(self) -> Literal["ofd", "process", "flock"]:
+    def mode(self) -> _Mode:
         """The lock mode."""
     @property
     def closed(self) -> bool:
@@ -226,7 +246,7 @@ class LocksFile:
         """Lock ``span`` in the explicit layer (last call wins).
 
         Raises ``WouldBlockError`` (``blocking=False``), ``LockTimeout``,
-        or ``DeadlockError`` (process mode); nothing changes on error.
+        or ``DeadlockError`` (process and shm mode); nothing changes on error.
         """
     def read_async(self, span: _Span, *, timeout: Optional[float] = None) -> GuardRequest:
         """A shared lock without blocking the event loop: ``await`` it for a
@@ -253,7 +273,8 @@ class LocksFile:
         """The first other owner's lock in the way of ``kind`` (default exclusive) on ``span``."""
     def fileno(self) -> int:
         """The descriptor locks go through (the calling thread's with
-        ``thread_local=True``); never close it."""
+        ``thread_local=True``; in shm mode the lock file's, the locks being
+        in the table); never close it."""
     def close(self) -> None:
         """Release everything, guards included, and close.
 
@@ -282,3 +303,9 @@ class _Wait:
     def wait(self) -> Any: ...
     def cancel(self) -> None: ...
     def undo(self) -> None: ...
+
+def _shm_table(
+    path: Union[str, "PathLike[str]"],
+) -> Dict[str, List[Tuple[int, int, int, int, Literal["shared", "exclusive"]]]]:
+    """The shm lock table of ``path`` read from outside (not public API):
+    ``"holders"`` and ``"waiters"`` as ``(pid, owner, start, stop, kind)``."""

@@ -31,6 +31,9 @@ exception_types! {
     read_only_error => "ReadOnlyLockFileError",
     not_regular_file_error => "NotRegularFileError",
     unsupported_error => "UnsupportedError",
+    mixed_modes_error => "MixedModesError",
+    lock_table_error => "LockTableError",
+    lock_table_full_error => "LockTableFullError",
     illegal_argument_error => "IllegalArgumentError",
     illegal_with_statement => "IllegalWithStatement",
 }
@@ -114,6 +117,27 @@ pub fn to_py(py: Python<'_>, e: Error) -> PyErr {
         Error::Unsupported { ref source, .. } => {
             let errno = source.raw_os_error().unwrap_or(libc::ENOLCK);
             build(py, unsupported_error(py), Some(errno), msg, None)
+        }
+        Error::MixedModes { ref path, .. } => {
+            let p = path.display().to_string();
+            build(py, mixed_modes_error(py), Some(libc::EBUSY), msg, Some(p))
+        }
+        Error::NetworkFileSystem { ref path, .. } => {
+            let p = path.display().to_string();
+            build(
+                py,
+                unsupported_error(py),
+                Some(libc::EOPNOTSUPP),
+                msg,
+                Some(p),
+            )
+        }
+        Error::Sidecar { ref path, .. } => {
+            let p = path.display().to_string();
+            build(py, lock_table_error(py), Some(libc::EINVAL), msg, Some(p))
+        }
+        Error::TableFull { .. } => {
+            build(py, lock_table_full_error(py), Some(libc::ENOLCK), msg, None)
         }
         // OSError(errno, strerror, filename) picks the fitting subclass
         // (FileNotFoundError, PermissionError, ...) and sets .errno and

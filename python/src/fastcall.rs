@@ -169,9 +169,10 @@ for reading (shared) or, with ``writeLock=True``, for writing
 converted in place: the last call wins.
 
 Returns True when held. With ``blocking=False`` returns False at
-once if another process holds a conflicting lock. A blocking call
-returns False when the kernel reports that waiting would deadlock
-(``EDEADLK``); nothing was acquired then. A blocking wait releases
+once if another owner holds a conflicting lock. A blocking call
+returns False when the kernel (process mode) or the lock table (shm
+mode) reports that waiting would deadlock (``EDEADLK``); nothing was
+acquired then. A blocking wait releases
 the GIL and is interrupted by Ctrl-C (``KeyboardInterrupt``, nothing
 acquired). Bad arguments raise ``IllegalArgumentError``.";
 

@@ -22,6 +22,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<modern::PyLocksFile>()?;
     m.add_class::<modern::PyGuard>()?;
     m.add_class::<modern::PyHolder>()?;
+    m.add_function(wrap_pyfunction!(modern::_shm_table, m)?)?;
     // `_Wait` and `_ThreadOwner` are internal: made by `LocksFile` only,
     // so not exported.
     Ok(())

@@ -9,7 +9,7 @@ use std::time::Instant;
 use locksfile::{Error, Holder, Kind, LockFile, Mode, ReadGuard, Span, WriteGuard};
 use pyo3::exceptions::{PyResourceWarning, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyList, PyString, PyTuple};
+use pyo3::types::{PyDict, PyList, PyString, PyTuple};
 
 use crate::errors::to_py;
 use crate::spans::{py_span, span_to_range};
@@ -99,8 +99,10 @@ impl PyHolder {
         kind_name(self.inner.kind)
     }
 
-    /// The holding process for a process-associated lock; None for an
-    /// open-file-description lock, whose owner the kernel does not name.
+    /// The holding process for a process-associated lock, or the process
+    /// that opened the holding object in shm mode (the table records it);
+    /// None for an open-file-description lock, whose owner the kernel does
+    /// not name.
     #[getter]
     fn pid(&self) -> Option<u32> {
         self.inner.pid
@@ -344,10 +346,13 @@ impl PyGuard {
     /// ---------
     /// Two owners that both hold a shared lock on the same span and both
     /// upgrade it wait for each other. In process mode the kernel sees that
-    /// and one of them gets ``DeadlockError``. In OFD mode (the default) the
-    /// kernel detects no deadlocks: both wait forever. Give such upgrades a
-    /// ``timeout`` (both then raise ``LockTimeout`` and keep their shared
-    /// lock) or use ``blocking=False``, or take the exclusive lock at once.
+    /// and one of them gets ``DeadlockError``; in shm mode the table sees
+    /// it, between any owners (threads with separate objects too), and the
+    /// upgrade that closes the cycle gets ``DeadlockError`` keeping its
+    /// shared lock. In OFD mode (the default) and flock mode nothing detects
+    /// deadlocks: both wait forever. Give such upgrades a ``timeout`` (both
+    /// then raise ``LockTimeout`` and keep their shared lock) or use
+    /// ``blocking=False``, or take the exclusive lock at once.
     #[pyo3(signature = (*, blocking = true, timeout = None))]
     fn upgrade<'py>(
         slf: &Bound<'py, Self>,
@@ -464,10 +469,22 @@ impl PyGuard {
 /// ``fcntl.flock`` and ``flock(1)`` take, which the other two modes never
 /// meet; each object is its own owner, the only span is the whole index
 /// space (``slice(None)``; any other raises ``InvalidSpanError``), and a
-/// conversion is not atomic (see the README).
+/// conversion is not atomic (see the README). ``mode="shm"``: a lock table
+/// in shared memory, in the sidecar file ``<path>-shm`` beside the lock
+/// file (created with the same permission bits; everyone using the locks
+/// must be able to write it); each object is its own owner as in OFD mode,
+/// a lock and its release cost a few atomic operations instead of two
+/// system calls, every deadlock is detected (``DeadlockError``), grants
+/// are fair (a stream of readers cannot starve a writer), and a holder
+/// that dies loses its locks within about 50 ms. It never meets the
+/// kernel's locks: opening a file in shm mode while it has ``fcntl`` or
+/// ``flock`` locks, or in another mode while its table is in use, raises
+/// ``MixedModesError``; a network file system raises ``UnsupportedError``.
 ///
 /// Threads sharing one object are one owner: they do not exclude each
-/// other. ``thread_local=True`` (OFD mode only) gives each thread its own
+/// other (in shm mode they are also one owner to deadlock detection: a
+/// cycle through the object counts even if another of its threads could
+/// still release). ``thread_local=True`` (not in process mode) gives each thread its own
 /// owner, opened on its first call and closed when the thread ends (its
 /// explicit locks released then; its guards live until released), so the
 /// threads of one object exclude each other; ``held()`` is then per thread.
@@ -881,7 +898,22 @@ pub fn check_path(path: &std::path::Path) -> Result<(), String> {
     }
 }
 
-fn mode_name(m: Mode) -> &'static str {
+/// A mode's name as Python code passes it.
+pub(crate) fn parse_mode(name: &str) -> Result<Mode, String> {
+    Ok(match name {
+        "ofd" => Mode::Ofd,
+        "process" => Mode::Process,
+        "flock" => Mode::Flock,
+        "shm" => Mode::Shm,
+        other => {
+            return Err(format!(
+                "mode must be \"ofd\", \"process\", \"flock\" or \"shm\", got {other:?}"
+            ))
+        }
+    })
+}
+
+pub(crate) fn mode_name(m: Mode) -> &'static str {
     match m {
         Mode::Ofd => "ofd",
         Mode::Process => "process",
@@ -906,22 +938,13 @@ impl PyLocksFile {
         follow_symlinks: bool,
         thread_local: bool,
     ) -> PyResult<Self> {
-        let mode = match mode {
-            "ofd" => Mode::Ofd,
-            "process" => Mode::Process,
-            "flock" => Mode::Flock,
-            other => {
-                return Err(PyValueError::new_err(format!(
-                    "mode must be \"ofd\", \"process\" or \"flock\", got {other:?}"
-                )))
-            }
-        };
+        let mode = parse_mode(mode).map_err(PyValueError::new_err)?;
         if permissions > 0o7777 {
             return Err(PyValueError::new_err("permissions must be at most 0o7777"));
         }
         if thread_local && mode == Mode::Process {
             return Err(PyValueError::new_err(
-                "thread_local=True needs mode=\"ofd\" (or \"flock\"): in process mode all \
+                "thread_local=True needs mode=\"ofd\", \"flock\" or \"shm\": in process mode all \
                  threads of a process are one owner, whatever the objects",
             ));
         }
@@ -1010,7 +1033,7 @@ impl PyLocksFile {
         self.path.clone_ref(py)
     }
 
-    /// ``"ofd"``, ``"process"`` or ``"flock"``.
+    /// ``"ofd"``, ``"process"``, ``"flock"`` or ``"shm"``.
     #[getter]
     fn mode(&self) -> &'static str {
         mode_name(self.mode)
@@ -1088,8 +1111,8 @@ impl PyLocksFile {
     /// Lock ``span`` at ``kind`` (``"shared"``/``"exclusive"``) in the
     /// explicit layer, converting what it holds there in place. Without
     /// waiting (``blocking=False``) a conflict raises ``WouldBlockError``;
-    /// with ``timeout`` (seconds) ``LockTimeout``; in process mode a
-    /// deadlock raises ``DeadlockError``. On any error nothing changed.
+    /// with ``timeout`` (seconds) ``LockTimeout``; in process and shm mode
+    /// a deadlock raises ``DeadlockError``. On any error nothing changed.
     #[pyo3(signature = (kind, span, *, blocking = true, timeout = None))]
     fn acquire(
         &self,
@@ -1188,11 +1211,20 @@ impl PyLocksFile {
     }
 
     /// The descriptor locks go through (the calling thread's with
-    /// ``thread_local=True``). Do not close it: in process mode
+    /// ``thread_local=True``); in shm mode, the lock file's descriptor
+    /// (the locks are in the table). Do not close it: in process mode
     /// that drops every lock the process holds on the file.
     fn fileno(&self, py: Python<'_>) -> PyResult<i32> {
         use std::os::fd::{AsFd, AsRawFd};
         Ok(self.lf_not_forked(py)?.as_fd().as_raw_fd())
+    }
+
+    /// In shm mode, this owner's id as ``_shm_table`` lists it (the calling
+    /// thread's with ``thread_local=True``); None in the kernel modes. Not
+    /// part of the public API.
+    #[getter]
+    fn _table_owner(&self, py: Python<'_>) -> PyResult<Option<u64>> {
+        Ok(self.lf_not_forked(py)?.table_owner())
     }
 
     /// ``await lf.read_async(span, timeout=None)``, or ``async with
@@ -1295,4 +1327,34 @@ impl PyLocksFile {
             if self.closed() { ", closed" } else { "" }
         ))
     }
+}
+
+/// ``_shm_table(path)``: what the shm lock table of ``path`` holds, read
+/// from outside without joining it, for tests and tools: a dict with
+/// ``"holders"`` and ``"waiters"``, lists of ``(pid, owner, start, stop,
+/// kind)`` (``stop`` exclusive; ``INDEX_END`` for spans to the end;
+/// ``owner`` is the table's id of the handle). Empty when no one uses the
+/// table. Not part of the public API.
+#[pyfunction]
+pub fn _shm_table<'py>(py: Python<'py>, path: PathBuf) -> PyResult<Bound<'py, PyDict>> {
+    let snap = py
+        .detach(|| locksfile::shm::Snapshot::read(&path))
+        .map_err(|e| to_py(py, e))?;
+    let row = |pid: u32, owner: u64, span: Span, kind: Kind| {
+        (pid, owner, span.start(), span.end(), kind_name(kind))
+    };
+    let out = PyDict::new(py);
+    let holders: Vec<_> = snap
+        .holders
+        .iter()
+        .map(|h| row(h.pid, h.owner, h.span, h.kind))
+        .collect();
+    let waiters: Vec<_> = snap
+        .waiters
+        .iter()
+        .map(|w| row(w.pid, w.owner, w.span, w.kind))
+        .collect();
+    out.set_item("holders", holders)?;
+    out.set_item("waiters", waiters)?;
+    Ok(out)
 }

@@ -80,19 +80,30 @@ struct WithEntry {
 /// A lock file holding many numbered reader/writer locks; lock ``n`` is byte
 /// ``n`` of the file. A drop-in for ``pylocksfile.pylocksfile`` 0.0.6.
 ///
-/// ``pylocksfile(locksfile_path=None, verbose=False, l_id=None)``: without a
-/// path a fresh private lock file (mode 0600) is created in
-/// ``tempfile.gettempdir()``; it is left in place so other processes can
-/// open ``locksfile_path``. An existing file is opened, never truncated;
-/// a missing file is created with mode 0644. Symbolic links at the lock
-/// path are refused. ``l_id`` (default: the pid as a string) prefixes what
-/// ``verbose`` prints.
+/// ``pylocksfile(locksfile_path=None, verbose=False, l_id=None, *,
+/// mode="process")``: without a path a fresh private lock file (mode 0600)
+/// is created in ``tempfile.gettempdir()``; it is left in place so other
+/// processes can open ``locksfile_path``. An existing file is opened, never
+/// truncated; a missing file is created with mode 0644. Symbolic links at
+/// the lock path are refused. ``l_id`` (default: the pid as a string)
+/// prefixes what ``verbose`` prints.
 ///
 /// Locks are process-associated ``fcntl`` record locks, as in the original:
 /// all objects on one file in one process are one owner to the kernel, and
 /// the kernel detects deadlocks between processes. Other threads of the
 /// process never wait for this process's own locks; use ``LocksFile`` for
-/// locks that exclude threads.
+/// locks that exclude threads. This default is what excludes processes
+/// still running the original package.
+///
+/// ``mode`` picks other locks, as ``LocksFile``'s modes: ``"shm"``, a lock
+/// table in shared memory (the sidecar ``<locksfile_path>-shm``), several
+/// times cheaper per call, with deadlock detection between any owners and
+/// fair grants; ``"ofd"``, open-file-description locks. In both each object
+/// is its own owner (two objects exclude each other, even in one thread),
+/// and neither excludes the original package, which takes process-mode
+/// locks: every process sharing the locks must pick the same mode (shm
+/// mode and the ``fcntl`` modes refuse each other's files with
+/// ``MixedModesError``). ``"flock"`` is refused: it has no numbered locks.
 ///
 /// After ``fork`` the child's object is a fresh owner of the same file: it
 /// holds nothing at first, and nothing it does (including being deleted)
@@ -122,14 +133,43 @@ struct Open {
     l_id: Py<PyAny>,
     /// The process that opened it.
     pid: u32,
+    mode: Mode,
+}
+
+/// The seed API's `mode`: a `LocksFile` mode with numbered locks.
+fn seed_mode(m: &Bound<'_, PyAny>) -> PyResult<Mode> {
+    let py = m.py();
+    let Ok(name) = m.extract::<String>() else {
+        let ty = m
+            .get_type()
+            .name()
+            .map(|n| n.to_string())
+            .unwrap_or_default();
+        return Err(illegal_argument(
+            py,
+            format!("mode must be \"process\", \"ofd\" or \"shm\", got {ty}"),
+        ));
+    };
+    match crate::modern::parse_mode(&name) {
+        Ok(Mode::Flock) => Err(illegal_argument(
+            py,
+            "mode \"flock\" locks the whole file only; pylocksfile needs numbered locks \
+             (\"process\", \"ofd\" or \"shm\")",
+        )),
+        Ok(mode) => Ok(mode),
+        Err(_) => Err(illegal_argument(
+            py,
+            format!("mode must be \"process\", \"ofd\" or \"shm\", got {name:?}"),
+        )),
+    }
 }
 
 fn lock_mutex<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn open_process(path: &std::path::Path) -> Result<LockFile, Error> {
-    LockFile::options().mode(Mode::Process).open(path)
+fn open_mode(path: &std::path::Path, mode: Mode) -> Result<LockFile, Error> {
+    LockFile::options().mode(mode).open(path)
 }
 
 /// "lock 5", "locks 1 to 3", "locks 3 onwards".
@@ -222,7 +262,8 @@ impl Seed {
                 return Ok(Arc::clone(h));
             }
         }
-        let h = Arc::new(open_process(&self.open()?.path_buf).map_err(|e| to_py(py, e))?);
+        let open = self.open()?;
+        let h = Arc::new(open_mode(&open.path_buf, open.mode).map_err(|e| to_py(py, e))?);
         // The old one, if any, was inherited too: dropping it here touches
         // no lock of any process.
         *child = Some((pid, Arc::clone(&h)));
@@ -328,10 +369,14 @@ impl Seed {
                     self.say(
                         py,
                         &format!(
-                            "{} {} not acquired: the kernel detected a deadlock (EDEADLK); \
+                            "{} {} not acquired: {} detected a deadlock (EDEADLK); \
                              the request was dropped",
                             kind_word(kind),
-                            locks(span)
+                            locks(span),
+                            match self.state.get().map(|o| o.mode) {
+                                Some(Mode::Shm) => "the lock table",
+                                _ => "the kernel",
+                            }
                         ),
                     );
                 }
@@ -389,7 +434,7 @@ impl Seed {
     #[new]
     #[pyo3(
         signature = (*_args, **_kwargs),
-        text_signature = "(locksfile_path=None, verbose=False, l_id=None)"
+        text_signature = "(locksfile_path=None, verbose=False, l_id=None, *, mode='process')"
     )]
     fn new(_args: &Bound<'_, PyTuple>, _kwargs: Option<&Bound<'_, pyo3::types::PyDict>>) -> Seed {
         Seed {
@@ -401,19 +446,25 @@ impl Seed {
     }
 
     /// Open (or create) the lock file; see the class documentation.
-    #[pyo3(signature = (locksfile_path = None, verbose = VerboseArg(false), l_id = None))]
+    #[pyo3(signature = (locksfile_path = None, verbose = VerboseArg(false), l_id = None, *, mode = None))]
     fn __init__(
         &self,
         py: Python<'_>,
         locksfile_path: Option<&Bound<'_, PyAny>>,
         verbose: VerboseArg,
         l_id: Option<Py<PyAny>>,
+        mode: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<()> {
         if self.state.get().is_some() {
             return Err(pyo3::exceptions::PyRuntimeError::new_err(
                 "pylocksfile objects cannot be initialized twice",
             ));
         }
+        // Checked before anything is created: a bad mode loses nothing.
+        let mode = match mode {
+            None => Mode::Process,
+            Some(m) => seed_mode(m)?,
+        };
         let os = py.import("os")?;
         let os_path = os.getattr("path")?;
         let path: Bound<'_, PyAny> = match locksfile_path {
@@ -468,7 +519,7 @@ impl Seed {
             ));
         }
         // Handed over as written; the core makes it absolute, keeping `..`.
-        let handle = match open_process(&given) {
+        let handle = match open_mode(&given, mode) {
             Ok(h) => h,
             Err(e @ Error::NotRegularFile { .. }) => {
                 return Err(illegal_argument(py, format!("locksfile_path: {e}")))
@@ -492,6 +543,7 @@ impl Seed {
             path_buf,
             l_id,
             pid: std::process::id(),
+            mode,
         };
         self.state.set(open).map_err(|_| {
             pyo3::exceptions::PyRuntimeError::new_err(
@@ -630,11 +682,29 @@ impl Seed {
         Ok(false)
     }
 
+    /// In shm mode, this object's owner id as ``_shm_table`` lists it;
+    /// None otherwise. Not part of the public API.
+    #[getter]
+    fn _table_owner(&self, py: Python<'_>) -> PyResult<Option<u64>> {
+        Ok(self.current(py)?.table_owner())
+    }
+
+    /// ``"process"`` (the default), ``"ofd"`` or ``"shm"``.
+    #[getter]
+    fn mode(&self) -> PyResult<&'static str> {
+        Ok(crate::modern::mode_name(self.open()?.mode))
+    }
+
     fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
+        let open = self.open()?;
         Ok(format!(
-            "pylocksfile(locksfile_path={}, l_id={})",
-            self.open()?.path.bind(py).repr()?,
-            self.open()?.l_id.bind(py).repr()?
+            "pylocksfile(locksfile_path={}, l_id={}{})",
+            open.path.bind(py).repr()?,
+            open.l_id.bind(py).repr()?,
+            match open.mode {
+                Mode::Process => String::new(),
+                m => format!(", mode={:?}", crate::modern::mode_name(m)),
+            }
         ))
     }
 }

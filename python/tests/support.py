@@ -93,14 +93,67 @@ def _locks_of(major, minor, ino) -> list[KernelLock]:
     return out
 
 
-def held_map(path, pid: int, width: int = 10) -> str:
+# --------------------------------------------------------------------------
+# The shm lock table's view, read from outside (as /proc/locks is for the
+# kernel's locks)
+# --------------------------------------------------------------------------
+
+MODES = ["ofd", "process", "shm"]
+"""The modes with numbered locks, which the mode-parametrised suites run in."""
+
+DEFAULT_MODE = ""
+"""The mode :func:`held_map` and :func:`can_lock` look at when not told:
+``""`` for the kernel's locks, ``"shm"`` for the table. A suite written for
+the kernel sets it (in the test process and its workers) to run in shm mode."""
+
+
+def table_locks(path) -> list[KernelLock]:
+    """Every lock and queued request in the shm table of ``path``, in the
+    shape of :func:`kernel_locks` (family ``"SHM"``, each with its real pid)."""
+    from pylocksfile import INDEX_END, _native
+
+    table = _native._shm_table(os.fspath(path))
+    out = []
+    for rows, waiting in ((table["holders"], False), (table["waiters"], True)):
+        for pid, _owner, start, stop, kind in rows:
+            out.append(
+                KernelLock(
+                    family="SHM",
+                    kind="W" if kind == "exclusive" else "R",
+                    pid=pid,
+                    start=start,
+                    end=None if stop == INDEX_END else stop - 1,
+                    waiting=waiting,
+                )
+            )
+    return out
+
+
+def mode_locks(path, mode: str) -> list[KernelLock]:
+    """What the engine of ``mode`` holds and queues on ``path``: the table in
+    shm mode, /proc/locks otherwise. Shm locks belong to a handle, like OFD
+    locks, and show pid -1 like them, so one expectation fits both; use
+    :func:`table_locks` for their pids."""
+    if mode != "shm":
+        return kernel_locks(path)
+    return [KernelLock("SHM", lk.kind, -1, lk.start, lk.end, lk.waiting) for lk in table_locks(path)]
+
+
+def owner_pid(mode: str, pid: int) -> int:
+    """The pid :func:`mode_locks` shows for a lock of process ``pid``."""
+    return pid if mode == "process" else -1
+
+
+def held_map(path, pid: int, width: int = 10, mode: str | None = None) -> str:
     """What ``pid`` holds on indices ``0..width`` as a string: '.', 'R' or 'W'
     per index. OFD locks have pid -1. A lock reaching past ``width`` shows as a
-    trailing '+'."""
+    trailing '+'. With ``mode="shm"`` the shm table is read instead, and
+    ``pid`` is its real pid (-1: every holder)."""
+    mode = DEFAULT_MODE if mode is None else mode
     cells = ["."] * width
     beyond = False
-    for lk in kernel_locks(path):
-        if lk.waiting or lk.pid != pid:
+    for lk in table_locks(path) if mode == "shm" else kernel_locks(path):
+        if lk.waiting or (lk.pid != pid and not (mode == "shm" and pid == -1)):
             continue
         for i in range(width):
             if lk.covers(i):
@@ -151,21 +204,33 @@ def getlk(fd: int, index: int, count: int = 1, write: bool = True):
     return ("W" if l_type == fcntl.F_WRLCK else "R", l_pid)
 
 
-def can_lock(path, index: int, count: int = 1, write: bool = True) -> bool:
+def can_lock(path, index: int, count: int = 1, write: bool = True, mode: str | None = None) -> bool:
     """Whether a fresh process could take a POSIX lock on the span now.
 
     Runs ``fcntl.lockf(LOCK_NB)`` in a separate interpreter, so it holds
-    nothing of the caller's and sees every other owner's locks."""
-    code = (
-        "import fcntl, os, sys\n"
-        "fd = os.open(sys.argv[1], os.O_RDWR)\n"
-        "op = (fcntl.LOCK_EX if sys.argv[4] == 'W' else fcntl.LOCK_SH) | fcntl.LOCK_NB\n"
-        "try:\n"
-        "    fcntl.lockf(fd, op, int(sys.argv[3]), int(sys.argv[2]))\n"
-        "except OSError:\n"
-        "    sys.exit(3)\n"
-        "sys.exit(0)\n"
-    )
+    nothing of the caller's and sees every other owner's locks. With
+    ``mode="shm"`` it tries a fresh shm owner there instead (the kernel's
+    locks never meet the table)."""
+    mode = DEFAULT_MODE if mode is None else mode
+    if mode == "shm":
+        code = (
+            "import sys\n"
+            "from pylocksfile import LocksFile\n"
+            "lf = LocksFile(sys.argv[1], mode='shm', create=False)\n"
+            "try_ = lf.try_write if sys.argv[4] == 'W' else lf.try_read\n"
+            "sys.exit(0 if try_((int(sys.argv[2]), int(sys.argv[3]))) is not None else 3)\n"
+        )
+    else:
+        code = (
+            "import fcntl, os, sys\n"
+            "fd = os.open(sys.argv[1], os.O_RDWR)\n"
+            "op = (fcntl.LOCK_EX if sys.argv[4] == 'W' else fcntl.LOCK_SH) | fcntl.LOCK_NB\n"
+            "try:\n"
+            "    fcntl.lockf(fd, op, int(sys.argv[3]), int(sys.argv[2]))\n"
+            "except OSError:\n"
+            "    sys.exit(3)\n"
+            "sys.exit(0)\n"
+        )
     rc = subprocess.run(
         [sys.executable, "-c", code, os.fspath(path), str(index), str(count), "W" if write else "R"],
         timeout=DEFAULT_TIMEOUT,
@@ -299,15 +364,21 @@ class Worker:
         self.send("eval", src)
         return self.result(timeout)
 
-    def held(self, width: int = 10) -> str:
-        return held_map(self.path, self.pid, width)
+    def held(self, width: int = 10, mode: str | None = None) -> str:
+        return held_map(self.path, self.pid, width, mode=mode)
 
-    def wait_blocked(self, timeout: float = DEFAULT_TIMEOUT):
+    def wait_blocked(self, timeout: float = DEFAULT_TIMEOUT, mode: str | None = None):
         """Wait until this worker sleeps in the kernel on a lock of ``path``
-        (a blocked request of its pid in /proc/locks). Fails early if the
-        pending request returns instead."""
+        (a blocked request of its pid in /proc/locks; with ``mode="shm"``, a
+        queued request of its pid in the table). Fails early if the pending
+        request returns instead."""
+        mode = DEFAULT_MODE if mode is None else mode
+        if mode == "shm":
+            blocked = lambda: self.pid in {lk.pid for lk in table_locks(self.path) if lk.waiting}  # noqa: E731
+        else:
+            blocked = lambda: is_waiting(self.path, self.pid)  # noqa: E731
         wait_until(
-            lambda: is_waiting(self.path, self.pid) or self.replied(),
+            lambda: blocked() or self.replied(),
             timeout,
             f"worker {self.pid} to block",
         )
@@ -344,8 +415,8 @@ def race_runner(path, api, idx, n_tracks, n_rounds, barrier, occupant, visits, l
     import pylocksfile as pkg
 
     per_track = len(log_who) // n_tracks
-    if api == "seed":
-        lf = pkg.pylocksfile(path, verbose=False)
+    if api in ("seed", "seed-shm"):
+        lf = pkg.pylocksfile(path, verbose=False, mode="shm" if api == "seed-shm" else "process")
 
         def lock(t):
             if lf.acquire(writeLock=True, lock_n=t) is not True:
@@ -362,7 +433,7 @@ def race_runner(path, api, idx, n_tracks, n_rounds, barrier, occupant, visits, l
         def unlock(_t, _token):
             pass
     else:
-        lf = pkg.LocksFile(path)
+        lf = pkg.LocksFile(path, mode="shm" if api == "modern-shm" else "ofd")
 
         def lock(t):
             return lf.write(t)

@@ -1,22 +1,39 @@
 """asyncio: ``read_async``/``write_async``/``acquire_async`` wait without
 blocking the event loop, and a cancelled wait ends with nothing held and no
 thread left behind. The locks in the way are held by a worker process (in
-process mode, so that its locks and ours are told apart in /proc/locks)."""
+process mode, so that its locks and ours are told apart in /proc/locks).
+
+Every test runs in OFD mode and in shm mode (``LocksFile`` below opens in
+the test's mode; the holder is then a shm owner, told apart by its pid in
+the table)."""
 
 import asyncio
+import functools
+import os
 import threading
 import time
 
 import pytest
 
 import support
-from pylocksfile import LocksFile, LockTimeout
+import pylocksfile
+from pylocksfile import LockTimeout
 
 OFD = -1
+LocksFile = pylocksfile.LocksFile
+
+
+@pytest.fixture(autouse=True, params=["ofd", "shm"])
+def mode(request, monkeypatch):
+    if request.param == "shm":
+        monkeypatch.setattr(support, "DEFAULT_MODE", "shm")
+        monkeypatch.setitem(globals(), "LocksFile", functools.partial(pylocksfile.LocksFile, mode="shm"))
+    return request.param
 
 
 def ofd_held(path, width=10):
-    return support.held_map(path, OFD, width)
+    """What this process holds (OFD locks show pid -1; the table names us)."""
+    return support.held_map(path, os.getpid() if support.DEFAULT_MODE == "shm" else OFD, width)
 
 
 def wait_threads():
@@ -32,10 +49,10 @@ async def until(predicate, what, timeout=support.DEFAULT_TIMEOUT):
 
 
 @pytest.fixture
-def holder(spawn_worker):
+def holder(spawn_worker, mode):
     """A process holding a write lock on 2 (and on nothing else)."""
     w = spawn_worker()
-    w.exec("h = LocksFile(path, mode='process'); h.acquire('exclusive', 2)")
+    w.exec(f"h = LocksFile(path, mode={'shm' if mode == 'shm' else 'process'!r}); h.acquire('exclusive', 2)")
     return w
 
 
@@ -101,6 +118,7 @@ def test_cancelling_ends_the_wait_with_nothing_held(lock_path, holder):
     asyncio.run(main())
     assert lf.held() == [] and ofd_held(lock_path) == ".........."
     assert support.waiting_pids(lock_path) == set()
+    assert not [lk for lk in support.table_locks(lock_path) if lk.waiting]
     holder.exec("h.release()")
     assert support.can_lock(lock_path, 1, 3), "a leftover wait took the lock after all"
 

@@ -3,8 +3,8 @@ object: the release or close stands, the waiter ends with a clear error,
 and nothing stays held.
 
 The second owner is a worker process holding the lock, so the waits really
-block in the kernel (a blocked request in /proc/locks) before the test
-releases or closes; nothing here synchronises with sleeps."""
+block (a blocked request in /proc/locks, or a queued one in the shm table)
+before the test releases or closes; nothing here synchronises with sleeps."""
 
 import threading
 
@@ -13,16 +13,19 @@ import pytest
 import support
 from pylocksfile import LocksFile
 
-MODES = ["ofd", "process"]
+MODES = support.MODES
 
 
 def kernel_waiting(path):
     return any(lk.waiting for lk in support.kernel_locks(path))
 
 
-def waiting(path, tid):
+def waiting(path, tid, mode):
     """An untimed wait sleeps in F_SETLKW (a blocked request in /proc/locks);
-    a timed one polls, sleeping between tries."""
+    a timed one polls, sleeping between tries. In shm mode every wait is a
+    queued request in the table."""
+    if mode == "shm":
+        return any(lk.waiting for lk in support.table_locks(path))
     return kernel_waiting(path) or support.current_syscall(tid) in support.SLEEP_SYSCALLS
 
 
@@ -40,9 +43,9 @@ class Waiter(threading.Thread):
         except BaseException as e:  # noqa: BLE001 - checked by the test
             self.error = e
 
-    def start_and_block(self, path):
+    def start_and_block(self, path, mode):
         self.start()
-        support.wait_until(lambda: waiting(path, self.native_id) or not self.is_alive(), what="the waiter to block")
+        support.wait_until(lambda: waiting(path, self.native_id, mode) or not self.is_alive(), what="the waiter to block")
         assert self.is_alive(), f"the call was expected to wait but ended: {self.result!r} / {self.error!r}"
 
     def finish(self):
@@ -54,9 +57,10 @@ class Waiter(threading.Thread):
 def holder(spawn_worker):
     """Another process holding lock 0 shared (``holder.exec("g.release()")`` frees it)."""
 
-    def start(kind="read"):
+    def start(kind, mode):
+        # A kernel-mode test's holder is an OFD owner; shm mode meets shm only.
         w = spawn_worker()
-        w.exec(f"lf = LocksFile(path)\ng = lf.{kind}(0)")
+        w.exec(f"lf = LocksFile(path, mode={'shm' if mode == 'shm' else 'ofd'!r})\ng = lf.{kind}(0)")
         return w
 
     return start
@@ -64,11 +68,11 @@ def holder(spawn_worker):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_release_during_upgrade_stands(lock_path, holder, mode):
-    other = holder("read")
+    other = holder("read", mode)
     lf = LocksFile(lock_path, mode=mode)
     g = lf.read(0)
     t = Waiter(g.upgrade)
-    t.start_and_block(lock_path)
+    t.start_and_block(lock_path, mode)
     g.release()
     assert not g.held and g.kind is None
     other.exec("g.release()")
@@ -76,25 +80,25 @@ def test_release_during_upgrade_stands(lock_path, holder, mode):
     assert isinstance(t.error, RuntimeError) and "released" in str(t.error), (t.result, t.error)
     assert not g.held and g.kind is None, "the upgrade brought the released guard back"
     assert lf.held() == []
-    assert support.kernel_locks(lock_path) == []
-    assert LocksFile(lock_path).try_write(0) is not None
+    assert support.mode_locks(lock_path, mode) == []
+    assert LocksFile(lock_path, mode=mode).try_write(0) is not None
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_close_during_upgrade_stands(lock_path, holder, mode):
-    other = holder("read")
+    other = holder("read", mode)
     lf = LocksFile(lock_path, mode=mode)
     g = lf.read(0)
     t = Waiter(lambda: g.upgrade(timeout=60))
-    t.start_and_block(lock_path)
+    t.start_and_block(lock_path, mode)
     lf.close()
     assert lf.closed and not g.held
     other.exec("g.release()")
     t.finish()
     assert isinstance(t.error, ValueError) and "closed" in str(t.error), (t.result, t.error)
     assert not g.held and g.kind is None
-    assert support.kernel_locks(lock_path) == []
-    assert LocksFile(lock_path).try_write(0) is not None
+    assert support.mode_locks(lock_path, mode) == []
+    assert LocksFile(lock_path, mode=mode).try_write(0) is not None
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -108,16 +112,16 @@ def test_close_during_upgrade_stands(lock_path, holder, mode):
     ],
 )
 def test_close_while_another_thread_waits(lock_path, holder, mode, call):
-    other = holder("write")
+    other = holder("write", mode)
     lf = LocksFile(lock_path, mode=mode)
     t = Waiter(lambda: eval(call, {"lf": lf}))
-    t.start_and_block(lock_path)
+    t.start_and_block(lock_path, mode)
     lf.close()
     other.exec("g.release()")
     t.finish()
     assert isinstance(t.error, ValueError) and "closed" in str(t.error), (t.result, t.error)
-    assert support.kernel_locks(lock_path) == [], "the waiter's lock outlived close()"
-    assert LocksFile(lock_path).try_write(range(0, 3)) is not None
+    assert support.mode_locks(lock_path, mode) == [], "the waiter's lock outlived close()"
+    assert LocksFile(lock_path, mode=mode).try_write(range(0, 3)) is not None
     # A closed object stays closed for every call.
     with pytest.raises(ValueError, match="closed"):
         lf.acquire("shared", 0)
@@ -131,29 +135,29 @@ def test_close_while_another_thread_waits(lock_path, holder, mode, call):
 def test_timed_waits_end_at_close_while_the_holder_keeps_its_lock(lock_path, holder, mode, call):
     """Timed waits poll, so they see the close at their next try, long
     before their timeout, even though the other owner never lets go."""
-    other = holder("write")
+    other = holder("write", mode)
     lf = LocksFile(lock_path, mode=mode)
     t = Waiter(lambda: eval(call, {"lf": lf}))
-    t.start_and_block(lock_path)
+    t.start_and_block(lock_path, mode)
     lf.close()
     t.finish()  # well within the call's own 60 s
     assert isinstance(t.error, ValueError) and "closed" in str(t.error), (t.result, t.error)
-    assert [lk.pid for lk in support.kernel_locks(lock_path)] == [-1], "only the holder's lock is left"
+    assert [lk.pid for lk in support.mode_locks(lock_path, mode)] == [-1], "only the holder's lock is left"
     other.exec("g.release()")
 
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("end", ["g.release()", "lf.close()"])
 def test_timed_upgrade_ends_at_release_while_the_other_reader_stays(lock_path, holder, mode, end):
-    other = holder("read")
+    other = holder("read", mode)
     lf = LocksFile(lock_path, mode=mode)
     g = lf.read(0)
     t = Waiter(lambda: g.upgrade(timeout=60))
-    t.start_and_block(lock_path)
+    t.start_and_block(lock_path, mode)
     exec(end, {"g": g, "lf": lf})
     t.finish()
     assert isinstance(t.error, (RuntimeError, ValueError)) and "nothing is held" in str(t.error), (t.result, t.error)
     assert not g.held
-    assert [(lk.pid, lk.kind) for lk in support.kernel_locks(lock_path)] == [(-1, "R")]
+    assert [(lk.pid, lk.kind) for lk in support.mode_locks(lock_path, mode)] == [(-1, "R")]
     other.exec("g.release()")
-    assert support.kernel_locks(lock_path) == []
+    assert support.mode_locks(lock_path, mode) == []

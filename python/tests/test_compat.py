@@ -445,3 +445,76 @@ def test_with_runs_a_subclass_enter_and_exit(lock_path):
         assert held(lock_path) == ".R........"
     assert calls == ["enter", "exit"]
     assert held(lock_path) == ".........."
+
+
+# --------------------------------------------------------------------------
+# The mode keyword: process mode by default (what 0.0.6 takes), shm or OFD
+# on request, anything else refused before a file is made
+# --------------------------------------------------------------------------
+
+
+def test_mode_defaults_to_process_and_excludes_the_original_packages_locks(lock_path):
+    lf = pylocksfile(lock_path)
+    assert lf.mode == "process"
+    assert lf.acquire(writeLock=True, lock_n=4) is True
+    # What pylocksfile 0.0.6 does: fcntl.lockf, process-associated, in
+    # another process. It must be kept out.
+    assert not support.can_lock(lock_path, 4)
+    assert "mode=" not in repr(lf)
+
+
+@pytest.mark.parametrize("mode", ["shm", "ofd"])
+def test_other_modes_make_each_object_an_owner(lock_path, mode):
+    a, b = pylocksfile(lock_path, mode=mode), pylocksfile(lock_path, mode=mode)
+    assert a.mode == mode and f"mode={mode!r}".replace("'", '"') in repr(a)
+    assert a.acquire(writeLock=True, lock_n=(2, 2)) is True
+    # A second object in this very thread is another owner now.
+    assert b.acquire(writeLock=False, lock_n=3, blocking=False) is False
+    assert b.acquire(writeLock=True, lock_n=5, blocking=False) is True
+    a.release()
+    assert b.acquire(writeLock=True, lock_n=(2, 2), blocking=False) is True
+    if mode == "shm":
+        assert support.held_map(lock_path, os.getpid(), mode="shm") == "..WW.W...."
+
+
+@pytest.mark.parametrize(
+    "mode, words",
+    [
+        ("flock", "whole file"),
+        ("SHM", 'got "SHM"'),
+        ("", 'got ""'),
+        (3, "got int"),
+    ],
+    ids=repr,
+)
+def test_a_bad_mode_is_an_illegal_argument_and_makes_no_file(lock_path, mode, words):
+    with pytest.raises(IllegalArgumentError, match="mode") as info:
+        pylocksfile(lock_path, mode=mode)
+    assert words in str(info.value)
+    assert not lock_path.exists()
+    assert not (lock_path.parent / (lock_path.name + "-shm")).exists()
+
+
+def test_mode_is_keyword_only(lock_path):
+    with pytest.raises(TypeError):
+        pylocksfile(str(lock_path), False, None, "shm")
+
+
+def test_a_shm_deadlock_fails_the_acquire_and_the_with_raises(spawn_worker, lock_path):
+    """As in process mode: the acquire that would close the cycle returns
+    False (nothing acquired), and a blocking `with` raises DeadlockError."""
+    a, b = spawn_worker(), spawn_worker()
+    for w in (a, b):
+        w.exec("lf = pylocksfile(path, mode='shm')")
+    assert a.eval("lf.acquire(writeLock=True, lock_n=0)") is True
+    assert b.eval("lf.acquire(writeLock=True, lock_n=1)") is True
+    a.send_eval("lf.acquire(writeLock=True, lock_n=1)")
+    a.wait_blocked(mode="shm")
+    assert b.eval("lf.acquire(writeLock=True, lock_n=0)") is False
+    with pytest.raises(support.RemoteError) as info:
+        b.exec("with lf(writeLock=True, lock_n=0):\n    pass")
+    assert info.value.isa("DeadlockError")
+    assert support.held_map(lock_path, b.pid, mode="shm") == ".W........"
+    b.exec("lf.release()")
+    assert a.result() is True
+    assert support.held_map(lock_path, a.pid, mode="shm") == "WW........"

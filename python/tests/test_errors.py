@@ -15,7 +15,7 @@ from pylocksfile import LocksFile, LocksfileError
 # --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", ["ofd", "process"])
+@pytest.mark.parametrize("mode", support.MODES)
 @pytest.mark.parametrize("create", [True, False])
 def test_missing_directory_is_file_not_found_with_errno_and_filename(tmp_path, mode, create):
     path = tmp_path / "no-such-dir" / "x.lock"
@@ -84,18 +84,23 @@ def test_no_descriptor_left_is_emfile(spawn_worker):
 
 
 @pytest.mark.parametrize("timeout", [1e19, float("inf")])
-@pytest.mark.parametrize("mode", ["ofd", "process"])
+@pytest.mark.parametrize("mode", support.MODES)
 def test_a_timeout_past_the_clocks_range_waits_as_long_as_it_takes(spawn_worker, timeout, mode):
     holder = spawn_worker()
-    holder.exec("h = LocksFile(path, mode='process'); h.acquire('exclusive', (2, 2))")
+    holder_mode = "shm" if mode == "shm" else "process"
+    holder.exec(f"h = LocksFile(path, mode={holder_mode!r}); h.acquire('exclusive', (2, 2))")
     waiter = spawn_worker()
     waiter.exec(f"lf = LocksFile(path, mode={mode!r})")
     waiter.send("exec", f"g = lf.write(3, timeout=float({str(timeout)!r}))")
-    # Asleep in the kernel (OFD waiters show pid -1 in /proc/locks), not
-    # back with LockTimeout.
-    pid = waiter.pid if mode == "process" else -1
+    # Asleep in the kernel (OFD waiters show pid -1 in /proc/locks) or
+    # queued in the shm table, not back with LockTimeout.
+    if mode == "shm":
+        waiting = lambda: waiter.pid in {lk.pid for lk in support.table_locks(waiter.path) if lk.waiting}  # noqa: E731
+    else:
+        pid = waiter.pid if mode == "process" else -1
+        waiting = lambda: pid in support.waiting_pids(waiter.path)  # noqa: E731
     support.wait_until(
-        lambda: pid in support.waiting_pids(waiter.path) or waiter.replied(),
+        lambda: waiting() or waiter.replied(),
         what=f"the waiter to sleep on a {timeout} s timeout",
     )
     assert not waiter.replied(), f"gave up at once: {waiter.result()!r}"
@@ -103,3 +108,95 @@ def test_a_timeout_past_the_clocks_range_waits_as_long_as_it_takes(spawn_worker,
     waiter.result()
     assert waiter.eval("g.kind") == "exclusive"
     assert waiter.eval("lf.held()") == [(range(3, 4), "exclusive")]
+
+
+# --------------------------------------------------------------------------
+# Shm mode: what cannot be used is refused clearly, and nothing is touched
+# --------------------------------------------------------------------------
+
+
+def test_shm_refuses_a_file_with_kernel_locks_and_the_reverse(lock_path):
+    from pylocksfile import MixedModesError
+
+    kernel = LocksFile(lock_path, mode="process")
+    held = kernel.write(0)
+    with pytest.raises(MixedModesError) as info:
+        LocksFile(lock_path, mode="shm")
+    assert info.value.errno == errno.EBUSY and info.value.filename == str(lock_path)
+    assert "fcntl record locks" in str(info.value)
+    held.release()
+    kernel.close()
+    shm = LocksFile(lock_path, mode="shm")
+    for mode in ["ofd", "process", "flock"]:
+        with pytest.raises(MixedModesError, match="shared-memory lock table"):
+            LocksFile(lock_path, mode=mode)
+    with pytest.raises(MixedModesError):
+        pylocksfile_default = __import__("pylocksfile").pylocksfile
+        pylocksfile_default(lock_path)
+    shm.close()
+    # The table is no longer in use: kernel modes may have the file again.
+    LocksFile(lock_path, mode="ofd").close()
+
+
+@pytest.mark.parametrize("content", [b"not a lock table", b"\0" * 4096])
+def test_shm_refuses_a_foreign_sidecar_and_leaves_it_alone(lock_path, content):
+    from pylocksfile import LockTableError
+
+    sidecar = lock_path.parent / (lock_path.name + "-shm")
+    sidecar.write_bytes(content)
+    with pytest.raises(LockTableError) as info:
+        LocksFile(lock_path, mode="shm")
+    assert info.value.filename == str(sidecar)
+    assert isinstance(info.value, LocksfileError)
+    assert sidecar.read_bytes() == content
+
+
+def test_shm_in_a_directory_without_write_permission_is_a_clear_error(tmp_path):
+    if os.geteuid() == 0:
+        pytest.skip("root writes anywhere")
+    d = tmp_path / "ro"
+    d.mkdir()
+    (d / "x.lock").write_bytes(b"")
+    d.chmod(0o555)
+    try:
+        with pytest.raises(PermissionError) as info:
+            LocksFile(d / "x.lock", mode="shm")
+        assert info.value.errno == errno.EACCES
+        assert info.value.filename == str(d / "x.lock-shm")
+    finally:
+        d.chmod(0o755)
+
+
+def test_shm_table_full_of_owners_is_a_clear_error(spawn_worker):
+    """The table has room for 1,024 owners: the next open raises
+    LockTableFullError (ENOLCK), and closing one makes room again."""
+    import resource
+
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 8192:
+        pytest.skip("needs about 4 descriptors per owner")
+    w = spawn_worker()
+    w.exec(
+        "import resource\n"
+        "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
+        "want = 8192 if hard == resource.RLIM_INFINITY else min(hard, 8192)\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))\n"
+        "objs = []\n"
+        "err = None\n"
+        "while len(objs) < 2000:\n"
+        "    try:\n"
+        "        objs.append(LocksFile(path, mode='shm'))\n"
+        "    except OSError as e:\n"
+        "        err = e\n"
+        "        break\n",
+        timeout=60,
+    )
+    assert w.eval("type(err).__name__") == "LockTableFullError", w.eval("repr(err)")
+    assert w.eval("len(objs)") == 1024
+    assert w.eval("err.errno") == errno.ENOLCK
+    assert "owners" in w.eval("str(err)")
+    # Nothing was changed: the owners in the table still work, and one gone
+    # makes room for another.
+    assert w.eval("objs[0].try_write(0) is not None")
+    w.exec("objs.pop().close()\nobjs.append(LocksFile(path, mode='shm'))")
+    w.exec("for o in objs: o.close()", timeout=60)

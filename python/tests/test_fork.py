@@ -49,9 +49,10 @@ def run_child(w, actions):
     return w.eval("report"), w.eval("child")
 
 
-def test_seed_object_in_a_forked_child_is_a_fresh_owner(spawn_worker, lock_path):
+@pytest.mark.parametrize("mode", ["process", "shm"])
+def test_seed_object_in_a_forked_child_is_a_fresh_owner(spawn_worker, lock_path, mode):
     w = spawn_worker()
-    w.exec("lf = pylocksfile(path)")
+    w.exec(f"lf = pylocksfile(path, mode={mode!r})")
     assert w.eval("lf.acquire(writeLock=True, lock_n=(0, 2))") is True
     assert w.eval("lf.acquire(writeLock=False, lock_n=3)") is True
     report, child = run_child(
@@ -62,32 +63,32 @@ def test_seed_object_in_a_forked_child_is_a_fresh_owner(spawn_worker, lock_path)
             "lf.release((0, 4))",
             "lf.acquire(writeLock=False, lock_n=3, blocking=False)",  # shares the parent's read
             "lf.acquire(writeLock=True, lock_n=5, blocking=False)",  # its own
-            "support.held_map(path, os.getpid())",
+            f"support.held_map(path, os.getpid(), mode={mode!r})",
             "lf.release(3)",
             "globals().pop('lf') and None",
             "gc.collect() and None",
-            "support.held_map(path, os.getpid())",
+            f"support.held_map(path, os.getpid(), mode={mode!r})",
         ],
     )
     assert report == [False, None, None, True, True, "...R.W....", None, None, None, ".........."]
-    assert w.held() == "WW.R......"
-    assert not support.can_lock(lock_path, 1, write=False)
-    assert not support.can_lock(lock_path, 3, write=True)
+    assert support.held_map(lock_path, w.pid, mode=mode) == "WW.R......"
+    assert not support.can_lock(lock_path, 1, write=False, mode=mode)
+    assert not support.can_lock(lock_path, 3, write=True, mode=mode)
     w.exec(EXIT_CHILD)
-    assert w.held() == "WW.R......"
-    assert support.held_map(lock_path, child) == ".........."
+    assert support.held_map(lock_path, w.pid, mode=mode) == "WW.R......"
+    assert support.held_map(lock_path, child, mode=mode) == ".........."
     # The parent's object still works normally.
     w.exec("lf.release(0)")
-    assert w.held() == ".W.R......"
+    assert support.held_map(lock_path, w.pid, mode=mode) == ".W.R......"
 
 
-@pytest.mark.parametrize("mode", ["ofd", "process"])
+@pytest.mark.parametrize("mode", support.MODES)
 def test_modern_object_in_a_forked_child_never_touches_the_parents_locks(spawn_worker, lock_path, mode):
     w = spawn_worker()
     w.exec(f"lf = LocksFile(path, mode={mode!r})")
     w.exec("g = lf.write(0)\nlf.acquire('shared', (2, 2))")
-    owner = -1 if mode == "ofd" else w.pid
-    assert support.held_map(lock_path, owner) == "W.RR......"
+    owner = -1 if mode == "ofd" else w.pid  # shm: the table names the pid
+    assert support.held_map(lock_path, owner, mode=mode) == "W.RR......"
     report, child = run_child(
         w,
         [
@@ -104,17 +105,17 @@ def test_modern_object_in_a_forked_child_never_touches_the_parents_locks(spawn_w
     )
     assert report[0] == "ForkedError" and report[1] == "ForkedError", report
     assert all(r in (None, "ForkedError") for r in report[2:]), report
-    assert support.held_map(lock_path, owner) == "W.RR......"
-    assert support.held_map(lock_path, child) == ".........."
-    assert not support.can_lock(lock_path, 0, write=False)
-    assert not support.can_lock(lock_path, 3, write=True)
+    assert support.held_map(lock_path, owner, mode=mode) == "W.RR......"
+    assert support.held_map(lock_path, child, mode=mode) == ".........."
+    assert not support.can_lock(lock_path, 0, write=False, mode=mode)
+    assert not support.can_lock(lock_path, 3, write=True, mode=mode)
     w.exec(EXIT_CHILD)
-    assert support.held_map(lock_path, owner) == "W.RR......"
-    assert not support.can_lock(lock_path, 0, write=False)
+    assert support.held_map(lock_path, owner, mode=mode) == "W.RR......"
+    assert not support.can_lock(lock_path, 0, write=False, mode=mode)
     # In the parent everything still works, and a fresh object in a child works too.
     w.exec("g.release()")
-    assert support.held_map(lock_path, owner) == "..RR......"
-    report, child = run_child(w, ["LocksFile(path).try_write(0) is not None", "LocksFile(path).try_write(2) is None"])
+    assert support.held_map(lock_path, owner, mode=mode) == "..RR......"
+    report, child = run_child(w, [f"LocksFile(path, mode={mode!r}).try_write(0) is not None", f"LocksFile(path, mode={mode!r}).try_write(2) is None"])
     assert report == [True, True]
     w.exec(EXIT_CHILD)
 
@@ -251,7 +252,7 @@ def test_dropping_an_inherited_object_keeps_the_childs_own_locks(spawn_worker, l
     assert w.held() == "W........."
 
 
-@pytest.mark.parametrize("mode", ["ofd", "process"])
+@pytest.mark.parametrize("mode", support.MODES)
 def test_every_guard_and_object_method_refuses_in_a_forked_child(spawn_worker, lock_path, mode):
     """Each call on an inherited guard or object raises ForkedError in the
     child, changes nothing there and never touches the parent's locks
@@ -259,8 +260,8 @@ def test_every_guard_and_object_method_refuses_in_a_forked_child(spawn_worker, l
     w = spawn_worker()
     w.exec(f"lf = LocksFile(path, mode={mode!r})")
     w.exec("gr = lf.read(0)\ngw = lf.write(2)\nlf.acquire('shared', 4)")
-    owner = -1 if mode == "ofd" else w.pid
-    assert support.held_map(lock_path, owner) == "R.W.R....."
+    owner = -1 if mode == "ofd" else w.pid  # shm: the table names the pid
+    assert support.held_map(lock_path, owner, mode=mode) == "R.W.R....."
     calls = [
         "gw.downgrade()",
         "gr.upgrade()",
@@ -289,14 +290,14 @@ def test_every_guard_and_object_method_refuses_in_a_forked_child(spawn_worker, l
     report, child = run_child(w, calls + ["[gr.kind, gw.kind, gr.held, gw.held]"])
     assert dict(zip(calls, report)) == {c: "ForkedError" for c in calls}
     assert report[-1] == ["shared", "exclusive", True, True], "the child's guards changed"
-    assert support.held_map(lock_path, owner) == "R.W.R....."
-    assert support.held_map(lock_path, child) == ".........."
+    assert support.held_map(lock_path, owner, mode=mode) == "R.W.R....."
+    assert support.held_map(lock_path, child, mode=mode) == ".........."
     w.exec(EXIT_CHILD)
-    assert support.held_map(lock_path, owner) == "R.W.R....."
-    assert not support.can_lock(lock_path, 2, write=False)
+    assert support.held_map(lock_path, owner, mode=mode) == "R.W.R....."
+    assert not support.can_lock(lock_path, 2, write=False, mode=mode)
     # The parent's guards still work.
     w.exec("gw.downgrade()\ngr.upgrade()")
-    assert support.held_map(lock_path, owner) == "W.R.R....."
+    assert support.held_map(lock_path, owner, mode=mode) == "W.R.R....."
 
 
 def test_ofd_lock_outlives_its_holder_in_a_forked_child(spawn_worker, lock_path):

@@ -147,8 +147,9 @@ def test_threads_of_one_object_share_its_locks(lock_path):
         assert t.outcome() is True
 
 
-def test_thread_local_threads_exclude_each_other(lock_path):
-    lf = LocksFile(lock_path, thread_local=True)
+@pytest.mark.parametrize("mode", ["ofd", "shm"])
+def test_thread_local_threads_exclude_each_other(lock_path, mode):
+    lf = LocksFile(lock_path, mode=mode, thread_local=True)
     g = lf.write(0)
     events = []
 
@@ -158,11 +159,16 @@ def test_thread_local_threads_exclude_each_other(lock_path):
             events.append("got it")
             return lf.held()
 
+    def queued():
+        if mode == "shm":
+            return any(lk.waiting for lk in support.table_locks(lock_path))
+        return OFD in support.waiting_pids(lock_path)
+
     t = Runner(second)
     t.start()
-    # The second thread sleeps in the kernel (F_SETLKW) behind the first.
-    support.wait_until(lambda: OFD in support.waiting_pids(lock_path) or not t.is_alive(),
-                       what="the second thread to block")
+    # The second thread sleeps in the kernel (F_SETLKW), or queued in the
+    # table, behind the first.
+    support.wait_until(lambda: queued() or not t.is_alive(), what="the second thread to block")
     assert t.is_alive() and events == ["waiting"]
     assert lf.held() == [(range(0, 1), "exclusive")]
     g.release()

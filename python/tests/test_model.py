@@ -3,8 +3,9 @@
 The model of an owner: one layer per object (explicit acquire/release, the
 last call on an index wins) plus one per live guard; the kernel must hold
 each index at the strongest kind any layer asks for. After every step the
-kernel's table is compared with the model, and at the end of each sequence
-another process probes every index with F_GETLK."""
+kernel's table (or the shm table, read from outside) is compared with the
+model, and at the end of each sequence another process probes every index
+with F_GETLK."""
 
 import os
 
@@ -122,13 +123,14 @@ def held_cells(held):
     return "".join(cells)
 
 
+@pytest.mark.parametrize("mode", ["ofd", "shm"])
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ops=modern_ops)
-def test_locksfile_matches_the_model(tmp_path_factory, ops):
+def test_locksfile_matches_the_model(tmp_path_factory, ops, mode):
     from pylocksfile import LocksFile
 
     path = tmp_path_factory.mktemp("model") / "modern.lock"
-    lf = LocksFile(path)
+    lf = LocksFile(path, mode=mode)
     explicit = "." * WIDTH
     guards = []  # [guard, span, kind-letter]
     for n, (op, arg, span) in enumerate(ops):
@@ -161,7 +163,60 @@ def test_locksfile_matches_the_model(tmp_path_factory, ops):
         where = f"after step {n} ({op} {arg} {span})"
         assert held_cells(lf.held()) == want, where
         assert held_cells(lf.held_explicitly()) == explicit, where
-        assert support.held_map(path, -1, WIDTH) == want, where
+        assert support.held_map(path, -1, WIDTH, mode=mode) == want, where
     lf.close()
-    assert support.kernel_locks(path) == []
+    assert support.mode_locks(path, mode) == []
     assert os.path.exists(path)
+
+
+# --------------------------------------------------------------------------
+# The original's API in shm mode: two objects in one process are two owners
+# --------------------------------------------------------------------------
+
+
+def owner_cells(path, owner_id):
+    """What the shm table says the owner with this id holds on 0..WIDTH."""
+    from pylocksfile import _native
+
+    cells = ["."] * WIDTH
+    for _pid, owner, start, stop, kind in _native._shm_table(os.fspath(path))["holders"]:
+        if owner == owner_id:
+            for i in range(start, min(stop, WIDTH)):
+                assert cells[i] == ".", "two records of one owner overlap"
+                cells[i] = "W" if kind == "exclusive" else "R"
+    return "".join(cells)
+
+
+def conflicts(layer, start, count, write):
+    return any(c == "W" or (write and c == "R") for c in layer[start : start + count])
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=seed_ops)
+def test_seed_objects_in_shm_mode_match_the_model(tmp_path_factory, ops):
+    """Each object is an owner: an acquire is granted exactly when the other
+    object's locks allow it, and a refused one changes nothing."""
+    from pylocksfile import pylocksfile
+
+    path = tmp_path_factory.mktemp("model") / "seed-shm.lock"
+    objs = {"a": pylocksfile(os.fspath(path), mode="shm"), "b": pylocksfile(os.fspath(path), mode="shm")}
+    ids = {k: o._table_owner for k, o in objs.items()}
+    layers = {"a": "." * WIDTH, "b": "." * WIDTH}
+    for n, (op, who, write, span) in enumerate(ops):
+        other = layers["b" if who == "a" else "a"]
+        if op == "acquire":
+            ok = objs[who].acquire(writeLock=write, lock_n=span, blocking=False)
+            assert ok is (not conflicts(other, *span, write)), f"step {n}: {op} {who} {write} {span}: {layers}"
+            if ok:
+                layers[who] = put(layers[who], *span, "W" if write else "R")
+        elif op == "release":
+            objs[who].release(span)
+            layers[who] = put(layers[who], *span, ".")
+        else:
+            objs[who].release()
+            layers[who] = "." * WIDTH
+        for k in objs:
+            assert owner_cells(path, ids[k]) == layers[k], f"after step {n} ({op} {who} {write} {span}): {layers}"
+    for o in objs.values():
+        o.release()
+    assert support.table_locks(path) == []

@@ -126,9 +126,26 @@ def test_directory_is_refused(tmp_path):
         LocksFile(tmp_path)
 
 
-def test_bad_mode(lock_path):
-    with pytest.raises(ValueError):
-        LocksFile(lock_path, mode="posix-ish")
+@pytest.mark.parametrize("mode", ["posix-ish", "SHM", ""])
+def test_bad_mode(lock_path, mode):
+    with pytest.raises(ValueError, match='mode must be "ofd", "process", "flock" or "shm", got') as info:
+        LocksFile(lock_path, mode=mode)
+    assert repr(mode).replace("'", '"') in str(info.value)
+    # Refused before anything is made.
+    assert not lock_path.exists()
+    assert not (lock_path.parent / (lock_path.name + "-shm")).exists()
+
+
+def test_shm_mode_opens_a_sidecar_and_says_so(lock_path):
+    lf = LocksFile(lock_path, mode="shm", permissions=0o640)
+    assert lf.mode == "shm" and 'mode="shm"' in repr(lf)
+    sidecar = lock_path.parent / (lock_path.name + "-shm")
+    # Beside the lock file, with its permission bits; the lock file is untouched.
+    assert stat.S_IMODE(os.stat(sidecar).st_mode) == 0o640
+    assert os.path.getsize(lock_path) == 0
+    with lf.write(range(3, 6)):
+        assert support.held_map(lock_path, os.getpid(), mode="shm") == "...WWW...."
+    assert os.path.getsize(lock_path) == 0
 
 
 # --------------------------------------------------------------------------
@@ -328,14 +345,18 @@ def test_deleting_releases_everything(spawn_worker, lock_path):
 
 
 @pytest.fixture
-def holder(spawn_worker):
-    """A process holding write locks on 2 and 3 and a read lock on 5 (process mode)."""
+def holder(spawn_worker, request):
+    """A process holding write locks on 2 and 3 and a read lock on 5 (process
+    mode; shm mode for a test parametrised with ``mode="shm"``, as the
+    kernel's locks never meet the table)."""
+    callspec = getattr(request.node, "callspec", None)
+    mode = "shm" if callspec is not None and callspec.params.get("mode") == "shm" else "process"
     w = spawn_worker()
-    w.exec("h = LocksFile(path, mode='process'); h.acquire('exclusive', (2, 2)); h.acquire('shared', 5)")
+    w.exec(f"h = LocksFile(path, mode={mode!r}); h.acquire('exclusive', (2, 2)); h.acquire('shared', 5)")
     return w
 
 
-@pytest.mark.parametrize("mode", ["ofd", "process"])
+@pytest.mark.parametrize("mode", support.MODES)
 def test_try_returns_none_on_conflict(lock_path, holder, mode):
     lf = LocksFile(lock_path, mode=mode)
     assert lf.try_write(3) is None
@@ -348,14 +369,14 @@ def test_try_returns_none_on_conflict(lock_path, holder, mode):
     assert lf.held() == [(range(0, 2), "exclusive"), (range(5, 6), "shared")]
 
 
-@pytest.mark.parametrize("mode", ["ofd", "process"])
+@pytest.mark.parametrize("mode", support.MODES)
 def test_would_block_error(lock_path, holder, mode):
     lf = LocksFile(lock_path, mode=mode)
     with pytest.raises(WouldBlockError) as info:
         lf.acquire("exclusive", (0, 4), blocking=False)
     e = info.value
     assert isinstance(e, BlockingIOError) and e.errno == errno.EAGAIN
-    assert lf.held() == [] and support.held_map(lock_path, OFD if mode == "ofd" else ME) == ".........."
+    assert lf.held() == [] and support.held_map(lock_path, OFD if mode == "ofd" else ME, mode=mode) == ".........."
     holder_info = getattr(e, "holder", None)
     if holder_info is not None:
         assert holder_info.pid == holder.pid
@@ -364,7 +385,7 @@ def test_would_block_error(lock_path, holder, mode):
 
 @pytest.mark.parametrize("call", ["write(2, timeout=T)", "write_for(3, T)", "read_for((1, 3), T)",
                                   "acquire('shared', 2, timeout=T)", "acquire('exclusive', 5, timeout=T)"])
-@pytest.mark.parametrize("mode", ["ofd", "process"])
+@pytest.mark.parametrize("mode", support.MODES)
 def test_timeouts_are_honoured(lock_path, holder, call, mode):
     lf = LocksFile(lock_path, mode=mode)
     timeout = 0.15
@@ -375,7 +396,7 @@ def test_timeouts_are_honoured(lock_path, holder, call, mode):
     assert isinstance(info.value, TimeoutError)
     assert timeout <= took < timeout + 0.15, f"timed out after {took:.3f}s for a {timeout}s timeout"
     assert lf.held() == []
-    assert support.held_map(lock_path, OFD if mode == "ofd" else ME) == ".........."
+    assert support.held_map(lock_path, OFD if mode == "ofd" else ME, mode=mode) == ".........."
 
 
 def test_zero_timeout_does_not_wait(lock_path, holder):
@@ -419,20 +440,42 @@ def test_timed_wait_gets_the_lock_soon_after_release(lock_path, holder):
     assert ofd_held(lock_path) == "...W......"
 
 
-def test_deadlock_error_in_process_mode(spawn_worker, lock_path):
+@pytest.mark.parametrize("mode", ["process", "shm"])
+def test_deadlock_error_between_processes(spawn_worker, lock_path, mode):
     a, b = spawn_worker(), spawn_worker()
-    a.exec("lf = LocksFile(path, mode='process'); lf.acquire('exclusive', 0)")
-    b.exec("lf = LocksFile(path, mode='process'); g = lf.write(1)")
+    a.exec(f"lf = LocksFile(path, mode={mode!r}); lf.acquire('exclusive', 0)")
+    b.exec(f"lf = LocksFile(path, mode={mode!r}); g = lf.write(1)")
     a.send("exec", "ga = lf.write(1)")
-    a.wait_blocked()
+    a.wait_blocked(mode=mode)
     with pytest.raises(support.RemoteError) as info:
         b.eval("lf.write(0)")
     assert info.value.isa("DeadlockError") and info.value.isa("LocksfileError")
-    assert b.held() == ".W........"
+    assert b.eval("lf.held()") == [(range(1, 2), "exclusive")]
+    assert b.held(mode=mode) == ".W........"
     b.exec("g.release()")
     a.result()
     assert a.eval("ga.kind") == "exclusive"
-    assert a.held() == "WW........"
+    assert a.held(mode=mode) == "WW........"
+
+
+def test_deadlock_cycle_of_three_processes_in_shm_mode(spawn_worker, lock_path):
+    """Each holds its own lock and waits for the next one's: the request
+    closing the cycle fails, whatever its length, and the others complete."""
+    ws = [spawn_worker() for _ in range(3)]
+    for i, w in enumerate(ws):
+        w.exec(f"lf = LocksFile(path, mode='shm'); g = lf.write({i})")
+    for i, w in enumerate(ws[:2]):
+        w.send("exec", f"g2 = lf.write({i + 1})")
+        w.wait_blocked(mode="shm")
+    with pytest.raises(support.RemoteError) as info:
+        ws[2].eval("lf.write(0)")
+    assert info.value.isa("DeadlockError")
+    assert ws[2].held(mode="shm") == "..W......."
+    ws[2].exec("g.release()")
+    ws[1].result()
+    ws[1].exec("g.release(); g2.release()")
+    ws[0].result()
+    assert ws[0].held(mode="shm") == "WW........"
 
 
 # --------------------------------------------------------------------------
@@ -440,8 +483,9 @@ def test_deadlock_error_in_process_mode(spawn_worker, lock_path):
 # --------------------------------------------------------------------------
 
 
-def test_conflicts_names_the_pid_in_process_mode(lock_path, holder):
-    lf = LocksFile(lock_path, mode="process")
+@pytest.mark.parametrize("mode", ["process", "shm"])
+def test_conflicts_names_the_pid(lock_path, holder, mode):
+    lf = LocksFile(lock_path, mode=mode)
     h = lf.conflicts(3)
     assert (h.span, h.kind, h.pid) == (range(2, 4), "exclusive", holder.pid)
     assert lf.conflicts((0, 10), "shared").pid == holder.pid
@@ -481,19 +525,42 @@ def test_process_mode_objects_in_one_process_are_one_owner(lock_path):
     assert support.held_map(lock_path, ME) == ".........."
 
 
-def test_upgrade_deadlock_keeps_the_shared_lock(spawn_worker, lock_path):
-    """Two readers both upgrading: the kernel refuses the second (process
-    mode); its guard is still shared, and the first completes once it goes."""
+@pytest.mark.parametrize("mode", ["process", "shm"])
+def test_upgrade_deadlock_keeps_the_shared_lock(spawn_worker, lock_path, mode):
+    """Two readers both upgrading: the kernel (process mode) or the table
+    (shm mode) refuses the second; its guard is still shared, and the first
+    completes once it goes."""
     a, b = spawn_worker(), spawn_worker()
     for w in (a, b):
-        w.exec("lf = LocksFile(path, mode='process'); g = lf.read((0, 2))")
+        w.exec(f"lf = LocksFile(path, mode={mode!r}); g = lf.read((0, 2))")
     a.send_eval("g.upgrade().kind")
-    a.wait_blocked()
+    a.wait_blocked(mode=mode)
     with pytest.raises(support.RemoteError) as info:
         b.eval("g.upgrade()")
     assert info.value.isa("DeadlockError")
     assert b.eval("g.kind") == "shared"
-    assert b.held() == "RR........"
+    assert b.held(mode=mode) == "RR........"
     b.exec("g.release()")
     assert a.result() == "exclusive"
-    assert a.held() == "WW........"
+    assert a.held(mode=mode) == "WW........"
+
+
+def test_upgrade_deadlock_between_threads_with_separate_objects_in_shm_mode(lock_path):
+    """Shm mode detects cycles between any owners, so two objects in one
+    process (where process mode sees one owner and OFD mode waits forever)."""
+    a, b = LocksFile(lock_path, mode="shm"), LocksFile(lock_path, mode="shm")
+    ga, gb = a.read(4), b.read(4)
+    out = {}
+
+    def upgrade():
+        out["kind"] = ga.upgrade().kind
+
+    t = threading.Thread(target=upgrade)
+    t.start()
+    support.wait_until(lambda: any(lk.waiting for lk in support.table_locks(lock_path)), what="the upgrade to queue")
+    with pytest.raises(DeadlockError):
+        gb.upgrade()
+    assert gb.kind == "shared" and b.held() == [(range(4, 5), "shared")]
+    gb.release()
+    t.join(support.DEFAULT_TIMEOUT)
+    assert out == {"kind": "exclusive"}

@@ -37,21 +37,25 @@ def run_race(ctx_name, lock_path, api, racers=RACERS, tracks=TRACKS, rounds=ROUN
     assert list(errors) == [0] * racers, "a racer saw an occupied track or a failed acquire"
     assert list(occupant) == [-1] * tracks
     support.check_race(racers, tracks, rounds, visits, log_who, log_step)
-    assert support.kernel_locks(lock_path) == [], "locks left behind after the race"
+    mode = "shm" if api.endswith("shm") else ""
+    assert support.mode_locks(lock_path, mode) == [], "locks left behind after the race"
 
 
+@pytest.mark.parametrize("api", ["seed", "seed-shm"])
 @pytest.mark.parametrize("ctx", ["fork", "spawn", "forkserver"])
-def test_race_seed_api(lock_path, ctx):
-    run_race(ctx, lock_path, "seed")
+def test_race_seed_api(lock_path, ctx, api):
+    run_race(ctx, lock_path, api)
 
 
-def test_race_modern_api(lock_path):
-    run_race("fork", lock_path, "modern")
+@pytest.mark.parametrize("api", ["modern", "modern-shm"])
+def test_race_modern_api(lock_path, api):
+    run_race("fork", lock_path, api)
 
 
-def test_race_with_few_tracks(lock_path):
+@pytest.mark.parametrize("api", ["seed", "seed-shm"])
+def test_race_with_few_tracks(lock_path, api):
     """One spare track only: racers constantly wait on each other."""
-    run_race("fork", lock_path, "seed", racers=3, tracks=4, rounds=60)
+    run_race("fork", lock_path, api, racers=3, tracks=4, rounds=60)
 
 
 def test_check_race_catches_overtaking():

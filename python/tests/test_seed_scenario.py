@@ -1,7 +1,8 @@
 """The original's ``testReadWriteLocks``: two processes, 'One' and 'Two', run
 its fixed scripts and block each other at each step. Here the parent drives
 both step by step and checks, after every step, exactly what each process
-holds in the kernel (``/proc/locks``) and who is asleep waiting.
+holds in the kernel (``/proc/locks``; in shm mode, the table) and who is
+asleep waiting.
 
 Each step is (who, call, outcome) where outcome is ``True`` (returns True at
 once), ``"blocks"`` (must sleep in the kernel) or ``None`` (a release), then
@@ -46,11 +47,12 @@ SCRIPT = [
 # fmt: on
 
 
+@pytest.mark.parametrize("mode", ["process", "shm"])
 @pytest.mark.parametrize("ctx", ["fork", "spawn"])
-def test_two_processes_block_each_other_at_each_step(spawn_worker, lock_path, ctx):
+def test_two_processes_block_each_other_at_each_step(spawn_worker, lock_path, ctx, mode):
     workers = {"one": spawn_worker(ctx), "two": spawn_worker(ctx)}
-    workers["one"].exec("lf = pylocksfile(locksfile_path=path, verbose=False, l_id='One')")
-    workers["two"].exec("lf = pylocksfile(locksfile_path=path, verbose=False, l_id='Two')")
+    workers["one"].exec(f"lf = pylocksfile(locksfile_path=path, verbose=False, l_id='One', mode={mode!r})")
+    workers["two"].exec(f"lf = pylocksfile(locksfile_path=path, verbose=False, l_id='Two', mode={mode!r})")
     before = {"one": "..........", "two": ".........."}
 
     for n, (who, call, outcome, one_map, two_map, completes) in enumerate(SCRIPT):
@@ -58,7 +60,7 @@ def test_two_processes_block_each_other_at_each_step(spawn_worker, lock_path, ct
         w = workers[who]
         if outcome is BLOCKS:
             w.send_eval(call)
-            w.wait_blocked()
+            w.wait_blocked(mode=mode)
         elif outcome is True:
             assert w.eval(call) is True, where
         else:
@@ -73,11 +75,11 @@ def test_two_processes_block_each_other_at_each_step(spawn_worker, lock_path, ct
         for name, other in workers.items():
             if other.pending:
                 # Still asleep on the same request (re-blocked after any wake-up).
-                other.wait_blocked()
+                other.wait_blocked(mode=mode)
 
         expected = {"one": one_map, "two": two_map}
         for name, want in expected.items():
-            got = workers[name].held()
+            got = workers[name].held(mode=mode)
             if want is None:
                 # Mid-wait on a multi-index request: whatever the waiter already
                 # took, it lost nothing it held before.

@@ -1,7 +1,7 @@
 """Ctrl-C during a wait: a child process blocked in acquire gets SIGINT and
 must raise KeyboardInterrupt within 100 ms, holding exactly what it held
 before the call. The parent signals only once the child is asleep in the
-kernel (its request shows in /proc/locks, or it sits in a sleep call for a
+kernel (its request shows in /proc/locks, or queued in the shm table, or it sits in a sleep call for a
 timed wait); the child timestamps the KeyboardInterrupt with the same
 monotonic clock the parent read just before sending the signal."""
 
@@ -13,6 +13,7 @@ import time
 import pytest
 
 import support
+from pylocksfile import LocksFile
 
 LATENCY_LIMIT = 0.100
 
@@ -37,10 +38,10 @@ def blocker(lock_path):
     os.close(fd)
 
 
-def interrupt_and_measure(w, call, in_kernel_wait=True):
+def interrupt_and_measure(w, call, in_kernel_wait=True, mode=""):
     w.send_eval(f"attempt({call!r})")
     if in_kernel_wait:
-        w.wait_blocked()
+        w.wait_blocked(mode=mode)
     else:
         support.wait_until(
             lambda: support.current_syscall(w.pid) in support.SLEEP_SYSCALLS or w.replied(),
@@ -53,7 +54,10 @@ def interrupt_and_measure(w, call, in_kernel_wait=True):
     assert outcome == "interrupted", f"acquire returned {when!r} instead of raising KeyboardInterrupt"
     latency = when - sent
     assert latency < LATENCY_LIMIT, f"KeyboardInterrupt came {latency * 1000:.1f} ms after SIGINT"
-    assert not support.is_waiting(w.path, w.pid), "a request is still queued in the kernel"
+    if mode == "shm":
+        assert not [lk for lk in support.table_locks(w.path) if lk.waiting], "a request is still queued in the table"
+    else:
+        assert not support.is_waiting(w.path, w.pid), "a request is still queued in the kernel"
     return latency
 
 
@@ -224,3 +228,78 @@ def test_ctrl_c_during_an_upgrade_keeps_the_shared_lock(spawn_worker, lock_path,
     assert w.eval("g.kind") == "shared"
     assert support.held_map(lock_path, owner) == ".......RRR"
     assert support.waiting_pids(lock_path) == set()
+
+
+# --------------------------------------------------------------------------
+# Shm mode: waits sleep on a futex of the table, and Ctrl-C ends them too
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def shm_blocker(lock_path):
+    """This process holds shm write locks on indices 2 and 6
+    (``shm_blocker[2].release()`` frees one)."""
+    lf = LocksFile(lock_path, mode="shm")
+    guards = {i: lf.write(i) for i in (2, 6)}
+    yield guards
+    lf.close()
+
+
+@pytest.mark.parametrize(
+    "make, call",
+    [
+        ("pylocksfile(path, mode='shm')", "lf.acquire(writeLock=True, lock_n=2)"),
+        ("pylocksfile(path, mode='shm')", "lf.acquire(writeLock=True, lock_n=(0, 10))"),
+        ("LocksFile(path, mode='shm')", "lf.write(2)"),
+        ("LocksFile(path, mode='shm')", "lf.read(range(0, 4))"),
+        ("LocksFile(path, mode='shm')", "lf.acquire('exclusive', (1, 9))"),
+        ("LocksFile(path, mode='shm')", "lf.write(6, timeout=30.0)"),
+        ("LocksFile(path, mode='shm')", "lf.acquire('shared', 6, timeout=30.0)"),
+    ],
+)
+def test_ctrl_c_interrupts_a_shm_wait(spawn_worker, lock_path, shm_blocker, make, call):
+    w = spawn_worker()
+    w.exec(CHILD_CODE + f"lf = {make}\nheld_before = lf.acquire(False, 4) if hasattr(lf, 'l_id') else lf.read(4)")
+    interrupt_and_measure(w, call, mode="shm")
+    # Exactly what it held before: its shared lock on 4.
+    assert support.held_map(lock_path, w.pid, mode="shm") == "....R....."
+    shm_blocker[2].release()
+    shm_blocker[6].release()
+    w.exec(f"r = {call}")
+    assert support.held_map(lock_path, w.pid, mode="shm") != "....R.....", "the lock was not taken once free"
+
+
+def test_ctrl_c_during_a_shm_upgrade_keeps_the_shared_lock(spawn_worker, lock_path):
+    reader = LocksFile(lock_path, mode="shm")
+    in_the_way = reader.read(8)  # a reader in the way of the upgrade
+    w = spawn_worker()
+    w.exec(CHILD_CODE + "lf = LocksFile(path, mode='shm')\ng = lf.read((7, 3))")
+    assert support.held_map(lock_path, w.pid, mode="shm") == ".......RRR"
+    interrupt_and_measure(w, "g.upgrade()", mode="shm")
+    assert w.eval("g.kind") == "shared"
+    assert support.held_map(lock_path, w.pid, mode="shm") == ".......RRR"
+    in_the_way.release()
+    assert w.eval("g.upgrade().kind") == "exclusive"
+    assert support.held_map(lock_path, w.pid, mode="shm") == ".......WWW"
+
+
+def test_other_signals_do_not_end_a_shm_wait(spawn_worker, lock_path, shm_blocker, tmp_path):
+    mark = tmp_path / "handled"
+    w = spawn_worker()
+    w.exec(
+        "lf = pylocksfile(path, mode='shm')\n"
+        "handled = []\n"
+        "def on_usr1(*_):\n"
+        "    handled.append(time.monotonic())\n"
+        f"    open({str(mark)!r}, 'a').close()\n"
+        "signal.signal(signal.SIGUSR1, on_usr1)\n"
+    )
+    w.send_eval("lf.acquire(writeLock=True, lock_n=(1, 2))")
+    w.wait_blocked(mode="shm")
+    os.kill(w.pid, signal.SIGUSR1)
+    support.wait_until(lambda: mark.exists() or w.replied(), what="the handler to run during the wait")
+    w.wait_blocked(mode="shm")
+    shm_blocker[2].release()
+    assert w.result() is True
+    assert support.held_map(lock_path, w.pid, mode="shm") == ".WW......."
+    assert len(w.eval("handled")) == 1

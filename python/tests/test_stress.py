@@ -11,8 +11,9 @@ after a lock is had, cleared before it goes), and two checks judge the run:
 * a *violation* is an exclusive claim of one owner overlapping any claim of
   another owner: two owners believed they held conflicting locks;
 * a *mismatch* is the kernel's own list of an owner's locks (the ``lock:``
-  lines of ``/proc/self/fdinfo``) differing from that owner's claims,
-  wherever one thread alone acts for the owner, so the claims are exact.
+  lines of ``/proc/self/fdinfo``; in shm mode the table's list, read from
+  outside) differing from that owner's claims, wherever one thread alone
+  acts for the owner, so the claims are exact.
 
 Waits are non-blocking, timed, or, where that cannot deadlock (OFD locks
 have no deadlock detection), without a deadline: by an owner that holds
@@ -22,9 +23,10 @@ file while everyone else waits with a deadline or holds nothing.
 Besides: every worker must finish in time (a stuck one is killed and counted
 as hung), and no lock may be left in the kernel at the end.
 
-Owners: in ``"ofd"`` mode each ``LocksFile`` object (threads 0 and 1 of a
-process share one, thread 2 has its own); in ``"process"`` mode, and with the
-seed API class ``pylocksfile``, each process. ``LOCKSFILE_STRESS_SECS`` sets
+Owners: in ``"ofd"`` and ``"shm"`` mode each ``LocksFile`` object (threads 0
+and 1 of a process share one, thread 2 has its own); in ``"process"`` mode,
+and with the seed API class ``pylocksfile``, each process; with
+``pylocksfile(path, mode="shm")`` (``"seed-shm"``) each object, one a thread. ``LOCKSFILE_STRESS_SECS`` sets
 the run time per mode (default 3 s), ``LOCKSFILE_STRESS_SEED`` the seed.
 """
 
@@ -74,7 +76,9 @@ C = {name: i for i, name in enumerate(COUNTERS)}
 
 
 def owners_of(mode: str) -> int:
-    return 2 * PROCS if mode == "ofd" else PROCS
+    if mode == "seed-shm":
+        return THREADS * PROCS
+    return 2 * PROCS if mode in ("ofd", "shm") else PROCS
 
 
 def table_size(mode: str) -> int:
@@ -188,6 +192,22 @@ def kernel_row(fd: int):
     return row
 
 
+def table_row(path, owner_id: int):
+    """As :func:`kernel_row`, from the shm table's list of the locks of the
+    owner with this id."""
+    from pylocksfile import INDEX_END, _native
+
+    row = [None] * COLS
+    for _pid, owner, start, stop, kind in _native._shm_table(path)["holders"]:
+        if owner != owner_id:
+            continue
+        if start > LAST or (stop != INDEX_END and stop - 1 >= LAST):
+            return f"{start}..{stop} {kind}"
+        for c in range(start, COLS if stop == INDEX_END else stop):
+            row[c] = X if kind == "exclusive" else S
+    return row
+
+
 def show(row) -> str:
     return "".join(k or "." for k in row)
 
@@ -265,11 +285,20 @@ class Handle:
     """A lock object and the test's copy of its explicit layer (last call
     wins); the lock is held across each explicit call, so both agree."""
 
-    def __init__(self, obj, fd):
+    def __init__(self, obj, fd, path=None):
         self.obj = obj
         self.fd = fd
+        # Shm mode: the table is read by path, the owner found by its id.
+        self.path = path
+        self.owner_id = obj._table_owner if path is not None else None
         self.layer = [None] * COLS
         self.lock = threading.Lock()
+
+    def engine_row(self):
+        """What the engine holds for this handle's owner."""
+        if self.path is not None:
+            return table_row(self.path, self.owner_id)
+        return kernel_row(self.fd)
 
 
 class Owner:
@@ -333,7 +362,7 @@ class Worker:
 
     def mirror(self, what):
         want = self.t.row(self.owner.row)
-        got = kernel_row(self.handle.fd)
+        got = self.handle.engine_row()
         if got != want:
             if self.t.count("mismatches") < 5:
                 got = show(got) if isinstance(got, list) else got
@@ -661,13 +690,20 @@ class Worker:
 def worker(table_path, path, mode, p, seed, until):
     """One worker process: THREADS threads over its owners."""
     t = Table(table_path, mode, p)
-    if mode == "ofd":
+    shm = path if mode in ("shm", "seed-shm") else None
+    if mode in ("ofd", "shm"):
         # Threads 0 and 1 share one object (one owner of two threads),
         # thread 2 has its own.
-        objs = [LocksFile(path, mode="ofd") for _ in range(2)]
-        handles = [Handle(o, o.fileno()) for o in objs]
+        objs = [LocksFile(path, mode=mode) for _ in range(2)]
+        handles = [Handle(o, o.fileno(), shm) for o in objs]
         owners = [Owner(2 * p, [handles[0]], 2), Owner(2 * p + 1, [handles[1]], 1)]
         plan = [(owners[0], handles[0]), (owners[0], handles[0]), (owners[1], handles[1])]
+    elif mode == "seed-shm":
+        # Each object is an owner of its own, used by one thread.
+        objs = [Seed(path, mode="shm") for _ in range(THREADS)]
+        handles = [Handle(o, None, shm) for o in objs]
+        owners = [Owner(THREADS * p + i, [h], 1) for i, h in enumerate(handles)]
+        plan = [(o, o.handles[0]) for o in owners]
     else:
         # One owner per process; every thread has an object of its own
         # (they compose). A process-mode object opened first lends its
@@ -686,7 +722,7 @@ def worker(table_path, path, mode, p, seed, until):
     def thread_main(th, owner, handle):
         try:
             rng = random.Random(seed * 1000 + p * THREADS + th)
-            w = Worker(t, owner, handle, mode == "seed", rng, table_path + ".token")
+            w = Worker(t, owner, handle, mode in ("seed", "seed-shm"), rng, table_path + ".token")
             w.run(until)
             w.drop_guards()
         except BaseException:  # noqa: BLE001 - counted and shown
@@ -711,7 +747,7 @@ def worker(table_path, path, mode, p, seed, until):
                         t.unmark(o.row, range(c, c + 1), h.layer[c])
                         h.layer[c] = None
                 h.obj.release()
-        left = kernel_row(o.handles[0].fd)
+        left = o.handles[0].engine_row()
         if left != [None] * COLS:
             print(f"owner {o.row} holds after releasing all: {left}", file=sys.stderr, flush=True)
             t.count("leftover")
@@ -721,12 +757,16 @@ def worker(table_path, path, mode, p, seed, until):
     t.close()
 
 
-@pytest.mark.parametrize("mode", ["ofd", "process", "seed"])
+STRESS_MODES = ["ofd", "process", "seed", "shm", "seed-shm"]
+
+
+@pytest.mark.parametrize("mode", STRESS_MODES)
 def test_stress(tmp_path, mode):
     secs = float(os.environ.get("LOCKSFILE_STRESS_SECS", "3"))
-    seed = int(os.environ.get("LOCKSFILE_STRESS_SEED", "24301")) + ["ofd", "process", "seed"].index(mode)
+    seed = int(os.environ.get("LOCKSFILE_STRESS_SEED", "24301")) + STRESS_MODES.index(mode)
     path = tmp_path / "stress.lock"
-    LocksFile(path).close()  # create the file before anyone races to
+    engine = "shm" if mode in ("shm", "seed-shm") else "ofd"
+    LocksFile(path, mode=engine).close()  # create the file before anyone races to
     table_path = tmp_path / "claims"
     table_path.write_bytes(b"\0" * table_size(mode))
     t = Table(table_path, mode, 0)
@@ -747,7 +787,12 @@ def test_stress(tmp_path, mode):
     for p, pr in enumerate(procs):
         pr.join(max(0.0, limit - time.monotonic()))
         if pr.is_alive():
-            print(f"worker {p} stuck; locks on the file: {support.kernel_locks(path)}")
+            if engine == "shm":
+                from pylocksfile import _native
+
+                print(f"worker {p} (pid {pr.pid}) stuck; the table: {_native._shm_table(os.fspath(path))}")
+            else:
+                print(f"worker {p} stuck; locks on the file: {support.kernel_locks(path)}")
             pr.kill()
             pr.join(support.DEFAULT_TIMEOUT)
             hangs += max(1, THREADS - t.get(p, "done"))
@@ -755,8 +800,8 @@ def test_stress(tmp_path, mode):
             errors += 1
 
     # All owners are gone: a fresh one must find the whole file free.
-    leftover = t.total("leftover") + len(support.kernel_locks(path))
-    with LocksFile(path) as fresh:
+    leftover = t.total("leftover") + len(support.mode_locks(path, engine))
+    with LocksFile(path, mode=engine) as fresh:
         holder = fresh.conflicts(slice(0, None), "exclusive")
         if holder is not None:
             print(f"left in the kernel: {holder.span} {holder.kind} pid {holder.pid}")

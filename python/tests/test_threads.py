@@ -1,6 +1,6 @@
 """Threads: blocking waits release the GIL, many threads wait at once, and
-separate LocksFile objects (OFD mode) exclude each other between threads of
-one process. The locks in the way are held by a worker process."""
+separate LocksFile objects (OFD and shm mode) exclude each other between
+threads of one process. The locks in the way are held by a worker process."""
 
 import os
 import sys
@@ -40,7 +40,9 @@ class Runner(threading.Thread):
         return self.result
 
 
-def own_waiters(path):
+def own_waiters(path, mode=""):
+    if mode == "shm":
+        return sum(1 for lk in support.table_locks(path) if lk.waiting and lk.pid == os.getpid())
     return sum(1 for lk in support.kernel_locks(path) if lk.waiting and lk.pid in (os.getpid(), -1))
 
 
@@ -70,16 +72,23 @@ def assert_python_keeps_running(blocked_thread, n=2000):
         ("LocksFile(path, mode='process')", "lambda lf: lf.write(1)"),
         ("LocksFile(path)", "lambda lf: lf.read((0, 3))"),
         ("LocksFile(path)", "lambda lf: lf.write(1, timeout=20.0)"),
+        ("pylocksfile(path, mode='shm')", "lambda lf: lf.acquire(writeLock=True, lock_n=(0, 2))"),
+        ("LocksFile(path, mode='shm')", "lambda lf: lf.read((0, 3))"),
+        ("LocksFile(path, mode='shm')", "lambda lf: lf.write(1, timeout=20.0)"),
     ],
 )
 def test_blocking_wait_releases_the_gil(spawn_worker, lock_path, make, call):
+    mode = "shm" if "shm" in make else ""
     holder = spawn_worker()
-    holder.exec("h = pylocksfile(path); h.acquire(writeLock=True, lock_n=1)")
+    holder.exec(f"h = pylocksfile(path{', mode=' + repr(mode) if mode else ''}); h.acquire(writeLock=True, lock_n=1)")
     lf = eval(make, {"pylocksfile": pylocksfile, "LocksFile": LocksFile, "path": str(lock_path)})
     fn = eval(call)
     t = Runner(lambda: fn(lf))
     t.start()
-    if "timeout" in call:
+    if mode == "shm":
+        # Timed or not, a shm wait is a request queued in the table.
+        support.wait_until(lambda: own_waiters(lock_path, mode) >= 1, what="the thread's request to queue")
+    elif "timeout" in call:
         # Timed waits poll: wait until the thread sleeps between tries.
         support.wait_until(
             lambda: t.tid and support.current_syscall(t.tid) in support.SLEEP_SYSCALLS,
@@ -92,47 +101,51 @@ def test_blocking_wait_releases_the_gil(spawn_worker, lock_path, make, call):
     assert t.outcome() not in (False, None)
 
 
-def test_many_threads_wait_at_once(spawn_worker, lock_path):
+@pytest.mark.parametrize("mode", ["ofd", "shm"])
+def test_many_threads_wait_at_once(spawn_worker, lock_path, mode):
     n = 8
     holder = spawn_worker()
-    holder.exec(f"h = pylocksfile(path); h.acquire(writeLock=True, lock_n=(0, {n}))")
-    objs = [LocksFile(lock_path) for _ in range(n)]
+    seed_mode = "shm" if mode == "shm" else "process"
+    holder.exec(f"h = pylocksfile(path, mode={seed_mode!r}); h.acquire(writeLock=True, lock_n=(0, {n}))")
+    objs = [LocksFile(lock_path, mode=mode) for _ in range(n)]
     threads = [Runner(lambda lf=lf, i=i: lf.write(i)) for i, lf in enumerate(objs)]
     for t in threads:
         t.start()
-    support.wait_until(lambda: own_waiters(lock_path) == n, what=f"{n} requests to queue")
+    support.wait_until(lambda: own_waiters(lock_path, mode) == n, what=f"{n} requests to queue")
     assert_python_keeps_running(threads[0])
     holder.exec("h.release()")
     guards = [t.outcome() for t in threads]
-    assert support.held_map(lock_path, -1) == "W" * n + ".."
+    assert support.held_map(lock_path, -1, mode=mode) == "W" * n + ".."
     for g in guards:
         g.release()
-    assert support.held_map(lock_path, -1) == ".........."
+    assert support.held_map(lock_path, -1, mode=mode) == ".........."
 
 
-def test_many_threads_on_one_seed_object(spawn_worker, lock_path):
-    """Threads sharing one process-mode object each wait on their own index;
-    a release by one thread never waits for another thread's wait."""
+@pytest.mark.parametrize("mode", ["process", "shm"])
+def test_many_threads_on_one_seed_object(spawn_worker, lock_path, mode):
+    """Threads sharing one object each wait on their own index; a release by
+    one thread never waits for another thread's wait."""
     n = 6
     holder = spawn_worker()
-    holder.exec(f"h = pylocksfile(path); h.acquire(writeLock=True, lock_n=(0, {n}))")
-    lf = pylocksfile(str(lock_path))
+    holder.exec(f"h = pylocksfile(path, mode={mode!r}); h.acquire(writeLock=True, lock_n=(0, {n}))")
+    lf = pylocksfile(str(lock_path), mode=mode)
     threads = [Runner(lambda i=i: lf.acquire(writeLock=True, lock_n=i)) for i in range(n)]
     for t in threads:
         t.start()
-    support.wait_until(lambda: own_waiters(lock_path) == n, what=f"{n} requests to queue")
+    support.wait_until(lambda: own_waiters(lock_path, mode) == n, what=f"{n} requests to queue")
     # Meanwhile this thread takes and drops other indices of the same object.
     assert lf.acquire(writeLock=True, lock_n=8, blocking=False) is True
     lf.release(8)
     holder.exec("h.release()")
     assert [t.outcome() for t in threads] == [True] * n
-    assert support.held_map(lock_path, os.getpid()) == "W" * n + "...."
+    assert support.held_map(lock_path, os.getpid(), mode=mode) == "W" * n + "...."
     lf.release()
-    assert support.held_map(lock_path, os.getpid()) == ".........."
+    assert support.held_map(lock_path, os.getpid(), mode=mode) == ".........."
 
 
-def test_separate_ofd_objects_exclude_each_other_between_threads(lock_path):
-    a, b = LocksFile(lock_path), LocksFile(lock_path)
+@pytest.mark.parametrize("mode", ["ofd", "shm"])
+def test_separate_objects_exclude_each_other_between_threads(lock_path, mode):
+    a, b = LocksFile(lock_path, mode=mode), LocksFile(lock_path, mode=mode)
     ga = a.write(0)
     assert b.try_write(0) is None
     assert b.try_read(0) is None
@@ -140,7 +153,7 @@ def test_separate_ofd_objects_exclude_each_other_between_threads(lock_path):
     assert gb1 is not None
     t = Runner(lambda: b.read((0, 1)))
     t.start()
-    support.wait_until(lambda: own_waiters(lock_path) == 1, what="b's request to queue")
+    support.wait_until(lambda: own_waiters(lock_path, mode) == 1, what="b's request to queue")
     assert t.is_alive()
     ga.downgrade()
     gb = t.outcome()
@@ -152,7 +165,8 @@ def test_separate_ofd_objects_exclude_each_other_between_threads(lock_path):
     assert a.try_write(1) is not None
 
 
-def test_ofd_objects_give_mutual_exclusion_between_threads(lock_path):
+@pytest.mark.parametrize("mode", ["ofd", "shm"])
+def test_separate_objects_give_mutual_exclusion_between_threads(lock_path, mode):
     n_threads, rounds = 4, 150
     shared = {"value": 0, "inside": 0, "overlaps": 0}
     start = threading.Barrier(n_threads)
@@ -160,7 +174,7 @@ def test_ofd_objects_give_mutual_exclusion_between_threads(lock_path):
     sys.setswitchinterval(1e-5)
 
     def work():
-        lf = LocksFile(lock_path)
+        lf = LocksFile(lock_path, mode=mode)
         start.wait()
         for _ in range(rounds):
             with lf.write(3):
@@ -183,27 +197,28 @@ def test_ofd_objects_give_mutual_exclusion_between_threads(lock_path):
         sys.setswitchinterval(old)
     assert shared["overlaps"] == 0
     assert shared["value"] == n_threads * rounds
-    assert support.kernel_locks(lock_path) == []
+    assert support.mode_locks(lock_path, mode) == []
 
 
-def test_release_all_while_another_thread_waits(spawn_worker, lock_path):
+@pytest.mark.parametrize("mode", ["process", "shm"])
+def test_release_all_while_another_thread_waits(spawn_worker, lock_path, mode):
     """``release()`` from one thread never waits for another thread's pending
     acquire of the same object, and that acquire, once granted, is held."""
     holder = spawn_worker()
-    holder.exec("h = pylocksfile(path); h.acquire(writeLock=True, lock_n=2)")
-    lf = pylocksfile(str(lock_path))
+    holder.exec(f"h = pylocksfile(path, mode={mode!r}); h.acquire(writeLock=True, lock_n=2)")
+    lf = pylocksfile(str(lock_path), mode=mode)
     assert lf.acquire(writeLock=False, lock_n=(6, 2)) is True
     t = Runner(lambda: lf.acquire(writeLock=True, lock_n=(0, 4)))
     t.start()
-    support.wait_until(lambda: own_waiters(lock_path) == 1, what="the thread's request to queue")
+    support.wait_until(lambda: own_waiters(lock_path, mode) == 1, what="the thread's request to queue")
     lf.release()
-    assert support.held_map(lock_path, os.getpid())[6:8] == "..", "release() did not release 6 and 7"
+    assert support.held_map(lock_path, os.getpid(), mode=mode)[6:8] == "..", "release() did not release 6 and 7"
     assert t.is_alive()
     holder.exec("h.release()")
     assert t.outcome() is True
-    assert support.held_map(lock_path, os.getpid()) == "WWWW......"
+    assert support.held_map(lock_path, os.getpid(), mode=mode) == "WWWW......"
     lf.release()
-    assert support.held_map(lock_path, os.getpid()) == ".........."
+    assert support.held_map(lock_path, os.getpid(), mode=mode) == ".........."
 
 
 def test_ofd_two_readers_upgrading_wait_for_each_other(lock_path):

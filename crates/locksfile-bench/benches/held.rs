@@ -5,13 +5,15 @@
 //! unlock walks, so the pair grows with it. The other locks are held by a
 //! second open file description (an OFD owner of its own) on even bytes
 //! 0, 2, 4, ... — never adjacent, so the kernel cannot merge them — and the
-//! pair takes byte 5, which no one else holds.
+//! pair takes byte 5, which no one else holds. The shm table is measured the
+//! same way on a file of its own, the other locks held by a second shm
+//! owner (a table never shares a file with kernel locks).
 
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use locksfile::{Kind, LockFile, Wait};
+use locksfile::{Kind, LockFile, Mode, Wait};
 use locksfile_bench::raw::{self, Cmd, Type};
 use locksfile_bench::{open_rw, ScratchDir};
 
@@ -51,6 +53,23 @@ fn held(c: &mut Criterion) {
             })
         });
         drop(holder);
+
+        let path = dir.file(&format!("held-shm-{n}.lock"));
+        let shm = || LockFile::options().mode(Mode::Shm).open(&path);
+        let holder = shm().expect("open");
+        for i in 0..n as u64 {
+            holder
+                .acquire(Kind::Exclusive, 2 * i, Wait::NonBlocking)
+                .expect("hold");
+        }
+        let lf = shm().expect("open");
+        g.bench_with_input(BenchmarkId::new("locksfile_shm", n), &n, |b, _| {
+            b.iter(|| {
+                lf.acquire(Kind::Exclusive, N, Wait::NonBlocking)
+                    .expect("acquire");
+                lf.release(N).expect("release");
+            })
+        });
     }
     g.finish();
 }

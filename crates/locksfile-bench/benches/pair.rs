@@ -23,10 +23,12 @@ fn group(c: &mut Criterion, kind: Kind) {
     let mut g: BenchmarkGroup<'_, _> = c.benchmark_group(name);
     let ex = kind == Kind::Exclusive;
 
-    for mode in [Mode::Ofd, Mode::Process] {
+    // Each mode on a file of its own: shm refuses a file with kernel locks.
+    for mode in [Mode::Ofd, Mode::Process, Mode::Shm] {
         let tag = match mode {
             Mode::Ofd => "ofd",
-            _ => "process",
+            Mode::Process => "process",
+            _ => "shm",
         };
         let lf = LockFile::options()
             .mode(mode)

@@ -1,6 +1,6 @@
 //! Hand-over-hand races between forked processes, timed whole.
 //!
-//! Every ring (locksfile in both modes, raw `fcntl`, POSIX semaphores, a
+//! Every ring (locksfile in its ofd, process and shm modes, raw `fcntl`, POSIX semaphores, a
 //! process-shared `pthread_rwlock_t`) runs the same race; the runs are
 //! interleaved ring by ring, with the order rotated each run, so that
 //! whatever else the machine does falls on all of them alike. Reports the

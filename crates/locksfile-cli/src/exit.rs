@@ -6,10 +6,10 @@
 //! | 0 | success (`run`: the command exited 0) |
 //! | 1 | `run`: the lock was busy or the timeout passed (change with `-E`); `race`: an invariant broke |
 //! | 64 `EX_USAGE` | unknown option, bad span or number, missing command |
-//! | 66 `EX_NOINPUT` | FILE cannot be opened, does not exist (`status`), or is not a regular file |
-//! | 69 `EX_UNAVAILABLE` | the command cannot be started (not found, not executable); locks unsupported here |
+//! | 66 `EX_NOINPUT` | FILE cannot be opened, does not exist (`status`), or is not a regular file; its shm lock table is not one this version can use |
+//! | 69 `EX_UNAVAILABLE` | the command cannot be started (not found, not executable); locks unsupported here (shm mode on a network file system); FILE in use with locks of another mode |
 //! | 70 `EX_SOFTWARE` | `race`: a racer failed with an error |
-//! | 71 `EX_OSERR` | a system call failed (fork, memory, descriptors) |
+//! | 71 `EX_OSERR` | a system call failed (fork, memory, descriptors); the shm lock table is full |
 //! | 73 `EX_CANTCREAT` | FILE cannot be created (read-only file system, no space) |
 //! | 77 `EX_NOPERM` | an exclusive lock on a file that can only be opened read-only (or descriptor FD), a shared one on a write-only FD |
 //! | 128+N | `run`: the command was killed by signal N |
@@ -43,8 +43,11 @@ pub fn for_lock_error(e: &locksfile::Error) -> i32 {
         Error::WouldBlock { .. } | Error::TimedOut | Error::Deadlock => CONFLICT,
         Error::InvalidSpan(_) => USAGE,
         Error::ReadOnly { .. } => NOPERM,
-        Error::NotRegularFile { .. } => NOINPUT,
-        Error::Unsupported { .. } => UNAVAILABLE,
+        Error::NotRegularFile { .. } | Error::Sidecar { .. } => NOINPUT,
+        Error::Unsupported { .. } | Error::NetworkFileSystem { .. } | Error::MixedModes { .. } => {
+            UNAVAILABLE
+        }
+        Error::TableFull { .. } => OSERR,
         Error::Open { source, .. } | Error::Io { source, .. } => for_open_error(source),
         _ => OSERR,
     }

@@ -30,6 +30,9 @@ pub enum Class {
     Ofd,
     /// `flock(2)` whole-file lock.
     Flock,
+    /// A lock in the file's shared-memory lock table (`--mode shm`), which
+    /// `/proc/locks` never shows.
+    Shm,
 }
 
 impl Class {
@@ -38,6 +41,7 @@ impl Class {
             Class::Posix => "POSIX",
             Class::Ofd => "OFD",
             Class::Flock => "FLOCK",
+            Class::Shm => "SHM",
         }
     }
 }
@@ -245,6 +249,8 @@ pub struct Found {
     pub line: LockLine,
     /// Empty when nobody could be named ("unknown").
     pub procs: Vec<Proc>,
+    /// A shm lock's owner (a handle), as the table numbers them.
+    pub table_owner: Option<u64>,
 }
 
 /// Every lock and waiter on `file`, with their processes.
@@ -257,7 +263,11 @@ pub fn locks_on(file: FileId) -> std::io::Result<Vec<Found>> {
                 Ok(pid) if pid > 0 => vec![Proc::new(pid)],
                 _ => Vec::new(),
             };
-            Found { line, procs }
+            Found {
+                line,
+                procs,
+                table_owner: None,
+            }
         })
         .collect();
 
@@ -458,6 +468,36 @@ fn pids() -> Vec<u32> {
     dir.flatten()
         .filter_map(|e| e.file_name().to_str()?.parse().ok())
         .collect()
+}
+
+/// Every lock and queued request in the shm lock table of the lock file at
+/// `path` (none when it has no table in use), in the shape of
+/// [`locks_on`]'s: holders first, by start, then waiters, oldest first.
+pub fn shm_locks_on(path: &Path, file: FileId) -> Result<Vec<Found>, locksfile::Error> {
+    let snap = locksfile::shm::Snapshot::read(path)?;
+    let line = |waiting: bool, span: locksfile::Span, kind: locksfile::Kind, pid: u32| LockLine {
+        id: 0,
+        waiting,
+        class: Class::Shm,
+        exclusive: kind == locksfile::Kind::Exclusive,
+        pid: i64::from(pid),
+        major: file.major,
+        minor: file.minor,
+        ino: file.ino,
+        start: span.start(),
+        last: (!span.is_to_end()).then(|| span.end() - 1),
+    };
+    let held = snap.holders.iter().map(|h| Found {
+        line: line(false, h.span, h.kind, h.pid),
+        procs: vec![Proc::new(h.pid)],
+        table_owner: Some(h.owner),
+    });
+    let waiting = snap.waiters.iter().map(|w| Found {
+        line: line(true, w.span, w.kind, w.pid),
+        procs: vec![Proc::new(w.pid)],
+        table_owner: Some(w.owner),
+    });
+    Ok(held.chain(waiting).collect())
 }
 
 #[cfg(test)]

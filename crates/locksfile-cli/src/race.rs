@@ -50,8 +50,12 @@ pub enum RaceMode {
     Ofd,
     /// Process-associated locks only.
     Process,
-    /// Both, one after the other.
+    /// The shared-memory lock table only.
+    Shm,
+    /// The two kernel modes (ofd, process), one after the other.
     Both,
+    /// All three (ofd, process, shm), one after the other.
+    All,
 }
 
 #[derive(Args, Debug)]
@@ -70,7 +74,7 @@ pub struct RaceArgs {
     rounds: u64,
 
     /// Lock mode(s) to race in.
-    #[arg(long, value_enum, default_value_t = RaceMode::Both)]
+    #[arg(long, value_enum, default_value_t = RaceMode::All)]
     mode: RaceMode,
 
     /// Print the results as JSON.
@@ -278,7 +282,9 @@ pub fn main(args: RaceArgs) -> i32 {
     let modes: &[Mode] = match args.mode {
         RaceMode::Ofd => &[Mode::Ofd],
         RaceMode::Process => &[Mode::Process],
+        RaceMode::Shm => &[Mode::Shm],
         RaceMode::Both => &[Mode::Ofd, Mode::Process],
+        RaceMode::All => &[Mode::Ofd, Mode::Process, Mode::Shm],
     };
     let progress = !args.no_progress && !args.json && std::io::stderr().is_terminal();
     if !args.json {
@@ -385,8 +391,13 @@ fn print_row(plan: &Plan, o: &Outcome) {
         o.seconds * 1e6 / steps
     );
     if o.deadlock_retries > 0 {
+        let who = if o.mode == Mode::Shm {
+            "the lock table"
+        } else {
+            "the kernel"
+        };
         println!(
-            "         the kernel answered EDEADLK {} times; those waits were retried",
+            "         {who} answered EDEADLK {} times; those waits were retried",
             o.deadlock_retries
         );
     }
@@ -628,7 +639,8 @@ fn run_racer(
             match lf.acquire(Kind::Exclusive, at % n, Wait::Blocking) {
                 Ok(()) => return Ok(()),
                 // Process-lock deadlock detection can be wrong about
-                // hand-over-hand chains that are still moving; try again.
+                // hand-over-hand chains that are still moving; try again
+                // (counted, so a detector that cries wolf shows).
                 Err(Error::Deadlock) => {
                     board.w[DEADLOCK_RETRIES].fetch_add(1, Ordering::Relaxed);
                 }

@@ -3,7 +3,8 @@
 //! This process takes the lock, starts the command, waits for it and only
 //! then releases. The lock descriptor is close-on-exec, so the command does
 //! not own the lock: in OFD and flock mode the lock belongs to this
-//! process's open file description, in process mode to this process. Whatever the command
+//! process's open file description, in process mode to this process, in shm
+//! mode to this process's handle of the lock table. Whatever the command
 //! does with the file, or however it ends, the lock goes away when this
 //! process has seen it end (or when this process itself dies).
 //!
@@ -33,6 +34,8 @@ pub enum ModeArg {
     Process,
     /// flock(2) on the whole file, as flock(1) takes it: owned by this run's open file.
     Flock,
+    /// A shared-memory lock table in FILE-shm beside FILE: owned by this run's handle.
+    Shm,
 }
 
 impl From<ModeArg> for Mode {
@@ -41,6 +44,7 @@ impl From<ModeArg> for Mode {
             ModeArg::Ofd => Mode::Ofd,
             ModeArg::Process => Mode::Process,
             ModeArg::Flock => Mode::Flock,
+            ModeArg::Shm => Mode::Shm,
         }
     }
 }
@@ -157,6 +161,12 @@ const RUN_NOTES: &str = "\
 The span defaults to lock index 0; use --index .. for the whole index space.
 --mode flock locks the whole file, as flock(1) does, and so excludes flock(1)
 and other flock(2) users; its span is always .. (any other is a usage error).
+--mode shm keeps the locks in a shared-memory table, the file FILE-shm beside
+FILE (created like FILE; everyone locking FILE must be able to write it), and
+excludes only other shm users: FILE in use with fcntl or flock locks is refused,
+as is FILE in another mode while the table is in use (exit 69). It detects
+deadlocks (exit 1, as a conflict) and grants in order. Neither -F nor the
+descriptor form can hand a shm lock over: it lives in this process.
 
 The lock belongs to this locksfile process, not to COMMAND: the lock's file
 descriptor is close-on-exec, so COMMAND never holds it and cannot release it.
@@ -169,7 +179,8 @@ on an inherited descriptor until it and its children have closed it.
 With a descriptor number and no command (`( locksfile run -n 9 || exit 1;
 ...; ) 9>file`), the lock is taken on the caller's open file description
 and stays when locksfile exits, until -u releases it or the last descriptor
-of it is closed. OFD mode only: a process-mode lock would die with locksfile.
+of it is closed. OFD and flock mode only: a process-mode or shm lock would
+die with locksfile.
 
 A shared lock (-s) opens FILE read-only, as flock(1) does.
 
@@ -178,9 +189,11 @@ Exit status:
   1 (or -E N)  the lock was busy (-n) or the timeout (-w) passed
   64           usage error: unknown option, bad span or number, no command
   66           FILE cannot be opened, or is a directory, FIFO or other non-file,
-               or descriptor FD is not open or not a regular file
-  69           COMMAND cannot be started (not found, not executable)
-  71           a system call failed (fork, memory, descriptors)
+               or descriptor FD is not open or not a regular file, or FILE-shm
+               is not a lock table this version can use
+  69           COMMAND cannot be started (not found, not executable); FILE is in
+               use with locks of another mode; shm mode on a network file system
+  71           a system call failed (fork, memory, descriptors); the shm table is full
   73           FILE cannot be created (read-only file system, no space)
   77           an exclusive lock on a file that can only be opened read-only
                (or a read-only FD), a shared one on a write-only FD";
@@ -239,6 +252,16 @@ fn run(args: RunArgs) -> Result<i32, (i32, String)> {
         None => Wait::Blocking,
     };
     let conflict = i32::from(args.conflict_exit_code);
+    if args.no_fork && args.mode == ModeArg::Shm {
+        // The lock lives in this process's handle of the table (its
+        // liveness lock and mapping), which an exec would end.
+        return Err((
+            exit::USAGE,
+            "-F cannot hand a shm lock to COMMAND: it belongs to this process's handle of \
+             the lock table, which exec ends (drop -F, or use --mode ofd)"
+                .into(),
+        ));
+    }
 
     let argv: Vec<OsString> = match &args.shell_command {
         Some(cmd) => vec!["/bin/sh".into(), "-c".into(), cmd.clone()],
@@ -345,11 +368,16 @@ fn lock_descriptor(
     wait: Wait,
     conflict: i32,
 ) -> Result<i32, (i32, String)> {
-    if args.mode == ModeArg::Process {
+    if matches!(args.mode, ModeArg::Process | ModeArg::Shm) {
+        let mode = if args.mode == ModeArg::Process {
+            "process"
+        } else {
+            "shm"
+        };
         return Err((
             exit::USAGE,
             format!(
-                "--mode process cannot lock descriptor {fd} for the caller: a process-mode \
+                "--mode {mode} cannot lock descriptor {fd} for the caller: a {mode}-mode \
                  lock belongs to locksfile and ends when it exits (use --mode ofd)"
             ),
         ));
@@ -447,14 +475,18 @@ fn take(
 }
 
 /// Say who holds what is in the way (OFD holders are found through
-/// `/proc`, which the kernel's own answer does not name).
+/// `/proc`, which the kernel's own answer does not name; shm holders in
+/// the table).
 fn name_holders(file: &std::path::Path, span: Span, kind: Kind) {
     let Ok(meta) = std::fs::metadata(file) else {
         return;
     };
-    let Ok(locks) = procfs::locks_on(procfs::FileId::of(&meta)) else {
+    let id = procfs::FileId::of(&meta);
+    let Ok(mut locks) = procfs::locks_on(id) else {
         return;
     };
+    // A shm table's locks are in the table, not in /proc/locks.
+    locks.extend(procfs::shm_locks_on(file, id).unwrap_or_default());
     for f in locks.iter().filter(|f| !f.line.waiting) {
         let end = f
             .line
@@ -498,7 +530,12 @@ fn name_holders(file: &std::path::Path, span: Span, kind: Kind) {
 pub fn open_message(path: &std::path::Path, e: &Error) -> String {
     match e {
         // Both name the path already.
-        Error::NotRegularFile { .. } | Error::Open { .. } => e.to_string(),
+        Error::NotRegularFile { .. }
+        | Error::Open { .. }
+        | Error::Sidecar { .. }
+        | Error::TableFull { .. }
+        | Error::MixedModes { .. }
+        | Error::NetworkFileSystem { .. } => e.to_string(),
         Error::Io { source, .. } => format!("cannot open lock file {}: {source}", path.display()),
         e => format!("{}: {e}", path.display()),
     }

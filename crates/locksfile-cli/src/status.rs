@@ -1,8 +1,11 @@
 //! `locksfile status`: every lock held on a file and every waiter, with
-//! the processes behind them, as a table and a picture of the ranges.
+//! the processes behind them, as a table and a picture of the ranges: the
+//! kernel's locks from `/proc/locks`, and those of the file's shm lock
+//! table (`FILE-shm`, `--mode shm`) read from the table itself.
 //!
 //! FILE is only `stat`ed, never opened: looking cannot create, modify or
-//! lock anything.
+//! lock anything. A shm table in use is read under its mutex (which writes
+//! to the mutex word only); a missing one is not created.
 
 use std::fmt::Write as _;
 use std::os::unix::fs::FileTypeExt;
@@ -21,7 +24,8 @@ pub struct StatusArgs {
     #[arg(long)]
     json: bool,
 
-    /// The lock file (it is not opened, only looked up).
+    /// The lock file (it is not opened, only looked up; its shm lock table
+    /// FILE-shm, if in use, is read).
     #[arg(value_name = "FILE")]
     file: PathBuf,
 }
@@ -63,6 +67,23 @@ pub fn main(args: StatusArgs) -> i32 {
         }
     };
     locks.sort_by_key(|f| (f.line.waiting, f.line.start, f.line.id));
+    let table = match procfs::shm_locks_on(&args.file, id) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("locksfile: cannot read the shm lock table of {shown}: {e}");
+            return exit::for_lock_error(&e);
+        }
+    };
+    // Holders by start, kernel and table together; then waiters, the
+    // table's in queue order.
+    let (table_waiting, table_held): (Vec<Found>, Vec<Found>) =
+        table.into_iter().partition(|f| f.line.waiting);
+    let waiting_at = locks.partition_point(|f| !f.line.waiting);
+    let kernel_waiting = locks.split_off(waiting_at);
+    locks.extend(table_held);
+    locks.sort_by_key(|f| f.line.start);
+    locks.extend(kernel_waiting);
+    locks.extend(table_waiting);
     let path = std::path::absolute(&args.file).unwrap_or(args.file.clone());
     if args.json {
         println!("{}", to_json(&path, id, &locks));
@@ -109,7 +130,9 @@ fn to_json(path: &std::path::Path, id: FileId, locks: &[Found]) -> Value {
                 .collect();
             let first = f.procs.first();
             json!({
-                "id": f.line.id,
+                // The kernel's lock id (/proc/locks), or the table's owner.
+                "id": if f.table_owner.is_some() { None } else { Some(f.line.id) },
+                "owner": f.table_owner,
                 "state": state_of(f),
                 "mode": f.line.class.name().to_ascii_lowercase(),
                 "kind": kind_of(f),
@@ -180,10 +203,11 @@ fn render(path: &std::path::Path, id: FileId, locks: &[Found]) -> String {
         .iter()
         .map(|f| {
             let (pid, cmd) = who(f);
-            let state = if f.line.waiting {
-                format!("waiting (behind #{})", f.line.id)
-            } else {
-                format!("held (#{})", f.line.id)
+            let state = match (f.table_owner, f.line.waiting) {
+                (Some(o), true) => format!("waiting (owner {o})"),
+                (Some(o), false) => format!("held (owner {o})"),
+                (None, true) => format!("waiting (behind #{})", f.line.id),
+                (None, false) => format!("held (#{})", f.line.id),
             };
             [
                 span_of(f).to_string(),
@@ -230,10 +254,12 @@ fn picture(locks: &[Found]) -> String {
     let mut lanes: Vec<(String, Vec<&Found>)> = Vec::new();
     for f in locks {
         let (pid, cmd) = who(f);
-        let mut label = if f.procs.is_empty() {
-            format!("unknown #{}", f.line.id)
-        } else {
-            format!("{pid} {cmd}")
+        let mut label = match (f.procs.is_empty(), f.table_owner) {
+            (true, _) => format!("unknown #{}", f.line.id),
+            // Shm owners are handles: two in one process are two lanes,
+            // told apart before the label is cut to width.
+            (false, Some(o)) => format!("{pid} (owner {o}) {cmd}"),
+            (false, None) => format!("{pid} {cmd}"),
         };
         if f.line.waiting {
             label.push_str(" (waiting)");
@@ -332,6 +358,7 @@ mod tests {
                 command: Some("cmd".into()),
                 wraps: None,
             }],
+            table_owner: None,
         }
     }
 

@@ -18,6 +18,8 @@ fn completions_cover_the_subcommands_and_their_options() {
         "--no-fork",
         "--unlock",
         "--command",
+        // The modes, `shm` included, are offered where a mode is taken.
+        "ofd process flock shm",
     ] {
         assert!(script.contains(word), "no {word} in:\n{script}");
     }
@@ -53,6 +55,7 @@ fn man_pages_for_the_command_and_each_subcommand() {
         "\\-\\-unlock",
         "\\-\\-command",
         "Exit status",
+        "\\-\\-mode shm",
     ] {
         assert!(page.contains(option), "no {option} in:\n{page}");
     }

@@ -15,13 +15,13 @@ fn race_json(args: &[&str]) -> (i32, serde_json::Value) {
 }
 
 #[test]
-fn the_race_passes_in_both_modes() {
+fn the_race_passes_in_every_mode() {
     let (rc, v) = race_json(&["-k", "3", "-n", "6", "-r", "50"]);
     assert_eq!(rc, 0, "{v}");
     assert_eq!(v["ok"], true);
     let modes = v["modes"].as_array().unwrap();
     let names: Vec<&str> = modes.iter().map(|m| m["mode"].as_str().unwrap()).collect();
-    assert_eq!(names, ["ofd", "process"]);
+    assert_eq!(names, ["ofd", "process", "shm"]);
     for m in modes {
         assert_eq!(m["steps"].as_u64(), Some(3 * 6 * 50));
         assert_eq!(m["collisions"].as_u64(), Some(0));
@@ -42,7 +42,7 @@ fn the_default_race_passes_and_reports_speed() {
         text.contains("steps/s") && text.contains("us/step"),
         "{text}"
     );
-    for mode in ["ofd", "process"] {
+    for mode in ["ofd", "process", "shm"] {
         let row = text.lines().find(|l| l.starts_with(mode)).unwrap();
         assert!(row.ends_with("ok"), "{text}");
     }
@@ -50,7 +50,7 @@ fn the_default_race_passes_and_reports_speed() {
 
 #[test]
 fn a_race_without_locks_is_caught() {
-    for mode in ["ofd", "process"] {
+    for mode in ["ofd", "process", "shm"] {
         let (rc, v) = race_json(&[
             "-k",
             "3",
@@ -98,4 +98,25 @@ fn the_hidden_flag_stays_hidden_and_bad_plans_are_refused() {
     assert!(stderr(&out).contains("fewer racers than tracks"));
     assert_eq!(code(&run(&["race", "-r", "0"])), 64);
     assert_eq!(code(&run(&["race", "--mode", "fast"])), 64);
+}
+
+#[test]
+fn mode_choices_pick_the_rows() {
+    for (mode, want) in [
+        ("ofd", &["ofd"][..]),
+        ("process", &["process"]),
+        ("shm", &["shm"]),
+        ("both", &["ofd", "process"]),
+        ("all", &["ofd", "process", "shm"]),
+    ] {
+        let (rc, v) = race_json(&["-k", "2", "-n", "4", "-r", "20", "--mode", mode]);
+        assert_eq!(rc, 0, "{v}");
+        let names: Vec<&str> = v["modes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["mode"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, want, "--mode {mode}");
+    }
 }
