@@ -65,6 +65,7 @@ impl PyHolder {
                 span: py_span(span)?,
                 kind: parse_kind(kind)?,
                 pid,
+                server: None,
             },
         })
     }

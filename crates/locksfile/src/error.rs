@@ -22,6 +22,12 @@ pub enum SpanError {
     /// [`Mode::Flock`](crate::Mode::Flock) handle can lock: `flock(2)` locks
     /// whole files.
     NotWholeFile,
+    /// More indices than one call may take on a PostgreSQL handle
+    /// (`MAX_SPAN`, 4096), or open-ended: each index is a lock on the server.
+    TooLong,
+    /// Past the last index a PostgreSQL handle has, `i32::MAX` (its keys
+    /// are int4).
+    PastServerKeys,
 }
 
 impl fmt::Display for SpanError {
@@ -33,6 +39,12 @@ impl fmt::Display for SpanError {
             SpanError::Negative => "a lock index cannot be negative",
             SpanError::NotWholeFile => {
                 "flock mode locks the whole file only: the span must be `..` (all indices)"
+            }
+            SpanError::TooLong => {
+                "a PostgreSQL handle takes at most 4096 indices in one call, and no open-ended span"
+            }
+            SpanError::PastServerKeys => {
+                "a PostgreSQL handle's indices stop at 2147483647 (i32::MAX)"
             }
         })
     }
@@ -50,15 +62,92 @@ pub struct Holder {
     /// since); `None` for an open-file-description lock, whose owner the
     /// kernel does not name.
     pub pid: Option<u32>,
+    /// For a lock on a PostgreSQL server: the session holding it, as
+    /// `pg_locks` and `pg_stat_activity` name it. `None` for file locks.
+    pub server: Option<ServerHolder>,
 }
 
 impl fmt::Display for Holder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{} lock on {}", self.kind, self.span)?;
-        match self.pid {
-            Some(pid) => write!(f, " held by pid {pid}"),
-            None => f.write_str(" held through another open file description"),
+        match (self.pid, &self.server) {
+            (_, Some(s)) => write!(f, " held by {s}"),
+            (Some(pid), None) => write!(f, " held by pid {pid}"),
+            (None, None) => f.write_str(" held through another open file description"),
         }
+    }
+}
+
+/// The server session holding a lock: its backend's pid, its client's
+/// address and port (`None` over a Unix socket) and its application name
+/// (`locksfile pid N` unless the target set one), as `pg_stat_activity`
+/// shows them.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct ServerHolder {
+    /// The server process serving the session (`pg_locks.pid`).
+    pub backend_pid: u32,
+    /// The client's address (`pg_stat_activity.client_addr`).
+    pub client_addr: Option<std::net::IpAddr>,
+    /// The client's port (`pg_stat_activity.client_port`).
+    pub client_port: Option<u16>,
+    // `application_name` is at most 63 bytes (NAMEDATALEN - 1), so it fits
+    // inline and `Holder` stays `Copy`.
+    app: [u8; 64],
+    app_len: u8,
+}
+
+impl ServerHolder {
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    pub(crate) fn new(
+        backend_pid: u32,
+        client_addr: Option<std::net::IpAddr>,
+        client_port: Option<u16>,
+        application_name: &str,
+    ) -> ServerHolder {
+        let mut app = [0u8; 64];
+        let mut n = application_name.len().min(63);
+        while !application_name.is_char_boundary(n) {
+            n -= 1;
+        }
+        app[..n].copy_from_slice(&application_name.as_bytes()[..n]);
+        ServerHolder {
+            backend_pid,
+            client_addr,
+            client_port,
+            app,
+            app_len: n as u8,
+        }
+    }
+
+    /// The session's `application_name`.
+    pub fn application_name(&self) -> &str {
+        std::str::from_utf8(&self.app[..usize::from(self.app_len)]).unwrap_or("")
+    }
+}
+
+impl fmt::Debug for ServerHolder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServerHolder")
+            .field("backend_pid", &self.backend_pid)
+            .field("client_addr", &self.client_addr)
+            .field("client_port", &self.client_port)
+            .field("application_name", &self.application_name())
+            .finish()
+    }
+}
+
+impl fmt::Display for ServerHolder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "server backend pid {}", self.backend_pid)?;
+        match (self.client_addr, self.client_port) {
+            (Some(a), Some(p)) => write!(f, " for client {a} port {p}")?,
+            (Some(a), None) => write!(f, " for client {a}")?,
+            _ => f.write_str(" for a local client")?,
+        }
+        if !self.application_name().is_empty() {
+            write!(f, " ({})", self.application_name())?;
+        }
+        Ok(())
     }
 }
 
@@ -105,7 +194,8 @@ pub enum Error {
         /// The conflicting lock, where a follow-up `F_GETLK` found one.
         holder: Option<Holder>,
     },
-    /// The kernel found that waiting would deadlock (`EDEADLK`, process mode).
+    /// Waiting would deadlock: the kernel (`EDEADLK`, process mode) or the
+    /// PostgreSQL server (SQLSTATE `40P01`) found a cycle of waiters.
     Deadlock,
     /// The deadline passed before the lock could be had.
     TimedOut,
@@ -157,6 +247,40 @@ pub enum Error {
         /// The kernel's answer to `open(2)`.
         source: io::Error,
     },
+    /// A PostgreSQL handle's session is gone (server restart or failover,
+    /// network loss, backend terminated): every lock it held is lost.
+    /// Open a new handle; this one only fails from now on.
+    ConnectionLost {
+        /// The target, without its password.
+        target: String,
+    },
+    /// Connecting to a PostgreSQL server failed, within the connect
+    /// timeout: the `source`'s kind tells why (`InvalidInput`: malformed
+    /// target; `PermissionDenied`: authentication; `NotFound`: no such
+    /// database or socket; `ConnectionRefused`; `TimedOut`: no answer).
+    Connect {
+        /// The target, without its password.
+        target: String,
+        /// What went wrong.
+        source: io::Error,
+    },
+    /// The PostgreSQL server refused a statement (no permission to create
+    /// the namespace table, out of lock memory, ...).
+    Server {
+        /// What was being done.
+        op: &'static str,
+        /// The SQLSTATE, e.g. `42501` (no permission), `53200` (out of
+        /// shared memory: raise `max_locks_per_transaction`).
+        code: String,
+        /// The server's message.
+        message: String,
+    },
+    /// A fencing token was asked for an index the handle does not hold
+    /// exclusively.
+    NotHeld {
+        /// The index.
+        index: u64,
+    },
     /// Any other failure of a system call.
     Io {
         /// What was being done.
@@ -206,6 +330,17 @@ impl fmt::Display for Error {
             Error::Open { path, source } => {
                 write!(f, "cannot open lock file {}: {source}", path.display())
             }
+            Error::ConnectionLost { target } => write!(
+                f,
+                "the session with {target} is lost, and every lock it held with it"
+            ),
+            Error::Connect { target, source } => write!(f, "cannot connect to {target}: {source}"),
+            Error::Server { op, code, message } => {
+                write!(f, "{op}: the server said: {message} (SQLSTATE {code})")
+            }
+            Error::NotHeld { index } => {
+                write!(f, "lock {index} is not held exclusively by this handle")
+            }
             Error::Io { op, source } => write!(f, "{op}: {source}"),
         }
     }
@@ -216,6 +351,7 @@ impl std::error::Error for Error {
         match self {
             Error::Unsupported { source, .. }
             | Error::Open { source, .. }
+            | Error::Connect { source, .. }
             | Error::Io { source, .. } => Some(source),
             _ => None,
         }
@@ -241,6 +377,11 @@ impl From<Error> for io::Error {
                 _ => io::ErrorKind::InvalidInput,
             },
             Error::Open { source, .. } | Error::Io { source, .. } => source.kind(),
+            Error::Connect { source, .. } => source.kind(),
+            Error::ConnectionLost { .. } => io::ErrorKind::ConnectionAborted,
+            Error::Server { code, .. } if code == "42501" => io::ErrorKind::PermissionDenied,
+            Error::Server { .. } => io::ErrorKind::Other,
+            Error::NotHeld { .. } => io::ErrorKind::InvalidInput,
             Error::Forked | Error::ConversionLost { .. } => io::ErrorKind::Other,
         };
         io::Error::new(kind, e)

@@ -20,6 +20,8 @@
 
 pub(crate) mod fcntl;
 pub(crate) mod flock;
+#[cfg(feature = "postgres")]
+pub(crate) mod pg;
 
 #[cfg(test)]
 pub(crate) mod fake;

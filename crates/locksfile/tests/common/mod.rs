@@ -350,6 +350,7 @@ pub fn holder(mode: Mode, s: impl locksfile::IntoSpan, kind: Kind, pid: u32) -> 
         span: span(s),
         kind,
         pid: pid_in(mode, pid),
+        server: None,
     }
 }
 
