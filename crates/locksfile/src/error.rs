@@ -82,7 +82,7 @@ impl fmt::Display for Holder {
 /// address and port (`None` over a Unix socket) and its application name
 /// (`locksfile pid N` unless the target set one), as `pg_stat_activity`
 /// shows them.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ServerHolder {
     /// The server process serving the session (`pg_locks.pid`).
     pub backend_pid: u32,
@@ -90,10 +90,7 @@ pub struct ServerHolder {
     pub client_addr: Option<std::net::IpAddr>,
     /// The client's port (`pg_stat_activity.client_port`).
     pub client_port: Option<u16>,
-    // `application_name` is at most 63 bytes (NAMEDATALEN - 1), so it fits
-    // inline and `Holder` stays `Copy`.
-    app: [u8; 64],
-    app_len: u8,
+    application_name: &'static str,
 }
 
 impl ServerHolder {
@@ -104,36 +101,39 @@ impl ServerHolder {
         client_port: Option<u16>,
         application_name: &str,
     ) -> ServerHolder {
-        let mut app = [0u8; 64];
-        let mut n = application_name.len().min(63);
-        while !application_name.is_char_boundary(n) {
-            n -= 1;
-        }
-        app[..n].copy_from_slice(&application_name.as_bytes()[..n]);
         ServerHolder {
             backend_pid,
             client_addr,
             client_port,
-            app,
-            app_len: n as u8,
+            application_name: intern(application_name),
         }
     }
 
     /// The session's `application_name`.
     pub fn application_name(&self) -> &str {
-        std::str::from_utf8(&self.app[..usize::from(self.app_len)]).unwrap_or("")
+        self.application_name
     }
 }
 
-impl fmt::Debug for ServerHolder {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ServerHolder")
-            .field("backend_pid", &self.backend_pid)
-            .field("client_addr", &self.client_addr)
-            .field("client_port", &self.client_port)
-            .field("application_name", &self.application_name())
-            .finish()
+/// Application names, kept for the life of the process so that a `Holder`
+/// stays `Copy` and small (errors carry one). Distinct names are few (one
+/// per client program); past a cap, new ones are not kept.
+fn intern(name: &str) -> &'static str {
+    use std::collections::HashSet;
+    use std::sync::Mutex;
+    const CAP: usize = 4096;
+    static NAMES: Mutex<Option<HashSet<&'static str>>> = Mutex::new(None);
+    let mut names = NAMES.lock().unwrap_or_else(|p| p.into_inner());
+    let set = names.get_or_insert_with(HashSet::new);
+    if let Some(known) = set.get(name) {
+        return known;
     }
+    if set.len() >= CAP {
+        return "(unrecorded)";
+    }
+    let leaked: &'static str = Box::leak(name.to_string().into_boxed_str());
+    set.insert(leaked);
+    leaked
 }
 
 impl fmt::Display for ServerHolder {

@@ -206,7 +206,7 @@ fn shared_locks_upgrade_keeping_the_shared_lock_while_waiting() {
     let rb = b.read(1).unwrap();
     let before = waiting(&srv);
     std::thread::scope(|s| {
-        let up = s.spawn(|| ReadGuard::upgrade(ra).map_err(|(_, e)| e).map(|w| drop(w)));
+        let up = s.spawn(|| ReadGuard::upgrade(ra).map_err(|(_, e)| e).map(drop));
         until("the upgrade to wait", || waiting(&srv) > before);
         // While it waits, a still holds its shared lock: no writer gets in,
         // and b's shared lock stands.
@@ -477,4 +477,43 @@ fn opening_a_path_in_postgres_mode_is_refused() {
         .mode(Mode::Postgres)
         .open(dir.path().join("x"));
     assert!(matches!(r, Err(Error::Unsupported { .. })));
+}
+
+extern "C" fn on_signal(_: libc::c_int) {}
+
+#[test]
+fn a_signal_ends_an_interruptible_wait_holding_nothing() {
+    let srv = server_or_skip!();
+    let t = target(&srv, "interrupt");
+    let a = connect(&t);
+    let b = connect(&t);
+    let _g = a.write(1..3).unwrap();
+    // A handler without SA_RESTART, as Python installs them.
+    // SAFETY: a handler that does nothing, installed once.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_signal as *const () as usize;
+        libc::sigaction(libc::SIGUSR2, &sa, std::ptr::null_mut());
+    }
+    let before = waiting(&srv);
+    let b = &b;
+    std::thread::scope(|s| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let w = s.spawn(move || {
+            // SAFETY: pthread_self has no preconditions.
+            tx.send(unsafe { libc::pthread_self() } as usize).unwrap();
+            b.acquire(Kind::Exclusive, 0..3, Wait::BlockingInterruptible)
+        });
+        let thread = rx.recv().unwrap();
+        until("b to wait", || waiting(&srv) > before);
+        let t0 = Instant::now();
+        // SAFETY: the thread is alive until joined below.
+        unsafe { libc::pthread_kill(thread as libc::pthread_t, libc::SIGUSR2) };
+        assert!(matches!(w.join().unwrap(), Err(Error::Interrupted)));
+        assert!(t0.elapsed() < Duration::from_secs(1));
+    });
+    assert!(b.held().is_empty());
+    until("the wait to leave the server", || waiting(&srv) == before);
+    // Key 0 came before the busy ones: it must not stay held.
+    assert!(connect(&t).try_write(0).is_ok());
 }

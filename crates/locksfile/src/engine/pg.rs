@@ -757,18 +757,13 @@ impl Pg {
                 r
             });
             let mut byte = [0u8];
-            loop {
-                match rx.read(&mut byte) {
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {
-                        abandon.store(true, Ordering::SeqCst);
-                        if self.waiting.load(Ordering::SeqCst) {
-                            self.send_cancel();
-                        }
-                        // The helper ends soon: cancelled, or granted.
-                        let _ = rx.read(&mut byte);
-                        break;
+            if let Err(e) = rx.read(&mut byte) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    abandon.store(true, Ordering::SeqCst);
+                    if self.waiting.load(Ordering::SeqCst) {
+                        self.send_cancel();
                     }
-                    _ => break,
+                    // The helper ends soon, cancelled or granted; join waits.
                 }
             }
             helper.join().unwrap_or(Err(Error::Interrupted))

@@ -329,6 +329,7 @@ pub fn probe(path: &Path, kind: Kind, s: impl locksfile::IntoSpan) -> Option<Hol
                 span: Span::new(start, end).expect("span from child"),
                 kind,
                 pid: (pid != u64::MAX).then_some(pid as u32),
+                server: None,
             })
         }
     };
@@ -341,7 +342,7 @@ pub fn pid_in(mode: Mode, pid: u32) -> Option<u32> {
     match mode {
         // /proc/locks names the process that took a flock(2) lock.
         Mode::Process | Mode::Flock => Some(pid),
-        Mode::Ofd => None,
+        Mode::Ofd | Mode::Postgres => None,
     }
 }
 
