@@ -115,6 +115,16 @@ impl ServerHolder {
     }
 }
 
+/// A lock in a PostgreSQL namespace, held or waited for by some session
+/// ([`LockFile::server_locks`](crate::LockFile::server_locks)).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServerLock {
+    /// The lock (one index), its kind and the session.
+    pub holder: Holder,
+    /// Granted (`true`) or waited for.
+    pub granted: bool,
+}
+
 /// Application names, kept for the life of the process so that a `Holder`
 /// stays `Copy` and small (errors carry one). Distinct names are few (one
 /// per client program); past a cap, new ones are not kept.

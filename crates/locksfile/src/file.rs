@@ -633,6 +633,25 @@ impl LockFile {
         }
     }
 
+    /// Every lock other sessions hold or wait for in this handle's
+    /// PostgreSQL namespace, in index order, from `pg_locks` and
+    /// `pg_stat_activity` (feature `postgres`); what `locksfile status`
+    /// shows. A snapshot.
+    ///
+    /// # Errors
+    /// [`Error::Unsupported`] for a lock file; [`Error::ConnectionLost`];
+    /// [`Error::Server`].
+    #[cfg(feature = "postgres")]
+    pub fn server_locks(&self) -> Result<Vec<crate::ServerLock>, Error> {
+        match &self.owner {
+            Owners::Pg(o) => o.engine.locks(Span::ALL, None, false),
+            _ => Err(Error::Unsupported {
+                what: "listing server locks (PostgreSQL handles only)",
+                source: io::Error::from(io::ErrorKind::Unsupported),
+            }),
+        }
+    }
+
     /// A fencing token for lock `index`, which this handle must hold
     /// exclusively (feature `postgres`): a number that grows with every
     /// call for that lock of the namespace, whoever makes it

@@ -72,7 +72,7 @@ use std::fmt;
 use std::time::{Duration, Instant};
 
 pub use engine::Abilities;
-pub use error::{Error, Holder, NotRegular, Result, ServerHolder, SpanError};
+pub use error::{Error, Holder, NotRegular, Result, ServerHolder, ServerLock, SpanError};
 pub use file::{LockFile, Mode, OpenOptions};
 pub use guard::{ReadGuard, WriteGuard};
 pub use span::{IntoSpan, Span, INDEX_END};
