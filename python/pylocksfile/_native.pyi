@@ -195,8 +195,8 @@ class LocksFile:
     def path(self) -> str:
         """The lock file's path made absolute as opened (``..`` kept; the kernel resolves it)."""
     @property
-    def mode(self) -> Literal["ofd", "process", "flock"]:
-        """The lock mode."""
+    def mode(self) -> Literal["ofd", "process", "flock", "postgres"]:
+        """The lock mode ("postgres" for a server target)."""
     @property
     def closed(self) -> bool:
         """Whether ``close()`` was called."""
@@ -249,6 +249,10 @@ class LocksFile:
         (the calling thread's owner with ``thread_local=True``)."""
     def held_explicitly(self) -> List[Tuple[range, Literal["shared", "exclusive"]]]:
         """This object's explicit locks only (the calling thread's with ``thread_local=True``)."""
+    def lost(self) -> bool:
+        """Whether the server session is lost, and every lock with it (always False for a file)."""
+    def fence(self, index: int) -> int:
+        """A fencing token for ``index``, held exclusively (server targets): grows with every call."""
     def conflicts(self, span: _Span, kind: Optional[_KindName] = None) -> Optional[Holder]:
         """The first other owner's lock in the way of ``kind`` (default exclusive) on ``span``."""
     def fileno(self) -> int:
