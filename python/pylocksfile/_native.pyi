@@ -113,6 +113,15 @@ class Holder:
     @property
     def pid(self) -> Optional[int]:
         """The holding process for a process-associated lock, else None."""
+    @property
+    def backend_pid(self) -> Optional[int]:
+        """A PostgreSQL lock's holding session's server process, else None."""
+    @property
+    def client_addr(self) -> Optional[str]:
+        """A PostgreSQL lock's holding client address (None over a Unix socket or for files)."""
+    @property
+    def application_name(self) -> Optional[str]:
+        """A PostgreSQL lock's holding session's application_name, else None."""
 
 @final
 class Guard:

@@ -107,9 +107,50 @@ impl PyHolder {
         self.inner.pid
     }
 
+    /// For a lock on a PostgreSQL server: the holding session's server
+    /// process; None for a lock file (and after pickling).
+    #[getter]
+    fn backend_pid(&self) -> Option<u32> {
+        self.inner.server.map(|s| s.backend_pid)
+    }
+
+    /// For a lock on a PostgreSQL server: the holding client's address
+    /// (None over a Unix socket).
+    #[getter]
+    fn client_addr(&self) -> Option<String> {
+        self.inner
+            .server
+            .and_then(|s| s.client_addr)
+            .map(|a| a.to_string())
+    }
+
+    /// For a lock on a PostgreSQL server: the holding session's
+    /// ``application_name`` (``locksfile pid N`` unless its target set one).
+    #[getter]
+    fn application_name(&self) -> Option<&'static str> {
+        self.inner.server.map(|s| {
+            let name: &'static str = s.application_name_static();
+            name
+        })
+    }
+
+    fn __str__(&self) -> String {
+        self.inner.to_string()
+    }
+
     fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
+        let server = match &self.inner.server {
+            Some(s) => format!(
+                ", backend_pid={}, client_addr={}, application_name={:?}",
+                s.backend_pid,
+                s.client_addr
+                    .map_or("None".to_string(), |a| format!("{:?}", a.to_string())),
+                s.application_name()
+            ),
+            None => String::new(),
+        };
         Ok(format!(
-            "Holder(span={}, kind={:?}, pid={})",
+            "Holder(span={}, kind={:?}, pid={}{server})",
             span_to_range(py, self.inner.span)?.repr()?,
             kind_name(self.inner.kind),
             self.inner.pid.map_or("None".to_string(), |p| p.to_string())

@@ -33,6 +33,8 @@ def test_two_objects_exclude_each_other_and_name_the_holder():
         assert b.try_read(6) is not None
         holder = b.conflicts(4)
         assert holder is not None and "backend pid" in str(holder)
+        assert holder.application_name == f"locksfile pid {os.getpid()}"
+        assert holder.backend_pid > 0 and holder.client_addr is None
         with pytest.raises(LockTimeout):
             b.write_for(5, 0.1)
         with pytest.raises(WouldBlockError):

@@ -112,14 +112,23 @@ fn main() {
     let lf = LockFile::connect(&format!("{url}?name=bench-{}", std::process::id())).unwrap();
 
     println!("uncontended lock + unlock pair over a Unix socket, median of {rounds} rounds of {n}");
-    println!("{:<34} {:>10} {:>10} {:>7}", "", "raw us", "ours us", "ratio");
+    println!(
+        "{:<34} {:>10} {:>10} {:>7}",
+        "", "raw us", "ours us", "ratio"
+    );
     let (r0, o0) = measure(
         rounds,
         n,
         || raw.pair(5),
         || drop(lf.try_write(5u64).unwrap()),
     );
-    println!("{:<34} {:>10.2} {:>10.2} {:>7.2}", "no other locks held", r0, o0, o0 / r0);
+    println!(
+        "{:<34} {:>10.2} {:>10.2} {:>7.2}",
+        "no other locks held",
+        r0,
+        o0,
+        o0 / r0
+    );
 
     // 10,000 other locks held by each session.
     raw.rt.block_on(async {
@@ -138,7 +147,13 @@ fn main() {
         || raw.pair(5),
         || drop(lf.try_write(5u64).unwrap()),
     );
-    println!("{:<34} {:>10.2} {:>10.2} {:>7.2}", "with 10,000 other locks held", r1, o1, o1 / r1);
+    println!(
+        "{:<34} {:>10.2} {:>10.2} {:>7.2}",
+        "with 10,000 other locks held",
+        r1,
+        o1,
+        o1 / r1
+    );
     println!(
         "flatness (10,000 held / none): raw {:.2}, ours {:.2}",
         r1 / r0,

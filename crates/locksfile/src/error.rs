@@ -113,6 +113,11 @@ impl ServerHolder {
     pub fn application_name(&self) -> &str {
         self.application_name
     }
+
+    /// The same, for the life of the process (names are kept).
+    pub fn application_name_static(&self) -> &'static str {
+        self.application_name
+    }
 }
 
 /// A lock in a PostgreSQL namespace, held or waited for by some session
