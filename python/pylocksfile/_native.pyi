@@ -127,6 +127,15 @@ class Holder:
     @property
     def pid(self) -> Optional[int]:
         """The holding process for a process-associated lock or a shm lock, else None."""
+    @property
+    def backend_pid(self) -> Optional[int]:
+        """A PostgreSQL lock's holding session's server process, else None."""
+    @property
+    def client_addr(self) -> Optional[str]:
+        """A PostgreSQL lock's holding client address (None over a Unix socket or for files)."""
+    @property
+    def application_name(self) -> Optional[str]:
+        """A PostgreSQL lock's holding session's application_name, else None."""
 
 @final
 class Guard:
@@ -215,8 +224,8 @@ class LocksFile:
     def path(self) -> str:
         """The lock file's path made absolute as opened (``..`` kept; the kernel resolves it)."""
     @property
-    def mode(self) -> _Mode:
-        """The lock mode."""
+    def mode(self) -> Literal["ofd", "process", "flock", "shm", "postgres"]:
+        """The lock mode ("postgres" for a server target)."""
     @property
     def closed(self) -> bool:
         """Whether ``close()`` was called."""
@@ -269,6 +278,10 @@ class LocksFile:
         (the calling thread's owner with ``thread_local=True``)."""
     def held_explicitly(self) -> List[Tuple[range, Literal["shared", "exclusive"]]]:
         """This object's explicit locks only (the calling thread's with ``thread_local=True``)."""
+    def lost(self) -> bool:
+        """Whether the server session is lost, and every lock with it (always False for a file)."""
+    def fence(self, index: int) -> int:
+        """A fencing token for ``index``, held exclusively (server targets): grows with every call."""
     def conflicts(self, span: _Span, kind: Optional[_KindName] = None) -> Optional[Holder]:
         """The first other owner's lock in the way of ``kind`` (default exclusive) on ``span``."""
     def fileno(self) -> int:

@@ -150,6 +150,20 @@ pub fn to_py(py: Python<'_>, e: Error) -> PyErr {
             Some(n) => PyOSError::new_err((n, msg)),
             None => PyOSError::new_err(msg),
         },
+        // The server cannot be reached or refuses us: Python's own
+        // exceptions for those.
+        Error::Connect { ref source, .. } => match source.kind() {
+            std::io::ErrorKind::InvalidInput => pyo3::exceptions::PyValueError::new_err(msg),
+            std::io::ErrorKind::PermissionDenied => {
+                pyo3::exceptions::PyPermissionError::new_err(msg)
+            }
+            std::io::ErrorKind::TimedOut => pyo3::exceptions::PyTimeoutError::new_err(msg),
+            std::io::ErrorKind::ConnectionRefused => {
+                pyo3::exceptions::PyConnectionRefusedError::new_err(msg)
+            }
+            _ => pyo3::exceptions::PyConnectionError::new_err(msg),
+        },
+        Error::ConnectionLost { .. } => pyo3::exceptions::PyConnectionAbortedError::new_err(msg),
         _ => build(py, locksfile_error(py), None, msg, None),
     }
 }

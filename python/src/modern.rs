@@ -65,6 +65,7 @@ impl PyHolder {
                 span: py_span(span)?,
                 kind: parse_kind(kind)?,
                 pid,
+                server: None,
             },
         })
     }
@@ -108,9 +109,50 @@ impl PyHolder {
         self.inner.pid
     }
 
+    /// For a lock on a PostgreSQL server: the holding session's server
+    /// process; None for a lock file (and after pickling).
+    #[getter]
+    fn backend_pid(&self) -> Option<u32> {
+        self.inner.server.map(|s| s.backend_pid)
+    }
+
+    /// For a lock on a PostgreSQL server: the holding client's address
+    /// (None over a Unix socket).
+    #[getter]
+    fn client_addr(&self) -> Option<String> {
+        self.inner
+            .server
+            .and_then(|s| s.client_addr)
+            .map(|a| a.to_string())
+    }
+
+    /// For a lock on a PostgreSQL server: the holding session's
+    /// ``application_name`` (``locksfile pid N`` unless its target set one).
+    #[getter]
+    fn application_name(&self) -> Option<&'static str> {
+        self.inner.server.map(|s| {
+            let name: &'static str = s.application_name_static();
+            name
+        })
+    }
+
+    fn __str__(&self) -> String {
+        self.inner.to_string()
+    }
+
     fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
+        let server = match &self.inner.server {
+            Some(s) => format!(
+                ", backend_pid={}, client_addr={}, application_name={:?}",
+                s.backend_pid,
+                s.client_addr
+                    .map_or("None".to_string(), |a| format!("{:?}", a.to_string())),
+                s.application_name()
+            ),
+            None => String::new(),
+        };
         Ok(format!(
-            "Holder(span={}, kind={:?}, pid={})",
+            "Holder(span={}, kind={:?}, pid={}{server})",
             span_to_range(py, self.inner.span)?.repr()?,
             kind_name(self.inner.kind),
             self.inner.pid.map_or("None".to_string(), |p| p.to_string())
@@ -919,6 +961,38 @@ pub(crate) fn mode_name(m: Mode) -> &'static str {
         Mode::Process => "process",
         Mode::Flock => "flock",
         Mode::Shm => "shm",
+        Mode::Postgres => "postgres",
+    }
+}
+
+impl PyLocksFile {
+    /// `LocksFile("postgresql://...?name=NAME")`: a session on the server.
+    fn connect(py: Python<'_>, target: &str, mode: Mode, thread_local: bool) -> PyResult<Self> {
+        if mode != Mode::Ofd {
+            return Err(PyValueError::new_err(
+                "mode applies to lock files: a PostgreSQL target has its own mode",
+            ));
+        }
+        if thread_local {
+            return Err(PyValueError::new_err(
+                "thread_local=True is for lock files: give each thread its own \
+                 LocksFile(target), each a server session",
+            ));
+        }
+        let lf = py
+            .detach(|| LockFile::connect(target))
+            .map_err(|e| to_py(py, e))?;
+        // The handle's own form of the target: never the password.
+        let shown = PyString::new(py, &lf.path().display().to_string());
+        Ok(PyLocksFile {
+            handle: Mutex::new(Some(Arc::new(lf))),
+            guards: Mutex::new(Vec::new()),
+            path: shown.unbind(),
+            mode: Mode::Postgres,
+            pid: std::process::id(),
+            threads: None,
+            temp: Mutex::new(None),
+        })
     }
 }
 
@@ -967,6 +1041,10 @@ impl PyLocksFile {
         let path = path.cast_into::<PyString>().map_err(|_| {
             PyTypeError::new_err("path must be a str or an os.PathLike giving a str")
         })?;
+        let text: String = path.extract()?;
+        if LockFile::is_server_target(&text) {
+            return Self::connect(py, &text, mode, thread_local);
+        }
         let path_buf = path.extract::<PathBuf>()?;
         check_path(&path_buf).map_err(PyValueError::new_err)?;
         // Handed over as written: the core makes it absolute without
@@ -1175,6 +1253,20 @@ impl PyLocksFile {
             .map(|(s, k)| Ok((span_to_range(py, s)?, kind_name(k))))
             .collect::<PyResult<Vec<_>>>()?;
         PyList::new(py, items)
+    }
+
+    /// Whether the server session is lost, and every lock with it (a
+    /// PostgreSQL target; always ``False`` for a lock file). Checked
+    /// without a round trip.
+    fn lost(&self, py: Python<'_>) -> PyResult<bool> {
+        Ok(self.lf_if_open(py, false)?.is_some_and(|lf| lf.lost()))
+    }
+
+    /// A fencing token for ``index``, held exclusively (a PostgreSQL
+    /// target): grows with every call for that lock, whoever makes it.
+    fn fence(&self, py: Python<'_>, index: u64) -> PyResult<u64> {
+        let lf = self.lf_not_forked(py)?;
+        py.detach(|| lf.fence(index)).map_err(|e| to_py(py, e))
     }
 
     /// This object's explicit locks only (the calling thread's with

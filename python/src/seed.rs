@@ -169,6 +169,11 @@ fn lock_mutex<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 fn open_mode(path: &std::path::Path, mode: Mode) -> Result<LockFile, Error> {
+    // A lock namespace on a server where a path is taken: a session of
+    // its own (the file modes have no meaning there).
+    if let Some(target) = path.to_str().filter(|t| LockFile::is_server_target(t)) {
+        return LockFile::connect(target);
+    }
     LockFile::options().mode(mode).open(path)
 }
 
@@ -512,7 +517,8 @@ impl Seed {
         } else {
             PyString::new(py, ".").into_any()
         };
-        if !os_path.call_method1("isdir", (&dir,))?.is_truthy()? {
+        let server = given.to_str().is_some_and(LockFile::is_server_target);
+        if !server && !os_path.call_method1("isdir", (&dir,))?.is_truthy()? {
             return Err(illegal_argument(
                 py,
                 format!("locksfile_path directory {dir} does not exist"),
@@ -532,8 +538,15 @@ impl Seed {
                 .into_any()
                 .unbind(),
         };
-        let path_buf = handle.path().to_path_buf();
-        let abs = path_buf
+        // A server target is kept as given, to connect again after a fork
+        // (the handle's own form leaves the password out); shown without.
+        let path_buf = if server {
+            given.clone()
+        } else {
+            handle.path().to_path_buf()
+        };
+        let abs = handle
+            .path()
             .as_os_str()
             .into_pyobject(py)?
             .cast_into::<PyString>()?;

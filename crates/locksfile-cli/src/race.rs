@@ -88,6 +88,13 @@ pub struct RaceArgs {
     /// Racers take no locks at all: the verifier must catch them.
     #[arg(long, hide = true)]
     unsafe_skip_locking: bool,
+
+    /// Race over a lock namespace on a PostgreSQL server instead of a
+    /// temporary lock file: postgresql://[user@]host[:port]/dbname?name=NAME
+    /// (or a key=value string with name=NAME). Each racer is a session of
+    /// its own; the namespace should be one nobody else uses.
+    #[arg(value_name = "TARGET")]
+    target: Option<String>,
 }
 
 const RACE_NOTES: &str = "\
@@ -279,7 +286,14 @@ pub fn main(args: RaceArgs) -> i32 {
         eprintln!("locksfile race: {msg}");
         return exit::USAGE;
     }
+    if let Some(t) = &args.target {
+        if !LockFile::is_server_target(t) {
+            eprintln!("locksfile race: {t:?} is not a server target (postgresql://...?name=NAME)");
+            return exit::USAGE;
+        }
+    }
     let modes: &[Mode] = match args.mode {
+        _ if args.target.is_some() => &[Mode::Postgres],
         RaceMode::Ofd => &[Mode::Ofd],
         RaceMode::Process => &[Mode::Process],
         RaceMode::Shm => &[Mode::Shm],
@@ -307,7 +321,7 @@ pub fn main(args: RaceArgs) -> i32 {
     }
     let mut outcomes = Vec::new();
     for &mode in modes {
-        match race(plan, mode, progress) {
+        match race(plan, mode, args.target.as_deref(), progress) {
             Ok(o) => {
                 if !args.json {
                     print_row(&plan, &o);
@@ -473,14 +487,25 @@ impl Drop for TempDir {
     }
 }
 
-fn race(plan: Plan, mode: Mode, progress: bool) -> Result<Outcome, String> {
-    let dir = TempDir::new().map_err(|e| format!("temporary directory: {e}"))?;
-    let path = dir.0.join("race.lock");
-    fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&path)
-        .map_err(|e| format!("creating {}: {e}", path.display()))?;
+fn race(plan: Plan, mode: Mode, target: Option<&str>, progress: bool) -> Result<Outcome, String> {
+    let (dir, path) = match target {
+        // Each racer connects in its own process, after the fork.
+        Some(_) => (None, PathBuf::new()),
+        None => {
+            let dir = TempDir::new().map_err(|e| format!("temporary directory: {e}"))?;
+            let path = dir.0.join("race.lock");
+            fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+                .map_err(|e| format!("creating {}: {e}", path.display()))?;
+            (Some(dir), path)
+        }
+    };
+    if let Some(t) = target {
+        // Fail early (and once) on a target that does not work.
+        LockFile::connect(t).map_err(|e| e.to_string())?;
+    }
     let region = SharedWords::new(Board::words_for(plan.procs, plan.tracks))
         .map_err(|e| format!("shared memory: {e}"))?;
     let board = Board {
@@ -501,7 +526,7 @@ fn race(plan: Plan, mode: Mode, progress: bool) -> Result<Outcome, String> {
                 drop(ready_r);
                 // Nothing may unwind out of here into the parent's code.
                 let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    run_racer(&plan, mode, &board, racer, &path, ready_w, go_r)
+                    run_racer(&plan, mode, &board, racer, (&path, target), ready_w, go_r)
                 }));
                 let code = match result {
                     Ok(Ok(())) => 0,
@@ -544,7 +569,9 @@ fn race(plan: Plan, mode: Mode, progress: bool) -> Result<Outcome, String> {
             .first_message()
             .unwrap_or_else(|| "a racer died before the start".into()));
     }
-    dir.remove();
+    if let Some(dir) = &dir {
+        dir.remove();
+    }
 
     let done = AtomicBool::new(false);
     let started = Instant::now();
@@ -621,15 +648,15 @@ fn run_racer(
     mode: Mode,
     board: &Board,
     racer: usize,
-    path: &Path,
+    (path, target): (&Path, Option<&str>),
     ready_w: OwnedFd,
     go_r: OwnedFd,
 ) -> Result<(), String> {
-    let lf = LockFile::options()
-        .mode(mode)
-        .create(false)
-        .open(path)
-        .map_err(|e| e.to_string())?;
+    let lf = match target {
+        Some(t) => LockFile::connect(t),
+        None => LockFile::options().mode(mode).create(false).open(path),
+    }
+    .map_err(|e| e.to_string())?;
     let n = plan.tracks as u64;
     let lock = |at: u64| -> Result<(), String> {
         if !plan.locking {

@@ -143,7 +143,11 @@ pub struct RunArgs {
     verbose: bool,
 
     /// The lock file (created if missing; its content is never touched),
-    /// or with no command, the number of an open descriptor to lock.
+    /// or with no command, the number of an open descriptor to lock; or a
+    /// lock namespace on a PostgreSQL server:
+    /// postgresql://[user@]host[:port]/dbname?name=NAME, or a libpq
+    /// key=value string with a name=NAME word (a file named like one is
+    /// given as ./NAME).
     #[arg(value_name = "FILE|FD")]
     file: PathBuf,
 
@@ -263,12 +267,34 @@ fn run(args: RunArgs) -> Result<i32, (i32, String)> {
         ));
     }
 
+    let server = args
+        .file
+        .to_str()
+        .filter(|f| LockFile::is_server_target(f))
+        .map(str::to_string);
+    if server.is_some() {
+        if args.mode != ModeArg::Ofd {
+            return Err((
+                exit::USAGE,
+                "--mode applies to lock files: a PostgreSQL target has its own mode".into(),
+            ));
+        }
+        if args.no_fork || args.unlock {
+            return Err((
+                exit::USAGE,
+                "--no-fork and descriptors need a lock file: a PostgreSQL session belongs to \
+                 this process"
+                    .into(),
+            ));
+        }
+    }
+
     let argv: Vec<OsString> = match &args.shell_command {
         Some(cmd) => vec!["/bin/sh".into(), "-c".into(), cmd.clone()],
         None => args.command.clone(),
     };
     if argv.is_empty() {
-        let Some(fd) = descriptor(&args.file) else {
+        let Some(fd) = descriptor(&args.file).filter(|_| server.is_none()) else {
             return Err((
                 exit::USAGE,
                 "no COMMAND to run: give one (or -c CMD), or a descriptor number instead of FILE"
@@ -284,8 +310,26 @@ fn run(args: RunArgs) -> Result<i32, (i32, String)> {
         ));
     }
 
-    let shown = args.file.display().to_string();
-    let lf = LockFile::options()
+    let (lf, shown) = match &server {
+        Some(target) => {
+            let lf = LockFile::options()
+                .write(kind == Kind::Exclusive)
+                .connect(target)
+                .map_err(|e| (exit::for_lock_error(&e), e.to_string()))?;
+            // Never the password: the handle's own form of the target.
+            let shown = lf.path().display().to_string();
+            (lf, shown)
+        }
+        None => (open_file(&args, kind)?, args.file.display().to_string()),
+    };
+    if !take(&lf, &args, &shown, kind, span, wait)? {
+        return Ok(conflict);
+    }
+    run_locked(&args, lf, argv)
+}
+
+fn open_file(args: &RunArgs, kind: Kind) -> Result<LockFile, (i32, String)> {
+    LockFile::options()
         .mode(args.mode.into())
         // Shared locks need no write access: open read-only, as flock(1)
         // does, so a file we may only read (another user's, or a script
@@ -293,11 +337,11 @@ fn run(args: RunArgs) -> Result<i32, (i32, String)> {
         .write(kind == Kind::Exclusive)
         .follow_symlinks(args.follow_symlinks)
         .open(&args.file)
-        .map_err(|e| (exit::for_lock_error(&e), open_message(&args.file, &e)))?;
-    if !take(&lf, &args, &shown, kind, span, wait)? {
-        return Ok(conflict);
-    }
+        .map_err(|e| (exit::for_lock_error(&e), open_message(&args.file, &e)))
+}
 
+/// Run the command with the lock held, and release it once it ended.
+fn run_locked(args: &RunArgs, lf: LockFile, argv: Vec<OsString>) -> Result<i32, (i32, String)> {
     let program = &argv[0];
     let cannot_run = |e: std::io::Error| {
         // Out of processes, memory or descriptors is our failure, not the
@@ -458,7 +502,13 @@ fn take(
                     eprintln!("locksfile: {shown}: {e}");
                 }
                 if args.verbose {
-                    name_holders(lf.path(), span, kind);
+                    if lf.mode() == Mode::Postgres {
+                        if let Ok(Some(h)) = lf.conflicts(kind, span) {
+                            eprintln!("locksfile:   {h}");
+                        }
+                    } else {
+                        name_holders(lf.path(), span, kind);
+                    }
                 }
                 Ok(false)
             }

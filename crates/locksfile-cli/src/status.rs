@@ -25,15 +25,96 @@ pub struct StatusArgs {
     json: bool,
 
     /// The lock file (it is not opened, only looked up; its shm lock table
-    /// FILE-shm, if in use, is read).
+    /// FILE-shm, if in use, is read), or a lock namespace on a PostgreSQL
+    /// server (a URL or key=value string with name=NAME, as `locksfile run`
+    /// takes it): its locks and waiters, from pg_locks and pg_stat_activity.
     #[arg(value_name = "FILE")]
     file: PathBuf,
+}
+
+/// `status` of a namespace on a server: a session of our own (taking no
+/// lock) lists every other session's locks and waits.
+fn server_status(target: &str, json: bool) -> i32 {
+    let lf = match locksfile::LockFile::options().write(false).connect(target) {
+        Ok(lf) => lf,
+        Err(e) => {
+            eprintln!("locksfile: {e}");
+            return exit::for_lock_error(&e);
+        }
+    };
+    let locks = match lf.server_locks() {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("locksfile: {e}");
+            return exit::for_lock_error(&e);
+        }
+    };
+    // The handle's own form of the target: never the password.
+    let shown = lf.path().display().to_string();
+    let row = |l: &locksfile::ServerLock| {
+        let s = l.holder.server.expect("server locks name their session");
+        (
+            if l.granted { "held" } else { "waiting" },
+            l.holder.kind.to_string(),
+            l.holder.span.start(),
+            s,
+        )
+    };
+    if json {
+        let locks: Vec<Value> = locks
+            .iter()
+            .map(|l| {
+                let (state, kind, index, s) = row(l);
+                json!({
+                    "state": state,
+                    "kind": kind,
+                    "index": index,
+                    "backend_pid": s.backend_pid,
+                    "client_addr": s.client_addr.map(|a| a.to_string()),
+                    "client_port": s.client_port,
+                    "application_name": s.application_name(),
+                })
+            })
+            .collect();
+        println!("{}", json!({"target": shown, "locks": locks}));
+        return 0;
+    }
+    println!("{shown}");
+    if locks.is_empty() {
+        println!("no locks held or waited for");
+        return 0;
+    }
+    println!(
+        "{:<8} {:<10} {:>10} {:>8}  client",
+        "state", "kind", "index", "backend"
+    );
+    for l in &locks {
+        let (state, kind, index, s) = row(l);
+        let client = match (s.client_addr, s.client_port) {
+            (Some(a), Some(p)) => format!("{a}:{p}"),
+            (Some(a), None) => a.to_string(),
+            _ => "local".to_string(),
+        };
+        println!(
+            "{state:<8} {kind:<10} {index:>10} {:>8}  {client} {}",
+            s.backend_pid,
+            s.application_name()
+        );
+    }
+    0
 }
 
 /// The widest picture, in cells.
 const PICTURE_WIDTH: u64 = 64;
 
 pub fn main(args: StatusArgs) -> i32 {
+    if let Some(target) = args
+        .file
+        .to_str()
+        .filter(|f| locksfile::LockFile::is_server_target(f))
+    {
+        return server_status(target, args.json);
+    }
     let shown = args.file.display();
     let meta = match std::fs::metadata(&args.file) {
         Ok(m) => m,

@@ -22,6 +22,12 @@ pub enum SpanError {
     /// [`Mode::Flock`](crate::Mode::Flock) handle can lock: `flock(2)` locks
     /// whole files.
     NotWholeFile,
+    /// More indices than one call may take on a PostgreSQL handle
+    /// (`MAX_SPAN`, 4096), or open-ended: each index is a lock on the server.
+    TooLong,
+    /// Past the last index a PostgreSQL handle has, `i32::MAX` (its keys
+    /// are int4).
+    PastServerKeys,
 }
 
 impl fmt::Display for SpanError {
@@ -33,6 +39,12 @@ impl fmt::Display for SpanError {
             SpanError::Negative => "a lock index cannot be negative",
             SpanError::NotWholeFile => {
                 "flock mode locks the whole file only: the span must be `..` (all indices)"
+            }
+            SpanError::TooLong => {
+                "a PostgreSQL handle takes at most 4096 indices in one call, and no open-ended span"
+            }
+            SpanError::PastServerKeys => {
+                "a PostgreSQL handle's indices stop at 2147483647 (i32::MAX)"
             }
         })
     }
@@ -51,15 +63,107 @@ pub struct Holder {
     /// [`Mode::Shm`](crate::Mode::Shm); `None` for an open-file-description
     /// lock, whose owner the kernel does not name.
     pub pid: Option<u32>,
+    /// For a lock on a PostgreSQL server: the session holding it, as
+    /// `pg_locks` and `pg_stat_activity` name it. `None` for file locks.
+    pub server: Option<ServerHolder>,
 }
 
 impl fmt::Display for Holder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{} lock on {}", self.kind, self.span)?;
-        match self.pid {
-            Some(pid) => write!(f, " held by pid {pid}"),
-            None => f.write_str(" held through another open file description"),
+        match (self.pid, &self.server) {
+            (_, Some(s)) => write!(f, " held by {s}"),
+            (Some(pid), None) => write!(f, " held by pid {pid}"),
+            (None, None) => f.write_str(" held through another open file description"),
         }
+    }
+}
+
+/// The server session holding a lock: its backend's pid, its client's
+/// address and port (`None` over a Unix socket) and its application name
+/// (`locksfile pid N` unless the target set one), as `pg_stat_activity`
+/// shows them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServerHolder {
+    /// The server process serving the session (`pg_locks.pid`).
+    pub backend_pid: u32,
+    /// The client's address (`pg_stat_activity.client_addr`).
+    pub client_addr: Option<std::net::IpAddr>,
+    /// The client's port (`pg_stat_activity.client_port`).
+    pub client_port: Option<u16>,
+    application_name: &'static str,
+}
+
+impl ServerHolder {
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    pub(crate) fn new(
+        backend_pid: u32,
+        client_addr: Option<std::net::IpAddr>,
+        client_port: Option<u16>,
+        application_name: &str,
+    ) -> ServerHolder {
+        ServerHolder {
+            backend_pid,
+            client_addr,
+            client_port,
+            application_name: intern(application_name),
+        }
+    }
+
+    /// The session's `application_name`.
+    pub fn application_name(&self) -> &str {
+        self.application_name
+    }
+
+    /// The same, for the life of the process (names are kept).
+    pub fn application_name_static(&self) -> &'static str {
+        self.application_name
+    }
+}
+
+/// A lock in a PostgreSQL namespace, held or waited for by some session
+/// ([`LockFile::server_locks`](crate::LockFile::server_locks)).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServerLock {
+    /// The lock (one index), its kind and the session.
+    pub holder: Holder,
+    /// Granted (`true`) or waited for.
+    pub granted: bool,
+}
+
+/// Application names, kept for the life of the process so that a `Holder`
+/// stays `Copy` and small (errors carry one). Distinct names are few (one
+/// per client program); past a cap, new ones are not kept.
+fn intern(name: &str) -> &'static str {
+    use std::collections::HashSet;
+    use std::sync::Mutex;
+    const CAP: usize = 4096;
+    static NAMES: Mutex<Option<HashSet<&'static str>>> = Mutex::new(None);
+    let mut names = NAMES.lock().unwrap_or_else(|p| p.into_inner());
+    let set = names.get_or_insert_with(HashSet::new);
+    if let Some(known) = set.get(name) {
+        return known;
+    }
+    if set.len() >= CAP {
+        return "(unrecorded)";
+    }
+    let leaked: &'static str = Box::leak(name.to_string().into_boxed_str());
+    set.insert(leaked);
+    leaked
+}
+
+impl fmt::Display for ServerHolder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "server backend pid {}", self.backend_pid)?;
+        match (self.client_addr, self.client_port) {
+            (Some(a), Some(p)) => write!(f, " for client {a} port {p}")?,
+            (Some(a), None) => write!(f, " for client {a}")?,
+            _ => f.write_str(" for a local client")?,
+        }
+        if !self.application_name().is_empty() {
+            write!(f, " ({})", self.application_name())?;
+        }
+        Ok(())
     }
 }
 
@@ -151,9 +255,10 @@ pub enum Error {
         /// The conflicting lock, where a follow-up `F_GETLK` found one.
         holder: Option<Holder>,
     },
-    /// Waiting would deadlock: the kernel said so (`EDEADLK`, process
-    /// mode), or the wait would close a cycle of waiting owners
-    /// ([`Mode::Shm`](crate::Mode::Shm)). Nothing was changed.
+    /// Waiting would deadlock: the kernel (`EDEADLK`, process mode), the
+    /// wait would close a cycle of waiting owners
+    /// ([`Mode::Shm`](crate::Mode::Shm)), or the PostgreSQL server
+    /// (SQLSTATE `40P01`) found a cycle of waiters. Nothing was changed.
     Deadlock,
     /// The deadline passed before the lock could be had.
     TimedOut,
@@ -239,6 +344,40 @@ pub enum Error {
         /// The file system's name.
         fs: &'static str,
     },
+    /// A PostgreSQL handle's session is gone (server restart or failover,
+    /// network loss, backend terminated): every lock it held is lost.
+    /// Open a new handle; this one only fails from now on.
+    ConnectionLost {
+        /// The target, without its password.
+        target: String,
+    },
+    /// Connecting to a PostgreSQL server failed, within the connect
+    /// timeout: the `source`'s kind tells why (`InvalidInput`: malformed
+    /// target; `PermissionDenied`: authentication; `NotFound`: no such
+    /// database or socket; `ConnectionRefused`; `TimedOut`: no answer).
+    Connect {
+        /// The target, without its password.
+        target: String,
+        /// What went wrong.
+        source: io::Error,
+    },
+    /// The PostgreSQL server refused a statement (no permission to create
+    /// the namespace table, out of lock memory, ...).
+    Server {
+        /// What was being done.
+        op: &'static str,
+        /// The SQLSTATE, e.g. `42501` (no permission), `53200` (out of
+        /// shared memory: raise `max_locks_per_transaction`).
+        code: String,
+        /// The server's message.
+        message: String,
+    },
+    /// A fencing token was asked for an index the handle does not hold
+    /// exclusively.
+    NotHeld {
+        /// The index.
+        index: u64,
+    },
     /// Any other failure of a system call.
     Io {
         /// What was being done.
@@ -309,6 +448,17 @@ impl fmt::Display for Error {
                  are not coherent between hosts",
                 path.display()
             ),
+            Error::ConnectionLost { target } => write!(
+                f,
+                "the session with {target} is lost, and every lock it held with it"
+            ),
+            Error::Connect { target, source } => write!(f, "cannot connect to {target}: {source}"),
+            Error::Server { op, code, message } => {
+                write!(f, "{op}: the server said: {message} (SQLSTATE {code})")
+            }
+            Error::NotHeld { index } => {
+                write!(f, "lock {index} is not held exclusively by this handle")
+            }
             Error::Io { op, source } => write!(f, "{op}: {source}"),
         }
     }
@@ -319,6 +469,7 @@ impl std::error::Error for Error {
         match self {
             Error::Unsupported { source, .. }
             | Error::Open { source, .. }
+            | Error::Connect { source, .. }
             | Error::Io { source, .. } => Some(source),
             _ => None,
         }
@@ -348,6 +499,11 @@ impl From<Error> for io::Error {
             Error::TableFull { .. } => io::ErrorKind::OutOfMemory,
             Error::MixedModes { .. } => io::ErrorKind::ResourceBusy,
             Error::NetworkFileSystem { .. } => io::ErrorKind::Unsupported,
+            Error::Connect { source, .. } => source.kind(),
+            Error::ConnectionLost { .. } => io::ErrorKind::ConnectionAborted,
+            Error::Server { code, .. } if code == "42501" => io::ErrorKind::PermissionDenied,
+            Error::Server { .. } => io::ErrorKind::Other,
+            Error::NotHeld { .. } => io::ErrorKind::InvalidInput,
             Error::Forked | Error::ConversionLost { .. } => io::ErrorKind::Other,
         };
         io::Error::new(kind, e)

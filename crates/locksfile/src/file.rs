@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 use crate::engine::fcntl::Fcntl;
 use crate::engine::flock::Flock;
 use crate::engine::shm::Shm;
+#[cfg(feature = "postgres")]
+use crate::engine::pg::Pg;
 use crate::engine::Engine;
 use crate::error::{Error, Holder, NotRegular, SpanError};
 use crate::guard::{ReadGuard, WriteGuard};
@@ -27,6 +29,8 @@ enum Owners {
     Fcntl(Arc<Owner<Fcntl>>),
     Flock(Arc<Owner<Flock>>),
     Shm(Arc<Owner<Shm>>),
+    #[cfg(feature = "postgres")]
+    Pg(Arc<Owner<Pg>>),
 }
 
 /// Run `$body` with `$o` bound to the owner, whichever engine it has.
@@ -36,6 +40,8 @@ macro_rules! with_owner {
             Owners::Fcntl($o) => $body,
             Owners::Flock($o) => $body,
             Owners::Shm($o) => $body,
+            #[cfg(feature = "postgres")]
+            Owners::Pg($o) => $body,
         }
     };
 }
@@ -110,6 +116,15 @@ pub enum Mode {
     /// that held nothing when this mode opened. [`crate::shm::Snapshot`]
     /// reads the table from outside.
     Shm,
+    /// Session-level advisory locks on a PostgreSQL server, for processes
+    /// on several machines: each handle is one server session and its own
+    /// owner. Made by [`LockFile::connect`] (feature `postgres`), never by
+    /// [`OpenOptions::mode`] on a path. Indices stop at `i32::MAX`, and one
+    /// call takes at most 4096 of them ([`SpanError::TooLong`] otherwise,
+    /// and for open-ended spans). The server detects deadlocks and queues
+    /// waiters in order; a lost session loses every lock
+    /// ([`Error::ConnectionLost`], [`LockFile::lost`]).
+    Postgres,
 }
 
 impl fmt::Display for Mode {
@@ -119,6 +134,7 @@ impl fmt::Display for Mode {
             Mode::Process => "process",
             Mode::Flock => "flock",
             Mode::Shm => "shm",
+            Mode::Postgres => "postgres",
         })
     }
 }
@@ -142,6 +158,7 @@ pub struct OpenOptions {
     write: bool,
     permissions: u32,
     follow_symlinks: bool,
+    connect_timeout: Option<Duration>,
 }
 
 impl Default for OpenOptions {
@@ -152,6 +169,7 @@ impl Default for OpenOptions {
             write: true,
             permissions: 0o644,
             follow_symlinks: false,
+            connect_timeout: None,
         }
     }
 }
@@ -208,6 +226,53 @@ impl OpenOptions {
         self
     }
 
+    /// How long [`connect`](Self::connect) may take in all (default: the
+    /// target's `connect_timeout`, else 10 s).
+    pub fn connect_timeout(&mut self, timeout: Duration) -> &mut Self {
+        self.connect_timeout = Some(timeout);
+        self
+    }
+
+    /// Connect to a lock namespace on a PostgreSQL server (feature
+    /// `postgres`): a new session, dedicated to this handle, whose
+    /// session-level advisory locks are the handle's locks. `target` is a
+    /// URL, `postgresql://[user[:password]@]host[:port]/dbname?name=NAME`
+    /// (a Unix socket's directory as a %-encoded host or `?host=/dir`), or
+    /// a libpq key=value string with a `name=NAME` word (`host=/run/pg
+    /// dbname=app name=jobs`). `NAME` names the namespace: handles with the
+    /// same server, database and name share locks. Unset parts come from
+    /// `PGHOST`, `PGPORT`, `PGUSER`, `PGDATABASE` and `PGPASSWORD` or the
+    /// password file (`PGPASSFILE`, `~/.pgpass`) as libpq takes them; the
+    /// application name defaults to `locksfile pid N`, which
+    /// [`conflicts`](LockFile::conflicts) shows. No TLS. `write(false)`
+    /// gives a handle that takes shared locks only; the other options do
+    /// not apply. The password is never shown: not in errors, `Debug` or
+    /// [`LockFile::path`].
+    ///
+    /// The namespace table `locksfile_namespaces` (and `locksfile_fences`,
+    /// for [`LockFile::fence`]) is created when missing, which needs the
+    /// right to create tables in the database once.
+    ///
+    /// # Errors
+    /// [`Error::Connect`], its source's kind telling a malformed target
+    /// (`InvalidInput`), refused credentials (`PermissionDenied`), a
+    /// missing database or socket (`NotFound`), a refused connection or a
+    /// server that does not answer within the timeout (`TimedOut`);
+    /// [`Error::Server`] when the namespace table cannot be created.
+    #[cfg(feature = "postgres")]
+    pub fn connect(&self, target: &str) -> Result<LockFile, Error> {
+        let engine = Pg::connect(target, self.connect_timeout, self.write)?;
+        let path = PathBuf::from(engine.shown());
+        let owner = Owners::Pg(Arc::new(Owner::new(engine)));
+        let handle = with_owner!(&owner, o => o.new_handle_id());
+        Ok(LockFile {
+            owner,
+            handle,
+            mode: Mode::Postgres,
+            path,
+        })
+    }
+
     /// Open (or create) the lock file. Its content is never read, written
     /// or truncated. A file that can only be opened read-only still takes
     /// shared locks.
@@ -219,6 +284,7 @@ impl OpenOptions {
     /// `EROFS`, `EMFILE`, ...); [`Error::Unsupported`] when OFD locks are
     /// not available.
     pub fn open(&self, path: impl AsRef<Path>) -> Result<LockFile, Error> {
+        self.not_server_mode()?;
         let path = path.as_ref();
         let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
         let c = CString::new(abs.as_os_str().as_bytes()).map_err(|_| {
@@ -276,12 +342,24 @@ impl OpenOptions {
     /// # References
     /// fcntl(2), "Open file description locks (non-POSIX)".
     pub fn open_fd(&self, fd: OwnedFd) -> Result<LockFile, Error> {
+        self.not_server_mode()?;
         let path = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
             .unwrap_or_else(|_| PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd())));
         let writable = self.write
             && sys::is_writable(fd.as_fd()).map_err(|e| Error::io("fcntl lock descriptor", e))?;
         let owner = self.owner_of(&path, fd, writable)?;
         self.handle_on(owner, path)
+    }
+
+    /// [`Mode::Postgres`] names no file: refused on a path or descriptor.
+    fn not_server_mode(&self) -> Result<(), Error> {
+        if self.mode == Mode::Postgres {
+            return Err(Error::Unsupported {
+                what: "Mode::Postgres on a file (use OpenOptions::connect)",
+                source: io::Error::from(io::ErrorKind::InvalidInput),
+            });
+        }
+        Ok(())
     }
 
     fn handle_on(&self, owner: Owners, path: PathBuf) -> Result<LockFile, Error> {
@@ -326,7 +404,8 @@ impl OpenOptions {
             return Err(table_in_use(path));
         }
         Ok(match self.mode {
-            Mode::Ofd => Owners::Fcntl(Arc::new(Owner::new(Fcntl::new(
+            // `not_server_mode` keeps Postgres away from files.
+            Mode::Ofd | Mode::Postgres => Owners::Fcntl(Arc::new(Owner::new(Fcntl::new(
                 sys::Family::Ofd,
                 dev,
                 ino,
@@ -360,7 +439,7 @@ impl OpenOptions {
             return Ok(None);
         }
         let family = match self.mode {
-            Mode::Ofd | Mode::Flock | Mode::Shm => sys::Family::Ofd,
+            Mode::Ofd | Mode::Flock | Mode::Shm | Mode::Postgres => sys::Family::Ofd,
             Mode::Process => sys::Family::Posix,
         };
         let reused = |r| match r {
@@ -580,6 +659,100 @@ impl LockFile {
         OpenOptions::new()
     }
 
+    /// [`OpenOptions::connect`] with the default options: a handle on a
+    /// lock namespace on a PostgreSQL server (feature `postgres`).
+    ///
+    /// # Errors
+    /// As [`OpenOptions::connect`].
+    #[cfg(feature = "postgres")]
+    pub fn connect(target: &str) -> Result<LockFile, Error> {
+        OpenOptions::new().connect(target)
+    }
+
+    /// Whether `s` names a lock namespace on a server rather than a lock
+    /// file, where both are accepted (the CLI, Python): a `postgresql://`
+    /// or `postgres://` URL, or a libpq key=value string whose first word
+    /// is `key=value` (lowercase key) and which has a `name=` word. A file
+    /// named like that is given as `./host=...`.
+    ///
+    /// ```
+    /// use locksfile::LockFile;
+    /// assert!(LockFile::is_server_target("postgresql://db/app?name=jobs"));
+    /// assert!(LockFile::is_server_target("host=/run/postgresql dbname=app name=jobs"));
+    /// assert!(!LockFile::is_server_target("./host=x name=y"));
+    /// assert!(!LockFile::is_server_target("/var/lock/app.lock"));
+    /// ```
+    #[cfg(feature = "postgres")]
+    pub fn is_server_target(s: &str) -> bool {
+        crate::engine::pg::is_target(s)
+    }
+
+    /// Whether the handle's server session is lost (server restart,
+    /// failover, network loss, the backend terminated), and every lock
+    /// with it: calls then fail with [`Error::ConnectionLost`] and
+    /// [`held`](Self::held) is empty. Checks without a round trip (a flag
+    /// set by a failed call, and a `poll` of the socket for a hang-up), so
+    /// a partition shows once TCP keepalive gives up (about 30 s). Always
+    /// `false` for a lock file.
+    pub fn lost(&self) -> bool {
+        match &self.owner {
+            #[cfg(feature = "postgres")]
+            Owners::Pg(o) => o.engine.lost(),
+            _ => false,
+        }
+    }
+
+    /// Every lock other sessions hold or wait for in this handle's
+    /// PostgreSQL namespace, in index order, from `pg_locks` and
+    /// `pg_stat_activity` (feature `postgres`); what `locksfile status`
+    /// shows. A snapshot.
+    ///
+    /// # Errors
+    /// [`Error::Unsupported`] for a lock file; [`Error::ConnectionLost`];
+    /// [`Error::Server`].
+    #[cfg(feature = "postgres")]
+    pub fn server_locks(&self) -> Result<Vec<crate::ServerLock>, Error> {
+        match &self.owner {
+            Owners::Pg(o) => o.engine.locks(Span::ALL, None, false),
+            _ => Err(Error::Unsupported {
+                what: "listing server locks (PostgreSQL handles only)",
+                source: io::Error::from(io::ErrorKind::Unsupported),
+            }),
+        }
+    }
+
+    /// A fencing token for lock `index`, which this handle must hold
+    /// exclusively (feature `postgres`): a number that grows with every
+    /// call for that lock of the namespace, whoever makes it
+    /// (`INSERT ... ON CONFLICT DO UPDATE ... RETURNING` on the table
+    /// `locksfile_fences`). Take one after each exclusive grant and send it
+    /// with every write to a resource outside the database; the resource
+    /// keeps the highest token it has seen and refuses writes with a lower
+    /// one, so a holder that lost its lock without knowing (a pause, a
+    /// partition) cannot write over its successor.
+    ///
+    /// # Errors
+    /// [`Error::NotHeld`] unless held exclusively; [`Error::Unsupported`]
+    /// for a lock file; [`Error::ConnectionLost`]; [`Error::Server`].
+    pub fn fence(&self, index: u64) -> Result<u64, Error> {
+        match &self.owner {
+            #[cfg(feature = "postgres")]
+            Owners::Pg(o) => {
+                if o.is_inherited() {
+                    return Err(Error::Forked);
+                }
+                o.engine.fence(index)
+            }
+            _ => {
+                let _ = index;
+                Err(Error::Unsupported {
+                    what: "fencing tokens (PostgreSQL handles only)",
+                    source: io::Error::from(io::ErrorKind::Unsupported),
+                })
+            }
+        }
+    }
+
     /// The lock mode chosen at open.
     pub fn mode(&self) -> Mode {
         self.mode
@@ -652,7 +825,46 @@ impl LockFile {
                 }
                 o.change(change, wait)
             }
+            #[cfg(feature = "postgres")]
+            Owners::Pg(o) => self.change_pg(o, change, wait, wants_exclusive),
         }
+    }
+
+    /// [`LockFile::change`] on a server: a span that takes locks must fit
+    /// the server's keys and the per-call cap, checked before anything is
+    /// sent.
+    #[cfg(feature = "postgres")]
+    #[inline(never)]
+    fn change_pg(
+        &self,
+        o: &Owner<Pg>,
+        change: Change,
+        wait: Wait,
+        wants_exclusive: bool,
+    ) -> Result<(), Error> {
+        use crate::engine::pg::{MAX_INDEX, MAX_SPAN};
+        let wants_lock = match change {
+            Change::Guard { to, .. } => to.is_some(),
+            Change::Explicit { kind, .. } => kind.is_some(),
+        };
+        if wants_lock {
+            let span = change.span();
+            if span.end() == crate::INDEX_END || span.end() - span.start() > MAX_SPAN {
+                return Err(Error::InvalidSpan(SpanError::TooLong));
+            }
+            if span.end() - 1 > MAX_INDEX {
+                return Err(Error::InvalidSpan(SpanError::PastServerKeys));
+            }
+            if wants_exclusive && !o.engine.writable() {
+                return Err(self.read_only());
+            }
+            if o.engine.lost() {
+                return Err(Error::ConnectionLost {
+                    target: o.engine.shown().to_string(),
+                });
+            }
+        }
+        o.change(change, wait)
     }
 
     /// [`LockFile::change`] in flock mode, out of line so that the fcntl
@@ -756,12 +968,19 @@ impl LockFile {
 
     /// Everything the owner holds (the handle in OFD mode; every handle of
     /// this file in this process in process mode), with guards, piece by piece.
+    /// A lost server session holds nothing, whatever guards remain.
     pub fn held(&self) -> Vec<(Span, Kind)> {
+        if self.lost() {
+            return Vec::new();
+        }
         with_owner!(&self.owner, o => o.held())
     }
 
     /// This handle's explicit locks only.
     pub fn held_explicitly(&self) -> Vec<(Span, Kind)> {
+        if self.lost() {
+            return Vec::new();
+        }
         with_owner!(&self.owner, o => o.explicit(self.handle))
     }
 
@@ -875,6 +1094,8 @@ impl AsFd for LockFile {
             }
             Owners::Flock(o) => o.engine.fd(),
             Owners::Shm(o) => o.engine.lock_fd(),
+            #[cfg(feature = "postgres")]
+            Owners::Pg(o) => o.engine.socket(),
         }
     }
 }

@@ -85,7 +85,9 @@ use std::fmt;
 use std::time::{Duration, Instant};
 
 pub use engine::Abilities;
-pub use error::{Error, Holder, NotRegular, Result, SidecarProblem, SpanError};
+pub use error::{
+    Error, Holder, NotRegular, Result, ServerHolder, ServerLock, SidecarProblem, SpanError,
+};
 pub use file::{LockFile, Mode, OpenOptions};
 pub use guard::{ReadGuard, WriteGuard};
 pub use span::{IntoSpan, Span, INDEX_END};

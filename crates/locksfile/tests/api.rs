@@ -476,6 +476,7 @@ fn errors_convert_to_io_errors() {
         span: span(3..5),
         kind: Kind::Shared,
         pid: Some(42),
+        server: None,
     };
     assert!(h.to_string().contains("42"));
 }

@@ -127,6 +127,7 @@ fn whole(kind: Kind, pid: u32) -> Option<Holder> {
         span: Span::ALL,
         kind,
         pid: Some(pid),
+        server: None,
     })
 }
 

@@ -814,7 +814,9 @@ fn worker(t: &Table, path: &std::path::Path, mode: Mode, p: usize, seed: u64, un
             ],
             [0, 0, 1],
         ),
-        Mode::Flock => unreachable!("the stress table locks byte ranges; flock mode has none"),
+        Mode::Flock | Mode::Postgres => {
+            unreachable!("the stress table runs on lock files with byte ranges")
+        }
     };
     let nhandles = owners.iter().map(|o| o.handles.len()).sum();
     let handles: Vec<Handle> = (0..nhandles)
@@ -912,7 +914,9 @@ fn stress(mode: Mode) {
     let owners = match mode {
         Mode::Ofd | Mode::Shm => 2 * PROCS,
         Mode::Process => PROCS,
-        Mode::Flock => unreachable!("the stress table locks byte ranges; flock mode has none"),
+        Mode::Flock | Mode::Postgres => {
+            unreachable!("the stress table runs on lock files with byte ranges")
+        }
     };
     let shared = Shared::new(owners * COLS * 2 + COUNTERS + PROCS);
     let t = Table {

@@ -43,6 +43,7 @@ impl Table {
                         span: piece,
                         kind: theirs.expect("a clash has a kind"),
                         pid: None,
+                        server: None,
                     });
                 }
             }

@@ -229,6 +229,7 @@ impl Engine for Fcntl {
                 Kind::Shared
             },
             pid: u32::try_from(b.pid).ok().filter(|&p| p > 0),
+            server: None,
         }))
     }
 

@@ -316,6 +316,7 @@ impl Engine for Flock {
                 Kind::Shared
             },
             pid: u32::try_from(l.pid).ok().filter(|&p| p > 0),
+            server: None,
         }))
     }
 

@@ -21,6 +21,8 @@
 pub(crate) mod fcntl;
 pub(crate) mod flock;
 pub(crate) mod shm;
+#[cfg(feature = "postgres")]
+pub(crate) mod pg;
 
 #[cfg(test)]
 pub(crate) mod fake;

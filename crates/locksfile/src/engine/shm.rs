@@ -1495,6 +1495,7 @@ impl Shm {
                     span: Span::from_checked(r.start, r.end),
                     kind: kind_of(r.kind),
                     pid: Some(g.map.slots()[(r.owner - 1) as usize].pid).filter(|&p| p > 0),
+                    server: None,
                 }
             }
             Blocker::Waiter(w) => {
@@ -1503,6 +1504,7 @@ impl Shm {
                     span: Span::from_checked(w.start, w.end),
                     kind: kind_of(w.kind),
                     pid: Some(w.pid).filter(|&p| p > 0),
+                    server: None,
                 }
             }
         }

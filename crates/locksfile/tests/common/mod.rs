@@ -338,6 +338,7 @@ pub fn probe(path: &Path, kind: Kind, s: impl locksfile::IntoSpan) -> Option<Hol
                 span: Span::new(start, end).expect("span from child"),
                 kind,
                 pid: (pid != u64::MAX).then_some(pid as u32),
+                server: None,
             })
         }
     };
@@ -350,7 +351,7 @@ pub fn pid_in(mode: Mode, pid: u32) -> Option<u32> {
     match mode {
         // /proc/locks names the process that took a flock(2) lock.
         Mode::Process | Mode::Flock | Mode::Shm => Some(pid),
-        Mode::Ofd => None,
+        Mode::Ofd | Mode::Postgres => None,
     }
 }
 
@@ -359,6 +360,7 @@ pub fn holder(mode: Mode, s: impl locksfile::IntoSpan, kind: Kind, pid: u32) -> 
         span: span(s),
         kind,
         pid: pid_in(mode, pid),
+        server: None,
     }
 }
 

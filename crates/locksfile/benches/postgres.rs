@@ -1,0 +1,163 @@
+//! Uncontended lock + unlock pairs on a PostgreSQL server over a Unix
+//! socket: the engine (a guard: `pg_try_advisory_lock(ns, k)` then
+//! `pg_advisory_unlock(ns, k)`, prepared) against the raw pair `SELECT
+//! pg_advisory_lock(k)` / `SELECT pg_advisory_unlock(k)` with the same
+//! client (tokio-postgres on a current-thread runtime, prepared statements)
+//! in the same run; then both again with 10,000 other locks held by the
+//! same session. Rounds alternate between the two so drift hits both.
+//!
+//! Needs a server: `scripts/bench-pg` starts a throwaway one, or set
+//! `LOCKSFILE_TEST_PG` to a URL. Settings: `PG_BENCH_PAIRS` (20000 per
+//! round), `PG_BENCH_ROUNDS` (7).
+
+use std::time::Instant;
+
+use locksfile::LockFile;
+use tokio_postgres::NoTls;
+
+fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+struct Raw {
+    rt: tokio::runtime::Runtime,
+    client: tokio_postgres::Client,
+    lock: tokio_postgres::Statement,
+    unlock: tokio_postgres::Statement,
+}
+
+impl Raw {
+    fn connect(url: &str) -> Raw {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()
+            .unwrap();
+        let config: tokio_postgres::Config = url.parse().unwrap();
+        let tokio_postgres::config::Host::Unix(dir) = &config.get_hosts()[0] else {
+            panic!("the benchmark wants a Unix-socket URL")
+        };
+        let port = config.get_ports().first().copied().unwrap_or(5432);
+        let path = dir.join(format!(".s.PGSQL.{port}"));
+        let (client, lock, unlock) = rt.block_on(async {
+            let s = tokio::net::UnixStream::connect(path).await.unwrap();
+            let (client, conn) = config.connect_raw(s, NoTls).await.unwrap();
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            let lock = client.prepare("SELECT pg_advisory_lock($1)").await.unwrap();
+            let unlock = client
+                .prepare("SELECT pg_advisory_unlock($1)")
+                .await
+                .unwrap();
+            (client, lock, unlock)
+        });
+        Raw {
+            rt,
+            client,
+            lock,
+            unlock,
+        }
+    }
+
+    fn pair(&self, k: i64) {
+        self.rt.block_on(async {
+            self.client.query_one(&self.lock, &[&k]).await.unwrap();
+            self.client.query_one(&self.unlock, &[&k]).await.unwrap();
+        });
+    }
+}
+
+/// Median microseconds per pair over `rounds` rounds of `n` pairs.
+fn measure(rounds: usize, n: usize, mut raw: impl FnMut(), mut ours: impl FnMut()) -> (f64, f64) {
+    let mut r = Vec::new();
+    let mut o = Vec::new();
+    for _ in 0..n / 10 {
+        raw();
+        ours();
+    }
+    for _ in 0..rounds {
+        let t = Instant::now();
+        for _ in 0..n {
+            raw();
+        }
+        r.push(t.elapsed().as_secs_f64() * 1e6 / n as f64);
+        let t = Instant::now();
+        for _ in 0..n {
+            ours();
+        }
+        o.push(t.elapsed().as_secs_f64() * 1e6 / n as f64);
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        v[v.len() / 2]
+    };
+    (median(&mut r), median(&mut o))
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; a filter or `--list` asks for nothing.
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let Ok(url) = std::env::var("LOCKSFILE_TEST_PG") else {
+        eprintln!("postgres bench: skipped, no server (scripts/bench-pg starts one)");
+        return;
+    };
+    let n = env_or("PG_BENCH_PAIRS", 20_000);
+    let rounds = env_or("PG_BENCH_ROUNDS", 7);
+    let raw = Raw::connect(&url);
+    let lf = LockFile::connect(&format!("{url}?name=bench-{}", std::process::id())).unwrap();
+
+    println!("uncontended lock + unlock pair over a Unix socket, median of {rounds} rounds of {n}");
+    println!(
+        "{:<34} {:>10} {:>10} {:>7}",
+        "", "raw us", "ours us", "ratio"
+    );
+    let (r0, o0) = measure(
+        rounds,
+        n,
+        || raw.pair(5),
+        || drop(lf.try_write(5u64).unwrap()),
+    );
+    println!(
+        "{:<34} {:>10.2} {:>10.2} {:>7.2}",
+        "no other locks held",
+        r0,
+        o0,
+        o0 / r0
+    );
+
+    // 10,000 other locks held by each session.
+    raw.rt.block_on(async {
+        raw.client
+            .simple_query("SELECT count(*) FROM (SELECT pg_advisory_lock(k) FROM generate_series(1000, 10999) k) s")
+            .await
+            .unwrap();
+    });
+    let mut held = Vec::new();
+    for start in (1000..11_000u64).step_by(4000) {
+        held.push(lf.write(start..(start + 4000).min(11_000)).unwrap());
+    }
+    let (r1, o1) = measure(
+        rounds,
+        n,
+        || raw.pair(5),
+        || drop(lf.try_write(5u64).unwrap()),
+    );
+    println!(
+        "{:<34} {:>10.2} {:>10.2} {:>7.2}",
+        "with 10,000 other locks held",
+        r1,
+        o1,
+        o1 / r1
+    );
+    println!(
+        "flatness (10,000 held / none): raw {:.2}, ours {:.2}",
+        r1 / r0,
+        o1 / o0
+    );
+    drop(held);
+}

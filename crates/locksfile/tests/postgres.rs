@@ -1,0 +1,519 @@
+//! The PostgreSQL engine against a real server (see `pg/mod.rs` for how the
+//! server is found): exclusion between handles and processes, kinds,
+//! conversions, waits, deadlocks, death of holders and waiters, bad input.
+
+mod pg;
+
+use std::time::{Duration, Instant};
+
+use locksfile::{Error, Kind, LockFile, Mode, ReadGuard, SpanError, Wait, WriteGuard};
+use pg::{connect, psql, server, target, until, waiting, ChildProc};
+
+/// Not a test: the body of the child processes the tests spawn.
+#[test]
+fn child() {
+    pg::child_main();
+}
+
+macro_rules! server_or_skip {
+    () => {
+        match server() {
+            Some(s) => s,
+            None => return,
+        }
+    };
+}
+
+#[test]
+fn two_handles_exclude_each_other_and_shared_locks_share() {
+    let srv = server_or_skip!();
+    let t = target(&srv, "excl");
+    let a = connect(&t);
+    let b = connect(&t);
+    assert_eq!(a.mode(), Mode::Postgres);
+    let abilities = a.abilities();
+    assert!(abilities.detects_deadlocks && abilities.fair && abilities.releases_on_death);
+
+    let g = a.write(0..10).unwrap();
+    assert!(matches!(b.try_read(5), Err(Error::WouldBlock { .. })));
+    assert!(b.try_read(10).is_ok());
+    assert_eq!(
+        a.held(),
+        vec![(locksfile::Span::new(0, 10).unwrap(), Kind::Exclusive)]
+    );
+    drop(g);
+    assert!(a.held().is_empty());
+
+    let r1 = a.read(3..6).unwrap();
+    let r2 = b.read(4..8).unwrap();
+    assert!(matches!(b.try_write(3), Err(Error::WouldBlock { .. })));
+    assert!(matches!(a.try_write(7), Err(Error::WouldBlock { .. })));
+    drop((r1, r2));
+    let _w = b.write(3..8).unwrap();
+
+    // Another namespace on the same server is another set of locks.
+    let other = connect(&target(&srv, "excl-other"));
+    assert!(other.try_write(3..8).is_ok());
+}
+
+#[test]
+fn explicit_calls_stack_nothing_on_the_server() {
+    let srv = server_or_skip!();
+    let t = target(&srv, "explicit");
+    let a = connect(&t);
+    let b = connect(&t);
+    // The same lock asked for many ways reaches the server once.
+    a.acquire(Kind::Exclusive, 5, Wait::NonBlocking).unwrap();
+    a.acquire(Kind::Exclusive, 5, Wait::NonBlocking).unwrap();
+    let g = a.write(5).unwrap();
+    drop(g);
+    a.release(5).unwrap();
+    // One release freed it: the server held it once.
+    b.acquire(Kind::Exclusive, 5, Wait::NonBlocking).unwrap();
+    b.release_all().unwrap();
+    assert!(a.try_write(5).is_ok());
+}
+
+#[test]
+fn a_refused_span_takes_nothing() {
+    let srv = server_or_skip!();
+    let t = target(&srv, "allornone");
+    let a = connect(&t);
+    let b = connect(&t);
+    let c = connect(&t);
+    let _mid = b.write(3).unwrap();
+    // Keys 1 and 2 come before the refused 3: none may stay held.
+    assert!(matches!(a.try_write(1..6), Err(Error::WouldBlock { .. })));
+    assert!(matches!(
+        a.write_for(1..6, Duration::from_millis(100)),
+        Err(Error::TimedOut)
+    ));
+    assert!(a.held().is_empty());
+    assert!(c.try_write(1..3).is_ok());
+    assert!(c.try_write(4..6).is_ok());
+}
+
+#[test]
+fn conflicts_names_the_holding_session() {
+    let srv = server_or_skip!();
+    let t = target(&srv, "names");
+    let a = connect(&t);
+    let b = connect(&t);
+    let _g = a.write(7).unwrap();
+    let h = b
+        .conflicts(Kind::Shared, 0..100)
+        .unwrap()
+        .expect("a holder");
+    assert_eq!(h.kind, Kind::Exclusive);
+    assert_eq!(h.span, locksfile::Span::new(7, 8).unwrap());
+    let s = h.server.expect("a server holder");
+    assert_eq!(
+        s.application_name(),
+        format!("locksfile pid {}", std::process::id())
+    );
+    assert!(s.backend_pid > 0);
+    assert_eq!(s.client_addr, None, "a Unix-socket client has no address");
+    match b.try_read(7) {
+        Err(Error::WouldBlock { holder: Some(h) }) => {
+            assert!(h.to_string().contains("backend pid"), "{h}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(a.conflicts(Kind::Exclusive, 7).unwrap(), None);
+}
+
+#[test]
+fn two_processes_exclude_each_other() {
+    let srv = server_or_skip!();
+    let t = target(&srv, "procs");
+    let mut child = ChildProc::spawn("child", &t, "hold-x:4");
+    child.ready();
+    let me = connect(&t);
+    match me.try_read(4) {
+        Err(Error::WouldBlock { holder: Some(h) }) => {
+            let s = h.server.unwrap();
+            assert_eq!(
+                s.application_name(),
+                format!("locksfile pid {}", child.child.id())
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(me.try_read(5).is_ok());
+}
+
+#[test]
+fn a_killed_holders_lock_goes_to_its_waiter_within_a_second() {
+    let srv = server_or_skip!();
+    let t = target(&srv, "killholder");
+    let mut child = ChildProc::spawn("child", &t, "hold-x:1");
+    child.ready();
+    let me = connect(&t);
+    let before = waiting(&srv);
+    std::thread::scope(|s| {
+        let w = s.spawn(|| {
+            let g = me.write_for(1, pg::STUCK).unwrap();
+            let at = Instant::now();
+            drop(g);
+            at
+        });
+        until("our wait to reach the server", || waiting(&srv) > before);
+        let killed = Instant::now();
+        child.kill();
+        let granted = w.join().unwrap();
+        let took = granted - killed;
+        assert!(
+            took < Duration::from_secs(1),
+            "granted {took:?} after the kill"
+        );
+    });
+}
+
+#[test]
+fn a_killed_waiter_is_never_granted() {
+    let srv = server_or_skip!();
+    let t = target(&srv, "killwaiter");
+    let me = connect(&t);
+    let g = me.write(2).unwrap();
+    let before = waiting(&srv);
+    let mut child = ChildProc::spawn("child", &t, "wait-x:2");
+    child.ready();
+    until("the child's wait to reach the server", || {
+        waiting(&srv) > before
+    });
+    let app = format!("locksfile pid {}", child.child.id());
+    child.kill();
+    // client_connection_check_interval ends the dead client's backend.
+    until("the dead waiter's backend to end", || {
+        psql(
+            &srv,
+            &format!("SELECT count(*) FROM pg_stat_activity WHERE application_name = '{app}'"),
+        ) == "0"
+    });
+    drop(g);
+    let other = connect(&t);
+    assert!(other.try_write(2).is_ok(), "the dead waiter got the lock");
+}
+
+#[test]
+fn shared_locks_upgrade_keeping_the_shared_lock_while_waiting() {
+    let srv = server_or_skip!();
+    let t = target(&srv, "upgrade");
+    let a = connect(&t);
+    let b = connect(&t);
+    let c = connect(&t);
+    let ra = a.read(1).unwrap();
+    let rb = b.read(1).unwrap();
+    let before = waiting(&srv);
+    std::thread::scope(|s| {
+        let up = s.spawn(|| ReadGuard::upgrade(ra).map_err(|(_, e)| e).map(drop));
+        until("the upgrade to wait", || waiting(&srv) > before);
+        // While it waits, a still holds its shared lock: no writer gets in,
+        // and b's shared lock stands.
+        assert!(matches!(c.try_write(1), Err(Error::WouldBlock { .. })));
+        assert_eq!(a.held().len(), 1);
+        drop(rb);
+        up.join().unwrap().unwrap();
+    });
+    assert!(c.try_write(1).is_ok());
+}
+
+#[test]
+fn a_downgrade_never_waits_even_with_a_writer_queued() {
+    let srv = server_or_skip!();
+    let t = target(&srv, "downgrade");
+    let a = connect(&t);
+    let b = connect(&t);
+    let w = a.write(1..4).unwrap();
+    let before = waiting(&srv);
+    std::thread::scope(|s| {
+        let queued = s.spawn(|| drop(b.write_for(1..4, pg::STUCK).unwrap()));
+        until("the writer to queue", || waiting(&srv) > before);
+        let t0 = Instant::now();
+        let r = WriteGuard::downgrade(w);
+        assert!(t0.elapsed() < Duration::from_millis(500));
+        assert_eq!(
+            a.held(),
+            vec![(locksfile::Span::new(1, 4).unwrap(), Kind::Shared)]
+        );
+        drop(r);
+        queued.join().unwrap();
+    });
+}
+
+#[test]
+fn a_two_owner_cycle_is_a_deadlock() {
+    let srv = server_or_skip!();
+    let t = target(&srv, "deadlock");
+    let a = connect(&t);
+    let b = connect(&t);
+    let _ga = a.write(1).unwrap();
+    let _gb = b.write(2).unwrap();
+    let before = waiting(&srv);
+    let (ra, rb) = std::thread::scope(|s| {
+        let wa = s.spawn(|| a.write_for(2, pg::STUCK).map(drop));
+        until("a to wait", || waiting(&srv) > before);
+        let rb = b.write_for(1, pg::STUCK).map(drop);
+        // Whoever loses lets go, and the other gets through.
+        if rb.is_err() {
+            drop(_gb);
+        }
+        (wa.join().unwrap(), rb)
+    });
+    let deadlocks = [&ra, &rb]
+        .iter()
+        .filter(|r| matches!(r, Err(Error::Deadlock)))
+        .count();
+    assert_eq!(deadlocks, 1, "{ra:?} {rb:?}");
+}
+
+#[test]
+fn timed_waits_time_out_and_non_blocking_calls_do_not_wait() {
+    let srv = server_or_skip!();
+    let t = target(&srv, "timeouts");
+    let a = connect(&t);
+    let b = connect(&t);
+    let _g = a.write(9).unwrap();
+    let t0 = Instant::now();
+    assert!(matches!(
+        b.read_for(9, Duration::from_millis(200)),
+        Err(Error::TimedOut)
+    ));
+    let took = t0.elapsed();
+    assert!(
+        took >= Duration::from_millis(190) && took < Duration::from_secs(2),
+        "{took:?}"
+    );
+    let t0 = Instant::now();
+    assert!(b.try_write(9).is_err());
+    assert!(t0.elapsed() < Duration::from_secs(1));
+    assert!(b.held().is_empty());
+    // The timeout was for that statement only: a later wait is untimed.
+    std::thread::scope(|s| {
+        let before = waiting(&srv);
+        let w = s.spawn(|| b.write(9).map(drop));
+        until("b to wait", || waiting(&srv) > before);
+        drop(_g);
+        w.join().unwrap().unwrap();
+    });
+}
+
+#[test]
+fn a_release_on_another_thread_is_not_held_up_by_a_wait() {
+    let srv = server_or_skip!();
+    let t = target(&srv, "sibling");
+    let a = connect(&t);
+    let b = connect(&t);
+    let _gb = b.write(1).unwrap();
+    let ga = a.write(5).unwrap();
+    let before = waiting(&srv);
+    std::thread::scope(|s| {
+        let w = s.spawn(|| a.write_for(1, pg::STUCK).map(drop));
+        until("a to wait", || waiting(&srv) > before);
+        let t0 = Instant::now();
+        drop(ga); // a's wait holds the session: the release cancels it
+        assert!(t0.elapsed() < Duration::from_secs(1));
+        // Released on the server at once, and the wait goes on.
+        assert!(b.try_write(5).is_ok());
+        until("a to wait again", || waiting(&srv) > before);
+        drop(_gb);
+        w.join().unwrap().unwrap();
+    });
+}
+
+#[test]
+fn spans_past_the_cap_or_open_ended_are_refused() {
+    let srv = server_or_skip!();
+    let a = connect(&target(&srv, "cap"));
+    assert!(matches!(
+        a.try_write(0..5000),
+        Err(Error::InvalidSpan(SpanError::TooLong))
+    ));
+    assert!(matches!(
+        a.try_write(..),
+        Err(Error::InvalidSpan(SpanError::TooLong))
+    ));
+    assert!(matches!(
+        a.try_write(1u64 << 31),
+        Err(Error::InvalidSpan(SpanError::PastServerKeys))
+    ));
+    // Releasing everything is fine.
+    a.release_all().unwrap();
+}
+
+#[test]
+fn ten_thousand_locks_in_one_session() {
+    let srv = server_or_skip!();
+    let t = target(&srv, "many");
+    let a = connect(&t);
+    let mut guards = Vec::new();
+    for start in (0..10_240u64).step_by(4096) {
+        guards.push(a.write(start..(start + 4096).min(10_240)).unwrap());
+    }
+    let b = connect(&t);
+    assert!(b.try_read(10_239).is_err());
+    assert!(b.try_read(10_240).is_ok());
+    drop(guards);
+    assert!(b.try_write(0..4096).is_ok());
+}
+
+#[test]
+fn fencing_tokens_grow_with_every_grant() {
+    let srv = server_or_skip!();
+    let t = target(&srv, "fence");
+    let a = connect(&t);
+    let b = connect(&t);
+    assert!(matches!(a.fence(3), Err(Error::NotHeld { index: 3 })));
+    let g = a.write(3).unwrap();
+    let t1 = a.fence(3).unwrap();
+    drop(g);
+    let g = b.write(3).unwrap();
+    let t2 = b.fence(3).unwrap();
+    assert!(t2 > t1);
+    drop(g);
+    let _r = a.read(3).unwrap();
+    assert!(matches!(a.fence(3), Err(Error::NotHeld { .. })));
+}
+
+#[test]
+fn a_terminated_session_reports_every_lock_lost() {
+    let srv = server_or_skip!();
+    let t = target(&srv, "terminated");
+    let a = connect(&t);
+    let g = a.write(1..3).unwrap();
+    assert!(!a.lost());
+    psql(
+        &srv,
+        &format!(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE application_name = 'locksfile pid {}' AND pid IN \
+             (SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted)",
+            std::process::id()
+        ),
+    );
+    until("the loss to show", || a.lost());
+    assert!(
+        a.held().is_empty(),
+        "held() shows a lock the server dropped"
+    );
+    assert!(matches!(a.try_read(5), Err(Error::ConnectionLost { .. })));
+    // Releasing what is lost is no error; the lock is free on the server.
+    drop(g);
+    assert!(connect(&t).try_write(1..3).is_ok());
+}
+
+#[test]
+fn bad_input_is_a_clear_error_within_the_timeout() {
+    let srv = server_or_skip!();
+    let kind = |r: Result<LockFile, Error>| match r {
+        Err(Error::Connect { source, target }) => {
+            assert!(!target.contains("hunter2"), "{target}");
+            source.kind()
+        }
+        Err(e) => panic!("expected a connect error, got {e}"),
+        Ok(_) => panic!("connected"),
+    };
+    use std::io::ErrorKind as K;
+    assert_eq!(
+        kind(LockFile::connect("postgresql://h/db")),
+        K::InvalidInput
+    );
+    assert_eq!(
+        kind(LockFile::connect(
+            "postgresql://u:hunter2@h:notaport/db?name=x"
+        )),
+        K::InvalidInput
+    );
+    // No server behind this socket directory.
+    let dir = tempfile::tempdir().unwrap();
+    let down = format!(
+        "postgresql://u:hunter2@{}/db?name=x",
+        dir.path().display().to_string().replace('/', "%2F")
+    );
+    let e = LockFile::connect(&down).unwrap_err();
+    assert!(!e.to_string().contains("hunter2"), "{e}");
+    assert!(matches!(e, Error::Connect { .. }));
+    // A server that accepts and never answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let t0 = Instant::now();
+    let r = LockFile::options()
+        .connect_timeout(Duration::from_millis(300))
+        .connect(&format!(
+            "postgresql://u:hunter2@127.0.0.1:{port}/db?name=x"
+        ));
+    assert_eq!(kind(r), K::TimedOut);
+    assert!(t0.elapsed() < Duration::from_secs(2));
+    // A role the server does not know.
+    let stranger = target(&srv.replace("postgres@", "nosuchrole@"), "bad");
+    assert_eq!(kind(LockFile::connect(&stranger)), K::PermissionDenied);
+    // A database where the role may not create the namespace table.
+    psql(&srv, "DROP DATABASE IF EXISTS locksfile_ro");
+    psql(&srv, "DROP ROLE IF EXISTS locksfile_ro");
+    psql(&srv, "CREATE ROLE locksfile_ro LOGIN");
+    psql(&srv, "CREATE DATABASE locksfile_ro");
+    let ro = target(
+        &srv.replace("postgres@", "locksfile_ro@")
+            .replace("/postgres", "/locksfile_ro"),
+        "ro",
+    );
+    match LockFile::connect(&ro) {
+        Err(Error::Server { code, .. }) => assert_eq!(code, "42501"),
+        other => panic!("{:?}", other.map(|_| ())),
+    }
+    // Debug never shows the password either.
+    let good = connect(&target(
+        &srv.replace("postgres@", "postgres:hunter2@"),
+        "dbg",
+    ));
+    assert!(!format!("{good:?}").contains("hunter2"));
+    assert!(!good.path().display().to_string().contains("hunter2"));
+}
+
+#[test]
+fn opening_a_path_in_postgres_mode_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = LockFile::options()
+        .mode(Mode::Postgres)
+        .open(dir.path().join("x"));
+    assert!(matches!(r, Err(Error::Unsupported { .. })));
+}
+
+extern "C" fn on_signal(_: libc::c_int) {}
+
+#[test]
+fn a_signal_ends_an_interruptible_wait_holding_nothing() {
+    let srv = server_or_skip!();
+    let t = target(&srv, "interrupt");
+    let a = connect(&t);
+    let b = connect(&t);
+    let _g = a.write(1..3).unwrap();
+    // A handler without SA_RESTART, as Python installs them.
+    // SAFETY: a handler that does nothing, installed once.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_signal as *const () as usize;
+        libc::sigaction(libc::SIGUSR2, &sa, std::ptr::null_mut());
+    }
+    let before = waiting(&srv);
+    let b = &b;
+    std::thread::scope(|s| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let w = s.spawn(move || {
+            // SAFETY: pthread_self has no preconditions.
+            tx.send(unsafe { libc::pthread_self() } as usize).unwrap();
+            b.acquire(Kind::Exclusive, 0..3, Wait::BlockingInterruptible)
+        });
+        let thread = rx.recv().unwrap();
+        until("b to wait", || waiting(&srv) > before);
+        let t0 = Instant::now();
+        // SAFETY: the thread is alive until joined below.
+        unsafe { libc::pthread_kill(thread as libc::pthread_t, libc::SIGUSR2) };
+        assert!(matches!(w.join().unwrap(), Err(Error::Interrupted)));
+        assert!(t0.elapsed() < Duration::from_secs(1));
+    });
+    assert!(b.held().is_empty());
+    until("the wait to leave the server", || waiting(&srv) == before);
+    // Key 0 came before the busy ones: it must not stay held.
+    assert!(connect(&t).try_write(0).is_ok());
+}

@@ -1,0 +1,95 @@
+"""``LocksFile`` and ``pylocksfile`` on a lock namespace on a real
+PostgreSQL server (``LOCKSFILE_TEST_PG``, set by scripts/test). Without a
+server these tests skip, unless ``LOCKSFILE_REQUIRE_PG`` is set."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from pylocksfile import LocksFile, LockTimeout, WouldBlockError, pylocksfile
+
+SERVER = os.environ.get("LOCKSFILE_TEST_PG")
+if not SERVER:
+    if os.environ.get("LOCKSFILE_REQUIRE_PG"):
+        raise RuntimeError("LOCKSFILE_TEST_PG is not set but LOCKSFILE_REQUIRE_PG is")
+    pytest.skip("no PostgreSQL server (set LOCKSFILE_TEST_PG)", allow_module_level=True)
+
+
+def target(name):
+    return f"{SERVER}?name=py-{name}-{os.getpid()}"
+
+
+def test_two_objects_exclude_each_other_and_name_the_holder():
+    t = target("excl")
+    a = LocksFile(t)
+    b = LocksFile(t)
+    assert a.mode == "postgres"
+    assert "name=py-excl" in a.path
+    with a.write(range(3, 6)):
+        assert b.try_read(4) is None
+        assert b.try_read(6) is not None
+        holder = b.conflicts(4)
+        assert holder is not None and "backend pid" in str(holder)
+        assert holder.application_name == f"locksfile pid {os.getpid()}"
+        assert holder.backend_pid > 0 and holder.client_addr is None
+        with pytest.raises(LockTimeout):
+            b.write_for(5, 0.1)
+        with pytest.raises(WouldBlockError):
+            b.acquire("exclusive", 4, blocking=False)
+    assert b.try_write(range(3, 6)) is not None
+    assert not a.lost()
+
+
+def test_another_process_is_kept_out():
+    t = target("proc")
+    a = LocksFile(t)
+    g = a.write(7)
+    code = textwrap.dedent(
+        f"""
+        import sys
+        from pylocksfile import LocksFile
+        lf = LocksFile({t!r})
+        sys.exit(0 if lf.try_write(7) is None and lf.try_write(8) is not None else 1)
+        """
+    )
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+    g.release()
+    code = code.replace("is None and", "is not None and")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_fencing_tokens_grow():
+    t = target("fence")
+    a = LocksFile(t)
+    with a.write(1):
+        first = a.fence(1)
+    with LocksFile(t).write(1) as g:
+        assert g is not None
+    b = LocksFile(t)
+    with b.write(1):
+        assert b.fence(1) > first
+
+
+def test_the_seed_api_takes_a_server_target():
+    t = target("seed")
+    a = pylocksfile(t)
+    b = pylocksfile(t)
+    assert a.acquire(writeLock=True, lock_n=2)
+    assert not b.acquire(writeLock=False, lock_n=2, blocking=False)
+    a.release(2)
+    assert b.acquire(writeLock=False, lock_n=2, blocking=False)
+    assert "hunter2" not in pylocksfile(
+        t.replace("postgres@", "postgres:hunter2@")
+    ).locksfile_path
+
+
+def test_bad_targets_raise_typed_errors():
+    with pytest.raises(ValueError):
+        LocksFile("postgresql://h:notaport/db?name=x")
+    with pytest.raises(ValueError):
+        LocksFile(target("m"), mode="flock")
+    with pytest.raises(OSError):
+        LocksFile("postgresql://u:hunter2@%2Fnonexistent-dir/db?name=x")
