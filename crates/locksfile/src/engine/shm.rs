@@ -1647,12 +1647,11 @@ impl Engine for Shm {
                 g.set(me, span.start(), span.end(), 0)
             }
             Some(k) => {
-                let lowering = g.covered(me, span.start(), span.end(), code(k));
-                let room = if lowering {
-                    g.map.header().free_count > 0
-                } else {
-                    g.has_room(1)
-                };
+                // Only a nearly full table asks whether this only lowers
+                // (which may use the records kept back for lowering).
+                let room = g.has_room(1)
+                    || (g.map.header().free_count > 0
+                        && g.covered(me, span.start(), span.end(), code(k)));
                 if !room {
                     return Err(self.full("lock records"));
                 }
