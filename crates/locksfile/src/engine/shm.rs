@@ -1817,6 +1817,12 @@ pub fn verify(lock_path: &Path) -> Result<(), String> {
     };
     let fd = sys::open(&c, how).map_err(|e| e.to_string())?;
     set_byte(fd.as_fd(), LockType::Read, DMS, true).map_err(|e| e.to_string())?;
+    let (magic, ..) = read_header(fd.as_fd()).map_err(|e| e.to_string())?;
+    if magic == 0 {
+        // Its first opener died setting it up: the next opener starts it
+        // afresh, and there is nothing to check yet.
+        return Ok(());
+    }
     let map = check_and_map(&sidecar, fd.as_fd(), None).map_err(|e| e.to_string())?;
     let (mut g, died) = map.lock().map_err(|e| e.to_string())?;
     if died {
@@ -1928,6 +1934,11 @@ impl Snapshot {
         }
         set_byte(fd.as_fd(), LockType::Read, DMS, true)
             .map_err(|e| Error::io("share lock table", e))?;
+        let (magic, ..) = read_header(fd.as_fd()).map_err(|e| Error::io("read lock table", e))?;
+        if magic == 0 {
+            // Being set up afresh (its first opener died at it): empty.
+            return Ok(Snapshot::default());
+        }
         let map = check_and_map(&sidecar, fd.as_fd(), None)?;
         let (mut g, died) = map.lock().map_err(|e| Error::io("lock table mutex", e))?;
         if died {
