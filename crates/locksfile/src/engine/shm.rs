@@ -1649,12 +1649,11 @@ impl Engine for Shm {
                 g.set(me, span.start(), span.end(), 0)
             }
             Some(k) => {
-                let lowering = g.covered(me, span.start(), span.end(), code(k));
-                let room = if lowering {
-                    g.map.header().free_count > 0
-                } else {
-                    g.has_room(1)
-                };
+                // Only a nearly full table asks whether this only lowers
+                // (which may use the records kept back for lowering).
+                let room = g.has_room(1)
+                    || (g.map.header().free_count > 0
+                        && g.covered(me, span.start(), span.end(), code(k)));
                 if !room {
                     return Err(self.full("lock records"));
                 }
@@ -1820,6 +1819,12 @@ pub fn verify(lock_path: &Path) -> Result<(), String> {
     };
     let fd = sys::open(&c, how).map_err(|e| e.to_string())?;
     set_byte(fd.as_fd(), LockType::Read, DMS, true).map_err(|e| e.to_string())?;
+    let (magic, ..) = read_header(fd.as_fd()).map_err(|e| e.to_string())?;
+    if magic == 0 {
+        // Its first opener died setting it up: the next opener starts it
+        // afresh, and there is nothing to check yet.
+        return Ok(());
+    }
     let map = check_and_map(&sidecar, fd.as_fd(), None).map_err(|e| e.to_string())?;
     let (mut g, died) = map.lock().map_err(|e| e.to_string())?;
     if died {
@@ -1931,6 +1936,11 @@ impl Snapshot {
         }
         set_byte(fd.as_fd(), LockType::Read, DMS, true)
             .map_err(|e| Error::io("share lock table", e))?;
+        let (magic, ..) = read_header(fd.as_fd()).map_err(|e| Error::io("read lock table", e))?;
+        if magic == 0 {
+            // Being set up afresh (its first opener died at it): empty.
+            return Ok(Snapshot::default());
+        }
         let map = check_and_map(&sidecar, fd.as_fd(), None)?;
         let (mut g, died) = map.lock().map_err(|e| Error::io("lock table mutex", e))?;
         if died {
