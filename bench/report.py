@@ -583,10 +583,10 @@ def shm_reading(w, pair, held, ring, ring_q, shapes, pv):
     if parts:
         w(
             "- **shm races.** Against POSIX semaphores in the same run (target: no slower): %s (\\* where the "
-            "interquartile ranges overlap). A semaphore's post wakes one sleeper on its own futex; a shm "
-            "release wakes every waiter of the table, each of which takes the table's mutex to look again, "
-            "and a waiter first yields and looks twice before it queues. With more processes than cores that "
-            "shows." % "; ".join(parts)
+            "interquartile ranges overlap). A semaphore's post wakes one sleeper on the track's own futex; a "
+            "shm release wakes the waiters it touches, each on its own futex word, but every step of every "
+            "process takes the table's one mutex, and a waiter first yields and looks twice before it "
+            "queues. With more processes than cores that shows." % "; ".join(parts)
         )
     ours, seed, mpl = pv("ours_seed_api_shm", "race"), pv("seed_0.0.6", "race"), pv("mp_lock", "race")
     if ours and seed and mpl:
@@ -607,8 +607,8 @@ def shm_reading(w, pair, held, ring, ring_q, shapes, pv):
         w(
             "- **What shm costs.** A holder that dies is found by its waiters at their next liveness check, "
             "every 50 ms, so its locks pass on within about 50 ms rather than at once as the kernel's do. The "
-            "table is a sidecar file `<lock file>-shm` of about 2.5 MiB, mapped by every user; it is sparse, "
-            "so only the pages touched take memory (a few pages for a few owners), and it holds at most 1,024 "
+            "table is a sidecar file `<lock file>-shm` of 2.9 MiB, mapped by every user; it is sparse, "
+            "so only the pages touched take memory (about 340 KiB for a table in use), and it holds at most 1,024 "
             "owners, 1,024 waiting threads and 65,536 lock pieces at once. It excludes only other shm users: "
             "the kernel's lockers (other programs, `flock(1)`, SQLite) never see its locks, which is why a file "
             "in use by one kind is refused to the other, and network file systems are refused."
