@@ -714,7 +714,15 @@ impl Guard<'_> {
                 }
             }
         }
-        self.deferred_to(req).map(Blocker::Waiter)
+        // A queued request of a dead owner would be deferred to forever:
+        // nothing else ever probes an owner that holds nothing in the way.
+        while let Some(w) = self.deferred_to(req) {
+            let owner = self.map.waiters()[w as usize].owner - 1;
+            if !self.purge_if_dead(fd, owner) {
+                return Some(Blocker::Waiter(w));
+            }
+        }
+        None
     }
 
     /// Every owner in the way of `req` (holders and earlier waiters it
