@@ -1611,7 +1611,10 @@ impl Engine for Shm {
             Some(k) => {
                 let lowering = g.covered(me, span.start(), span.end(), code(k));
                 let room = if lowering {
-                    g.map.header().free_count > 0
+                    // A downgrade inside a record splits it (one record)
+                    // and adds the lowered piece (another): without both,
+                    // `set` would run dry halfway, the lock half changed.
+                    g.map.header().free_count >= 2
                 } else {
                     g.has_room(1)
                 };
