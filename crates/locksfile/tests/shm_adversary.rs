@@ -257,3 +257,67 @@ fn a_truncated_sidecar_is_not_a_crash() {
     assert_ne!(exit, Exit::Signal(libc::SIGBUS), "the owner died of SIGBUS");
     assert_eq!(exit, Exit::Code(0), "{}", child.message());
 }
+
+/// A request for a span with a hole the owner already holds (A holds 5
+/// and asks for 0..10, so it waits for 0..5 and 6..10 at once) must be
+/// seen by the deadlock search exactly as the grant rule treats it. A
+/// waits behind W's queued request on 9..12 (fair queueing), W behind H's
+/// lock on 11, and H then asks for 5, which A holds: H must not wait
+/// forever (it is granted, or one of the three gets `Error::Deadlock`).
+#[test]
+fn a_span_around_a_held_hole_takes_part_in_the_deadlock_search() {
+    let _s = serial();
+    let (_dir, path) = lock_path();
+    let (h_holds, h_go, h_result) = (Pipe::new(), Pipe::new(), Pipe::new());
+    let h = fork(|| {
+        let lf = shm(&path);
+        lf.acquire(Kind::Shared, 11, Wait::NonBlocking).unwrap();
+        h_holds.send(b'h');
+        h_go.expect(b'g');
+        let r = lf.acquire(Kind::Shared, 5, Wait::Timeout(Duration::from_secs(3)));
+        h_result.send(match r {
+            Ok(()) => b'o',
+            Err(Error::Deadlock) => b'd',
+            Err(Error::TimedOut) => b't',
+            Err(e) => panic!("{e}"),
+        });
+    });
+    h_holds.expect(b'h');
+    let w = fork(|| {
+        let lf = shm(&path);
+        match lf.acquire(Kind::Exclusive, 9..12, Wait::Timeout(STUCK)) {
+            Ok(()) | Err(Error::Deadlock) => {}
+            Err(e) => panic!("{e}"),
+        }
+    });
+    wait_for_waiter(&path, 9, Some(w.pid));
+    let a = shm(&path);
+    a.acquire(Kind::Exclusive, 5, Wait::NonBlocking).unwrap();
+    let got = std::thread::scope(|s| {
+        let t = s.spawn(|| {
+            let r = a.acquire(Kind::Exclusive, 0..10, Wait::Timeout(STUCK));
+            a.release_all().unwrap();
+            r
+        });
+        // A is granted at once or queues.
+        let deadline = Instant::now() + STUCK;
+        while !t.is_finished() && !shm_waiters(&path).iter().any(|w| w.span.start() == 0) {
+            assert!(Instant::now() < deadline, "A neither granted nor queued");
+            std::thread::yield_now();
+        }
+        h_go.send(b'g');
+        let h_got = h_result.recv();
+        (h_got, t.join().unwrap())
+    });
+    assert_ne!(
+        got.0, b't',
+        "H waited 3 s in a cycle H -> A (5) -> W (queue order) -> H (11) that was never reported"
+    );
+    match got.1 {
+        Ok(()) | Err(Error::Deadlock) => {}
+        Err(e) => panic!("A: {e}"),
+    }
+    h.join();
+    w.join();
+    verify(&path).unwrap();
+}
