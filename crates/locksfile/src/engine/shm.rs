@@ -676,10 +676,14 @@ impl Guard<'_> {
             return None;
         }
         let waiters = &self.map.waiters()[..h.waiter_hwm as usize];
-        for p in req.pieces {
-            if self.holds_over(req.me, p.start(), p.end(), 0) {
-                return None;
-            }
+        // Over the pieces' hull, as `blocking_owners` and the waiter
+        // entries see a request: judged piece by piece, a request around
+        // a hole the owner holds would defer along an edge that the
+        // deadlock search cannot see.
+        let hull_s = req.pieces.first().map_or(0, |p| p.start());
+        let hull_e = req.pieces.last().map_or(0, |p| p.end());
+        if self.holds_over(req.me, hull_s, hull_e, 0) {
+            return None;
         }
         for (i, w) in waiters.iter().enumerate() {
             if w.owner == 0 || w.owner == req.me + 1 || w.ticket >= req.ticket {
