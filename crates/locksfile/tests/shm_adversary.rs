@@ -321,3 +321,28 @@ fn a_span_around_a_held_hole_takes_part_in_the_deadlock_search() {
     w.join();
     verify(&path).unwrap();
 }
+
+/// A lock file with two names (hard links): the kernel modes lock the one
+/// file whatever the name, so the table must be the same one too, or the
+/// second name must be refused; never two tables that do not exclude
+/// each other.
+#[test]
+fn hard_links_to_one_lock_file_share_its_locks() {
+    let _s = serial();
+    let (dir, path) = lock_path();
+    drop(shm(&path));
+    let other_name = dir.path().join("other-name.lock");
+    std::fs::hard_link(&path, &other_name).unwrap();
+    let holding = hold_elsewhere(&path, Mode::Shm, Kind::Exclusive, 0);
+    match LockFile::options().mode(Mode::Shm).open(&other_name) {
+        Err(_) => {}
+        Ok(lf) => {
+            let got = lf.acquire(Kind::Exclusive, 0, Wait::NonBlocking);
+            assert!(
+                got.is_err(),
+                "two owners hold index 0 of one file exclusively, through two names"
+            );
+        }
+    }
+    holding.release();
+}
