@@ -346,3 +346,34 @@ fn hard_links_to_one_lock_file_share_its_locks() {
     }
     holding.release();
 }
+
+/// The last index and spans to the end meet as in the kernel modes: a
+/// single index at the top conflicts with `a..`, an open-ended span with
+/// the top index, and releasing them leaves the table consistent.
+#[test]
+fn the_last_index_and_open_ended_spans_conflict() {
+    let _s = serial();
+    let (_dir, path) = lock_path();
+    let top = locksfile::INDEX_END - 1;
+    let a = shm(&path);
+    let b = shm(&path);
+    a.acquire(Kind::Exclusive, top, Wait::NonBlocking).unwrap();
+    assert!(b.acquire(Kind::Shared, 0.., Wait::NonBlocking).is_err());
+    assert!(b
+        .acquire(Kind::Shared, top - 70.., Wait::NonBlocking)
+        .is_err());
+    b.acquire(Kind::Shared, 0..top, Wait::NonBlocking).unwrap();
+    a.acquire(Kind::Shared, top, Wait::NonBlocking).unwrap();
+    b.acquire(Kind::Shared, 5.., Wait::NonBlocking).unwrap();
+    assert!(a.acquire(Kind::Exclusive, top, Wait::NonBlocking).is_err());
+    b.release(top).unwrap();
+    a.acquire(Kind::Exclusive, top, Wait::NonBlocking).unwrap();
+    assert_eq!(
+        b.held(),
+        vec![(locksfile::Span::new(0, top).unwrap(), Kind::Shared)]
+    );
+    assert_eq!(table_held(&path, b.table_owner().unwrap()), b.held());
+    drop(a);
+    drop(b);
+    verify(&path).unwrap();
+}
