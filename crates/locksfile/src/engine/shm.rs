@@ -769,7 +769,15 @@ impl Guard<'_> {
                 }
             }
         }
-        self.deferred_to(req).map(Blocker::Waiter)
+        // A queued request of a dead owner would be deferred to forever:
+        // nothing else ever probes an owner that holds nothing in the way.
+        while let Some(w) = self.deferred_to(req) {
+            let owner = self.map.waiters()[w as usize].owner - 1;
+            if !self.purge_if_dead(fd, owner) {
+                return Some(Blocker::Waiter(w));
+            }
+        }
+        None
     }
 
     /// Every owner in the way of `req` (holders and earlier waiters it
@@ -1650,9 +1658,12 @@ impl Engine for Shm {
             }
             Some(k) => {
                 // Only a nearly full table asks whether this only lowers
-                // (which may use the records kept back for lowering).
+                // (which may use the records kept back for lowering). A
+                // downgrade inside a record splits it (one record) and adds
+                // the lowered piece (another): without both, `set` would run
+                // dry halfway, the lock half changed.
                 let room = g.has_room(1)
-                    || (g.map.header().free_count > 0
+                    || (g.map.header().free_count >= 2
                         && g.covered(me, span.start(), span.end(), code(k)));
                 if !room {
                     return Err(self.full("lock records"));

@@ -1,0 +1,379 @@
+//! `Mode::Shm` under attack: killed waiters, a table on the edge of full,
+//! queue-order cycles, a sidecar removed or cut short while in use. Each
+//! test states the guarantee it holds the engine to.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::*;
+use locksfile::shm::verify;
+use locksfile::{Error, Kind, LockFile, Mode, Wait};
+
+fn shm(path: &Path) -> LockFile {
+    open(path, Mode::Shm)
+}
+
+fn sidecar(path: &Path) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push("-shm");
+    s.into()
+}
+
+/// A process killed while queued loses its queued request: a later
+/// request that would have deferred to it (fair queueing) is not held up
+/// by the dead entry, neither without waiting nor while waiting.
+#[test]
+fn a_killed_waiter_does_not_hold_up_later_requests() {
+    let _s = serial();
+    let (_dir, path) = lock_path();
+    let holder = shm(&path);
+    holder
+        .acquire(Kind::Shared, 0..4, Wait::NonBlocking)
+        .unwrap();
+    let mut waiter = fork(|| {
+        let lf = shm(&path);
+        lf.acquire(Kind::Exclusive, 2, Wait::Blocking).unwrap();
+        unreachable!("granted behind a live reader");
+    });
+    wait_for_waiter(&path, 2, Some(waiter.pid));
+    waiter.kill(libc::SIGKILL);
+    assert_eq!(waiter.wait(), Exit::Signal(libc::SIGKILL));
+
+    // Compatible with every holder; only the dead waiter's entry is in
+    // the way.
+    let reader = shm(&path);
+    reader
+        .acquire(Kind::Shared, 1..3, Wait::NonBlocking)
+        .expect("a reader beside a reader, behind a dead writer's queued request");
+    reader.release_all().unwrap();
+
+    // The same with the request already waiting when the waiter dies.
+    let mut waiter = fork(|| {
+        let lf = shm(&path);
+        lf.acquire(Kind::Exclusive, 2, Wait::Blocking).unwrap();
+        unreachable!("granted behind a live reader");
+    });
+    wait_for_waiter(&path, 2, Some(waiter.pid));
+    std::thread::scope(|s| {
+        let r = s.spawn(|| {
+            // Queued behind the writer (fair), so it waits.
+            let got = reader.acquire(Kind::Shared, 1..3, Wait::Timeout(STUCK));
+            (got, Instant::now())
+        });
+        wait_for_waiters(&path, 2);
+        let killed = Instant::now();
+        waiter.kill(libc::SIGKILL);
+        let (got, granted) = r.join().unwrap();
+        got.expect("granted once the writer ahead of it died");
+        let late = granted.saturating_duration_since(killed);
+        assert!(
+            late < Duration::from_millis(100),
+            "granted {late:?} after the kill"
+        );
+    });
+    assert_eq!(waiter.wait(), Exit::Signal(libc::SIGKILL));
+    drop(reader);
+    drop(holder);
+    verify(&path).unwrap();
+}
+
+/// Fill the table with `filler`'s records until a raise is refused.
+fn fill(filler: &LockFile, from: u64) -> u64 {
+    let mut taken = 0u64;
+    loop {
+        // Every other index, so no two records merge.
+        match filler.acquire(Kind::Exclusive, from + 2 * taken, Wait::NonBlocking) {
+            Ok(()) => taken += 1,
+            Err(Error::TableFull { .. }) => return taken,
+            Err(e) => panic!("{e}"),
+        }
+        assert!(taken < 100_000, "the table never filled");
+    }
+}
+
+/// On a table that is full for raises, downgrades in the middle of an
+/// exclusive lock (each splits a record and adds one) never panic and
+/// never lose the lock: each either works or leaves the table as it was.
+#[test]
+fn downgrades_on_a_full_table_never_panic_nor_lose_the_lock() {
+    let _s = serial();
+    let (_dir, path) = lock_path();
+    let owner = shm(&path);
+    let base = 1_000_000u64;
+    owner
+        .acquire(Kind::Exclusive, base..base + 10_000, Wait::NonBlocking)
+        .unwrap();
+    let filler = shm(&path);
+    fill(&filler, 0);
+    let me = owner.table_owner().unwrap();
+    for k in 0..1_000u64 {
+        let at = base + 1 + 2 * k;
+        let before = owner.held();
+        match owner.acquire(Kind::Shared, at, Wait::NonBlocking) {
+            Ok(()) => {}
+            Err(Error::TableFull { .. }) => {
+                // The owner protocol commits a failed lowering to its
+                // bookkeeping (the engine holding more only delays
+                // others); the table must hold what it held.
+                assert_eq!(
+                    table_held(&path, me),
+                    before,
+                    "a refused downgrade of {at} changed the table"
+                );
+                break;
+            }
+            Err(e) => panic!("downgrade of {at}: {e}"),
+        }
+        assert_eq!(
+            table_held(&path, me),
+            owner.held(),
+            "after the downgrade of {at}"
+        );
+    }
+    drop(filler);
+    drop(owner);
+    verify(&path).unwrap();
+}
+
+/// Lowering is never refused (the engine's contract, which the owner
+/// protocol and guard drops rely on): releases that split a lock keep
+/// working on a table that is full for raises.
+#[test]
+fn releases_on_a_full_table_never_fail() {
+    let _s = serial();
+    let (_dir, path) = lock_path();
+    let owner = shm(&path);
+    let base = 1_000_000u64;
+    owner
+        .acquire(Kind::Exclusive, base..base + 10_000, Wait::NonBlocking)
+        .unwrap();
+    let filler = shm(&path);
+    fill(&filler, 0);
+    for k in 0..1_000u64 {
+        let at = base + 1 + 2 * k;
+        owner
+            .release(at)
+            .unwrap_or_else(|e| panic!("release of {at} (split number {k}): {e}"));
+    }
+    // Every other one of the first 2,000 indices is free for others.
+    let other = shm(&path);
+    filler.release_all().unwrap();
+    other
+        .acquire(Kind::Exclusive, base + 1999, Wait::NonBlocking)
+        .unwrap();
+    assert!(other
+        .acquire(Kind::Exclusive, base + 2000, Wait::NonBlocking)
+        .is_err());
+}
+
+/// A cycle that runs through queue order: A holds 0 shared, B waits for
+/// 0 exclusive (behind A), C holds 1 exclusive and asks for 0 shared
+/// (compatible with A, but queued behind B), then A asks for 1: A waits
+/// for C, C for B, B for A. A's request closes the cycle and fails with
+/// `Error::Deadlock`; once A lets go everyone is granted.
+#[test]
+fn a_cycle_through_queue_order_is_a_deadlock() {
+    let _s = serial();
+    let (_dir, path) = lock_path();
+    let a = shm(&path);
+    a.acquire(Kind::Shared, 0, Wait::NonBlocking).unwrap();
+    let b = fork(|| {
+        let lf = shm(&path);
+        lf.acquire(Kind::Exclusive, 0, Wait::Timeout(STUCK))
+            .unwrap();
+    });
+    wait_for_waiter(&path, 0, Some(b.pid));
+    let c_holds = Pipe::new();
+    let c = fork(|| {
+        let lf = shm(&path);
+        lf.acquire(Kind::Exclusive, 1, Wait::NonBlocking).unwrap();
+        c_holds.send(b'c');
+        lf.acquire(Kind::Shared, 0, Wait::Timeout(STUCK)).unwrap();
+    });
+    c_holds.expect(b'c');
+    wait_for_waiter(&path, 0, Some(c.pid));
+    let started = Instant::now();
+    match a.acquire(Kind::Shared, 1, Wait::Timeout(STUCK)) {
+        Err(Error::Deadlock) => {}
+        other => panic!(
+            "expected a deadlock after {:?}: {other:?}",
+            started.elapsed()
+        ),
+    }
+    assert_eq!(a.held(), vec![(span(0), Kind::Shared)]);
+    a.release_all().unwrap();
+    b.join();
+    c.join();
+    verify(&path).unwrap();
+}
+
+/// The sidecar removed while its table is in use (a cleaner of old files
+/// in /tmp, a careless `rm`): a new opener must not set up a second table
+/// beside the one the running owners use, where it would take a lock
+/// another process holds.
+#[test]
+fn a_removed_sidecar_does_not_split_the_table() {
+    let _s = serial();
+    let (_dir, path) = lock_path();
+    let holding = hold_elsewhere(&path, Mode::Shm, Kind::Exclusive, 0);
+    std::fs::remove_file(sidecar(&path)).unwrap();
+    match LockFile::options().mode(Mode::Shm).open(&path) {
+        Err(_) => {}
+        Ok(lf) => {
+            let got = lf.acquire(Kind::Exclusive, 0, Wait::NonBlocking);
+            assert!(
+                got.is_err(),
+                "two owners hold index 0 exclusively: the new opener set up a second table"
+            );
+        }
+    }
+    holding.release();
+}
+
+/// The sidecar cut short by someone else while mapped: an owner that uses
+/// the table afterwards must get an error, never die of `SIGBUS`.
+#[test]
+fn a_truncated_sidecar_is_not_a_crash() {
+    let _s = serial();
+    let (_dir, path) = lock_path();
+    let (opened, go) = (Pipe::new(), Pipe::new());
+    let mut child = fork(|| {
+        let lf = shm(&path);
+        opened.send(b'o');
+        go.expect(b'g');
+        let _ = lf.acquire(Kind::Exclusive, 0, Wait::NonBlocking);
+    });
+    opened.expect(b'o');
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(sidecar(&path))
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    go.send(b'g');
+    let exit = child.wait();
+    assert_ne!(exit, Exit::Signal(libc::SIGBUS), "the owner died of SIGBUS");
+    assert_eq!(exit, Exit::Code(0), "{}", child.message());
+}
+
+/// A request for a span with a hole the owner already holds (A holds 5
+/// and asks for 0..10, so it waits for 0..5 and 6..10 at once) must be
+/// seen by the deadlock search exactly as the grant rule treats it. A
+/// waits behind W's queued request on 9..12 (fair queueing), W behind H's
+/// lock on 11, and H then asks for 5, which A holds: H must not wait
+/// forever (it is granted, or one of the three gets `Error::Deadlock`).
+#[test]
+fn a_span_around_a_held_hole_takes_part_in_the_deadlock_search() {
+    let _s = serial();
+    let (_dir, path) = lock_path();
+    let (h_holds, h_go, h_result) = (Pipe::new(), Pipe::new(), Pipe::new());
+    let h = fork(|| {
+        let lf = shm(&path);
+        lf.acquire(Kind::Shared, 11, Wait::NonBlocking).unwrap();
+        h_holds.send(b'h');
+        h_go.expect(b'g');
+        let r = lf.acquire(Kind::Shared, 5, Wait::Timeout(Duration::from_secs(3)));
+        h_result.send(match r {
+            Ok(()) => b'o',
+            Err(Error::Deadlock) => b'd',
+            Err(Error::TimedOut) => b't',
+            Err(e) => panic!("{e}"),
+        });
+    });
+    h_holds.expect(b'h');
+    let w = fork(|| {
+        let lf = shm(&path);
+        match lf.acquire(Kind::Exclusive, 9..12, Wait::Timeout(STUCK)) {
+            Ok(()) | Err(Error::Deadlock) => {}
+            Err(e) => panic!("{e}"),
+        }
+    });
+    wait_for_waiter(&path, 9, Some(w.pid));
+    let a = shm(&path);
+    a.acquire(Kind::Exclusive, 5, Wait::NonBlocking).unwrap();
+    let got = std::thread::scope(|s| {
+        let t = s.spawn(|| {
+            let r = a.acquire(Kind::Exclusive, 0..10, Wait::Timeout(STUCK));
+            a.release_all().unwrap();
+            r
+        });
+        // A is granted at once or queues.
+        let deadline = Instant::now() + STUCK;
+        while !t.is_finished() && !shm_waiters(&path).iter().any(|w| w.span.start() == 0) {
+            assert!(Instant::now() < deadline, "A neither granted nor queued");
+            std::thread::yield_now();
+        }
+        h_go.send(b'g');
+        let h_got = h_result.recv();
+        (h_got, t.join().unwrap())
+    });
+    assert_ne!(
+        got.0, b't',
+        "H waited 3 s in a cycle H -> A (5) -> W (queue order) -> H (11) that was never reported"
+    );
+    match got.1 {
+        Ok(()) | Err(Error::Deadlock) => {}
+        Err(e) => panic!("A: {e}"),
+    }
+    h.join();
+    w.join();
+    verify(&path).unwrap();
+}
+
+/// A lock file with two names (hard links): the kernel modes lock the one
+/// file whatever the name, so the table must be the same one too, or the
+/// second name must be refused; never two tables that do not exclude
+/// each other.
+#[test]
+fn hard_links_to_one_lock_file_share_its_locks() {
+    let _s = serial();
+    let (dir, path) = lock_path();
+    drop(shm(&path));
+    let other_name = dir.path().join("other-name.lock");
+    std::fs::hard_link(&path, &other_name).unwrap();
+    let holding = hold_elsewhere(&path, Mode::Shm, Kind::Exclusive, 0);
+    match LockFile::options().mode(Mode::Shm).open(&other_name) {
+        Err(_) => {}
+        Ok(lf) => {
+            let got = lf.acquire(Kind::Exclusive, 0, Wait::NonBlocking);
+            assert!(
+                got.is_err(),
+                "two owners hold index 0 of one file exclusively, through two names"
+            );
+        }
+    }
+    holding.release();
+}
+
+/// The last index and spans to the end meet as in the kernel modes: a
+/// single index at the top conflicts with `a..`, an open-ended span with
+/// the top index, and releasing them leaves the table consistent.
+#[test]
+fn the_last_index_and_open_ended_spans_conflict() {
+    let _s = serial();
+    let (_dir, path) = lock_path();
+    let top = locksfile::INDEX_END - 1;
+    let a = shm(&path);
+    let b = shm(&path);
+    a.acquire(Kind::Exclusive, top, Wait::NonBlocking).unwrap();
+    assert!(b.acquire(Kind::Shared, 0.., Wait::NonBlocking).is_err());
+    assert!(b
+        .acquire(Kind::Shared, top - 70.., Wait::NonBlocking)
+        .is_err());
+    b.acquire(Kind::Shared, 0..top, Wait::NonBlocking).unwrap();
+    a.acquire(Kind::Shared, top, Wait::NonBlocking).unwrap();
+    b.acquire(Kind::Shared, 5.., Wait::NonBlocking).unwrap();
+    assert!(a.acquire(Kind::Exclusive, top, Wait::NonBlocking).is_err());
+    b.release(top).unwrap();
+    a.acquire(Kind::Exclusive, top, Wait::NonBlocking).unwrap();
+    assert_eq!(
+        b.held(),
+        vec![(locksfile::Span::new(0, top).unwrap(), Kind::Shared)]
+    );
+    assert_eq!(table_held(&path, b.table_owner().unwrap()), b.held());
+    drop(a);
+    drop(b);
+    verify(&path).unwrap();
+}
