@@ -219,6 +219,19 @@ pub enum SidecarProblem {
     /// Its table belongs to another file than the one now at the lock path
     /// (the lock file was replaced while the table was in use).
     OtherLockFile,
+    /// The lock file has more than one name (hard links). The table is
+    /// found by name, so each name would get a table of its own that does
+    /// not exclude the others: no handle opens on such a file.
+    HardLinked {
+        /// The names the lock file has.
+        links: u64,
+    },
+    /// The lock file's table is in use, but the sidecar at its path is
+    /// missing or is not that table (it was removed or replaced while in
+    /// use): setting up a new one would let two owners hold one lock.
+    /// Nothing was created or reset; it clears once every owner of the
+    /// old table has closed.
+    Replaced,
 }
 
 impl fmt::Display for SidecarProblem {
@@ -237,6 +250,15 @@ impl fmt::Display for SidecarProblem {
             SidecarProblem::OtherLockFile => f.write_str(
                 "its table belongs to another file than the one at the lock path \
                  (was the lock file replaced while in use?)",
+            ),
+            SidecarProblem::HardLinked { links } => write!(
+                f,
+                "the lock file has {links} names (hard links), and each name would \
+                 have a table of its own"
+            ),
+            SidecarProblem::Replaced => f.write_str(
+                "the lock file's table is in use, but this sidecar is missing or is not \
+                 that table (was it removed while in use?)",
             ),
         }
     }

@@ -313,6 +313,8 @@ pub(crate) struct FileId {
     /// Permission bits (`st_mode & 0o7777`).
     pub mode: u32,
     pub size: u64,
+    /// Names (hard links) the file has.
+    pub nlink: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -373,6 +375,7 @@ fn file_id(st: &libc::stat) -> FileId {
         file_type,
         mode: st.st_mode & 0o7777,
         size: st.st_size as u64,
+        nlink: st.st_nlink as u64,
     }
 }
 

@@ -63,6 +63,17 @@ const DMS: i64 = 1 << 32;
 /// Byte `LIVENESS + slot` is write-locked by the owner in `slot`.
 const LIVENESS: i64 = DMS + 1;
 
+/// Byte of the *lock file* every user of its table holds shared (an OFD
+/// read lock through a description of its own), from before it joins the
+/// table until after it has let go of it. Whoever gets it exclusively is
+/// the only opener, and only then may a table be set up; an opener that
+/// cannot finds the sidecar in use, or refuses it as
+/// [`SidecarProblem::Replaced`]. It is past the last index
+/// ([`INDEX_END`]), so no kernel-mode span but an open-ended one (`a..`,
+/// which then meets it) ever covers it, and it tells kernel-mode opens
+/// that a table is in use without looking for the sidecar.
+pub(crate) const IN_USE: i64 = i64::MAX;
+
 /// How long a waiter sleeps before it checks its blockers are alive: a
 /// killed holder's waiter gets the lock within this (plus a few µs).
 pub(crate) const LIVENESS_SLICE: Duration = Duration::from_millis(50);
@@ -1083,6 +1094,9 @@ pub(crate) struct Shm {
     fd: Option<OwnedFd>,
     /// The lock file, for `as_fd` and the mixed-engine checks.
     lock_fd: Option<OwnedFd>,
+    /// A description of the lock file of this owner's own, holding its
+    /// [`IN_USE`] byte shared. `None` once dropped.
+    mark: Option<OwnedFd>,
     pub dev: u64,
     pub ino: u64,
     slot: u32,
@@ -1100,15 +1114,9 @@ impl std::fmt::Debug for Shm {
     }
 }
 
-/// A sidecar opened, checked and mapped, with a share of its DMS byte.
-struct Joined {
-    fd: OwnedFd,
-    map: Map,
-}
-
-/// Open `<lock path>-shm`, creating it with the lock file's permission
-/// bits when missing, by the lock file's rules.
-fn open_sidecar(sidecar: &Path, mode: u32, write: bool) -> Result<OwnedFd, Error> {
+/// Open `<lock path>-shm`, creating it (if `create`) with the lock file's
+/// permission bits when missing, by the lock file's rules.
+fn open_sidecar(sidecar: &Path, mode: u32, write: bool, create: bool) -> Result<OwnedFd, Error> {
     let c = cstring(sidecar)?;
     let open_err = |e: io::Error| -> Error {
         match e.raw_os_error() {
@@ -1134,7 +1142,7 @@ fn open_sidecar(sidecar: &Path, mode: u32, write: bool) -> Result<OwnedFd, Error
         mode,
     };
     let fd = loop {
-        if write {
+        if write && create {
             match sys::open(&c, how(true)) {
                 Ok(fd) => {
                     sys::fchmod(fd.as_fd(), mode)
@@ -1147,7 +1155,7 @@ fn open_sidecar(sidecar: &Path, mode: u32, write: bool) -> Result<OwnedFd, Error
         }
         match sys::open(&c, how(false)) {
             Ok(fd) => break fd,
-            Err(e) if write && e.raw_os_error() == Some(libc::ENOENT) => continue,
+            Err(e) if write && create && e.raw_os_error() == Some(libc::ENOENT) => continue,
             Err(e) => return Err(open_err(e)),
         }
     };
@@ -1213,8 +1221,17 @@ fn read_header(fd: BorrowedFd<'_>) -> io::Result<(u64, u32, u64, u64, u64)> {
 }
 
 /// Join the table in `sidecar` for the lock file (dev, ino): reset it if
-/// no one uses it, else check it and map it.
-fn join(sidecar: &Path, fd: OwnedFd, dev: u64, ino: u64) -> Result<Joined, Error> {
+/// no one uses it, else check it and map it. Only the `first` opener (it
+/// holds the lock file's [`IN_USE`] byte exclusively) may set a table up;
+/// any other gets `Ok(None)` where it would have to: the table in use is
+/// not this file, or its users are coming or going (try again).
+fn join(
+    sidecar: &Path,
+    fd: BorrowedFd<'_>,
+    dev: u64,
+    ino: u64,
+    first: bool,
+) -> Result<Option<Map>, Error> {
     let bad = |problem| Error::Sidecar {
         path: sidecar.to_path_buf(),
         problem,
@@ -1224,15 +1241,21 @@ fn join(sidecar: &Path, fd: OwnedFd, dev: u64, ino: u64) -> Result<Joined, Error
     // number yet: whoever holds it shared lets go and tries again, until
     // one opener finds the DMS byte free and sets it up.
     for _ in 0..1000 {
-        match set_byte(fd.as_fd(), LockType::Write, DMS, false) {
+        match set_byte(fd, LockType::Write, DMS, false) {
+            Ok(()) if !first => {
+                // Others hold the lock file's marker but not this table.
+                set_byte(fd, LockType::Unlock, DMS, false)
+                    .map_err(io_err("unlock lock table"))?;
+                return Ok(None);
+            }
             Ok(()) => {
                 // No one has the table open: reset it, unless it is not
                 // ours (a file of the table's size that starts with zeros
                 // is ours, its setting up cut short).
-                let st = sys::fstat(fd.as_fd()).map_err(io_err("fstat lock table"))?;
+                let st = sys::fstat(fd).map_err(io_err("fstat lock table"))?;
                 if st.size > 0 {
                     let (magic, version, ..) =
-                        read_header(fd.as_fd()).map_err(io_err("read lock table"))?;
+                        read_header(fd).map_err(io_err("read lock table"))?;
                     let unfinished = magic == 0 && st.size == SIZE as u64;
                     if magic != MAGIC && !unfinished {
                         return Err(bad(SidecarProblem::Foreign));
@@ -1241,9 +1264,9 @@ fn join(sidecar: &Path, fd: OwnedFd, dev: u64, ino: u64) -> Result<Joined, Error
                         return Err(bad(SidecarProblem::NewerVersion { found: version }));
                     }
                 }
-                sys::ftruncate(fd.as_fd(), 0).map_err(io_err("reset lock table"))?;
-                sys::ftruncate(fd.as_fd(), SIZE as u64).map_err(io_err("size lock table"))?;
-                let map = map_table(fd.as_fd()).map_err(io_err("map lock table"))?;
+                sys::ftruncate(fd, 0).map_err(io_err("reset lock table"))?;
+                sys::ftruncate(fd, SIZE as u64).map_err(io_err("size lock table"))?;
+                let map = map_table(fd).map_err(io_err("map lock table"))?;
                 // SAFETY: we hold the DMS byte exclusively, so no one else
                 // has the table mapped and in use; the mutex memory is ours.
                 unsafe { sys::robust_mutex_init(map.mutex()) }
@@ -1255,24 +1278,28 @@ fn join(sidecar: &Path, fd: OwnedFd, dev: u64, ino: u64) -> Result<Joined, Error
                     g.map.header().magic = MAGIC;
                 }
                 // Atomic conversion: no opener slips in between.
-                set_byte(fd.as_fd(), LockType::Read, DMS, false)
+                set_byte(fd, LockType::Read, DMS, false)
                     .map_err(io_err("share lock table"))?;
-                return Ok(Joined { fd, map });
+                return Ok(Some(map));
             }
             Err(e) if is_contention(&e) => {
                 // In use, or being set up: wait for a share.
-                set_byte(fd.as_fd(), LockType::Read, DMS, true)
+                set_byte(fd, LockType::Read, DMS, true)
                     .map_err(io_err("share lock table"))?;
-                let (magic, ..) = read_header(fd.as_fd()).map_err(io_err("read lock table"))?;
-                let st = sys::fstat(fd.as_fd()).map_err(io_err("fstat lock table"))?;
+                let (magic, ..) = read_header(fd).map_err(io_err("read lock table"))?;
+                let st = sys::fstat(fd).map_err(io_err("fstat lock table"))?;
                 if magic == 0 && (st.size == 0 || st.size == SIZE as u64) {
-                    set_byte(fd.as_fd(), LockType::Unlock, DMS, false)
+                    set_byte(fd, LockType::Unlock, DMS, false)
                         .map_err(io_err("unlock lock table"))?;
+                    if !first {
+                        // Only a first opener sets a table up.
+                        return Ok(None);
+                    }
                     std::thread::yield_now();
                     continue;
                 }
-                let map = check_and_map(sidecar, fd.as_fd(), Some((dev, ino)))?;
-                return Ok(Joined { fd, map });
+                let map = check_and_map(sidecar, fd, Some((dev, ino)))?;
+                return Ok(Some(map));
             }
             Err(e) => return Err(Error::io("lock lock table", e)),
         }
@@ -1329,6 +1356,15 @@ fn real_path(given: &Path, fd: BorrowedFd<'_>) -> PathBuf {
 /// Whether the sidecar of `lock_path` is in use (someone holds its DMS
 /// byte): a kernel-mode open must then be refused.
 pub(crate) fn table_in_use(lock_path: &Path, lock_fd: Option<BorrowedFd<'_>>) -> bool {
+    if let Some(fd) = lock_fd {
+        match sys::get_lock(fd, Family::Ofd, LockType::Write, byte(IN_USE)) {
+            Ok(None) => return false,
+            // Exactly the marker: a table's user. Anything else covering
+            // it is a kernel lock on `a..`: ask the sidecar.
+            Ok(Some(b)) if b.range.start == IN_USE && b.range.len == 1 => return true,
+            _ => {}
+        }
+    }
     let real = match lock_fd {
         Some(fd) => real_path(lock_path, fd),
         None => std::fs::canonicalize(lock_path).unwrap_or_else(|_| lock_path.to_path_buf()),
@@ -1360,7 +1396,11 @@ pub(crate) fn table_in_use(lock_path: &Path, lock_fd: Option<BorrowedFd<'_>>) ->
 /// What kernel locks the lock file has, if any: `Shm` refuses to join
 /// then.
 fn kernel_locks(lock_fd: BorrowedFd<'_>, dev: u64, ino: u64) -> Option<&'static str> {
-    let all = Range { start: 0, len: 0 };
+    // Every index, not the in-use marker other users of the table hold.
+    let all = Range {
+        start: 0,
+        len: IN_USE,
+    };
     if let Ok(Some(_)) = sys::get_lock(lock_fd, Family::Ofd, LockType::Write, all) {
         return Some("fcntl record locks");
     }
@@ -1370,6 +1410,133 @@ fn kernel_locks(lock_fd: BorrowedFd<'_>, dev: u64, ino: u64) -> Option<&'static 
         }
     }
     None
+}
+
+/// A new open file description of the file open as `fd`.
+fn reopen(fd: BorrowedFd<'_>, write: bool) -> io::Result<OwnedFd> {
+    let proc =
+        CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd())).expect("no NUL in a number");
+    let how = OpenHow {
+        write,
+        create_exclusive: false,
+        create: false,
+        follow: true,
+        mode: 0,
+    };
+    let again = sys::open(&proc, how)?;
+    let (a, b) = (sys::fstat(fd)?, sys::fstat(again.as_fd())?);
+    if (a.dev, a.ino) != (b.dev, b.ino) {
+        return Err(io::Error::other("the lock file changed while being opened"));
+    }
+    Ok(again)
+}
+
+/// Take the lock file's [`IN_USE`] byte through `mark`: exclusively when
+/// no one else holds it (`true`: the first opener, the only one that may
+/// set a table up), else shared, once no first opener is setting up. A
+/// read-only description can only share it: it is first when no one else
+/// holds it (two such openers at once may both be; the sidecar's DMS byte
+/// still lets only one set the table up).
+fn take_marker(mark: BorrowedFd<'_>, write: bool) -> io::Result<bool> {
+    if !write {
+        set_byte(mark, LockType::Read, IN_USE, true)?;
+        return Ok(sys::get_lock(mark, Family::Ofd, LockType::Write, byte(IN_USE))?.is_none());
+    }
+    match set_byte(mark, LockType::Write, IN_USE, false) {
+        Ok(()) => return Ok(true),
+        Err(e) if is_contention(&e) => {}
+        Err(e) => return Err(e),
+    }
+    set_byte(mark, LockType::Read, IN_USE, true)?;
+    // Everyone else may have gone meanwhile: then this opener is first.
+    match set_byte(mark, LockType::Write, IN_USE, false) {
+        Ok(()) => Ok(true),
+        Err(e) if is_contention(&e) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Tries of [`join_marked`] while others hold the marker but not the table
+/// (openers that have not joined it yet): the first few after yielding,
+/// the rest after 1 ms each.
+const MARKED_TRIES: u32 = 200;
+
+/// Take the in-use marker through `mark` and join the table in `sidecar`:
+/// its descriptor (carrying a share of the DMS byte) and mapping. Holding
+/// the marker shared while the sidecar is missing, or no one holds its DMS
+/// byte, means the table in use was removed or replaced: refused, nothing
+/// created or reset.
+fn join_marked(
+    sidecar: &Path,
+    mark: BorrowedFd<'_>,
+    write: bool,
+    id: &sys::FileId,
+) -> Result<(OwnedFd, Map), Error> {
+    let replaced = || Error::Sidecar {
+        path: sidecar.to_path_buf(),
+        problem: SidecarProblem::Replaced,
+    };
+    for attempt in 0..MARKED_TRIES {
+        let first = take_marker(mark, write).map_err(|e| Error::io("lock lock file", e))?;
+        let fd = match open_sidecar(sidecar, id.mode, true, first) {
+            Ok(fd) => Some(fd),
+            // Removed, or (read-only openers) not created yet.
+            Err(Error::Open { source, .. })
+                if !first && source.raw_os_error() == Some(libc::ENOENT) =>
+            {
+                None
+            }
+            Err(e) => return Err(e),
+        };
+        let Some(fd) = fd else {
+            set_byte(mark, LockType::Unlock, IN_USE, false)
+                .map_err(|e| Error::io("unlock lock file", e))?;
+            pause(attempt);
+            continue;
+        };
+        let raw = fd.as_raw_fd();
+        // A child must never keep this owner alive, nor the table in use.
+        if !sys::close_in_children(raw) {
+            return Err(Error::TableFull {
+                path: sidecar.to_path_buf(),
+                what: "shm handles in this process",
+            });
+        }
+        let joined = join(sidecar, fd.as_fd(), id.dev, id.ino, first);
+        if !matches!(joined, Ok(Some(_))) {
+            sys::keep_in_children(raw);
+        }
+        match joined {
+            Ok(Some(map)) => {
+                if first {
+                    // Atomic conversion: the table is set up.
+                    if let Err(e) = set_byte(mark, LockType::Read, IN_USE, false) {
+                        sys::keep_in_children(raw);
+                        return Err(Error::io("share lock file", e));
+                    }
+                }
+                return Ok((fd, map));
+            }
+            Ok(None) => {
+                drop(fd);
+                set_byte(mark, LockType::Unlock, IN_USE, false)
+                    .map_err(|e| Error::io("unlock lock file", e))?;
+                pause(attempt);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(replaced())
+}
+
+/// Between tries of [`join_marked`]: others' openings take microseconds,
+/// unless they are descheduled.
+fn pause(attempt: u32) {
+    if attempt < 10 {
+        std::thread::yield_now();
+    } else {
+        std::thread::sleep(Duration::from_millis(1));
+    }
 }
 
 impl Shm {
@@ -1383,33 +1550,42 @@ impl Shm {
                 fs,
             });
         }
+        let sidecar = sidecar_path(&real_path(lock_path, lock_fd.as_fd()));
+        if id.nlink > 1 {
+            // The table is found by name: each name would have its own.
+            return Err(Error::Sidecar {
+                path: sidecar,
+                problem: SidecarProblem::HardLinked { links: id.nlink },
+            });
+        }
         if let Some(in_use) = kernel_locks(lock_fd.as_fd(), id.dev, id.ino) {
             return Err(Error::MixedModes {
                 path: lock_path.to_path_buf(),
                 in_use,
             });
         }
-        let sidecar = sidecar_path(&real_path(lock_path, lock_fd.as_fd()));
-        let fd = open_sidecar(&sidecar, id.mode, true)?;
-        let raw = fd.as_raw_fd();
-        // A child must never keep this owner alive, nor the table in use.
-        if !sys::close_in_children(raw) {
+        // The in-use marker goes through a description of its own, which
+        // no child inherits: a child must never keep the table in use.
+        let write = sys::is_writable(lock_fd.as_fd()).unwrap_or(false);
+        let mark = reopen(lock_fd.as_fd(), write).map_err(|e| Error::io("open lock file", e))?;
+        if !sys::close_in_children(mark.as_raw_fd()) {
             return Err(Error::TableFull {
                 path: sidecar,
                 what: "shm handles in this process",
             });
         }
-        let joined = join(&sidecar, fd, id.dev, id.ino);
-        let Joined { fd, map } = match joined {
+        let joined = join_marked(&sidecar, mark.as_fd(), write, &id);
+        let (fd, map) = match joined {
             Ok(j) => j,
             Err(e) => {
-                sys::keep_in_children(raw);
+                sys::keep_in_children(mark.as_raw_fd());
                 return Err(e);
             }
         };
         let mut shm = Shm {
             map,
             fd: Some(fd),
+            mark: Some(mark),
             lock_fd: Some(lock_fd),
             dev: id.dev,
             ino: id.ino,
@@ -1614,6 +1790,19 @@ impl Shm {
     }
 }
 
+impl Shm {
+    /// Let go of the in-use marker, before the table (whoever holds the
+    /// marker holds the table, but for openers on their way in).
+    fn drop_mark(&mut self) {
+        if let Some(mark) = self.mark.take() {
+            let _ = set_byte(mark.as_fd(), LockType::Unlock, IN_USE, false);
+            sys::keep_in_children(mark.as_raw_fd());
+            // Through the registry: a close may drop process-mode locks.
+            crate::registry::close(self.dev, self.ino, mark);
+        }
+    }
+}
+
 impl Drop for Shm {
     fn drop(&mut self) {
         let fd = self.fd.take().expect("open until dropped");
@@ -1621,6 +1810,7 @@ impl Drop for Shm {
             // The parent's: its descriptor was closed at fork (the number
             // may be another file's by now) and its table is not ours.
             std::mem::forget(fd);
+            std::mem::forget(self.mark.take());
             if let Some(lock_fd) = self.lock_fd.take() {
                 drop(lock_fd);
             }
@@ -1631,10 +1821,12 @@ impl Drop for Shm {
             if let Ok(mut g) = self.lock() {
                 g.purge(self.slot);
             }
+            self.drop_mark();
             sys::keep_in_children(self.fd().as_raw_fd());
             // Closing drops the liveness byte and our share of the table.
             drop(self.fd.take());
         } else {
+            self.drop_mark();
             sys::keep_in_children(fd.as_raw_fd());
             drop(fd);
         }
@@ -1917,7 +2109,7 @@ impl Snapshot {
             .or_else(|_| std::path::absolute(lock_path.as_ref()))
             .unwrap_or_else(|_| lock_path.as_ref().to_path_buf());
         let sidecar = sidecar_path(&lock_path);
-        let fd = match open_sidecar(&sidecar, 0, false) {
+        let fd = match open_sidecar(&sidecar, 0, false, false) {
             Ok(_) => {
                 // Exists: open it for writing without creating anything.
                 let c = cstring(&sidecar)?;
