@@ -253,11 +253,24 @@ pub struct Found {
     pub table_owner: Option<u64>,
 }
 
+/// Whether `line` is the in-use marker of a shm table's user: not a lock
+/// of anyone's (the table's locks are read from the table).
+fn is_shm_marker(line: &LockLine) -> bool {
+    let at = locksfile::shm::IN_USE_BYTE;
+    line.class == Class::Ofd
+        && !line.exclusive
+        && !line.waiting
+        && line.start == at
+        // The kernel shows a lock on the last byte as running to `EOF`.
+        && line.last.is_none_or(|last| last == at)
+}
+
 /// Every lock and waiter on `file`, with their processes.
 pub fn locks_on(file: FileId) -> std::io::Result<Vec<Found>> {
     let lines = stable_lines(file)?;
     let mut found: Vec<Found> = lines
         .into_iter()
+        .filter(|line| !is_shm_marker(line))
         .map(|line| {
             let procs = match u32::try_from(line.pid) {
                 Ok(pid) if pid > 0 => vec![Proc::new(pid)],

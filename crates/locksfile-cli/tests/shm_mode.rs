@@ -212,3 +212,27 @@ fn the_sidecar_gets_the_lock_files_mode_and_the_lock_file_is_untouched() {
     let sidecar = std::fs::metadata(f.with_file_name("data.lock-shm")).unwrap();
     assert_eq!(sidecar.mode() & 0o7777, 0o640);
 }
+
+/// Every user of a shm table holds an in-use marker on the lock file (an
+/// OFD read lock past the last index): `/proc/locks` shows it, `status`
+/// does not list it as anyone's lock.
+#[test]
+fn status_does_not_list_the_in_use_marker() {
+    let (_d, f) = lock_file();
+    let h = Holder::start(&f, &["--mode", "shm", "-i", "3"]);
+    // The kernel shows a lock on its last byte as running to `EOF`.
+    let at = format!(":{} {} EOF", std::fs::metadata(&f).unwrap().ino(), i64::MAX);
+    let proc_locks = std::fs::read_to_string("/proc/locks").unwrap();
+    assert!(
+        proc_locks
+            .lines()
+            .any(|l| l.contains("OFDLCK") && l.contains(" READ ") && l.ends_with(&at)),
+        "no marker in /proc/locks: {proc_locks}"
+    );
+    let st = status_json(&f);
+    let locks = st["locks"].as_array().unwrap();
+    assert_eq!(locks.len(), 1, "{st}");
+    assert_eq!(locks[0]["mode"], "shm", "{st}");
+    assert_eq!(h.release(), 0);
+    assert!(status_json(&f)["locks"].as_array().unwrap().is_empty());
+}

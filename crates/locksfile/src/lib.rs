@@ -79,6 +79,11 @@ pub mod shm {
     #[doc(hidden)]
     pub use crate::engine::shm::verify;
     pub use crate::engine::shm::{HeldLock, Snapshot, WaitingLock};
+
+    /// The byte of the lock file (past the last index) on which every
+    /// user of its table holds an OFD read lock while it uses it: lock
+    /// listings such as `/proc/locks` show it, and it is no user's lock.
+    pub const IN_USE_BYTE: u64 = crate::engine::shm::IN_USE as u64;
 }
 
 use std::fmt;

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use locksfile::shm::verify;
-use locksfile::{Error, Kind, LockFile, Mode, Wait};
+use locksfile::{Error, Kind, LockFile, Mode, SidecarProblem, Wait};
 
 fn shm(path: &Path) -> LockFile {
     open(path, Mode::Shm)
@@ -220,7 +220,11 @@ fn a_removed_sidecar_does_not_split_the_table() {
     let holding = hold_elsewhere(&path, Mode::Shm, Kind::Exclusive, 0);
     std::fs::remove_file(sidecar(&path)).unwrap();
     match LockFile::options().mode(Mode::Shm).open(&path) {
-        Err(_) => {}
+        Err(Error::Sidecar {
+            problem: SidecarProblem::Replaced,
+            ..
+        }) => {}
+        Err(e) => panic!("{e}"),
         Ok(lf) => {
             let got = lf.acquire(Kind::Exclusive, 0, Wait::NonBlocking);
             assert!(
@@ -229,7 +233,48 @@ fn a_removed_sidecar_does_not_split_the_table() {
             );
         }
     }
+    assert!(
+        !sidecar(&path).exists(),
+        "the refused opener created a sidecar"
+    );
+    // An empty file put in its place is no better.
+    std::fs::File::create(sidecar(&path)).unwrap();
+    match LockFile::options().mode(Mode::Shm).open(&path) {
+        Err(Error::Sidecar {
+            problem: SidecarProblem::Replaced,
+            ..
+        }) => {}
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("set up a second table in an empty sidecar"),
+    }
+    assert_eq!(std::fs::metadata(sidecar(&path)).unwrap().len(), 0);
     holding.release();
+    // Once the old table's users are gone, a new one is set up.
+    let lf = shm(&path);
+    lf.acquire(Kind::Exclusive, 0, Wait::NonBlocking).unwrap();
+}
+
+/// A kernel-mode open tells a table is in use from the lock file itself
+/// (its users' in-use marker), so it is refused even when the sidecar
+/// was removed; once the table's users are gone it opens.
+#[test]
+fn kernel_modes_see_a_table_in_use_without_its_sidecar() {
+    let _s = serial();
+    let (_dir, path) = lock_path();
+    let holding = hold_elsewhere(&path, Mode::Shm, Kind::Exclusive, 0);
+    std::fs::remove_file(sidecar(&path)).unwrap();
+    for mode in [Mode::Ofd, Mode::Process, Mode::Flock] {
+        match LockFile::options().mode(mode).open(&path) {
+            Err(Error::MixedModes { .. }) => {}
+            Err(e) => panic!("{mode}: {e}"),
+            Ok(_) => panic!("{mode} opened on a file whose table is in use"),
+        }
+    }
+    holding.release();
+    for mode in [Mode::Ofd, Mode::Process, Mode::Flock] {
+        let lf = open(&path, mode);
+        lf.acquire(Kind::Exclusive, 0.., Wait::NonBlocking).unwrap();
+    }
 }
 
 /// The sidecar cut short by someone else while mapped: an owner that uses
@@ -323,28 +368,69 @@ fn a_span_around_a_held_hole_takes_part_in_the_deadlock_search() {
 }
 
 /// A lock file with two names (hard links): the kernel modes lock the one
-/// file whatever the name, so the table must be the same one too, or the
-/// second name must be refused; never two tables that do not exclude
-/// each other.
+/// file whatever the name, but a table is found by name, so two names
+/// would make two tables that do not exclude each other. A file with more
+/// than one name is refused by every name, with a typed error and nothing
+/// created; a handle opened before the second name appeared keeps its
+/// locks, and once the file has one name again it opens on that table.
 #[test]
 fn hard_links_to_one_lock_file_share_its_locks() {
     let _s = serial();
     let (dir, path) = lock_path();
-    drop(shm(&path));
+    let before = shm(&path);
+    before
+        .acquire(Kind::Exclusive, 0, Wait::NonBlocking)
+        .unwrap();
     let other_name = dir.path().join("other-name.lock");
     std::fs::hard_link(&path, &other_name).unwrap();
-    let holding = hold_elsewhere(&path, Mode::Shm, Kind::Exclusive, 0);
-    match LockFile::options().mode(Mode::Shm).open(&other_name) {
-        Err(_) => {}
-        Ok(lf) => {
-            let got = lf.acquire(Kind::Exclusive, 0, Wait::NonBlocking);
-            assert!(
-                got.is_err(),
-                "two owners hold index 0 of one file exclusively, through two names"
-            );
+    for name in [&path, &other_name] {
+        match LockFile::options().mode(Mode::Shm).open(name) {
+            Err(Error::Sidecar {
+                problem: SidecarProblem::HardLinked { links: 2 },
+                ..
+            }) => {}
+            Err(e) => panic!("{}: {e}", name.display()),
+            Ok(_) => panic!("{} opened with two names", name.display()),
         }
     }
+    assert!(!sidecar(&other_name).exists(), "a second table was made");
+    assert_eq!(before.held(), vec![(span(0), Kind::Exclusive)]);
+    std::fs::remove_file(&other_name).unwrap();
+    let after = shm(&path);
+    assert!(after
+        .acquire(Kind::Exclusive, 0, Wait::NonBlocking)
+        .is_err());
+    drop(before);
+    after
+        .acquire(Kind::Exclusive, 0, Wait::NonBlocking)
+        .unwrap();
+    drop(after);
+    verify(&path).unwrap();
+}
+
+/// The lock file renamed while its table is in use: the new name has no
+/// sidecar, and the in-use marker on the file tells the table in use is
+/// elsewhere, so an opener by the new name is refused (nothing created)
+/// until the old table's users are gone.
+#[test]
+fn a_lock_file_renamed_in_use_does_not_split_the_table() {
+    let _s = serial();
+    let (dir, path) = lock_path();
+    let holding = hold_elsewhere(&path, Mode::Shm, Kind::Exclusive, 0);
+    let new_name = dir.path().join("new-name.lock");
+    std::fs::rename(&path, &new_name).unwrap();
+    match LockFile::options().mode(Mode::Shm).open(&new_name) {
+        Err(Error::Sidecar {
+            problem: SidecarProblem::Replaced,
+            ..
+        }) => {}
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("opened a second table beside the one in use"),
+    }
+    assert!(!sidecar(&new_name).exists(), "a second table was made");
     holding.release();
+    let lf = shm(&new_name);
+    lf.acquire(Kind::Exclusive, 0, Wait::NonBlocking).unwrap();
 }
 
 /// The last index and spans to the end meet as in the kernel modes: a

@@ -1244,8 +1244,7 @@ fn join(
         match set_byte(fd, LockType::Write, DMS, false) {
             Ok(()) if !first => {
                 // Others hold the lock file's marker but not this table.
-                set_byte(fd, LockType::Unlock, DMS, false)
-                    .map_err(io_err("unlock lock table"))?;
+                set_byte(fd, LockType::Unlock, DMS, false).map_err(io_err("unlock lock table"))?;
                 return Ok(None);
             }
             Ok(()) => {
@@ -1278,14 +1277,12 @@ fn join(
                     g.map.header().magic = MAGIC;
                 }
                 // Atomic conversion: no opener slips in between.
-                set_byte(fd, LockType::Read, DMS, false)
-                    .map_err(io_err("share lock table"))?;
+                set_byte(fd, LockType::Read, DMS, false).map_err(io_err("share lock table"))?;
                 return Ok(Some(map));
             }
             Err(e) if is_contention(&e) => {
                 // In use, or being set up: wait for a share.
-                set_byte(fd, LockType::Read, DMS, true)
-                    .map_err(io_err("share lock table"))?;
+                set_byte(fd, LockType::Read, DMS, true).map_err(io_err("share lock table"))?;
                 let (magic, ..) = read_header(fd).map_err(io_err("read lock table"))?;
                 let st = sys::fstat(fd).map_err(io_err("fstat lock table"))?;
                 if magic == 0 && (st.size == 0 || st.size == SIZE as u64) {
@@ -1359,9 +1356,10 @@ pub(crate) fn table_in_use(lock_path: &Path, lock_fd: Option<BorrowedFd<'_>>) ->
     if let Some(fd) = lock_fd {
         match sys::get_lock(fd, Family::Ofd, LockType::Write, byte(IN_USE)) {
             Ok(None) => return false,
-            // Exactly the marker: a table's user. Anything else covering
-            // it is a kernel lock on `a..`: ask the sidecar.
-            Ok(Some(b)) if b.range.start == IN_USE && b.range.len == 1 => return true,
+            // Starting at the marker (the kernel tells a lock on the last
+            // byte as running to the end): a table's user. Anything else
+            // covering it is a kernel lock on `a..`: ask the sidecar.
+            Ok(Some(b)) if b.range.start == IN_USE => return true,
             _ => {}
         }
     }
