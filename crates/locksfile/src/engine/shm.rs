@@ -1043,6 +1043,22 @@ impl Guard<'_> {
         }
     }
 
+    /// Records setting `s..e` to `kind` takes when it only lowers what
+    /// `me` holds there: unlocking takes one only to split a record around
+    /// the span; a downgrade may split one and adds the lowered piece.
+    fn records_to_lower(&self, me: u32, s: u64, e: u64, kind: u32) -> usize {
+        if kind != 0 {
+            return 2;
+        }
+        let mut near = Near::default();
+        self.mine_near(me, s, e, &mut near);
+        let splits = near.iter().any(|at| {
+            let r = self.rec(at);
+            r.start < s && r.end > e
+        });
+        usize::from(splits)
+    }
+
     /// Whether a raise of `pieces` pieces (each may split one record and
     /// add one) fits, keeping [`LOWER_RESERVE`] records for lowering.
     fn has_room(&self, pieces: usize) -> bool {
@@ -1097,6 +1113,11 @@ pub(crate) struct Shm {
     /// A description of the lock file of this owner's own, holding its
     /// [`IN_USE`] byte shared. `None` once dropped.
     mark: Option<OwnedFd>,
+    /// Lowerings the table had no record for (start, end, kind; disjoint),
+    /// applied by a later call that finds the records; the table holds
+    /// more than the owner meanwhile, never less.
+    deferred: std::sync::Mutex<Vec<(u64, u64, u32)>>,
+    has_deferred: std::sync::atomic::AtomicBool,
     pub dev: u64,
     pub ino: u64,
     slot: u32,
@@ -1410,6 +1431,22 @@ fn kernel_locks(lock_fd: BorrowedFd<'_>, dev: u64, ino: u64) -> Option<&'static 
     None
 }
 
+/// Take `s..e` out of the (disjoint) spans of `d`.
+fn subtract(d: &mut Vec<(u64, u64, u32)>, s: u64, e: u64) {
+    let mut rest = Vec::new();
+    d.retain_mut(|(t, u, kind)| {
+        if !overlaps(s, e, *t, *u) {
+            return true;
+        }
+        if *u > e {
+            rest.push((e, *u, *kind));
+        }
+        *u = s.min(*u);
+        *t < *u
+    });
+    d.extend(rest);
+}
+
 /// A new open file description of the file open as `fd`.
 fn reopen(fd: BorrowedFd<'_>, write: bool) -> io::Result<OwnedFd> {
     let proc =
@@ -1584,6 +1621,8 @@ impl Shm {
             map,
             fd: Some(fd),
             mark: Some(mark),
+            deferred: Default::default(),
+            has_deferred: Default::default(),
             lock_fd: Some(lock_fd),
             dev: id.dev,
             ino: id.ino,
@@ -1702,6 +1741,7 @@ impl Shm {
             _ => None,
         };
         let mut g = self.lock()?;
+        self.settle(&mut g);
         let mut queued: Option<(u32, u64)> = None;
         let mut slice_over = false;
         let mut yields = 0;
@@ -1717,6 +1757,7 @@ impl Shm {
                 if g.has_room(pieces.len()) {
                     for p in pieces {
                         g.set(me, p.start(), p.end(), kind);
+                        self.forget_deferred(p.start(), p.end());
                     }
                     Some(Ok(()))
                 } else {
@@ -1778,6 +1819,7 @@ impl Shm {
                 }
             };
             g = self.lock()?;
+            self.settle(&mut g);
             if interrupted {
                 if let Some((i, t)) = queued {
                     g.remove_waiter(me, i, t);
@@ -1789,6 +1831,51 @@ impl Shm {
 }
 
 impl Shm {
+    /// Set `s..e` to `kind` (0: unlock), which only lowers what this owner
+    /// holds there: never refused. A lowering that would split a record
+    /// when the table has no record left for it is deferred instead: the
+    /// table keeps the stronger lock (over-locking, which only delays
+    /// others) until a later call of this owner finds the records.
+    fn lower(&self, g: &mut Guard<'_>, s: u64, e: u64, kind: u32) {
+        if g.map.header().free_count as usize >= g.records_to_lower(self.slot, s, e, kind) {
+            g.set(self.slot, s, e, kind);
+            self.forget_deferred(s, e);
+        } else {
+            let mut d = self.deferred.lock().unwrap_or_else(|p| p.into_inner());
+            subtract(&mut d, s, e);
+            d.push((s, e, kind));
+            self.has_deferred.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Apply the deferred lowerings there are records for now.
+    #[inline]
+    fn settle(&self, g: &mut Guard<'_>) {
+        if !self.has_deferred.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut d = self.deferred.lock().unwrap_or_else(|p| p.into_inner());
+        d.retain(|&(s, e, kind)| {
+            if (g.map.header().free_count as usize) < g.records_to_lower(self.slot, s, e, kind) {
+                return true;
+            }
+            g.set(self.slot, s, e, kind);
+            false
+        });
+        self.has_deferred.store(!d.is_empty(), Ordering::Relaxed);
+    }
+
+    /// `s..e` was just set explicitly: no deferred lowering may change it.
+    #[inline]
+    fn forget_deferred(&self, s: u64, e: u64) {
+        if !self.has_deferred.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut d = self.deferred.lock().unwrap_or_else(|p| p.into_inner());
+        subtract(&mut d, s, e);
+        self.has_deferred.store(!d.is_empty(), Ordering::Relaxed);
+    }
+
     /// Let go of the in-use marker, before the table (whoever holds the
     /// marker holds the table, but for openers on their way in).
     fn drop_mark(&mut self) {
@@ -1839,23 +1926,19 @@ impl Engine for Shm {
     fn try_set(&self, span: Span, kind: Option<Kind>) -> Result<bool, Error> {
         let mut g = self.lock()?;
         let me = self.slot;
+        self.settle(&mut g);
+        let (s, e) = (span.start(), span.end());
         match kind {
-            None => {
-                if g.map.header().free_count == 0 {
-                    return Err(self.full("lock records"));
-                }
-                g.set(me, span.start(), span.end(), 0)
-            }
+            None => self.lower(&mut g, s, e, 0),
             Some(k) => {
                 // Only a nearly full table asks whether this only lowers
-                // (which may use the records kept back for lowering). A
-                // downgrade inside a record splits it (one record) and adds
-                // the lowered piece (another): without both, `set` would run
-                // dry halfway, the lock half changed.
-                let room = g.has_room(1)
-                    || (g.map.header().free_count >= 2
-                        && g.covered(me, span.start(), span.end(), code(k)));
-                if !room {
+                // (which may use the records kept back for lowering, and is
+                // never refused).
+                if !g.has_room(1) {
+                    if g.covered(me, s, e, code(k)) {
+                        self.lower(&mut g, s, e, code(k));
+                        return Ok(true);
+                    }
                     return Err(self.full("lock records"));
                 }
                 let k = code(k);
@@ -1869,7 +1952,8 @@ impl Engine for Shm {
                 if g.blocker(self.fd(), req).is_some() {
                     return Ok(false);
                 }
-                g.set(me, span.start(), span.end(), k);
+                g.set(me, s, e, k);
+                self.forget_deferred(s, e);
             }
         }
         Ok(true)
@@ -1885,6 +1969,7 @@ impl Engine for Shm {
 
     fn probe(&self, span: Span, kind: Kind) -> Result<Option<Holder>, Error> {
         let mut g = self.lock()?;
+        self.settle(&mut g);
         let pieces = [span];
         let req = Request {
             me: self.slot,
@@ -1910,6 +1995,7 @@ impl Engine for Shm {
     fn unlock_all(&self) -> Result<(), Error> {
         let mut g = self.lock()?;
         g.set(self.slot, 0, INDEX_END, 0);
+        self.forget_deferred(0, INDEX_END);
         Ok(())
     }
 }
