@@ -1,5 +1,6 @@
 //! `Mode::Shm` under attack: killed waiters, a table on the edge of full,
-//! queue-order cycles, a sidecar removed or cut short while in use. Each
+//! queue-order cycles, a sidecar removed or cut short while in use, a lock
+//! file renamed or given a second name. Each
 //! test states the guarantee it holds the engine to.
 
 mod common;
@@ -312,18 +313,26 @@ fn kernel_modes_see_a_table_in_use_without_its_sidecar() {
     }
 }
 
-/// The sidecar cut short by someone else while mapped: an owner that uses
-/// the table afterwards must get an error, never die of `SIGBUS`.
+/// The sidecar cut short by someone else while mapped. Its users' next
+/// touch of the table faults (`SIGBUS`): the table is memory mapped from
+/// the file, and no check before each access could close the window
+/// between the check and the access, so that is out of scope (as for any
+/// file-backed shared memory: the crate docs say so). What is guaranteed:
+/// no new opener joins or resets the cut table while its users live (a
+/// typed error, the file left as it is), and once they are gone the next
+/// opener sets up a fresh table.
 #[test]
-fn a_truncated_sidecar_is_not_a_crash() {
+fn a_truncated_sidecar_is_refused_to_new_openers() {
     let _s = serial();
     let (_dir, path) = lock_path();
     let (opened, go) = (Pipe::new(), Pipe::new());
-    let mut child = fork(|| {
+    let child = fork(|| {
         let lf = shm(&path);
+        lf.acquire(Kind::Exclusive, 0, Wait::NonBlocking).unwrap();
         opened.send(b'o');
         go.expect(b'g');
-        let _ = lf.acquire(Kind::Exclusive, 0, Wait::NonBlocking);
+        // Its table is cut short: closing it would touch it.
+        std::mem::forget(lf);
     });
     opened.expect(b'o');
     std::fs::OpenOptions::new()
@@ -332,10 +341,20 @@ fn a_truncated_sidecar_is_not_a_crash() {
         .unwrap()
         .set_len(0)
         .unwrap();
+    for _ in 0..2 {
+        match LockFile::options().mode(Mode::Shm).open(&path) {
+            Err(Error::Sidecar { .. }) => {}
+            Err(e) => panic!("{e}"),
+            Ok(_) => panic!("joined or reset a table cut short under its users"),
+        }
+        assert_eq!(std::fs::metadata(sidecar(&path)).unwrap().len(), 0);
+    }
     go.send(b'g');
-    let exit = child.wait();
-    assert_ne!(exit, Exit::Signal(libc::SIGBUS), "the owner died of SIGBUS");
-    assert_eq!(exit, Exit::Code(0), "{}", child.message());
+    child.join();
+    let lf = shm(&path);
+    lf.acquire(Kind::Exclusive, 0, Wait::NonBlocking).unwrap();
+    drop(lf);
+    verify(&path).unwrap();
 }
 
 /// A request for a span with a hole the owner already holds (A holds 5
