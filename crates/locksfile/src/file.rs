@@ -96,17 +96,33 @@ pub enum Mode {
     /// waiter checks its blockers that way every 50 ms, so a dead holder's
     /// waiter gets the lock within about 50 ms. No pid is trusted.
     ///
-    /// The sidecar is found by the lock file's path with symlinks resolved:
-    /// a file reached by two other names (hard links, bind mounts) has two
-    /// tables that do not exclude each other, so use one name. It stays
-    /// when the last user leaves (the next first opener resets it).
+    /// The sidecar is found by the lock file's path with symlinks resolved,
+    /// so a lock file with more than one name (hard links) is refused by
+    /// every name ([`SidecarProblem::HardLinked`](crate::SidecarProblem::HardLinked));
+    /// a handle opened before the second name appeared keeps working. A
+    /// file reached by another path that is the same name (a bind mount)
+    /// is not told apart: use one path. Every user holds an OFD read lock
+    /// on byte 2⁶³ − 1 of the lock file (past the last index; its bytes
+    /// and mode stay untouched), so an opener knows the table is in use
+    /// even when the sidecar at its path was removed, replaced or never
+    /// made (the lock file renamed): it is refused
+    /// ([`SidecarProblem::Replaced`](crate::SidecarProblem::Replaced)), nothing
+    /// created or reset, until that table's users are gone. The sidecar
+    /// stays when the last user leaves (the next first opener resets it).
+    /// A sidecar cut short (truncated) under its users is refused to new
+    /// openers, but its users fault (`SIGBUS`) at their next touch of the
+    /// table, as with any file-backed shared memory: leave it alone.
     /// It is created with the lock file's permission bits (no
     /// symlink followed, `O_CLOEXEC`); every user must be able to write
     /// it, even one that opens the lock file read-only. It is 2.9 MiB,
     /// sparse: a table in use takes about 340 KiB of memory (and disk),
     /// plus 40 bytes per lock piece held at the busiest moment. It holds up to
     /// 1,024 owners, 1,024 waiting threads and 65,536 lock pieces
-    /// ([`Error::TableFull`] beyond that). The first opener when no one
+    /// ([`Error::TableFull`] beyond that, for raises only: lowering is
+    /// never refused. A release or downgrade that splits a piece when even
+    /// the 256 pieces kept back for that are gone leaves the table holding
+    /// the stronger lock, never a weaker one, until the owner's next call
+    /// finds room; others wait meanwhile). The first opener when no one
     /// uses it resets it; a file that is not a table of this version, or
     /// has the wrong size, is refused ([`Error::Sidecar`]) and left alone.
     /// Network file systems are refused ([`Error::NetworkFileSystem`]:

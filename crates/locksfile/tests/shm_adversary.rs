@@ -1,7 +1,7 @@
 //! `Mode::Shm` under attack: killed waiters, a table on the edge of full,
 //! queue-order cycles, a sidecar removed or cut short while in use, a lock
-//! file renamed or given a second name. Each
-//! test states the guarantee it holds the engine to.
+//! file renamed or given a second name. Each test states the guarantee it
+//! holds the engine to.
 
 mod common;
 

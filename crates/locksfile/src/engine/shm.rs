@@ -11,7 +11,17 @@
 //! checked before use, so a scribbled table can make us panic but never
 //! touch memory outside the mapping. The mapping lives as long as the
 //! [`Shm`] that made it; a file whose size is not the table's is refused
-//! before it is mapped, so no access can fault (`SIGBUS`).
+//! before it is mapped. A sidecar cut short by someone else while mapped
+//! makes the next access fault (`SIGBUS`): no check before an access could
+//! close the window before it, so that is out of scope (and documented).
+//!
+//! # One table per lock file
+//!
+//! Users hold the lock file's [`IN_USE`] byte shared; only an opener that
+//! gets it exclusively sets a table up, so a sidecar removed or replaced
+//! while in use (or a lock file renamed) is refused, never set up beside
+//! the table in use. A lock file with several names is refused: tables are
+//! found by name.
 //!
 //! # Crash safety
 //!
