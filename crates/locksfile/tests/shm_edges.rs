@@ -62,24 +62,32 @@ fn shm_extension_behind_a_queued_request_it_holds_up_transitively_ends() {
     cw.join().expect("C's thread").expect("C's lock");
 }
 
-/// Two names of one file (a hard link) must reach one lock table, as they
-/// reach one inode and so the same kernel locks. The sidecar is named after
-/// the path (`<path>-shm`), so each name gets a table of its own and the two
-/// exclude nothing: a lock silently fails to exclude.
+/// Two names of one file (a hard link) must never make two lock tables
+/// that exclude nothing: the sidecar is named after the path
+/// (`<path>-shm`), so a lock file with more than one name is refused by
+/// every name, with a typed error.
 #[test]
-#[ignore = "fails: a hard link to a lock file gets a second table (run with --ignored)"]
 fn shm_hard_links_to_one_lock_file_share_its_locks() {
     let _serial = serial();
     let (dir, path) = lock_path();
     std::fs::write(&path, b"").unwrap();
     let link = dir.path().join("other-name.lock");
     std::fs::hard_link(&path, &link).unwrap();
-    let a = open(&path, Mode::Shm);
-    let b = open(&link, Mode::Shm);
-    let _held = a.write(3..4).expect("A takes 3");
-    let got = b.try_write(3..4).map(drop);
-    assert!(
-        matches!(got, Err(Error::WouldBlock { .. })),
-        "a second name of the same file took a lock its first name holds: {got:?}"
-    );
+    for name in [&path, &link] {
+        let got = locksfile::LockFile::options()
+            .mode(Mode::Shm)
+            .open(name)
+            .map(drop);
+        assert!(
+            matches!(
+                got,
+                Err(Error::Sidecar {
+                    problem: locksfile::SidecarProblem::HardLinked { links: 2 },
+                    ..
+                })
+            ),
+            "{}: {got:?}",
+            name.display()
+        );
+    }
 }

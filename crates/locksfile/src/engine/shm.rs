@@ -330,24 +330,28 @@ impl Map {
         unsafe { &mut *self.base.cast::<Header>() }
     }
 
-    fn slots(&self) -> &mut [Slot] {
-        // SAFETY: as `header`; the array lies inside the mapping.
-        unsafe { std::slice::from_raw_parts_mut(self.base.add(SLOTS_AT).cast(), SLOTS) }
+    // One element at a time, never a slice: a reference to a whole array
+    // would overlap every other reference made into it meanwhile.
+
+    /// Owner slot `i`.
+    fn slot(&self, i: usize) -> &mut Slot {
+        assert!(i < SLOTS, "slot {i} out of range");
+        // SAFETY: as `header`; in range, inside the mapping, aligned.
+        unsafe { &mut *self.base.add(SLOTS_AT).cast::<Slot>().add(i) }
     }
 
-    fn waiters(&self) -> &mut [Waiter] {
-        // SAFETY: as `slots`.
-        unsafe { std::slice::from_raw_parts_mut(self.base.add(WAITERS_AT).cast(), WAITERS) }
+    /// Waiter entry `i`.
+    fn waiter(&self, i: usize) -> &mut Waiter {
+        assert!(i < WAITERS, "waiter {i} out of range");
+        // SAFETY: as `slot`.
+        unsafe { &mut *self.base.add(WAITERS_AT).cast::<Waiter>().add(i) }
     }
 
-    fn buckets(&self) -> &mut [u32] {
-        // SAFETY: as `slots`.
-        unsafe { std::slice::from_raw_parts_mut(self.base.add(BUCKETS_AT).cast(), BUCKETS) }
-    }
-
-    fn recs(&self) -> &mut [Rec] {
-        // SAFETY: as `slots`.
-        unsafe { std::slice::from_raw_parts_mut(self.base.add(RECORDS_AT).cast(), RECORDS) }
+    /// The head of hash bucket `i`.
+    fn bucket_head(&self, i: usize) -> &mut u32 {
+        assert!(i < BUCKETS, "bucket {i} out of range");
+        // SAFETY: as `slot`.
+        unsafe { &mut *self.base.add(BUCKETS_AT).cast::<u32>().add(i) }
     }
 }
 
@@ -429,7 +433,7 @@ impl Guard<'_> {
             return;
         }
         for i in 0..h.waiter_hwm as usize {
-            let w = self.map.waiters()[i];
+            let w = *self.map.waiter(i);
             if w.owner != 0 && overlaps(s, e, w.start, w.end) {
                 self.wake(i);
             }
@@ -472,7 +476,7 @@ impl Guard<'_> {
         let r = *self.rec(i);
         let h = self.map.header();
         if r.end - r.start == 1 {
-            let b = &mut self.map.buckets()[bucket(r.start)];
+            let b = self.map.bucket_head(bucket(r.start));
             self.rec(i).next = *b;
             *b = i;
         } else {
@@ -480,7 +484,7 @@ impl Guard<'_> {
             h.coarse_head = i;
             h.coarse_count += 1;
         }
-        let slot = &mut self.map.slots()[(r.owner - 1) as usize];
+        let slot = self.map.slot((r.owner - 1) as usize);
         self.rec(i).onext = slot.head;
         self.rec(i).oprev = NIL;
         if slot.head != NIL {
@@ -496,7 +500,7 @@ impl Guard<'_> {
         let r = *self.rec(i);
         let h = self.map.header();
         let head: &mut u32 = if r.end - r.start == 1 {
-            &mut self.map.buckets()[bucket(r.start)]
+            self.map.bucket_head(bucket(r.start))
         } else {
             h.coarse_count -= 1;
             &mut h.coarse_head
@@ -548,7 +552,8 @@ impl Guard<'_> {
     /// lock is held through `fd`, which `F_OFD_GETLK` does not report.
     fn repair(&mut self, fd: BorrowedFd<'_>, me: u32) {
         let h = self.map.header();
-        for (s, slot) in self.map.slots().iter_mut().enumerate() {
+        for s in 0..SLOTS {
+            let slot = self.map.slot(s);
             let dead = s as u32 != me && !alive(fd, s as u32);
             if slot.used != 0 && (slot.used != 1 || dead) {
                 slot.used = 0;
@@ -560,22 +565,25 @@ impl Guard<'_> {
         let valid = |owner: u32, kind: u32, start: u64, end: u64| {
             owner >= 1
                 && owner as usize <= SLOTS
-                && map.slots()[(owner - 1) as usize].used == 1
+                && map.slot((owner - 1) as usize).used == 1
                 && (kind == SHARED || kind == EXCLUSIVE)
                 && start < end
                 && end <= INDEX_END
         };
         h.waiting = 0;
         h.waiter_hwm = 0;
-        for (i, w) in self.map.waiters().iter_mut().enumerate() {
+        for i in 0..WAITERS {
+            let w = *self.map.waiter(i);
             if w.owner != 0 && valid(w.owner, w.kind, w.start, w.end) {
                 h.waiting += 1;
                 h.waiter_hwm = i as u32 + 1;
             } else {
-                w.owner = 0;
+                self.map.waiter(i).owner = 0;
             }
         }
-        self.map.buckets().fill(NIL);
+        for b in 0..BUCKETS {
+            *self.map.bucket_head(b) = NIL;
+        }
         h.free_head = NIL;
         h.coarse_head = NIL;
         h.coarse_count = 0;
@@ -603,15 +611,17 @@ impl Guard<'_> {
         h.ino = ino;
         h.next_ticket = 1;
         h.next_nonce = 1;
-        for w in self.map.waiters().iter_mut() {
-            w.owner = 0;
+        for i in 0..WAITERS {
+            self.map.waiter(i).owner = 0;
         }
-        for s in self.map.slots().iter_mut() {
-            s.used = 0;
+        for s in 0..SLOTS {
+            self.map.slot(s).used = 0;
         }
         // The records are zero (the file was just truncated): none in use,
         // all fresh, their pages untouched.
-        self.map.buckets().fill(NIL);
+        for b in 0..BUCKETS {
+            *self.map.bucket_head(b) = NIL;
+        }
         h.free_head = NIL;
         h.fresh = 0;
         h.free_count = RECORDS as u32;
@@ -619,7 +629,8 @@ impl Guard<'_> {
         h.coarse_count = 0;
         h.waiting = 0;
         h.waiter_hwm = 0;
-        for s in self.map.slots().iter_mut() {
+        for s in 0..SLOTS {
+            let s = self.map.slot(s);
             s.head = NIL;
             s.records = 0;
         }
@@ -629,7 +640,7 @@ impl Guard<'_> {
 
     /// Free everything of the owner in `slot` and the slot itself.
     fn purge(&mut self, slot: u32) {
-        let mut at = self.map.slots()[slot as usize].head;
+        let mut at = self.map.slot(slot as usize).head;
         let mut steps = 0;
         while at != NIL && steps < RECORDS {
             let next = self.rec(at).onext;
@@ -638,12 +649,13 @@ impl Guard<'_> {
             at = next;
             steps += 1;
         }
-        let s = &mut self.map.slots()[slot as usize];
+        let s = self.map.slot(slot as usize);
         s.head = NIL;
         s.records = 0;
         s.used = 0;
         let h = self.map.header();
-        for w in self.map.waiters()[..h.waiter_hwm as usize].iter_mut() {
+        for i in 0..h.waiter_hwm as usize {
+            let w = self.map.waiter(i);
             if w.owner == slot + 1 {
                 w.owner = 0;
                 h.waiting -= 1;
@@ -655,7 +667,7 @@ impl Guard<'_> {
 
     /// Purge `slot` if its owner is dead; whether it was.
     fn purge_if_dead(&mut self, fd: BorrowedFd<'_>, slot: u32) -> bool {
-        if self.map.slots()[slot as usize].used == 1 && !alive(fd, slot) {
+        if self.map.slot(slot as usize).used == 1 && !alive(fd, slot) {
             self.purge(slot);
             return true;
         }
@@ -664,8 +676,7 @@ impl Guard<'_> {
 
     fn shrink_waiters(&mut self) {
         let h = self.map.header();
-        let w = self.map.waiters();
-        while h.waiter_hwm > 0 && w[h.waiter_hwm as usize - 1].owner == 0 {
+        while h.waiter_hwm > 0 && self.map.waiter(h.waiter_hwm as usize - 1).owner == 0 {
             h.waiter_hwm -= 1;
         }
     }
@@ -694,7 +705,7 @@ impl Guard<'_> {
         }
         if e - s <= FINE_SCAN {
             for i in s..e {
-                let mut at = self.map.buckets()[bucket(i)];
+                let mut at = *self.map.bucket_head(bucket(i));
                 while at != NIL && steps < RECORDS {
                     let r = self.rec(at);
                     if r.start == i && hit(r) {
@@ -707,7 +718,8 @@ impl Guard<'_> {
             return None;
         }
         // A long span: every owner's single-index records.
-        for (o, slot) in self.map.slots().iter().enumerate() {
+        for o in 0..SLOTS {
+            let slot = *self.map.slot(o);
             if slot.used != 1 || o as u32 == me || slot.records == 0 {
                 continue;
             }
@@ -727,7 +739,7 @@ impl Guard<'_> {
     /// Whether owner `me` holds any record that conflicts with `kind` on
     /// `s..e` (`kind` 0: any record at all).
     fn holds_over(&self, me: u32, s: u64, e: u64, kind: u32) -> bool {
-        let mut at = self.map.slots()[me as usize].head;
+        let mut at = self.map.slot(me as usize).head;
         let mut steps = 0;
         while at != NIL && steps < RECORDS {
             let r = self.rec(at);
@@ -772,10 +784,8 @@ impl Guard<'_> {
         if h.waiting == 0 || self.is_conversion(req) {
             return None;
         }
-        let waiters = &self.map.waiters()[..h.waiter_hwm as usize];
-        waiters
-            .iter()
-            .position(|w| self.defers_to(req, w))
+        (0..h.waiter_hwm as usize)
+            .position(|i| self.defers_to(req, &*self.map.waiter(i)))
             .map(|i| i as u32)
     }
 
@@ -793,7 +803,7 @@ impl Guard<'_> {
         // A queued request of a dead owner would be deferred to forever:
         // nothing else ever probes an owner that holds nothing in the way.
         while let Some(w) = self.deferred_to(req) {
-            let owner = self.map.waiters()[w as usize].owner - 1;
+            let owner = self.map.waiter(w as usize).owner - 1;
             if !self.purge_if_dead(fd, owner) {
                 return Some(Blocker::Waiter(w));
             }
@@ -805,7 +815,8 @@ impl Guard<'_> {
     /// defers to), for the deadlock search.
     fn blocking_owners(&self, req: Request<'_>, out: &mut Vec<u32>) {
         let h = self.map.header();
-        for (o, slot) in self.map.slots().iter().enumerate() {
+        for o in 0..SLOTS {
+            let slot = *self.map.slot(o);
             if slot.used != 1 || o as u32 == req.me {
                 continue;
             }
@@ -829,8 +840,9 @@ impl Guard<'_> {
         if h.waiting == 0 || self.is_conversion(req) {
             return;
         }
-        for w in &self.map.waiters()[..h.waiter_hwm as usize] {
-            if self.defers_to(req, w) {
+        for i in 0..h.waiter_hwm as usize {
+            let w = *self.map.waiter(i);
+            if self.defers_to(req, &w) {
                 out.push(w.owner - 1);
             }
         }
@@ -853,7 +865,8 @@ impl Guard<'_> {
                 continue;
             }
             let h = self.map.header();
-            for w in self.map.waiters()[..h.waiter_hwm as usize].iter() {
+            for i in 0..h.waiter_hwm as usize {
+                let w = *self.map.waiter(i);
                 if w.owner != o + 1 {
                     continue;
                 }
@@ -985,7 +998,7 @@ impl Guard<'_> {
     fn drop_record(&mut self, i: u32) {
         let r = *self.rec(i);
         self.unlink_tier(i);
-        let slot = &mut self.map.slots()[(r.owner - 1) as usize];
+        let slot = self.map.slot((r.owner - 1) as usize);
         if r.oprev == NIL {
             slot.head = r.onext;
         } else {
@@ -1002,11 +1015,11 @@ impl Guard<'_> {
     /// coarse list for a short span when the owner has many records, else
     /// through the owner's own list.
     fn mine_near(&self, me: u32, lo: u64, hi: u64, out: &mut Near) {
-        let slot = self.map.slots()[me as usize];
+        let slot = self.map.slot(me as usize);
         let mut steps = 0;
         if slot.records > 16 && hi - lo <= FINE_SCAN + 2 {
             for i in lo..hi {
-                let mut at = self.map.buckets()[bucket(i)];
+                let mut at = *self.map.bucket_head(bucket(i));
                 while at != NIL && steps < RECORDS {
                     let r = self.rec(at);
                     if r.owner == me + 1 && r.start == i {
@@ -1043,7 +1056,7 @@ impl Guard<'_> {
         let r = *self.rec(i);
         let h = self.map.header();
         if r.end - r.start == 1 {
-            let b = &mut self.map.buckets()[bucket(r.start)];
+            let b = self.map.bucket_head(bucket(r.start));
             self.rec(i).next = *b;
             *b = i;
         } else {
@@ -1077,10 +1090,10 @@ impl Guard<'_> {
 
     fn add_waiter(&mut self, me: u32, pieces: &[Span], kind: u32) -> Option<(u32, u64)> {
         let h = self.map.header();
-        let i = self.map.waiters().iter().position(|w| w.owner == 0)?;
+        let i = (0..WAITERS).position(|i| self.map.waiter(i).owner == 0)?;
         let ticket = h.next_ticket;
         h.next_ticket += 1;
-        let w = &mut self.map.waiters()[i];
+        let w = self.map.waiter(i);
         *w = Waiter {
             owner: 0,
             kind,
@@ -1100,7 +1113,7 @@ impl Guard<'_> {
     }
 
     fn remove_waiter(&mut self, me: u32, i: u32, ticket: u64) {
-        let w = &mut self.map.waiters()[i as usize];
+        let w = self.map.waiter(i as usize);
         if w.owner == me + 1 && w.ticket == ticket {
             w.owner = 0;
             let (s, e) = (w.start, w.end);
@@ -1679,7 +1692,7 @@ impl Shm {
         let mut g = self.lock()?;
         for pass in 0..2 {
             for s in 0..SLOTS as u32 {
-                let used = g.map.slots()[s as usize].used != 0;
+                let used = g.map.slot(s as usize).used != 0;
                 if used != (pass == 1) {
                     continue;
                 }
@@ -1695,7 +1708,7 @@ impl Shm {
                 let h = g.map.header();
                 let nonce = h.next_nonce;
                 h.next_nonce += 1;
-                let slot = &mut g.map.slots()[s as usize];
+                let slot = g.map.slot(s as usize);
                 slot.pid = std::process::id();
                 slot.nonce = nonce;
                 slot.head = NIL;
@@ -1710,7 +1723,7 @@ impl Shm {
     /// This owner's id, as [`Snapshot`] shows it.
     pub fn owner_id(&self) -> u64 {
         self.lock()
-            .map(|g| g.map.slots()[self.slot as usize].nonce)
+            .map(|g| g.map.slot(self.slot as usize).nonce)
             .unwrap_or(0)
     }
 
@@ -1725,12 +1738,12 @@ impl Shm {
                 Holder {
                     span: Span::from_checked(r.start, r.end),
                     kind: kind_of(r.kind),
-                    pid: Some(g.map.slots()[(r.owner - 1) as usize].pid).filter(|&p| p > 0),
+                    pid: Some(g.map.slot((r.owner - 1) as usize).pid).filter(|&p| p > 0),
                     server: None,
                 }
             }
             Blocker::Waiter(w) => {
-                let w = g.map.waiters()[w as usize];
+                let w = *g.map.waiter(w as usize);
                 Holder {
                     span: Span::from_checked(w.start, w.end),
                     kind: kind_of(w.kind),
@@ -2018,15 +2031,15 @@ impl Guard<'_> {
         let mut seen_owner = vec![0u8; RECORDS];
         let mut seen_tier = vec![0u8; RECORDS];
         let h = self.map.header();
-        for (o, slot) in self.map.slots().iter().enumerate() {
+        for o in 0..SLOTS {
+            let slot = *self.map.slot(o);
             let mut at = slot.head;
             let mut n = 0;
             while at != NIL {
-                let r = self
-                    .map
-                    .recs()
-                    .get(at as usize)
-                    .ok_or("owner list out of range")?;
+                if at as usize >= RECORDS {
+                    return Err("owner list out of range".into());
+                }
+                let r = *self.rec(at);
                 if slot.used != 1 || r.owner as usize != o + 1 {
                     return Err(format!("record {at} in the list of slot {o} is not its"));
                 }
@@ -2044,11 +2057,10 @@ impl Guard<'_> {
         let mut walk = |mut at: u32, what: &str| -> Result<usize, String> {
             let mut n = 0;
             while at != NIL {
-                let r = self
-                    .map
-                    .recs()
-                    .get(at as usize)
-                    .ok_or("chain out of range")?;
+                if at as usize >= RECORDS {
+                    return Err("chain out of range".into());
+                }
+                let r = *self.rec(at);
                 seen_tier[at as usize] += 1;
                 n += 1;
                 if n > RECORDS {
@@ -2063,7 +2075,7 @@ impl Guard<'_> {
             return Err(format!("coarse list {coarse}, counter {}", h.coarse_count));
         }
         for b in 0..BUCKETS {
-            walk(self.map.buckets()[b], "a bucket")?;
+            walk(*self.map.bucket_head(b), "a bucket")?;
         }
         let free = walk(h.free_head, "the free list")?;
         let fresh = h.fresh as usize;
@@ -2074,7 +2086,8 @@ impl Guard<'_> {
                 h.free_count
             ));
         }
-        for (i, r) in self.map.recs().iter().enumerate() {
+        for i in 0..RECORDS {
+            let r = *self.rec(i as u32);
             let used = r.owner != 0;
             if i >= fresh {
                 if used || seen_tier[i] != 0 || seen_owner[i] != 0 {
@@ -2092,7 +2105,9 @@ impl Guard<'_> {
                 return Err(format!("record {i} is malformed"));
             }
         }
-        let waiting = self.map.waiters().iter().filter(|w| w.owner != 0).count();
+        let waiting = (0..WAITERS)
+            .filter(|&i| self.map.waiter(i).owner != 0)
+            .count();
         if waiting != h.waiting as usize {
             return Err(format!("{waiting} waiters, counter {}", h.waiting));
         }
@@ -2246,7 +2261,7 @@ impl Snapshot {
             unsafe { sys::robust_mutex_consistent(map.mutex()) };
         }
         let mut snap = Snapshot::default();
-        let slots = g.map.slots();
+        let slots: Vec<Slot> = (0..SLOTS).map(|s| *g.map.slot(s)).collect();
         let live: Vec<bool> = (0..SLOTS as u32)
             .map(|s| slots[s as usize].used == 1 && alive(fd.as_fd(), s))
             .collect();
@@ -2272,7 +2287,8 @@ impl Snapshot {
             }
         }
         let mut waiters: Vec<(u64, WaitingLock)> = Vec::new();
-        for w in g.map.waiters().iter() {
+        for i in 0..WAITERS {
+            let w = *g.map.waiter(i);
             if w.owner == 0 || w.owner as usize > SLOTS || !live[(w.owner - 1) as usize] {
                 continue;
             }
@@ -2362,8 +2378,8 @@ mod tests {
             .is_none());
         let g = a.lock().unwrap();
         g.verify().unwrap();
-        assert_eq!(g.map.slots()[a.slot as usize].records, 1);
-        assert_eq!(g.map.slots().iter().filter(|s| s.used == 1).count(), 1);
+        assert_eq!(g.map.slot(a.slot as usize).records, 1);
+        assert_eq!((0..SLOTS).filter(|&s| g.map.slot(s).used == 1).count(), 1);
         drop(g);
         let c = open();
         assert!(!c
