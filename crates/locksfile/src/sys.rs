@@ -375,6 +375,8 @@ fn file_id(st: &libc::stat) -> FileId {
         file_type,
         mode: st.st_mode & 0o7777,
         size: st.st_size as u64,
+        // `nlink_t` is 32 bits on some targets.
+        #[allow(clippy::unnecessary_cast)]
         nlink: st.st_nlink as u64,
     }
 }
