@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 
 use crate::engine::fcntl::Fcntl;
 use crate::engine::flock::Flock;
-use crate::engine::shm::Shm;
 #[cfg(feature = "postgres")]
 use crate::engine::pg::Pg;
+use crate::engine::shm::Shm;
 use crate::engine::Engine;
 use crate::error::{Error, Holder, NotRegular, SpanError};
 use crate::guard::{ReadGuard, WriteGuard};

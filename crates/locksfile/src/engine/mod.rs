@@ -20,9 +20,9 @@
 
 pub(crate) mod fcntl;
 pub(crate) mod flock;
-pub(crate) mod shm;
 #[cfg(feature = "postgres")]
 pub(crate) mod pg;
+pub(crate) mod shm;
 
 #[cfg(test)]
 pub(crate) mod fake;
