@@ -90,7 +90,11 @@ pub enum Mode {
     /// waiter checks its blockers that way every 50 ms, so a dead holder's
     /// waiter gets the lock within about 50 ms. No pid is trusted.
     ///
-    /// The sidecar is created with the lock file's permission bits (no
+    /// The sidecar is found by the lock file's path with symlinks resolved:
+    /// a file reached by two other names (hard links, bind mounts) has two
+    /// tables that do not exclude each other, so use one name. It stays
+    /// when the last user leaves (the next first opener resets it).
+    /// It is created with the lock file's permission bits (no
     /// symlink followed, `O_CLOEXEC`); every user must be able to write
     /// it, even one that opens the lock file read-only. It is 2.9 MiB,
     /// sparse: a table in use takes about 340 KiB of memory (and disk),
