@@ -67,7 +67,7 @@ fn shm_extension_behind_a_queued_request_it_holds_up_transitively_ends() {
 /// the path (`<path>-shm`), so each name gets a table of its own and the two
 /// exclude nothing: a lock silently fails to exclude.
 #[test]
-#[ignore = "fails: a hard link to a lock file gets a second table (run with --ignored)"]
+#[ignore = "fails: a hard link gets a second table, a limitation Mode::Shm documents (run with --ignored)"]
 fn shm_hard_links_to_one_lock_file_share_its_locks() {
     let _serial = serial();
     let (dir, path) = lock_path();
