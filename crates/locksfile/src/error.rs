@@ -47,8 +47,9 @@ pub struct Holder {
     pub kind: Kind,
     /// The holding process for a process-associated lock, the process that
     /// took it for a `flock(2)` lock (it may have shared it through `fork`
-    /// since); `None` for an open-file-description lock, whose owner the
-    /// kernel does not name.
+    /// since), the process that opened the owning handle in
+    /// [`Mode::Shm`](crate::Mode::Shm); `None` for an open-file-description
+    /// lock, whose owner the kernel does not name.
     pub pid: Option<u32>,
 }
 
@@ -150,7 +151,9 @@ pub enum Error {
         /// The conflicting lock, where a follow-up `F_GETLK` found one.
         holder: Option<Holder>,
     },
-    /// The kernel found that waiting would deadlock (`EDEADLK`, process mode).
+    /// Waiting would deadlock: the kernel said so (`EDEADLK`, process
+    /// mode), or the wait would close a cycle of waiting owners
+    /// ([`Mode::Shm`](crate::Mode::Shm)). Nothing was changed.
     Deadlock,
     /// The deadline passed before the lock could be had.
     TimedOut,

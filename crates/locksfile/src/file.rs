@@ -90,10 +90,15 @@ pub enum Mode {
     /// waiter checks its blockers that way every 50 ms, so a dead holder's
     /// waiter gets the lock within about 50 ms. No pid is trusted.
     ///
-    /// The sidecar is created with the lock file's permission bits (no
+    /// The sidecar is found by the lock file's path with symlinks resolved:
+    /// a file reached by two other names (hard links, bind mounts) has two
+    /// tables that do not exclude each other, so use one name. It stays
+    /// when the last user leaves (the next first opener resets it).
+    /// It is created with the lock file's permission bits (no
     /// symlink followed, `O_CLOEXEC`); every user must be able to write
-    /// it, even one that opens the lock file read-only. It is about
-    /// 2.5 MiB, sparse: only the pages touched use memory. It holds up to
+    /// it, even one that opens the lock file read-only. It is 2.9 MiB,
+    /// sparse: a table in use takes about 340 KiB of memory (and disk),
+    /// plus 40 bytes per lock piece held at the busiest moment. It holds up to
     /// 1,024 owners, 1,024 waiting threads and 65,536 lock pieces
     /// ([`Error::TableFull`] beyond that). The first opener when no one
     /// uses it resets it; a file that is not a table of this version, or
@@ -591,8 +596,8 @@ impl LockFile {
 
     /// What this handle's mode offers beyond mutual exclusion: whether a
     /// wait that would deadlock is refused ([`Error::Deadlock`], process
-    /// mode) or waits forever (OFD mode), whether waiters are served in
-    /// order, whether a dead holder's locks are freed.
+    /// and shm modes) or waits forever (OFD mode), whether waiters are
+    /// served in order (shm mode), whether a dead holder's locks are freed.
     ///
     /// ```
     /// use locksfile::{LockFile, Mode};

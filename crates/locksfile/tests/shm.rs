@@ -701,3 +701,83 @@ fn fair_try_defers_to_a_queued_writer() {
         w.join().unwrap().unwrap();
     });
 }
+
+/// An owner that holds part of a span and asks for all of it converts,
+/// so it queues behind no one, also when the rest of the span comes in
+/// several pieces: here it would otherwise wait behind a waiter that waits
+/// behind a waiter that waits for it, a cycle no one would see.
+#[test]
+fn multi_piece_conversion_queues_behind_no_one() {
+    let _s = serial();
+    let (_dir, path) = lock_path();
+    let (x, y, z) = (shm(&path), shm(&path), shm(&path));
+    x.acquire(Kind::Exclusive, 2, Wait::NonBlocking).unwrap();
+    std::thread::scope(|s| {
+        let yw = s.spawn(|| y.write(2..).map(drop));
+        wait_for_waiter(&path, 2, Some(pid()));
+        let zw = s.spawn(|| z.write(3..6).map(drop));
+        wait_for_waiter(&path, 3, Some(pid()));
+        // Raises 1 and 3..6 (2 is held): granted at once.
+        let r = x.acquire(Kind::Exclusive, 1..6, Wait::Timeout(Duration::from_secs(2)));
+        x.release_all().unwrap();
+        yw.join().unwrap().unwrap();
+        zw.join().unwrap().unwrap();
+        r.expect("a conversion waits for no queued request");
+    });
+}
+
+/// What the mode says it offers, and its name.
+#[test]
+fn abilities_and_name() {
+    let _s = serial();
+    let (_dir, path) = lock_path();
+    let lf = shm(&path);
+    let a = lf.abilities();
+    assert!(a.detects_deadlocks && a.fair && a.releases_on_death);
+    assert_eq!(lf.mode().to_string(), "shm");
+    assert!(lf.table_owner().is_some());
+    assert_eq!(
+        open(&path.with_extension("other"), Mode::Ofd).table_owner(),
+        None
+    );
+}
+
+/// A lock file on a FUSE file system (mounted with `bindfs` where the
+/// machine has it and lets us mount): refused, naming the file system.
+/// Where it cannot mount, the test says so and checks nothing more; the
+/// classification itself is unit-tested in the engine.
+#[test]
+fn fuse_mount_refused() {
+    let _s = serial();
+    let src = tempfile::tempdir().unwrap();
+    let mnt = tempfile::tempdir().unwrap();
+    let mounted = std::process::Command::new("bindfs")
+        .arg(src.path())
+        .arg(mnt.path())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("fuse_mount_refused: cannot mount with bindfs here; not run");
+        return;
+    }
+    let path = mnt.path().join("data.lock");
+    let r = LockFile::options().mode(Mode::Shm).open(&path);
+    let unmounted = std::process::Command::new("umount")
+        .arg(mnt.path())
+        .status()
+        .is_ok_and(|s| s.success());
+    match r {
+        Err(e @ Error::NetworkFileSystem { .. }) => {
+            let Error::NetworkFileSystem { path: p, fs } = &e else {
+                unreachable!()
+            };
+            assert_eq!(*p, path);
+            assert_eq!(*fs, "FUSE");
+            assert!(e.to_string().contains("FUSE"), "{e}");
+        }
+        other => panic!("shm on FUSE: {other:?}"),
+    }
+    assert!(unmounted, "umount {}", mnt.path().display());
+    // Nothing was created beside it.
+    assert!(!src.path().join("data.lock-shm").exists());
+}

@@ -942,8 +942,10 @@ fn stress(mode: Mode) {
             ended.push(c);
         } else {
             println!(
-                "worker {p} stuck; locks on the file: {:?}",
-                proc_locks(&path)
+                "worker {p} (pid {}) stuck; locks on the file: {:?} {:?}",
+                c.pid,
+                proc_locks(&path),
+                locksfile::shm::Snapshot::read(&path)
             );
             c.kill(libc::SIGKILL);
             assert_eq!(c.wait(), Exit::Signal(libc::SIGKILL));

@@ -100,6 +100,9 @@ struct Header {
     waiting: u32,
     /// One past the last waiter entry in use.
     waiter_hwm: u32,
+    /// Records from here on were never used: still zero, in no list, so
+    /// their pages take no memory until needed.
+    fresh: u32,
 }
 
 #[repr(C)]
@@ -149,8 +152,10 @@ const fn align(x: usize) -> usize {
     (x + 4095) & !4095
 }
 const MUTEX_AT: usize = 512;
-const WAKE_AT: usize = 1024;
-const SLOTS_AT: usize = 4096;
+/// One futex word per waiter entry: a waiter sleeps on its own word, and a
+/// release wakes only the waiters whose spans it touches.
+const WAKES_AT: usize = 4096;
+const SLOTS_AT: usize = align(WAKES_AT + WAITERS * size_of::<u32>());
 const WAITERS_AT: usize = align(SLOTS_AT + SLOTS * size_of::<Slot>());
 const BUCKETS_AT: usize = align(WAITERS_AT + WAITERS * size_of::<Waiter>());
 const RECORDS_AT: usize = align(BUCKETS_AT + BUCKETS * size_of::<u32>());
@@ -158,7 +163,7 @@ const RECORDS_AT: usize = align(BUCKETS_AT + BUCKETS * size_of::<u32>());
 pub(crate) const SIZE: usize = align(RECORDS_AT + RECORDS * size_of::<Rec>());
 
 const _: () = assert!(size_of::<Header>() <= MUTEX_AT);
-const _: () = assert!(MUTEX_AT + size_of::<libc::pthread_mutex_t>() <= WAKE_AT);
+const _: () = assert!(MUTEX_AT + size_of::<libc::pthread_mutex_t>() <= WAKES_AT);
 
 /// The sidecar of a lock path: `<path>-shm`.
 pub(crate) fn sidecar_path(lock_path: &Path) -> PathBuf {
@@ -272,10 +277,12 @@ impl Map {
         unsafe { self.base.add(MUTEX_AT).cast() }
     }
 
-    fn wake(&self) -> &AtomicU32 {
-        // SAFETY: WAKE_AT is inside the mapping, aligned, and only ever
-        // used atomically.
-        unsafe { &*self.base.add(WAKE_AT).cast::<AtomicU32>() }
+    /// Waiter entry `i`'s futex word.
+    fn wake_word(&self, i: usize) -> &AtomicU32 {
+        assert!(i < WAITERS, "waiter index {i} out of range");
+        // SAFETY: in range, inside the mapping, aligned, and only ever used
+        // atomically.
+        unsafe { &*self.base.add(WAKES_AT).cast::<AtomicU32>().add(i) }
     }
 
     /// Take the table's mutex. `Err` only for a mutex left unrecoverable.
@@ -289,7 +296,9 @@ impl Map {
         Ok((
             Guard {
                 map: self,
-                wake: false,
+                woken: [0; WAKE_LIST],
+                n_woken: 0,
+                wake_upto: 0,
             },
             died,
         ))
@@ -328,19 +337,32 @@ impl Drop for Map {
     }
 }
 
+/// How many waiters a guard wakes one by one; beyond that it wakes all.
+const WAKE_LIST: usize = 8;
+
 /// The table, with its mutex held.
 struct Guard<'a> {
     map: &'a Map,
-    /// Waiters must be woken once the mutex is let go.
-    wake: bool,
+    /// Waiter entries to wake once the mutex is let go (their words are
+    /// bumped already)...
+    woken: [u16; WAKE_LIST],
+    n_woken: usize,
+    /// ... or every entry below this.
+    wake_upto: usize,
 }
 
 impl Drop for Guard<'_> {
     fn drop(&mut self) {
         // SAFETY: we hold the mutex.
         unsafe { sys::robust_mutex_unlock(self.map.mutex()) };
-        if self.wake {
-            sys::futex_wake_all(self.map.wake());
+        if self.wake_upto > 0 {
+            for i in 0..self.wake_upto {
+                sys::futex_wake_all(self.map.wake_word(i));
+            }
+        } else {
+            for &i in &self.woken[..self.n_woken] {
+                sys::futex_wake_all(self.map.wake_word(i as usize));
+            }
         }
     }
 }
@@ -378,11 +400,41 @@ enum Blocker {
 }
 
 impl Guard<'_> {
-    fn wake_waiters(&mut self) {
-        if self.map.header().waiting > 0 {
-            self.map.wake().fetch_add(1, Ordering::Release);
-            self.wake = true;
+    /// Wake the waiters whose requests overlap `s..e`: something there
+    /// was released, or a request they queued behind went away.
+    fn wake_waiters(&mut self, s: u64, e: u64) {
+        let h = self.map.header();
+        if h.waiting == 0 {
+            return;
         }
+        for i in 0..h.waiter_hwm as usize {
+            let w = self.map.waiters()[i];
+            if w.owner != 0 && overlaps(s, e, w.start, w.end) {
+                self.wake(i);
+            }
+        }
+    }
+
+    fn wake(&mut self, i: usize) {
+        self.map.wake_word(i).fetch_add(1, Ordering::Release);
+        if self.wake_upto > 0 {
+            self.wake_upto = self.wake_upto.max(i + 1);
+        } else if self.n_woken < WAKE_LIST {
+            self.woken[self.n_woken] = i as u16;
+            self.n_woken += 1;
+        } else {
+            self.wake_upto = WAITERS;
+        }
+    }
+
+    /// Wake every waiter (a dead owner's locks went, or the table was
+    /// repaired).
+    fn wake_everyone(&mut self) {
+        let upto = self.map.header().waiter_hwm as usize;
+        for i in 0..upto {
+            self.map.wake_word(i).fetch_add(1, Ordering::Release);
+        }
+        self.wake_upto = self.wake_upto.max(upto);
     }
 
     #[allow(clippy::mut_from_ref)]
@@ -447,8 +499,14 @@ impl Guard<'_> {
 
     fn alloc(&mut self) -> u32 {
         let h = self.map.header();
-        let i = h.free_head;
-        h.free_head = self.rec(i).next;
+        let i = if h.free_head != NIL {
+            let i = h.free_head;
+            h.free_head = self.rec(i).next;
+            i
+        } else {
+            h.fresh += 1;
+            h.fresh - 1
+        };
         h.free_count -= 1;
         i
     }
@@ -498,10 +556,12 @@ impl Guard<'_> {
         }
         self.map.buckets().fill(NIL);
         h.free_head = NIL;
-        h.free_count = 0;
         h.coarse_head = NIL;
         h.coarse_count = 0;
-        for i in (0..RECORDS as u32).rev() {
+        let fresh = h.fresh.min(RECORDS as u32);
+        h.fresh = fresh;
+        h.free_count = RECORDS as u32 - fresh;
+        for i in (0..fresh).rev() {
             let r = *self.rec(i);
             if r.owner != 0 && valid(r.owner, r.kind, r.start, r.end) {
                 self.link(i);
@@ -510,8 +570,7 @@ impl Guard<'_> {
             }
         }
         // Waiters of the dead owner's locks must look again.
-        self.map.wake().fetch_add(1, Ordering::Release);
-        self.wake = true;
+        self.wake_everyone();
     }
 
     /// Set up a fresh table (the caller holds the sidecar exclusively).
@@ -529,16 +588,12 @@ impl Guard<'_> {
         for s in self.map.slots().iter_mut() {
             s.used = 0;
         }
-        for r in self.map.recs().iter_mut() {
-            r.owner = 0;
-        }
+        // The records are zero (the file was just truncated): none in use,
+        // all fresh, their pages untouched.
         self.map.buckets().fill(NIL);
-        self.wake = false;
         h.free_head = NIL;
-        h.free_count = 0;
-        for i in (0..RECORDS as u32).rev() {
-            self.free(i);
-        }
+        h.fresh = 0;
+        h.free_count = RECORDS as u32;
         h.coarse_head = NIL;
         h.coarse_count = 0;
         h.waiting = 0;
@@ -573,9 +628,8 @@ impl Guard<'_> {
                 h.waiting -= 1;
             }
         }
+        self.wake_everyone();
         self.shrink_waiters();
-        self.map.wake().fetch_add(1, Ordering::Release);
-        self.wake = true;
     }
 
     /// Purge `slot` if its owner is dead; whether it was.
@@ -665,46 +719,43 @@ impl Guard<'_> {
         false
     }
 
-    /// The first earlier waiter of another owner that `req` must let go
-    /// first (fair queueing, as PostgreSQL's lock manager): one on an
-    /// overlapping span whose kind conflicts. Not for a conversion (the
-    /// owner holds part of the span already), and not a waiter that the
-    /// requester's own locks hold up (that would be a cycle fcntl never had).
-    fn deferred_to(&self, req: Request<'_>) -> Option<u32> {
-        let h = self.map.header();
-        if h.waiting == 0 {
-            return None;
-        }
-        let waiters = &self.map.waiters()[..h.waiter_hwm as usize];
-        // Over the pieces' hull, as `blocking_owners` and the waiter
-        // entries see a request: judged piece by piece, a request around
-        // a hole the owner holds would defer along an edge that the
-        // deadlock search cannot see.
-        let hull_s = req.pieces.first().map_or(0, |p| p.start());
-        let hull_e = req.pieces.last().map_or(0, |p| p.end());
-        if self.holds_over(req.me, hull_s, hull_e, 0) {
-            return None;
-        }
-        for (i, w) in waiters.iter().enumerate() {
-            if w.owner == 0 || w.owner == req.me + 1 || w.ticket >= req.ticket {
-                continue;
-            }
-            if !conflict(req.kind, w.kind) {
-                continue;
-            }
-            if !req
+    /// Whether `req` converts: its owner holds part of the span it changes
+    /// (from its first piece to its last). A conversion queues behind no
+    /// one, as PostgreSQL's lock manager has it.
+    fn is_conversion(&self, req: Request<'_>) -> bool {
+        let s = req.pieces.first().map_or(0, |p| p.start());
+        let e = req.pieces.last().map_or(0, |p| p.end());
+        self.holds_over(req.me, s, e, 0)
+    }
+
+    /// Whether `req` (not a conversion) queues behind the earlier waiter
+    /// `w` of another owner: their spans overlap and their kinds conflict,
+    /// unless the requester's own locks hold `w` up (that would be a cycle
+    /// fcntl never had). The grant rule and the deadlock search both ask
+    /// this, so every wait the rule makes is an edge the search sees.
+    fn defers_to(&self, req: Request<'_>, w: &Waiter) -> bool {
+        w.owner != 0
+            && w.owner != req.me + 1
+            && w.ticket < req.ticket
+            && conflict(req.kind, w.kind)
+            && req
                 .pieces
                 .iter()
                 .any(|p| overlaps(p.start(), p.end(), w.start, w.end))
-            {
-                continue;
-            }
-            if self.holds_over(req.me, w.start, w.end, w.kind) {
-                continue;
-            }
-            return Some(i as u32);
+            && !self.holds_over(req.me, w.start, w.end, w.kind)
+    }
+
+    /// The first earlier waiter `req` must let go first (fair queueing).
+    fn deferred_to(&self, req: Request<'_>) -> Option<u32> {
+        let h = self.map.header();
+        if h.waiting == 0 || self.is_conversion(req) {
+            return None;
         }
-        None
+        let waiters = &self.map.waiters()[..h.waiter_hwm as usize];
+        waiters
+            .iter()
+            .position(|w| self.defers_to(req, w))
+            .map(|i| i as u32)
     }
 
     /// What is in the way of `req`, if anything. Owners of conflicting
@@ -733,8 +784,6 @@ impl Guard<'_> {
     /// defers to), for the deadlock search.
     fn blocking_owners(&self, req: Request<'_>, out: &mut Vec<u32>) {
         let h = self.map.header();
-        let hull_s = req.pieces.first().map_or(0, |p| p.start());
-        let hull_e = req.pieces.last().map_or(0, |p| p.end());
         for (o, slot) in self.map.slots().iter().enumerate() {
             if slot.used != 1 || o as u32 == req.me {
                 continue;
@@ -756,20 +805,11 @@ impl Guard<'_> {
                 steps += 1;
             }
         }
-        if h.waiting == 0 || self.holds_over(req.me, hull_s, hull_e, 0) {
+        if h.waiting == 0 || self.is_conversion(req) {
             return;
         }
         for w in &self.map.waiters()[..h.waiter_hwm as usize] {
-            if w.owner != 0
-                && w.owner != req.me + 1
-                && w.ticket < req.ticket
-                && conflict(req.kind, w.kind)
-                && req
-                    .pieces
-                    .iter()
-                    .any(|p| overlaps(p.start(), p.end(), w.start, w.end))
-                && !self.holds_over(req.me, w.start, w.end, w.kind)
-            {
+            if self.defers_to(req, w) {
                 out.push(w.owner - 1);
             }
         }
@@ -901,7 +941,7 @@ impl Guard<'_> {
             self.link(n);
         }
         if lowered {
-            self.wake_waiters();
+            self.wake_waiters(s, e);
         }
     }
 
@@ -1026,10 +1066,11 @@ impl Guard<'_> {
         let w = &mut self.map.waiters()[i as usize];
         if w.owner == me + 1 && w.ticket == ticket {
             w.owner = 0;
+            let (s, e) = (w.start, w.end);
             self.map.header().waiting -= 1;
             self.shrink_waiters();
             // Later waiters may have deferred to this one.
-            self.wake_waiters();
+            self.wake_waiters(s, e);
         }
     }
 }
@@ -1536,13 +1577,14 @@ impl Shm {
                         .ok_or_else(|| self.full("waiters"))?,
                 );
             }
-            let seen = self.map.wake().load(Ordering::Acquire);
+            let word = self.map.wake_word(queued.map_or(0, |q| q.0) as usize);
+            let seen = word.load(Ordering::Acquire);
             drop(g);
             let mut sleep = LIVENESS_SLICE;
             if let Some(t) = deadline {
                 sleep = sleep.min(t.saturating_duration_since(Instant::now()));
             }
-            let woke = sys::futex_wait(self.map.wake(), seen, sleep);
+            let woke = sys::futex_wait(word, seen, sleep);
             slice_over = false;
             let interrupted = match woke {
                 Ok(()) => false,
@@ -1613,15 +1655,14 @@ impl Engine for Shm {
                 g.set(me, span.start(), span.end(), 0)
             }
             Some(k) => {
-                let lowering = g.covered(me, span.start(), span.end(), code(k));
-                let room = if lowering {
-                    // A downgrade inside a record splits it (one record)
-                    // and adds the lowered piece (another): without both,
-                    // `set` would run dry halfway, the lock half changed.
-                    g.map.header().free_count >= 2
-                } else {
-                    g.has_room(1)
-                };
+                // Only a nearly full table asks whether this only lowers
+                // (which may use the records kept back for lowering). A
+                // downgrade inside a record splits it (one record) and adds
+                // the lowered piece (another): without both, `set` would
+                // run dry halfway, the lock half changed.
+                let room = g.has_room(1)
+                    || (g.map.header().free_count >= 2
+                        && g.covered(me, span.start(), span.end(), code(k)));
                 if !room {
                     return Err(self.full("lock records"));
                 }
@@ -1737,11 +1778,22 @@ impl Guard<'_> {
             walk(self.map.buckets()[b], "a bucket")?;
         }
         let free = walk(h.free_head, "the free list")?;
-        if free != h.free_count as usize {
-            return Err(format!("free list {free}, counter {}", h.free_count));
+        let fresh = h.fresh as usize;
+        if fresh > RECORDS || free + (RECORDS - fresh) != h.free_count as usize {
+            return Err(format!(
+                "free list {free} and {} fresh, counter {}",
+                RECORDS.saturating_sub(fresh),
+                h.free_count
+            ));
         }
         for (i, r) in self.map.recs().iter().enumerate() {
             let used = r.owner != 0;
+            if i >= fresh {
+                if used || seen_tier[i] != 0 || seen_owner[i] != 0 {
+                    return Err(format!("fresh record {i} is in use or in a list"));
+                }
+                continue;
+            }
             if seen_tier[i] != 1 || seen_owner[i] != u8::from(used) {
                 return Err(format!(
                     "record {i} (owner {}) is in {} index chains and {} owner lists",
@@ -1776,6 +1828,12 @@ pub fn verify(lock_path: &Path) -> Result<(), String> {
     };
     let fd = sys::open(&c, how).map_err(|e| e.to_string())?;
     set_byte(fd.as_fd(), LockType::Read, DMS, true).map_err(|e| e.to_string())?;
+    let (magic, ..) = read_header(fd.as_fd()).map_err(|e| e.to_string())?;
+    if magic == 0 {
+        // Its first opener died setting it up: the next opener starts it
+        // afresh, and there is nothing to check yet.
+        return Ok(());
+    }
     let map = check_and_map(&sidecar, fd.as_fd(), None).map_err(|e| e.to_string())?;
     let (mut g, died) = map.lock().map_err(|e| e.to_string())?;
     if died {
@@ -1887,6 +1945,11 @@ impl Snapshot {
         }
         set_byte(fd.as_fd(), LockType::Read, DMS, true)
             .map_err(|e| Error::io("share lock table", e))?;
+        let (magic, ..) = read_header(fd.as_fd()).map_err(|e| Error::io("read lock table", e))?;
+        if magic == 0 {
+            // Being set up afresh (its first opener died at it): empty.
+            return Ok(Snapshot::default());
+        }
         let map = check_and_map(&sidecar, fd.as_fd(), None)?;
         let (mut g, died) = map.lock().map_err(|e| Error::io("lock table mutex", e))?;
         if died {
