@@ -517,3 +517,33 @@ fn a_signal_ends_an_interruptible_wait_holding_nothing() {
     // Key 0 came before the busy ones: it must not stay held.
     assert!(connect(&t).try_write(0).is_ok());
 }
+
+#[test]
+fn server_locks_lists_holders_and_waiters() {
+    let srv = server_or_skip!();
+    let t = target(&srv, "list");
+    let a = connect(&t);
+    let b = connect(&t);
+    let c = connect(&t);
+    let _g = a.write(3..5).unwrap();
+    let before = waiting(&srv);
+    std::thread::scope(|s| {
+        let w = s.spawn(|| b.write_for(4, pg::STUCK).map(drop));
+        until("b to wait", || waiting(&srv) > before);
+        let locks = c.server_locks().unwrap();
+        let seen: Vec<(u64, Kind, bool)> = locks
+            .iter()
+            .map(|l| (l.holder.span.start(), l.holder.kind, l.granted))
+            .collect();
+        assert_eq!(
+            seen,
+            vec![
+                (3, Kind::Exclusive, true),
+                (4, Kind::Exclusive, true),
+                (4, Kind::Exclusive, false)
+            ]
+        );
+        drop(_g);
+        w.join().unwrap().unwrap();
+    });
+}
