@@ -453,6 +453,24 @@ fn bad_input_is_a_clear_error_within_the_timeout() {
     // A role the server does not know.
     let stranger = target(&srv.replace("postgres@", "nosuchrole@"), "bad");
     assert_eq!(kind(LockFile::connect(&stranger)), K::PermissionDenied);
+    // A wrong password for a role that must give one (scram-sha-256 in the
+    // test cluster's pg_hba.conf); the right one connects.
+    psql(&srv, "DROP ROLE IF EXISTS locksfile_pw");
+    psql(
+        &srv,
+        "CREATE ROLE locksfile_pw LOGIN SUPERUSER PASSWORD 'right-one'",
+    );
+    let as_pw = |password: &str| {
+        target(
+            &srv.replace("postgres@", &format!("locksfile_pw:{password}@")),
+            "pw",
+        )
+    };
+    let e = LockFile::connect(&as_pw("hunter2")).unwrap_err();
+    assert!(!e.to_string().contains("hunter2"), "{e}");
+    assert_eq!(kind(Err(e)), K::PermissionDenied);
+    let lf = LockFile::connect(&as_pw("right-one")).unwrap();
+    lf.acquire(Kind::Exclusive, 1, Wait::NonBlocking).unwrap();
     // A database where the role may not create the namespace table.
     psql(&srv, "DROP DATABASE IF EXISTS locksfile_ro");
     psql(&srv, "DROP ROLE IF EXISTS locksfile_ro");
