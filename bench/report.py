@@ -403,10 +403,31 @@ def main():
 
     reading(w, pair, pair_runs, held, held_runs, ring, ring_q, shapes, peers, pv)
 
+    # The PostgreSQL engine's section comes from scripts/bench-pg (it needs a
+    # server), not from this run: kept as it was.
+    kept = kept_section(a.out, "## Across machines (PostgreSQL)")
     with open(a.out, "w") as f:
         f.write("\n".join(L) + "\n")
+        if kept:
+            f.write("\n" + kept)
 
     plot(a.plot, pair, held, held_runs, held_ns, ring, ring_q, shapes, peers, pyshape, m)
+
+
+def kept_section(path, heading):
+    """The section of an existing file that starts at ``heading``, up to the
+    next section of the same level, or ``""``."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError:
+        return ""
+    start = text.find("\n" + heading + "\n")
+    if start < 0:
+        return ""
+    rest = text[start + 1 :]
+    end = rest.find("\n## ", len(heading))
+    return rest if end < 0 else rest[: end + 1]
 
 
 def reading(w, pair, pair_runs, held, held_runs, ring, ring_q, shapes, peers, pv):

@@ -1041,9 +1041,11 @@ impl PyLocksFile {
         let path = path.cast_into::<PyString>().map_err(|_| {
             PyTypeError::new_err("path must be a str or an os.PathLike giving a str")
         })?;
-        let text: String = path.extract()?;
-        if LockFile::is_server_target(&text) {
-            return Self::connect(py, &text, mode, thread_local);
+        // A path that is not valid UTF-8 (surrogate escapes) is a file.
+        if let Ok(text) = path.extract::<String>() {
+            if LockFile::is_server_target(&text) {
+                return Self::connect(py, &text, mode, thread_local);
+            }
         }
         let path_buf = path.extract::<PathBuf>()?;
         check_path(&path_buf).map_err(PyValueError::new_err)?;

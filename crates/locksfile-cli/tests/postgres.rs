@@ -45,9 +45,12 @@ fn run_excludes_across_sessions_and_status_names_the_holder() {
     let locks = v["locks"].as_array().unwrap();
     let indices: Vec<u64> = locks.iter().map(|l| l["index"].as_u64().unwrap()).collect();
     assert_eq!(indices, vec![3, 4]);
-    assert!(locks
-        .iter()
-        .all(|l| l["state"] == "held" && l["kind"] == "exclusive"));
+    assert!(
+        locks
+            .iter()
+            .all(|l| l["state"] == "held" && l["kind"] == "exclusive"),
+        "{v}"
+    );
     // The holder is the `locksfile run` process (the command runs under it).
     let app = format!("locksfile pid {}", holder.pid());
     assert!(

@@ -149,7 +149,7 @@ fn a_killed_holders_lock_goes_to_its_waiter_within_a_second() {
     let mut child = ChildProc::spawn("child", &t, "hold-x:1");
     child.ready();
     let me = connect(&t);
-    let before = waiting(&srv);
+    let before = waiting(&srv, &t);
     std::thread::scope(|s| {
         let w = s.spawn(|| {
             let g = me.write_for(1, pg::STUCK).unwrap();
@@ -157,7 +157,9 @@ fn a_killed_holders_lock_goes_to_its_waiter_within_a_second() {
             drop(g);
             at
         });
-        until("our wait to reach the server", || waiting(&srv) > before);
+        until("our wait to reach the server", || {
+            waiting(&srv, &t) > before
+        });
         let killed = Instant::now();
         child.kill();
         let granted = w.join().unwrap();
@@ -175,11 +177,11 @@ fn a_killed_waiter_is_never_granted() {
     let t = target(&srv, "killwaiter");
     let me = connect(&t);
     let g = me.write(2).unwrap();
-    let before = waiting(&srv);
+    let before = waiting(&srv, &t);
     let mut child = ChildProc::spawn("child", &t, "wait-x:2");
     child.ready();
     until("the child's wait to reach the server", || {
-        waiting(&srv) > before
+        waiting(&srv, &t) > before
     });
     let app = format!("locksfile pid {}", child.child.id());
     child.kill();
@@ -204,10 +206,10 @@ fn shared_locks_upgrade_keeping_the_shared_lock_while_waiting() {
     let c = connect(&t);
     let ra = a.read(1).unwrap();
     let rb = b.read(1).unwrap();
-    let before = waiting(&srv);
+    let before = waiting(&srv, &t);
     std::thread::scope(|s| {
         let up = s.spawn(|| ReadGuard::upgrade(ra).map_err(|(_, e)| e).map(drop));
-        until("the upgrade to wait", || waiting(&srv) > before);
+        until("the upgrade to wait", || waiting(&srv, &t) > before);
         // While it waits, a still holds its shared lock: no writer gets in,
         // and b's shared lock stands.
         assert!(matches!(c.try_write(1), Err(Error::WouldBlock { .. })));
@@ -225,10 +227,10 @@ fn a_downgrade_never_waits_even_with_a_writer_queued() {
     let a = connect(&t);
     let b = connect(&t);
     let w = a.write(1..4).unwrap();
-    let before = waiting(&srv);
+    let before = waiting(&srv, &t);
     std::thread::scope(|s| {
         let queued = s.spawn(|| drop(b.write_for(1..4, pg::STUCK).unwrap()));
-        until("the writer to queue", || waiting(&srv) > before);
+        until("the writer to queue", || waiting(&srv, &t) > before);
         let t0 = Instant::now();
         let r = WriteGuard::downgrade(w);
         assert!(t0.elapsed() < Duration::from_millis(500));
@@ -247,19 +249,22 @@ fn a_two_owner_cycle_is_a_deadlock() {
     let t = target(&srv, "deadlock");
     let a = connect(&t);
     let b = connect(&t);
-    let _ga = a.write(1).unwrap();
-    let _gb = b.write(2).unwrap();
-    let before = waiting(&srv);
+    let ga = a.write(1).unwrap();
+    let gb = b.write(2).unwrap();
+    let before = waiting(&srv, &t);
     let (ra, rb) = std::thread::scope(|s| {
-        let wa = s.spawn(|| a.write_for(2, pg::STUCK).map(drop));
-        until("a to wait", || waiting(&srv) > before);
+        let wa = s.spawn(|| {
+            let r = a.write_for(2, pg::STUCK).map(drop);
+            // Whoever loses lets go, and the other gets through.
+            drop(ga);
+            r
+        });
+        until("a to wait", || waiting(&srv, &t) > before);
         let rb = b.write_for(1, pg::STUCK).map(drop);
-        // Whoever loses lets go, and the other gets through.
-        if rb.is_err() {
-            drop(_gb);
-        }
+        drop(gb);
         (wa.join().unwrap(), rb)
     });
+    assert!(ra.is_ok() || rb.is_ok(), "{ra:?} {rb:?}");
     let deadlocks = [&ra, &rb]
         .iter()
         .filter(|r| matches!(r, Err(Error::Deadlock)))
@@ -290,9 +295,9 @@ fn timed_waits_time_out_and_non_blocking_calls_do_not_wait() {
     assert!(b.held().is_empty());
     // The timeout was for that statement only: a later wait is untimed.
     std::thread::scope(|s| {
-        let before = waiting(&srv);
+        let before = waiting(&srv, &t);
         let w = s.spawn(|| b.write(9).map(drop));
-        until("b to wait", || waiting(&srv) > before);
+        until("b to wait", || waiting(&srv, &t) > before);
         drop(_g);
         w.join().unwrap().unwrap();
     });
@@ -306,16 +311,16 @@ fn a_release_on_another_thread_is_not_held_up_by_a_wait() {
     let b = connect(&t);
     let _gb = b.write(1).unwrap();
     let ga = a.write(5).unwrap();
-    let before = waiting(&srv);
+    let before = waiting(&srv, &t);
     std::thread::scope(|s| {
         let w = s.spawn(|| a.write_for(1, pg::STUCK).map(drop));
-        until("a to wait", || waiting(&srv) > before);
+        until("a to wait", || waiting(&srv, &t) > before);
         let t0 = Instant::now();
         drop(ga); // a's wait holds the session: the release cancels it
         assert!(t0.elapsed() < Duration::from_secs(1));
         // Released on the server at once, and the wait goes on.
         assert!(b.try_write(5).is_ok());
-        until("a to wait again", || waiting(&srv) > before);
+        until("a to wait again", || waiting(&srv, &t) > before);
         drop(_gb);
         w.join().unwrap().unwrap();
     });
@@ -378,7 +383,10 @@ fn fencing_tokens_grow_with_every_grant() {
 #[test]
 fn a_terminated_session_reports_every_lock_lost() {
     let srv = server_or_skip!();
-    let t = target(&srv, "terminated");
+    // An application name of its own: terminating by it must not hit the
+    // sessions of tests running beside this one.
+    let app = format!("terminated-{}", std::process::id());
+    let t = target(&format!("{srv}?application_name={app}"), "terminated");
     let a = connect(&t);
     let g = a.write(1..3).unwrap();
     assert!(!a.lost());
@@ -386,9 +394,7 @@ fn a_terminated_session_reports_every_lock_lost() {
         &srv,
         &format!(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-             WHERE application_name = 'locksfile pid {}' AND pid IN \
-             (SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted)",
-            std::process::id()
+             WHERE application_name = '{app}'"
         ),
     );
     until("the loss to show", || a.lost());
@@ -447,6 +453,24 @@ fn bad_input_is_a_clear_error_within_the_timeout() {
     // A role the server does not know.
     let stranger = target(&srv.replace("postgres@", "nosuchrole@"), "bad");
     assert_eq!(kind(LockFile::connect(&stranger)), K::PermissionDenied);
+    // A wrong password for a role that must give one (scram-sha-256 in the
+    // test cluster's pg_hba.conf); the right one connects.
+    psql(&srv, "DROP ROLE IF EXISTS locksfile_pw");
+    psql(
+        &srv,
+        "CREATE ROLE locksfile_pw LOGIN SUPERUSER PASSWORD 'right-one'",
+    );
+    let as_pw = |password: &str| {
+        target(
+            &srv.replace("postgres@", &format!("locksfile_pw:{password}@")),
+            "pw",
+        )
+    };
+    let e = LockFile::connect(&as_pw("hunter2")).unwrap_err();
+    assert!(!e.to_string().contains("hunter2"), "{e}");
+    assert_eq!(kind(Err(e)), K::PermissionDenied);
+    let lf = LockFile::connect(&as_pw("right-one")).unwrap();
+    lf.acquire(Kind::Exclusive, 1, Wait::NonBlocking).unwrap();
     // A database where the role may not create the namespace table.
     psql(&srv, "DROP DATABASE IF EXISTS locksfile_ro");
     psql(&srv, "DROP ROLE IF EXISTS locksfile_ro");
@@ -495,7 +519,7 @@ fn a_signal_ends_an_interruptible_wait_holding_nothing() {
         sa.sa_sigaction = on_signal as *const () as usize;
         libc::sigaction(libc::SIGUSR2, &sa, std::ptr::null_mut());
     }
-    let before = waiting(&srv);
+    let before = waiting(&srv, &t);
     let b = &b;
     std::thread::scope(|s| {
         let (tx, rx) = std::sync::mpsc::channel();
@@ -505,7 +529,7 @@ fn a_signal_ends_an_interruptible_wait_holding_nothing() {
             b.acquire(Kind::Exclusive, 0..3, Wait::BlockingInterruptible)
         });
         let thread = rx.recv().unwrap();
-        until("b to wait", || waiting(&srv) > before);
+        until("b to wait", || waiting(&srv, &t) > before);
         let t0 = Instant::now();
         // SAFETY: the thread is alive until joined below.
         unsafe { libc::pthread_kill(thread as libc::pthread_t, libc::SIGUSR2) };
@@ -513,7 +537,39 @@ fn a_signal_ends_an_interruptible_wait_holding_nothing() {
         assert!(t0.elapsed() < Duration::from_secs(1));
     });
     assert!(b.held().is_empty());
-    until("the wait to leave the server", || waiting(&srv) == before);
+    until("the wait to leave the server", || {
+        waiting(&srv, &t) == before
+    });
     // Key 0 came before the busy ones: it must not stay held.
     assert!(connect(&t).try_write(0).is_ok());
+}
+
+#[test]
+fn server_locks_lists_holders_and_waiters() {
+    let srv = server_or_skip!();
+    let t = target(&srv, "list");
+    let a = connect(&t);
+    let b = connect(&t);
+    let c = connect(&t);
+    let _g = a.write(3..5).unwrap();
+    let before = waiting(&srv, &t);
+    std::thread::scope(|s| {
+        let w = s.spawn(|| b.write_for(4, pg::STUCK).map(drop));
+        until("b to wait", || waiting(&srv, &t) > before);
+        let locks = c.server_locks().unwrap();
+        let seen: Vec<(u64, Kind, bool)> = locks
+            .iter()
+            .map(|l| (l.holder.span.start(), l.holder.kind, l.granted))
+            .collect();
+        assert_eq!(
+            seen,
+            vec![
+                (3, Kind::Exclusive, true),
+                (4, Kind::Exclusive, true),
+                (4, Kind::Exclusive, false)
+            ]
+        );
+        drop(_g);
+        w.join().unwrap().unwrap();
+    });
 }

@@ -778,6 +778,10 @@ impl<'a> Worker<'a> {
         // An explicit lock must not outlive the thread that may release
         // it: a wait without a deadline in another process could be
         // waiting for it while this process waits for that one to end.
+        // Within the gate: a sibling thread acting alone compares the
+        // claims with the table, and this release (claims cleared, then
+        // locks let go) must not land between its two reads.
+        let _g = self.owner.gate.read().unwrap();
         self.release(self.h, None);
     }
 }

@@ -838,7 +838,8 @@ impl Pg {
                         f[6],
                     )),
                 },
-                granted: f[3] == "t",
+                // boolean || text gives "true"
+                granted: matches!(f[3], "true" | "t"),
             });
         }
         Ok(out)

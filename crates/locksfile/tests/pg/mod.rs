@@ -65,11 +65,17 @@ pub fn until(what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
-/// How many advisory lock requests wait on the server.
-pub fn waiting(server: &str) -> usize {
+/// How many advisory lock requests wait in the namespace of `target`
+/// (so that tests running beside each other do not count each other's).
+pub fn waiting(server: &str, target: &str) -> usize {
+    let name = target.rsplit_once("name=").map_or("", |(_, n)| n);
     psql(
         server,
-        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+        &format!(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
+             AND objsubid = 2 AND classid = \
+             (SELECT id FROM locksfile_namespaces WHERE name = '{name}')::oid"
+        ),
     )
     .parse()
     .unwrap()
