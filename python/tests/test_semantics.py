@@ -366,9 +366,9 @@ def test_closing_one_object_keeps_the_other_objects_locks(spawn_worker, lock_pat
     if seed_mode == "shm" and how == "modern object":
         pytest.skip("a process-mode object is refused beside a shm table in use")
     if seed_mode == "shm" and how == "hard link":
-        # The sidecar is named after the path, so another name of the file
-        # gets a table of its own (shm_hard_links_to_one_lock_file_share_its_locks).
-        pytest.skip("shm tables are per path: a hard link is another table")
+        # The sidecar is named after the path, so a lock file with a second
+        # name is refused in shm mode (shm_hard_links_to_one_lock_file_share_its_locks).
+        pytest.skip("shm refuses a lock file with two names")
     w = spawn_worker()
     other = "path"
     if how == "hard link":
