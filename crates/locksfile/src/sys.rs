@@ -683,6 +683,9 @@ pub(crate) enum Locked {
     OwnerDied,
 }
 
+/// Tries of [`robust_mutex_lock`] before it sleeps.
+const MUTEX_SPINS: u32 = 40;
+
 /// `pthread_mutex_lock(m)` of a robust mutex.
 ///
 /// # Safety
@@ -690,6 +693,21 @@ pub(crate) enum Locked {
 /// as the caller holds it.
 #[inline]
 pub(crate) unsafe fn robust_mutex_lock(m: *mut libc::pthread_mutex_t) -> io::Result<Locked> {
+    // Held for a microsecond or so at a time: while its holder runs on
+    // another CPU, trying again for a moment is much cheaper than sleeping
+    // in the kernel and being woken (a system call on each side).
+    for _ in 0..MUTEX_SPINS {
+        // SAFETY: as the caller promises.
+        match unsafe { libc::pthread_mutex_trylock(m) } {
+            0 => return Ok(Locked::Clean),
+            libc::EOWNERDEAD => return Ok(Locked::OwnerDied),
+            libc::EBUSY => {}
+            e => return Err(io::Error::from_raw_os_error(e)),
+        }
+        for _ in 0..32 {
+            std::hint::spin_loop();
+        }
+    }
     // SAFETY: as the caller promises.
     match unsafe { libc::pthread_mutex_lock(m) } {
         0 => Ok(Locked::Clean),

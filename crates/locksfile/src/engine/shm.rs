@@ -1112,15 +1112,20 @@ impl Guard<'_> {
         Some((i as u32, ticket))
     }
 
-    fn remove_waiter(&mut self, me: u32, i: u32, ticket: u64) {
+    /// Take waiter entry `i` out of the queue. `wake`: wake the later
+    /// waiters that may have deferred to it; needless when it was granted
+    /// one piece, as every waiter that deferred to it conflicts with that
+    /// piece, now held.
+    fn remove_waiter(&mut self, me: u32, i: u32, ticket: u64, wake: bool) {
         let w = self.map.waiter(i as usize);
         if w.owner == me + 1 && w.ticket == ticket {
             w.owner = 0;
             let (s, e) = (w.start, w.end);
             self.map.header().waiting -= 1;
             self.shrink_waiters();
-            // Later waiters may have deferred to this one.
-            self.wake_waiters(s, e);
+            if wake {
+                self.wake_waiters(s, e);
+            }
         }
     }
 }
@@ -1797,7 +1802,8 @@ impl Shm {
             };
             if let Some(outcome) = outcome {
                 if let Some((i, t)) = queued {
-                    g.remove_waiter(me, i, t);
+                    let one_piece_granted = outcome.is_ok() && pieces.len() == 1;
+                    g.remove_waiter(me, i, t, !one_piece_granted);
                 }
                 return outcome;
             }
@@ -1836,7 +1842,7 @@ impl Shm {
                 Err(e) => {
                     let mut g = self.lock()?;
                     if let Some((i, t)) = queued {
-                        g.remove_waiter(me, i, t);
+                        g.remove_waiter(me, i, t, true);
                     }
                     return Err(Error::io("futex wait", e));
                 }
@@ -1845,7 +1851,7 @@ impl Shm {
             self.settle(&mut g);
             if interrupted {
                 if let Some((i, t)) = queued {
-                    g.remove_waiter(me, i, t);
+                    g.remove_waiter(me, i, t, true);
                 }
                 return Err(Error::Interrupted);
             }
