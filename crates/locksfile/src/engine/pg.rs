@@ -131,6 +131,23 @@ fn connect_error(shown: &str, kind: io::ErrorKind, msg: impl Into<String>) -> Er
 }
 
 /// The error of a failed connection attempt, typed by what went wrong.
+/// The startup exchange over a connected socket of either kind; the
+/// session, and the future that drives its connection.
+async fn start_up<S>(target: &Target, s: S) -> Result<(Client, Driver), Error>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (c, conn) = target
+        .config
+        .connect_raw(s, NoTls)
+        .await
+        .map_err(|e| startup_error(&target.shown, e))?;
+    let driver: Driver = Box::pin(async move {
+        let _ = conn.await;
+    });
+    Ok((c, driver))
+}
+
 fn startup_error(shown: &str, e: tokio_postgres::Error) -> Error {
     let kind = match e.code() {
         Some(c)
@@ -252,28 +269,11 @@ impl Pg {
             };
             match attempt.await {
                 Ok((stream, fd, addr)) => {
-                    return match stream {
-                        Stream::Unix(s) => {
-                            let (c, conn) = config
-                                .connect_raw(s, NoTls)
-                                .await
-                                .map_err(|e| startup_error(&target.shown, e))?;
-                            let driver: Driver = Box::pin(async move {
-                                let _ = conn.await;
-                            });
-                            Ok((c, driver, fd, addr))
-                        }
-                        Stream::Tcp(s) => {
-                            let (c, conn) = config
-                                .connect_raw(s, NoTls)
-                                .await
-                                .map_err(|e| startup_error(&target.shown, e))?;
-                            let driver: Driver = Box::pin(async move {
-                                let _ = conn.await;
-                            });
-                            Ok((c, driver, fd, addr))
-                        }
+                    let (c, driver) = match stream {
+                        Stream::Unix(s) => start_up(target, s).await?,
+                        Stream::Tcp(s) => start_up(target, s).await?,
                     };
+                    return Ok((c, driver, fd, addr));
                 }
                 Err(e) => last = Some(e),
             }

@@ -473,17 +473,8 @@ impl Guard<'_> {
     // ---- derived indices ----
 
     fn link(&mut self, i: u32) {
+        self.relink_tier(i);
         let r = *self.rec(i);
-        let h = self.map.header();
-        if r.end - r.start == 1 {
-            let b = self.map.bucket_head(bucket(r.start));
-            self.rec(i).next = *b;
-            *b = i;
-        } else {
-            self.rec(i).next = h.coarse_head;
-            h.coarse_head = i;
-            h.coarse_count += 1;
-        }
         let slot = self.map.slot((r.owner - 1) as usize);
         self.rec(i).onext = slot.head;
         self.rec(i).oprev = NIL;
