@@ -737,7 +737,16 @@ impl Pg {
                         return Err(Error::Interrupted);
                     }
                 }
-                Err(e) => return Err(e),
+                Err(e) => {
+                    // The server reports an error before it ends the
+                    // transaction, so its locks outlive the report by a
+                    // moment; one more round trip waits the end out, so a
+                    // refused span is gone once the caller hears of it.
+                    if !matches!(e, Error::ConnectionLost { .. }) {
+                        let _ = self.simple(&c, "end a failed wait", "SELECT 1");
+                    }
+                    return Err(e);
+                }
             }
         }
     }
