@@ -444,6 +444,40 @@ fn killed_holder(mode: Mode, wait: Wait) {
     assert_eq!(probe(path, Kind::Shared, ..), None);
 }
 
+/// Once a killed holder is reaped its locks are free to a call that does
+/// not wait, at once: no waiter has to find it dead first.
+fn killed_holder_frees_locks_for_a_try(mode: Mode) {
+    let _s = serial();
+    let (_dir, path) = lock_path();
+    let path = &path;
+    let held = Pipe::new();
+    let never = Pipe::new();
+    let lf = open(path, mode);
+    for round in 0..3 {
+        let mut holder_proc = fork(|| {
+            let lf = open(path, mode);
+            let _w = lf.write(0..10).unwrap();
+            let _r = lf.read(20).unwrap();
+            held.send(b'h');
+            never.recv();
+            panic!("the holder was not killed");
+        });
+        held.expect(b'h');
+        assert!(
+            matches!(lf.try_write(5), Err(Error::WouldBlock { holder: Some(_) })),
+            "round {round}"
+        );
+        holder_proc.kill(libc::SIGKILL);
+        assert_eq!(holder_proc.wait(), Exit::Signal(libc::SIGKILL));
+        let g = lf.try_write(0..30).expect("a dead holder's locks are free");
+        assert_eq!(lf.held(), vec![(span(0..30), Kind::Exclusive)]);
+        drop(g);
+    }
+    assert_eq!(probe(path, Kind::Exclusive, ..), None);
+}
+
+mode_tests! { killed_holders_locks_are_free_to_a_try => killed_holder_frees_locks_for_a_try }
+
 mode_tests! {
     killed_holder_frees_locks_for_waiter => |m| killed_holder(m, Wait::Blocking),
     killed_holder_frees_locks_for_timed_waiter => |m| killed_holder(m, Wait::Timeout(STUCK)),

@@ -56,7 +56,7 @@ use crate::sys::{self, Family, FileType, LockType, OpenHow, Range};
 use crate::Kind;
 
 const MAGIC: u64 = u64::from_le_bytes(*b"LKFSHM\x00\x01");
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
 
 /// Owner slots: owners (handles) using one table at once.
 pub(crate) const SLOTS: usize = 1024;
@@ -124,6 +124,9 @@ struct Header {
     /// Records from here on were never used: still zero, in no list, so
     /// their pages take no memory until needed.
     fresh: u32,
+    /// Derived: one past the last owner slot in use, so that the scans
+    /// over owners read only the slots there are.
+    slot_hwm: u32,
 }
 
 #[repr(C)]
@@ -543,11 +546,15 @@ impl Guard<'_> {
     /// lock is held through `fd`, which `F_OFD_GETLK` does not report.
     fn repair(&mut self, fd: BorrowedFd<'_>, me: u32) {
         let h = self.map.header();
+        h.slot_hwm = 0;
         for s in 0..SLOTS {
             let slot = self.map.slot(s);
             let dead = s as u32 != me && !alive(fd, s as u32);
             if slot.used != 0 && (slot.used != 1 || dead) {
                 slot.used = 0;
+            }
+            if slot.used == 1 {
+                h.slot_hwm = s as u32 + 1;
             }
             slot.head = NIL;
             slot.records = 0;
@@ -620,6 +627,7 @@ impl Guard<'_> {
         h.coarse_count = 0;
         h.waiting = 0;
         h.waiter_hwm = 0;
+        h.slot_hwm = 0;
         for s in 0..SLOTS {
             let s = self.map.slot(s);
             s.head = NIL;
@@ -645,6 +653,9 @@ impl Guard<'_> {
         s.records = 0;
         s.used = 0;
         let h = self.map.header();
+        while h.slot_hwm > 0 && self.map.slot(h.slot_hwm as usize - 1).used == 0 {
+            h.slot_hwm -= 1;
+        }
         for i in 0..h.waiter_hwm as usize {
             let w = self.map.waiter(i);
             if w.owner == slot + 1 {
@@ -709,7 +720,7 @@ impl Guard<'_> {
             return None;
         }
         // A long span: every owner's single-index records.
-        for o in 0..SLOTS {
+        for o in 0..h.slot_hwm.min(SLOTS as u32) as usize {
             let slot = *self.map.slot(o);
             if slot.used != 1 || o as u32 == me || slot.records == 0 {
                 continue;
@@ -780,13 +791,16 @@ impl Guard<'_> {
             .map(|i| i as u32)
     }
 
-    /// What is in the way of `req`, if anything. Owners of conflicting
-    /// records are checked for life first, and purged when dead.
-    fn blocker(&mut self, fd: BorrowedFd<'_>, req: Request<'_>) -> Option<Blocker> {
+    /// What is in the way of `req`, if anything. With `life`, owners in
+    /// the way are checked for life first (through that descriptor), and
+    /// purged when dead; without, the answer may name a dead owner, which
+    /// the caller then checks with the mutex let go: the check is a system
+    /// call, and the mutex is everyone's.
+    fn blocker(&mut self, life: Option<BorrowedFd<'_>>, req: Request<'_>) -> Option<Blocker> {
         for p in req.pieces {
             while let Some(r) = self.conflicting_record(req.me, p.start(), p.end(), req.kind) {
                 let owner = self.rec(r).owner - 1;
-                if !self.purge_if_dead(fd, owner) {
+                if !life.is_some_and(|fd| self.purge_if_dead(fd, owner)) {
                     return Some(Blocker::Record(r));
                 }
             }
@@ -795,18 +809,26 @@ impl Guard<'_> {
         // nothing else ever probes an owner that holds nothing in the way.
         while let Some(w) = self.deferred_to(req) {
             let owner = self.map.waiter(w as usize).owner - 1;
-            if !self.purge_if_dead(fd, owner) {
+            if !life.is_some_and(|fd| self.purge_if_dead(fd, owner)) {
                 return Some(Blocker::Waiter(w));
             }
         }
         None
     }
 
+    /// The owner slot of a blocker.
+    fn owner_of(&self, b: &Blocker) -> u32 {
+        match *b {
+            Blocker::Record(r) => self.rec(r).owner - 1,
+            Blocker::Waiter(w) => self.map.waiter(w as usize).owner - 1,
+        }
+    }
+
     /// Every owner in the way of `req` (holders and earlier waiters it
     /// defers to), for the deadlock search.
     fn blocking_owners(&self, req: Request<'_>, out: &mut Vec<u32>) {
         let h = self.map.header();
-        for o in 0..SLOTS {
+        for o in 0..h.slot_hwm.min(SLOTS as u32) as usize {
             let slot = *self.map.slot(o);
             if slot.used != 1 || o as u32 == req.me {
                 continue;
@@ -843,7 +865,7 @@ impl Guard<'_> {
     /// a search from its blockers through the waits of their owners, over
     /// every owner slot (no depth limit). Owners found dead are skipped.
     fn closes_cycle(&mut self, fd: BorrowedFd<'_>, req: Request<'_>) -> bool {
-        let mut seen = vec![false; SLOTS];
+        let mut seen = [false; SLOTS];
         let mut stack = Vec::new();
         self.blocking_owners(req, &mut stack);
         let mut found = false;
@@ -1079,7 +1101,7 @@ impl Guard<'_> {
         self.map.header().free_count as usize >= 2 * pieces + LOWER_RESERVE
     }
 
-    fn add_waiter(&mut self, me: u32, pieces: &[Span], kind: u32) -> Option<(u32, u64)> {
+    fn add_waiter(&mut self, me: u32, pid: u32, pieces: &[Span], kind: u32) -> Option<(u32, u64)> {
         let h = self.map.header();
         let i = (0..WAITERS).position(|i| self.map.waiter(i).owner == 0)?;
         let ticket = h.next_ticket;
@@ -1094,7 +1116,7 @@ impl Guard<'_> {
             since_ns: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_nanos() as u64),
-            pid: std::process::id(),
+            pid,
             _pad: 0,
         };
         w.owner = me + 1;
@@ -1140,6 +1162,8 @@ pub(crate) struct Shm {
     pub dev: u64,
     pub ino: u64,
     slot: u32,
+    /// This process's id (the handle is unusable in a child), for status.
+    pid: u32,
     writable: bool,
     generation: u64,
     sidecar: PathBuf,
@@ -1646,6 +1670,7 @@ impl Shm {
             dev: id.dev,
             ino: id.ino,
             slot: NIL,
+            pid: std::process::id(),
             writable,
             generation: sys::fork_generation(),
             sidecar,
@@ -1704,8 +1729,9 @@ impl Shm {
                 let h = g.map.header();
                 let nonce = h.next_nonce;
                 h.next_nonce += 1;
+                h.slot_hwm = h.slot_hwm.max(s + 1);
                 let slot = g.map.slot(s as usize);
-                slot.pid = std::process::id();
+                slot.pid = self.pid;
                 slot.nonce = nonce;
                 slot.head = NIL;
                 slot.records = 0;
@@ -1772,7 +1798,11 @@ impl Shm {
                 kind,
                 ticket,
             };
-            let outcome = if g.blocker(self.fd(), req).is_none() {
+            // Owners in the way are checked for life only once a slice
+            // passed with no wake-up: the call before waiting checked them
+            // (`try_set`), and a holder that dies wakes no one.
+            let life = slice_over.then(|| self.fd());
+            let outcome = if g.blocker(life, req).is_none() {
                 if g.has_room(pieces.len()) {
                     for p in pieces {
                         g.set(me, p.start(), p.end(), kind);
@@ -1810,7 +1840,7 @@ impl Shm {
             }
             if queued.is_none() {
                 queued = Some(
-                    g.add_waiter(me, pieces, kind)
+                    g.add_waiter(me, self.pid, pieces, kind)
                         .ok_or_else(|| self.full("waiters"))?,
                 );
             }
@@ -1851,6 +1881,19 @@ impl Shm {
 }
 
 impl Shm {
+    /// A raise found `owner` in the way: if that owner is alive, refused;
+    /// if it died, purge it and try again. The check runs with the mutex
+    /// let go (a system call), so a refusal never makes others wait on it.
+    #[cold]
+    #[inline(never)]
+    fn refused(&self, owner: u32, span: Span, kind: Option<Kind>) -> Result<bool, Error> {
+        // Each try again follows a purge, so this ends.
+        if alive(self.fd(), owner) || !self.lock()?.purge_if_dead(self.fd(), owner) {
+            return Ok(false);
+        }
+        self.try_set(span, kind)
+    }
+
     /// Set `s..e` to `kind` (0: unlock), which only lowers what this owner
     /// holds there: never refused. A lowering that would split a record
     /// when the table has no record left for it is deferred instead: the
@@ -1969,8 +2012,10 @@ impl Engine for Shm {
                     kind: k,
                     ticket: u64::MAX,
                 };
-                if g.blocker(self.fd(), req).is_some() {
-                    return Ok(false);
+                if let Some(b) = g.blocker(None, req) {
+                    let owner = g.owner_of(&b);
+                    drop(g);
+                    return self.refused(owner, span, kind);
                 }
                 g.set(me, s, e, k);
                 self.forget_deferred(s, e);
@@ -1997,7 +2042,8 @@ impl Engine for Shm {
             kind: code(kind),
             ticket: u64::MAX,
         };
-        Ok(g.blocker(self.fd(), req).map(|b| self.holder_of(&g, b)))
+        Ok(g.blocker(Some(self.fd()), req)
+            .map(|b| self.holder_of(&g, b)))
     }
 
     fn writable(&self) -> bool {
@@ -2030,6 +2076,9 @@ impl Guard<'_> {
         let h = self.map.header();
         for o in 0..SLOTS {
             let slot = *self.map.slot(o);
+            if slot.used != 0 && o >= h.slot_hwm as usize {
+                return Err(format!("slot {o} in use past the mark {}", h.slot_hwm));
+            }
             let mut at = slot.head;
             let mut n = 0;
             while at != NIL {
