@@ -258,7 +258,9 @@ fn bucket(index: u64) -> usize {
 /// there are many.
 #[derive(Default)]
 struct Near {
-    fixed: [u32; 32],
+    // Few: a span's neighbourhood holds few records of one owner, and
+    // zeroing this is part of every call.
+    fixed: [u32; 8],
     n: usize,
     more: Vec<u32>,
 }
@@ -1900,7 +1902,10 @@ impl Shm {
     /// table keeps the stronger lock (over-locking, which only delays
     /// others) until a later call of this owner finds the records.
     fn lower(&self, g: &mut Guard<'_>, s: u64, e: u64, kind: u32) {
-        if g.map.header().free_count as usize >= g.records_to_lower(self.slot, s, e, kind) {
+        // A lowering takes at most two records (see `records_to_lower`):
+        // counting them exactly matters only when the table is nearly full.
+        let free = g.map.header().free_count as usize;
+        if free >= 2 || free >= g.records_to_lower(self.slot, s, e, kind) {
             g.set(self.slot, s, e, kind);
             self.forget_deferred(s, e);
         } else {
@@ -1912,11 +1917,16 @@ impl Shm {
     }
 
     /// Apply the deferred lowerings there are records for now.
-    #[inline]
+    #[inline(always)]
     fn settle(&self, g: &mut Guard<'_>) {
-        if !self.has_deferred.load(Ordering::Relaxed) {
-            return;
+        if self.has_deferred.load(Ordering::Relaxed) {
+            self.settle_slow(g);
         }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn settle_slow(&self, g: &mut Guard<'_>) {
         let mut d = self.deferred.lock().unwrap_or_else(|p| p.into_inner());
         d.retain(|&(s, e, kind)| {
             if (g.map.header().free_count as usize) < g.records_to_lower(self.slot, s, e, kind) {
@@ -1929,11 +1939,16 @@ impl Shm {
     }
 
     /// `s..e` was just set explicitly: no deferred lowering may change it.
-    #[inline]
+    #[inline(always)]
     fn forget_deferred(&self, s: u64, e: u64) {
-        if !self.has_deferred.load(Ordering::Relaxed) {
-            return;
+        if self.has_deferred.load(Ordering::Relaxed) {
+            self.forget_deferred_slow(s, e);
         }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn forget_deferred_slow(&self, s: u64, e: u64) {
         let mut d = self.deferred.lock().unwrap_or_else(|p| p.into_inner());
         subtract(&mut d, s, e);
         self.has_deferred.store(!d.is_empty(), Ordering::Relaxed);
