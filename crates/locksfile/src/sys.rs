@@ -683,8 +683,39 @@ pub(crate) enum Locked {
     OwnerDied,
 }
 
-/// Tries of [`robust_mutex_lock`] before it sleeps.
-const MUTEX_SPINS: u32 = 40;
+/// Looks at the mutex of [`robust_mutex_lock`] before it sleeps...
+const MUTEX_LOOKS: u32 = 320;
+/// ... with this many `pause`s between looks.
+const MUTEX_PAUSES: u32 = 4;
+
+/// The owner's thread id in a robust mutex's lock word (`FUTEX_TID_MASK`):
+/// zero when the mutex is free, or its holder died (then the kernel left
+/// only `FUTEX_OWNER_DIED`, and locking reports `EOWNERDEAD`).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+const FUTEX_TID_MASK: i32 = 0x3fff_ffff;
+
+/// Whether the robust mutex `m` looks taken, by a plain read of its lock
+/// word: glibc keeps the futex word first in `pthread_mutex_t` on Linux.
+/// Waiters read rather than try to write, so that the line holding it is
+/// not pulled away from the holder on every try (test and test-and-set).
+///
+/// # Safety
+/// As [`robust_mutex_lock`].
+#[inline]
+unsafe fn looks_taken(m: *mut libc::pthread_mutex_t) -> bool {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: the word is an aligned i32 at the start of the mutex,
+        // written by other threads only atomically (futex operations).
+        let word = unsafe { &*(m as *const std::sync::atomic::AtomicI32) };
+        word.load(std::sync::atomic::Ordering::Relaxed) & FUTEX_TID_MASK != 0
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        let _ = m;
+        false
+    }
+}
 
 /// `pthread_mutex_lock(m)` of a robust mutex.
 ///
@@ -693,18 +724,21 @@ const MUTEX_SPINS: u32 = 40;
 /// as the caller holds it.
 #[inline]
 pub(crate) unsafe fn robust_mutex_lock(m: *mut libc::pthread_mutex_t) -> io::Result<Locked> {
-    // Held for a microsecond or so at a time: while its holder runs on
-    // another CPU, trying again for a moment is much cheaper than sleeping
-    // in the kernel and being woken (a system call on each side).
-    for _ in 0..MUTEX_SPINS {
+    // Held for well under a microsecond at a time: while its holder runs
+    // on another CPU, waiting a moment is much cheaper than sleeping in the
+    // kernel and being woken (a system call on each side).
+    for _ in 0..MUTEX_LOOKS {
         // SAFETY: as the caller promises.
-        match unsafe { libc::pthread_mutex_trylock(m) } {
-            0 => return Ok(Locked::Clean),
-            libc::EOWNERDEAD => return Ok(Locked::OwnerDied),
-            libc::EBUSY => {}
-            e => return Err(io::Error::from_raw_os_error(e)),
+        if !unsafe { looks_taken(m) } {
+            // SAFETY: as the caller promises.
+            match unsafe { libc::pthread_mutex_trylock(m) } {
+                0 => return Ok(Locked::Clean),
+                libc::EOWNERDEAD => return Ok(Locked::OwnerDied),
+                libc::EBUSY => {}
+                e => return Err(io::Error::from_raw_os_error(e)),
+            }
         }
-        for _ in 0..32 {
+        for _ in 0..MUTEX_PAUSES {
             std::hint::spin_loop();
         }
     }
