@@ -684,7 +684,7 @@ pub(crate) enum Locked {
 }
 
 /// Looks at the mutex of [`robust_mutex_lock`] before it sleeps...
-const MUTEX_LOOKS: u32 = 320;
+const MUTEX_LOOKS: u32 = 100;
 /// ... with this many `pause`s between looks.
 const MUTEX_PAUSES: u32 = 4;
 
