@@ -64,6 +64,11 @@ enum Raised {
     Failed(Error),
 }
 
+/// Whether a refused raise goes on to wait.
+fn waits(wait: Wait) -> bool {
+    !matches!(wait, Wait::NonBlocking | Wait::NonBlockingNoHolder)
+}
+
 /// When a wait must give up: a timeout past what the clock can hold means
 /// waiting forever, not failing at once.
 fn until(wait: Wait, started: Option<Instant>) -> Until {
@@ -136,7 +141,11 @@ impl<E: Engine> Owner<E> {
             if let Some(step) = st.holds.one_piece(change) {
                 let (from, to) = step.kinds();
                 if from != to {
-                    match self.engine.try_set(step.span, to) {
+                    let outcome = match to {
+                        Some(k) if waits(wait) => self.engine.try_set_before_wait(step.span, k),
+                        _ => self.engine.try_set(step.span, to),
+                    };
+                    match outcome {
                         Ok(true) => {}
                         other => {
                             return self

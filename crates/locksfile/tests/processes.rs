@@ -444,8 +444,9 @@ fn killed_holder(mode: Mode, wait: Wait) {
     assert_eq!(probe(path, Kind::Shared, ..), None);
 }
 
-/// Once a killed holder is reaped its locks are free to a call that does
-/// not wait, at once: no waiter has to find it dead first.
+/// Once a killed holder is reaped its locks are free at once, to a call
+/// that does not wait and to one that does: no waiter has to find it dead
+/// at the end of a sleep first.
 fn killed_holder_frees_locks_for_a_try(mode: Mode) {
     let _s = serial();
     let (_dir, path) = lock_path();
@@ -469,7 +470,18 @@ fn killed_holder_frees_locks_for_a_try(mode: Mode) {
         );
         holder_proc.kill(libc::SIGKILL);
         assert_eq!(holder_proc.wait(), Exit::Signal(libc::SIGKILL));
-        let g = lf.try_write(0..30).expect("a dead holder's locks are free");
+        let g = if round == 1 {
+            // A wait finds the holder dead before it sleeps, well within
+            // a liveness slice.
+            let started = std::time::Instant::now();
+            let g = lf
+                .write_for(0..30, std::time::Duration::from_millis(30))
+                .expect("a dead holder's locks are free to a wait");
+            assert!(started.elapsed() < std::time::Duration::from_millis(30));
+            g
+        } else {
+            lf.try_write(0..30).expect("a dead holder's locks are free")
+        };
         assert_eq!(lf.held(), vec![(span(0..30), Kind::Exclusive)]);
         drop(g);
     }

@@ -75,6 +75,14 @@ pub(crate) trait Engine: Send + Sync {
     /// changed.
     fn try_set(&self, span: Span, kind: Option<Kind>) -> Result<bool, Error>;
 
+    /// [`Engine::try_set`] raising `span` to `kind`, for a caller that
+    /// follows a refusal with [`Engine::wait_set`]: the engine may leave
+    /// work to the wait that the wait does anyway (the shared-memory
+    /// engine leaves the check that the owner in the way is alive).
+    fn try_set_before_wait(&self, span: Span, kind: Kind) -> Result<bool, Error> {
+        self.try_set(span, Some(kind))
+    }
+
     /// Raise `span` to `kind`, waiting as `until` says. On any error
     /// nothing changed.
     fn wait_set(&self, span: Span, kind: Kind, until: Until) -> Result<(), Error>;

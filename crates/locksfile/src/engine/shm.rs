@@ -1805,10 +1805,13 @@ impl Shm {
                 kind,
                 ticket,
             };
-            // Owners in the way are checked for life only once a slice
-            // passed with no wake-up: the call before waiting checked them
-            // (`try_set`), and a holder that dies wakes no one.
-            let life = slice_over.then(|| self.fd());
+            // Owners in the way are checked for life (a system call) only
+            // before the wait queues and sleeps, gives up, or goes on after
+            // a slice with no wake-up (a holder that dies wakes no one): a
+            // lock held for a moment is mostly free again before that.
+            let expired = deadline.is_some_and(|t| Instant::now() >= t);
+            let about_to_queue = queued.is_none() && yields >= YIELDS_BEFORE_QUEUEING;
+            let life = (slice_over || expired || about_to_queue).then(|| self.fd());
             let outcome = if g.blocker(life, req).is_none() {
                 if g.has_room(pieces.len()) {
                     for p in pieces {
@@ -1823,7 +1826,7 @@ impl Shm {
                 && g.closes_cycle(self.fd(), req)
             {
                 Some(Err(Error::Deadlock))
-            } else if deadline.is_some_and(|t| Instant::now() >= t) {
+            } else if expired {
                 Some(Err(Error::TimedOut))
             } else {
                 None
@@ -1888,17 +1891,55 @@ impl Shm {
 }
 
 impl Shm {
+    /// Raise `span` to `kind` without waiting; `Ok(false)` when another
+    /// owner is in the way. With `check_life`, an owner in the way is first
+    /// checked for life (with the mutex let go) and purged when dead.
+    #[inline]
+    fn raise(&self, span: Span, kind: Kind, check_life: bool) -> Result<bool, Error> {
+        let mut g = self.lock()?;
+        let me = self.slot;
+        self.settle(&mut g);
+        let (s, e, k) = (span.start(), span.end(), code(kind));
+        // Only a nearly full table asks whether this only lowers (which may
+        // use the records kept back for lowering, and is never refused).
+        if !g.has_room(1) {
+            if g.covered(me, s, e, k) {
+                self.lower(&mut g, s, e, k);
+                return Ok(true);
+            }
+            return Err(self.full("lock records"));
+        }
+        let pieces = [span];
+        let req = Request {
+            me,
+            pieces: &pieces,
+            kind: k,
+            ticket: u64::MAX,
+        };
+        if let Some(b) = g.blocker(None, req) {
+            if !check_life {
+                return Ok(false);
+            }
+            let owner = g.owner_of(&b);
+            drop(g);
+            return self.refused(owner, span, kind);
+        }
+        g.set(me, s, e, k);
+        self.forget_deferred(s, e);
+        Ok(true)
+    }
+
     /// A raise found `owner` in the way: if that owner is alive, refused;
     /// if it died, purge it and try again. The check runs with the mutex
     /// let go (a system call), so a refusal never makes others wait on it.
     #[cold]
     #[inline(never)]
-    fn refused(&self, owner: u32, span: Span, kind: Option<Kind>) -> Result<bool, Error> {
+    fn refused(&self, owner: u32, span: Span, kind: Kind) -> Result<bool, Error> {
         // Each try again follows a purge, so this ends.
         if alive(self.fd(), owner) || !self.lock()?.purge_if_dead(self.fd(), owner) {
             return Ok(false);
         }
-        self.try_set(span, kind)
+        self.raise(span, kind, true)
     }
 
     /// Set `s..e` to `kind` (0: unlock), which only lowers what this owner
@@ -2007,41 +2048,19 @@ impl Drop for Shm {
 impl Engine for Shm {
     #[inline]
     fn try_set(&self, span: Span, kind: Option<Kind>) -> Result<bool, Error> {
-        let mut g = self.lock()?;
-        let me = self.slot;
-        self.settle(&mut g);
-        let (s, e) = (span.start(), span.end());
         match kind {
-            None => self.lower(&mut g, s, e, 0),
-            Some(k) => {
-                // Only a nearly full table asks whether this only lowers
-                // (which may use the records kept back for lowering, and is
-                // never refused).
-                if !g.has_room(1) {
-                    if g.covered(me, s, e, code(k)) {
-                        self.lower(&mut g, s, e, code(k));
-                        return Ok(true);
-                    }
-                    return Err(self.full("lock records"));
-                }
-                let k = code(k);
-                let pieces = [span];
-                let req = Request {
-                    me,
-                    pieces: &pieces,
-                    kind: k,
-                    ticket: u64::MAX,
-                };
-                if let Some(b) = g.blocker(None, req) {
-                    let owner = g.owner_of(&b);
-                    drop(g);
-                    return self.refused(owner, span, kind);
-                }
-                g.set(me, s, e, k);
-                self.forget_deferred(s, e);
+            None => {
+                let mut g = self.lock()?;
+                self.settle(&mut g);
+                self.lower(&mut g, span.start(), span.end(), 0);
+                Ok(true)
             }
+            Some(k) => self.raise(span, k, true),
         }
-        Ok(true)
+    }
+
+    fn try_set_before_wait(&self, span: Span, kind: Kind) -> Result<bool, Error> {
+        self.raise(span, kind, false)
     }
 
     fn wait_set(&self, span: Span, kind: Kind, until: Until) -> Result<(), Error> {
