@@ -134,7 +134,9 @@ struct Header {
     slot_hwm: u32,
 }
 
-#[repr(C)]
+/// A cache line each: an owner's every change writes its slot, and slots
+/// sharing a line would pull it between the CPUs of their owners.
+#[repr(C, align(64))]
 #[derive(Clone, Copy)]
 struct Slot {
     /// 1 when an owner has the slot.
