@@ -604,10 +604,11 @@ def shm_reading(w, pair, held, ring, ring_q, shapes, pv):
     if parts:
         w(
             "- **shm races.** Against POSIX semaphores in the same run (target: no slower): %s (\\* where the "
-            "interquartile ranges overlap). A semaphore's post wakes one sleeper on the track's own futex; a "
-            "shm release wakes the waiters it touches, each on its own futex word, but every step of every "
-            "process takes the table's one mutex, and a waiter first yields and looks twice before it "
-            "queues. With more processes than cores that shows." % "; ".join(parts)
+            "interquartile ranges overlap). A semaphore is one atomic word per track; every shm step of every "
+            "process takes the table's one mutex and works on shared lines, so with more processes than cores "
+            "a holder preempted inside the mutex holds everyone up, and waits (which give the CPU away up to "
+            "ten times before they sleep) cost more than a semaphore's. Short races on this shared 2-core "
+            "machine spread widely from run to run: read the ranges as well as the medians." % "; ".join(parts)
         )
     ours, seed, mpl = pv("ours_seed_api_shm", "race"), pv("seed_0.0.6", "race"), pv("mp_lock", "race")
     if ours and seed and mpl:
