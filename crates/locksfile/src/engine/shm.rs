@@ -1896,7 +1896,7 @@ impl Shm {
     /// Raise `span` to `kind` without waiting; `Ok(false)` when another
     /// owner is in the way. With `check_life`, an owner in the way is first
     /// checked for life (with the mutex let go) and purged when dead.
-    #[inline]
+    #[inline(always)]
     fn raise(&self, span: Span, kind: Kind, check_life: bool) -> Result<bool, Error> {
         let mut g = self.lock()?;
         let me = self.slot;
