@@ -475,9 +475,9 @@ fn killed_holder_frees_locks_for_a_try(mode: Mode) {
             // a liveness slice.
             let started = std::time::Instant::now();
             let g = lf
-                .write_for(0..30, std::time::Duration::from_millis(30))
+                .write_for(0..30, std::time::Duration::from_millis(45))
                 .expect("a dead holder's locks are free to a wait");
-            assert!(started.elapsed() < std::time::Duration::from_millis(30));
+            assert!(started.elapsed() < std::time::Duration::from_millis(45));
             g
         } else {
             lf.try_write(0..30).expect("a dead holder's locks are free")
