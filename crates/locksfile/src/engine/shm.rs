@@ -1261,20 +1261,7 @@ fn is_contention(e: &io::Error) -> bool {
 /// owner's liveness lock (held through `fd`'s description) after the owner
 /// died.
 fn map_table(fd: BorrowedFd<'_>) -> io::Result<Map> {
-    let proc =
-        CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd())).expect("no NUL in a number");
-    let how = OpenHow {
-        write: true,
-        create_exclusive: false,
-        create: false,
-        follow: true,
-        mode: 0,
-    };
-    let again = sys::open(&proc, how)?;
-    let (a, b) = (sys::fstat(fd)?, sys::fstat(again.as_fd())?);
-    if (a.dev, a.ino) != (b.dev, b.ino) {
-        return Err(io::Error::other("the sidecar changed while being mapped"));
-    }
+    let again = reopen(fd, true)?;
     Ok(Map {
         base: sys::map_shared(again.as_fd(), SIZE)?,
     })
@@ -1513,7 +1500,9 @@ fn reopen(fd: BorrowedFd<'_>, write: bool) -> io::Result<OwnedFd> {
     let again = sys::open(&proc, how)?;
     let (a, b) = (sys::fstat(fd)?, sys::fstat(again.as_fd())?);
     if (a.dev, a.ino) != (b.dev, b.ino) {
-        return Err(io::Error::other("the lock file changed while being opened"));
+        return Err(io::Error::other(
+            "the file changed while being opened again",
+        ));
     }
     Ok(again)
 }
@@ -1824,9 +1813,7 @@ impl Shm {
                 } else {
                     Some(Err(self.full("lock records")))
                 }
-            } else if ((queued.is_none() && yields >= YIELDS_BEFORE_QUEUEING) || slice_over)
-                && g.closes_cycle(self.fd(), req)
-            {
+            } else if (about_to_queue || slice_over) && g.closes_cycle(self.fd(), req) {
                 Some(Err(Error::Deadlock))
             } else if expired {
                 Some(Err(Error::TimedOut))
