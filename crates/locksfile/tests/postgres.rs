@@ -334,7 +334,11 @@ fn a_release_on_another_thread_is_not_held_up_by_a_wait() {
         assert!(t0.elapsed() < Duration::from_secs(1));
         // Released on the server at once, and the wait goes on.
         assert!(b.try_write(5).is_ok());
-        until("a to wait again", || waiting(&srv, &t) > before);
+        // The wait must still be on (if it ended, say how).
+        until("a to wait again", || {
+            w.is_finished() || waiting(&srv, &t) > before
+        });
+        assert!(!w.is_finished(), "the wait ended: {:?}", w.join().unwrap());
         drop(_gb);
         w.join().unwrap().unwrap();
     });

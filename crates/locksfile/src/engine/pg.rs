@@ -725,14 +725,24 @@ impl Pg {
                 Err(Error::Interrupted) => {
                     // A cancel: from a sibling that needs the session (wait
                     // again once it is done) or from a signal (give up). It
-                    // may have stopped the session step part way.
-                    self.resync(&mut c, lo, hi)?;
+                    // may have stopped the session step part way. A cancel
+                    // that comes late hits what runs next: these steps try
+                    // again then, as every call does, rather than end the
+                    // wait.
+                    self.with_retries(&mut c, (lo, hi), |me, c| me.resync(c, lo, hi))?;
                     let extra: Vec<i32> = keys
                         .iter()
                         .copied()
                         .filter(|k| c.held.get(k).is_some_and(|b| b & bit(kind) != 0))
                         .collect();
-                    self.drop_kind(&mut c, &extra, kind)?;
+                    self.with_retries(&mut c, (lo, hi), |me, c| {
+                        let still: Vec<i32> = extra
+                            .iter()
+                            .copied()
+                            .filter(|k| c.held.get(k).is_some_and(|b| b & bit(kind) != 0))
+                            .collect();
+                        me.drop_kind(c, &still, kind)
+                    })?;
                     if abandon.load(Ordering::SeqCst) {
                         return Err(Error::Interrupted);
                     }
