@@ -46,7 +46,7 @@ use std::mem::size_of;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use super::{Abilities, Engine, Until};
@@ -56,7 +56,7 @@ use crate::sys::{self, Family, FileType, LockType, OpenHow, Range};
 use crate::Kind;
 
 const MAGIC: u64 = u64::from_le_bytes(*b"LKFSHM\x00\x01");
-const VERSION: u32 = 2;
+const VERSION: u32 = 3;
 
 /// Owner slots: owners (handles) using one table at once.
 pub(crate) const SLOTS: usize = 1024;
@@ -182,6 +182,9 @@ struct Waiter {
 const fn align(x: usize) -> usize {
     (x + 4095) & !4095
 }
+/// The fast lane's gate (see [`Map::gate`]): a cache line of its own,
+/// read by every fast call and written only when it opens or closes.
+const GATE_AT: usize = 448;
 const MUTEX_AT: usize = 512;
 /// One futex word per waiter entry: a waiter sleeps on its own word, and a
 /// release wakes only the waiters whose spans it touches.
@@ -190,10 +193,14 @@ const SLOTS_AT: usize = align(WAKES_AT + WAITERS * size_of::<u32>());
 const WAITERS_AT: usize = align(SLOTS_AT + SLOTS * size_of::<Slot>());
 const BUCKETS_AT: usize = align(WAITERS_AT + WAITERS * size_of::<Waiter>());
 const RECORDS_AT: usize = align(BUCKETS_AT + BUCKETS * size_of::<u32>());
+/// Per owner slot, a cache line listing the lanes of its fast holds.
+const LISTS_AT: usize = align(RECORDS_AT + RECORDS * size_of::<Rec>());
+/// One lane word per hash bucket (see [`Map::lane`]).
+const LANES_AT: usize = align(LISTS_AT + SLOTS * 64);
 /// The sidecar's size: sparse, and only the pages touched take memory.
-pub(crate) const SIZE: usize = align(RECORDS_AT + RECORDS * size_of::<Rec>());
+pub(crate) const SIZE: usize = align(LANES_AT + BUCKETS * size_of::<u64>());
 
-const _: () = assert!(size_of::<Header>() <= MUTEX_AT);
+const _: () = assert!(size_of::<Header>() <= GATE_AT);
 const _: () = assert!(MUTEX_AT + size_of::<libc::pthread_mutex_t>() <= WAKES_AT);
 
 /// The sidecar of a lock path: `<path>-shm`.
@@ -261,6 +268,51 @@ fn bucket(index: u64) -> usize {
     (index.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 48) as usize % BUCKETS
 }
 
+// ---- the fast lane ----
+//
+// A lane word per hash bucket lets an owner take one index exclusively,
+// and let it go, with atomic instructions alone: no mutex, no record. A
+// lane is
+// - `LANE_EMPTY`: no record and no single-index waiter in its bucket;
+// - `LANE_SLOW`: its bucket is the table's (records or waiters may be in
+//   it): every call there takes the mutex;
+// - a fast word: `LANE_FAST | slot << 48 | index`, owner `slot` holds
+//   `index` exclusively and its bucket is otherwise empty;
+// - the same with `LANE_MOVING`: a mutex holder is turning the fast hold
+//   into a record (seen only by repair, after it died doing so).
+// A call under the mutex that needs a bucket first makes its lane slow,
+// turning a fast hold there into a record (`Guard::enter_lane`), and gives
+// the lane back when the bucket is empty again (`Guard::leave`). Records
+// of more than one index (and waits for them) close the gate instead: a
+// fast hold taken while it is closed is not granted (see `Shm::fast_raise`).
+
+const LANE_EMPTY: u64 = 0;
+const LANE_SLOW: u64 = 1;
+const LANE_FAST: u64 = 1 << 63;
+const LANE_MOVING: u64 = 1 << 62;
+/// Indices the fast lane can name: the low 48 bits of its word.
+const LANE_INDEX_MAX: u64 = (1 << 48) - 1;
+const _: () = assert!(SLOTS <= 1 << 10);
+/// Fast holds an owner may have at once (its list fills a cache line);
+/// past them it takes locks through the mutex.
+const FAST_HOLDS: usize = 16;
+
+fn fast_word(slot: u32, index: u64) -> u64 {
+    LANE_FAST | (slot as u64) << 48 | index
+}
+
+fn is_fast(w: u64) -> bool {
+    w & LANE_FAST != 0
+}
+
+fn lane_owner(w: u64) -> u32 {
+    ((w >> 48) & 0x3FF) as u32
+}
+
+fn lane_index(w: u64) -> u64 {
+    w & LANE_INDEX_MAX
+}
+
 /// Record indices found by [`Guard::mine_near`]: on the stack unless
 /// there are many.
 #[derive(Default)]
@@ -310,6 +362,48 @@ impl Map {
         unsafe { self.base.add(MUTEX_AT).cast() }
     }
 
+    /// The gate of the fast lane: 0 while no record or waiter spans more
+    /// than one index, so that a lane word alone tells whether an index is
+    /// free; 1 otherwise. Written only under the mutex.
+    fn gate(&self) -> &AtomicU32 {
+        // SAFETY: inside the header page, aligned, only used atomically.
+        unsafe { &*self.base.add(GATE_AT).cast::<AtomicU32>() }
+    }
+
+    /// The lane word of bucket `l`.
+    #[inline(always)]
+    fn lane(&self, l: usize) -> &AtomicU64 {
+        assert!(l < BUCKETS, "lane {l} out of range");
+        // SAFETY: in range, inside the mapping, aligned, only used atomically.
+        unsafe { &*self.base.add(LANES_AT).cast::<AtomicU64>().add(l) }
+    }
+
+    /// The lanes where owner slot `s` may have a fast hold, each as
+    /// lane + 1 (0: a free entry): listed before the hold is taken, struck
+    /// off after it went, so that whoever must find every fast hold (of an
+    /// owner, or over a long span) reads these instead of every lane.
+    #[inline(always)]
+    fn fast_list(&self, s: u32) -> &[AtomicU32; FAST_HOLDS] {
+        assert!((s as usize) < SLOTS, "slot {s} out of range");
+        // SAFETY: in range, inside the mapping, aligned, only used atomically.
+        unsafe {
+            &*self
+                .base
+                .add(LISTS_AT + s as usize * 64)
+                .cast::<[AtomicU32; FAST_HOLDS]>()
+        }
+    }
+
+    /// Strike lane `l` off owner `s`'s list.
+    fn unlist(&self, s: u32, l: usize) {
+        for e in self.fast_list(s) {
+            if e.load(Ordering::Relaxed) == l as u32 + 1 {
+                e.store(0, Ordering::Release);
+                return;
+            }
+        }
+    }
+
     /// Waiter entry `i`'s futex word.
     fn wake_word(&self, i: usize) -> &AtomicU32 {
         assert!(i < WAITERS, "waiter index {i} out of range");
@@ -332,6 +426,9 @@ impl Map {
                 woken: [0; WAKE_LIST],
                 n_woken: 0,
                 wake_upto: 0,
+                entered: [0; ENTERED],
+                n_entered: 0,
+                repairing: false,
             },
             died,
         ))
@@ -376,6 +473,9 @@ impl Drop for Map {
 
 /// How many waiters a guard wakes one by one; beyond that it wakes all.
 const WAKE_LIST: usize = 8;
+/// How many slow lanes a guard looks at giving back; a lane past these
+/// stays slow until a later call there finds its bucket empty.
+const ENTERED: usize = 8;
 
 /// The table, with its mutex held.
 struct Guard<'a> {
@@ -386,10 +486,17 @@ struct Guard<'a> {
     n_woken: usize,
     /// ... or every entry below this.
     wake_upto: usize,
+    /// Lanes made slow (or whose bucket lost a record) under this guard,
+    /// given back to the fast lane when their bucket is empty.
+    entered: [u32; ENTERED],
+    n_entered: usize,
+    /// Rebuilding the derived indices: lanes are put right afterwards.
+    repairing: bool,
 }
 
 impl Drop for Guard<'_> {
     fn drop(&mut self) {
+        self.leave();
         // SAFETY: we hold the mutex.
         unsafe { sys::robust_mutex_unlock(self.map.mutex()) };
         if self.wake_upto > 0 {
@@ -554,6 +661,7 @@ impl Guard<'_> {
     /// `me` is the repairer's own slot (`NIL` for none): its liveness
     /// lock is held through `fd`, which `F_OFD_GETLK` does not report.
     fn repair(&mut self, fd: BorrowedFd<'_>, me: u32) {
+        self.repairing = true;
         let h = self.map.header();
         h.slot_hwm = 0;
         for s in 0..SLOTS {
@@ -605,6 +713,8 @@ impl Guard<'_> {
                 self.free(i);
             }
         }
+        self.settle_lanes();
+        self.repairing = false;
         // Waiters of the dead owner's locks must look again.
         self.wake_everyone();
     }
@@ -637,6 +747,8 @@ impl Guard<'_> {
         h.waiting = 0;
         h.waiter_hwm = 0;
         h.slot_hwm = 0;
+        // The lanes and fast counts are zero too: every lane empty.
+        self.map.gate().store(0, Ordering::SeqCst);
         for s in 0..SLOTS {
             let s = self.map.slot(s);
             s.head = NIL;
@@ -648,10 +760,15 @@ impl Guard<'_> {
 
     /// Free everything of the owner in `slot` and the slot itself.
     fn purge(&mut self, slot: u32) {
+        self.clear_fast(slot);
         let mut at = self.map.slot(slot as usize).head;
         let mut steps = 0;
         while at != NIL && steps < RECORDS {
             let next = self.rec(at).onext;
+            let r = *self.rec(at);
+            if r.end - r.start == 1 {
+                self.note_lane(bucket(r.start));
+            }
             self.unlink_tier(at);
             self.free(at);
             at = next;
@@ -927,6 +1044,8 @@ impl Guard<'_> {
     /// checked there are free records: a split takes one, the new record
     /// one.
     fn set(&mut self, me: u32, s: u64, e: u64, kind: u32) {
+        // What `me` holds on the fast lane there is replaced by records.
+        self.drop_own_fast(me, s, e);
         let mut near = Near::default();
         self.mine_near(
             me,
@@ -939,7 +1058,11 @@ impl Guard<'_> {
         for at in near.iter() {
             let r = *self.rec(at);
             let over = overlaps(s, e, r.start, r.end);
-            if kind != 0 && r.kind == kind && (over || r.end == s || r.start == e) {
+            // Touching single indices stay apart while the gate is open: a
+            // record of more than one index closes it.
+            let touches = (r.end == s || r.start == e)
+                && (e - s > 1 || r.end - r.start > 1 || !self.gate_open());
+            if kind != 0 && r.kind == kind && (over || touches) {
                 // Same kind, overlapping or touching: the new record covers it.
                 ns = ns.min(r.start);
                 ne = ne.max(r.end);
@@ -1013,6 +1136,9 @@ impl Guard<'_> {
                 have += r.end.min(e) - r.start.max(s);
             }
         }
+        if e - s <= FINE_SCAN {
+            have += (s..e).filter(|&i| self.holds_fast(me, i)).count() as u64;
+        }
         have == e - s
     }
 
@@ -1020,6 +1146,9 @@ impl Guard<'_> {
     fn drop_record(&mut self, i: u32) {
         let r = *self.rec(i);
         self.unlink_tier(i);
+        if r.end - r.start == 1 {
+            self.note_lane(bucket(r.start));
+        }
         let slot = self.map.slot((r.owner - 1) as usize);
         if r.oprev == NIL {
             slot.head = r.onext;
@@ -1073,15 +1202,26 @@ impl Guard<'_> {
         }
     }
 
-    /// Put record `i` back in its bucket or the coarse list.
+    /// Put record `i` back in its bucket (whose lane goes slow first) or
+    /// the coarse list (the gate closes first).
     fn relink_tier(&mut self, i: u32) {
         let r = *self.rec(i);
-        let h = self.map.header();
         if r.end - r.start == 1 {
-            let b = self.map.bucket_head(bucket(r.start));
+            let l = bucket(r.start);
+            let w = self.map.lane(l).load(Ordering::Acquire);
+            if !self.repairing && w != LANE_SLOW && w & LANE_MOVING == 0 {
+                // Callers keep a record back for the adoption this may make.
+                let entered = self.enter_lane(l);
+                debug_assert!(entered, "no record for an adoption");
+            }
+            let b = self.map.bucket_head(l);
             self.rec(i).next = *b;
             *b = i;
         } else {
+            if !self.repairing {
+                self.close_gate();
+            }
+            let h = self.map.header();
             self.rec(i).next = h.coarse_head;
             h.coarse_head = i;
             h.coarse_count += 1;
@@ -1148,6 +1288,356 @@ impl Guard<'_> {
             if wake {
                 self.wake_waiters(s, e);
             }
+        }
+    }
+}
+
+// ---- the fast lane, under the mutex ----
+impl Guard<'_> {
+    fn gate_open(&self) -> bool {
+        self.map.gate().load(Ordering::Relaxed) == 0
+    }
+
+    /// Close the gate: from here on no fast hold is granted until a guard
+    /// finds nothing spanning more than one index and opens it again.
+    fn close_gate(&mut self) {
+        if self.gate_open() {
+            self.map.gate().store(1, Ordering::SeqCst);
+        }
+    }
+
+    fn note_lane(&mut self, l: usize) {
+        let l = l as u32;
+        if self.n_entered < ENTERED && !self.entered[..self.n_entered].contains(&l) {
+            self.entered[self.n_entered] = l;
+            self.n_entered += 1;
+        }
+    }
+
+    /// Whether a single-index waiter's index is in bucket `l`.
+    fn waits_in(&self, l: usize) -> bool {
+        let h = self.map.header();
+        h.waiting > 0
+            && (0..h.waiter_hwm as usize).any(|i| {
+                let w = self.map.waiter(i);
+                w.owner != 0 && w.end - w.start == 1 && bucket(w.start) == l
+            })
+    }
+
+    /// Whether a waiter asks for more than one index.
+    fn waits_wide(&self) -> bool {
+        let h = self.map.header();
+        h.waiting > 0
+            && (0..h.waiter_hwm as usize).any(|i| {
+                let w = self.map.waiter(i);
+                w.owner != 0 && w.end - w.start > 1
+            })
+    }
+
+    /// Before the mutex goes: give back the lanes whose bucket is empty,
+    /// and open the gate when nothing spans more than one index.
+    fn leave(&mut self) {
+        if self.repairing {
+            return;
+        }
+        for k in 0..self.n_entered {
+            let l = self.entered[k] as usize;
+            let lane = self.map.lane(l);
+            if lane.load(Ordering::Relaxed) == LANE_SLOW
+                && *self.map.bucket_head(l) == NIL
+                && !self.waits_in(l)
+            {
+                lane.store(LANE_EMPTY, Ordering::Release);
+            }
+        }
+        self.n_entered = 0;
+        if !self.gate_open() && self.map.header().coarse_count == 0 && !self.waits_wide() {
+            self.map.gate().store(0, Ordering::SeqCst);
+        }
+    }
+
+    /// Whether owner `o` may hold index `i` exclusively as things are: no
+    /// other owner's record in the way, no earlier waiter to defer to.
+    fn may_hold(&self, o: u32, i: u64) -> bool {
+        let piece = [Span::from_checked(i, i + 1)];
+        let req = Request {
+            me: o,
+            pieces: &piece,
+            kind: EXCLUSIVE,
+            ticket: u64::MAX,
+        };
+        self.conflicting_record(o, i, i + 1, EXCLUSIVE).is_none() && self.deferred_to(req).is_none()
+    }
+
+    /// Turn the fast word `w` in lane `l` into a record of its owner, so
+    /// the table sees that hold. `false`: no record is free for it. With
+    /// the gate closed, a fast word that the table could not grant was
+    /// taken after the gate closed, so its taker will see the gate closed
+    /// and not count it granted: that word is taken away instead.
+    fn adopt(&mut self, l: usize, w: u64) -> bool {
+        let lane = self.map.lane(l);
+        let (o, i) = (lane_owner(w), lane_index(w));
+        if !self.gate_open() && !self.may_hold(o, i) {
+            if lane
+                .compare_exchange(w, LANE_SLOW, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                self.map.unlist(o, l);
+                self.note_lane(l);
+            }
+            return true;
+        }
+        if self.map.header().free_count == 0 {
+            return false;
+        }
+        // Moving first: the owner's own release (or take-back) now fails
+        // and goes to the mutex, which we hold.
+        if lane
+            .compare_exchange(w, w | LANE_MOVING, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return true;
+        }
+        let n = self.alloc();
+        *self.rec(n) = Rec {
+            start: i,
+            end: i + 1,
+            owner: 0,
+            kind: EXCLUSIVE,
+            next: NIL,
+            onext: NIL,
+            oprev: NIL,
+            _pad: 0,
+        };
+        self.rec(n).owner = o + 1;
+        self.link(n);
+        lane.store(LANE_SLOW, Ordering::Release);
+        self.map.unlist(o, l);
+        self.note_lane(l);
+        true
+    }
+
+    /// Make lane `l` slow, turning a fast hold there into a record; its
+    /// bucket is then the table's until `leave` gives it back. `false`: no
+    /// record is free for the fast hold.
+    fn enter_lane(&mut self, l: usize) -> bool {
+        let lane = self.map.lane(l);
+        loop {
+            let w = lane.load(Ordering::Acquire);
+            if w == LANE_SLOW {
+                self.note_lane(l);
+                return true;
+            }
+            if w == LANE_EMPTY {
+                if lane
+                    .compare_exchange(w, LANE_SLOW, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+                {
+                    self.note_lane(l);
+                    return true;
+                }
+                continue;
+            }
+            if w & LANE_MOVING != 0 || !is_fast(w) {
+                // Only a repair leaves these behind; put it right first.
+                self.settle_lane(l);
+                continue;
+            }
+            if !self.adopt(l, w) {
+                return false;
+            }
+        }
+    }
+
+    /// Turn the fast holds on `s..e` into records. `false`: no record free.
+    fn adopt_range(&mut self, s: u64, e: u64) -> bool {
+        if e - s <= FINE_SCAN {
+            for i in s..e.min(LANE_INDEX_MAX + 1) {
+                let l = bucket(i);
+                loop {
+                    let w = self.map.lane(l).load(Ordering::Acquire);
+                    if !is_fast(w) || lane_index(w) != i {
+                        break;
+                    }
+                    if !self.adopt(l, w) {
+                        return false;
+                    }
+                }
+            }
+            return true;
+        }
+        // Every fast hold is on its owner's list (listed before taken).
+        for o in 0..self.map.header().slot_hwm.min(SLOTS as u32) {
+            for k in 0..FAST_HOLDS {
+                let listed = self.map.fast_list(o)[k].load(Ordering::SeqCst);
+                if listed == 0 {
+                    continue;
+                }
+                let l = (listed - 1) as usize % BUCKETS;
+                let w = self.map.lane(l).load(Ordering::Acquire);
+                if is_fast(w)
+                    && lane_owner(w) == o
+                    && (s..e).contains(&lane_index(w))
+                    && !self.adopt(l, w)
+                {
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    /// Make the table see every hold in the way of a request for `pieces`:
+    /// a single index's lane goes slow; a wider piece closes the gate and
+    /// turns the fast holds on it into records. `false`: no record free.
+    fn prepare(&mut self, pieces: &[Span]) -> bool {
+        for p in pieces {
+            let (s, e) = (p.start(), p.end());
+            if e - s == 1 {
+                if !self.enter_lane(bucket(s)) {
+                    return false;
+                }
+            } else {
+                // Closed first: a fast hold taken on the piece from here on
+                // is not granted, and the scan below sees every one before.
+                self.close_gate();
+                if !self.adopt_range(s, e) {
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    /// Owner `me` lets go of its fast holds on `s..e`: what it sets there
+    /// next is kept as records.
+    fn drop_own_fast(&mut self, me: u32, s: u64, e: u64) {
+        for k in 0..FAST_HOLDS {
+            let listed = self.map.fast_list(me)[k].load(Ordering::Acquire);
+            if listed == 0 {
+                continue;
+            }
+            let l = (listed - 1) as usize % BUCKETS;
+            let lane = self.map.lane(l);
+            let w = lane.load(Ordering::Acquire);
+            if is_fast(w)
+                && w & LANE_MOVING == 0
+                && lane_owner(w) == me
+                && (s..e).contains(&lane_index(w))
+                && lane
+                    .compare_exchange(w, LANE_EMPTY, Ordering::AcqRel, Ordering::Relaxed)
+                    .is_ok()
+            {
+                self.map.fast_list(me)[k].store(0, Ordering::Release);
+            }
+        }
+    }
+
+    /// The whole run of indices owner `o` holds at `kind` around `s..e`,
+    /// over its records and fast holds alike: the span the kernel would
+    /// report, as it merges an owner's touching locks of one kind.
+    fn extent(&self, o: u32, kind: u32, mut s: u64, mut e: u64) -> (u64, u64) {
+        let holds_at = |i: u64| -> Option<(u64, u64)> {
+            if kind == EXCLUSIVE && self.holds_fast(o, i) {
+                return Some((i, i + 1));
+            }
+            let mut near = Near::default();
+            self.mine_near(o, i, i + 1, &mut near);
+            let found = near.iter().map(|at| *self.rec(at)).find(|r| r.kind == kind);
+            found.map(|r| (r.start, r.end))
+        };
+        for _ in 0..RECORDS {
+            match s.checked_sub(1).and_then(holds_at) {
+                Some((t, _)) => s = t,
+                None => break,
+            }
+        }
+        for _ in 0..RECORDS {
+            match (e < INDEX_END).then(|| holds_at(e)).flatten() {
+                Some((_, u)) => e = u,
+                None => break,
+            }
+        }
+        (s, e)
+    }
+
+    /// Whether `me` holds index `i` on the fast lane.
+    fn holds_fast(&self, me: u32, i: u64) -> bool {
+        i <= LANE_INDEX_MAX && self.map.lane(bucket(i)).load(Ordering::Acquire) == fast_word(me, i)
+    }
+
+    /// Forget every fast hold of the owner in `slot` (dead or leaving).
+    fn clear_fast(&mut self, slot: u32) {
+        for entry in self.map.fast_list(slot) {
+            let listed = entry.load(Ordering::Acquire);
+            if listed == 0 {
+                continue;
+            }
+            let lane = self.map.lane((listed - 1) as usize % BUCKETS);
+            let w = lane.load(Ordering::Acquire);
+            if is_fast(w) && w & LANE_MOVING == 0 && lane_owner(w) == slot {
+                let _ = lane.compare_exchange(w, LANE_EMPTY, Ordering::AcqRel, Ordering::Relaxed);
+            }
+            entry.store(0, Ordering::Release);
+        }
+    }
+
+    /// Put lane `l` right after a repair: a half-made adoption is finished
+    /// or undone, a dead owner's fast hold dropped, a lane whose bucket is
+    /// the table's made slow.
+    fn settle_lane(&mut self, l: usize) {
+        let lane = self.map.lane(l);
+        let mut w = lane.load(Ordering::Acquire);
+        if w != LANE_EMPTY && w != LANE_SLOW && !is_fast(w) {
+            // Not a lane word at all: the bucket is the table's.
+            lane.store(LANE_SLOW, Ordering::Release);
+            return;
+        }
+        if w & LANE_MOVING != 0 {
+            let (o, i) = (lane_owner(w), lane_index(w));
+            let mut at = *self.map.bucket_head(l);
+            let mut made = false;
+            let mut steps = 0;
+            while at != NIL && steps < RECORDS {
+                let r = self.rec(at);
+                made |= r.owner == o + 1 && r.start == i && r.end == i + 1;
+                at = r.next;
+                steps += 1;
+            }
+            w = if made { LANE_SLOW } else { w & !LANE_MOVING };
+            lane.store(w, Ordering::Release);
+            if made {
+                self.map.unlist(o, l);
+            }
+        }
+        if is_fast(w) && self.map.slot(lane_owner(w) as usize).used != 1 {
+            lane.store(LANE_EMPTY, Ordering::Release);
+            w = LANE_EMPTY;
+        }
+        let busy = *self.map.bucket_head(l) != NIL || self.waits_in(l);
+        if busy && w == LANE_EMPTY {
+            lane.store(LANE_SLOW, Ordering::Release);
+        } else if busy && is_fast(w) {
+            // A fast hold beside records: the table takes it over.
+            self.adopt(l, w);
+        }
+    }
+
+    /// After the derived indices are rebuilt: every lane put right, dead
+    /// owners' counts zeroed, the gate closed if anything is wide.
+    fn settle_lanes(&mut self) {
+        for s in 0..SLOTS as u32 {
+            if self.map.slot(s as usize).used != 1 {
+                for entry in self.map.fast_list(s) {
+                    entry.store(0, Ordering::Release);
+                }
+            }
+        }
+        for l in 0..BUCKETS {
+            self.settle_lane(l);
+        }
+        if self.map.header().coarse_count > 0 || self.waits_wide() {
+            self.close_gate();
         }
     }
 }
@@ -1755,8 +2245,9 @@ impl Shm {
         match b {
             Blocker::Record(r) => {
                 let r = *g.rec(r);
+                let (start, end) = g.extent(r.owner - 1, r.kind, r.start, r.end);
                 Holder {
-                    span: Span::from_checked(r.start, r.end),
+                    span: Span::from_checked(start, end),
                     kind: kind_of(r.kind),
                     pid: Some(g.map.slot((r.owner - 1) as usize).pid).filter(|&p| p > 0),
                     server: None,
@@ -1803,7 +2294,9 @@ impl Shm {
             let expired = deadline.is_some_and(|t| Instant::now() >= t);
             let about_to_queue = queued.is_none() && yields >= YIELDS_BEFORE_QUEUEING;
             let life = (slice_over || expired || about_to_queue).then(|| self.fd());
-            let outcome = if g.blocker(life, req).is_none() {
+            let outcome = if !g.prepare(pieces) {
+                Some(Err(self.full("lock records")))
+            } else if g.blocker(life, req).is_none() {
                 if g.has_room(pieces.len()) {
                     for p in pieces {
                         g.set(me, p.start(), p.end(), kind);
@@ -1880,6 +2373,77 @@ impl Shm {
 }
 
 impl Shm {
+    /// Take one index exclusively on the fast lane: three atomic
+    /// instructions, no mutex. `false`: not granted this way (the lane is
+    /// not empty, or the gate is closed); the caller takes the mutex.
+    #[inline(always)]
+    fn fast_raise(&self, span: Span) -> bool {
+        let i = span.start();
+        if span.end() - i != 1 || i > LANE_INDEX_MAX || self.has_deferred.load(Ordering::Relaxed) {
+            return false;
+        }
+        let lane = self.map.lane(bucket(i));
+        if lane.load(Ordering::Relaxed) != LANE_EMPTY {
+            return false;
+        }
+        // Listed before the word is written, so that a scan of the lists
+        // finds every fast hold.
+        let l = bucket(i);
+        let Some(entry) = self.map.fast_list(self.slot).iter().find(|e| {
+            e.load(Ordering::Relaxed) == 0
+                && e.compare_exchange(0, l as u32 + 1, Ordering::SeqCst, Ordering::Relaxed)
+                    .is_ok()
+        }) else {
+            return false;
+        };
+        let w = fast_word(self.slot, i);
+        if lane
+            .compare_exchange(LANE_EMPTY, w, Ordering::SeqCst, Ordering::Relaxed)
+            .is_err()
+        {
+            entry.store(0, Ordering::Release);
+            return false;
+        }
+        // Read after the word is written: a guard that closes the gate and
+        // then looks at the lanes sees this word, or this read sees it
+        // closed (both sequentially consistent).
+        if self.map.gate().load(Ordering::SeqCst) == 0 {
+            return true;
+        }
+        // Closed: not granted. Take the word back, unless a mutex holder
+        // has taken it over already (then it made it a record of ours if
+        // the table could grant it, which the slow way finds).
+        if lane
+            .compare_exchange(w, LANE_EMPTY, Ordering::SeqCst, Ordering::Relaxed)
+            .is_ok()
+        {
+            entry.store(0, Ordering::Release);
+        }
+        false
+    }
+
+    /// Let go of one index held on the fast lane. `false`: it is not (the
+    /// table has taken the hold over, or it was never fast).
+    #[inline(always)]
+    fn fast_lower(&self, span: Span) -> bool {
+        let i = span.start();
+        if span.end() - i != 1 || i > LANE_INDEX_MAX || self.has_deferred.load(Ordering::Relaxed) {
+            return false;
+        }
+        let l = bucket(i);
+        let w = fast_word(self.slot, i);
+        if self
+            .map
+            .lane(l)
+            .compare_exchange(w, LANE_EMPTY, Ordering::Release, Ordering::Relaxed)
+            .is_err()
+        {
+            return false;
+        }
+        self.map.unlist(self.slot, l);
+        true
+    }
+
     /// Raise `span` to `kind` without waiting; `Ok(false)` when another
     /// owner is in the way. With `check_life`, an owner in the way is first
     /// checked for life (with the mutex let go) and purged when dead.
@@ -1899,6 +2463,9 @@ impl Shm {
             return Err(self.full("lock records"));
         }
         let pieces = [span];
+        if !g.prepare(&pieces) {
+            return Err(self.full("lock records"));
+        }
         let req = Request {
             me,
             pieces: &pieces,
@@ -1939,8 +2506,9 @@ impl Shm {
     fn lower(&self, g: &mut Guard<'_>, s: u64, e: u64, kind: u32) {
         // A lowering takes at most two records (see `records_to_lower`):
         // counting them exactly matters only when the table is nearly full.
+        // Two more for the fast holds a trimmed record's ends may meet.
         let free = g.map.header().free_count as usize;
-        if free >= 2 || free >= g.records_to_lower(self.slot, s, e, kind) {
+        if free >= 4 || free >= g.records_to_lower(self.slot, s, e, kind) + 2 {
             g.set(self.slot, s, e, kind);
             self.forget_deferred(s, e);
         } else {
@@ -1964,7 +2532,8 @@ impl Shm {
     fn settle_slow(&self, g: &mut Guard<'_>) {
         let mut d = self.deferred.lock().unwrap_or_else(|p| p.into_inner());
         d.retain(|&(s, e, kind)| {
-            if (g.map.header().free_count as usize) < g.records_to_lower(self.slot, s, e, kind) {
+            if (g.map.header().free_count as usize) < g.records_to_lower(self.slot, s, e, kind) + 2
+            {
                 return true;
             }
             g.set(self.slot, s, e, kind);
@@ -2039,16 +2608,24 @@ impl Engine for Shm {
     fn try_set(&self, span: Span, kind: Option<Kind>) -> Result<bool, Error> {
         match kind {
             None => {
+                if self.fast_lower(span) {
+                    return Ok(true);
+                }
                 let mut g = self.lock()?;
                 self.settle(&mut g);
                 self.lower(&mut g, span.start(), span.end(), 0);
                 Ok(true)
             }
+            Some(Kind::Exclusive) if self.fast_raise(span) => Ok(true),
             Some(k) => self.raise(span, k, true),
         }
     }
 
+    #[inline]
     fn try_set_before_wait(&self, span: Span, kind: Kind) -> Result<bool, Error> {
+        if kind == Kind::Exclusive && self.fast_raise(span) {
+            return Ok(true);
+        }
         self.raise(span, kind, false)
     }
 
@@ -2064,6 +2641,9 @@ impl Engine for Shm {
         let mut g = self.lock()?;
         self.settle(&mut g);
         let pieces = [span];
+        if !g.prepare(&pieces) {
+            return Err(self.full("lock records"));
+        }
         let req = Request {
             me: self.slot,
             pieces: &pieces,
@@ -2184,6 +2764,51 @@ impl Guard<'_> {
             .count();
         if waiting != h.waiting as usize {
             return Err(format!("{waiting} waiters, counter {}", h.waiting));
+        }
+        self.verify_lanes()
+    }
+
+    /// The fast lane against the table: an empty or fast lane's bucket is
+    /// empty, a fast word names a live slot and an index of its bucket, no
+    /// owner has more fast holds than its count, an open gate means
+    /// nothing spans more than one index.
+    fn verify_lanes(&self) -> Result<(), String> {
+        for l in 0..BUCKETS {
+            let w = self.map.lane(l).load(Ordering::Acquire);
+            if w == LANE_SLOW {
+                continue;
+            }
+            if w != LANE_EMPTY && (!is_fast(w) || w & LANE_MOVING != 0) {
+                return Err(format!("lane {l} reads {w:#x}"));
+            }
+            if *self.map.bucket_head(l) != NIL || self.waits_in(l) {
+                return Err(format!("lane {l} is not slow, but its bucket is in use"));
+            }
+            if is_fast(w) {
+                let o = lane_owner(w);
+                if self.map.slot(o as usize).used != 1 || bucket(lane_index(w)) != l {
+                    return Err(format!(
+                        "lane {l}: fast hold {w:#x} of no owner, or misplaced"
+                    ));
+                }
+            }
+        }
+        for l in 0..BUCKETS {
+            let w = self.map.lane(l).load(Ordering::Acquire);
+            if is_fast(w)
+                && !self
+                    .map
+                    .fast_list(lane_owner(w))
+                    .iter()
+                    .any(|e| e.load(Ordering::Acquire) == l as u32 + 1)
+            {
+                return Err(format!(
+                    "lane {l}: fast hold {w:#x} not on its owner's list"
+                ));
+            }
+        }
+        if self.gate_open() && (self.map.header().coarse_count > 0 || self.waits_wide()) {
+            return Err("the gate is open while something spans more than one index".into());
         }
         Ok(())
     }
@@ -2360,6 +2985,27 @@ impl Snapshot {
                 });
             }
         }
+        for o in (0..SLOTS).filter(|&o| live[o]) {
+            for entry in g.map.fast_list(o as u32) {
+                let listed = entry.load(Ordering::Acquire);
+                if listed == 0 {
+                    continue;
+                }
+                let w = g
+                    .map
+                    .lane((listed - 1) as usize % BUCKETS)
+                    .load(Ordering::Acquire);
+                if is_fast(w) && lane_owner(w) as usize == o {
+                    let i = lane_index(w);
+                    snap.holders.push(HeldLock {
+                        pid: slots[o].pid,
+                        owner: slots[o].nonce,
+                        span: Span::from_checked(i, i + 1),
+                        kind: Kind::Exclusive,
+                    });
+                }
+            }
+        }
         let mut waiters: Vec<(u64, WaitingLock)> = Vec::new();
         for i in 0..WAITERS {
             let w = *g.map.waiter(i);
@@ -2462,6 +3108,140 @@ mod tests {
         assert!(c
             .try_set(Span::new(10, 12).unwrap(), Some(Kind::Exclusive))
             .unwrap());
+    }
+
+    fn open_shm(path: &Path) -> Shm {
+        let fd = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .unwrap();
+        Shm::open(path, fd.into(), true).unwrap()
+    }
+
+    fn one(i: u64) -> Span {
+        Span::new(i, i + 1).unwrap()
+    }
+
+    fn lane_of(shm: &Shm, i: u64) -> u64 {
+        shm.map.lane(bucket(i)).load(Ordering::SeqCst)
+    }
+
+    #[test]
+    fn the_fast_lane_gives_way_to_the_table_and_comes_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.lock");
+        let (a, b) = (open_shm(&path), open_shm(&path));
+        assert!(a.try_set(one(5), Some(Kind::Exclusive)).unwrap());
+        assert_eq!(lane_of(&a, 5), fast_word(a.slot, 5), "taken on the fast lane");
+        // A wide request sees the fast hold: refused, and told whose it is.
+        assert!(!b.try_set(Span::new(0, 10).unwrap(), Some(Kind::Shared)).unwrap());
+        assert!(!b.try_set(Span::ALL, Some(Kind::Exclusive)).unwrap());
+        let h = b.probe(one(5), Kind::Shared).unwrap().expect("held");
+        assert_eq!((h.span, h.kind), (one(5), Kind::Exclusive));
+        // The probe made the hold a record: the lane is the table's now.
+        assert_eq!(lane_of(&a, 5), LANE_SLOW);
+        a.lock().unwrap().verify().unwrap();
+        // Its release goes through the mutex, and gives the lane back.
+        assert!(!a.fast_lower(one(5)));
+        assert!(a.try_set(one(5), None).unwrap());
+        assert_eq!(lane_of(&a, 5), LANE_EMPTY);
+        assert!(b.map.gate().load(Ordering::SeqCst) == 0, "nothing wide is left");
+        assert!(b.try_set(Span::new(0, 10).unwrap(), Some(Kind::Shared)).unwrap());
+        // Shared over 0..10 closes the gate: no fast hold meanwhile, and the
+        // slow way refuses what it covers.
+        assert!(!a.fast_raise(one(20)), "the gate is closed");
+        assert!(!a.try_set(one(5), Some(Kind::Exclusive)).unwrap());
+        assert!(a.try_set(one(20), Some(Kind::Exclusive)).unwrap());
+        assert!(b.try_set(Span::new(0, 10).unwrap(), None).unwrap());
+        assert!(a.try_set(one(20), None).unwrap());
+        a.lock().unwrap().verify().unwrap();
+        assert_eq!(b.map.gate().load(Ordering::SeqCst), 0, "open again");
+        assert!(a.fast_raise(one(20)));
+    }
+
+    #[test]
+    fn a_fast_hold_taken_after_the_gate_closed_is_taken_away() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.lock");
+        let (a, b, c) = (open_shm(&path), open_shm(&path), open_shm(&path));
+        assert!(b.try_set(Span::new(0, 10).unwrap(), Some(Kind::Exclusive)).unwrap());
+        // As if `a` wrote its word after the gate closed and has not yet
+        // read the gate: the table must not count that hold granted.
+        let l = bucket(5);
+        a.map.fast_list(a.slot)[0].store(l as u32 + 1, Ordering::SeqCst);
+        a.map.lane(l).store(fast_word(a.slot, 5), Ordering::SeqCst);
+        // `c` comes to that lane: it takes the word away, as b holds 5.
+        assert!(!c.try_set(one(5), Some(Kind::Exclusive)).unwrap());
+        // Taken away (off a's list too), and the empty lane given back.
+        assert_eq!(lane_of(&a, 5), LANE_EMPTY);
+        assert_eq!(a.map.fast_list(a.slot)[0].load(Ordering::SeqCst), 0);
+        let h = c.probe(one(5), Kind::Shared).unwrap().expect("held by b");
+        assert_eq!(h.span, Span::new(0, 10).unwrap());
+        c.lock().unwrap().verify().unwrap();
+        // a holds nothing at 5: once b lets go, c gets it.
+        assert!(b.try_set(Span::ALL, None).unwrap());
+        assert!(c.try_set(one(5), Some(Kind::Exclusive)).unwrap());
+        assert!(c.try_set(one(5), None).unwrap());
+        // With nothing in the way the same word is granted as a record.
+        assert!(c.try_set(Span::new(30, 40).unwrap(), Some(Kind::Shared)).unwrap());
+        let l = bucket(7);
+        a.map.fast_list(a.slot)[0].store(l as u32 + 1, Ordering::SeqCst);
+        a.map.lane(l).store(fast_word(a.slot, 7), Ordering::SeqCst);
+        assert!(!c.try_set(one(7), Some(Kind::Shared)).unwrap());
+        let h = c.probe(one(7), Kind::Shared).unwrap().expect("held by a");
+        assert_eq!((h.span, h.pid), (one(7), Some(std::process::id())));
+        c.lock().unwrap().verify().unwrap();
+        assert!(a.try_set(one(7), None).unwrap());
+        assert!(c.try_set(one(7), Some(Kind::Shared)).unwrap());
+    }
+
+    #[test]
+    fn a_death_while_adopting_a_fast_hold_keeps_it() {
+        for made in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("t.lock");
+            let a = open_shm(&path);
+            assert!(a.try_set(one(5), Some(Kind::Exclusive)).unwrap());
+            // SAFETY: the child only makes plain calls and `_exit`s.
+            let pid = unsafe { libc::fork() };
+            if pid == 0 {
+                let b = open_shm(&path);
+                let mut g = b.lock().unwrap();
+                let l = bucket(5);
+                let w = g.map.lane(l).load(Ordering::SeqCst);
+                g.map.lane(l).store(w | LANE_MOVING, Ordering::SeqCst);
+                if made {
+                    let n = g.alloc();
+                    *g.rec(n) = Rec {
+                        start: 5,
+                        end: 6,
+                        owner: lane_owner(w) + 1,
+                        kind: EXCLUSIVE,
+                        next: NIL,
+                        onext: NIL,
+                        oprev: NIL,
+                        _pad: 0,
+                    };
+                    g.link(n);
+                }
+                std::mem::forget(g);
+                // SAFETY: ends the child holding the mutex, as a kill would.
+                unsafe { libc::_exit(0) };
+            }
+            let mut status = 0;
+            // SAFETY: our child; valid out-pointer.
+            assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+            assert_eq!(status, 0);
+            let c = open_shm(&path);
+            assert!(!c.try_set(one(5), Some(Kind::Shared)).unwrap(), "made: {made}");
+            c.lock().unwrap().verify().unwrap();
+            assert!(a.try_set(one(5), None).unwrap());
+            assert!(c.try_set(one(5), Some(Kind::Shared)).unwrap(), "made: {made}");
+            c.lock().unwrap().verify().unwrap();
+        }
     }
 
     #[test]
