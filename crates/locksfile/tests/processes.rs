@@ -459,6 +459,8 @@ fn killed_holder_frees_locks_for_a_try(mode: Mode) {
             let lf = open(path, mode);
             let _w = lf.write(0..10).unwrap();
             let _r = lf.read(20).unwrap();
+            // One index alone: in shm mode, a hold on the fast lane.
+            let _f = lf.write(25).unwrap();
             held.send(b'h');
             never.recv();
             panic!("the holder was not killed");
@@ -468,8 +470,19 @@ fn killed_holder_frees_locks_for_a_try(mode: Mode) {
             matches!(lf.try_write(5), Err(Error::WouldBlock { holder: Some(_) })),
             "round {round}"
         );
+        assert!(lf.try_write(25).is_err(), "round {round}");
         holder_proc.kill(libc::SIGKILL);
         assert_eq!(holder_proc.wait(), Exit::Signal(libc::SIGKILL));
+        // The single index first (but in the last round): free at once to
+        // a try, and to a wait before it would sleep.
+        if round == 0 {
+            drop(lf.try_write(25).expect("a dead holder's lock is free"));
+        } else if round == 1 {
+            let started = std::time::Instant::now();
+            let g = lf.write_for(25, std::time::Duration::from_millis(45));
+            drop(g.expect("a dead holder's lock is free to a wait"));
+            assert!(started.elapsed() < std::time::Duration::from_millis(45));
+        }
         let g = if round == 1 {
             // A wait finds the holder dead before it sleeps, well within
             // a liveness slice.

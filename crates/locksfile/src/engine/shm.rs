@@ -1455,7 +1455,7 @@ impl Guard<'_> {
             for i in s..e.min(LANE_INDEX_MAX + 1) {
                 let l = bucket(i);
                 loop {
-                    let w = self.map.lane(l).load(Ordering::Acquire);
+                    let w = self.map.lane(l).load(Ordering::SeqCst);
                     if !is_fast(w) || lane_index(w) != i {
                         break;
                     }
@@ -1474,7 +1474,7 @@ impl Guard<'_> {
                     continue;
                 }
                 let l = (listed - 1) as usize % BUCKETS;
-                let w = self.map.lane(l).load(Ordering::Acquire);
+                let w = self.map.lane(l).load(Ordering::SeqCst);
                 if is_fast(w)
                     && lane_owner(w) == o
                     && (s..e).contains(&lane_index(w))
@@ -3135,9 +3135,15 @@ mod tests {
         let path = dir.path().join("t.lock");
         let (a, b) = (open_shm(&path), open_shm(&path));
         assert!(a.try_set(one(5), Some(Kind::Exclusive)).unwrap());
-        assert_eq!(lane_of(&a, 5), fast_word(a.slot, 5), "taken on the fast lane");
+        assert_eq!(
+            lane_of(&a, 5),
+            fast_word(a.slot, 5),
+            "taken on the fast lane"
+        );
         // A wide request sees the fast hold: refused, and told whose it is.
-        assert!(!b.try_set(Span::new(0, 10).unwrap(), Some(Kind::Shared)).unwrap());
+        assert!(!b
+            .try_set(Span::new(0, 10).unwrap(), Some(Kind::Shared))
+            .unwrap());
         assert!(!b.try_set(Span::ALL, Some(Kind::Exclusive)).unwrap());
         let h = b.probe(one(5), Kind::Shared).unwrap().expect("held");
         assert_eq!((h.span, h.kind), (one(5), Kind::Exclusive));
@@ -3148,8 +3154,13 @@ mod tests {
         assert!(!a.fast_lower(one(5)));
         assert!(a.try_set(one(5), None).unwrap());
         assert_eq!(lane_of(&a, 5), LANE_EMPTY);
-        assert!(b.map.gate().load(Ordering::SeqCst) == 0, "nothing wide is left");
-        assert!(b.try_set(Span::new(0, 10).unwrap(), Some(Kind::Shared)).unwrap());
+        assert!(
+            b.map.gate().load(Ordering::SeqCst) == 0,
+            "nothing wide is left"
+        );
+        assert!(b
+            .try_set(Span::new(0, 10).unwrap(), Some(Kind::Shared))
+            .unwrap());
         // Shared over 0..10 closes the gate: no fast hold meanwhile, and the
         // slow way refuses what it covers.
         assert!(!a.fast_raise(one(20)), "the gate is closed");
@@ -3167,7 +3178,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.lock");
         let (a, b, c) = (open_shm(&path), open_shm(&path), open_shm(&path));
-        assert!(b.try_set(Span::new(0, 10).unwrap(), Some(Kind::Exclusive)).unwrap());
+        assert!(b
+            .try_set(Span::new(0, 10).unwrap(), Some(Kind::Exclusive))
+            .unwrap());
         // As if `a` wrote its word after the gate closed and has not yet
         // read the gate: the table must not count that hold granted.
         let l = bucket(5);
@@ -3186,7 +3199,9 @@ mod tests {
         assert!(c.try_set(one(5), Some(Kind::Exclusive)).unwrap());
         assert!(c.try_set(one(5), None).unwrap());
         // With nothing in the way the same word is granted as a record.
-        assert!(c.try_set(Span::new(30, 40).unwrap(), Some(Kind::Shared)).unwrap());
+        assert!(c
+            .try_set(Span::new(30, 40).unwrap(), Some(Kind::Shared))
+            .unwrap());
         let l = bucket(7);
         a.map.fast_list(a.slot)[0].store(l as u32 + 1, Ordering::SeqCst);
         a.map.lane(l).store(fast_word(a.slot, 7), Ordering::SeqCst);
@@ -3236,10 +3251,16 @@ mod tests {
             assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
             assert_eq!(status, 0);
             let c = open_shm(&path);
-            assert!(!c.try_set(one(5), Some(Kind::Shared)).unwrap(), "made: {made}");
+            assert!(
+                !c.try_set(one(5), Some(Kind::Shared)).unwrap(),
+                "made: {made}"
+            );
             c.lock().unwrap().verify().unwrap();
             assert!(a.try_set(one(5), None).unwrap());
-            assert!(c.try_set(one(5), Some(Kind::Shared)).unwrap(), "made: {made}");
+            assert!(
+                c.try_set(one(5), Some(Kind::Shared)).unwrap(),
+                "made: {made}"
+            );
             c.lock().unwrap().verify().unwrap();
         }
     }
