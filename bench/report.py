@@ -578,15 +578,16 @@ def shm_reading(w, pair, held, ring, ring_q, shapes, pv):
     base = pair["exclusive", "fcntl_ofd"]
     if g and e and base:
         w(
-            "- **shm pairs.** In shm mode a lock is a few atomic operations on a table in shared memory (its "
-            "mutex, a hash lookup, a record) instead of two `fcntl` calls: %s (guard) and %s (explicit), "
+            "- **shm pairs.** In shm mode an exclusive lock on one index that no one else wants is a few atomic "
+            "instructions on a lane word of a table in shared memory (no mutex, no record) instead of two "
+            "`fcntl` calls: %s (guard) and %s (explicit), "
             "%s and %s of the raw `F_OFD_SETLK` pair in the same run (targets: at most 150 ns, at most 0.25×)."
             % (fmt_time(g), fmt_time(e), fmt_ratio(g, base), fmt_ratio(e, base))
         )
     h1, h10k, k10k = held["locksfile_shm", 1], held["locksfile_shm", 10000], held["fcntl_ofd", 10000]
     if h1 and h10k and k10k:
         w(
-            "- **shm with held locks.** The table finds an index's records through a hash, not a list walk: "
+            "- **shm with held locks.** The table finds an index through a hash, not a list walk: "
             "%s with 1 lock of another owner held, %s with 10,000 (%s its figure at 1; target at most 2×), "
             "where the kernel's pair takes %s (%s the shm pair)."
             % (fmt_time(h1), fmt_time(h10k), fmt_ratio(h10k, h1), fmt_time(k10k), fmt_ratio(k10k, h10k))
@@ -604,10 +605,10 @@ def shm_reading(w, pair, held, ring, ring_q, shapes, pv):
     if parts:
         w(
             "- **shm races.** Against POSIX semaphores in the same run (target: no slower): %s (\\* where the "
-            "interquartile ranges overlap). A semaphore is one atomic word per track; every shm step of every "
-            "process takes the table's one mutex and works on shared lines, so with more processes than cores "
-            "a holder preempted inside the mutex holds everyone up, and waits (which give the CPU away up to "
-            "ten times before they sleep) cost more than a semaphore's. Short races on this shared 2-core "
+            "interquartile ranges overlap). An uncontended step is as cheap as a semaphore's (a few atomic "
+            "instructions on the track's lane word); a step that meets the process ahead takes the table's one "
+            "mutex, turns that holder's lock into a record, and gives the CPU away up to ten times before it "
+            "sleeps, which costs more than a semaphore's wait. Short races on this shared 2-core "
             "machine spread widely from run to run: read the ranges as well as the medians." % "; ".join(parts)
         )
     ours, seed, mpl = pv("ours_seed_api_shm", "race"), pv("seed_0.0.6", "race"), pv("mp_lock", "race")
@@ -629,8 +630,8 @@ def shm_reading(w, pair, held, ring, ring_q, shapes, pv):
         w(
             "- **What shm costs.** A holder that dies is found by its waiters at their next liveness check, "
             "every 50 ms, so its locks pass on within about 50 ms rather than at once as the kernel's do. The "
-            "table is a sidecar file `<lock file>-shm` of 2.9 MiB, mapped by every user; it is sparse, "
-            "so only the pages touched take memory (about 340 KiB for a table in use), and it holds at most 1,024 "
+            "table is a sidecar file `<lock file>-shm` of 3.4 MiB, mapped by every user; it is sparse, "
+            "so only the pages touched take memory (0.5 to 0.9 MiB for a table in use), and it holds at most 1,024 "
             "owners, 1,024 waiting threads and 65,536 lock pieces at once. It excludes only other shm users: "
             "the kernel's lockers (other programs, `flock(1)`, SQLite) never see its locks, which is why a file "
             "in use by one kind is refused to the other, and network file systems are refused."
