@@ -578,7 +578,7 @@ def shm_reading(w, pair, held, ring, ring_q, shapes, pv):
     base = pair["exclusive", "fcntl_ofd"]
     if g and e and base:
         w(
-            "- **shm pairs.** In shm mode an exclusive lock on one index that no one else wants is a few atomic "
+            "- **shm pairs.** In shm mode a lock on one index that no other owner wants is a few atomic "
             "instructions on a lane word of a table in shared memory (no mutex, no record) instead of two "
             "`fcntl` calls: %s (guard) and %s (explicit), "
             "%s and %s of the raw `F_OFD_SETLK` pair in the same run (targets: at most 150 ns, at most 0.25×)."

@@ -270,14 +270,14 @@ fn bucket(index: u64) -> usize {
 
 // ---- the fast lane ----
 //
-// A lane word per hash bucket lets an owner take one index exclusively,
-// and let it go, with atomic instructions alone: no mutex, no record. A
-// lane is
+// A lane word per hash bucket lets one owner take one index, and let it
+// go, with atomic instructions alone: no mutex, no record. A lane is
 // - `LANE_EMPTY`: no record and no single-index waiter in its bucket;
 // - `LANE_SLOW`: its bucket is the table's (records or waiters may be in
 //   it): every call there takes the mutex;
 // - a fast word: `LANE_FAST | slot << 48 | index`, owner `slot` holds
-//   `index` exclusively and its bucket is otherwise empty;
+//   `index` exclusively (shared with `LANE_SHARED`; a second reader goes
+//   through the table) and its bucket is otherwise empty;
 // - the same with `LANE_MOVING`: a mutex holder is turning the fast hold
 //   into a record (seen only by repair, after it died doing so).
 // A call under the mutex that needs a bucket first makes its lane slow,
@@ -290,6 +290,7 @@ const LANE_EMPTY: u64 = 0;
 const LANE_SLOW: u64 = 1;
 const LANE_FAST: u64 = 1 << 63;
 const LANE_MOVING: u64 = 1 << 62;
+const LANE_SHARED: u64 = 1 << 61;
 /// Indices the fast lane can name: the low 48 bits of its word.
 const LANE_INDEX_MAX: u64 = (1 << 48) - 1;
 const _: () = assert!(SLOTS <= 1 << 10);
@@ -297,8 +298,17 @@ const _: () = assert!(SLOTS <= 1 << 10);
 /// past them it takes locks through the mutex.
 const FAST_HOLDS: usize = 16;
 
-fn fast_word(slot: u32, index: u64) -> u64 {
-    LANE_FAST | (slot as u64) << 48 | index
+fn fast_word(slot: u32, index: u64, kind: u32) -> u64 {
+    let shared = if kind == SHARED { LANE_SHARED } else { 0 };
+    LANE_FAST | shared | (slot as u64) << 48 | index
+}
+
+fn lane_kind(w: u64) -> u32 {
+    if w & LANE_SHARED != 0 {
+        SHARED
+    } else {
+        EXCLUSIVE
+    }
 }
 
 fn is_fast(w: u64) -> bool {
@@ -1137,7 +1147,9 @@ impl Guard<'_> {
             }
         }
         if e - s <= FINE_SCAN {
-            have += (s..e).filter(|&i| self.holds_fast(me, i)).count() as u64;
+            have += (s..e)
+                .filter(|&i| self.holds_fast(me, i).is_some_and(|k| k >= kind))
+                .count() as u64;
         }
         have == e - s
     }
@@ -1356,17 +1368,17 @@ impl Guard<'_> {
         }
     }
 
-    /// Whether owner `o` may hold index `i` exclusively as things are: no
+    /// Whether owner `o` may hold index `i` at `kind` as things are: no
     /// other owner's record in the way, no earlier waiter to defer to.
-    fn may_hold(&self, o: u32, i: u64) -> bool {
+    fn may_hold(&self, o: u32, i: u64, kind: u32) -> bool {
         let piece = [Span::from_checked(i, i + 1)];
         let req = Request {
             me: o,
             pieces: &piece,
-            kind: EXCLUSIVE,
+            kind,
             ticket: u64::MAX,
         };
-        self.conflicting_record(o, i, i + 1, EXCLUSIVE).is_none() && self.deferred_to(req).is_none()
+        self.conflicting_record(o, i, i + 1, kind).is_none() && self.deferred_to(req).is_none()
     }
 
     /// Turn the fast word `w` in lane `l` into a record of its owner, so
@@ -1376,8 +1388,8 @@ impl Guard<'_> {
     /// and not count it granted: that word is taken away instead.
     fn adopt(&mut self, l: usize, w: u64) -> bool {
         let lane = self.map.lane(l);
-        let (o, i) = (lane_owner(w), lane_index(w));
-        if !self.gate_open() && !self.may_hold(o, i) {
+        let (o, i, kind) = (lane_owner(w), lane_index(w), lane_kind(w));
+        if !self.gate_open() && !self.may_hold(o, i, kind) {
             if lane
                 .compare_exchange(w, LANE_SLOW, Ordering::AcqRel, Ordering::Acquire)
                 .is_ok()
@@ -1403,7 +1415,7 @@ impl Guard<'_> {
             start: i,
             end: i + 1,
             owner: 0,
-            kind: EXCLUSIVE,
+            kind,
             next: NIL,
             onext: NIL,
             oprev: NIL,
@@ -1538,7 +1550,7 @@ impl Guard<'_> {
     /// report, as it merges an owner's touching locks of one kind.
     fn extent(&self, o: u32, kind: u32, mut s: u64, mut e: u64) -> (u64, u64) {
         let holds_at = |i: u64| -> Option<(u64, u64)> {
-            if kind == EXCLUSIVE && self.holds_fast(o, i) {
+            if self.holds_fast(o, i) == Some(kind) {
                 return Some((i, i + 1));
             }
             let mut near = Near::default();
@@ -1561,9 +1573,13 @@ impl Guard<'_> {
         (s, e)
     }
 
-    /// Whether `me` holds index `i` on the fast lane.
-    fn holds_fast(&self, me: u32, i: u64) -> bool {
-        i <= LANE_INDEX_MAX && self.map.lane(bucket(i)).load(Ordering::Acquire) == fast_word(me, i)
+    /// The kind at which `me` holds index `i` on the fast lane, if it does.
+    fn holds_fast(&self, me: u32, i: u64) -> Option<u32> {
+        if i > LANE_INDEX_MAX {
+            return None;
+        }
+        let w = self.map.lane(bucket(i)).load(Ordering::Acquire);
+        (w & !LANE_SHARED == fast_word(me, i, EXCLUSIVE)).then(|| lane_kind(w))
     }
 
     /// Forget every fast hold of the owner in `slot` (dead or leaving).
@@ -2373,11 +2389,11 @@ impl Shm {
 }
 
 impl Shm {
-    /// Take one index exclusively on the fast lane: three atomic
-    /// instructions, no mutex. `false`: not granted this way (the lane is
-    /// not empty, or the gate is closed); the caller takes the mutex.
+    /// Take one index on the fast lane: three atomic instructions, no
+    /// mutex. `false`: not granted this way (the lane is not empty, or the
+    /// gate is closed); the caller takes the mutex.
     #[inline(always)]
-    fn fast_raise(&self, span: Span) -> bool {
+    fn fast_raise(&self, span: Span, kind: Kind) -> bool {
         let i = span.start();
         if span.end() - i != 1 || i > LANE_INDEX_MAX || self.has_deferred.load(Ordering::Relaxed) {
             return false;
@@ -2396,7 +2412,7 @@ impl Shm {
         }) else {
             return false;
         };
-        let w = fast_word(self.slot, i);
+        let w = fast_word(self.slot, i, code(kind));
         if lane
             .compare_exchange(LANE_EMPTY, w, Ordering::SeqCst, Ordering::Relaxed)
             .is_err()
@@ -2431,12 +2447,12 @@ impl Shm {
             return false;
         }
         let l = bucket(i);
-        let w = fast_word(self.slot, i);
-        if self
-            .map
-            .lane(l)
-            .compare_exchange(w, LANE_EMPTY, Ordering::Release, Ordering::Relaxed)
-            .is_err()
+        let lane = self.map.lane(l);
+        let w = lane.load(Ordering::Relaxed);
+        if w & !LANE_SHARED != fast_word(self.slot, i, EXCLUSIVE)
+            || lane
+                .compare_exchange(w, LANE_EMPTY, Ordering::Release, Ordering::Relaxed)
+                .is_err()
         {
             return false;
         }
@@ -2616,14 +2632,14 @@ impl Engine for Shm {
                 self.lower(&mut g, span.start(), span.end(), 0);
                 Ok(true)
             }
-            Some(Kind::Exclusive) if self.fast_raise(span) => Ok(true),
+            Some(k) if self.fast_raise(span, k) => Ok(true),
             Some(k) => self.raise(span, k, true),
         }
     }
 
     #[inline]
     fn try_set_before_wait(&self, span: Span, kind: Kind) -> Result<bool, Error> {
-        if kind == Kind::Exclusive && self.fast_raise(span) {
+        if self.fast_raise(span, kind) {
             return Ok(true);
         }
         self.raise(span, kind, false)
@@ -3001,7 +3017,7 @@ impl Snapshot {
                         pid: slots[o].pid,
                         owner: slots[o].nonce,
                         span: Span::from_checked(i, i + 1),
-                        kind: Kind::Exclusive,
+                        kind: kind_of(lane_kind(w)),
                     });
                 }
             }
@@ -3137,7 +3153,7 @@ mod tests {
         assert!(a.try_set(one(5), Some(Kind::Exclusive)).unwrap());
         assert_eq!(
             lane_of(&a, 5),
-            fast_word(a.slot, 5),
+            fast_word(a.slot, 5, EXCLUSIVE),
             "taken on the fast lane"
         );
         // A wide request sees the fast hold: refused, and told whose it is.
@@ -3163,14 +3179,45 @@ mod tests {
             .unwrap());
         // Shared over 0..10 closes the gate: no fast hold meanwhile, and the
         // slow way refuses what it covers.
-        assert!(!a.fast_raise(one(20)), "the gate is closed");
+        assert!(
+            !a.fast_raise(one(20), Kind::Exclusive),
+            "the gate is closed"
+        );
         assert!(!a.try_set(one(5), Some(Kind::Exclusive)).unwrap());
         assert!(a.try_set(one(20), Some(Kind::Exclusive)).unwrap());
         assert!(b.try_set(Span::new(0, 10).unwrap(), None).unwrap());
         assert!(a.try_set(one(20), None).unwrap());
         a.lock().unwrap().verify().unwrap();
         assert_eq!(b.map.gate().load(Ordering::SeqCst), 0, "open again");
-        assert!(a.fast_raise(one(20)));
+        assert!(a.fast_raise(one(20), Kind::Shared));
+    }
+
+    #[test]
+    fn a_shared_fast_hold_admits_readers_and_converts() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.lock");
+        let (a, b, c) = (open_shm(&path), open_shm(&path), open_shm(&path));
+        assert!(a.try_set(one(5), Some(Kind::Shared)).unwrap());
+        assert_eq!(lane_of(&a, 5), fast_word(a.slot, 5, SHARED));
+        // A second reader goes through the table, which takes a's over.
+        assert!(b.try_set(one(5), Some(Kind::Shared)).unwrap());
+        assert_eq!(lane_of(&a, 5), LANE_SLOW);
+        assert!(!c.try_set(one(5), Some(Kind::Exclusive)).unwrap());
+        assert!(b.try_set(one(5), None).unwrap());
+        assert!(a.try_set(one(5), None).unwrap());
+        assert_eq!(lane_of(&a, 5), LANE_EMPTY);
+        // Upgrade and downgrade of a fast hold, seen by others.
+        assert!(a.try_set(one(5), Some(Kind::Shared)).unwrap());
+        assert!(a.try_set(one(5), Some(Kind::Exclusive)).unwrap());
+        assert!(!c.try_set(one(5), Some(Kind::Shared)).unwrap());
+        assert!(a.try_set(one(5), Some(Kind::Shared)).unwrap());
+        assert!(c.try_set(one(5), Some(Kind::Shared)).unwrap());
+        assert!(!b.try_set(one(5), Some(Kind::Exclusive)).unwrap());
+        a.lock().unwrap().verify().unwrap();
+        assert!(c.try_set(one(5), None).unwrap());
+        assert!(a.try_set(one(5), None).unwrap());
+        assert!(b.try_set(one(5), Some(Kind::Exclusive)).unwrap());
+        a.lock().unwrap().verify().unwrap();
     }
 
     #[test]
@@ -3185,7 +3232,9 @@ mod tests {
         // read the gate: the table must not count that hold granted.
         let l = bucket(5);
         a.map.fast_list(a.slot)[0].store(l as u32 + 1, Ordering::SeqCst);
-        a.map.lane(l).store(fast_word(a.slot, 5), Ordering::SeqCst);
+        a.map
+            .lane(l)
+            .store(fast_word(a.slot, 5, EXCLUSIVE), Ordering::SeqCst);
         // `c` comes to that lane: it takes the word away, as b holds 5.
         assert!(!c.try_set(one(5), Some(Kind::Exclusive)).unwrap());
         // Taken away (off a's list too), and the empty lane given back.
@@ -3204,7 +3253,9 @@ mod tests {
             .unwrap());
         let l = bucket(7);
         a.map.fast_list(a.slot)[0].store(l as u32 + 1, Ordering::SeqCst);
-        a.map.lane(l).store(fast_word(a.slot, 7), Ordering::SeqCst);
+        a.map
+            .lane(l)
+            .store(fast_word(a.slot, 7, EXCLUSIVE), Ordering::SeqCst);
         assert!(!c.try_set(one(7), Some(Kind::Shared)).unwrap());
         let h = c.probe(one(7), Kind::Shared).unwrap().expect("held by a");
         assert_eq!((h.span, h.pid), (one(7), Some(std::process::id())));
