@@ -705,6 +705,34 @@ fn fair_try_defers_to_a_queued_writer() {
     });
 }
 
+/// A wait made of several single indices (4 and 6 new, 5 an upgrade)
+/// queues as one span, and the fast lane lets no one take an index of it
+/// meanwhile, nor takes a fast lock away from an earlier holder.
+#[test]
+fn a_wait_of_single_pieces_keeps_the_fast_lane_out() {
+    let _s = serial();
+    let (_dir, path) = lock_path();
+    let (w, x, p) = (shm(&path), shm(&path), shm(&path));
+    // p holds 8 on the fast lane before anyone waits.
+    let early = p.try_write(8).unwrap();
+    let _five = w.read(5).unwrap();
+    x.acquire(Kind::Exclusive, 6, Wait::NonBlocking).unwrap();
+    std::thread::scope(|s| {
+        let waiting = s.spawn(|| w.write_for(4..7, Duration::from_secs(10)).map(drop));
+        wait_for_waiter(&path, 4, Some(pid()));
+        // 4 is free, but w asked first.
+        assert!(p.try_write(4).is_err());
+        assert!(p.try_read(4).is_err());
+        // What p held before stays p's.
+        assert!(x.try_write(8).is_err());
+        x.release(6).unwrap();
+        waiting.join().unwrap().unwrap();
+    });
+    assert!(p.try_write(4).is_ok());
+    drop(early);
+    verify(&path).unwrap();
+}
+
 /// An owner that holds part of a span and asks for all of it converts,
 /// so it queues behind no one, also when the rest of the span comes in
 /// several pieces: here it would otherwise wait behind a waiter that waits

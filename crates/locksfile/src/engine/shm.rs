@@ -1146,10 +1146,23 @@ impl Guard<'_> {
                 have += r.end.min(e) - r.start.max(s);
             }
         }
-        if e - s <= FINE_SCAN {
-            have += (s..e)
-                .filter(|&i| self.holds_fast(me, i).is_some_and(|k| k >= kind))
-                .count() as u64;
+        for entry in self.map.fast_list(me) {
+            let listed = entry.load(Ordering::Acquire);
+            if listed == 0 {
+                continue;
+            }
+            let w = self
+                .map
+                .lane((listed - 1) as usize % BUCKETS)
+                .load(Ordering::Acquire);
+            if is_fast(w)
+                && w & LANE_MOVING == 0
+                && lane_owner(w) == me
+                && (s..e).contains(&lane_index(w))
+                && lane_kind(w) >= kind
+            {
+                have += 1;
+            }
         }
         have == e - s
     }
@@ -1220,15 +1233,17 @@ impl Guard<'_> {
         let r = *self.rec(i);
         if r.end - r.start == 1 {
             let l = bucket(r.start);
-            let w = self.map.lane(l).load(Ordering::Acquire);
-            if !self.repairing && w != LANE_SLOW && w & LANE_MOVING == 0 {
-                // Callers keep a record back for the adoption this may make.
-                let entered = self.enter_lane(l);
-                debug_assert!(entered, "no record for an adoption");
-            }
             let b = self.map.bucket_head(l);
             self.rec(i).next = *b;
             *b = i;
+            // In the bucket first, so that an adoption the lane needs sees
+            // this record in its way (fast calls never read buckets).
+            let w = self.map.lane(l).load(Ordering::Acquire);
+            if !self.repairing && w != LANE_SLOW && w & LANE_MOVING == 0 {
+                // Callers keep records back for the adoptions this may make.
+                let entered = self.enter_lane(l);
+                debug_assert!(entered, "no record for an adoption");
+            }
         } else {
             if !self.repairing {
                 self.close_gate();
@@ -1368,17 +1383,12 @@ impl Guard<'_> {
         }
     }
 
-    /// Whether owner `o` may hold index `i` at `kind` as things are: no
-    /// other owner's record in the way, no earlier waiter to defer to.
+    /// Whether owner `o` may hold index `i` at `kind` beside the records.
+    /// Waiters are not asked: a fast hold granted before a waiter queued
+    /// must never be taken away, and one that was not granted and is made
+    /// a record instead only gets ahead of a waiter in that narrow window.
     fn may_hold(&self, o: u32, i: u64, kind: u32) -> bool {
-        let piece = [Span::from_checked(i, i + 1)];
-        let req = Request {
-            me: o,
-            pieces: &piece,
-            kind,
-            ticket: u64::MAX,
-        };
-        self.conflicting_record(o, i, i + 1, kind).is_none() && self.deferred_to(req).is_none()
+        self.conflicting_record(o, i, i + 1, kind).is_none()
     }
 
     /// Turn the fast word `w` in lane `l` into a record of its owner, so
@@ -1500,9 +1510,17 @@ impl Guard<'_> {
     }
 
     /// Make the table see every hold in the way of a request for `pieces`:
-    /// a single index's lane goes slow; a wider piece closes the gate and
-    /// turns the fast holds on it into records. `false`: no record free.
+    /// a single index's lane goes slow; a wider piece, or several pieces
+    /// (whose wait spans from the first to the last), close the gate and
+    /// turn the fast holds on that span into records. `false`: no record
+    /// free.
     fn prepare(&mut self, pieces: &[Span]) -> bool {
+        if let (true, Some(first), Some(last)) = (pieces.len() > 1, pieces.first(), pieces.last()) {
+            self.close_gate();
+            if !self.adopt_range(first.start(), last.end()) {
+                return false;
+            }
+        }
         for p in pieces {
             let (s, e) = (p.start(), p.end());
             if e - s == 1 {
@@ -1536,11 +1554,14 @@ impl Guard<'_> {
                 && w & LANE_MOVING == 0
                 && lane_owner(w) == me
                 && (s..e).contains(&lane_index(w))
+                // Slow, not empty: the records that replace it go in next,
+                // and no fast call may come between.
                 && lane
-                    .compare_exchange(w, LANE_EMPTY, Ordering::AcqRel, Ordering::Relaxed)
+                    .compare_exchange(w, LANE_SLOW, Ordering::AcqRel, Ordering::Relaxed)
                     .is_ok()
             {
                 self.map.fast_list(me)[k].store(0, Ordering::Release);
+                self.note_lane(l);
             }
         }
     }
@@ -1573,6 +1594,33 @@ impl Guard<'_> {
         (s, e)
     }
 
+    fn fast_list_full(&self, me: u32) -> bool {
+        self.map
+            .fast_list(me)
+            .iter()
+            .all(|e| e.load(Ordering::Relaxed) != 0)
+    }
+
+    /// Strike off `me`'s list the lanes where it holds nothing (left by a
+    /// mutex holder that died between taking a hold over and striking it
+    /// off). Only `me`'s own calls list lanes, and they are not running:
+    /// the owner calls the engine's raises one at a time.
+    fn tidy_fast_list(&mut self, me: u32) {
+        let mut seen = [0u32; FAST_HOLDS];
+        for (k, entry) in self.map.fast_list(me).iter().enumerate() {
+            let listed = entry.load(Ordering::Acquire);
+            let w = self
+                .map
+                .lane((listed.max(1) - 1) as usize % BUCKETS)
+                .load(Ordering::Acquire);
+            let mine = is_fast(w) && lane_owner(w) == me;
+            if listed != 0 && (!mine || seen[..k].contains(&listed)) {
+                entry.store(0, Ordering::Release);
+            }
+            seen[k] = listed;
+        }
+    }
+
     /// The kind at which `me` holds index `i` on the fast lane, if it does.
     fn holds_fast(&self, me: u32, i: u64) -> Option<u32> {
         if i > LANE_INDEX_MAX {
@@ -1603,39 +1651,54 @@ impl Guard<'_> {
     /// the table's made slow.
     fn settle_lane(&mut self, l: usize) {
         let lane = self.map.lane(l);
-        let mut w = lane.load(Ordering::Acquire);
-        if w != LANE_EMPTY && w != LANE_SLOW && !is_fast(w) {
-            // Not a lane word at all: the bucket is the table's.
-            lane.store(LANE_SLOW, Ordering::Release);
+        // Fast calls may change the lane meanwhile (only from empty, or
+        // from their own word): every change here is a swap from what was
+        // read, looked at again when it fails.
+        let swap = |from: u64, to: u64| {
+            lane.compare_exchange(from, to, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        };
+        loop {
+            let w = lane.load(Ordering::Acquire);
+            if w != LANE_EMPTY && w != LANE_SLOW && !is_fast(w) {
+                // Not a lane word at all: the bucket is the table's.
+                if swap(w, LANE_SLOW) {
+                    return;
+                }
+                continue;
+            }
+            if w & LANE_MOVING != 0 {
+                let (o, i) = (lane_owner(w), lane_index(w));
+                let mut at = *self.map.bucket_head(l);
+                let mut made = false;
+                let mut steps = 0;
+                while at != NIL && steps < RECORDS {
+                    let r = self.rec(at);
+                    made |= r.owner == o + 1 && r.start == i && r.end == i + 1;
+                    at = r.next;
+                    steps += 1;
+                }
+                if swap(w, if made { LANE_SLOW } else { w & !LANE_MOVING }) && made {
+                    self.map.unlist(o, l);
+                }
+                continue;
+            }
+            if is_fast(w) && self.map.slot(lane_owner(w) as usize).used != 1 {
+                swap(w, LANE_EMPTY);
+                continue;
+            }
+            let busy = *self.map.bucket_head(l) != NIL || self.waits_in(l);
+            if busy && w == LANE_EMPTY {
+                if swap(w, LANE_SLOW) {
+                    return;
+                }
+                continue;
+            }
+            if busy && is_fast(w) && self.adopt(l, w) {
+                // A fast hold beside records: the table takes it over.
+                continue;
+            }
             return;
-        }
-        if w & LANE_MOVING != 0 {
-            let (o, i) = (lane_owner(w), lane_index(w));
-            let mut at = *self.map.bucket_head(l);
-            let mut made = false;
-            let mut steps = 0;
-            while at != NIL && steps < RECORDS {
-                let r = self.rec(at);
-                made |= r.owner == o + 1 && r.start == i && r.end == i + 1;
-                at = r.next;
-                steps += 1;
-            }
-            w = if made { LANE_SLOW } else { w & !LANE_MOVING };
-            lane.store(w, Ordering::Release);
-            if made {
-                self.map.unlist(o, l);
-            }
-        }
-        if is_fast(w) && self.map.slot(lane_owner(w) as usize).used != 1 {
-            lane.store(LANE_EMPTY, Ordering::Release);
-            w = LANE_EMPTY;
-        }
-        let busy = *self.map.bucket_head(l) != NIL || self.waits_in(l);
-        if busy && w == LANE_EMPTY {
-            lane.store(LANE_SLOW, Ordering::Release);
-        } else if busy && is_fast(w) {
-            // A fast hold beside records: the table takes it over.
-            self.adopt(l, w);
         }
     }
 
@@ -2284,12 +2347,12 @@ impl Shm {
     /// Wait until every piece can be raised to `kind` at once, then raise
     /// them all; on any error nothing changed.
     fn wait_all(&self, pieces: &[Span], kind: Kind, until: Until) -> Result<(), Error> {
-        let kind = code(kind);
-        let me = self.slot;
         let deadline = match until {
             Until::Deadline(t) => Some(t),
             _ => None,
         };
+        let kind = code(kind);
+        let me = self.slot;
         let mut g = self.lock()?;
         self.settle(&mut g);
         let mut queued: Option<(u32, u64)> = None;
@@ -2420,11 +2483,23 @@ impl Shm {
             entry.store(0, Ordering::Release);
             return false;
         }
+        self.confirm_fast(lane, w, entry)
+    }
+
+    /// The second half of [`Shm::fast_raise`]: word `w` is in `lane` (and
+    /// on the list as `entry`); whether it is granted.
+    #[inline(always)]
+    fn confirm_fast(&self, lane: &AtomicU64, w: u64, entry: &AtomicU32) -> bool {
         // Read after the word is written: a guard that closes the gate and
         // then looks at the lanes sees this word, or this read sees it
         // closed (both sequentially consistent).
         if self.map.gate().load(Ordering::SeqCst) == 0 {
-            return true;
+            // Open, but it may have closed and opened again since the word
+            // went in, and a mutex holder may have taken the word away
+            // meanwhile: granted only if it is still there (it is then
+            // seen by anyone who closes the gate from here on). If it was
+            // made a record of ours instead, the slow way finds that.
+            return lane.load(Ordering::SeqCst) == w;
         }
         // Closed: not granted. Take the word back, unless a mutex holder
         // has taken it over already (then it made it a record of ours if
@@ -2469,18 +2544,21 @@ impl Shm {
         let me = self.slot;
         self.settle(&mut g);
         let (s, e, k) = (span.start(), span.end(), code(kind));
+        let pieces = [span];
+        // Before the room is counted: turning fast holds into records
+        // takes records too.
+        let prepared = g.prepare(&pieces);
         // Only a nearly full table asks whether this only lowers (which may
         // use the records kept back for lowering, and is never refused).
-        if !g.has_room(1) {
+        if !prepared || !g.has_room(1) {
             if g.covered(me, s, e, k) {
                 self.lower(&mut g, s, e, k);
                 return Ok(true);
             }
             return Err(self.full("lock records"));
         }
-        let pieces = [span];
-        if !g.prepare(&pieces) {
-            return Err(self.full("lock records"));
+        if g.fast_list_full(me) {
+            g.tidy_fast_list(me);
         }
         let req = Request {
             me,
@@ -2522,9 +2600,10 @@ impl Shm {
     fn lower(&self, g: &mut Guard<'_>, s: u64, e: u64, kind: u32) {
         // A lowering takes at most two records (see `records_to_lower`):
         // counting them exactly matters only when the table is nearly full.
-        // Two more for the fast holds a trimmed record's ends may meet.
+        // Three more for the fast holds of other indices in the buckets of
+        // the single-index records this may leave (each end, the middle).
         let free = g.map.header().free_count as usize;
-        if free >= 4 || free >= g.records_to_lower(self.slot, s, e, kind) + 2 {
+        if free >= 5 || free >= g.records_to_lower(self.slot, s, e, kind) + 3 {
             g.set(self.slot, s, e, kind);
             self.forget_deferred(s, e);
         } else {
@@ -2548,7 +2627,7 @@ impl Shm {
     fn settle_slow(&self, g: &mut Guard<'_>) {
         let mut d = self.deferred.lock().unwrap_or_else(|p| p.into_inner());
         d.retain(|&(s, e, kind)| {
-            if (g.map.header().free_count as usize) < g.records_to_lower(self.slot, s, e, kind) + 2
+            if (g.map.header().free_count as usize) < g.records_to_lower(self.slot, s, e, kind) + 3
             {
                 return true;
             }
@@ -3002,11 +3081,13 @@ impl Snapshot {
             }
         }
         for o in (0..SLOTS).filter(|&o| live[o]) {
+            let mut seen = Vec::new();
             for entry in g.map.fast_list(o as u32) {
                 let listed = entry.load(Ordering::Acquire);
-                if listed == 0 {
+                if listed == 0 || seen.contains(&listed) {
                     continue;
                 }
+                seen.push(listed);
                 let w = g
                     .map
                     .lane((listed - 1) as usize % BUCKETS)
@@ -3262,6 +3343,59 @@ mod tests {
         c.lock().unwrap().verify().unwrap();
         assert!(a.try_set(one(7), None).unwrap());
         assert!(c.try_set(one(7), Some(Kind::Shared)).unwrap());
+    }
+
+    /// As if `shm` had written its fast word for `i` and not yet read the
+    /// gate: its list entry and the word, as `fast_raise` leaves them.
+    fn half_taken(shm: &Shm, i: u64) -> (usize, u64) {
+        let l = bucket(i);
+        let w = fast_word(shm.slot, i, EXCLUSIVE);
+        shm.map.fast_list(shm.slot)[0].store(l as u32 + 1, Ordering::SeqCst);
+        shm.map.lane(l).store(w, Ordering::SeqCst);
+        (l, w)
+    }
+
+    #[test]
+    fn a_word_taken_away_while_the_gate_was_closed_is_not_granted_once_it_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.lock");
+        let (a, b, c) = (open_shm(&path), open_shm(&path), open_shm(&path));
+        assert!(b
+            .try_set(Span::new(0, 10).unwrap(), Some(Kind::Exclusive))
+            .unwrap());
+        let (l, w) = half_taken(&a, 5);
+        // c takes the word away (b holds 5), then b lets go: the gate opens.
+        assert!(!c.try_set(one(5), Some(Kind::Exclusive)).unwrap());
+        assert!(b.try_set(Span::new(0, 10).unwrap(), None).unwrap());
+        assert_eq!(a.map.gate().load(Ordering::SeqCst), 0);
+        // a now reads the gate open: not granted, as its word is gone.
+        assert!(!a.confirm_fast(a.map.lane(l), w, &a.map.fast_list(a.slot)[0]));
+        assert!(c.try_set(one(5), Some(Kind::Exclusive)).unwrap());
+        assert!(!a.try_set(one(5), Some(Kind::Exclusive)).unwrap());
+        a.lock().unwrap().verify().unwrap();
+    }
+
+    #[test]
+    fn a_record_trimmed_to_one_index_keeps_a_late_fast_word_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.lock");
+        let (a, m, c) = (open_shm(&path), open_shm(&path), open_shm(&path));
+        assert!(m
+            .try_set(Span::new(3, 10).unwrap(), Some(Kind::Exclusive))
+            .unwrap());
+        let (l, w) = half_taken(&a, 3);
+        // m's record shrinks to 3..4, whose lane holds a's late word: the
+        // table must see m's record in its way and take the word away.
+        assert!(m.try_set(Span::new(4, 10).unwrap(), None).unwrap());
+        assert_ne!(a.map.lane(l).load(Ordering::SeqCst), w);
+        assert!(!a.confirm_fast(a.map.lane(l), w, &a.map.fast_list(a.slot)[0]));
+        m.lock().unwrap().verify().unwrap();
+        let h = c.probe(one(3), Kind::Shared).unwrap().expect("m holds 3");
+        assert_eq!(h.span, one(3));
+        // a holds nothing: once m lets go, c gets 3.
+        assert!(m.try_set(one(3), None).unwrap());
+        assert!(c.try_set(one(3), Some(Kind::Exclusive)).unwrap());
+        c.lock().unwrap().verify().unwrap();
     }
 
     #[test]
