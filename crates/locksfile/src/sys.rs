@@ -648,6 +648,52 @@ pub(crate) fn futex_wake_all(word: &AtomicU32) {
     }
 }
 
+/// `futex(word, FUTEX_WAIT, expected, timeout)` on the 32-bit half of a
+/// word used as a 64-bit atomic elsewhere (the kernel reads it only).
+/// `Ok` also when the word did not hold `expected`.
+///
+/// # Safety
+/// `word` is aligned and stays mapped for the call.
+pub(crate) unsafe fn futex_wait_raw(
+    word: *const u32,
+    expected: u32,
+    timeout: Duration,
+) -> io::Result<()> {
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs().min(i64::MAX as u64) as libc::time_t,
+        tv_nsec: timeout.subsec_nanos() as libc::c_long,
+    };
+    // SAFETY: as the caller promises; `ts` outlives the call.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word,
+            libc::FUTEX_WAIT,
+            expected,
+            &ts as *const libc::timespec,
+        )
+    };
+    if r == -1 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EAGAIN) {
+            return Ok(());
+        }
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// `futex(word, FUTEX_WAKE, INT_MAX)` on a word as [`futex_wait_raw`] has it.
+///
+/// # Safety
+/// `word` is aligned and stays mapped for the call.
+pub(crate) unsafe fn futex_wake_all_raw(word: *const u32) {
+    // SAFETY: as the caller promises.
+    unsafe {
+        libc::syscall(libc::SYS_futex, word, libc::FUTEX_WAKE, libc::c_int::MAX);
+    }
+}
+
 /// `pthread_mutex_init` of a robust, process-shared mutex at `m`.
 ///
 /// # Safety
