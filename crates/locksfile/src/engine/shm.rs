@@ -443,10 +443,17 @@ impl Map {
     }
 
     /// Strike lane `l` off owner `s`'s list.
+    /// Entries are interchangeable: the list is right while it lists each
+    /// lane at least as often as the owner has a word there, so every
+    /// removal takes one entry of that lane off by a swap, never by a
+    /// store over whatever an entry holds by then (threads of one owner
+    /// list and strike off at once).
     fn unlist(&self, s: u32, l: usize) {
+        let v = l as u32 + 1;
         for e in self.fast_list(s) {
-            if e.load(Ordering::Relaxed) == l as u32 + 1 {
-                e.store(0, Ordering::Release);
+            if e.compare_exchange(v, 0, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+            {
                 return;
             }
         }
@@ -1184,11 +1191,14 @@ impl Guard<'_> {
                 have += r.end.min(e) - r.start.max(s);
             }
         }
-        for entry in self.map.fast_list(me) {
+        let mut seen = [0u32; FAST_HOLDS];
+        for (k, entry) in self.map.fast_list(me).iter().enumerate() {
             let listed = entry.load(Ordering::Acquire);
-            if listed == 0 {
+            // A lane listed twice (a harmless over-count) counts once.
+            if listed == 0 || seen[..k].contains(&listed) {
                 continue;
             }
+            seen[k] = listed;
             let w = self
                 .map
                 .lane((listed - 1) as usize % BUCKETS)
@@ -1434,18 +1444,23 @@ impl Guard<'_> {
     /// the gate closed, a fast word that the table could not grant was
     /// taken after the gate closed, so its taker will see the gate closed
     /// and not count it granted: that word is taken away instead.
-    fn adopt(&mut self, l: usize, w: u64) -> bool {
+    fn adopt(&mut self, l: usize, mut w: u64) -> bool {
         let lane = self.map.lane(l);
         let (o, i, kind) = (lane_owner(w), lane_index(w), lane_kind(w));
+        // A waiter may mark the word meanwhile: that changes nothing here.
+        let base = w & !LANE_WAITING;
+        let same = |x: u64| x & !LANE_WAITING == base;
         if !self.gate_open() && !self.may_hold(o, i, kind) {
-            if lane
-                .compare_exchange(w, LANE_SLOW, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
-            {
-                self.map.unlist(o, l);
-                self.note_lane(l);
-                self.map.woke_lane(l, w);
+            loop {
+                match lane.compare_exchange(w, LANE_SLOW, Ordering::AcqRel, Ordering::Acquire) {
+                    Ok(_) => break,
+                    Err(now) if same(now) => w = now,
+                    Err(_) => return true,
+                }
             }
+            self.map.unlist(o, l);
+            self.note_lane(l);
+            self.map.woke_lane(l, w);
             return true;
         }
         if self.map.header().free_count == 0 {
@@ -1453,11 +1468,12 @@ impl Guard<'_> {
         }
         // Moving first: the owner's own release (or take-back) now fails
         // and goes to the mutex, which we hold.
-        if lane
-            .compare_exchange(w, w | LANE_MOVING, Ordering::AcqRel, Ordering::Acquire)
-            .is_err()
-        {
-            return true;
+        loop {
+            match lane.compare_exchange(w, w | LANE_MOVING, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => break,
+                Err(now) if same(now) => w = now,
+                Err(_) => return true,
+            }
         }
         let n = self.alloc();
         *self.rec(n) = Rec {
@@ -1536,13 +1552,18 @@ impl Guard<'_> {
                     continue;
                 }
                 let l = (listed - 1) as usize % BUCKETS;
-                let w = self.map.lane(l).load(Ordering::SeqCst);
-                if is_fast(w)
-                    && lane_owner(w) == o
-                    && (s..e).contains(&lane_index(w))
-                    && !self.adopt(l, w)
-                {
-                    return false;
+                loop {
+                    let w = self.map.lane(l).load(Ordering::SeqCst);
+                    if !is_fast(w)
+                        || w & LANE_MOVING != 0
+                        || lane_owner(w) != o
+                        || !(s..e).contains(&lane_index(w))
+                    {
+                        break;
+                    }
+                    if !self.adopt(l, w) {
+                        return false;
+                    }
                 }
             }
         }
@@ -1589,20 +1610,27 @@ impl Guard<'_> {
             }
             let l = (listed - 1) as usize % BUCKETS;
             let lane = self.map.lane(l);
-            let w = lane.load(Ordering::Acquire);
-            if is_fast(w)
-                && w & LANE_MOVING == 0
-                && lane_owner(w) == me
-                && (s..e).contains(&lane_index(w))
+            // Again while only a waiter's mark gets in the way.
+            loop {
+                let w = lane.load(Ordering::Acquire);
+                if !is_fast(w)
+                    || w & LANE_MOVING != 0
+                    || lane_owner(w) != me
+                    || !(s..e).contains(&lane_index(w))
+                {
+                    break;
+                }
                 // Slow, not empty: the records that replace it go in next,
                 // and no fast call may come between.
-                && lane
+                if lane
                     .compare_exchange(w, LANE_SLOW, Ordering::AcqRel, Ordering::Relaxed)
                     .is_ok()
-            {
-                self.map.fast_list(me)[k].store(0, Ordering::Release);
-                self.note_lane(l);
-                self.map.woke_lane(l, w);
+                {
+                    self.map.unlist(me, l);
+                    self.note_lane(l);
+                    self.map.woke_lane(l, w);
+                    break;
+                }
             }
         }
     }
@@ -1651,17 +1679,22 @@ impl Guard<'_> {
             if listed == 0 {
                 continue;
             }
-            let lane = self.map.lane((listed - 1) as usize % BUCKETS);
-            let w = lane.load(Ordering::Acquire);
-            if is_fast(w)
-                && w & LANE_MOVING == 0
-                && lane_owner(w) == slot
-                && lane
+            let l = (listed - 1) as usize % BUCKETS;
+            let lane = self.map.lane(l);
+            loop {
+                let w = lane.load(Ordering::Acquire);
+                if !is_fast(w) || w & LANE_MOVING != 0 || lane_owner(w) != slot {
+                    break;
+                }
+                if lane
                     .compare_exchange(w, LANE_EMPTY, Ordering::AcqRel, Ordering::Relaxed)
                     .is_ok()
-            {
-                self.map.woke_lane((listed - 1) as usize % BUCKETS, w);
+                {
+                    self.map.woke_lane(l, w);
+                    break;
+                }
             }
+            // The owner is gone (or going): no call of its lists anything.
             entry.store(0, Ordering::Release);
         }
     }
@@ -2371,8 +2404,12 @@ impl Shm {
     }
 
     /// Whether lane word `w` is another owner's fast hold on index `i`.
-    fn fast_in_way(&self, w: u64, i: u64) -> bool {
-        is_fast(w) && w & LANE_MOVING == 0 && lane_owner(w) != self.slot && lane_index(w) == i
+    fn fast_in_way(&self, w: u64, i: u64, kind: Kind) -> bool {
+        is_fast(w)
+            && w & LANE_MOVING == 0
+            && lane_owner(w) != self.slot
+            && lane_index(w) == i
+            && conflict(code(kind), lane_kind(w))
     }
 
     /// Another owner's fast hold is in the way of one index: wait on its
@@ -2405,7 +2442,7 @@ impl Shm {
             if w == LANE_EMPTY {
                 return Ok(self.fast_raise(span, kind));
             }
-            if !self.fast_in_way(w, i) {
+            if !self.fast_in_way(w, i, kind) {
                 return Ok(false);
             }
             if spins < LANE_SPINS {
@@ -2581,28 +2618,30 @@ impl Shm {
         // Listed before the word is written, so that a scan of the lists
         // finds every fast hold.
         let l = bucket(i);
-        let Some(entry) = self.map.fast_list(self.slot).iter().find(|e| {
+        let listed = self.map.fast_list(self.slot).iter().any(|e| {
             e.load(Ordering::Relaxed) == 0
                 && e.compare_exchange(0, l as u32 + 1, Ordering::SeqCst, Ordering::Relaxed)
                     .is_ok()
-        }) else {
+        });
+        if !listed {
             return false;
-        };
+        }
         let w = fast_word(self.slot, i, code(kind));
         if lane
             .compare_exchange(LANE_EMPTY, w, Ordering::SeqCst, Ordering::Relaxed)
             .is_err()
         {
-            entry.store(0, Ordering::Release);
+            self.map.unlist(self.slot, l);
             return false;
         }
-        self.confirm_fast(lane, w, entry)
+        self.confirm_fast(l, w)
     }
 
-    /// The second half of [`Shm::fast_raise`]: word `w` is in `lane` (and
-    /// on the list as `entry`); whether it is granted.
+    /// The second half of [`Shm::fast_raise`]: word `w` is in lane `l` (and
+    /// listed); whether it is granted.
     #[inline(always)]
-    fn confirm_fast(&self, lane: &AtomicU64, w: u64, entry: &AtomicU32) -> bool {
+    fn confirm_fast(&self, l: usize, w: u64) -> bool {
+        let lane = self.map.lane(l);
         // Read after the word is written: a guard that closes the gate and
         // then looks at the lanes sees this word, or this read sees it
         // closed (both sequentially consistent).
@@ -2626,8 +2665,8 @@ impl Shm {
                 .compare_exchange(now, LANE_EMPTY, Ordering::SeqCst, Ordering::Relaxed)
                 .is_ok()
             {
-                entry.store(0, Ordering::Release);
-                self.map.woke_lane(bucket(lane_index(w)), now);
+                self.map.unlist(self.slot, l);
+                self.map.woke_lane(l, now);
                 return false;
             }
         }
@@ -2848,7 +2887,7 @@ impl Engine for Shm {
         let i = span.start();
         if span.end() - i == 1
             && i <= LANE_INDEX_MAX
-            && self.fast_in_way(self.map.lane(bucket(i)).load(Ordering::Acquire), i)
+            && self.fast_in_way(self.map.lane(bucket(i)).load(Ordering::Acquire), i, kind)
         {
             return Ok(false);
         }
@@ -3467,6 +3506,44 @@ mod tests {
     }
 
     #[test]
+    fn a_word_a_waiter_marks_meanwhile_is_still_taken_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.lock");
+        let (a, b) = (open_shm(&path), open_shm(&path));
+        assert!(a.try_set(one(5), Some(Kind::Exclusive)).unwrap());
+        let l = bucket(5);
+        let w = lane_of(&a, 5);
+        // A waiter marks the word after the table read it.
+        a.map.lane(l).store(w | LANE_WAITING, Ordering::SeqCst);
+        let mut g = b.lock().unwrap();
+        assert!(g.adopt(l, w));
+        assert_eq!(
+            g.map.lane(l).load(Ordering::SeqCst),
+            LANE_SLOW,
+            "taken over"
+        );
+        drop(g);
+        assert!(!b
+            .try_set(Span::new(0, 1000).unwrap(), Some(Kind::Exclusive))
+            .unwrap());
+        b.lock().unwrap().verify().unwrap();
+        assert!(a.try_set(one(5), None).unwrap());
+        assert!(b
+            .try_set(Span::new(0, 1000).unwrap(), Some(Kind::Exclusive))
+            .unwrap());
+    }
+
+    #[test]
+    fn a_reader_is_not_kept_waiting_by_a_fast_reader() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.lock");
+        let (a, b, c) = (open_shm(&path), open_shm(&path), open_shm(&path));
+        assert!(a.try_set(one(5), Some(Kind::Shared)).unwrap());
+        assert!(b.try_set_before_wait(one(5), Kind::Shared).unwrap());
+        assert!(!c.try_set_before_wait(one(5), Kind::Exclusive).unwrap());
+    }
+
+    #[test]
     fn a_fast_hold_taken_after_the_gate_closed_is_taken_away() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.lock");
@@ -3534,7 +3611,7 @@ mod tests {
         assert!(b.try_set(Span::new(0, 10).unwrap(), None).unwrap());
         assert_eq!(a.map.gate().load(Ordering::SeqCst), 0);
         // a now reads the gate open: not granted, as its word is gone.
-        assert!(!a.confirm_fast(a.map.lane(l), w, &a.map.fast_list(a.slot)[0]));
+        assert!(!a.confirm_fast(l, w));
         assert!(c.try_set(one(5), Some(Kind::Exclusive)).unwrap());
         assert!(!a.try_set(one(5), Some(Kind::Exclusive)).unwrap());
         a.lock().unwrap().verify().unwrap();
@@ -3553,7 +3630,7 @@ mod tests {
         // table must see m's record in its way and take the word away.
         assert!(m.try_set(Span::new(4, 10).unwrap(), None).unwrap());
         assert_ne!(a.map.lane(l).load(Ordering::SeqCst), w);
-        assert!(!a.confirm_fast(a.map.lane(l), w, &a.map.fast_list(a.slot)[0]));
+        assert!(!a.confirm_fast(l, w));
         m.lock().unwrap().verify().unwrap();
         let h = c.probe(one(3), Kind::Shared).unwrap().expect("m holds 3");
         assert_eq!(h.span, one(3));
