@@ -127,12 +127,22 @@ struct Sp {
 }
 
 impl Sp {
-    fn random(rng: &mut Rng) -> Sp {
+    /// `narrow`: nearly always one index (in shm mode, the fast lane's
+    /// work, with a wide span now and then to shut and open its gate).
+    fn random(rng: &mut Rng, narrow: bool) -> Sp {
         let start = rng.below(LAST);
-        if rng.one_in(8) {
+        if rng.one_in(if narrow { 64 } else { 8 }) {
             return Sp { start, end: None };
         }
-        let end = (start + 1 + rng.below(6)).min(LAST);
+        // One index half the time (nearly always when narrow): the common
+        // case, and in shm mode the fast lane's.
+        let single = if narrow {
+            !rng.one_in(16)
+        } else {
+            rng.one_in(2)
+        };
+        let len = if single { 1 } else { 1 + rng.below(6) };
+        let end = (start + len).min(LAST);
         Sp {
             start,
             end: Some(end),
@@ -308,6 +318,8 @@ struct Worker<'a> {
     h: usize,
     rng: Rng,
     guards: Vec<Guard<'a>>,
+    /// Spans of one index nearly always (see [`Sp::random`]).
+    narrow: bool,
 }
 
 /// Whether a failed acquisition is an allowed refusal; anything else is a
@@ -350,7 +362,7 @@ impl<'a> Worker<'a> {
         let row = self.t.row(self.owner.row);
         let held: Vec<usize> = (0..LAST as usize).filter(|&c| row[c].is_some()).collect();
         if held.is_empty() {
-            return Sp::random(&mut self.rng);
+            return Sp::random(&mut self.rng, self.narrow);
         }
         let a = held[self.rng.below(held.len() as u64) as usize] as u64;
         let b = held[self.rng.below(held.len() as u64) as usize] as u64;
@@ -366,10 +378,10 @@ impl<'a> Worker<'a> {
     }
 
     fn pick_span(&mut self) -> Sp {
-        if self.rng.one_in(2) {
+        if self.rng.one_in(if self.narrow { 8 } else { 2 }) {
             self.over_own()
         } else {
-            Sp::random(&mut self.rng)
+            Sp::random(&mut self.rng, self.narrow)
         }
     }
 
@@ -635,7 +647,7 @@ impl<'a> Worker<'a> {
                 "an explicit acquire"
             }
             85..=94 => {
-                let sp = Sp::random(&mut self.rng);
+                let sp = Sp::random(&mut self.rng, self.narrow);
                 self.release(self.h, Some(sp));
                 "an explicit release"
             }
@@ -683,7 +695,7 @@ impl<'a> Worker<'a> {
         }
         self.mirror("emptying the owner");
         if self.rng.one_in(2) {
-            let sp = Sp::random(&mut self.rng);
+            let sp = Sp::random(&mut self.rng, self.narrow);
             let kind = self.rng.kind();
             self.t.count(BLOCKING);
             match self.rng.below(3) {
@@ -787,7 +799,15 @@ impl<'a> Worker<'a> {
 }
 
 /// One forked worker process: `THREADS` threads over its owners.
-fn worker(t: &Table, path: &std::path::Path, mode: Mode, p: usize, seed: u64, until: Instant) {
+fn worker(
+    t: &Table,
+    path: &std::path::Path,
+    mode: Mode,
+    p: usize,
+    seed: u64,
+    until: Instant,
+    narrow: bool,
+) {
     // Process mode: one owner per process, every thread with a handle of
     // its own (they compose). OFD mode: threads 0 and 1 share one handle
     // (one owner of two threads), thread 2 has its own.
@@ -844,6 +864,7 @@ fn worker(t: &Table, path: &std::path::Path, mode: Mode, p: usize, seed: u64, un
                         h,
                         rng: Rng::new(seed ^ (((p * THREADS + th) as u64) << 32)),
                         guards: Vec::new(),
+                        narrow,
                     };
                     w.run(until);
                     w.drop_guards();
@@ -910,6 +931,15 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
 }
 
 fn stress(mode: Mode) {
+    stress_with(mode, false);
+}
+
+/// The same with spans of one index nearly always.
+fn stress_narrow(mode: Mode) {
+    stress_with(mode, true);
+}
+
+fn stress_with(mode: Mode, narrow: bool) {
     let _s = serial();
     let secs: f64 = env_or("LOCKSFILE_STRESS_SECS", 3.0);
     let seed: u64 = env_or("LOCKSFILE_STRESS_SEED", 0x5eed) ^ u64::from(mode == Mode::Process);
@@ -936,7 +966,7 @@ fn stress(mode: Mode) {
     let children: Vec<Child> = (0..PROCS)
         .map(|p| {
             let (t, path) = (&t, &path);
-            fork(move || worker(t, path, mode, p, seed, until))
+            fork(move || worker(t, path, mode, p, seed, until, narrow))
         })
         .collect();
 
@@ -979,9 +1009,10 @@ fn stress(mode: Mode) {
     // Straight to standard error, past the harness's capture, so that every
     // run (CI's too) shows its figures.
     say(&format!(
-        "stress {mode}: {ops} operations, {violations} violations, {mismatches} mismatches, \
+        "stress {mode}{}: {ops} operations, {violations} violations, {mismatches} mismatches, \
          {hangs} hangs, {leftover} leftover, {errors} errors \
          ({} refused, {} of them over own locks, untimed waits: {} holding nothing, {} holding locks; {secs} s, seed {seed:#x})",
+        if narrow { " (narrow)" } else { "" },
         t.get(REFUSED),
         t.get(REFUSED_OVER_OWN),
         t.get(BLOCKING),
@@ -1006,3 +1037,4 @@ fn stress(mode: Mode) {
 }
 
 mode_tests! { stress => stress }
+mode_tests! { stress_narrow => stress_narrow }
