@@ -606,9 +606,9 @@ def shm_reading(w, pair, held, ring, ring_q, shapes, pv):
         w(
             "- **shm races.** Against POSIX semaphores in the same run (target: no slower): %s (\\* where the "
             "interquartile ranges overlap). An uncontended step is as cheap as a semaphore's (a few atomic "
-            "instructions on the track's lane word); a step that meets the process ahead takes the table's one "
-            "mutex, turns that holder's lock into a record, and gives the CPU away up to ten times before it "
-            "sleeps, which costs more than a semaphore's wait. Short races on this shared 2-core "
+            "instructions on the track's lane word); a step that meets the process ahead watches that lock's "
+            "word for a moment, gives the CPU away, then sleeps on the word as a semaphore's waiter does, with "
+            "no mutex on either side. Short races on this shared 2-core "
             "machine spread widely from run to run: read the ranges as well as the medians." % "; ".join(parts)
         )
     ours, seed, mpl = pv("ours_seed_api_shm", "race"), pv("seed_0.0.6", "race"), pv("mp_lock", "race")
@@ -629,7 +629,9 @@ def shm_reading(w, pair, held, ring, ring_q, shapes, pv):
     if g or ours:
         w(
             "- **What shm costs.** A holder that dies is found by its waiters at their next liveness check, "
-            "every 50 ms, so its locks pass on within about 50 ms rather than at once as the kernel's do. The "
+            "every 50 ms (for a lock on the fast lane, after a nap of up to 5 ms on it), so its locks pass on "
+            "within about 50 ms rather than at once as the kernel's do; a deadlock through a fast-lane lock is "
+            "found up to 5 ms later. The "
             "table is a sidecar file `<lock file>-shm` of 3.4 MiB, mapped by every user; it is sparse, "
             "so only the pages touched take memory (0.5 to 0.9 MiB for a table in use), and it holds at most 1,024 "
             "owners, 1,024 waiting threads and 65,536 lock pieces at once. It excludes only other shm users: "
