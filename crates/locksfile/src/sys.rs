@@ -611,41 +611,14 @@ pub(crate) unsafe fn unmap(ptr: *mut u8, len: usize) {
 /// (no `FUTEX_PRIVATE_FLAG`: other processes wake it). `Ok(())` when woken
 /// or the word had changed; `ETIMEDOUT` and `EINTR` come back as errors.
 pub(crate) fn futex_wait(word: &AtomicU32, expected: u32, timeout: Duration) -> io::Result<()> {
-    let ts = libc::timespec {
-        tv_sec: timeout.as_secs().min(i64::MAX as u64) as libc::time_t,
-        tv_nsec: timeout.subsec_nanos() as libc::c_long,
-    };
-    // SAFETY: `word` is a live, aligned 32-bit word; `ts` outlives the call.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_futex,
-            word.as_ptr(),
-            libc::FUTEX_WAIT,
-            expected,
-            &ts as *const libc::timespec,
-        )
-    };
-    if r == -1 {
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::EAGAIN) {
-            return Ok(());
-        }
-        return Err(e);
-    }
-    Ok(())
+    // SAFETY: `word` is a live, aligned 32-bit word.
+    unsafe { futex_wait_raw(word.as_ptr(), expected, timeout) }
 }
 
 /// `futex(word, FUTEX_WAKE, INT_MAX)`: wake every waiter on `word`.
 pub(crate) fn futex_wake_all(word: &AtomicU32) {
     // SAFETY: `word` is a live, aligned 32-bit word.
-    unsafe {
-        libc::syscall(
-            libc::SYS_futex,
-            word.as_ptr(),
-            libc::FUTEX_WAKE,
-            libc::c_int::MAX,
-        );
-    }
+    unsafe { futex_wake_all_raw(word.as_ptr()) }
 }
 
 /// `futex(word, FUTEX_WAIT, expected, timeout)` on the 32-bit half of a

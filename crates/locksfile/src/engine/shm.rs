@@ -2656,18 +2656,28 @@ impl Shm {
         // Closed: not granted. Take the word back, unless a mutex holder
         // has taken it over already (then it made it a record of ours if
         // the table could grant it, which the slow way finds).
+        self.empty_lane(l, |now| now & !LANE_WAITING == w);
+        false
+    }
+
+    /// Empty lane `l` while its word is ours as `ours` says (a waiter may
+    /// mark it meanwhile), strike it off our list and wake the sleepers.
+    /// Whether it was ours.
+    #[inline(always)]
+    fn empty_lane(&self, l: usize, ours: impl Fn(u64) -> bool) -> bool {
+        let lane = self.map.lane(l);
         loop {
-            let now = lane.load(Ordering::SeqCst);
-            if now & !LANE_WAITING != w {
+            let w = lane.load(Ordering::Relaxed);
+            if !ours(w) {
                 return false;
             }
             if lane
-                .compare_exchange(now, LANE_EMPTY, Ordering::SeqCst, Ordering::Relaxed)
+                .compare_exchange(w, LANE_EMPTY, Ordering::Release, Ordering::Relaxed)
                 .is_ok()
             {
                 self.map.unlist(self.slot, l);
-                self.map.woke_lane(l, now);
-                return false;
+                self.map.woke_lane(l, w);
+                return true;
             }
         }
     }
@@ -2680,23 +2690,8 @@ impl Shm {
         if span.end() - i != 1 || i > LANE_INDEX_MAX || self.has_deferred.load(Ordering::Relaxed) {
             return false;
         }
-        let l = bucket(i);
-        let lane = self.map.lane(l);
-        loop {
-            let w = lane.load(Ordering::Relaxed);
-            if w & !(LANE_SHARED | LANE_WAITING) != fast_word(self.slot, i, EXCLUSIVE) {
-                return false;
-            }
-            // Fails only if a waiter marked the word meanwhile.
-            if lane
-                .compare_exchange(w, LANE_EMPTY, Ordering::Release, Ordering::Relaxed)
-                .is_ok()
-            {
-                self.map.unlist(self.slot, l);
-                self.map.woke_lane(l, w);
-                return true;
-            }
-        }
+        let ours = fast_word(self.slot, i, EXCLUSIVE);
+        self.empty_lane(bucket(i), |w| w & !(LANE_SHARED | LANE_WAITING) == ours)
     }
 
     /// Raise `span` to `kind` without waiting; `Ok(false)` when another
