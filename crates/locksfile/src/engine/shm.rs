@@ -3548,11 +3548,7 @@ mod tests {
             .unwrap());
         // As if `a` wrote its word after the gate closed and has not yet
         // read the gate: the table must not count that hold granted.
-        let l = bucket(5);
-        a.map.fast_list(a.slot)[0].store(l as u32 + 1, Ordering::SeqCst);
-        a.map
-            .lane(l)
-            .store(fast_word(a.slot, 5, EXCLUSIVE), Ordering::SeqCst);
+        half_taken(&a, 5);
         // `c` comes to that lane: it takes the word away, as b holds 5.
         assert!(!c.try_set(one(5), Some(Kind::Exclusive)).unwrap());
         // Taken away (off a's list too), and the empty lane given back.
@@ -3569,11 +3565,7 @@ mod tests {
         assert!(c
             .try_set(Span::new(30, 40).unwrap(), Some(Kind::Shared))
             .unwrap());
-        let l = bucket(7);
-        a.map.fast_list(a.slot)[0].store(l as u32 + 1, Ordering::SeqCst);
-        a.map
-            .lane(l)
-            .store(fast_word(a.slot, 7, EXCLUSIVE), Ordering::SeqCst);
+        half_taken(&a, 7);
         assert!(!c.try_set(one(7), Some(Kind::Shared)).unwrap());
         let h = c.probe(one(7), Kind::Shared).unwrap().expect("held by a");
         assert_eq!((h.span, h.pid), (one(7), Some(std::process::id())));
