@@ -1601,38 +1601,47 @@ impl Guard<'_> {
     }
 
     /// Owner `me` lets go of its fast holds on `s..e`: what it sets there
-    /// next is kept as records.
+    /// next is kept as records. Slow, not empty: the records that replace
+    /// them go in next, and no fast call may come between.
     fn drop_own_fast(&mut self, me: u32, s: u64, e: u64) {
-        for k in 0..FAST_HOLDS {
-            let listed = self.map.fast_list(me)[k].load(Ordering::Acquire);
+        for l in self.end_fast(me, s..e, LANE_SLOW) {
+            self.map.unlist(me, l);
+            self.note_lane(l);
+        }
+    }
+
+    /// Turn every fast word of owner `o` on `span` into `to` (again while
+    /// only a waiter's mark gets in the way), waking their sleepers; the
+    /// lanes where it did.
+    fn end_fast(&self, o: u32, span: std::ops::Range<u64>, to: u64) -> Vec<usize> {
+        let mut ended = Vec::new();
+        for entry in self.map.fast_list(o) {
+            let listed = entry.load(Ordering::Acquire);
             if listed == 0 {
                 continue;
             }
             let l = (listed - 1) as usize % BUCKETS;
             let lane = self.map.lane(l);
-            // Again while only a waiter's mark gets in the way.
             loop {
                 let w = lane.load(Ordering::Acquire);
                 if !is_fast(w)
                     || w & LANE_MOVING != 0
-                    || lane_owner(w) != me
-                    || !(s..e).contains(&lane_index(w))
+                    || lane_owner(w) != o
+                    || !span.contains(&lane_index(w))
                 {
                     break;
                 }
-                // Slow, not empty: the records that replace it go in next,
-                // and no fast call may come between.
                 if lane
-                    .compare_exchange(w, LANE_SLOW, Ordering::AcqRel, Ordering::Relaxed)
+                    .compare_exchange(w, to, Ordering::AcqRel, Ordering::Relaxed)
                     .is_ok()
                 {
-                    self.map.unlist(me, l);
-                    self.note_lane(l);
                     self.map.woke_lane(l, w);
+                    ended.push(l);
                     break;
                 }
             }
         }
+        ended
     }
 
     /// The whole run of indices owner `o` holds at `kind` around `s..e`,
@@ -1674,27 +1683,9 @@ impl Guard<'_> {
 
     /// Forget every fast hold of the owner in `slot` (dead or leaving).
     fn clear_fast(&mut self, slot: u32) {
+        self.end_fast(slot, 0..u64::MAX, LANE_EMPTY);
+        // The owner is gone (or going): no call of its lists anything.
         for entry in self.map.fast_list(slot) {
-            let listed = entry.load(Ordering::Acquire);
-            if listed == 0 {
-                continue;
-            }
-            let l = (listed - 1) as usize % BUCKETS;
-            let lane = self.map.lane(l);
-            loop {
-                let w = lane.load(Ordering::Acquire);
-                if !is_fast(w) || w & LANE_MOVING != 0 || lane_owner(w) != slot {
-                    break;
-                }
-                if lane
-                    .compare_exchange(w, LANE_EMPTY, Ordering::AcqRel, Ordering::Relaxed)
-                    .is_ok()
-                {
-                    self.map.woke_lane(l, w);
-                    break;
-                }
-            }
-            // The owner is gone (or going): no call of its lists anything.
             entry.store(0, Ordering::Release);
         }
     }
@@ -3383,6 +3374,13 @@ mod tests {
         Shm::open(path, fd.into(), true).unwrap()
     }
 
+    /// `N` owners of a fresh table (the directory goes with the first).
+    fn handles<const N: usize>() -> (tempfile::TempDir, [Shm; N]) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.lock");
+        (dir, std::array::from_fn(|_| open_shm(&path)))
+    }
+
     fn one(i: u64) -> Span {
         Span::new(i, i + 1).unwrap()
     }
@@ -3393,9 +3391,7 @@ mod tests {
 
     #[test]
     fn the_fast_lane_gives_way_to_the_table_and_comes_back() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("t.lock");
-        let (a, b) = (open_shm(&path), open_shm(&path));
+        let (_dir, [a, b]) = handles();
         assert!(a.try_set(one(5), Some(Kind::Exclusive)).unwrap());
         assert_eq!(
             lane_of(&a, 5),
@@ -3440,9 +3436,7 @@ mod tests {
 
     #[test]
     fn a_shared_fast_hold_admits_readers_and_converts() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("t.lock");
-        let (a, b, c) = (open_shm(&path), open_shm(&path), open_shm(&path));
+        let (_dir, [a, b, c]) = handles();
         assert!(a.try_set(one(5), Some(Kind::Shared)).unwrap());
         assert_eq!(lane_of(&a, 5), fast_word(a.slot, 5, SHARED));
         // A second reader goes through the table, which takes a's over.
@@ -3468,9 +3462,7 @@ mod tests {
 
     #[test]
     fn a_waiter_sleeping_on_a_fast_hold_is_woken_by_its_release() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("t.lock");
-        let (a, b) = (open_shm(&path), open_shm(&path));
+        let (_dir, [a, b]) = handles();
         // Unwoken, b would take 5 only when its nap ends (LANE_NAP after it
         // began): woken, at once. A busy machine may delay a wake-up now
         // and then, so one quick round in five is asked for.
@@ -3502,9 +3494,7 @@ mod tests {
 
     #[test]
     fn a_word_a_waiter_marks_meanwhile_is_still_taken_over() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("t.lock");
-        let (a, b) = (open_shm(&path), open_shm(&path));
+        let (_dir, [a, b]) = handles();
         assert!(a.try_set(one(5), Some(Kind::Exclusive)).unwrap());
         let l = bucket(5);
         let w = lane_of(&a, 5);
@@ -3530,9 +3520,7 @@ mod tests {
 
     #[test]
     fn a_reader_is_not_kept_waiting_by_a_fast_reader() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("t.lock");
-        let (a, b, c) = (open_shm(&path), open_shm(&path), open_shm(&path));
+        let (_dir, [a, b, c]) = handles();
         assert!(a.try_set(one(5), Some(Kind::Shared)).unwrap());
         assert!(b.try_set_before_wait(one(5), Kind::Shared).unwrap());
         assert!(!c.try_set_before_wait(one(5), Kind::Exclusive).unwrap());
@@ -3540,9 +3528,7 @@ mod tests {
 
     #[test]
     fn a_fast_hold_taken_after_the_gate_closed_is_taken_away() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("t.lock");
-        let (a, b, c) = (open_shm(&path), open_shm(&path), open_shm(&path));
+        let (_dir, [a, b, c]) = handles();
         assert!(b
             .try_set(Span::new(0, 10).unwrap(), Some(Kind::Exclusive))
             .unwrap());
@@ -3586,9 +3572,7 @@ mod tests {
 
     #[test]
     fn a_word_taken_away_while_the_gate_was_closed_is_not_granted_once_it_opens() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("t.lock");
-        let (a, b, c) = (open_shm(&path), open_shm(&path), open_shm(&path));
+        let (_dir, [a, b, c]) = handles();
         assert!(b
             .try_set(Span::new(0, 10).unwrap(), Some(Kind::Exclusive))
             .unwrap());
@@ -3606,9 +3590,7 @@ mod tests {
 
     #[test]
     fn a_record_trimmed_to_one_index_keeps_a_late_fast_word_out() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("t.lock");
-        let (a, m, c) = (open_shm(&path), open_shm(&path), open_shm(&path));
+        let (_dir, [a, m, c]) = handles();
         assert!(m
             .try_set(Span::new(3, 10).unwrap(), Some(Kind::Exclusive))
             .unwrap());
