@@ -340,6 +340,19 @@ fn lane_index(w: u64) -> u64 {
     w & LANE_INDEX_MAX
 }
 
+/// Whether lane word `w` is owner `o`'s fast hold (not being taken over)
+/// on an index of `span`.
+fn fast_of(w: u64, o: u32, span: &std::ops::Range<u64>) -> bool {
+    is_fast(w) && w & LANE_MOVING == 0 && lane_owner(w) == o && span.contains(&lane_index(w))
+}
+
+/// The index `span` is, and its lane, when it is one index the fast lane
+/// can name.
+fn lane_of(span: Span) -> Option<(u64, usize)> {
+    let i = span.start();
+    (span.end() - i == 1 && i <= LANE_INDEX_MAX).then(|| (i, bucket(i)))
+}
+
 /// Record indices found by [`Guard::mine_near`]: on the stack unless
 /// there are many.
 #[derive(Default)]
@@ -443,6 +456,22 @@ impl Map {
     }
 
     /// Strike lane `l` off owner `s`'s list.
+    /// The lanes owner `s` lists, each once (entries may repeat a lane).
+    fn listed_lanes(&self, s: u32) -> impl Iterator<Item = usize> + '_ {
+        let mut seen = [0u32; FAST_HOLDS];
+        self.fast_list(s)
+            .iter()
+            .enumerate()
+            .filter_map(move |(k, e)| {
+                let v = e.load(Ordering::SeqCst);
+                if v == 0 || seen[..k].contains(&v) {
+                    return None;
+                }
+                seen[k] = v;
+                Some((v - 1) as usize % BUCKETS)
+            })
+    }
+
     /// Entries are interchangeable: the list is right while it lists each
     /// lane at least as often as the owner has a word there, so every
     /// removal takes one entry of that lane off by a swap, never by a
@@ -1191,24 +1220,9 @@ impl Guard<'_> {
                 have += r.end.min(e) - r.start.max(s);
             }
         }
-        let mut seen = [0u32; FAST_HOLDS];
-        for (k, entry) in self.map.fast_list(me).iter().enumerate() {
-            let listed = entry.load(Ordering::Acquire);
-            // A lane listed twice (a harmless over-count) counts once.
-            if listed == 0 || seen[..k].contains(&listed) {
-                continue;
-            }
-            seen[k] = listed;
-            let w = self
-                .map
-                .lane((listed - 1) as usize % BUCKETS)
-                .load(Ordering::Acquire);
-            if is_fast(w)
-                && w & LANE_MOVING == 0
-                && lane_owner(w) == me
-                && (s..e).contains(&lane_index(w))
-                && lane_kind(w) >= kind
-            {
+        for l in self.map.listed_lanes(me) {
+            let w = self.map.lane(l).load(Ordering::Acquire);
+            if fast_of(w, me, &(s..e)) && lane_kind(w) >= kind {
                 have += 1;
             }
         }
@@ -1546,19 +1560,11 @@ impl Guard<'_> {
         }
         // Every fast hold is on its owner's list (listed before taken).
         for o in 0..self.map.header().slot_hwm.min(SLOTS as u32) {
-            for k in 0..FAST_HOLDS {
-                let listed = self.map.fast_list(o)[k].load(Ordering::SeqCst);
-                if listed == 0 {
-                    continue;
-                }
-                let l = (listed - 1) as usize % BUCKETS;
+            let map = self.map;
+            for l in map.listed_lanes(o) {
                 loop {
                     let w = self.map.lane(l).load(Ordering::SeqCst);
-                    if !is_fast(w)
-                        || w & LANE_MOVING != 0
-                        || lane_owner(w) != o
-                        || !(s..e).contains(&lane_index(w))
-                    {
+                    if !fast_of(w, o, &(s..e)) {
                         break;
                     }
                     if !self.adopt(l, w) {
@@ -1615,20 +1621,11 @@ impl Guard<'_> {
     /// lanes where it did.
     fn end_fast(&self, o: u32, span: std::ops::Range<u64>, to: u64) -> Vec<usize> {
         let mut ended = Vec::new();
-        for entry in self.map.fast_list(o) {
-            let listed = entry.load(Ordering::Acquire);
-            if listed == 0 {
-                continue;
-            }
-            let l = (listed - 1) as usize % BUCKETS;
+        for l in self.map.listed_lanes(o) {
             let lane = self.map.lane(l);
             loop {
                 let w = lane.load(Ordering::Acquire);
-                if !is_fast(w)
-                    || w & LANE_MOVING != 0
-                    || lane_owner(w) != o
-                    || !span.contains(&lane_index(w))
-                {
+                if !fast_of(w, o, &span) {
                     break;
                 }
                 if lane
@@ -2420,11 +2417,9 @@ impl Shm {
         until: Until,
         deadline: Option<Instant>,
     ) -> Result<bool, Error> {
-        let i = span.start();
-        if span.end() - i != 1 || i > LANE_INDEX_MAX {
+        let Some((i, l)) = lane_of(span) else {
             return Ok(false);
-        }
-        let l = bucket(i);
+        };
         let lane = self.map.lane(l);
         let (mut spins, mut yields) = (0, 0);
         let mut napping_since = None;
@@ -2598,17 +2593,15 @@ impl Shm {
     /// gate is closed); the caller takes the mutex.
     #[inline(always)]
     fn fast_raise(&self, span: Span, kind: Kind) -> bool {
-        let i = span.start();
-        if span.end() - i != 1 || i > LANE_INDEX_MAX || self.has_deferred.load(Ordering::Relaxed) {
+        let Some((i, l)) = lane_of(span) else {
             return false;
-        }
-        let lane = self.map.lane(bucket(i));
-        if lane.load(Ordering::Relaxed) != LANE_EMPTY {
+        };
+        let lane = self.map.lane(l);
+        if self.has_deferred.load(Ordering::Relaxed) || lane.load(Ordering::Relaxed) != LANE_EMPTY {
             return false;
         }
         // Listed before the word is written, so that a scan of the lists
         // finds every fast hold.
-        let l = bucket(i);
         let listed = self.map.fast_list(self.slot).iter().any(|e| {
             e.load(Ordering::Relaxed) == 0
                 && e.compare_exchange(0, l as u32 + 1, Ordering::SeqCst, Ordering::Relaxed)
@@ -2677,12 +2670,14 @@ impl Shm {
     /// table has taken the hold over, or it was never fast).
     #[inline(always)]
     fn fast_lower(&self, span: Span) -> bool {
-        let i = span.start();
-        if span.end() - i != 1 || i > LANE_INDEX_MAX || self.has_deferred.load(Ordering::Relaxed) {
+        let Some((i, l)) = lane_of(span) else {
+            return false;
+        };
+        if self.has_deferred.load(Ordering::Relaxed) {
             return false;
         }
         let ours = fast_word(self.slot, i, EXCLUSIVE);
-        self.empty_lane(bucket(i), |w| w & !(LANE_SHARED | LANE_WAITING) == ours)
+        self.empty_lane(l, |w| w & !(LANE_SHARED | LANE_WAITING) == ours)
     }
 
     /// Raise `span` to `kind` without waiting; `Ok(false)` when another
@@ -2870,12 +2865,10 @@ impl Engine for Shm {
         }
         // Another owner's fast hold on this very index: refused without
         // the mutex; the wait that follows sleeps on its lane.
-        let i = span.start();
-        if span.end() - i == 1
-            && i <= LANE_INDEX_MAX
-            && self.fast_in_way(self.map.lane(bucket(i)).load(Ordering::Acquire), i, kind)
-        {
-            return Ok(false);
+        if let Some((i, l)) = lane_of(span) {
+            if self.fast_in_way(self.map.lane(l).load(Ordering::Acquire), i, kind) {
+                return Ok(false);
+            }
         }
         self.raise(span, kind, false)
     }
@@ -3237,17 +3230,8 @@ impl Snapshot {
             }
         }
         for o in (0..SLOTS).filter(|&o| live[o]) {
-            let mut seen = Vec::new();
-            for entry in g.map.fast_list(o as u32) {
-                let listed = entry.load(Ordering::Acquire);
-                if listed == 0 || seen.contains(&listed) {
-                    continue;
-                }
-                seen.push(listed);
-                let w = g
-                    .map
-                    .lane((listed - 1) as usize % BUCKETS)
-                    .load(Ordering::Acquire);
+            for l in g.map.listed_lanes(o as u32) {
+                let w = g.map.lane(l).load(Ordering::Acquire);
                 if is_fast(w) && lane_owner(w) as usize == o {
                     let i = lane_index(w);
                     snap.holders.push(HeldLock {
