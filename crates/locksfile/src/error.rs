@@ -286,6 +286,9 @@ pub enum Error {
     TimedOut,
     /// The wait was interrupted by a signal and the caller asked to hear of it.
     Interrupted,
+    /// The wait was ended through its [`Cancel`](crate::Cancel) (a dropped
+    /// future, a cancelled task). Nothing was changed.
+    Cancelled,
     /// The span was empty, reversed or too large, or not the whole index
     /// space in [`Mode::Flock`](crate::Mode::Flock).
     InvalidSpan(SpanError),
@@ -428,6 +431,7 @@ impl fmt::Display for Error {
             Error::Deadlock => f.write_str("waiting for the lock would deadlock (EDEADLK)"),
             Error::TimedOut => f.write_str("timed out waiting for the lock"),
             Error::Interrupted => f.write_str("wait for the lock interrupted by a signal"),
+            Error::Cancelled => f.write_str("wait for the lock cancelled"),
             Error::InvalidSpan(e) => write!(f, "invalid lock span: {e}"),
             Error::ConversionLost { held } => write!(
                 f,
@@ -509,6 +513,7 @@ impl From<Error> for io::Error {
             Error::Deadlock => io::ErrorKind::Deadlock,
             Error::TimedOut => io::ErrorKind::TimedOut,
             Error::Interrupted => io::ErrorKind::Interrupted,
+            Error::Cancelled => io::ErrorKind::Interrupted,
             Error::InvalidSpan(_) => io::ErrorKind::InvalidInput,
             Error::Unsupported { .. } => io::ErrorKind::Unsupported,
             Error::ReadOnly { .. } => io::ErrorKind::PermissionDenied,

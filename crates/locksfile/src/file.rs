@@ -21,7 +21,7 @@ use crate::holds::{Change, HandleId};
 use crate::owner::Owner;
 use crate::span::{IntoSpan, Span};
 use crate::sys::{self, FileType, OpenHow};
-use crate::{registry, Kind, Wait};
+use crate::{registry, Cancel, Kind, Wait};
 
 /// The owner behind a handle, by engine. One match per call, after which
 /// the owner's code is the engine's own (no dynamic call on the hot path).
@@ -824,6 +824,17 @@ impl LockFile {
 
     #[inline]
     pub(crate) fn change(&self, change: Change, wait: Wait) -> Result<(), Error> {
+        self.change_or_cancel(change, wait, None)
+    }
+
+    /// [`LockFile::change`], and a wait ends when `cancel` is cancelled.
+    #[inline]
+    pub(crate) fn change_or_cancel(
+        &self,
+        change: Change,
+        wait: Wait,
+        cancel: Option<&Cancel>,
+    ) -> Result<(), Error> {
         // Only a change asking for exclusive can need an exclusive lock, and
         // an owner that cannot write never holds one: refuse it here, where
         // the path is known, before anything is tried.
@@ -836,17 +847,17 @@ impl LockFile {
                 if wants_exclusive && !o.engine.writable() {
                     return Err(self.read_only());
                 }
-                o.change(change, wait)
+                o.change_or_cancel(change, wait, cancel)
             }
-            Owners::Flock(o) => self.change_flock(o, change, wait, wants_exclusive),
+            Owners::Flock(o) => self.change_flock(o, change, wait, cancel, wants_exclusive),
             Owners::Shm(o) => {
                 if wants_exclusive && !o.engine.writable() {
                     return Err(self.read_only());
                 }
-                o.change(change, wait)
+                o.change_or_cancel(change, wait, cancel)
             }
             #[cfg(feature = "postgres")]
-            Owners::Pg(o) => self.change_pg(o, change, wait, wants_exclusive),
+            Owners::Pg(o) => self.change_pg(o, change, wait, cancel, wants_exclusive),
         }
     }
 
@@ -860,6 +871,7 @@ impl LockFile {
         o: &Owner<Pg>,
         change: Change,
         wait: Wait,
+        cancel: Option<&Cancel>,
         wants_exclusive: bool,
     ) -> Result<(), Error> {
         use crate::engine::pg::{MAX_INDEX, MAX_SPAN};
@@ -884,7 +896,7 @@ impl LockFile {
                 });
             }
         }
-        o.change(change, wait)
+        o.change_or_cancel(change, wait, cancel)
     }
 
     /// [`LockFile::change`] in flock mode, out of line so that the fcntl
@@ -895,6 +907,7 @@ impl LockFile {
         o: &Owner<Flock>,
         change: Change,
         wait: Wait,
+        cancel: Option<&Cancel>,
         wants_exclusive: bool,
     ) -> Result<(), Error> {
         self.whole_file_only(change.span())?;
@@ -908,7 +921,7 @@ impl LockFile {
         if let (true, Some(held)) = (wants_lock, o.engine.lost()) {
             return Err(Error::ConversionLost { held });
         }
-        o.change(change, wait)
+        o.change_or_cancel(change, wait, cancel)
     }
 
     #[cold]
@@ -957,6 +970,32 @@ impl LockFile {
                 kind: Some(kind),
             },
             wait,
+        )
+    }
+
+    /// As [`acquire`](Self::acquire), and [`Cancel::cancel`] from another
+    /// thread (or task) ends the wait with [`Error::Cancelled`], nothing
+    /// changed. The wait is one wait for the engine whatever `wait` says,
+    /// so fair queueing and deadlock detection hold for it.
+    ///
+    /// # Errors
+    /// As [`acquire`](Self::acquire), and [`Error::Cancelled`].
+    pub fn acquire_cancellable(
+        &self,
+        kind: Kind,
+        span: impl IntoSpan,
+        wait: Wait,
+        cancel: &Cancel,
+    ) -> Result<(), Error> {
+        let span = span.into_span()?;
+        self.change_or_cancel(
+            Change::Explicit {
+                handle: self.handle,
+                span,
+                kind: Some(kind),
+            },
+            wait,
+            Some(cancel),
         )
     }
 

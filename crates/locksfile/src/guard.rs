@@ -9,7 +9,7 @@ use std::ops::Deref;
 
 use crate::holds::Change;
 use crate::span::{IntoSpan, Span};
-use crate::{Error, Kind, LockFile, Wait};
+use crate::{Cancel, Error, Kind, LockFile, Wait};
 
 /// The part both guards share: a hold of one kind on one span.
 struct Hold<H: Deref<Target = LockFile>> {
@@ -20,15 +20,22 @@ struct Hold<H: Deref<Target = LockFile>> {
 }
 
 impl<H: Deref<Target = LockFile>> Hold<H> {
-    fn acquire(handle: H, span: impl IntoSpan, kind: Kind, wait: Wait) -> Result<Self, Error> {
+    fn acquire(
+        handle: H,
+        span: impl IntoSpan,
+        kind: Kind,
+        wait: Wait,
+        cancel: Option<&Cancel>,
+    ) -> Result<Self, Error> {
         let span = span.into_span()?;
-        handle.change(
+        handle.change_or_cancel(
             Change::Guard {
                 span,
                 from: None,
                 to: Some(kind),
             },
             wait,
+            cancel,
         )?;
         Ok(Hold {
             handle: Some(handle),
@@ -42,14 +49,15 @@ impl<H: Deref<Target = LockFile>> Hold<H> {
     }
 
     /// Move to `to`; on failure the hold is unchanged.
-    fn convert(&mut self, to: Kind, wait: Wait) -> Result<(), Error> {
-        self.lockfile().change(
+    fn convert(&mut self, to: Kind, wait: Wait, cancel: Option<&Cancel>) -> Result<(), Error> {
+        self.lockfile().change_or_cancel(
             Change::Guard {
                 span: self.span,
                 from: Some(self.kind),
                 to: Some(to),
             },
             wait,
+            cancel,
         )?;
         self.kind = to;
         Ok(())
@@ -110,7 +118,21 @@ impl<H: Deref<Target = LockFile>> ReadGuard<H> {
     /// # Errors
     /// As [`LockFile::acquire`].
     pub fn acquire(handle: H, span: impl IntoSpan, wait: Wait) -> Result<Self, Error> {
-        Hold::acquire(handle, span, Kind::Shared, wait).map(|hold| ReadGuard { hold })
+        Hold::acquire(handle, span, Kind::Shared, wait, None).map(|hold| ReadGuard { hold })
+    }
+
+    /// As [`ReadGuard::acquire`], and [`Cancel::cancel`] from another
+    /// thread ends the wait with [`Error::Cancelled`], holding nothing.
+    ///
+    /// # Errors
+    /// As [`LockFile::acquire`], and [`Error::Cancelled`].
+    pub fn acquire_cancellable(
+        handle: H,
+        span: impl IntoSpan,
+        wait: Wait,
+        cancel: &Cancel,
+    ) -> Result<Self, Error> {
+        Hold::acquire(handle, span, Kind::Shared, wait, Some(cancel)).map(|hold| ReadGuard { hold })
     }
 
     /// The span held.
@@ -156,8 +178,30 @@ impl<H: Deref<Target = LockFile>> ReadGuard<H> {
     /// # Deadlocks
     /// See [`ReadGuard::upgrade`]: in OFD mode two owners upgrading the
     /// same span wait forever unless `wait` is timed.
-    pub fn upgrade_with(mut self, wait: Wait) -> Result<WriteGuard<H>, (Self, Error)> {
-        match self.hold.convert(Kind::Exclusive, wait) {
+    pub fn upgrade_with(self, wait: Wait) -> Result<WriteGuard<H>, (Self, Error)> {
+        self.upgrade_or_cancel(wait, None)
+    }
+
+    /// As [`ReadGuard::upgrade_with`], and [`Cancel::cancel`] from another
+    /// thread ends the wait with [`Error::Cancelled`] (the read guard comes
+    /// back, still held).
+    ///
+    /// # Errors
+    /// As [`ReadGuard::upgrade_with`], and [`Error::Cancelled`].
+    pub fn upgrade_cancellable(
+        self,
+        wait: Wait,
+        cancel: &Cancel,
+    ) -> Result<WriteGuard<H>, (Self, Error)> {
+        self.upgrade_or_cancel(wait, Some(cancel))
+    }
+
+    fn upgrade_or_cancel(
+        mut self,
+        wait: Wait,
+        cancel: Option<&Cancel>,
+    ) -> Result<WriteGuard<H>, (Self, Error)> {
+        match self.hold.convert(Kind::Exclusive, wait, cancel) {
             Ok(()) => {
                 let (handle, span) = self.hold.into_parts();
                 Ok(WriteGuard {
@@ -187,7 +231,22 @@ impl<H: Deref<Target = LockFile>> WriteGuard<H> {
     /// # Errors
     /// As [`LockFile::acquire`].
     pub fn acquire(handle: H, span: impl IntoSpan, wait: Wait) -> Result<Self, Error> {
-        Hold::acquire(handle, span, Kind::Exclusive, wait).map(|hold| WriteGuard { hold })
+        Hold::acquire(handle, span, Kind::Exclusive, wait, None).map(|hold| WriteGuard { hold })
+    }
+
+    /// As [`WriteGuard::acquire`], and [`Cancel::cancel`] from another
+    /// thread ends the wait with [`Error::Cancelled`], holding nothing.
+    ///
+    /// # Errors
+    /// As [`LockFile::acquire`], and [`Error::Cancelled`].
+    pub fn acquire_cancellable(
+        handle: H,
+        span: impl IntoSpan,
+        wait: Wait,
+        cancel: &Cancel,
+    ) -> Result<Self, Error> {
+        Hold::acquire(handle, span, Kind::Exclusive, wait, Some(cancel))
+            .map(|hold| WriteGuard { hold })
     }
 
     /// The span held.
@@ -199,7 +258,7 @@ impl<H: Deref<Target = LockFile>> WriteGuard<H> {
     pub fn downgrade(mut self) -> ReadGuard<H> {
         // Lowering cannot meet contention; a failed call leaves the kernel
         // holding the stronger lock, which is still a correct read lock.
-        match self.hold.convert(Kind::Shared, Wait::NonBlocking) {
+        match self.hold.convert(Kind::Shared, Wait::NonBlocking, None) {
             // In a forked child nothing changed, so the hold keeps its kind.
             Ok(()) | Err(Error::Forked) => {}
             // The bookkeeping moved even though the kernel call failed.

@@ -63,6 +63,7 @@
 
 #[cfg(feature = "tokio")]
 pub mod asyncio;
+mod cancel;
 mod engine;
 mod error;
 mod file;
@@ -89,6 +90,7 @@ pub mod shm {
 use std::fmt;
 use std::time::{Duration, Instant};
 
+pub use cancel::Cancel;
 pub use engine::Abilities;
 pub use error::{
     Error, Holder, NotRegular, Result, ServerHolder, ServerLock, SidecarProblem, SpanError,
@@ -139,6 +141,9 @@ pub enum Wait {
     Timeout(Duration),
     /// Wait until this instant at the latest, then fail with [`Error::TimedOut`].
     Deadline(Instant),
+    /// As `Deadline`, but a signal ends the wait with [`Error::Interrupted`]
+    /// (nothing held), as `BlockingInterruptible` does.
+    DeadlineInterruptible(Instant),
 }
 
 impl Wait {
@@ -150,4 +155,27 @@ impl Wait {
             Wait::NonBlocking
         }
     }
+}
+
+/// Choose the signal that interrupts a timed or cancellable wait asleep in
+/// the kernel (`F_SETLKW`, `flock(2)`; see `docs/DESIGN.md`): a real-time
+/// signal number, or `None` for none, after which such waits poll (and the
+/// kernel's deadlock detection no longer sees them). By default the first
+/// such wait installs a do-nothing handler (without `SA_RESTART`) on
+/// `SIGRTMIN + 7`, or on the signal the environment variable
+/// `LOCKSFILE_WAKE_SIGNAL` names (`off` for none); a signal that already
+/// has another handler is left alone (waits then poll).
+///
+/// # Errors
+/// [`Error::Io`] when `signal` is not a real-time signal or already has a
+/// handler that is not locksfile's.
+pub fn set_wake_signal(signal: Option<i32>) -> Result<()> {
+    sys::set_wake_signal(signal).map_err(|e| Error::io("set the wake signal", e))
+}
+
+/// The signal that interrupts timed and cancellable kernel waits, if any
+/// (see [`set_wake_signal`]); looks it up and installs its handler on the
+/// first call.
+pub fn wake_signal() -> Option<i32> {
+    sys::wake_signal()
 }

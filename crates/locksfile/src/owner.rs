@@ -11,8 +11,9 @@
 //! for what the protocol asks of one.
 
 use std::sync::{Condvar, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
+use crate::cancel::Cancel;
 use crate::engine::{Engine, Until, INTERRUPT_SLICE};
 use crate::error::{Error, Holder};
 use crate::holds::{rank, Change, HandleId, Holds, Move, Step, Undo};
@@ -69,17 +70,32 @@ fn waits(wait: Wait) -> bool {
     !matches!(wait, Wait::NonBlocking | Wait::NonBlockingNoHolder)
 }
 
-/// When a wait must give up: a timeout past what the clock can hold means
-/// waiting forever, not failing at once.
-fn until(wait: Wait, started: Option<Instant>) -> Until {
-    match wait {
-        Wait::Timeout(d) => started
-            .and_then(|t| t.checked_add(d))
-            .map_or(Until::Forever, Until::Deadline),
-        Wait::Deadline(t) => Until::Deadline(t),
-        Wait::BlockingInterruptible => Until::Interruptible,
-        // Non-blocking calls never reach a wait.
-        _ => Until::Forever,
+/// How the caller asked to wait: `started` is when a [`Wait::Timeout`]
+/// began counting (the call, not the wait).
+#[derive(Clone, Copy)]
+struct Asked<'a> {
+    wait: Wait,
+    started: Option<Instant>,
+    cancel: Option<&'a Cancel>,
+}
+
+impl<'a> Asked<'a> {
+    /// When a wait must give up: a timeout past what the clock can hold
+    /// means waiting forever, not failing at once.
+    fn until(self) -> Until<'a> {
+        let (deadline, interruptible) = match self.wait {
+            Wait::Timeout(d) => (self.started.and_then(|t| t.checked_add(d)), false),
+            Wait::Deadline(t) => (Some(t), false),
+            Wait::DeadlineInterruptible(t) => (Some(t), true),
+            Wait::BlockingInterruptible => (None, true),
+            // Non-blocking calls never reach a wait.
+            Wait::Blocking | Wait::NonBlocking | Wait::NonBlockingNoHolder => (None, false),
+        };
+        Until {
+            deadline,
+            interruptible,
+            cancel: self.cancel,
+        }
     }
 }
 
@@ -131,33 +147,47 @@ impl<E: Engine> Owner<E> {
     /// Apply `change`, making the engine agree, waiting as `wait` says.
     #[inline]
     pub fn change(&self, change: Change, wait: Wait) -> Result<(), Error> {
+        self.change_or_cancel(change, wait, None)
+    }
+
+    /// As [`Owner::change`], and a wait ends when `cancel` is cancelled.
+    #[inline]
+    pub fn change_or_cancel(
+        &self,
+        change: Change,
+        wait: Wait,
+        cancel: Option<&Cancel>,
+    ) -> Result<(), Error> {
         if self.is_inherited() {
             return Err(Error::Forked);
         }
         // A timeout counts from the call, not from when waiting starts.
-        let started = matches!(wait, Wait::Timeout(_)).then(Instant::now);
+        let asked = Asked {
+            wait,
+            started: matches!(wait, Wait::Timeout(_)).then(Instant::now),
+            cancel,
+        };
         let mut st = self.lock();
         if st.busy.is_empty() {
             if let Some(step) = st.holds.one_piece(change) {
                 let (from, to) = step.kinds();
                 if from != to {
                     let outcome = match to {
-                        Some(k) if waits(wait) => self.engine.try_set_before_wait(step.span, k),
+                        Some(k) if waits(asked.wait) => {
+                            self.engine.try_set_before_wait(step.span, k)
+                        }
                         _ => self.engine.try_set(step.span, to),
                     };
                     match outcome {
                         Ok(true) => {}
-                        other => {
-                            return self
-                                .one_piece_not_granted(st, change, step, other, wait, started)
-                        }
+                        other => return self.one_piece_not_granted(st, change, step, other, asked),
                     }
                 }
                 st.holds.commit(step);
                 return Ok(());
             }
         }
-        self.change_pieces(st, change, wait, started)
+        self.change_pieces(st, change, asked)
     }
 
     /// The one-piece path when its call was refused or failed. A raise then
@@ -174,8 +204,7 @@ impl<E: Engine> Owner<E> {
         change: Change,
         step: Step,
         outcome: Result<bool, Error>,
-        wait: Wait,
-        started: Option<Instant>,
+        asked: Asked<'_>,
     ) -> Result<(), Error> {
         let (from, to) = step.kinds();
         if rank(to) > rank(from) {
@@ -186,7 +215,7 @@ impl<E: Engine> Owner<E> {
                         from,
                         to,
                     };
-                    self.refused(st, change, m, vec![m], wait, started)
+                    self.refused(st, change, m, vec![m], asked)
                 }
                 Err(e) => Err(e),
             };
@@ -202,8 +231,7 @@ impl<E: Engine> Owner<E> {
         &'a self,
         mut st: MutexGuard<'a, State>,
         change: Change,
-        wait: Wait,
-        started: Option<Instant>,
+        asked: Asked<'_>,
     ) -> Result<(), Error> {
         loop {
             let undo = st.apply(change);
@@ -213,7 +241,7 @@ impl<E: Engine> Owner<E> {
                 // wakes. Changes that only lower (or need nothing) go
                 // ahead: the waiter puts the engine right when it wakes.
                 st.holds.undo(undo);
-                st = self.wait_for_sibling(st, wait, started)?;
+                st = self.wait_for_sibling(st, asked)?;
                 continue;
             }
             return match self.raise_all(&st) {
@@ -221,7 +249,7 @@ impl<E: Engine> Owner<E> {
                 Raised::Refused(refused) => {
                     st.holds.undo(undo);
                     let raises: Vec<Move> = st.raises().copied().collect();
-                    self.refused(st, change, refused, raises, wait, started)
+                    self.refused(st, change, refused, raises, asked)
                 }
                 Raised::Failed(e) => {
                     st.holds.undo(undo);
@@ -272,34 +300,42 @@ impl<E: Engine> Owner<E> {
     fn wait_for_sibling<'a>(
         &'a self,
         st: MutexGuard<'a, State>,
-        wait: Wait,
-        started: Option<Instant>,
+        asked: Asked<'_>,
     ) -> Result<MutexGuard<'a, State>, Error> {
-        let st = match (wait, until(wait, started)) {
-            (Wait::NonBlocking | Wait::NonBlockingNoHolder, _) => {
-                return Err(Error::WouldBlock { holder: None })
-            }
-            (_, Until::Deadline(t)) => {
-                let left = remaining(t).ok_or(Error::TimedOut)?;
-                self.cond
-                    .wait_timeout(st, left)
-                    .unwrap_or_else(|p| p.into_inner())
-                    .0
-            }
-            (_, Until::Interruptible) => {
-                // A condition variable wait does not end on a signal, so
-                // wake every slice and let the caller run its signal
-                // handlers before calling again.
+        if matches!(asked.wait, Wait::NonBlocking | Wait::NonBlockingNoHolder) {
+            return Err(Error::WouldBlock { holder: None });
+        }
+        let until = asked.until();
+        if let Some(e) = until.ended() {
+            return Err(e);
+        }
+        // A condition variable wait ends on no signal and no cancel: an
+        // interruptible or cancellable one wakes every slice to look (and
+        // an interruptible one returns, so that its caller can run signal
+        // handlers and call again).
+        let slice = (until.interruptible || until.cancel.is_some()).then_some(INTERRUPT_SLICE);
+        let st = match (until.left(), slice) {
+            (None, None) => self.cond.wait(st).unwrap_or_else(|p| p.into_inner()),
+            (left, slice) => {
+                let nap = left
+                    .into_iter()
+                    .chain(slice)
+                    .min()
+                    .unwrap_or(INTERRUPT_SLICE);
                 let (st, slept) = self
                     .cond
-                    .wait_timeout(st, INTERRUPT_SLICE)
+                    .wait_timeout(st, nap)
                     .unwrap_or_else(|p| p.into_inner());
                 if slept.timed_out() {
-                    return Err(Error::Interrupted);
+                    if let Some(e) = until.ended() {
+                        return Err(e);
+                    }
+                    if until.interruptible {
+                        return Err(Error::Interrupted);
+                    }
                 }
                 st
             }
-            (_, Until::Forever) => self.cond.wait(st).unwrap_or_else(|p| p.into_inner()),
         };
         Ok(st)
     }
@@ -313,10 +349,9 @@ impl<E: Engine> Owner<E> {
         change: Change,
         refused: Move,
         raises: Vec<Move>,
-        wait: Wait,
-        started: Option<Instant>,
+        asked: Asked<'_>,
     ) -> Result<(), Error> {
-        match wait {
+        match asked.wait {
             Wait::NonBlocking => {
                 let holder = refused
                     .to
@@ -326,7 +361,7 @@ impl<E: Engine> Owner<E> {
                 })
             }
             Wait::NonBlockingNoHolder => Err(Error::WouldBlock { holder: None }),
-            _ => self.wait_and_apply(st, change, raises, until(wait, started)),
+            _ => self.wait_and_apply(st, change, raises, asked.until()),
         }
     }
 
@@ -338,7 +373,7 @@ impl<E: Engine> Owner<E> {
         mut st: MutexGuard<'_, State>,
         change: Change,
         raises: Vec<Move>,
-        until: Until,
+        until: Until<'_>,
     ) -> Result<(), Error> {
         let span = change.span();
         // What the engine holds over the span, as we go.
@@ -472,11 +507,6 @@ impl<E: Engine> Owner<E> {
             let _ = self.engine.unlock_all();
         }
     }
-}
-
-fn remaining(deadline: Instant) -> Option<Duration> {
-    let left = deadline.checked_duration_since(Instant::now())?;
-    (!left.is_zero()).then_some(left)
 }
 
 fn outside(span: Span, busy: &[Span]) -> Vec<Span> {

@@ -5,7 +5,7 @@
 //! protocol does with an engine error half-way through a change.
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::Duration;
 
 use super::{Abilities, Engine, Until};
 use crate::error::{Error, Holder};
@@ -145,7 +145,7 @@ impl Engine for Fake {
         Ok(granted)
     }
 
-    fn wait_set(&self, span: Span, kind: Kind, until: Until) -> Result<(), Error> {
+    fn wait_set(&self, span: Span, kind: Kind, until: Until<'_>) -> Result<(), Error> {
         let cond = &self.table.shared.1;
         let mut t = self.table.table();
         t.count_call(self.id)?;
@@ -156,19 +156,23 @@ impl Engine for Fake {
                 return Ok(());
             }
             t.waiting += 1;
-            t = match until {
-                Until::Deadline(d) => {
-                    let Some(left) = d.checked_duration_since(Instant::now()) else {
-                        t.waiting -= 1;
-                        return Err(Error::TimedOut);
-                    };
-                    cond.wait_timeout(t, left)
+            if let Some(e) = until.ended() {
+                t.waiting -= 1;
+                return Err(e);
+            }
+            t = match until.left() {
+                // A cancel is seen within a millisecond: tests only.
+                Some(left) => {
+                    cond.wait_timeout(t, left.min(Duration::from_millis(1)))
                         .unwrap_or_else(|p| p.into_inner())
                         .0
                 }
-                Until::Forever | Until::Interruptible => {
-                    cond.wait(t).unwrap_or_else(|p| p.into_inner())
+                None if until.cancel.is_some() => {
+                    cond.wait_timeout(t, Duration::from_millis(1))
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0
                 }
+                None => cond.wait(t).unwrap_or_else(|p| p.into_inner()),
             };
             t.waiting -= 1;
         }

@@ -3,16 +3,18 @@
 //! process is the owner; see `registry.rs` for why its descriptors are
 //! kept).
 //!
-//! Waits: an untimed wait yields the CPU and tries again a few times before
-//! it sleeps in `F_SETLKW` (which keeps the kernel's deadlock detection in
-//! process mode); a timed wait polls with a capped back-off, as the kernel
-//! has no timed `F_SETLKW`.
+//! Waits: a wait yields the CPU and tries again a few times before it
+//! sleeps in `F_SETLKW`, whatever its patience, so the kernel's deadlock
+//! detection (process mode) answers every wait. The kernel has no timed
+//! `F_SETLKW`: a timed or cancellable wait arms a timer that interrupts the
+//! sleep with the wake signal (`sys::Alarm`), as `flock -w` does. Only
+//! where no wake signal can be had does a timed wait poll.
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::{Abilities, Engine, Until};
 use crate::error::{Error, Holder};
@@ -22,8 +24,8 @@ use crate::Kind;
 
 /// How long a timed wait sleeps between polls, at most: bounds how late it
 /// sees a release, while costing well under 1% of a core.
-pub(super) const MAX_POLL: Duration = Duration::from_millis(1);
-pub(super) const FIRST_POLL: Duration = Duration::from_micros(50);
+const MAX_POLL: Duration = Duration::from_millis(1);
+const FIRST_POLL: Duration = Duration::from_micros(50);
 /// Tries after yielding the CPU before a blocking wait sleeps in the kernel.
 const YIELDS_BEFORE_SLEEP: u32 = 2;
 
@@ -132,22 +134,19 @@ impl Fcntl {
         Ok(false)
     }
 
-    /// Try, sleep a little, try again, until `deadline`. Polling with a
-    /// capped back-off keeps both the lateness after a release and the CPU
-    /// cost small.
-    fn poll_until(&self, span: Span, kind: Kind, deadline: Instant) -> Result<(), Error> {
-        let mut pause = FIRST_POLL;
-        loop {
-            if self.try_set(span, Some(kind))? {
-                return Ok(());
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(Error::TimedOut);
-            }
-            std::thread::sleep(pause.min(deadline - now));
-            pause = (pause * 2).min(MAX_POLL);
-        }
+    /// Sleep in `F_SETLKW` until granted or `until` ends the wait: a timer
+    /// interrupts the sleep at the deadline, and a cancel fires it at once.
+    /// `None` when no timer can be had (no wake signal).
+    fn sleep_until(&self, span: Span, kind: Kind, until: Until<'_>) -> Option<Result<(), Error>> {
+        sleep_until(until, || self.sleep_set(span, kind))
+    }
+
+    /// Try, sleep a little, try again, until `until` ends the wait: for
+    /// when no wake signal can be had. Polling with a capped back-off keeps
+    /// both the lateness after a release and the CPU cost small, but the
+    /// kernel's deadlock detection never sees such a wait.
+    fn poll_until(&self, span: Span, kind: Kind, until: Until<'_>) -> Result<(), Error> {
+        poll(until, || self.try_set(span, Some(kind)))
     }
 
     fn error(&self, e: io::Error) -> Error {
@@ -176,6 +175,61 @@ impl Drop for Fcntl {
     }
 }
 
+/// Call `sleep_once` (a blocking call that a signal cuts short with
+/// [`Error::Interrupted`]) until it grants or `until` ends the wait: a
+/// timer interrupts the sleep at the deadline, and a cancel fires it at
+/// once. `None` when no timer can be had (no wake signal).
+pub(super) fn sleep_until(
+    until: Until<'_>,
+    mut sleep_once: impl FnMut() -> Result<(), Error>,
+) -> Option<Result<(), Error>> {
+    let alarm = sys::Alarm::new(sys::wake_signal()?).ok()?;
+    if let Some(left) = until.left() {
+        alarm.arm(left);
+    }
+    // Dropped before the alarm: no cancel fires a deleted timer.
+    let _armed = until.cancel.map(|c| c.arm(Box::new(alarm.trigger())));
+    Some(loop {
+        if let Some(e) = until.ended() {
+            break Err(e);
+        }
+        match sleep_once() {
+            Err(Error::Interrupted) => {
+                if let Some(e) = until.ended_by_signal() {
+                    break Err(e);
+                }
+            }
+            other => break other,
+        }
+    })
+}
+
+/// Call `try_once` with a capped back-off between calls until it grants
+/// (`Ok(true)`) or `until` ends the wait. Signals do not cut a pause short:
+/// an interruptible wait looks for one after each pause (a pending signal
+/// interrupts the next pause at once, and then ends the wait).
+pub(super) fn poll(
+    until: Until<'_>,
+    mut try_once: impl FnMut() -> Result<bool, Error>,
+) -> Result<(), Error> {
+    let mut pause = FIRST_POLL;
+    loop {
+        if try_once()? {
+            return Ok(());
+        }
+        if let Some(e) = until.ended() {
+            return Err(e);
+        }
+        let nap = until.left().map_or(pause, |left| pause.min(left));
+        if sys::nap(nap).is_err() {
+            if let Some(e) = until.ended_by_signal() {
+                return Err(e);
+            }
+        }
+        pause = (pause * 2).min(MAX_POLL);
+    }
+}
+
 #[inline]
 fn lock_type(kind: Option<Kind>) -> LockType {
     match kind {
@@ -199,17 +253,22 @@ impl Engine for Fcntl {
         }
     }
 
-    fn wait_set(&self, span: Span, kind: Kind, until: Until) -> Result<(), Error> {
-        match until {
-            Until::Deadline(t) => self.poll_until(span, kind, t),
-            _ if self.yield_and_retry(span, kind)? => Ok(()),
-            Until::Interruptible => self.sleep_set(span, kind),
-            Until::Forever => loop {
+    fn wait_set(&self, span: Span, kind: Kind, until: Until<'_>) -> Result<(), Error> {
+        if self.yield_and_retry(span, kind)? {
+            return Ok(());
+        }
+        if until.deadline.is_none() && until.cancel.is_none() {
+            // Only a grant or a signal wakes this sleep.
+            return loop {
                 match self.sleep_set(span, kind) {
-                    Err(Error::Interrupted) => continue,
+                    Err(Error::Interrupted) if !until.interruptible => continue,
                     other => break other,
                 }
-            },
+            };
+        }
+        match self.sleep_until(span, kind, until) {
+            Some(outcome) => outcome,
+            None => self.poll_until(span, kind, until),
         }
     }
 

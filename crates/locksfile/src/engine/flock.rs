@@ -22,10 +22,9 @@
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::time::Instant;
 
-use super::fcntl::{FIRST_POLL, MAX_POLL};
-use super::{Abilities, Engine, Until, INTERRUPT_SLICE};
+use super::fcntl::{poll, sleep_until};
+use super::{Abilities, Engine, Until};
 use crate::error::{Error, Holder};
 use crate::span::Span;
 use crate::sys::{self, FlockOp};
@@ -140,12 +139,11 @@ impl Flock {
         }
     }
 
-    /// Try, sleep a little, try again, until `deadline` (`None`: forever),
-    /// with the fcntl engine's capped back-off.
-    fn poll_until(&self, kind: Kind, deadline: Option<Instant>) -> Result<(), Error> {
-        let mut pause = FIRST_POLL;
+    /// Try, sleep a little, try again, until `until` ends the wait, with
+    /// the fcntl engine's capped back-off.
+    fn poll_until(&self, kind: Kind, until: Until<'_>) -> Result<(), Error> {
         let mut polls: u32 = 0;
-        loop {
+        poll(until, || {
             // A conversion's try drops the held lock for a moment (the
             // kernel unlocks first), opening a gap for others each time:
             // skip it while `/proc/locks` shows someone in the way, but try
@@ -154,20 +152,8 @@ impl Flock {
                 || polls % TRY_ANYWAY_EVERY == 0
                 || !matches!(self.probe(Span::ALL, kind), Ok(Some(_)));
             polls = polls.wrapping_add(1);
-            if worth_trying && self.try_set(Span::ALL, Some(kind))? {
-                return Ok(());
-            }
-            let mut nap = pause;
-            if let Some(deadline) = deadline {
-                let now = Instant::now();
-                if now >= deadline {
-                    return Err(Error::TimedOut);
-                }
-                nap = nap.min(deadline - now);
-            }
-            std::thread::sleep(nap);
-            pause = (pause * 2).min(MAX_POLL);
-        }
+            Ok(worth_trying && self.try_set(Span::ALL, Some(kind))?)
+        })
     }
 }
 
@@ -249,32 +235,26 @@ impl Engine for Flock {
         }
     }
 
-    fn wait_set(&self, span: Span, kind: Kind, until: Until) -> Result<(), Error> {
+    fn wait_set(&self, span: Span, kind: Kind, until: Until<'_>) -> Result<(), Error> {
         debug_assert_eq!(
             span,
             Span::ALL,
             "LockFile refuses other spans in flock mode"
         );
-        let converting = self.held().is_some();
-        match until {
-            Until::Deadline(t) => self.poll_until(kind, Some(t)),
+        if self.held().is_some() {
             // A blocking flock from a held lock would drop it for the whole
             // wait: poll instead, keeping it between tries.
-            Until::Forever if converting => self.poll_until(kind, None),
-            Until::Interruptible if converting => {
-                match self.poll_until(kind, Some(Instant::now() + INTERRUPT_SLICE)) {
-                    Err(Error::TimedOut) => Err(Error::Interrupted),
-                    other => other,
-                }
-            }
-            Until::Interruptible => self.sleep_set(kind),
-            Until::Forever => loop {
+            return self.poll_until(kind, until);
+        }
+        if until.deadline.is_none() && until.cancel.is_none() {
+            return loop {
                 match self.sleep_set(kind) {
-                    Err(Error::Interrupted) => continue,
+                    Err(Error::Interrupted) if !until.interruptible => continue,
                     other => break other,
                 }
-            },
+            };
         }
+        sleep_until(until, || self.sleep_set(kind)).unwrap_or_else(|| self.poll_until(kind, until))
     }
 
     fn probe(&self, span: Span, kind: Kind) -> Result<Option<Holder>, Error> {

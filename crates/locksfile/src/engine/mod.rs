@@ -29,6 +29,7 @@ pub(crate) mod fake;
 
 use std::time::{Duration, Instant};
 
+use crate::cancel::Cancel;
 use crate::error::{Error, Holder};
 use crate::span::Span;
 use crate::Kind;
@@ -38,15 +39,54 @@ use crate::Kind;
 /// [`Error::Interrupted`], so that its caller can look at signals.
 pub(crate) const INTERRUPT_SLICE: Duration = Duration::from_millis(20);
 
-/// How long [`Engine::wait_set`] may wait.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Until {
-    /// Until granted; signals do not end the wait.
-    Forever,
-    /// Until granted or a signal arrives ([`Error::Interrupted`]).
-    Interruptible,
-    /// Until granted or this instant ([`Error::TimedOut`]).
-    Deadline(Instant),
+/// How long [`Engine::wait_set`] may wait, and what else ends the wait.
+/// Whatever its patience, an engine makes one wait of it, from start to
+/// grant or give-up (one place in a queue, one `F_SETLKW`, one statement),
+/// so that fair grants and deadlock detection hold for every caller.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Until<'a> {
+    /// Give up at this instant ([`Error::TimedOut`]).
+    pub deadline: Option<Instant>,
+    /// A signal ends the wait ([`Error::Interrupted`]); else signals are
+    /// waited through.
+    pub interruptible: bool,
+    /// Another thread may end the wait ([`Error::Cancelled`]).
+    pub cancel: Option<&'a Cancel>,
+}
+
+impl<'a> Until<'a> {
+    /// Until granted: no deadline, deaf to signals, not cancellable.
+    #[cfg(test)]
+    pub const FOREVER: Until<'static> = Until {
+        deadline: None,
+        interruptible: false,
+        cancel: None,
+    };
+
+    /// Why the wait must end now, if it must: cancelled, or past its
+    /// deadline. Engines ask before they sleep and whenever they wake.
+    pub fn ended(&self) -> Option<Error> {
+        if self.cancel.is_some_and(Cancel::is_cancelled) {
+            return Some(Error::Cancelled);
+        }
+        if self.deadline.is_some_and(|t| Instant::now() >= t) {
+            return Some(Error::TimedOut);
+        }
+        None
+    }
+
+    /// Why the wait must end after a signal woke it: as [`Until::ended`],
+    /// else [`Error::Interrupted`] if signals end it.
+    pub fn ended_by_signal(&self) -> Option<Error> {
+        self.ended()
+            .or_else(|| self.interruptible.then_some(Error::Interrupted))
+    }
+
+    /// How long the wait may still sleep: `None` for no limit.
+    pub fn left(&self) -> Option<Duration> {
+        self.deadline
+            .map(|t| t.saturating_duration_since(Instant::now()))
+    }
 }
 
 /// What a lock mode offers beyond mutual exclusion; see
@@ -85,13 +125,18 @@ pub(crate) trait Engine: Send + Sync {
 
     /// Raise `span` to `kind`, waiting as `until` says. On any error
     /// nothing changed.
-    fn wait_set(&self, span: Span, kind: Kind, until: Until) -> Result<(), Error>;
+    fn wait_set(&self, span: Span, kind: Kind, until: Until<'_>) -> Result<(), Error>;
 
     /// Raise every one of `pieces` to `kind` at once, waiting as `until`
     /// says, so the owner never holds part of them while it waits; on any
     /// error nothing changed. `None`: the engine cannot, and the protocol
     /// waits piece by piece with [`Engine::wait_set`].
-    fn wait_set_all(&self, pieces: &[Span], kind: Kind, until: Until) -> Option<Result<(), Error>> {
+    fn wait_set_all(
+        &self,
+        pieces: &[Span],
+        kind: Kind,
+        until: Until<'_>,
+    ) -> Option<Result<(), Error>> {
         let _ = (pieces, kind, until);
         None
     }

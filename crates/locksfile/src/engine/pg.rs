@@ -37,7 +37,7 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, TryLockError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::runtime::Runtime;
 use tokio_postgres::config::Host;
@@ -411,40 +411,9 @@ impl Pg {
         c
     }
 
-    /// Ask the server to cancel the session's running statement, over a
-    /// new connection as the protocol wants. Best effort: if it fails the
-    /// wait ends on its own terms.
+    /// Ask the server to cancel the session's running statement.
     fn send_cancel(&self) {
-        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-            .enable_io()
-            .enable_time()
-            .build()
-        else {
-            return;
-        };
-        let addr = self.addr.clone();
-        let token = &self.cancel;
-        rt.block_on(async move {
-            let go = async {
-                match addr {
-                    Addr::Unix(p) => {
-                        let s = tokio::net::UnixStream::connect(p).await?;
-                        token
-                            .cancel_query_raw(s, NoTls)
-                            .await
-                            .map_err(io::Error::other)
-                    }
-                    Addr::Tcp(a) => {
-                        let s = tokio::net::TcpStream::connect(a).await?;
-                        token
-                            .cancel_query_raw(s, NoTls)
-                            .await
-                            .map_err(io::Error::other)
-                    }
-                }
-            };
-            let _ = tokio::time::timeout(Duration::from_secs(5), go).await;
-        });
+        send_cancel(&self.addr, &self.cancel);
     }
 
     /// Run `sql` (simple protocol, one round trip); its first value.
@@ -656,15 +625,18 @@ impl Pg {
         }
     }
 
-    /// Wait for `kind` on `keys` (each lacking it), up to `deadline`, in
-    /// one statement: transaction locks in ascending order (so a failure
-    /// leaves nothing), then the session locks. `abandon` set: give up with
-    /// [`Error::Interrupted`] at the next chance.
+    /// Wait for `kind` on `keys` (each lacking it) until `until` ends the
+    /// wait, in one statement whose `lock_timeout` is all the time left (so
+    /// the server's deadlock detector runs at its own `deadlock_timeout`):
+    /// transaction locks in ascending order (so a failure leaves nothing),
+    /// then the session locks. `abandon` set: give up with
+    /// [`Error::Interrupted`] at the next chance. A sibling's cancel starts
+    /// the statement again.
     fn wait_keys(
         &self,
         keys: &[i32],
         kind: Kind,
-        deadline: Option<Instant>,
+        until: Until<'_>,
         abandon: &AtomicBool,
     ) -> Result<(), Error> {
         let sfx = suffix(kind);
@@ -682,17 +654,13 @@ impl Pg {
             if self.lost.load(Ordering::Relaxed) {
                 return Err(self.lose());
             }
-            let timeout_ms = match deadline {
-                None => 0,
-                Some(t) => {
-                    let left = t.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        return Err(Error::TimedOut);
-                    }
-                    // lock_timeout counts whole milliseconds; 0 is "none".
-                    left.as_millis().clamp(1, i32::MAX as u128)
-                }
-            };
+            if let Some(e) = until.ended() {
+                return Err(e);
+            }
+            // lock_timeout counts whole milliseconds; 0 is "none".
+            let timeout_ms = until
+                .left()
+                .map_or(0, |left| left.as_millis().clamp(1, i32::MAX as u128));
             let mut sql = String::new();
             let _ = write!(
                 sql,
@@ -701,7 +669,7 @@ impl Pg {
                  SELECT bool_and(pg_try_advisory_lock{sfx}({ns}, k)) FROM unnest({arr}) k"
             );
             self.waiting.store(true, Ordering::SeqCst);
-            let r = if abandon.load(Ordering::SeqCst) {
+            let r = if abandon.load(Ordering::SeqCst) || until.ended().is_some() {
                 Err(Error::Interrupted)
             } else {
                 self.simple(&c, "wait for advisory locks", &sql)
@@ -746,6 +714,9 @@ impl Pg {
                     if abandon.load(Ordering::SeqCst) {
                         return Err(Error::Interrupted);
                     }
+                    if let Some(e) = until.ended() {
+                        return Err(e);
+                    }
                 }
                 Err(e) => {
                     // The server reports an error before it ends the
@@ -765,13 +736,13 @@ impl Pg {
     /// signals blocked there) while this thread sleeps in a `read` that a
     /// signal interrupts; then the statement is cancelled and the helper's
     /// answer taken (a grant that won the race is kept).
-    fn wait_interruptibly(&self, keys: &[i32], kind: Kind) -> Result<(), Error> {
+    fn wait_interruptibly(&self, keys: &[i32], kind: Kind, until: Until<'_>) -> Result<(), Error> {
         let (mut rx, tx) = UnixStream::pair().map_err(|e| Error::io("socketpair", e))?;
         let abandon = AtomicBool::new(false);
         std::thread::scope(|s| {
             let helper = s.spawn(|| {
                 sys::block_signals_in_this_thread();
-                let r = self.wait_keys(keys, kind, None, &abandon);
+                let r = self.wait_keys(keys, kind, until, &abandon);
                 let _ = (&tx).write_all(&[1]);
                 r
             });
@@ -899,6 +870,41 @@ enum Stream {
     Tcp(tokio::net::TcpStream),
 }
 
+/// Ask the server to cancel a session's running statement, over a new
+/// connection as the protocol wants. Best effort: if it fails the wait ends
+/// on its own terms.
+fn send_cancel(addr: &Addr, token: &CancelToken) {
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .enable_time()
+        .build()
+    else {
+        return;
+    };
+    let addr = addr.clone();
+    rt.block_on(async move {
+        let go = async {
+            match addr {
+                Addr::Unix(p) => {
+                    let s = tokio::net::UnixStream::connect(p).await?;
+                    token
+                        .cancel_query_raw(s, NoTls)
+                        .await
+                        .map_err(io::Error::other)
+                }
+                Addr::Tcp(a) => {
+                    let s = tokio::net::TcpStream::connect(a).await?;
+                    token
+                        .cancel_query_raw(s, NoTls)
+                        .await
+                        .map_err(io::Error::other)
+                }
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(5), go).await;
+    });
+}
+
 fn server_error(op: &'static str, e: tokio_postgres::Error) -> Error {
     match e.as_db_error() {
         Some(db) => Error::Server {
@@ -964,7 +970,7 @@ impl Engine for Pg {
         }
     }
 
-    fn wait_set(&self, span: Span, kind: Kind, until: Until) -> Result<(), Error> {
+    fn wait_set(&self, span: Span, kind: Kind, until: Until<'_>) -> Result<(), Error> {
         let (lo, hi) = clamp(span);
         let keys: Vec<i32> = {
             let c = self.conn.lock().unwrap_or_else(|p| p.into_inner());
@@ -975,11 +981,19 @@ impl Engine for Pg {
         if keys.is_empty() {
             return Ok(());
         }
-        let never = AtomicBool::new(false);
-        match until {
-            Until::Forever => self.wait_keys(&keys, kind, None, &never),
-            Until::Deadline(t) => self.wait_keys(&keys, kind, Some(t), &never),
-            Until::Interruptible => self.wait_interruptibly(&keys, kind),
+        // A cancel asks the server to cancel the statement, from a thread
+        // of its own (it connects): the wait then sees the token cancelled.
+        let _armed = until.cancel.map(|c| {
+            let (addr, token) = (self.addr.clone(), self.cancel.clone());
+            c.arm(Box::new(move || {
+                let (addr, token) = (addr.clone(), token.clone());
+                std::thread::spawn(move || send_cancel(&addr, &token));
+            }))
+        });
+        if until.interruptible {
+            self.wait_interruptibly(&keys, kind, until)
+        } else {
+            self.wait_keys(&keys, kind, until, &AtomicBool::new(false))
         }
     }
 

@@ -2410,13 +2410,7 @@ impl Shm {
     /// (which queues fairly and looks for deadlocks and dead holders), as
     /// the lane changed into something else, or after [`LANE_NAP`] of
     /// sleeping. `Err` only for a signal in an interruptible wait.
-    fn wait_on_lane(
-        &self,
-        span: Span,
-        kind: Kind,
-        until: Until,
-        deadline: Option<Instant>,
-    ) -> Result<bool, Error> {
+    fn wait_on_lane(&self, span: Span, kind: Kind, until: Until<'_>) -> Result<bool, Error> {
         let Some((i, l)) = lane_of(span) else {
             return Ok(false);
         };
@@ -2436,10 +2430,10 @@ impl Shm {
                 std::hint::spin_loop();
                 continue;
             }
-            let now = Instant::now();
-            if deadline.is_some_and(|t| now >= t) {
+            if until.ended().is_some() {
                 return Ok(false);
             }
+            let now = Instant::now();
             if yields < LANE_YIELDS {
                 yields += 1;
                 std::thread::yield_now();
@@ -2447,8 +2441,8 @@ impl Shm {
             }
             let since = *napping_since.get_or_insert(now);
             let mut nap = LANE_NAP.saturating_sub(now - since);
-            if let Some(t) = deadline {
-                nap = nap.min(t - now);
+            if let Some(left) = until.left() {
+                nap = nap.min(left);
             }
             if nap.is_zero() {
                 return Ok(false);
@@ -2465,9 +2459,7 @@ impl Shm {
             let slept =
                 unsafe { sys::futex_wait_raw(self.map.lane_half(l), (marked >> 32) as u32, nap) };
             match slept.map_err(|e| e.raw_os_error()) {
-                Err(Some(libc::EINTR)) if until == Until::Interruptible => {
-                    return Err(Error::Interrupted)
-                }
+                Err(Some(libc::EINTR)) if until.interruptible => return Err(Error::Interrupted),
                 // Woken, interrupted or timed out: look again (the nap's
                 // time left ends it).
                 _ => {}
@@ -2477,13 +2469,9 @@ impl Shm {
 
     /// Wait until every piece can be raised to `kind` at once, then raise
     /// them all; on any error nothing changed.
-    fn wait_all(&self, pieces: &[Span], kind: Kind, until: Until) -> Result<(), Error> {
-        let deadline = match until {
-            Until::Deadline(t) => Some(t),
-            _ => None,
-        };
+    fn wait_all(&self, pieces: &[Span], kind: Kind, until: Until<'_>) -> Result<(), Error> {
         if let [span] = pieces {
-            if self.wait_on_lane(*span, kind, until, deadline)? {
+            if self.wait_on_lane(*span, kind, until)? {
                 return Ok(());
             }
         }
@@ -2494,6 +2482,8 @@ impl Shm {
         let mut queued: Option<(u32, u64)> = None;
         let mut slice_over = false;
         let mut yields = 0;
+        // While queued, a cancel bumps and wakes our futex word.
+        let mut armed = None;
         loop {
             let ticket = queued.map_or(u64::MAX, |q| q.1);
             let req = Request {
@@ -2506,7 +2496,8 @@ impl Shm {
             // before the wait queues and sleeps, gives up, or goes on after
             // a slice with no wake-up (a holder that dies wakes no one): a
             // lock held for a moment is mostly free again before that.
-            let expired = deadline.is_some_and(|t| Instant::now() >= t);
+            let ended = until.ended();
+            let expired = ended.is_some();
             let about_to_queue = queued.is_none() && yields >= YIELDS_BEFORE_QUEUEING;
             let life = (slice_over || expired || about_to_queue).then(|| self.fd());
             let outcome = if !g.prepare(pieces) {
@@ -2523,10 +2514,8 @@ impl Shm {
                 }
             } else if (about_to_queue || slice_over) && g.closes_cycle(self.fd(), req) {
                 Some(Err(Error::Deadlock))
-            } else if expired {
-                Some(Err(Error::TimedOut))
             } else {
-                None
+                ended.map(Err)
             };
             if let Some(outcome) = outcome {
                 if let Some((i, t)) = queued {
@@ -2552,13 +2541,25 @@ impl Shm {
                 );
             }
             let word = self.map.wake_word(queued.map_or(0, |q| q.0) as usize);
+            if let (Some(c), None) = (until.cancel, &armed) {
+                // SAFETY: the word is in our mapping, which outlives this
+                // call; `armed` is dropped before the call returns.
+                let waker = unsafe { sys::WordWaker::new(word) };
+                armed = Some(c.arm(Box::new(move || waker.wake())));
+            }
             let seen = word.load(Ordering::Acquire);
             drop(g);
             let mut sleep = LIVENESS_SLICE;
-            if let Some(t) = deadline {
-                sleep = sleep.min(t.saturating_duration_since(Instant::now()));
+            if let Some(left) = until.left() {
+                sleep = sleep.min(left);
             }
-            let woke = sys::futex_wait(word, seen, sleep);
+            // A cancel after `seen` was read changes the word, so the sleep
+            // ends at once; one before it is seen here.
+            let woke = if until.ended().is_some() {
+                Ok(())
+            } else {
+                sys::futex_wait(word, seen, sleep)
+            };
             slice_over = false;
             let interrupted = match woke {
                 Ok(()) => false,
@@ -2566,7 +2567,7 @@ impl Shm {
                     slice_over = true;
                     false
                 }
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => until == Until::Interruptible,
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => until.interruptible,
                 Err(e) => {
                     let mut g = self.lock()?;
                     if let Some((i, t)) = queued {
@@ -2873,11 +2874,16 @@ impl Engine for Shm {
         self.raise(span, kind, false)
     }
 
-    fn wait_set(&self, span: Span, kind: Kind, until: Until) -> Result<(), Error> {
+    fn wait_set(&self, span: Span, kind: Kind, until: Until<'_>) -> Result<(), Error> {
         self.wait_all(&[span], kind, until)
     }
 
-    fn wait_set_all(&self, pieces: &[Span], kind: Kind, until: Until) -> Option<Result<(), Error>> {
+    fn wait_set_all(
+        &self,
+        pieces: &[Span],
+        kind: Kind,
+        until: Until<'_>,
+    ) -> Option<Result<(), Error>> {
         Some(self.wait_all(pieces, kind, until))
     }
 
@@ -3455,7 +3461,7 @@ mod tests {
             assert!(a.try_set(one(5), Some(Kind::Exclusive)).unwrap());
             std::thread::scope(|s| {
                 let waiter = s.spawn(|| {
-                    b.wait_set(one(5), Kind::Exclusive, Until::Forever)
+                    b.wait_set(one(5), Kind::Exclusive, Until::FOREVER)
                         .map(|()| Instant::now())
                 });
                 // Until b sleeps on the lane (it marks the word first).
