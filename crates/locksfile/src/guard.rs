@@ -140,6 +140,14 @@ impl<H: Deref<Target = LockFile>> ReadGuard<H> {
         self.hold.span
     }
 
+    /// Whether the lock is still held: `false` once the PostgreSQL session
+    /// that held it is lost ([`LockFile::lost`]), whose locks the server
+    /// then gave to others. Always `true` in the other modes, where a live
+    /// guard's lock cannot be taken away.
+    pub fn is_held(&self) -> bool {
+        !self.hold.lockfile().lost()
+    }
+
     /// Convert to an exclusive lock in place, waiting for other readers.
     /// The shared lock is kept while waiting (Linux converts atomically).
     ///
@@ -252,6 +260,14 @@ impl<H: Deref<Target = LockFile>> WriteGuard<H> {
     /// The span held.
     pub fn span(&self) -> Span {
         self.hold.span
+    }
+
+    /// Whether the lock is still held: `false` once the PostgreSQL session
+    /// that held it is lost ([`LockFile::lost`]), whose locks the server
+    /// then gave to others. Always `true` in the other modes, where a live
+    /// guard's lock cannot be taken away.
+    pub fn is_held(&self) -> bool {
+        !self.hold.lockfile().lost()
     }
 
     /// Convert to a shared lock in place. Never blocks: a lock only gets weaker.

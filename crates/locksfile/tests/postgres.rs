@@ -407,7 +407,9 @@ fn a_terminated_session_reports_every_lock_lost() {
     let t = target(&format!("{srv}?application_name={app}"), "terminated");
     let a = connect(&t);
     let g = a.write(1..3).unwrap();
+    let r = a.read(7).unwrap();
     assert!(!a.lost());
+    assert!(g.is_held() && r.is_held());
     psql(
         &srv,
         &format!(
@@ -420,6 +422,11 @@ fn a_terminated_session_reports_every_lock_lost() {
         a.held().is_empty(),
         "held() shows a lock the server dropped"
     );
+    assert!(
+        !g.is_held() && !r.is_held(),
+        "a guard of the lost session says it holds its lock"
+    );
+    drop(r);
     assert!(matches!(a.try_read(5), Err(Error::ConnectionLost { .. })));
     // Releasing what is lost is no error; the lock is free on the server.
     drop(g);
