@@ -337,6 +337,98 @@ fn wait_until_queued(path: &Path, lf: &LockFile, start: u64) {
     }
 }
 
+/// PostgreSQL's "soft" cycle, closed by a request that waits for a lock:
+/// C holds 0 shared; B waits for 0 exclusive (for C); A holds 1
+/// exclusive and asks for 0 shared, which C's lock admits but which queues
+/// behind B's earlier request; then C asks for 1 shared. C waits for A,
+/// A behind B (queue order only), B for C. Putting A's request ahead of
+/// B's breaks the cycle and makes none, so no one is told
+/// `Error::Deadlock`: A is granted at once, C once A lets go, B last.
+#[test]
+fn a_cycle_through_queue_order_is_broken_by_moving_a_waiter_ahead() {
+    let _s = serial();
+    let (_dir, path) = lock_path();
+    let (a, b, c) = (shm(&path), shm(&path), shm(&path));
+    c.acquire(Kind::Shared, 0, Wait::NonBlocking).unwrap();
+    a.acquire(Kind::Exclusive, 1, Wait::NonBlocking).unwrap();
+    let (order, done) = mpsc::channel();
+    std::thread::scope(|s| {
+        let bw = s.spawn(|| {
+            let r = b.acquire(Kind::Exclusive, 0, Wait::Timeout(STUCK));
+            order.send('b').unwrap();
+            b.release_all().unwrap();
+            r
+        });
+        wait_until_queued(&path, &b, 0);
+        let aw = s.spawn(|| {
+            let r = a.acquire(Kind::Shared, 0, Wait::Timeout(STUCK));
+            order.send('a').unwrap();
+            a.release_all().unwrap();
+            r
+        });
+        wait_until_queued(&path, &a, 0);
+        let r = c.acquire(Kind::Shared, 1, Wait::Timeout(STUCK));
+        order.send('c').unwrap();
+        // Let go whatever happened, so that the others end either way.
+        c.release_all().unwrap();
+        let (ra, rb) = (aw.join().unwrap(), bw.join().unwrap());
+        assert!(
+            matches!((&r, &ra, &rb), (Ok(()), Ok(()), Ok(()))),
+            "C: {r:?}, A: {ra:?}, B: {rb:?}"
+        );
+    });
+    let order: String = done.try_iter().collect();
+    assert_eq!(
+        order, "acb",
+        "A first (moved ahead), C once A let go, B last"
+    );
+    verify(&path).unwrap();
+}
+
+/// The same cycle closed by the request that must move: C holds 0
+/// shared, B waits for 0 exclusive (for C), A holds 1 exclusive, C waits
+/// for 1 (for A); then A asks for 0 shared. Nothing A waits for is held
+/// against it, only B's earlier request: A goes ahead of B, is granted
+/// without waiting for anyone, and once it lets go C and then B are.
+#[test]
+fn a_request_closing_a_cycle_through_queue_order_goes_ahead() {
+    let _s = serial();
+    let (_dir, path) = lock_path();
+    let (a, b, c) = (shm(&path), shm(&path), shm(&path));
+    c.acquire(Kind::Shared, 0, Wait::NonBlocking).unwrap();
+    a.acquire(Kind::Exclusive, 1, Wait::NonBlocking).unwrap();
+    std::thread::scope(|s| {
+        let bw = s.spawn(|| {
+            let r = b.acquire(Kind::Exclusive, 0, Wait::Timeout(STUCK));
+            b.release_all().unwrap();
+            r
+        });
+        wait_until_queued(&path, &b, 0);
+        let cw = s.spawn(|| {
+            let r = c.acquire(Kind::Shared, 1, Wait::Timeout(STUCK));
+            c.release_all().unwrap();
+            r
+        });
+        wait_until_queued(&path, &c, 1);
+        let started = Instant::now();
+        let r = a.acquire(Kind::Shared, 0, Wait::Timeout(STUCK));
+        let took = started.elapsed();
+        let held = a.held();
+        a.release_all().unwrap();
+        let (rc, rb) = (cw.join().unwrap(), bw.join().unwrap());
+        assert!(
+            matches!((&r, &rc, &rb), (Ok(()), Ok(()), Ok(()))),
+            "A: {r:?}, C: {rc:?}, B: {rb:?}"
+        );
+        assert_eq!(
+            held,
+            vec![(span(0), Kind::Shared), (span(1), Kind::Exclusive)]
+        );
+        assert!(took < Duration::from_secs(1), "A waited {took:?}");
+    });
+    verify(&path).unwrap();
+}
+
 /// A cycle of locks held (A holds 0 and waits for 1, B holds 1 and asks
 /// for 0) is one no queue order breaks: B's request fails with
 /// `Error::Deadlock` at once, holding nothing more, and A's is granted
