@@ -318,6 +318,183 @@ fn two_upgraders_deadlock() {
     }
 }
 
+/// Wait until `lf` (an owner of the table at `path`) has a request queued
+/// that starts at `start`.
+fn wait_until_queued(path: &Path, lf: &LockFile, start: u64) {
+    let me = lf.table_owner().unwrap();
+    let deadline = Instant::now() + STUCK;
+    while !Snapshot::read(path)
+        .unwrap()
+        .waiters
+        .iter()
+        .any(|w| w.owner == me && w.span.start() == start)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no request of owner {me} queued at {start}"
+        );
+        std::thread::yield_now();
+    }
+}
+
+/// PostgreSQL's "soft" cycle, closed by a request that waits for a lock:
+/// C holds 0 shared; B waits for 0 exclusive (for C); A holds 1
+/// exclusive and asks for 0 shared, which C's lock admits but which queues
+/// behind B's earlier request; then C asks for 1 shared. C waits for A,
+/// A behind B (queue order only), B for C. Putting A's request ahead of
+/// B's breaks the cycle and makes none, so no one is told
+/// `Error::Deadlock`: A is granted at once, C once A lets go, B last.
+#[test]
+fn a_cycle_through_queue_order_is_broken_by_moving_a_waiter_ahead() {
+    let _s = serial();
+    let (_dir, path) = lock_path();
+    let (a, b, c) = (shm(&path), shm(&path), shm(&path));
+    c.acquire(Kind::Shared, 0, Wait::NonBlocking).unwrap();
+    a.acquire(Kind::Exclusive, 1, Wait::NonBlocking).unwrap();
+    let (order, done) = mpsc::channel();
+    std::thread::scope(|s| {
+        let bw = s.spawn(|| {
+            let r = b.acquire(Kind::Exclusive, 0, Wait::Timeout(STUCK));
+            order.send('b').unwrap();
+            b.release_all().unwrap();
+            r
+        });
+        wait_until_queued(&path, &b, 0);
+        let aw = s.spawn(|| {
+            let r = a.acquire(Kind::Shared, 0, Wait::Timeout(STUCK));
+            order.send('a').unwrap();
+            a.release_all().unwrap();
+            r
+        });
+        wait_until_queued(&path, &a, 0);
+        let r = c.acquire(Kind::Shared, 1, Wait::Timeout(STUCK));
+        order.send('c').unwrap();
+        // Let go whatever happened, so that the others end either way.
+        c.release_all().unwrap();
+        let (ra, rb) = (aw.join().unwrap(), bw.join().unwrap());
+        assert!(
+            matches!((&r, &ra, &rb), (Ok(()), Ok(()), Ok(()))),
+            "C: {r:?}, A: {ra:?}, B: {rb:?}"
+        );
+    });
+    let order: String = done.try_iter().collect();
+    assert_eq!(
+        order, "acb",
+        "A first (moved ahead), C once A let go, B last"
+    );
+    verify(&path).unwrap();
+}
+
+/// The same cycle closed by the request that must move: C holds 0
+/// shared, B waits for 0 exclusive (for C), A holds 1 exclusive, C waits
+/// for 1 (for A); then A asks for 0 shared. Nothing A waits for is held
+/// against it, only B's earlier request: A goes ahead of B, is granted
+/// without waiting for anyone, and once it lets go C and then B are.
+#[test]
+fn a_request_closing_a_cycle_through_queue_order_goes_ahead() {
+    let _s = serial();
+    let (_dir, path) = lock_path();
+    let (a, b, c) = (shm(&path), shm(&path), shm(&path));
+    c.acquire(Kind::Shared, 0, Wait::NonBlocking).unwrap();
+    a.acquire(Kind::Exclusive, 1, Wait::NonBlocking).unwrap();
+    std::thread::scope(|s| {
+        let bw = s.spawn(|| {
+            let r = b.acquire(Kind::Exclusive, 0, Wait::Timeout(STUCK));
+            b.release_all().unwrap();
+            r
+        });
+        wait_until_queued(&path, &b, 0);
+        let cw = s.spawn(|| {
+            let r = c.acquire(Kind::Shared, 1, Wait::Timeout(STUCK));
+            c.release_all().unwrap();
+            r
+        });
+        wait_until_queued(&path, &c, 1);
+        let started = Instant::now();
+        let r = a.acquire(Kind::Shared, 0, Wait::Timeout(STUCK));
+        let took = started.elapsed();
+        let held = a.held();
+        a.release_all().unwrap();
+        let (rc, rb) = (cw.join().unwrap(), bw.join().unwrap());
+        assert!(
+            matches!((&r, &rc, &rb), (Ok(()), Ok(()), Ok(()))),
+            "A: {r:?}, C: {rc:?}, B: {rb:?}"
+        );
+        assert_eq!(
+            held,
+            vec![(span(0), Kind::Shared), (span(1), Kind::Exclusive)]
+        );
+        assert!(took < Duration::from_secs(1), "A waited {took:?}");
+    });
+    verify(&path).unwrap();
+}
+
+/// A cycle of locks held (A holds 0 and waits for 1, B holds 1 and asks
+/// for 0) is one no queue order breaks: B's request fails with
+/// `Error::Deadlock` at once, holding nothing more, and A's is granted
+/// once B lets go; exactly one of the two is refused.
+#[test]
+fn a_cycle_of_held_locks_is_one_deadlock() {
+    let _s = serial();
+    let (_dir, path) = lock_path();
+    let (a, b) = (shm(&path), shm(&path));
+    a.acquire(Kind::Exclusive, 0, Wait::NonBlocking).unwrap();
+    b.acquire(Kind::Exclusive, 1, Wait::NonBlocking).unwrap();
+    std::thread::scope(|s| {
+        let aw = s.spawn(|| {
+            let r = a.acquire(Kind::Exclusive, 1, Wait::Timeout(STUCK));
+            a.release_all().unwrap();
+            r
+        });
+        wait_until_queued(&path, &a, 1);
+        let started = Instant::now();
+        let r = b.acquire(Kind::Exclusive, 0, Wait::Timeout(STUCK));
+        let took = started.elapsed();
+        assert_eq!(b.held(), vec![(span(1), Kind::Exclusive)]);
+        b.release_all().unwrap();
+        let ra = aw.join().unwrap();
+        assert!(matches!(r, Err(Error::Deadlock)), "B: {r:?}");
+        assert!(ra.is_ok(), "A: {ra:?}");
+        assert!(took < Duration::from_secs(1), "B waited {took:?}");
+    });
+    verify(&path).unwrap();
+}
+
+/// A cycle through queue order that also runs through held locks alone
+/// stays a deadlock: C holds 0 shared and 2 exclusive, B waits for 0
+/// exclusive (for C), A holds 5 exclusive and asks for 0..3 shared (for
+/// C's 2, and behind B), then C asks for 5. Moving A ahead of B leaves
+/// C -> A -> C, so C is told `Error::Deadlock`.
+#[test]
+fn a_cycle_that_queue_order_cannot_break_is_a_deadlock() {
+    let _s = serial();
+    let (_dir, path) = lock_path();
+    let (a, b, c) = (shm(&path), shm(&path), shm(&path));
+    c.acquire(Kind::Shared, 0, Wait::NonBlocking).unwrap();
+    c.acquire(Kind::Exclusive, 2, Wait::NonBlocking).unwrap();
+    a.acquire(Kind::Exclusive, 5, Wait::NonBlocking).unwrap();
+    std::thread::scope(|s| {
+        let bw = s.spawn(|| {
+            let r = b.acquire(Kind::Exclusive, 0, Wait::Timeout(STUCK));
+            b.release_all().unwrap();
+            r
+        });
+        wait_until_queued(&path, &b, 0);
+        let aw = s.spawn(|| {
+            let r = a.acquire(Kind::Shared, 0..3, Wait::Timeout(STUCK));
+            a.release_all().unwrap();
+            r
+        });
+        wait_until_queued(&path, &a, 0);
+        let r = c.acquire(Kind::Shared, 5, Wait::Timeout(STUCK));
+        c.release_all().unwrap();
+        assert!(matches!(r, Err(Error::Deadlock)), "C: {r:?}");
+        assert!(bw.join().unwrap().is_ok());
+        assert!(aw.join().unwrap().is_ok());
+    });
+    verify(&path).unwrap();
+}
+
 /// Four processes keep overlapping read locks busy (there is always a
 /// reader on index 5); a writer is granted within a bounded time, as the
 /// readers that come after it queue behind it.

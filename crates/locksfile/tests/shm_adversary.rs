@@ -207,10 +207,12 @@ fn releases_on_a_full_table_never_fail() {
 /// A cycle that runs through queue order: A holds 0 shared, B waits for
 /// 0 exclusive (behind A), C holds 1 exclusive and asks for 0 shared
 /// (compatible with A, but queued behind B), then A asks for 1: A waits
-/// for C, C for B, B for A. A's request closes the cycle and fails with
-/// `Error::Deadlock`; once A lets go everyone is granted.
+/// for C, C behind B, B for A. The cycle runs through queue order, so it
+/// is broken by reordering, not reported: C's request goes ahead of B's
+/// and is granted, A's once C lets go (its process ends), B's once A lets
+/// go; no one gets `Error::Deadlock`.
 #[test]
-fn a_cycle_through_queue_order_is_a_deadlock() {
+fn a_cycle_through_queue_order_is_broken_by_reordering() {
     let _s = serial();
     let (_dir, path) = lock_path();
     let a = shm(&path);
@@ -232,13 +234,10 @@ fn a_cycle_through_queue_order_is_a_deadlock() {
     wait_for_waiter(&path, 0, Some(c.pid));
     let started = Instant::now();
     match a.acquire(Kind::Shared, 1, Wait::Timeout(STUCK)) {
-        Err(Error::Deadlock) => {}
-        other => panic!(
-            "expected a deadlock after {:?}: {other:?}",
-            started.elapsed()
-        ),
+        Ok(()) => {}
+        other => panic!("expected a grant after {:?}: {other:?}", started.elapsed()),
     }
-    assert_eq!(a.held(), vec![(span(0), Kind::Shared)]);
+    assert_eq!(a.held(), vec![(span(0..2), Kind::Shared)]);
     a.release_all().unwrap();
     b.join();
     c.join();

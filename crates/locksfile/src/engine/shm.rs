@@ -56,7 +56,7 @@ use crate::sys::{self, Family, FileType, LockType, OpenHow, Range};
 use crate::Kind;
 
 const MAGIC: u64 = u64::from_le_bytes(*b"LKFSHM\x00\x01");
-const VERSION: u32 = 3;
+const VERSION: u32 = 4;
 
 /// Owner slots: owners (handles) using one table at once.
 pub(crate) const SLOTS: usize = 1024;
@@ -186,7 +186,16 @@ struct Waiter {
     kind: u32,
     start: u64,
     end: u64,
+    /// Given when it queued, never changed: with the owner, it names the
+    /// entry (a waiting thread keeps it to find its entry again).
     ticket: u64,
+    /// Its place in the queue: earlier (then, only after a crash in the
+    /// middle of a reordering, the lower ticket) comes first. Its ticket
+    /// when it queues; the deadlock search moves it ahead of requests it
+    /// would otherwise wait behind in a cycle (see [`Guard::reorder`]).
+    /// The places of the entries in use differ and are below the header's
+    /// `next_ticket`.
+    order: u64,
     /// When it started waiting, ns since the Unix epoch (for status).
     since_ns: u64,
     pid: u32,
@@ -513,6 +522,8 @@ impl Map {
                 entered: [0; ENTERED],
                 n_entered: 0,
                 repairing: false,
+                ahead: None,
+                renew: 0,
             },
             died,
         ))
@@ -576,6 +587,13 @@ struct Guard<'a> {
     n_entered: usize,
     /// Rebuilding the derived indices: lanes are put right afterwards.
     repairing: bool,
+    /// The place in the queue the deadlock search gave the request it
+    /// looked at, not queued yet: it queues there (see [`Guard::reorder`]).
+    ahead: Option<u64>,
+    /// Waiter entry + 1 (0: none) to wake once the mutex is let go, after
+    /// its own waiting thread read its word: that thread's request was
+    /// moved ahead, and must look again instead of sleeping.
+    renew: u32,
 }
 
 impl Drop for Guard<'_> {
@@ -583,6 +601,10 @@ impl Drop for Guard<'_> {
         self.leave();
         // SAFETY: we hold the mutex.
         unsafe { sys::robust_mutex_unlock(self.map.mutex()) };
+        if self.renew > 0 {
+            let word = self.map.wake_word(self.renew as usize - 1);
+            word.fetch_add(1, Ordering::Release);
+        }
         if self.wake_upto > 0 {
             for i in 0..self.wake_upto {
                 sys::futex_wake_all(self.map.wake_word(i));
@@ -610,14 +632,65 @@ fn alive(fd: BorrowedFd<'_>, slot: u32) -> bool {
     }
 }
 
+/// A place in the queue: a waiter's `(order, ticket)`, earlier first.
+type Place = (u64, u64);
+
+impl Waiter {
+    fn place(&self) -> Place {
+        (self.order, self.ticket)
+    }
+}
+
+/// The most moves [`Guard::reorder`] makes at once to break the cycles
+/// through one request, and the most sets of moves it tries.
+const MAX_MOVES: usize = 16;
+const REORDER_TRIALS: u32 = 64;
+
+/// The entries of `queue` (earliest first) in an order that puts `a`
+/// ahead of `b` for each `(a, b)` of `moves` and moves no one else, as
+/// PostgreSQL's `TopoSort`: built from the back, each step taking the
+/// latest entry that need not come ahead of an entry still left, so each
+/// `a` lands just ahead of the earliest `b` it must pass. `None` when the
+/// moves contradict each other (or name an entry not in `queue`).
+fn topo_sort(queue: &[(Place, u32)], moves: &[(u32, u32)]) -> Option<Vec<u32>> {
+    let n = queue.len();
+    let at = |e: u32| queue.iter().position(|q| q.1 == e);
+    let mut pairs = Vec::with_capacity(moves.len());
+    // How many entries still left each entry must come ahead of.
+    let mut ahead_of = vec![0u32; n];
+    for &(a, b) in moves {
+        let (a, b) = (at(a)?, at(b)?);
+        ahead_of[a] += 1;
+        pairs.push((a, b));
+    }
+    let mut left = vec![true; n];
+    let mut out = vec![0; n];
+    let mut top = n;
+    for slot in (0..n).rev() {
+        while top > 0 && !left[top - 1] {
+            top -= 1;
+        }
+        let k = (0..top).rev().find(|&k| left[k] && ahead_of[k] == 0)?;
+        left[k] = false;
+        out[slot] = queue[k].1;
+        for &(a, b) in &pairs {
+            if b == k {
+                ahead_of[a] -= 1;
+            }
+        }
+    }
+    Some(out)
+}
+
 /// A request as the grant rule sees it.
 #[derive(Clone, Copy)]
 struct Request<'p> {
     me: u32,
     pieces: &'p [Span],
     kind: u32,
-    /// Waiters with an earlier ticket come first; `u64::MAX` for a request
-    /// not queued yet.
+    /// The ticket of its waiter entry, which holds its place in the queue
+    /// ([`Guard::place_of`]); `u64::MAX` for a request not queued yet
+    /// (its place is past every entry).
     ticket: u64,
 }
 
@@ -780,6 +853,7 @@ impl Guard<'_> {
                 self.map.waiter(i).owner = 0;
             }
         }
+        self.renumber_queue();
         for b in 0..BUCKETS {
             *self.map.bucket_head(b) = NIL;
         }
@@ -801,6 +875,25 @@ impl Guard<'_> {
         self.repairing = false;
         // Waiters of the dead owner's locks must look again.
         self.wake_everyone();
+    }
+
+    /// Make the places in the queue of the entries in use differ and lie
+    /// below `next_ticket` (past every ticket too), keeping their order: a
+    /// reordering cut short by a death may have left two equal.
+    fn renumber_queue(&mut self) {
+        let h = self.map.header();
+        let mut queue: Vec<(Place, usize)> = (0..h.waiter_hwm as usize)
+            .filter(|&i| self.map.waiter(i).owner != 0)
+            .map(|i| (self.map.waiter(i).place(), i))
+            .collect();
+        queue.sort_unstable();
+        let mut free = 0u64;
+        for (_, i) in queue {
+            let w = self.map.waiter(i);
+            w.order = w.order.max(free);
+            free = w.order.saturating_add(1);
+            h.next_ticket = h.next_ticket.max(free).max(w.ticket.saturating_add(1));
+        }
     }
 
     /// Set up a fresh table (the caller holds the sidecar exclusively).
@@ -973,15 +1066,37 @@ impl Guard<'_> {
         self.holds_over(req.me, s, e, 0)
     }
 
-    /// Whether `req` (not a conversion) queues behind the earlier waiter
-    /// `w` of another owner: their spans overlap and their kinds conflict,
-    /// unless the requester's own locks hold `w` up (that would be a cycle
-    /// fcntl never had). The grant rule and the deadlock search both ask
-    /// this, so every wait the rule makes is an edge the search sees.
-    fn defers_to(&self, req: Request<'_>, w: &Waiter) -> bool {
+    /// Where `req` stands in the queue: its entry's place, or past every
+    /// entry when it is not queued.
+    fn place_of(&self, req: Request<'_>) -> Place {
+        if req.ticket == u64::MAX {
+            return (u64::MAX, u64::MAX);
+        }
+        self.entry_of(req)
+            .map_or((u64::MAX, req.ticket), |i| self.map.waiter(i).place())
+    }
+
+    /// The waiter entry of `req`, if it is queued.
+    fn entry_of(&self, req: Request<'_>) -> Option<usize> {
+        if req.ticket == u64::MAX {
+            return None;
+        }
+        (0..self.map.header().waiter_hwm as usize).find(|&i| {
+            let w = self.map.waiter(i);
+            w.owner == req.me + 1 && w.ticket == req.ticket
+        })
+    }
+
+    /// Whether `req` (not a conversion), standing at `at` in the queue,
+    /// queues behind the earlier waiter `w` of another owner: their spans
+    /// overlap and their kinds conflict, unless the requester's own locks
+    /// hold `w` up (that would be a cycle fcntl never had). The grant rule
+    /// and the deadlock search both ask this, so every wait the rule makes
+    /// is an edge the search sees.
+    fn defers_to(&self, req: Request<'_>, at: Place, w: &Waiter) -> bool {
         w.owner != 0
             && w.owner != req.me + 1
-            && w.ticket < req.ticket
+            && w.place() < at
             && conflict(req.kind, w.kind)
             && req
                 .pieces
@@ -996,8 +1111,9 @@ impl Guard<'_> {
         if h.waiting == 0 || self.is_conversion(req) {
             return None;
         }
+        let at = self.place_of(req);
         (0..h.waiter_hwm as usize)
-            .position(|i| self.defers_to(req, &*self.map.waiter(i)))
+            .position(|i| self.defers_to(req, at, &*self.map.waiter(i)))
             .map(|i| i as u32)
     }
 
@@ -1034,9 +1150,12 @@ impl Guard<'_> {
         }
     }
 
-    /// Every owner in the way of `req` (holders and earlier waiters it
-    /// defers to), for the deadlock search.
-    fn blocking_owners(&self, req: Request<'_>, out: &mut Vec<u32>) {
+    /// Every owner in the way of `req`, standing at `place` in the queue, for
+    /// the deadlock search: `f(owner, None)` for each holder of a
+    /// conflicting record (a *hard* edge), `f(owner, Some(entry))` for
+    /// each earlier waiter entry it defers to (a *soft* edge). An owner
+    /// may come more than once.
+    fn each_blocker(&self, req: Request<'_>, place: Place, mut f: impl FnMut(u32, Option<u32>)) {
         let h = self.map.header();
         for o in 0..h.slot_hwm.min(SLOTS as u32) as usize {
             let slot = *self.map.slot(o);
@@ -1053,7 +1172,7 @@ impl Guard<'_> {
                         .iter()
                         .any(|p| overlaps(p.start(), p.end(), r.start, r.end))
                 {
-                    out.push(o as u32);
+                    f(o as u32, None);
                     break;
                 }
                 at = r.onext;
@@ -1065,19 +1184,45 @@ impl Guard<'_> {
         }
         for i in 0..h.waiter_hwm as usize {
             let w = *self.map.waiter(i);
-            if self.defers_to(req, &w) {
-                out.push(w.owner - 1);
+            if self.defers_to(req, place, &w) {
+                f(w.owner - 1, Some(i as u32));
             }
         }
     }
 
-    /// Whether waiting for `req` would close a cycle of waiting owners:
-    /// a search from its blockers through the waits of their owners, over
-    /// every owner slot (no depth limit). Owners found dead are skipped.
+    /// [`Guard::each_blocker`] of the request of waiter entry `i` (in use).
+    fn each_entry_blocker(&self, i: usize, f: impl FnMut(u32, Option<u32>)) {
+        let w = *self.map.waiter(i);
+        let piece = [Span::from_checked(w.start, w.end)];
+        let req = Request {
+            me: w.owner - 1,
+            pieces: &piece,
+            kind: w.kind,
+            ticket: w.ticket,
+        };
+        self.each_blocker(req, w.place(), f);
+    }
+
+    /// Whether waiting for `req` would close a cycle of waiting owners
+    /// that no rearrangement of the queue breaks: `true` is
+    /// `Error::Deadlock`.
+    ///
+    /// An owner waits for another along a *hard* edge (for a record the
+    /// other holds) or a *soft* one (behind the other's earlier queued
+    /// request, as [`Guard::defers_to`] has it). First a search from the
+    /// blockers of `req` through the waits of their owners, over every
+    /// owner slot (no depth limit), tells whether any cycle runs back to
+    /// `req`'s owner; when none does (the common case) that is all, at the
+    /// cost this search always had. Owners met on a cycle are checked for
+    /// life, and dead ones purged before looking again. A cycle left is
+    /// then broken by rearranging the queue where that can be done, as
+    /// PostgreSQL's deadlock check does ([`Guard::reorder`]): only a cycle
+    /// of locks held, or of soft edges that no tried rearrangement
+    /// reverses without closing another cycle, is a deadlock.
     fn closes_cycle(&mut self, fd: BorrowedFd<'_>, req: Request<'_>) -> bool {
         let mut seen = [false; SLOTS];
         let mut stack = Vec::new();
-        self.blocking_owners(req, &mut stack);
+        self.each_blocker(req, self.place_of(req), |o, _| stack.push(o));
         let mut found = false;
         while let Some(o) = stack.pop() {
             if o == req.me {
@@ -1089,18 +1234,9 @@ impl Guard<'_> {
             }
             let h = self.map.header();
             for i in 0..h.waiter_hwm as usize {
-                let w = *self.map.waiter(i);
-                if w.owner != o + 1 {
-                    continue;
+                if self.map.waiter(i).owner == o + 1 {
+                    self.each_entry_blocker(i, |b, _| stack.push(b));
                 }
-                let piece = [Span::from_checked(w.start, w.end)];
-                let edge = Request {
-                    me: o,
-                    pieces: &piece,
-                    kind: w.kind,
-                    ticket: w.ticket,
-                };
-                self.blocking_owners(edge, &mut stack);
             }
         }
         if !found {
@@ -1117,7 +1253,215 @@ impl Guard<'_> {
         if purged {
             return self.closes_cycle(fd, req);
         }
+        !self.reorder(req)
+    }
+
+    /// Break every cycle of waits through `req` by rearranging the queue,
+    /// as PostgreSQL's deadlock check does (its lock manager's README,
+    /// `DeadLockCheckRecurse`, `TopoSort`): whether it did.
+    ///
+    /// A cycle that passes through a soft edge (an entry `a` queued
+    /// behind an earlier conflicting entry `b`) is broken by moving `a`
+    /// just ahead of `b`. Each cycle found offers its soft edges as such
+    /// *moves*, tried in turn on top of the moves already chosen, and the
+    /// whole queue is laid out again for each set of moves from its order
+    /// before the search ([`topo_sort`]): every `a` lands just ahead of
+    /// the earliest `b` it must pass, everyone else keeps their order, and
+    /// the places the entries had are handed out again in the new order.
+    /// A set of moves is taken when no cycle then runs through `req`, nor
+    /// through the owner of any entry moved or passed (a move makes new
+    /// edges only there: an entry passed may now defer to the one that
+    /// passed it); the entries moved or passed are woken, as one moved
+    /// ahead may be granted now. A request not queued yet takes part as a
+    /// provisional entry, and queues at the place it was given
+    /// ([`Guard::ahead`]), looking again at once ([`Guard::renew`]); so
+    /// does a queued request moved ahead.
+    ///
+    /// What it does not do: a cycle of hard edges alone is a deadlock as
+    /// before. Cycles not through `req` or a moved owner are left to their
+    /// owners' own searches (PostgreSQL does the same), and a set of moves
+    /// that leaves a moved owner in any cycle is refused. At most
+    /// [`MAX_MOVES`] moves together and [`REORDER_TRIALS`] sets are tried,
+    /// after which the cycle counts as a deadlock; owners met only by the
+    /// searches made here are not checked for life. Grants are still
+    /// decided by the records: a move only changes whom a request waits
+    /// behind, never what two owners may hold at once.
+    fn reorder(&mut self, req: Request<'_>) -> bool {
+        let (start, provisional) = if req.ticket == u64::MAX {
+            // The request as the entry it will be once queued.
+            let Some((i, ticket)) = self.push_waiter(req.me, 0, req.pieces, req.kind, None) else {
+                return false;
+            };
+            (Request { ticket, ..req }, Some(i as usize))
+        } else {
+            (req, None)
+        };
+        let h = self.map.header();
+        let mut queue: Vec<(Place, u32)> = (0..h.waiter_hwm as usize)
+            .filter(|&i| self.map.waiter(i).owner != 0)
+            .map(|i| (self.map.waiter(i).place(), i as u32))
+            .collect();
+        queue.sort_unstable();
+        let mut moves = Vec::new();
+        let mut trials = REORDER_TRIALS;
+        // No move breaks a cycle of locks held: look for one first.
+        let broken = self.find_cycle(start, start.me, false, true).is_none()
+            && self.try_moves(start, &queue, &mut moves, &mut trials);
+        if !broken {
+            self.arrange(&queue, &[]);
+        }
+        let own = self.entry_of(start);
+        for &(place, i) in &queue {
+            let w = *self.map.waiter(i as usize);
+            if w.place() == place {
+                continue;
+            }
+            if Some(i as usize) == provisional {
+                self.ahead = Some(w.order);
+            } else if Some(i as usize) == own {
+                self.renew = i + 1;
+            } else {
+                self.wake(i as usize);
+            }
+        }
+        if let Some(i) = provisional {
+            let w = self.map.waiter(i);
+            w.owner = 0;
+            self.map.header().waiting -= 1;
+            self.shrink_waiters();
+        }
+        broken
+    }
+
+    /// One step of [`Guard::reorder`]: lay the queue out for `moves`, look
+    /// for a cycle, and if there is one try each of its soft edges as one
+    /// more move. Whether a set of moves that leaves no cycle was found
+    /// (the queue is then laid out for it).
+    fn try_moves(
+        &mut self,
+        start: Request<'_>,
+        queue: &[(Place, u32)],
+        moves: &mut Vec<(u32, u32)>,
+        trials: &mut u32,
+    ) -> bool {
+        if !self.arrange(queue, moves) {
+            return false;
+        }
+        let mut cycle = self.find_cycle(start, start.me, false, false);
+        if cycle.is_none() {
+            let mut owners: Vec<u32> = moves
+                .iter()
+                .flat_map(|&(a, b)| [a, b])
+                .map(|e| self.map.waiter(e as usize).owner - 1)
+                .collect();
+            owners.sort_unstable();
+            owners.dedup();
+            cycle = owners
+                .into_iter()
+                .find_map(|o| self.find_cycle(start, o, true, false));
+        }
+        let Some(soft) = cycle else {
+            return true;
+        };
+        if moves.len() >= MAX_MOVES {
+            return false;
+        }
+        for edge in soft {
+            if moves.contains(&edge) {
+                continue;
+            }
+            if *trials == 0 {
+                return false;
+            }
+            *trials -= 1;
+            moves.push(edge);
+            if self.try_moves(start, queue, moves, trials) {
+                return true;
+            }
+            moves.pop();
+        }
+        false
+    }
+
+    /// Give the entries of `queue` (as it was, earliest first) places that
+    /// put `a` ahead of `b` for each move `(a, b)` and keep everyone else
+    /// in order ([`topo_sort`]): the places they had, in the new order.
+    /// `false` (nothing changed): the moves contradict each other.
+    fn arrange(&mut self, queue: &[(Place, u32)], moves: &[(u32, u32)]) -> bool {
+        let Some(order) = topo_sort(queue, moves) else {
+            return false;
+        };
+        for (&(place, _), e) in queue.iter().zip(order) {
+            self.map.waiter(e as usize).order = place.0;
+        }
         true
+    }
+
+    /// A cycle of waits back to owner `o`, given as its soft edges
+    /// (waiting entry, entry it defers to), none for a cycle of locks
+    /// held; `None` if there is no cycle. The search starts from `start`
+    /// (of owner `o`), or with `whole` from every queued request of `o`;
+    /// with `hard_only` it follows hard edges alone.
+    fn find_cycle(
+        &self,
+        start: Request<'_>,
+        o: u32,
+        whole: bool,
+        hard_only: bool,
+    ) -> Option<Vec<(u32, u32)>> {
+        /// How the search first reached an owner: from which owner, and
+        /// through which soft edge (none: a hard one).
+        #[derive(Clone, Copy)]
+        struct Step {
+            from: u32,
+            soft: Option<(u32, u32)>,
+        }
+        let hwm = self.map.header().waiter_hwm as usize;
+        let mut via: Vec<Option<Step>> = vec![None; SLOTS];
+        let mut stack: Vec<(u32, Step)> = Vec::new();
+        let expand = |stack: &mut Vec<(u32, Step)>, from: u32| {
+            for i in 0..hwm {
+                if self.map.waiter(i).owner == from + 1 {
+                    self.each_entry_blocker(i, |b, w| {
+                        if !(hard_only && w.is_some()) {
+                            let soft = w.map(|w| (i as u32, w));
+                            stack.push((b, Step { from, soft }));
+                        }
+                    });
+                }
+            }
+        };
+        if whole {
+            expand(&mut stack, o);
+        } else {
+            let from = self.entry_of(start).map_or(NIL, |i| i as u32);
+            self.each_blocker(start, self.place_of(start), |b, w| {
+                if !(hard_only && w.is_some()) {
+                    let soft = w.map(|w| (from, w)).filter(|_| from != NIL);
+                    stack.push((b, Step { from: o, soft }));
+                }
+            });
+        }
+        while let Some((b, step)) = stack.pop() {
+            if b == o {
+                let mut soft = Vec::new();
+                let mut s = step;
+                for _ in 0..=SLOTS {
+                    soft.extend(s.soft);
+                    if s.from == o {
+                        break;
+                    }
+                    s = via[s.from as usize]?;
+                }
+                return Some(soft);
+            }
+            if via[b as usize].is_some() {
+                continue;
+            }
+            via[b as usize] = Some(step);
+            expand(&mut stack, b);
+        }
+        None
     }
 
     // ---- changes ----
@@ -1339,7 +1683,27 @@ impl Guard<'_> {
         self.map.header().free_count as usize >= 2 * pieces + LOWER_RESERVE
     }
 
+    /// Queue a request: at the end, or where the deadlock search put it
+    /// ([`Guard::ahead`]), and then it looks again before it sleeps.
     fn add_waiter(&mut self, me: u32, pid: u32, pieces: &[Span], kind: u32) -> Option<(u32, u64)> {
+        let ahead = self.ahead.take();
+        let queued = self.push_waiter(me, pid, pieces, kind, ahead)?;
+        if ahead.is_some() {
+            self.renew = queued.0 + 1;
+        }
+        Some(queued)
+    }
+
+    /// Take a waiter entry and a ticket for a request; its place in the
+    /// queue is `order`, or its ticket (the end of the queue).
+    fn push_waiter(
+        &mut self,
+        me: u32,
+        pid: u32,
+        pieces: &[Span],
+        kind: u32,
+        order: Option<u64>,
+    ) -> Option<(u32, u64)> {
         let h = self.map.header();
         let i = (0..WAITERS).position(|i| self.map.waiter(i).owner == 0)?;
         let ticket = h.next_ticket;
@@ -1351,6 +1715,7 @@ impl Guard<'_> {
             start: pieces.first().map_or(0, |p| p.start()),
             end: pieces.last().map_or(0, |p| p.end()),
             ticket,
+            order: order.unwrap_or(ticket),
             since_ns: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_nanos() as u64),
@@ -3015,6 +3380,29 @@ impl Guard<'_> {
         if waiting != h.waiting as usize {
             return Err(format!("{waiting} waiters, counter {}", h.waiting));
         }
+        let mut places = Vec::new();
+        for i in 0..WAITERS {
+            let w = *self.map.waiter(i);
+            if w.owner == 0 {
+                continue;
+            }
+            if i >= h.waiter_hwm as usize {
+                return Err(format!("waiter {i} in use past the mark {}", h.waiter_hwm));
+            }
+            if w.ticket >= h.next_ticket || w.order >= h.next_ticket {
+                return Err(format!(
+                    "waiter {i}: ticket {} or place {} not below the next ticket {}",
+                    w.ticket, w.order, h.next_ticket
+                ));
+            }
+            places.push(w.order);
+        }
+        places.sort_unstable();
+        if places.windows(2).any(|p| p[0] == p[1]) {
+            return Err(format!(
+                "two waiters share a place in the queue: {places:?}"
+            ));
+        }
         self.verify_lanes()
     }
 
@@ -3148,7 +3536,8 @@ pub struct WaitingLock {
 pub struct Snapshot {
     /// Every lock held, ordered by start index.
     pub holders: Vec<HeldLock>,
-    /// Every queued request, oldest first.
+    /// Every queued request, in queue order: oldest first, but where the
+    /// deadlock search moved a request ahead to break a cycle.
     pub waiters: Vec<WaitingLock>,
 }
 
@@ -3249,7 +3638,7 @@ impl Snapshot {
                 }
             }
         }
-        let mut waiters: Vec<(u64, WaitingLock)> = Vec::new();
+        let mut waiters: Vec<(Place, WaitingLock)> = Vec::new();
         for i in 0..WAITERS {
             let w = *g.map.waiter(i);
             if w.owner == 0 || w.owner as usize > SLOTS || !live[(w.owner - 1) as usize] {
@@ -3259,7 +3648,7 @@ impl Snapshot {
                 continue;
             }
             waiters.push((
-                w.ticket,
+                w.place(),
                 WaitingLock {
                     pid: w.pid,
                     owner: slots[(w.owner - 1) as usize].nonce,
@@ -3351,6 +3740,50 @@ mod tests {
         assert!(c
             .try_set(Span::new(10, 12).unwrap(), Some(Kind::Exclusive))
             .unwrap());
+    }
+
+    /// Each entry that must pass another lands just ahead of it; no one
+    /// else moves; contradicting moves are refused.
+    #[test]
+    fn topo_sort_moves_only_what_it_must() {
+        let queue: Vec<(Place, u32)> = [7, 8, 9, 10, 11]
+            .iter()
+            .map(|&e| ((e as u64, e as u64), e))
+            .collect();
+        assert_eq!(topo_sort(&queue, &[]), Some(vec![7, 8, 9, 10, 11]));
+        assert_eq!(topo_sort(&queue, &[(10, 8)]), Some(vec![7, 10, 8, 9, 11]));
+        assert_eq!(
+            topo_sort(&queue, &[(10, 8), (11, 7)]),
+            Some(vec![11, 7, 10, 8, 9])
+        );
+        // 11 must pass 9, and 10 must pass 11: 10 goes first of the three.
+        assert_eq!(
+            topo_sort(&queue, &[(11, 9), (10, 11)]),
+            Some(vec![7, 8, 10, 11, 9])
+        );
+        assert_eq!(topo_sort(&queue, &[(10, 8), (8, 10)]), None);
+        assert_eq!(topo_sort(&queue, &[(10, 3)]), None);
+    }
+
+    /// A reordering cut short by a death may leave two waiters at one
+    /// place: repair gives them distinct places, in their order.
+    #[test]
+    fn repair_separates_waiters_left_at_one_place() {
+        let (_dir, [a, b]) = handles::<2>();
+        let mut g = a.lock().unwrap();
+        let (i, ti) = g.push_waiter(a.slot, 0, &[one(1)], SHARED, None).unwrap();
+        let (j, tj) = g.push_waiter(b.slot, 0, &[one(2)], SHARED, None).unwrap();
+        let place = g.map.waiter(i as usize).order;
+        g.map.waiter(j as usize).order = place;
+        assert!(g.verify().is_err());
+        g.repair(a.fd(), a.slot);
+        g.verify().unwrap();
+        let (wi, wj) = (*g.map.waiter(i as usize), *g.map.waiter(j as usize));
+        assert_eq!((wi.owner, wj.owner), (a.slot + 1, b.slot + 1));
+        assert!(wi.place() < wj.place() && wi.order != wj.order);
+        g.remove_waiter(a.slot, i, ti, false);
+        g.remove_waiter(b.slot, j, tj, false);
+        g.verify().unwrap();
     }
 
     fn open_shm(path: &Path) -> Shm {
