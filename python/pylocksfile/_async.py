@@ -3,11 +3,13 @@
 
 A lock that is free is taken at once on the event loop's thread. Otherwise the
 wait runs in a thread of its own (not the loop's default executor, whose
-threads outlive the wait), in slices of at most 50 ms: the loop keeps running,
-and a cancelled task sets the wait's flag and waits (asynchronously) for the
-thread, which notices within one slice. So when ``CancelledError`` reaches the
-caller the thread has ended, nothing is asleep in the kernel, and whatever the
-wait got as the cancellation came has been given back.
+threads outlive the wait) as one wait for the lock, timed or not, so it keeps
+its place in a fair queue and deadlock detection sees it: the loop keeps
+running, and a cancelled task cancels the wait, which wakes the thread at once
+where it sleeps, and waits (asynchronously) for the thread to end. So when
+``CancelledError`` reaches the caller the thread has ended, nothing is asleep
+in the kernel, and whatever the wait got as the cancellation came has been
+given back. Closing the ``LocksFile`` ends the wait the same way (``ValueError``).
 """
 
 from __future__ import annotations
@@ -60,8 +62,8 @@ async def _run(wait: _Wait) -> Any:
         # thread still settles.
         value = await asyncio.shield(done)
     except BaseException as e:
-        # Cancelled (or interrupted, or failed): end the wait within a
-        # slice, wait for its thread, and give back what it got meanwhile.
+        # Cancelled (or interrupted, or failed): end the wait (it wakes at
+        # once), wait for its thread, and give back what it got meanwhile.
         wait.cancel()
         if isinstance(e, asyncio.CancelledError):
             while not done.done():
@@ -71,7 +73,8 @@ async def _run(wait: _Wait) -> Any:
                     continue  # cancelled again: still wait for the thread
                 except BaseException:  # noqa: BLE001 - the cancellation wins
                     break
-        # Returns at once once `done` is settled; else within one slice.
+        # Returns at once once `done` is settled; else as soon as the
+        # cancelled wait has returned.
         thread.join()
         if got:
             _give_back(wait, got[0])

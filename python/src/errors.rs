@@ -99,6 +99,7 @@ pub fn to_py(py: Python<'_>, e: Error) -> PyErr {
         Error::Deadlock => build(py, deadlock_error(py), Some(libc::EDEADLK), msg, None),
         Error::TimedOut => build(py, lock_timeout(py), Some(libc::ETIMEDOUT), msg, None),
         Error::Interrupted => build(py, locksfile_error(py), Some(libc::EINTR), msg, None),
+        Error::Cancelled => build(py, locksfile_error(py), Some(libc::ECANCELED), msg, None),
         Error::InvalidSpan(_) => build(py, invalid_span_error(py), Some(libc::EINVAL), msg, None),
         Error::Forked => build(py, forked_error(py), None, msg, None),
         Error::ReadOnly { ref path } => {

@@ -6,14 +6,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Instant;
 
-use locksfile::{Error, Holder, Kind, LockFile, Mode, ReadGuard, Span, WriteGuard};
+use locksfile::{Cancel, Error, Holder, Kind, LockFile, Mode, ReadGuard, Span, Wait, WriteGuard};
 use pyo3::exceptions::{PyResourceWarning, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyString, PyTuple};
 
 use crate::errors::to_py;
 use crate::spans::{py_span, span_to_range};
-use crate::wait::{cancellable, with_patience, Patience};
+use crate::wait::{with_patience, Patience, Waits};
 
 fn lock_mutex<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -186,12 +186,15 @@ struct GuardCell {
     /// The process that took it: in a forked child every method refuses
     /// before touching anything, so the parent's locks stay as they are.
     pid: u32,
+    /// The upgrade waiting on it, if any: a release ends that wait.
+    waits: Waits,
 }
 
 impl GuardCell {
     /// Release, leaving `end` (`Released` or `Closed`) behind. A guard that
-    /// another thread is converting is marked at once; that thread unlocks
-    /// what it holds when its wait ends (see `PyGuard::finish`).
+    /// another thread is converting is marked at once and that thread's wait
+    /// is cancelled; it unlocks what it holds as its wait ends (see
+    /// `PyGuard::finish`).
     fn release(&self, end: Held) -> Result<(), Error> {
         let mut slot = lock_mutex(&self.held);
         if matches!(&*slot, Held::Released | Held::Closed) {
@@ -199,14 +202,15 @@ impl GuardCell {
         }
         let held = std::mem::replace(&mut *slot, end);
         drop(slot);
+        // After the mark: an upgrade that registers later sees it.
+        self.waits.cancel_all();
         held.unlock()
     }
 }
 
-/// What a wait's next try returns once its object was closed or its guard
-/// released: any error but `TimedOut`/`Interrupted` ends a wait at once.
-/// Only timed waits try again before the lock is had; an untimed one sleeps
-/// in `F_SETLKW` until the kernel grants it.
+/// What a wait's try returns once its object was closed or its guard
+/// released: any error but `Interrupted` ends a wait at once. A wait that
+/// is already waiting when that happens is cancelled instead (`Waits`).
 const GIVE_UP: Error = Error::WouldBlock { holder: None };
 
 fn closed_error() -> PyErr {
@@ -380,8 +384,8 @@ impl PyGuard {
     /// failures the guard still holds its shared lock. Returns the guard.
     ///
     /// If another thread releases the guard (or closes its ``LocksFile``)
-    /// while this call waits, the release stands: when the wait ends this
-    /// call unlocks everything the guard held and raises ``RuntimeError``
+    /// while this call waits, the release stands: the wait ends at once,
+    /// unlocks everything the guard held and raises ``RuntimeError``
     /// (``ValueError`` for a closed file).
     ///
     /// Deadlocks
@@ -412,13 +416,17 @@ impl PyGuard {
             }
         };
         let mut slot = Some(g);
-        let outcome = with_patience(py, patience, |w| {
+        let outcome = with_patience(py, patience, Some(&me.cell.waits), |w, cancel| {
             let g = slot.take().expect("the read guard is back between tries");
             if me.ended() {
                 slot = Some(g);
                 return Err(GIVE_UP);
             }
-            match ReadGuard::upgrade_with(g, w) {
+            let upgraded = match cancel {
+                Some(c) => ReadGuard::upgrade_cancellable(g, w, c),
+                None => ReadGuard::upgrade_with(g, w),
+            };
+            match upgraded {
                 Ok(wg) => Ok(wg),
                 Err((g, e)) => {
                     slot = Some(g);
@@ -550,6 +558,9 @@ impl PyGuard {
 pub struct PyLocksFile {
     handle: Mutex<Option<Arc<LockFile>>>,
     guards: Mutex<Vec<Weak<GuardCell>>>,
+    /// The waits in progress on this object (any thread's), which
+    /// `close()` ends.
+    waits: Waits,
     path: Py<PyString>,
     mode: Mode,
     /// The process that opened it: `held()` answers from bookkeeping
@@ -690,6 +701,7 @@ impl PyLocksFile {
             held: Mutex::new(h),
             span,
             pid: self.pid,
+            waits: Waits::default(),
         });
         // Under the guards' lock, so `close()` (which closes first,
         // then takes the guards) either sees this guard or we see it closed.
@@ -715,11 +727,11 @@ impl PyLocksFile {
     ) -> PyResult<Option<PyGuard>> {
         let span = py_span(span)?;
         let lf = self.lf_not_forked(py)?;
-        let outcome = with_patience(py, patience, |w| {
+        let outcome = with_patience(py, patience, Some(&self.waits), |w, cancel| {
             if self.closed() {
                 return Err(GIVE_UP);
             }
-            take_guard(&lf, kind, span, w)
+            take_guard(&lf, kind, span, w, cancel)
         })?;
         match outcome {
             Ok(h) => self.register(span, h).map(Some),
@@ -762,7 +774,7 @@ impl PyLocksFile {
             timed: timeout.is_some(),
             explicit,
             before,
-            cancelled: AtomicBool::new(false),
+            cancel: Cancel::new(),
         })
     }
 }
@@ -776,23 +788,30 @@ fn async_helper<'py>(py: Python<'py>, name: &str, w: PyWait) -> PyResult<Bound<'
     module.bind(py).getattr(name)?.call1((Py::new(py, w)?,))
 }
 
+/// A guard on `span`, waiting as `w` says; `cancel` ends the wait.
 fn take_guard(
     lf: &Arc<LockFile>,
     kind: Kind,
     span: Span,
-    w: locksfile::Wait,
+    w: Wait,
+    cancel: Option<&Cancel>,
 ) -> Result<Held, Error> {
-    match kind {
-        Kind::Shared => ReadGuard::acquire(Arc::clone(lf), span, w).map(Held::Read),
-        Kind::Exclusive => WriteGuard::acquire(Arc::clone(lf), span, w).map(Held::Write),
+    let lf = Arc::clone(lf);
+    match (kind, cancel) {
+        (Kind::Shared, None) => ReadGuard::acquire(lf, span, w).map(Held::Read),
+        (Kind::Shared, Some(c)) => ReadGuard::acquire_cancellable(lf, span, w, c).map(Held::Read),
+        (Kind::Exclusive, None) => WriteGuard::acquire(lf, span, w).map(Held::Write),
+        (Kind::Exclusive, Some(c)) => {
+            WriteGuard::acquire_cancellable(lf, span, w, c).map(Held::Write)
+        }
     }
 }
 
 /// One asyncio wait (``pylocksfile._async`` drives it): tried once on the
-/// event loop's thread, then, on contention, run in a thread of its own in
-/// slices, so that ``cancel()`` ends it within one slice with nothing held.
-/// The owner is the one of the thread that made it (the loop's), whatever
-/// thread waits.
+/// event loop's thread, then, on contention, run in a thread of its own as
+/// one wait for the engine, which ``cancel()`` (or closing the
+/// ``LocksFile``) ends at once with nothing held. The owner is the one of
+/// the thread that made it (the loop's), whatever thread waits.
 #[pyclass(name = "_Wait", module = "pylocksfile", frozen)]
 pub struct PyWait {
     owner: Py<PyLocksFile>,
@@ -806,15 +825,19 @@ pub struct PyWait {
     explicit: bool,
     /// The explicit locks before, for `undo()`.
     before: Vec<(Span, Kind)>,
-    cancelled: AtomicBool,
+    /// Ends the wait: `cancel()` (a cancelled task), or `close()`.
+    cancel: Cancel,
 }
 
 impl PyWait {
-    fn attempt(&self, w: locksfile::Wait) -> Result<Option<Held>, Error> {
-        if self.explicit {
-            self.lf.acquire(self.kind, self.span, w).map(|()| None)
-        } else {
-            take_guard(&self.lf, self.kind, self.span, w).map(Some)
+    fn attempt(&self, w: Wait, cancel: Option<&Cancel>) -> Result<Option<Held>, Error> {
+        match (self.explicit, cancel) {
+            (true, None) => self.lf.acquire(self.kind, self.span, w).map(|()| None),
+            (true, Some(c)) => self
+                .lf
+                .acquire_cancellable(self.kind, self.span, w, c)
+                .map(|()| None),
+            (false, c) => take_guard(&self.lf, self.kind, self.span, w, c).map(Some),
         }
     }
 
@@ -844,37 +867,44 @@ impl PyWait {
         if self.owner.get().closed() {
             return Err(closed_error());
         }
-        match self.attempt(locksfile::Wait::NonBlockingNoHolder) {
+        match self.attempt(Wait::NonBlockingNoHolder, None) {
             Ok(h) => self.granted(py, h).map(Some),
             Err(Error::WouldBlock { .. }) => Ok(None),
             Err(e) => Err(to_py(py, e)),
         }
     }
 
-    /// Wait in slices until granted, timed out (``LockTimeout``), closed
-    /// (``ValueError``) or cancelled (None, nothing held). Releases the GIL.
+    /// Wait, as one wait for the engine, until granted, timed out
+    /// (``LockTimeout``), closed (``ValueError``) or cancelled (None,
+    /// nothing held). Releases the GIL. A grant that came as the wait was
+    /// cancelled is returned: the caller gives it back.
     fn wait(&self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
         let owner = self.owner.get();
+        let wait = match self.deadline {
+            Some(d) => Wait::Deadline(d),
+            None => Wait::Blocking,
+        };
         let outcome = py.detach(|| {
-            cancellable(self.deadline, &self.cancelled, |w| {
-                if owner.closed() {
-                    return Err(GIVE_UP);
-                }
-                self.attempt(w)
-            })
+            // Registered before the closed check, so that `close()` either
+            // is seen here or cancels the wait.
+            let _entered = owner.waits.enter(self.cancel.clone());
+            if owner.closed() {
+                return Err(GIVE_UP);
+            }
+            self.attempt(wait, Some(&self.cancel))
         });
         match outcome {
-            Some(Ok(h)) => self.granted(py, h).map(Some),
-            None => Ok(None),
-            Some(Err(_)) if owner.closed() => Err(closed_while_waiting()),
-            Some(Err(Error::WouldBlock { .. })) if self.timed => Err(to_py(py, Error::TimedOut)),
-            Some(Err(e)) => Err(to_py(py, e)),
+            Ok(h) => self.granted(py, h).map(Some),
+            Err(_) if owner.closed() => Err(closed_while_waiting()),
+            Err(Error::Cancelled) => Ok(None),
+            Err(Error::WouldBlock { .. }) if self.timed => Err(to_py(py, Error::TimedOut)),
+            Err(e) => Err(to_py(py, e)),
         }
     }
 
-    /// End ``wait()`` at its next slice (another thread calls this).
+    /// End ``wait()`` at once, from another thread (or before it starts).
     fn cancel(&self) {
-        self.cancelled.store(true, Ordering::Relaxed);
+        self.cancel.cancel();
     }
 
     /// The span asked for, as a ``range``.
@@ -893,7 +923,7 @@ impl PyWait {
         let put = |s: Span, k: Option<Kind>| -> Result<(), Error> {
             match k {
                 None => self.lf.release(s),
-                Some(k) => match self.lf.acquire(k, s, locksfile::Wait::NonBlockingNoHolder) {
+                Some(k) => match self.lf.acquire(k, s, Wait::NonBlockingNoHolder) {
                     Err(Error::WouldBlock { .. }) => self.lf.release(s),
                     other => other,
                 },
@@ -987,6 +1017,7 @@ impl PyLocksFile {
         Ok(PyLocksFile {
             handle: Mutex::new(Some(Arc::new(lf))),
             guards: Mutex::new(Vec::new()),
+            waits: Waits::default(),
             path: shown.unbind(),
             mode: Mode::Postgres,
             pid: std::process::id(),
@@ -1097,6 +1128,7 @@ impl PyLocksFile {
         Ok(PyLocksFile {
             handle: Mutex::new(Some(lf)),
             guards: Mutex::new(Vec::new()),
+            waits: Waits::default(),
             path: abs.unbind(),
             mode,
             pid: std::process::id(),
@@ -1206,11 +1238,14 @@ impl PyLocksFile {
         let span = py_span(span)?;
         let patience = Patience::from_args(blocking, timeout)?;
         let lf = self.lf_not_forked(py)?;
-        let outcome = with_patience(py, patience, |w| {
+        let outcome = with_patience(py, patience, Some(&self.waits), |w, cancel| {
             if self.closed() {
                 return Err(GIVE_UP);
             }
-            lf.acquire(kind, span, w)
+            match cancel {
+                Some(c) => lf.acquire_cancellable(kind, span, w, c),
+                None => lf.acquire(kind, span, w),
+            }
         })?;
         match outcome {
             Err(_) if self.closed() => Err(closed_while_waiting()),
@@ -1321,12 +1356,36 @@ impl PyLocksFile {
         Ok(self.lf_not_forked(py)?.table_owner())
     }
 
+    /// For a PostgreSQL target: every lock other sessions hold or wait for
+    /// in its namespace, as ``(index, kind, backend_pid, granted)`` tuples
+    /// (``locksfile status``'s view, a snapshot), for tests and tools.
+    /// ``UnsupportedError`` for a lock file. Not part of the public API.
+    fn _server_locks(
+        &self,
+        py: Python<'_>,
+    ) -> PyResult<Vec<(u64, &'static str, Option<u32>, bool)>> {
+        let lf = self.lf_not_forked(py)?;
+        let locks = py.detach(|| lf.server_locks()).map_err(|e| to_py(py, e))?;
+        Ok(locks
+            .iter()
+            .map(|l| {
+                (
+                    l.holder.span.start(),
+                    kind_name(l.holder.kind),
+                    l.holder.server.map(|s| s.backend_pid),
+                    l.granted,
+                )
+            })
+            .collect())
+    }
+
     /// ``await lf.read_async(span, timeout=None)``, or ``async with
     /// lf.read_async(span) as g:``: a shared lock without blocking the
-    /// event loop. On contention the wait runs in a thread of its own, in
-    /// slices of at most 50 ms; cancelling the task ends it within one
-    /// slice, with nothing held and the thread gone. ``LockTimeout`` when
-    /// ``timeout`` seconds pass. The owner is the calling thread's.
+    /// event loop. On contention the wait runs in a thread of its own, as
+    /// one wait for the lock (its place in a fair queue and deadlock
+    /// detection kept); cancelling the task ends it at once, with nothing
+    /// held and the thread gone. ``LockTimeout`` when ``timeout`` seconds
+    /// pass. The owner is the calling thread's.
     #[pyo3(signature = (span, *, timeout = None))]
     fn read_async<'py>(
         slf: &Bound<'py, Self>,
@@ -1366,17 +1425,24 @@ impl PyLocksFile {
     /// Release everything (explicit locks and every live guard) and close
     /// the handle. Closing twice is harmless.
     ///
-    /// Calls of other threads still waiting for a lock of this object go on
-    /// waiting in the kernel; when their wait ends they release what they
-    /// got and raise ``ValueError`` (closed), so nothing stays held. An
-    /// upgrade in progress on one of its guards ends the same way.
+    /// Calls of other threads (and asyncio waits) still waiting for a lock
+    /// of this object end at once: they release what they got and raise
+    /// ``ValueError`` (closed), so nothing stays held. An upgrade in
+    /// progress on one of its guards ends the same way.
     ///
     /// In a forked child it closes the child's copy and releases nothing:
     /// the parent's locks stay.
     fn close(&self) -> PyResult<()> {
         let lf = lock_mutex(&self.handle).take();
-        let guards = std::mem::take(&mut *lock_mutex(&self.guards));
         let forked = std::process::id() != self.pid;
+        // Closed first: a wait that registers from now on sees it.
+        if forked {
+            // The parent's threads' waits: not this process's to end.
+            self.waits.forget_all();
+        } else {
+            self.waits.cancel_all();
+        }
+        let guards = std::mem::take(&mut *lock_mutex(&self.guards));
         for g in guards.iter().filter_map(Weak::upgrade) {
             if forked {
                 // Mark it closed without unlocking: the locks are the parent's.

@@ -236,7 +236,7 @@ impl Seed {
                 Ok(()) => return Ok(true),
                 Err(Error::WouldBlock { .. }) if !blocking => return Ok(false),
                 first @ Err(Error::WouldBlock { .. }) => {
-                    let r = continue_patience(py, Patience::Forever, first, |w| {
+                    let r = continue_patience(py, Patience::Forever, first, None, |w, _| {
                         h.acquire(kind, span, w)
                     })?;
                     return self.outcome(py, kind, span, r, &[]);
@@ -326,7 +326,9 @@ impl Seed {
             Ok(()) => Ok(()),
             first @ Err(Error::WouldBlock { .. }) if blocking => {
                 let h = &self.open()?.handle;
-                continue_patience(py, Patience::Forever, first, |w| h.acquire(kind, span, w))?
+                continue_patience(py, Patience::Forever, first, None, |w, _| {
+                    h.acquire(kind, span, w)
+                })?
             }
             Err(Error::Forked) => {
                 let h = self.child_handle(py)?;
@@ -335,7 +337,7 @@ impl Seed {
                 } else {
                     Patience::Never
                 };
-                with_patience(py, patience, |w| h.acquire(kind, span, w))?
+                with_patience(py, patience, None, |w, _| h.acquire(kind, span, w))?
             }
             Err(e) => Err(e),
         };

@@ -2,21 +2,23 @@
 //!
 //! Every wait first tries once with the GIL held (an uncontended lock costs
 //! one system call and no GIL hand-over). When that meets contention the
-//! wait goes on with the GIL released: a blocking wait sleeps in
-//! `F_SETLKW` and a signal ends it with `Error::Interrupted` (nothing
-//! held), so Python's handlers run (`KeyboardInterrupt` propagates) before
-//! it sleeps again; a timed wait runs in slices of at most `SLICE` so the
-//! handlers run between slices.
+//! wait goes on with the GIL released, as one wait for the engine whatever
+//! its patience (`Wait::BlockingInterruptible`, or
+//! `Wait::DeadlineInterruptible` for a timeout), so that fair queueing and
+//! deadlock detection hold for it. A signal ends that wait with
+//! `Error::Interrupted` (nothing held): Python's handlers run
+//! (`KeyboardInterrupt` propagates) and only then does it wait again, for
+//! the time left. A wait that had to wait is registered with a [`Waits`]
+//! (its `LocksFile`'s, or its guard's), whose [`Waits::cancel_all`] ends it
+//! at once (`Error::Cancelled`): that is how `close()` and a guard's release
+//! reach a thread asleep in the engine.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use locksfile::{Error, Wait};
+use locksfile::{Cancel, Error, Wait};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-
-/// Longest stretch a timed wait spends deaf to signals.
-const SLICE: Duration = Duration::from_millis(50);
 
 /// How long to wait, as the Python caller said it.
 #[derive(Clone, Copy, Debug)]
@@ -58,26 +60,102 @@ impl Patience {
     }
 }
 
-/// Run `op` with `Wait::NonBlocking` first; on contention, wait as
-/// `patience` says with the GIL released, calling `op` again with the
-/// fitting `Wait`. Returns the last outcome; `Err` only for a Python
-/// exception raised by a signal handler (nothing is held then).
+/// The waits in progress that one event must end: those of a `LocksFile`
+/// (ended by `close()`) or of a guard (its upgrade, ended by its release).
+/// A wait registers only once its first try failed, so an uncontended call
+/// never touches it.
+#[derive(Default)]
+pub struct Waits {
+    live: Mutex<Live>,
+}
+
+#[derive(Default)]
+struct Live {
+    next: u64,
+    cancels: Vec<(u64, Cancel)>,
+}
+
+impl Waits {
+    fn live(&self) -> MutexGuard<'_, Live> {
+        self.live.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Register `cancel` until the returned value is dropped. Check the
+    /// event's state (closed, released) after this and before waiting: an
+    /// event that came before the registration cancelled nothing.
+    pub fn enter(&self, cancel: Cancel) -> Entered<'_> {
+        let mut live = self.live();
+        let id = live.next;
+        live.next += 1;
+        live.cancels.push((id, cancel.clone()));
+        Entered {
+            waits: self,
+            id,
+            cancel,
+        }
+    }
+
+    /// End every registered wait now (from any thread).
+    pub fn cancel_all(&self) {
+        for (_, c) in &self.live().cancels {
+            c.cancel();
+        }
+    }
+
+    /// Forget every registered wait without ending it: in a forked child
+    /// they are the parent's threads' waits, which must not be touched.
+    pub fn forget_all(&self) {
+        self.live().cancels.clear();
+    }
+}
+
+/// A registered wait; unregistered when dropped.
+pub struct Entered<'a> {
+    waits: &'a Waits,
+    id: u64,
+    cancel: Cancel,
+}
+
+impl Entered<'_> {
+    pub fn cancel(&self) -> &Cancel {
+        &self.cancel
+    }
+}
+
+impl Drop for Entered<'_> {
+    fn drop(&mut self) {
+        let mut live = self.waits.live();
+        if let Some(i) = live.cancels.iter().position(|(id, _)| *id == self.id) {
+            live.cancels.swap_remove(i);
+        }
+    }
+}
+
+/// Run `op` with `Wait::NonBlocking` first (and no `Cancel`); on contention,
+/// wait as `patience` says with the GIL released, calling `op` again with
+/// the fitting `Wait` and the `Cancel` registered with `waits`. Returns the
+/// last outcome (`Err(Cancelled)` when `waits` was cancelled); `Err` only
+/// for a Python exception raised by a signal handler (nothing is held then).
 pub fn with_patience<T, F>(
     py: Python<'_>,
     patience: Patience,
+    waits: Option<&Waits>,
     mut op: F,
 ) -> PyResult<Result<T, Error>>
 where
-    F: FnMut(Wait) -> Result<T, Error> + Send,
+    F: FnMut(Wait, Option<&Cancel>) -> Result<T, Error> + Send,
     T: Send,
 {
     // Only a caller that will not wait gets to see who is in the way; the
     // others save the F_GETLK that names the holder.
-    let first = op(match patience {
-        Patience::Never => Wait::NonBlocking,
-        _ => Wait::NonBlockingNoHolder,
-    });
-    continue_patience(py, patience, first, op)
+    let first = op(
+        match patience {
+            Patience::Never => Wait::NonBlocking,
+            _ => Wait::NonBlockingNoHolder,
+        },
+        None,
+    );
+    continue_patience(py, patience, first, waits, op)
 }
 
 /// As [`with_patience`], given the outcome of the first try already made.
@@ -85,70 +163,32 @@ pub fn continue_patience<T, F>(
     py: Python<'_>,
     patience: Patience,
     first: Result<T, Error>,
+    waits: Option<&Waits>,
     mut op: F,
 ) -> PyResult<Result<T, Error>>
 where
-    F: FnMut(Wait) -> Result<T, Error> + Send,
+    F: FnMut(Wait, Option<&Cancel>) -> Result<T, Error> + Send,
     T: Send,
 {
-    match (&first, patience) {
-        (Err(Error::WouldBlock { .. }), Patience::Forever) => {
-            // The core yields the CPU and tries again twice before it
-            // sleeps in the kernel, so a lock held for a moment (a
-            // hand-over-hand walk) is had without a sleep and a wake-up.
-            loop {
-                // A signal that came since the last try would not interrupt
-                // the sleep below: run its handler now.
-                py.check_signals()?;
-                match py.detach(|| op(Wait::BlockingInterruptible)) {
-                    Err(Error::Interrupted) => py.check_signals()?,
-                    other => return Ok(other),
-                }
-            }
+    let wait = match (&first, patience) {
+        (Err(Error::WouldBlock { .. }), Patience::Forever) => Wait::BlockingInterruptible,
+        (Err(Error::WouldBlock { .. }), Patience::Until(deadline)) => {
+            Wait::DeadlineInterruptible(deadline)
         }
-        (Err(Error::WouldBlock { .. }), Patience::Until(deadline)) => loop {
-            let now = Instant::now();
-            if now >= deadline {
-                return Ok(Err(Error::TimedOut));
-            }
-            let slice_end = deadline.min(now + SLICE);
-            match py.detach(|| op(Wait::Deadline(slice_end))) {
-                Err(Error::TimedOut) | Err(Error::Interrupted) => py.check_signals()?,
-                other => return Ok(other),
-            }
-        },
-        _ => Ok(first),
-    }
-}
-
-/// Wait on a thread that another thread may stop: `op` is tried with
-/// `Wait::Deadline` in slices of at most `SLICE`, up to `deadline` (`None`:
-/// no limit), and `cancelled` is checked before each slice, so a
-/// cancellation ends the wait within one slice and no thread is left
-/// asleep in the kernel. `None` when cancelled (nothing held); otherwise
-/// the last outcome, `Err(TimedOut)` once the deadline passes. Called with
-/// the GIL released.
-pub fn cancellable<T, F>(
-    deadline: Option<Instant>,
-    cancelled: &AtomicBool,
-    mut op: F,
-) -> Option<Result<T, Error>>
-where
-    F: FnMut(Wait) -> Result<T, Error>,
-{
+        _ => return Ok(first),
+    };
+    let entered = waits.map(|w| w.enter(Cancel::new()));
+    let cancel = entered.as_ref().map(Entered::cancel);
     loop {
-        if cancelled.load(Ordering::Relaxed) {
-            return None;
-        }
-        let now = Instant::now();
-        let slice_end = match deadline {
-            Some(d) if now >= d => return Some(Err(Error::TimedOut)),
-            Some(d) => d.min(now + SLICE),
-            None => now + SLICE,
-        };
-        match op(Wait::Deadline(slice_end)) {
-            Err(Error::TimedOut) | Err(Error::Interrupted) => {}
-            other => return Some(other),
+        // A signal that came since the last try would not interrupt the
+        // wait below: run its handler now.
+        py.check_signals()?;
+        // One wait for the engine until granted, refused, timed out or
+        // cancelled; a signal ends it (nothing held) so that its handler
+        // runs above, and the next round waits for the time left.
+        match py.detach(|| op(wait, cancel)) {
+            Err(Error::Interrupted) => continue,
+            other => return Ok(other),
         }
     }
 }

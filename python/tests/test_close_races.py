@@ -6,6 +6,7 @@ The second owner is a worker process holding the lock, so the waits really
 block (a blocked request in /proc/locks, or a queued one in the shm table)
 before the test releases or closes; nothing here synchronises with sleeps."""
 
+import asyncio
 import threading
 
 import pytest
@@ -16,17 +17,20 @@ from pylocksfile import LocksFile
 MODES = support.MODES
 
 
+async def until_done(request):
+    return await request
+
+
 def kernel_waiting(path):
     return any(lk.waiting for lk in support.kernel_locks(path))
 
 
 def waiting(path, tid, mode):
-    """An untimed wait sleeps in F_SETLKW (a blocked request in /proc/locks);
-    a timed one polls, sleeping between tries. In shm mode every wait is a
-    queued request in the table."""
+    """A wait, timed or not, sleeps in F_SETLKW (a blocked request in
+    /proc/locks); in shm mode it is a queued request in the table."""
     if mode == "shm":
         return any(lk.waiting for lk in support.table_locks(path))
-    return kernel_waiting(path) or support.current_syscall(tid) in support.SLEEP_SYSCALLS
+    return kernel_waiting(path)
 
 
 class Waiter(threading.Thread):
@@ -130,19 +134,30 @@ def test_close_while_another_thread_waits(lock_path, holder, mode, call):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize(
     "call",
-    ["lf.acquire('exclusive', 0, timeout=60)", "lf.write(range(0, 2), timeout=60)", "lf.read_for(0, 60)"],
+    [
+        "lf.acquire('exclusive', 0, timeout=60)",
+        "lf.write(range(0, 2), timeout=60)",
+        "lf.read_for(0, 60)",
+        "lf.acquire('exclusive', 0)",
+        "lf.write(range(0, 2))",
+        "lf.read(0)",
+        "asyncio.run(until_done(lf.write_async(0)))",
+        "asyncio.run(until_done(lf.acquire_async('shared', 0, timeout=60)))",
+    ],
 )
-def test_timed_waits_end_at_close_while_the_holder_keeps_its_lock(lock_path, holder, mode, call):
-    """Timed waits poll, so they see the close at their next try, long
-    before their timeout, even though the other owner never lets go."""
+def test_waits_end_at_close_while_the_holder_keeps_its_lock(lock_path, holder, mode, call):
+    """close() ends the waits in progress at once, timed or not, sync or
+    asyncio, long before any timeout, even though the other owner never
+    lets go (an untimed wait would sleep in the engine forever)."""
     other = holder("write", mode)
     lf = LocksFile(lock_path, mode=mode)
-    t = Waiter(lambda: eval(call, {"lf": lf}))
+    t = Waiter(lambda: eval(call, {"lf": lf, "asyncio": asyncio, "until_done": until_done}))
     t.start_and_block(lock_path, mode)
     lf.close()
     t.finish()  # well within the call's own 60 s
     assert isinstance(t.error, ValueError) and "closed" in str(t.error), (t.result, t.error)
     assert [lk.pid for lk in support.mode_locks(lock_path, mode)] == [-1], "only the holder's lock is left"
+    assert not [th for th in threading.enumerate() if th.name == "pylocksfile-wait"], "a wait thread is left"
     other.exec("g.release()")
 
 

@@ -427,15 +427,17 @@ def test_timed_wait_gets_the_lock_soon_after_release(lock_path, holder):
 
     t = threading.Thread(target=wait)
     t.start()
+    # A timed wait sleeps in the kernel as an untimed one does (an OFD
+    # request, pid -1 in /proc/locks).
     support.wait_until(
-        lambda: "tid" in out and support.current_syscall(out["tid"]) in support.SLEEP_SYSCALLS,
-        what="the timed wait to poll",
+        lambda: any(lk.waiting and lk.pid == OFD for lk in support.kernel_locks(lock_path)),
+        what="the timed wait to sleep in the kernel",
     )
     released = time.monotonic()
     holder.exec("h.release()")
     t.join(10)
     assert "g" in out, "the timed wait did not get the lock"
-    # Picked up by the polling, long before the 20 s timeout.
+    # Woken by the release, long before the 20 s timeout.
     assert out["got"] - released < 0.25
     assert ofd_held(lock_path) == "...W......"
 

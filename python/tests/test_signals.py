@@ -1,8 +1,8 @@
 """Ctrl-C during a wait: a child process blocked in acquire gets SIGINT and
 must raise KeyboardInterrupt within 100 ms, holding exactly what it held
 before the call. The parent signals only once the child is asleep in the
-kernel (its request shows in /proc/locks, or queued in the shm table, or it sits in a sleep call for a
-timed wait); the child timestamps the KeyboardInterrupt with the same
+kernel (its request shows in /proc/locks, timed or not, or queued in the
+shm table); the child timestamps the KeyboardInterrupt with the same
 monotonic clock the parent read just before sending the signal."""
 
 import fcntl
@@ -38,16 +38,15 @@ def blocker(lock_path):
     os.close(fd)
 
 
-def interrupt_and_measure(w, call, in_kernel_wait=True, mode=""):
+def interrupt_and_measure(w, call, ofd=False, mode=""):
+    """``ofd``: the child waits for an OFD lock, whose request carries no pid
+    in /proc/locks (any waiter on the file is the child's)."""
     w.send_eval(f"attempt({call!r})")
-    if in_kernel_wait:
-        w.wait_blocked(mode=mode)
-    else:
-        support.wait_until(
-            lambda: support.current_syscall(w.pid) in support.SLEEP_SYSCALLS or w.replied(),
-            what="the child to sleep in a timed wait",
-        )
+    if ofd:
+        support.wait_until(lambda: support.waiting_pids(w.path) or w.replied(), what="the OFD request to queue")
         assert not w.replied()
+    else:
+        w.wait_blocked(mode=mode)
     sent = time.monotonic()
     os.kill(w.pid, signal.SIGINT)
     outcome, when = w.result()
@@ -56,6 +55,8 @@ def interrupt_and_measure(w, call, in_kernel_wait=True, mode=""):
     assert latency < LATENCY_LIMIT, f"KeyboardInterrupt came {latency * 1000:.1f} ms after SIGINT"
     if mode == "shm":
         assert not [lk for lk in support.table_locks(w.path) if lk.waiting], "a request is still queued in the table"
+    elif ofd:
+        assert support.waiting_pids(w.path) == set(), "a request is still queued in the kernel"
     else:
         assert not support.is_waiting(w.path, w.pid), "a request is still queued in the kernel"
     return latency
@@ -122,7 +123,7 @@ def test_ctrl_c_interrupts_a_modern_blocking_wait(spawn_worker, lock_path, block
 def test_ctrl_c_interrupts_a_timed_wait(spawn_worker, lock_path, blocker, call):
     w = spawn_worker()
     w.exec(CHILD_CODE + "lf = LocksFile(path)")
-    interrupt_and_measure(w, call, in_kernel_wait=False)
+    interrupt_and_measure(w, call, ofd=True)
     assert w.eval("lf.held()") == []
     assert support.held_map(lock_path, -1) == ".........."
 

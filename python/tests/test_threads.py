@@ -85,17 +85,8 @@ def test_blocking_wait_releases_the_gil(spawn_worker, lock_path, make, call):
     fn = eval(call)
     t = Runner(lambda: fn(lf))
     t.start()
-    if mode == "shm":
-        # Timed or not, a shm wait is a request queued in the table.
-        support.wait_until(lambda: own_waiters(lock_path, mode) >= 1, what="the thread's request to queue")
-    elif "timeout" in call:
-        # Timed waits poll: wait until the thread sleeps between tries.
-        support.wait_until(
-            lambda: t.tid and support.current_syscall(t.tid) in support.SLEEP_SYSCALLS,
-            what="the thread to sleep in its timed wait",
-        )
-    else:
-        support.wait_until(lambda: own_waiters(lock_path) >= 1, what="the thread's request to queue")
+    # Timed or not, a wait is a request queued in the kernel (or the table).
+    support.wait_until(lambda: own_waiters(lock_path, mode) >= 1, what="the thread's request to queue")
     assert_python_keeps_running(t)
     holder.exec("h.release()")
     assert t.outcome() not in (False, None)
