@@ -81,7 +81,8 @@ pub enum Mode {
     /// cost of a futex instead of two `fcntl` calls, and:
     /// - **deadlock detection** for any owner and any cycle length: the
     ///   wait that would close a cycle fails with [`Error::Deadlock`] (two
-    ///   readers that both upgrade are such a cycle). Threads sharing one
+    ///   readers that both upgrade are such a cycle), unless moving waiters
+    ///   ahead in the queue breaks it, as PostgreSQL does. Threads sharing one
     ///   handle are one owner: a cycle through a handle counts even when
     ///   another of its threads could still release;
     /// - **fair grants**: a request waits behind earlier conflicting

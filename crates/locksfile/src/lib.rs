@@ -41,7 +41,9 @@
 //! wait forever, and two readers of one span that both upgrade are such a
 //! pair (see [`ReadGuard::upgrade`]). Wait with a timeout where that can
 //! happen, or use [`Mode::Shm`], which refuses the wait that would close
-//! any cycle of owners with [`Error::Deadlock`] (threads sharing one
+//! any cycle of owners with [`Error::Deadlock`] (a cycle that runs through
+//! the fair queue's order alone is broken by reordering the queue, as
+//! PostgreSQL does, instead; threads sharing one
 //! handle are one owner there: a cycle through a handle counts even if
 //! another of its threads could still release).
 //!
