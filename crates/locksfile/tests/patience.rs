@@ -103,20 +103,26 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 impl Patience {
+    /// The `Wait` of a patience that waits through `acquire`.
+    fn wait(self) -> Wait {
+        match self {
+            Untimed | Cancellable => Wait::Blocking,
+            Timed => Wait::Timeout(LONG),
+            TimedInterruptible => Wait::DeadlineInterruptible(Instant::now() + LONG),
+            TokioUntimed | TokioTimed => unreachable!("a tokio wait takes a timeout"),
+        }
+    }
+
     /// Take `s` exclusively through `lf`, waiting with this patience.
     fn write(self, lf: &Arc<LockFile>, s: Span) -> Result<Taken, Error> {
-        let explicit = |wait| {
-            lf.acquire(Kind::Exclusive, s, wait)
-                .map(|()| Taken::Explicit(Arc::clone(lf), s))
-        };
+        let taken = |r: Result<(), Error>| r.map(|()| Taken::Explicit(Arc::clone(lf), s));
         match self {
-            Untimed => explicit(Wait::Blocking),
-            Timed => explicit(Wait::Timeout(LONG)),
-            TimedInterruptible => explicit(Wait::DeadlineInterruptible(Instant::now() + LONG)),
+            Untimed | Timed | TimedInterruptible => {
+                taken(lf.acquire(Kind::Exclusive, s, self.wait()))
+            }
             Cancellable => {
                 let never = Cancel::new();
-                lf.acquire_cancellable(Kind::Exclusive, s, Wait::Blocking, &never)
-                    .map(|()| Taken::Explicit(Arc::clone(lf), s))
+                taken(lf.acquire_cancellable(Kind::Exclusive, s, self.wait(), &never))
             }
             TokioUntimed | TokioTimed => {
                 let timeout = (self == TokioTimed).then_some(LONG);
@@ -759,20 +765,14 @@ fn cancel_from_another_thread(mode: Mode) {
         return;
     };
     let s = space.span();
-    let waits: [(&str, fn() -> Wait); 3] = [
-        ("untimed", || Wait::Blocking),
-        ("timed", || Wait::Timeout(LONG)),
-        ("timed-interruptible", || {
-            Wait::DeadlineInterruptible(Instant::now() + LONG)
-        }),
-    ];
-    for (what, wait) in waits {
+    for p in [Untimed, Timed, TimedInterruptible] {
+        let what = format!("{p:?}");
         let lf = space.handle();
         let holder = space.hold_elsewhere();
         let cancel = Cancel::new();
         let (r, took) = std::thread::scope(|sc| {
             let waiter = sc.spawn(|| {
-                let r = lf.acquire_cancellable(Kind::Exclusive, s, wait(), &cancel);
+                let r = lf.acquire_cancellable(Kind::Exclusive, s, p.wait(), &cancel);
                 (r, Instant::now())
             });
             space.wait_for_waiters(1);
