@@ -8,12 +8,7 @@
 //! Run with `cargo test -p locksfile --features tokio --test patience`; the
 //! PostgreSQL cases also need `--features postgres` and a server (see
 //! `pg/mod.rs`). The figures measured are printed: `--nocapture` shows them.
-//!
-//! The tokio cases on a PostgreSQL server are ignored: `read_async` and
-//! `write_async` first try on the calling task, inside the runtime, where
-//! the PostgreSQL engine's own `block_on` panics ("Cannot start a runtime
-//! from within a runtime"), so no async wait on a server ever starts. Run
-//! them with `--ignored` once that is fixed.
+
 #![cfg(feature = "tokio")]
 
 mod common;
@@ -75,8 +70,7 @@ const PATIENCES: [Patience; 6] = [
     TokioTimed,
 ];
 
-/// The patiences without tokio, and with it (on a server the tokio cases
-/// are ignored for now: see the module docs).
+/// The patiences without tokio, and with it.
 #[cfg(feature = "postgres")]
 const WITHOUT_TOKIO: [Patience; 4] = [Untimed, Timed, TimedInterruptible, Cancellable];
 #[cfg(feature = "postgres")]
@@ -495,7 +489,6 @@ mod deadlock_cycles {
 
     #[cfg(feature = "postgres")]
     #[test]
-    #[ignore = "core bug: write_async on a PostgreSQL handle panics (see the module docs)"]
     fn postgres_tokio() {
         cycles_of_sessions(&WITH_TOKIO)
     }
@@ -675,7 +668,6 @@ mod writer_among_busy_readers {
 
     #[cfg(feature = "postgres")]
     #[test]
-    #[ignore = "core bug: write_async on a PostgreSQL handle panics (see the module docs)"]
     fn postgres_tokio() {
         writer_among_readers(Mode::Postgres, &WITH_TOKIO)
     }
@@ -737,7 +729,6 @@ mod queue_order_of_mixed_patience {
 
     #[cfg(feature = "postgres")]
     #[test]
-    #[ignore = "core bug: write_async on a PostgreSQL handle panics (see the module docs)"]
     fn postgres() {
         queue_order(Mode::Postgres, MIXED)
     }
@@ -864,7 +855,6 @@ mod on_a_server {
     }
 
     #[test]
-    #[ignore = "core bug: write_async on a PostgreSQL handle panics (see the module docs)"]
     fn a_dropped_future_ends_its_wait_at_once() {
         dropped_future(Mode::Postgres)
     }

@@ -182,7 +182,7 @@ impl Pg {
             .enable_time()
             .build()
             .map_err(|e| Error::io("start the client runtime", e))?;
-        let outcome = rt.block_on(async {
+        let outcome = block_on(&rt, async {
             tokio::time::timeout(timeout, Self::open(&target))
                 .await
                 .unwrap_or_else(|_| {
@@ -196,7 +196,7 @@ impl Pg {
         let (client, socket, addr, ns, stmts) = match outcome {
             Ok((client, connection, socket, addr)) => {
                 rt.spawn(connection);
-                let setup = rt.block_on(async {
+                let setup = block_on(&rt, async {
                     tokio::time::timeout(timeout, Self::setup(&client, &target.name))
                         .await
                         .unwrap_or_else(|_| {
@@ -212,8 +212,7 @@ impl Pg {
             Err(e) => return Err(e),
         };
         let [try_x, try_s, unlock_x, unlock_s] = stmts;
-        let backend_pid = rt
-            .block_on(client.query_one("SELECT pg_backend_pid()", &[]))
+        let backend_pid = block_on(&rt, client.query_one("SELECT pg_backend_pid()", &[]))
             .map_err(|e| startup_error(&shown, e))?
             .get::<_, i32>(0);
         let cancel = client.cancel_token();
@@ -418,9 +417,7 @@ impl Pg {
 
     /// Run `sql` (simple protocol, one round trip); its first value.
     fn simple(&self, c: &Conn, op: &'static str, sql: &str) -> Result<Option<String>, Error> {
-        let msgs =
-            c.rt.block_on(c.client.simple_query(sql))
-                .map_err(|e| self.error(op, e))?;
+        let msgs = block_on(&c.rt, c.client.simple_query(sql)).map_err(|e| self.error(op, e))?;
         let mut first = None;
         for m in msgs {
             if let SimpleQueryMessage::Row(r) = m {
@@ -432,7 +429,7 @@ impl Pg {
 
     /// A one-key prepared call returning a boolean.
     fn one(&self, c: &Conn, op: &'static str, stmt: &Statement, key: i32) -> Result<bool, Error> {
-        c.rt.block_on(c.client.query_one(stmt, &[&self.ns, &key]))
+        block_on(&c.rt, c.client.query_one(stmt, &[&self.ns, &key]))
             .map(|r| r.get::<_, bool>(0))
             .map_err(|e| self.error(op, e))
     }
@@ -798,9 +795,8 @@ impl Pg {
             ns = self.ns
         );
         let c = self.session();
-        let msgs =
-            c.rt.block_on(c.client.simple_query(&sql))
-                .map_err(|e| self.error("look up lock holders", e))?;
+        let msgs = block_on(&c.rt, c.client.simple_query(&sql))
+            .map_err(|e| self.error("look up lock holders", e))?;
         let mut out = Vec::new();
         for m in msgs {
             let SimpleQueryMessage::Row(r) = m else {
@@ -870,6 +866,25 @@ enum Stream {
     Tcp(tokio::net::TcpStream),
 }
 
+/// `rt.block_on(f)`, also where tokio refuses to start a runtime: inside
+/// another one's context (a guard dropped in async code, the first try of
+/// `write_async`, a handle opened in a task). There it runs on a thread of
+/// its own, outside that context, for the statement's time.
+fn block_on<F>(rt: &Runtime, f: F) -> F::Output
+where
+    F: std::future::Future + Send,
+    F::Output: Send,
+{
+    if tokio::runtime::Handle::try_current().is_err() {
+        return rt.block_on(f);
+    }
+    std::thread::scope(|s| {
+        s.spawn(|| rt.block_on(f))
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p))
+    })
+}
+
 /// Ask the server to cancel a session's running statement, over a new
 /// connection as the protocol wants. Best effort: if it fails the wait ends
 /// on its own terms.
@@ -882,7 +897,7 @@ fn send_cancel(addr: &Addr, token: &CancelToken) {
         return;
     };
     let addr = addr.clone();
-    rt.block_on(async move {
+    block_on(&rt, async move {
         let go = async {
             match addr {
                 Addr::Unix(p) => {
