@@ -161,16 +161,16 @@ class Guard:
         """Release now; harmless when already released.
 
         Released while another thread upgrades it, the guard stays released:
-        that upgrade unlocks what it holds and raises ``RuntimeError``.
+        that upgrade's wait ends at once, unlocks what it holds and raises
+        ``RuntimeError``.
         """
     def upgrade(self: _G, *, blocking: bool = True, timeout: Optional[float] = None) -> _G:
         """Convert shared to exclusive in place; on a conflict, timeout or
         deadlock the shared lock stays.
 
         If another thread releases the guard (``RuntimeError``) or closes its
-        ``LocksFile`` (``ValueError``) meanwhile, this call unlocks everything
-        the guard held and raises when its wait ends (a timed wait at its
-        next try, an untimed one when the kernel grants the lock).
+        ``LocksFile`` (``ValueError``) meanwhile, the wait ends at once, timed
+        or not: this call unlocks everything the guard held and raises.
 
         Deadlocks
         ---------
@@ -261,8 +261,10 @@ class LocksFile:
         """A shared lock without blocking the event loop: ``await`` it for a
         ``Guard``, or ``async with lf.read_async(span) as g:``.
 
-        On contention the wait runs in a thread of its own, in slices;
-        cancelling the task ends it with nothing held and the thread gone.
+        On contention the wait runs in a thread of its own, as one wait for
+        the lock (fair queueing and deadlock detection hold for it);
+        cancelling the task ends it at once with nothing held and the thread
+        gone.
         """
     def write_async(self, span: _Span, *, timeout: Optional[float] = None) -> GuardRequest:
         """As ``read_async``, for an exclusive lock."""
@@ -291,9 +293,9 @@ class LocksFile:
     def close(self) -> None:
         """Release everything, guards included, and close.
 
-        Calls waiting in other threads end with ``ValueError`` and hold
-        nothing: timed waits at their next try, untimed ones when the kernel
-        grants their lock. In a forked child it releases nothing.
+        Calls waiting in other threads (and asyncio waits) end at once with
+        ``ValueError`` and hold nothing, timed or not. In a forked child it
+        releases nothing.
         """
     def __enter__(self: _L) -> _L: ...
     def __exit__(
