@@ -779,6 +779,9 @@ impl PyLocksFile {
     }
 }
 
+/// A row of `LocksFile._server_locks()`: index, kind, backend pid, granted.
+type ServerLockRow = (u64, &'static str, Option<u32>, bool);
+
 /// Hand a wait to its driver in `pylocksfile._async`.
 fn async_helper<'py>(py: Python<'py>, name: &str, w: PyWait) -> PyResult<Bound<'py, PyAny>> {
     static MODULE: pyo3::sync::PyOnceLock<Py<pyo3::types::PyModule>> =
@@ -1360,10 +1363,7 @@ impl PyLocksFile {
     /// in its namespace, as ``(index, kind, backend_pid, granted)`` tuples
     /// (``locksfile status``'s view, a snapshot), for tests and tools.
     /// ``UnsupportedError`` for a lock file. Not part of the public API.
-    fn _server_locks(
-        &self,
-        py: Python<'_>,
-    ) -> PyResult<Vec<(u64, &'static str, Option<u32>, bool)>> {
+    fn _server_locks(&self, py: Python<'_>) -> PyResult<Vec<ServerLockRow>> {
         let lf = self.lf_not_forked(py)?;
         let locks = py.detach(|| lf.server_locks()).map_err(|e| to_py(py, e))?;
         Ok(locks
