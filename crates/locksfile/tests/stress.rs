@@ -751,10 +751,12 @@ struct Worker<'a> {
     rt: Option<tokio::runtime::Runtime>,
     /// A dropped future's wait may still be ending on the runtime's pool.
     orphans: bool,
-    /// Whether tokio waits are made. Not on PostgreSQL handles: there
-    /// `read_async` / `write_async` panic ("Cannot start a runtime from
-    /// within a runtime") as soon as a lock needs the server, as their
-    /// first try runs the engine's own `block_on` on the caller's task.
+    /// Whether tokio waits are made. Not on PostgreSQL handles: there a
+    /// worker thread panics, now and then, with "Cannot drop a runtime in a
+    /// context where blocking is not allowed" (the engine's cancel request
+    /// builds and drops a runtime of its own; a dropped future's cancel
+    /// does so inside the caller's runtime, and so does something else on
+    /// the async path), and its locks and claims stay behind.
     futures: bool,
 }
 
@@ -941,15 +943,22 @@ impl Worker<'_> {
             How::Async(..) => None,
         };
         let r = self.call_as(how, f);
-        self.late(end);
+        self.late(end, how);
         r
     }
 
-    /// Count how far past `end` this is.
-    fn late(&self, end: Option<Instant>) {
+    /// Count how far past `end` this is; say so past a quarter second.
+    fn late(&self, end: Option<Instant>, how: How) {
         if let Some(end) = end {
             let us = Instant::now().saturating_duration_since(end).as_micros() as u64;
             self.t.counter(LATE).fetch_max(us, SeqCst);
+            if us > 250_000 {
+                say(&format!(
+                    "owner {}: a wait ended {:.1} ms past its end, waiting {how:?}",
+                    self.owner.row,
+                    us as f64 / 1000.0
+                ));
+            }
         }
     }
 
@@ -1050,9 +1059,9 @@ impl Worker<'_> {
     ) -> bool {
         let how = How::Async(timeout, drop_after);
         let saved = self.converting(kind);
+        // A conversion must report how it ended (a lost one above all),
+        // which a dropped future cannot: it times out instead.
         if saved.is_some() {
-            // A conversion must report how it ended (a lost one above all),
-            // which a dropped future cannot: it times out instead.
             if let Some(d) = drop_after.take() {
                 timeout = Some(timeout.map_or(d, |t| t.min(d)));
             }
@@ -1087,7 +1096,7 @@ impl Worker<'_> {
                 }
             }
         });
-        self.late(end);
+        self.late(end, how);
         let Some(g) = got else {
             // Dropped while waiting: nothing held (once its wait has ended).
             self.t.count_wait(ASYNC, DROPPED);
@@ -1413,18 +1422,19 @@ impl Worker<'_> {
                     let lf = &handles[self.h].lf;
                     let (owner, cols) = (self.owner.row, sp.cols());
                     self.op();
-                    let (r, w) = match kind {
-                        Kind::Shared => (Some(lf.read(sp.span()).expect("blocking read")), None),
-                        Kind::Exclusive => {
-                            (None, Some(lf.write(sp.span()).expect("blocking write")))
-                        }
+                    let got = match kind {
+                        Kind::Shared => lf.read(sp.span()).map(|g| (Some(g), None)),
+                        Kind::Exclusive => lf.write(sp.span()).map(|g| (None, Some(g))),
                     };
-                    self.t.count_wait(UNTIMED, GRANTED);
-                    self.t.mark(owner, cols.clone(), kind);
-                    self.mirror("a blocking read or write");
-                    self.hold();
-                    self.t.unmark(owner, cols, kind);
-                    drop((r, w));
+                    let plain = How::Plain(Wait::Blocking);
+                    let e = got.as_ref().map(|_| ());
+                    if self.ended(plain, sp, e, "a blocking read or write") {
+                        self.t.mark(owner, cols.clone(), kind);
+                        self.mirror("a blocking read or write");
+                        self.hold();
+                        self.t.unmark(owner, cols, kind);
+                    }
+                    drop(got);
                 }
                 1 => {
                     self.guard(kind, sp, how);
