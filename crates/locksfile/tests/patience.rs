@@ -858,6 +858,33 @@ mod on_a_server {
     fn a_dropped_future_ends_its_wait_at_once() {
         dropped_future(Mode::Postgres)
     }
+
+    /// Connecting, locking, releasing and dropping the last handle inside
+    /// a task, where tokio refuses nested runtimes, works and frees the lock.
+    #[test]
+    fn a_handle_lives_and_dies_inside_a_task() {
+        let Some(space) = Space::new(Mode::Postgres, "in-task") else {
+            return;
+        };
+        let Space::Server { target, .. } = &space else {
+            unreachable!()
+        };
+        let rt = runtime();
+        let t = target.clone();
+        rt.block_on(async move {
+            let lf = Arc::new(pg::connect(&t));
+            let g = lf.write_async(0, None).await.expect("free");
+            assert!(g.is_held());
+            drop(g);
+            let _g = lf.write(1).expect("free");
+            // The guard, then the last handle, dropped in the task.
+        });
+        let other = space.handle();
+        assert!(
+            other.try_write(0..2).is_ok(),
+            "the dropped handle kept a lock"
+        );
+    }
 }
 
 /// A timed kernel wait that nobody answers ends with `TimedOut` near its

@@ -84,8 +84,39 @@ enum Addr {
     Tcp(std::net::SocketAddr),
 }
 
+/// A client runtime that can be dropped anywhere: tokio refuses to drop a
+/// runtime inside another one's async context (a handle dropped in a task),
+/// so it is shut down in the background, which never blocks (the session's
+/// tasks are dropped either way).
+struct Rt(Option<Runtime>);
+
+impl Rt {
+    fn new() -> io::Result<Rt> {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .enable_time()
+            .build()
+            .map(|rt| Rt(Some(rt)))
+    }
+}
+
+impl std::ops::Deref for Rt {
+    type Target = Runtime;
+    fn deref(&self) -> &Runtime {
+        self.0.as_ref().expect("a runtime until dropped")
+    }
+}
+
+impl Drop for Rt {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
 struct Conn {
-    rt: Runtime,
+    rt: Rt,
     client: Client,
     try_x: Statement,
     try_s: Statement,
@@ -177,11 +208,7 @@ impl Pg {
         let timeout = timeout
             .or(target.config.get_connect_timeout().copied())
             .unwrap_or(DEFAULT_CONNECT_TIMEOUT);
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_io()
-            .enable_time()
-            .build()
-            .map_err(|e| Error::io("start the client runtime", e))?;
+        let rt = Rt::new().map_err(|e| Error::io("start the client runtime", e))?;
         let outcome = block_on(&rt, async {
             tokio::time::timeout(timeout, Self::open(&target))
                 .await
@@ -889,11 +916,7 @@ where
 /// connection as the protocol wants. Best effort: if it fails the wait ends
 /// on its own terms.
 fn send_cancel(addr: &Addr, token: &CancelToken) {
-    let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-        .enable_io()
-        .enable_time()
-        .build()
-    else {
+    let Ok(rt) = Rt::new() else {
         return;
     };
     let addr = addr.clone();
