@@ -598,3 +598,93 @@ fn server_locks_lists_holders_and_waiters() {
         w.join().unwrap().unwrap();
     });
 }
+
+/// Calls a thread of `lf`'s owner makes every 20 ms until `stop`: each needs
+/// the session, so each cancels and restarts a sibling's wait, which
+/// restarts the server's `deadlock_timeout` too.
+fn keep_calling<'a>(
+    s: &'a std::thread::Scope<'a, '_>,
+    lf: &'a LockFile,
+    stop: &'a std::sync::atomic::AtomicBool,
+) {
+    s.spawn(move || {
+        let mut i = 0;
+        while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+            drop(lf.try_read(1000 + i % 16));
+            i += 1;
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+}
+
+/// A cycle of two owners whose sibling threads keep calling (so the
+/// server's own detector, which needs one uninterrupted `deadlock_timeout`,
+/// never runs) still ends with exactly one `Deadlock`, the engine looking
+/// for the cycle itself once a restarted wait has lasted that long.
+#[test]
+fn a_cycle_is_found_while_siblings_keep_restarting_the_waits() {
+    let srv = server_or_skip!();
+    let t = target(&srv, "restarted-cycle");
+    let (a, b) = (connect(&t), connect(&t));
+    a.acquire(Kind::Exclusive, 1, Wait::NonBlocking).unwrap();
+    b.acquire(Kind::Exclusive, 2, Wait::NonBlocking).unwrap();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let started = Instant::now();
+    let (ra, rb) = std::thread::scope(|s| {
+        keep_calling(s, &a, &stop);
+        keep_calling(s, &b, &stop);
+        let wa = s.spawn(|| {
+            let r = a.acquire(Kind::Exclusive, 2, Wait::Timeout(Duration::from_secs(20)));
+            if r.is_err() {
+                a.release_all().unwrap();
+            }
+            r
+        });
+        let wb = s.spawn(|| {
+            let r = b.acquire(Kind::Exclusive, 1, Wait::Timeout(Duration::from_secs(20)));
+            if r.is_err() {
+                b.release_all().unwrap();
+            }
+            r
+        });
+        let out = (wa.join().unwrap(), wb.join().unwrap());
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        out
+    });
+    let took = started.elapsed();
+    println!("cycle with restarted waits ended after {took:?}: {ra:?} / {rb:?}");
+    let deadlocks = [&ra, &rb]
+        .iter()
+        .filter(|r| matches!(r, Err(Error::Deadlock)))
+        .count();
+    assert_eq!(deadlocks, 1, "{ra:?} / {rb:?}");
+    assert!(ra.is_ok() || rb.is_ok(), "{ra:?} / {rb:?}");
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+}
+
+/// A timed wait that queues behind a sibling's wait for the session ends
+/// on its own deadline, not when the sibling's wait ends.
+#[test]
+fn a_timed_wait_behind_a_siblings_wait_ends_on_time() {
+    let srv = server_or_skip!();
+    let t = target(&srv, "behind-sibling");
+    let (a, c) = (connect(&t), connect(&t));
+    c.acquire(Kind::Exclusive, 5..7, Wait::NonBlocking).unwrap();
+    std::thread::scope(|s| {
+        let first = s.spawn(|| a.acquire(Kind::Exclusive, 5, Wait::Blocking));
+        until("the first wait to reach the server", || {
+            waiting(&srv, &t) == 1
+        });
+        let started = Instant::now();
+        let r = a.acquire(
+            Kind::Exclusive,
+            6,
+            Wait::Timeout(Duration::from_millis(200)),
+        );
+        let took = started.elapsed();
+        assert!(matches!(r, Err(Error::TimedOut)), "{r:?}");
+        assert!(took < Duration::from_secs(1), "ended after {took:?}");
+        c.release_all().unwrap();
+        first.join().unwrap().unwrap();
+    });
+}

@@ -37,7 +37,7 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, TryLockError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::runtime::Runtime;
 use tokio_postgres::config::Host;
@@ -66,6 +66,12 @@ const S: u8 = 1;
 const X: u8 = 2;
 /// Retries of a statement a stale cancel request hit.
 const CANCEL_RETRIES: u32 = 8;
+/// How often a cancel request is sent again while the wait it is for goes
+/// on (one sent before the statement started is lost).
+const RECANCEL: Duration = Duration::from_millis(20);
+/// How long a [`Cancel`](crate::Cancel)'s waker goes on sending cancel
+/// requests at most.
+const RECANCEL_FOR: Duration = Duration::from_secs(10);
 /// Serialises creating the namespace table between sessions (a one-bigint
 /// advisory key, which never meets the two-int4 keys of locks).
 const SETUP_KEY: i64 = 0x6c6f_636b_7366_696c;
@@ -142,6 +148,8 @@ pub(crate) struct Pg {
     preempt: AtomicUsize,
     /// A statement that may wait is running (a cancel would hit it).
     waiting: AtomicBool,
+    /// The server's `deadlock_timeout` in ms; 0 until read.
+    deadlock_ms: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Pg {
@@ -263,6 +271,7 @@ impl Pg {
             lost: AtomicBool::new(false),
             preempt: AtomicUsize::new(0),
             waiting: AtomicBool::new(false),
+            deadlock_ms: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -429,10 +438,23 @@ impl Pg {
             Err(TryLockError::WouldBlock) => {}
         }
         self.preempt.fetch_add(1, Ordering::SeqCst);
-        if self.waiting.load(Ordering::SeqCst) {
-            self.send_cancel();
-        }
-        let c = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        // A cancel request that reaches the server before the waiting
+        // statement starts (or while the waiter is between taking the
+        // session and marking itself waiting) cancels nothing: send again
+        // every RECANCEL until the session is ours.
+        let mut next_cancel = Instant::now();
+        let c = loop {
+            match self.conn.try_lock() {
+                Ok(c) => break c,
+                Err(TryLockError::Poisoned(p)) => break p.into_inner(),
+                Err(TryLockError::WouldBlock) => {}
+            }
+            if self.waiting.load(Ordering::SeqCst) && Instant::now() >= next_cancel {
+                self.send_cancel();
+                next_cancel = Instant::now() + RECANCEL;
+            }
+            std::thread::sleep(Duration::from_micros(100));
+        };
         self.preempt.fetch_sub(1, Ordering::SeqCst);
         c
     }
@@ -667,11 +689,33 @@ impl Pg {
         let arr = array(keys);
         let ns = self.ns;
         let (lo, hi) = (keys[0], keys[keys.len() - 1]);
+        // When to look for a cycle ourselves (see `closes_cycle`), once a
+        // sibling's call has made the wait start again.
+        let mut next_check: Option<Instant> = None;
+        let started = Instant::now();
         loop {
             while self.preempt.load(Ordering::SeqCst) > 0 {
                 std::thread::yield_now();
             }
-            let mut c = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+            // The session runs one statement at a time: a sibling's wait
+            // holds it. Wait our turn, still ending on our deadline, signal
+            // or cancel.
+            let mut pause = Duration::from_micros(100);
+            let mut c = loop {
+                match self.conn.try_lock() {
+                    Ok(c) => break c,
+                    Err(TryLockError::Poisoned(p)) => break p.into_inner(),
+                    Err(TryLockError::WouldBlock) => {}
+                }
+                if abandon.load(Ordering::SeqCst) {
+                    return Err(Error::Interrupted);
+                }
+                if let Some(e) = until.ended() {
+                    return Err(e);
+                }
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(5));
+            };
             if self.preempt.load(Ordering::SeqCst) > 0 {
                 continue;
             }
@@ -680,6 +724,12 @@ impl Pg {
             }
             if let Some(e) = until.ended() {
                 return Err(e);
+            }
+            if next_check.is_some_and(|t| Instant::now() >= t) {
+                if self.closes_cycle(&c, keys, kind)? {
+                    return Err(Error::Deadlock);
+                }
+                next_check = Some(Instant::now() + self.deadlock_timeout(&c));
             }
             // lock_timeout counts whole milliseconds; 0 is "none".
             let timeout_ms = until
@@ -741,6 +791,12 @@ impl Pg {
                     if let Some(e) = until.ended() {
                         return Err(e);
                     }
+                    // Starting again restarts the server's deadlock_timeout:
+                    // siblings calling more often than that would keep its
+                    // detector from ever running, so look ourselves then.
+                    if next_check.is_none() {
+                        next_check = Some(started + self.deadlock_timeout(&c));
+                    }
                 }
                 Err(e) => {
                     // The server reports an error before it ends the
@@ -754,6 +810,54 @@ impl Pg {
                 }
             }
         }
+    }
+
+    /// The server's `deadlock_timeout`, read once.
+    fn deadlock_timeout(&self, c: &Conn) -> Duration {
+        let mut ms = self.deadlock_ms.load(Ordering::Relaxed);
+        if ms == 0 {
+            ms = self
+                .simple(
+                    c,
+                    "read deadlock_timeout",
+                    "SELECT setting FROM pg_settings WHERE name = 'deadlock_timeout'",
+                )
+                .ok()
+                .flatten()
+                .and_then(|v| v.parse::<u64>().ok())
+                .filter(|&v| v > 0)
+                .unwrap_or(1000);
+            self.deadlock_ms.store(ms, Ordering::Relaxed);
+        }
+        Duration::from_millis(ms)
+    }
+
+    /// Whether waiting for `kind` on `keys` now would close a cycle of
+    /// waits for held advisory locks (hard edges only, as the server's own
+    /// detector counts a deadlock): from the sessions holding what we ask
+    /// for, through the sessions they wait for, back to us. One consistent
+    /// snapshot of `pg_locks`, between two of our statements (so our own
+    /// wait is the edge we add). Cycles through other kinds of locks are
+    /// left to the server.
+    fn closes_cycle(&self, c: &Conn, keys: &[i32], kind: Kind) -> Result<bool, Error> {
+        let sql = format!(
+            "WITH RECURSIVE l AS (SELECT pid, classid, objid, objsubid, mode, granted \
+             FROM pg_locks WHERE locktype = 'advisory' \
+             AND database = (SELECT oid FROM pg_database WHERE datname = current_database())), \
+             edge AS (SELECT DISTINCT w.pid AS w, h.pid AS h FROM l w JOIN l h \
+             ON h.classid = w.classid AND h.objid = w.objid AND h.objsubid = w.objsubid \
+             AND h.granted AND NOT w.granted AND h.pid <> w.pid \
+             AND (w.mode = 'ExclusiveLock' OR h.mode = 'ExclusiveLock')), \
+             reach(pid) AS (SELECT h.pid FROM l h WHERE h.granted \
+             AND h.pid <> pg_backend_pid() AND h.classid = {ns}::oid AND h.objsubid = 2 \
+             AND h.objid::int8 = ANY({arr}::int8[]) AND ({x} OR h.mode = 'ExclusiveLock') \
+             UNION SELECT e.h FROM edge e JOIN reach r ON e.w = r.pid) \
+             SELECT EXISTS (SELECT 1 FROM reach WHERE pid = pg_backend_pid())",
+            ns = self.ns,
+            arr = array(keys),
+            x = kind == Kind::Exclusive,
+        );
+        Ok(self.simple(c, "look for a deadlock", &sql)?.as_deref() == Some("t"))
     }
 
     /// An interruptible wait: the statement runs on a helper thread (with
@@ -774,10 +878,19 @@ impl Pg {
             if let Err(e) = rx.read(&mut byte) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     abandon.store(true, Ordering::SeqCst);
-                    if self.waiting.load(Ordering::SeqCst) {
-                        self.send_cancel();
+                    // Cancel until the helper is done (a request that came
+                    // before its statement started is lost); it ends soon,
+                    // cancelled or granted.
+                    let _ = rx.set_read_timeout(Some(RECANCEL));
+                    loop {
+                        if self.waiting.load(Ordering::SeqCst) {
+                            self.send_cancel();
+                        }
+                        match rx.read(&mut byte) {
+                            Err(e) if e.kind() != io::ErrorKind::UnexpectedEof => continue,
+                            _ => break,
+                        }
                     }
-                    // The helper ends soon, cancelled or granted; join waits.
                 }
             }
             helper.join().unwrap_or(Err(Error::Interrupted))
@@ -891,6 +1004,15 @@ type Driver = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 enum Stream {
     Unix(tokio::net::UnixStream),
     Tcp(tokio::net::TcpStream),
+}
+
+/// Sets its flag when dropped.
+struct SetOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for SetOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
 }
 
 /// `rt.block_on(f)`, also where tokio refuses to start a runtime: inside
@@ -1020,14 +1142,24 @@ impl Engine for Pg {
             return Ok(());
         }
         // A cancel asks the server to cancel the statement, from a thread
-        // of its own (it connects): the wait then sees the token cancelled.
+        // of its own (it connects), again every RECANCEL until the wait has
+        // ended (a request that came before the statement started is lost):
+        // the wait then sees the token cancelled.
+        let ended = std::sync::Arc::new(AtomicBool::new(false));
         let _armed = until.cancel.map(|c| {
-            let (addr, token) = (self.addr.clone(), self.cancel.clone());
+            let (addr, token, ended) = (self.addr.clone(), self.cancel.clone(), ended.clone());
             c.arm(Box::new(move || {
-                let (addr, token) = (addr.clone(), token.clone());
-                std::thread::spawn(move || send_cancel(&addr, &token));
+                let (addr, token, ended) = (addr.clone(), token.clone(), ended.clone());
+                std::thread::spawn(move || {
+                    let give_up = Instant::now() + RECANCEL_FOR;
+                    while !ended.load(Ordering::SeqCst) && Instant::now() < give_up {
+                        send_cancel(&addr, &token);
+                        std::thread::sleep(RECANCEL);
+                    }
+                });
             }))
         });
+        let _ended = SetOnDrop(&ended);
         if until.interruptible {
             self.wait_interruptibly(&keys, kind, until)
         } else {
