@@ -723,6 +723,18 @@ impl LockFile {
         }
     }
 
+    /// Whether the owner's locks are gone while its guards live: its
+    /// server session was lost ([`lost`](Self::lost)), or a
+    /// [`Mode::Flock`] conversion was lost ([`Error::ConversionLost`]).
+    pub(crate) fn locks_lost(&self) -> bool {
+        match &self.owner {
+            Owners::Flock(o) => o.engine.lost().is_some(),
+            #[cfg(feature = "postgres")]
+            Owners::Pg(o) => o.engine.lost(),
+            _ => false,
+        }
+    }
+
     /// Every lock other sessions hold or wait for in this handle's
     /// PostgreSQL namespace, in index order, from `pg_locks` and
     /// `pg_stat_activity` (feature `postgres`); what `locksfile status`

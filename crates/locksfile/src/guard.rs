@@ -142,10 +142,12 @@ impl<H: Deref<Target = LockFile>> ReadGuard<H> {
 
     /// Whether the lock is still held: `false` once the PostgreSQL session
     /// that held it is lost ([`LockFile::lost`]), whose locks the server
-    /// then gave to others. Always `true` in the other modes, where a live
-    /// guard's lock cannot be taken away.
+    /// then gave to others, or once a [`Mode::Flock`](crate::Mode::Flock)
+    /// conversion of its owner was lost ([`Error::ConversionLost`]). Always
+    /// `true` in the other modes, where a live guard's lock cannot be taken
+    /// away.
     pub fn is_held(&self) -> bool {
-        !self.hold.lockfile().lost()
+        !self.hold.lockfile().locks_lost()
     }
 
     /// Convert to an exclusive lock in place, waiting for other readers.
@@ -173,7 +175,11 @@ impl<H: Deref<Target = LockFile>> ReadGuard<H> {
     /// Convert to an exclusive lock if no one else holds the span.
     ///
     /// # Errors
-    /// Gives the read guard back when another owner is in the way.
+    /// Gives the read guard back when another owner is in the way. In
+    /// [`Mode::Flock`](crate::Mode::Flock) a refused conversion can lose
+    /// the shared lock too ([`Error::ConversionLost`], which this form
+    /// cannot report): the guard's [`is_held`](Self::is_held) says so, and
+    /// [`upgrade_with`](Self::upgrade_with) returns the error.
     pub fn try_upgrade(self) -> Result<WriteGuard<H>, Self> {
         Self::upgrade_with(self, Wait::NonBlockingNoHolder).map_err(|(g, _)| g)
     }
@@ -264,10 +270,12 @@ impl<H: Deref<Target = LockFile>> WriteGuard<H> {
 
     /// Whether the lock is still held: `false` once the PostgreSQL session
     /// that held it is lost ([`LockFile::lost`]), whose locks the server
-    /// then gave to others. Always `true` in the other modes, where a live
-    /// guard's lock cannot be taken away.
+    /// then gave to others, or once a [`Mode::Flock`](crate::Mode::Flock)
+    /// conversion of its owner was lost ([`Error::ConversionLost`]). Always
+    /// `true` in the other modes, where a live guard's lock cannot be taken
+    /// away.
     pub fn is_held(&self) -> bool {
-        !self.hold.lockfile().lost()
+        !self.hold.lockfile().locks_lost()
     }
 
     /// Convert to a shared lock in place. Never blocks: a lock only gets weaker.

@@ -350,6 +350,7 @@ mod tests {
         let writer = File::open(&path).unwrap();
         sys::flock_file(reader.as_fd(), FlockOp::Shared, false).unwrap();
         let r = lf.read(..).unwrap();
+        assert!(r.is_held());
 
         // Between the refused upgrade (the other reader is in the way) and
         // taking the shared lock back, that reader leaves and a writer
@@ -366,8 +367,9 @@ mod tests {
             Err((r, Error::ConversionLost { held: Kind::Shared })) => r,
             other => panic!("expected ConversionLost, got {other:?}"),
         };
-        // The guard still thinks it holds the file: no lock may be built on
-        // that until it is gone.
+        // The guard says it holds nothing, and no lock may be built on it
+        // until it is gone.
+        assert!(!r.is_held());
         assert!(matches!(
             lf.try_read(..),
             Err(Error::ConversionLost { held: Kind::Shared })
