@@ -751,12 +751,7 @@ struct Worker<'a> {
     rt: Option<tokio::runtime::Runtime>,
     /// A dropped future's wait may still be ending on the runtime's pool.
     orphans: bool,
-    /// Whether tokio waits are made. Not on PostgreSQL handles: there a
-    /// worker thread panics, now and then, with "Cannot drop a runtime in a
-    /// context where blocking is not allowed" (the engine's cancel request
-    /// builds and drops a runtime of its own; a dropped future's cancel
-    /// does so inside the caller's runtime, and so does something else on
-    /// the async path), and its locks and claims stay behind.
+    /// Whether tokio waits are made.
     futures: bool,
 }
 
@@ -1600,7 +1595,7 @@ fn worker(t: &Table, place: &Place, mode: Mode, p: usize, seed: u64, until: Inst
                             lost: false,
                             rt: Some(runtime()),
                             orphans: false,
-                            futures: mode != Mode::Postgres,
+                            futures: true,
                         };
                         w.run(until);
                         w.drop_guards();
@@ -1830,9 +1825,6 @@ fn stress_with(mode: Mode, place: &Place, shape: Shape) {
         "no change refused over own locks"
     );
     for (k, name) in KINDS.iter().enumerate() {
-        if k == ASYNC && mode == Mode::Postgres {
-            continue; // see `Worker::futures`
-        }
         let granted = t.get(WAITS + k * OUTCOMES.len() + GRANTED);
         assert!(granted > 0, "no {name} wait was granted");
     }
