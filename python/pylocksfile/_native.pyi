@@ -153,10 +153,12 @@ class Guard:
         """The indices held."""
     @property
     def kind(self) -> Optional[Literal["shared", "exclusive"]]:
-        """The kind held; None once released."""
+        """The kind held; None once released or lost (see ``held``)."""
     @property
     def held(self) -> bool:
-        """Whether the lock is still held."""
+        """Whether the lock is still held: False once released, and once it
+        was taken away (its PostgreSQL session lost, see ``LocksFile.lost()``,
+        or a flock conversion of its owner lost)."""
     def release(self) -> None:
         """Release now; harmless when already released.
 

@@ -171,6 +171,16 @@ enum Held {
 }
 
 impl Held {
+    /// Whether a lock it held was taken away: its PostgreSQL session was
+    /// lost, or a flock conversion of its owner (the core's `is_held`).
+    fn lost(&self) -> bool {
+        match self {
+            Held::Read(g) => !g.is_held(),
+            Held::Write(g) => !g.is_held(),
+            Held::Busy | Held::Released | Held::Closed => false,
+        }
+    }
+
     fn unlock(self) -> Result<(), Error> {
         match self {
             Held::Read(g) => ReadGuard::unlock(g),
@@ -352,10 +362,15 @@ impl PyGuard {
         span_to_range(py, self.cell.span)
     }
 
-    /// ``"shared"`` or ``"exclusive"``; None once released.
+    /// ``"shared"`` or ``"exclusive"``; None once released, or once the
+    /// lock was lost (see ``held``).
     #[getter]
     fn kind(&self) -> Option<&'static str> {
-        match &*lock_mutex(&self.cell.held) {
+        let held = lock_mutex(&self.cell.held);
+        if held.lost() {
+            return None;
+        }
+        match &*held {
             Held::Read(_) => Some("shared"),
             Held::Write(_) => Some("exclusive"),
             // Only an upgrade makes a guard busy; it is shared until that ends.
@@ -364,10 +379,13 @@ impl PyGuard {
         }
     }
 
-    /// Whether the lock is still held by this guard.
+    /// Whether the lock is still held by this guard: False once released,
+    /// and once it was taken away (its PostgreSQL session was lost, see
+    /// ``LocksFile.lost()``, or a flock conversion of its owner was lost).
     #[getter]
     fn held(&self) -> bool {
-        !matches!(&*lock_mutex(&self.cell.held), Held::Released | Held::Closed)
+        let held = lock_mutex(&self.cell.held);
+        !matches!(&*held, Held::Released | Held::Closed) && !held.lost()
     }
 
     /// Release the lock now. Releasing twice is harmless. Released while
@@ -489,12 +507,15 @@ impl PyGuard {
     }
 
     fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
-        let state = match &*lock_mutex(&self.cell.held) {
+        let held = lock_mutex(&self.cell.held);
+        let state = match &*held {
+            _ if held.lost() => "lost",
             Held::Read(_) => "shared",
             Held::Write(_) => "exclusive",
             Held::Busy => "converting",
             Held::Released | Held::Closed => "released",
         };
+        drop(held);
         Ok(format!(
             "<Guard {} {state}>",
             span_to_range(py, self.cell.span)?.repr()?

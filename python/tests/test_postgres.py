@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -93,3 +94,39 @@ def test_bad_targets_raise_typed_errors():
         LocksFile(target("m"), mode="flock")
     with pytest.raises(OSError):
         LocksFile("postgresql://u:hunter2@%2Fnonexistent-dir/db?name=x")
+
+
+def test_guards_of_a_lost_session_say_they_hold_nothing():
+    # An application name of its own: terminating by it must not hit the
+    # sessions of tests running beside this one.
+    app = f"py-terminated-{os.getpid()}"
+    t = f"{SERVER}?application_name={app}&name=py-lost-{os.getpid()}"
+    lf = LocksFile(t)
+    w = lf.write(range(1, 3))
+    r = lf.read(7)
+    assert w.held and r.held and w.kind == "exclusive" and r.kind == "shared"
+    assert "exclusive" in repr(w)
+    subprocess.run(
+        [
+            "psql",
+            SERVER,
+            "-XAtqc",
+            f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = '{app}'",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    deadline = time.monotonic() + 10
+    while not lf.lost():
+        assert time.monotonic() < deadline, "the loss never showed"
+        time.sleep(0.01)
+    assert lf.held() == []
+    assert w.held is False and r.held is False
+    assert w.kind is None and r.kind is None
+    assert "lost" in repr(w)
+    # Releasing what is lost is no error; the locks are free on the server.
+    w.release()
+    r.release()
+    assert not w.held
+    with LocksFile(f"{SERVER}?name=py-lost-{os.getpid()}") as again:
+        assert again.try_write(range(1, 3)) is not None and again.try_write(7) is not None
