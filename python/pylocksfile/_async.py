@@ -10,6 +10,13 @@ where it sleeps, and waits (asynchronously) for the thread to end. So when
 ``CancelledError`` reaches the caller the thread has ended, nothing is asleep
 in the kernel, and whatever the wait got as the cancellation came has been
 given back. Closing the ``LocksFile`` ends the wait the same way (``ValueError``).
+
+The thread takes a guard, for ``acquire_async`` too: a temporary one at the
+kind asked for over the span, which raises what the owner holds and lowers
+nothing. Only once the task has received it does ``acquire`` make the
+explicit acquire (which then only lowers, so it is never refused and never
+waits) and release that guard; a cancelled task releases the guard, and the
+explicit layer is as it was before the call.
 """
 
 from __future__ import annotations
@@ -26,7 +33,8 @@ __all__ = ["GuardRequest", "acquire"]
 
 
 async def _run(wait: _Wait) -> Any:
-    """The Guard (True for the explicit layer) once granted."""
+    """The Guard once granted (True when the explicit acquire was made at
+    once on the loop's thread)."""
     now = wait.try_now()
     if now is not None:
         return now
@@ -77,7 +85,7 @@ async def _run(wait: _Wait) -> Any:
         # cancelled wait has returned.
         thread.join()
         if got:
-            _give_back(wait, got[0])
+            _give_back(got[0])
         raise
     # The thread settled `done` as its last act, so this join returns at
     # once, and no thread of the wait is left when the caller resumes.
@@ -85,14 +93,11 @@ async def _run(wait: _Wait) -> Any:
     return value
 
 
-def _give_back(wait: _Wait, value: Any) -> None:
-    """Undo a grant nobody will receive: release the guard, or put the
-    explicit locks back as they were."""
-    if value is None:
-        return
-    if value is True:
-        wait.undo()
-    else:
+def _give_back(value: Any) -> None:
+    """Undo a grant nobody will receive: release the guard (an
+    ``acquire_async``'s temporary one too, so its explicit acquire is never
+    made)."""
+    if value is not None:
         value.release()
 
 
@@ -136,4 +141,13 @@ class GuardRequest:
 
 async def acquire(wait: _Wait) -> None:
     """What ``LocksFile.acquire_async`` returns, awaited."""
-    await _run(wait)
+    got = await _run(wait)
+    if got is True:
+        return
+    # The task has the thread's guard: no cancellation can come between
+    # here and the end of the explicit acquire, which it makes and then
+    # releases the guard (released below too, whatever interrupts).
+    try:
+        wait.commit(got)
+    finally:
+        got.release()

@@ -781,11 +781,6 @@ impl PyLocksFile {
             Patience::Until(d) => Some(d),
         };
         let lf = slf.get().lf_not_forked(py)?;
-        let before = if explicit {
-            lf.held_explicitly()
-        } else {
-            Vec::new()
-        };
         Ok(PyWait {
             owner: slf.clone().unbind(),
             lf,
@@ -794,7 +789,6 @@ impl PyLocksFile {
             deadline,
             timed: timeout.is_some(),
             explicit,
-            before,
             cancel: Cancel::new(),
         })
     }
@@ -836,6 +830,12 @@ fn take_guard(
 /// one wait for the engine, which ``cancel()`` (or closing the
 /// ``LocksFile``) ends at once with nothing held. The owner is the one of
 /// the thread that made it (the loop's), whatever thread waits.
+///
+/// The thread only ever takes a guard, for ``acquire_async`` too: a guard
+/// raises what the owner holds and lowers nothing, so giving back a grant
+/// the task never received (it was cancelled) is releasing that guard,
+/// and the explicit layer is never touched by a wait that did not end in
+/// the task. The task applies the explicit acquire with ``commit()``.
 #[pyclass(name = "_Wait", module = "pylocksfile", frozen)]
 pub struct PyWait {
     owner: Py<PyLocksFile>,
@@ -847,24 +847,11 @@ pub struct PyWait {
     timed: bool,
     /// The explicit layer (`acquire_async`) rather than a guard.
     explicit: bool,
-    /// The explicit locks before, for `undo()`.
-    before: Vec<(Span, Kind)>,
     /// Ends the wait: `cancel()` (a cancelled task), or `close()`.
     cancel: Cancel,
 }
 
 impl PyWait {
-    fn attempt(&self, w: Wait, cancel: Option<&Cancel>) -> Result<Option<Held>, Error> {
-        match (self.explicit, cancel) {
-            (true, None) => self.lf.acquire(self.kind, self.span, w).map(|()| None),
-            (true, Some(c)) => self
-                .lf
-                .acquire_cancellable(self.kind, self.span, w, c)
-                .map(|()| None),
-            (false, c) => take_guard(&self.lf, self.kind, self.span, w, c).map(Some),
-        }
-    }
-
     /// The Python value of a granted lock: its Guard, or True (explicit).
     fn granted(&self, py: Python<'_>, h: Option<Held>) -> PyResult<Py<PyAny>> {
         let owner = self.owner.get();
@@ -885,13 +872,21 @@ impl PyWait {
 
 #[pymethods]
 impl PyWait {
-    /// One try without waiting: the Guard (True for the explicit layer),
-    /// or None when another owner is in the way.
+    /// One try without waiting: the Guard (True once the explicit acquire
+    /// is made), or None when another owner is in the way.
     fn try_now(&self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
         if self.owner.get().closed() {
             return Err(closed_error());
         }
-        match self.attempt(Wait::NonBlockingNoHolder, None) {
+        let w = Wait::NonBlockingNoHolder;
+        let outcome = if self.explicit {
+            // On the loop's thread, with nothing to cancel in between: the
+            // explicit acquire itself.
+            self.lf.acquire(self.kind, self.span, w).map(|()| None)
+        } else {
+            take_guard(&self.lf, self.kind, self.span, w, None).map(Some)
+        };
+        match outcome {
             Ok(h) => self.granted(py, h).map(Some),
             Err(Error::WouldBlock { .. }) => Ok(None),
             Err(e) => Err(to_py(py, e)),
@@ -900,8 +895,9 @@ impl PyWait {
 
     /// Wait, as one wait for the engine, until granted, timed out
     /// (``LockTimeout``), closed (``ValueError``) or cancelled (None,
-    /// nothing held). Releases the GIL. A grant that came as the wait was
-    /// cancelled is returned: the caller gives it back.
+    /// nothing held). Releases the GIL. Returns a Guard, for the explicit
+    /// layer too (hand it to ``commit()``). A grant that came as the wait
+    /// was cancelled is returned: the caller releases it.
     fn wait(&self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
         let owner = self.owner.get();
         let wait = match self.deadline {
@@ -915,13 +911,70 @@ impl PyWait {
             if owner.closed() {
                 return Err(GIVE_UP);
             }
-            self.attempt(wait, Some(&self.cancel))
+            take_guard(&self.lf, self.kind, self.span, wait, Some(&self.cancel))
         });
         match outcome {
-            Ok(h) => self.granted(py, h).map(Some),
+            Ok(h) => self.granted(py, Some(h)).map(Some),
             Err(_) if owner.closed() => Err(closed_while_waiting()),
             Err(Error::Cancelled) => Ok(None),
             Err(Error::WouldBlock { .. }) if self.timed => Err(to_py(py, Error::TimedOut)),
+            Err(e) => Err(to_py(py, e)),
+        }
+    }
+
+    /// The explicit acquire of an ``acquire_async`` whose task received
+    /// the grant: apply it, then release ``guard`` (what ``wait()``
+    /// returned), also when this raises.
+    ///
+    /// The guard holds the kind asked for over the span, so the owner
+    /// does: the acquire raises nothing in the engine and only lowers what
+    /// the explicit layer held stronger, so it is never refused and never
+    /// waits (only a raise waits, also for a sibling thread's wait over
+    /// the span), whatever other threads of the owner did meanwhile with
+    /// the explicit layer or their guards. Only a guard that stopped
+    /// holding can fail it: closed (``ValueError``, nothing applied), a
+    /// lost PostgreSQL session or flock conversion (the engine's error,
+    /// nothing applied).
+    fn commit(&self, py: Python<'_>, guard: &Bound<'_, PyGuard>) -> PyResult<()> {
+        let cell = &guard.get().cell;
+        if !self.explicit || cell.span != self.span {
+            return Err(PyRuntimeError::new_err(
+                "commit() takes the guard that wait() of an acquire_async returned",
+            ));
+        }
+        // Taken out of the guard: `close()` no longer reaches it, and the
+        // lock is ours to unlock below.
+        let h = {
+            let mut slot = lock_mutex(&cell.held);
+            match &*slot {
+                Held::Read(_) | Held::Write(_) => std::mem::replace(&mut *slot, Held::Released),
+                Held::Closed => return Err(closed_while_waiting()),
+                Held::Busy | Held::Released => {
+                    return Err(PyRuntimeError::new_err(
+                        "the guard of this acquire_async was released before it was committed",
+                    ))
+                }
+            }
+        };
+        let outcome = if self.owner.get().closed() {
+            Err(GIVE_UP)
+        } else {
+            self.lf
+                .acquire(self.kind, self.span, Wait::NonBlockingNoHolder)
+        };
+        let unlocked = h.unlock();
+        match outcome {
+            Err(_) if self.owner.get().closed() => Err(closed_while_waiting()),
+            Ok(()) if self.owner.get().closed() => {
+                // `close()` may have released everything before the acquire.
+                self.lf.release_all().map_err(|e| to_py(py, e))?;
+                Err(closed_while_waiting())
+            }
+            Ok(()) => unlocked.map_err(|e| to_py(py, e)),
+            Err(Error::WouldBlock { .. }) => Err(PyRuntimeError::new_err(
+                "internal error: the explicit acquire of an acquire_async was refused \
+                 while its guard held the span; nothing changed",
+            )),
             Err(e) => Err(to_py(py, e)),
         }
     }
@@ -935,41 +988,6 @@ impl PyWait {
     #[getter]
     fn span<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         span_to_range(py, self.span)
-    }
-
-    /// Put the explicit locks on the span back as they were before this
-    /// wait was granted (a cancellation that came too late). Lowering back
-    /// never waits; a piece that was exclusive before and would have to
-    /// wait to be so again is released instead.
-    fn undo(&self, py: Python<'_>) -> PyResult<()> {
-        let mut pos = self.span.start();
-        let end = self.span.end();
-        let put = |s: Span, k: Option<Kind>| -> Result<(), Error> {
-            match k {
-                None => self.lf.release(s),
-                Some(k) => match self.lf.acquire(k, s, Wait::NonBlockingNoHolder) {
-                    Err(Error::WouldBlock { .. }) => self.lf.release(s),
-                    other => other,
-                },
-            }
-        };
-        let mut run = || -> Result<(), Error> {
-            for &(s, k) in &self.before {
-                let Some(part) = s.intersect(self.span) else {
-                    continue;
-                };
-                if pos < part.start() {
-                    put(Span::new(pos, part.start())?, None)?;
-                }
-                put(part, Some(k))?;
-                pos = part.end();
-            }
-            if pos < end {
-                put(Span::new(pos, end)?, None)?;
-            }
-            Ok(())
-        };
-        run().map_err(|e| to_py(py, e))
     }
 }
 

@@ -162,6 +162,56 @@ def test_a_grant_that_the_cancellation_overtook_is_given_back(lock_path, holder)
     assert ofd_held(lock_path) == "...R......"
 
 
+def test_a_cancelled_acquire_async_never_lowers_what_was_held(lock_path, holder):
+    """An ``acquire_async`` that would lower an exclusive lock to shared is
+    granted in its thread, another owner then asks for that lock shared,
+    and the task is cancelled before it runs again: the explicit layer is
+    as it was before the call, the lock still exclusive, the other owner
+    refused."""
+    lf = LocksFile(lock_path)
+    lf.acquire("exclusive", 5)
+    got = []
+
+    async def main():
+        task = asyncio.create_task(lf.acquire_async("shared", (2, 4)))
+        await until(lambda: len(wait_threads()) == 1, "the wait's thread")
+        # Blocking the loop on purpose: the thread's hand-over cannot run.
+        holder.exec("h.release()")
+        support.wait_until(lambda: ofd_held(lock_path)[2] == "R", what="the thread to get the lock")
+        # The grant raced the cancellation: another owner asks for 5 shared
+        # now, before the task sees either.
+        holder.exec("g5 = h.try_read(5)")
+        got.append(holder.eval("g5 is not None"))
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert wait_threads() == []
+
+    asyncio.run(main())
+    assert got == [False], "another owner took shared a lock held exclusively"
+    assert lf.held_explicitly() == [(range(5, 6), "exclusive")]
+    assert lf.held() == [(range(5, 6), "exclusive")]
+    assert ofd_held(lock_path) == ".....W...."
+    assert holder.eval("h.try_read(5) is None")
+
+    # Not cancelled, the call is wholly applied once its wait ends: 2..5
+    # shared, and the thread's guard gone.
+    holder.exec("h.acquire('exclusive', 2)")
+
+    async def waited():
+        task = asyncio.create_task(lf.acquire_async("shared", (2, 4)))
+        await until(lambda: len(wait_threads()) == 1, "the wait's thread")
+        holder.exec("h.release()")
+        await task
+        assert wait_threads() == []
+
+    asyncio.run(waited())
+    assert lf.held_explicitly() == [(range(2, 6), "shared")]
+    assert lf.held() == [(range(2, 6), "shared")]
+    assert ofd_held(lock_path) == "..RRRR...."
+    assert holder.eval("h.try_read(5) is not None")
+
+
 def test_timeout_raises_lock_timeout(lock_path, holder):
     lf = LocksFile(lock_path)
 

@@ -805,10 +805,7 @@ class Worker:
             if self.seed_api:
                 w = {"blocking": False}
             elif self.rng.randrange(4) == 0:
-                # Timed out, never cancelled: a cancelled ``acquire_async``
-                # sometimes leaves the owner without explicit locks it held
-                # before the call (the engine short of the claims).
-                w = {"asyncio_wait": (self.rng.random() * 0.003, None)}
+                w = {"asyncio_wait": self.async_args(kind)}
             else:
                 w = self.wait_args()
             if self.acquire(kind, sp, **w):
