@@ -162,9 +162,10 @@ impl<E: Engine> Owner<E> {
             return Err(Error::Forked);
         }
         // A timeout counts from the call, not from when waiting starts.
-        let asked = Asked {
+        let started = matches!(wait, Wait::Timeout(_)).then(Instant::now);
+        let asked = move || Asked {
             wait,
-            started: matches!(wait, Wait::Timeout(_)).then(Instant::now),
+            started,
             cancel,
         };
         let mut st = self.lock();
@@ -173,21 +174,21 @@ impl<E: Engine> Owner<E> {
                 let (from, to) = step.kinds();
                 if from != to {
                     let outcome = match to {
-                        Some(k) if waits(asked.wait) => {
-                            self.engine.try_set_before_wait(step.span, k)
-                        }
+                        Some(k) if waits(wait) => self.engine.try_set_before_wait(step.span, k),
                         _ => self.engine.try_set(step.span, to),
                     };
                     match outcome {
                         Ok(true) => {}
-                        other => return self.one_piece_not_granted(st, change, step, other, asked),
+                        other => {
+                            return self.one_piece_not_granted(st, change, step, other, asked())
+                        }
                     }
                 }
                 st.holds.commit(step);
                 return Ok(());
             }
         }
-        self.change_pieces(st, change, asked)
+        self.change_pieces(st, change, asked())
     }
 
     /// The one-piece path when its call was refused or failed. A raise then
