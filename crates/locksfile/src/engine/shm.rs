@@ -692,7 +692,13 @@ struct Request<'p> {
     /// ([`Guard::place_of`]); `u64::MAX` for a request not queued yet
     /// (its place is past every entry).
     ticket: u64,
+    /// Where that entry is, if the caller knows ([`NO_ENTRY`] if not): a
+    /// hint that saves a walk over the waiter entries under the mutex.
+    entry: u32,
 }
+
+/// [`Request::entry`] when the caller does not know it.
+const NO_ENTRY: u32 = u32::MAX;
 
 /// What stands in the way of a request.
 enum Blocker {
@@ -1081,10 +1087,16 @@ impl Guard<'_> {
         if req.ticket == u64::MAX {
             return None;
         }
-        (0..self.map.header().waiter_hwm as usize).find(|&i| {
+        let is_it = |i: usize| {
             let w = self.map.waiter(i);
             w.owner == req.me + 1 && w.ticket == req.ticket
-        })
+        };
+        let hwm = self.map.header().waiter_hwm as usize;
+        let hint = req.entry as usize;
+        if hint < hwm && is_it(hint) {
+            return Some(hint);
+        }
+        (0..hwm).find(|&i| is_it(i))
     }
 
     /// Whether `req` (not a conversion), standing at `at` in the queue,
@@ -1199,6 +1211,7 @@ impl Guard<'_> {
             pieces: &piece,
             kind: w.kind,
             ticket: w.ticket,
+            entry: i as u32,
         };
         self.each_blocker(req, w.place(), f);
     }
@@ -1292,7 +1305,14 @@ impl Guard<'_> {
             let Some((i, ticket)) = self.push_waiter(req.me, 0, req.pieces, req.kind, None) else {
                 return false;
             };
-            (Request { ticket, ..req }, Some(i as usize))
+            (
+                Request {
+                    ticket,
+                    entry: i,
+                    ..req
+                },
+                Some(i as usize),
+            )
         } else {
             (req, None)
         };
@@ -2850,12 +2870,13 @@ impl Shm {
         // While queued, a cancel bumps and wakes our futex word.
         let mut armed = None;
         loop {
-            let ticket = queued.map_or(u64::MAX, |q| q.1);
+            let (entry, ticket) = queued.unwrap_or((NO_ENTRY, u64::MAX));
             let req = Request {
                 me,
                 pieces,
                 kind,
                 ticket,
+                entry,
             };
             // Owners in the way are checked for life (a system call) only
             // before the wait queues and sleeps, gives up, or goes on after
@@ -3073,6 +3094,7 @@ impl Shm {
             pieces: &pieces,
             kind: k,
             ticket: u64::MAX,
+            entry: NO_ENTRY,
         };
         if let Some(b) = g.blocker(None, req) {
             if !check_life {
@@ -3264,6 +3286,7 @@ impl Engine for Shm {
             pieces: &pieces,
             kind: code(kind),
             ticket: u64::MAX,
+            entry: NO_ENTRY,
         };
         Ok(g.blocker(Some(self.fd()), req)
             .map(|b| self.holder_of(&g, b)))
