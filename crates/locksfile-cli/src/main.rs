@@ -19,11 +19,22 @@ use clap::{CommandFactory, Parser, Subcommand};
 
 /// Named, file-backed, byte-range reader/writer locks: lock N is byte N of FILE.
 #[derive(Parser, Debug)]
-#[command(name = "locksfile", version, propagate_version = true)]
+#[command(
+    name = "locksfile",
+    version,
+    propagate_version = true,
+    after_help = TOP_NOTES
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
 }
+
+const TOP_NOTES: &str = "\
+flock(1)'s command line works without the word run: `locksfile [OPTIONS] FILE
+COMMAND...` and `locksfile [OPTIONS] FILE -c CMD` are `locksfile run ...`
+(`locksfile -n data.lock -c 'make'`). A first argument that names a
+subcommand is one: give a FILE named like one as ./run, or after an option.";
 
 #[derive(Subcommand, Debug)]
 enum Command {
@@ -39,8 +50,29 @@ enum Command {
     Man(generate::ManArgs),
 }
 
+/// Words that name a subcommand (or clap's help) in the first place.
+const SUBCOMMANDS: &[&str] = &["run", "status", "race", "completions", "man", "help"];
+
+/// flock(1)'s command line, `locksfile [OPTIONS] FILE COMMAND...` or
+/// `locksfile [OPTIONS] FILE -c CMD`, is `run`'s: when the first argument
+/// names no subcommand and is not the top-level help or version, `run` is
+/// put in front of it.
+fn with_implied_run(mut args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    let implied = match args.get(1).and_then(|a| a.to_str()) {
+        None => false,
+        Some(first) => {
+            !SUBCOMMANDS.contains(&first) && !matches!(first, "-h" | "--help" | "-V" | "--version")
+        }
+    };
+    // An argument that is not UTF-8 is no subcommand either.
+    if implied || args.get(1).is_some_and(|a| a.to_str().is_none()) {
+        args.insert(1, "run".into());
+    }
+    args
+}
+
 fn main() {
-    let cli = match Cli::try_parse() {
+    let cli = match Cli::try_parse_from(with_implied_run(std::env::args_os().collect())) {
         Ok(cli) => cli,
         Err(e) => {
             let code = match e.kind() {

@@ -286,7 +286,7 @@ pub fn locks_on(file: FileId) -> std::io::Result<Vec<Found>> {
 
     let ofd_held = found
         .iter()
-        .any(|f| f.line.class == Class::Ofd && !f.line.waiting);
+        .any(|f| matches!(f.line.class, Class::Ofd | Class::Flock) && !f.line.waiting);
     if ofd_held {
         name_ofd_holders(file, &mut found);
     }
@@ -349,10 +349,21 @@ fn read_all(path: &str) -> std::io::Result<String> {
     Ok(String::from_utf8_lossy(&buf).into_owned())
 }
 
-/// Pids whose fdinfo lists each held OFD lock; identical locks (same
-/// span and kind, several owners) are shared out one process each when
-/// the counts agree, else each lists every candidate.
+/// Pids whose fdinfo lists each held OFD or flock(2) lock; identical
+/// locks (same span and kind, several owners) are shared out one process
+/// each when the counts agree, else each lists every candidate.
+///
+/// The pid `/proc/locks` gives a flock(2) lock is the process that took
+/// it, which may have passed it on (the descriptor form) and be gone: the
+/// processes that hold its open file description are named instead, when
+/// any is found (matched by that pid too, which fdinfo repeats). This
+/// process itself is left out unless nothing else holds the lock: it only
+/// inherited the descriptor (`locksfile status` run from a shell that
+/// holds a lock on one) and never opened the file.
 fn name_ofd_holders(file: FileId, found: &mut [Found]) {
+    let named = |c: Class| matches!(c, Class::Ofd | Class::Flock);
+    let same =
+        |a: &LockLine, b: &LockLine| a.same_lock(b) && (a.class != Class::Flock || a.pid == b.pid);
     let mut seen: Vec<(LockLine, u32)> = Vec::new();
     for pid in pids() {
         let Ok(dir) = fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
@@ -367,9 +378,9 @@ fn name_ofd_holders(file: FileId, found: &mut [Found]) {
                     continue;
                 };
                 if let Some(line) = LockLine::parse(rest) {
-                    if line.class == Class::Ofd
+                    if named(line.class)
                         && file.matches(&line)
-                        && !seen.iter().any(|(s, p)| *p == pid && s.same_lock(&line))
+                        && !seen.iter().any(|(s, p)| *p == pid && same(s, &line))
                     {
                         seen.push((line, pid));
                     }
@@ -377,8 +388,9 @@ fn name_ofd_holders(file: FileId, found: &mut [Found]) {
             }
         }
     }
+    let me = std::process::id();
     let held: Vec<usize> = (0..found.len())
-        .filter(|&i| found[i].line.class == Class::Ofd && !found[i].line.waiting)
+        .filter(|&i| named(found[i].line.class) && !found[i].line.waiting)
         .collect();
     let mut done = vec![false; found.len()];
     for &i in &held {
@@ -388,15 +400,22 @@ fn name_ofd_holders(file: FileId, found: &mut [Found]) {
         let twins: Vec<usize> = held
             .iter()
             .copied()
-            .filter(|&j| found[j].line.same_lock(&found[i].line))
+            .filter(|&j| same(&found[j].line, &found[i].line))
             .collect();
         let mut pids: Vec<u32> = seen
             .iter()
-            .filter(|(s, _)| s.same_lock(&found[i].line))
+            .filter(|(s, _)| same(s, &found[i].line))
             .map(|&(_, p)| p)
             .collect();
         pids.sort_unstable();
         pids.dedup();
+        if pids.iter().any(|&p| p != me) {
+            pids.retain(|&p| p != me);
+        }
+        if pids.is_empty() && found[i].line.class == Class::Flock {
+            // Nobody found through fdinfo: keep the taker /proc/locks names.
+            continue;
+        }
         for (k, &j) in twins.iter().enumerate() {
             found[j].procs = if pids.len() == twins.len() {
                 vec![Proc::new(pids[k])]

@@ -14,7 +14,7 @@
 //! and leaves the lock with the caller's open file description.
 
 use std::ffi::OsString;
-use std::os::fd::{AsFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -163,6 +163,13 @@ pub struct RunArgs {
 
 const RUN_NOTES: &str = "\
 The span defaults to lock index 0; use --index .. for the whole index space.
+With no index (no -i, no --start) in the default mode, run also locks the
+whole file with flock(2), as flock(1) does: flock(2) first, through an open
+file description of its own, then the OFD lock on index 0, released in
+reverse; -n and -w apply to both (a refusal of the second gives back the
+first). It so keeps out flock(1) and other flock(2) users both ways, and
+byte-range users of index 0. An index given, or --mode flock, takes only
+the one lock. The descriptor form takes only the lock of its mode.
 --mode flock locks the whole file, as flock(1) does, and so excludes flock(1)
 and other flock(2) users; its span is always .. (any other is a usage error).
 --mode shm keeps the locks in a shared-memory table, the file FILE-shm beside
@@ -322,10 +329,54 @@ fn run(args: RunArgs) -> Result<i32, (i32, String)> {
         }
         None => (open_file(&args, kind)?, args.file.display().to_string()),
     };
+    // With no index in the default mode the whole file is locked as
+    // flock(1) locks it as well: flock(2) first, through an open file
+    // description of its own, then the OFD range, always in this order
+    // (released in reverse), under one patience.
+    let whole = server.is_none() && args.mode == ModeArg::Ofd && given.is_none();
+    let deadline = match wait {
+        Wait::Timeout(d) => Instant::now().checked_add(d),
+        _ => None,
+    };
+    let flock = if whole {
+        let fl = open_flock_beside(&lf, &args, kind)?;
+        let shown = format!("{shown} (flock(2), whole file)");
+        if !take(&fl, &args, &shown, kind, Span::ALL, wait)? {
+            return Ok(conflict);
+        }
+        Some(fl)
+    } else {
+        None
+    };
+    let wait = match deadline {
+        // The second take gets what is left of the same patience.
+        Some(end) if flock.is_some() => match end.checked_duration_since(Instant::now()) {
+            Some(left) if !left.is_zero() => Wait::Timeout(left),
+            _ => Wait::NonBlocking,
+        },
+        _ => wait,
+    };
     if !take(&lf, &args, &shown, kind, span, wait)? {
+        // Dropping the flock handle gives the first lock back.
+        drop(flock);
         return Ok(conflict);
     }
-    run_locked(&args, lf, argv)
+    run_locked(&args, lf, flock, argv)
+}
+
+/// A second handle on the file `lf` has open, in flock mode, with an open
+/// file description of its own (opened again through `/proc/self/fd`, so
+/// it is the same file even if FILE was renamed or replaced meanwhile).
+fn open_flock_beside(lf: &LockFile, args: &RunArgs, kind: Kind) -> Result<LockFile, (i32, String)> {
+    let again = PathBuf::from(format!("/proc/self/fd/{}", lf.as_fd().as_raw_fd()));
+    LockFile::options()
+        .mode(Mode::Flock)
+        .write(kind == Kind::Exclusive)
+        // The /proc link is the one to follow; FILE itself was checked
+        // when it was opened.
+        .follow_symlinks(true)
+        .open(&again)
+        .map_err(|e| (exit::for_lock_error(&e), open_message(&args.file, &e)))
 }
 
 fn open_file(args: &RunArgs, kind: Kind) -> Result<LockFile, (i32, String)> {
@@ -341,7 +392,12 @@ fn open_file(args: &RunArgs, kind: Kind) -> Result<LockFile, (i32, String)> {
 }
 
 /// Run the command with the lock held, and release it once it ended.
-fn run_locked(args: &RunArgs, lf: LockFile, argv: Vec<OsString>) -> Result<i32, (i32, String)> {
+fn run_locked(
+    args: &RunArgs,
+    lf: LockFile,
+    flock: Option<LockFile>,
+    argv: Vec<OsString>,
+) -> Result<i32, (i32, String)> {
     let program = &argv[0];
     let cannot_run = |e: std::io::Error| {
         // Out of processes, memory or descriptors is our failure, not the
@@ -363,7 +419,9 @@ fn run_locked(args: &RunArgs, lf: LockFile, argv: Vec<OsString>) -> Result<i32, 
         // its descriptor has to survive the exec. In process mode too, as
         // POSIX locks survive exec but an exec that closes a descriptor of
         // the file drops them all.
-        sys::clear_cloexec(lf.as_fd()).map_err(|e| (exit::OSERR, format!("fcntl: {e}")))?;
+        for held in std::iter::once(&lf).chain(flock.as_ref()) {
+            sys::clear_cloexec(held.as_fd()).map_err(|e| (exit::OSERR, format!("fcntl: {e}")))?;
+        }
         let e = command.exec();
         // Only a failed exec returns; the lock is released as usual.
         return Err(cannot_run(e));
@@ -385,6 +443,12 @@ fn run_locked(args: &RunArgs, lf: LockFile, argv: Vec<OsString>) -> Result<i32, 
         eprintln!("locksfile: releasing the lock: {e}");
     }
     drop(lf);
+    // The flock(2) lock, taken first, goes last.
+    if let Some(fl) = flock {
+        if let Err(e) = fl.release_all() {
+            eprintln!("locksfile: releasing the flock(2) lock: {e}");
+        }
+    }
     Ok(match (status.code(), status.signal()) {
         (Some(code), _) => code,
         (None, Some(sig)) => 128 + sig,
@@ -507,7 +571,7 @@ fn take(
                             eprintln!("locksfile:   {h}");
                         }
                     } else {
-                        name_holders(lf.path(), span, kind);
+                        name_holders(lf.path(), lf.mode(), span, kind);
                     }
                 }
                 Ok(false)
@@ -527,7 +591,7 @@ fn take(
 /// Say who holds what is in the way (OFD holders are found through
 /// `/proc`, which the kernel's own answer does not name; shm holders in
 /// the table).
-fn name_holders(file: &std::path::Path, span: Span, kind: Kind) {
+fn name_holders(file: &std::path::Path, mode: Mode, span: Span, kind: Kind) {
     let Ok(meta) = std::fs::metadata(file) else {
         return;
     };
@@ -537,7 +601,16 @@ fn name_holders(file: &std::path::Path, span: Span, kind: Kind) {
     };
     // A shm table's locks are in the table, not in /proc/locks.
     locks.extend(procfs::shm_locks_on(file, id).unwrap_or_default());
-    for f in locks.iter().filter(|f| !f.line.waiting) {
+    // Only the locks of the table this mode locks in are in its way.
+    let in_the_way = |class: procfs::Class| match mode {
+        Mode::Flock => class == procfs::Class::Flock,
+        Mode::Shm => class == procfs::Class::Shm,
+        _ => matches!(class, procfs::Class::Posix | procfs::Class::Ofd),
+    };
+    for f in locks
+        .iter()
+        .filter(|f| !f.line.waiting && in_the_way(f.line.class))
+    {
         let end = f
             .line
             .last

@@ -650,8 +650,9 @@ fn no_fork_execs_the_command_which_holds_the_lock() {
     }
 }
 
-/// The open flags of the lock descriptor of the `locksfile run` that is
-/// the command's parent, as the command sees them in /proc.
+/// The open flags of the lock descriptors of the `locksfile run` that is
+/// the command's parent, as the command sees them in /proc (with no index,
+/// two: the flock(2) one and the OFD one, opened alike).
 fn lock_fd_flags(opts: &[&str]) -> u32 {
     let (_d, f) = lock_file();
     let mut args = vec!["run"];
@@ -665,7 +666,14 @@ fn lock_fd_flags(opts: &[&str]) -> u32 {
     args.push(&script);
     let out = run(&args);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
-    u32::from_str_radix(stdout(&out).trim(), 8).expect("one octal flags line")
+    let flags: Vec<u32> = stdout(&out)
+        .lines()
+        .map(|l| u32::from_str_radix(l.trim(), 8).expect("octal flags lines"))
+        .collect();
+    assert!(!flags.is_empty(), "no lock descriptor found");
+    let acc = libc::O_ACCMODE as u32;
+    assert!(flags.iter().all(|f| f & acc == flags[0] & acc), "{flags:?}");
+    flags[0]
 }
 
 #[test]
@@ -739,13 +747,16 @@ fn another_users_file_takes_shared_locks() {
     assert_eq!(code(&out), 77, "{}", stderr(&out));
     let out = nobody(&[script.as_os_str()]);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
-    // The script runs under its own shared lock.
+    // The script runs under its own shared lock (with no index, a
+    // flock(2) lock on the whole file and an OFD lock on index 0).
     let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let locks = st["locks"].as_array().unwrap();
-    assert_eq!(locks.len(), 1, "{st}");
-    assert_eq!(
-        (locks[0]["kind"].as_str(), locks[0]["state"].as_str()),
-        (Some("shared"), Some("held")),
-        "{st}"
-    );
+    assert_eq!(locks.len(), 2, "{st}");
+    for l in locks {
+        assert_eq!(
+            (l["kind"].as_str(), l["state"].as_str()),
+            (Some("shared"), Some("held")),
+            "{st}"
+        );
+    }
 }
