@@ -2,7 +2,7 @@
 
 from os import PathLike
 from types import TracebackType
-from typing import Any, Coroutine, Dict, Generic, List, Literal, Optional, Tuple, Type, TypeVar, Union, final
+from typing import Any, Coroutine, Dict, Generic, List, Literal, NoReturn, Optional, Tuple, Type, TypeVar, Union, final
 
 from typing_extensions import disjoint_base
 
@@ -82,6 +82,10 @@ class pylocksfile:
         type, so a subclass's run); ``as`` binds this object. A call never
         entered leaves nothing behind.
         """
+    def __reduce__(self) -> Tuple[Any, ...]:
+        """Pickled as its path and arguments, never its locks."""
+    def __setstate__(self, state: Tuple[Dict[str, Any], Optional[Dict[str, Any]]]) -> None:
+        """Unpickling: opens what ``__reduce__`` recorded."""
     def __enter__(self: _S) -> _S:
         """Acquire the span of the ``with lf(...)`` being entered (blocking);
         ``IllegalWithStatement`` for a bare ``with lf:``, even after a call
@@ -103,6 +107,8 @@ class _WithStatement(Generic[_S]):
 
     def __getattr__(self, name: str) -> Any: ...
 
+    def __reduce__(self) -> NoReturn:
+        """``TypeError``: pass the ``pylocksfile`` object and ``lock_n`` instead."""
     def __enter__(self) -> _S:
         """Acquire through the ``pylocksfile``'s ``__enter__``; returns that object."""
     def __exit__(
@@ -188,6 +194,8 @@ class Guard:
         """
     def downgrade(self: _G) -> _G:
         """Convert exclusive to shared in place; never blocks."""
+    def __reduce__(self) -> NoReturn:
+        """``TypeError``: pass the ``LocksFile`` and the span instead."""
     def __enter__(self: _G) -> _G: ...
     def __exit__(
         self,
@@ -299,6 +307,8 @@ class LocksFile:
         ``ValueError`` and hold nothing, timed or not. In a forked child it
         releases nothing.
         """
+    def __reduce__(self) -> Tuple[Any, ...]:
+        """Pickled as its target, mode and the options given, never its locks."""
     def __enter__(self: _L) -> _L: ...
     def __exit__(
         self,

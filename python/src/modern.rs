@@ -223,6 +223,36 @@ impl GuardCell {
 /// is already waiting when that happens is cancelled instead (`Waits`).
 const GIVE_UP: Error = Error::WouldBlock { holder: None };
 
+/// Why a `Guard` does not pickle, and what to send instead.
+const GUARD_PICKLE: &str = "cannot pickle a Guard: its lock belongs to this process's owner. \
+     Pass the LocksFile (it pickles as its path, mode and options, holding nothing) and the \
+     span (guard.span), and take the lock again in the other process";
+
+/// `__reduce__`'s answer for an object made again by its type's `__new__`
+/// with `args` and `kwargs` (`copyreg.__newobj_ex__`, which pickle turns
+/// into its own opcode), with a subclass instance's `__dict__` as state.
+pub(crate) fn pickled_as_new<'py>(
+    obj: &Bound<'py, PyAny>,
+    args: Bound<'py, PyTuple>,
+    kwargs: Bound<'py, PyDict>,
+) -> PyResult<Bound<'py, PyTuple>> {
+    let py = obj.py();
+    let newobj = py.import("copyreg")?.getattr("__newobj_ex__")?;
+    let call = PyTuple::new(
+        py,
+        [
+            obj.get_type().into_any(),
+            args.into_any(),
+            kwargs.into_any(),
+        ],
+    )?;
+    let state = match obj.getattr("__dict__") {
+        Ok(d) if d.is_truthy()? => d,
+        _ => py.None().into_bound(py),
+    };
+    PyTuple::new(py, [newobj, call.into_any(), state])
+}
+
 fn closed_error() -> PyErr {
     PyValueError::new_err("I/O operation on a closed LocksFile")
 }
@@ -506,6 +536,12 @@ impl PyGuard {
         Ok(false)
     }
 
+    /// A guard does not pickle: its lock belongs to this process's owner.
+    /// ``TypeError``, saying to pass the ``LocksFile`` and the span instead.
+    fn __reduce__(&self) -> PyResult<()> {
+        Err(PyTypeError::new_err(GUARD_PICKLE))
+    }
+
     fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
         let held = lock_mutex(&self.cell.held);
         let state = match &*held {
@@ -591,6 +627,28 @@ pub struct PyLocksFile {
     threads: Option<ThreadOwners>,
     /// The file `LocksFile()` created for want of a path, removed on close.
     temp: Mutex<Option<TempFile>>,
+    /// What pickling hands to the constructor again: a server target as
+    /// given (its password too: never shown, never in an error), a file's
+    /// path made absolute.
+    target: Py<PyString>,
+    /// The open options as given, pickled with the target.
+    given: Given,
+}
+
+/// The constructor's open options, kept for pickling.
+#[derive(Clone, Copy)]
+struct Given {
+    create: bool,
+    permissions: u32,
+    follow_symlinks: bool,
+}
+
+impl Given {
+    const DEFAULT: Given = Given {
+        create: true,
+        permissions: 0o644,
+        follow_symlinks: false,
+    };
 }
 
 /// A lock file this object created itself (no path was given): removed by
@@ -1039,7 +1097,14 @@ pub(crate) fn mode_name(m: Mode) -> &'static str {
 
 impl PyLocksFile {
     /// `LocksFile("postgresql://...?name=NAME")`: a session on the server.
-    fn connect(py: Python<'_>, target: &str, mode: Mode, thread_local: bool) -> PyResult<Self> {
+    fn connect(
+        py: Python<'_>,
+        target: &Bound<'_, PyString>,
+        mode: Mode,
+        thread_local: bool,
+        given: Given,
+    ) -> PyResult<Self> {
+        let text = target.extract::<String>()?;
         if mode != Mode::Ofd {
             return Err(PyValueError::new_err(
                 "mode applies to lock files: a PostgreSQL target has its own mode",
@@ -1052,7 +1117,7 @@ impl PyLocksFile {
             ));
         }
         let lf = py
-            .detach(|| LockFile::connect(target))
+            .detach(|| LockFile::connect(&text))
             .map_err(|e| to_py(py, e))?;
         // The handle's own form of the target: never the password.
         let shown = PyString::new(py, &lf.path().display().to_string());
@@ -1065,6 +1130,8 @@ impl PyLocksFile {
             pid: std::process::id(),
             threads: None,
             temp: Mutex::new(None),
+            target: target.clone().unbind(),
+            given,
         })
     }
 }
@@ -1095,6 +1162,11 @@ impl PyLocksFile {
                  threads of a process are one owner, whatever the objects",
             ));
         }
+        let given = Given {
+            create,
+            permissions,
+            follow_symlinks,
+        };
         let os = py.import("os")?;
         let made_here = path.is_none();
         let path = match path {
@@ -1117,7 +1189,7 @@ impl PyLocksFile {
         // A path that is not valid UTF-8 (surrogate escapes) is a file.
         if let Ok(text) = path.extract::<String>() {
             if LockFile::is_server_target(&text) {
-                return Self::connect(py, &text, mode, thread_local);
+                return Self::connect(py, &path, mode, thread_local, given);
             }
         }
         let path_buf = path.extract::<PathBuf>()?;
@@ -1171,11 +1243,13 @@ impl PyLocksFile {
             handle: Mutex::new(Some(lf)),
             guards: Mutex::new(Vec::new()),
             waits: Waits::default(),
-            path: abs.unbind(),
+            path: abs.clone().unbind(),
             mode,
             pid: std::process::id(),
             threads,
             temp: Mutex::new(temp),
+            target: abs.clone().unbind(),
+            given,
         })
     }
 
@@ -1511,6 +1585,37 @@ impl PyLocksFile {
     fn __exit__(&self, _exc: &Bound<'_, PyTuple>) -> PyResult<bool> {
         self.close()?;
         Ok(false)
+    }
+
+    /// Pickled as its target (the absolute path, or the server URL as
+    /// given), mode and the options given, never its locks: unpickling
+    /// opens the target again, a new owner holding nothing (so it can be
+    /// passed to ``multiprocessing`` and ``ProcessPoolExecutor`` workers).
+    /// ``ValueError`` once closed.
+    fn __reduce__<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyTuple>> {
+        let py = slf.py();
+        let me = slf.get();
+        if me.closed() {
+            return Err(closed_error());
+        }
+        let kw = PyDict::new(py);
+        if !matches!(me.mode, Mode::Ofd | Mode::Postgres) {
+            kw.set_item("mode", mode_name(me.mode))?;
+        }
+        let (given, default) = (me.given, Given::DEFAULT);
+        if given.create != default.create {
+            kw.set_item("create", given.create)?;
+        }
+        if given.permissions != default.permissions {
+            kw.set_item("permissions", given.permissions)?;
+        }
+        if given.follow_symlinks != default.follow_symlinks {
+            kw.set_item("follow_symlinks", given.follow_symlinks)?;
+        }
+        if me.threads.is_some() {
+            kw.set_item("thread_local", true)?;
+        }
+        pickled_as_new(slf.as_any(), PyTuple::new(py, [&me.target])?, kw)
     }
 
     fn __repr__(&self, py: Python<'_>) -> PyResult<String> {

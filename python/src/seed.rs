@@ -12,7 +12,7 @@ use std::thread::ThreadId;
 
 use locksfile::{Error, Holder, Kind, LockFile, Mode, Span, Wait};
 use pyo3::prelude::*;
-use pyo3::types::{PyBool, PyString, PyTuple};
+use pyo3::types::{PyBool, PyDict, PyString, PyTuple};
 
 use crate::errors::{illegal_argument, illegal_with, to_py};
 use crate::spans::seed_span;
@@ -131,6 +131,9 @@ struct Open {
     path: Py<PyString>,
     path_buf: PathBuf,
     l_id: Py<PyAny>,
+    /// Whether `l_id` was given (pickling passes it on then; the default
+    /// is the opener's pid, the unpickling process's pid there).
+    l_id_given: bool,
     /// The process that opened it.
     pid: u32,
     mode: Mode,
@@ -534,6 +537,7 @@ impl Seed {
             }
             Err(e) => return Err(to_py(py, e)),
         };
+        let l_id_given = l_id.is_some();
         let l_id = match l_id {
             Some(l) => l,
             None => PyString::new(py, &std::process::id().to_string())
@@ -557,6 +561,7 @@ impl Seed {
             path: abs.unbind(),
             path_buf,
             l_id,
+            l_id_given,
             pid: std::process::id(),
             mode,
         };
@@ -710,6 +715,63 @@ impl Seed {
         Ok(crate::modern::mode_name(self.open()?.mode))
     }
 
+    /// Pickled as its lock file's path (a server target as given),
+    /// ``verbose``, ``l_id`` if given and ``mode``, never its locks:
+    /// unpickling opens the file again, a new owner holding nothing, as
+    /// after ``fork``. A subclass's ``__init__`` is not called again; its
+    /// instance attributes are pickled with it.
+    fn __reduce__<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyTuple>> {
+        let py = slf.py();
+        let me = slf.get();
+        let open = me.open()?;
+        let kw = PyDict::new(py);
+        kw.set_item("locksfile_path", open.path_buf.as_os_str())?;
+        kw.set_item("verbose", me.verbose())?;
+        if open.l_id_given {
+            kw.set_item("l_id", open.l_id.bind(py))?;
+        }
+        if open.mode != Mode::Process {
+            kw.set_item("mode", crate::modern::mode_name(open.mode))?;
+        }
+        let extra = match slf.getattr("__dict__") {
+            Ok(d) if d.is_truthy()? => d,
+            _ => py.None().into_bound(py),
+        };
+        let newobj = py.import("copyreg")?.getattr("__newobj__")?;
+        let state = PyTuple::new(py, [kw.into_any(), extra])?;
+        PyTuple::new(
+            py,
+            [
+                newobj,
+                PyTuple::new(py, [slf.get_type()])?.into_any(),
+                state.into_any(),
+            ],
+        )
+    }
+
+    /// Unpickling: opens what ``__reduce__`` recorded, as ``__init__``
+    /// would with those arguments (the class's own, not a subclass's).
+    fn __setstate__(
+        slf: &Bound<'_, Self>,
+        state: (Bound<'_, PyDict>, Option<Bound<'_, PyDict>>),
+    ) -> PyResult<()> {
+        let py = slf.py();
+        let (kw, extra) = state;
+        let path = kw.get_item("locksfile_path")?;
+        let verbose = match kw.get_item("verbose")? {
+            Some(v) => v.extract::<VerboseArg>()?,
+            None => VerboseArg(false),
+        };
+        let l_id = kw.get_item("l_id")?.map(Bound::unbind);
+        let mode = kw.get_item("mode")?;
+        slf.get()
+            .__init__(py, path.as_ref(), verbose, l_id, mode.as_ref())?;
+        if let Some(extra) = extra {
+            slf.getattr("__dict__")?.call_method1("update", (extra,))?;
+        }
+        Ok(())
+    }
+
     fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
         let open = self.open()?;
         Ok(format!(
@@ -778,6 +840,16 @@ impl SeedWith {
             .getattr("__exit__")?
             .call1(PyTuple::new(py, args)?)
             .map(Bound::unbind)
+    }
+
+    /// A ``with lf(...)`` statement does not pickle: ``TypeError``, saying
+    /// to pass the ``pylocksfile`` object and the lock numbers instead.
+    fn __reduce__(&self) -> PyResult<()> {
+        Err(pyo3::exceptions::PyTypeError::new_err(
+            "cannot pickle a `with lf(...)` statement: pass the pylocksfile object (it pickles \
+             as its path and arguments, holding nothing) and lock_n, and take the lock again \
+             in the other process",
+        ))
     }
 
     /// Everything else is the `pylocksfile`'s, as when the call returned it.
