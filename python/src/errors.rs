@@ -87,7 +87,7 @@ pub fn holder_object(py: Python<'_>, h: &Holder) -> PyResult<Py<PyAny>> {
 pub fn to_py(py: Python<'_>, e: Error) -> PyErr {
     let msg = e.to_string();
     match e {
-        Error::WouldBlock { holder } => {
+        Error::WouldBlock { holder, .. } => {
             let err = build(py, would_block_error(py), Some(libc::EAGAIN), msg, None);
             if let Some(h) = holder {
                 if let Ok(obj) = holder_object(py, &h) {
@@ -96,8 +96,8 @@ pub fn to_py(py: Python<'_>, e: Error) -> PyErr {
             }
             err
         }
-        Error::Deadlock => build(py, deadlock_error(py), Some(libc::EDEADLK), msg, None),
-        Error::TimedOut => build(py, lock_timeout(py), Some(libc::ETIMEDOUT), msg, None),
+        Error::Deadlock { .. } => build(py, deadlock_error(py), Some(libc::EDEADLK), msg, None),
+        Error::TimedOut { .. } => build(py, lock_timeout(py), Some(libc::ETIMEDOUT), msg, None),
         Error::Interrupted => build(py, locksfile_error(py), Some(libc::EINTR), msg, None),
         Error::Cancelled => build(py, locksfile_error(py), Some(libc::ECANCELED), msg, None),
         Error::InvalidSpan(_) => build(py, invalid_span_error(py), Some(libc::EINVAL), msg, None),
@@ -119,8 +119,11 @@ pub fn to_py(py: Python<'_>, e: Error) -> PyErr {
             let errno = source.raw_os_error().unwrap_or(libc::ENOLCK);
             build(py, unsupported_error(py), Some(errno), msg, None)
         }
-        Error::MixedModes { ref path, .. } => {
+        // OSError shows the filename after the message: the message
+        // leaves the path out, so that it is named once.
+        Error::MixedModes { ref path, in_use } => {
             let p = path.display().to_string();
+            let msg = format!("in use with {in_use}, which this mode would not exclude");
             build(py, mixed_modes_error(py), Some(libc::EBUSY), msg, Some(p))
         }
         Error::NetworkFileSystem { ref path, .. } => {

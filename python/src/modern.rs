@@ -221,7 +221,10 @@ impl GuardCell {
 /// What a wait's try returns once its object was closed or its guard
 /// released: any error but `Interrupted` ends a wait at once. A wait that
 /// is already waiting when that happens is cancelled instead (`Waits`).
-const GIVE_UP: Error = Error::WouldBlock { holder: None };
+const GIVE_UP: Error = Error::WouldBlock {
+    holder: None,
+    at: None,
+};
 
 /// Why a `Guard` does not pickle, and what to send instead.
 const GUARD_PICKLE: &str = "cannot pickle a Guard: its lock belongs to this process's owner. \
@@ -493,7 +496,7 @@ impl PyGuard {
                     Held::Read(slot.take().expect("the read guard came back")),
                 )?;
                 let e = match (e, timeout) {
-                    (Error::WouldBlock { .. }, Some(_)) => Error::TimedOut,
+                    (e @ Error::WouldBlock { .. }, Some(_)) => e.into_timed_out(),
                     (e, _) => e,
                 };
                 Err(to_py(py, e))
@@ -818,7 +821,7 @@ impl PyLocksFile {
             Err(Error::WouldBlock { .. }) if !timed && matches!(patience, Patience::Never) => {
                 Ok(None)
             }
-            Err(Error::WouldBlock { .. }) if timed => Err(to_py(py, Error::TimedOut)),
+            Err(e @ Error::WouldBlock { .. }) if timed => Err(to_py(py, e.into_timed_out())),
             Err(e) => Err(to_py(py, e)),
         }
     }
@@ -975,7 +978,7 @@ impl PyWait {
             Ok(h) => self.granted(py, Some(h)).map(Some),
             Err(_) if owner.closed() => Err(closed_while_waiting()),
             Err(Error::Cancelled) => Ok(None),
-            Err(Error::WouldBlock { .. }) if self.timed => Err(to_py(py, Error::TimedOut)),
+            Err(e @ Error::WouldBlock { .. }) if self.timed => Err(to_py(py, e.into_timed_out())),
             Err(e) => Err(to_py(py, e)),
         }
     }
@@ -1372,7 +1375,9 @@ impl PyLocksFile {
                 Err(closed_while_waiting())
             }
             Ok(()) => Ok(()),
-            Err(Error::WouldBlock { .. }) if timeout.is_some() => Err(to_py(py, Error::TimedOut)),
+            Err(e @ Error::WouldBlock { .. }) if timeout.is_some() => {
+                Err(to_py(py, e.into_timed_out()))
+            }
             Err(e) => Err(to_py(py, e)),
         }
     }

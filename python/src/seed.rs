@@ -364,7 +364,7 @@ impl Seed {
                 }
                 Ok(true)
             }
-            Err(Error::WouldBlock { holder }) => {
+            Err(Error::WouldBlock { holder, .. }) => {
                 if verbose {
                     let why = holder.map_or_else(|| "busy".to_string(), |h| holder_words(&h));
                     self.say(
@@ -374,7 +374,7 @@ impl Seed {
                 }
                 Ok(false)
             }
-            Err(Error::Deadlock) => {
+            Err(Error::Deadlock { .. }) => {
                 if verbose {
                     self.say(
                         py,
@@ -670,7 +670,7 @@ impl Seed {
                 forget_entry();
                 // A blocking acquire only fails this way on EDEADLK; running
                 // the block without its lock would be worse than raising.
-                Err(to_py(py, Error::Deadlock))
+                Err(to_py(py, Error::Deadlock { at: None }))
             }
             Err(e) => {
                 forget_entry();

@@ -201,3 +201,63 @@ def test_shm_table_full_of_owners_is_a_clear_error(spawn_worker):
     assert w.eval("objs[0].try_write(0) is not None")
     w.exec("objs.pop().close()\nobjs.append(LocksFile(path, mode='shm'))")
     w.exec("for o in objs: o.close()", timeout=300)
+
+
+# --------------------------------------------------------------------------
+# Contention errors say where: the lock file and the span, each once
+# --------------------------------------------------------------------------
+
+
+def test_a_timeout_names_the_file_and_the_span(lock_path):
+    from pylocksfile import LockTimeout
+
+    a, b = LocksFile(lock_path), LocksFile(lock_path)
+    held = a.write(range(3, 5))
+    with pytest.raises(LockTimeout) as info:
+        b.write(range(3, 5), timeout=0.02)
+    assert f"timed out waiting for an exclusive lock on 3..5 of {lock_path}" in str(info.value)
+    held.release()
+
+
+def test_a_refusal_names_the_file_the_span_and_the_holder_once(lock_path):
+    from pylocksfile import WouldBlockError
+
+    a, b = LocksFile(lock_path, mode="shm"), LocksFile(lock_path, mode="shm")
+    held = a.write(4)
+    with pytest.raises(WouldBlockError) as info:
+        b.acquire("shared", range(3, 6), blocking=False)
+    msg = str(info.value)
+    assert "a shared lock on 3..6" in msg and f"pid {os.getpid()}" in msg, msg
+    assert msg.count(str(lock_path)) == 1, msg
+    held.release()
+
+
+def test_a_deadlock_names_the_file_and_the_span(lock_path):
+    import threading
+    import time
+
+    from pylocksfile import DeadlockError
+
+    a, b = LocksFile(lock_path, mode="shm"), LocksFile(lock_path, mode="shm")
+    a.acquire("shared", range(7, 9))
+    b.acquire("shared", range(7, 9))
+    upgrade = threading.Thread(target=a.acquire, args=("exclusive", range(7, 9)))
+    upgrade.start()
+    time.sleep(0.2)
+    with pytest.raises(DeadlockError) as info:
+        b.acquire("exclusive", range(7, 9))
+    b.release()
+    upgrade.join()
+    msg = str(info.value)
+    assert f"waiting for an exclusive lock on 7..9 of {lock_path} would deadlock" in msg, msg
+
+
+def test_mixed_modes_names_the_path_once(lock_path):
+    from pylocksfile import MixedModesError
+
+    kernel = LocksFile(lock_path, mode="process")
+    held = kernel.write(0)
+    with pytest.raises(MixedModesError) as info:
+        LocksFile(lock_path, mode="shm")
+    assert str(info.value).count(str(lock_path)) == 1, str(info.value)
+    held.release()

@@ -40,7 +40,7 @@ pub fn for_open_error(e: &io::Error) -> i32 {
 pub fn for_lock_error(e: &locksfile::Error) -> i32 {
     use locksfile::Error;
     match e {
-        Error::WouldBlock { .. } | Error::TimedOut | Error::Deadlock => CONFLICT,
+        Error::WouldBlock { .. } | Error::TimedOut { .. } | Error::Deadlock { .. } => CONFLICT,
         Error::InvalidSpan(_) => USAGE,
         Error::ReadOnly { .. } => NOPERM,
         Error::NotRegularFile { .. } | Error::Sidecar { .. } => NOINPUT,

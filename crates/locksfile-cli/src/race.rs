@@ -668,7 +668,7 @@ fn run_racer(
                 // Process-lock deadlock detection can be wrong about
                 // hand-over-hand chains that are still moving; try again
                 // (counted, so a detector that cries wolf shows).
-                Err(Error::Deadlock) => {
+                Err(Error::Deadlock { .. }) => {
                     board.w[DEADLOCK_RETRIES].fetch_add(1, Ordering::Relaxed);
                 }
                 Err(e) => return Err(format!("locking track {}: {e}", at % n)),

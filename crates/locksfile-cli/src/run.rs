@@ -561,8 +561,8 @@ fn take(
     }
     if let Err(e) = lf.acquire(kind, span, wait) {
         return match e {
-            Error::WouldBlock { .. } | Error::TimedOut | Error::Deadlock => {
-                if args.verbose || matches!(e, Error::Deadlock) {
+            Error::WouldBlock { .. } | Error::TimedOut { .. } | Error::Deadlock { .. } => {
+                if args.verbose || matches!(e, Error::Deadlock { .. }) {
                     eprintln!("locksfile: {shown}: {e}");
                 }
                 if args.verbose {

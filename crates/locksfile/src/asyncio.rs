@@ -101,12 +101,12 @@ where
         None => Wait::Blocking,
     };
     let cancel = Cancel::new();
-    match take(Arc::clone(&lf), Wait::NonBlockingNoHolder, &cancel) {
-        Err(Error::WouldBlock { .. }) => {}
+    let refused = match take(Arc::clone(&lf), Wait::NonBlockingNoHolder, &cancel) {
+        Err(e @ Error::WouldBlock { .. }) => e,
         other => return other,
-    }
+    };
     if matches!(wait, Wait::Deadline(d) if Instant::now() >= d) {
-        return Err(Error::TimedOut);
+        return Err(refused.into_timed_out());
     }
     let _cancel_on_drop = CancelOnDrop(cancel.clone());
     let waiting = tokio::task::spawn_blocking(move || {

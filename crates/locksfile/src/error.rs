@@ -264,7 +264,48 @@ impl fmt::Display for SidecarProblem {
     }
 }
 
+/// Where a refused or timed-out lock was asked for: the lock file, the span
+/// and the kind. Carried (boxed, so `Error` stays small) by the contention
+/// errors [`Error::WouldBlock`], [`Error::TimedOut`] and [`Error::Deadlock`]
+/// that [`LockFile`](crate::LockFile) returns, and shown by their `Display`:
+/// `an exclusive lock on 3..5 of /tmp/x.lock`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct At {
+    /// The lock file's path as `Path::display` shows it, or a PostgreSQL
+    /// target as shown (without its password).
+    pub file: String,
+    /// The span asked for.
+    pub span: Span,
+    /// The kind asked for.
+    pub kind: Kind,
+}
+
+impl fmt::Display for At {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let a = match self.kind {
+            Kind::Shared => "a",
+            Kind::Exclusive => "an",
+        };
+        write!(
+            f,
+            "{a} {} lock on {} of {}",
+            self.kind, self.span, self.file
+        )
+    }
+}
+
 /// Everything that can go wrong, told apart so callers can react.
+///
+/// The contention errors ([`Error::WouldBlock`], [`Error::TimedOut`],
+/// [`Error::Deadlock`]) say where: an `at` field ([`At`]: the lock file,
+/// the span, the kind) that [`LockFile`](crate::LockFile) fills in before
+/// returning, so their `Display` names the file and the span (and the
+/// holder, where known) and no other variant repeats it. The context is a
+/// field of those variants, not a wrapping variant (`Error::At { source }`
+/// would let `matches!(e, Error::TimedOut { .. })` compile and silently
+/// stop matching): a match on them writes `Error::TimedOut { .. }`.
+/// [`Error::Interrupted`] and [`Error::Cancelled`] answer the caller's own
+/// signal or cancel and stay unit variants.
 ///
 /// Converts into [`std::io::Error`] with a fitting [`io::ErrorKind`]; the
 /// kernel's own error, where there is one, is its `source()`.
@@ -276,14 +317,22 @@ pub enum Error {
     WouldBlock {
         /// The conflicting lock, where a follow-up `F_GETLK` found one.
         holder: Option<Holder>,
+        /// The lock asked for, where it was known.
+        at: Option<Box<At>>,
     },
     /// Waiting would deadlock: the kernel (`EDEADLK`, process mode), the
     /// wait would close a cycle of waiting owners
     /// ([`Mode::Shm`](crate::Mode::Shm)), or the PostgreSQL server
     /// (SQLSTATE `40P01`) found a cycle of waiters. Nothing was changed.
-    Deadlock,
+    Deadlock {
+        /// The lock asked for, where it was known.
+        at: Option<Box<At>>,
+    },
     /// The deadline passed before the lock could be had.
-    TimedOut,
+    TimedOut {
+        /// The lock asked for, where it was known.
+        at: Option<Box<At>>,
+    },
     /// The wait was interrupted by a signal and the caller asked to hear of it.
     Interrupted,
     /// The wait was ended through its [`Cancel`](crate::Cancel) (a dropped
@@ -419,17 +468,59 @@ impl Error {
 
     /// Whether this is contention ([`Error::WouldBlock`] or [`Error::TimedOut`]).
     pub fn is_contention(&self) -> bool {
-        matches!(self, Error::WouldBlock { .. } | Error::TimedOut)
+        matches!(self, Error::WouldBlock { .. } | Error::TimedOut { .. })
+    }
+
+    /// Where a contention error's lock was asked for, if it says.
+    pub fn at(&self) -> Option<&At> {
+        match self {
+            Error::WouldBlock { at, .. } | Error::Deadlock { at } | Error::TimedOut { at } => {
+                at.as_deref()
+            }
+            _ => None,
+        }
+    }
+
+    /// A [`Error::WouldBlock`] as the [`Error::TimedOut`] of a wait that
+    /// gave up on it, still saying where; any other error as it is.
+    pub fn into_timed_out(self) -> Error {
+        match self {
+            Error::WouldBlock { at, .. } => Error::TimedOut { at },
+            e => e,
+        }
+    }
+
+    /// The same error, saying where (a contention error that does not yet).
+    #[cold]
+    pub(crate) fn located(mut self, here: impl FnOnce() -> At) -> Error {
+        if let Error::WouldBlock { at, .. } | Error::Deadlock { at } | Error::TimedOut { at } =
+            &mut self
+        {
+            if at.is_none() {
+                *at = Some(Box::new(here()));
+            }
+        }
+        self
     }
 }
 
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Error::WouldBlock { holder: Some(h) } => write!(f, "lock is busy: {h}"),
-            Error::WouldBlock { holder: None } => f.write_str("lock is busy"),
-            Error::Deadlock => f.write_str("waiting for the lock would deadlock (EDEADLK)"),
-            Error::TimedOut => f.write_str("timed out waiting for the lock"),
+            Error::WouldBlock { holder, at } => {
+                match at {
+                    Some(at) => write!(f, "cannot take {at} without waiting")?,
+                    None => f.write_str("lock is busy")?,
+                }
+                match holder {
+                    Some(h) => write!(f, ": {h}"),
+                    None => Ok(()),
+                }
+            }
+            Error::Deadlock { at: Some(at) } => write!(f, "waiting for {at} would deadlock"),
+            Error::Deadlock { at: None } => f.write_str("waiting for the lock would deadlock"),
+            Error::TimedOut { at: Some(at) } => write!(f, "timed out waiting for {at}"),
+            Error::TimedOut { at: None } => f.write_str("timed out waiting for the lock"),
             Error::Interrupted => f.write_str("wait for the lock interrupted by a signal"),
             Error::Cancelled => f.write_str("wait for the lock cancelled"),
             Error::InvalidSpan(e) => write!(f, "invalid lock span: {e}"),
@@ -510,8 +601,8 @@ impl From<Error> for io::Error {
     fn from(e: Error) -> io::Error {
         let kind = match &e {
             Error::WouldBlock { .. } => io::ErrorKind::WouldBlock,
-            Error::Deadlock => io::ErrorKind::Deadlock,
-            Error::TimedOut => io::ErrorKind::TimedOut,
+            Error::Deadlock { .. } => io::ErrorKind::Deadlock,
+            Error::TimedOut { .. } => io::ErrorKind::TimedOut,
             Error::Interrupted => io::ErrorKind::Interrupted,
             Error::Cancelled => io::ErrorKind::Interrupted,
             Error::InvalidSpan(_) => io::ErrorKind::InvalidInput,

@@ -855,7 +855,7 @@ impl LockFile {
             Change::Guard { to, .. } => to == Some(Kind::Exclusive),
             Change::Explicit { kind, .. } => kind == Some(Kind::Exclusive),
         };
-        match &self.owner {
+        let done = match &self.owner {
             Owners::Fcntl(o) => {
                 if wants_exclusive && !o.engine.writable() {
                     return Err(self.read_only());
@@ -871,7 +871,37 @@ impl LockFile {
             }
             #[cfg(feature = "postgres")]
             Owners::Pg(o) => self.change_pg(o, change, wait, cancel, wants_exclusive),
+        };
+        match done {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.locate(e, change)),
         }
+    }
+
+    /// A contention error from `change`, saying where: this handle's lock
+    /// file (or server target), the span and the kind asked for.
+    #[cold]
+    #[inline(never)]
+    fn locate(&self, e: Error, change: Change) -> Error {
+        let kind = match change {
+            Change::Guard { to, .. } => to,
+            Change::Explicit { kind, .. } => kind,
+        };
+        let Some(kind) = kind else { return e };
+        e.located(|| crate::error::At {
+            file: self.shown(),
+            span: change.span(),
+            kind,
+        })
+    }
+
+    /// The lock file's path, or the server target without its password.
+    fn shown(&self) -> String {
+        #[cfg(feature = "postgres")]
+        if let Owners::Pg(o) = &self.owner {
+            return o.engine.shown().to_string();
+        }
+        self.path.display().to_string()
     }
 
     /// [`LockFile::change`] on a server: a span that takes locks must fit

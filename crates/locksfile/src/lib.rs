@@ -95,7 +95,7 @@ use std::time::{Duration, Instant};
 pub use cancel::Cancel;
 pub use engine::Abilities;
 pub use error::{
-    Error, Holder, NotRegular, Result, ServerHolder, ServerLock, SidecarProblem, SpanError,
+    At, Error, Holder, NotRegular, Result, ServerHolder, ServerLock, SidecarProblem, SpanError,
 };
 pub use file::{LockFile, Mode, OpenOptions};
 pub use guard::{ReadGuard, WriteGuard};

@@ -304,7 +304,10 @@ impl<E: Engine> Owner<E> {
         asked: Asked<'_>,
     ) -> Result<MutexGuard<'a, State>, Error> {
         if matches!(asked.wait, Wait::NonBlocking | Wait::NonBlockingNoHolder) {
-            return Err(Error::WouldBlock { holder: None });
+            return Err(Error::WouldBlock {
+                holder: None,
+                at: None,
+            });
         }
         let until = asked.until();
         if let Some(e) = until.ended() {
@@ -359,9 +362,13 @@ impl<E: Engine> Owner<E> {
                     .and_then(|k| self.engine.probe(refused.span, k).ok());
                 Err(Error::WouldBlock {
                     holder: holder.flatten(),
+                    at: None,
                 })
             }
-            Wait::NonBlockingNoHolder => Err(Error::WouldBlock { holder: None }),
+            Wait::NonBlockingNoHolder => Err(Error::WouldBlock {
+                holder: None,
+                at: None,
+            }),
             _ => self.wait_and_apply(st, change, raises, asked.until()),
         }
     }

@@ -115,7 +115,7 @@ fn upgrade(mode: Mode) {
     assert_eq!(ReadGuard::span(&g), span(5..8));
     assert_eq!(lf.held(), vec![(span(5..8), Kind::Shared)]);
     let (g, e) = ReadGuard::upgrade_with(g, Wait::Timeout(Duration::from_millis(20))).unwrap_err();
-    assert!(matches!(e, Error::TimedOut), "{e:?}");
+    assert!(matches!(e, Error::TimedOut { .. }), "{e:?}");
     assert_eq!(lf.held(), vec![(span(5..8), Kind::Shared)]);
 
     let upgrader = std::thread::spawn(move || ReadGuard::upgrade(g).map_err(|(_, e)| e));
@@ -374,7 +374,7 @@ fn holders_named(mode: Mode) {
     );
 
     let would_block = |r: Result<(), Error>| match r {
-        Err(Error::WouldBlock { holder }) => holder,
+        Err(Error::WouldBlock { holder, .. }) => holder,
         other => panic!("expected WouldBlock, got {other:?}"),
     };
     assert_eq!(
@@ -441,7 +441,7 @@ fn errors_convert_to_io_errors() {
     assert_eq!(io_kind(e).0, ErrorKind::WouldBlock);
 
     let e = b.write_for(0, Duration::from_millis(1)).unwrap_err();
-    assert!(matches!(e, Error::TimedOut));
+    assert!(matches!(e, Error::TimedOut { .. }));
     assert!(e.is_contention());
     assert_eq!(io_kind(e).0, ErrorKind::TimedOut);
 

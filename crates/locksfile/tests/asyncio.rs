@@ -151,11 +151,11 @@ fn a_timeout_ends_the_wait() {
     let t0 = Instant::now();
     let r = rt.block_on(s.lf.write_async(3..6, Some(Duration::from_millis(100))));
     let took = t0.elapsed();
-    assert!(matches!(r, Err(Error::TimedOut)), "{r:?}");
+    assert!(matches!(r, Err(Error::TimedOut { .. })), "{r:?}");
     assert!(took >= Duration::from_millis(100), "{took:?}");
     assert!(matches!(
         rt.block_on(s.lf.write_async(4, Some(Duration::ZERO))),
-        Err(Error::TimedOut)
+        Err(Error::TimedOut { .. })
     ));
     // A shared lock is compatible and granted at once.
     let r = rt.block_on(s.lf.read_async(4, Some(Duration::ZERO)));

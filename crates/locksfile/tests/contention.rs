@@ -59,11 +59,16 @@ fn refused_change_changes_nothing(mode: Mode, style: Style, wait: Wait, with_zer
     assert_eq!(kernel_held(&a), before, "{mode} {style:?}: before");
     let r = a.acquire(Kind::Exclusive, 0..10, wait);
     match (wait, r) {
-        (Wait::NonBlocking, Err(Error::WouldBlock { holder: Some(h) })) => {
+        (
+            Wait::NonBlocking,
+            Err(Error::WouldBlock {
+                holder: Some(h), ..
+            }),
+        ) => {
             assert_eq!(h.kind, Kind::Shared);
             assert!(h.span.contains(7), "{h:?}");
         }
-        (Wait::Timeout(_), Err(Error::TimedOut)) => {}
+        (Wait::Timeout(_), Err(Error::TimedOut { .. })) => {}
         (_, other) => panic!("{mode} {style:?} {wait:?}: expected a refusal, got {other:?}"),
     }
     assert_eq!(
@@ -245,7 +250,7 @@ fn two_timed_upgrades_of_one_span_both_time_out_ofd() {
     let shared_0 = vec![(Span::new(0, 1).unwrap(), Kind::Shared)];
     for r in results {
         let (e, (held, kernel)) = r.unwrap();
-        assert!(matches!(e, Error::TimedOut), "{e:?}");
+        assert!(matches!(e, Error::TimedOut { .. }), "{e:?}");
         assert_eq!(held, shared_0);
         assert_eq!(kernel, shared_0);
     }

@@ -117,7 +117,7 @@ fn wait_for_flock_waiter(path: &Path) {
 
 fn busy<T: std::fmt::Debug>(r: Result<T, Error>) -> Option<Holder> {
     match r {
-        Err(Error::WouldBlock { holder }) => holder,
+        Err(Error::WouldBlock { holder, .. }) => holder,
         other => panic!("expected WouldBlock, got {other:?}"),
     }
 }
@@ -306,7 +306,7 @@ fn refused_upgrade_keeps_the_shared_lock() {
     assert_eq!(ours(&lf), shared);
     assert_eq!(lf.held(), vec![(Span::ALL, Kind::Shared)]);
     let r = match ReadGuard::upgrade_with(r, Wait::Timeout(Duration::from_millis(30))) {
-        Err((r, Error::TimedOut)) => r,
+        Err((r, Error::TimedOut { .. })) => r,
         other => panic!("expected a timed-out upgrade, got {other:?}"),
     };
     assert_eq!(ours(&lf), shared);
@@ -363,8 +363,11 @@ fn timed_and_blocking_waits() {
     let x = FlockCmd::hold(&path, &["-x"]);
     for wait in [Duration::ZERO, Duration::from_millis(40)] {
         let t = Instant::now();
-        assert!(matches!(lf.write_for(.., wait), Err(Error::TimedOut)));
-        assert!(matches!(lf.read_for(.., wait), Err(Error::TimedOut)));
+        assert!(matches!(
+            lf.write_for(.., wait),
+            Err(Error::TimedOut { .. })
+        ));
+        assert!(matches!(lf.read_for(.., wait), Err(Error::TimedOut { .. })));
         assert!(t.elapsed() >= wait * 2);
     }
     assert!(lf.held().is_empty());

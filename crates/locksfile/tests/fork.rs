@@ -62,7 +62,7 @@ fn inherited_handle(mode: Mode) {
         // locks as another owner's.
         let fresh = open(path, mode);
         match fresh.try_read(1) {
-            Err(Error::WouldBlock { holder }) => {
+            Err(Error::WouldBlock { holder, .. }) => {
                 assert_eq!(holder, expected(span(0..4), Kind::Exclusive))
             }
             other => panic!("{other:?}"),
@@ -161,7 +161,9 @@ fn child_process_mode_handles_are_a_new_owner() {
         mine.acquire(Kind::Shared, 5..15, Wait::NonBlocking)
             .unwrap();
         match mine.try_write(9) {
-            Err(Error::WouldBlock { holder: Some(h) }) => {
+            Err(Error::WouldBlock {
+                holder: Some(h), ..
+            }) => {
                 assert_eq!(h, holder(Mode::Process, 0..10, Kind::Shared, parent))
             }
             other => panic!("{other:?}"),

@@ -398,7 +398,7 @@ fn cycle_of_processes(mode: Mode, n: usize, p: Patience) -> Duration {
             let end_ns = mono_ns();
             let tag = match &r {
                 Ok(_) => b'G',
-                Err(Error::Deadlock) => b'D',
+                Err(Error::Deadlock { .. }) => b'D',
                 Err(e) => {
                     out.send(b'E');
                     panic!("owner {i} ({p:?}): {e:?}");
@@ -548,7 +548,7 @@ fn cycle_of_sessions(srv: &str, n: usize, p: Patience, limit: Duration) -> Durat
                 let end_ns = mono_ns();
                 let end = match &r {
                     Ok(_) => Ok(End::Granted),
-                    Err(Error::Deadlock) => Ok(End::Deadlock),
+                    Err(Error::Deadlock { .. }) => Ok(End::Deadlock),
                     Err(e) => Err(format!("{e:?}")),
                 };
                 drop(r);
@@ -903,7 +903,7 @@ fn timed_kernel_wait_times_out(mode: Mode) {
         ms(took),
         ms(took.saturating_sub(timeout))
     );
-    assert!(matches!(r, Err(Error::TimedOut)), "{mode}: {r:?}");
+    assert!(matches!(r, Err(Error::TimedOut { .. })), "{mode}: {r:?}");
     assert!(took >= timeout, "{mode}: ended early, after {took:?}");
     assert!(
         took < timeout + PROMPT,

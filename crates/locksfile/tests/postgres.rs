@@ -86,7 +86,7 @@ fn a_refused_span_takes_nothing() {
     assert!(matches!(a.try_write(1..6), Err(Error::WouldBlock { .. })));
     assert!(matches!(
         a.write_for(1..6, Duration::from_millis(100)),
-        Err(Error::TimedOut)
+        Err(Error::TimedOut { .. })
     ));
     assert!(a.held().is_empty());
     drop(c.try_write(1..3).expect("keys 1 and 2 free"));
@@ -97,7 +97,7 @@ fn a_refused_span_takes_nothing() {
     for _ in 0..20 {
         assert!(matches!(
             a.write_for(4..4001, Duration::from_millis(2)),
-            Err(Error::TimedOut)
+            Err(Error::TimedOut { .. })
         ));
         assert!(a.held().is_empty());
         drop(
@@ -128,7 +128,9 @@ fn conflicts_names_the_holding_session() {
     assert!(s.backend_pid > 0);
     assert_eq!(s.client_addr, None, "a Unix-socket client has no address");
     match b.try_read(7) {
-        Err(Error::WouldBlock { holder: Some(h) }) => {
+        Err(Error::WouldBlock {
+            holder: Some(h), ..
+        }) => {
             assert!(h.to_string().contains("backend pid"), "{h}")
         }
         other => panic!("{other:?}"),
@@ -144,7 +146,9 @@ fn two_processes_exclude_each_other() {
     child.ready();
     let me = connect(&t);
     match me.try_read(4) {
-        Err(Error::WouldBlock { holder: Some(h) }) => {
+        Err(Error::WouldBlock {
+            holder: Some(h), ..
+        }) => {
             let s = h.server.unwrap();
             assert_eq!(
                 s.application_name(),
@@ -281,7 +285,7 @@ fn a_two_owner_cycle_is_a_deadlock() {
     assert!(ra.is_ok() || rb.is_ok(), "{ra:?} {rb:?}");
     let deadlocks = [&ra, &rb]
         .iter()
-        .filter(|r| matches!(r, Err(Error::Deadlock)))
+        .filter(|r| matches!(r, Err(Error::Deadlock { .. })))
         .count();
     assert_eq!(deadlocks, 1, "{ra:?} {rb:?}");
 }
@@ -296,7 +300,7 @@ fn timed_waits_time_out_and_non_blocking_calls_do_not_wait() {
     let t0 = Instant::now();
     assert!(matches!(
         b.read_for(9, Duration::from_millis(200)),
-        Err(Error::TimedOut)
+        Err(Error::TimedOut { .. })
     ));
     let took = t0.elapsed();
     assert!(
@@ -655,7 +659,7 @@ fn a_cycle_is_found_while_siblings_keep_restarting_the_waits() {
     println!("cycle with restarted waits ended after {took:?}: {ra:?} / {rb:?}");
     let deadlocks = [&ra, &rb]
         .iter()
-        .filter(|r| matches!(r, Err(Error::Deadlock)))
+        .filter(|r| matches!(r, Err(Error::Deadlock { .. })))
         .count();
     assert_eq!(deadlocks, 1, "{ra:?} / {rb:?}");
     assert!(ra.is_ok() || rb.is_ok(), "{ra:?} / {rb:?}");
@@ -682,7 +686,7 @@ fn a_timed_wait_behind_a_siblings_wait_ends_on_time() {
             Wait::Timeout(Duration::from_millis(200)),
         );
         let took = started.elapsed();
-        assert!(matches!(r, Err(Error::TimedOut)), "{r:?}");
+        assert!(matches!(r, Err(Error::TimedOut { .. })), "{r:?}");
         assert!(took < Duration::from_secs(1), "ended after {took:?}");
         c.release_all().unwrap();
         first.join().unwrap().unwrap();

@@ -91,13 +91,13 @@ fn seed_scenario(mode: Mode) {
         to_b.expect(2);
         lf.acquire(Kind::Shared, 0, Wait::NonBlocking).unwrap();
         match lf.acquire(Kind::Exclusive, 0, Wait::NonBlocking) {
-            Err(Error::WouldBlock { holder }) => {
+            Err(Error::WouldBlock { holder, .. }) => {
                 assert_eq!(holder, Some(holder_of(mode, 0, Kind::Shared, a_pid)))
             }
             other => panic!("exclusive 0 over A's shared lock: {other:?}"),
         }
         match lf.try_read(2) {
-            Err(Error::WouldBlock { holder }) => {
+            Err(Error::WouldBlock { holder, .. }) => {
                 assert_eq!(holder, Some(holder_of(mode, 1..4, Kind::Exclusive, a_pid)))
             }
             other => panic!("shared 2 under A's exclusive lock: {other:?}"),
@@ -412,7 +412,10 @@ fn killed_holder(mode: Mode, wait: Wait) {
         // Still held when the wait starts.
         assert!(matches!(
             lf.try_write(5),
-            Err(Error::WouldBlock { holder: Some(_) })
+            Err(Error::WouldBlock {
+                holder: Some(_),
+                ..
+            })
         ));
         waiting.send(b'w');
         let g = locksfile::WriteGuard::acquire(&lf, 5, wait).unwrap();
@@ -467,7 +470,13 @@ fn killed_holder_frees_locks_for_a_try(mode: Mode) {
         });
         held.expect(b'h');
         assert!(
-            matches!(lf.try_write(5), Err(Error::WouldBlock { holder: Some(_) })),
+            matches!(
+                lf.try_write(5),
+                Err(Error::WouldBlock {
+                    holder: Some(_),
+                    ..
+                })
+            ),
             "round {round}"
         );
         assert!(lf.try_write(25).is_err(), "round {round}");
@@ -538,17 +547,19 @@ fn kernel_reports_deadlock_in_process_mode() {
         from_b.send(b'h');
         to_b.expect(b'd');
         let e = lf.acquire(Kind::Exclusive, 0, Wait::Blocking).unwrap_err();
-        assert!(matches!(e, Error::Deadlock), "{e:?}");
+        assert!(matches!(e, Error::Deadlock { .. }), "{e:?}");
         assert_eq!(lf.held(), vec![(span(1), Kind::Exclusive)]);
         // The guard form says the same.
         let e = lf.write(0..2).unwrap_err();
-        assert!(matches!(e, Error::Deadlock), "{e:?}");
+        assert!(matches!(e, Error::Deadlock { .. }), "{e:?}");
         assert_eq!(lf.held(), vec![(span(1), Kind::Exclusive)]);
         let io: std::io::Error = e.into();
         assert_eq!(io.kind(), std::io::ErrorKind::Deadlock);
         // Still kept out of 0 by A, and holding 1.
         match lf.try_write(0) {
-            Err(Error::WouldBlock { holder: Some(h) }) => {
+            Err(Error::WouldBlock {
+                holder: Some(h), ..
+            }) => {
                 assert_eq!(h, holder(Mode::Process, 0, Kind::Exclusive, a_pid))
             }
             other => panic!("{other:?}"),
@@ -666,7 +677,7 @@ fn process_mode_handles_share_one_owner() {
         let o = open(&path, Mode::Ofd);
         assert!(matches!(
             o.try_write(30),
-            Err(Error::WouldBlock { holder: Some(h) }) if h == holder(Mode::Process, 30, Kind::Exclusive, me)
+            Err(Error::WouldBlock { holder: Some(h), .. }) if h == holder(Mode::Process, 30, Kind::Exclusive, me)
         ));
     }
     assert_eq!(
@@ -711,7 +722,9 @@ fn ofd_handles_in_one_process_are_separate_owners() {
     h1.acquire(Kind::Exclusive, 0..4, Wait::NonBlocking)
         .unwrap();
     match h2.try_read(2) {
-        Err(Error::WouldBlock { holder: Some(h) }) => {
+        Err(Error::WouldBlock {
+            holder: Some(h), ..
+        }) => {
             assert_eq!(h, holder(Mode::Ofd, 0..4, Kind::Exclusive, 0))
         }
         other => panic!("{other:?}"),

@@ -65,12 +65,12 @@ fn release_while_a_sibling_thread_waits_never_blocks() {
         // A change that needs a raise inside the busy span does not barge in.
         assert!(matches!(
             lf.try_write(4u64),
-            Err(Error::WouldBlock { holder: None })
+            Err(Error::WouldBlock { holder: None, .. })
         ));
         let t0 = Instant::now();
         assert!(matches!(
             lf.write_for(4u64, Duration::from_millis(30)),
-            Err(Error::TimedOut)
+            Err(Error::TimedOut { .. })
         ));
         assert!(t0.elapsed() >= Duration::from_millis(30));
         // An interruptible wait behind the sibling comes back to its caller
@@ -124,7 +124,7 @@ fn failed_wait_gives_back_what_it_took() {
             0..8u64,
             Wait::Timeout(Duration::from_millis(20))
         ),
-        Err(Error::TimedOut)
+        Err(Error::TimedOut { .. })
     ));
     assert_eq!(
         lf.held(),
@@ -149,7 +149,9 @@ fn non_blocking_names_the_holder_unless_asked_not_to() {
         .unwrap();
 
     match lf.acquire(Kind::Shared, 2..5u64, Wait::NonBlocking) {
-        Err(Error::WouldBlock { holder: Some(h) }) => {
+        Err(Error::WouldBlock {
+            holder: Some(h), ..
+        }) => {
             assert_eq!(h.span, locksfile::Span::new(3, 4).unwrap());
             assert_eq!(h.kind, Kind::Exclusive);
             assert_eq!(h.pid, None, "OFD locks have no pid");
@@ -158,7 +160,7 @@ fn non_blocking_names_the_holder_unless_asked_not_to() {
     }
     assert!(matches!(
         lf.acquire(Kind::Shared, 2..5u64, Wait::NonBlockingNoHolder),
-        Err(Error::WouldBlock { holder: None })
+        Err(Error::WouldBlock { holder: None, .. })
     ));
     assert!(lf.held().is_empty());
     other.release_all().unwrap();

@@ -230,7 +230,7 @@ fn cycle(n: usize) {
                 let r = lf.acquire(Kind::Exclusive, ((i + 1) % n) as u64, Wait::Blocking);
                 result.send(match r {
                     Ok(()) => b'o',
-                    Err(Error::Deadlock) => b'd',
+                    Err(Error::Deadlock { .. }) => b'd',
                     Err(_) => b'e',
                 });
                 // Dropping the handle lets the next one in the chain go.
@@ -292,7 +292,7 @@ fn two_upgraders_deadlock() {
                         result.send(b'o');
                         drop(w);
                     }
-                    Err((r, Error::Deadlock)) => {
+                    Err((r, Error::Deadlock { .. })) => {
                         // Still shared: the refused upgrade changed nothing.
                         assert_eq!(
                             lf.held(),
@@ -453,7 +453,7 @@ fn a_cycle_of_held_locks_is_one_deadlock() {
         assert_eq!(b.held(), vec![(span(1), Kind::Exclusive)]);
         b.release_all().unwrap();
         let ra = aw.join().unwrap();
-        assert!(matches!(r, Err(Error::Deadlock)), "B: {r:?}");
+        assert!(matches!(r, Err(Error::Deadlock { .. })), "B: {r:?}");
         assert!(ra.is_ok(), "A: {ra:?}");
         assert!(took < Duration::from_secs(1), "B waited {took:?}");
     });
@@ -488,7 +488,7 @@ fn a_cycle_that_queue_order_cannot_break_is_a_deadlock() {
         wait_until_queued(&path, &a, 0);
         let r = c.acquire(Kind::Shared, 5, Wait::Timeout(STUCK));
         c.release_all().unwrap();
-        assert!(matches!(r, Err(Error::Deadlock)), "C: {r:?}");
+        assert!(matches!(r, Err(Error::Deadlock { .. })), "C: {r:?}");
         assert!(bw.join().unwrap().is_ok());
         assert!(aw.join().unwrap().is_ok());
     });

@@ -375,8 +375,8 @@ fn a_span_around_a_held_hole_takes_part_in_the_deadlock_search() {
         let r = lf.acquire(Kind::Shared, 5, Wait::Timeout(Duration::from_secs(3)));
         h_result.send(match r {
             Ok(()) => b'o',
-            Err(Error::Deadlock) => b'd',
-            Err(Error::TimedOut) => b't',
+            Err(Error::Deadlock { .. }) => b'd',
+            Err(Error::TimedOut { .. }) => b't',
             Err(e) => panic!("{e}"),
         });
     });
@@ -384,7 +384,7 @@ fn a_span_around_a_held_hole_takes_part_in_the_deadlock_search() {
     let w = fork(|| {
         let lf = shm(&path);
         match lf.acquire(Kind::Exclusive, 9..12, Wait::Timeout(STUCK)) {
-            Ok(()) | Err(Error::Deadlock) => {}
+            Ok(()) | Err(Error::Deadlock { .. }) => {}
             Err(e) => panic!("{e}"),
         }
     });
@@ -412,7 +412,7 @@ fn a_span_around_a_held_hole_takes_part_in_the_deadlock_search() {
         "H waited 3 s in a cycle H -> A (5) -> W (queue order) -> H (11) that was never reported"
     );
     match got.1 {
-        Ok(()) | Err(Error::Deadlock) => {}
+        Ok(()) | Err(Error::Deadlock { .. }) => {}
         Err(e) => panic!("A: {e}"),
     }
     h.join();

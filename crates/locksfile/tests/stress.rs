@@ -128,10 +128,10 @@ const DROPPED: usize = 7;
 fn outcome_of(e: &Error) -> Option<usize> {
     Some(match e {
         Error::WouldBlock { .. } => 1,
-        Error::TimedOut => 2,
+        Error::TimedOut { .. } => 2,
         Error::Cancelled => 3,
         Error::Interrupted => 4,
-        Error::Deadlock => 5,
+        Error::Deadlock { .. } => 5,
         Error::ConversionLost { .. } => 6,
         _ => return None,
     })
@@ -1199,7 +1199,15 @@ impl Worker<'_> {
                 How::Plain(Wait::NonBlockingNoHolder),
             ),
             None => (
-                ReadGuard::try_upgrade(g).map_err(|g| (g, Error::WouldBlock { holder: None })),
+                ReadGuard::try_upgrade(g).map_err(|g| {
+                    (
+                        g,
+                        Error::WouldBlock {
+                            holder: None,
+                            at: None,
+                        },
+                    )
+                }),
                 How::Plain(Wait::NonBlockingNoHolder),
             ),
             Some(how) => (

@@ -34,7 +34,7 @@ fn thread_cpu() -> Duration {
 
 fn timed_out<T: std::fmt::Debug>(r: Result<T, Error>) {
     match r {
-        Err(Error::TimedOut) => {}
+        Err(Error::TimedOut { .. }) => {}
         other => panic!("expected TimedOut, got {other:?}"),
     }
 }

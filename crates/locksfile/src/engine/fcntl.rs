@@ -151,7 +151,7 @@ impl Fcntl {
 
     fn error(&self, e: io::Error) -> Error {
         match e.raw_os_error() {
-            Some(libc::EDEADLK) => Error::Deadlock,
+            Some(libc::EDEADLK) => Error::Deadlock { at: None },
             Some(libc::ENOLCK) => Error::Unsupported {
                 what: "record locks on this file (ENOLCK)",
                 source: e,
@@ -160,7 +160,10 @@ impl Fcntl {
                 what: "open file description locks (F_OFD_SETLK)",
                 source: e,
             },
-            _ if is_contention(&e) => Error::WouldBlock { holder: None },
+            _ if is_contention(&e) => Error::WouldBlock {
+                holder: None,
+                at: None,
+            },
             _ => Error::io("fcntl record lock", e),
         }
     }

@@ -193,7 +193,10 @@ fn error(e: io::Error) -> Error {
             what: "flock(2) locks on this file (ENOLCK)",
             source: e,
         },
-        _ if is_contention(&e) => Error::WouldBlock { holder: None },
+        _ if is_contention(&e) => Error::WouldBlock {
+            holder: None,
+            at: None,
+        },
         _ => Error::io("flock", e),
     }
 }

@@ -70,7 +70,7 @@ impl<'a> Until<'a> {
             return Some(Error::Cancelled);
         }
         if self.deadline.is_some_and(|t| Instant::now() >= t) {
-            return Some(Error::TimedOut);
+            return Some(Error::TimedOut { at: None });
         }
         None
     }

@@ -412,8 +412,8 @@ impl Pg {
     /// A client error as this crate's, marking the session lost when it is.
     fn error(&self, op: &'static str, e: tokio_postgres::Error) -> Error {
         match e.code() {
-            Some(c) if *c == SqlState::T_R_DEADLOCK_DETECTED => Error::Deadlock,
-            Some(c) if *c == SqlState::LOCK_NOT_AVAILABLE => Error::TimedOut,
+            Some(c) if *c == SqlState::T_R_DEADLOCK_DETECTED => Error::Deadlock { at: None },
+            Some(c) if *c == SqlState::LOCK_NOT_AVAILABLE => Error::TimedOut { at: None },
             Some(c) if *c == SqlState::QUERY_CANCELED => Error::Interrupted,
             Some(c)
                 if *c == SqlState::ADMIN_SHUTDOWN
@@ -727,7 +727,7 @@ impl Pg {
             }
             if next_check.is_some_and(|t| Instant::now() >= t) {
                 if self.closes_cycle(&c, keys, kind)? {
-                    return Err(Error::Deadlock);
+                    return Err(Error::Deadlock { at: None });
                 }
                 next_check = Some(Instant::now() + self.deadlock_timeout(&c));
             }

@@ -2899,7 +2899,7 @@ impl Shm {
                     Some(Err(self.full("lock records")))
                 }
             } else if (about_to_queue || slice_over) && g.closes_cycle(self.fd(), req) {
-                Some(Err(Error::Deadlock))
+                Some(Err(Error::Deadlock { at: None }))
             } else {
                 ended.map(Err)
             };

@@ -65,14 +65,16 @@ fn refused_change_puts_every_piece_back() {
         let before = a.held();
         let r = a.change(explicit(0, 10, X), Wait::NonBlocking);
         match r {
-            Err(Error::WouldBlock { holder: Some(h) }) => assert_eq!(h.span, span(7, 8)),
+            Err(Error::WouldBlock {
+                holder: Some(h), ..
+            }) => assert_eq!(h.span, span(7, 8)),
             other => panic!("{other:?}"),
         }
         assert_eq!(a.held(), before);
         agrees(&table, a);
         // Timed: waits for the pieces, then gives all of them back.
         let r = a.change(explicit(0, 10, X), Wait::Timeout(Duration::from_millis(20)));
-        assert!(matches!(r, Err(Error::TimedOut)), "{r:?}");
+        assert!(matches!(r, Err(Error::TimedOut { .. })), "{r:?}");
         assert_eq!(a.held(), before);
         agrees(&table, a);
     }
@@ -137,7 +139,7 @@ fn releases_during_a_siblings_wait_are_put_right_by_the_waiter() {
                 assert_eq!(a.held(), vec![(span(0, 2), Kind::Exclusive)]);
             } else {
                 let r = waiter.join().unwrap();
-                assert!(matches!(r, Err(Error::TimedOut)), "{r:?}");
+                assert!(matches!(r, Err(Error::TimedOut { .. })), "{r:?}");
                 // The waiter took 0 exclusive and then gave it all back.
                 assert_eq!(a.held(), vec![]);
             }
