@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
 
@@ -22,53 +21,6 @@ fn try_run(file: &Path, opts: &[&str]) -> i32 {
     args.push(file.to_str().unwrap());
     args.extend_from_slice(&["--", "true"]);
     code(&run(&args))
-}
-
-/// `flock -n ARGS FILE true`: 0 when it got the lock, 1 when busy.
-fn flock_n(file: &Path, args: &[&str]) -> i32 {
-    Command::new("flock")
-        .arg("-n")
-        .args(args)
-        .arg(file)
-        .arg("true")
-        .status()
-        .expect("run flock(1) from util-linux")
-        .code()
-        .unwrap()
-}
-
-/// A `flock(1)` process holding FILE until its stdin closes.
-struct FlockCmd(std::process::Child);
-
-impl FlockCmd {
-    fn hold(file: &Path, args: &[&str]) -> FlockCmd {
-        let mut child = Command::new("flock")
-            .args(args)
-            .arg(file)
-            .args(["sh", "-c", "echo held; read _ || true"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("run flock(1) from util-linux");
-        let mut line = String::new();
-        BufReader::new(child.stdout.as_mut().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert_eq!(line, "held\n", "flock(1) did not take the lock");
-        FlockCmd(child)
-    }
-
-    fn release(mut self) {
-        drop(self.0.stdin.take());
-        assert!(self.0.wait().unwrap().success());
-    }
-}
-
-impl Drop for FlockCmd {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 #[test]

@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -16,53 +15,6 @@ fn lock_file() -> (tempfile::TempDir, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("w.lock");
     (dir, path)
-}
-
-/// `flock -n ARGS FILE true`: 0 when it got the lock, 1 when busy.
-fn flock_n(file: &Path, args: &[&str]) -> i32 {
-    Command::new("flock")
-        .arg("-n")
-        .args(args)
-        .arg(file)
-        .arg("true")
-        .status()
-        .expect("run flock(1) from util-linux")
-        .code()
-        .unwrap()
-}
-
-/// A `flock(1)` process holding FILE until its stdin closes.
-struct FlockCmd(std::process::Child);
-
-impl FlockCmd {
-    fn hold(file: &Path, args: &[&str]) -> FlockCmd {
-        let mut child = Command::new("flock")
-            .args(args)
-            .arg(file)
-            .args(["sh", "-c", "echo held; read _ || true"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("run flock(1) from util-linux");
-        let mut line = String::new();
-        BufReader::new(child.stdout.as_mut().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert_eq!(line, "held\n", "flock(1) did not take the lock");
-        FlockCmd(child)
-    }
-
-    fn release(mut self) {
-        drop(self.0.stdin.take());
-        assert!(self.0.wait().unwrap().success());
-    }
-}
-
-impl Drop for FlockCmd {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// Try a write lock on byte 0 of `file` with `fcntl` (`cmd` F_SETLK or
