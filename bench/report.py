@@ -15,11 +15,6 @@ import platform
 import statistics
 import subprocess
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
 PAIR_ROWS = [
     ("locksfile_ofd_guard", "locksfile, OFD mode, guard (`lf.write(5)` dropped)"),
     ("locksfile_ofd_explicit", "locksfile, OFD mode, `acquire` + `release`"),
@@ -60,6 +55,40 @@ PY_ORDER = [
     "fasteners",
     "portalocker",
 ]
+
+
+# Colours say whose lock a mark is, the same in every panel, and the
+# figure's title names them (named colours, so the title can say them).
+OURS, BASELINE, OTHERS = "tab:blue", "tab:orange", "tab:gray"
+ROLES = ((OURS, "ours"), (BASELINE, "baseline"), (OTHERS, "others"))
+
+
+def role_color(key):
+    if key.startswith("locksfile") or key.startswith("ours"):
+        return OURS
+    if key in ("fcntl_ofd", "seed_0.0.6"):
+        return BASELINE
+    return OTHERS
+
+
+def color_key():
+    """The figure title's key to the colours: "blue: ours, ..."."""
+    return ", ".join("%s: %s" % (c.split(":")[-1], role) for c, role in ROLES)
+
+
+# The held-locks panel. locksfile OFD costs what the raw pair costs, so its
+# line lies on the raw one: the raw line goes under, wide and dashed with
+# big square markers, and ours over it, thin with small round ones, so both
+# show where they coincide.
+HELD_LINES = (
+    ("fcntl_ofd", "raw F_OFD_SETLK", dict(linestyle="--", linewidth=4, marker="s", markersize=10, zorder=2)),
+    ("locksfile_ofd", "locksfile OFD", dict(linestyle="-", linewidth=1.5, marker="o", markersize=4, zorder=3)),
+    ("locksfile_shm", "locksfile shm", dict(linestyle=":", linewidth=1.5, marker="^", markersize=6, zorder=3)),
+)
+
+# The Rust race panel: a bar's colour is whose lock it is, as everywhere;
+# its hatching is the race's shape.
+SHAPE_HATCHES = ("", "///", "...", "xxx")
 
 
 def crit_all(dirpath, group, bench, baselines):
@@ -649,17 +678,17 @@ def plain(label):
 
 
 def plot(path, pair, held, held_runs, held_ns, ring, ring_q, shapes, peers, pyshape, m):
+    # Here, not at the top: the rest of the report (and its tests) need no matplotlib.
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
     fig, axs = plt.subplots(2, 2, figsize=(14, 10))
     pair_names = dict(PAIR_ROWS)
     ring_names = dict(RING_ROWS)
-    ours_c, peer_c, base_c = "#1f77b4", "#9a9a9a", "#ff7f0e"
-
-    def color(key):
-        if key.startswith("locksfile") or key.startswith("ours"):
-            return ours_c
-        if key in ("fcntl_ofd", "seed_0.0.6"):
-            return base_c
-        return peer_c
+    color = role_color
 
     # (a) Rust pairs
     ax = axs[0][0]
@@ -676,15 +705,12 @@ def plot(path, pair, held, held_runs, held_ns, ring, ring_q, shapes, peers, pysh
 
     # (b) held locks
     ax = axs[0][1]
-    for lib, c, lab in (
-        ("locksfile_ofd", ours_c, "locksfile OFD"),
-        ("locksfile_shm", "#2ca02c", "locksfile shm"),
-        ("fcntl_ofd", base_c, "raw F_OFD_SETLK"),
-    ):
+    for lib, lab, style in HELD_LINES:
         xs = [n for n in held_ns if held[lib, n]]
         if not xs:
             continue
-        ax.plot(xs, [held[lib, n] / 1e3 for n in xs], marker="o", color=c, label=lab + " (median)")
+        c = color(lib)
+        ax.plot(xs, [held[lib, n] / 1e3 for n in xs], color=c, label=lab + " (median)", **style)
         if all(held_runs[lib, n] for n in xs):
             ax.fill_between(
                 xs,
@@ -692,6 +718,7 @@ def plot(path, pair, held, held_runs, held_ns, ring, ring_q, shapes, peers, pysh
                 [max(held_runs[lib, n]) / 1e3 for n in xs],
                 color=c,
                 alpha=0.15,
+                zorder=1,
                 label=lab + " (fastest–slowest run)",
             )
     ax.set_xscale("log")
@@ -706,7 +733,6 @@ def plot(path, pair, held, held_runs, held_ns, ring, ring_q, shapes, peers, pysh
     ax = axs[1][0]
     keys = [k for k, _ in RING_ROWS]
     width = 0.8 / max(1, len(shapes))
-    shape_colors = ["#4daf4a", "#984ea3", "#a65628", "#e7298a"]
     for si, s in enumerate(shapes):
         vals = [(ring.get((s, k)) or 0) * 1e3 for k in keys]
         qs = [ring_q.get((s, k), (0, 0)) for k in keys]
@@ -718,20 +744,30 @@ def plot(path, pair, held, held_runs, held_ns, ring, ring_q, shapes, peers, pysh
             xerr=err,
             capsize=2,
             error_kw={"elinewidth": 0.8},
-            color=shape_colors[si % len(shape_colors)],
-            label="%d/%d/%d" % s,
+            color=[color(k) for k in keys],
+            hatch=SHAPE_HATCHES[si % len(SHAPE_HATCHES)],
+            edgecolor="white",
         )
     ax.set_yticks([i + width * (len(shapes) - 1) / 2 for i in range(len(keys))])
     ax.set_yticklabels([plain(ring_names[k]) for k in keys], fontsize=8)
     for lab, k in zip(ax.get_yticklabels(), keys):
-        lab.set_color(color(k) if color(k) != peer_c else "black")
+        lab.set_color(color(k) if color(k) != OTHERS else "black")
         if k.startswith("locksfile"):
             lab.set_fontweight("bold")
     ax.invert_yaxis()
     ax.set_xlabel("ms per race, median and interquartile range")
     ax.set_title("Rust: hand-over-hand race between processes")
-    # Below the panel, never over a bar.
+    # Below the panel, never over a bar; the shapes by hatching alone.
     ax.legend(
+        handles=[
+            Patch(
+                facecolor="white",
+                edgecolor="black",
+                hatch=SHAPE_HATCHES[si % len(SHAPE_HATCHES)],
+                label="%d/%d/%d" % s,
+            )
+            for si, s in enumerate(shapes)
+        ],
         title="processes/tracks/rounds",
         fontsize=8,
         title_fontsize=8,
@@ -778,8 +814,8 @@ def plot(path, pair, held, held_runs, held_ns, ring, ring_q, shapes, peers, pysh
     ax.set_xlim(right=max(v for _, v in rows) * 8)
 
     fig.suptitle(
-        "locksfile and its peers — %s, %s cores, Linux %s (blue: ours, orange: baseline)"
-        % (m["cpu"], m["cores"], m["kernel"])
+        "locksfile and its peers — %s, %s cores, Linux %s (%s)"
+        % (m["cpu"], m["cores"], m["kernel"], color_key())
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)

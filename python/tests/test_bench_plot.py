@@ -1,0 +1,221 @@
+"""The benchmark plot (``bench/report.py``, drawn by ``scripts/bench``):
+where two lines coincide both stay visible, and every panel's colours mean
+what the figure's title says they mean.
+
+The drawing calls are recorded by a stand-in for matplotlib, so this runs
+wherever the tests do (matplotlib is installed for ``scripts/bench`` only);
+with matplotlib at hand the figure is also drawn for real.
+"""
+
+import importlib.util
+import re
+import sys
+import types
+from pathlib import Path
+from unittest import mock
+
+import pytest
+
+REPORT = Path(__file__).resolve().parents[2] / "bench" / "report.py"
+SHAPES = [(4, 50, 100), (8, 50, 100), (4, 5, 100)]
+
+
+def load_report():
+    spec = importlib.util.spec_from_file_location("bench_report", REPORT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def figures(report):
+    """Made-up figures in the shapes ``report.main`` builds, with the
+    locksfile OFD pair equal to the raw one, as measured."""
+    pair = {}
+    for kind in ("exclusive", "shared"):
+        for i, (key, _) in enumerate(report.PAIR_ROWS):
+            pair[kind, key] = 100.0 * (i + 1)
+    held_ns = [1, 10, 100, 1000, 10000]
+    held, held_runs = {}, {}
+    for lib in ("locksfile_ofd", "fcntl_ofd", "locksfile_shm"):
+        for n in held_ns:
+            v = 50.0 if lib == "locksfile_shm" else 1200.0 * (1 + n / 100)
+            held[lib, n] = v
+            held_runs[lib, n] = [v * 0.98, v, v * 1.03]
+    ring, ring_q = {}, {}
+    for s in SHAPES:
+        for i, (key, _) in enumerate(report.RING_ROWS):
+            ring[s, key] = 0.01 * (i + 1)
+            ring_q[s, key] = (0.009 * (i + 1), 0.012 * (i + 1))
+    peers = {
+        key: {"race_median": 0.01 * (i + 1), "race": [0.009 * (i + 1), 0.011 * (i + 1)], "ranges": i % 2 == 0}
+        for i, key in enumerate(report.PY_ORDER)
+    }
+    machine = {"cpu": "a CPU", "cores": 2, "kernel": "6.0"}
+    return pair, held, held_runs, held_ns, ring, ring_q, SHAPES, peers, "4/50/100", machine
+
+
+def role(key):
+    """Whose lock a row measures, as the tables and the title say."""
+    if key.startswith("locksfile") or key.startswith("ours"):
+        return "ours"
+    if key in ("fcntl_ofd", "seed_0.0.6"):
+        return "baseline"
+    return "others"
+
+
+@pytest.fixture
+def drawn(monkeypatch, tmp_path):
+    """``report.plot`` run against a recording stand-in for matplotlib:
+    the four axes and the figure, whose calls the tests read."""
+    fig = mock.MagicMock(name="figure")
+    axs = [[mock.MagicMock(name="ax%d%d" % (r, c)) for c in range(2)] for r in range(2)]
+    pyplot = types.ModuleType("matplotlib.pyplot")
+    pyplot.subplots = mock.MagicMock(return_value=(fig, axs))
+    patches = types.ModuleType("matplotlib.patches")
+    patches.Patch = mock.MagicMock(name="Patch")
+    mpl = types.ModuleType("matplotlib")
+    mpl.use = lambda backend: None
+    mpl.pyplot, mpl.patches = pyplot, patches
+    for name, module in (("matplotlib", mpl), ("matplotlib.pyplot", pyplot), ("matplotlib.patches", patches)):
+        monkeypatch.setitem(sys.modules, name, module)
+    report = load_report()
+    report.plot(str(tmp_path / "plot.png"), *figures(report))
+    return report, fig, axs, patches.Patch
+
+
+def title_key(fig):
+    """The title's colour key, role to colour name: {"ours": "blue", ...}."""
+    (title,), _ = fig.suptitle.call_args
+    pairs = re.findall(r"(\w+): (ours|baseline|others)\b", title)
+    assert pairs, "the title names no colours: %r" % title
+    return {r: c for c, r in pairs}
+
+
+# matplotlib's default colours ("tab:blue" is #1f77b4), by name.
+TAB10 = {
+    "#1f77b4": "blue",
+    "#ff7f0e": "orange",
+    "#2ca02c": "green",
+    "#d62728": "red",
+    "#9467bd": "purple",
+    "#8c564b": "brown",
+    "#e377c2": "pink",
+    "#7f7f7f": "gray",
+    "#bcbd22": "olive",
+    "#17becf": "cyan",
+}
+
+
+def colour_name(c):
+    """A colour as the title would name it: "tab:blue", "blue" and #1f77b4
+    are blue; other hex colours stay as they are."""
+    assert isinstance(c, str), c
+    c = c.lower()
+    return TAB10.get(c, c.split(":")[-1])
+
+
+def check_colour(key, c, key_of_title):
+    name = colour_name(c)
+    r = role(key)
+    if r in key_of_title:
+        assert name == key_of_title[r], "%s is drawn in %s, but the title says %s is %s" % (
+            key,
+            c,
+            r,
+            key_of_title[r],
+        )
+    else:
+        assert name not in key_of_title.values(), "%s (%s) is drawn in %s, a colour the title gives to another" % (
+            key,
+            r,
+            c,
+        )
+
+
+def test_report_imports_without_matplotlib(monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    load_report()
+
+
+def test_ofd_line_stays_visible_on_the_raw_one(drawn):
+    _, _, axs, _ = drawn
+    lines = {}
+    for order, call in enumerate(axs[0][1].plot.call_args_list):
+        kw = call.kwargs
+        lines[kw["label"]] = dict(kw, order=order)
+    ofd = next(v for k, v in lines.items() if k.startswith("locksfile OFD"))
+    raw = next(v for k, v in lines.items() if "F_OFD_SETLK" in k)
+
+    def get(line, key, default):
+        """A keyword of the plot call, or matplotlib's default for it."""
+        return line.get(key, default)
+
+    # Ours on top: drawn above, or drawn later at the same height.
+    z_ofd, z_raw = get(ofd, "zorder", 2), get(raw, "zorder", 2)
+    assert z_ofd > z_raw or (z_ofd == z_raw and ofd["order"] > raw["order"]), "the raw line is drawn over ours"
+    # And the raw one still shows around it: wider, or with bigger markers.
+    assert get(raw, "linewidth", 1.5) > get(ofd, "linewidth", 1.5) or (
+        get(raw, "marker", None) and get(raw, "markersize", 6) > get(ofd, "markersize", 6)
+    ), "the OFD line covers the raw line entirely"
+    # Told apart by more than colour.
+    assert (get(raw, "linestyle", "-"), get(raw, "marker", None)) != (
+        get(ofd, "linestyle", "-"),
+        get(ofd, "marker", None),
+    ), "the two lines differ only in colour"
+
+
+def test_held_panel_colours_follow_the_title(drawn):
+    _, fig, axs, _ = drawn
+    key = title_key(fig)
+    by_label = {
+        "locksfile OFD": "locksfile_ofd",
+        "locksfile shm": "locksfile_shm",
+        "raw F_OFD_SETLK": "fcntl_ofd",
+    }
+    calls = axs[0][1].plot.call_args_list
+    assert calls
+    for call in calls:
+        lib = next(v for k, v in by_label.items() if call.kwargs["label"].startswith(k))
+        check_colour(lib, call.kwargs["color"], key)
+
+
+def test_race_panels_colours_follow_the_title(drawn):
+    report, fig, axs, patch = drawn
+    key = title_key(fig)
+    assert "ours" in key and "baseline" in key
+
+    # Rust races: one barh call per shape, one bar per ring.
+    keys = [k for k, _ in report.RING_ROWS]
+    calls = axs[1][0].barh.call_args_list
+    assert len(calls) == len(SHAPES)
+    hatches = []
+    for call in calls:
+        colours = call.kwargs["color"]
+        if isinstance(colours, str):
+            colours = [colours] * len(keys)
+        assert len(colours) == len(keys)
+        for k, c in zip(keys, colours):
+            check_colour(k, c, key)
+        hatches.append(call.kwargs.get("hatch"))
+    # The shapes are told apart, by hatching, since colour is taken.
+    assert len(set(hatches)) == len(SHAPES), "the shapes look alike: %r" % hatches
+    legend = [c.kwargs for c in patch.call_args_list]
+    assert sorted(p["hatch"] for p in legend) == sorted(hatches)
+    assert {p["label"] for p in legend} == {"%d/%d/%d" % s for s in SHAPES}
+    assert all(colour_name(p["facecolor"]) not in key.values() for p in legend), (
+        "the shapes' legend uses a colour the title gives to a role"
+    )
+
+    # Python race: one barh call, one bar per library, fastest first.
+    (call,) = axs[1][1].barh.call_args_list
+    rows = sorted(((k, v["race_median"]) for k, v in figures(report)[7].items()), key=lambda r: r[1])
+    for (k, _), c in zip(rows, call.kwargs["color"]):
+        check_colour(k, c, key)
+
+
+def test_plot_draws_for_real(tmp_path):
+    pytest.importorskip("matplotlib", reason="matplotlib is installed for scripts/bench only")
+    report = load_report()
+    out = tmp_path / "plot.png"
+    report.plot(str(out), *figures(report))
+    assert out.stat().st_size > 10_000
