@@ -95,7 +95,8 @@ use std::time::{Duration, Instant};
 pub use cancel::Cancel;
 pub use engine::Abilities;
 pub use error::{
-    At, Error, Holder, NotRegular, Result, ServerHolder, ServerLock, SidecarProblem, SpanError,
+    At, Error, ErrorKind, Holder, NotRegular, Result, ServerHolder, ServerLock, SidecarProblem,
+    SpanError,
 };
 pub use file::{LockFile, Mode, OpenOptions};
 pub use guard::{ReadGuard, WriteGuard};
