@@ -2,7 +2,7 @@
 
 from os import PathLike
 from types import TracebackType
-from typing import Any, Coroutine, Dict, Generic, List, Literal, NoReturn, Optional, Tuple, Type, TypeVar, Union, final
+from typing import Any, Coroutine, Dict, Generic, List, Literal, NoReturn, Optional, Tuple, Type, TypeVar, Union, final, overload
 
 from typing_extensions import disjoint_base
 
@@ -174,7 +174,8 @@ class Guard:
         """
     def upgrade(self: _G, *, blocking: bool = True, timeout: Optional[float] = None) -> _G:
         """Convert shared to exclusive in place; on a conflict, timeout or
-        deadlock the shared lock stays.
+        deadlock the shared lock stays. ``blocking=False`` does not wait
+        (``timeout`` is ignored): ``WouldBlockError`` on a conflict.
 
         If another thread releases the guard (``RuntimeError``) or closes its
         ``LocksFile`` (``ValueError``) meanwhile, the wait ends at once, timed
@@ -242,10 +243,14 @@ class LocksFile:
     @property
     def writable(self) -> bool:
         """Whether the file could be opened for writing (exclusive locks need it)."""
-    def read(self, span: _Span, *, timeout: Optional[float] = None) -> Guard:
-        """Wait for a shared lock; ``LockTimeout`` when ``timeout`` seconds pass."""
-    def write(self, span: _Span, *, timeout: Optional[float] = None) -> Guard:
-        """Wait for an exclusive lock; ``LockTimeout`` when ``timeout`` seconds pass."""
+    def read(self, span: _Span, *, blocking: bool = True, timeout: Optional[float] = None) -> Guard:
+        """Wait for a shared lock; ``LockTimeout`` when ``timeout`` seconds pass.
+        ``blocking=False`` does not wait (``timeout`` is ignored) and raises
+        ``WouldBlockError`` when another owner is in the way."""
+    def write(self, span: _Span, *, blocking: bool = True, timeout: Optional[float] = None) -> Guard:
+        """Wait for an exclusive lock; ``LockTimeout`` when ``timeout`` seconds pass.
+        ``blocking=False`` does not wait (``timeout`` is ignored) and raises
+        ``WouldBlockError`` when another owner is in the way."""
     def try_read(self, span: _Span) -> Optional[Guard]:
         """A shared lock if no other owner is in the way, else None."""
     def try_write(self, span: _Span) -> Optional[Guard]:
@@ -264,22 +269,28 @@ class LocksFile:
     ) -> None:
         """Lock ``span`` in the explicit layer (last call wins).
 
-        Raises ``WouldBlockError`` (``blocking=False``), ``LockTimeout``,
-        or ``DeadlockError`` (process and shm mode); nothing changes on error.
+        Raises ``WouldBlockError`` (``blocking=False``, which ignores
+        ``timeout``), ``LockTimeout``, or ``DeadlockError`` (process and shm
+        mode); nothing changes on error.
         """
-    def read_async(self, span: _Span, *, timeout: Optional[float] = None) -> GuardRequest:
+    def read_async(
+        self, span: _Span, *, blocking: bool = True, timeout: Optional[float] = None
+    ) -> GuardRequest:
         """A shared lock without blocking the event loop: ``await`` it for a
         ``Guard``, or ``async with lf.read_async(span) as g:``.
 
         On contention the wait runs in a thread of its own, as one wait for
         the lock (fair queueing and deadlock detection hold for it);
         cancelling the task ends it at once with nothing held and the thread
-        gone.
+        gone. ``blocking=False`` tries once, on the loop's thread, and
+        raises ``WouldBlockError`` on contention (``timeout`` is ignored).
         """
-    def write_async(self, span: _Span, *, timeout: Optional[float] = None) -> GuardRequest:
+    def write_async(
+        self, span: _Span, *, blocking: bool = True, timeout: Optional[float] = None
+    ) -> GuardRequest:
         """As ``read_async``, for an exclusive lock."""
     def acquire_async(
-        self, kind: _KindName, span: _Span, *, timeout: Optional[float] = None
+        self, kind: _KindName, span: _Span, *, blocking: bool = True, timeout: Optional[float] = None
     ) -> Coroutine[Any, Any, None]:
         """``acquire`` without blocking the event loop; a cancelled call leaves
         the explicit locks as they were."""
@@ -294,8 +305,21 @@ class LocksFile:
         """Whether the server session is lost, and every lock with it (always False for a file)."""
     def fence(self, index: int) -> int:
         """A fencing token for ``index``, held exclusively (server targets): grows with every call."""
-    def conflicts(self, span: _Span, kind: Optional[_KindName] = None) -> Optional[Holder]:
-        """The first other owner's lock in the way of ``kind`` (default exclusive) on ``span``."""
+    @overload
+    def conflicts(self, kind_: _KindName, span_: _Span, /) -> Optional[Holder]:
+        """The first other owner's lock in the way of ``kind`` (default
+        exclusive) on ``span``: ``conflicts(kind, span)`` as ``acquire``
+        orders them, ``conflicts(span)``, or by keyword (``span=``,
+        ``kind=``). A ``str`` argument is the kind, so the former
+        ``conflicts(span, kind)`` still works."""
+    @overload
+    def conflicts(self, span_: _Span, kind_: Optional[_KindName] = None, /) -> Optional[Holder]: ...
+    @overload
+    def conflicts(self, kind_: _KindName, /, *, span: _Span) -> Optional[Holder]: ...
+    @overload
+    def conflicts(self, span_: _Span, /, *, kind: Optional[_KindName] = None) -> Optional[Holder]: ...
+    @overload
+    def conflicts(self, *, span: _Span, kind: Optional[_KindName] = None) -> Optional[Holder]: ...
     def fileno(self) -> int:
         """The descriptor locks go through (the calling thread's with
         ``thread_local=True``; in shm mode the lock file's, the locks being

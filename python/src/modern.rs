@@ -40,6 +40,43 @@ fn parse_kind(obj: &Bound<'_, PyAny>) -> PyResult<Kind> {
     }
 }
 
+/// A span and an optional kind from up to two positional arguments in
+/// either order, told apart by type (a kind is a `str`, a span never is),
+/// and the keywords `span=` and `kind=`.
+fn kind_and_span<'py>(
+    method: &str,
+    args: &Bound<'py, PyTuple>,
+    span: Option<&Bound<'py, PyAny>>,
+    kind: Option<&Bound<'py, PyAny>>,
+) -> PyResult<(Bound<'py, PyAny>, Option<Bound<'py, PyAny>>)> {
+    if args.len() > 2 {
+        return Err(PyTypeError::new_err(format!(
+            "{method}() takes a kind and a span, got {} positional arguments",
+            args.len()
+        )));
+    }
+    let (mut span, mut kind) = (span.cloned(), kind.cloned());
+    for a in args.iter() {
+        let (slot, name) = if a.is_instance_of::<PyString>() {
+            (&mut kind, "kind")
+        } else {
+            (&mut span, "span")
+        };
+        if slot.is_some() {
+            return Err(PyTypeError::new_err(format!(
+                "{method}() got two values for {name}"
+            )));
+        }
+        *slot = Some(a);
+    }
+    let span = span.ok_or_else(|| {
+        PyTypeError::new_err(format!(
+            "{method}() missing its span (an index, range, slice or (start, count))"
+        ))
+    })?;
+    Ok((span, kind))
+}
+
 /// A lock another owner holds, as the kernel reported it (a snapshot).
 #[pyclass(name = "Holder", module = "pylocksfile", frozen, eq)]
 #[derive(PartialEq)]
@@ -431,7 +468,8 @@ impl PyGuard {
 
     /// Convert a shared lock to exclusive in place (the shared lock is kept
     /// while waiting). ``blocking=False`` raises ``WouldBlockError`` at once
-    /// on conflict; ``timeout`` (seconds) raises ``LockTimeout``. On those
+    /// on conflict (a ``timeout`` given with it is ignored); ``timeout``
+    /// (seconds) raises ``LockTimeout``. On those
     /// failures the guard still holds its shared lock. Returns the guard.
     ///
     /// If another thread releases the guard (or closes its ``LocksFile``)
@@ -458,7 +496,7 @@ impl PyGuard {
     ) -> PyResult<Bound<'py, Self>> {
         let py = slf.py();
         let me = slf.get();
-        let patience = Patience::from_args(blocking, timeout)?;
+        let (patience, refused) = Refused::from_args(blocking, timeout)?;
         let g = match me.take_busy(py)? {
             Held::Read(g) => g,
             other => {
@@ -495,8 +533,8 @@ impl PyGuard {
                     py,
                     Held::Read(slot.take().expect("the read guard came back")),
                 )?;
-                let e = match (e, timeout) {
-                    (e @ Error::WouldBlock { .. }, Some(_)) => e.into_timed_out(),
+                let e = match (e, refused) {
+                    (e @ Error::WouldBlock { .. }, Refused::TimedOut) => e.into_timed_out(),
                     (e, _) => e,
                 };
                 Err(to_py(py, e))
@@ -805,7 +843,7 @@ impl PyLocksFile {
         span: &Bound<'_, PyAny>,
         kind: Kind,
         patience: Patience,
-        timed: bool,
+        refused: Refused,
     ) -> PyResult<Option<PyGuard>> {
         let span = py_span(span)?;
         let lf = self.lf_not_forked(py)?;
@@ -818,10 +856,10 @@ impl PyLocksFile {
         match outcome {
             Ok(h) => self.register(span, h).map(Some),
             Err(_) if self.closed() => Err(closed_while_waiting()),
-            Err(Error::WouldBlock { .. }) if !timed && matches!(patience, Patience::Never) => {
-                Ok(None)
+            Err(Error::WouldBlock { .. }) if matches!(refused, Refused::Nothing) => Ok(None),
+            Err(e @ Error::WouldBlock { .. }) if matches!(refused, Refused::TimedOut) => {
+                Err(to_py(py, e.into_timed_out()))
             }
-            Err(e @ Error::WouldBlock { .. }) if timed => Err(to_py(py, e.into_timed_out())),
             Err(e) => Err(to_py(py, e)),
         }
     }
@@ -831,12 +869,14 @@ impl PyLocksFile {
         slf: &Bound<'_, Self>,
         kind: Kind,
         span: &Bound<'_, PyAny>,
+        blocking: bool,
         timeout: Option<f64>,
         explicit: bool,
     ) -> PyResult<PyWait> {
         let py = slf.py();
         let span = py_span(span)?;
-        let deadline = match Patience::from_args(true, timeout)? {
+        let (patience, refused) = Refused::from_args(blocking, timeout)?;
+        let deadline = match patience {
             Patience::Never => Some(Instant::now()),
             Patience::Forever => None,
             Patience::Until(d) => Some(d),
@@ -848,7 +888,8 @@ impl PyLocksFile {
             kind,
             span,
             deadline,
-            timed: timeout.is_some(),
+            refused,
+            blocking,
             explicit,
             cancel: Cancel::new(),
         })
@@ -865,6 +906,31 @@ fn async_helper<'py>(py: Python<'py>, name: &str, w: PyWait) -> PyResult<Bound<'
     let module =
         MODULE.get_or_try_init(py, || py.import("pylocksfile._async").map(Bound::unbind))?;
     module.bind(py).getattr(name)?.call1((Py::new(py, w)?,))
+}
+
+/// What a call makes of another owner in the way once it stops waiting.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Refused {
+    /// Returns None (`try_read`, `try_write`).
+    Nothing,
+    /// Raises `WouldBlockError` (`blocking=False`; no timeout, waited for ever).
+    WouldBlock,
+    /// Raises `LockTimeout` (a `timeout` passed).
+    TimedOut,
+}
+
+impl Refused {
+    /// The patience and refusal of `blocking=` and `timeout=`: with
+    /// `blocking=False` the timeout is ignored, as filelock does.
+    fn from_args(blocking: bool, timeout: Option<f64>) -> PyResult<(Patience, Refused)> {
+        let patience = Patience::from_args(blocking, timeout)?;
+        let refused = if blocking && timeout.is_some() {
+            Refused::TimedOut
+        } else {
+            Refused::WouldBlock
+        };
+        Ok((patience, refused))
+    }
 }
 
 /// A guard on `span`, waiting as `w` says; `cancel` ends the wait.
@@ -905,7 +971,10 @@ pub struct PyWait {
     span: Span,
     /// `None`: no limit.
     deadline: Option<Instant>,
-    timed: bool,
+    /// What a refusal becomes once the wait ends.
+    refused: Refused,
+    /// `blocking=False`: `try_now()` raises a refusal, and there is no wait.
+    blocking: bool,
     /// The explicit layer (`acquire_async`) rather than a guard.
     explicit: bool,
     /// Ends the wait: `cancel()` (a cancelled task), or `close()`.
@@ -934,12 +1003,19 @@ impl PyWait {
 #[pymethods]
 impl PyWait {
     /// One try without waiting: the Guard (True once the explicit acquire
-    /// is made), or None when another owner is in the way.
+    /// is made), or None when another owner is in the way (a call with
+    /// ``blocking=False`` raises ``WouldBlockError`` instead).
     fn try_now(&self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
         if self.owner.get().closed() {
             return Err(closed_error());
         }
-        let w = Wait::NonBlockingNoHolder;
+        let raise = !self.blocking;
+        // Only a call that will not wait gets to see who is in the way.
+        let w = if raise {
+            Wait::NonBlocking
+        } else {
+            Wait::NonBlockingNoHolder
+        };
         let outcome = if self.explicit {
             // On the loop's thread, with nothing to cancel in between: the
             // explicit acquire itself.
@@ -949,7 +1025,7 @@ impl PyWait {
         };
         match outcome {
             Ok(h) => self.granted(py, h).map(Some),
-            Err(Error::WouldBlock { .. }) => Ok(None),
+            Err(Error::WouldBlock { .. }) if !raise => Ok(None),
             Err(e) => Err(to_py(py, e)),
         }
     }
@@ -978,7 +1054,9 @@ impl PyWait {
             Ok(h) => self.granted(py, Some(h)).map(Some),
             Err(_) if owner.closed() => Err(closed_while_waiting()),
             Err(Error::Cancelled) => Ok(None),
-            Err(e @ Error::WouldBlock { .. }) if self.timed => Err(to_py(py, e.into_timed_out())),
+            Err(e @ Error::WouldBlock { .. }) if matches!(self.refused, Refused::TimedOut) => {
+                Err(to_py(py, e.into_timed_out()))
+            }
             Err(e) => Err(to_py(py, e)),
         }
     }
@@ -1283,49 +1361,55 @@ impl PyLocksFile {
     }
 
     /// Wait for a shared lock on ``span`` and return its ``Guard``.
-    /// ``timeout`` (seconds) raises ``LockTimeout`` when it passes.
-    #[pyo3(signature = (span, *, timeout = None))]
+    /// ``timeout`` (seconds) raises ``LockTimeout`` when it passes;
+    /// ``blocking=False`` does not wait (the timeout is ignored) and raises
+    /// ``WouldBlockError`` when another owner is in the way.
+    #[pyo3(signature = (span, *, blocking = true, timeout = None))]
     fn read(
         &self,
         py: Python<'_>,
         span: &Bound<'_, PyAny>,
+        blocking: bool,
         timeout: Option<f64>,
     ) -> PyResult<PyGuard> {
-        let p = Patience::from_args(true, timeout)?;
+        let (p, refused) = Refused::from_args(blocking, timeout)?;
         Ok(self
-            .guard(py, span, Kind::Shared, p, timeout.is_some())?
-            .expect("waited"))
+            .guard(py, span, Kind::Shared, p, refused)?
+            .expect("a refusal raises"))
     }
 
     /// Wait for an exclusive lock on ``span`` and return its ``Guard``.
-    /// ``timeout`` (seconds) raises ``LockTimeout`` when it passes.
-    #[pyo3(signature = (span, *, timeout = None))]
+    /// ``timeout`` (seconds) raises ``LockTimeout`` when it passes;
+    /// ``blocking=False`` does not wait (the timeout is ignored) and raises
+    /// ``WouldBlockError`` when another owner is in the way.
+    #[pyo3(signature = (span, *, blocking = true, timeout = None))]
     fn write(
         &self,
         py: Python<'_>,
         span: &Bound<'_, PyAny>,
+        blocking: bool,
         timeout: Option<f64>,
     ) -> PyResult<PyGuard> {
-        let p = Patience::from_args(true, timeout)?;
+        let (p, refused) = Refused::from_args(blocking, timeout)?;
         Ok(self
-            .guard(py, span, Kind::Exclusive, p, timeout.is_some())?
-            .expect("waited"))
+            .guard(py, span, Kind::Exclusive, p, refused)?
+            .expect("a refusal raises"))
     }
 
     /// A shared lock on ``span`` if no other owner is in the way, else None.
     fn try_read(&self, py: Python<'_>, span: &Bound<'_, PyAny>) -> PyResult<Option<PyGuard>> {
-        self.guard(py, span, Kind::Shared, Patience::Never, false)
+        self.guard(py, span, Kind::Shared, Patience::Never, Refused::Nothing)
     }
 
     /// An exclusive lock on ``span`` if no other owner is in the way, else None.
     fn try_write(&self, py: Python<'_>, span: &Bound<'_, PyAny>) -> PyResult<Option<PyGuard>> {
-        self.guard(py, span, Kind::Exclusive, Patience::Never, false)
+        self.guard(py, span, Kind::Exclusive, Patience::Never, Refused::Nothing)
     }
 
     /// A shared lock on ``span``, waiting at most ``timeout`` seconds
     /// (``LockTimeout`` after that).
     fn read_for(&self, py: Python<'_>, span: &Bound<'_, PyAny>, timeout: f64) -> PyResult<PyGuard> {
-        self.read(py, span, Some(timeout))
+        self.read(py, span, true, Some(timeout))
     }
 
     /// An exclusive lock on ``span``, waiting at most ``timeout`` seconds
@@ -1336,14 +1420,15 @@ impl PyLocksFile {
         span: &Bound<'_, PyAny>,
         timeout: f64,
     ) -> PyResult<PyGuard> {
-        self.write(py, span, Some(timeout))
+        self.write(py, span, true, Some(timeout))
     }
 
     /// Lock ``span`` at ``kind`` (``"shared"``/``"exclusive"``) in the
     /// explicit layer, converting what it holds there in place. Without
-    /// waiting (``blocking=False``) a conflict raises ``WouldBlockError``;
-    /// with ``timeout`` (seconds) ``LockTimeout``; in process and shm mode
-    /// a deadlock raises ``DeadlockError``. On any error nothing changed.
+    /// waiting (``blocking=False``, which ignores ``timeout``) a conflict
+    /// raises ``WouldBlockError``; with ``timeout`` (seconds)
+    /// ``LockTimeout``; in process and shm mode a deadlock raises
+    /// ``DeadlockError``. On any error nothing changed.
     #[pyo3(signature = (kind, span, *, blocking = true, timeout = None))]
     fn acquire(
         &self,
@@ -1355,7 +1440,7 @@ impl PyLocksFile {
     ) -> PyResult<()> {
         let kind = parse_kind(kind)?;
         let span = py_span(span)?;
-        let patience = Patience::from_args(blocking, timeout)?;
+        let (patience, refused) = Refused::from_args(blocking, timeout)?;
         let lf = self.lf_not_forked(py)?;
         let outcome = with_patience(py, patience, Some(&self.waits), |w, cancel| {
             if self.closed() {
@@ -1375,7 +1460,7 @@ impl PyLocksFile {
                 Err(closed_while_waiting())
             }
             Ok(()) => Ok(()),
-            Err(e @ Error::WouldBlock { .. }) if timeout.is_some() => {
+            Err(e @ Error::WouldBlock { .. }) if matches!(refused, Refused::TimedOut) => {
                 Err(to_py(py, e.into_timed_out()))
             }
             Err(e) => Err(to_py(py, e)),
@@ -1442,18 +1527,29 @@ impl PyLocksFile {
 
     /// The first lock of another owner that would conflict with ``kind``
     /// on ``span`` (``F_GETLK``), as a ``Holder``, or None. A snapshot.
-    #[pyo3(signature = (span, kind = None))]
+    ///
+    /// ``conflicts(kind, span)``, the order of ``acquire`` and of the Rust
+    /// ``LockFile::conflicts``; ``conflicts(span)`` asks about an exclusive
+    /// lock. The arguments are told apart by type (a kind is a ``str``,
+    /// a span never is), so the former order ``conflicts(span, kind)``
+    /// still works; ``span=`` and ``kind=`` may be given by keyword.
+    #[pyo3(
+        signature = (*args, span = None, kind = None),
+        text_signature = "($self, /, *args, span=..., kind=None)"
+    )]
     fn conflicts(
         &self,
         py: Python<'_>,
-        span: &Bound<'_, PyAny>,
+        args: &Bound<'_, PyTuple>,
+        span: Option<&Bound<'_, PyAny>>,
         kind: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Option<PyHolder>> {
+        let (span, kind) = kind_and_span("conflicts", args, span, kind)?;
         let kind = match kind {
-            Some(k) => parse_kind(k)?,
+            Some(k) => parse_kind(&k)?,
             None => Kind::Exclusive,
         };
-        let span = py_span(span)?;
+        let span = py_span(&span)?;
         self.lf_not_forked(py)?
             .conflicts(kind, span)
             .map(|h| h.map(PyHolder::from))
@@ -1504,39 +1600,42 @@ impl PyLocksFile {
     /// detection kept); cancelling the task ends it at once, with nothing
     /// held and the thread gone. ``LockTimeout`` when ``timeout`` seconds
     /// pass. The owner is the calling thread's.
-    #[pyo3(signature = (span, *, timeout = None))]
+    #[pyo3(signature = (span, *, blocking = true, timeout = None))]
     fn read_async<'py>(
         slf: &Bound<'py, Self>,
         span: &Bound<'py, PyAny>,
+        blocking: bool,
         timeout: Option<f64>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let w = Self::async_wait(slf, Kind::Shared, span, timeout, false)?;
+        let w = Self::async_wait(slf, Kind::Shared, span, blocking, timeout, false)?;
         async_helper(slf.py(), "GuardRequest", w)
     }
 
     /// As ``read_async``, for an exclusive lock.
-    #[pyo3(signature = (span, *, timeout = None))]
+    #[pyo3(signature = (span, *, blocking = true, timeout = None))]
     fn write_async<'py>(
         slf: &Bound<'py, Self>,
         span: &Bound<'py, PyAny>,
+        blocking: bool,
         timeout: Option<f64>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let w = Self::async_wait(slf, Kind::Exclusive, span, timeout, false)?;
+        let w = Self::async_wait(slf, Kind::Exclusive, span, blocking, timeout, false)?;
         async_helper(slf.py(), "GuardRequest", w)
     }
 
     /// ``await lf.acquire_async(kind, span, timeout=None)``: ``acquire``
     /// without blocking the event loop, waiting as ``read_async`` does. A
     /// cancelled call leaves the explicit locks as they were.
-    #[pyo3(signature = (kind, span, *, timeout = None))]
+    #[pyo3(signature = (kind, span, *, blocking = true, timeout = None))]
     fn acquire_async<'py>(
         slf: &Bound<'py, Self>,
         kind: &Bound<'py, PyAny>,
         span: &Bound<'py, PyAny>,
+        blocking: bool,
         timeout: Option<f64>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let kind = parse_kind(kind)?;
-        let w = Self::async_wait(slf, kind, span, timeout, true)?;
+        let w = Self::async_wait(slf, kind, span, blocking, timeout, true)?;
         async_helper(slf.py(), "acquire", w)
     }
 

@@ -33,19 +33,17 @@ pub enum Patience {
 
 impl Patience {
     /// From `blocking=` and `timeout=` (seconds; `None` for no limit).
+    /// `blocking=False` does not wait, whatever the timeout (as filelock
+    /// does: the timeout is then not even looked at).
     pub fn from_args(blocking: bool, timeout: Option<f64>) -> PyResult<Patience> {
+        if !blocking {
+            return Ok(Patience::Never);
+        }
         match timeout {
-            None => Ok(if blocking {
-                Patience::Forever
-            } else {
-                Patience::Never
-            }),
+            None => Ok(Patience::Forever),
             Some(t) if t.is_nan() || t < 0.0 => Err(PyValueError::new_err(format!(
                 "timeout must be a non-negative number of seconds, got {t}"
             ))),
-            Some(_) if !blocking => Err(PyValueError::new_err(
-                "a timeout cannot be given with blocking=False",
-            )),
             Some(0.0) => Ok(Patience::Never),
             Some(t) => match Duration::try_from_secs_f64(t)
                 .ok()

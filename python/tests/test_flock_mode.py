@@ -66,7 +66,7 @@ def test_excluded_by_fcntl_flock_in_another_process(lock_path):
         assert lf.try_read(ALL) is None
         with pytest.raises(WouldBlockError):
             lf.acquire("shared", ALL, blocking=False)
-        holder = lf.conflicts(ALL, "shared")
+        holder = lf.conflicts("shared", ALL)
         assert (holder.span, holder.kind, holder.pid) == (range(0, 2**63 - 1), "exclusive", h.proc.pid)
         # What the issue reported: OFD mode takes the whole space anyway.
         with LocksFile(lock_path) as ofd:

@@ -185,7 +185,7 @@ def test_thread_local_held_and_release_are_per_thread(lock_path):
     def other():
         before = lf.held()
         # The first thread's lock is another owner's here.
-        seen = lf.conflicts(0, "exclusive")
+        seen = lf.conflicts("exclusive", 0)
         assert seen is not None and seen.kind == "shared"
         lf.acquire("shared", 5)
         lf.release(0)  # not this thread's: harmless

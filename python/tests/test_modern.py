@@ -490,9 +490,9 @@ def test_conflicts_names_the_pid(lock_path, holder, mode):
     lf = LocksFile(lock_path, mode=mode)
     h = lf.conflicts(3)
     assert (h.span, h.kind, h.pid) == (range(2, 4), "exclusive", holder.pid)
-    assert lf.conflicts((0, 10), "shared").pid == holder.pid
-    assert lf.conflicts(5, "shared") is None
-    h = lf.conflicts(5, "exclusive")
+    assert lf.conflicts("shared", (0, 10)).pid == holder.pid
+    assert lf.conflicts("shared", 5) is None
+    h = lf.conflicts("exclusive", 5)
     assert (h.span, h.kind, h.pid) == (range(5, 6), "shared", holder.pid)
     assert lf.conflicts(4) is None
     assert lf.conflicts(slice(6, None)) is None

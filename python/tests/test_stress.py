@@ -1071,7 +1071,7 @@ def left_over(mode, path, engine) -> int:
         return len(locks)
     n = len(support.mode_locks(path, engine))
     with LocksFile(path, mode=engine) as fresh:
-        holder = fresh.conflicts(slice(0, None), "exclusive")
+        holder = fresh.conflicts("exclusive", slice(0, None))
         if holder is not None:
             print(f"left in the kernel: {holder.span} {holder.kind} pid {holder.pid}")
             n += 1

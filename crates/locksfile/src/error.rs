@@ -461,9 +461,104 @@ pub enum Error {
     },
 }
 
+/// Which [`Error`] variant an error is, without its fields: compare with
+/// `==` instead of matching `Error::WouldBlock { .. }`
+/// ([`Error::kind`]). One variant for each of [`Error`]'s, named alike.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// [`Error::WouldBlock`].
+    WouldBlock,
+    /// [`Error::Deadlock`].
+    Deadlock,
+    /// [`Error::TimedOut`].
+    TimedOut,
+    /// [`Error::Interrupted`].
+    Interrupted,
+    /// [`Error::Cancelled`].
+    Cancelled,
+    /// [`Error::InvalidSpan`].
+    InvalidSpan,
+    /// [`Error::ConversionLost`].
+    ConversionLost,
+    /// [`Error::Unsupported`].
+    Unsupported,
+    /// [`Error::Forked`].
+    Forked,
+    /// [`Error::ReadOnly`].
+    ReadOnly,
+    /// [`Error::NotRegularFile`].
+    NotRegularFile,
+    /// [`Error::Open`].
+    Open,
+    /// [`Error::Sidecar`].
+    Sidecar,
+    /// [`Error::TableFull`].
+    TableFull,
+    /// [`Error::MixedModes`].
+    MixedModes,
+    /// [`Error::NetworkFileSystem`].
+    NetworkFileSystem,
+    /// [`Error::ConnectionLost`].
+    ConnectionLost,
+    /// [`Error::Connect`].
+    Connect,
+    /// [`Error::Server`].
+    Server,
+    /// [`Error::NotHeld`].
+    NotHeld,
+    /// [`Error::Io`].
+    Io,
+}
+
 impl Error {
     pub(crate) fn io(op: &'static str, source: io::Error) -> Error {
         Error::Io { op, source }
+    }
+
+    /// Which variant this is, fields left out.
+    ///
+    /// ```
+    /// use locksfile::{ErrorKind, LockFile};
+    /// let dir = tempfile::tempdir()?;
+    /// let a = LockFile::open(dir.path().join("data.lock"))?;
+    /// let b = LockFile::open(dir.path().join("data.lock"))?;
+    /// let _g = a.write(0)?;
+    /// assert_eq!(b.try_read(0).unwrap_err().kind(), ErrorKind::WouldBlock);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    #[must_use]
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::WouldBlock { .. } => ErrorKind::WouldBlock,
+            Error::Deadlock { .. } => ErrorKind::Deadlock,
+            Error::TimedOut { .. } => ErrorKind::TimedOut,
+            Error::Interrupted => ErrorKind::Interrupted,
+            Error::Cancelled => ErrorKind::Cancelled,
+            Error::InvalidSpan(_) => ErrorKind::InvalidSpan,
+            Error::ConversionLost { .. } => ErrorKind::ConversionLost,
+            Error::Unsupported { .. } => ErrorKind::Unsupported,
+            Error::Forked => ErrorKind::Forked,
+            Error::ReadOnly { .. } => ErrorKind::ReadOnly,
+            Error::NotRegularFile { .. } => ErrorKind::NotRegularFile,
+            Error::Open { .. } => ErrorKind::Open,
+            Error::Sidecar { .. } => ErrorKind::Sidecar,
+            Error::TableFull { .. } => ErrorKind::TableFull,
+            Error::MixedModes { .. } => ErrorKind::MixedModes,
+            Error::NetworkFileSystem { .. } => ErrorKind::NetworkFileSystem,
+            Error::ConnectionLost { .. } => ErrorKind::ConnectionLost,
+            Error::Connect { .. } => ErrorKind::Connect,
+            Error::Server { .. } => ErrorKind::Server,
+            Error::NotHeld { .. } => ErrorKind::NotHeld,
+            Error::Io { .. } => ErrorKind::Io,
+        }
+    }
+
+    /// Whether this is [`Error::WouldBlock`]: another owner was in the way
+    /// of a call that was not to wait.
+    #[must_use]
+    pub fn is_would_block(&self) -> bool {
+        matches!(self, Error::WouldBlock { .. })
     }
 
     /// Whether this is contention ([`Error::WouldBlock`] or [`Error::TimedOut`]).

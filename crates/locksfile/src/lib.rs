@@ -27,6 +27,10 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
+//! A guard that must sit beside its `Arc<LockFile>` in a struct, or move
+//! to another thread, owns a clone of the `Arc`: [`LockFile::write_owned`]
+//! and friends ([`OwnedWriteGuard`]).
+//!
 //! With the `tokio` feature, [`LockFile::read_async`] and
 //! [`LockFile::write_async`] wait without blocking a tokio runtime, and a
 //! dropped future ends its wait with nothing held (module `asyncio`).
@@ -71,6 +75,7 @@ mod error;
 mod file;
 mod guard;
 mod holds;
+mod owned;
 mod owner;
 mod registry;
 mod span;
@@ -95,10 +100,12 @@ use std::time::{Duration, Instant};
 pub use cancel::Cancel;
 pub use engine::Abilities;
 pub use error::{
-    At, Error, Holder, NotRegular, Result, ServerHolder, ServerLock, SidecarProblem, SpanError,
+    At, Error, ErrorKind, Holder, NotRegular, Result, ServerHolder, ServerLock, SidecarProblem,
+    SpanError,
 };
 pub use file::{LockFile, Mode, OpenOptions};
 pub use guard::{ReadGuard, WriteGuard};
+pub use owned::{OwnedReadGuard, OwnedWriteGuard};
 pub use span::{IntoSpan, Span, INDEX_END};
 
 /// Shared (read) or exclusive (write).
