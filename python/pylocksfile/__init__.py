@@ -25,6 +25,7 @@ from ._errors import (
     LockTableFullError,
     LockTimeout,
     MixedModesError,
+    NoLockWarning,
     NotRegularFileError,
     ReadOnlyLockFileError,
     UnsupportedError,
@@ -52,4 +53,5 @@ __all__ = [
     "MixedModesError",
     "LockTableError",
     "LockTableFullError",
+    "NoLockWarning",
 ]
