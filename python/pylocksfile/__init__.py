@@ -7,7 +7,9 @@ the file's content is never touched. Two APIs share one native core:
   package (process-associated locks, ``acquire``/``release`` returning
   booleans, ``with lf(writeLock=..., lock_n=...):``);
 * :class:`LocksFile`, for new code: OFD locks by default (threads with
-  separate objects exclude each other), guards, timeouts, typed errors.
+  separate objects exclude each other), guards, timeouts, typed errors;
+* :class:`FileLock`, :class:`ReadWriteLock` and :class:`Timeout`, the
+  ``filelock`` package's, over ``flock(2)`` (a one-line import change).
 
 >>> from pylocksfile import LocksFile
 >>> with LocksFile() as lf, lf.write(range(0, 10)):
@@ -25,11 +27,13 @@ from ._errors import (
     LockTableFullError,
     LockTimeout,
     MixedModesError,
+    NoLockWarning,
     NotRegularFileError,
     ReadOnlyLockFileError,
     UnsupportedError,
     WouldBlockError,
 )
+from ._filelock import FileLock, ReadWriteLock, Timeout
 from ._native import INDEX_END, Guard, Holder, LocksFile, __version__, pylocksfile
 
 __all__ = [
@@ -52,4 +56,8 @@ __all__ = [
     "MixedModesError",
     "LockTableError",
     "LockTableFullError",
+    "NoLockWarning",
+    "FileLock",
+    "ReadWriteLock",
+    "Timeout",
 ]

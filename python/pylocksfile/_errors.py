@@ -28,6 +28,7 @@ __all__ = [
     "LockTableFullError",
     "IllegalArgumentError",
     "IllegalWithStatement",
+    "NoLockWarning",
 ]
 
 
@@ -129,3 +130,16 @@ class IllegalArgumentError(ValueError):
 
 class IllegalWithStatement(ValueError):
     """``with lf:`` without a call: use ``with lf(writeLock=..., lock_n=...):``."""
+
+
+class NoLockWarning(UserWarning):
+    """A ``with LocksFile(...):`` block ran without taking any lock.
+
+    A ``LocksFile``'s with statement only closes the handle at its end;
+    the block it guards is not locked. Emitted at the end of a block that
+    took no lock through the handle (and held none at its start), pointing
+    at the ``with`` line. Take a lock in the block (``with lf.write(0):``)
+    or use :class:`pylocksfile.FileLock`, whose with statement locks the
+    file as ``filelock``'s does. ``-W error::pylocksfile.NoLockWarning``
+    makes it an error.
+    """

@@ -333,14 +333,18 @@ class LocksFile:
         """
     def __reduce__(self) -> Tuple[Any, ...]:
         """Pickled as its target, mode and the options given, never its locks."""
-    def __enter__(self: _L) -> _L: ...
+    def __enter__(self: _L) -> _L:
+        """Takes no lock: ``with LocksFile(p) as lf:`` closes ``lf`` at its end."""
     def __exit__(
         self,
         exc_type: Optional[Type[BaseException]],
         exc: Optional[BaseException],
         tb: Optional[TracebackType],
     ) -> Literal[False]:
-        """``close()``."""
+        """``close()``. A block that took no lock through the handle (none
+        held at its start, none taken, nor the handle pickled, while it
+        ran) and did not raise emits ``pylocksfile.NoLockWarning`` at the
+        ``with`` line, naming the fix."""
 
 # Not exported by the module: `LocksFile.*_async` make it and hand it to
 # `pylocksfile._async`, whose annotations need its name.

@@ -36,6 +36,7 @@ exception_types! {
     lock_table_full_error => "LockTableFullError",
     illegal_argument_error => "IllegalArgumentError",
     illegal_with_statement => "IllegalWithStatement",
+    no_lock_warning => "NoLockWarning",
 }
 
 /// Build an exception instance of `ty` from `(errno, message[, filename])`.

@@ -10,6 +10,7 @@ mod modern;
 mod seed;
 mod spans;
 mod wait;
+mod with_block;
 
 use pyo3::prelude::*;
 

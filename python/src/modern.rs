@@ -14,6 +14,7 @@ use pyo3::types::{PyDict, PyList, PyString, PyTuple};
 use crate::errors::to_py;
 use crate::spans::{py_span, span_to_range};
 use crate::wait::{with_patience, Patience, Waits};
+use crate::with_block::{warn_no_lock, WithBlocks};
 
 fn lock_mutex<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -674,6 +675,8 @@ pub struct PyLocksFile {
     target: Py<PyString>,
     /// The open options as given, pickled with the target.
     given: Given,
+    /// The with statements open on it, and whether their blocks took a lock.
+    with_blocks: WithBlocks,
 }
 
 /// The constructor's open options, kept for pickling.
@@ -834,6 +837,7 @@ impl PyLocksFile {
         }
         guards.retain(|w| w.strong_count() > 0);
         guards.push(Arc::downgrade(&cell));
+        self.with_blocks.took();
         Ok(PyGuard::new(cell))
     }
 
@@ -992,10 +996,13 @@ impl PyWait {
                 self.lf.release_all().map_err(|e| to_py(py, e))?;
                 Err(closed_while_waiting())
             }
-            None => Ok(pyo3::types::PyBool::new(py, true)
-                .to_owned()
-                .into_any()
-                .unbind()),
+            None => {
+                owner.with_blocks.took();
+                Ok(pyo3::types::PyBool::new(py, true)
+                    .to_owned()
+                    .into_any()
+                    .unbind())
+            }
         }
     }
 }
@@ -1213,6 +1220,7 @@ impl PyLocksFile {
             temp: Mutex::new(None),
             target: target.clone().unbind(),
             given,
+            with_blocks: WithBlocks::default(),
         })
     }
 }
@@ -1331,6 +1339,7 @@ impl PyLocksFile {
             temp: Mutex::new(temp),
             target: abs.clone().unbind(),
             given,
+            with_blocks: WithBlocks::default(),
         })
     }
 
@@ -1459,7 +1468,10 @@ impl PyLocksFile {
                 lf.release_all().map_err(|e| to_py(py, e))?;
                 Err(closed_while_waiting())
             }
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                self.with_blocks.took();
+                Ok(())
+            }
             Err(e @ Error::WouldBlock { .. }) if matches!(refused, Refused::TimedOut) => {
                 Err(to_py(py, e.into_timed_out()))
             }
@@ -1680,14 +1692,32 @@ impl PyLocksFile {
         Ok(())
     }
 
+    /// Takes no lock: the with statement closes the handle at its end.
+    /// A block that ends without taking a lock through it (holding none
+    /// at its start) emits ``NoLockWarning``, unless it raised.
     fn __enter__<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, Self>> {
-        slf.get().lf_not_forked(slf.py())?;
+        let me = slf.get();
+        let held = !me.lf_not_forked(slf.py())?.held().is_empty();
+        me.with_blocks.enter(held);
         Ok(slf.clone())
     }
 
-    #[pyo3(signature = (*_exc))]
-    fn __exit__(&self, _exc: &Bound<'_, PyTuple>) -> PyResult<bool> {
+    #[pyo3(signature = (*exc))]
+    fn __exit__(&self, py: Python<'_>, exc: &Bound<'_, PyTuple>) -> PyResult<bool> {
+        let no_lock = self.with_blocks.exit();
         self.close()?;
+        // A block that raised may have stopped before its lock: no guess.
+        let raised = exc.get_item(0).is_ok_and(|t| !t.is_none());
+        if no_lock && !raised {
+            let mode = match self.mode {
+                Mode::Ofd | Mode::Postgres => String::new(),
+                m => format!(", mode='{}'", mode_name(m)),
+            };
+            warn_no_lock(
+                py,
+                &format!("LocksFile({}{mode})", self.path.bind(py).repr()?),
+            )?;
+        }
         Ok(false)
     }
 
@@ -1702,6 +1732,9 @@ impl PyLocksFile {
         if me.closed() {
             return Err(closed_error());
         }
+        // Its locks are taken through the copy: a with block that hands
+        // it to other processes did take them through it.
+        me.with_blocks.took();
         let kw = PyDict::new(py);
         if !matches!(me.mode, Mode::Ofd | Mode::Postgres) {
             kw.set_item("mode", mode_name(me.mode))?;

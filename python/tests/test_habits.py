@@ -247,6 +247,7 @@ def tmpdir_as_tempdir(tmp_path, monkeypatch):
     return tmp_path
 
 
+@pytest.mark.filterwarnings("ignore::pylocksfile.NoLockWarning")  # a with block for the closing only
 def test_the_temp_file_goes_on_close(tmpdir_as_tempdir):
     lf = LocksFile()
     path = lf.path

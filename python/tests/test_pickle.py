@@ -7,6 +7,7 @@ import copy
 import multiprocessing
 import os
 import pickle
+from contextlib import closing
 
 import pytest
 
@@ -74,7 +75,7 @@ def test_a_relative_path_pickles_absolute(lock_path, monkeypatch):
     monkeypatch.chdir(lock_path.parent)
     with LocksFile(lock_path.name) as lf:
         monkeypatch.chdir("/")
-        with pickle.loads(pickle.dumps(lf)) as again:
+        with closing(pickle.loads(pickle.dumps(lf))) as again:
             assert again.path == str(lock_path)
 
 
@@ -97,14 +98,14 @@ def test_a_closed_object_does_not_pickle(lock_path):
 def test_a_subclass_pickles_with_its_attributes(lock_path):
     lf = Tagged(lock_path, "ofd")
     lf.tag = "mine"
-    with lf, pickle.loads(pickle.dumps(lf)) as again:
+    with lf, closing(pickle.loads(pickle.dumps(lf))) as again:
         assert type(again) is Tagged
         assert again.tag == "mine"
         assert again.path == lf.path
 
 
 def test_copy_opens_a_new_owner(lock_path):
-    with LocksFile(lock_path) as lf, lf.write(0), copy.copy(lf) as other:
+    with LocksFile(lock_path) as lf, lf.write(0), closing(copy.copy(lf)) as other:
         assert other.try_read(0) is None
 
 

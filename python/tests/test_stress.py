@@ -1064,13 +1064,13 @@ def left_over(mode, path, engine) -> int:
     """What is left in the engine once every owner is gone, seen from a fresh
     object (and ``/proc/locks`` for a file)."""
     if mode == "postgres":
-        with LocksFile(path) as fresh:
+        with contextlib.closing(LocksFile(path)) as fresh:
             locks = fresh._server_locks()
         for lk in locks:
             print(f"left on the server: {lk}")
         return len(locks)
     n = len(support.mode_locks(path, engine))
-    with LocksFile(path, mode=engine) as fresh:
+    with contextlib.closing(LocksFile(path, mode=engine)) as fresh:
         holder = fresh.conflicts("exclusive", slice(0, None))
         if holder is not None:
             print(f"left in the kernel: {holder.span} {holder.kind} pid {holder.pid}")
@@ -1117,7 +1117,7 @@ def test_stress(tmp_path, mode):
 
                 print(f"worker {p} (pid {pr.pid}) stuck; the table: {_native._shm_table(os.fspath(path))}")
             elif engine == "postgres":
-                with LocksFile(path) as fresh:
+                with contextlib.closing(LocksFile(path)) as fresh:
                     print(f"worker {p} (pid {pr.pid}) stuck; locks on the server: {fresh._server_locks()}")
             else:
                 print(f"worker {p} stuck; locks on the file: {support.kernel_locks(path)}")
