@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::span::IntoSpan;
-use crate::{Cancel, Error, LockFile, ReadGuard, Wait, WriteGuard};
+use crate::{Cancel, Error, LockFile, Party, ReadGuard, Threads, Wait, WriteGuard};
 
 /// Cancels the wait when the future that owns it is dropped, finished or not.
 struct CancelOnDrop(Cancel);
@@ -101,7 +101,19 @@ where
         None => Wait::Blocking,
     };
     let cancel = Cancel::new();
-    let refused = match take(Arc::clone(&lf), Wait::NonBlockingNoHolder, &cancel) {
+    // Each take is a party of its own, as a task moves between threads
+    // and a thread runs many tasks: async guards exclude each other, as
+    // tokio's `RwLock` guards do, and do not compose.
+    let party = match lf.threads() {
+        Threads::Exclude => Some(Party::new()),
+        Threads::Share => None,
+    };
+    let as_party = || party.map(Party::enter);
+    let first = {
+        let _as = as_party();
+        take(Arc::clone(&lf), Wait::NonBlockingNoHolder, &cancel)
+    };
+    let refused = match first {
         Err(e @ Error::WouldBlock { .. }) => e,
         other => return other,
     };
@@ -110,6 +122,7 @@ where
     }
     let _cancel_on_drop = CancelOnDrop(cancel.clone());
     let waiting = tokio::task::spawn_blocking(move || {
+        let _as = party.map(Party::enter);
         match take(lf, wait, &cancel) {
             // Got after the future went: nobody will take the guard, so
             // it goes here (were the future dropped just after this check,

@@ -6,7 +6,8 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::engine::fcntl::Fcntl;
@@ -19,6 +20,7 @@ use crate::error::{Error, Holder, NotRegular, SpanError};
 use crate::guard::{ReadGuard, WriteGuard};
 use crate::holds::{Change, HandleId};
 use crate::owner::Owner;
+use crate::party::{Party, EVERYONE};
 use crate::span::{IntoSpan, Span};
 use crate::sys::{self, FileType, OpenHow};
 use crate::{registry, Cancel, Kind, Wait};
@@ -44,6 +46,28 @@ macro_rules! with_owner {
             Owners::Pg($o) => $body,
         }
     };
+}
+
+/// Whether the threads sharing one handle exclude each other.
+///
+/// An engine only sees owners (a handle, or in [`Mode::Process`] the
+/// process); the threads of one owner are told apart above it. By default
+/// ([`Threads::Exclude`]) each thread is its own *party*: a lock one thread
+/// of the handle holds keeps the others out, as separate handles would,
+/// while the takes of one thread still compose (a thread holding a write
+/// lock may take a read lock inside it). Each thread also has its own
+/// explicit layer ([`LockFile::acquire`] / [`LockFile::release`]). An
+/// async task or a pool thread waiting for someone else takes locks as a
+/// [`Party`] of its own.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Threads {
+    /// Threads (and tasks) sharing the handle exclude each other.
+    #[default]
+    Exclude,
+    /// The handle's locks are every thread's: they never exclude each
+    /// other and any thread may release what another took (the behaviour
+    /// of `fcntl` process locks, and of the original `pylocksfile`).
+    Share,
 }
 
 /// Who owns the locks taken through a handle.
@@ -180,6 +204,7 @@ pub struct OpenOptions {
     permissions: u32,
     follow_symlinks: bool,
     connect_timeout: Option<Duration>,
+    threads: Threads,
 }
 
 impl Default for OpenOptions {
@@ -191,6 +216,7 @@ impl Default for OpenOptions {
             permissions: 0o644,
             follow_symlinks: false,
             connect_timeout: None,
+            threads: Threads::Exclude,
         }
     }
 }
@@ -247,6 +273,29 @@ impl OpenOptions {
         self
     }
 
+    /// Whether threads sharing the handle exclude each other (default
+    /// [`Threads::Exclude`]).
+    ///
+    /// ```
+    /// use locksfile::{LockFile, Threads};
+    /// let dir = tempfile::tempdir()?;
+    /// let lf = LockFile::open(dir.path().join("data.lock"))?;
+    /// let _g = lf.write(0)?;
+    /// std::thread::scope(|s| {
+    ///     s.spawn(|| assert!(lf.try_write(0).is_err())); // another thread: kept out
+    /// });
+    /// let shared = LockFile::options().threads(Threads::Share).open(dir.path().join("other.lock"))?;
+    /// let _g = shared.write(0)?;
+    /// std::thread::scope(|s| {
+    ///     s.spawn(|| assert!(shared.try_write(0).is_ok())); // shared: composes
+    /// });
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn threads(&mut self, threads: Threads) -> &mut Self {
+        self.threads = threads;
+        self
+    }
+
     /// How long [`connect`](Self::connect) may take in all (default: the
     /// target's `connect_timeout`, else 10 s).
     pub fn connect_timeout(&mut self, timeout: Duration) -> &mut Self {
@@ -291,6 +340,8 @@ impl OpenOptions {
             handle,
             mode: Mode::Postgres,
             path,
+            threads: self.threads,
+            layers: Layers::default(),
         })
     }
 
@@ -390,6 +441,8 @@ impl OpenOptions {
             handle,
             mode: self.mode,
             path,
+            threads: self.threads,
+            layers: Layers::default(),
         };
         if self.mode == Mode::Ofd {
             lf.check_ofd_supported()?;
@@ -628,11 +681,12 @@ fn not_regular(t: FileType) -> NotRegular {
 /// at the strongest kind asked for.
 ///
 /// # Threads
-/// `LockFile` is `Send + Sync`. Threads sharing one handle share its owner:
-/// their locks never exclude each other, they compose. For threads that
-/// must exclude each other, give each its own handle in [`Mode::Ofd`]. In
-/// [`Mode::Process`] every handle of one file in one process is the same
-/// owner, so threads never exclude each other there.
+/// `LockFile` is `Send + Sync`. Threads sharing one handle exclude each
+/// other as separate handles would, in every mode, while the takes of one
+/// thread compose; each thread has its own explicit layer. A guard
+/// belongs to the thread that took it, wherever it is dropped. Open with
+/// [`Threads::Share`] for handles whose locks are every thread's (see
+/// [`Threads`]), and take locks as a [`Party`] of its own for a task.
 ///
 /// # Fork
 /// A handle inherited through `fork` fails with [`Error::Forked`] in the
@@ -652,9 +706,21 @@ fn not_regular(t: FileType) -> NotRegular {
 /// ```
 pub struct LockFile {
     owner: Owners,
+    /// The explicit layer of the first party to use one.
     handle: HandleId,
     mode: Mode,
     path: PathBuf,
+    threads: Threads,
+    layers: Layers,
+}
+
+/// Which party's explicit layer is which.
+#[derive(Default)]
+struct Layers {
+    /// The party whose layer is the handle's own id (0: none yet).
+    first: AtomicU64,
+    /// The layers of other parties.
+    others: Mutex<Vec<(Party, HandleId)>>,
 }
 
 impl fmt::Debug for LockFile {
@@ -835,18 +901,91 @@ impl LockFile {
         with_owner!(&self.owner, o => o.probe(Span::ALL, Kind::Shared).map(|_| ()))
     }
 
+    /// Who the calling thread takes locks for.
     #[inline]
-    pub(crate) fn change(&self, change: Change, wait: Wait) -> Result<(), Error> {
-        self.change_or_cancel(change, wait, None)
+    pub(crate) fn party(&self) -> Party {
+        match self.threads {
+            Threads::Exclude => Party::current(),
+            Threads::Share => EVERYONE,
+        }
     }
 
-    /// [`LockFile::change`], and a wait ends when `cancel` is cancelled.
+    /// Whether threads sharing this handle exclude each other.
+    pub fn threads(&self) -> Threads {
+        self.threads
+    }
+
+    /// The explicit layer of `party` (`None` if it has none and `make` is false).
+    #[inline]
+    fn layer(&self, party: Party, make: bool) -> Option<HandleId> {
+        if self.layers.first.load(Ordering::Relaxed) == party.id() {
+            return Some(self.handle);
+        }
+        self.other_layer(party, make)
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn other_layer(&self, party: Party, make: bool) -> Option<HandleId> {
+        let mut others = self.layers.others.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(&(_, h)) = others.iter().find(|(p, _)| *p == party) {
+            return Some(h);
+        }
+        if !make {
+            return None;
+        }
+        let first = &self.layers.first;
+        if first
+            .compare_exchange(0, party.id(), Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+            || first.load(Ordering::Relaxed) == party.id()
+        {
+            return Some(self.handle);
+        }
+        let h = with_owner!(&self.owner, o => o.new_handle_id());
+        others.push((party, h));
+        Some(h)
+    }
+
+    /// Every explicit layer of this handle, with its party.
+    fn all_layers(&self) -> Vec<(Party, HandleId)> {
+        if self.threads == Threads::Share {
+            return vec![(EVERYONE, self.handle)];
+        }
+        let others = self.layers.others.lock().unwrap_or_else(|p| p.into_inner());
+        let mut all = others.clone();
+        match self.layers.first.load(Ordering::Relaxed) {
+            0 => {}
+            // A handle whose threads share was never claimed by a party.
+            id => all.push((Party::from_id(id), self.handle)),
+        }
+        all
+    }
+
+    /// Explicit change of the calling party's layer.
+    fn explicit(
+        &self,
+        span: Span,
+        kind: Option<Kind>,
+        wait: Wait,
+        cancel: Option<&Cancel>,
+    ) -> Result<(), Error> {
+        let party = self.party();
+        let Some(handle) = self.layer(party, kind.is_some()) else {
+            // Nothing of this party's to release.
+            return with_owner!(&self.owner, o => if o.is_inherited() { Err(Error::Forked) } else { Ok(()) });
+        };
+        self.change_or_cancel(Change::Explicit { handle, span, kind }, wait, cancel, party)
+    }
+
+    /// [`LockFile::change`] for `party`, and a wait ends when `cancel` is cancelled.
     #[inline]
     pub(crate) fn change_or_cancel(
         &self,
         change: Change,
         wait: Wait,
         cancel: Option<&Cancel>,
+        party: Party,
     ) -> Result<(), Error> {
         // Only a change asking for exclusive can need an exclusive lock, and
         // an owner that cannot write never holds one: refuse it here, where
@@ -860,17 +999,17 @@ impl LockFile {
                 if wants_exclusive && !o.engine.writable() {
                     return Err(self.read_only());
                 }
-                o.change_or_cancel(change, wait, cancel)
+                o.change_or_cancel(change, wait, cancel, party)
             }
-            Owners::Flock(o) => self.change_flock(o, change, wait, cancel, wants_exclusive),
+            Owners::Flock(o) => self.change_flock(o, change, wait, cancel, wants_exclusive, party),
             Owners::Shm(o) => {
                 if wants_exclusive && !o.engine.writable() {
                     return Err(self.read_only());
                 }
-                o.change_or_cancel(change, wait, cancel)
+                o.change_or_cancel(change, wait, cancel, party)
             }
             #[cfg(feature = "postgres")]
-            Owners::Pg(o) => self.change_pg(o, change, wait, cancel, wants_exclusive),
+            Owners::Pg(o) => self.change_pg(o, change, wait, cancel, wants_exclusive, party),
         };
         match done {
             Ok(()) => Ok(()),
@@ -916,6 +1055,7 @@ impl LockFile {
         wait: Wait,
         cancel: Option<&Cancel>,
         wants_exclusive: bool,
+        party: Party,
     ) -> Result<(), Error> {
         use crate::engine::pg::{MAX_INDEX, MAX_SPAN};
         let wants_lock = match change {
@@ -939,7 +1079,7 @@ impl LockFile {
                 });
             }
         }
-        o.change_or_cancel(change, wait, cancel)
+        o.change_or_cancel(change, wait, cancel, party)
     }
 
     /// [`LockFile::change`] in flock mode, out of line so that the fcntl
@@ -952,6 +1092,7 @@ impl LockFile {
         wait: Wait,
         cancel: Option<&Cancel>,
         wants_exclusive: bool,
+        party: Party,
     ) -> Result<(), Error> {
         self.whole_file_only(change.span())?;
         if wants_exclusive && !o.engine.writable() {
@@ -964,7 +1105,7 @@ impl LockFile {
         if let (true, Some(held)) = (wants_lock, o.engine.lost()) {
             return Err(Error::ConversionLost { held });
         }
-        o.change_or_cancel(change, wait, cancel)
+        o.change_or_cancel(change, wait, cancel, party)
     }
 
     #[cold]
@@ -1006,14 +1147,7 @@ impl LockFile {
     #[doc(alias = "F_OFD_SETLK")]
     pub fn acquire(&self, kind: Kind, span: impl IntoSpan, wait: Wait) -> Result<(), Error> {
         let span = span.into_span()?;
-        self.change(
-            Change::Explicit {
-                handle: self.handle,
-                span,
-                kind: Some(kind),
-            },
-            wait,
-        )
+        self.explicit(span, Some(kind), wait, None)
     }
 
     /// As [`acquire`](Self::acquire), and [`Cancel::cancel`] from another
@@ -1031,15 +1165,7 @@ impl LockFile {
         cancel: &Cancel,
     ) -> Result<(), Error> {
         let span = span.into_span()?;
-        self.change_or_cancel(
-            Change::Explicit {
-                handle: self.handle,
-                span,
-                kind: Some(kind),
-            },
-            wait,
-            Some(cancel),
-        )
+        self.explicit(span, Some(kind), wait, Some(cancel))
     }
 
     /// Drop this handle's explicit locks on `span`. Indices still covered by
@@ -1050,14 +1176,7 @@ impl LockFile {
     /// [`Error::InvalidSpan`], [`Error::Forked`], or a failed unlock call.
     pub fn release(&self, span: impl IntoSpan) -> Result<(), Error> {
         let span = span.into_span()?;
-        self.change(
-            Change::Explicit {
-                handle: self.handle,
-                span,
-                kind: None,
-            },
-            Wait::NonBlocking,
-        )
+        self.explicit(span, None, Wait::NonBlocking, None)
     }
 
     /// Drop all of this handle's explicit locks. Guards stay.
@@ -1083,7 +1202,10 @@ impl LockFile {
         if self.lost() {
             return Vec::new();
         }
-        with_owner!(&self.owner, o => o.explicit(self.handle))
+        match self.layer(self.party(), false) {
+            Some(handle) => with_owner!(&self.owner, o => o.explicit(handle)),
+            None => Vec::new(),
+        }
     }
 
     /// `fcntl(F_OFD_GETLK | F_GETLK)`: the first lock of another owner that
@@ -1212,7 +1334,9 @@ impl Drop for LockFile {
         }
         match &self.owner {
             Owners::Fcntl(o) if self.mode == Mode::Process => {
-                let _ = o.forget_handle(self.handle);
+                for (party, handle) in self.all_layers() {
+                    let _ = o.forget_handle(handle, party);
+                }
                 registry::leave(o);
             }
             owners => with_owner!(owners, o => o.unlock_everything()),

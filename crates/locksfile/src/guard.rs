@@ -8,6 +8,7 @@ use std::fmt;
 use std::ops::Deref;
 
 use crate::holds::Change;
+use crate::party::Party;
 use crate::span::{IntoSpan, Span};
 use crate::{Cancel, Error, Kind, LockFile, Wait};
 
@@ -17,6 +18,9 @@ struct Hold<H: Deref<Target = LockFile>> {
     handle: Option<H>,
     span: Span,
     kind: Kind,
+    /// Who it was taken for: the taking thread's party, wherever the
+    /// guard goes since.
+    party: Party,
 }
 
 impl<H: Deref<Target = LockFile>> Hold<H> {
@@ -28,6 +32,7 @@ impl<H: Deref<Target = LockFile>> Hold<H> {
         cancel: Option<&Cancel>,
     ) -> Result<Self, Error> {
         let span = span.into_span()?;
+        let party = handle.party();
         handle.change_or_cancel(
             Change::Guard {
                 span,
@@ -36,11 +41,13 @@ impl<H: Deref<Target = LockFile>> Hold<H> {
             },
             wait,
             cancel,
+            party,
         )?;
         Ok(Hold {
             handle: Some(handle),
             span,
             kind,
+            party,
         })
     }
 
@@ -58,28 +65,34 @@ impl<H: Deref<Target = LockFile>> Hold<H> {
             },
             wait,
             cancel,
+            self.party,
         )?;
         self.kind = to;
         Ok(())
     }
 
-    fn into_parts(mut self) -> (H, Span) {
-        (
-            self.handle.take().expect("a live guard has a handle"),
-            self.span,
-        )
+    /// The same hold at `kind`, handed on to another guard.
+    fn into_kind(mut self, kind: Kind) -> Hold<H> {
+        Hold {
+            handle: self.handle.take(),
+            span: self.span,
+            kind,
+            party: self.party,
+        }
     }
 
     #[inline]
     fn release(&mut self) -> Result<(), Error> {
         match self.handle.take() {
-            Some(h) => h.change(
+            Some(h) => h.change_or_cancel(
                 Change::Guard {
                     span: self.span,
                     from: Some(self.kind),
                     to: None,
                 },
                 Wait::NonBlocking,
+                None,
+                self.party,
             ),
             None => Ok(()),
         }
@@ -216,16 +229,9 @@ impl<H: Deref<Target = LockFile>> ReadGuard<H> {
         cancel: Option<&Cancel>,
     ) -> Result<WriteGuard<H>, (Self, Error)> {
         match self.hold.convert(Kind::Exclusive, wait, cancel) {
-            Ok(()) => {
-                let (handle, span) = self.hold.into_parts();
-                Ok(WriteGuard {
-                    hold: Hold {
-                        handle: Some(handle),
-                        span,
-                        kind: Kind::Exclusive,
-                    },
-                })
-            }
+            Ok(()) => Ok(WriteGuard {
+                hold: self.hold.into_kind(Kind::Exclusive),
+            }),
             Err(e) => Err((self, e)),
         }
     }
@@ -289,13 +295,8 @@ impl<H: Deref<Target = LockFile>> WriteGuard<H> {
             Err(_) => self.hold.kind = Kind::Shared,
         }
         let kind = self.hold.kind;
-        let (handle, span) = self.hold.into_parts();
         ReadGuard {
-            hold: Hold {
-                handle: Some(handle),
-                span,
-                kind,
-            },
+            hold: self.hold.into_kind(kind),
         }
     }
 

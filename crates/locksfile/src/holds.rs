@@ -569,6 +569,33 @@ impl Holds {
         }
     }
 
+    /// The owner's counts, piece by piece.
+    pub fn counts(&self) -> &SegMap<Counts> {
+        &self.counts
+    }
+
+    /// Make on `map` what the change applied last made on the owner's
+    /// counts: one party's share of them.
+    pub fn replay(&self, change: Change, map: &mut SegMap<Counts>) {
+        match change {
+            Change::Guard { span, from, to } => {
+                if from != to {
+                    map.update(span, |c| c.with(from, to), |_, _, _| {});
+                }
+            }
+            Change::Explicit { handle, span, kind } if handle == FIRST_HANDLE => {
+                map.update(span, |c| c.with_first(kind), |_, _, _| {});
+            }
+            Change::Explicit { kind, .. } => {
+                for &(piece, old) in &self.before {
+                    if old != kind {
+                        map.update(piece, |c| c.with(old, kind), |_, _, _| {});
+                    }
+                }
+            }
+        }
+    }
+
     /// Forget a handle's (already released) explicit layer.
     pub fn drop_layer(&mut self, handle: HandleId) {
         self.explicit.retain(|(h, _)| *h != handle);

@@ -77,6 +77,7 @@ mod guard;
 mod holds;
 mod owned;
 mod owner;
+mod party;
 mod registry;
 mod span;
 mod sys;
@@ -103,9 +104,10 @@ pub use error::{
     At, Error, ErrorKind, Holder, NotRegular, Result, ServerHolder, ServerLock, SidecarProblem,
     SpanError,
 };
-pub use file::{LockFile, Mode, OpenOptions};
+pub use file::{LockFile, Mode, OpenOptions, Threads};
 pub use guard::{ReadGuard, WriteGuard};
 pub use owned::{OwnedReadGuard, OwnedWriteGuard};
+pub use party::{Entered, Party};
 pub use span::{IntoSpan, Span, INDEX_END};
 
 /// Shared (read) or exclusive (write).

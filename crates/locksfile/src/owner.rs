@@ -17,6 +17,7 @@ use crate::cancel::Cancel;
 use crate::engine::{Engine, Until, INTERRUPT_SLICE};
 use crate::error::{Error, Holder};
 use crate::holds::{rank, Change, HandleId, Holds, Move, Step, Undo};
+use crate::party::{Blocker, Parties, Party};
 use crate::span::Span;
 use crate::sys;
 use crate::{Kind, Wait};
@@ -31,6 +32,8 @@ pub(crate) struct Owner<E> {
 
 struct State {
     holds: Holds,
+    /// Which of the owner's threads (or tasks) holds what.
+    parties: Parties,
     busy: Vec<Span>,
     /// Scratch buffer for the moves of one change; kept to avoid allocating.
     moves: Vec<Move>,
@@ -41,9 +44,15 @@ struct State {
 
 impl State {
     /// Apply `change` to the bookkeeping; its moves land in `self.moves`.
-    fn apply(&mut self, change: Change) -> Undo {
+    fn apply(&mut self, change: Change, party: Party) -> Undo {
+        self.parties.before_apply(party, &self.holds);
         self.moves.clear();
         self.holds.apply(change, &mut self.moves)
+    }
+
+    /// The change applied last is final: count it for its party.
+    fn keep(&mut self, change: Change, party: Party) {
+        self.parties.after_apply(party, change, &self.holds);
     }
 
     fn raises(&self) -> impl Iterator<Item = &Move> {
@@ -106,6 +115,7 @@ impl<E: Engine> Owner<E> {
             generation: sys::fork_generation(),
             state: Mutex::new(State {
                 holds: Holds::new(),
+                parties: Parties::new(),
                 busy: Vec::new(),
                 moves: Vec::new(),
                 handles: 1,
@@ -144,19 +154,22 @@ impl<E: Engine> Owner<E> {
         st.handles
     }
 
-    /// Apply `change`, making the engine agree, waiting as `wait` says.
-    #[inline]
+    /// Apply `change` for every thread alike, making the engine agree,
+    /// waiting as `wait` says.
+    #[cfg(test)]
     pub fn change(&self, change: Change, wait: Wait) -> Result<(), Error> {
-        self.change_or_cancel(change, wait, None)
+        self.change_or_cancel(change, wait, None, crate::party::EVERYONE)
     }
 
-    /// As [`Owner::change`], and a wait ends when `cancel` is cancelled.
+    /// As [`Owner::change`], for `party` (whose takes other parties of
+    /// this owner keep out), and a wait ends when `cancel` is cancelled.
     #[inline]
     pub fn change_or_cancel(
         &self,
         change: Change,
         wait: Wait,
         cancel: Option<&Cancel>,
+        party: Party,
     ) -> Result<(), Error> {
         if self.is_inherited() {
             return Err(Error::Forked);
@@ -169,7 +182,7 @@ impl<E: Engine> Owner<E> {
             cancel,
         };
         let mut st = self.lock();
-        if st.busy.is_empty() {
+        if st.busy.is_empty() && st.parties.alone(party, &st.holds) {
             if let Some(step) = st.holds.one_piece(change) {
                 let (from, to) = step.kinds();
                 if from != to {
@@ -180,15 +193,23 @@ impl<E: Engine> Owner<E> {
                     match outcome {
                         Ok(true) => {}
                         other => {
-                            return self.one_piece_not_granted(st, change, step, other, asked())
+                            return self.one_piece_not_granted(
+                                st,
+                                change,
+                                step,
+                                other,
+                                asked(),
+                                party,
+                            )
                         }
                     }
                 }
                 st.holds.commit(step);
+                st.parties.solo(party);
                 return Ok(());
             }
         }
-        self.change_pieces(st, change, asked())
+        self.change_pieces(st, change, asked(), party)
     }
 
     /// The one-piece path when its call was refused or failed. A raise then
@@ -206,6 +227,7 @@ impl<E: Engine> Owner<E> {
         step: Step,
         outcome: Result<bool, Error>,
         asked: Asked<'_>,
+        party: Party,
     ) -> Result<(), Error> {
         let (from, to) = step.kinds();
         if rank(to) > rank(from) {
@@ -216,12 +238,13 @@ impl<E: Engine> Owner<E> {
                         from,
                         to,
                     };
-                    self.refused(st, change, m, vec![m], asked)
+                    self.refused(st, change, m, vec![m], asked, party)
                 }
                 Err(e) => Err(e),
             };
         }
         st.holds.commit(step);
+        st.parties.solo(party);
         outcome.map(drop)
     }
 
@@ -233,9 +256,16 @@ impl<E: Engine> Owner<E> {
         mut st: MutexGuard<'a, State>,
         change: Change,
         asked: Asked<'_>,
+        party: Party,
     ) -> Result<(), Error> {
         loop {
-            let undo = st.apply(change);
+            if let Some(b) = st.parties.in_the_way(party, change, &st.holds) {
+                // Another thread (or task) of this owner holds, or waits
+                // in the engine for, what this change asks for.
+                st = self.wait_for_party(st, party, b, asked)?;
+                continue;
+            }
+            let undo = st.apply(change, party);
             if st.raises().next().is_some() && st.busy_over(change.span()) {
                 // Another thread of this owner is waiting on part of this
                 // span, so what the engine holds there is in flux until it
@@ -246,11 +276,20 @@ impl<E: Engine> Owner<E> {
                 continue;
             }
             return match self.raise_all(&st) {
-                Raised::All => self.lower(&st),
+                Raised::All => {
+                    st.keep(change, party);
+                    let wake = st.parties.several();
+                    let lowered = self.lower(&st);
+                    drop(st);
+                    if wake {
+                        self.cond.notify_all();
+                    }
+                    lowered
+                }
                 Raised::Refused(refused) => {
                     st.holds.undo(undo);
                     let raises: Vec<Move> = st.raises().copied().collect();
-                    self.refused(st, change, refused, raises, asked)
+                    self.refused(st, change, refused, raises, asked, party)
                 }
                 Raised::Failed(e) => {
                     st.holds.undo(undo);
@@ -309,6 +348,64 @@ impl<E: Engine> Owner<E> {
                 at: None,
             });
         }
+        self.nap(st, asked)
+    }
+
+    /// Wait until another party of this owner lets go of what is in the
+    /// way (`blocker`), or refuse: at once for a non-blocking call, with
+    /// [`Error::Deadlock`] if that party waits, through others maybe, for
+    /// this one.
+    #[cold]
+    #[inline(never)]
+    fn wait_for_party<'a>(
+        &'a self,
+        mut st: MutexGuard<'a, State>,
+        party: Party,
+        blocker: Blocker,
+        asked: Asked<'_>,
+    ) -> Result<MutexGuard<'a, State>, Error> {
+        match asked.wait {
+            Wait::NonBlocking => {
+                return Err(Error::WouldBlock {
+                    holder: Some(Holder {
+                        span: blocker.span,
+                        kind: blocker.kind,
+                        pid: Some(std::process::id()),
+                        server: None,
+                    }),
+                    at: None,
+                })
+            }
+            Wait::NonBlockingNoHolder => {
+                return Err(Error::WouldBlock {
+                    holder: None,
+                    at: None,
+                })
+            }
+            _ => {}
+        }
+        if !st.parties.start_waiting(party, blocker.party) {
+            return Err(Error::Deadlock { at: None });
+        }
+        let napped = self.nap(st, asked);
+        let mut st = match napped {
+            Ok(st) => st,
+            Err(e) => {
+                self.lock().parties.stop_waiting(party);
+                return Err(e);
+            }
+        };
+        st.parties.stop_waiting(party);
+        Ok(st)
+    }
+
+    /// Sleep on the condition variable once (until something is released
+    /// or a waiter wakes), ending as `asked` says.
+    fn nap<'a>(
+        &'a self,
+        st: MutexGuard<'a, State>,
+        asked: Asked<'_>,
+    ) -> Result<MutexGuard<'a, State>, Error> {
         let until = asked.until();
         if let Some(e) = until.ended() {
             return Err(e);
@@ -354,6 +451,7 @@ impl<E: Engine> Owner<E> {
         refused: Move,
         raises: Vec<Move>,
         asked: Asked<'_>,
+        party: Party,
     ) -> Result<(), Error> {
         match asked.wait {
             Wait::NonBlocking => {
@@ -369,7 +467,7 @@ impl<E: Engine> Owner<E> {
                 holder: None,
                 at: None,
             }),
-            _ => self.wait_and_apply(st, change, raises, asked.until()),
+            _ => self.wait_and_apply(st, change, raises, asked.until(), party),
         }
     }
 
@@ -382,11 +480,15 @@ impl<E: Engine> Owner<E> {
         change: Change,
         raises: Vec<Move>,
         until: Until<'_>,
+        party: Party,
     ) -> Result<(), Error> {
         let span = change.span();
         // What the engine holds over the span, as we go.
         let mut held: Vec<(Span, Option<Kind>)> = st.holds.effective(span);
         st.busy.push(span);
+        // Other parties keep out of what this one waits for, so that
+        // nothing of theirs conflicts with it when it is granted.
+        st.parties.start_pending(party, change);
         drop(st);
 
         // No early return from here on: the busy mark must go.
@@ -426,8 +528,10 @@ impl<E: Engine> Owner<E> {
             .position(|b| *b == span)
             .expect("our busy span");
         st.busy.swap_remove(busy_at);
+        st.parties.end_pending(party, change);
         if outcome.is_ok() {
-            st.apply(change);
+            st.apply(change, party);
+            st.keep(change, party);
         }
         // Everything over the span that the engine holds beyond the
         // bookkeeping (our raises after a failure, or releases other
@@ -483,14 +587,16 @@ impl<E: Engine> Owner<E> {
     }
 
     /// Release a handle's explicit layer and forget it.
-    pub fn forget_handle(&self, handle: HandleId) -> Result<(), Error> {
-        let r = self.change(
+    pub fn forget_handle(&self, handle: HandleId, party: Party) -> Result<(), Error> {
+        let r = self.change_or_cancel(
             Change::Explicit {
                 handle,
                 span: Span::ALL,
                 kind: None,
             },
             Wait::NonBlocking,
+            None,
+            party,
         );
         self.lock().holds.drop_layer(handle);
         r

@@ -160,7 +160,9 @@ impl Parties {
     /// no look at the others (the hot path).
     #[inline]
     pub fn alone(&self, party: Party, holds: &Holds) -> bool {
-        self.maps.is_empty() && (self.solo == party || holds.is_empty())
+        // A party waiting for another must be woken by its release, which
+        // the hot path does not do.
+        self.maps.is_empty() && self.waits.is_empty() && (self.solo == party || holds.is_empty())
     }
 
     /// After a change for `party` on the hot path (where it was `alone`).

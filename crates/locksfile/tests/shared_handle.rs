@@ -1,4 +1,5 @@
-//! Threads sharing one handle: a thread sleeping in the kernel for a lock
+//! Threads sharing one handle's locks ([`Threads::Share`]; by default
+//! they exclude each other, see `threads.rs`): a thread sleeping in the kernel for a lock
 //! never makes another thread's release block, and the kernel ends up
 //! holding exactly what the bookkeeping says.
 
@@ -6,7 +7,15 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use locksfile::{Error, Kind, LockFile, Wait};
+use locksfile::{Error, Kind, LockFile, Threads, Wait};
+
+/// A handle whose threads share its locks.
+fn shared(path: &Path) -> LockFile {
+    LockFile::options()
+        .threads(Threads::Share)
+        .open(path)
+        .unwrap()
+}
 
 /// Blocked waiters on `path`'s inode, as `/proc/locks` lists them (`->`).
 fn waiters(path: &Path) -> usize {
@@ -35,9 +44,9 @@ fn until_waiting(path: &Path) {
 fn release_while_a_sibling_thread_waits_never_blocks() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("shared.lock");
-    let lf = LockFile::open(&path).unwrap();
-    let other = LockFile::open(&path).unwrap();
-    let observer = LockFile::open(&path).unwrap();
+    let lf = shared(&path);
+    let other = shared(&path);
+    let observer = shared(&path);
 
     let g1 = lf.read(0..4u64).unwrap();
     other.acquire(Kind::Shared, 5, Wait::NonBlocking).unwrap();
@@ -110,9 +119,9 @@ fn failed_wait_gives_back_what_it_took() {
     // second must leave the first as it was.
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("partial.lock");
-    let lf = LockFile::open(&path).unwrap();
-    let other = LockFile::open(&path).unwrap();
-    let observer = LockFile::open(&path).unwrap();
+    let lf = shared(&path);
+    let other = shared(&path);
+    let observer = shared(&path);
 
     // 2..4 held exclusively by a guard: the write on 0..8 must raise 0..2
     // and 4..8, and 6 is taken by another owner.
@@ -142,8 +151,8 @@ fn failed_wait_gives_back_what_it_took() {
 fn non_blocking_names_the_holder_unless_asked_not_to() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("holder.lock");
-    let lf = LockFile::open(&path).unwrap();
-    let other = LockFile::open(&path).unwrap();
+    let lf = shared(&path);
+    let other = shared(&path);
     other
         .acquire(Kind::Exclusive, 3, Wait::NonBlocking)
         .unwrap();

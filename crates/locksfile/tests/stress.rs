@@ -1176,6 +1176,7 @@ impl Worker<'_> {
     }
 
     /// Upgrade read guard `i` waiting as `how` says (`None`: `try_upgrade`).
+    #[allow(clippy::result_large_err)] // a refused upgrade hands its guard back
     fn upgrade(&mut self, i: usize, how: Option<How>) {
         let Guard::R(..) = self.guards[i] else {
             return;

@@ -36,9 +36,13 @@ pub fn lock_path() -> (tempfile::TempDir, PathBuf) {
     (dir, path)
 }
 
+/// A handle whose threads share its locks ([`Threads::Share`]): these
+/// tests drive one owner from several threads to reach the engines'
+/// waits; `tests/threads.rs` tests the default, threads that exclude.
 pub fn open(path: &Path, mode: Mode) -> LockFile {
     LockFile::options()
         .mode(mode)
+        .threads(locksfile::Threads::Share)
         .open(path)
         .unwrap_or_else(|e| panic!("open {} in {mode} mode: {e}", path.display()))
 }

@@ -36,8 +36,14 @@ pub fn target(server: &str, test: &str) -> String {
     format!("{server}{sep}name={test}-{}", std::process::id())
 }
 
+/// A session whose threads share its locks (`Threads::Share`), as
+/// `common::open` opens files: these tests drive one owner from several
+/// threads; `thread_parties.rs` tests the default.
 pub fn connect(target: &str) -> LockFile {
-    LockFile::connect(target).unwrap_or_else(|e| panic!("connect {target}: {e}"))
+    LockFile::options()
+        .threads(locksfile::Threads::Share)
+        .connect(target)
+        .unwrap_or_else(|e| panic!("connect {target}: {e}"))
 }
 
 /// One value from `psql` as the server's superuser (for what the tests
