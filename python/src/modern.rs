@@ -6,7 +6,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Instant;
 
-use locksfile::{Cancel, Error, Holder, Kind, LockFile, Mode, ReadGuard, Span, Wait, WriteGuard};
+use locksfile::{
+    Cancel, Entered, Error, Holder, Kind, LockFile, Mode, Party, ReadGuard, Span, Threads, Wait,
+    WriteGuard,
+};
 use pyo3::exceptions::{PyResourceWarning, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyString, PyTuple};
@@ -685,6 +688,7 @@ struct Given {
     create: bool,
     permissions: u32,
     follow_symlinks: bool,
+    threads: Threads,
 }
 
 impl Given {
@@ -692,7 +696,64 @@ impl Given {
         create: true,
         permissions: 0o644,
         follow_symlinks: false,
+        threads: Threads::Exclude,
     };
+}
+
+/// ``threads=`` as Python code passes it.
+fn parse_threads(name: &str) -> PyResult<Threads> {
+    match name {
+        "exclude" => Ok(Threads::Exclude),
+        "share" => Ok(Threads::Share),
+        other => Err(PyValueError::new_err(format!(
+            "threads must be \"exclude\" or \"share\", got {other:?}"
+        ))),
+    }
+}
+
+/// The party of each asyncio task that took a lock: tasks of one loop
+/// (one thread) exclude each other as threads do, and a task's takes
+/// compose, whether it awaits them or calls the blocking forms.
+#[pyclass(name = "_TaskParty", module = "pylocksfile", frozen)]
+pub struct TaskParty(Party);
+
+/// The running asyncio task's party, if this thread runs one now.
+fn task_party(py: Python<'_>) -> PyResult<Option<Party>> {
+    use pyo3::sync::PyOnceLock;
+    static RUNNING: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+    static CURRENT: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+    static PARTIES: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+    let running = RUNNING.get_or_try_init(py, || {
+        py.import("asyncio")?
+            .getattr("_get_running_loop")
+            .map(Bound::unbind)
+    })?;
+    let event_loop = running.bind(py).call0()?;
+    if event_loop.is_none() {
+        return Ok(None);
+    }
+    let current = CURRENT.get_or_try_init(py, || {
+        py.import("asyncio")?
+            .getattr("current_task")
+            .map(Bound::unbind)
+    })?;
+    let task = current.bind(py).call1((event_loop,))?;
+    if task.is_none() {
+        return Ok(None);
+    }
+    let parties = PARTIES.get_or_try_init(py, || {
+        py.import("weakref")?
+            .getattr("WeakKeyDictionary")?
+            .call0()
+            .map(Bound::unbind)
+    })?;
+    let parties = parties.bind(py);
+    if let Ok(p) = parties.call_method1("get", (&task,))?.cast::<TaskParty>() {
+        return Ok(Some(p.get().0));
+    }
+    let party = Party::new();
+    parties.set_item(&task, Py::new(py, TaskParty(party))?)?;
+    Ok(Some(party))
 }
 
 /// A lock file this object created itself (no path was given): removed by
@@ -788,6 +849,15 @@ impl Drop for PyLocksFile {
 }
 
 impl PyLocksFile {
+    /// Inside an asyncio task, take locks for the task (see `TaskParty`)
+    /// until the returned value is dropped.
+    fn as_task(&self, py: Python<'_>) -> PyResult<Option<Entered>> {
+        if self.given.threads == Threads::Share {
+            return Ok(None);
+        }
+        Ok(task_party(py)?.map(Party::enter))
+    }
+
     /// This thread's handle, unless closed or inherited through fork.
     fn lf_not_forked(&self, py: Python<'_>) -> PyResult<Arc<LockFile>> {
         Ok(self.lf_if_open(py, true)?.expect("opened when missing"))
@@ -851,6 +921,7 @@ impl PyLocksFile {
     ) -> PyResult<Option<PyGuard>> {
         let span = py_span(span)?;
         let lf = self.lf_not_forked(py)?;
+        let _as_task = self.as_task(py)?;
         let outcome = with_patience(py, patience, Some(&self.waits), |w, cancel| {
             if self.closed() {
                 return Err(GIVE_UP);
@@ -886,7 +957,14 @@ impl PyLocksFile {
             Patience::Until(d) => Some(d),
         };
         let lf = slf.get().lf_not_forked(py)?;
+        // The task's party, wherever the wait runs; one of its own when
+        // made outside a task.
+        let party = match slf.get().given.threads {
+            Threads::Share => None,
+            Threads::Exclude => Some(task_party(py)?.unwrap_or_else(Party::new)),
+        };
         Ok(PyWait {
+            party,
             owner: slf.clone().unbind(),
             lf,
             kind,
@@ -969,6 +1047,9 @@ fn take_guard(
 /// the task. The task applies the explicit acquire with ``commit()``.
 #[pyclass(name = "_Wait", module = "pylocksfile", frozen)]
 pub struct PyWait {
+    /// Who the lock is for: the task that made the wait (`None`: the
+    /// object's threads share its locks).
+    party: Option<Party>,
     owner: Py<PyLocksFile>,
     lf: Arc<LockFile>,
     kind: Kind,
@@ -1023,6 +1104,7 @@ impl PyWait {
         } else {
             Wait::NonBlockingNoHolder
         };
+        let _as_task = self.party.map(Party::enter);
         let outcome = if self.explicit {
             // On the loop's thread, with nothing to cancel in between: the
             // explicit acquire itself.
@@ -1048,7 +1130,9 @@ impl PyWait {
             Some(d) => Wait::Deadline(d),
             None => Wait::Blocking,
         };
+        let party = self.party;
         let outcome = py.detach(|| {
+            let _as_task = party.map(Party::enter);
             // Registered before the closed check, so that `close()` either
             // is seen here or cancels the wait.
             let _entered = owner.waits.enter(self.cancel.clone());
@@ -1102,6 +1186,7 @@ impl PyWait {
                 }
             }
         };
+        let _as_task = self.party.map(Party::enter);
         let outcome = if self.owner.get().closed() {
             Err(GIVE_UP)
         } else {
@@ -1205,7 +1290,7 @@ impl PyLocksFile {
             ));
         }
         let lf = py
-            .detach(|| LockFile::connect(&text))
+            .detach(|| LockFile::options().threads(given.threads).connect(&text))
             .map_err(|e| to_py(py, e))?;
         // The handle's own form of the target: never the password.
         let shown = PyString::new(py, &lf.path().display().to_string());
@@ -1229,9 +1314,10 @@ impl PyLocksFile {
 impl PyLocksFile {
     #[new]
     #[pyo3(
-        signature = (path = None, mode = "ofd", *, create = true, permissions = 0o644, follow_symlinks = false, thread_local = false),
-        text_signature = "(path=None, mode='ofd', *, create=True, permissions=0o644, follow_symlinks=False, thread_local=False)"
+        signature = (path = None, mode = "ofd", *, create = true, permissions = 0o644, follow_symlinks = false, thread_local = false, threads = "exclude"),
+        text_signature = "(path=None, mode='ofd', *, create=True, permissions=0o644, follow_symlinks=False, thread_local=False, threads='exclude')"
     )]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
         path: Option<&Bound<'_, PyAny>>,
@@ -1240,8 +1326,10 @@ impl PyLocksFile {
         permissions: u32,
         follow_symlinks: bool,
         thread_local: bool,
+        threads: &str,
     ) -> PyResult<Self> {
         let mode = parse_mode(mode).map_err(PyValueError::new_err)?;
+        let threads = parse_threads(threads)?;
         if permissions > 0o7777 {
             return Err(PyValueError::new_err("permissions must be at most 0o7777"));
         }
@@ -1255,6 +1343,7 @@ impl PyLocksFile {
             create,
             permissions,
             follow_symlinks,
+            threads,
         };
         let os = py.import("os")?;
         let made_here = path.is_none();
@@ -1291,7 +1380,8 @@ impl PyLocksFile {
             .mode(mode)
             .create(create)
             .permissions(permissions)
-            .follow_symlinks(follow_symlinks);
+            .follow_symlinks(follow_symlinks)
+            .threads(threads);
         let opened = options.open(&path_buf);
         let temp = made_here.then(|| {
             use std::os::unix::fs::MetadataExt;
@@ -1451,6 +1541,7 @@ impl PyLocksFile {
         let span = py_span(span)?;
         let (patience, refused) = Refused::from_args(blocking, timeout)?;
         let lf = self.lf_not_forked(py)?;
+        let _as_task = self.as_task(py)?;
         let outcome = with_patience(py, patience, Some(&self.waits), |w, cancel| {
             if self.closed() {
                 return Err(GIVE_UP);
@@ -1488,6 +1579,7 @@ impl PyLocksFile {
         let Some(lf) = self.lf_if_open(py, false)? else {
             return Ok(());
         };
+        let _as_task = self.as_task(py)?;
         let r = match span {
             Some(s) => lf.release(s),
             None => lf.release_all(),
@@ -1527,6 +1619,7 @@ impl PyLocksFile {
     /// This object's explicit locks only (the calling thread's with
     /// ``thread_local=True``), as ``held()`` lists them.
     fn held_explicitly<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let _as_task = self.as_task(py)?;
         let items = self
             .lf_if_open(py, false)?
             .map(|lf| lf.held_explicitly())
@@ -1752,16 +1845,24 @@ impl PyLocksFile {
         if me.threads.is_some() {
             kw.set_item("thread_local", true)?;
         }
+        if given.threads != default.threads {
+            kw.set_item("threads", "share")?;
+        }
         pickled_as_new(slf.as_any(), PyTuple::new(py, [&me.target])?, kw)
     }
 
     fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
         Ok(format!(
-            "LocksFile({}, mode={:?}{}{})",
+            "LocksFile({}, mode={:?}{}{}{})",
             self.path.bind(py).repr()?,
             mode_name(self.mode),
             if self.threads.is_some() {
                 ", thread_local=True"
+            } else {
+                ""
+            },
+            if self.given.threads == Threads::Share {
+                ", threads='share'"
             } else {
                 ""
             },

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::thread::ThreadId;
 
-use locksfile::{Error, Holder, Kind, LockFile, Mode, Span, Wait};
+use locksfile::{Error, Holder, Kind, LockFile, Mode, Span, Threads, Wait};
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict, PyString, PyTuple};
 
@@ -174,10 +174,14 @@ fn lock_mutex<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 fn open_mode(path: &std::path::Path, mode: Mode) -> Result<LockFile, Error> {
     // A lock namespace on a server where a path is taken: a session of
     // its own (the file modes have no meaning there).
+    // The original's locks are the object's, every thread's (fcntl process
+    // locks): its threads share them, as its README says.
+    let mut options = LockFile::options();
+    options.threads(Threads::Share);
     if let Some(target) = path.to_str().filter(|t| LockFile::is_server_target(t)) {
-        return LockFile::connect(target);
+        return options.connect(target);
     }
-    LockFile::options().mode(mode).open(path)
+    options.mode(mode).open(path)
 }
 
 /// "lock 5", "locks 1 to 3", "locks 3 onwards".
