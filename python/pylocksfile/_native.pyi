@@ -230,6 +230,7 @@ class LocksFile:
         permissions: int = 0o644,
         follow_symlinks: bool = False,
         thread_local: bool = False,
+        threads: Literal["exclude", "share"] = "exclude",
     ) -> _L: ...
     @property
     def path(self) -> str:

@@ -138,7 +138,7 @@ def test_wait_for_cancels_cleanly(lock_path, holder):
 def test_a_grant_that_the_cancellation_overtook_is_given_back(lock_path, holder):
     """The thread gets the lock, then the task is cancelled before it runs
     again: the guard is released and the explicit layer put back."""
-    lf = LocksFile(lock_path)
+    lf = LocksFile(lock_path, threads="share")  # one explicit layer for the loop and its tasks
     lf.acquire("shared", 3)
 
     async def main(start):
@@ -168,7 +168,7 @@ def test_a_cancelled_acquire_async_never_lowers_what_was_held(lock_path, holder)
     and the task is cancelled before it runs again: the explicit layer is
     as it was before the call, the lock still exclusive, the other owner
     refused."""
-    lf = LocksFile(lock_path)
+    lf = LocksFile(lock_path, threads="share")  # one explicit layer for the loop and its tasks
     lf.acquire("exclusive", 5)
     got = []
 

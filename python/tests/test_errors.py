@@ -234,20 +234,29 @@ def test_a_refusal_names_the_file_the_span_and_the_holder_once(lock_path):
 
 def test_a_deadlock_names_the_file_and_the_span(lock_path):
     import threading
-    import time
 
+    import support
     from pylocksfile import DeadlockError
 
     a, b = LocksFile(lock_path, mode="shm"), LocksFile(lock_path, mode="shm")
-    a.acquire("shared", range(7, 9))
     b.acquire("shared", range(7, 9))
-    upgrade = threading.Thread(target=a.acquire, args=("exclusive", range(7, 9)))
-    upgrade.start()
-    time.sleep(0.2)
+
+    def upgrade():
+        # One thread takes and upgrades: a thread's locks are its own.
+        a.acquire("shared", range(7, 9))
+        a.acquire("exclusive", range(7, 9))
+        a.release()
+
+    t = threading.Thread(target=upgrade)
+    t.start()
+    support.wait_until(
+        lambda: any(lk.waiting for lk in support.table_locks(lock_path)),
+        what="the upgrade to wait",
+    )
     with pytest.raises(DeadlockError) as info:
         b.acquire("exclusive", range(7, 9))
     b.release()
-    upgrade.join()
+    t.join()
     msg = str(info.value)
     assert f"waiting for an exclusive lock on 7..9 of {lock_path} would deadlock" in msg, msg
 

@@ -134,17 +134,21 @@ class Runner(threading.Thread):
         return self.result
 
 
-def test_threads_of_one_object_share_its_locks(lock_path):
-    """The documented default: one owner, so a second thread is let in."""
-    lf = LocksFile(lock_path)
-    def second():
-        g = lf.try_write(0)
-        return g is not None and g.release() is None
+def test_threads_of_one_object_exclude_each_other(lock_path):
+    """The documented default: a second thread is kept out, as with
+    ``threading.Lock``; ``threads="share"`` lets it in (the old model)."""
+    for threads, let_in in (("exclude", False), ("share", True)):
+        lf = LocksFile(lock_path, threads=threads)
 
-    with lf.write(0):
-        t = Runner(second)
-        t.start()
-        assert t.outcome() is True
+        def second():
+            g = lf.try_write(0)
+            return g is not None and g.release() is None
+
+        with lf.write(0):
+            t = Runner(second)
+            t.start()
+            assert t.outcome() is let_in, threads
+        lf.close()
 
 
 @pytest.mark.parametrize("mode", ["ofd", "shm"])

@@ -981,17 +981,18 @@ def worker(table_path, path, mode, p, seed, until):
     shm = path if mode in ("shm", "seed-shm") else None
     probes = []
     if mode in ("ofd", "shm", "flock", "postgres"):
-        # Threads 0 and 1 share one object (one owner of two threads),
-        # thread 2 has its own.
+        # Threads 0 and 1 share one object (one owner of two threads,
+        # which share its locks: the oracle judges owners), thread 2 has
+        # its own.
         if mode == "postgres":
-            objs = [LocksFile(path) for _ in range(2)]
+            objs = [LocksFile(path, threads="share") for _ in range(2)]
             probes = [LocksFile(path)]
             handles = [
                 Handle(o, None, probe=probes[0], backend=backend_pid(o, probes[0], 1000 + 2 * p + i))
                 for i, o in enumerate(objs)
             ]
         else:
-            objs = [LocksFile(path, mode=mode) for _ in range(2)]
+            objs = [LocksFile(path, mode=mode, threads="share") for _ in range(2)]
             handles = [Handle(o, o.fileno(), shm) for o in objs]
         owners = [Owner(2 * p, [handles[0]], 2), Owner(2 * p + 1, [handles[1]], 1)]
         plan = [(owners[0], handles[0]), (owners[0], handles[0]), (owners[1], handles[1])]
@@ -1009,7 +1010,7 @@ def worker(table_path, path, mode, p, seed, until):
         probe = LocksFile(path, mode="process")
         fd = probe.fileno()
         if mode == "process":
-            objs = [LocksFile(path, mode="process") for _ in range(THREADS)]
+            objs = [LocksFile(path, mode="process", threads="share") for _ in range(THREADS)]
         else:
             objs = [Seed(path) for _ in range(THREADS)]
         handles = [Handle(o, fd) for o in objs]
