@@ -7,6 +7,7 @@
 
 mod exit;
 mod generate;
+mod pg;
 mod procfs;
 mod race;
 mod run;
@@ -44,6 +45,8 @@ enum Command {
     Status(status::StatusArgs),
     /// Race processes hand-over-hand around a ring of locks and verify them.
     Race(race::RaceArgs),
+    /// Set up a PostgreSQL database for lock namespaces (a DBA's step).
+    Pg(pg::PgArgs),
     /// Print a completion script for SHELL (bash, zsh, fish, elvish, powershell).
     Completions(generate::CompletionsArgs),
     /// Print the man page of locksfile, or of one SUBCOMMAND, in roff.
@@ -51,7 +54,7 @@ enum Command {
 }
 
 /// Words that name a subcommand (or clap's help) in the first place.
-const SUBCOMMANDS: &[&str] = &["run", "status", "race", "completions", "man", "help"];
+const SUBCOMMANDS: &[&str] = &["run", "status", "race", "pg", "completions", "man", "help"];
 
 /// flock(1)'s command line, `locksfile [OPTIONS] FILE COMMAND...` or
 /// `locksfile [OPTIONS] FILE -c CMD`, is `run`'s: when the first argument
@@ -89,6 +92,7 @@ fn main() {
         Command::Run(args) => run::main(args),
         Command::Status(args) => status::main(args),
         Command::Race(args) => race::main(args),
+        Command::Pg(args) => pg::main(args),
         Command::Completions(args) => generate::completions(Cli::command(), args),
         Command::Man(args) => generate::man(Cli::command(), args),
     };

@@ -129,3 +129,85 @@ fn race_over_the_server_is_verified() {
     ]);
     assert_ne!(code(&out), 0);
 }
+
+/// One value from `psql` as the server's superuser.
+fn psql(srv: &str, sql: &str) -> String {
+    let out = std::process::Command::new("psql")
+        .args([srv, "-XAtqc", sql])
+        .output()
+        .expect("run psql");
+    assert!(
+        out.status.success(),
+        "psql {sql}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// `srv` (postgresql://USER@HOST/DB) as `user` on database `db`.
+fn as_user_on(srv: &str, user: &str, db: &str) -> String {
+    let (scheme, rest) = srv.split_once("://").expect("a URL");
+    let host_db = rest.split_once('@').map_or(rest, |(_, h)| h);
+    let host = host_db.split('/').next().unwrap();
+    format!("{scheme}://{user}@{host}/{db}")
+}
+
+/// A role without CREATE cannot use a fresh database until `locksfile pg
+/// setup --role` has run there; then it takes locks and fencing tokens
+/// with nothing more, and the setup run again changes nothing.
+#[test]
+fn pg_setup_lets_a_least_privileged_role_take_locks() {
+    let Some(srv) = server() else { return };
+    let pid = std::process::id();
+    let (db, role) = (format!("lf_setup_{pid}"), format!("lf_app_{pid}"));
+    psql(&srv, &format!("CREATE DATABASE {db}"));
+    psql(&srv, &format!("CREATE ROLE {role} LOGIN"));
+    let admin = as_user_on(&srv, "postgres", &db);
+    let app = format!("{}?name=jobs", as_user_on(&srv, &role, &db));
+    let result = std::panic::catch_unwind(|| {
+        // PostgreSQL 15+: nobody but the owner creates in `public`.
+        let e = locksfile::LockFile::connect(&app).unwrap_err();
+        assert!(
+            matches!(&e, locksfile::Error::Server { code, .. } if code == "42501"),
+            "{e}"
+        );
+        let printed = stdout(&run(&["pg", "setup", "--print", "--role", &role]));
+        assert!(printed.contains(&format!(
+            "GRANT SELECT, INSERT ON locksfile_namespaces TO \"{role}\""
+        )));
+        for _ in 0..2 {
+            let out = run(&["pg", "setup", &admin, "--role", &role]);
+            assert_eq!(code(&out), 0, "{}", stderr(&out));
+        }
+        let lf = locksfile::LockFile::connect(&app).expect("the role connects after setup");
+        let g = lf.write(3).unwrap();
+        assert_eq!(lf.fence(3).unwrap() + 1, lf.fence(3).unwrap());
+        drop(g);
+        // Least privilege: the role may not create, nor drop the tables.
+        let other = format!("{}?name=other", as_user_on(&srv, &role, &db));
+        drop(locksfile::LockFile::connect(&other).expect("a new namespace is a row"));
+        let out = std::process::Command::new("psql")
+            .args([
+                &as_user_on(&srv, &role, &db),
+                "-XAtqc",
+                "DROP TABLE locksfile_fences",
+            ])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "the role dropped a lock table");
+        // A role that does not exist: refused, a usage-free server error.
+        let out = run(&["pg", "setup", &admin, "--role", "no_such_role_here"]);
+        assert_ne!(code(&out), 0);
+        assert!(
+            stderr(&out).contains("no_such_role_here"),
+            "{}",
+            stderr(&out)
+        );
+    });
+    // Sessions of the test are closed by now; the database goes.
+    psql(&srv, &format!("DROP DATABASE {db} WITH (FORCE)"));
+    psql(&srv, &format!("DROP ROLE {role}"));
+    if let Err(p) = result {
+        std::panic::resume_unwind(p);
+    }
+}

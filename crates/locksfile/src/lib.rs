@@ -99,6 +99,8 @@ use std::fmt;
 use std::time::{Duration, Instant};
 
 pub use cancel::Cancel;
+#[cfg(feature = "postgres")]
+pub use engine::pg::setup::{server_setup_sql, set_up_server};
 pub use engine::Abilities;
 pub use error::{
     At, Error, ErrorKind, Holder, NotRegular, Result, ServerHolder, ServerLock, SidecarProblem,

@@ -27,6 +27,7 @@
 //! while the caller sleeps in a `read` that a signal interrupts, and a
 //! signal cancels the statement.
 
+pub(crate) mod setup;
 mod target;
 
 use std::collections::BTreeMap;
@@ -72,9 +73,6 @@ const RECANCEL: Duration = Duration::from_millis(20);
 /// How long a [`Cancel`](crate::Cancel)'s waker goes on sending cancel
 /// requests at most.
 const RECANCEL_FOR: Duration = Duration::from_secs(10);
-/// Serialises creating the namespace table between sessions (a one-bigint
-/// advisory key, which never meets the two-int4 keys of locks).
-const SETUP_KEY: i64 = 0x6c6f_636b_7366_696c;
 
 fn bit(kind: Kind) -> u8 {
     match kind {
@@ -325,29 +323,27 @@ impl Pg {
     async fn setup(client: &Client, name: &str) -> Result<(i32, [Statement; 4]), Error> {
         let server = |op: &'static str| move |e: tokio_postgres::Error| server_error(op, e);
         let lookup = "SELECT id FROM locksfile_namespaces WHERE name = $1";
+        // `None`: no table yet; `Some(None)`: no row for the name yet.
         let found = match client.query_opt(lookup, &[&name]).await {
-            Ok(row) => row.map(|r| r.get::<_, i32>(0)),
+            Ok(row) => Some(row.map(|r| r.get::<_, i32>(0))),
             Err(e) if e.code() == Some(&SqlState::UNDEFINED_TABLE) => None,
             Err(e) => return Err(server_error("look up the lock namespace", e)),
         };
         let ns = match found {
-            Some(ns) => ns,
-            None => {
-                // Sessions creating it at once would collide in the catalog:
-                // one at a time.
-                client
-                    .batch_execute(&format!(
-                        "BEGIN; SELECT pg_advisory_xact_lock({SETUP_KEY});
-                         CREATE TABLE IF NOT EXISTS locksfile_namespaces (
-                             name text PRIMARY KEY, id serial UNIQUE);
-                         CREATE TABLE IF NOT EXISTS locksfile_fences (
-                             ns int, idx int, epoch bigint NOT NULL,
-                             PRIMARY KEY (ns, idx));
-                         COMMIT;"
-                    ))
-                    .await
-                    .map_err(server("create the lock namespace table"))?;
-                let _ = client.batch_execute("ROLLBACK").await;
+            Some(Some(ns)) => ns,
+            missing => {
+                if missing.is_none() {
+                    // Only then: `CREATE ... IF NOT EXISTS` still needs the
+                    // right to create, which a role set up by a DBA
+                    // (`locksfile pg setup`) lacks. Sessions creating the
+                    // tables at once would collide in the catalog: the
+                    // script takes them one at a time.
+                    client
+                        .batch_execute(&setup::server_setup_sql(None))
+                        .await
+                        .map_err(server("create the lock namespace table"))?;
+                    let _ = client.batch_execute("ROLLBACK").await;
+                }
                 client
                     .execute(
                         "INSERT INTO locksfile_namespaces (name) VALUES ($1) ON CONFLICT DO NOTHING",
