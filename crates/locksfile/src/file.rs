@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::cancel::Cancel;
 use crate::engine::fcntl::Fcntl;
 use crate::engine::flock::Flock;
 #[cfg(feature = "postgres")]
@@ -19,11 +20,13 @@ use crate::engine::Engine;
 use crate::error::{Error, Holder, NotRegular, SpanError};
 use crate::guard::{ReadGuard, WriteGuard};
 use crate::holds::{Change, HandleId};
+use crate::kind::Kind;
 use crate::owner::Owner;
 use crate::party::{Party, EVERYONE};
+use crate::registry;
 use crate::span::{IntoSpan, Span};
 use crate::sys::{self, FileType, OpenHow};
-use crate::{registry, Cancel, Kind, Wait};
+use crate::wait::Wait;
 
 /// The owner behind a handle, by engine. One match per call, after which
 /// the owner's code is the engine's own (no dynamic call on the hot path).

@@ -7,10 +7,14 @@
 use std::fmt;
 use std::ops::Deref;
 
+use crate::cancel::Cancel;
+use crate::error::Error;
+use crate::file::LockFile;
 use crate::holds::Change;
+use crate::kind::Kind;
 use crate::party::Party;
 use crate::span::{IntoSpan, Span};
-use crate::{Cancel, Error, Kind, LockFile, Wait};
+use crate::wait::Wait;
 
 /// The part both guards share: a hold of one kind on one span.
 struct Hold<H: Deref<Target = LockFile>> {

@@ -7,8 +7,8 @@
 //! the last call wins. Applying a [`Change`] reports where that effective
 //! kind moved, which is exactly the work left for the lock engine.
 
+use crate::kind::Kind;
 use crate::span::{Span, INDEX_END};
-use crate::Kind;
 
 /// A piecewise-constant map over the whole index space.
 ///

@@ -17,10 +17,11 @@ use crate::cancel::Cancel;
 use crate::engine::{Engine, Until, INTERRUPT_SLICE};
 use crate::error::{Error, Holder};
 use crate::holds::{rank, Change, HandleId, Holds, Move, Step, Undo};
+use crate::kind::Kind;
 use crate::party::{Blocker, Parties, Party};
 use crate::span::Span;
 use crate::sys;
-use crate::{Kind, Wait};
+use crate::wait::Wait;
 
 pub(crate) struct Owner<E> {
     pub engine: E,

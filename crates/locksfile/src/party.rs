@@ -18,8 +18,8 @@ use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::holds::{Change, Counts, Holds, SegMap};
+use crate::kind::Kind;
 use crate::span::Span;
-use crate::Kind;
 
 /// Who a lock is taken for among the threads and tasks sharing one handle:
 /// locks of different parties exclude each other, locks of one party

@@ -18,9 +18,9 @@ use std::time::Duration;
 
 use super::{Abilities, Engine, Until};
 use crate::error::{Error, Holder};
+use crate::kind::Kind;
 use crate::span::Span;
 use crate::sys::{self, Family, LockType};
-use crate::Kind;
 
 /// How long a timed wait sleeps between polls, at most: bounds how late it
 /// sees a release, while costing well under 1% of a core.

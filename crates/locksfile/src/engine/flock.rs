@@ -26,9 +26,9 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use super::fcntl::{poll, sleep_until};
 use super::{Abilities, Engine, Until};
 use crate::error::{Error, Holder};
+use crate::kind::Kind;
 use crate::span::Span;
 use crate::sys::{self, FlockOp};
-use crate::Kind;
 
 /// While converting, every how many polls a try is made even though
 /// `/proc/locks` shows the file taken (about every 64 ms once the back-off

@@ -31,8 +31,8 @@ use std::time::{Duration, Instant};
 
 use crate::cancel::Cancel;
 use crate::error::{Error, Holder};
+use crate::kind::Kind;
 use crate::span::Span;
-use crate::Kind;
 
 /// How long an interruptible wait that cannot be cut short by a signal
 /// (behind a sibling thread, or polling) sleeps before it returns

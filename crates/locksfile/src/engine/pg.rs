@@ -49,9 +49,9 @@ use target::Target;
 
 use super::{Abilities, Engine, Until};
 use crate::error::{Error, Holder, ServerHolder, ServerLock};
+use crate::kind::Kind;
 use crate::span::Span;
 use crate::sys;
-use crate::Kind;
 
 /// The most keys one span may take at once: each is one entry of the
 /// server's shared lock table (twice while it is being taken), which holds
