@@ -70,6 +70,7 @@
 #[cfg(feature = "tokio")]
 pub mod asyncio;
 mod cancel;
+mod descriptors;
 mod engine;
 mod error;
 mod file;

@@ -173,7 +173,7 @@ impl Drop for Fcntl {
     fn drop(&mut self) {
         let fds = std::mem::take(self.fds.get_mut().unwrap_or_else(|p| p.into_inner()));
         for fd in fds {
-            crate::registry::close(self.dev, self.ino, fd);
+            crate::descriptors::close(self.dev, self.ino, fd);
         }
     }
 }

@@ -162,7 +162,7 @@ impl Drop for Flock {
         // Closing a descriptor of the file would drop this process's
         // process-mode record locks on it: the table parks it if so.
         if let Some(fd) = self.fd.take() {
-            crate::registry::close(self.dev, self.ino, fd);
+            crate::descriptors::close(self.dev, self.ino, fd);
         }
     }
 }
