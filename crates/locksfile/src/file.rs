@@ -16,8 +16,8 @@ use crate::engine::flock::Flock;
 #[cfg(feature = "postgres")]
 use crate::engine::pg::Pg;
 use crate::engine::shm::Shm;
-use crate::engine::Engine;
-use crate::error::{Error, Holder, NotRegular, SpanError};
+use crate::engine::{self, Engine};
+use crate::error::{Error, Holder, NotRegular};
 use crate::guard::{ReadGuard, WriteGuard};
 use crate::holds::{Change, HandleId};
 use crate::kind::Kind;
@@ -27,6 +27,9 @@ use crate::registry;
 use crate::span::{IntoSpan, Span};
 use crate::sys::{self, FileType, OpenHow};
 use crate::wait::Wait;
+
+#[cfg(doc)]
+use crate::error::SpanError;
 
 /// The owner behind a handle, by engine. One match per call, after which
 /// the owner's code is the engine's own (no dynamic call on the hot path).
@@ -474,7 +477,7 @@ impl OpenOptions {
         fd: OwnedFd,
         writable: bool,
     ) -> Result<Owners, Error> {
-        if self.mode != Mode::Shm && crate::engine::shm::table_in_use(path, Some(fd.as_fd())) {
+        if self.mode != Mode::Shm && engine::table_in_use(path, Some(fd.as_fd())) {
             // Closed through the registry: a process-mode owner of the file
             // in this process would lose its locks to a plain close.
             registry::close(dev, ino, fd);
@@ -520,7 +523,7 @@ impl OpenOptions {
             Mode::Process => sys::Family::Posix,
         };
         let reused = |r| match r {
-            registry::Reuse::Joined(_) if crate::engine::shm::table_in_use(path, None) => {
+            registry::Reuse::Joined(_) if engine::table_in_use(path, None) => {
                 Some(Err(table_in_use(path)))
             }
             registry::Reuse::Joined(owner) => Some(Ok(Owners::Fcntl(owner))),
@@ -774,7 +777,7 @@ impl LockFile {
     /// ```
     #[cfg(feature = "postgres")]
     pub fn is_server_target(s: &str) -> bool {
-        crate::engine::pg::is_target(s)
+        engine::is_server_target(s)
     }
 
     /// Whether the handle's server session is lost (server restart,
@@ -785,23 +788,14 @@ impl LockFile {
     /// a partition shows once TCP keepalive gives up (about 30 s). Always
     /// `false` for a lock file.
     pub fn lost(&self) -> bool {
-        match &self.owner {
-            #[cfg(feature = "postgres")]
-            Owners::Pg(o) => o.engine.lost(),
-            _ => false,
-        }
+        with_owner!(&self.owner, o => o.engine.session_lost())
     }
 
     /// Whether the owner's locks are gone while its guards live: its
     /// server session was lost ([`lost`](Self::lost)), or a
     /// [`Mode::Flock`] conversion was lost ([`Error::ConversionLost`]).
     pub(crate) fn locks_lost(&self) -> bool {
-        match &self.owner {
-            Owners::Flock(o) => o.engine.lost().is_some(),
-            #[cfg(feature = "postgres")]
-            Owners::Pg(o) => o.engine.lost(),
-            _ => false,
-        }
+        with_owner!(&self.owner, o => o.engine.locks_lost().is_some())
     }
 
     /// Every lock other sessions hold or wait for in this handle's
@@ -997,23 +991,7 @@ impl LockFile {
             Change::Guard { to, .. } => to == Some(Kind::Exclusive),
             Change::Explicit { kind, .. } => kind == Some(Kind::Exclusive),
         };
-        let done = match &self.owner {
-            Owners::Fcntl(o) => {
-                if wants_exclusive && !o.engine.writable() {
-                    return Err(self.read_only());
-                }
-                o.change_or_cancel(change, wait, cancel, party)
-            }
-            Owners::Flock(o) => self.change_flock(o, change, wait, cancel, wants_exclusive, party),
-            Owners::Shm(o) => {
-                if wants_exclusive && !o.engine.writable() {
-                    return Err(self.read_only());
-                }
-                o.change_or_cancel(change, wait, cancel, party)
-            }
-            #[cfg(feature = "postgres")]
-            Owners::Pg(o) => self.change_pg(o, change, wait, cancel, wants_exclusive, party),
-        };
+        let done = with_owner!(&self.owner, o => self.change_on(o, change, wait, cancel, wants_exclusive, party));
         match done {
             Ok(()) => Ok(()),
             Err(e) => Err(self.locate(e, change)),
@@ -1039,74 +1017,38 @@ impl LockFile {
 
     /// The lock file's path, or the server target without its password.
     fn shown(&self) -> String {
-        #[cfg(feature = "postgres")]
-        if let Owners::Pg(o) = &self.owner {
-            return o.engine.shown().to_string();
+        match with_owner!(&self.owner, o => o.engine.target()) {
+            Some(target) => target.to_string(),
+            None => self.path.display().to_string(),
         }
-        self.path.display().to_string()
     }
 
-    /// [`LockFile::change`] on a server: a span that takes locks must fit
-    /// the server's keys and the per-call cap, checked before anything is
-    /// sent.
-    #[cfg(feature = "postgres")]
-    #[inline(never)]
-    fn change_pg(
+    /// [`LockFile::change`] on one engine: what it can never do is
+    /// refused before anything is tried (a span it cannot take, a lock
+    /// asked of an owner whose locks are lost, an exclusive one of a
+    /// read-only file).
+    #[inline]
+    fn change_on<E: Engine>(
         &self,
-        o: &Owner<Pg>,
+        o: &Owner<E>,
         change: Change,
         wait: Wait,
         cancel: Option<&Cancel>,
         wants_exclusive: bool,
         party: Party,
     ) -> Result<(), Error> {
-        use crate::engine::pg::{MAX_INDEX, MAX_SPAN};
         let wants_lock = match change {
             Change::Guard { to, .. } => to.is_some(),
             Change::Explicit { kind, .. } => kind.is_some(),
         };
-        if wants_lock {
-            let span = change.span();
-            if span.end() == crate::INDEX_END || span.end() - span.start() > MAX_SPAN {
-                return Err(Error::InvalidSpan(SpanError::TooLong));
-            }
-            if span.end() - 1 > MAX_INDEX {
-                return Err(Error::InvalidSpan(SpanError::PastServerKeys));
-            }
-            if wants_exclusive && !o.engine.writable() {
-                return Err(self.read_only());
-            }
-            if o.engine.lost() {
-                return Err(Error::ConnectionLost {
-                    target: o.engine.shown().to_string(),
-                });
-            }
-        }
-        o.change_or_cancel(change, wait, cancel, party)
-    }
-
-    /// [`LockFile::change`] in flock mode, out of line so that the fcntl
-    /// path above stays small.
-    #[inline(never)]
-    fn change_flock(
-        &self,
-        o: &Owner<Flock>,
-        change: Change,
-        wait: Wait,
-        cancel: Option<&Cancel>,
-        wants_exclusive: bool,
-        party: Party,
-    ) -> Result<(), Error> {
-        self.whole_file_only(change.span())?;
+        o.engine.check_span(change.span(), wants_lock)?;
         if wants_exclusive && !o.engine.writable() {
             return Err(self.read_only());
         }
-        let wants_lock = match change {
-            Change::Guard { to, .. } => to.is_some(),
-            Change::Explicit { kind, .. } => kind.is_some(),
-        };
-        if let (true, Some(held)) = (wants_lock, o.engine.lost()) {
-            return Err(Error::ConversionLost { held });
+        if wants_lock {
+            if let Some(e) = o.engine.locks_lost() {
+                return Err(e);
+            }
         }
         o.change_or_cancel(change, wait, cancel, party)
     }
@@ -1116,16 +1058,6 @@ impl LockFile {
         Error::ReadOnly {
             path: self.path.clone(),
         }
-    }
-
-    /// In flock mode, refuse any span but the whole index space before
-    /// anything is tried: flock(2) has no ranges, and taking the whole file
-    /// for part of it would exclude more than asked, silently.
-    fn whole_file_only(&self, span: Span) -> Result<(), Error> {
-        if self.mode == Mode::Flock && span != Span::ALL {
-            return Err(Error::InvalidSpan(SpanError::NotWholeFile));
-        }
-        Ok(())
     }
 
     /// `fcntl(F_OFD_SETLK | F_SETLK[W])`: lock `span` at `kind` in this
@@ -1223,8 +1155,10 @@ impl LockFile {
     #[doc(alias = "F_OFD_GETLK")]
     pub fn conflicts(&self, kind: Kind, span: impl IntoSpan) -> Result<Option<Holder>, Error> {
         let span = span.into_span()?;
-        self.whole_file_only(span)?;
-        with_owner!(&self.owner, o => o.probe(span, kind))
+        with_owner!(&self.owner, o => {
+            o.engine.check_span(span, false)?;
+            o.probe(span, kind)
+        })
     }
 
     /// Wait for a shared lock on `span`; released when the guard drops.
