@@ -104,7 +104,9 @@ pub use error::{
     At, Error, ErrorKind, Holder, NotRegular, Result, ServerHolder, ServerLock, SidecarProblem,
     SpanError,
 };
-pub use file::{LockFile, Mode, OpenOptions, Threads};
+pub use file::mode::{Mode, Threads};
+pub use file::open::OpenOptions;
+pub use file::LockFile;
 pub use guard::{ReadGuard, WriteGuard};
 pub use kind::Kind;
 pub use owned::{OwnedReadGuard, OwnedWriteGuard};
