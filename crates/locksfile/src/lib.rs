@@ -81,6 +81,7 @@ mod owned;
 mod owner;
 mod party;
 mod registry;
+mod segmap;
 mod span;
 mod sys;
 mod wait;

@@ -17,8 +17,9 @@
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::holds::{Change, Counts, Holds, SegMap};
+use crate::holds::{Change, Counts, Holds};
 use crate::kind::Kind;
+use crate::segmap::SegMap;
 use crate::span::Span;
 
 /// Who a lock is taken for among the threads and tasks sharing one handle:
