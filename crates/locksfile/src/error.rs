@@ -4,7 +4,8 @@ use std::fmt;
 use std::io;
 use std::path::PathBuf;
 
-use crate::{Kind, Span};
+use crate::kind::Kind;
+use crate::span::Span;
 
 /// Why a span was refused before it reached the kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -6,11 +6,16 @@
 
 use std::fmt;
 use std::ops::Deref;
+use std::time::{Duration, Instant};
 
+use crate::cancel::Cancel;
+use crate::error::Error;
+use crate::file::LockFile;
 use crate::holds::Change;
+use crate::kind::Kind;
 use crate::party::Party;
 use crate::span::{IntoSpan, Span};
-use crate::{Cancel, Error, Kind, LockFile, Wait};
+use crate::wait::Wait;
 
 /// The part both guards share: a hold of one kind on one span.
 struct Hold<H: Deref<Target = LockFile>> {
@@ -318,5 +323,88 @@ impl<H: Deref<Target = LockFile>> fmt::Debug for ReadGuard<H> {
 impl<H: Deref<Target = LockFile>> fmt::Debug for WriteGuard<H> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "WriteGuard({})", self.hold.span)
+    }
+}
+
+/// Scoped locks: a guard that releases when it drops.
+impl LockFile {
+    /// Wait for a shared lock on `span`; released when the guard drops.
+    ///
+    /// # Errors
+    /// As [`acquire`](Self::acquire).
+    pub fn read(&self, span: impl IntoSpan) -> Result<ReadGuard<&Self>, Error> {
+        ReadGuard::acquire(self, span, Wait::Blocking)
+    }
+
+    /// Wait for an exclusive lock on `span`; released when the guard drops.
+    ///
+    /// # Errors
+    /// As [`acquire`](Self::acquire).
+    pub fn write(&self, span: impl IntoSpan) -> Result<WriteGuard<&Self>, Error> {
+        WriteGuard::acquire(self, span, Wait::Blocking)
+    }
+
+    /// A shared lock on `span` if no one is in the way.
+    ///
+    /// # Errors
+    /// [`Error::WouldBlock`] on conflict; else as [`acquire`](Self::acquire).
+    pub fn try_read(&self, span: impl IntoSpan) -> Result<ReadGuard<&Self>, Error> {
+        ReadGuard::acquire(self, span, Wait::NonBlocking)
+    }
+
+    /// An exclusive lock on `span` if no one is in the way.
+    ///
+    /// # Errors
+    /// [`Error::WouldBlock`] on conflict; else as [`acquire`](Self::acquire).
+    pub fn try_write(&self, span: impl IntoSpan) -> Result<WriteGuard<&Self>, Error> {
+        WriteGuard::acquire(self, span, Wait::NonBlocking)
+    }
+
+    /// A shared lock on `span`, waiting at most `timeout`.
+    ///
+    /// # Errors
+    /// [`Error::TimedOut`]; else as [`acquire`](Self::acquire).
+    pub fn read_for(
+        &self,
+        span: impl IntoSpan,
+        timeout: Duration,
+    ) -> Result<ReadGuard<&Self>, Error> {
+        ReadGuard::acquire(self, span, Wait::Timeout(timeout))
+    }
+
+    /// An exclusive lock on `span`, waiting at most `timeout`.
+    ///
+    /// # Errors
+    /// [`Error::TimedOut`]; else as [`acquire`](Self::acquire).
+    pub fn write_for(
+        &self,
+        span: impl IntoSpan,
+        timeout: Duration,
+    ) -> Result<WriteGuard<&Self>, Error> {
+        WriteGuard::acquire(self, span, Wait::Timeout(timeout))
+    }
+
+    /// A shared lock on `span`, waiting until `deadline` at the latest.
+    ///
+    /// # Errors
+    /// [`Error::TimedOut`]; else as [`acquire`](Self::acquire).
+    pub fn read_until(
+        &self,
+        span: impl IntoSpan,
+        deadline: Instant,
+    ) -> Result<ReadGuard<&Self>, Error> {
+        ReadGuard::acquire(self, span, Wait::Deadline(deadline))
+    }
+
+    /// An exclusive lock on `span`, waiting until `deadline` at the latest.
+    ///
+    /// # Errors
+    /// [`Error::TimedOut`]; else as [`acquire`](Self::acquire).
+    pub fn write_until(
+        &self,
+        span: impl IntoSpan,
+        deadline: Instant,
+    ) -> Result<WriteGuard<&Self>, Error> {
+        WriteGuard::acquire(self, span, Wait::Deadline(deadline))
     }
 }

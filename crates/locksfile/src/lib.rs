@@ -70,17 +70,21 @@
 #[cfg(feature = "tokio")]
 pub mod asyncio;
 mod cancel;
+mod descriptors;
 mod engine;
 mod error;
 mod file;
 mod guard;
 mod holds;
+mod kind;
 mod owned;
 mod owner;
 mod party;
 mod registry;
+mod segmap;
 mod span;
 mod sys;
+mod wait;
 
 /// Reading a [`Mode::Shm`] lock table from outside: who holds what, who
 /// waits (for `locksfile status` and the like).
@@ -95,9 +99,6 @@ pub mod shm {
     pub const IN_USE_BYTE: u64 = crate::engine::shm::IN_USE as u64;
 }
 
-use std::fmt;
-use std::time::{Duration, Instant};
-
 pub use cancel::Cancel;
 #[cfg(feature = "postgres")]
 pub use engine::pg::setup::{server_setup_sql, set_up_server};
@@ -106,69 +107,15 @@ pub use error::{
     At, Error, ErrorKind, Holder, NotRegular, Result, ServerHolder, ServerLock, SidecarProblem,
     SpanError,
 };
-pub use file::{LockFile, Mode, OpenOptions, Threads};
+pub use file::mode::{Mode, Threads};
+pub use file::open::OpenOptions;
+pub use file::LockFile;
 pub use guard::{ReadGuard, WriteGuard};
+pub use kind::Kind;
 pub use owned::{OwnedReadGuard, OwnedWriteGuard};
 pub use party::{Entered, Party};
 pub use span::{IntoSpan, Span, INDEX_END};
-
-/// Shared (read) or exclusive (write).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Kind {
-    /// Many owners may hold it at once; excludes exclusive locks.
-    Shared,
-    /// One owner only.
-    Exclusive,
-}
-
-impl fmt::Display for Kind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Kind::Shared => "shared",
-            Kind::Exclusive => "exclusive",
-        })
-    }
-}
-
-/// How long to wait for a lock another owner holds.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Wait {
-    /// Do not wait: fail with [`Error::WouldBlock`], naming the holder
-    /// (one more `F_GETLK` call on contention).
-    NonBlocking,
-    /// Do not wait, and do not look up the holder: `WouldBlock { holder:
-    /// None }`. For callers that go on to wait anyway.
-    NonBlockingNoHolder,
-    /// Sleep in the kernel (`F_SETLKW`) until granted; signals are retried.
-    /// In process mode the kernel may answer [`Error::Deadlock`].
-    Blocking,
-    /// As `Blocking`, but a signal ends the wait with [`Error::Interrupted`]
-    /// (nothing held) so the caller can run its handlers and decide. While
-    /// it waits behind another thread of the same owner (which no signal
-    /// can cut short) it also returns `Interrupted` every 20 ms, so callers
-    /// call again in a loop.
-    BlockingInterruptible,
-    /// Wait at most this long, then fail with [`Error::TimedOut`]. A
-    /// timeout that ends past what [`Instant`] can hold (`Duration::MAX`)
-    /// sets no limit: it waits as [`Wait::Blocking`] does.
-    Timeout(Duration),
-    /// Wait until this instant at the latest, then fail with [`Error::TimedOut`].
-    Deadline(Instant),
-    /// As `Deadline`, but a signal ends the wait with [`Error::Interrupted`]
-    /// (nothing held), as `BlockingInterruptible` does.
-    DeadlineInterruptible(Instant),
-}
-
-impl Wait {
-    /// `Blocking` when `block`, else `NonBlocking` (the original's `blocking=`).
-    pub fn from_blocking(block: bool) -> Wait {
-        if block {
-            Wait::Blocking
-        } else {
-            Wait::NonBlocking
-        }
-    }
-}
+pub use wait::Wait;
 
 /// Choose the signal that interrupts a timed or cancellable wait asleep in
 /// the kernel (`F_SETLKW`, `flock(2)`; see `docs/DESIGN.md`): a real-time

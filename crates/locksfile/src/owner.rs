@@ -14,13 +14,15 @@ use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::Instant;
 
 use crate::cancel::Cancel;
+use crate::descriptors::Keeper;
 use crate::engine::{Engine, Until, INTERRUPT_SLICE};
 use crate::error::{Error, Holder};
 use crate::holds::{rank, Change, HandleId, Holds, Move, Step, Undo};
+use crate::kind::Kind;
 use crate::party::{Blocker, Parties, Party};
 use crate::span::Span;
 use crate::sys;
-use crate::{Kind, Wait};
+use crate::wait::Wait;
 
 pub(crate) struct Owner<E> {
     pub engine: E,
@@ -105,6 +107,17 @@ impl<'a> Asked<'a> {
             interruptible,
             cancel: self.cancel,
         }
+    }
+}
+
+/// What parking descriptors needs of a process-mode owner.
+impl<E: Engine> Keeper for Owner<E> {
+    fn inherited(&self) -> bool {
+        self.is_inherited()
+    }
+
+    fn if_idle(&self, f: &mut dyn FnMut()) {
+        Owner::if_idle(self, f)
     }
 }
 

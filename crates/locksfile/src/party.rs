@@ -17,9 +17,10 @@
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::holds::{Change, Counts, Holds, SegMap};
+use crate::holds::{Change, Counts, Holds};
+use crate::kind::Kind;
+use crate::segmap::SegMap;
 use crate::span::Span;
-use crate::Kind;
 
 /// Who a lock is taken for among the threads and tasks sharing one handle:
 /// locks of different parties exclude each other, locks of one party

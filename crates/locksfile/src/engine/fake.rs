@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use super::{Abilities, Engine, Until};
 use crate::error::{Error, Holder};
-use crate::holds::SegMap;
+use crate::kind::Kind;
+use crate::segmap::SegMap;
 use crate::span::Span;
-use crate::Kind;
 
 #[derive(Default)]
 struct Table {

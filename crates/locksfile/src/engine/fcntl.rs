@@ -18,9 +18,9 @@ use std::time::Duration;
 
 use super::{Abilities, Engine, Until};
 use crate::error::{Error, Holder};
+use crate::kind::Kind;
 use crate::span::Span;
 use crate::sys::{self, Family, LockType};
-use crate::Kind;
 
 /// How long a timed wait sleeps between polls, at most: bounds how late it
 /// sees a release, while costing well under 1% of a core.
@@ -173,7 +173,7 @@ impl Drop for Fcntl {
     fn drop(&mut self) {
         let fds = std::mem::take(self.fds.get_mut().unwrap_or_else(|p| p.into_inner()));
         for fd in fds {
-            crate::registry::close(self.dev, self.ino, fd);
+            crate::descriptors::close(self.dev, self.ino, fd);
         }
     }
 }

@@ -25,10 +25,10 @@ use std::sync::atomic::{AtomicU8, Ordering};
 
 use super::fcntl::{poll, sleep_until};
 use super::{Abilities, Engine, Until};
-use crate::error::{Error, Holder};
+use crate::error::{Error, Holder, SpanError};
+use crate::kind::Kind;
 use crate::span::Span;
 use crate::sys::{self, FlockOp};
-use crate::Kind;
 
 /// While converting, every how many polls a try is made even though
 /// `/proc/locks` shows the file taken (about every 64 ms once the back-off
@@ -162,7 +162,7 @@ impl Drop for Flock {
         // Closing a descriptor of the file would drop this process's
         // process-mode record locks on it: the table parks it if so.
         if let Some(fd) = self.fd.take() {
-            crate::registry::close(self.dev, self.ino, fd);
+            crate::descriptors::close(self.dev, self.ino, fd);
         }
     }
 }
@@ -202,12 +202,22 @@ fn error(e: io::Error) -> Error {
 }
 
 impl Engine for Flock {
+    /// Any span but the whole index space is refused before anything is
+    /// tried: flock(2) has no ranges, and taking the whole file for part
+    /// of it would exclude more than asked, silently.
+    fn check_span(&self, span: Span, _locks: bool) -> Result<(), Error> {
+        if span != Span::ALL {
+            return Err(Error::InvalidSpan(SpanError::NotWholeFile));
+        }
+        Ok(())
+    }
+
+    fn locks_lost(&self) -> Option<Error> {
+        self.lost().map(|held| Error::ConversionLost { held })
+    }
+
     fn try_set(&self, span: Span, kind: Option<Kind>) -> Result<bool, Error> {
-        debug_assert_eq!(
-            span,
-            Span::ALL,
-            "LockFile refuses other spans in flock mode"
-        );
+        debug_assert_eq!(span, Span::ALL, "check_span refuses other spans");
         let before = self.held();
         if kind.is_none() {
             // The owner lets go of everything: from here on its bookkeeping
@@ -239,11 +249,7 @@ impl Engine for Flock {
     }
 
     fn wait_set(&self, span: Span, kind: Kind, until: Until<'_>) -> Result<(), Error> {
-        debug_assert_eq!(
-            span,
-            Span::ALL,
-            "LockFile refuses other spans in flock mode"
-        );
+        debug_assert_eq!(span, Span::ALL, "check_span refuses other spans");
         if self.held().is_some() {
             // A blocking flock from a held lock would drop it for the whole
             // wait: poll instead, keeping it between tries.
@@ -261,11 +267,7 @@ impl Engine for Flock {
     }
 
     fn probe(&self, span: Span, kind: Kind) -> Result<Option<Holder>, Error> {
-        debug_assert_eq!(
-            span,
-            Span::ALL,
-            "LockFile refuses other spans in flock mode"
-        );
+        debug_assert_eq!(span, Span::ALL, "check_span refuses other spans");
         let own = self.held();
         if own == Some(Kind::Exclusive) {
             return Ok(None);

@@ -27,12 +27,18 @@ pub(crate) mod shm;
 #[cfg(test)]
 pub(crate) mod fake;
 
+#[cfg(feature = "postgres")]
+pub(crate) use pg::is_target as is_server_target;
+/// Whether a shared-memory lock table of the file is in use, which
+/// opening in another mode refuses.
+pub(crate) use shm::table_in_use;
+
 use std::time::{Duration, Instant};
 
 use crate::cancel::Cancel;
 use crate::error::{Error, Holder};
+use crate::kind::Kind;
 use crate::span::Span;
-use crate::Kind;
 
 /// How long an interruptible wait that cannot be cut short by a signal
 /// (behind a sibling thread, or polling) sleeps before it returns
@@ -150,6 +156,31 @@ pub(crate) trait Engine: Send + Sync {
 
     /// What the engine offers beyond the required operations.
     fn abilities(&self) -> Abilities;
+
+    /// Refuse, before anything is tried, a span this engine can never
+    /// take (`locks`: the change takes locks; else it releases or looks).
+    fn check_span(&self, span: Span, locks: bool) -> Result<(), Error> {
+        let _ = (span, locks);
+        Ok(())
+    }
+
+    /// Why the owner's locks are gone while its guards live, if they are
+    /// (a lost server session, a lost conversion): new locks are refused
+    /// with it.
+    fn locks_lost(&self) -> Option<Error> {
+        None
+    }
+
+    /// Whether the owner's server session is lost, and every lock with it.
+    fn session_lost(&self) -> bool {
+        false
+    }
+
+    /// The server target without its password, for an engine that keeps
+    /// its locks on a server rather than for a file.
+    fn target(&self) -> Option<&str> {
+        None
+    }
 
     /// Drop every lock of this owner, which is going away.
     fn unlock_all(&self) -> Result<(), Error> {

@@ -5,7 +5,7 @@
 //! Keys: lock `i` of namespace `NAME` is the two-int4 key `(ns, i)`, `ns`
 //! the namespace's id in the table `locksfile_namespaces` (created when
 //! missing). Indices stop at `i32::MAX` and a span taking locks is capped at
-//! [`MAX_SPAN`] keys; `LockFile` refuses others before they get here.
+//! [`MAX_SPAN`] keys; [`Engine::check_span`] refuses others before they get here.
 //!
 //! Session locks stack server-side, so the engine keeps what the session
 //! holds per key (`held`, a bit per kind) and only ever asks for a kind a
@@ -49,10 +49,10 @@ pub(crate) use target::is_target;
 use target::Target;
 
 use super::{Abilities, Engine, Until};
-use crate::error::{Error, Holder, ServerHolder, ServerLock};
-use crate::span::Span;
+use crate::error::{Error, Holder, ServerHolder, ServerLock, SpanError};
+use crate::kind::Kind;
+use crate::span::{Span, INDEX_END};
 use crate::sys;
-use crate::Kind;
 
 /// The most keys one span may take at once: each is one entry of the
 /// server's shared lock table (twice while it is being taken), which holds
@@ -1108,6 +1108,34 @@ fn clamp(span: Span) -> (i32, i32) {
 }
 
 impl Engine for Pg {
+    /// A span that takes locks must fit the server's keys and the per-call
+    /// cap, checked before anything is sent.
+    fn check_span(&self, span: Span, locks: bool) -> Result<(), Error> {
+        if locks {
+            if span.end() == INDEX_END || span.end() - span.start() > MAX_SPAN {
+                return Err(Error::InvalidSpan(SpanError::TooLong));
+            }
+            if span.end() - 1 > MAX_INDEX {
+                return Err(Error::InvalidSpan(SpanError::PastServerKeys));
+            }
+        }
+        Ok(())
+    }
+
+    fn locks_lost(&self) -> Option<Error> {
+        self.lost().then(|| Error::ConnectionLost {
+            target: self.shown().to_string(),
+        })
+    }
+
+    fn session_lost(&self) -> bool {
+        self.lost()
+    }
+
+    fn target(&self) -> Option<&str> {
+        Some(self.shown())
+    }
+
     fn try_set(&self, span: Span, kind: Option<Kind>) -> Result<bool, Error> {
         if self.lost.load(Ordering::Relaxed) {
             // Nothing is held any more: lowering has nothing to do.

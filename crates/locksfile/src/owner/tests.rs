@@ -8,9 +8,11 @@ use proptest::prelude::*;
 
 use super::Owner;
 use crate::engine::fake::{Fake, FakeTable};
+use crate::error::Error;
 use crate::holds::{Change, HandleId, FIRST_HANDLE};
+use crate::kind::Kind;
 use crate::span::Span;
-use crate::{Error, Kind, Wait};
+use crate::wait::Wait;
 
 const S: Option<Kind> = Some(Kind::Shared);
 const X: Option<Kind> = Some(Kind::Exclusive);
