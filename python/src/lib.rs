@@ -5,8 +5,14 @@
 #![deny(unsafe_code)]
 
 mod errors;
+mod exceptions;
 mod fastcall;
+mod holder;
+mod kinds;
 mod modern;
+mod modes;
+mod mutex;
+mod paths;
 mod seed;
 mod spans;
 mod wait;
@@ -22,7 +28,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     fastcall::install(&m.py().get_type::<seed::Seed>())?;
     m.add_class::<modern::PyLocksFile>()?;
     m.add_class::<modern::PyGuard>()?;
-    m.add_class::<modern::PyHolder>()?;
+    m.add_class::<holder::PyHolder>()?;
     m.add_function(wrap_pyfunction!(modern::_shm_table, m)?)?;
     // `_Wait` and `_ThreadOwner` are internal: made by `LocksFile` only,
     // so not exported.

@@ -3,203 +3,25 @@
 use std::ffi::CString;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Instant;
 
 use locksfile::{
-    Cancel, Entered, Error, Holder, Kind, LockFile, Mode, Party, ReadGuard, Span, Threads, Wait,
-    WriteGuard,
+    Cancel, Entered, Error, Kind, LockFile, Mode, Party, ReadGuard, Span, Threads, Wait, WriteGuard,
 };
 use pyo3::exceptions::{PyResourceWarning, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyString, PyTuple};
 
 use crate::errors::to_py;
+use crate::holder::PyHolder;
+use crate::kinds::{kind_and_span, kind_name, parse_kind};
+use crate::modes::parse_mode;
+use crate::mutex::lock_mutex;
+use crate::paths::check_path;
 use crate::spans::{py_span, span_to_range};
 use crate::wait::{with_patience, Patience, Waits};
 use crate::with_block::{warn_no_lock, WithBlocks};
-
-fn lock_mutex<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn kind_name(k: Kind) -> &'static str {
-    match k {
-        Kind::Shared => "shared",
-        Kind::Exclusive => "exclusive",
-    }
-}
-
-/// `"shared"`/`"read"` or `"exclusive"`/`"write"`.
-fn parse_kind(obj: &Bound<'_, PyAny>) -> PyResult<Kind> {
-    let s = obj.cast::<PyString>().map_err(|_| {
-        PyTypeError::new_err("kind must be \"shared\" or \"exclusive\" (or \"read\" / \"write\")")
-    })?;
-    match &*s.to_cow()? {
-        "shared" | "read" => Ok(Kind::Shared),
-        "exclusive" | "write" => Ok(Kind::Exclusive),
-        other => Err(PyValueError::new_err(format!(
-            "kind must be \"shared\" or \"exclusive\" (or \"read\" / \"write\"), got {other:?}"
-        ))),
-    }
-}
-
-/// A span and an optional kind from up to two positional arguments in
-/// either order, told apart by type (a kind is a `str`, a span never is),
-/// and the keywords `span=` and `kind=`.
-fn kind_and_span<'py>(
-    method: &str,
-    args: &Bound<'py, PyTuple>,
-    span: Option<&Bound<'py, PyAny>>,
-    kind: Option<&Bound<'py, PyAny>>,
-) -> PyResult<(Bound<'py, PyAny>, Option<Bound<'py, PyAny>>)> {
-    if args.len() > 2 {
-        return Err(PyTypeError::new_err(format!(
-            "{method}() takes a kind and a span, got {} positional arguments",
-            args.len()
-        )));
-    }
-    let (mut span, mut kind) = (span.cloned(), kind.cloned());
-    for a in args.iter() {
-        let (slot, name) = if a.is_instance_of::<PyString>() {
-            (&mut kind, "kind")
-        } else {
-            (&mut span, "span")
-        };
-        if slot.is_some() {
-            return Err(PyTypeError::new_err(format!(
-                "{method}() got two values for {name}"
-            )));
-        }
-        *slot = Some(a);
-    }
-    let span = span.ok_or_else(|| {
-        PyTypeError::new_err(format!(
-            "{method}() missing its span (an index, range, slice or (start, count))"
-        ))
-    })?;
-    Ok((span, kind))
-}
-
-/// A lock another owner holds, as the kernel reported it (a snapshot).
-#[pyclass(name = "Holder", module = "pylocksfile", frozen, eq)]
-#[derive(PartialEq)]
-pub struct PyHolder {
-    inner: Holder,
-}
-
-impl From<Holder> for PyHolder {
-    fn from(inner: Holder) -> Self {
-        PyHolder { inner }
-    }
-}
-
-#[pymethods]
-impl PyHolder {
-    /// ``Holder(span, kind, pid=None)``: normally made by the library, from
-    /// what the kernel reports; constructible so that it pickles.
-    #[new]
-    #[pyo3(signature = (span, kind, pid = None))]
-    fn new(span: &Bound<'_, PyAny>, kind: &Bound<'_, PyAny>, pid: Option<u32>) -> PyResult<Self> {
-        Ok(PyHolder {
-            inner: Holder {
-                span: py_span(span)?,
-                kind: parse_kind(kind)?,
-                pid,
-                server: None,
-            },
-        })
-    }
-
-    fn __reduce__<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyTuple>> {
-        let py = slf.py();
-        let me = slf.get();
-        let args = (
-            span_to_range(py, me.inner.span)?,
-            kind_name(me.inner.kind),
-            me.inner.pid,
-        );
-        PyTuple::new(
-            py,
-            [
-                slf.get_type().into_any(),
-                args.into_pyobject(py)?.into_any(),
-            ],
-        )
-    }
-
-    /// The indices the conflicting lock covers, as a ``range`` (a lock to
-    /// the end of the file ends at ``INDEX_END``).
-    #[getter]
-    fn span<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        span_to_range(py, self.inner.span)
-    }
-
-    /// ``"shared"`` or ``"exclusive"``.
-    #[getter]
-    fn kind(&self) -> &'static str {
-        kind_name(self.inner.kind)
-    }
-
-    /// The holding process for a process-associated lock, or the process
-    /// that opened the holding object in shm mode (the table records it);
-    /// None for an open-file-description lock, whose owner the kernel does
-    /// not name.
-    #[getter]
-    fn pid(&self) -> Option<u32> {
-        self.inner.pid
-    }
-
-    /// For a lock on a PostgreSQL server: the holding session's server
-    /// process; None for a lock file (and after pickling).
-    #[getter]
-    fn backend_pid(&self) -> Option<u32> {
-        self.inner.server.map(|s| s.backend_pid)
-    }
-
-    /// For a lock on a PostgreSQL server: the holding client's address
-    /// (None over a Unix socket).
-    #[getter]
-    fn client_addr(&self) -> Option<String> {
-        self.inner
-            .server
-            .and_then(|s| s.client_addr)
-            .map(|a| a.to_string())
-    }
-
-    /// For a lock on a PostgreSQL server: the holding session's
-    /// ``application_name`` (``locksfile pid N`` unless its target set one).
-    #[getter]
-    fn application_name(&self) -> Option<&'static str> {
-        self.inner.server.map(|s| {
-            let name: &'static str = s.application_name_static();
-            name
-        })
-    }
-
-    fn __str__(&self) -> String {
-        self.inner.to_string()
-    }
-
-    fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
-        let server = match &self.inner.server {
-            Some(s) => format!(
-                ", backend_pid={}, client_addr={}, application_name={:?}",
-                s.backend_pid,
-                s.client_addr
-                    .map_or("None".to_string(), |a| format!("{:?}", a.to_string())),
-                s.application_name()
-            ),
-            None => String::new(),
-        };
-        Ok(format!(
-            "Holder(span={}, kind={:?}, pid={}{server})",
-            span_to_range(py, self.inner.span)?.repr()?,
-            kind_name(self.inner.kind),
-            self.inner.pid.map_or("None".to_string(), |p| p.to_string())
-        ))
-    }
-}
 
 enum Held {
     Read(ReadGuard<Arc<LockFile>>),
@@ -1222,52 +1044,6 @@ impl PyWait {
     }
 }
 
-/// Refuse paths that cannot name a lock file, with a message that says
-/// why, before anything is opened: `""` (`os.path.abspath` made it the
-/// working directory; the kernel answers `ENOENT`) and a trailing `/`
-/// (`os.path.abspath` dropped it and opened the file; the kernel answers
-/// `EISDIR` or `ENOTDIR`). Checked on the bytes the kernel will see, so
-/// names that are not UTF-8 (`os.fsdecode`'s surrogate escapes) pass.
-pub fn check_path(path: &std::path::Path) -> Result<(), String> {
-    use std::os::unix::ffi::OsStrExt;
-    let bytes = path.as_os_str().as_bytes();
-    if bytes.is_empty() {
-        Err("the lock file path is empty".to_string())
-    } else if bytes.ends_with(b"/") {
-        Err(format!(
-            "the lock file path {:?} ends with '/': it names a directory, not a file",
-            path.display()
-        ))
-    } else {
-        Ok(())
-    }
-}
-
-/// A mode's name as Python code passes it.
-pub(crate) fn parse_mode(name: &str) -> Result<Mode, String> {
-    Ok(match name {
-        "ofd" => Mode::Ofd,
-        "process" => Mode::Process,
-        "flock" => Mode::Flock,
-        "shm" => Mode::Shm,
-        other => {
-            return Err(format!(
-                "mode must be \"ofd\", \"process\", \"flock\" or \"shm\", got {other:?}"
-            ))
-        }
-    })
-}
-
-pub(crate) fn mode_name(m: Mode) -> &'static str {
-    match m {
-        Mode::Ofd => "ofd",
-        Mode::Process => "process",
-        Mode::Flock => "flock",
-        Mode::Shm => "shm",
-        Mode::Postgres => "postgres",
-    }
-}
-
 impl PyLocksFile {
     /// `LocksFile("postgresql://...?name=NAME")`: a session on the server.
     fn connect(
@@ -1443,8 +1219,8 @@ impl PyLocksFile {
 
     /// ``"ofd"``, ``"process"``, ``"flock"`` or ``"shm"``.
     #[getter]
-    fn mode(&self) -> &'static str {
-        mode_name(self.mode)
+    fn mode(&self) -> String {
+        self.mode.to_string()
     }
 
     /// Whether ``close()`` was called.
@@ -1804,7 +1580,7 @@ impl PyLocksFile {
         if no_lock && !raised {
             let mode = match self.mode {
                 Mode::Ofd | Mode::Postgres => String::new(),
-                m => format!(", mode='{}'", mode_name(m)),
+                m => format!(", mode='{m}'"),
             };
             warn_no_lock(
                 py,
@@ -1830,7 +1606,7 @@ impl PyLocksFile {
         me.with_blocks.took();
         let kw = PyDict::new(py);
         if !matches!(me.mode, Mode::Ofd | Mode::Postgres) {
-            kw.set_item("mode", mode_name(me.mode))?;
+            kw.set_item("mode", me.mode.to_string())?;
         }
         let (given, default) = (me.given, Given::DEFAULT);
         if given.create != default.create {
@@ -1855,7 +1631,7 @@ impl PyLocksFile {
         Ok(format!(
             "LocksFile({}, mode={:?}{}{}{})",
             self.path.bind(py).repr()?,
-            mode_name(self.mode),
+            self.mode.to_string(),
             if self.threads.is_some() {
                 ", thread_local=True"
             } else {

@@ -7,14 +7,18 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::ThreadId;
 
 use locksfile::{Error, Holder, Kind, LockFile, Mode, Span, Threads, Wait};
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict, PyString, PyTuple};
 
-use crate::errors::{illegal_argument, illegal_with, to_py};
+use crate::errors::to_py;
+use crate::exceptions::{illegal_argument, illegal_with};
+use crate::modes::{find_mode, one_of};
+use crate::mutex::lock_mutex;
+use crate::paths::check_path;
 use crate::spans::seed_span;
 use crate::wait::{continue_patience, with_patience, Patience};
 
@@ -139,6 +143,10 @@ struct Open {
     mode: Mode,
 }
 
+/// The modes with numbered locks, in the order the seed API's messages
+/// name them (its default first).
+const SEED_MODES: [Mode; 3] = [Mode::Process, Mode::Ofd, Mode::Shm];
+
 /// The seed API's `mode`: a `LocksFile` mode with numbered locks.
 fn seed_mode(m: &Bound<'_, PyAny>) -> PyResult<Mode> {
     let py = m.py();
@@ -150,25 +158,26 @@ fn seed_mode(m: &Bound<'_, PyAny>) -> PyResult<Mode> {
             .unwrap_or_default();
         return Err(illegal_argument(
             py,
-            format!("mode must be \"process\", \"ofd\" or \"shm\", got {ty}"),
+            format!("mode must be {}, got {ty}", one_of(&SEED_MODES)),
         ));
     };
-    match crate::modern::parse_mode(&name) {
-        Ok(Mode::Flock) => Err(illegal_argument(
+    if let Some(mode) = find_mode(&SEED_MODES, &name) {
+        return Ok(mode);
+    }
+    match find_mode(&[Mode::Flock], &name) {
+        Some(flock) => Err(illegal_argument(
             py,
-            "mode \"flock\" locks the whole file only; pylocksfile needs numbered locks \
-             (\"process\", \"ofd\" or \"shm\")",
+            format!(
+                "mode \"{flock}\" locks the whole file only; pylocksfile needs numbered locks \
+                 ({})",
+                one_of(&SEED_MODES)
+            ),
         )),
-        Ok(mode) => Ok(mode),
-        Err(_) => Err(illegal_argument(
+        None => Err(illegal_argument(
             py,
-            format!("mode must be \"process\", \"ofd\" or \"shm\", got {name:?}"),
+            format!("mode must be {}, got {name:?}", one_of(&SEED_MODES)),
         )),
     }
-}
-
-fn lock_mutex<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn open_mode(path: &std::path::Path, mode: Mode) -> Result<LockFile, Error> {
@@ -515,7 +524,7 @@ impl Seed {
         };
         let path = path.cast_into::<PyString>()?;
         let given = path.extract::<PathBuf>()?;
-        if let Err(msg) = crate::modern::check_path(&given) {
+        if let Err(msg) = check_path(&given) {
             return Err(illegal_argument(py, format!("locksfile_path: {msg}")));
         }
         // The directory as the kernel will resolve it (`link/..` is the
@@ -715,8 +724,8 @@ impl Seed {
 
     /// ``"process"`` (the default), ``"ofd"`` or ``"shm"``.
     #[getter]
-    fn mode(&self) -> PyResult<&'static str> {
-        Ok(crate::modern::mode_name(self.open()?.mode))
+    fn mode(&self) -> PyResult<String> {
+        Ok(self.open()?.mode.to_string())
     }
 
     /// Pickled as its lock file's path (a server target as given),
@@ -735,7 +744,7 @@ impl Seed {
             kw.set_item("l_id", open.l_id.bind(py))?;
         }
         if open.mode != Mode::Process {
-            kw.set_item("mode", crate::modern::mode_name(open.mode))?;
+            kw.set_item("mode", open.mode.to_string())?;
         }
         let extra = match slf.getattr("__dict__") {
             Ok(d) if d.is_truthy()? => d,
@@ -784,7 +793,7 @@ impl Seed {
             open.l_id.bind(py).repr()?,
             match open.mode {
                 Mode::Process => String::new(),
-                m => format!(", mode={:?}", crate::modern::mode_name(m)),
+                m => format!(", mode={:?}", m.to_string()),
             }
         ))
     }

@@ -10,7 +10,7 @@ use pyo3::exceptions::{PyOverflowError, PyTypeError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyInt, PyList, PyRange, PySlice, PyTuple};
 
-use crate::errors::{illegal_argument, invalid_span};
+use crate::exceptions::{illegal_argument, invalid_span};
 
 /// The largest lock index, `i64::MAX - 1`, spelled for messages.
 const LAST_INDEX: &str = "2**63 - 2";
