@@ -1,13 +1,18 @@
 //! Python bindings of `locksfile`: the native half of the `pylocksfile`
 //! package (`pylocksfile._native`). The package's `__init__.py` re-exports
 //! everything public; the exception classes live in `pylocksfile._errors`.
-// Unsafe code only in `fastcall`, which says why it is sound.
+// Unsafe code only in `compat::fastcall`, which says why it is sound.
 #![deny(unsafe_code)]
 
+mod compat;
 mod errors;
-mod fastcall;
+mod exceptions;
+mod holder;
+mod kinds;
 mod modern;
-mod seed;
+mod modes;
+mod mutex;
+mod paths;
 mod spans;
 mod wait;
 mod with_block;
@@ -18,11 +23,11 @@ use pyo3::prelude::*;
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("INDEX_END", locksfile::INDEX_END)?;
-    m.add_class::<seed::Seed>()?;
-    fastcall::install(&m.py().get_type::<seed::Seed>())?;
+    m.add_class::<compat::pylocksfile::Pylocksfile>()?;
+    compat::fastcall::install(&m.py().get_type::<compat::pylocksfile::Pylocksfile>())?;
     m.add_class::<modern::PyLocksFile>()?;
     m.add_class::<modern::PyGuard>()?;
-    m.add_class::<modern::PyHolder>()?;
+    m.add_class::<holder::PyHolder>()?;
     m.add_function(wrap_pyfunction!(modern::_shm_table, m)?)?;
     // `_Wait` and `_ThreadOwner` are internal: made by `LocksFile` only,
     // so not exported.

@@ -10,7 +10,7 @@ use pyo3::exceptions::{PyOverflowError, PyTypeError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyInt, PyList, PyRange, PySlice, PyTuple};
 
-use crate::errors::{illegal_argument, invalid_span};
+use crate::exceptions::{illegal_argument, invalid_span};
 
 /// The largest lock index, `i64::MAX - 1`, spelled for messages.
 const LAST_INDEX: &str = "2**63 - 2";
@@ -49,7 +49,7 @@ fn describe(obj: &Bound<'_, PyAny>) -> String {
 }
 
 /// The original's `lock_n`: an index, or `(start, count)` as a tuple or list.
-pub fn seed_span(obj: &Bound<'_, PyAny>) -> PyResult<Span> {
+pub fn lock_n_span(obj: &Bound<'_, PyAny>) -> PyResult<Span> {
     let py = obj.py();
     // Hot path: a plain int.
     if obj.is_exact_instance_of::<PyInt>() {
@@ -128,7 +128,7 @@ pub fn seed_span(obj: &Bound<'_, PyAny>) -> PyResult<Span> {
     }
 }
 
-/// One field of the seed's `(start, count)`: an int of at least `min`.
+/// One field of the original's `(start, count)`: an int of at least `min`.
 fn pair_field(
     item: &Bound<'_, PyAny>,
     field: &str,

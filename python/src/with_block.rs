@@ -21,7 +21,7 @@ use std::thread::ThreadId;
 
 use pyo3::prelude::*;
 
-use crate::errors::no_lock_warning;
+use crate::exceptions::no_lock_warning;
 
 /// The with statements open on one `LocksFile`, in any thread.
 #[derive(Default)]

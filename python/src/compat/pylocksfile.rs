@@ -7,67 +7,21 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::ThreadId;
 
-use locksfile::{Error, Holder, Kind, LockFile, Mode, Span, Threads, Wait};
+use locksfile::{Error, Kind, LockFile, Mode, Span, Threads, Wait};
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict, PyString, PyTuple};
 
-use crate::errors::{illegal_argument, illegal_with, to_py};
-use crate::spans::seed_span;
+use crate::errors::to_py;
+use crate::exceptions::{illegal_argument, illegal_with};
+use crate::mutex::lock_mutex;
+use crate::paths::check_path;
 use crate::wait::{continue_patience, with_patience, Patience};
 
-macro_rules! strict_bool {
-    ($name:ident, $arg:literal) => {
-        /// A `bool` argument that refuses anything but `True` and `False`.
-        #[derive(Clone, Copy)]
-        pub struct $name(pub bool);
-
-        impl<'a, 'py> FromPyObject<'a, 'py> for $name {
-            type Error = PyErr;
-            fn extract(obj: Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
-                let py = obj.py();
-                if obj.is(PyBool::new(py, true)) {
-                    Ok($name(true))
-                } else if obj.is(PyBool::new(py, false)) {
-                    Ok($name(false))
-                } else {
-                    let ty = obj
-                        .get_type()
-                        .name()
-                        .map(|n| n.to_string())
-                        .unwrap_or_default();
-                    Err(illegal_argument(
-                        py,
-                        format!(concat!($arg, " must be True or False, got {}"), ty),
-                    ))
-                }
-            }
-        }
-    };
-}
-
-strict_bool!(WriteLockArg, "writeLock");
-strict_bool!(BlockingArg, "blocking");
-strict_bool!(VerboseArg, "verbose");
-
-/// `lock_n`: an index or a `(start, count)` pair.
-#[derive(Clone, Copy)]
-pub struct LockN(pub Span);
-
-impl LockN {
-    pub fn zero() -> LockN {
-        LockN(Span::with_count(0, 1).expect("lock 0 is a span"))
-    }
-}
-
-impl<'a, 'py> FromPyObject<'a, 'py> for LockN {
-    type Error = PyErr;
-    fn extract(obj: Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
-        seed_span(&obj).map(LockN)
-    }
-}
+use super::args::{compat_mode, LockN, VerboseArg, WriteLockArg};
+use super::words::{holder_words, kind_word, locks};
 
 /// A `with lf(...)` in progress: `lf(...)` records it, `__enter__` takes it.
 struct WithEntry {
@@ -115,7 +69,7 @@ struct WithEntry {
     subclass,
     weakref
 )]
-pub struct Seed {
+pub struct Pylocksfile {
     /// Set by `__init__` (so that subclasses calling `super().__init__(...)`
     /// work as with the original's plain Python class).
     state: OnceLock<Open>,
@@ -139,38 +93,6 @@ struct Open {
     mode: Mode,
 }
 
-/// The seed API's `mode`: a `LocksFile` mode with numbered locks.
-fn seed_mode(m: &Bound<'_, PyAny>) -> PyResult<Mode> {
-    let py = m.py();
-    let Ok(name) = m.extract::<String>() else {
-        let ty = m
-            .get_type()
-            .name()
-            .map(|n| n.to_string())
-            .unwrap_or_default();
-        return Err(illegal_argument(
-            py,
-            format!("mode must be \"process\", \"ofd\" or \"shm\", got {ty}"),
-        ));
-    };
-    match crate::modern::parse_mode(&name) {
-        Ok(Mode::Flock) => Err(illegal_argument(
-            py,
-            "mode \"flock\" locks the whole file only; pylocksfile needs numbered locks \
-             (\"process\", \"ofd\" or \"shm\")",
-        )),
-        Ok(mode) => Ok(mode),
-        Err(_) => Err(illegal_argument(
-            py,
-            format!("mode must be \"process\", \"ofd\" or \"shm\", got {name:?}"),
-        )),
-    }
-}
-
-fn lock_mutex<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 fn open_mode(path: &std::path::Path, mode: Mode) -> Result<LockFile, Error> {
     // A lock namespace on a server where a path is taken: a session of
     // its own (the file modes have no meaning there).
@@ -184,40 +106,7 @@ fn open_mode(path: &std::path::Path, mode: Mode) -> Result<LockFile, Error> {
     options.mode(mode).open(path)
 }
 
-/// "lock 5", "locks 1 to 3", "locks 3 onwards".
-fn locks(s: Span) -> String {
-    if s.count() == 1 {
-        format!("lock {}", s.start())
-    } else if s.is_to_end() {
-        format!("locks {} onwards", s.start())
-    } else {
-        format!("locks {} to {}", s.start(), s.end() - 1)
-    }
-}
-
-fn kind_word(k: Kind) -> &'static str {
-    match k {
-        Kind::Shared => "read",
-        Kind::Exclusive => "write",
-    }
-}
-
-fn holder_words(h: &Holder) -> String {
-    match h.pid {
-        Some(pid) => format!(
-            "pid {pid} holds a {} lock on {}",
-            kind_word(h.kind),
-            locks(h.span)
-        ),
-        None => format!(
-            "another owner holds a {} lock on {}",
-            kind_word(h.kind),
-            locks(h.span)
-        ),
-    }
-}
-
-impl Seed {
+impl Pylocksfile {
     fn open(&self) -> PyResult<&Open> {
         self.state.get().ok_or_else(|| {
             pyo3::exceptions::PyRuntimeError::new_err(
@@ -443,15 +332,18 @@ impl Seed {
 }
 
 #[pymethods]
-impl Seed {
+impl Pylocksfile {
     /// An object with nothing open yet: `__init__` opens the lock file.
     #[new]
     #[pyo3(
         signature = (*_args, **_kwargs),
         text_signature = "(locksfile_path=None, verbose=False, l_id=None, *, mode='process')"
     )]
-    fn new(_args: &Bound<'_, PyTuple>, _kwargs: Option<&Bound<'_, pyo3::types::PyDict>>) -> Seed {
-        Seed {
+    fn new(
+        _args: &Bound<'_, PyTuple>,
+        _kwargs: Option<&Bound<'_, pyo3::types::PyDict>>,
+    ) -> Pylocksfile {
+        Pylocksfile {
             state: OnceLock::new(),
             child: Mutex::new(None),
             verbose: AtomicBool::new(false),
@@ -477,7 +369,7 @@ impl Seed {
         // Checked before anything is created: a bad mode loses nothing.
         let mode = match mode {
             None => Mode::Process,
-            Some(m) => seed_mode(m)?,
+            Some(m) => compat_mode(m)?,
         };
         let os = py.import("os")?;
         let os_path = os.getattr("path")?;
@@ -515,7 +407,7 @@ impl Seed {
         };
         let path = path.cast_into::<PyString>()?;
         let given = path.extract::<PathBuf>()?;
-        if let Err(msg) = crate::modern::check_path(&given) {
+        if let Err(msg) = check_path(&given) {
             return Err(illegal_argument(py, format!("locksfile_path: {msg}")));
         }
         // The directory as the kernel will resolve it (`link/..` is the
@@ -629,8 +521,8 @@ impl Seed {
         slf: &Bound<'_, Self>,
         writeLock: WriteLockArg,
         lock_n: LockN,
-    ) -> PyResult<SeedWith> {
-        Ok(SeedWith {
+    ) -> PyResult<WithStatement> {
+        Ok(WithStatement {
             lf: slf.clone().unbind(),
             write: writeLock.0,
             span: lock_n.0,
@@ -715,8 +607,8 @@ impl Seed {
 
     /// ``"process"`` (the default), ``"ofd"`` or ``"shm"``.
     #[getter]
-    fn mode(&self) -> PyResult<&'static str> {
-        Ok(crate::modern::mode_name(self.open()?.mode))
+    fn mode(&self) -> PyResult<String> {
+        Ok(self.open()?.mode.to_string())
     }
 
     /// Pickled as its lock file's path (a server target as given),
@@ -735,7 +627,7 @@ impl Seed {
             kw.set_item("l_id", open.l_id.bind(py))?;
         }
         if open.mode != Mode::Process {
-            kw.set_item("mode", crate::modern::mode_name(open.mode))?;
+            kw.set_item("mode", open.mode.to_string())?;
         }
         let extra = match slf.getattr("__dict__") {
             Ok(d) if d.is_truthy()? => d,
@@ -784,7 +676,7 @@ impl Seed {
             open.l_id.bind(py).repr()?,
             match open.mode {
                 Mode::Process => String::new(),
-                m => format!(", mode={:?}", crate::modern::mode_name(m)),
+                m => format!(", mode={:?}", m.to_string()),
             }
         ))
     }
@@ -796,14 +688,14 @@ impl Seed {
 /// subclass's `__enter__`/`__exit__` run as with the original) and no
 /// longer; a call never entered leaves nothing behind.
 #[pyclass(name = "_WithStatement", module = "pylocksfile", frozen)]
-pub struct SeedWith {
-    lf: Py<Seed>,
+pub struct WithStatement {
+    lf: Py<Pylocksfile>,
     write: bool,
     span: Span,
 }
 
 #[pymethods]
-impl SeedWith {
+impl WithStatement {
     fn __enter__(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
         let lf = self.lf.bind(py);
         let me = lf.get();
@@ -816,8 +708,8 @@ impl SeedWith {
         });
         // The class itself: its own `__enter__` directly; a subclass: through
         // the type, so an override runs.
-        let entered = if lf.get_type().is(py.get_type::<Seed>()) {
-            Seed::__enter__(lf).map(Bound::into_any)
+        let entered = if lf.get_type().is(py.get_type::<Pylocksfile>()) {
+            Pylocksfile::__enter__(lf).map(Bound::into_any)
         } else {
             lf.get_type()
                 .getattr("__enter__")
@@ -834,7 +726,7 @@ impl SeedWith {
     #[pyo3(signature = (*exc))]
     fn __exit__(&self, py: Python<'_>, exc: &Bound<'_, PyTuple>) -> PyResult<Py<PyAny>> {
         let lf = self.lf.bind(py);
-        if lf.get_type().is(py.get_type::<Seed>()) {
+        if lf.get_type().is(py.get_type::<Pylocksfile>()) {
             let suppress = lf.get().__exit__(py, exc)?;
             return Ok(PyBool::new(py, suppress).to_owned().into_any().unbind());
         }
@@ -879,7 +771,7 @@ impl SeedWith {
     }
 }
 
-impl Drop for Seed {
+impl Drop for Pylocksfile {
     fn drop(&mut self) {
         // The handles release everything as they drop; only the message is ours.
         if !self.verbose.load(Ordering::Relaxed) {

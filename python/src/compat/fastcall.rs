@@ -28,7 +28,8 @@ use pyo3::panic::PanicException;
 use pyo3::prelude::*;
 use pyo3::types::{PyString, PyTuple, PyType};
 
-use crate::seed::{BlockingArg, LockN, Seed, WriteLockArg};
+use super::args::{BlockingArg, LockN, WriteLockArg};
+use super::pylocksfile::Pylocksfile;
 
 /// `METH_FASTCALL`: in CPython's ABI since 3.7 (limited API headers: 3.10).
 const METH_FASTCALL: c_int = 0x0080;
@@ -40,7 +41,7 @@ type FastWithKeywords = unsafe extern "C" fn(
     *mut ffi::PyObject,
 ) -> *mut ffi::PyObject;
 
-type Body = fn(&Seed, Python<'_>, &[Option<Borrowed<'_, '_, PyAny>>]) -> PyResult<Py<PyAny>>;
+type Body = fn(&Pylocksfile, Python<'_>, &[Option<Borrowed<'_, '_, PyAny>>]) -> PyResult<Py<PyAny>>;
 
 /// Parsed arguments: one slot per parameter, in order.
 const MAX_PARAMS: usize = 3;
@@ -99,7 +100,7 @@ unsafe fn call(
         // SAFETY: `slf` is a live object for the call.
         let me = unsafe { Borrowed::from_ptr(py, slf) };
         let me = me
-            .cast::<Seed>()
+            .cast::<Pylocksfile>()
             .map_err(|_| PyTypeError::new_err("not a pylocksfile"))?;
         let nargs = usize::try_from(nargs).unwrap_or(0);
         let mut slots: [Option<Borrowed<'_, '_, PyAny>>; MAX_PARAMS] = [None; MAX_PARAMS];

@@ -1,0 +1,399 @@
+//! `Guard`: one lock on a span, held until released, and the cell
+//! `LocksFile.close()` reaches it through.
+
+use std::ffi::CString;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use locksfile::{Cancel, Error, Kind, LockFile, ReadGuard, Span, Wait, WriteGuard};
+use pyo3::exceptions::{PyResourceWarning, PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::PyTuple;
+
+use crate::errors::to_py;
+use crate::mutex::lock_mutex;
+use crate::spans::span_to_range;
+use crate::wait::{with_patience, Waits};
+
+use super::outcomes::{Refused, GIVE_UP};
+
+/// What a guard holds, and what became of it.
+pub enum Held {
+    Read(ReadGuard<Arc<LockFile>>),
+    Write(WriteGuard<Arc<LockFile>>),
+    /// Taken out by a thread that is converting it.
+    Busy,
+    Released,
+    /// Released by `LocksFile.close()`.
+    Closed,
+}
+
+impl Held {
+    /// Whether a lock it held was taken away: its PostgreSQL session was
+    /// lost, or a flock conversion of its owner (the core's `is_held`).
+    fn lost(&self) -> bool {
+        match self {
+            Held::Read(g) => !g.is_held(),
+            Held::Write(g) => !g.is_held(),
+            Held::Busy | Held::Released | Held::Closed => false,
+        }
+    }
+
+    /// A guard on `span`, waiting as `w` says; `cancel` ends the wait.
+    pub fn take(
+        lf: &Arc<LockFile>,
+        kind: Kind,
+        span: Span,
+        w: Wait,
+        cancel: Option<&Cancel>,
+    ) -> Result<Held, Error> {
+        let lf = Arc::clone(lf);
+        match (kind, cancel) {
+            (Kind::Shared, None) => ReadGuard::acquire(lf, span, w).map(Held::Read),
+            (Kind::Shared, Some(c)) => {
+                ReadGuard::acquire_cancellable(lf, span, w, c).map(Held::Read)
+            }
+            (Kind::Exclusive, None) => WriteGuard::acquire(lf, span, w).map(Held::Write),
+            (Kind::Exclusive, Some(c)) => {
+                WriteGuard::acquire_cancellable(lf, span, w, c).map(Held::Write)
+            }
+        }
+    }
+
+    pub fn unlock(self) -> Result<(), Error> {
+        match self {
+            Held::Read(g) => ReadGuard::unlock(g),
+            Held::Write(g) => WriteGuard::unlock(g),
+            Held::Busy | Held::Released | Held::Closed => Ok(()),
+        }
+    }
+}
+
+/// A guard's lock, shared with the `LocksFile` whose `close()` releases it.
+pub struct GuardCell {
+    pub held: Mutex<Held>,
+    pub span: Span,
+    /// The process that took it: in a forked child every method refuses
+    /// before touching anything, so the parent's locks stay as they are.
+    pub pid: u32,
+    /// The upgrade waiting on it, if any: a release ends that wait.
+    pub waits: Waits,
+}
+
+impl GuardCell {
+    /// Release, leaving `end` (`Released` or `Closed`) behind. A guard that
+    /// another thread is converting is marked at once and that thread's wait
+    /// is cancelled; it unlocks what it holds as its wait ends (see
+    /// `PyGuard::finish`).
+    pub fn release(&self, end: Held) -> Result<(), Error> {
+        let mut slot = lock_mutex(&self.held);
+        if matches!(&*slot, Held::Released | Held::Closed) {
+            return Ok(());
+        }
+        let held = std::mem::replace(&mut *slot, end);
+        drop(slot);
+        // After the mark: an upgrade that registers later sees it.
+        self.waits.cancel_all();
+        held.unlock()
+    }
+}
+
+/// Why a `Guard` does not pickle, and what to send instead.
+const GUARD_PICKLE: &str = "cannot pickle a Guard: its lock belongs to this process's owner. \
+     Pass the LocksFile (it pickles as its path, mode and options, holding nothing) and the \
+     span (guard.span), and take the lock again in the other process";
+
+/// A lock on a span, held until released: by ``release()``, at the end of a
+/// ``with`` block, when the guard is collected, or when its ``LocksFile`` is
+/// closed. Returned by ``LocksFile.read()``/``write()`` and their ``try_``
+/// and ``_for`` forms, with the lock already taken.
+///
+/// Keep it in a name or a ``with`` statement: a bare ``lf.write(5)`` is
+/// collected, and released, at once. A guard collected while it still
+/// holds its lock and was never entered by ``with`` emits a
+/// ``ResourceWarning``, as an unclosed file does.
+///
+/// Inherited through ``fork``, every method raises ``ForkedError`` in the
+/// child and never touches the parent's lock.
+#[pyclass(name = "Guard", module = "pylocksfile", frozen, weakref)]
+pub struct PyGuard {
+    pub cell: Arc<GuardCell>,
+    /// Entered by a `with` statement, which will release it: collection
+    /// then has nothing to warn about.
+    entered: AtomicBool,
+}
+
+impl PyGuard {
+    pub fn new(cell: Arc<GuardCell>) -> PyGuard {
+        PyGuard {
+            cell,
+            entered: AtomicBool::new(false),
+        }
+    }
+}
+
+/// A guard collected while it still held its lock, and never entered by a
+/// `with`, was most likely dropped by mistake (`lf.write(5)` as a bare
+/// statement releases at once): say so with a `ResourceWarning`, as an
+/// unclosed file does. The lock is released right after, as before.
+impl Drop for PyGuard {
+    fn drop(&mut self) {
+        if self.entered.load(Ordering::Relaxed) || std::process::id() != self.cell.pid {
+            return;
+        }
+        if !matches!(
+            &*lock_mutex(&self.cell.held),
+            Held::Read(_) | Held::Write(_)
+        ) {
+            return;
+        }
+        let span = self.cell.span;
+        Python::attach(|py| {
+            // Collection may happen while an exception propagates: keep it.
+            let pending = PyErr::take(py);
+            let span = span_to_range(py, span)
+                .and_then(|r| r.repr())
+                .map(|r| r.to_string())
+                .unwrap_or_else(|_| span.to_string());
+            let msg = format!(
+                "unreleased Guard {span} collected; its lock is released now. \
+                 Use `with lf.write(...):`, or bind the guard to a name and call release()"
+            );
+            let msg = CString::new(msg).expect("no NUL in the message");
+            let category = py.get_type::<PyResourceWarning>();
+            if let Err(e) = PyErr::warn(py, category.as_any(), &msg, 1) {
+                // A filter made it an error: report it as unclosed files do.
+                e.write_unraisable(py, None);
+            }
+            if let Some(e) = pending {
+                e.restore(py);
+            }
+        });
+    }
+}
+
+impl PyGuard {
+    fn not_forked(&self, py: Python<'_>) -> PyResult<()> {
+        if std::process::id() != self.cell.pid {
+            return Err(to_py(py, Error::Forked));
+        }
+        Ok(())
+    }
+
+    fn take_busy(&self, py: Python<'_>) -> PyResult<Held> {
+        self.not_forked(py)?;
+        let mut held = lock_mutex(&self.cell.held);
+        match &*held {
+            Held::Busy => Err(PyRuntimeError::new_err(
+                "the guard is being converted by another thread",
+            )),
+            Held::Released => Err(PyRuntimeError::new_err("the guard was released")),
+            Held::Closed => Err(PyValueError::new_err(
+                "the guard was released by closing its LocksFile",
+            )),
+            _ => Ok(std::mem::replace(&mut *held, Held::Busy)),
+        }
+    }
+
+    /// Whether the guard was released or its file closed (while busy).
+    fn ended(&self) -> bool {
+        matches!(&*lock_mutex(&self.cell.held), Held::Released | Held::Closed)
+    }
+
+    /// Put back what a conversion took out. If the guard was released or
+    /// its file closed meanwhile, that release stands: `h` is unlocked and
+    /// the conversion fails.
+    fn finish(&self, py: Python<'_>, h: Held) -> PyResult<()> {
+        let mut slot = lock_mutex(&self.cell.held);
+        let closed = match &*slot {
+            Held::Busy => {
+                *slot = h;
+                return Ok(());
+            }
+            other => matches!(other, Held::Closed),
+        };
+        drop(slot);
+        h.unlock().map_err(|e| to_py(py, e))?;
+        Err(if closed {
+            PyValueError::new_err(
+                "the LocksFile was closed while the guard was converting; nothing is held",
+            )
+        } else {
+            PyRuntimeError::new_err(
+                "the guard was released while it was converting; nothing is held",
+            )
+        })
+    }
+}
+
+#[pymethods]
+impl PyGuard {
+    /// The indices held, as a ``range``.
+    #[getter]
+    fn span<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        span_to_range(py, self.cell.span)
+    }
+
+    /// ``"shared"`` or ``"exclusive"``; None once released, or once the
+    /// lock was lost (see ``held``).
+    #[getter]
+    fn kind(&self) -> Option<&'static str> {
+        let held = lock_mutex(&self.cell.held);
+        if held.lost() {
+            return None;
+        }
+        match &*held {
+            Held::Read(_) => Some("shared"),
+            Held::Write(_) => Some("exclusive"),
+            // Only an upgrade makes a guard busy; it is shared until that ends.
+            Held::Busy => Some("shared"),
+            Held::Released | Held::Closed => None,
+        }
+    }
+
+    /// Whether the lock is still held by this guard: False once released,
+    /// and once it was taken away (its PostgreSQL session was lost, see
+    /// ``LocksFile.lost()``, or a flock conversion of its owner was lost).
+    #[getter]
+    fn held(&self) -> bool {
+        let held = lock_mutex(&self.cell.held);
+        !matches!(&*held, Held::Released | Held::Closed) && !held.lost()
+    }
+
+    /// Release the lock now. Releasing twice is harmless. Released while
+    /// another thread upgrades it, the guard stays released: that upgrade
+    /// fails (``RuntimeError``) and unlocks what it holds when its wait ends.
+    fn release(&self, py: Python<'_>) -> PyResult<()> {
+        self.not_forked(py)?;
+        self.cell.release(Held::Released).map_err(|e| to_py(py, e))
+    }
+
+    /// Convert a shared lock to exclusive in place (the shared lock is kept
+    /// while waiting). ``blocking=False`` raises ``WouldBlockError`` at once
+    /// on conflict (a ``timeout`` given with it is ignored); ``timeout``
+    /// (seconds) raises ``LockTimeout``. On those
+    /// failures the guard still holds its shared lock. Returns the guard.
+    ///
+    /// If another thread releases the guard (or closes its ``LocksFile``)
+    /// while this call waits, the release stands: the wait ends at once,
+    /// unlocks everything the guard held and raises ``RuntimeError``
+    /// (``ValueError`` for a closed file).
+    ///
+    /// Deadlocks
+    /// ---------
+    /// Two owners that both hold a shared lock on the same span and both
+    /// upgrade it wait for each other. In process mode the kernel sees that
+    /// and one of them gets ``DeadlockError``; in shm mode the table sees
+    /// it, between any owners (threads with separate objects too), and the
+    /// upgrade that closes the cycle gets ``DeadlockError`` keeping its
+    /// shared lock. In OFD mode (the default) and flock mode nothing detects
+    /// deadlocks: both wait forever. Give such upgrades a ``timeout`` (both
+    /// then raise ``LockTimeout`` and keep their shared lock) or use
+    /// ``blocking=False``, or take the exclusive lock at once.
+    #[pyo3(signature = (*, blocking = true, timeout = None))]
+    fn upgrade<'py>(
+        slf: &Bound<'py, Self>,
+        blocking: bool,
+        timeout: Option<f64>,
+    ) -> PyResult<Bound<'py, Self>> {
+        let py = slf.py();
+        let me = slf.get();
+        let (patience, refused) = Refused::from_args(blocking, timeout)?;
+        let g = match me.take_busy(py)? {
+            Held::Read(g) => g,
+            other => {
+                me.finish(py, other)?;
+                return Ok(slf.clone());
+            }
+        };
+        let mut slot = Some(g);
+        let outcome = with_patience(py, patience, Some(&me.cell.waits), |w, cancel| {
+            let g = slot.take().expect("the read guard is back between tries");
+            if me.ended() {
+                slot = Some(g);
+                return Err(GIVE_UP);
+            }
+            let upgraded = match cancel {
+                Some(c) => ReadGuard::upgrade_cancellable(g, w, c),
+                None => ReadGuard::upgrade_with(g, w),
+            };
+            match upgraded {
+                Ok(wg) => Ok(wg),
+                Err((g, e)) => {
+                    slot = Some(g);
+                    Err(e)
+                }
+            }
+        });
+        match outcome {
+            Ok(Ok(wg)) => {
+                me.finish(py, Held::Write(wg))?;
+                Ok(slf.clone())
+            }
+            Ok(Err(e)) => {
+                me.finish(
+                    py,
+                    Held::Read(slot.take().expect("the read guard came back")),
+                )?;
+                Err(refused.error(py, e))
+            }
+            Err(e) => {
+                // A signal handler's exception wins over a release meanwhile.
+                let _ = me.finish(
+                    py,
+                    Held::Read(slot.take().expect("the read guard came back")),
+                );
+                Err(e)
+            }
+        }
+    }
+
+    /// Convert an exclusive lock to shared in place; never blocks. Returns the guard.
+    fn downgrade<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, Self>> {
+        let py = slf.py();
+        let me = slf.get();
+        let h = me.take_busy(py)?;
+        me.finish(
+            py,
+            match h {
+                Held::Write(g) => Held::Read(WriteGuard::downgrade(g)),
+                other => other,
+            },
+        )?;
+        Ok(slf.clone())
+    }
+
+    fn __enter__<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, Self>> {
+        slf.get().not_forked(slf.py())?;
+        slf.get().entered.store(true, Ordering::Relaxed);
+        Ok(slf.clone())
+    }
+
+    #[pyo3(signature = (*_exc))]
+    fn __exit__(&self, py: Python<'_>, _exc: &Bound<'_, PyTuple>) -> PyResult<bool> {
+        self.release(py)?;
+        Ok(false)
+    }
+
+    /// A guard does not pickle: its lock belongs to this process's owner.
+    /// ``TypeError``, saying to pass the ``LocksFile`` and the span instead.
+    fn __reduce__(&self) -> PyResult<()> {
+        Err(PyTypeError::new_err(GUARD_PICKLE))
+    }
+
+    fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
+        let held = lock_mutex(&self.cell.held);
+        let state = match &*held {
+            _ if held.lost() => "lost",
+            Held::Read(_) => "shared",
+            Held::Write(_) => "exclusive",
+            Held::Busy => "converting",
+            Held::Released | Held::Closed => "released",
+        };
+        drop(held);
+        Ok(format!(
+            "<Guard {} {state}>",
+            span_to_range(py, self.cell.span)?.repr()?
+        ))
+    }
+}

@@ -1,0 +1,20 @@
+//! `LocksFile`: the API for new code, with guards, timeouts and typed errors.
+//!
+//! From the ground up: `outcomes` (refusals and closed-file errors),
+//! `guard` (a lock held until released), `tasks` and `thread_owners` (who
+//! a take is for), `owner` (the state the class shares with its guards and
+//! waits, and the one path of every blocking take), `async_wait` (one
+//! asyncio wait), `locks_file` (the Python class), `shm_table`.
+
+mod async_wait;
+mod guard;
+mod locks_file;
+mod outcomes;
+mod owner;
+mod shm_table;
+mod tasks;
+mod thread_owners;
+
+pub use guard::PyGuard;
+pub use locks_file::PyLocksFile;
+pub use shm_table::_shm_table;

@@ -1,0 +1,223 @@
+//! What a `LocksFile` is below its Python class: its handle (or its
+//! threads' handles), the guards and waits `close()` must reach, and the
+//! one path every blocking take goes through.
+
+use std::sync::{Arc, Mutex, Weak};
+
+use locksfile::{Cancel, Entered, Error, Kind, LockFile, Party, Span, Threads, Wait};
+use pyo3::prelude::*;
+
+use crate::errors::to_py;
+use crate::mutex::lock_mutex;
+use crate::wait::{with_patience, Patience, Waits};
+use crate::with_block::WithBlocks;
+
+use super::guard::{GuardCell, Held, PyGuard};
+use super::outcomes::{closed_error, closed_while_waiting, Refused, GIVE_UP};
+use super::tasks::task_party;
+use super::thread_owners::ThreadOwners;
+
+/// The state of one `LocksFile` that its guards' and waits' calls share
+/// with it.
+pub struct Owner {
+    handle: Mutex<Option<Arc<LockFile>>>,
+    guards: Mutex<Vec<Weak<GuardCell>>>,
+    /// The waits in progress on this object (any thread's), which
+    /// `close()` ends.
+    pub waits: Waits,
+    /// The process that opened it: `held()` answers from bookkeeping
+    /// without a system call, so it checks for a fork itself.
+    pub pid: u32,
+    /// `thread_local=True`: an owner per thread, opened on first use.
+    pub threads: Option<ThreadOwners>,
+    /// Whether the object's threads and tasks exclude each other.
+    pub sharing: Threads,
+    /// The with statements open on it, and whether their blocks took a lock.
+    pub(crate) with_blocks: WithBlocks,
+}
+
+impl Owner {
+    pub fn new(lf: Arc<LockFile>, threads: Option<ThreadOwners>, sharing: Threads) -> Owner {
+        Owner {
+            handle: Mutex::new(Some(lf)),
+            guards: Mutex::new(Vec::new()),
+            waits: Waits::default(),
+            pid: std::process::id(),
+            threads,
+            sharing,
+            with_blocks: WithBlocks::default(),
+        }
+    }
+
+    /// Whether `close()` was called.
+    pub fn closed(&self) -> bool {
+        lock_mutex(&self.handle).is_none()
+    }
+
+    /// Inside an asyncio task, take locks for the task (see `TaskParty`)
+    /// until the returned value is dropped.
+    pub fn as_task(&self, py: Python<'_>) -> PyResult<Option<Entered>> {
+        if self.sharing == Threads::Share {
+            return Ok(None);
+        }
+        Ok(task_party(py)?.map(Party::enter))
+    }
+
+    /// The party an asyncio wait takes its lock for, wherever it runs: the
+    /// task's, or one of its own when made outside a task (`None` when the
+    /// object's threads share its locks).
+    pub fn wait_party(&self, py: Python<'_>) -> PyResult<Option<Party>> {
+        Ok(match self.sharing {
+            Threads::Share => None,
+            Threads::Exclude => Some(task_party(py)?.unwrap_or_else(Party::new)),
+        })
+    }
+
+    /// This thread's handle, unless closed or inherited through fork.
+    pub fn lf_not_forked(&self, py: Python<'_>) -> PyResult<Arc<LockFile>> {
+        Ok(self.lf_if_open(py, true)?.expect("opened when missing"))
+    }
+
+    /// As `lf_not_forked`, but a thread of a `thread_local=True` object
+    /// that has no owner yet gets `None` rather than a new one.
+    pub fn lf_if_open(&self, py: Python<'_>, open: bool) -> PyResult<Option<Arc<LockFile>>> {
+        let lf = lock_mutex(&self.handle)
+            .as_ref()
+            .map(Arc::clone)
+            .ok_or_else(closed_error)?;
+        if std::process::id() != self.pid {
+            return Err(to_py(py, Error::Forked));
+        }
+        match &self.threads {
+            None => Ok(Some(lf)),
+            Some(t) => t.current(py, open),
+        }
+    }
+
+    /// Wrap a lock just taken in a guard that `close()` can reach.
+    pub fn register(&self, span: Span, h: Held) -> PyResult<PyGuard> {
+        let cell = Arc::new(GuardCell {
+            held: Mutex::new(h),
+            span,
+            pid: self.pid,
+            waits: Waits::default(),
+        });
+        // Under the guards' lock, so `close()` (which closes first,
+        // then takes the guards) either sees this guard or we see it closed.
+        let mut guards = lock_mutex(&self.guards);
+        if self.closed() {
+            // Closed by another thread while this one waited.
+            drop(guards);
+            let _ = cell.release(Held::Closed);
+            return Err(closed_while_waiting());
+        }
+        guards.retain(|w| w.strong_count() > 0);
+        guards.push(Arc::downgrade(&cell));
+        self.with_blocks.took();
+        Ok(PyGuard::new(cell))
+    }
+
+    /// The one path of every blocking take: `take` tried as `patience`
+    /// says, for the calling task, in one wait that `close()` ends at once.
+    /// The inner `Err` is the engine's answer, for the caller to judge.
+    fn take<T: Send>(
+        &self,
+        py: Python<'_>,
+        patience: Patience,
+        mut take: impl FnMut(Wait, Option<&Cancel>) -> Result<T, Error> + Send,
+    ) -> PyResult<Result<T, Error>> {
+        let _as_task = self.as_task(py)?;
+        with_patience(py, patience, Some(&self.waits), |w, cancel| {
+            if self.closed() {
+                return Err(GIVE_UP);
+            }
+            take(w, cancel)
+        })
+    }
+
+    /// A guard of `kind` on `span` through `lf`, waiting as `patience`
+    /// says; None when refused with `Refused::Nothing`.
+    pub fn guard(
+        &self,
+        py: Python<'_>,
+        lf: &Arc<LockFile>,
+        kind: Kind,
+        span: Span,
+        patience: Patience,
+        refused: Refused,
+    ) -> PyResult<Option<PyGuard>> {
+        let outcome = self.take(py, patience, |w, cancel| {
+            Held::take(lf, kind, span, w, cancel)
+        })?;
+        match outcome {
+            Ok(h) => self.register(span, h).map(Some),
+            Err(_) if self.closed() => Err(closed_while_waiting()),
+            Err(Error::WouldBlock { .. }) if refused == Refused::Nothing => Ok(None),
+            Err(e) => Err(refused.error(py, e)),
+        }
+    }
+
+    /// `kind` on `span` in the explicit layer of `lf`, waiting as
+    /// `patience` says.
+    pub fn acquire(
+        &self,
+        py: Python<'_>,
+        lf: &LockFile,
+        kind: Kind,
+        span: Span,
+        patience: Patience,
+        refused: Refused,
+    ) -> PyResult<()> {
+        let outcome = self.take(py, patience, |w, cancel| match cancel {
+            Some(c) => lf.acquire_cancellable(kind, span, w, c),
+            None => lf.acquire(kind, span, w),
+        })?;
+        match outcome {
+            Err(_) if self.closed() => Err(closed_while_waiting()),
+            Ok(()) if self.closed() => {
+                // Closed by another thread while this one waited: `close()`
+                // may have released everything before this lock was had.
+                lf.release_all().map_err(|e| to_py(py, e))?;
+                Err(closed_while_waiting())
+            }
+            Ok(()) => {
+                self.with_blocks.took();
+                Ok(())
+            }
+            Err(e) => Err(refused.error(py, e)),
+        }
+    }
+
+    /// Release everything (explicit locks and every live guard), end every
+    /// wait and close the handles: `close()` but for its temporary file.
+    /// In a forked child only the child's copies go: the parent's locks
+    /// and waits stay.
+    pub fn close(&self) {
+        let lf = lock_mutex(&self.handle).take();
+        let forked = std::process::id() != self.pid;
+        // Closed first: a wait that registers from now on sees it.
+        if forked {
+            // The parent's threads' waits: not this process's to end.
+            self.waits.forget_all();
+        } else {
+            self.waits.cancel_all();
+        }
+        let guards = std::mem::take(&mut *lock_mutex(&self.guards));
+        for g in guards.iter().filter_map(Weak::upgrade) {
+            if forked {
+                // Mark it closed without unlocking: the locks are the parent's.
+                *lock_mutex(&g.held) = Held::Closed;
+            } else {
+                let _ = g.release(Held::Closed);
+            }
+        }
+        if let Some(lf) = lf {
+            if !forked {
+                let _ = lf.release_all();
+            }
+        }
+        if let Some(t) = &self.threads {
+            t.close_all(forked);
+        }
+    }
+}

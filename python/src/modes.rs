@@ -1,0 +1,32 @@
+//! Lock modes as Python code names them: the core's names (`Mode`'s
+//! `Display`), never spelled again here.
+//!
+//! The core has no `FromStr` for `Mode` (nor a list of its modes), so the
+//! way back from a name is a search among the modes a caller may pick.
+
+use locksfile::Mode;
+
+/// The modes a lock file opens in, in the order messages name them
+/// (`Mode::Postgres` is a server target's, never asked for by name).
+pub const FILE_MODES: [Mode; 4] = [Mode::Ofd, Mode::Process, Mode::Flock, Mode::Shm];
+
+/// The mode of `modes` named `name`, if any.
+pub fn find_mode(modes: &[Mode], name: &str) -> Option<Mode> {
+    modes.iter().copied().find(|m| m.to_string() == name)
+}
+
+/// `"a", "b" or "c"`: the names of `modes`, for a message.
+pub fn one_of(modes: &[Mode]) -> String {
+    let names: Vec<String> = modes.iter().map(|m| format!("\"{m}\"")).collect();
+    match names.split_last() {
+        Some((last, [])) => last.clone(),
+        Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+        None => String::new(),
+    }
+}
+
+/// A file mode's name as Python code passes it.
+pub fn parse_mode(name: &str) -> Result<Mode, String> {
+    find_mode(&FILE_MODES, name)
+        .ok_or_else(|| format!("mode must be {}, got {name:?}", one_of(&FILE_MODES)))
+}
