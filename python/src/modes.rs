@@ -1,8 +1,5 @@
-//! Lock modes as Python code names them: the core's names (`Mode`'s
-//! `Display`), never spelled again here.
-//!
-//! The core has no `FromStr` for `Mode` (nor a list of its modes), so the
-//! way back from a name is a search among the modes a caller may pick.
+//! Lock modes as Python code names them: the core's names (`Mode::name`,
+//! `FromStr`), never spelled again here.
 
 use locksfile::Mode;
 
@@ -12,7 +9,7 @@ pub const FILE_MODES: [Mode; 4] = [Mode::Ofd, Mode::Process, Mode::Flock, Mode::
 
 /// The mode of `modes` named `name`, if any.
 pub fn find_mode(modes: &[Mode], name: &str) -> Option<Mode> {
-    modes.iter().copied().find(|m| m.to_string() == name)
+    name.parse().ok().filter(|m| modes.contains(m))
 }
 
 /// `"a", "b" or "c"`: the names of `modes`, for a message.

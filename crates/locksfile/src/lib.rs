@@ -107,7 +107,7 @@ pub use error::{
     At, Error, ErrorKind, Holder, NotRegular, Result, ServerHolder, ServerLock, SidecarProblem,
     SpanError,
 };
-pub use file::mode::{Mode, Threads};
+pub use file::mode::{Mode, Threads, UnknownMode};
 pub use file::open::OpenOptions;
 pub use file::LockFile;
 pub use guard::{ReadGuard, WriteGuard};

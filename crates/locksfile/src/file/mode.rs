@@ -133,14 +133,60 @@ pub enum Mode {
     Postgres,
 }
 
-impl fmt::Display for Mode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl Mode {
+    /// Every mode, in the order messages list them.
+    pub const ALL: [Mode; 5] = [
+        Mode::Ofd,
+        Mode::Process,
+        Mode::Flock,
+        Mode::Shm,
+        Mode::Postgres,
+    ];
+
+    /// The mode's name, as the CLI's `--mode` and Python's `mode=` take it
+    /// (and [`FromStr`](std::str::FromStr) reads back).
+    pub const fn name(self) -> &'static str {
+        match self {
             Mode::Ofd => "ofd",
             Mode::Process => "process",
             Mode::Flock => "flock",
             Mode::Shm => "shm",
             Mode::Postgres => "postgres",
-        })
+        }
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A name that is no [`Mode`]'s.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnknownMode(pub String);
+
+impl fmt::Display for UnknownMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "no lock mode is named {:?}", self.0)
+    }
+}
+
+impl std::error::Error for UnknownMode {}
+
+impl std::str::FromStr for Mode {
+    type Err = UnknownMode;
+
+    /// ```
+    /// use locksfile::Mode;
+    /// assert_eq!("shm".parse::<Mode>(), Ok(Mode::Shm));
+    /// assert!(Mode::ALL.iter().all(|m| m.name().parse() == Ok(*m)));
+    /// assert!("fcntl".parse::<Mode>().is_err());
+    /// ```
+    fn from_str(s: &str) -> Result<Mode, UnknownMode> {
+        Mode::ALL
+            .into_iter()
+            .find(|m| m.name() == s)
+            .ok_or_else(|| UnknownMode(s.to_string()))
     }
 }
