@@ -16,7 +16,6 @@ use super::waits::{Place, Request};
 /// The most moves [`TableLock::reorder`] makes at once to break the cycles
 /// through one request, and the most sets of moves it tries.
 pub(super) const MAX_MOVES: usize = 16;
-
 pub(super) const REORDER_TRIALS: u32 = 64;
 
 /// The entries of `queue` (earliest first) in an order that puts `a`

@@ -36,9 +36,7 @@ use super::Shm;
 /// sleeping at once was slowest; 32 to 256 watches and 10 to 40 yields
 /// were within the noise of each other.
 pub(super) const LANE_SPINS: u32 = 128;
-
 pub(super) const LANE_YIELDS: u32 = 20;
-
 /// The longest a wait sleeps on a fast hold's lane before the table's
 /// wait takes over (and looks for dead holders and deadlocks): detection
 /// of both is this much later for a fast hold.

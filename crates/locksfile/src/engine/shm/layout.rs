@@ -41,32 +41,25 @@ use crate::span::Span;
 use crate::Kind;
 
 pub(super) const MAGIC: u64 = u64::from_le_bytes(*b"LKFSHM\x00\x01");
-
 pub(super) const VERSION: u32 = 4;
 
 /// Owner slots: owners (handles) using one table at once.
 pub(crate) const SLOTS: usize = 1024;
-
 /// Waiter entries: threads waiting at once.
 pub(crate) const WAITERS: usize = 1024;
-
 /// Lock records: pieces held at once, by all owners together.
 pub(crate) const RECORDS: usize = 65536;
-
 /// Hash buckets for single-index records.
 pub(super) const BUCKETS: usize = 65536;
 
 /// Byte of the sidecar every user holds shared while it has the table
 /// open; the first opener finds it free and (re)initialises the table.
 pub(super) const DMS: i64 = 1 << 32;
-
 /// Byte `LIVENESS + slot` is write-locked by the owner in `slot`.
 pub(super) const LIVENESS: i64 = DMS + 1;
 
 pub(super) const NIL: u32 = u32::MAX;
-
 pub(super) const SHARED: u32 = 1;
-
 pub(super) const EXCLUSIVE: u32 = 2;
 
 #[repr(C)]
@@ -156,32 +149,22 @@ pub(super) const fn align(x: usize) -> usize {
 /// The fast lane's gate (see [`Map::gate`]): a cache line of its own,
 /// read by every fast call and written only when it opens or closes.
 pub(super) const GATE_AT: usize = 448;
-
 pub(super) const MUTEX_AT: usize = 512;
-
 /// One futex word per waiter entry: a waiter sleeps on its own word, and a
 /// release wakes only the waiters whose spans it touches.
 pub(super) const WAKES_AT: usize = 4096;
-
 pub(super) const SLOTS_AT: usize = align(WAKES_AT + WAITERS * size_of::<u32>());
-
 pub(super) const WAITERS_AT: usize = align(SLOTS_AT + SLOTS * size_of::<Slot>());
-
 pub(super) const BUCKETS_AT: usize = align(WAITERS_AT + WAITERS * size_of::<Waiter>());
-
 pub(super) const RECORDS_AT: usize = align(BUCKETS_AT + BUCKETS * size_of::<u32>());
-
 /// Per owner slot, a cache line listing the lanes of its fast holds.
 pub(super) const LISTS_AT: usize = align(RECORDS_AT + RECORDS * size_of::<Rec>());
-
 /// One lane word per hash bucket (see [`Map::lane`]).
 pub(super) const LANES_AT: usize = align(LISTS_AT + SLOTS * 64);
-
 /// The sidecar's size: sparse, and only the pages touched take memory.
 pub(crate) const SIZE: usize = align(LANES_AT + BUCKETS * size_of::<u64>());
 
 const _: () = assert!(size_of::<Header>() <= GATE_AT);
-
 const _: () = assert!(MUTEX_AT + size_of::<libc::pthread_mutex_t>() <= WAKES_AT);
 
 pub(super) fn conflict(a: u32, b: u32) -> bool {
@@ -232,22 +215,14 @@ pub(super) fn bucket(index: u64) -> usize {
 // fast hold taken while it is closed is not granted (see `Shm::fast_raise`).
 
 pub(super) const LANE_EMPTY: u64 = 0;
-
 pub(super) const LANE_SLOW: u64 = 1;
-
 pub(super) const LANE_FAST: u64 = 1 << 63;
-
 pub(super) const LANE_MOVING: u64 = 1 << 62;
-
 pub(super) const LANE_SHARED: u64 = 1 << 61;
-
 pub(super) const LANE_WAITING: u64 = 1 << 60;
-
 /// Indices the fast lane can name: the low 48 bits of its word.
 pub(super) const LANE_INDEX_MAX: u64 = (1 << 48) - 1;
-
 const _: () = assert!(SLOTS <= 1 << 10);
-
 /// Fast holds an owner may have at once (its list fills a cache line);
 /// past them it takes locks through the mutex.
 pub(super) const FAST_HOLDS: usize = 16;

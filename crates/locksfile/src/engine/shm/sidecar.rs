@@ -2,7 +2,7 @@
 //! file's in-use marker ([`IN_USE`]), the sidecar's DMS byte, the magic,
 //! version, size and lock file checks before mapping, and the first
 //! opener's setting up. The header is read here with `pread`, never through
-//! a mapping; the table is written only through a [`TableLock`].
+//! a mapping; the table is written only through a `TableLock`.
 
 use std::ffi::CString;
 use std::io;

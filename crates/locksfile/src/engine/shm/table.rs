@@ -32,7 +32,6 @@ pub(super) struct Map {
 // SAFETY: the mapping is plain shared memory; every access goes through
 // the table's mutex (or atomics), as the module's safety note says.
 unsafe impl Send for Map {}
-
 // SAFETY: as above.
 unsafe impl Sync for Map {}
 
@@ -204,7 +203,6 @@ impl Drop for Map {
 
 /// How many waiters a guard wakes one by one; beyond that it wakes all.
 pub(super) const WAKE_LIST: usize = 8;
-
 /// How many slow lanes a guard looks at giving back; a lane past these
 /// stays slow until a later call there finds its bucket empty.
 pub(super) const ENTERED: usize = 8;
