@@ -158,6 +158,3 @@ pub(crate) fn leave(owner: &Arc<FcntlOwner>) {
     descriptors::unwatch(dev, ino);
     t.owners.retain(|o| !Arc::ptr_eq(o, owner));
 }
-
-/// The shared-memory engine still closes its descriptors by this path.
-pub(crate) use crate::descriptors::close;

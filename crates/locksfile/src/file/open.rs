@@ -313,7 +313,7 @@ impl OpenOptions {
         if self.mode != Mode::Shm && engine::table_in_use(path, Some(fd.as_fd())) {
             // Closed through the registry: a process-mode owner of the file
             // in this process would lose its locks to a plain close.
-            registry::close(dev, ino, fd);
+            crate::descriptors::close(dev, ino, fd);
             return Err(table_in_use(path));
         }
         Ok(match self.mode {

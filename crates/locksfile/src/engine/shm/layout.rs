@@ -1,0 +1,351 @@
+//! The sidecar's layout: the structures shared through it, where each lies,
+//! and the encoding of the lane words read without the mutex. Nothing here
+//! touches memory (`table.rs` maps it). Changing any of it changes
+//! [`VERSION`].
+//!
+//! Every region starts on a page, and the file is sparse: only the pages
+//! touched take memory. Offsets in bytes (the test below checks them):
+//!
+//! ```text
+//!  offset    hex       what                                 written by
+//!        0   0x000000  Header (below)                       the mutex holder
+//!      448   0x0001c0  gate: u32, its own cache line        the mutex holder, atomically
+//!      512   0x000200  the robust process-shared mutex      pthread
+//!     4096   0x001000  wake words: u32 per waiter entry     anyone, atomically
+//!     8192   0x002000  slots: Slot per owner, 64 B each     the mutex holder
+//!    73728   0x012000  waiters: Waiter per entry, 56 B each the mutex holder
+//!   131072   0x020000  bucket heads: u32 per bucket         the mutex holder
+//!   393216   0x060000  records: Rec, 40 B each              the mutex holder
+//!  3014656   0x2e0000  fast lists: 64 B per slot            owners and the mutex holder, atomically
+//!  3080192   0x2f0000  lane words: u64 per bucket           see `lane.rs`, atomically
+//!  3604480   0x370000  end (SIZE)
+//! ```
+//!
+//! The header, whose first 40 bytes are read with `pread` before mapping
+//! (`sidecar.rs`); 88 bytes:
+//!
+//! ```text
+//!  +0 magic    +8 version   +16 size      +24 dev          +32 ino
+//!  +40 next_ticket   +48 next_nonce  +56 free_head   +60 free_count
+//!  +64 coarse_head   +68 coarse_count +72 waiting    +76 waiter_hwm
+//!  +80 fresh   +84 slot_hwm
+//! ```
+//!
+//! Beyond the memory, bytes of the sidecar serve as OFD record locks:
+//! [`DMS`], held shared by every user, and [`LIVENESS`]` + slot`, held
+//! exclusively by the owner in that slot.
+
+use std::mem::size_of;
+
+use crate::kind::Kind;
+use crate::span::Span;
+
+pub(super) const MAGIC: u64 = u64::from_le_bytes(*b"LKFSHM\x00\x01");
+pub(super) const VERSION: u32 = 4;
+
+/// Owner slots: owners (handles) using one table at once.
+pub(crate) const SLOTS: usize = 1024;
+/// Waiter entries: threads waiting at once.
+pub(crate) const WAITERS: usize = 1024;
+/// Lock records: pieces held at once, by all owners together.
+pub(crate) const RECORDS: usize = 65536;
+/// Hash buckets for single-index records.
+pub(super) const BUCKETS: usize = 65536;
+
+/// Byte of the sidecar every user holds shared while it has the table
+/// open; the first opener finds it free and (re)initialises the table.
+pub(super) const DMS: i64 = 1 << 32;
+/// Byte `LIVENESS + slot` is write-locked by the owner in `slot`.
+pub(super) const LIVENESS: i64 = DMS + 1;
+
+pub(super) const NIL: u32 = u32::MAX;
+pub(super) const SHARED: u32 = 1;
+pub(super) const EXCLUSIVE: u32 = 2;
+
+#[repr(C)]
+pub(super) struct Header {
+    pub(super) magic: u64,
+    pub(super) version: u32,
+    pub(super) _pad0: u32,
+    pub(super) size: u64,
+    pub(super) dev: u64,
+    pub(super) ino: u64,
+    pub(super) next_ticket: u64,
+    pub(super) next_nonce: u64,
+    /// Derived: rebuilt by repair.
+    pub(super) free_head: u32,
+    pub(super) free_count: u32,
+    pub(super) coarse_head: u32,
+    pub(super) coarse_count: u32,
+    pub(super) waiting: u32,
+    /// One past the last waiter entry in use.
+    pub(super) waiter_hwm: u32,
+    /// Records from here on were never used: still zero, in no list, so
+    /// their pages take no memory until needed.
+    pub(super) fresh: u32,
+    /// Derived: one past the last owner slot in use, so that the scans
+    /// over owners read only the slots there are.
+    pub(super) slot_hwm: u32,
+}
+
+/// A cache line each: an owner's every change writes its slot, and slots
+/// sharing a line would pull it between the CPUs of their owners.
+#[repr(C, align(64))]
+#[derive(Clone, Copy)]
+pub(super) struct Slot {
+    /// 1 when an owner has the slot.
+    pub(super) used: u32,
+    pub(super) pid: u32,
+    pub(super) nonce: u64,
+    /// Derived: this owner's records.
+    pub(super) head: u32,
+    pub(super) records: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub(super) struct Rec {
+    pub(super) start: u64,
+    pub(super) end: u64,
+    /// Slot + 1; 0 for a free record.
+    pub(super) owner: u32,
+    pub(super) kind: u32,
+    /// Derived: next in the bucket, coarse or free list.
+    pub(super) next: u32,
+    /// Derived: next and previous of the same owner.
+    pub(super) onext: u32,
+    pub(super) oprev: u32,
+    pub(super) _pad: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub(super) struct Waiter {
+    /// Slot + 1; 0 for a free entry.
+    pub(super) owner: u32,
+    pub(super) kind: u32,
+    pub(super) start: u64,
+    pub(super) end: u64,
+    /// Given when it queued, never changed: with the owner, it names the
+    /// entry (a waiting thread keeps it to find its entry again).
+    pub(super) ticket: u64,
+    /// Its place in the queue: earlier (then, only after a crash in the
+    /// middle of a reordering, the lower ticket) comes first. Its ticket
+    /// when it queues; the deadlock search moves it ahead of requests it
+    /// would otherwise wait behind in a cycle (see [`TableLock::reorder`]).
+    /// The places of the entries in use differ and are below the header's
+    /// `next_ticket`.
+    pub(super) order: u64,
+    /// When it started waiting, ns since the Unix epoch (for status).
+    pub(super) since_ns: u64,
+    pub(super) pid: u32,
+    pub(super) _pad: u32,
+}
+
+pub(super) const fn align(x: usize) -> usize {
+    (x + 4095) & !4095
+}
+
+/// The fast lane's gate (see [`Map::gate`]): a cache line of its own,
+/// read by every fast call and written only when it opens or closes.
+pub(super) const GATE_AT: usize = 448;
+pub(super) const MUTEX_AT: usize = 512;
+/// One futex word per waiter entry: a waiter sleeps on its own word, and a
+/// release wakes only the waiters whose spans it touches.
+pub(super) const WAKES_AT: usize = 4096;
+pub(super) const SLOTS_AT: usize = align(WAKES_AT + WAITERS * size_of::<u32>());
+pub(super) const WAITERS_AT: usize = align(SLOTS_AT + SLOTS * size_of::<Slot>());
+pub(super) const BUCKETS_AT: usize = align(WAITERS_AT + WAITERS * size_of::<Waiter>());
+pub(super) const RECORDS_AT: usize = align(BUCKETS_AT + BUCKETS * size_of::<u32>());
+/// Per owner slot, a cache line listing the lanes of its fast holds.
+pub(super) const LISTS_AT: usize = align(RECORDS_AT + RECORDS * size_of::<Rec>());
+/// One lane word per hash bucket (see [`Map::lane`]).
+pub(super) const LANES_AT: usize = align(LISTS_AT + SLOTS * 64);
+/// The sidecar's size: sparse, and only the pages touched take memory.
+pub(crate) const SIZE: usize = align(LANES_AT + BUCKETS * size_of::<u64>());
+
+const _: () = assert!(size_of::<Header>() <= GATE_AT);
+const _: () = assert!(MUTEX_AT + size_of::<libc::pthread_mutex_t>() <= WAKES_AT);
+
+pub(super) fn conflict(a: u32, b: u32) -> bool {
+    a == EXCLUSIVE || b == EXCLUSIVE
+}
+
+pub(super) fn code(kind: Kind) -> u32 {
+    match kind {
+        Kind::Shared => SHARED,
+        Kind::Exclusive => EXCLUSIVE,
+    }
+}
+
+pub(super) fn kind_of(code: u32) -> Kind {
+    if code == EXCLUSIVE {
+        Kind::Exclusive
+    } else {
+        Kind::Shared
+    }
+}
+
+pub(super) fn overlaps(s: u64, e: u64, t: u64, u: u64) -> bool {
+    s < u && t < e
+}
+
+pub(super) fn bucket(index: u64) -> usize {
+    (index.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 48) as usize % BUCKETS
+}
+
+// ---- the fast lane ----
+//
+// A lane word per hash bucket lets one owner take one index, and let it
+// go, with atomic instructions alone: no mutex, no record. A lane is
+// - `LANE_EMPTY`: no record and no single-index waiter in its bucket;
+// - `LANE_SLOW`: its bucket is the table's (records or waiters may be in
+//   it): every call there takes the mutex;
+// - a fast word: `LANE_FAST | slot << 48 | index`, owner `slot` holds
+//   `index` exclusively (shared with `LANE_SHARED`; a second reader goes
+//   through the table) and its bucket is otherwise empty;
+// - the same with `LANE_MOVING`: a mutex holder is turning the fast hold
+//   into a record (seen only by repair, after it died doing so);
+// - and with `LANE_WAITING`: someone sleeps on the word's upper half (a
+//   futex), to be woken by whoever changes the word next.
+// A call under the mutex that needs a bucket first makes its lane slow,
+// turning a fast hold there into a record (`TableLock::enter_lane`), and gives
+// the lane back when the bucket is empty again (`TableLock::leave`). Records
+// of more than one index (and waits for them) close the gate instead: a
+// fast hold taken while it is closed is not granted (see `Shm::fast_raise`).
+
+pub(super) const LANE_EMPTY: u64 = 0;
+pub(super) const LANE_SLOW: u64 = 1;
+pub(super) const LANE_FAST: u64 = 1 << 63;
+pub(super) const LANE_MOVING: u64 = 1 << 62;
+pub(super) const LANE_SHARED: u64 = 1 << 61;
+pub(super) const LANE_WAITING: u64 = 1 << 60;
+/// Indices the fast lane can name: the low 48 bits of its word.
+pub(super) const LANE_INDEX_MAX: u64 = (1 << 48) - 1;
+const _: () = assert!(SLOTS <= 1 << 10);
+/// Fast holds an owner may have at once (its list fills a cache line);
+/// past them it takes locks through the mutex.
+pub(super) const FAST_HOLDS: usize = 16;
+
+pub(super) fn fast_word(slot: u32, index: u64, kind: u32) -> u64 {
+    let shared = if kind == SHARED { LANE_SHARED } else { 0 };
+    LANE_FAST | shared | (slot as u64) << 48 | index
+}
+
+pub(super) fn lane_kind(w: u64) -> u32 {
+    if w & LANE_SHARED != 0 {
+        SHARED
+    } else {
+        EXCLUSIVE
+    }
+}
+
+pub(super) fn is_fast(w: u64) -> bool {
+    w & LANE_FAST != 0
+}
+
+pub(super) fn lane_owner(w: u64) -> u32 {
+    ((w >> 48) & 0x3FF) as u32
+}
+
+pub(super) fn lane_index(w: u64) -> u64 {
+    w & LANE_INDEX_MAX
+}
+
+/// Whether lane word `w` is owner `o`'s fast hold (not being taken over)
+/// on an index of `span`.
+pub(super) fn fast_of(w: u64, o: u32, span: &std::ops::Range<u64>) -> bool {
+    is_fast(w) && w & LANE_MOVING == 0 && lane_owner(w) == o && span.contains(&lane_index(w))
+}
+
+/// The index `span` is, and its lane, when it is one index the fast lane
+/// can name.
+pub(super) fn lane_of(span: Span) -> Option<(u64, usize)> {
+    let i = span.start();
+    (span.end() - i == 1 && i <= LANE_INDEX_MAX).then(|| (i, bucket(i)))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::mem::offset_of;
+    use std::sync::atomic::AtomicU32;
+
+    use super::*;
+
+    /// The diagrams in this file's header, read back: each offset there is
+    /// the real one.
+    #[test]
+    fn the_diagrams_tell_the_real_layout() {
+        let doc: Vec<&str> = include_str!("layout.rs")
+            .lines()
+            .filter_map(|l| l.strip_prefix("//!"))
+            .collect();
+        let at = |what: &str| -> usize {
+            let line = doc
+                .iter()
+                .find(|l| {
+                    let mut w = l.split_whitespace();
+                    w.next().is_some_and(|t| t.parse::<usize>().is_ok()) && l.contains(what)
+                })
+                .unwrap_or_else(|| panic!("no line for {what}"));
+            let mut w = line.split_whitespace();
+            let dec: usize = w.next().unwrap().parse().unwrap();
+            let hex = w.next().unwrap().trim_start_matches("0x");
+            assert_eq!(usize::from_str_radix(hex, 16).unwrap(), dec, "{line}");
+            dec
+        };
+        assert_eq!(at("Header (below)"), 0);
+        assert_eq!(at("gate:"), GATE_AT);
+        assert_eq!(at("process-shared mutex"), MUTEX_AT);
+        assert_eq!(at("wake words:"), WAKES_AT);
+        assert_eq!(at("slots:"), SLOTS_AT);
+        assert_eq!(at("waiters:"), WAITERS_AT);
+        assert_eq!(at("bucket heads:"), BUCKETS_AT);
+        assert_eq!(at("records:"), RECORDS_AT);
+        assert_eq!(at("fast lists:"), LISTS_AT);
+        assert_eq!(at("lane words:"), LANES_AT);
+        assert_eq!(at("end (SIZE)"), SIZE);
+        assert_eq!(size_of::<Slot>(), 64);
+        assert_eq!(size_of::<Waiter>(), 56);
+        assert_eq!(size_of::<Rec>(), 40);
+        assert_eq!(size_of::<[AtomicU32; FAST_HOLDS]>(), 64);
+
+        // The header's fields: every `+offset name` pair.
+        let header = doc
+            .iter()
+            .skip_while(|l| !l.contains("88 bytes"))
+            .take_while(|l| !l.contains("Beyond"));
+        let mut named = 0;
+        for pair in header.flat_map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            w.chunks(2)
+                .filter(|c| c.len() == 2 && c[0].starts_with('+'))
+                .map(|c| (c[0][1..].parse::<usize>().unwrap(), c[1].to_string()))
+                .collect::<Vec<_>>()
+        }) {
+            let (off, name) = pair;
+            let real = match name.as_str() {
+                "magic" => offset_of!(Header, magic),
+                "version" => offset_of!(Header, version),
+                "size" => offset_of!(Header, size),
+                "dev" => offset_of!(Header, dev),
+                "ino" => offset_of!(Header, ino),
+                "next_ticket" => offset_of!(Header, next_ticket),
+                "next_nonce" => offset_of!(Header, next_nonce),
+                "free_head" => offset_of!(Header, free_head),
+                "free_count" => offset_of!(Header, free_count),
+                "coarse_head" => offset_of!(Header, coarse_head),
+                "coarse_count" => offset_of!(Header, coarse_count),
+                "waiting" => offset_of!(Header, waiting),
+                "waiter_hwm" => offset_of!(Header, waiter_hwm),
+                "fresh" => offset_of!(Header, fresh),
+                "slot_hwm" => offset_of!(Header, slot_hwm),
+                other => panic!("no header field {other}"),
+            };
+            assert_eq!(off, real, "{name}");
+            named += 1;
+        }
+        assert_eq!(named, 15, "every field but the padding");
+        assert_eq!(size_of::<Header>(), 88);
+    }
+}

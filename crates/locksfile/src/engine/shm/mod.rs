@@ -1,0 +1,542 @@
+//! The shared-memory engine ([`Mode::Shm`](crate::Mode::Shm)): a lock table
+//! in a sidecar file (`<lock path>-shm`) that every owner maps, guarded by
+//! one robust process-shared mutex.
+//!
+//! # Safety
+//!
+//! The table is memory shared with other processes. It is only read or
+//! written while this process holds the table's mutex (a [`TableLock`], the
+//! only maker of `&mut` into the table), which every process takes before
+//! touching it, except the words only ever used atomically (wake words, the
+//! gate, lanes, fast lists). Every index read from the table is bounds
+//! checked before use, so a scribbled table can make us panic but never
+//! touch memory outside the mapping. The mapping lives as long as the
+//! [`Shm`] that made it; a file whose size is not the table's is refused
+//! before it is mapped. A sidecar cut short by someone else while mapped
+//! makes the next access fault (`SIGBUS`): no check before an access could
+//! close the window before it, so that is out of scope (and documented).
+//!
+//! # One table per lock file
+//!
+//! Users hold the lock file's [`IN_USE`] byte shared; only an opener that
+//! gets it exclusively sets a table up, so a sidecar removed or replaced
+//! while in use (or a lock file renamed) is refused, never set up beside
+//! the table in use. A lock file with several names is refused: tables are
+//! found by name.
+//!
+//! # Crash safety
+//!
+//! Lock records never move, and an owner's process writes only its own
+//! owners' records (and frees the records of owners proven dead). Every
+//! index over them (hash chains, per-owner lists, the free list, counters)
+//! is derived, and rebuilt from the record array whenever the mutex comes
+//! back `EOWNERDEAD`. A record half-written by a dying owner over-locks
+//! until that owner is found dead; it never frees another owner's lock.
+//!
+//! # Liveness
+//!
+//! Each owner takes a slot and holds an OFD write lock on byte
+//! `LIVENESS + slot` of the sidecar through its own open file description:
+//! the owner is dead when that byte is free (`F_OFD_GETLK`). No pid is
+//! trusted, so pid reuse and pid namespaces do not matter.
+//!
+//! # Files
+//!
+//! `layout` (the structures, their offsets, the lane word), `table` (the
+//! mapping and [`TableLock`]: every `unsafe` but the first opener's making
+//! of the mutex in `sidecar`), `records`, `waits` (the queue, the grant
+//! rule, the wait), `deadlock` (the search and the reordering), `lane` (the
+//! fast lane), `repair` (setting up, liveness, repair, `verify`), `sidecar`
+//! (opening and joining, the in-use marker), `snapshot`. This file is one
+//! owner, [`Shm`]: joining, raising and lowering, deferred lowerings,
+//! leaving.
+
+mod deadlock;
+mod lane;
+mod layout;
+mod records;
+mod repair;
+mod sidecar;
+mod snapshot;
+mod table;
+#[cfg(test)]
+mod tests;
+mod waits;
+
+pub use repair::verify;
+pub(crate) use sidecar::{table_in_use, IN_USE};
+pub use snapshot::{HeldLock, Snapshot, WaitingLock};
+
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+
+use super::{Abilities, Engine, Until};
+use crate::error::{Error, Holder, SidecarProblem};
+use crate::kind::Kind;
+use crate::span::{Span, INDEX_END};
+use crate::sys::{self, LockType};
+
+use self::layout::{code, kind_of, lane_of, overlaps, LIVENESS, NIL, SLOTS};
+use self::repair::alive;
+use self::sidecar::{
+    is_contention, join_marked, kernel_locks, network_fs, real_path, reopen, set_byte, sidecar_path,
+};
+use self::table::{Map, TableLock};
+use self::waits::{Blocker, Request, NO_ENTRY};
+
+/// One owner's locks in a shared-memory table.
+pub(crate) struct Shm {
+    map: Map,
+    /// This owner's sidecar descriptor, carrying its liveness lock and its
+    /// share of the sidecar's DMS byte. `None` once forgotten in a child.
+    fd: Option<OwnedFd>,
+    /// The lock file, for `as_fd` and the mixed-engine checks.
+    lock_fd: Option<OwnedFd>,
+    /// A description of the lock file of this owner's own, holding its
+    /// [`IN_USE`] byte shared. `None` once dropped.
+    mark: Option<OwnedFd>,
+    /// Lowerings the table had no record for (start, end, kind; disjoint),
+    /// applied by a later call that finds the records; the table holds
+    /// more than the owner meanwhile, never less.
+    deferred: std::sync::Mutex<Vec<(u64, u64, u32)>>,
+    has_deferred: std::sync::atomic::AtomicBool,
+    pub dev: u64,
+    pub ino: u64,
+    slot: u32,
+    /// This process's id (the handle is unusable in a child), for status.
+    pid: u32,
+    writable: bool,
+    generation: u64,
+    sidecar: PathBuf,
+}
+
+impl std::fmt::Debug for Shm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shm")
+            .field("sidecar", &self.sidecar)
+            .field("slot", &self.slot)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Take `s..e` out of the (disjoint) spans of `d`.
+fn subtract(d: &mut Vec<(u64, u64, u32)>, s: u64, e: u64) {
+    let mut rest = Vec::new();
+    d.retain_mut(|(t, u, kind)| {
+        if !overlaps(s, e, *t, *u) {
+            return true;
+        }
+        if *u > e {
+            rest.push((e, *u, *kind));
+        }
+        *u = s.min(*u);
+        *t < *u
+    });
+    d.extend(rest);
+}
+
+impl Shm {
+    /// Join the table of the lock file open as `lock_fd` at `lock_path`.
+    pub fn open(lock_path: &Path, lock_fd: OwnedFd, writable: bool) -> Result<Shm, Error> {
+        let id = sys::fstat(lock_fd.as_fd()).map_err(|e| Error::io("fstat lock file", e))?;
+        let fs = sys::fs_type(lock_fd.as_fd()).map_err(|e| Error::io("statfs lock file", e))?;
+        if let Some(fs) = network_fs(fs) {
+            return Err(Error::NetworkFileSystem {
+                path: lock_path.to_path_buf(),
+                fs,
+            });
+        }
+        let sidecar = sidecar_path(&real_path(lock_path, lock_fd.as_fd()));
+        if id.nlink > 1 {
+            // The table is found by name: each name would have its own.
+            return Err(Error::Sidecar {
+                path: sidecar,
+                problem: SidecarProblem::HardLinked { links: id.nlink },
+            });
+        }
+        if let Some(in_use) = kernel_locks(lock_fd.as_fd(), id.dev, id.ino) {
+            return Err(Error::MixedModes {
+                path: lock_path.to_path_buf(),
+                in_use,
+            });
+        }
+        // The in-use marker goes through a description of its own, which
+        // no child inherits: a child must never keep the table in use.
+        let write = sys::is_writable(lock_fd.as_fd()).unwrap_or(false);
+        let mark = reopen(lock_fd.as_fd(), write).map_err(|e| Error::io("open lock file", e))?;
+        if !sys::close_in_children(mark.as_raw_fd()) {
+            return Err(Error::TableFull {
+                path: sidecar,
+                what: "shm handles in this process",
+            });
+        }
+        let joined = join_marked(&sidecar, mark.as_fd(), write, &id);
+        let (fd, map) = match joined {
+            Ok(j) => j,
+            Err(e) => {
+                sys::keep_in_children(mark.as_raw_fd());
+                return Err(e);
+            }
+        };
+        let mut shm = Shm {
+            map,
+            fd: Some(fd),
+            mark: Some(mark),
+            deferred: Default::default(),
+            has_deferred: Default::default(),
+            lock_fd: Some(lock_fd),
+            dev: id.dev,
+            ino: id.ino,
+            slot: NIL,
+            pid: std::process::id(),
+            writable,
+            generation: sys::fork_generation(),
+            sidecar,
+        };
+        shm.slot = shm.claim_slot()?;
+        Ok(shm)
+    }
+
+    fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_ref().expect("open until dropped").as_fd()
+    }
+
+    /// The lock file's descriptor.
+    pub fn lock_fd(&self) -> BorrowedFd<'_> {
+        self.lock_fd.as_ref().expect("open until dropped").as_fd()
+    }
+
+    fn lock(&self) -> Result<TableLock<'_>, Error> {
+        let (mut g, died) = self
+            .map
+            .lock()
+            .map_err(|e| Error::io("lock table mutex", e))?;
+        if died {
+            g.repair(self.fd(), self.slot);
+            g.consistent();
+        }
+        Ok(g)
+    }
+
+    fn full(&self, what: &'static str) -> Error {
+        Error::TableFull {
+            path: self.sidecar.clone(),
+            what,
+        }
+    }
+
+    /// Take a free slot (or a dead owner's) and its liveness byte.
+    fn claim_slot(&self) -> Result<u32, Error> {
+        let mut g = self.lock()?;
+        for pass in 0..2 {
+            for s in 0..SLOTS as u32 {
+                let used = g.slot(s as usize).used != 0;
+                if used != (pass == 1) {
+                    continue;
+                }
+                // Getting the byte proves the slot's last owner gone.
+                match set_byte(self.fd(), LockType::Write, LIVENESS + s as i64, false) {
+                    Ok(()) => {}
+                    Err(e) if is_contention(&e) => continue,
+                    Err(e) => return Err(Error::io("lock owner slot", e)),
+                }
+                if used {
+                    g.purge(s);
+                }
+                let h = g.header();
+                let nonce = h.next_nonce;
+                h.next_nonce += 1;
+                h.slot_hwm = h.slot_hwm.max(s + 1);
+                let slot = g.slot(s as usize);
+                slot.pid = self.pid;
+                slot.nonce = nonce;
+                slot.head = NIL;
+                slot.records = 0;
+                slot.used = 1;
+                return Ok(s);
+            }
+        }
+        Err(self.full("owners"))
+    }
+
+    /// This owner's id, as [`Snapshot`] shows it.
+    pub fn owner_id(&self) -> u64 {
+        self.lock()
+            .map(|g| g.slot(self.slot as usize).nonce)
+            .unwrap_or(0)
+    }
+
+    fn is_inherited(&self) -> bool {
+        self.generation != sys::current_fork_generation()
+    }
+
+    fn holder_of(&self, g: &TableLock<'_>, b: Blocker) -> Holder {
+        match b {
+            Blocker::Record(r) => {
+                let r = *g.rec(r);
+                let (start, end) = g.extent(r.owner - 1, r.kind, r.start, r.end);
+                Holder {
+                    span: Span::from_checked(start, end),
+                    kind: kind_of(r.kind),
+                    pid: Some(g.slot((r.owner - 1) as usize).pid).filter(|&p| p > 0),
+                    server: None,
+                }
+            }
+            Blocker::Waiter(w) => {
+                let w = *g.waiter(w as usize);
+                Holder {
+                    span: Span::from_checked(w.start, w.end),
+                    kind: kind_of(w.kind),
+                    pid: Some(w.pid).filter(|&p| p > 0),
+                    server: None,
+                }
+            }
+        }
+    }
+}
+
+impl Shm {
+    /// Raise `span` to `kind` without waiting; `Ok(false)` when another
+    /// owner is in the way. With `check_life`, an owner in the way is first
+    /// checked for life (with the mutex let go) and purged when dead.
+    #[inline(always)]
+    fn raise(&self, span: Span, kind: Kind, check_life: bool) -> Result<bool, Error> {
+        let mut g = self.lock()?;
+        let me = self.slot;
+        self.settle(&mut g);
+        let (s, e, k) = (span.start(), span.end(), code(kind));
+        let pieces = [span];
+        // Before the room is counted: turning fast holds into records
+        // takes records too.
+        let prepared = g.prepare(&pieces);
+        // Only a nearly full table asks whether this only lowers (which may
+        // use the records kept back for lowering, and is never refused).
+        if !prepared || !g.has_room(1) {
+            if g.covered(me, s, e, k) {
+                self.lower(&mut g, s, e, k);
+                return Ok(true);
+            }
+            return Err(self.full("lock records"));
+        }
+        let req = Request {
+            me,
+            pieces: &pieces,
+            kind: k,
+            ticket: u64::MAX,
+            entry: NO_ENTRY,
+        };
+        if let Some(b) = g.blocker(None, req) {
+            if !check_life {
+                return Ok(false);
+            }
+            let owner = g.owner_of(&b);
+            drop(g);
+            return self.refused(owner, span, kind);
+        }
+        g.set(me, s, e, k);
+        self.forget_deferred(s, e);
+        Ok(true)
+    }
+
+    /// A raise found `owner` in the way: if that owner is alive, refused;
+    /// if it died, purge it and try again. The check runs with the mutex
+    /// let go (a system call), so a refusal never makes others wait on it.
+    #[cold]
+    #[inline(never)]
+    fn refused(&self, owner: u32, span: Span, kind: Kind) -> Result<bool, Error> {
+        // Each try again follows a purge, so this ends.
+        if alive(self.fd(), owner) || !self.lock()?.purge_if_dead(self.fd(), owner) {
+            return Ok(false);
+        }
+        self.raise(span, kind, true)
+    }
+
+    /// Set `s..e` to `kind` (0: unlock), which only lowers what this owner
+    /// holds there: never refused. A lowering that would split a record
+    /// when the table has no record left for it is deferred instead: the
+    /// table keeps the stronger lock (over-locking, which only delays
+    /// others) until a later call of this owner finds the records.
+    fn lower(&self, g: &mut TableLock<'_>, s: u64, e: u64, kind: u32) {
+        // A lowering takes at most two records (see `records_to_lower`):
+        // counting them exactly matters only when the table is nearly full.
+        // Three more for the fast holds of other indices in the buckets of
+        // the single-index records this may leave (each end, the middle).
+        let free = g.header().free_count as usize;
+        if free >= 5 || free >= g.records_to_lower(self.slot, s, e, kind) + 3 {
+            g.set(self.slot, s, e, kind);
+            self.forget_deferred(s, e);
+        } else {
+            let mut d = self.deferred.lock().unwrap_or_else(|p| p.into_inner());
+            subtract(&mut d, s, e);
+            d.push((s, e, kind));
+            self.has_deferred.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Apply the deferred lowerings there are records for now.
+    #[inline(always)]
+    fn settle(&self, g: &mut TableLock<'_>) {
+        if self.has_deferred.load(Ordering::Relaxed) {
+            self.settle_slow(g);
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn settle_slow(&self, g: &mut TableLock<'_>) {
+        let mut d = self.deferred.lock().unwrap_or_else(|p| p.into_inner());
+        d.retain(|&(s, e, kind)| {
+            if (g.header().free_count as usize) < g.records_to_lower(self.slot, s, e, kind) + 3 {
+                return true;
+            }
+            g.set(self.slot, s, e, kind);
+            false
+        });
+        self.has_deferred.store(!d.is_empty(), Ordering::Relaxed);
+    }
+
+    /// `s..e` was just set explicitly: no deferred lowering may change it.
+    #[inline(always)]
+    fn forget_deferred(&self, s: u64, e: u64) {
+        if self.has_deferred.load(Ordering::Relaxed) {
+            self.forget_deferred_slow(s, e);
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn forget_deferred_slow(&self, s: u64, e: u64) {
+        let mut d = self.deferred.lock().unwrap_or_else(|p| p.into_inner());
+        subtract(&mut d, s, e);
+        self.has_deferred.store(!d.is_empty(), Ordering::Relaxed);
+    }
+
+    /// Let go of the in-use marker, before the table (whoever holds the
+    /// marker holds the table, but for openers on their way in).
+    fn drop_mark(&mut self) {
+        if let Some(mark) = self.mark.take() {
+            let _ = set_byte(mark.as_fd(), LockType::Unlock, IN_USE, false);
+            sys::keep_in_children(mark.as_raw_fd());
+            // Through the registry: a close may drop process-mode locks.
+            crate::descriptors::close(self.dev, self.ino, mark);
+        }
+    }
+}
+
+impl Drop for Shm {
+    fn drop(&mut self) {
+        let fd = self.fd.take().expect("open until dropped");
+        if self.is_inherited() {
+            // The parent's: its descriptor was closed at fork (the number
+            // may be another file's by now) and its table is not ours.
+            std::mem::forget(fd);
+            std::mem::forget(self.mark.take());
+            if let Some(lock_fd) = self.lock_fd.take() {
+                drop(lock_fd);
+            }
+            return;
+        }
+        if self.slot != NIL {
+            self.fd = Some(fd);
+            if let Ok(mut g) = self.lock() {
+                g.purge(self.slot);
+            }
+            self.drop_mark();
+            sys::keep_in_children(self.fd().as_raw_fd());
+            // Closing drops the liveness byte and our share of the table.
+            drop(self.fd.take());
+        } else {
+            self.drop_mark();
+            sys::keep_in_children(fd.as_raw_fd());
+            drop(fd);
+        }
+        if let Some(lock_fd) = self.lock_fd.take() {
+            crate::descriptors::close(self.dev, self.ino, lock_fd);
+        }
+    }
+}
+
+impl Engine for Shm {
+    #[inline]
+    fn try_set(&self, span: Span, kind: Option<Kind>) -> Result<bool, Error> {
+        match kind {
+            None => {
+                if self.fast_lower(span) {
+                    return Ok(true);
+                }
+                let mut g = self.lock()?;
+                self.settle(&mut g);
+                self.lower(&mut g, span.start(), span.end(), 0);
+                Ok(true)
+            }
+            Some(k) if self.fast_raise(span, k) => Ok(true),
+            Some(k) => self.raise(span, k, true),
+        }
+    }
+
+    #[inline]
+    fn try_set_before_wait(&self, span: Span, kind: Kind) -> Result<bool, Error> {
+        if self.fast_raise(span, kind) {
+            return Ok(true);
+        }
+        // Another owner's fast hold on this very index: refused without
+        // the mutex; the wait that follows sleeps on its lane.
+        if let Some((i, l)) = lane_of(span) {
+            if self.fast_in_way(self.map.lane(l).load(Ordering::Acquire), i, kind) {
+                return Ok(false);
+            }
+        }
+        self.raise(span, kind, false)
+    }
+
+    fn wait_set(&self, span: Span, kind: Kind, until: Until<'_>) -> Result<(), Error> {
+        self.wait_all(&[span], kind, until)
+    }
+
+    fn wait_set_all(
+        &self,
+        pieces: &[Span],
+        kind: Kind,
+        until: Until<'_>,
+    ) -> Option<Result<(), Error>> {
+        Some(self.wait_all(pieces, kind, until))
+    }
+
+    fn probe(&self, span: Span, kind: Kind) -> Result<Option<Holder>, Error> {
+        let mut g = self.lock()?;
+        self.settle(&mut g);
+        let pieces = [span];
+        if !g.prepare(&pieces) {
+            return Err(self.full("lock records"));
+        }
+        let req = Request {
+            me: self.slot,
+            pieces: &pieces,
+            kind: code(kind),
+            ticket: u64::MAX,
+            entry: NO_ENTRY,
+        };
+        Ok(g.blocker(Some(self.fd()), req)
+            .map(|b| self.holder_of(&g, b)))
+    }
+
+    fn writable(&self) -> bool {
+        self.writable
+    }
+
+    fn abilities(&self) -> Abilities {
+        Abilities {
+            detects_deadlocks: true,
+            fair: true,
+            releases_on_death: true,
+        }
+    }
+
+    fn unlock_all(&self) -> Result<(), Error> {
+        let mut g = self.lock()?;
+        g.set(self.slot, 0, INDEX_END, 0);
+        self.forget_deferred(0, INDEX_END);
+        Ok(())
+    }
+}

@@ -1,0 +1,392 @@
+//! Setting a table up, owners' liveness, purging dead or leaving owners,
+//! rebuilding every derived index after a death in the mutex
+//! (`EOWNERDEAD`), and [`verify`]. All under the mutex ([`TableLock`]).
+
+use std::os::fd::{AsFd, BorrowedFd};
+use std::path::Path;
+use std::sync::atomic::Ordering;
+
+use crate::span::INDEX_END;
+use crate::sys::{self, Family, LockType, OpenHow};
+
+use super::layout::{
+    bucket, is_fast, lane_index, lane_owner, BUCKETS, DMS, EXCLUSIVE, LANE_EMPTY, LANE_MOVING,
+    LANE_SLOW, LIVENESS, NIL, RECORDS, SHARED, SIZE, SLOTS, VERSION, WAITERS,
+};
+use super::sidecar::{byte, check_and_map, cstring, read_header, set_byte, sidecar_path};
+use super::table::TableLock;
+use super::waits::Place;
+
+/// Tells whether an owner's slot is alive, through some descriptor of the
+/// sidecar that is not that owner's.
+pub(super) fn alive(fd: BorrowedFd<'_>, slot: u32) -> bool {
+    match sys::get_lock(
+        fd,
+        Family::Ofd,
+        LockType::Write,
+        byte(LIVENESS + slot as i64),
+    ) {
+        Ok(found) => found.is_some(),
+        // Unknown: never free a lock on a guess.
+        Err(_) => true,
+    }
+}
+
+impl TableLock<'_> {
+    /// Rebuild every derived index from the records, slots and waiters,
+    /// dropping whatever does not validate. Dead owners (their liveness
+    /// byte free, probed through `fd`) lose their slot and everything.
+    /// `me` is the repairer's own slot (`NIL` for none): its liveness
+    /// lock is held through `fd`, which `F_OFD_GETLK` does not report.
+    pub(super) fn repair(&mut self, fd: BorrowedFd<'_>, me: u32) {
+        self.repairing = true;
+        let h = self.header();
+        h.slot_hwm = 0;
+        for s in 0..SLOTS {
+            let slot = self.slot(s);
+            let dead = s as u32 != me && !alive(fd, s as u32);
+            if slot.used != 0 && (slot.used != 1 || dead) {
+                slot.used = 0;
+            }
+            if slot.used == 1 {
+                h.slot_hwm = s as u32 + 1;
+            }
+            slot.head = NIL;
+            slot.records = 0;
+        }
+        let valid = |g: &Self, owner: u32, kind: u32, start: u64, end: u64| {
+            owner >= 1
+                && owner as usize <= SLOTS
+                && g.slot((owner - 1) as usize).used == 1
+                && (kind == SHARED || kind == EXCLUSIVE)
+                && start < end
+                && end <= INDEX_END
+        };
+        h.waiting = 0;
+        h.waiter_hwm = 0;
+        for i in 0..WAITERS {
+            let w = *self.waiter(i);
+            if w.owner != 0 && valid(self, w.owner, w.kind, w.start, w.end) {
+                h.waiting += 1;
+                h.waiter_hwm = i as u32 + 1;
+            } else {
+                self.waiter(i).owner = 0;
+            }
+        }
+        self.renumber_queue();
+        let h = self.header();
+        for b in 0..BUCKETS {
+            *self.bucket_head(b) = NIL;
+        }
+        h.free_head = NIL;
+        h.coarse_head = NIL;
+        h.coarse_count = 0;
+        let fresh = h.fresh.min(RECORDS as u32);
+        h.fresh = fresh;
+        h.free_count = RECORDS as u32 - fresh;
+        for i in (0..fresh).rev() {
+            let r = *self.rec(i);
+            if r.owner != 0 && valid(self, r.owner, r.kind, r.start, r.end) {
+                self.link(i);
+            } else {
+                self.free(i);
+            }
+        }
+        self.settle_lanes();
+        self.repairing = false;
+        // Waiters of the dead owner's locks must look again.
+        self.wake_everyone();
+    }
+
+    /// Make the places in the queue of the entries in use differ and lie
+    /// below `next_ticket` (past every ticket too), keeping their order: a
+    /// reordering cut short by a death may have left two equal.
+    pub(super) fn renumber_queue(&mut self) {
+        let h = self.header();
+        let mut queue: Vec<(Place, usize)> = (0..h.waiter_hwm as usize)
+            .filter(|&i| self.waiter(i).owner != 0)
+            .map(|i| (self.waiter(i).place(), i))
+            .collect();
+        queue.sort_unstable();
+        let mut free = 0u64;
+        for (_, i) in queue {
+            let w = self.waiter(i);
+            w.order = w.order.max(free);
+            free = w.order.saturating_add(1);
+            h.next_ticket = h.next_ticket.max(free).max(w.ticket.saturating_add(1));
+        }
+    }
+
+    /// Set up a fresh table (the caller holds the sidecar exclusively).
+    pub(super) fn init(&mut self, dev: u64, ino: u64) {
+        let h = self.header();
+        h.version = VERSION;
+        h.size = SIZE as u64;
+        h.dev = dev;
+        h.ino = ino;
+        h.next_ticket = 1;
+        h.next_nonce = 1;
+        for i in 0..WAITERS {
+            self.waiter(i).owner = 0;
+        }
+        for s in 0..SLOTS {
+            self.slot(s).used = 0;
+        }
+        // The records are zero (the file was just truncated): none in use,
+        // all fresh, their pages untouched.
+        for b in 0..BUCKETS {
+            *self.bucket_head(b) = NIL;
+        }
+        h.free_head = NIL;
+        h.fresh = 0;
+        h.free_count = RECORDS as u32;
+        h.coarse_head = NIL;
+        h.coarse_count = 0;
+        h.waiting = 0;
+        h.waiter_hwm = 0;
+        h.slot_hwm = 0;
+        // The lanes and fast counts are zero too: every lane empty.
+        self.map.gate().store(0, Ordering::SeqCst);
+        for s in 0..SLOTS {
+            let s = self.slot(s);
+            s.head = NIL;
+            s.records = 0;
+        }
+    }
+
+    /// Free everything of the owner in `slot` and the slot itself.
+    pub(super) fn purge(&mut self, slot: u32) {
+        self.clear_fast(slot);
+        let mut at = self.slot(slot as usize).head;
+        let mut steps = 0;
+        while at != NIL && steps < RECORDS {
+            let next = self.rec(at).onext;
+            let r = *self.rec(at);
+            if r.end - r.start == 1 {
+                self.note_lane(bucket(r.start));
+            }
+            self.unlink_tier(at);
+            self.free(at);
+            at = next;
+            steps += 1;
+        }
+        let s = self.slot(slot as usize);
+        s.head = NIL;
+        s.records = 0;
+        s.used = 0;
+        let h = self.header();
+        while h.slot_hwm > 0 && self.slot(h.slot_hwm as usize - 1).used == 0 {
+            h.slot_hwm -= 1;
+        }
+        for i in 0..h.waiter_hwm as usize {
+            let w = self.waiter(i);
+            if w.owner == slot + 1 {
+                w.owner = 0;
+                h.waiting -= 1;
+            }
+        }
+        self.wake_everyone();
+        self.shrink_waiters();
+    }
+
+    /// Purge `slot` if its owner is dead; whether it was.
+    pub(super) fn purge_if_dead(&mut self, fd: BorrowedFd<'_>, slot: u32) -> bool {
+        if self.slot(slot as usize).used == 1 && !alive(fd, slot) {
+            self.purge(slot);
+            return true;
+        }
+        false
+    }
+}
+
+impl TableLock<'_> {
+    /// Check the derived indices against the records: every record in use
+    /// is in its owner's list and its tier exactly once, every free one in
+    /// the free list, and the counters agree.
+    pub(super) fn verify(&self) -> Result<(), String> {
+        let mut seen_owner = vec![0u8; RECORDS];
+        let mut seen_tier = vec![0u8; RECORDS];
+        let h = self.header();
+        for o in 0..SLOTS {
+            let slot = *self.slot(o);
+            if slot.used != 0 && o >= h.slot_hwm as usize {
+                return Err(format!("slot {o} in use past the mark {}", h.slot_hwm));
+            }
+            let mut at = slot.head;
+            let mut n = 0;
+            while at != NIL {
+                if at as usize >= RECORDS {
+                    return Err("owner list out of range".into());
+                }
+                let r = *self.rec(at);
+                if slot.used != 1 || r.owner as usize != o + 1 {
+                    return Err(format!("record {at} in the list of slot {o} is not its"));
+                }
+                seen_owner[at as usize] += 1;
+                n += 1;
+                if n > RECORDS {
+                    return Err(format!("slot {o}'s list loops"));
+                }
+                at = r.onext;
+            }
+            if n != slot.records as usize {
+                return Err(format!("slot {o} counts {} records, has {n}", slot.records));
+            }
+        }
+        let mut walk = |mut at: u32, what: &str| -> Result<usize, String> {
+            let mut n = 0;
+            while at != NIL {
+                if at as usize >= RECORDS {
+                    return Err("chain out of range".into());
+                }
+                let r = *self.rec(at);
+                seen_tier[at as usize] += 1;
+                n += 1;
+                if n > RECORDS {
+                    return Err(format!("{what} loops"));
+                }
+                at = r.next;
+            }
+            Ok(n)
+        };
+        let coarse = walk(h.coarse_head, "the coarse list")?;
+        if coarse != h.coarse_count as usize {
+            return Err(format!("coarse list {coarse}, counter {}", h.coarse_count));
+        }
+        for b in 0..BUCKETS {
+            walk(*self.bucket_head(b), "a bucket")?;
+        }
+        let free = walk(h.free_head, "the free list")?;
+        let fresh = h.fresh as usize;
+        if fresh > RECORDS || free + (RECORDS - fresh) != h.free_count as usize {
+            return Err(format!(
+                "free list {free} and {} fresh, counter {}",
+                RECORDS.saturating_sub(fresh),
+                h.free_count
+            ));
+        }
+        for i in 0..RECORDS {
+            let r = *self.rec(i as u32);
+            let used = r.owner != 0;
+            if i >= fresh {
+                if used || seen_tier[i] != 0 || seen_owner[i] != 0 {
+                    return Err(format!("fresh record {i} is in use or in a list"));
+                }
+                continue;
+            }
+            if seen_tier[i] != 1 || seen_owner[i] != u8::from(used) {
+                return Err(format!(
+                    "record {i} (owner {}) is in {} index chains and {} owner lists",
+                    r.owner, seen_tier[i], seen_owner[i]
+                ));
+            }
+            if used && (r.start >= r.end || !(r.kind == SHARED || r.kind == EXCLUSIVE)) {
+                return Err(format!("record {i} is malformed"));
+            }
+        }
+        let waiting = (0..WAITERS).filter(|&i| self.waiter(i).owner != 0).count();
+        if waiting != h.waiting as usize {
+            return Err(format!("{waiting} waiters, counter {}", h.waiting));
+        }
+        let mut places = Vec::new();
+        for i in 0..WAITERS {
+            let w = *self.waiter(i);
+            if w.owner == 0 {
+                continue;
+            }
+            if i >= h.waiter_hwm as usize {
+                return Err(format!("waiter {i} in use past the mark {}", h.waiter_hwm));
+            }
+            if w.ticket >= h.next_ticket || w.order >= h.next_ticket {
+                return Err(format!(
+                    "waiter {i}: ticket {} or place {} not below the next ticket {}",
+                    w.ticket, w.order, h.next_ticket
+                ));
+            }
+            places.push(w.order);
+        }
+        places.sort_unstable();
+        if places.windows(2).any(|p| p[0] == p[1]) {
+            return Err(format!(
+                "two waiters share a place in the queue: {places:?}"
+            ));
+        }
+        self.verify_lanes()
+    }
+
+    /// The fast lane against the table: an empty or fast lane's bucket is
+    /// empty, a fast word names a live slot and an index of its bucket, no
+    /// owner has more fast holds than its count, an open gate means
+    /// nothing spans more than one index.
+    pub(super) fn verify_lanes(&self) -> Result<(), String> {
+        for l in 0..BUCKETS {
+            let w = self.map.lane(l).load(Ordering::Acquire);
+            if w == LANE_SLOW {
+                continue;
+            }
+            if w != LANE_EMPTY && (!is_fast(w) || w & LANE_MOVING != 0) {
+                return Err(format!("lane {l} reads {w:#x}"));
+            }
+            if *self.bucket_head(l) != NIL || self.waits_in(l) {
+                return Err(format!("lane {l} is not slow, but its bucket is in use"));
+            }
+            if is_fast(w) {
+                let o = lane_owner(w);
+                if self.slot(o as usize).used != 1 || bucket(lane_index(w)) != l {
+                    return Err(format!(
+                        "lane {l}: fast hold {w:#x} of no owner, or misplaced"
+                    ));
+                }
+            }
+        }
+        for l in 0..BUCKETS {
+            let w = self.map.lane(l).load(Ordering::Acquire);
+            if is_fast(w)
+                && !self
+                    .map
+                    .fast_list(lane_owner(w))
+                    .iter()
+                    .any(|e| e.load(Ordering::Acquire) == l as u32 + 1)
+            {
+                return Err(format!(
+                    "lane {l}: fast hold {w:#x} not on its owner's list"
+                ));
+            }
+        }
+        if self.gate_open() && (self.header().coarse_count > 0 || self.waits_wide()) {
+            return Err("the gate is open while something spans more than one index".into());
+        }
+        Ok(())
+    }
+}
+
+/// Check a lock table's internal consistency (its derived indices against
+/// its records), for tests: `Err` says what is wrong.
+#[doc(hidden)]
+pub fn verify(lock_path: &Path) -> Result<(), String> {
+    let lock_path = std::fs::canonicalize(lock_path).map_err(|e| e.to_string())?;
+    let sidecar = sidecar_path(&lock_path);
+    let c = cstring(&sidecar).map_err(|e| e.to_string())?;
+    let how = OpenHow {
+        write: true,
+        create_exclusive: false,
+        create: false,
+        follow: false,
+        mode: 0,
+    };
+    let fd = sys::open(&c, how).map_err(|e| e.to_string())?;
+    set_byte(fd.as_fd(), LockType::Read, DMS, true).map_err(|e| e.to_string())?;
+    let (magic, ..) = read_header(fd.as_fd()).map_err(|e| e.to_string())?;
+    if magic == 0 {
+        // Its first opener died setting it up: the next opener starts it
+        // afresh, and there is nothing to check yet.
+        return Ok(());
+    }
+    let map = check_and_map(&sidecar, fd.as_fd(), None).map_err(|e| e.to_string())?;
+    let (mut g, died) = map.lock().map_err(|e| e.to_string())?;
+    if died {
+        g.repair(fd.as_fd(), NIL);
+        g.consistent();
+    }
+    g.verify()
+}

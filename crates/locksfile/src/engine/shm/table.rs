@@ -1,0 +1,308 @@
+//! The mapping of a sidecar, and [`TableLock`]: the table with its robust
+//! mutex held. All of this engine's `unsafe` is here (see the safety note
+//! of the engine's module).
+//!
+//! A `TableLock` exists only while this thread holds the mutex: [`Map::lock`]
+//! takes it to make one, and dropping it lets it go. The accessors that hand
+//! out `&mut` into the shared table (header, slots, waiters, bucket heads,
+//! records) are its methods, and what they return borrows it, so no such
+//! reference is made without the mutex or kept after it went. [`Map`]
+//! itself hands out only the words used atomically (gate, lanes, fast lists,
+//! wake words), which are touched without the mutex too.
+#![allow(unsafe_code)]
+
+use std::io;
+use std::os::fd::BorrowedFd;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
+
+use crate::cancel::{Armed, Cancel};
+use crate::sys;
+
+use super::layout::{
+    Header, Rec, Slot, Waiter, BUCKETS, BUCKETS_AT, FAST_HOLDS, GATE_AT, LANES_AT, LANE_WAITING,
+    LISTS_AT, MUTEX_AT, RECORDS, RECORDS_AT, SIZE, SLOTS, SLOTS_AT, WAITERS, WAITERS_AT, WAKES_AT,
+};
+
+/// A mapped sidecar.
+pub(super) struct Map {
+    base: *mut u8,
+}
+
+// SAFETY: the mapping is plain shared memory; every access goes through
+// the table's mutex (or atomics), as the module's safety note says.
+unsafe impl Send for Map {}
+// SAFETY: as above.
+unsafe impl Sync for Map {}
+
+impl Map {
+    /// Map the sidecar open as `fd`, which the caller checked is [`SIZE`]
+    /// bytes long.
+    pub(super) fn new(fd: BorrowedFd<'_>) -> io::Result<Map> {
+        Ok(Map {
+            base: sys::map_shared(fd, SIZE)?,
+        })
+    }
+
+    fn mutex(&self) -> *mut libc::pthread_mutex_t {
+        // SAFETY: MUTEX_AT is inside the mapping and suitably aligned.
+        unsafe { self.base.add(MUTEX_AT).cast() }
+    }
+
+    /// The gate of the fast lane: 0 while no record or waiter spans more
+    /// than one index, so that a lane word alone tells whether an index is
+    /// free; 1 otherwise. Written only under the mutex.
+    pub(super) fn gate(&self) -> &AtomicU32 {
+        // SAFETY: inside the header page, aligned, only used atomically.
+        unsafe { &*self.base.add(GATE_AT).cast::<AtomicU32>() }
+    }
+
+    /// The lane word of bucket `l`.
+    #[inline(always)]
+    pub(super) fn lane(&self, l: usize) -> &AtomicU64 {
+        assert!(l < BUCKETS, "lane {l} out of range");
+        // SAFETY: in range, inside the mapping, aligned, only used atomically.
+        unsafe { &*self.base.add(LANES_AT).cast::<AtomicU64>().add(l) }
+    }
+
+    /// The upper half of lane `l`'s word, where waiters for a fast hold
+    /// sleep (it holds the flags and the owner).
+    pub(super) fn lane_half(&self, l: usize) -> *const u32 {
+        let lane: *const AtomicU64 = self.lane(l);
+        // SAFETY: within the lane word; the upper half on a little-endian
+        // machine (the only kind this engine builds for, as futexes are
+        // Linux's and the layout is fixed).
+        unsafe {
+            lane.cast::<u32>()
+                .add(usize::from(cfg!(target_endian = "little")))
+        }
+    }
+
+    /// Wake whoever sleeps on lane `l`, if the word it left was `old`.
+    pub(super) fn woke_lane(&self, l: usize, old: u64) {
+        if old & LANE_WAITING != 0 {
+            // SAFETY: an aligned word of the mapping, which outlives `self`.
+            unsafe { sys::futex_wake_all_raw(self.lane_half(l)) };
+        }
+    }
+
+    /// The lanes where owner slot `s` may have a fast hold, each as
+    /// lane + 1 (0: a free entry): listed before the hold is taken, struck
+    /// off after it went, so that whoever must find every fast hold (of an
+    /// owner, or over a long span) reads these instead of every lane.
+    #[inline(always)]
+    pub(super) fn fast_list(&self, s: u32) -> &[AtomicU32; FAST_HOLDS] {
+        assert!((s as usize) < SLOTS, "slot {s} out of range");
+        // SAFETY: in range, inside the mapping, aligned, only used atomically.
+        unsafe {
+            &*self
+                .base
+                .add(LISTS_AT + s as usize * 64)
+                .cast::<[AtomicU32; FAST_HOLDS]>()
+        }
+    }
+
+    /// Strike lane `l` off owner `s`'s list.
+    /// The lanes owner `s` lists, each once (entries may repeat a lane).
+    pub(super) fn listed_lanes(&self, s: u32) -> impl Iterator<Item = usize> + '_ {
+        let mut seen = [0u32; FAST_HOLDS];
+        self.fast_list(s)
+            .iter()
+            .enumerate()
+            .filter_map(move |(k, e)| {
+                let v = e.load(Ordering::SeqCst);
+                if v == 0 || seen[..k].contains(&v) {
+                    return None;
+                }
+                seen[k] = v;
+                Some((v - 1) as usize % BUCKETS)
+            })
+    }
+
+    /// Entries are interchangeable: the list is right while it lists each
+    /// lane at least as often as the owner has a word there, so every
+    /// removal takes one entry of that lane off by a swap, never by a
+    /// store over whatever an entry holds by then (threads of one owner
+    /// list and strike off at once).
+    pub(super) fn unlist(&self, s: u32, l: usize) {
+        let v = l as u32 + 1;
+        for e in self.fast_list(s) {
+            if e.compare_exchange(v, 0, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+            {
+                return;
+            }
+        }
+    }
+
+    /// Waiter entry `i`'s futex word.
+    pub(super) fn wake_word(&self, i: usize) -> &AtomicU32 {
+        assert!(i < WAITERS, "waiter index {i} out of range");
+        // SAFETY: in range, inside the mapping, aligned, and only ever used
+        // atomically.
+        unsafe { &*self.base.add(WAKES_AT).cast::<AtomicU32>().add(i) }
+    }
+
+    /// Make the mutex of a fresh table: robust and process-shared.
+    ///
+    /// # Safety
+    /// No one uses the table: the caller holds the sidecar's DMS byte
+    /// exclusively, so no one else has it mapped and in use.
+    pub(super) unsafe fn init_mutex(&self) -> io::Result<()> {
+        // SAFETY: as the caller promises; the mutex memory is ours.
+        unsafe { sys::robust_mutex_init(self.mutex()) }
+    }
+
+    /// Sleep on the upper half of lane `l`'s word while it reads
+    /// `expected`, for at most `nap` (`futex_wait`).
+    pub(super) fn sleep_on_lane(&self, l: usize, expected: u32, nap: Duration) -> io::Result<()> {
+        // SAFETY: an aligned word of the mapping, which outlives the call.
+        unsafe { sys::futex_wait_raw(self.lane_half(l), expected, nap) }
+    }
+
+    /// Arm `cancel` to bump and wake waiter entry `i`'s word. The waker is
+    /// taken back when the result is dropped, which borrows the mapping.
+    pub(super) fn arm_cancel<'a>(&'a self, cancel: &'a Cancel, i: usize) -> Armed<'a> {
+        // SAFETY: the word is in this mapping, which the result borrows, so
+        // it stays mapped until the waker is taken back.
+        let waker = unsafe { sys::WordWaker::new(self.wake_word(i)) };
+        cancel.arm(Box::new(move || waker.wake()))
+    }
+
+    /// Take the table's mutex. `Err` only for a mutex left unrecoverable.
+    pub(super) fn lock(&self) -> io::Result<(TableLock<'_>, bool)> {
+        // SAFETY: the mutex was initialised by the table's first opener and
+        // stays mapped while `self` lives.
+        let died = match unsafe { sys::robust_mutex_lock(self.mutex()) }? {
+            sys::Locked::Clean => false,
+            sys::Locked::OwnerDied => true,
+        };
+        Ok((
+            TableLock {
+                map: self,
+                woken: [0; WAKE_LIST],
+                n_woken: 0,
+                wake_upto: 0,
+                entered: [0; ENTERED],
+                n_entered: 0,
+                repairing: false,
+                ahead: None,
+                renew: 0,
+            },
+            died,
+        ))
+    }
+}
+
+impl Drop for Map {
+    fn drop(&mut self) {
+        // SAFETY: `base` is the mapping `map_shared` made, unused from here.
+        unsafe { sys::unmap(self.base, SIZE) };
+    }
+}
+
+/// How many waiters a guard wakes one by one; beyond that it wakes all.
+pub(super) const WAKE_LIST: usize = 8;
+/// How many slow lanes a guard looks at giving back; a lane past these
+/// stays slow until a later call there finds its bucket empty.
+pub(super) const ENTERED: usize = 8;
+
+/// The table, with its mutex held.
+pub(super) struct TableLock<'a> {
+    pub(super) map: &'a Map,
+    /// Waiter entries to wake once the mutex is let go (their words are
+    /// bumped already)...
+    pub(super) woken: [u16; WAKE_LIST],
+    pub(super) n_woken: usize,
+    /// ... or every entry below this.
+    pub(super) wake_upto: usize,
+    /// Lanes made slow (or whose bucket lost a record) under this guard,
+    /// given back to the fast lane when their bucket is empty.
+    pub(super) entered: [u32; ENTERED],
+    pub(super) n_entered: usize,
+    /// Rebuilding the derived indices: lanes are put right afterwards.
+    pub(super) repairing: bool,
+    /// The place in the queue the deadlock search gave the request it
+    /// looked at, not queued yet: it queues there (see [`TableLock::reorder`]).
+    pub(super) ahead: Option<u64>,
+    /// Waiter entry + 1 (0: none) to wake once the mutex is let go, after
+    /// its own waiting thread read its word: that thread's request was
+    /// moved ahead, and must look again instead of sleeping.
+    pub(super) renew: u32,
+}
+
+impl Drop for TableLock<'_> {
+    fn drop(&mut self) {
+        self.leave();
+        // SAFETY: we hold the mutex.
+        unsafe { sys::robust_mutex_unlock(self.map.mutex()) };
+        if self.renew > 0 {
+            let word = self.map.wake_word(self.renew as usize - 1);
+            word.fetch_add(1, Ordering::Release);
+        }
+        if self.wake_upto > 0 {
+            for i in 0..self.wake_upto {
+                sys::futex_wake_all(self.map.wake_word(i));
+            }
+        } else {
+            for &i in &self.woken[..self.n_woken] {
+                sys::futex_wake_all(self.map.wake_word(i as usize));
+            }
+        }
+    }
+}
+
+#[allow(clippy::mut_from_ref)]
+impl TableLock<'_> {
+    /// After a repair that followed `EOWNERDEAD`: the mutex works again
+    /// (`pthread_mutex_consistent`).
+    pub(super) fn consistent(&self) {
+        // SAFETY: we hold the mutex.
+        unsafe { sys::robust_mutex_consistent(self.map.mutex()) };
+    }
+
+    // The accessors below hand out `&mut` into memory that other processes
+    // share. Each call makes a fresh, short-lived reference from the raw
+    // base pointer; the regions (header, slots, waiters, buckets, records)
+    // never overlap.
+
+    /// The header.
+    pub(super) fn header(&self) -> &mut Header {
+        // SAFETY: `self` holds the mutex, which every process takes before
+        // touching the table, so no one else writes it meanwhile; the
+        // reference borrows `self`, so it goes before the mutex does.
+        unsafe { &mut *self.map.base.cast::<Header>() }
+    }
+
+    // One element at a time, never a slice: a reference to a whole array
+    // would overlap every other reference made into it meanwhile.
+
+    /// Owner slot `i`.
+    pub(super) fn slot(&self, i: usize) -> &mut Slot {
+        assert!(i < SLOTS, "slot {i} out of range");
+        // SAFETY: as `header`; in range, inside the mapping, aligned.
+        unsafe { &mut *self.map.base.add(SLOTS_AT).cast::<Slot>().add(i) }
+    }
+
+    /// Waiter entry `i`.
+    pub(super) fn waiter(&self, i: usize) -> &mut Waiter {
+        assert!(i < WAITERS, "waiter {i} out of range");
+        // SAFETY: as `slot`.
+        unsafe { &mut *self.map.base.add(WAITERS_AT).cast::<Waiter>().add(i) }
+    }
+
+    /// The head of hash bucket `i`.
+    pub(super) fn bucket_head(&self, i: usize) -> &mut u32 {
+        assert!(i < BUCKETS, "bucket {i} out of range");
+        // SAFETY: as `slot`.
+        unsafe { &mut *self.map.base.add(BUCKETS_AT).cast::<u32>().add(i) }
+    }
+
+    /// Record `i`.
+    pub(super) fn rec(&self, i: u32) -> &mut Rec {
+        assert!((i as usize) < RECORDS, "record index {i} out of range");
+        // SAFETY: as `header`; in range; a reference to one record only, so
+        // references to different records never overlap.
+        unsafe { &mut *self.map.base.add(RECORDS_AT).cast::<Rec>().add(i as usize) }
+    }
+}
