@@ -13,7 +13,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::span::IntoSpan;
+use crate::into_span::IntoSpan;
 use crate::{Cancel, Error, LockFile, Party, ReadGuard, Threads, Wait, WriteGuard};
 
 /// Cancels the wait when the future that owns it is dropped, finished or not.

@@ -12,9 +12,10 @@ use crate::cancel::Cancel;
 use crate::error::Error;
 use crate::file::LockFile;
 use crate::holds::Change;
+use crate::into_span::IntoSpan;
 use crate::kind::Kind;
 use crate::party::Party;
-use crate::span::{IntoSpan, Span};
+use crate::span::Span;
 use crate::wait::Wait;
 
 /// The part both guards share: a hold of one kind on one span.

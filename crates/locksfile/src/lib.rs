@@ -76,6 +76,7 @@ mod error;
 mod file;
 mod guard;
 mod holds;
+mod into_span;
 mod kind;
 mod owned;
 mod owner;
@@ -111,10 +112,11 @@ pub use file::mode::{Mode, Threads, UnknownMode};
 pub use file::open::OpenOptions;
 pub use file::LockFile;
 pub use guard::{ReadGuard, WriteGuard};
+pub use into_span::IntoSpan;
 pub use kind::Kind;
 pub use owned::{OwnedReadGuard, OwnedWriteGuard};
 pub use party::{Entered, Party};
-pub use span::{IntoSpan, Span, INDEX_END};
+pub use span::{Span, INDEX_END};
 pub use wait::Wait;
 
 /// Choose the signal that interrupts a timed or cancellable wait asleep in

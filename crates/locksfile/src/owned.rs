@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::span::IntoSpan;
+use crate::into_span::IntoSpan;
 use crate::{Error, LockFile, ReadGuard, Wait, WriteGuard};
 
 /// A shared lock that owns a clone of its handle's `Arc`

@@ -18,11 +18,12 @@ use crate::engine::shm::Shm;
 use crate::engine::Engine;
 use crate::error::{Error, Holder};
 use crate::holds::{Change, HandleId};
+use crate::into_span::IntoSpan;
 use crate::kind::Kind;
 use crate::owner::Owner;
 use crate::party::{Party, EVERYONE};
 use crate::registry;
-use crate::span::{IntoSpan, Span};
+use crate::span::Span;
 use crate::sys;
 use crate::wait::Wait;
 

@@ -6,7 +6,9 @@
 use std::io;
 use std::time::Duration;
 
-use super::{block_on, connect_error, server_error, Pg, Rt, Target, DEFAULT_CONNECT_TIMEOUT};
+use super::connect::connect_error;
+use super::session::{block_on, server_error, Rt};
+use super::{Pg, Target, DEFAULT_CONNECT_TIMEOUT};
 use crate::error::Error;
 
 /// Serialises creating the tables between sessions (a one-bigint advisory

@@ -1,0 +1,243 @@
+//! Connecting: reaching the server at one of the target's hosts, the
+//! startup exchange, and finding (or creating) the namespace.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio_postgres::config::Host;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{Client, NoTls, Statement};
+
+use super::session::{block_on, server_error, Addr, Rt};
+use super::{setup, Conn, Pg, Target, DEFAULT_CONNECT_TIMEOUT};
+use crate::error::Error;
+use crate::sys;
+
+pub(super) fn connect_error(shown: &str, kind: io::ErrorKind, msg: impl Into<String>) -> Error {
+    Error::Connect {
+        target: shown.to_string(),
+        source: io::Error::new(kind, msg.into()),
+    }
+}
+
+/// The startup exchange over a connected socket of either kind; the
+/// session, and the future that drives its connection.
+async fn start_up<S>(target: &Target, s: S) -> Result<(Client, Driver), Error>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (c, conn) = target
+        .config
+        .connect_raw(s, NoTls)
+        .await
+        .map_err(|e| startup_error(&target.shown, e))?;
+    let driver: Driver = Box::pin(async move {
+        let _ = conn.await;
+    });
+    Ok((c, driver))
+}
+
+/// The error of a failed connection attempt, typed by what went wrong.
+fn startup_error(shown: &str, e: tokio_postgres::Error) -> Error {
+    let kind = match e.code() {
+        Some(c)
+            if *c == SqlState::INVALID_PASSWORD
+                || *c == SqlState::INVALID_AUTHORIZATION_SPECIFICATION =>
+        {
+            io::ErrorKind::PermissionDenied
+        }
+        Some(c) if *c == SqlState::INVALID_CATALOG_NAME => io::ErrorKind::NotFound,
+        Some(c) if *c == SqlState::TOO_MANY_CONNECTIONS => io::ErrorKind::ResourceBusy,
+        Some(_) => io::ErrorKind::Other,
+        None => io::ErrorKind::ConnectionAborted,
+    };
+    let msg = match e.as_db_error() {
+        Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
+        None => e.to_string(),
+    };
+    connect_error(shown, kind, msg)
+}
+
+impl Pg {
+    /// Connect, find (or create) the namespace, and prepare the hot
+    /// statements, all within `timeout`.
+    pub fn connect(target: &str, timeout: Option<Duration>, writable: bool) -> Result<Pg, Error> {
+        let target = Target::parse(target)?;
+        let shown = target.shown.clone();
+        let timeout = timeout
+            .or(target.config.get_connect_timeout().copied())
+            .unwrap_or(DEFAULT_CONNECT_TIMEOUT);
+        let rt = Rt::new().map_err(|e| Error::io("start the client runtime", e))?;
+        let outcome = block_on(&rt, async {
+            tokio::time::timeout(timeout, Self::open(&target))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(connect_error(
+                        &shown,
+                        io::ErrorKind::TimedOut,
+                        format!("no answer within {timeout:?}"),
+                    ))
+                })
+        });
+        let (client, socket, addr, ns, stmts) = match outcome {
+            Ok((client, connection, socket, addr)) => {
+                rt.spawn(connection);
+                let setup = block_on(&rt, async {
+                    tokio::time::timeout(timeout, Self::setup(&client, &target.name))
+                        .await
+                        .unwrap_or_else(|_| {
+                            Err(connect_error(
+                                &shown,
+                                io::ErrorKind::TimedOut,
+                                format!("namespace setup took over {timeout:?}"),
+                            ))
+                        })
+                })?;
+                (client, socket, addr, setup.0, setup.1)
+            }
+            Err(e) => return Err(e),
+        };
+        let [try_x, try_s, unlock_x, unlock_s] = stmts;
+        let backend_pid = block_on(&rt, client.query_one("SELECT pg_backend_pid()", &[]))
+            .map_err(|e| startup_error(&shown, e))?
+            .get::<_, i32>(0);
+        let cancel = client.cancel_token();
+        Ok(Pg {
+            conn: Mutex::new(Conn {
+                rt,
+                client,
+                try_x,
+                try_s,
+                unlock_x,
+                unlock_s,
+                held: BTreeMap::new(),
+            }),
+            ns,
+            shown,
+            writable,
+            backend_pid,
+            socket,
+            addr,
+            cancel,
+            lost: AtomicBool::new(false),
+            preempt: AtomicUsize::new(0),
+            waiting: AtomicBool::new(false),
+            deadlock_ms: std::sync::atomic::AtomicU64::new(0),
+        })
+    }
+
+    /// Try each host in turn; the session and a duplicate of its socket.
+    pub(super) async fn open(target: &Target) -> Result<(Client, Driver, OwnedFd, Addr), Error> {
+        let config = &target.config;
+        let ports = config.get_ports();
+        let mut last = None;
+        for (i, host) in config.get_hosts().iter().enumerate() {
+            let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+            let attempt = async {
+                match host {
+                    Host::Unix(dir) => {
+                        let path = dir.join(format!(".s.PGSQL.{port}"));
+                        let s = tokio::net::UnixStream::connect(&path).await?;
+                        let fd = s.as_fd().try_clone_to_owned()?;
+                        Ok::<_, io::Error>((Stream::Unix(s), fd, Addr::Unix(path)))
+                    }
+                    Host::Tcp(h) => {
+                        let s = tokio::net::TcpStream::connect((h.as_str(), port)).await?;
+                        s.set_nodelay(true)?;
+                        // Notice a dead server or a partition without an
+                        // operation: about 30 s.
+                        sys::set_keepalive(s.as_fd(), 10, 5, 4)?;
+                        let addr = s.peer_addr()?;
+                        let fd = s.as_fd().try_clone_to_owned()?;
+                        Ok((Stream::Tcp(s), fd, Addr::Tcp(addr)))
+                    }
+                }
+            };
+            match attempt.await {
+                Ok((stream, fd, addr)) => {
+                    let (c, driver) = match stream {
+                        Stream::Unix(s) => start_up(target, s).await?,
+                        Stream::Tcp(s) => start_up(target, s).await?,
+                    };
+                    return Ok((c, driver, fd, addr));
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        let e = last.unwrap_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no host"));
+        Err(Error::Connect {
+            target: target.shown.clone(),
+            source: e,
+        })
+    }
+
+    /// The namespace's id (creating the table or the row when missing) and
+    /// the hot statements.
+    pub(super) async fn setup(client: &Client, name: &str) -> Result<(i32, [Statement; 4]), Error> {
+        let server = |op: &'static str| move |e: tokio_postgres::Error| server_error(op, e);
+        let lookup = "SELECT id FROM locksfile_namespaces WHERE name = $1";
+        // `None`: no table yet; `Some(None)`: no row for the name yet.
+        let found = match client.query_opt(lookup, &[&name]).await {
+            Ok(row) => Some(row.map(|r| r.get::<_, i32>(0))),
+            Err(e) if e.code() == Some(&SqlState::UNDEFINED_TABLE) => None,
+            Err(e) => return Err(server_error("look up the lock namespace", e)),
+        };
+        let ns = match found {
+            Some(Some(ns)) => ns,
+            missing => {
+                if missing.is_none() {
+                    // Only then: `CREATE ... IF NOT EXISTS` still needs the
+                    // right to create, which a role set up by a DBA
+                    // (`locksfile pg setup`) lacks. Sessions creating the
+                    // tables at once would collide in the catalog: the
+                    // script takes them one at a time.
+                    client
+                        .batch_execute(&setup::server_setup_sql(None))
+                        .await
+                        .map_err(server("create the lock namespace table"))?;
+                    let _ = client.batch_execute("ROLLBACK").await;
+                }
+                client
+                    .execute(
+                        "INSERT INTO locksfile_namespaces (name) VALUES ($1) ON CONFLICT DO NOTHING",
+                        &[&name],
+                    )
+                    .await
+                    .map_err(server("add the lock namespace"))?;
+                client
+                    .query_one(lookup, &[&name])
+                    .await
+                    .map_err(server("look up the lock namespace"))?
+                    .get(0)
+            }
+        };
+        let prep = |sql: &'static str| async move {
+            client
+                .prepare(sql)
+                .await
+                .map_err(|e| server_error("prepare lock statements", e))
+        };
+        Ok((
+            ns,
+            [
+                prep("SELECT pg_try_advisory_lock($1, $2)").await?,
+                prep("SELECT pg_try_advisory_lock_shared($1, $2)").await?,
+                prep("SELECT pg_advisory_unlock($1, $2)").await?,
+                prep("SELECT pg_advisory_unlock_shared($1, $2)").await?,
+            ],
+        ))
+    }
+}
+
+/// The task that drives a session's socket (it runs whenever a call
+/// blocks on the runtime).
+pub(super) type Driver = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+enum Stream {
+    Unix(tokio::net::UnixStream),
+    Tcp(tokio::net::TcpStream),
+}
