@@ -2,7 +2,7 @@
 
 from os import PathLike
 from types import TracebackType
-from typing import Any, Coroutine, Dict, Generic, List, Literal, NoReturn, Optional, Tuple, Type, TypeVar, Union, final, overload
+from typing import Any, Callable, Coroutine, Dict, Generic, List, Literal, NoReturn, Optional, Tuple, Type, TypeVar, Union, final, overload
 
 from typing_extensions import disjoint_base
 
@@ -231,6 +231,7 @@ class LocksFile:
         follow_symlinks: bool = False,
         thread_local: bool = False,
         threads: Literal["exclude", "share"] = "exclude",
+        on_lost: Optional[Callable[[], object]] = None,
     ) -> _L: ...
     @property
     def path(self) -> str:

@@ -130,3 +130,36 @@ def test_guards_of_a_lost_session_say_they_hold_nothing():
     assert not w.held
     with LocksFile(f"{SERVER}?name=py-lost-{os.getpid()}") as again:
         assert again.try_write(range(1, 3)) is not None and again.try_write(7) is not None
+
+
+def test_on_lost_fires_without_a_call_when_the_session_ends(tmp_path):
+    """``on_lost`` is called by itself once the server ends the session,
+    its guards then say they hold nothing; a lock file refuses it."""
+    import threading
+
+    app = f"py-on-lost-{os.getpid()}"
+    fired = threading.Event()
+    seen = {}
+
+    def lost():
+        seen["held"] = g.held
+        fired.set()
+
+    lf = LocksFile(f"{SERVER}?application_name={app}&name=py-on-lost-{os.getpid()}", on_lost=lost)
+    g = lf.write(4)
+    assert not fired.wait(0.2), "fired while the session lives"
+    subprocess.run(
+        [
+            "psql",
+            SERVER,
+            "-XAtqc",
+            f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = '{app}'",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    assert fired.wait(10), "on_lost never fired"
+    assert seen["held"] is False
+    assert lf.lost()
+    with pytest.raises(ValueError, match="on_lost= is for server targets"):
+        LocksFile(tmp_path / "x.lock", on_lost=lost)

@@ -437,6 +437,55 @@ fn a_terminated_session_reports_every_lock_lost() {
     assert!(connect(&t).try_write(1..3).is_ok());
 }
 
+/// `on_lost` fires by itself, with no call on the handle, once the server
+/// ends the session, and the guards then say they hold nothing; a
+/// callback on a handle dropped first never fires; a lock file refuses it.
+#[test]
+fn on_lost_fires_without_a_call_when_the_session_ends() {
+    let srv = server_or_skip!();
+    let app = format!("on-lost-{}", std::process::id());
+    let t = target(&format!("{srv}?application_name={app}"), "on-lost");
+    let a = connect(&t);
+    let g = a.write(4).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    a.on_lost(move || tx.send(Instant::now()).unwrap()).unwrap();
+    let dropped = connect(&format!(
+        "{srv}?name=on-lost-dropped-{}",
+        std::process::id()
+    ));
+    let (dtx, drx) = std::sync::mpsc::channel::<()>();
+    dropped.on_lost(move || dtx.send(()).unwrap()).unwrap();
+    drop(dropped);
+    assert!(
+        rx.recv_timeout(Duration::from_millis(300)).is_err(),
+        "fired while the session lives"
+    );
+    let terminated = Instant::now();
+    psql(
+        &srv,
+        &format!(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE application_name = '{app}'"
+        ),
+    );
+    let fired = rx.recv_timeout(pg::STUCK).expect("on_lost fired");
+    eprintln!(
+        "on_lost fired {:.1} ms after pg_terminate_backend returned",
+        fired.saturating_duration_since(terminated).as_secs_f64() * 1e3
+    );
+    assert!(!g.is_held() && a.lost());
+    assert!(
+        drx.recv_timeout(Duration::from_millis(300)).is_err(),
+        "a dropped handle's callback fired"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let file = LockFile::open(dir.path().join("x.lock")).unwrap();
+    assert!(matches!(
+        file.on_lost(|| ()),
+        Err(Error::Unsupported { .. })
+    ));
+}
+
 #[test]
 fn bad_input_is_a_clear_error_within_the_timeout() {
     let srv = server_or_skip!();

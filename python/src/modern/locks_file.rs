@@ -239,6 +239,21 @@ type ServerLockRow = (u64, &'static str, Option<u32>, bool);
 
 impl PyLocksFile {
     /// `LocksFile("postgresql://...?name=NAME")`: a session on the server.
+    /// Call `cb()` (on a thread of its own, holding the GIL) once the
+    /// server session is gone; an exception it raises goes to
+    /// `sys.unraisablehook`, as a finalizer's does.
+    fn call_on_lost(&self, py: Python<'_>, cb: Py<PyAny>) -> PyResult<()> {
+        let lf = self.owner.lf_not_forked(py)?;
+        lf.on_lost(move || {
+            Python::attach(|py| {
+                if let Err(e) = cb.call0(py) {
+                    e.write_unraisable(py, Some(cb.bind(py)));
+                }
+            })
+        })
+        .map_err(|e| to_py(py, e))
+    }
+
     fn connect(
         py: Python<'_>,
         target: &Bound<'_, PyString>,
@@ -278,8 +293,8 @@ impl PyLocksFile {
 impl PyLocksFile {
     #[new]
     #[pyo3(
-        signature = (path = None, mode = "ofd", *, create = true, permissions = 0o644, follow_symlinks = false, thread_local = false, threads = "exclude"),
-        text_signature = "(path=None, mode='ofd', *, create=True, permissions=0o644, follow_symlinks=False, thread_local=False, threads='exclude')"
+        signature = (path = None, mode = "ofd", *, create = true, permissions = 0o644, follow_symlinks = false, thread_local = false, threads = "exclude", on_lost = None),
+        text_signature = "(path=None, mode='ofd', *, create=True, permissions=0o644, follow_symlinks=False, thread_local=False, threads='exclude', on_lost=None)"
     )]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -291,6 +306,7 @@ impl PyLocksFile {
         follow_symlinks: bool,
         thread_local: bool,
         threads: &str,
+        on_lost: Option<Py<PyAny>>,
     ) -> PyResult<Self> {
         let mode = parse_mode(mode).map_err(PyValueError::new_err)?;
         let threads = parse_threads(threads)?;
@@ -331,8 +347,17 @@ impl PyLocksFile {
         // A path that is not valid UTF-8 (surrogate escapes) is a file.
         if let Ok(text) = path.extract::<String>() {
             if LockFile::is_server_target(&text) {
-                return Self::connect(py, &path, mode, thread_local, given);
+                let me = Self::connect(py, &path, mode, thread_local, given)?;
+                if let Some(cb) = on_lost {
+                    me.call_on_lost(py, cb)?;
+                }
+                return Ok(me);
             }
+        }
+        if on_lost.is_some() {
+            return Err(PyValueError::new_err(
+                "on_lost= is for server targets: a lock file's locks are lost only with the process",
+            ));
         }
         let path_buf = path.extract::<PathBuf>()?;
         check_path(&path_buf).map_err(PyValueError::new_err)?;

@@ -130,6 +130,32 @@ impl LockFile {
         with_owner!(&self.owner, o => o.engine.session_lost())
     }
 
+    /// Call `f` once, on a thread of its own, as soon as the server
+    /// session is gone and every lock with it (the server terminated or
+    /// restarted it, or the connection broke: a hang-up is seen at once,
+    /// a silent partition after the TCP keepalive's ~30 s), without any
+    /// call on the handle. Then [`lost`](Self::lost) is true and every
+    /// guard's `is_held()` false. What the holder should do: stop touching
+    /// what the locks protected (a write already under way is what fencing
+    /// tokens, [`fence`](Self::fence), are for) and open a new handle. If
+    /// the handle is dropped first, `f` is never called. Each call adds a
+    /// callback (and a thread that sleeps in `poll(2)`).
+    ///
+    /// # Errors
+    /// [`Error::Unsupported`] for a lock file: its locks are lost only with
+    /// the process. [`Error::Io`] when the thread cannot start.
+    pub fn on_lost(&self, f: impl FnOnce() + Send + 'static) -> Result<(), Error> {
+        #[cfg(feature = "postgres")]
+        if let Owners::Pg(o) = &self.owner {
+            return lost_watch(Arc::downgrade(o), Box::new(f));
+        }
+        let _ = f;
+        Err(Error::Unsupported {
+            what: "on_lost on a lock file (only server sessions lose their locks)",
+            source: io::Error::from(io::ErrorKind::Unsupported),
+        })
+    }
+
     /// Whether the owner's locks are gone while its guards live: its
     /// server session was lost ([`lost`](Self::lost)), or a
     /// [`Mode::Flock`] conversion was lost ([`Error::ConversionLost`]).
@@ -538,4 +564,34 @@ impl Drop for LockFile {
             owners => with_owner!(owners, o => o.unlock_everything()),
         }
     }
+}
+
+/// The thread behind [`LockFile::on_lost`]: it sleeps in `poll(2)` on a
+/// duplicate of the session's socket and looks every 100 ms whether the
+/// handle is still there (holding only a weak reference, so that dropping
+/// the handle ends the session as before, at most one look later).
+#[cfg(feature = "postgres")]
+fn lost_watch(owner: std::sync::Weak<Owner<Pg>>, f: Box<dyn FnOnce() + Send>) -> Result<(), Error> {
+    let socket = match owner.upgrade() {
+        Some(o) => o
+            .engine
+            .socket()
+            .try_clone_to_owned()
+            .map_err(|e| Error::io("duplicate the session socket", e))?,
+        None => return Ok(()),
+    };
+    std::thread::Builder::new()
+        .name("locksfile-lost".into())
+        .spawn(move || loop {
+            let closed = sys::peer_closed_within(socket.as_fd(), 100);
+            let Some(o) = owner.upgrade() else { return };
+            if closed || o.engine.lost() {
+                o.engine.mark_lost();
+                drop(o);
+                f();
+                return;
+            }
+        })
+        .map(drop)
+        .map_err(|e| Error::io("start the lost-session watch", e))
 }

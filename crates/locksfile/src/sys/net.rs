@@ -23,6 +23,19 @@ pub(crate) fn peer_closed(fd: BorrowedFd<'_>) -> bool {
     n > 0 && p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0
 }
 
+/// `poll(fd, POLLRDHUP, ms)`: as [`peer_closed`], waiting up to `ms`
+/// milliseconds for it (interrupted: not closed).
+pub(crate) fn peer_closed_within(fd: BorrowedFd<'_>, ms: i32) -> bool {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: one pollfd on our stack, valid for the call; `fd` is open.
+    let n = unsafe { libc::poll(&mut p, 1, ms) };
+    n > 0 && p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0
+}
+
 /// TCP keepalive on a socket: probe after `idle` seconds without traffic,
 /// every `interval` seconds, `count` times, so a dead server or a partition
 /// is noticed without an operation. `TCP_USER_TIMEOUT` bounds unacknowledged

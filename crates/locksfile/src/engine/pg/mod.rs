@@ -148,6 +148,11 @@ impl Pg {
         false
     }
 
+    /// Say the session is gone (a watch saw its socket hang up).
+    pub fn mark_lost(&self) {
+        self.lost.store(true, Ordering::Relaxed);
+    }
+
     fn lose(&self) -> Error {
         self.lost.store(true, Ordering::Relaxed);
         Error::ConnectionLost {
