@@ -64,6 +64,13 @@ mod tests;
 mod waits;
 
 pub use repair::verify;
+
+/// The sidecar's regions as (name, offset, length) in bytes, for tests
+/// that write over them.
+#[doc(hidden)]
+pub fn regions() -> Vec<(&'static str, u64, u64)> {
+    layout::regions()
+}
 pub(crate) use sidecar::{table_in_use, IN_USE};
 pub use snapshot::{HeldLock, Snapshot, WaitingLock};
 
