@@ -115,8 +115,10 @@ class MixedModesError(LocksfileError):
 
 class LockTableError(LocksfileError):
     """The shm sidecar file (``<lock path>-shm``, in ``filename``) is not a
-    lock table this version can use: another file, a newer version, or the
-    wrong size (``EINVAL``). It is left untouched."""
+    lock table this version can use: another file, a newer version, the
+    wrong size, or a table found corrupt (something wrote over it while in
+    use; it is set up afresh once every user has closed the lock file)
+    (``EINVAL``). It is left untouched."""
 
 
 class LockTableFullError(LocksfileError):

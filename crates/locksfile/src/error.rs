@@ -233,6 +233,15 @@ pub enum SidecarProblem {
     /// Nothing was created or reset; it clears once every owner of the
     /// old table has closed.
     Replaced,
+    /// The table in it is inconsistent (`what` names the first thing found
+    /// out of range or contradicting the rest): something wrote over it
+    /// while in use. The call changed nothing it could check; it clears
+    /// once every user has closed the lock file (the next opener sets the
+    /// table up afresh), or once the sidecar is removed with no user left.
+    Corrupt {
+        /// What was found wrong.
+        what: &'static str,
+    },
 }
 
 impl fmt::Display for SidecarProblem {
@@ -260,6 +269,12 @@ impl fmt::Display for SidecarProblem {
             SidecarProblem::Replaced => f.write_str(
                 "the lock file's table is in use, but this sidecar is missing or is not \
                  that table (was it removed while in use?)",
+            ),
+            SidecarProblem::Corrupt { what } => write!(
+                f,
+                "its lock table is corrupt ({what} out of range or inconsistent): \
+                 stop every process using the lock file, then use it again \
+                 (or remove the sidecar) to start a fresh table"
             ),
         }
     }

@@ -91,7 +91,7 @@ mod wait;
 /// waits (for `locksfile status` and the like).
 pub mod shm {
     #[doc(hidden)]
-    pub use crate::engine::shm::verify;
+    pub use crate::engine::shm::{regions, verify};
     pub use crate::engine::shm::{HeldLock, Snapshot, WaitingLock};
 
     /// The byte of the lock file (past the last index) on which every

@@ -7,7 +7,7 @@
 
 use std::os::fd::BorrowedFd;
 
-use crate::span::Span;
+use crate::span::{Span, INDEX_END};
 
 use super::layout::{conflict, overlaps, NIL, RECORDS, SLOTS};
 use super::table::TableLock;
@@ -67,7 +67,7 @@ impl TableLock<'_> {
         mut f: impl FnMut(u32, Option<u32>),
     ) {
         let h = self.header();
-        for o in 0..h.slot_hwm.min(SLOTS as u32) as usize {
+        for o in 0..self.slot_hwm() {
             let slot = *self.slot(o);
             if slot.used != 1 || o as u32 == req.me {
                 continue;
@@ -92,10 +92,10 @@ impl TableLock<'_> {
         if h.waiting == 0 || self.is_conversion(req) {
             return;
         }
-        for i in 0..h.waiter_hwm as usize {
+        for i in 0..self.waiter_hwm() {
             let w = *self.waiter(i);
             if self.defers_to(req, place, &w) {
-                f(w.owner - 1, Some(i as u32));
+                f(w.owner.wrapping_sub(1), Some(i as u32));
             }
         }
     }
@@ -103,9 +103,13 @@ impl TableLock<'_> {
     /// [`TableLock::each_blocker`] of the request of waiter entry `i` (in use).
     pub(super) fn each_entry_blocker(&self, i: usize, f: impl FnMut(u32, Option<u32>)) {
         let w = *self.waiter(i);
+        if w.start >= w.end || w.end > INDEX_END {
+            self.corrupt("a waiter's span");
+            return;
+        }
         let piece = [Span::from_checked(w.start, w.end)];
         let req = Request {
-            me: w.owner - 1,
+            me: w.owner.wrapping_sub(1),
             pieces: &piece,
             kind: w.kind,
             ticket: w.ticket,
@@ -140,11 +144,14 @@ impl TableLock<'_> {
                 found = true;
                 break;
             }
-            if std::mem::replace(&mut seen[o as usize], true) {
+            let Some(seen) = seen.get_mut(o as usize) else {
+                self.corrupt("an owner slot number");
+                continue;
+            };
+            if std::mem::replace(seen, true) {
                 continue;
             }
-            let h = self.header();
-            for i in 0..h.waiter_hwm as usize {
+            for i in 0..self.waiter_hwm() {
                 if self.waiter(i).owner == o + 1 {
                     self.each_entry_blocker(i, |b, _| stack.push(b));
                 }
@@ -214,8 +221,7 @@ impl TableLock<'_> {
         } else {
             (req, None)
         };
-        let h = self.header();
-        let mut queue: Vec<(Place, u32)> = (0..h.waiter_hwm as usize)
+        let mut queue: Vec<(Place, u32)> = (0..self.waiter_hwm())
             .filter(|&i| self.waiter(i).owner != 0)
             .map(|i| (self.waiter(i).place(), i as u32))
             .collect();
@@ -245,7 +251,7 @@ impl TableLock<'_> {
         if let Some(i) = provisional {
             let w = self.waiter(i);
             w.owner = 0;
-            self.header().waiting -= 1;
+            self.count_down(&mut self.header().waiting, "the waiter count");
             self.shrink_waiters();
         }
         broken
@@ -270,7 +276,7 @@ impl TableLock<'_> {
             let mut owners: Vec<u32> = moves
                 .iter()
                 .flat_map(|&(a, b)| [a, b])
-                .map(|e| self.waiter(e as usize).owner - 1)
+                .map(|e| self.waiter(e as usize).owner.wrapping_sub(1))
                 .collect();
             owners.sort_unstable();
             owners.dedup();
@@ -334,7 +340,7 @@ impl TableLock<'_> {
             from: u32,
             soft: Option<(u32, u32)>,
         }
-        let hwm = self.header().waiter_hwm as usize;
+        let hwm = self.waiter_hwm();
         let mut via: Vec<Option<Step>> = vec![None; SLOTS];
         let mut stack: Vec<(u32, Step)> = Vec::new();
         let expand = |stack: &mut Vec<(u32, Step)>, from: u32| {
@@ -369,14 +375,18 @@ impl TableLock<'_> {
                     if s.from == o {
                         break;
                     }
-                    s = via[s.from as usize]?;
+                    s = via.get(s.from as usize).copied().flatten()?;
                 }
                 return Some(soft);
             }
-            if via[b as usize].is_some() {
+            let Some(seen) = via.get_mut(b as usize) else {
+                self.corrupt("an owner slot number");
+                continue;
+            };
+            if seen.is_some() {
                 continue;
             }
-            via[b as usize] = Some(step);
+            *seen = Some(step);
             expand(&mut stack, b);
         }
         None

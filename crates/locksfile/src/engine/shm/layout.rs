@@ -164,6 +164,25 @@ pub(super) const LANES_AT: usize = align(LISTS_AT + SLOTS * 64);
 /// The sidecar's size: sparse, and only the pages touched take memory.
 pub(crate) const SIZE: usize = align(LANES_AT + BUCKETS * size_of::<u64>());
 
+/// The sidecar's regions as (name, offset, length) in bytes, for tests
+/// that write over them.
+pub(crate) fn regions() -> Vec<(&'static str, u64, u64)> {
+    let r = |name, at: usize, len: usize| (name, at as u64, len as u64);
+    vec![
+        r("header", 0, size_of::<Header>()),
+        r("header counters", 40, size_of::<Header>() - 40),
+        r("gate", GATE_AT, size_of::<u32>()),
+        r("mutex", MUTEX_AT, size_of::<libc::pthread_mutex_t>()),
+        r("wake words", WAKES_AT, WAITERS * size_of::<u32>()),
+        r("slots", SLOTS_AT, SLOTS * size_of::<Slot>()),
+        r("waiters", WAITERS_AT, WAITERS * size_of::<Waiter>()),
+        r("bucket heads", BUCKETS_AT, BUCKETS * size_of::<u32>()),
+        r("records", RECORDS_AT, RECORDS * size_of::<Rec>()),
+        r("fast lists", LISTS_AT, SLOTS * 64),
+        r("lane words", LANES_AT, BUCKETS * size_of::<u64>()),
+    ]
+}
+
 const _: () = assert!(size_of::<Header>() <= GATE_AT);
 const _: () = assert!(MUTEX_AT + size_of::<libc::pthread_mutex_t>() <= WAKES_AT);
 

@@ -8,9 +8,12 @@
 //! written while this process holds the table's mutex (a [`TableLock`], the
 //! only maker of `&mut` into the table), which every process takes before
 //! touching it, except the words only ever used atomically (wake words, the
-//! gate, lanes, fast lists). Every index read from the table is bounds
-//! checked before use, so a scribbled table can make us panic but never
-//! touch memory outside the mapping. The mapping lives as long as the
+//! gate, lanes, fast lists). Every index, count and span read from the
+//! table is checked before use: a table written over makes the call that
+//! finds it answer `SidecarProblem::Corrupt` (see `table.rs`), never panic,
+//! hang on a cycle or touch memory outside the mapping, and nothing more is
+//! written into it. Every process that can write the sidecar is trusted
+//! not to do so on purpose: the check stops accidents, not an attacker. The mapping lives as long as the
 //! [`Shm`] that made it; a file whose size is not the table's is refused
 //! before it is mapped. A sidecar cut short by someone else while mapped
 //! makes the next access fault (`SIGBUS`): no check before an access could
@@ -64,6 +67,13 @@ mod tests;
 mod waits;
 
 pub use repair::verify;
+
+/// The sidecar's regions as (name, offset, length) in bytes, for tests
+/// that write over them.
+#[doc(hidden)]
+pub fn regions() -> Vec<(&'static str, u64, u64)> {
+    layout::regions()
+}
 pub(crate) use sidecar::{table_in_use, IN_USE};
 pub use snapshot::{HeldLock, Snapshot, WaitingLock};
 
@@ -82,7 +92,7 @@ use self::repair::alive;
 use self::sidecar::{
     is_contention, join_marked, kernel_locks, network_fs, real_path, reopen, set_byte, sidecar_path,
 };
-use self::table::{Map, TableLock};
+use self::table::{is_corrupt, take_corrupt, Map, TableLock};
 use self::waits::{Blocker, Request, NO_ENTRY};
 
 /// One owner's locks in a shared-memory table.
@@ -117,6 +127,17 @@ impl std::fmt::Debug for Shm {
             .field("sidecar", &self.sidecar)
             .field("slot", &self.slot)
             .finish_non_exhaustive()
+    }
+}
+
+/// The span `s..e` read from the table; a span that cannot be notes the
+/// table corrupt (the call then answers that instead).
+fn span_of(g: &TableLock<'_>, s: u64, e: u64) -> Span {
+    if s < e && e <= INDEX_END {
+        Span::from_checked(s, e)
+    } else {
+        g.corrupt("a span");
+        Span::from_checked(0, 1)
     }
 }
 
@@ -179,7 +200,7 @@ impl Shm {
                 return Err(e);
             }
         };
-        let mut shm = Shm {
+        let shm = Shm {
             map,
             fd: Some(fd),
             mark: Some(mark),
@@ -194,8 +215,42 @@ impl Shm {
             generation: sys::fork_generation(),
             sidecar,
         };
-        shm.slot = shm.claim_slot()?;
+        let claimed = shm.claim_slot();
+        let mut shm = shm;
+        shm.slot = shm.answer(claimed)?;
         Ok(shm)
+    }
+
+    /// `r`, unless this call found the table corrupt: then the error that
+    /// says so (see `table.rs`).
+    #[inline(always)]
+    fn answer<T>(&self, r: Result<T, Error>) -> Result<T, Error> {
+        match take_corrupt() {
+            None => r,
+            Some(what) => Err(self.corrupted(what)),
+        }
+    }
+
+    /// The error [`Shm::answer`] will give, if this call found the table
+    /// corrupt so far.
+    fn corrupt_so_far(&self) -> Option<Error> {
+        if is_corrupt() {
+            take_corrupt().map(|what| {
+                // Kept for `answer`.
+                table::found_corrupt(what);
+                self.corrupted(what)
+            })
+        } else {
+            None
+        }
+    }
+
+    #[cold]
+    fn corrupted(&self, what: &'static str) -> Error {
+        Error::Sidecar {
+            path: self.sidecar.clone(),
+            problem: SidecarProblem::Corrupt { what },
+        }
     }
 
     fn fd(&self) -> BorrowedFd<'_> {
@@ -215,6 +270,10 @@ impl Shm {
         if died {
             g.repair(self.fd(), self.slot);
             g.consistent();
+            g.recheck();
+        }
+        if !g.sane {
+            return Err(self.corrupted("the header or the queue"));
         }
         Ok(g)
     }
@@ -244,9 +303,14 @@ impl Shm {
                 if used {
                     g.purge(s);
                 }
+                if is_corrupt() {
+                    // The caller answers the error; the slot's byte goes
+                    // with the descriptor.
+                    return Ok(NIL);
+                }
                 let h = g.header();
                 let nonce = h.next_nonce;
-                h.next_nonce += 1;
+                h.next_nonce = h.next_nonce.wrapping_add(1);
                 h.slot_hwm = h.slot_hwm.max(s + 1);
                 let slot = g.slot(s as usize);
                 slot.pid = self.pid;
@@ -262,9 +326,11 @@ impl Shm {
 
     /// This owner's id, as [`Snapshot`] shows it.
     pub fn owner_id(&self) -> u64 {
-        self.lock()
+        let id = self
+            .lock()
             .map(|g| g.slot(self.slot as usize).nonce)
-            .unwrap_or(0)
+            .unwrap_or(0);
+        take_corrupt().map_or(id, |_| 0)
     }
 
     fn is_inherited(&self) -> bool {
@@ -275,18 +341,18 @@ impl Shm {
         match b {
             Blocker::Record(r) => {
                 let r = *g.rec(r);
-                let (start, end) = g.extent(r.owner - 1, r.kind, r.start, r.end);
+                let (start, end) = g.extent(r.owner.wrapping_sub(1), r.kind, r.start, r.end);
                 Holder {
-                    span: Span::from_checked(start, end),
+                    span: span_of(g, start, end),
                     kind: kind_of(r.kind),
-                    pid: Some(g.slot((r.owner - 1) as usize).pid).filter(|&p| p > 0),
+                    pid: Some(g.slot(r.owner.wrapping_sub(1) as usize).pid).filter(|&p| p > 0),
                     server: None,
                 }
             }
             Blocker::Waiter(w) => {
                 let w = *g.waiter(w as usize);
                 Holder {
-                    span: Span::from_checked(w.start, w.end),
+                    span: span_of(g, w.start, w.end),
                     kind: kind_of(w.kind),
                     pid: Some(w.pid).filter(|&p| p > 0),
                     server: None,
@@ -313,7 +379,7 @@ impl Shm {
         // Only a nearly full table asks whether this only lowers (which may
         // use the records kept back for lowering, and is never refused).
         if !prepared || !g.has_room(1) {
-            if g.covered(me, s, e, k) {
+            if g.covered(me, s, e, k) && !is_corrupt() {
                 self.lower(&mut g, s, e, k);
                 return Ok(true);
             }
@@ -326,7 +392,11 @@ impl Shm {
             ticket: u64::MAX,
             entry: NO_ENTRY,
         };
-        if let Some(b) = g.blocker(None, req) {
+        let blocker = g.blocker(None, req);
+        if is_corrupt() {
+            return Ok(false);
+        }
+        if let Some(b) = blocker {
             if !check_life {
                 return Ok(false);
             }
@@ -363,6 +433,10 @@ impl Shm {
         // Three more for the fast holds of other indices in the buckets of
         // the single-index records this may leave (each end, the middle).
         let free = g.header().free_count as usize;
+        if is_corrupt() {
+            // Nothing more is written into a table found corrupt.
+            return;
+        }
         if free >= 5 || free >= g.records_to_lower(self.slot, s, e, kind) + 3 {
             g.set(self.slot, s, e, kind);
             self.forget_deferred(s, e);
@@ -387,7 +461,9 @@ impl Shm {
     fn settle_slow(&self, g: &mut TableLock<'_>) {
         let mut d = self.deferred.lock().unwrap_or_else(|p| p.into_inner());
         d.retain(|&(s, e, kind)| {
-            if (g.header().free_count as usize) < g.records_to_lower(self.slot, s, e, kind) + 3 {
+            if is_corrupt()
+                || (g.header().free_count as usize) < g.records_to_lower(self.slot, s, e, kind) + 3
+            {
                 return true;
             }
             g.set(self.slot, s, e, kind);
@@ -442,6 +518,9 @@ impl Drop for Shm {
             if let Ok(mut g) = self.lock() {
                 g.purge(self.slot);
             }
+            // A corrupt table is left as it is: its next first opener
+            // sets it up afresh.
+            let _ = take_corrupt();
             self.drop_mark();
             sys::keep_in_children(self.fd().as_raw_fd());
             // Closing drops the liveness byte and our share of the table.
@@ -457,9 +536,9 @@ impl Drop for Shm {
     }
 }
 
-impl Engine for Shm {
-    #[inline]
-    fn try_set(&self, span: Span, kind: Option<Kind>) -> Result<bool, Error> {
+impl Shm {
+    #[inline(always)]
+    fn try_set_inner(&self, span: Span, kind: Option<Kind>) -> Result<bool, Error> {
         match kind {
             None => {
                 if self.fast_lower(span) {
@@ -475,8 +554,7 @@ impl Engine for Shm {
         }
     }
 
-    #[inline]
-    fn try_set_before_wait(&self, span: Span, kind: Kind) -> Result<bool, Error> {
+    fn try_set_before_wait_inner(&self, span: Span, kind: Kind) -> Result<bool, Error> {
         if self.fast_raise(span, kind) {
             return Ok(true);
         }
@@ -490,20 +568,7 @@ impl Engine for Shm {
         self.raise(span, kind, false)
     }
 
-    fn wait_set(&self, span: Span, kind: Kind, until: Until<'_>) -> Result<(), Error> {
-        self.wait_all(&[span], kind, until)
-    }
-
-    fn wait_set_all(
-        &self,
-        pieces: &[Span],
-        kind: Kind,
-        until: Until<'_>,
-    ) -> Option<Result<(), Error>> {
-        Some(self.wait_all(pieces, kind, until))
-    }
-
-    fn probe(&self, span: Span, kind: Kind) -> Result<Option<Holder>, Error> {
+    fn probe_inner(&self, span: Span, kind: Kind) -> Result<Option<Holder>, Error> {
         let mut g = self.lock()?;
         self.settle(&mut g);
         let pieces = [span];
@@ -521,6 +586,46 @@ impl Engine for Shm {
             .map(|b| self.holder_of(&g, b)))
     }
 
+    fn unlock_all_inner(&self) -> Result<(), Error> {
+        let mut g = self.lock()?;
+        if !is_corrupt() {
+            g.set(self.slot, 0, INDEX_END, 0);
+        }
+        self.forget_deferred(0, INDEX_END);
+        Ok(())
+    }
+}
+
+/// Each call answers through [`Shm::answer`]: an error if it found the
+/// table corrupt, whatever it did otherwise.
+impl Engine for Shm {
+    #[inline]
+    fn try_set(&self, span: Span, kind: Option<Kind>) -> Result<bool, Error> {
+        self.answer(self.try_set_inner(span, kind))
+    }
+
+    #[inline]
+    fn try_set_before_wait(&self, span: Span, kind: Kind) -> Result<bool, Error> {
+        self.answer(self.try_set_before_wait_inner(span, kind))
+    }
+
+    fn wait_set(&self, span: Span, kind: Kind, until: Until<'_>) -> Result<(), Error> {
+        self.answer(self.wait_all(&[span], kind, until))
+    }
+
+    fn wait_set_all(
+        &self,
+        pieces: &[Span],
+        kind: Kind,
+        until: Until<'_>,
+    ) -> Option<Result<(), Error>> {
+        Some(self.answer(self.wait_all(pieces, kind, until)))
+    }
+
+    fn probe(&self, span: Span, kind: Kind) -> Result<Option<Holder>, Error> {
+        self.answer(self.probe_inner(span, kind))
+    }
+
     fn writable(&self) -> bool {
         self.writable
     }
@@ -534,9 +639,6 @@ impl Engine for Shm {
     }
 
     fn unlock_all(&self) -> Result<(), Error> {
-        let mut g = self.lock()?;
-        g.set(self.slot, 0, INDEX_END, 0);
-        self.forget_deferred(0, INDEX_END);
-        Ok(())
+        self.answer(self.unlock_all_inner())
     }
 }

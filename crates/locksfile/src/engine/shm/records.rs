@@ -15,7 +15,6 @@ use crate::span::INDEX_END;
 
 use super::layout::{
     bucket, conflict, fast_of, lane_kind, overlaps, Rec, LANE_MOVING, LANE_SLOW, NIL, RECORDS,
-    SLOTS,
 };
 use super::table::TableLock;
 
@@ -57,14 +56,14 @@ impl TableLock<'_> {
     pub(super) fn link(&mut self, i: u32) {
         self.relink_tier(i);
         let r = *self.rec(i);
-        let slot = self.slot((r.owner - 1) as usize);
+        let slot = self.slot(r.owner.wrapping_sub(1) as usize);
         self.rec(i).onext = slot.head;
         self.rec(i).oprev = NIL;
         if slot.head != NIL {
             self.rec(slot.head).oprev = i;
         }
         slot.head = i;
-        slot.records += 1;
+        slot.records = slot.records.wrapping_add(1);
     }
 
     /// Take record `i` out of its bucket or the coarse list (not out of
@@ -72,10 +71,10 @@ impl TableLock<'_> {
     pub(super) fn unlink_tier(&mut self, i: u32) {
         let r = *self.rec(i);
         let h = self.header();
-        let head: &mut u32 = if r.end - r.start == 1 {
+        let head: &mut u32 = if r.end.wrapping_sub(r.start) == 1 {
             self.bucket_head(bucket(r.start))
         } else {
-            h.coarse_count -= 1;
+            self.count_down(&mut h.coarse_count, "the coarse list's count");
             &mut h.coarse_head
         };
         if *head == i {
@@ -102,10 +101,10 @@ impl TableLock<'_> {
             h.free_head = self.rec(i).next;
             i
         } else {
-            h.fresh += 1;
-            h.fresh - 1
+            h.fresh = h.fresh.wrapping_add(1);
+            h.fresh.wrapping_sub(1)
         };
-        h.free_count -= 1;
+        self.count_down(&mut h.free_count, "the free record count");
         i
     }
 
@@ -115,7 +114,7 @@ impl TableLock<'_> {
         r.owner = 0;
         r.next = h.free_head;
         h.free_head = i;
-        h.free_count += 1;
+        h.free_count = h.free_count.wrapping_add(1);
     }
 
     /// The first record of another owner in the way of `kind` on `s..e`.
@@ -153,7 +152,7 @@ impl TableLock<'_> {
             return None;
         }
         // A long span: every owner's single-index records.
-        for o in 0..h.slot_hwm.min(SLOTS as u32) as usize {
+        for o in 0..self.slot_hwm() {
             let slot = *self.slot(o);
             if slot.used != 1 || o as u32 == me || slot.records == 0 {
                 continue;
@@ -210,7 +209,7 @@ impl TableLock<'_> {
             // Touching single indices stay apart while the gate is open: a
             // record of more than one index closes it.
             let touches = (r.end == s || r.start == e)
-                && (e - s > 1 || r.end - r.start > 1 || !self.gate_open());
+                && (e - s > 1 || r.end.wrapping_sub(r.start) > 1 || !self.gate_open());
             if kind != 0 && r.kind == kind && (over || touches) {
                 // Same kind, overlapping or touching: the new record covers it.
                 ns = ns.min(r.start);
@@ -278,11 +277,11 @@ impl TableLock<'_> {
     pub(super) fn covered(&self, me: u32, s: u64, e: u64, kind: u32) -> bool {
         let mut near = Near::default();
         self.mine_near(me, s, e, &mut near);
-        let mut have = 0;
+        let mut have = 0u64;
         for at in near.iter() {
             let r = self.rec(at);
             if r.kind >= kind {
-                have += r.end.min(e) - r.start.max(s);
+                have = have.saturating_add(r.end.min(e).saturating_sub(r.start.max(s)));
             }
         }
         for l in self.map.listed_lanes(me) {
@@ -298,10 +297,10 @@ impl TableLock<'_> {
     pub(super) fn drop_record(&mut self, i: u32) {
         let r = *self.rec(i);
         self.unlink_tier(i);
-        if r.end - r.start == 1 {
+        if r.end.wrapping_sub(r.start) == 1 {
             self.note_lane(bucket(r.start));
         }
-        let slot = self.slot((r.owner - 1) as usize);
+        let slot = self.slot(r.owner.wrapping_sub(1) as usize);
         if r.oprev == NIL {
             slot.head = r.onext;
         } else {
@@ -310,7 +309,7 @@ impl TableLock<'_> {
         if r.onext != NIL {
             self.rec(r.onext).oprev = r.oprev;
         }
-        slot.records -= 1;
+        self.count_down(&mut slot.records, "an owner's record count");
         self.free(i);
     }
 
@@ -358,7 +357,7 @@ impl TableLock<'_> {
     /// the coarse list (the gate closes first).
     pub(super) fn relink_tier(&mut self, i: u32) {
         let r = *self.rec(i);
-        if r.end - r.start == 1 {
+        if r.end.wrapping_sub(r.start) == 1 {
             let l = bucket(r.start);
             let b = self.bucket_head(l);
             self.rec(i).next = *b;
@@ -368,8 +367,9 @@ impl TableLock<'_> {
             let w = self.map.lane(l).load(Ordering::Acquire);
             if !self.repairing && w != LANE_SLOW && w & LANE_MOVING == 0 {
                 // Callers keep records back for the adoptions this may make.
-                let entered = self.enter_lane(l);
-                debug_assert!(entered, "no record for an adoption");
+                if !self.enter_lane(l) {
+                    self.corrupt("the free record count");
+                }
             }
         } else {
             if !self.repairing {
@@ -378,7 +378,7 @@ impl TableLock<'_> {
             let h = self.header();
             self.rec(i).next = h.coarse_head;
             h.coarse_head = i;
-            h.coarse_count += 1;
+            h.coarse_count = h.coarse_count.wrapping_add(1);
         }
     }
 

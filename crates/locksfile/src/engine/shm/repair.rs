@@ -14,7 +14,7 @@ use super::layout::{
     LANE_SLOW, LIVENESS, NIL, RECORDS, SHARED, SIZE, SLOTS, VERSION, WAITERS,
 };
 use super::sidecar::{byte, check_and_map, cstring, read_header, set_byte, sidecar_path};
-use super::table::TableLock;
+use super::table::{take_corrupt, TableLock};
 use super::waits::Place;
 
 /// Tells whether an owner's slot is alive, through some descriptor of the
@@ -103,7 +103,7 @@ impl TableLock<'_> {
     /// reordering cut short by a death may have left two equal.
     pub(super) fn renumber_queue(&mut self) {
         let h = self.header();
-        let mut queue: Vec<(Place, usize)> = (0..h.waiter_hwm as usize)
+        let mut queue: Vec<(Place, usize)> = (0..self.waiter_hwm())
             .filter(|&i| self.waiter(i).owner != 0)
             .map(|i| (self.waiter(i).place(), i))
             .collect();
@@ -162,7 +162,7 @@ impl TableLock<'_> {
         while at != NIL && steps < RECORDS {
             let next = self.rec(at).onext;
             let r = *self.rec(at);
-            if r.end - r.start == 1 {
+            if r.end.wrapping_sub(r.start) == 1 {
                 self.note_lane(bucket(r.start));
             }
             self.unlink_tier(at);
@@ -174,15 +174,17 @@ impl TableLock<'_> {
         s.head = NIL;
         s.records = 0;
         s.used = 0;
-        let h = self.header();
-        while h.slot_hwm > 0 && self.slot(h.slot_hwm as usize - 1).used == 0 {
-            h.slot_hwm -= 1;
+        let mut hwm = self.slot_hwm();
+        while hwm > 0 && self.slot(hwm - 1).used == 0 {
+            hwm -= 1;
         }
-        for i in 0..h.waiter_hwm as usize {
+        let h = self.header();
+        h.slot_hwm = hwm as u32;
+        for i in 0..self.waiter_hwm() {
             let w = self.waiter(i);
             if w.owner == slot + 1 {
                 w.owner = 0;
-                h.waiting -= 1;
+                self.count_down(&mut h.waiting, "the waiter count");
             }
         }
         self.wake_everyone();
@@ -222,7 +224,7 @@ impl TableLock<'_> {
                 if slot.used != 1 || r.owner as usize != o + 1 {
                     return Err(format!("record {at} in the list of slot {o} is not its"));
                 }
-                seen_owner[at as usize] += 1;
+                seen_owner[at as usize] = seen_owner[at as usize].saturating_add(1);
                 n += 1;
                 if n > RECORDS {
                     return Err(format!("slot {o}'s list loops"));
@@ -240,7 +242,7 @@ impl TableLock<'_> {
                     return Err("chain out of range".into());
                 }
                 let r = *self.rec(at);
-                seen_tier[at as usize] += 1;
+                seen_tier[at as usize] = seen_tier[at as usize].saturating_add(1);
                 n += 1;
                 if n > RECORDS {
                     return Err(format!("{what} loops"));
@@ -388,5 +390,10 @@ pub fn verify(lock_path: &Path) -> Result<(), String> {
         g.repair(fd.as_fd(), NIL);
         g.consistent();
     }
-    g.verify()
+    let found = g.verify();
+    drop(g);
+    match take_corrupt() {
+        Some(what) => Err(format!("{what} out of range")),
+        None => found,
+    }
 }

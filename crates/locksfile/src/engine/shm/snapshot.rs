@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use crate::error::Error;
+use crate::error::{Error, SidecarProblem};
 use crate::kind::Kind;
 use crate::span::{Span, INDEX_END};
 use crate::sys::{self, Family, LockType, OpenHow};
@@ -19,6 +19,7 @@ use super::repair::alive;
 use super::sidecar::{
     byte, check_and_map, cstring, open_sidecar, read_header, set_byte, sidecar_path,
 };
+use super::table::take_corrupt;
 use super::waits::Place;
 
 // ---- snapshots ----
@@ -196,6 +197,12 @@ impl Snapshot {
         }
         drop(g);
         drop(map);
+        if let Some(what) = take_corrupt() {
+            return Err(Error::Sidecar {
+                path: sidecar,
+                problem: SidecarProblem::Corrupt { what },
+            });
+        }
         waiters.sort_by_key(|(t, _)| *t);
         snap.waiters = waiters.into_iter().map(|(_, w)| w).collect();
         snap.holders.sort_by_key(|h| (h.span.start(), h.owner));

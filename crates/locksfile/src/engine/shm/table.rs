@@ -9,20 +9,54 @@
 //! reference is made without the mutex or kept after it went. [`Map`]
 //! itself hands out only the words used atomically (gate, lanes, fast lists,
 //! wake words), which are touched without the mutex too.
+//!
+//! Every index these accessors take may have been read from the table, so
+//! none is trusted: one out of range makes no reference into the table but
+//! notes the table corrupt for this call ([`found_corrupt`]) and hands out a
+//! blank entry of the guard's own instead, so that the call runs to its end
+//! without a panic and then answers `SidecarProblem::Corrupt`.
 #![allow(unsafe_code)]
 
+use std::cell::{Cell, UnsafeCell};
 use std::io;
 use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::cancel::{Armed, Cancel};
+use crate::span::INDEX_END;
 use crate::sys;
 
 use super::layout::{
     Header, Rec, Slot, Waiter, BUCKETS, BUCKETS_AT, FAST_HOLDS, GATE_AT, LANES_AT, LANE_WAITING,
-    LISTS_AT, MUTEX_AT, RECORDS, RECORDS_AT, SIZE, SLOTS, SLOTS_AT, WAITERS, WAITERS_AT, WAKES_AT,
+    LISTS_AT, MUTEX_AT, NIL, RECORDS, RECORDS_AT, SIZE, SLOTS, SLOTS_AT, WAITERS, WAITERS_AT,
+    WAKES_AT,
 };
+
+thread_local! {
+    /// What the current call found out of range in the table, if anything.
+    static CORRUPT: Cell<Option<&'static str>> = const { Cell::new(None) };
+}
+
+/// Note that the table is corrupt (`what` was out of range or inconsistent):
+/// the call on this thread answers an error once it is done.
+pub(super) fn found_corrupt(what: &'static str) {
+    CORRUPT.with(|c| {
+        if c.get().is_none() {
+            c.set(Some(what));
+        }
+    });
+}
+
+/// What the current call found corrupt, if anything; forgets it.
+pub(super) fn take_corrupt() -> Option<&'static str> {
+    CORRUPT.with(Cell::take)
+}
+
+/// Whether the current call found the table corrupt so far.
+pub(super) fn is_corrupt() -> bool {
+    CORRUPT.with(Cell::get).is_some()
+}
 
 /// A mapped sidecar.
 pub(super) struct Map {
@@ -60,7 +94,12 @@ impl Map {
     /// The lane word of bucket `l`.
     #[inline(always)]
     pub(super) fn lane(&self, l: usize) -> &AtomicU64 {
-        assert!(l < BUCKETS, "lane {l} out of range");
+        let l = if l < BUCKETS {
+            l
+        } else {
+            found_corrupt("a lane number");
+            l % BUCKETS
+        };
         // SAFETY: in range, inside the mapping, aligned, only used atomically.
         unsafe { &*self.base.add(LANES_AT).cast::<AtomicU64>().add(l) }
     }
@@ -92,7 +131,12 @@ impl Map {
     /// owner, or over a long span) reads these instead of every lane.
     #[inline(always)]
     pub(super) fn fast_list(&self, s: u32) -> &[AtomicU32; FAST_HOLDS] {
-        assert!((s as usize) < SLOTS, "slot {s} out of range");
+        let s = if (s as usize) < SLOTS {
+            s
+        } else {
+            found_corrupt("an owner slot number");
+            s % SLOTS as u32
+        };
         // SAFETY: in range, inside the mapping, aligned, only used atomically.
         unsafe {
             &*self
@@ -137,7 +181,12 @@ impl Map {
 
     /// Waiter entry `i`'s futex word.
     pub(super) fn wake_word(&self, i: usize) -> &AtomicU32 {
-        assert!(i < WAITERS, "waiter index {i} out of range");
+        let i = if i < WAITERS {
+            i
+        } else {
+            found_corrupt("a waiter entry number");
+            i % WAITERS
+        };
         // SAFETY: in range, inside the mapping, aligned, and only ever used
         // atomically.
         unsafe { &*self.base.add(WAKES_AT).cast::<AtomicU32>().add(i) }
@@ -177,20 +226,21 @@ impl Map {
             sys::Locked::Clean => false,
             sys::Locked::OwnerDied => true,
         };
-        Ok((
-            TableLock {
-                map: self,
-                woken: [0; WAKE_LIST],
-                n_woken: 0,
-                wake_upto: 0,
-                entered: [0; ENTERED],
-                n_entered: 0,
-                repairing: false,
-                ahead: None,
-                renew: 0,
-            },
-            died,
-        ))
+        let mut g = TableLock {
+            map: self,
+            woken: [0; WAKE_LIST],
+            n_woken: 0,
+            wake_upto: 0,
+            entered: [0; ENTERED],
+            n_entered: 0,
+            repairing: false,
+            ahead: None,
+            renew: 0,
+            blank: UnsafeCell::new(Blank::NEW),
+            sane: true,
+        };
+        g.recheck();
+        Ok((g, died))
     }
 }
 
@@ -206,6 +256,50 @@ pub(super) const WAKE_LIST: usize = 8;
 /// How many slow lanes a guard looks at giving back; a lane past these
 /// stays slow until a later call there finds its bucket empty.
 pub(super) const ENTERED: usize = 8;
+
+/// What an accessor hands out for an index out of range: entries that hold
+/// nothing (no owner, no next), fresh at each use.
+#[derive(Clone, Copy)]
+pub(super) struct Blank {
+    slot: Slot,
+    waiter: Waiter,
+    rec: Rec,
+    head: u32,
+}
+
+impl Blank {
+    const NEW: Blank = Blank {
+        slot: Slot {
+            used: 0,
+            pid: 0,
+            nonce: 0,
+            head: NIL,
+            records: 0,
+        },
+        waiter: Waiter {
+            owner: 0,
+            kind: 0,
+            start: 0,
+            end: 0,
+            ticket: 0,
+            order: 0,
+            since_ns: 0,
+            pid: 0,
+            _pad: 0,
+        },
+        rec: Rec {
+            start: 0,
+            end: 0,
+            owner: 0,
+            kind: 0,
+            next: NIL,
+            onext: NIL,
+            oprev: NIL,
+            _pad: 0,
+        },
+        head: NIL,
+    };
+}
 
 /// The table, with its mutex held.
 pub(super) struct TableLock<'a> {
@@ -229,11 +323,21 @@ pub(super) struct TableLock<'a> {
     /// its own waiting thread read its word: that thread's request was
     /// moved ahead, and must look again instead of sleeping.
     pub(super) renew: u32,
+    /// Handed out for an index out of range (see the module's note).
+    blank: UnsafeCell<Blank>,
+    /// Whether the header's bounds and the queued spans held when last
+    /// checked ([`TableLock::recheck`]); code that trusts them (the
+    /// fast lane's scans) runs only on a sane table.
+    pub(super) sane: bool,
 }
 
 impl Drop for TableLock<'_> {
     fn drop(&mut self) {
-        self.leave();
+        // Nothing more is written into a table found corrupt: its lanes
+        // stay slow and its gate closed, which is only slower.
+        if self.sane && !is_corrupt() {
+            self.leave();
+        }
         // SAFETY: we hold the mutex.
         unsafe { sys::robust_mutex_unlock(self.map.mutex()) };
         if self.renew > 0 {
@@ -241,7 +345,7 @@ impl Drop for TableLock<'_> {
             word.fetch_add(1, Ordering::Release);
         }
         if self.wake_upto > 0 {
-            for i in 0..self.wake_upto {
+            for i in 0..self.wake_upto.min(WAITERS) {
                 sys::futex_wake_all(self.map.wake_word(i));
             }
         } else {
@@ -277,30 +381,117 @@ impl TableLock<'_> {
     // One element at a time, never a slice: a reference to a whole array
     // would overlap every other reference made into it meanwhile.
 
+    /// Note the table corrupt and hand out a blank entry instead.
+    #[cold]
+    #[inline(never)]
+    fn blank(&self, what: &'static str) -> &mut Blank {
+        found_corrupt(what);
+        // SAFETY: the blank is this guard's own and only ever reached
+        // through here; like the table's entries, each use is a fresh,
+        // short-lived reference (its entry is reset by the caller).
+        unsafe { &mut *self.blank.get() }
+    }
+
+    /// Note the table found inconsistent under this guard (see
+    /// [`found_corrupt`]).
+    pub(super) fn corrupt(&self, what: &'static str) {
+        found_corrupt(what);
+    }
+
+    /// Check what code trusts without checking it again: the header's
+    /// counters and list heads in range, and the span of every queued
+    /// request (walked by the fast lane's scans). A table found otherwise
+    /// is noted corrupt. Cheap: the queue is short, and empty unless
+    /// someone waits.
+    pub(super) fn recheck(&mut self) {
+        let h = self.header();
+        let head = |i: u32| i == NIL || (i as usize) < RECORDS;
+        let mut sane = h.slot_hwm as usize <= SLOTS
+            && h.waiter_hwm as usize <= WAITERS
+            && h.waiting as usize <= WAITERS
+            && h.fresh as usize <= RECORDS
+            && h.free_count as usize <= RECORDS
+            && h.coarse_count as usize <= RECORDS
+            && head(h.free_head)
+            && head(h.coarse_head);
+        if sane && h.waiting > 0 {
+            sane = (0..h.waiter_hwm as usize).all(|i| {
+                let w = self.waiter(i);
+                w.owner == 0 || (w.owner as usize <= SLOTS && w.start < w.end && w.end <= INDEX_END)
+            });
+        }
+        if !sane {
+            self.corrupt("the header or the queue");
+        }
+        self.sane = sane;
+    }
+
+    /// The header's `slot_hwm`, at most [`SLOTS`].
+    pub(super) fn slot_hwm(&self) -> usize {
+        let n = self.header().slot_hwm as usize;
+        if n > SLOTS {
+            self.corrupt("the owner slot mark");
+        }
+        n.min(SLOTS)
+    }
+
+    /// The header's `waiter_hwm`, at most [`WAITERS`].
+    pub(super) fn waiter_hwm(&self) -> usize {
+        let n = self.header().waiter_hwm as usize;
+        if n > WAITERS {
+            self.corrupt("the waiter entry mark");
+        }
+        n.min(WAITERS)
+    }
+
+    /// Take one from a counter of the table, which must not be 0.
+    pub(super) fn count_down(&self, n: &mut u32, what: &'static str) {
+        match n.checked_sub(1) {
+            Some(m) => *n = m,
+            None => self.corrupt(what),
+        }
+    }
+
     /// Owner slot `i`.
     pub(super) fn slot(&self, i: usize) -> &mut Slot {
-        assert!(i < SLOTS, "slot {i} out of range");
+        if i >= SLOTS {
+            let b = &mut self.blank("an owner slot number").slot;
+            *b = Blank::NEW.slot;
+            return b;
+        }
         // SAFETY: as `header`; in range, inside the mapping, aligned.
         unsafe { &mut *self.map.base.add(SLOTS_AT).cast::<Slot>().add(i) }
     }
 
     /// Waiter entry `i`.
     pub(super) fn waiter(&self, i: usize) -> &mut Waiter {
-        assert!(i < WAITERS, "waiter {i} out of range");
+        if i >= WAITERS {
+            let b = &mut self.blank("a waiter entry number").waiter;
+            *b = Blank::NEW.waiter;
+            return b;
+        }
         // SAFETY: as `slot`.
         unsafe { &mut *self.map.base.add(WAITERS_AT).cast::<Waiter>().add(i) }
     }
 
     /// The head of hash bucket `i`.
     pub(super) fn bucket_head(&self, i: usize) -> &mut u32 {
-        assert!(i < BUCKETS, "bucket {i} out of range");
+        if i >= BUCKETS {
+            let b = &mut self.blank("a bucket number").head;
+            *b = Blank::NEW.head;
+            return b;
+        }
         // SAFETY: as `slot`.
         unsafe { &mut *self.map.base.add(BUCKETS_AT).cast::<u32>().add(i) }
     }
 
     /// Record `i`.
     pub(super) fn rec(&self, i: u32) -> &mut Rec {
-        assert!((i as usize) < RECORDS, "record index {i} out of range");
+        if i as usize >= RECORDS {
+            let b = &mut self.blank("a record number").rec;
+            *b = Blank::NEW.rec;
+            return b;
+        }
         // SAFETY: as `header`; in range; a reference to one record only, so
         // references to different records never overlap.
         unsafe { &mut *self.map.base.add(RECORDS_AT).cast::<Rec>().add(i as usize) }

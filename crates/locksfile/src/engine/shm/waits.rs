@@ -75,7 +75,7 @@ impl TableLock<'_> {
         if h.waiting == 0 {
             return;
         }
-        for i in 0..h.waiter_hwm as usize {
+        for i in 0..self.waiter_hwm() {
             let w = *self.waiter(i);
             if w.owner != 0 && overlaps(s, e, w.start, w.end) {
                 self.wake(i);
@@ -98,7 +98,7 @@ impl TableLock<'_> {
     /// Wake every waiter (a dead owner's locks went, or the table was
     /// repaired).
     pub(super) fn wake_everyone(&mut self) {
-        let upto = self.header().waiter_hwm as usize;
+        let upto = self.waiter_hwm();
         for i in 0..upto {
             self.map.wake_word(i).fetch_add(1, Ordering::Release);
         }
@@ -106,10 +106,11 @@ impl TableLock<'_> {
     }
 
     pub(super) fn shrink_waiters(&mut self) {
-        let h = self.header();
-        while h.waiter_hwm > 0 && self.waiter(h.waiter_hwm as usize - 1).owner == 0 {
-            h.waiter_hwm -= 1;
+        let mut hwm = self.waiter_hwm();
+        while hwm > 0 && self.waiter(hwm - 1).owner == 0 {
+            hwm -= 1;
         }
+        self.header().waiter_hwm = hwm as u32;
     }
 
     /// Whether `req` converts: its owner holds part of the span it changes
@@ -140,7 +141,7 @@ impl TableLock<'_> {
             let w = self.waiter(i);
             w.owner == req.me + 1 && w.ticket == req.ticket
         };
-        let hwm = self.header().waiter_hwm as usize;
+        let hwm = self.waiter_hwm();
         let hint = req.entry as usize;
         if hint < hwm && is_it(hint) {
             return Some(hint);
@@ -173,7 +174,7 @@ impl TableLock<'_> {
             return None;
         }
         let at = self.place_of(req);
-        (0..h.waiter_hwm as usize)
+        (0..self.waiter_hwm())
             .position(|i| self.defers_to(req, at, &*self.waiter(i)))
             .map(|i| i as u32)
     }
@@ -190,7 +191,7 @@ impl TableLock<'_> {
     ) -> Option<Blocker> {
         for p in req.pieces {
             while let Some(r) = self.conflicting_record(req.me, p.start(), p.end(), req.kind) {
-                let owner = self.rec(r).owner - 1;
+                let owner = self.rec(r).owner.wrapping_sub(1);
                 if !life.is_some_and(|fd| self.purge_if_dead(fd, owner)) {
                     return Some(Blocker::Record(r));
                 }
@@ -199,7 +200,7 @@ impl TableLock<'_> {
         // A queued request of a dead owner would be deferred to forever:
         // nothing else ever probes an owner that holds nothing in the way.
         while let Some(w) = self.deferred_to(req) {
-            let owner = self.waiter(w as usize).owner - 1;
+            let owner = self.waiter(w as usize).owner.wrapping_sub(1);
             if !life.is_some_and(|fd| self.purge_if_dead(fd, owner)) {
                 return Some(Blocker::Waiter(w));
             }
@@ -210,8 +211,8 @@ impl TableLock<'_> {
     /// The owner slot of a blocker.
     pub(super) fn owner_of(&self, b: &Blocker) -> u32 {
         match *b {
-            Blocker::Record(r) => self.rec(r).owner - 1,
-            Blocker::Waiter(w) => self.waiter(w as usize).owner - 1,
+            Blocker::Record(r) => self.rec(r).owner.wrapping_sub(1),
+            Blocker::Waiter(w) => self.waiter(w as usize).owner.wrapping_sub(1),
         }
     }
 
@@ -245,7 +246,7 @@ impl TableLock<'_> {
         let h = self.header();
         let i = (0..WAITERS).position(|i| self.waiter(i).owner == 0)?;
         let ticket = h.next_ticket;
-        h.next_ticket += 1;
+        h.next_ticket = h.next_ticket.wrapping_add(1);
         let w = self.waiter(i);
         *w = Waiter {
             owner: 0,
@@ -261,7 +262,7 @@ impl TableLock<'_> {
             _pad: 0,
         };
         w.owner = me + 1;
-        h.waiting += 1;
+        h.waiting = h.waiting.wrapping_add(1);
         h.waiter_hwm = h.waiter_hwm.max(i as u32 + 1);
         Some((i as u32, ticket))
     }
@@ -275,7 +276,7 @@ impl TableLock<'_> {
         if w.owner == me + 1 && w.ticket == ticket {
             w.owner = 0;
             let (s, e) = (w.start, w.end);
-            self.header().waiting -= 1;
+            self.count_down(&mut self.header().waiting, "the waiter count");
             self.shrink_waiters();
             if wake {
                 self.wake_waiters(s, e);
@@ -324,9 +325,14 @@ impl Shm {
             let expired = ended.is_some();
             let about_to_queue = queued.is_none() && yields >= YIELDS_BEFORE_QUEUEING;
             let life = (slice_over || expired || about_to_queue).then(|| self.fd());
-            let outcome = if !g.prepare(pieces) {
+            let prepared = g.prepare(pieces);
+            let blocked = prepared && g.blocker(life, req).is_some();
+            let outcome = if let Some(e) = self.corrupt_so_far() {
+                // Nothing more is written into a table found corrupt.
+                Some(Err(e))
+            } else if !prepared {
                 Some(Err(self.full("lock records")))
-            } else if g.blocker(life, req).is_none() {
+            } else if !blocked {
                 if g.has_room(pieces.len()) {
                     for p in pieces {
                         g.set(me, p.start(), p.end(), kind);
