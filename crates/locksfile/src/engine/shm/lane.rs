@@ -2,16 +2,88 @@
 //! bucket's lane word, with no mutex; a wait on another owner's fast hold;
 //! and what the mutex holder does to lanes (making them slow, taking fast
 //! holds over as records, the gate). The word's encoding is in
-//! `layout.rs`, the argument in `docs/DESIGN.md`.
+//! `layout.rs`; what touches the words alone is written once, over any
+//! atomics ([`Lanes`]), so that `lane/model.rs` runs it under `loom`.
 //!
-//! Who writes a lane word: a fast call, only from `LANE_EMPTY` to its own
-//! word and from its own word back to `LANE_EMPTY`; a waiter, adding
-//! `LANE_WAITING` to the word it waits on; the mutex holder, anything. The
-//! gate is written under the mutex only. An owner's fast list is written by
-//! its own calls (an entry listed before its word is written, struck off
-//! after it went) and by the mutex holder, by atomic instructions alone.
+//! # The protocol
+//!
+//! The shared words, who writes them, and under which lock:
+//!
+//! | word | written by | how |
+//! |---|---|---|
+//! | lane word, per bucket | a fast call (no lock) | `EMPTY -> own word`, `own word -> EMPTY`: CAS only |
+//! | | a waiter (no lock) | `word -> word \| WAITING`: CAS only |
+//! | | the mutex holder | anything, by CAS while the word may be fast (store only over `SLOW` or `MOVING`) |
+//! | gate | the mutex holder | store (`SeqCst`) |
+//! | an owner's fast list | its own calls (no lock) | an entry `0 -> lane + 1` before its word goes in, `lane + 1 -> 0` after it went: CAS only |
+//! | | the mutex holder | `lane + 1 -> 0` by CAS; a dead owner's list stored 0 |
+//! | bucket heads, records | the mutex holder | plain writes (fast calls never read them) |
+//!
+//! The lane word's states (`F(o,i,k)` is `LANE_FAST | k | o << 48 | i`,
+//! `W` is `LANE_WAITING`, `M` is `LANE_MOVING`):
+//!
+//! | from | to | by | when |
+//! |---|---|---|---|
+//! | `EMPTY` | `F(o,i,k)` | owner `o`, fast | granted only if the gate then reads open and the word is still there (I3) |
+//! | `F` (with or without `W`) | `EMPTY` | owner `o`, fast | a release, or the take-back of a word not granted; wakes if `W` was set (I5) |
+//! | `F` | `F \| W` | a waiter | before it sleeps on the word's upper half (I5) |
+//! | `EMPTY` | `SLOW` | the mutex holder | it needs the bucket (`enter_lane`) |
+//! | `F` (with or without `W`) | `F \| M`, then `SLOW` | the mutex holder | adoption: the hold becomes a record of `o` in between (I4) |
+//! | `F` (with or without `W`) | `SLOW` | the mutex holder | gate closed and the table could not grant it: taken away, never granted (I3), or the owner's own call turning its words into records (I6) |
+//! | `F` | `EMPTY` | the mutex holder | the owner is dead or leaving (`clear_fast`) |
+//! | `SLOW` | `EMPTY` | the mutex holder | its bucket has no record and no single-index waiter (`leave`) |
+//! | `F \| M` | `SLOW` or `F` | a repair | the adoption is finished or undone, as the record shows (I4) |
+//!
+//! The invariants, cited where an ordering or a step relies on one:
+//!
+//! - **I1** A lane word is `F(o,i,k)` only while bucket `bucket(i)` holds
+//!   no record and no single-index waiter: the table sees every hold
+//!   there through the word. The mutex holder makes the lane slow before
+//!   it lets anything into the bucket (a record goes into the bucket
+//!   first and the lane is taken right after, under one guard, so that an
+//!   adoption in between sees that record in its way).
+//! - **I2** While the gate is open no record or waiter spans more than one
+//!   index; it is closed before such a record or waiter exists, and
+//!   opened only by a guard that finds none.
+//! - **I3** (the gate/lane pairing) A fast word is granted only when, after
+//!   writing it, its taker reads the gate open and then the word still in
+//!   its lane, all `SeqCst`. A guard that closes the gate and then reads
+//!   the lanes (`SeqCst`) sees every word that will be granted. The
+//!   argument, once: the taker's CAS (`SeqCst`) precedes its gate load in
+//!   the single total order of `SeqCst` operations, and the closer's gate
+//!   store precedes its lane loads. If the taker's gate load comes before
+//!   the close in that order, it read 0 and the closer's later lane load
+//!   comes after the CAS, so it reads the word (or a later one). If it
+//!   comes after, it reads the gate closed and the word is not granted.
+//!   Store buffering, where each reads the other's old value, is the one
+//!   outcome the total order rules out, and the one `Release`/`Acquire`
+//!   would allow. A gate that closed and opened again between the CAS and
+//!   the gate load is caught by the second lane load: a guard that took
+//!   the word away meanwhile left `SLOW` or `EMPTY` there.
+//! - **I4** Only the mutex holder takes a word away or over, and only by
+//!   CAS from the word it read, so a fast call's CAS from its own word
+//!   fails once that happened and it goes to the mutex. Adoption writes
+//!   `M` before the record and `SLOW` after it (`Release`), so a repair
+//!   after a death in between finds `M` and the record, or `M` alone.
+//! - **I5** No lost wake-up: a waiter sleeps only on a word carrying `W`
+//!   that it saw (the futex compares it), and every change away from a
+//!   word carrying `W` is a CAS or swap from that very word, followed by a
+//!   wake. A mark changes nothing else: whoever acts on a word retries
+//!   when only `W` was added meanwhile.
+//! - **I6** An owner's own words on a span it changes under the mutex turn
+//!   `SLOW`, not `EMPTY`, before the records that replace them go in: no
+//!   fast call of another owner can come between.
+//! - **I7** Every fast word is listed on its owner's list from before it is
+//!   written until after it went (`SeqCst` list CAS before the lane CAS),
+//!   so a scan of the lists after closing the gate finds every word that
+//!   can be granted (I3); removals are swaps of one entry of that lane,
+//!   never stores, as threads of one owner list at once.
+//! - **I8** A lane word read without the mutex is acted on only by CAS from
+//!   it, so a stale read costs a failed CAS and a retry, never a wrong
+//!   write: such reads are `Relaxed`, or `Acquire` where what follows reads
+//!   what the word's writer wrote before it (the records of `SLOW`).
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::engine::Until;
@@ -21,11 +93,11 @@ use crate::span::{Span, INDEX_END};
 
 use super::layout::{
     bucket, code, conflict, fast_of, fast_word, is_fast, lane_index, lane_kind, lane_of,
-    lane_owner, Rec, BUCKETS, EXCLUSIVE, LANE_EMPTY, LANE_INDEX_MAX, LANE_MOVING, LANE_SHARED,
-    LANE_SLOW, LANE_WAITING, NIL, RECORDS, SLOTS,
+    lane_owner, Rec, BUCKETS, EXCLUSIVE, FAST_HOLDS, LANE_EMPTY, LANE_INDEX_MAX, LANE_MOVING,
+    LANE_SHARED, LANE_SLOW, LANE_WAITING, NIL, RECORDS, SLOTS,
 };
 use super::records::{Near, FINE_SCAN};
-use super::table::{TableLock, ENTERED};
+use super::table::{Map, TableLock, ENTERED};
 use super::Shm;
 
 /// How a wait for another owner's fast hold waits on its lane before it
@@ -44,15 +116,14 @@ pub(super) const LANE_NAP: Duration = Duration::from_millis(5);
 
 impl TableLock<'_> {
     pub(super) fn gate_open(&self) -> bool {
+        // Relaxed: written under the mutex alone, which we hold.
         self.map.gate().load(Ordering::Relaxed) == 0
     }
 
     /// Close the gate: from here on no fast hold is granted until a guard
     /// finds nothing spanning more than one index and opens it again.
     pub(super) fn close_gate(&mut self) {
-        if self.gate_open() {
-            self.map.gate().store(1, Ordering::SeqCst);
-        }
+        close_gate(self.map);
     }
 
     pub(super) fn note_lane(&mut self, l: usize) {
@@ -91,17 +162,18 @@ impl TableLock<'_> {
         }
         for k in 0..self.n_entered {
             let l = self.entered[k] as usize;
-            let lane = self.map.lane(l);
-            if lane.load(Ordering::Relaxed) == LANE_SLOW
+            // Relaxed: `SLOW` is written by the mutex holder alone, and no
+            // one else changes it.
+            if self.map.lane(l).load(Ordering::Relaxed) == LANE_SLOW
                 && *self.bucket_head(l) == NIL
                 && !self.waits_in(l)
             {
-                lane.store(LANE_EMPTY, Ordering::Release);
+                give_back(self.map, l);
             }
         }
         self.n_entered = 0;
         if !self.gate_open() && self.header().coarse_count == 0 && !self.waits_wide() {
-            self.map.gate().store(0, Ordering::SeqCst);
+            open_gate(self.map);
         }
     }
 
@@ -118,20 +190,13 @@ impl TableLock<'_> {
     /// the gate closed, a fast word that the table could not grant was
     /// taken after the gate closed, so its taker will see the gate closed
     /// and not count it granted: that word is taken away instead.
-    pub(super) fn adopt(&mut self, l: usize, mut w: u64) -> bool {
-        let lane = self.map.lane(l);
+    pub(super) fn adopt(&mut self, l: usize, w: u64) -> bool {
         let (o, i, kind) = (lane_owner(w), lane_index(w), lane_kind(w));
-        // A waiter may mark the word meanwhile: that changes nothing here.
-        let base = w & !LANE_WAITING;
-        let same = |x: u64| x & !LANE_WAITING == base;
         if !self.gate_open() && !self.may_hold(o, i, kind) {
-            loop {
-                match lane.compare_exchange(w, LANE_SLOW, Ordering::AcqRel, Ordering::Acquire) {
-                    Ok(_) => break,
-                    Err(now) if same(now) => w = now,
-                    Err(_) => return true,
-                }
-            }
+            // I3: its taker reads the gate closed, or the word gone.
+            let Some(w) = swap_word(self.map, l, w, |_| LANE_SLOW) else {
+                return true;
+            };
             self.map.unlist(o, l);
             self.note_lane(l);
             self.map.woke_lane(l, w);
@@ -140,15 +205,11 @@ impl TableLock<'_> {
         if self.header().free_count == 0 {
             return false;
         }
-        // Moving first: the owner's own release (or take-back) now fails
-        // and goes to the mutex, which we hold.
-        loop {
-            match lane.compare_exchange(w, w | LANE_MOVING, Ordering::AcqRel, Ordering::Acquire) {
-                Ok(_) => break,
-                Err(now) if same(now) => w = now,
-                Err(_) => return true,
-            }
-        }
+        // Moving first (I4): the owner's own release (or take-back) now
+        // fails and goes to the mutex, which we hold.
+        let Some(w) = swap_word(self.map, l, w, |w| w | LANE_MOVING) else {
+            return true;
+        };
         let n = self.alloc();
         *self.rec(n) = Rec {
             start: i,
@@ -162,7 +223,7 @@ impl TableLock<'_> {
         };
         self.rec(n).owner = o + 1;
         self.link(n);
-        lane.store(LANE_SLOW, Ordering::Release);
+        adopted(self.map, l);
         self.map.unlist(o, l);
         self.note_lane(l);
         self.map.woke_lane(l, w);
@@ -175,12 +236,14 @@ impl TableLock<'_> {
     pub(super) fn enter_lane(&mut self, l: usize) -> bool {
         let lane = self.map.lane(l);
         loop {
+            // I8: a fast word read here is acted on by CAS alone.
             let w = lane.load(Ordering::Acquire);
             if w == LANE_SLOW {
                 self.note_lane(l);
                 return true;
             }
             if w == LANE_EMPTY {
+                // I1: slow before anything goes into the bucket.
                 if lane
                     .compare_exchange(w, LANE_SLOW, Ordering::AcqRel, Ordering::Acquire)
                     .is_ok()
@@ -207,7 +270,7 @@ impl TableLock<'_> {
             for i in s..e.min(LANE_INDEX_MAX + 1) {
                 let l = bucket(i);
                 loop {
-                    let w = self.map.lane(l).load(Ordering::SeqCst);
+                    let w = scan(self.map, l);
                     if !is_fast(w) || lane_index(w) != i {
                         break;
                     }
@@ -218,12 +281,12 @@ impl TableLock<'_> {
             }
             return true;
         }
-        // Every fast hold is on its owner's list (listed before taken).
+        // I7: every fast hold is on its owner's list (listed before taken).
         for o in 0..self.header().slot_hwm.min(SLOTS as u32) {
             let map = self.map;
             for l in map.listed_lanes(o) {
                 loop {
-                    let w = self.map.lane(l).load(Ordering::SeqCst);
+                    let w = scan(self.map, l);
                     if !fast_of(w, o, &(s..e)) {
                         break;
                     }
@@ -267,8 +330,8 @@ impl TableLock<'_> {
     }
 
     /// Owner `me` lets go of its fast holds on `s..e`: what it sets there
-    /// next is kept as records. Slow, not empty: the records that replace
-    /// them go in next, and no fast call may come between.
+    /// next is kept as records. Slow, not empty (I6): the records that
+    /// replace them go in next, and no fast call may come between.
     pub(super) fn drop_own_fast(&mut self, me: u32, s: u64, e: u64) {
         for l in self.end_fast(me, s..e, LANE_SLOW) {
             self.map.unlist(me, l);
@@ -282,16 +345,14 @@ impl TableLock<'_> {
     pub(super) fn end_fast(&self, o: u32, span: std::ops::Range<u64>, to: u64) -> Vec<usize> {
         let mut ended = Vec::new();
         for l in self.map.listed_lanes(o) {
-            let lane = self.map.lane(l);
             loop {
-                let w = lane.load(Ordering::Acquire);
+                // I8: acted on by CAS alone.
+                let w = self.map.lane(l).load(Ordering::Acquire);
                 if !fast_of(w, o, &span) {
                     break;
                 }
-                if lane
-                    .compare_exchange(w, to, Ordering::AcqRel, Ordering::Relaxed)
-                    .is_ok()
-                {
+                if let Some(w) = swap_word(self.map, l, w, |_| to) {
+                    // I5.
                     self.map.woke_lane(l, w);
                     ended.push(l);
                     break;
@@ -431,11 +492,7 @@ impl TableLock<'_> {
 impl Shm {
     /// Whether lane word `w` is another owner's fast hold on index `i`.
     pub(super) fn fast_in_way(&self, w: u64, i: u64, kind: Kind) -> bool {
-        is_fast(w)
-            && w & LANE_MOVING == 0
-            && lane_owner(w) != self.slot
-            && lane_index(w) == i
-            && conflict(code(kind), lane_kind(w))
+        in_way(w, self.slot, i, code(kind))
     }
 
     /// Another owner's fast hold is in the way of one index: wait on its
@@ -461,6 +518,7 @@ impl Shm {
         let (mut spins, mut yields) = (0, 0);
         let mut napping_since = None;
         loop {
+            // I8: acted on by CAS alone.
             let w = lane.load(Ordering::Acquire);
             if w == LANE_EMPTY {
                 return Ok(self.fast_raise(span, kind));
@@ -490,15 +548,10 @@ impl Shm {
             if nap.is_zero() {
                 return Ok(false);
             }
-            let marked = w | LANE_WAITING;
-            if w != marked
-                && lane
-                    .compare_exchange(w, marked, Ordering::AcqRel, Ordering::Acquire)
-                    .is_err()
-            {
+            let Some(half) = mark(&self.map, l, w) else {
                 continue;
-            }
-            let slept = self.map.sleep_on_lane(l, (marked >> 32) as u32, nap);
+            };
+            let slept = self.map.sleep_on_lane(l, half, nap);
             match slept.map_err(|e| e.raw_os_error()) {
                 Err(Some(libc::EINTR)) if until.interruptible => return Err(Error::Interrupted),
                 // Woken, interrupted or timed out: look again (the nap's
@@ -518,74 +571,18 @@ impl Shm {
         let Some((i, l)) = lane_of(span) else {
             return false;
         };
-        let lane = self.map.lane(l);
-        if self.has_deferred.load(Ordering::Relaxed) || lane.load(Ordering::Relaxed) != LANE_EMPTY {
+        // Relaxed: this owner's own flag.
+        if self.has_deferred.load(Ordering::Relaxed) {
             return false;
         }
-        // Listed before the word is written, so that a scan of the lists
-        // finds every fast hold.
-        let listed = self.map.fast_list(self.slot).iter().any(|e| {
-            e.load(Ordering::Relaxed) == 0
-                && e.compare_exchange(0, l as u32 + 1, Ordering::SeqCst, Ordering::Relaxed)
-                    .is_ok()
-        });
-        if !listed {
-            return false;
-        }
-        let w = fast_word(self.slot, i, code(kind));
-        if lane
-            .compare_exchange(LANE_EMPTY, w, Ordering::SeqCst, Ordering::Relaxed)
-            .is_err()
-        {
-            self.map.unlist(self.slot, l);
-            return false;
-        }
-        self.confirm_fast(l, w)
+        take(&self.map, self.slot, i, l, code(kind))
     }
 
     /// The second half of [`Shm::fast_raise`]: word `w` is in lane `l` (and
     /// listed); whether it is granted.
-    #[inline(always)]
+    #[cfg(test)]
     pub(super) fn confirm_fast(&self, l: usize, w: u64) -> bool {
-        let lane = self.map.lane(l);
-        // Read after the word is written: a guard that closes the gate and
-        // then looks at the lanes sees this word, or this read sees it
-        // closed (both sequentially consistent).
-        if self.map.gate().load(Ordering::SeqCst) == 0 {
-            // Open, but it may have closed and opened again since the word
-            // went in, and a mutex holder may have taken the word away
-            // meanwhile: granted only if it is still there (it is then
-            // seen by anyone who closes the gate from here on). If it was
-            // made a record of ours instead, the slow way finds that.
-            return lane.load(Ordering::SeqCst) & !LANE_WAITING == w;
-        }
-        // Closed: not granted. Take the word back, unless a mutex holder
-        // has taken it over already (then it made it a record of ours if
-        // the table could grant it, which the slow way finds).
-        self.empty_lane(l, |now| now & !LANE_WAITING == w);
-        false
-    }
-
-    /// Empty lane `l` while its word is ours as `ours` says (a waiter may
-    /// mark it meanwhile), strike it off our list and wake the sleepers.
-    /// Whether it was ours.
-    #[inline(always)]
-    pub(super) fn empty_lane(&self, l: usize, ours: impl Fn(u64) -> bool) -> bool {
-        let lane = self.map.lane(l);
-        loop {
-            let w = lane.load(Ordering::Relaxed);
-            if !ours(w) {
-                return false;
-            }
-            if lane
-                .compare_exchange(w, LANE_EMPTY, Ordering::Release, Ordering::Relaxed)
-                .is_ok()
-            {
-                self.map.unlist(self.slot, l);
-                self.map.woke_lane(l, w);
-                return true;
-            }
-        }
+        confirm(&self.map, self.slot, l, w)
     }
 
     /// Let go of one index held on the fast lane. `false`: it is not (the
@@ -595,10 +592,281 @@ impl Shm {
         let Some((i, l)) = lane_of(span) else {
             return false;
         };
+        // Relaxed: this owner's own flag.
         if self.has_deferred.load(Ordering::Relaxed) {
             return false;
         }
-        let ours = fast_word(self.slot, i, EXCLUSIVE);
-        self.empty_lane(l, |w| w & !(LANE_SHARED | LANE_WAITING) == ours)
+        let_go(&self.map, self.slot, i, l)
     }
 }
+
+// ---- the words alone ----
+//
+// Every step either side takes on the lane words, written once over any
+// atomics: the sidecar's ([`Map`]) in the engine, `loom`'s in the model.
+
+/// An atomic word of the fast lane.
+pub(super) trait Word {
+    type V: Copy + Eq;
+    fn load(&self, order: Ordering) -> Self::V;
+    fn store(&self, v: Self::V, order: Ordering);
+    fn compare_exchange(
+        &self,
+        current: Self::V,
+        new: Self::V,
+        success: Ordering,
+        failure: Ordering,
+    ) -> Result<Self::V, Self::V>;
+}
+
+macro_rules! word {
+    ($atomic:ty, $v:ty) => {
+        impl Word for $atomic {
+            type V = $v;
+            #[inline(always)]
+            fn load(&self, order: Ordering) -> $v {
+                <$atomic>::load(self, order)
+            }
+            #[inline(always)]
+            fn store(&self, v: $v, order: Ordering) {
+                <$atomic>::store(self, v, order)
+            }
+            #[inline(always)]
+            fn compare_exchange(&self, c: $v, n: $v, s: Ordering, f: Ordering) -> Result<$v, $v> {
+                <$atomic>::compare_exchange(self, c, n, s, f)
+            }
+        }
+    };
+}
+word!(AtomicU64, u64);
+word!(AtomicU32, u32);
+
+/// The words of the fast lane: a lane word per bucket, the gate, each
+/// owner's fast list, and the wake of a lane's sleepers.
+pub(super) trait Lanes {
+    type W64: Word<V = u64>;
+    type W32: Word<V = u32>;
+    fn lane(&self, l: usize) -> &Self::W64;
+    fn gate(&self) -> &Self::W32;
+    fn fast_list(&self, s: u32) -> &[Self::W32; FAST_HOLDS];
+    fn unlist(&self, s: u32, l: usize);
+    fn woke_lane(&self, l: usize, old: u64);
+}
+
+impl Lanes for Map {
+    type W64 = AtomicU64;
+    type W32 = AtomicU32;
+    #[inline(always)]
+    fn lane(&self, l: usize) -> &AtomicU64 {
+        Map::lane(self, l)
+    }
+    #[inline(always)]
+    fn gate(&self) -> &AtomicU32 {
+        Map::gate(self)
+    }
+    #[inline(always)]
+    fn fast_list(&self, s: u32) -> &[AtomicU32; FAST_HOLDS] {
+        Map::fast_list(self, s)
+    }
+    #[inline(always)]
+    fn unlist(&self, s: u32, l: usize) {
+        Map::unlist(self, s, l)
+    }
+    #[inline(always)]
+    fn woke_lane(&self, l: usize, old: u64) {
+        Map::woke_lane(self, l, old)
+    }
+}
+
+/// Whether the historical bug `name` is put back: under the model
+/// checker only, as `lane/model.rs` asks; never in a real build.
+#[cfg(all(loom, test))]
+fn mutated(name: &str) -> bool {
+    model::mutated(name)
+}
+#[cfg(not(all(loom, test)))]
+#[inline(always)]
+fn mutated(_: &str) -> bool {
+    false
+}
+
+/// Owner `me` takes index `i` (in lane `l`) at `kind` on the fast lane.
+#[inline(always)]
+pub(super) fn take<M: Lanes>(m: &M, me: u32, i: u64, l: usize, kind: u32) -> bool {
+    let lane = m.lane(l);
+    // I8: a stale read costs the CAS below.
+    if lane.load(Ordering::Relaxed) != LANE_EMPTY {
+        return false;
+    }
+    // I7: listed before the word is written, so that a scan of the lists
+    // finds every fast hold.
+    let listed = m.fast_list(me).iter().any(|e| {
+        e.load(Ordering::Relaxed) == 0
+            && e.compare_exchange(0, l as u32 + 1, Ordering::SeqCst, Ordering::Relaxed)
+                .is_ok()
+    });
+    if !listed {
+        return false;
+    }
+    let w = fast_word(me, i, kind);
+    // I3: the first of the taker's pair, before its gate load.
+    if lane
+        .compare_exchange(LANE_EMPTY, w, Ordering::SeqCst, Ordering::Relaxed)
+        .is_err()
+    {
+        m.unlist(me, l);
+        return false;
+    }
+    confirm(m, me, l, w)
+}
+
+/// The second half of [`take`]: word `w` is in lane `l` (and listed);
+/// whether it is granted.
+#[inline(always)]
+pub(super) fn confirm<M: Lanes>(m: &M, me: u32, l: usize, w: u64) -> bool {
+    // I3: read after the word is written: a guard that closes the gate and
+    // then looks at the lanes sees this word, or this read sees it closed.
+    if m.gate().load(Ordering::SeqCst) == 0 {
+        if mutated("grant-on-open-gate") {
+            return true;
+        }
+        // I3: open, but it may have closed and opened again since the word
+        // went in, and a mutex holder may have taken the word away
+        // meanwhile: granted only if it is still there (it is then seen by
+        // anyone who closes the gate from here on). If it was made a record
+        // of ours instead, the slow way finds that.
+        return m.lane(l).load(Ordering::SeqCst) & !LANE_WAITING == w;
+    }
+    // Closed: not granted. Take the word back, unless a mutex holder has
+    // taken it over already (I4: then it made it a record of ours if the
+    // table could grant it, which the slow way finds).
+    empty(m, me, l, |now| now & !LANE_WAITING == w);
+    false
+}
+
+/// Empty lane `l` while its word is `me`'s as `ours` says (a waiter may
+/// mark it meanwhile, I5), strike it off the list and wake the sleepers.
+/// Whether it was ours.
+#[inline(always)]
+pub(super) fn empty<M: Lanes>(m: &M, me: u32, l: usize, ours: impl Fn(u64) -> bool) -> bool {
+    let lane = m.lane(l);
+    loop {
+        // I8: acted on by the CAS below alone.
+        let w = lane.load(Ordering::Relaxed);
+        if !ours(w) {
+            return false;
+        }
+        // Release: whoever next takes the index reads what the holder wrote.
+        if lane
+            .compare_exchange(w, LANE_EMPTY, Ordering::Release, Ordering::Relaxed)
+            .is_ok()
+        {
+            m.unlist(me, l);
+            // I5: woken from the very word replaced.
+            let woke = if mutated("release-no-wake") {
+                w & !LANE_WAITING
+            } else {
+                w
+            };
+            m.woke_lane(l, woke);
+            return true;
+        }
+    }
+}
+
+/// Owner `me` lets go of index `i` (in lane `l`) held on the fast lane.
+/// `false`: it is not (the table took it over, or it never was).
+#[inline(always)]
+pub(super) fn let_go<M: Lanes>(m: &M, me: u32, i: u64, l: usize) -> bool {
+    let ours = fast_word(me, i, EXCLUSIVE);
+    empty(m, me, l, |w| w & !(LANE_SHARED | LANE_WAITING) == ours)
+}
+
+/// Whether lane word `w` is another owner's (not `me`'s) fast hold on
+/// index `i` that conflicts with `kind`.
+pub(super) fn in_way(w: u64, me: u32, i: u64, kind: u32) -> bool {
+    is_fast(w)
+        && w & LANE_MOVING == 0
+        && lane_owner(w) != me
+        && lane_index(w) == i
+        && conflict(kind, lane_kind(w))
+}
+
+/// A waiter marks word `w` of lane `l` (I5), so whoever changes it next
+/// wakes it: the upper half to sleep on while it reads so, or `None` when
+/// the word changed first (look again).
+#[inline(always)]
+pub(super) fn mark<M: Lanes>(m: &M, l: usize, w: u64) -> Option<u32> {
+    let marked = w | LANE_WAITING;
+    // AcqRel: I8; the sleep that follows compares the word in the kernel.
+    if w != marked
+        && m.lane(l)
+            .compare_exchange(w, marked, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+    {
+        return None;
+    }
+    Some((marked >> 32) as u32)
+}
+
+/// The mutex holder closes the gate.
+pub(super) fn close_gate<M: Lanes>(m: &M) {
+    // Relaxed: the gate is written under the mutex alone, which we hold.
+    if m.gate().load(Ordering::Relaxed) == 0 {
+        // I3: the first of the closer's pair, before its lane loads.
+        m.gate().store(1, Ordering::SeqCst);
+    }
+}
+
+/// The mutex holder opens the gate (I2: nothing spans more than one index).
+pub(super) fn open_gate<M: Lanes>(m: &M) {
+    // I3: in the total order with the takers' gate loads.
+    m.gate().store(0, Ordering::SeqCst);
+}
+
+/// The mutex holder reads lane `l` after closing the gate.
+pub(super) fn scan<M: Lanes>(m: &M, l: usize) -> u64 {
+    // I3: the second of the closer's pair.
+    m.lane(l).load(Ordering::SeqCst)
+}
+
+/// The mutex holder turns word `w` of lane `l` into `to` by CAS, again
+/// while only a waiter's mark gets in the way (I5): the word replaced, or
+/// `None` when it became something else.
+pub(super) fn swap_word<M: Lanes>(
+    m: &M,
+    l: usize,
+    mut w: u64,
+    to: impl Fn(u64) -> u64,
+) -> Option<u64> {
+    let base = w & !LANE_WAITING;
+    loop {
+        // AcqRel: I4 (the fast owner's CAS from its word then fails), and
+        // what the owner wrote before its word is ours to read.
+        match m
+            .lane(l)
+            .compare_exchange(w, to(w), Ordering::AcqRel, Ordering::Acquire)
+        {
+            Ok(_) => return Some(w),
+            Err(now) if now & !LANE_WAITING == base && !mutated("no-mark-retry") => w = now,
+            Err(_) => return None,
+        }
+    }
+}
+
+/// The mutex holder ends an adoption: the record is in, the lane is slow.
+pub(super) fn adopted<M: Lanes>(m: &M, l: usize) {
+    // Release, over `MOVING` only the mutex holder writes (I4).
+    m.lane(l).store(LANE_SLOW, Ordering::Release);
+}
+
+/// The mutex holder gives lane `l` back to the fast lane (I1: its bucket
+/// is empty).
+pub(super) fn give_back<M: Lanes>(m: &M, l: usize) {
+    // Release: over `SLOW`, which only the mutex holder writes; a taker's
+    // CAS reads it.
+    m.lane(l).store(LANE_EMPTY, Ordering::Release);
+}
+
+#[cfg(all(test, loom))]
+mod model;
