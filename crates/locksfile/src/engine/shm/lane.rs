@@ -138,9 +138,11 @@ impl TableLock<'_> {
     pub(super) fn waits_in(&self, l: usize) -> bool {
         let h = self.header();
         h.waiting > 0
-            && (0..h.waiter_hwm as usize).any(|i| {
+            && (0..self.waiter_hwm()).any(|i| {
                 let w = self.waiter(i);
-                w.owner != 0 && w.end - w.start == 1 && bucket(w.start) == l
+                // Wrapping: an entry corrupted to end before it starts
+                // is caught by the check at lock time, never a panic here.
+                w.owner != 0 && w.end.wrapping_sub(w.start) == 1 && bucket(w.start) == l
             })
     }
 
@@ -148,9 +150,9 @@ impl TableLock<'_> {
     pub(super) fn waits_wide(&self) -> bool {
         let h = self.header();
         h.waiting > 0
-            && (0..h.waiter_hwm as usize).any(|i| {
+            && (0..self.waiter_hwm()).any(|i| {
                 let w = self.waiter(i);
-                w.owner != 0 && w.end - w.start > 1
+                w.owner != 0 && w.end.wrapping_sub(w.start) > 1
             })
     }
 
