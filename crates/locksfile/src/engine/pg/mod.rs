@@ -251,7 +251,11 @@ impl Engine for Pg {
     fn wait_set(&self, span: Span, kind: Kind, until: Until<'_>) -> Result<(), Error> {
         let (lo, hi) = clamp(span);
         let keys: Vec<i32> = {
-            let c = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+            // As any call that does not wait: a sibling's wait holding the
+            // session is cancelled (and starts again), never waited for,
+            // which would outlast this wait's own deadline, for ever
+            // behind an untimed one.
+            let c = self.session();
             (lo..=hi)
                 .filter(|k| c.held.get(k).copied().unwrap_or(0) & bit(kind) == 0)
                 .collect()
