@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::path::Path;
 use std::process::{Command, Stdio};
 
 use common::*;
@@ -15,24 +14,16 @@ fn lock_file() -> (tempfile::TempDir, std::path::PathBuf) {
     (dir, path)
 }
 
-fn try_run(file: &Path, opts: &[&str]) -> i32 {
-    let mut args = vec!["run", "-n"];
-    args.extend_from_slice(opts);
-    args.push(file.to_str().unwrap());
-    args.extend_from_slice(&["--", "true"]);
-    code(&run(&args))
-}
-
 #[test]
 fn flock_command_holds_off_run_in_flock_mode() {
     let (_dir, file) = lock_file();
     let x = FlockCmd::hold(&file, &["-x"]);
-    assert_eq!(try_run(&file, &["--mode", "flock"]), 1);
-    assert_eq!(try_run(&file, &["--mode", "flock", "-s"]), 1);
-    assert_eq!(try_run(&file, &["--mode", "flock", "-E", "9"]), 9);
+    assert_eq!(run_n(&file, &["--mode", "flock"]), 1);
+    assert_eq!(run_n(&file, &["--mode", "flock", "-s"]), 1);
+    assert_eq!(run_n(&file, &["--mode", "flock", "-E", "9"]), 9);
     // What the issue reported: the record-lock modes run anyway.
-    assert_eq!(try_run(&file, &["-i", ".."]), 0);
-    assert_eq!(try_run(&file, &["--mode", "process", "-i", ".."]), 0);
+    assert_eq!(run_n(&file, &["-i", ".."]), 0);
+    assert_eq!(run_n(&file, &["--mode", "process", "-i", ".."]), 0);
     // status lists the flock(1) holder.
     let out = run(&["status", file.to_str().unwrap()]);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
@@ -40,10 +31,10 @@ fn flock_command_holds_off_run_in_flock_mode() {
     x.release();
 
     let s = FlockCmd::hold(&file, &["-s"]);
-    assert_eq!(try_run(&file, &["--mode", "flock", "-s"]), 0);
-    assert_eq!(try_run(&file, &["--mode", "flock"]), 1);
+    assert_eq!(run_n(&file, &["--mode", "flock", "-s"]), 0);
+    assert_eq!(run_n(&file, &["--mode", "flock"]), 1);
     s.release();
-    assert_eq!(try_run(&file, &["--mode", "flock"]), 0);
+    assert_eq!(run_n(&file, &["--mode", "flock"]), 0);
 }
 
 #[test]
@@ -83,8 +74,8 @@ fn flock_mode_takes_the_whole_file_only() {
         assert!(!file.exists(), "refused before the file is created");
     }
     // 0.. is every index too.
-    assert_eq!(try_run(&file, &["--mode", "flock", "-i", ".."]), 0);
-    assert_eq!(try_run(&file, &["--mode", "flock", "-i", "0.."]), 0);
+    assert_eq!(run_n(&file, &["--mode", "flock", "-i", ".."]), 0);
+    assert_eq!(run_n(&file, &["--mode", "flock", "-i", "0.."]), 0);
 }
 
 /// flock(1)'s own idiom in flock mode: `( locksfile run --mode flock 9 ...

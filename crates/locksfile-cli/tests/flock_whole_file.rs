@@ -39,14 +39,6 @@ fn fcntl_byte_0(file: &Path, cmd: libc::c_int) -> bool {
     r == 0
 }
 
-fn run_n(file: &Path, opts: &[&str]) -> i32 {
-    let mut args = vec!["run", "-n"];
-    args.extend_from_slice(opts);
-    args.push(file.to_str().unwrap());
-    args.extend_from_slice(&["--", "true"]);
-    code(&run(&args))
-}
-
 #[test]
 fn run_without_an_index_keeps_out_flock_1_and_byte_range_users() {
     let (_d, f) = lock_file();

@@ -23,6 +23,15 @@ pub fn run(args: &[&str]) -> Output {
         .expect("run locksfile")
 }
 
+/// `locksfile run -n OPTS FILE -- true`: its exit code (1 when refused).
+pub fn run_n(file: &Path, opts: &[&str]) -> i32 {
+    let mut args = vec!["run", "-n"];
+    args.extend_from_slice(opts);
+    args.push(file.to_str().unwrap());
+    args.extend_from_slice(&["--", "true"]);
+    code(&run(&args))
+}
+
 pub fn code(out: &Output) -> i32 {
     out.status.code().expect("exited normally")
 }
