@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 
 use locksfile::LockFile;
 
+pub mod cluster;
+
 /// How long any step may take before the test is declared stuck.
 pub const STUCK: Duration = Duration::from_secs(20);
 
