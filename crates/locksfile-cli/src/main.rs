@@ -5,6 +5,7 @@
 //! fit; exit codes are listed in [`exit`].
 #![deny(unsafe_code)]
 
+mod doctor;
 mod exit;
 mod generate;
 mod pg;
@@ -45,6 +46,8 @@ enum Command {
     Status(status::StatusArgs),
     /// Race processes hand-over-hand around a ring of locks and verify them.
     Race(race::RaceArgs),
+    /// Check FILE (or a server) for hazards that silently break exclusion.
+    Doctor(doctor::DoctorArgs),
     /// Set up a PostgreSQL database for lock namespaces (a DBA's step).
     Pg(pg::PgArgs),
     /// Print a completion script for SHELL (bash, zsh, fish, elvish, powershell).
@@ -54,7 +57,16 @@ enum Command {
 }
 
 /// Words that name a subcommand (or clap's help) in the first place.
-const SUBCOMMANDS: &[&str] = &["run", "status", "race", "pg", "completions", "man", "help"];
+const SUBCOMMANDS: &[&str] = &[
+    "run",
+    "status",
+    "race",
+    "doctor",
+    "pg",
+    "completions",
+    "man",
+    "help",
+];
 
 /// flock(1)'s command line, `locksfile [OPTIONS] FILE COMMAND...` or
 /// `locksfile [OPTIONS] FILE -c CMD`, is `run`'s: when the first argument
@@ -92,6 +104,7 @@ fn main() {
         Command::Run(args) => run::main(args),
         Command::Status(args) => status::main(args),
         Command::Race(args) => race::main(args),
+        Command::Doctor(args) => doctor::main(args),
         Command::Pg(args) => pg::main(args),
         Command::Completions(args) => generate::completions(Cli::command(), args),
         Command::Man(args) => generate::man(Cli::command(), args),

@@ -255,7 +255,7 @@ pub struct Found {
 
 /// Whether `line` is the in-use marker of a shm table's user: not a lock
 /// of anyone's (the table's locks are read from the table).
-fn is_shm_marker(line: &LockLine) -> bool {
+pub fn is_shm_marker(line: &LockLine) -> bool {
     let at = locksfile::shm::IN_USE_BYTE;
     line.class == Class::Ofd
         && !line.exclusive
@@ -267,7 +267,7 @@ fn is_shm_marker(line: &LockLine) -> bool {
 
 /// Every lock and waiter on `file`, with their processes.
 pub fn locks_on(file: FileId) -> std::io::Result<Vec<Found>> {
-    let lines = stable_lines(file)?;
+    let lines = lines_on(file)?;
     let mut found: Vec<Found> = lines
         .into_iter()
         .filter(|line| !is_shm_marker(line))
@@ -307,7 +307,7 @@ pub fn locks_on(file: FileId) -> std::io::Result<Vec<Found>> {
 /// twice or not at all. Each read here asks for everything at once (one
 /// page is one walk), and the whole file is read until two readings in a
 /// row agree on this file's lines and ids.
-fn stable_lines(file: FileId) -> std::io::Result<Vec<LockLine>> {
+pub fn lines_on(file: FileId) -> std::io::Result<Vec<LockLine>> {
     let read = || -> std::io::Result<Vec<LockLine>> {
         let text = read_all("/proc/locks")?;
         Ok(text

@@ -102,6 +102,8 @@ pub mod shm {
 
 pub use cancel::Cancel;
 #[cfg(feature = "postgres")]
+pub use engine::pg::facts::ServerFacts;
+#[cfg(feature = "postgres")]
 pub use engine::pg::setup::{server_setup_sql, set_up_server};
 pub use engine::Abilities;
 pub use error::{

@@ -182,6 +182,25 @@ impl LockFile {
         }
     }
 
+    /// What this handle's session can tell about its server that bears on
+    /// its locks (feature `postgres`): a pooler between them, the room in
+    /// the server's lock table, the deadlock detector's delay, encryption.
+    /// `locksfile doctor` reads it.
+    ///
+    /// # Errors
+    /// [`Error::Unsupported`] for a lock file; [`Error::ConnectionLost`];
+    /// [`Error::Server`].
+    #[cfg(feature = "postgres")]
+    pub fn server_facts(&self) -> Result<crate::ServerFacts, Error> {
+        match &self.owner {
+            Owners::Pg(o) => o.engine.facts(),
+            _ => Err(Error::Unsupported {
+                what: "reading server facts (PostgreSQL handles only)",
+                source: io::Error::from(io::ErrorKind::Unsupported),
+            }),
+        }
+    }
+
     /// A fencing token for lock `index`, which this handle must hold
     /// exclusively (feature `postgres`): a number that grows with every
     /// call for that lock of the namespace, whoever makes it

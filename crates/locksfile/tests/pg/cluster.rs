@@ -27,7 +27,7 @@ impl Cluster {
             .prefix("locksfile-pg-own.")
             .tempdir_in("/tmp")
             .expect("make the cluster's directory")
-            .into_path();
+            .keep();
         // A port the kernel has just handed out and taken back: free unless
         // someone takes it in the moment before the server binds it.
         let port = TcpListener::bind("127.0.0.1:0")

@@ -32,6 +32,7 @@ mod target;
 
 mod connect;
 mod deadlock;
+pub(crate) mod facts;
 mod keys;
 mod listing;
 mod session;
