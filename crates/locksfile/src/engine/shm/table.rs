@@ -27,6 +27,7 @@ use crate::cancel::{Armed, Cancel};
 use crate::span::INDEX_END;
 use crate::sys;
 
+use super::lane::listed;
 use super::layout::{
     Header, Rec, Slot, Waiter, BUCKETS, BUCKETS_AT, FAST_HOLDS, GATE_AT, LANES_AT, LANE_WAITING,
     LISTS_AT, MUTEX_AT, NIL, RECORDS, RECORDS_AT, SIZE, SLOTS, SLOTS_AT, WAITERS, WAITERS_AT,
@@ -146,37 +147,9 @@ impl Map {
         }
     }
 
-    /// Strike lane `l` off owner `s`'s list.
-    /// The lanes owner `s` lists, each once (entries may repeat a lane).
+    /// The lanes owner `s` lists, each once (see [`listed`]).
     pub(super) fn listed_lanes(&self, s: u32) -> impl Iterator<Item = usize> + '_ {
-        let mut seen = [0u32; FAST_HOLDS];
-        self.fast_list(s)
-            .iter()
-            .enumerate()
-            .filter_map(move |(k, e)| {
-                let v = e.load(Ordering::SeqCst);
-                if v == 0 || seen[..k].contains(&v) {
-                    return None;
-                }
-                seen[k] = v;
-                Some((v - 1) as usize % BUCKETS)
-            })
-    }
-
-    /// Entries are interchangeable: the list is right while it lists each
-    /// lane at least as often as the owner has a word there, so every
-    /// removal takes one entry of that lane off by a swap, never by a
-    /// store over whatever an entry holds by then (threads of one owner
-    /// list and strike off at once).
-    pub(super) fn unlist(&self, s: u32, l: usize) {
-        let v = l as u32 + 1;
-        for e in self.fast_list(s) {
-            if e.compare_exchange(v, 0, Ordering::AcqRel, Ordering::Relaxed)
-                .is_ok()
-            {
-                return;
-            }
-        }
+        listed(self, s)
     }
 
     /// Waiter entry `i`'s futex word.
