@@ -19,6 +19,7 @@
 
 use std::cell::{Cell, UnsafeCell};
 use std::io;
+use std::mem::size_of;
 use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
@@ -191,11 +192,31 @@ impl Map {
         cancel.arm(Box::new(move || waker.wake()))
     }
 
-    /// Take the table's mutex. `Err` only for a mutex left unrecoverable.
+    /// Whether process `pid` has an owner slot: asked without the mutex,
+    /// only of a mutex that stays taken (see `sys::robust_mutex_lock`),
+    /// so each slot's words are read atomically.
+    #[cold]
+    fn is_user(&self, pid: u32) -> bool {
+        (0..SLOTS).any(|s| {
+            // SAFETY: inside the mapping, aligned; `used` then `pid` lead
+            // each slot (see `layout.rs`).
+            let words = unsafe {
+                &*self
+                    .base
+                    .add(SLOTS_AT + s * size_of::<Slot>())
+                    .cast::<[AtomicU32; 2]>()
+            };
+            words[0].load(Ordering::Relaxed) == 1 && words[1].load(Ordering::Relaxed) == pid
+        })
+    }
+
+    /// Take the table's mutex. `Err` for a mutex left unrecoverable, and
+    /// (of kind `InvalidData`) for one whose bytes no holder can have left.
     pub(super) fn lock(&self) -> io::Result<(TableLock<'_>, bool)> {
         // SAFETY: the mutex was initialised by the table's first opener and
         // stays mapped while `self` lives.
-        let died = match unsafe { sys::robust_mutex_lock(self.mutex()) }? {
+        let died = match unsafe { sys::robust_mutex_lock(self.mutex(), &|pid| self.is_user(pid)) }?
+        {
             sys::Locked::Clean => false,
             sys::Locked::OwnerDied => true,
         };
