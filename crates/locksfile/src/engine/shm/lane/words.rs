@@ -86,6 +86,7 @@ pub(in crate::engine::shm) trait Lanes {
 pub(in crate::engine::shm) fn listed<M: Lanes>(m: &M, s: u32) -> impl Iterator<Item = usize> + '_ {
     let mut seen = [0u32; FAST_HOLDS];
     m.fast_list(s).iter().enumerate().filter_map(move |(k, e)| {
+        // I3, I7: after the gate's close, against the list CAS.
         let v = e.load(Ordering::SeqCst);
         if v == 0 || seen[..k].contains(&v) {
             return None;
@@ -139,6 +140,7 @@ pub(in crate::engine::shm) fn take<M: Lanes>(m: &M, me: u32, i: u64, l: usize, k
     // I7: listed before the word is written, so that a scan of the lists
     // finds every fast hold.
     let listed = m.fast_list(me).iter().any(|e| {
+        // A stale read costs the CAS, as I8 for lane words.
         e.load(Ordering::Relaxed) == 0
             && e.compare_exchange(0, l as u32 + 1, Ordering::SeqCst, Ordering::Relaxed)
                 .is_ok()
@@ -200,6 +202,7 @@ pub(in crate::engine::shm) fn empty<M: Lanes>(
             return false;
         }
         // Release: whoever next takes the index reads what the holder wrote.
+        // It fails once a mutex holder took the word away or over (I4).
         if lane
             .compare_exchange(w, LANE_EMPTY, Ordering::Release, Ordering::Relaxed)
             .is_ok()
