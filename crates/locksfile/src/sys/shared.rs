@@ -272,7 +272,11 @@ const FUTEX_WAITERS: u32 = 0x8000_0000;
 /// waited on for as long as it takes: that process may be stopped (by a
 /// signal or a debugger) in its critical section, and such a word written
 /// by garbage cannot be told from it. So is any word on a system where the
-/// layout of glibc's mutex is not known (`None` always).
+/// layout of glibc's mutex is not known (`None` always). A holder in
+/// another pid namespace writes its thread id as its namespace numbers it,
+/// which `/proc` here may not know: held unchanged for [`MUTEX_STALE`],
+/// its mutex is taken for corrupt, which only a holder stopped that long
+/// could see.
 ///
 /// # Safety
 /// As [`robust_mutex_lock`].
