@@ -200,3 +200,77 @@ fn written_over_in_use() {
         }
     }
 }
+
+/// `FUTEX_WAITERS` in a robust mutex's lock word: someone sleeps on it.
+const FUTEX_WAITERS: u32 = 0x8000_0000;
+
+/// `f` on a thread of its own: its answer, or a failure naming `what` if
+/// none comes within [`STUCK`] (the thread is then left behind, stuck).
+fn within_bound<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(STUCK)
+        .unwrap_or_else(|_| panic!("{what}: no answer within {STUCK:?}: the call hangs"))
+}
+
+/// The table's robust mutex with its lock word written over by a value a
+/// plain `pthread_mutex_lock` would sleep on for ever, since no holder
+/// that will ever let go is named there: a live thread of a process that
+/// does not use the table, a thread that is gone (which the kernel never
+/// marked dead, as it held nothing), and sleepers with no holder at all.
+/// The next call that takes the mutex answers that the table is corrupt,
+/// within a bound, and so does the handle's close.
+#[test]
+fn a_mutex_word_naming_no_holder_is_an_error() {
+    let _s = serial();
+    let (_, mutex_at, _) = locksfile::shm::regions()
+        .into_iter()
+        .find(|r| r.0 == "mutex")
+        .expect("the mutex region");
+    let stay = Pipe::new();
+    // Its pid is its main thread's id.
+    let bystander = fork(|| stay.expect(1));
+    let mut gone = fork(|| {});
+    assert_eq!(gone.wait(), Exit::Code(0));
+    let words = [
+        ("a live thread of another process", bystander.pid),
+        ("a thread that is gone", gone.pid | FUTEX_WAITERS),
+        ("sleepers and no holder", FUTEX_WAITERS),
+    ];
+    for (what, word) in words {
+        let (_dir, path) = lock_path();
+        // Kept open, so that the table is not made afresh under it.
+        let keeper = open(&path, Mode::Shm);
+        keeper
+            .acquire(Kind::Exclusive, 100..200, Wait::NonBlocking)
+            .unwrap();
+        keeper.release_all().unwrap();
+        OpenOptions::new()
+            .write(true)
+            .open(sidecar(&path))
+            .expect("open sidecar")
+            .write_all_at(&word.to_ne_bytes(), mutex_at)
+            .expect("write the lock word");
+        let answer = within_bound(what, move || {
+            let r = keeper.acquire(Kind::Exclusive, 0..10, Wait::NonBlocking);
+            drop(keeper);
+            r
+        });
+        assert!(
+            matches!(
+                answer,
+                Err(Error::Sidecar {
+                    problem: SidecarProblem::Corrupt {
+                        what: "the table's mutex"
+                    },
+                    ..
+                })
+            ),
+            "{what}: {answer:?}"
+        );
+    }
+    stay.send(1);
+    bystander.join();
+}

@@ -397,6 +397,8 @@ impl TableLock<'_> {
         if i > LANE_INDEX_MAX {
             return None;
         }
+        // I8: read, not acted on; `me`'s word changes only by `me`'s own
+        // calls or by the mutex holder (I4), which we are.
         let w = self.map.lane(bucket(i)).load(Ordering::Acquire);
         (w & !(LANE_SHARED | LANE_WAITING) == fast_word(me, i, EXCLUSIVE)).then(|| lane_kind(w))
     }
@@ -404,7 +406,8 @@ impl TableLock<'_> {
     /// Forget every fast hold of the owner in `slot` (dead or leaving).
     pub(super) fn clear_fast(&mut self, slot: u32) {
         self.end_fast(slot, 0..u64::MAX, LANE_EMPTY);
-        // The owner is gone (or going): no call of its lists anything.
+        // The owner is gone (or going): no call of its lists anything, so
+        // a store is safe here alone (I7: removals are swaps otherwise).
         for entry in self.map.fast_list(slot) {
             entry.store(0, Ordering::Release);
         }
@@ -420,6 +423,7 @@ impl TableLock<'_> {
         // read, looked at again when it fails.
         let map = self.map;
         let swap = |from: u64, to: u64| {
+            // I8, and I5: a marked word replaced is woken.
             let swapped = lane
                 .compare_exchange(from, to, Ordering::AcqRel, Ordering::Acquire)
                 .is_ok();
@@ -429,6 +433,7 @@ impl TableLock<'_> {
             swapped
         };
         loop {
+            // I8: acted on by `swap` alone.
             let w = lane.load(Ordering::Acquire);
             if w != LANE_EMPTY && w != LANE_SLOW && !is_fast(w) {
                 // Not a lane word at all: the bucket is the table's.
@@ -477,6 +482,8 @@ impl TableLock<'_> {
     pub(super) fn settle_lanes(&mut self) {
         for s in 0..SLOTS as u32 {
             if self.slot(s as usize).used != 1 {
+                // No owner: no call lists anything there (I7, as in
+                // `clear_fast`).
                 for entry in self.map.fast_list(s) {
                     entry.store(0, Ordering::Release);
                 }

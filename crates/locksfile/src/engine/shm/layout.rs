@@ -34,6 +34,20 @@
 //! Beyond the memory, bytes of the sidecar serve as OFD record locks:
 //! [`DMS`], held shared by every user, and [`LIVENESS`]` + slot`, held
 //! exclusively by the owner in that slot.
+//!
+//! Every field says who may write it and how, in these words:
+//!
+//! - *at creation*: by the opener that sets the table up, holding [`DMS`]
+//!   exclusively (no one else has it mapped) and the mutex;
+//! - *mutex held*: by whoever holds the table's robust mutex, with plain
+//!   writes; read under the mutex too, except where a field says so;
+//! - *by CAS without the mutex*: atomically, by any process, each change a
+//!   compare-and-swap from the value read (the fast lane's words, whose
+//!   protocol and invariants I1–I8 head `lane.rs`);
+//! - *the owner's own threads*: only the threads of the owner in that
+//!   slot, atomically;
+//! - *repair*: the mutex holder after the previous one died, which
+//!   rebuilds every field marked *derived* from the others.
 
 use std::mem::size_of;
 
@@ -62,29 +76,47 @@ pub(super) const NIL: u32 = u32::MAX;
 pub(super) const SHARED: u32 = 1;
 pub(super) const EXCLUSIVE: u32 = 2;
 
+/// The table's header. Read before mapping (its first 40 bytes, with
+/// `pread`, by any opener) and under the mutex.
 #[repr(C)]
 pub(super) struct Header {
+    /// [`MAGIC`]. At creation, last of all: a table with its magic number
+    /// is complete.
     pub(super) magic: u64,
+    /// [`VERSION`]. At creation.
     pub(super) version: u32,
     pub(super) _pad0: u32,
+    /// [`SIZE`]. At creation.
     pub(super) size: u64,
+    /// The lock file's device and inode, which the sidecar belongs to. At
+    /// creation.
     pub(super) dev: u64,
     pub(super) ino: u64,
+    /// The next waiter's ticket (and place in the queue). Mutex held (a
+    /// waiter queuing; repair raises it past every ticket in use).
     pub(super) next_ticket: u64,
+    /// The next owner's nonce. Mutex held (an owner claiming its slot).
     pub(super) next_nonce: u64,
-    /// Derived: rebuilt by repair.
+    /// Derived: the free records' list and count. Mutex held (records
+    /// taken and given back).
     pub(super) free_head: u32,
     pub(super) free_count: u32,
+    /// Derived: the list and count of records of more than one index.
+    /// Mutex held (records linked and unlinked).
     pub(super) coarse_head: u32,
     pub(super) coarse_count: u32,
+    /// Waiter entries in use. Mutex held (a waiter queuing or leaving the
+    /// queue; repair).
     pub(super) waiting: u32,
-    /// One past the last waiter entry in use.
+    /// One past the last waiter entry in use. Mutex held, as `waiting`.
     pub(super) waiter_hwm: u32,
     /// Records from here on were never used: still zero, in no list, so
-    /// their pages take no memory until needed.
+    /// their pages take no memory until needed. Mutex held (a record
+    /// taken from the fresh ones; repair).
     pub(super) fresh: u32,
     /// Derived: one past the last owner slot in use, so that the scans
-    /// over owners read only the slots there are.
+    /// over owners read only the slots there are. Mutex held (an owner
+    /// claiming or leaving its slot).
     pub(super) slot_hwm: u32,
 }
 
@@ -93,11 +125,19 @@ pub(super) struct Header {
 #[repr(C, align(64))]
 #[derive(Clone, Copy)]
 pub(super) struct Slot {
-    /// 1 when an owner has the slot.
+    /// 1 when an owner has the slot. Mutex held (an owner claiming or
+    /// leaving it, or a dead owner's slot purged). Also read without the
+    /// mutex, atomically, by a wait for a mutex that stays taken (is its
+    /// holder a user?).
     pub(super) used: u32,
+    /// The owner's process id, as its process sees it. Mutex held, with
+    /// `used`; read as `used` is.
     pub(super) pid: u32,
+    /// Names this owner apart from the slot's earlier and later ones.
+    /// Mutex held, when the slot is claimed.
     pub(super) nonce: u64,
-    /// Derived: this owner's records.
+    /// Derived: the head of this owner's list of records, and their count.
+    /// Mutex held (records linked and unlinked).
     pub(super) head: u32,
     pub(super) records: u32,
 }
@@ -105,14 +145,19 @@ pub(super) struct Slot {
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub(super) struct Rec {
+    /// The span held, `start..end`. Mutex held (set, trimmed, split; an
+    /// adoption writes a fast hold's index here).
     pub(super) start: u64,
     pub(super) end: u64,
-    /// Slot + 1; 0 for a free record.
+    /// Slot + 1; 0 for a free record. Mutex held; written last when a
+    /// record is made, so that a repair after a death in between finds it
+    /// free or whole (I4).
     pub(super) owner: u32,
+    /// [`SHARED`] or [`EXCLUSIVE`]. Mutex held.
     pub(super) kind: u32,
-    /// Derived: next in the bucket, coarse or free list.
+    /// Derived: next in the bucket, coarse or free list. Mutex held.
     pub(super) next: u32,
-    /// Derived: next and previous of the same owner.
+    /// Derived: next and previous of the same owner. Mutex held.
     pub(super) onext: u32,
     pub(super) oprev: u32,
     pub(super) _pad: u32,
@@ -120,24 +165,32 @@ pub(super) struct Rec {
 
 #[repr(C)]
 #[derive(Clone, Copy)]
+/// A waiter entry: a thread waiting for a span. Every field is written
+/// with the mutex held, by the waiting thread when it queues and leaves
+/// (or by whoever purges a dead owner, or repairs); its wake word, apart
+/// (see [`WAKES_AT`]), is what is touched without the mutex.
 pub(super) struct Waiter {
-    /// Slot + 1; 0 for a free entry.
+    /// Slot + 1; 0 for a free entry. Mutex held.
     pub(super) owner: u32,
+    /// The kind and span asked for. Mutex held, when it queues.
     pub(super) kind: u32,
     pub(super) start: u64,
     pub(super) end: u64,
     /// Given when it queued, never changed: with the owner, it names the
-    /// entry (a waiting thread keeps it to find its entry again).
+    /// entry (a waiting thread keeps it to find its entry again). Mutex
+    /// held.
     pub(super) ticket: u64,
     /// Its place in the queue: earlier (then, only after a crash in the
     /// middle of a reordering, the lower ticket) comes first. Its ticket
     /// when it queues; the deadlock search moves it ahead of requests it
     /// would otherwise wait behind in a cycle (see [`TableLock::reorder`]).
     /// The places of the entries in use differ and are below the header's
-    /// `next_ticket`.
+    /// `next_ticket`. Mutex held (queuing, the deadlock search, repair).
     pub(super) order: u64,
     /// When it started waiting, ns since the Unix epoch (for status).
+    /// Mutex held, when it queues.
     pub(super) since_ns: u64,
+    /// The waiting process's id (for status). Mutex held, when it queues.
     pub(super) pid: u32,
     pub(super) _pad: u32,
 }
@@ -147,19 +200,41 @@ pub(super) const fn align(x: usize) -> usize {
 }
 
 /// The fast lane's gate (see [`Map::gate`]): a cache line of its own,
-/// read by every fast call and written only when it opens or closes.
+/// read by every fast call (`SeqCst`, I3) and written only when it opens
+/// or closes: mutex held, by atomic store.
 pub(super) const GATE_AT: usize = 448;
+/// The table's robust, process-shared mutex: at creation
+/// (`pthread_mutex_init`); then by `pthread` alone, and by the kernel
+/// when its holder dies (marking it, through the holder's robust list).
+/// Bytes in it that no holder can have left are a corrupt table, found by
+/// a wait that does not end (`sys::robust_mutex_lock`).
 pub(super) const MUTEX_AT: usize = 512;
 /// One futex word per waiter entry: a waiter sleeps on its own word, and a
-/// release wakes only the waiters whose spans it touches.
+/// release wakes only the waiters whose spans it touches. Bumped
+/// atomically by whoever wakes the entry, mutex held or just after letting
+/// it go, or without the mutex by a thread that cancels the wait; slept on
+/// by the entry's waiting thread.
 pub(super) const WAKES_AT: usize = 4096;
+/// The owner slots ([`Slot`]).
 pub(super) const SLOTS_AT: usize = align(WAKES_AT + WAITERS * size_of::<u32>());
+/// The waiter entries ([`Waiter`]).
 pub(super) const WAITERS_AT: usize = align(SLOTS_AT + SLOTS * size_of::<Slot>());
+/// Derived: the head of each hash bucket's list of single-index records
+/// (`NIL`: none). Mutex held; never read by a fast call (I1 keeps its
+/// lane slow while it lists anything).
 pub(super) const BUCKETS_AT: usize = align(WAITERS_AT + WAITERS * size_of::<Waiter>());
+/// The lock records ([`Rec`]).
 pub(super) const RECORDS_AT: usize = align(BUCKETS_AT + BUCKETS * size_of::<u32>());
-/// Per owner slot, a cache line listing the lanes of its fast holds.
+/// Per owner slot, a cache line listing the lanes of its fast holds
+/// (lane + 1; 0 a free entry). By CAS without the mutex: an entry
+/// `0 -> lane + 1` by the owner's own threads before a word goes in, and
+/// `lane + 1 -> 0` by them or by the mutex holder after it went (I7); a
+/// dead owner's entries stored 0, mutex held.
 pub(super) const LISTS_AT: usize = align(RECORDS_AT + RECORDS * size_of::<Rec>());
-/// One lane word per hash bucket (see [`Map::lane`]).
+/// One lane word per hash bucket (see [`Map::lane`]). By CAS without the
+/// mutex, by fast calls, waiters and the mutex holder alike; stored only
+/// by the mutex holder over `SLOW` or `MOVING`. The transitions are the
+/// table at the head of `lane.rs`.
 pub(super) const LANES_AT: usize = align(LISTS_AT + SLOTS * 64);
 /// The sidecar's size: sparse, and only the pages touched take memory.
 pub(crate) const SIZE: usize = align(LANES_AT + BUCKETS * size_of::<u64>());

@@ -263,10 +263,13 @@ impl Shm {
     }
 
     fn lock(&self) -> Result<TableLock<'_>, Error> {
-        let (mut g, died) = self
-            .map
-            .lock()
-            .map_err(|e| Error::io("lock table mutex", e))?;
+        let (mut g, died) = self.map.lock().map_err(|e| {
+            if e.kind() == std::io::ErrorKind::InvalidData {
+                self.corrupted("the table's mutex")
+            } else {
+                Error::io("lock table mutex", e)
+            }
+        })?;
         if died {
             g.repair(self.fd(), self.slot);
             g.consistent();

@@ -19,6 +19,7 @@
 
 use std::cell::{Cell, UnsafeCell};
 use std::io;
+use std::mem::size_of;
 use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
@@ -27,6 +28,7 @@ use crate::cancel::{Armed, Cancel};
 use crate::span::INDEX_END;
 use crate::sys;
 
+use super::lane::listed;
 use super::layout::{
     Header, Rec, Slot, Waiter, BUCKETS, BUCKETS_AT, FAST_HOLDS, GATE_AT, LANES_AT, LANE_WAITING,
     LISTS_AT, MUTEX_AT, NIL, RECORDS, RECORDS_AT, SIZE, SLOTS, SLOTS_AT, WAITERS, WAITERS_AT,
@@ -146,37 +148,9 @@ impl Map {
         }
     }
 
-    /// Strike lane `l` off owner `s`'s list.
-    /// The lanes owner `s` lists, each once (entries may repeat a lane).
+    /// The lanes owner `s` lists, each once (see [`listed`]).
     pub(super) fn listed_lanes(&self, s: u32) -> impl Iterator<Item = usize> + '_ {
-        let mut seen = [0u32; FAST_HOLDS];
-        self.fast_list(s)
-            .iter()
-            .enumerate()
-            .filter_map(move |(k, e)| {
-                let v = e.load(Ordering::SeqCst);
-                if v == 0 || seen[..k].contains(&v) {
-                    return None;
-                }
-                seen[k] = v;
-                Some((v - 1) as usize % BUCKETS)
-            })
-    }
-
-    /// Entries are interchangeable: the list is right while it lists each
-    /// lane at least as often as the owner has a word there, so every
-    /// removal takes one entry of that lane off by a swap, never by a
-    /// store over whatever an entry holds by then (threads of one owner
-    /// list and strike off at once).
-    pub(super) fn unlist(&self, s: u32, l: usize) {
-        let v = l as u32 + 1;
-        for e in self.fast_list(s) {
-            if e.compare_exchange(v, 0, Ordering::AcqRel, Ordering::Relaxed)
-                .is_ok()
-            {
-                return;
-            }
-        }
+        listed(self, s)
     }
 
     /// Waiter entry `i`'s futex word.
@@ -218,11 +192,31 @@ impl Map {
         cancel.arm(Box::new(move || waker.wake()))
     }
 
-    /// Take the table's mutex. `Err` only for a mutex left unrecoverable.
+    /// Whether process `pid` has an owner slot: asked without the mutex,
+    /// only of a mutex that stays taken (see `sys::robust_mutex_lock`),
+    /// so each slot's words are read atomically.
+    #[cold]
+    fn is_user(&self, pid: u32) -> bool {
+        (0..SLOTS).any(|s| {
+            // SAFETY: inside the mapping, aligned; `used` then `pid` lead
+            // each slot (see `layout.rs`).
+            let words = unsafe {
+                &*self
+                    .base
+                    .add(SLOTS_AT + s * size_of::<Slot>())
+                    .cast::<[AtomicU32; 2]>()
+            };
+            words[0].load(Ordering::Relaxed) == 1 && words[1].load(Ordering::Relaxed) == pid
+        })
+    }
+
+    /// Take the table's mutex. `Err` for a mutex left unrecoverable, and
+    /// (of kind `InvalidData`) for one whose bytes no holder can have left.
     pub(super) fn lock(&self) -> io::Result<(TableLock<'_>, bool)> {
         // SAFETY: the mutex was initialised by the table's first opener and
         // stays mapped while `self` lives.
-        let died = match unsafe { sys::robust_mutex_lock(self.mutex()) }? {
+        let died = match unsafe { sys::robust_mutex_lock(self.mutex(), &|pid| self.is_user(pid)) }?
+        {
             sys::Locked::Clean => false,
             sys::Locked::OwnerDied => true,
         };

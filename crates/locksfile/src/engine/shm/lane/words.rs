@@ -49,8 +49,51 @@ pub(in crate::engine::shm) trait Lanes {
     fn lane(&self, l: usize) -> &Self::W64;
     fn gate(&self) -> &Self::W32;
     fn fast_list(&self, s: u32) -> &[Self::W32; FAST_HOLDS];
-    fn unlist(&self, s: u32, l: usize);
     fn woke_lane(&self, l: usize, old: u64);
+
+    /// Strike lane `l` off owner `s`'s list (I7). Entries are
+    /// interchangeable: the list is right while it lists each lane at
+    /// least as often as the owner has a word there, so every removal
+    /// takes one entry of that lane off by a swap, never by a store over
+    /// whatever an entry holds by then: threads of one owner list and
+    /// strike off at once, and an entry struck off by another may already
+    /// list a new lane.
+    #[inline(always)]
+    fn unlist(&self, s: u32, l: usize) {
+        let v = l as u32 + 1;
+        for e in self.fast_list(s) {
+            if mutated("list-remove-by-store") {
+                // As before the fix: a look, then a store.
+                if e.load(Ordering::Relaxed) == v {
+                    e.store(0, Ordering::Release);
+                    return;
+                }
+                continue;
+            }
+            // AcqRel: I7 (the entry may be listed again at once).
+            if e.compare_exchange(v, 0, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+            {
+                return;
+            }
+        }
+    }
+}
+
+/// The lanes owner `s` lists, each once (entries may repeat a lane, I7):
+/// read by the mutex holder after closing the gate, `SeqCst` as the
+/// second of the closer's pair (I3) against the list CAS before a word.
+pub(in crate::engine::shm) fn listed<M: Lanes>(m: &M, s: u32) -> impl Iterator<Item = usize> + '_ {
+    let mut seen = [0u32; FAST_HOLDS];
+    m.fast_list(s).iter().enumerate().filter_map(move |(k, e)| {
+        // I3, I7: after the gate's close, against the list CAS.
+        let v = e.load(Ordering::SeqCst);
+        if v == 0 || seen[..k].contains(&v) {
+            return None;
+        }
+        seen[k] = v;
+        Some((v - 1) as usize % BUCKETS)
+    })
 }
 
 impl Lanes for Map {
@@ -67,10 +110,6 @@ impl Lanes for Map {
     #[inline(always)]
     fn fast_list(&self, s: u32) -> &[AtomicU32; FAST_HOLDS] {
         Map::fast_list(self, s)
-    }
-    #[inline(always)]
-    fn unlist(&self, s: u32, l: usize) {
-        Map::unlist(self, s, l)
     }
     #[inline(always)]
     fn woke_lane(&self, l: usize, old: u64) {
@@ -101,6 +140,7 @@ pub(in crate::engine::shm) fn take<M: Lanes>(m: &M, me: u32, i: u64, l: usize, k
     // I7: listed before the word is written, so that a scan of the lists
     // finds every fast hold.
     let listed = m.fast_list(me).iter().any(|e| {
+        // A stale read costs the CAS, as I8 for lane words.
         e.load(Ordering::Relaxed) == 0
             && e.compare_exchange(0, l as u32 + 1, Ordering::SeqCst, Ordering::Relaxed)
                 .is_ok()
@@ -162,6 +202,7 @@ pub(in crate::engine::shm) fn empty<M: Lanes>(
             return false;
         }
         // Release: whoever next takes the index reads what the holder wrote.
+        // It fails once a mutex holder took the word away or over (I4).
         if lane
             .compare_exchange(w, LANE_EMPTY, Ordering::Release, Ordering::Relaxed)
             .is_ok()
