@@ -311,6 +311,10 @@ fn require_encrypts_and_checks_the_chain_only_with_a_root_file() {
         "req-ca",
     );
     assert!(works(&c, &t, "req-ca"));
+    // prefer, like libpq's, goes on in the clear after a failed handshake.
+    let bad_roots = format!("sslrootcert={}", pki.p("other.crt"));
+    let t = url(&c, "127.0.0.1", "postgres", &bad_roots, "pref-bad");
+    assert!(!works(&c, &t, "pref-bad"));
     // verify-full with no root file: refused before any byte is sent.
     let t = url(
         &c,

@@ -411,6 +411,42 @@ mod tests {
     }
 
     #[test]
+    fn tls_settings_are_taken_out_in_both_forms() {
+        use std::path::Path;
+        let t = Target::parse(
+            "postgresql://u@h/d?sslmode=verify-full&sslrootcert=%2Fr%20r.crt&sslcert=/c&sslkey=/k&name=x",
+        )
+        .unwrap();
+        assert_eq!(t.tls.mode, super::super::tls::SslMode::VerifyFull);
+        assert_eq!(t.tls.rootcert.as_deref(), Some(Path::new("/r r.crt")));
+        assert_eq!(t.tls.cert.as_deref(), Some(Path::new("/c")));
+        assert_eq!(t.tls.key.as_deref(), Some(Path::new("/k")));
+        assert_eq!(
+            t.shown,
+            "postgresql://u@h:5432/d?name=x&sslmode=verify-full"
+        );
+        let t = Target::parse(
+            "host=h user=u dbname=d sslmode=verify-ca sslrootcert='/r r.crt' sslkey=/k name=x",
+        )
+        .unwrap();
+        assert_eq!(t.tls.mode, super::super::tls::SslMode::VerifyCa);
+        assert_eq!(t.tls.rootcert.as_deref(), Some(Path::new("/r r.crt")));
+        assert_eq!(t.tls.key.as_deref(), Some(Path::new("/k")));
+        for s in [
+            "postgresql://u@h/d?sslmode=verify&name=x",
+            "host=h user=u sslmode=sometimes name=x",
+            "postgresql://u@h/d?sslmode=require&sslrootcert=system&name=x",
+        ] {
+            match Target::parse(s) {
+                Err(Error::Connect { source, .. }) => {
+                    assert_eq!(source.kind(), io::ErrorKind::InvalidInput, "{s}")
+                }
+                other => panic!("{s}: {:?}", other.map(|t| t.shown)),
+            }
+        }
+    }
+
+    #[test]
     fn unix_socket_forms() {
         let t = Target::parse("postgresql://u@%2Ftmp%2Fpg/db?name=a%20b").unwrap();
         assert_eq!(t.name, "a b");

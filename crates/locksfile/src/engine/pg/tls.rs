@@ -434,7 +434,13 @@ where
     tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(name, s)
         .await
-        .map_err(|e| classify(&e, host))
+        .map_err(|e| match classify(&e, host) {
+            TlsError::NotTrusted(why) => TlsError::NotTrusted(match &tls.rootcert {
+                Some(roots) if roots.exists() => format!("{why} (roots: {})", roots.display()),
+                _ => why,
+            }),
+            e => e,
+        })
 }
 
 /// What a failed handshake was.
