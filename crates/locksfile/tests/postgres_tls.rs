@@ -315,7 +315,7 @@ fn require_encrypts_and_checks_the_chain_only_with_a_root_file() {
     let bad_roots = format!("sslrootcert={}", pki.p("other.crt"));
     let t = url(&c, "127.0.0.1", "postgres", &bad_roots, "pref-bad");
     assert!(!works(&c, &t, "pref-bad"));
-    // verify-full with no root file: refused before any byte is sent.
+    // verify-full with no root file: refused before the handshake.
     let t = url(
         &c,
         "localhost",
