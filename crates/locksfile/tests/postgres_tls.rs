@@ -492,3 +492,36 @@ fn settings_are_checked() {
         }
     }
 }
+
+#[test]
+fn a_wait_over_tls_is_cancelled() {
+    use locksfile::{Cancel, Kind, Wait};
+    use std::time::{Duration, Instant};
+    let pki = Pki::new();
+    let Some(c) = pki.cluster() else { return };
+    let q = format!("sslmode=verify-full&sslrootcert={}", pki.p("ca.crt"));
+    let a = connect(&url(&c, "localhost", "postgres", &q, "holder")).unwrap();
+    let b = connect(&url(&c, "localhost", "postgres", &q, "waiter")).unwrap();
+    assert!(encrypted(&c, "waiter"));
+    a.acquire(Kind::Exclusive, 3, Wait::NonBlocking).unwrap();
+    let cancel = Cancel::new();
+    let started = Instant::now();
+    std::thread::scope(|s| {
+        let waiter = s.spawn(|| b.acquire_cancellable(Kind::Exclusive, 3, Wait::Blocking, &cancel));
+        pg::until("the waiter to wait on the server", || {
+            c.psql("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
+                != "0"
+        });
+        // The server hears the cancel request (sent in the clear, as
+        // libpq's PQcancel) and ends the waiting statement.
+        cancel.cancel();
+        let r = waiter.join().unwrap();
+        assert!(matches!(r, Err(Error::Cancelled)), "{r:?}");
+    });
+    assert!(started.elapsed() < Duration::from_secs(10));
+    // The session goes on, still encrypted.
+    drop(a);
+    b.acquire(Kind::Exclusive, 3, Wait::Timeout(Duration::from_secs(10)))
+        .unwrap();
+    assert!(encrypted(&c, "waiter"));
+}
