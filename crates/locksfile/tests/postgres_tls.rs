@@ -34,7 +34,9 @@ struct Pki {
 }
 
 impl Pki {
-    fn new() -> Pki {
+    /// `None` (the test is skipped) where no server is available.
+    fn new() -> Option<Pki> {
+        pg::server()?;
         let dir = tempfile::Builder::new()
             .prefix("locksfile-tls.")
             .tempdir_in("/tmp")
@@ -114,7 +116,7 @@ impl Pki {
                 .arg("postgres")
                 .arg(d.join("server.key")));
         }
-        Pki { dir }
+        Some(Pki { dir })
     }
 
     fn path(&self, f: &str) -> PathBuf {
@@ -202,8 +204,8 @@ fn tls_failure(target: &str, secrets: &[&str]) -> (TlsError, io::ErrorKind) {
 
 #[test]
 fn verify_full_checks_the_chain_and_the_host_name() {
-    let pki = Pki::new();
-    let Some(c) = pki.cluster() else { return };
+    let Some(pki) = Pki::new() else { return };
+    let c = pki.cluster().expect("a server");
     let ca = pki.p("ca.crt");
     // The right CA and the certificate's host name: encrypted.
     let t = url(
@@ -269,8 +271,8 @@ fn verify_full_checks_the_chain_and_the_host_name() {
 
 #[test]
 fn require_encrypts_and_checks_the_chain_only_with_a_root_file() {
-    let pki = Pki::new();
-    let Some(c) = pki.cluster() else { return };
+    let Some(pki) = Pki::new() else { return };
+    let c = pki.cluster().expect("a server");
     // No root file (one that does not exist, whatever ~/.postgresql
     // holds): encrypted, nothing verified.
     let none = format!("sslrootcert={}", pki.p("missing.crt"));
@@ -337,8 +339,8 @@ fn require_encrypts_and_checks_the_chain_only_with_a_root_file() {
 
 #[test]
 fn passwords_and_keys_never_appear_in_errors() {
-    let pki = Pki::new();
-    let Some(c) = pki.cluster() else { return };
+    let Some(pki) = Pki::new() else { return };
+    let c = pki.cluster().expect("a server");
     c.psql("CREATE ROLE pwuser LOGIN SUPERUSER PASSWORD 'pa55-w0rd-s3cret'");
     let hba = c.dir().join("data/pg_hba.conf");
     let text = std::fs::read_to_string(&hba).unwrap();
@@ -398,8 +400,8 @@ fn passwords_and_keys_never_appear_in_errors() {
 
 #[test]
 fn client_certificates() {
-    let pki = Pki::new();
-    let Some(c) = pki.cluster() else { return };
+    let Some(pki) = Pki::new() else { return };
+    let c = pki.cluster().expect("a server");
     c.psql("CREATE ROLE certuser LOGIN SUPERUSER");
     let hba = c.dir().join("data/pg_hba.conf");
     let text = std::fs::read_to_string(&hba).unwrap();
@@ -437,7 +439,7 @@ fn a_server_without_tls() {
         return;
     };
     let none = "sslrootcert=/nonexistent/root.crt";
-    let pki = Pki::new();
+    let pki = Pki::new().expect("a server");
     let ca = format!("sslrootcert={}", pki.p("ca.crt"));
     for (mode, roots) in [("require", none), ("verify-ca", &ca), ("verify-full", &ca)] {
         let t = url(
@@ -497,8 +499,8 @@ fn settings_are_checked() {
 fn a_wait_over_tls_is_cancelled() {
     use locksfile::{Cancel, Kind, Wait};
     use std::time::{Duration, Instant};
-    let pki = Pki::new();
-    let Some(c) = pki.cluster() else { return };
+    let Some(pki) = Pki::new() else { return };
+    let c = pki.cluster().expect("a server");
     let q = format!("sslmode=verify-full&sslrootcert={}", pki.p("ca.crt"));
     let a = connect(&url(&c, "localhost", "postgres", &q, "holder")).unwrap();
     let b = connect(&url(&c, "localhost", "postgres", &q, "waiter")).unwrap();
