@@ -163,3 +163,16 @@ def test_on_lost_fires_without_a_call_when_the_session_ends(tmp_path):
     assert lf.lost()
     with pytest.raises(ValueError, match="on_lost= is for server targets"):
         LocksFile(tmp_path / "x.lock", on_lost=lost)
+
+
+def test_tls_settings_take_libpqs_names_and_meanings():
+    # libpq ignores sslmode over a Unix socket; the mode stays shown.
+    if "@%2F" not in SERVER:
+        pytest.skip("the server is not reached over a Unix socket")
+    t = f"{SERVER}?sslmode=verify-full&sslrootcert=%2Fnonexistent%2Froot.crt&name=py-tls-{os.getpid()}"
+    lf = LocksFile(t)
+    assert "sslmode=verify-full" in lf.path
+    with lf.write(1):
+        pass
+    with pytest.raises(ValueError, match="sslmode"):
+        LocksFile(f"{SERVER}?sslmode=sometimes&name=py-tls-{os.getpid()}")

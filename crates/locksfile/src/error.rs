@@ -198,6 +198,61 @@ impl fmt::Display for NotRegular {
     }
 }
 
+/// Why TLS to a PostgreSQL server failed: the payload of the
+/// [`io::Error`] an [`Error::Connect`] carries (reach it with
+/// `source.get_ref()` and `downcast_ref`). Its kind is `InvalidData` for
+/// the certificate checks, `Unsupported` when the server offers no TLS,
+/// `InvalidInput` for unusable certificate or key files, and
+/// `ConnectionAborted` for other handshake failures. Never includes a
+/// password or what a key file holds (paths only).
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TlsError {
+    /// The server's certificate does not chain to a trusted root (of
+    /// `sslrootcert`), or is expired or malformed; the detail says which.
+    NotTrusted(String),
+    /// The certificate is not for the host connected to (`verify-full`):
+    /// the host name.
+    NameMismatch(String),
+    /// The server offers no TLS and `sslmode` requires it.
+    NotOffered,
+    /// A root, client certificate or key file cannot be used.
+    Files(String),
+    /// The handshake failed otherwise (the server refused our certificate,
+    /// no common protocol version, ...).
+    Handshake(String),
+}
+
+impl TlsError {
+    /// The kind of the [`io::Error`] that carries it.
+    pub fn io_kind(&self) -> io::ErrorKind {
+        match self {
+            TlsError::NotTrusted(_) | TlsError::NameMismatch(_) => io::ErrorKind::InvalidData,
+            TlsError::NotOffered => io::ErrorKind::Unsupported,
+            TlsError::Files(_) => io::ErrorKind::InvalidInput,
+            TlsError::Handshake(_) => io::ErrorKind::ConnectionAborted,
+        }
+    }
+}
+
+impl fmt::Display for TlsError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TlsError::NotTrusted(why) => write!(f, "server certificate not trusted: {why}"),
+            TlsError::NameMismatch(host) => {
+                write!(f, "server certificate is not for host name {host:?}")
+            }
+            TlsError::NotOffered => {
+                f.write_str("server does not support TLS, which sslmode requires")
+            }
+            TlsError::Files(why) => write!(f, "TLS: {why}"),
+            TlsError::Handshake(why) => write!(f, "TLS handshake failed: {why}"),
+        }
+    }
+}
+
+impl std::error::Error for TlsError {}
+
 /// What is wrong with a [`Mode::Shm`](crate::Mode::Shm) sidecar file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]

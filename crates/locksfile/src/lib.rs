@@ -108,7 +108,7 @@ pub use engine::pg::setup::{server_setup_sql, set_up_server};
 pub use engine::Abilities;
 pub use error::{
     At, Error, ErrorKind, Holder, NotRegular, Result, ServerHolder, ServerLock, SidecarProblem,
-    SpanError,
+    SpanError, TlsError,
 };
 pub use file::mode::{Mode, Threads, UnknownMode};
 pub use file::open::OpenOptions;

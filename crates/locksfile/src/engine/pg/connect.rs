@@ -8,13 +8,14 @@ use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use tokio_postgres::config::Host;
+use tokio_postgres::config::{Host, SslNegotiation};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, NoTls, Statement};
 
 use super::session::{block_on, server_error, Addr, Rt};
+use super::tls::{self, SslMode};
 use super::{setup, Conn, Pg, Target, DEFAULT_CONNECT_TIMEOUT};
-use crate::error::Error;
+use crate::error::{Error, TlsError};
 use crate::sys;
 
 pub(super) fn connect_error(shown: &str, kind: io::ErrorKind, msg: impl Into<String>) -> Error {
@@ -24,9 +25,73 @@ pub(super) fn connect_error(shown: &str, kind: io::ErrorKind, msg: impl Into<Str
     }
 }
 
-/// The startup exchange over a connected socket of either kind; the
-/// session, and the future that drives its connection.
-async fn start_up<S>(target: &Target, s: S) -> Result<(Client, Driver), Error>
+fn tls_error(shown: &str, e: TlsError) -> Error {
+    Error::Connect {
+        target: shown.to_string(),
+        source: io::Error::new(e.io_kind(), e),
+    }
+}
+
+/// Whether `e` is a failure of TLS (after which `prefer` goes on without).
+fn is_tls(e: &Error) -> bool {
+    matches!(e, Error::Connect { source, .. }
+        if source.get_ref().is_some_and(|e| e.is::<TlsError>()))
+}
+
+/// How one attempt at a TCP host goes: in the clear, or with TLS to
+/// `host`, required or (`prefer`) only when the server offers it.
+#[derive(Clone, Copy)]
+enum Attempt {
+    Plain,
+    Tls { required: bool },
+}
+
+/// The attempts `sslmode` makes at a TCP host, in order; the next one is
+/// made only after a failure of the kind libpq retries after (`allow`:
+/// any; `prefer`: of TLS).
+fn attempts(mode: SslMode) -> &'static [Attempt] {
+    match mode {
+        SslMode::Disable => &[Attempt::Plain],
+        SslMode::Allow => &[Attempt::Plain, Attempt::Tls { required: true }],
+        SslMode::Prefer => &[Attempt::Tls { required: false }, Attempt::Plain],
+        SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => {
+            &[Attempt::Tls { required: true }]
+        }
+    }
+}
+
+/// The startup exchange over a connected socket of either kind, with TLS
+/// first when `tls` names the host; the session, and the future that
+/// drives its connection.
+async fn start_up<S>(
+    target: &Target,
+    mut s: S,
+    tls: Option<(&str, bool)>,
+) -> Result<(Client, Driver), Error>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let shown = &target.shown;
+    if let Some((host, required)) = tls {
+        let offered = target.config.get_ssl_negotiation() == SslNegotiation::Direct
+            || tls::negotiate(&mut s).await.map_err(|e| {
+                connect_error(shown, io::ErrorKind::ConnectionAborted, e.to_string())
+            })?;
+        if offered {
+            let s = tls::handshake(&target.tls, host, s)
+                .await
+                .map_err(|e| tls_error(shown, e))?;
+            return start_up_plain(target, s).await;
+        }
+        if required {
+            return Err(tls_error(shown, TlsError::NotOffered));
+        }
+    }
+    start_up_plain(target, s).await
+}
+
+/// The startup exchange proper, over a stream that is what it will be.
+async fn start_up_plain<S>(target: &Target, s: S) -> Result<(Client, Driver), Error>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -137,35 +202,58 @@ impl Pg {
         let mut last = None;
         for (i, host) in config.get_hosts().iter().enumerate() {
             let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
-            let attempt = async {
-                match host {
-                    Host::Unix(dir) => {
-                        let path = dir.join(format!(".s.PGSQL.{port}"));
-                        let s = tokio::net::UnixStream::connect(&path).await?;
-                        let fd = s.as_fd().try_clone_to_owned()?;
-                        Ok::<_, io::Error>((Stream::Unix(s), fd, Addr::Unix(path)))
-                    }
-                    Host::Tcp(h) => {
-                        let s = tokio::net::TcpStream::connect((h.as_str(), port)).await?;
-                        s.set_nodelay(true)?;
-                        // Notice a dead server or a partition without an
-                        // operation: about 30 s.
-                        sys::set_keepalive(s.as_fd(), 10, 5, 4)?;
-                        let addr = s.peer_addr()?;
-                        let fd = s.as_fd().try_clone_to_owned()?;
-                        Ok((Stream::Tcp(s), fd, Addr::Tcp(addr)))
-                    }
-                }
+            let steps: &[Attempt] = match host {
+                Host::Unix(_) => &[Attempt::Plain],
+                Host::Tcp(_) => attempts(target.tls.mode),
             };
-            match attempt.await {
-                Ok((stream, fd, addr)) => {
-                    let (c, driver) = match stream {
-                        Stream::Unix(s) => start_up(target, s).await?,
-                        Stream::Tcp(s) => start_up(target, s).await?,
-                    };
-                    return Ok((c, driver, fd, addr));
+            for (n, step) in steps.iter().enumerate() {
+                let attempt = async {
+                    match host {
+                        Host::Unix(dir) => {
+                            let path = dir.join(format!(".s.PGSQL.{port}"));
+                            let s = tokio::net::UnixStream::connect(&path).await?;
+                            let fd = s.as_fd().try_clone_to_owned()?;
+                            Ok::<_, io::Error>((Stream::Unix(s), fd, Addr::Unix(path)))
+                        }
+                        Host::Tcp(h) => {
+                            let s = tokio::net::TcpStream::connect((h.as_str(), port)).await?;
+                            s.set_nodelay(true)?;
+                            // Notice a dead server or a partition without an
+                            // operation: about 30 s.
+                            sys::set_keepalive(s.as_fd(), 10, 5, 4)?;
+                            let addr = s.peer_addr()?;
+                            let fd = s.as_fd().try_clone_to_owned()?;
+                            Ok((Stream::Tcp(s), fd, Addr::Tcp(addr)))
+                        }
+                    }
+                };
+                match attempt.await {
+                    Ok((stream, fd, addr)) => {
+                        let tls = match (step, host) {
+                            (Attempt::Tls { required }, Host::Tcp(h)) => {
+                                Some((h.as_str(), *required))
+                            }
+                            _ => None,
+                        };
+                        let started = match stream {
+                            Stream::Unix(s) => start_up(target, s, None).await,
+                            Stream::Tcp(s) => start_up(target, s, tls).await,
+                        };
+                        match started {
+                            Ok((c, driver)) => return Ok((c, driver, fd, addr)),
+                            // libpq's second try: `allow` with TLS after any
+                            // refusal, `prefer` without after a TLS failure.
+                            Err(e)
+                                if n + 1 < steps.len()
+                                    && (target.tls.mode == SslMode::Allow || is_tls(&e)) => {}
+                            Err(e) => return Err(e),
+                        }
+                    }
+                    Err(e) => {
+                        last = Some(e);
+                        break;
+                    }
                 }
-                Err(e) => last = Some(e),
             }
         }
         let e = last.unwrap_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no host"));

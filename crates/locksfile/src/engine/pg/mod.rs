@@ -29,6 +29,7 @@
 
 pub(crate) mod setup;
 mod target;
+mod tls;
 
 mod connect;
 mod deadlock;

@@ -1,7 +1,9 @@
 //! Naming a lock namespace on a server: the URL and key=value forms, the
 //! libpq defaults and environment (`PGHOST`, `PGPORT`, `PGUSER`,
 //! `PGDATABASE`, `PGPASSWORD`, `PGPASSFILE` / `~/.pgpass`), and a form of
-//! the target that is safe to print (never the password).
+//! the target that is safe to print (never the password). libpq's TLS
+//! settings (`sslmode`, `sslrootcert`, `sslcert`, `sslkey`) are taken out
+//! here, as the client library knows only some of them: see `tls.rs`.
 
 use std::io;
 use std::path::PathBuf;
@@ -9,6 +11,7 @@ use std::str::FromStr;
 
 use tokio_postgres::config::{Config, Host};
 
+use super::tls::{Given, Tls};
 use crate::error::Error;
 
 /// Where a namespace lives and what it is called there.
@@ -16,8 +19,11 @@ pub(crate) struct Target {
     pub config: Config,
     /// The namespace's name (`name=`).
     pub name: String,
-    /// `postgresql://user@host:port/dbname?name=NAME`, without a password.
+    /// `postgresql://user@host:port/dbname?name=NAME`, without a password
+    /// (with `&sslmode=` when one was given).
     pub shown: String,
+    /// TLS: libpq's settings, defaults filled in.
+    pub tls: Tls,
 }
 
 /// Whether `s` names a lock namespace on a server rather than a file: a
@@ -135,19 +141,24 @@ fn percent_decode(s: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
-/// Take `name=` out of `s` (the client library would refuse it), returning
-/// the rest and the name.
-fn split_name(s: &str) -> Result<(String, String), Error> {
+/// Take `name=` and the TLS settings out of `s` (the client library would
+/// refuse them), returning the rest, the name and the settings.
+fn split_name(s: &str) -> Result<(String, String, Given), Error> {
+    let mut tls = Given::default();
     if let Some(at) = s.find('?').filter(|_| s.contains("://")) {
         let (base, query) = (&s[..at], &s[at + 1..]);
         let mut name = None;
         let mut rest = Vec::new();
         for p in query.split('&').filter(|p| !p.is_empty()) {
-            match p.strip_prefix("name=") {
-                Some(v) => {
-                    name = Some(percent_decode(v).ok_or_else(|| bad(s, "bad %-escape in name"))?)
+            if let Some(v) = p.strip_prefix("name=") {
+                name = Some(percent_decode(v).ok_or_else(|| bad(s, "bad %-escape in name"))?);
+            } else if let Some((k, v)) = p.split_once('=').filter(|(k, _)| k.starts_with("ssl")) {
+                let v = percent_decode(v).ok_or_else(|| bad(s, format!("bad %-escape in {k}")))?;
+                if !tls.take(k, v) {
+                    rest.push(p);
                 }
-                None => rest.push(p),
+            } else {
+                rest.push(p);
             }
         }
         let name = name.ok_or_else(|| bad(s, "no `name=` parameter: the lock namespace"))?;
@@ -156,7 +167,7 @@ fn split_name(s: &str) -> Result<(String, String), Error> {
         } else {
             format!("{base}?{}", rest.join("&"))
         };
-        return Ok((joined, name));
+        return Ok((joined, name, tls));
     }
     if s.contains("://") {
         return Err(bad(s, "no `name=` parameter: the lock namespace"));
@@ -164,13 +175,18 @@ fn split_name(s: &str) -> Result<(String, String), Error> {
     let mut name = None;
     let mut rest = Vec::new();
     for w in words(s) {
-        match w.strip_prefix("name=") {
-            Some(v) => name = Some(unquote(v)),
-            None => rest.push(w),
+        if let Some(v) = w.strip_prefix("name=") {
+            name = Some(unquote(v));
+        } else if let Some((k, v)) = w.split_once('=').filter(|(k, _)| k.starts_with("ssl")) {
+            if !tls.take(k, unquote(v)) {
+                rest.push(w);
+            }
+        } else {
+            rest.push(w);
         }
     }
     let name = name.ok_or_else(|| bad(s, "no `name=` word: the lock namespace"))?;
-    Ok((rest.join(" "), name))
+    Ok((rest.join(" "), name, tls))
 }
 
 fn unquote(v: &str) -> String {
@@ -195,7 +211,7 @@ fn unquote(v: &str) -> String {
 impl Target {
     /// Parse `s` and fill in what libpq would take from the environment.
     pub fn parse(s: &str) -> Result<Target, Error> {
-        let (rest, name) = split_name(s)?;
+        let (rest, name, given) = split_name(s)?;
         if name.is_empty() {
             return Err(bad(s, "the namespace name is empty"));
         }
@@ -243,11 +259,21 @@ impl Target {
                 config.password(p);
             }
         }
-        let shown = shown(&config, &name);
+        let tls = Tls::resolve(given).map_err(|why| bad(s, why))?;
+        // The engine asks for TLS itself (`connect.rs`) and hands the
+        // client library a stream that is already what it will be; its
+        // cancel requests then go in the clear, as libpq's `PQcancel`.
+        config.ssl_mode(tokio_postgres::config::SslMode::Disable);
+        let mut shown = shown(&config, &name);
+        if tls.mode_given {
+            shown.push_str("&sslmode=");
+            shown.push_str(tls.mode.as_str());
+        }
         Ok(Target {
             config,
             name,
             shown,
+            tls,
         })
     }
 }
@@ -382,6 +408,42 @@ mod tests {
         assert!(!redact("postgresql://u:s3cret@h/d?name=x&password=p2").contains("s3cret"));
         assert!(!redact("postgresql://u:s3cret@h/d?name=x&password=p2").contains("p2"));
         assert!(!redact("host=h password=s3cret name=x").contains("s3cret"));
+    }
+
+    #[test]
+    fn tls_settings_are_taken_out_in_both_forms() {
+        use std::path::Path;
+        let t = Target::parse(
+            "postgresql://u@h/d?sslmode=verify-full&sslrootcert=%2Fr%20r.crt&sslcert=/c&sslkey=/k&name=x",
+        )
+        .unwrap();
+        assert_eq!(t.tls.mode, super::super::tls::SslMode::VerifyFull);
+        assert_eq!(t.tls.rootcert.as_deref(), Some(Path::new("/r r.crt")));
+        assert_eq!(t.tls.cert.as_deref(), Some(Path::new("/c")));
+        assert_eq!(t.tls.key.as_deref(), Some(Path::new("/k")));
+        assert_eq!(
+            t.shown,
+            "postgresql://u@h:5432/d?name=x&sslmode=verify-full"
+        );
+        let t = Target::parse(
+            "host=h user=u dbname=d sslmode=verify-ca sslrootcert='/r r.crt' sslkey=/k name=x",
+        )
+        .unwrap();
+        assert_eq!(t.tls.mode, super::super::tls::SslMode::VerifyCa);
+        assert_eq!(t.tls.rootcert.as_deref(), Some(Path::new("/r r.crt")));
+        assert_eq!(t.tls.key.as_deref(), Some(Path::new("/k")));
+        for s in [
+            "postgresql://u@h/d?sslmode=verify&name=x",
+            "host=h user=u sslmode=sometimes name=x",
+            "postgresql://u@h/d?sslmode=require&sslrootcert=system&name=x",
+        ] {
+            match Target::parse(s) {
+                Err(Error::Connect { source, .. }) => {
+                    assert_eq!(source.kind(), io::ErrorKind::InvalidInput, "{s}")
+                }
+                other => panic!("{s}: {:?}", other.map(|t| t.shown)),
+            }
+        }
     }
 
     #[test]
