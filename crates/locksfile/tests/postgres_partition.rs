@@ -129,7 +129,7 @@ enum Who {
 #[derive(Default)]
 struct Resource {
     highest: u64,
-    log: Vec<(Who, u64, bool)>,
+    log: Vec<(Who, u64, bool, Instant)>,
 }
 
 impl Resource {
@@ -138,7 +138,7 @@ impl Resource {
         if accepted {
             self.highest = token;
         }
-        self.log.push((who, token, accepted));
+        self.log.push((who, token, accepted, Instant::now()));
         accepted
     }
 }
@@ -252,23 +252,29 @@ fn a_cut_off_holder_is_fenced_out_before_it_is_told() {
     let log = resource.lock().unwrap().log.clone();
     let first_new = log
         .iter()
-        .position(|&(who, _, _)| who == Who::New)
+        .position(|&(who, ..)| who == Who::New)
         .expect("the new holder wrote");
     let old_after: Vec<_> = log[first_new + 1..]
         .iter()
-        .filter(|(who, _, _)| *who == Who::Old)
+        .filter(|(who, ..)| *who == Who::Old)
         .collect();
-    let old_accepted_after = old_after.iter().filter(|(_, _, ok)| *ok).count();
+    let old_accepted_after = old_after.iter().filter(|(_, _, ok, _)| *ok).count();
+    // Before the resource has seen the new token it cannot refuse the old.
+    let old_accepted_between = log[..first_new]
+        .iter()
+        .filter(|(who, _, ok, t)| *who == Who::Old && *ok && *t >= granted)
+        .count();
     eprintln!(
         "partition windows, from the cut: server freed the lock {}, second client granted {}, \
          its first fenced write {}, cut-off holder told {} (it believed it held the lock {} \
-         after the grant); old holder's writes after the new holder's first: {} tried, {} \
-         accepted (tokens {old_token} then {new_token})",
+         after the grant); old holder's writes accepted between the grant and the new holder's \
+         first write: {}; after it: {} tried, {} accepted (tokens {old_token} then {new_token})",
         ms(freed - t_cut),
         ms(granted - t_cut),
         ms(new_written - t_cut),
         ms(told - t_cut),
         ms(told.saturating_duration_since(granted)),
+        old_accepted_between,
         old_after.len(),
         old_accepted_after,
     );
