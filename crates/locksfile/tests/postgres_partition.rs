@@ -4,10 +4,11 @@
 //! is closed. The server (a cluster of the test's own, so the filter never
 //! touches another test's server) runs with short TCP keepalives. Measured
 //! from the cut: when the server frees the lock, when a second client is
-//! granted it, when the cut-off holder is told (`on_lost`). A resource that
-//! checks fencing tokens shows that no write of the old holder is accepted
-//! after the new holder's first fenced write, although the old holder went
-//! on writing for as long as it believed it held the lock.
+//! granted it, when the cut-off holder is told (`on_lost`), when a call it
+//! made after the cut fails. A resource that checks fencing tokens shows
+//! that no write of the old holder is accepted after the new holder's
+//! first fenced write, although the old holder went on writing for as long
+//! as it believed it held the lock.
 //!
 //! Needs root and `nft` (`scripts/setup` installs it); without them the
 //! test is skipped, unless `LOCKSFILE_REQUIRE_PG` is set (as in
@@ -215,35 +216,45 @@ fn a_cut_off_holder_is_fenced_out_before_it_is_told() {
     };
 
     // The old holder, cut off, goes on writing for as long as it believes
-    // it holds the lock, without any call to the server (one would wait
-    // for the partition to end); the server is watched meanwhile.
+    // it holds the lock; the server is watched meanwhile. A call the old
+    // holder makes after the cut waits for a reply that never comes, until
+    // the client's TCP gives up (`TCP_USER_TIMEOUT`).
     let deadline = t_cut + CLIENT_BOUND + SLACK * 2;
-    let (mut freed, mut granted, mut told) = (None, None, None);
-    let mut believed_after_grant = 0;
-    while told.is_none() {
-        let now = Instant::now();
-        assert!(
-            now < deadline,
-            "stuck: freed {freed:?}, granted {granted:?}, not told after {}",
-            ms(now - t_cut)
-        );
-        if freed.is_none() && !old_holds() {
-            freed = Some(now);
-        }
-        if granted.is_none() {
-            granted = granted_rx.try_recv().ok();
-        }
-        if let Ok(t) = told_rx.try_recv() {
-            told = Some(t);
-        }
-        if !old.lost() && g.is_held() {
-            resource.lock().unwrap().write(Who::Old, old_token);
-            if granted.is_some() {
-                believed_after_grant += 1;
+    let (freed, granted, told, believed_after_grant, (call_ended, call)) =
+        std::thread::scope(|s| {
+            let call = s.spawn(|| {
+                let r = old.try_write(IDX + 1).map(drop);
+                (Instant::now(), r)
+            });
+            let (mut freed, mut granted, mut told) = (None, None, None);
+            let mut believed_after_grant = 0;
+            while told.is_none() {
+                let now = Instant::now();
+                assert!(
+                    now < deadline,
+                    "stuck: freed {freed:?}, granted {granted:?}, not told after {}",
+                    ms(now - t_cut)
+                );
+                if freed.is_none() && !old_holds() {
+                    freed = Some(now);
+                }
+                if granted.is_none() {
+                    granted = granted_rx.try_recv().ok();
+                }
+                if let Ok(t) = told_rx.try_recv() {
+                    told = Some(t);
+                }
+                if !old.lost() && g.is_held() {
+                    resource.lock().unwrap().write(Who::Old, old_token);
+                    if granted.is_some() {
+                        believed_after_grant += 1;
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(50));
             }
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+            let call = call.join().unwrap();
+            (freed, granted, told, believed_after_grant, call)
+        });
     let freed = freed.expect("the server freed the lock before the holder was told");
     let (granted, new_token, new_accepted, new_written) =
         granted.expect("the second client was granted before the holder was told");
@@ -268,7 +279,8 @@ fn a_cut_off_holder_is_fenced_out_before_it_is_told() {
         "partition windows, from the cut: server freed the lock {}, second client granted {}, \
          its first fenced write {}, cut-off holder told {} (it believed it held the lock {} \
          after the grant); old holder's writes accepted between the grant and the new holder's \
-         first write: {}; after it: {} tried, {} accepted (tokens {old_token} then {new_token})",
+         first write: {}; after it: {} tried, {} accepted (tokens {old_token} then {new_token}); \
+         its call made after the cut failed {}: {call:?}",
         ms(freed - t_cut),
         ms(granted - t_cut),
         ms(new_written - t_cut),
@@ -277,6 +289,7 @@ fn a_cut_off_holder_is_fenced_out_before_it_is_told() {
         old_accepted_between,
         old_after.len(),
         old_accepted_after,
+        ms(call_ended - t_cut),
     );
 
     // The server frees the lock within the bound its keepalive settings
@@ -287,6 +300,12 @@ fn a_cut_off_holder_is_fenced_out_before_it_is_told() {
     // gives up, some 30 s after its last packet, long after the grant.
     assert!(told > granted + Duration::from_secs(10), "told too soon");
     assert!(told - t_cut <= CLIENT_BOUND + SLACK);
+    assert!(
+        matches!(call, Err(Error::ConnectionLost { .. })),
+        "{call:?}"
+    );
+    assert!(call_ended > granted + Duration::from_secs(10));
+    assert!(call_ended - t_cut <= CLIENT_BOUND + SLACK);
     assert!(believed_after_grant > 0);
     // Fencing: the new token is higher, its write was accepted, and not one
     // write of the old holder after it was.
