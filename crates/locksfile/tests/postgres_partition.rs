@@ -52,7 +52,13 @@ const TABLE: &str = "locksfile_partition";
 
 /// Runs `nft` with `script` on its standard input.
 fn nft(script: &str) -> Result<(), String> {
-    let mut child = Command::new("nft")
+    // Where Debian puts it, which a root shell's PATH may lack.
+    let tool = if std::path::Path::new("/usr/sbin/nft").exists() {
+        "/usr/sbin/nft"
+    } else {
+        "nft"
+    };
+    let mut child = Command::new(tool)
         .args(["-f", "-"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
