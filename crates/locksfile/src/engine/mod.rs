@@ -5,9 +5,36 @@
 //! sit above the [`Engine`] trait and know nothing of how an engine keeps
 //! its locks, in the spirit of `lock_api::RawRwLock`: a few required
 //! operations on one owner's locks, and what the engine can do beyond
-//! them told as [`Abilities`]. Today's engine is [`fcntl::Fcntl`] (record
-//! locks, OFD or process-associated); tests also run the protocol on
-//! [`fake::Fake`], a lock table in memory that makes no system call.
+//! them told as [`Abilities`]. The engines: [`fcntl::Fcntl`] (record
+//! locks, OFD or process-associated), `flock` (whole-file `flock(2)`),
+//! `shm` (a table in shared memory) and `pg` (PostgreSQL advisory locks);
+//! tests also run the protocol on [`fake::Fake`], a lock table in memory
+//! that makes no system call.
+//!
+//! One wait, whatever the patience: [`Until`] carries an optional
+//! deadline, whether a signal ends the wait, and an optional `Cancel` that
+//! another thread (a dropped future, a cancelled asyncio task, `close()`)
+//! fires. Each engine makes *one* wait of it from start to grant or
+//! give-up, so its promises (a place in a fair queue, the kernel's or the
+//! server's deadlock detection) hold for timed, interruptible and async
+//! callers; nothing above cuts waits into slices. A sleeping engine leaves
+//! a waker in the `Cancel` (taken back before it returns, under the mutex
+//! `cancel()` holds). The `fcntl` and `flock` engines yield and retry
+//! twice, then sleep in `F_SETLKW`/`flock`; for a deadline or a cancel
+//! they arm a per-thread kernel timer (`timer_create` with
+//! `SIGEV_THREAD_ID`) that sends a real-time *wake signal* whose handler
+//! does nothing and has no `SA_RESTART`, so the sleep returns `EINTR` and
+//! the wait looks at why, as `flock -w` does; the timer fires again every
+//! 2 ms until the wait ends, so a signal landing just before the thread
+//! enters the kernel cannot strand it. Polling instead would lose the
+//! kernel's `EDEADLK` for every timed wait, and wake a waiter up to 1 ms
+//! after a release where sleeping takes microseconds. The signal is
+//! `SIGRTMIN + 7` (or `LOCKSFILE_WAKE_SIGNAL`, or `set_wake_signal`); one
+//! that already has a handler is left alone, and timed kernel waits then
+//! poll. The shm engine sleeps on its waiter's futex with the deadline and
+//! keeps its ticket; a cancel bumps and wakes that word. The PostgreSQL
+//! engine runs one statement with `lock_timeout` = the time left, ended by
+//! the server's cancel request.
 //!
 //! What every engine must guarantee (the protocol relies on it):
 //! - A refused or failed call changes nothing: the owner holds exactly
