@@ -115,6 +115,10 @@ impl Pg {
                 statement_pids.push(pid);
             }
         }
+        if statement_pids.iter().any(|p| *p != self.backend_pid) {
+            // The session's locks are not where it took them.
+            self.mark_lost();
+        }
         let settings = rows(
             "SELECT name, setting, coalesce(unit, '') FROM pg_settings WHERE name IN \
              ('server_version', 'max_locks_per_transaction', 'max_connections', \

@@ -33,6 +33,7 @@ mod tls;
 
 mod connect;
 mod deadlock;
+mod keepalive;
 pub(crate) mod facts;
 mod keys;
 mod listing;
@@ -103,6 +104,10 @@ pub(crate) struct Pg {
     shown: String,
     writable: bool,
     backend_pid: i32,
+    /// The int8 advisory key the session holds to show it is this
+    /// client's own (`connect.rs`).
+    #[allow(dead_code)]
+    marker: i64,
     /// A duplicate of the session's socket, polled for a hang-up.
     socket: OwnedFd,
     addr: Addr,

@@ -125,7 +125,10 @@ impl Pg {
         Ok(first)
     }
 
-    /// A one-key prepared call returning a boolean.
+    /// A one-key prepared call returning a boolean (and the backend that
+    /// ran it: another than the session's own means a pooler hands the
+    /// client's statements to any server session, where its locks are not
+    /// its own, and the session counts as lost).
     pub(super) fn one(
         &self,
         c: &Conn,
@@ -133,9 +136,12 @@ impl Pg {
         stmt: &Statement,
         key: i32,
     ) -> Result<bool, Error> {
-        block_on(&c.rt, c.client.query_one(stmt, &[&self.ns, &key]))
-            .map(|r| r.get::<_, bool>(0))
-            .map_err(|e| self.error(op, e))
+        let row = block_on(&c.rt, c.client.query_one(stmt, &[&self.ns, &key]))
+            .map_err(|e| self.error(op, e))?;
+        if row.get::<_, i32>(1) != self.backend_pid {
+            return Err(self.lose());
+        }
+        Ok(row.get::<_, bool>(0))
     }
 }
 
