@@ -193,6 +193,8 @@ impl Pg {
             writable,
             backend_pid,
             marker,
+            marker_gone: AtomicBool::new(false),
+            generation: crate::sys::fork_generation(),
             socket,
             addr,
             cancel,
