@@ -22,7 +22,7 @@ pub struct ServerFacts {
     /// ran in. More than one value (or one other than `backend_pid`) means
     /// a pooler hands the client's statements to several server sessions:
     /// transaction or statement pooling, under which session locks are
-    /// dropped or given to other clients.
+    /// dropped or given to other clients (the handle is then lost).
     pub statement_pids: Vec<i32>,
     /// `max_locks_per_transaction`.
     pub max_locks_per_transaction: i64,
