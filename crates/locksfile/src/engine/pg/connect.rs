@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use tokio_postgres::config::{Host, SslNegotiation};
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{Client, NoTls, Statement};
+use tokio_postgres::{Client, NoTls, SimpleQueryMessage, Statement};
 
 use super::session::{block_on, server_error, Addr, Rt};
 use super::tls::{self, SslMode};
@@ -365,16 +365,35 @@ pub(crate) const POOLED: &str = "the server session is shared with another clien
 /// server session. Either is refused, the marker released first. The
 /// backend's pid and the marker key.
 async fn own_session(client: &Client, shown: &str) -> Result<(i32, i64), Error> {
-    let server = |op: &'static str| move |e: tokio_postgres::Error| server_error(op, e);
+    // Simple statements: one round trip each, and each its own
+    // transaction, as a pooler in transaction mode sees them.
+    let row = |sql: String, op: &'static str| async move {
+        let msgs = client
+            .simple_query(&sql)
+            .await
+            .map_err(|e| startup_error(shown, e))?;
+        msgs.into_iter()
+            .find_map(|m| match m {
+                SimpleQueryMessage::Row(r) => Some((
+                    r.get(0).unwrap_or_default().to_string(),
+                    r.get(1).unwrap_or_default().to_string(),
+                )),
+                _ => None,
+            })
+            .ok_or_else(|| {
+                connect_error(shown, io::ErrorKind::InvalidData, format!("{op}: no row"))
+            })
+    };
     let mut taken = None;
     for _ in 0..4 {
         let key = marker_key();
-        let row = client
-            .query_one("SELECT pg_try_advisory_lock($1), pg_backend_pid()", &[&key])
-            .await
-            .map_err(server("take the session marker"))?;
-        if row.get::<_, bool>(0) {
-            taken = Some((key, row.get::<_, i32>(1)));
+        let (got, pid) = row(
+            format!("SELECT pg_try_advisory_lock({key}), pg_backend_pid()"),
+            "take the session marker",
+        )
+        .await?;
+        if got == "t" {
+            taken = Some((key, pid.parse::<i32>().unwrap_or(0)));
             break;
         }
     }
@@ -385,21 +404,18 @@ async fn own_session(client: &Client, shown: &str) -> Result<(i32, i64), Error> 
             "no free session marker key",
         ));
     };
-    let row = client
-        .query_one(
-            &format!(
-                "SELECT pg_backend_pid(), count(*) FROM pg_locks WHERE locktype = 'advisory' \
-                 AND objsubid = 1 AND classid = {MARKER_CLASS}::oid AND granted \
-                 AND pid = pg_backend_pid()"
-            ),
-            &[],
-        )
-        .await
-        .map_err(server("count the session markers"))?;
-    let (now, markers) = (row.get::<_, i32>(0), row.get::<_, i64>(1));
-    if now != pid || markers != 1 {
+    let (now, markers) = row(
+        format!(
+            "SELECT pg_backend_pid(), count(*) FROM pg_locks WHERE locktype = 'advisory' \
+             AND objsubid = 1 AND classid = {MARKER_CLASS}::oid AND granted \
+             AND pid = pg_backend_pid()"
+        ),
+        "count the session markers",
+    )
+    .await?;
+    if now.parse::<i32>().ok() != Some(pid) || markers != "1" {
         let _ = client
-            .execute("SELECT pg_advisory_unlock($1)", &[&key])
+            .simple_query(&format!("SELECT pg_advisory_unlock({key})"))
             .await;
         return Err(connect_error(shown, io::ErrorKind::Unsupported, POOLED));
     }
