@@ -850,6 +850,48 @@ fn a_transaction_pooler_is_refused_and_a_session_pooler_works() {
     }
 }
 
+/// A client whose statements a transaction-mode pooler moves to another
+/// server session (its own is busy with another client's transaction) is
+/// told its session is lost at its next lock call: its locks are not where
+/// it took them.
+#[test]
+fn a_client_moved_to_another_server_session_is_lost() {
+    let _srv = server_or_skip!();
+    let Some(tx) = pg::bouncer::Bouncer::start("transaction") else {
+        return;
+    };
+    let t = tx.target("pooler-moved");
+    let a = connect(&t);
+    let _g = a.write(1).unwrap();
+    // Another client takes the server session `a` used last, and keeps it
+    // in a transaction.
+    let url = t.split("&name=").next().unwrap().to_string();
+    let mut other = std::process::Command::new("psql")
+        .args([&url, "-XAtq"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = other.stdin.take().unwrap();
+    {
+        use std::io::{BufRead, Write};
+        writeln!(stdin, "BEGIN; SELECT 'in';").unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(other.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "in");
+    }
+    assert!(!a.lost());
+    match a.try_write(2) {
+        Err(Error::ConnectionLost { .. }) => {}
+        other => panic!("{:?}", other.map(drop)),
+    }
+    assert!(a.lost());
+    drop(stdin);
+    other.wait().unwrap();
+}
+
 /// A timer as `ss` (iproute2 6) shows it, in seconds: `996ms`, `6.964ms`
 /// (seconds, under 10), `29sec`, `1min39sec`.
 fn ss_seconds(t: &str) -> f64 {

@@ -59,6 +59,10 @@ impl Pg {
             Some(c) if *c == SqlState::T_R_DEADLOCK_DETECTED => Error::Deadlock { at: None },
             Some(c) if *c == SqlState::LOCK_NOT_AVAILABLE => Error::TimedOut { at: None },
             Some(c) if *c == SqlState::QUERY_CANCELED => Error::Interrupted,
+            // A statement the session prepared is missing: another server
+            // session ran the call (a pooler moved the client), where the
+            // session's locks are not.
+            Some(c) if *c == SqlState::INVALID_SQL_STATEMENT_NAME => self.lose(),
             Some(c)
                 if *c == SqlState::ADMIN_SHUTDOWN
                     || *c == SqlState::CRASH_SHUTDOWN
