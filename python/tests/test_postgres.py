@@ -176,3 +176,29 @@ def test_tls_settings_take_libpqs_names_and_meanings():
         pass
     with pytest.raises(ValueError, match="sslmode"):
         LocksFile(f"{SERVER}?sslmode=sometimes&name=py-tls-{os.getpid()}")
+
+
+def test_keepalive_words_take_libpqs_names_and_meanings():
+    # On a Unix socket they do not apply, but are taken and checked.
+    t = target("keepalive") + (
+        "&keepalives=1&keepalives_idle=7&keepalives_interval=3"
+        "&keepalives_count=2&tcp_user_timeout=12000"
+    )
+    a = LocksFile(t)
+    assert "keepalives" not in a.path
+    with a.write(1):
+        assert LocksFile(t).try_write(1) is None
+    with pytest.raises(ValueError, match="keepalives_idle"):
+        LocksFile(target("keepalive") + "&keepalives_idle=soon")
+
+
+def test_the_session_marker_is_not_among_the_namespaces_locks():
+    t = target("marker")
+    a = LocksFile(t)
+    b = LocksFile(t)
+    # Each holds its marker all along; only index 2 is ever in the way.
+    assert b.conflicts(range(0, 4096)) is None
+    with a.write(2):
+        holder = b.conflicts(range(0, 4096))
+        assert holder is not None and holder.span == range(2, 3)
+    assert a.conflicts(range(0, 4096)) is None

@@ -499,7 +499,10 @@ pub enum Error {
     /// Connecting to a PostgreSQL server failed, within the connect
     /// timeout: the `source`'s kind tells why (`InvalidInput`: malformed
     /// target; `PermissionDenied`: authentication; `NotFound`: no such
-    /// database or socket; `ConnectionRefused`; `TimedOut`: no answer).
+    /// database or socket; `ConnectionRefused`; `TimedOut`: no answer;
+    /// `Unsupported`: the server session is shared with another client or
+    /// changes between statements, a pooler in transaction or statement
+    /// mode).
     Connect {
         /// The target, without its password.
         target: String,

@@ -741,3 +741,174 @@ fn a_timed_wait_behind_a_siblings_wait_ends_on_time() {
         first.join().unwrap().unwrap();
     });
 }
+
+/// Each session holds a marker (an int8 advisory key, outside every
+/// namespace's two-int4 keys) that shows it is the client's own; it never
+/// shows among a namespace's locks.
+#[test]
+fn the_session_marker_is_held_but_never_listed() {
+    let srv = server_or_skip!();
+    let t = target(&srv, "marker");
+    let a = connect(&t);
+    let b = connect(&t);
+    let _g = a.write(1).unwrap();
+    let markers = psql(
+        &srv,
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 1 \
+         AND classid = x'6C6B6673'::int::oid AND granted",
+    );
+    assert!(markers.parse::<u32>().unwrap() >= 2, "{markers}");
+    let seen: Vec<(u64, Kind)> = b
+        .server_locks()
+        .unwrap()
+        .iter()
+        .map(|l| (l.holder.span.start(), l.holder.kind))
+        .collect();
+    assert_eq!(seen, vec![(1, Kind::Exclusive)]);
+    assert!(b.conflicts(Kind::Exclusive, 0..4096).unwrap().is_some());
+    assert!(a.server_locks().unwrap().is_empty());
+    assert!(a.conflicts(Kind::Exclusive, 0..4096).unwrap().is_none());
+    // A direct session is its own: exclusion as ever.
+    assert!(matches!(b.try_write(1), Err(Error::WouldBlock { .. })));
+    assert!(b.try_write(2).is_ok());
+}
+
+/// PgBouncer in transaction mode hands the server session it used last to
+/// the next client: a second handle opened while the first is idle would
+/// share its session, where session locks are re-entrant and exclude
+/// nobody. The engine refuses that connection; in session mode two handles
+/// have sessions of their own and exclude each other. The target's
+/// keepalive words reach the socket.
+#[test]
+fn a_transaction_pooler_is_refused_and_a_session_pooler_works() {
+    let _srv = server_or_skip!();
+    let Some(tx) = pg::bouncer::Bouncer::start("transaction") else {
+        return;
+    };
+    let t = tx.target("pooler-tx");
+    let first = connect(&t);
+    match LockFile::connect(&t) {
+        Err(Error::Connect { source, .. }) => {
+            assert_eq!(source.kind(), std::io::ErrorKind::Unsupported, "{source}");
+            let said = source.to_string();
+            assert!(said.contains("pool_mode = session"), "{said}");
+            assert!(said.contains("transaction"), "{said}");
+        }
+        Ok(_) => panic!("a second client on a shared server session was let in"),
+        Err(e) => panic!("{e}"),
+    }
+    // The refused client left no marker behind: once the first is gone,
+    // a new client is the session's only one.
+    drop(first);
+    drop(connect(&t));
+    drop(tx);
+
+    let Some(session) = pg::bouncer::Bouncer::start("session") else {
+        return;
+    };
+    let t = format!(
+        "{}&keepalives_idle=7&keepalives_interval=3&keepalives_count=2&tcp_user_timeout=12000",
+        session.target("pooler-session")
+    );
+    let a = connect(&t);
+    let b = connect(&t);
+    let _g = a.write(1).unwrap();
+    assert!(matches!(b.try_write(1), Err(Error::WouldBlock { .. })));
+    assert!(b.try_write(2).is_ok());
+    // The keepalive timer of this process's sockets to the pooler: at most
+    // the target's 7 s (the engine's default is 10 s).
+    let out = std::process::Command::new("ss")
+        .args(["-tnoH", "state", "established"])
+        .output();
+    if let Some(out) = out.ok().filter(|o| o.status.success()) {
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let port = t
+            .split(':')
+            .nth(2)
+            .unwrap()
+            .split('/')
+            .next()
+            .unwrap()
+            .to_string();
+        let ours: Vec<&str> = text
+            .lines()
+            .filter(|l| {
+                l.split_whitespace()
+                    .nth(3)
+                    .is_some_and(|p| p.ends_with(&format!(":{port}")))
+            })
+            .collect();
+        assert!(ours.len() >= 2, "no sockets to :{port} in\n{text}");
+        for l in ours {
+            let timer = l
+                .split("timer:(keepalive,")
+                .nth(1)
+                .and_then(|r| r.split(',').next())
+                .unwrap_or_else(|| panic!("no keepalive timer: {l}"));
+            assert!(ss_seconds(timer) <= 7.0, "{l}");
+        }
+    }
+}
+
+/// A client whose statements a transaction-mode pooler moves to another
+/// server session (its own is busy with another client's transaction) is
+/// told its session is lost at its next lock call: its locks are not where
+/// it took them.
+#[test]
+fn a_client_moved_to_another_server_session_is_lost() {
+    let _srv = server_or_skip!();
+    let Some(tx) = pg::bouncer::Bouncer::start("transaction") else {
+        return;
+    };
+    let t = tx.target("pooler-moved");
+    let a = connect(&t);
+    let _g = a.write(1).unwrap();
+    // Another client takes the server session `a` used last, and keeps it
+    // in a transaction.
+    let url = t.split("&name=").next().unwrap().to_string();
+    let mut other = std::process::Command::new("psql")
+        .args([&url, "-XAtq"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = other.stdin.take().unwrap();
+    {
+        use std::io::{BufRead, Write};
+        writeln!(stdin, "BEGIN; SELECT 'in';").unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(other.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "in");
+    }
+    assert!(!a.lost());
+    match a.try_write(2) {
+        Err(Error::ConnectionLost { .. }) => {}
+        other => panic!("{:?}", other.map(drop)),
+    }
+    assert!(a.lost());
+    drop(stdin);
+    other.wait().unwrap();
+}
+
+/// A timer as `ss` (iproute2 6) shows it, in seconds: `996ms`, `6.964ms`
+/// (seconds, under 10), `29sec`, `1min39sec`.
+fn ss_seconds(t: &str) -> f64 {
+    let (min, rest) = match t.split_once("min") {
+        Some((m, r)) => (m.parse::<f64>().unwrap(), r),
+        None => (0.0, t),
+    };
+    let secs = if let Some(v) = rest.strip_suffix("ms") {
+        if v.contains('.') {
+            v.parse::<f64>().unwrap()
+        } else {
+            v.parse::<f64>().unwrap() / 1000.0
+        }
+    } else if let Some(v) = rest.strip_suffix("sec") {
+        v.parse::<f64>().unwrap()
+    } else {
+        0.0
+    };
+    min * 60.0 + secs
+}

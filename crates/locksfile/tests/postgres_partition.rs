@@ -10,6 +10,11 @@
 //! first fenced write, although the old holder went on writing for as long
 //! as it believed it held the lock.
 //!
+//! A second run puts the two bounds in the safe order, the client's given
+//! by keepalive words in its target: the server's (6 s) longer than the
+//! client's (3 s), so the cut-off holder is told before anyone else is
+//! granted its lock.
+//!
 //! Needs root and `nft` (`scripts/setup` installs it); without them the
 //! test is skipped, unless `LOCKSFILE_REQUIRE_PG` is set (as in
 //! `scripts/test`), when it fails. Only addresses of 127.0.0.0/8 are used.
@@ -39,16 +44,32 @@ const SERVER_SETTINGS: [&str; 4] = [
 ];
 /// The bound those settings give on the server freeing the lock.
 const SERVER_BOUND: Duration = Duration::from_secs(3);
-/// The client's side, set by the engine on every TCP session (10 s idle,
-/// then 4 probes 5 s apart, and `TCP_USER_TIMEOUT` of 30 s): a silent
-/// partition is noticed about 30 s after the last packet.
+/// The client's side, the engine's default on a TCP session whose target
+/// says nothing (10 s idle, then 4 probes 5 s apart, and
+/// `TCP_USER_TIMEOUT` of 30 s): a silent partition is noticed about 30 s
+/// after the last packet.
 const CLIENT_BOUND: Duration = Duration::from_secs(30);
 /// What the machine may add to a bound (a loaded CI machine, polling).
 const SLACK: Duration = Duration::from_secs(10);
 
 const IDX: u64 = 7;
-/// The nftables table of this test, deleted when the cut ends.
+/// The nftables table of each test, deleted when the cut ends.
 const TABLE: &str = "locksfile_partition";
+const SAFE_TABLE: &str = "locksfile_partition_safe";
+
+/// The safe order: the server's bound, 2 + 1 × 4 = 6 s, and
+/// `tcp_user_timeout` the same...
+const SAFE_SERVER_SETTINGS: [&str; 4] = [
+    "tcp_keepalives_idle = 2",
+    "tcp_keepalives_interval = 1",
+    "tcp_keepalives_count = 4",
+    "tcp_user_timeout = 6000",
+];
+const SAFE_SERVER_BOUND: Duration = Duration::from_secs(6);
+/// ... longer than the client's, 1 + 1 × 2 = 3 s, from its target's words.
+const SAFE_CLIENT_WORDS: &str =
+    "keepalives_idle=1&keepalives_interval=1&keepalives_count=2&tcp_user_timeout=3000";
+const SAFE_CLIENT_BOUND: Duration = Duration::from_secs(3);
 
 /// Runs `nft` with `script` on its standard input.
 fn nft(script: &str) -> Result<(), String> {
@@ -88,22 +109,23 @@ fn nft(script: &str) -> Result<(), String> {
 /// directions: on `lo` each packet passes the input hook once, after the
 /// sender's stack has sent it, as a lost packet on a wire). Deleted when
 /// dropped, also when the test panics.
-struct Cut;
+struct Cut(&'static str);
 
 impl Cut {
-    /// Whether a table can be made here at all (root, nftables in the
+    /// Whether table `table` can be made here at all (root, nftables in the
     /// kernel and the `nft` tool), with nothing dropped.
-    fn probe() -> Result<(), String> {
+    fn probe(table: &str) -> Result<(), String> {
         // A table left by a run that was killed outright goes first.
-        let _ = nft(&format!("delete table inet {TABLE}\n"));
-        nft(&format!("table inet {TABLE} {{\n}}\n"))?;
-        nft(&format!("delete table inet {TABLE}\n"))
+        let _ = nft(&format!("delete table inet {table}\n"));
+        nft(&format!("table inet {table} {{\n}}\n"))?;
+        nft(&format!("delete table inet {table}\n"))
     }
 
-    /// Start dropping every packet from or to local TCP port `port`.
-    fn start(port: u16) -> Cut {
+    /// Start dropping every packet from or to local TCP port `port`, with
+    /// table `table`.
+    fn start(table: &'static str, port: u16) -> Cut {
         let script = format!(
-            "table inet {TABLE} {{\n\
+            "table inet {table} {{\n\
              \tchain cut {{\n\
              \t\ttype filter hook input priority raw; policy accept;\n\
              \t\tiifname \"lo\" tcp sport {port} drop\n\
@@ -112,14 +134,15 @@ impl Cut {
              }}\n"
         );
         nft(&script).unwrap_or_else(|e| panic!("cut port {port}: {e}"));
-        Cut
+        Cut(table)
     }
 }
 
 impl Drop for Cut {
     fn drop(&mut self) {
-        if let Err(e) = nft(&format!("delete table inet {TABLE}\n")) {
-            eprintln!("could not remove the table inet {TABLE}: {e}");
+        let table = self.0;
+        if let Err(e) = nft(&format!("delete table inet {table}\n")) {
+            eprintln!("could not remove the table inet {table}: {e}");
         }
     }
 }
@@ -159,7 +182,7 @@ fn a_cut_off_holder_is_fenced_out_before_it_is_told() {
     let Some(cluster) = Cluster::start(&SERVER_SETTINGS) else {
         return;
     };
-    if let Err(e) = Cut::probe() {
+    if let Err(e) = Cut::probe(TABLE) {
         assert!(
             std::env::var_os("LOCKSFILE_REQUIRE_PG").is_none(),
             "no packet filter to cut a connection with ({e}), but LOCKSFILE_REQUIRE_PG is set: \
@@ -199,7 +222,7 @@ fn a_cut_off_holder_is_fenced_out_before_it_is_told() {
     };
     assert!(old_holds());
 
-    let cut = Cut::start(port);
+    let cut = Cut::start(TABLE, port);
     let t_cut = Instant::now();
     // The second client waits for the lock; once granted it takes a token
     // and writes with it at once.
@@ -331,4 +354,88 @@ fn a_cut_off_holder_is_fenced_out_before_it_is_told() {
     drop(cut);
     done_tx.send(()).unwrap();
     assert!(second.join().unwrap(), "the new holder released");
+}
+
+/// The safe order: with the server's bound (6 s) longer than the client's
+/// (3 s, from the keepalive words of the holder's target), the cut-off
+/// holder is told before the second client is granted its lock.
+#[test]
+fn with_the_servers_bound_longer_the_holder_is_told_first() {
+    let Some(cluster) = Cluster::start(&SAFE_SERVER_SETTINGS) else {
+        return;
+    };
+    if let Err(e) = Cut::probe(SAFE_TABLE) {
+        assert!(
+            std::env::var_os("LOCKSFILE_REQUIRE_PG").is_none(),
+            "no packet filter to cut a connection with ({e}), but LOCKSFILE_REQUIRE_PG is set"
+        );
+        eprintln!("skipped: no packet filter to cut a connection with ({e}): needs root and nft");
+        return;
+    }
+    let pid = std::process::id();
+    let old_app = format!("locksfile-partition-safe-old-{pid}");
+    let url = |app: &str| {
+        cluster.tcp_url(&format!(
+            "sslmode=disable&application_name={app}&{SAFE_CLIENT_WORDS}"
+        ))
+    };
+    let old = pg::connect(&pg::target(&url(&old_app), "partition-safe"));
+    let new = pg::connect(&pg::target(
+        &url(&format!("locksfile-partition-safe-new-{pid}")),
+        "partition-safe",
+    ));
+    let g = old.write(IDX).unwrap();
+    let (told_tx, told_rx) = mpsc::channel();
+    old.on_lost(move || {
+        let _ = told_tx.send(Instant::now());
+    })
+    .unwrap();
+    let port: u16 = cluster
+        .psql(&format!(
+            "SELECT client_port FROM pg_stat_activity WHERE application_name = '{old_app}'"
+        ))
+        .parse()
+        .expect("the holder's session");
+
+    let cut = Cut::start(SAFE_TABLE, port);
+    let t_cut = Instant::now();
+    let (granted_tx, granted_rx) = mpsc::channel();
+    let second = std::thread::spawn(move || {
+        let g = new.write(IDX).unwrap();
+        let _ = granted_tx.send(Instant::now());
+        drop(g);
+    });
+    let deadline = t_cut + SAFE_SERVER_BOUND + SLACK * 2;
+    let (mut told, mut granted) = (None, None);
+    while granted.is_none() {
+        let now = Instant::now();
+        assert!(
+            now < deadline,
+            "stuck: told {:?}, not granted after {}",
+            told.map(|t: Instant| ms(t - t_cut)),
+            ms(now - t_cut)
+        );
+        if told.is_none() {
+            told = told_rx.try_recv().ok();
+        }
+        granted = granted_rx.try_recv().ok();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let granted = granted.unwrap();
+    let told = told
+        .or_else(|| told_rx.try_recv().ok())
+        .expect("the holder was told before the second client was granted");
+    eprintln!(
+        "partition windows in the safe order, from the cut: cut-off holder told {}, second \
+         client granted {}: told {} before",
+        ms(told - t_cut),
+        ms(granted - t_cut),
+        ms(granted.saturating_duration_since(told)),
+    );
+    assert!(told < granted, "granted before the holder was told");
+    assert!(told - t_cut <= SAFE_CLIENT_BOUND + SLACK);
+    assert!(granted - t_cut <= SAFE_SERVER_BOUND + SLACK);
+    assert!(old.lost() && !g.is_held());
+    drop(cut);
+    second.join().unwrap();
 }

@@ -122,27 +122,38 @@ pub fn main(args: DoctorArgs) -> i32 {
     {
         // Two sessions at once: a pooler in transaction mode that reuses
         // its last server session gives both the same one, which one
-        // session alone could never tell.
-        let facts = || -> Result<(String, locksfile::ServerFacts), locksfile::Error> {
-            let lf = locksfile::LockFile::options()
-                .write(false)
-                .connect(target)?;
-            Ok((lf.path().display().to_string(), lf.server_facts()?))
-        };
-        let (shown, one, two) = match (|| {
-            let lf = locksfile::LockFile::options()
-                .write(false)
-                .connect(target)?;
-            let (_, two) = facts()?;
-            Ok::<_, locksfile::Error>((lf.path().display().to_string(), lf.server_facts()?, two))
-        })() {
-            Ok(f) => f,
+        // session alone could never tell; the engine itself refuses the
+        // second (or a first whose statements wander), which is the same
+        // finding.
+        let connect = || locksfile::LockFile::options().write(false).connect(target);
+        let lf = match connect() {
+            Ok(lf) => lf,
+            Err(e) if server::is_pooled(&e) => {
+                let shown = match &e {
+                    locksfile::Error::Connect { target, .. } => target.clone(),
+                    _ => String::new(),
+                };
+                return report(&shown, &[server::refused(&e)], args.json);
+            }
             Err(e) => {
                 eprintln!("locksfile: {e}");
                 return exit::for_lock_error(&e);
             }
         };
-        return report(&shown, &server::examine(&one, &two), args.json);
+        let second = connect().and_then(|two| two.server_facts());
+        let findings = match (lf.server_facts(), second) {
+            (Ok(one), Ok(two)) => server::examine(&one, &two),
+            (Ok(one), Err(e)) if server::is_pooled(&e) => {
+                let mut f = server::examine(&one, &one);
+                f[0] = server::refused(&e);
+                f
+            }
+            (Err(e), _) | (_, Err(e)) => {
+                eprintln!("locksfile: {e}");
+                return exit::for_lock_error(&e);
+            }
+        };
+        return report(&lf.path().display().to_string(), &findings, args.json);
     }
     let path = &args.target;
     let meta = match std::fs::metadata(path) {

@@ -61,6 +61,27 @@ fn pooler(f: &ServerFacts, other: &ServerFacts) -> Finding {
     )
 }
 
+/// Whether `e` is the engine's refusal of a server session that is not
+/// the client's own (shared with another client, or changing between
+/// statements): a pooler in transaction or statement mode.
+pub fn is_pooled(e: &locksfile::Error) -> bool {
+    matches!(e, locksfile::Error::Connect { source, .. }
+        if source.kind() == std::io::ErrorKind::Unsupported)
+}
+
+/// The pooler finding when the engine refused a session (`is_pooled`).
+pub fn refused(e: &locksfile::Error) -> Finding {
+    let why = match e {
+        locksfile::Error::Connect { source, .. } => source.to_string(),
+        e => e.to_string(),
+    };
+    Finding::new(
+        "pooler",
+        Status::Hazard,
+        format!("a second session opened at once was refused: {why}"),
+    )
+}
+
 fn lock_table(f: &ServerFacts) -> Finding {
     let size = f.lock_table_size();
     let used = f.locks_in_use;

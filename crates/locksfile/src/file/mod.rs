@@ -124,7 +124,8 @@ impl LockFile {
     /// with it: calls then fail with [`Error::ConnectionLost`] and
     /// [`held`](Self::held) is empty. Checks without a round trip (a flag
     /// set by a failed call, and a `poll` of the socket for a hang-up), so
-    /// a partition shows once TCP keepalive gives up (about 30 s). Always
+    /// a partition shows once TCP keepalive gives up (about 30 s unless the
+    /// target's keepalive words say otherwise). Always
     /// `false` for a lock file.
     pub fn lost(&self) -> bool {
         with_owner!(&self.owner, o => o.engine.session_lost())

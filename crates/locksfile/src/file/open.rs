@@ -153,7 +153,10 @@ impl OpenOptions {
     /// `PGHOST`, `PGPORT`, `PGUSER`, `PGDATABASE` and `PGPASSWORD` or the
     /// password file (`PGPASSFILE`, `~/.pgpass`) as libpq takes them; the
     /// application name defaults to `locksfile pid N`, which
-    /// [`conflicts`](LockFile::conflicts) shows. No TLS. `write(false)`
+    /// [`conflicts`](LockFile::conflicts) shows. libpq's `keepalives`,
+    /// `keepalives_idle`, `keepalives_interval`, `keepalives_count` and
+    /// `tcp_user_timeout` set the TCP session's keepalive (default: 10 s,
+    /// 4 probes 5 s apart, 30 s). `write(false)`
     /// gives a handle that takes shared locks only; the other options do
     /// not apply. The password is never shown: not in errors, `Debug` or
     /// [`LockFile::path`].
@@ -166,8 +169,11 @@ impl OpenOptions {
     /// [`Error::Connect`], its source's kind telling a malformed target
     /// (`InvalidInput`), refused credentials (`PermissionDenied`), a
     /// missing database or socket (`NotFound`), a refused connection or a
-    /// server that does not answer within the timeout (`TimedOut`);
-    /// [`Error::Server`] when the namespace table cannot be created.
+    /// server that does not answer within the timeout (`TimedOut`), a
+    /// server session that is not the handle's own, shared with another
+    /// client or changing between statements, as behind PgBouncer in
+    /// transaction mode (`Unsupported`); [`Error::Server`] when the
+    /// namespace table cannot be created.
     #[cfg(feature = "postgres")]
     pub fn connect(&self, target: &str) -> Result<LockFile, Error> {
         let engine = Pg::connect(target, self.connect_timeout, self.write)?;

@@ -32,7 +32,7 @@ pub(crate) use fork::{
 };
 pub(crate) use futex::{futex_wait, futex_wait_raw, futex_wake_all, futex_wake_all_raw, WordWaker};
 #[cfg(feature = "postgres")]
-pub(crate) use net::{peer_closed, peer_closed_within, set_keepalive};
+pub(crate) use net::{keepalive_of, peer_closed, peer_closed_within, set_keepalive, Keepalive};
 pub(crate) use open::{
     fchmod, fs_type, fstat, ftruncate, is_writable, open, pread, stat, FileId, FileType, OpenHow,
 };

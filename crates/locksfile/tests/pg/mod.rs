@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use locksfile::LockFile;
 
+pub mod bouncer;
 pub mod cluster;
 
 /// How long any step may take before the test is declared stuck.

@@ -10,13 +10,12 @@ use std::time::Duration;
 
 use tokio_postgres::config::{Host, SslNegotiation};
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{Client, NoTls, Statement};
+use tokio_postgres::{Client, NoTls, SimpleQueryMessage, Statement};
 
 use super::session::{block_on, server_error, Addr, Rt};
 use super::tls::{self, SslMode};
 use super::{setup, Conn, Pg, Target, DEFAULT_CONNECT_TIMEOUT};
 use crate::error::{Error, TlsError};
-use crate::sys;
 
 pub(super) fn connect_error(shown: &str, kind: io::ErrorKind, msg: impl Into<String>) -> Error {
     Error::Connect {
@@ -167,9 +166,17 @@ impl Pg {
             Err(e) => return Err(e),
         };
         let [try_x, try_s, unlock_x, unlock_s] = stmts;
-        let backend_pid = block_on(&rt, client.query_one("SELECT pg_backend_pid()", &[]))
-            .map_err(|e| startup_error(&shown, e))?
-            .get::<_, i32>(0);
+        let (backend_pid, marker) = block_on(&rt, async {
+            tokio::time::timeout(timeout, own_session(&client, &shown))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(connect_error(
+                        &shown,
+                        io::ErrorKind::TimedOut,
+                        format!("the session check took over {timeout:?}"),
+                    ))
+                })
+        })?;
         let cancel = client.cancel_token();
         Ok(Pg {
             conn: Mutex::new(Conn {
@@ -185,6 +192,9 @@ impl Pg {
             shown,
             writable,
             backend_pid,
+            marker,
+            marker_gone: AtomicBool::new(false),
+            generation: crate::sys::fork_generation(),
             socket,
             addr,
             cancel,
@@ -219,8 +229,8 @@ impl Pg {
                             let s = tokio::net::TcpStream::connect((h.as_str(), port)).await?;
                             s.set_nodelay(true)?;
                             // Notice a dead server or a partition without an
-                            // operation: about 30 s.
-                            sys::set_keepalive(s.as_fd(), 10, 5, 4)?;
+                            // operation: about 30 s unless the target says.
+                            target.keepalive.apply(s.as_fd())?;
                             let addr = s.peer_addr()?;
                             let fd = s.as_fd().try_clone_to_owned()?;
                             Ok((Stream::Tcp(s), fd, Addr::Tcp(addr)))
@@ -309,16 +319,107 @@ impl Pg {
                 .await
                 .map_err(|e| server_error("prepare lock statements", e))
         };
+        // Each says which backend ran it, for free: one that is not the
+        // session's own means a pooler moved the client (`Pg::one`).
         Ok((
             ns,
             [
-                prep("SELECT pg_try_advisory_lock($1, $2)").await?,
-                prep("SELECT pg_try_advisory_lock_shared($1, $2)").await?,
-                prep("SELECT pg_advisory_unlock($1, $2)").await?,
-                prep("SELECT pg_advisory_unlock_shared($1, $2)").await?,
+                prep("SELECT pg_try_advisory_lock($1, $2), pg_backend_pid()").await?,
+                prep("SELECT pg_try_advisory_lock_shared($1, $2), pg_backend_pid()").await?,
+                prep("SELECT pg_advisory_unlock($1, $2), pg_backend_pid()").await?,
+                prep("SELECT pg_advisory_unlock_shared($1, $2), pg_backend_pid()").await?,
             ],
         ))
     }
+}
+
+/// The class (high half) of the session markers' int8 advisory keys:
+/// "lkfs". Lock indices are two-int4 keys (`objsubid` 2 in `pg_locks`), the
+/// markers int8 ones (`objsubid` 1): the two never meet.
+pub(super) const MARKER_CLASS: i32 = 0x6C6B_6673;
+
+/// A marker key no other client is likely to draw: the low half random.
+fn marker_key() -> i64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    if let Ok(t) = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
+        h.write_u128(t.as_nanos());
+    }
+    (i64::from(MARKER_CLASS) << 32) | i64::from(h.finish() as u32)
+}
+
+/// The message of a connection refused because the server session is not
+/// the client's own.
+pub(crate) const POOLED: &str = "the server session is shared with another client or changes \
+     between statements: a pooler in transaction or statement mode (PgBouncer's \
+     `pool_mode = transaction`) stands between, under which session locks exclude nobody; \
+     connect directly or use the pooler's `pool_mode = session`";
+
+/// Make sure the session is this client's own: take a session lock on a
+/// marker key of this client's, then count the markers the server session
+/// holds. Another client's beside ours means a pooler handed both clients
+/// one server session (PgBouncer in transaction mode reuses its last one),
+/// where both would "hold" one exclusive lock; a backend that changed
+/// between the two statements means the pooler hands statements to any
+/// server session. Either is refused, the marker released first. The
+/// backend's pid and the marker key.
+async fn own_session(client: &Client, shown: &str) -> Result<(i32, i64), Error> {
+    // Simple statements: one round trip each, and each its own
+    // transaction, as a pooler in transaction mode sees them.
+    let row = |sql: String, op: &'static str| async move {
+        let msgs = client
+            .simple_query(&sql)
+            .await
+            .map_err(|e| startup_error(shown, e))?;
+        msgs.into_iter()
+            .find_map(|m| match m {
+                SimpleQueryMessage::Row(r) => Some((
+                    r.get(0).unwrap_or_default().to_string(),
+                    r.get(1).unwrap_or_default().to_string(),
+                )),
+                _ => None,
+            })
+            .ok_or_else(|| {
+                connect_error(shown, io::ErrorKind::InvalidData, format!("{op}: no row"))
+            })
+    };
+    let mut taken = None;
+    for _ in 0..4 {
+        let key = marker_key();
+        let (got, pid) = row(
+            format!("SELECT pg_try_advisory_lock({key}), pg_backend_pid()"),
+            "take the session marker",
+        )
+        .await?;
+        if got == "t" {
+            taken = Some((key, pid.parse::<i32>().unwrap_or(0)));
+            break;
+        }
+    }
+    let Some((key, pid)) = taken else {
+        return Err(connect_error(
+            shown,
+            io::ErrorKind::AlreadyExists,
+            "no free session marker key",
+        ));
+    };
+    let (now, markers) = row(
+        format!(
+            "SELECT pg_backend_pid(), count(*) FROM pg_locks WHERE locktype = 'advisory' \
+             AND objsubid = 1 AND classid = {MARKER_CLASS}::oid AND granted \
+             AND pid = pg_backend_pid()"
+        ),
+        "count the session markers",
+    )
+    .await?;
+    if now.parse::<i32>().ok() != Some(pid) || markers != "1" {
+        let _ = client
+            .simple_query(&format!("SELECT pg_advisory_unlock({key})"))
+            .await;
+        return Err(connect_error(shown, io::ErrorKind::Unsupported, POOLED));
+    }
+    Ok((pid, key))
 }
 
 /// The task that drives a session's socket (it runs whenever a call

@@ -22,7 +22,7 @@ pub struct ServerFacts {
     /// ran in. More than one value (or one other than `backend_pid`) means
     /// a pooler hands the client's statements to several server sessions:
     /// transaction or statement pooling, under which session locks are
-    /// dropped or given to other clients.
+    /// dropped or given to other clients (the handle is then lost).
     pub statement_pids: Vec<i32>,
     /// `max_locks_per_transaction`.
     pub max_locks_per_transaction: i64,
@@ -114,6 +114,10 @@ impl Pg {
             if let Some(pid) = r.first().and_then(|r| r[0].parse().ok()) {
                 statement_pids.push(pid);
             }
+        }
+        if statement_pids.iter().any(|p| *p != self.backend_pid) {
+            // The session's locks are not where it took them.
+            self.mark_lost();
         }
         let settings = rows(
             "SELECT name, setting, coalesce(unit, '') FROM pg_settings WHERE name IN \

@@ -34,6 +34,7 @@ mod tls;
 mod connect;
 mod deadlock;
 pub(crate) mod facts;
+mod keepalive;
 mod keys;
 mod listing;
 mod session;
@@ -103,6 +104,15 @@ pub(crate) struct Pg {
     shown: String,
     writable: bool,
     backend_pid: i32,
+    /// The int8 advisory key the session holds to show it is this
+    /// client's own (`connect.rs`), released when the handle goes (a pooler
+    /// may hand the server session to another client) unless released
+    /// already (`marker_gone`).
+    marker: i64,
+    marker_gone: AtomicBool,
+    /// The process's fork generation at connect: a child must not speak
+    /// on its parent's session.
+    generation: u64,
     /// A duplicate of the session's socket, polled for a hang-up.
     socket: OwnedFd,
     addr: Addr,
@@ -160,6 +170,26 @@ impl Pg {
         Error::ConnectionLost {
             target: self.shown.clone(),
         }
+    }
+}
+
+impl Drop for Pg {
+    /// Release the session marker, so that a pooler in session mode that
+    /// does not reset sessions can hand the server session to another
+    /// client: at most a second, never in a forked child (the parent's
+    /// session), never on a lost session.
+    fn drop(&mut self) {
+        if self.marker_gone.load(Ordering::Relaxed)
+            || self.generation != sys::current_fork_generation()
+            || self.lost()
+        {
+            return;
+        }
+        let c = self.conn.get_mut().unwrap_or_else(|p| p.into_inner());
+        let sql = format!("SELECT pg_advisory_unlock({})", self.marker);
+        let _ = session::block_on(&c.rt, async {
+            tokio::time::timeout(Duration::from_secs(1), c.client.simple_query(&sql)).await
+        });
     }
 }
 
@@ -322,6 +352,8 @@ impl Engine for Pg {
             "SELECT pg_advisory_unlock_all()",
         );
         c.held.clear();
+        // The marker too: the owner is going away.
+        self.marker_gone.store(true, Ordering::Relaxed);
         match r {
             Err(Error::ConnectionLost { .. }) => Ok(()),
             other => other.map(drop),

@@ -59,6 +59,10 @@ impl Pg {
             Some(c) if *c == SqlState::T_R_DEADLOCK_DETECTED => Error::Deadlock { at: None },
             Some(c) if *c == SqlState::LOCK_NOT_AVAILABLE => Error::TimedOut { at: None },
             Some(c) if *c == SqlState::QUERY_CANCELED => Error::Interrupted,
+            // A statement the session prepared is missing: another server
+            // session ran the call (a pooler moved the client), where the
+            // session's locks are not.
+            Some(c) if *c == SqlState::INVALID_SQL_STATEMENT_NAME => self.lose(),
             Some(c)
                 if *c == SqlState::ADMIN_SHUTDOWN
                     || *c == SqlState::CRASH_SHUTDOWN
@@ -125,7 +129,10 @@ impl Pg {
         Ok(first)
     }
 
-    /// A one-key prepared call returning a boolean.
+    /// A one-key prepared call returning a boolean (and the backend that
+    /// ran it: another than the session's own means a pooler hands the
+    /// client's statements to any server session, where its locks are not
+    /// its own, and the session counts as lost).
     pub(super) fn one(
         &self,
         c: &Conn,
@@ -133,9 +140,12 @@ impl Pg {
         stmt: &Statement,
         key: i32,
     ) -> Result<bool, Error> {
-        block_on(&c.rt, c.client.query_one(stmt, &[&self.ns, &key]))
-            .map(|r| r.get::<_, bool>(0))
-            .map_err(|e| self.error(op, e))
+        let row = block_on(&c.rt, c.client.query_one(stmt, &[&self.ns, &key]))
+            .map_err(|e| self.error(op, e))?;
+        if row.get::<_, i32>(1) != self.backend_pid {
+            return Err(self.lose());
+        }
+        Ok(row.get::<_, bool>(0))
     }
 }
 

@@ -3,7 +3,9 @@
 //! `PGDATABASE`, `PGPASSWORD`, `PGPASSFILE` / `~/.pgpass`), and a form of
 //! the target that is safe to print (never the password). libpq's TLS
 //! settings (`sslmode`, `sslrootcert`, `sslcert`, `sslkey`) are taken out
-//! here, as the client library knows only some of them: see `tls.rs`.
+//! here, as the client library knows only some of them: see `tls.rs`; so
+//! are libpq's keepalive words, which the engine sets on its socket itself
+//! (`keepalive.rs`).
 
 use std::io;
 use std::path::PathBuf;
@@ -11,6 +13,7 @@ use std::str::FromStr;
 
 use tokio_postgres::config::{Config, Host};
 
+use super::keepalive::Words;
 use super::tls::{Given, Tls};
 use crate::error::Error;
 
@@ -24,6 +27,8 @@ pub(crate) struct Target {
     pub shown: String,
     /// TLS: libpq's settings, defaults filled in.
     pub tls: Tls,
+    /// TCP keepalive and `TCP_USER_TIMEOUT`: libpq's words as given.
+    pub keepalive: Words,
 }
 
 /// Whether `s` names a lock namespace on a server rather than a file: a
@@ -141,10 +146,12 @@ fn percent_decode(s: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
-/// Take `name=` and the TLS settings out of `s` (the client library would
-/// refuse them), returning the rest, the name and the settings.
-fn split_name(s: &str) -> Result<(String, String, Given), Error> {
+/// Take `name=`, the TLS settings and the keepalive words out of `s` (the
+/// client library would refuse or misread them), returning the rest, the
+/// name and the settings.
+fn split_name(s: &str) -> Result<(String, String, Given, Words), Error> {
     let mut tls = Given::default();
+    let mut keepalive = Words::default();
     if let Some(at) = s.find('?').filter(|_| s.contains("://")) {
         let (base, query) = (&s[..at], &s[at + 1..]);
         let mut name = None;
@@ -157,6 +164,9 @@ fn split_name(s: &str) -> Result<(String, String, Given), Error> {
                 if !tls.take(k, v) {
                     rest.push(p);
                 }
+            } else if let Some((k, v)) = p.split_once('=').filter(|(k, _)| Words::is_word(k)) {
+                let v = percent_decode(v).ok_or_else(|| bad(s, format!("bad %-escape in {k}")))?;
+                keepalive.take(k, &v).map_err(|why| bad(s, why))?;
             } else {
                 rest.push(p);
             }
@@ -167,7 +177,7 @@ fn split_name(s: &str) -> Result<(String, String, Given), Error> {
         } else {
             format!("{base}?{}", rest.join("&"))
         };
-        return Ok((joined, name, tls));
+        return Ok((joined, name, tls, keepalive));
     }
     if s.contains("://") {
         return Err(bad(s, "no `name=` parameter: the lock namespace"));
@@ -181,12 +191,14 @@ fn split_name(s: &str) -> Result<(String, String, Given), Error> {
             if !tls.take(k, unquote(v)) {
                 rest.push(w);
             }
+        } else if let Some((k, v)) = w.split_once('=').filter(|(k, _)| Words::is_word(k)) {
+            keepalive.take(k, &unquote(v)).map_err(|why| bad(s, why))?;
         } else {
             rest.push(w);
         }
     }
     let name = name.ok_or_else(|| bad(s, "no `name=` word: the lock namespace"))?;
-    Ok((rest.join(" "), name, tls))
+    Ok((rest.join(" "), name, tls, keepalive))
 }
 
 fn unquote(v: &str) -> String {
@@ -211,7 +223,7 @@ fn unquote(v: &str) -> String {
 impl Target {
     /// Parse `s` and fill in what libpq would take from the environment.
     pub fn parse(s: &str) -> Result<Target, Error> {
-        let (rest, name, given) = split_name(s)?;
+        let (rest, name, given, keepalive) = split_name(s)?;
         if name.is_empty() {
             return Err(bad(s, "the namespace name is empty"));
         }
@@ -274,6 +286,7 @@ impl Target {
             name,
             shown,
             tls,
+            keepalive,
         })
     }
 }
@@ -436,6 +449,46 @@ mod tests {
             "postgresql://u@h/d?sslmode=verify&name=x",
             "host=h user=u sslmode=sometimes name=x",
             "postgresql://u@h/d?sslmode=require&sslrootcert=system&name=x",
+        ] {
+            match Target::parse(s) {
+                Err(Error::Connect { source, .. }) => {
+                    assert_eq!(source.kind(), io::ErrorKind::InvalidInput, "{s}")
+                }
+                other => panic!("{s}: {:?}", other.map(|t| t.shown)),
+            }
+        }
+    }
+
+    #[test]
+    fn keepalive_words_are_taken_out_in_both_forms() {
+        let mut want = Words::default();
+        for (k, v) in [
+            ("keepalives_idle", "7"),
+            ("keepalives_interval", "3"),
+            ("keepalives_count", "2"),
+            ("tcp_user_timeout", "12000"),
+        ] {
+            want.take(k, v).unwrap();
+        }
+        let t = Target::parse(
+            "postgresql://u@h/d?keepalives_idle=7&keepalives_interval=3&keepalives_count=2&tcp_user_timeout=12000&name=x",
+        )
+        .unwrap();
+        assert_eq!(t.keepalive, want);
+        assert_eq!(t.shown, "postgresql://u@h:5432/d?name=x");
+        let t = Target::parse(
+            "host=h user=u keepalives_idle=7 keepalives_interval='3' keepalives_count=2 \
+             tcp_user_timeout=12000 name=x",
+        )
+        .unwrap();
+        assert_eq!(t.keepalive, want);
+        let t = Target::parse("host=h user=u keepalives=0 name=x").unwrap();
+        let mut off = Words::default();
+        off.take("keepalives", "0").unwrap();
+        assert_eq!(t.keepalive, off);
+        for s in [
+            "postgresql://u@h/d?keepalives_idle=soon&name=x",
+            "host=h user=u tcp_user_timeout=1.5 name=x",
         ] {
             match Target::parse(s) {
                 Err(Error::Connect { source, .. }) => {
