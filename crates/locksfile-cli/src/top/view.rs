@@ -60,14 +60,12 @@ pub struct IndexStats {
     pub wait_max: Option<Duration>,
 }
 
-/// Log2 buckets of wait times: bucket `k` holds waits of `[2^k, 2^(k+1))`
-/// microseconds (bucket 0 also the waits under 1 us); the last one holds
-/// everything longer. The same buckets as `locksfile race --json`.
-pub const WAIT_BUCKETS: usize = 32;
+/// Wait times in the log2 buckets of microseconds that `locksfile race
+/// --json` uses too.
+pub use crate::race::WAIT_BUCKETS;
 
 pub fn bucket_of(wait: Duration) -> usize {
-    let us = wait.as_micros().max(1);
-    ((127 - us.leading_zeros()) as usize).min(WAIT_BUCKETS - 1)
+    crate::race::wait_bucket(u64::try_from(wait.as_micros()).unwrap_or(u64::MAX))
 }
 
 /// What the statistics panel and the histogram are drawn from.
