@@ -16,7 +16,7 @@ pub fn wait_bucket(us: u64) -> usize {
 }
 
 /// Counts per bucket and the longest wait.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct WaitHistogram {
     pub buckets: [u64; WAIT_BUCKETS],
     pub max_us: u64,
