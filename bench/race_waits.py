@@ -88,14 +88,15 @@ def section(w, waits):
 
 
 def draw(ax, axq, waits, color):
-    """The share of steps per wait bucket, a line per mode (log x), on
+    """The share of steps per wait bucket, a line per mode (log x and y), on
     ``ax``; p50, p99 and max per mode on ``axq``."""
     modes = [m for m in MODES if m in waits["modes"]]
     for mode in modes:
         h = waits["modes"][mode]
         n = sum(h["buckets"]) or 1
-        used = [k for k, c in enumerate(h["buckets"]) if c]
-        ks = list(range(used[0], used[-1] + 1)) if used else []
+        # Buckets with waits only: the y axis is logarithmic (most steps
+        # wait next to nothing; the tail is what matters), and 0 has no place on it.
+        ks = [k for k, c in enumerate(h["buckets"]) if c]
         ax.plot(
             [1 << k for k in ks],
             [100.0 * h["buckets"][k] / n for k in ks],
@@ -104,8 +105,9 @@ def draw(ax, axq, waits, color):
             **STYLES[mode]
         )
     ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
     ax.set_xlabel("wait for the next track's lock, µs (log2 buckets, lower edge)")
-    ax.set_ylabel("% of steps")
+    ax.set_ylabel("% of steps (log)")
     ax.set_title("Rust: lock waits in the race, %d/%d/%d" % waits["shape"])
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
