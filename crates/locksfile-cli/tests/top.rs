@@ -319,3 +319,59 @@ fn refuses_what_is_no_lock_file() {
     assert_ne!(code(&out), 0);
     assert!(stderr(&out).contains("interval"), "{}", stderr(&out));
 }
+
+/// A lock namespace on the test's PostgreSQL server, when there is one.
+fn server_target() -> Option<String> {
+    match std::env::var("LOCKSFILE_TEST_PG") {
+        Ok(url) if !url.is_empty() => Some(format!("{url}?name=cli-top-{}", std::process::id())),
+        _ => {
+            assert!(
+                std::env::var_os("LOCKSFILE_REQUIRE_PG").is_none(),
+                "LOCKSFILE_TEST_PG is not set but LOCKSFILE_REQUIRE_PG is"
+            );
+            eprintln!("skipped: no PostgreSQL server (set LOCKSFILE_TEST_PG, or run scripts/test)");
+            None
+        }
+    }
+}
+
+#[test]
+fn a_server_namespace_s_sessions_on_screen() {
+    let Some(t) = server_target() else { return };
+    let target = std::path::Path::new(&t);
+    let h = Holder::start(target, &["-i", "3"]);
+    let w = Waiter::start(target, &["-i", "3"]);
+    let app = |pid: u32| format!("locksfile pid {pid}");
+    // Each session is named by its backend pid, and the command by the
+    // client's application name (`locksfile pid N`).
+    let frame_until = |pred: &dyn Fn(&str) -> bool| {
+        let until = Instant::now() + Duration::from_secs(20);
+        loop {
+            let out = run(&["top", "--once", &t]);
+            assert_eq!(code(&out), 0, "{}", stderr(&out));
+            let text = stdout(&out);
+            if pred(&text) {
+                return text;
+            }
+            assert!(Instant::now() < until, "{text}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let text = frame_until(&|s: &str| s.contains(&app(w.0.id())));
+    let held = text
+        .lines()
+        .find(|l| l.starts_with("3 ") && l.contains(&app(h.pid())))
+        .unwrap_or_else(|| panic!("no holder row:\n{text}"));
+    assert!(
+        held.contains(" PG ") && held.contains("exclusive"),
+        "{text}"
+    );
+    assert!(
+        text.contains("HOLDERS (1)") && text.contains("WAITERS (1)"),
+        "{text}"
+    );
+    // The target is shown without its password, as the handle names it.
+    assert!(text.starts_with("locksfile top: "), "{text}");
+    drop(w);
+    assert_eq!(h.release(), 0);
+}

@@ -95,17 +95,23 @@ pub struct Observed {
     ended_buckets: [u64; WAIT_BUCKETS],
 }
 
+/// A waiting process (or `?`), its shm owner, span, kind and mode.
 type WaitKey = (String, Option<u64>, u64, Option<u64>, bool, String);
 
-fn key_of(r: &Row) -> WaitKey {
-    (
-        r.pids.clone(),
-        r.owner,
-        r.start,
-        r.end,
-        r.exclusive,
-        r.mode.clone(),
-    )
+/// One key per process behind a waiter: when two processes wait for the
+/// same range, the kernel's waiter lines cannot always be told apart and
+/// a line may be shown with both for a while; each process's wait goes on.
+fn keys_of(r: &Row) -> impl Iterator<Item = WaitKey> + '_ {
+    r.pids.split(',').map(move |pid| {
+        (
+            pid.to_string(),
+            r.owner,
+            r.start,
+            r.end,
+            r.exclusive,
+            r.mode.clone(),
+        )
+    })
 }
 
 impl Observed {
@@ -118,12 +124,13 @@ impl Observed {
         for r in rows {
             if r.waiting {
                 contended.extend(r.indices());
-                let k = key_of(r);
-                self.waits
-                    .entry(k.clone())
-                    .and_modify(|(_, last)| *last = now)
-                    .or_insert((now, now));
-                present.insert(k);
+                for k in keys_of(r) {
+                    self.waits
+                        .entry(k.clone())
+                        .and_modify(|(_, last)| *last = now)
+                        .or_insert((now, now));
+                    present.insert(k);
+                }
             } else {
                 held.extend(r.indices());
             }
@@ -161,9 +168,11 @@ impl Observed {
     /// How long the waiter of `r` has been seen waiting: from the first
     /// to the last refresh that showed it (zero on its first).
     pub fn waited(&self, r: &Row) -> Duration {
-        self.waits
-            .get(&key_of(r))
-            .map_or(Duration::ZERO, |(first, last)| *last - *first)
+        keys_of(r)
+            .filter_map(|k| self.waits.get(&k))
+            .map(|(first, last)| *last - *first)
+            .max()
+            .unwrap_or_default()
     }
 }
 
@@ -528,15 +537,28 @@ mod tests {
             t0 + Duration::from_millis(300),
         );
         assert_eq!(o.waited(&w), Duration::from_millis(300));
+        // Shown for a while with another process's pid too: the same wait.
+        let both = row(true, 3, "20,30");
+        o.see(
+            &[row(false, 3, "10"), both.clone()],
+            t0 + Duration::from_millis(400),
+        );
+        assert_eq!(o.waited(&both), Duration::from_millis(400));
+        o.see(
+            &[row(false, 3, "10"), w.clone()],
+            t0 + Duration::from_millis(500),
+        );
+        assert_eq!(o.waited(&w), Duration::from_millis(500));
         o.see(&[row(false, 3, "20")], t0 + Duration::from_millis(600));
         let per = o.per_index();
         let s = per.iter().find(|s| s.index == 3).unwrap();
-        assert_eq!((s.acquired, s.contended), (3, 2));
-        // Seen from t0 to t0 + 300ms: at least that long.
-        assert_eq!(s.wait_max, Some(Duration::from_millis(300)));
+        assert_eq!((s.acquired, s.contended), (5, 4));
+        // Seen from t0 to t0 + 500ms: at least that long; pid 30's wait
+        // was seen once only, and is not counted.
+        assert_eq!(s.wait_max, Some(Duration::from_millis(500)));
         let h = o.wait_histogram();
         assert_eq!(h.iter().sum::<u64>(), 1);
-        assert_eq!(h[bucket_of(Duration::from_millis(300))], 1);
+        assert_eq!(h[bucket_of(Duration::from_millis(500))], 1);
     }
 
     #[test]
