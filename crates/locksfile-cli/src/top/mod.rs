@@ -22,7 +22,7 @@ use locksfile::{LockFile, INDEX_END};
 use crate::exit;
 use crate::procfs::{self, FileId, Found};
 
-use view::{Observed, Row};
+use view::{Observed, Row, StatsSource};
 
 #[derive(Args, Debug)]
 #[command(after_long_help = TOP_NOTES)]
@@ -56,8 +56,8 @@ waits shorter than one interval may never be seen. The hottest locks and the
 wait histogram count what these refreshes observed since top started: how
 many refreshes saw each index held, and saw a waiter on it.
 
-When stdout is not a terminal (a pipe, a file), top prints one frame and
-exits, as with --once.";
+When stdout or stdin is not a terminal (a pipe, a file), top prints one
+frame and exits, as with --once.";
 
 fn parse_interval(s: &str) -> Result<Duration, String> {
     let secs: f64 = s
@@ -241,11 +241,16 @@ pub fn main(args: TopArgs) -> i32 {
             next = now + args.interval;
         }
         let size = screen.size();
+        // The hottest-locks panel and the histogram are fed by what the
+        // refreshes saw; counters kept by the locks themselves (per-index
+        // acquisitions, contended acquisitions, wait quantiles) replace it
+        // here through a `StatsSource` of their own, where the file has them.
+        let stats: &dyn StatsSource = &observed;
         let lines = view::frame(
             &title,
             &rows,
             &observed,
-            &observed,
+            stats,
             args.hot,
             Some(size),
             Some((args.interval, error.as_deref())),
