@@ -14,6 +14,11 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
+
+# The race's wait histograms (bench/race_waits.py), beside this file.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import race_waits  # noqa: E402
 
 PAIR_ROWS = [
     ("locksfile_ofd_guard", "locksfile, OFD mode, guard (`lf.write(5)` dropped)"),
@@ -199,6 +204,7 @@ def main():
     ap.add_argument("--load", default="", help="1-minute load averages at the start and the end")
     ap.add_argument("--out", required=True)
     ap.add_argument("--plot", required=True)
+    ap.add_argument("--race-waits", help="locksfile race --json output, one run a line: the lock waits")
     a = ap.parse_args()
     baselines = a.baselines.split(",")
     cdir = a.criterion
@@ -208,6 +214,7 @@ def main():
     with open(a.python) as f:
         py = json.load(f)
     m = machine()
+    waits = race_waits.load(a.race_waits) if a.race_waits else None
 
     pair = {}
     pair_runs = {}
@@ -365,6 +372,9 @@ def main():
     w("Shapes are procs/tracks/rounds; %d processes is more than this machine's %s cores." % (max(s[0] for s in shapes), m["cores"]))
     w("")
 
+    if waits:
+        race_waits.section(w, waits)
+
     # --- Python
     def pv(k, what):
         r = peers.get(k)
@@ -440,7 +450,7 @@ def main():
         if kept:
             f.write("\n" + kept)
 
-    plot(a.plot, pair, held, held_runs, held_ns, ring, ring_q, shapes, peers, pyshape, m)
+    plot(a.plot, pair, held, held_runs, held_ns, ring, ring_q, shapes, peers, pyshape, m, waits)
 
 
 def kept_section(path, heading):
@@ -677,7 +687,7 @@ def plain(label):
     return label
 
 
-def plot(path, pair, held, held_runs, held_ns, ring, ring_q, shapes, peers, pyshape, m):
+def plot(path, pair, held, held_runs, held_ns, ring, ring_q, shapes, peers, pyshape, m, waits=None):
     # Here, not at the top: the rest of the report (and its tests) need no matplotlib.
     import matplotlib
 
@@ -685,7 +695,8 @@ def plot(path, pair, held, held_runs, held_ns, ring, ring_q, shapes, peers, pysh
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
-    fig, axs = plt.subplots(2, 2, figsize=(14, 10))
+    # The race's wait histograms, when measured, are a third column.
+    fig, axs = plt.subplots(2, 3 if waits else 2, figsize=(21 if waits else 14, 10))
     pair_names = dict(PAIR_ROWS)
     ring_names = dict(RING_ROWS)
     color = role_color
@@ -812,6 +823,9 @@ def plot(path, pair, held, held_runs, held_ns, ring, ring_q, shapes, peers, pysh
     for i, (k, v) in enumerate(rows):
         ax.text(max(peers[k]["race"]), i, "  %.3g s" % v, va="center", fontsize=8)
     ax.set_xlim(right=max(v for _, v in rows) * 8)
+
+    if waits:
+        race_waits.draw(axs[0][2], axs[1][2], waits, color)
 
     fig.suptitle(
         "locksfile and its peers — %s, %s cores, Linux %s (%s)"

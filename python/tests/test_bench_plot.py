@@ -8,6 +8,7 @@ with matplotlib at hand the figure is also drawn for real.
 """
 
 import importlib.util
+import json
 import re
 import sys
 import types
@@ -63,14 +64,52 @@ def role(key):
     return "others"
 
 
-@pytest.fixture
-def drawn(monkeypatch, tmp_path):
+def race_waits_run(shape=(4, 50, 100)):
+    """One ``locksfile race --json`` run's figures, as the binary prints them."""
+    procs, tracks, rounds = shape
+    steps = procs * tracks * rounds
+    modes = []
+    for i, mode in enumerate(("ofd", "process", "shm")):
+        buckets = [0] * 32
+        buckets[1 + i] = steps - 501
+        buckets[6 + i] = 500
+        buckets[12 + i] = 1
+        modes.append(
+            {
+                "mode": mode,
+                "steps": steps,
+                "wait_us_histogram": {
+                    "unit": "us",
+                    "buckets": buckets,
+                    "count": steps,
+                    "p50_us": (1 << (2 + i)) - 1,
+                    "p99_us": (1 << (7 + i)) - 1,
+                    "max_us": (1 << (12 + i)) + 5,
+                },
+            }
+        )
+    return {"racers": procs, "tracks": tracks, "rounds": rounds, "modes": modes, "ok": True}
+
+
+def race_waits(report, tmp_path, runs=2):
+    path = tmp_path / "race-waits.json"
+    path.write_text("".join(json.dumps(race_waits_run()) + "\n" for _ in range(runs)))
+    return report.race_waits.load(str(path))
+
+
+def record_plot(monkeypatch, tmp_path, with_waits):
     """``report.plot`` run against a recording stand-in for matplotlib:
-    the four axes and the figure, whose calls the tests read."""
+    the axes (as many as asked for), the figure and ``subplots``' call."""
     fig = mock.MagicMock(name="figure")
-    axs = [[mock.MagicMock(name="ax%d%d" % (r, c)) for c in range(2)] for r in range(2)]
+    made = {}
+
+    def subplots(rows, cols, **kw):
+        made["axs"] = [[mock.MagicMock(name="ax%d%d" % (r, c)) for c in range(cols)] for r in range(rows)]
+        made["shape"] = (rows, cols)
+        return fig, made["axs"]
+
     pyplot = types.ModuleType("matplotlib.pyplot")
-    pyplot.subplots = mock.MagicMock(return_value=(fig, axs))
+    pyplot.subplots = subplots
     patches = types.ModuleType("matplotlib.patches")
     patches.Patch = mock.MagicMock(name="Patch")
     mpl = types.ModuleType("matplotlib")
@@ -79,8 +118,17 @@ def drawn(monkeypatch, tmp_path):
     for name, module in (("matplotlib", mpl), ("matplotlib.pyplot", pyplot), ("matplotlib.patches", patches)):
         monkeypatch.setitem(sys.modules, name, module)
     report = load_report()
-    report.plot(str(tmp_path / "plot.png"), *figures(report))
-    return report, fig, axs, patches.Patch
+    waits = race_waits(report, tmp_path) if with_waits else None
+    report.plot(str(tmp_path / "plot.png"), *figures(report), waits)
+    return report, fig, made, patches.Patch, waits
+
+
+@pytest.fixture
+def drawn(monkeypatch, tmp_path):
+    """The plot without the race's waits: the four panels."""
+    report, fig, made, patch, _ = record_plot(monkeypatch, tmp_path, False)
+    assert made["shape"] == (2, 2)
+    return report, fig, made["axs"], patch
 
 
 def title_key(fig):
@@ -218,4 +266,66 @@ def test_plot_draws_for_real(tmp_path):
     report = load_report()
     out = tmp_path / "plot.png"
     report.plot(str(out), *figures(report))
+    assert out.stat().st_size > 10_000
+
+
+def test_race_waits_add_up_over_runs(tmp_path):
+    report = load_report()
+    waits = race_waits(report, tmp_path, runs=3)
+    assert waits["shape"] == (4, 50, 100)
+    ofd = waits["modes"]["ofd"]
+    assert ofd["runs"] == 3
+    assert sum(ofd["buckets"]) == 3 * 4 * 50 * 100
+    assert ofd["max_us"] == (1 << 12) + 5
+    # Most steps lie in bucket 1 (2..4 us): the median is its upper edge.
+    assert ofd["p50_us"] == 3
+    assert ofd["p99_us"] == 127
+    lines = []
+    report.race_waits.section(lines.append, waits)
+    rows = [l for l in lines if l.startswith("| locksfile ")]
+    assert [r.split(" | ")[0] for r in rows] == ["| locksfile OFD", "| locksfile process", "| locksfile shm"]
+    assert "| 60000 |" in rows[0] and "3 µs" in rows[0] and "4.1 ms" in rows[0], rows[0]
+
+
+def test_wait_histograms_drawn_per_mode_beside_the_others(monkeypatch, tmp_path):
+    report, fig, made, _, waits = record_plot(monkeypatch, tmp_path, True)
+    assert made["shape"] == (2, 3), "the waits are a third column"
+    axs = made["axs"]
+    key = title_key(fig)
+    # The four panels of before are still drawn where they were.
+    assert axs[0][0].barh.called and axs[0][1].plot.called
+    assert axs[1][0].barh.called and axs[1][1].barh.called
+
+    hist = axs[0][2]
+    calls = hist.plot.call_args_list
+    assert [c.kwargs["label"] for c in calls] == ["locksfile OFD", "locksfile process", "locksfile shm"]
+    looks = set()
+    for c, mode in zip(calls, ("ofd", "process", "shm")):
+        xs, ys = c.args
+        h = waits["modes"][mode]
+        # Every bucket with waits, at its lower edge.
+        assert list(xs) == [1 << k for k, n in enumerate(h["buckets"]) if n]
+        assert sum(ys) == pytest.approx(100.0)
+        check_colour("locksfile_" + mode, c.kwargs["color"], key)
+        looks.add((c.kwargs.get("linestyle"), c.kwargs.get("marker")))
+    assert len(looks) == 3, "the modes differ only in colour"
+    (xscale,), _ = hist.set_xscale.call_args
+    (yscale,), _ = hist.set_yscale.call_args
+    assert xscale == yscale == "log"
+
+    quant = axs[1][2]
+    bars = quant.barh.call_args_list
+    assert [c.kwargs["label"] for c in bars] == ["p50", "p99", "max"]
+    assert [c.args[1] for c in bars][2] == [waits["modes"][m]["max_us"] for m in ("ofd", "process", "shm")]
+    for c in bars:
+        for m, col in zip(("ofd", "process", "shm"), c.kwargs["color"]):
+            check_colour("locksfile_" + m, col, key)
+    assert len({c.kwargs.get("hatch") for c in bars}) == 3
+
+
+def test_plot_with_waits_draws_for_real(tmp_path):
+    pytest.importorskip("matplotlib", reason="matplotlib is installed for scripts/bench only")
+    report = load_report()
+    out = tmp_path / "plot.png"
+    report.plot(str(out), *figures(report), race_waits(report, tmp_path))
     assert out.stat().st_size > 10_000

@@ -15,6 +15,7 @@ mod run;
 mod span_arg;
 mod status;
 mod sys;
+mod top;
 
 use clap::error::ErrorKind;
 use clap::{CommandFactory, Parser, Subcommand};
@@ -50,6 +51,8 @@ enum Command {
     Doctor(doctor::DoctorArgs),
     /// Set up a PostgreSQL database for lock namespaces (a DBA's step).
     Pg(pg::PgArgs),
+    /// A live view of FILE's holders, waiters and their waits; q quits.
+    Top(top::TopArgs),
     /// Print a completion script for SHELL (bash, zsh, fish, elvish, powershell).
     Completions(generate::CompletionsArgs),
     /// Print the man page of locksfile, or of one SUBCOMMAND, in roff.
@@ -63,6 +66,7 @@ const SUBCOMMANDS: &[&str] = &[
     "race",
     "doctor",
     "pg",
+    "top",
     "completions",
     "man",
     "help",
@@ -106,6 +110,7 @@ fn main() {
         Command::Race(args) => race::main(args),
         Command::Doctor(args) => doctor::main(args),
         Command::Pg(args) => pg::main(args),
+        Command::Top(args) => top::main(args),
         Command::Completions(args) => generate::completions(Cli::command(), args),
         Command::Man(args) => generate::man(Cli::command(), args),
     };

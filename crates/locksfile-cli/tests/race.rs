@@ -120,3 +120,45 @@ fn mode_choices_pick_the_rows() {
         assert_eq!(names, want, "--mode {mode}");
     }
 }
+
+#[test]
+fn every_step_s_lock_wait_is_in_the_histogram() {
+    // Four racers on five tracks: most steps wait for the racer ahead.
+    let (rc, v) = race_json(&["-k", "4", "-n", "5", "-r", "40"]);
+    assert_eq!(rc, 0, "{v}");
+    for m in v["modes"].as_array().unwrap() {
+        let h = &m["wait_us_histogram"];
+        assert_eq!(h["unit"], "us", "{m}");
+        let buckets: Vec<u64> = h["buckets"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no wait histogram: {m}"))
+            .iter()
+            .map(|b| b.as_u64().unwrap())
+            .collect();
+        assert_eq!(buckets.len(), 32, "{m}");
+        let steps = m["steps"].as_u64().unwrap();
+        assert_eq!(steps, 4 * 5 * 40);
+        assert_eq!(buckets.iter().sum::<u64>(), steps, "{m}");
+        assert_eq!(h["count"].as_u64(), Some(steps), "{m}");
+        let (p50, p99, max) = (
+            h["p50_us"].as_u64().unwrap(),
+            h["p99_us"].as_u64().unwrap(),
+            h["max_us"].as_u64().unwrap(),
+        );
+        assert!(p50 <= p99 && p99 <= max, "{m}");
+        // A wait for another process's release is never under 4 us.
+        assert!(max >= 4, "{m}");
+        // The longest wait lies in the last bucket used.
+        let last = buckets.iter().rposition(|&n| n > 0).unwrap();
+        assert!(max >> last == 1 || (last == 0 && max <= 1), "{m}");
+    }
+
+    let out = run(&["race", "-k", "2", "-n", "4", "-r", "5", "--mode", "ofd"]);
+    assert_eq!(code(&out), 0);
+    let text = stdout(&out);
+    let waits = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("lock waits: p50 <= "))
+        .unwrap_or_else(|| panic!("no wait line:\n{text}"));
+    assert!(waits.contains(" us, max "), "{text}");
+}

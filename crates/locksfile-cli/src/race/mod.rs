@@ -34,12 +34,19 @@ use std::io::{IsTerminal, Read, Write};
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::{Args, ValueEnum};
 use locksfile::{Error, Kind, LockFile, Mode, Wait};
 use serde_json::{json, Value};
+
+mod board;
+mod waits;
+
+use board::{Board, COLLISIONS, DEADLOCK_RETRIES, ORDER_BREAKS};
+use waits::WaitHistogram;
+pub use waits::{wait_bucket, WAIT_BUCKETS};
 
 use crate::exit;
 use crate::sys::{self, Forked, SharedWords};
@@ -105,137 +112,14 @@ shared memory while holding the locks, and the race fails (exit 1) when two
 racers were ever on one track, a track was not entered exactly K*R times, or a
 racer overtook or lapped another (racers must keep their order round the ring).
 Prints steps per second and microseconds per step (elapsed time / all steps)
-for each mode.";
+for each mode, and how long the steps' lock takes waited: each racer reads
+the clock around every take and counts the wait in log2 buckets of
+microseconds (--json: wait_us_histogram, bucket k holding [2^k, 2^(k+1)) us;
+p50_us and p99_us are the upper edge of the bucket holding them, max_us exact).";
 
 const MAX_PROCS: usize = 1024;
 const MAX_TRACKS: usize = 1 << 20;
 const MAX_STEPS: u64 = 1 << 50;
-
-/// Board layout, in 64-bit words; each racer and track gets its own
-/// 64-byte line so the racers do not slow each other through false sharing.
-const LINE: usize = 8;
-const COLLISIONS: usize = 0;
-const ORDER_BREAKS: usize = 1;
-const DEADLOCK_RETRIES: usize = 2;
-const MSG_CLAIM: usize = 3;
-const MSG_LEN: usize = 4;
-const MSG_AT: usize = LINE;
-const MSG_WORDS: usize = 4 * LINE;
-const FIRST_RACER_LINE: usize = 5;
-
-struct Board<'a> {
-    w: &'a [AtomicU64],
-    procs: usize,
-    tracks: u64,
-}
-
-impl Board<'_> {
-    fn words_for(procs: usize, tracks: usize) -> usize {
-        (FIRST_RACER_LINE + procs + tracks) * LINE
-    }
-    fn pos(&self, racer: usize) -> &AtomicU64 {
-        &self.w[(FIRST_RACER_LINE + racer) * LINE]
-    }
-    fn occupant(&self, track: u64) -> &AtomicU64 {
-        &self.w[(FIRST_RACER_LINE + self.procs + track as usize) * LINE]
-    }
-    fn counter(&self, track: u64) -> &AtomicU64 {
-        &self.w[(FIRST_RACER_LINE + self.procs + track as usize) * LINE + 1]
-    }
-    fn start_of(&self, racer: usize) -> u64 {
-        racer as u64 * self.tracks / self.procs as u64
-    }
-
-    /// Count a problem in `counter` (if any) and keep the first message.
-    fn note(&self, counter: Option<usize>, msg: impl FnOnce() -> String) {
-        if let Some(c) = counter {
-            self.w[c].fetch_add(1, Ordering::Relaxed);
-        }
-        if self.w[MSG_CLAIM]
-            .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Relaxed)
-            .is_ok()
-        {
-            let msg = msg();
-            let bytes = &msg.as_bytes()[..msg.len().min(MSG_WORDS * 8)];
-            for (k, chunk) in bytes.chunks(8).enumerate() {
-                let mut b = [0u8; 8];
-                b[..chunk.len()].copy_from_slice(chunk);
-                self.w[MSG_AT + k].store(u64::from_le_bytes(b), Ordering::Relaxed);
-            }
-            self.w[MSG_LEN].store(bytes.len() as u64, Ordering::Release);
-        }
-    }
-
-    fn first_message(&self) -> Option<String> {
-        let len = self.w[MSG_LEN].load(Ordering::Acquire) as usize;
-        if len == 0 {
-            return None;
-        }
-        let mut bytes = Vec::with_capacity(len);
-        for k in 0..len.div_ceil(8) {
-            bytes.extend_from_slice(&self.w[MSG_AT + k].load(Ordering::Relaxed).to_le_bytes());
-        }
-        bytes.truncate(len);
-        Some(String::from_utf8_lossy(&bytes).into_owned())
-    }
-
-    fn enter(&self, racer: usize, at: u64, count: bool) {
-        let track = at % self.tracks;
-        let before = self
-            .occupant(track)
-            .swap(racer as u64 + 1, Ordering::AcqRel);
-        if before != 0 {
-            self.note(Some(COLLISIONS), || {
-                format!(
-                    "racer {racer} entered track {track} (lap {}) while racer {} was on it",
-                    at / self.tracks,
-                    before - 1
-                )
-            });
-        }
-        if count {
-            // A plain read-modify-write: only the lock keeps it whole.
-            let c = self.counter(track).load(Ordering::Acquire);
-            self.counter(track).store(c + 1, Ordering::Release);
-        }
-        self.pos(racer).store(at, Ordering::Release);
-    }
-
-    fn leave(&self, racer: usize, at: u64) {
-        let track = at % self.tracks;
-        let before = self.occupant(track).swap(0, Ordering::AcqRel);
-        if before != racer as u64 + 1 {
-            self.note(Some(COLLISIONS), || {
-                let found = match before {
-                    0 => "nobody".to_string(),
-                    b => format!("racer {}", b - 1),
-                };
-                format!("racer {racer} left track {track} and found {found} on it")
-            });
-        }
-    }
-
-    fn check_order(&self, racer: usize, at: u64) {
-        let k = self.procs;
-        if k < 2 {
-            return;
-        }
-        let n = self.tracks as i64;
-        let p = at as i64;
-        let next = (racer + 1) % k;
-        let prev = (racer + k - 1) % k;
-        let ahead = self.pos(next).load(Ordering::Acquire) as i64 + if next == 0 { n } else { 0 };
-        let behind = self.pos(prev).load(Ordering::Acquire) as i64 - if racer == 0 { n } else { 0 };
-        if !(p < ahead && ahead < p + n && p - n < behind && behind < p) {
-            self.note(Some(ORDER_BREAKS), || {
-                format!(
-                    "order broken: racer {racer} at position {p} has racer {next} at {ahead} \
-                     ahead and racer {prev} at {behind} behind (ring of {n})"
-                )
-            });
-        }
-    }
-}
 
 #[derive(Clone, Copy)]
 struct Plan {
@@ -264,6 +148,8 @@ struct Outcome {
     deadlock_retries: u64,
     racer_failures: u64,
     first_problem: Option<String>,
+    /// How long each step's lock take waited, every racer's together.
+    waits: WaitHistogram,
 }
 
 impl Outcome {
@@ -404,6 +290,12 @@ fn print_row(plan: &Plan, o: &Outcome) {
         steps / o.seconds,
         o.seconds * 1e6 / steps
     );
+    if let (Some(p50), Some(p99)) = (o.waits.quantile_us(0.5), o.waits.quantile_us(0.99)) {
+        println!(
+            "         lock waits: p50 <= {p50} us, p99 <= {p99} us, max {} us",
+            o.waits.max_us
+        );
+    }
     if o.deadlock_retries > 0 {
         let who = if o.mode == Mode::Shm {
             "the lock table"
@@ -437,6 +329,7 @@ fn to_json(plan: &Plan, outcomes: &[Outcome]) -> Value {
                 "deadlock_retries": o.deadlock_retries,
                 "racer_failures": o.racer_failures,
                 "first_problem": o.first_problem,
+                "wait_us_histogram": o.waits.to_json(),
                 "ok": o.ok(),
             })
         })
@@ -630,6 +523,7 @@ fn race(plan: Plan, mode: Mode, target: Option<&str>, progress: bool) -> Result<
         deadlock_retries: board.w[DEADLOCK_RETRIES].load(Ordering::Acquire),
         racer_failures: failures,
         first_problem: board.first_message(),
+        waits: board.all_waits(),
     })
 }
 
@@ -694,10 +588,16 @@ fn run_racer(
     while go.read(&mut b).map_err(|e| e.to_string())? != 0 {}
     drop(go);
 
+    // Two reads of the vDSO clock per step, against the microseconds a
+    // contended step takes; recorded in a private histogram, written to
+    // the board once at the end.
+    let mut waits = WaitHistogram::default();
     let mut at = start;
     for _ in 0..plan.steps_per_racer() {
         let next = at + 1;
+        let asked = Instant::now();
         lock(next)?;
+        waits.record(asked.elapsed());
         board.enter(racer, next, true);
         board.check_order(racer, next);
         board.leave(racer, at);
@@ -706,6 +606,7 @@ fn run_racer(
     }
     board.leave(racer, at);
     unlock(at)?;
+    board.put_waits(racer, &waits);
     Ok(())
 }
 
@@ -750,74 +651,6 @@ fn show_progress(plan: &Plan, mode: Mode, board: &Board, done: &AtomicBool, star
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn board(words: &[AtomicU64], procs: usize, tracks: u64) -> Board<'_> {
-        Board {
-            w: words,
-            procs,
-            tracks,
-        }
-    }
-
-    fn words(procs: usize, tracks: usize) -> Vec<AtomicU64> {
-        (0..Board::words_for(procs, tracks))
-            .map(|_| AtomicU64::new(0))
-            .collect()
-    }
-
-    #[test]
-    fn order_check_accepts_the_ring_and_catches_overtaking_and_lapping() {
-        let w = words(3, 10);
-        let b = board(&w, 3, 10);
-        let place = |p: [u64; 3]| {
-            for (r, at) in p.into_iter().enumerate() {
-                b.pos(r).store(at, Ordering::Relaxed);
-            }
-        };
-        let breaks = || w[ORDER_BREAKS].load(Ordering::Relaxed);
-        assert_eq!((b.start_of(0), b.start_of(1), b.start_of(2)), (0, 3, 6));
-
-        place([1, 3, 6]);
-        b.check_order(0, 1);
-        place([12, 18, 20]); // a lap on, still in order
-        b.check_order(1, 18);
-        b.check_order(2, 20);
-        b.check_order(0, 12);
-        assert_eq!(breaks(), 0);
-
-        place([4, 3, 6]); // racer 0 passed racer 1
-        b.check_order(0, 4);
-        assert_eq!(breaks(), 1);
-        place([1, 11, 6]); // racer 1 a lap ahead of racer 0: also behind it
-        b.check_order(0, 1);
-        assert_eq!(breaks(), 2);
-        place([10, 13, 20]); // racer 2 caught up with racer 0 a lap on
-        b.check_order(2, 20);
-        assert_eq!(breaks(), 3);
-        assert!(b
-            .first_message()
-            .unwrap()
-            .starts_with("order broken: racer 0"));
-    }
-
-    #[test]
-    fn occupancy_and_counts() {
-        let w = words(2, 4);
-        let b = board(&w, 2, 4);
-        b.enter(0, 1, true);
-        b.leave(0, 1);
-        b.enter(1, 5, true); // track 1 again, a lap on
-        assert_eq!(w[COLLISIONS].load(Ordering::Relaxed), 0);
-        b.enter(0, 1, true); // racer 1 is still on track 1
-        assert_eq!(w[COLLISIONS].load(Ordering::Relaxed), 1);
-        b.leave(1, 5); // finds racer 0 there
-        assert_eq!(w[COLLISIONS].load(Ordering::Relaxed), 2);
-        assert_eq!(b.counter(1).load(Ordering::Relaxed), 3);
-        assert!(b
-            .first_message()
-            .unwrap()
-            .contains("while racer 1 was on it"));
-    }
 
     #[test]
     fn plans_that_cannot_run_are_refused() {
