@@ -84,6 +84,7 @@ mod party;
 mod registry;
 mod segmap;
 mod span;
+mod stats;
 mod sys;
 mod wait;
 
@@ -92,7 +93,7 @@ mod wait;
 pub mod shm {
     #[doc(hidden)]
     pub use crate::engine::shm::{regions, verify};
-    pub use crate::engine::shm::{HeldLock, Snapshot, WaitingLock};
+    pub use crate::engine::shm::{read_stats, HeldLock, Snapshot, WaitingLock};
 
     /// The byte of the lock file (past the last index) on which every
     /// user of its table holds an OFD read lock while it uses it: lock
@@ -119,6 +120,7 @@ pub use kind::Kind;
 pub use owned::{OwnedReadGuard, OwnedWriteGuard};
 pub use party::{Entered, Party};
 pub use span::{Span, INDEX_END};
+pub use stats::{Histogram, LockStats, OwnerStats, Scope, Stats, HIST_BUCKETS, SPAN_INDICES};
 pub use wait::Wait;
 
 /// Choose the signal that interrupts a timed or cancellable wait asleep in

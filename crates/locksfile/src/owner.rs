@@ -21,6 +21,7 @@ use crate::holds::{rank, Change, HandleId, Holds, Move, Step, Undo};
 use crate::kind::Kind;
 use crate::party::{Blocker, Parties, Party};
 use crate::span::Span;
+use crate::stats::{Event, Recording, Stats};
 use crate::sys;
 use crate::wait::Wait;
 
@@ -42,6 +43,9 @@ struct State {
     /// Handles sharing this owner (process mode).
     handles: usize,
     next_handle: HandleId,
+    /// Lock statistics, when recorded (`stats.rs`): one test of this
+    /// field is all a take pays when they are not.
+    stats: Option<Box<Recording>>,
 }
 
 impl State {
@@ -133,6 +137,7 @@ impl<E: Engine> Owner<E> {
                 moves: Vec::new(),
                 handles: 1,
                 next_handle: 0,
+                stats: None,
             }),
             cond: Condvar::new(),
         }
@@ -153,6 +158,56 @@ impl<E: Engine> Owner<E> {
         let mut st = self.lock();
         st.next_handle += 1;
         st.next_handle
+    }
+
+    /// Record lock statistics from now on (`stats.rs`).
+    pub fn record_stats(&self) {
+        let mut st = self.lock();
+        if st.stats.is_none() {
+            st.stats = Some(Box::default());
+        }
+    }
+
+    /// The statistics: the engine's table-wide ones if it keeps them
+    /// (whether or not this owner records), else this owner's; `None`
+    /// when there are none.
+    pub fn stats(&self) -> Option<Stats> {
+        if let Some(t) = self.engine.shared_stats() {
+            return Some(t.read());
+        }
+        self.lock().stats.as_ref().map(|r| r.read())
+    }
+
+    /// Record a piece's move from `from` to `to`.
+    #[cold]
+    #[inline(never)]
+    fn note_move(&self, st: &mut State, span: Span, from: Option<Kind>, to: Option<Kind>) {
+        if let Some(rec) = st.stats.as_mut() {
+            let now = Instant::now();
+            let raised = rank(to) > rank(from);
+            rec.moved(self.engine.shared_stats(), span, raised, from.is_some(), to.is_some(), now);
+        }
+    }
+
+    /// Record the moves of the change just applied.
+    fn note_moves(&self, st: &mut State) {
+        if st.stats.is_some() {
+            let moves = std::mem::take(&mut st.moves);
+            for m in &moves {
+                self.note_move(st, m.span, m.from, m.to);
+            }
+            st.moves = moves;
+        }
+    }
+
+    /// Record `ev` for each of `spans`.
+    #[cold]
+    fn note(&self, st: &mut State, spans: &[Move], ev: Event) {
+        if let Some(rec) = st.stats.as_mut() {
+            for m in spans {
+                rec.note(self.engine.shared_stats(), m.span, ev);
+            }
+        }
     }
 
     /// One more handle shares this owner (process mode).
@@ -219,6 +274,9 @@ impl<E: Engine> Owner<E> {
                 }
                 st.holds.commit(step);
                 st.parties.solo(party);
+                if st.stats.is_some() && from != to {
+                    self.note_move(&mut st, step.span, from, to);
+                }
                 return Ok(());
             }
         }
@@ -258,6 +316,7 @@ impl<E: Engine> Owner<E> {
         }
         st.holds.commit(step);
         st.parties.solo(party);
+        self.note_move(&mut st, step.span, from, to);
         outcome.map(drop)
     }
 
@@ -291,6 +350,7 @@ impl<E: Engine> Owner<E> {
             return match self.raise_all(&st) {
                 Raised::All => {
                     st.keep(change, party);
+                    self.note_moves(&mut st);
                     let wake = st.parties.several();
                     let lowered = self.lower(&st);
                     drop(st);
@@ -459,13 +519,14 @@ impl<E: Engine> Owner<E> {
     #[inline(never)]
     fn refused(
         &self,
-        st: MutexGuard<'_, State>,
+        mut st: MutexGuard<'_, State>,
         change: Change,
         refused: Move,
         raises: Vec<Move>,
         asked: Asked<'_>,
         party: Party,
     ) -> Result<(), Error> {
+        self.note(&mut st, &raises, Event::Contended);
         match asked.wait {
             Wait::NonBlocking => {
                 let holder = refused
@@ -502,6 +563,7 @@ impl<E: Engine> Owner<E> {
         // Other parties keep out of what this one waits for, so that
         // nothing of theirs conflicts with it when it is granted.
         st.parties.start_pending(party, change);
+        let waited = st.stats.is_some().then(Instant::now);
         drop(st);
 
         // No early return from here on: the busy mark must go.
@@ -542,9 +604,18 @@ impl<E: Engine> Owner<E> {
             .expect("our busy span");
         st.busy.swap_remove(busy_at);
         st.parties.end_pending(party, change);
+        if let Some(t) = waited {
+            self.note(&mut st, &raises, Event::Waited(t.elapsed()));
+            match outcome {
+                Err(Error::TimedOut { .. }) => self.note(&mut st, &raises, Event::TimedOut),
+                Err(Error::Deadlock { .. }) => self.note(&mut st, &raises, Event::Deadlock),
+                _ => {}
+            }
+        }
         if outcome.is_ok() {
             st.apply(change, party);
             st.keep(change, party);
+            self.note_moves(&mut st);
         }
         // Everything over the span that the engine holds beyond the
         // bookkeeping (our raises after a failure, or releases other
