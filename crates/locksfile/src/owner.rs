@@ -185,7 +185,14 @@ impl<E: Engine> Owner<E> {
         if let Some(rec) = st.stats.as_mut() {
             let now = Instant::now();
             let raised = rank(to) > rank(from);
-            rec.moved(self.engine.shared_stats(), span, raised, from.is_some(), to.is_some(), now);
+            rec.moved(
+                self.engine.shared_stats(),
+                span,
+                raised,
+                from.is_some(),
+                to.is_some(),
+                now,
+            );
         }
     }
 

@@ -113,7 +113,12 @@ pub(crate) fn micros(d: Duration) -> u64 {
 
 impl Histogram {
     /// From raw parts (read from shared memory: any values are accepted).
-    pub(crate) fn from_parts(buckets: [u64; HIST_BUCKETS], count: u64, sum_us: u64, max_us: u64) -> Self {
+    pub(crate) fn from_parts(
+        buckets: [u64; HIST_BUCKETS],
+        count: u64,
+        sum_us: u64,
+        max_us: u64,
+    ) -> Self {
         Histogram {
             buckets,
             count,
@@ -337,7 +342,11 @@ impl Entry {
 /// The indices a span counts under: each index, or `None` once.
 pub(crate) fn indices(span: Span) -> impl Iterator<Item = Option<u64>> {
     let wide = span.end() - span.start() > SPAN_INDICES;
-    let (a, b) = if wide { (0, 1) } else { (span.start(), span.end()) };
+    let (a, b) = if wide {
+        (0, 1)
+    } else {
+        (span.start(), span.end())
+    };
     (a..b).map(move |i| (!wide).then_some(i))
 }
 
@@ -405,10 +414,12 @@ impl Recording {
             };
             self.since.swap_remove(i);
             if held.start() < gone.start() {
-                self.since.push((Span::from_checked(held.start(), gone.start()), t));
+                self.since
+                    .push((Span::from_checked(held.start(), gone.start()), t));
             }
             if gone.end() < held.end() {
-                self.since.push((Span::from_checked(gone.end(), held.end()), t));
+                self.since
+                    .push((Span::from_checked(gone.end(), held.end()), t));
             }
             self.note(table, gone, Event::Held(now.saturating_duration_since(t)));
         }
@@ -486,6 +497,9 @@ mod tests {
         assert_eq!(s.owners[0].acquired, 1);
         r.moved(None, Span::ALL, false, true, false, t);
         let s = r.read();
-        assert!(s.locks.iter().all(|l| l.hold.count() == 1 && l.acquired == 1));
+        assert!(s
+            .locks
+            .iter()
+            .all(|l| l.hold.count() == 1 && l.acquired == 1));
     }
 }

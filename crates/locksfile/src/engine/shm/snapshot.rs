@@ -179,7 +179,7 @@ impl Snapshot {
 /// reset while it is read), and its path; `None` when there is no table
 /// or no one uses it.
 pub(super) fn open_in_use(
-lock_path: &Path,
+    lock_path: &Path,
 ) -> Result<Option<(std::os::fd::OwnedFd, std::path::PathBuf)>, Error> {
     let lock_path = std::fs::canonicalize(lock_path)
         .or_else(|_| std::path::absolute(lock_path))

@@ -30,9 +30,9 @@ use crate::sys;
 
 use super::lane::listed;
 use super::layout::{
-    Header, Rec, Slot, Waiter, BUCKETS, BUCKETS_AT, FAST_HOLDS, GATE_AT, LANES_AT, LANE_WAITING,
-    LISTS_AT, MUTEX_AT, NIL, RECORDS, RECORDS_AT, SIZE, SLOTS, SLOTS_AT, STATS_AT, STAT_ENTRIES,
-    WAITERS, WAITERS_AT, WAKES_AT, StatEntry,
+    Header, Rec, Slot, StatEntry, Waiter, BUCKETS, BUCKETS_AT, FAST_HOLDS, GATE_AT, LANES_AT,
+    LANE_WAITING, LISTS_AT, MUTEX_AT, NIL, RECORDS, RECORDS_AT, SIZE, SLOTS, SLOTS_AT, STATS_AT,
+    STAT_ENTRIES, WAITERS, WAITERS_AT, WAKES_AT,
 };
 
 thread_local! {
