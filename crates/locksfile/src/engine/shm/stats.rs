@@ -164,8 +164,8 @@ impl Shared for Map {
 
 /// The table-wide statistics of the [`Mode::Shm`](crate::Mode::Shm) table
 /// of the lock file at `lock_path`, read without joining the table (for
-/// `locksfile stats` and the like). A table no one uses, or none at all,
-/// reads as empty. Figures are only those of owners that record
+/// `locksfile stats` and the like): `None` when no one uses a table of
+/// the file (or it has none). Figures are only those of owners that record
 /// ([`OpenOptions::stats`](crate::OpenOptions::stats)).
 ///
 /// ```
@@ -174,7 +174,7 @@ impl Shared for Map {
 /// let path = dir.path().join("data.lock");
 /// let lf = LockFile::options().mode(Mode::Shm).stats(true).open(&path)?;
 /// drop(lf.write(3)?);
-/// let stats = shm::read_stats(&path)?;
+/// let stats = shm::read_stats(&path)?.expect("a table in use");
 /// assert_eq!(stats.locks[0].index, Some(3));
 /// assert_eq!(stats.locks[0].acquired, 1);
 /// assert_eq!(stats.locks[0].hold.count(), 1);
@@ -183,14 +183,9 @@ impl Shared for Map {
 ///
 /// # Errors
 /// As [`Snapshot::read`](crate::shm::Snapshot::read).
-pub fn read_stats(lock_path: impl AsRef<Path>) -> Result<Stats, Error> {
-    let empty = Stats {
-        scope: Scope::Table,
-        locks: Vec::new(),
-        owners: Vec::new(),
-    };
+pub fn read_stats(lock_path: impl AsRef<Path>) -> Result<Option<Stats>, Error> {
     let Some((fd, sidecar)) = open_in_use(lock_path.as_ref())? else {
-        return Ok(empty);
+        return Ok(None);
     };
     let map = check_and_map(&sidecar, std::os::fd::AsFd::as_fd(&fd), None)?;
     let stats = map.read();
@@ -201,5 +196,5 @@ pub fn read_stats(lock_path: impl AsRef<Path>) -> Result<Stats, Error> {
             problem: SidecarProblem::Corrupt { what },
         });
     }
-    Ok(stats)
+    Ok(Some(stats))
 }
