@@ -533,9 +533,9 @@ impl<E: Engine> Owner<E> {
         asked: Asked<'_>,
         party: Party,
     ) -> Result<(), Error> {
-        self.note(&mut st, &raises, Event::Contended);
         match asked.wait {
             Wait::NonBlocking => {
+                self.note(&mut st, &raises, Event::Contended);
                 let holder = refused
                     .to
                     .and_then(|k| self.engine.probe(refused.span, k).ok());
@@ -570,7 +570,7 @@ impl<E: Engine> Owner<E> {
         // Other parties keep out of what this one waits for, so that
         // nothing of theirs conflicts with it when it is granted.
         st.parties.start_pending(party, change);
-        let waited = st.stats.is_some().then(Instant::now);
+        let waited = st.stats.as_mut().map(|r| r.wait_started(span));
         drop(st);
 
         // No early return from here on: the busy mark must go.
@@ -611,7 +611,16 @@ impl<E: Engine> Owner<E> {
             .expect("our busy span");
         st.busy.swap_remove(busy_at);
         st.parties.end_pending(party, change);
-        if let Some(t) = waited {
+        // A wait a signal ended is called again by its caller (the Python
+        // binding does, after running the handlers): it counts once, from
+        // its first start, when it ends. Nor does the refused try a
+        // binding makes before waiting (`Wait::NonBlockingNoHolder`).
+        if let (Some(t), Err(Error::Interrupted)) = (waited, &outcome) {
+            if let Some(r) = st.stats.as_mut() {
+                r.wait_interrupted(span, t);
+            }
+        } else if let Some(t) = waited {
+            self.note(&mut st, &raises, Event::Contended);
             self.note(&mut st, &raises, Event::Waited(t.elapsed()));
             match outcome {
                 Err(Error::TimedOut { .. }) => self.note(&mut st, &raises, Event::TimedOut),

@@ -35,9 +35,14 @@
 //! its wait (from the refusal to the grant, or to giving up) goes in the
 //! wait histogram, and a wait that ended by its deadline or by
 //! [`Error::Deadlock`](crate::Error::Deadlock) counts in `timeouts` or
-//! `deadlocks`. A hold lasts from the grant of an index to its release (a
-//! conversion between kinds does not end it). Waits for another thread of
-//! the same handle are not counted.
+//! `deadlocks`. A wait that a signal ends ([`Error::Interrupted`](crate::Error::Interrupted))
+//! counts nothing yet: its caller calls again (the Python binding does,
+//! after running the signal handlers), and the same thread's next wait
+//! for the same span counts as one wait from the first start; nor does
+//! a refusal without the holder ([`Wait::NonBlockingNoHolder`](crate::Wait::NonBlockingNoHolder)),
+//! the try a binding makes before it waits. A hold lasts from the grant
+//! of an index to its release (a conversion between kinds does not end
+//! it). Waits for another thread of the same handle are not counted.
 //!
 //! # Histograms
 //! [`HIST_BUCKETS`] power-of-two buckets of microseconds: bucket `i`
@@ -363,6 +368,9 @@ pub(crate) trait Shared: Send + Sync {
 #[derive(Default)]
 pub(crate) struct Recording {
     since: Vec<(Span, Instant)>,
+    /// Waits a signal ended, by thread: when they began, so that the
+    /// same wait called again counts from there.
+    interrupted: Vec<(std::thread::ThreadId, Span, Instant)>,
     locks: BTreeMap<u64, Entry>,
     other: Entry,
     owner: Entry,
@@ -381,6 +389,31 @@ impl Recording {
             }
         }
         self.owner.add(ev);
+    }
+
+    /// When the calling thread's wait for `span` began: now, or when the
+    /// same wait began before a signal ended it.
+    pub(crate) fn wait_started(&mut self, span: Span) -> Instant {
+        let me = std::thread::current().id();
+        match self.interrupted.iter().position(|(t, _, _)| *t == me) {
+            Some(i) => {
+                let (_, s, began) = self.interrupted.swap_remove(i);
+                if s == span {
+                    began
+                } else {
+                    Instant::now()
+                }
+            }
+            None => Instant::now(),
+        }
+    }
+
+    /// The calling thread's wait for `span`, begun at `began`, was ended
+    /// by a signal: its caller calls again.
+    pub(crate) fn wait_interrupted(&mut self, span: Span, began: Instant) {
+        let me = std::thread::current().id();
+        self.interrupted.retain(|(t, _, _)| *t != me);
+        self.interrupted.push((me, span, began));
     }
 
     /// A piece moved from `from` to `to` (held or not) at `now`.
