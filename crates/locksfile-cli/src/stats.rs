@@ -175,12 +175,17 @@ fn secs(d: Duration) -> String {
     format!("{s}")
 }
 
+/// One counter of a lock's figures.
+type Counter = fn(&LockStats) -> u64;
+/// One histogram of a lock's figures.
+type Hist = fn(&LockStats) -> &Histogram;
+
 /// The Prometheus text exposition format: counters and, per index, the
 /// wait and hold histograms with cumulative `le` buckets (their bounds
 /// the power-of-two microsecond bucket bounds).
 pub fn prometheus(s: &Stats) -> String {
     let mut out = String::new();
-    let counters: [(&str, &str, fn(&LockStats) -> u64); 4] = [
+    let counters: [(&str, &str, Counter); 4] = [
         ("acquired", "Takes granted", |l| l.acquired),
         (
             "contended",
@@ -204,7 +209,7 @@ pub fn prometheus(s: &Stats) -> String {
             );
         }
     }
-    let hists: [(&str, &str, fn(&LockStats) -> &Histogram); 2] = [
+    let hists: [(&str, &str, Hist); 2] = [
         ("wait", "How long contended takes waited", |l| &l.wait),
         ("hold", "How long locks were held, grant to release", |l| {
             &l.hold

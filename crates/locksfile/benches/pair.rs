@@ -53,7 +53,11 @@ fn pairs(c: &mut Criterion) {
     for mode in [Mode::Shm, Mode::Ofd] {
         let path = dir.path().join(format!("{mode}.lock"));
         for on in [false, true] {
-            let lf = LockFile::options().mode(mode).stats(on).open(&path).unwrap();
+            let lf = LockFile::options()
+                .mode(mode)
+                .stats(on)
+                .open(&path)
+                .unwrap();
             let name = format!("{mode} guard, stats {}", if on { "on" } else { "off" });
             g.bench_function(name, |b| b.iter(|| drop(lf.try_write(5u64).unwrap())));
         }

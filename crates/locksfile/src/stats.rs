@@ -357,16 +357,18 @@ pub(crate) fn indices(span: Span) -> impl Iterator<Item = Option<u64>> {
 
 /// A table-wide store of figures (a shared-memory table's region).
 pub(crate) trait Shared: Send + Sync {
-    /// Record `ev` for each index of `span`, and once for the owner.
-    fn record(&self, span: Span, ev: Event);
+    /// Record `ev` for each index of `span`, and once for the owner in
+    /// process `pid` (`getpid` is a system call: the caller keeps it).
+    fn record(&self, pid: u32, span: Span, ev: Event);
     /// Read every figure.
     fn read(&self) -> Stats;
 }
 
 /// What a recording owner keeps, under its mutex: when each piece it holds
 /// was granted, and (without a table) its own figures.
-#[derive(Default)]
 pub(crate) struct Recording {
+    /// The owner's process (a recording owner is refused after a fork).
+    pid: u32,
     since: Vec<(Span, Instant)>,
     /// Waits a signal ended, by thread: when they began, so that the
     /// same wait called again counts from there.
@@ -376,11 +378,24 @@ pub(crate) struct Recording {
     owner: Entry,
 }
 
+impl Default for Recording {
+    fn default() -> Self {
+        Recording {
+            pid: std::process::id(),
+            since: Vec::new(),
+            interrupted: Vec::new(),
+            locks: BTreeMap::new(),
+            other: Entry::default(),
+            owner: Entry::default(),
+        }
+    }
+}
+
 impl Recording {
     /// Record `ev` for `span`, in `table` if there is one.
     pub(crate) fn note(&mut self, table: Option<&dyn Shared>, span: Span, ev: Event) {
         if let Some(t) = table {
-            return t.record(span, ev);
+            return t.record(self.pid, span, ev);
         }
         for i in indices(span) {
             match i {
@@ -471,7 +486,7 @@ impl Recording {
         Stats {
             scope: Scope::Handle,
             locks,
-            owners: vec![self.owner.clone().owner_stats(std::process::id())],
+            owners: vec![self.owner.clone().owner_stats(self.pid)],
         }
     }
 }

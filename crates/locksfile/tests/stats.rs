@@ -270,3 +270,42 @@ fn table_figures_outlive_their_processes() {
     // No one uses the table: nothing to read.
     assert_eq!(locksfile::shm::read_stats(&path).unwrap(), None);
 }
+
+/// The statistics region written over (keys and figures garbage, then
+/// all ones) while a recording owner uses the table: taking, releasing
+/// and reading go on without a panic, the figures wrong but bounded.
+#[test]
+fn a_written_over_region_never_panics() {
+    use std::os::unix::fs::FileExt;
+    let _s = serial();
+    let (_dir, path) = lock_path();
+    let lf = recording(&path, Mode::Shm);
+    drop(lf.write(1).unwrap());
+    let (_, at, len) = locksfile::shm::regions()
+        .into_iter()
+        .find(|r| r.0 == "stats")
+        .expect("the stats region is listed");
+    let mut sidecar = path.as_os_str().to_owned();
+    sidecar.push("-shm");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(sidecar)
+        .unwrap();
+    let mut x = 0x5eed_1234_abcd_0001u64;
+    let random: Vec<u8> = (0..len)
+        .map(|_| {
+            x ^= x >> 12;
+            x ^= x << 25;
+            x ^= x >> 27;
+            (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 56) as u8
+        })
+        .collect();
+    for garbage in [random, vec![0xff; len as usize]] {
+        f.write_all_at(&garbage, at).unwrap();
+        for i in 0..2000u64 {
+            drop(lf.write(i).unwrap());
+        }
+        let _ = lf.stats().unwrap();
+        let _ = locksfile::shm::read_stats(&path).unwrap();
+    }
+}

@@ -257,9 +257,10 @@ pub(super) const STAT_ENTRIES: usize = STAT_LOCKS + 1 + STAT_OWNERS + 1;
 /// How many entries a key's search looks at before it settles for the
 /// "other" entry.
 pub(super) const STAT_PROBES: usize = 32;
-/// The words of a histogram in an entry: its buckets, count, sum and
-/// maximum (microseconds).
-pub(super) const HIST_WORDS: usize = crate::stats::HIST_BUCKETS + 3;
+/// The words of a histogram in an entry: its buckets, then the sum and
+/// the maximum (microseconds). The count is the buckets' sum: one atomic
+/// add fewer per sample.
+pub(super) const HIST_WORDS: usize = crate::stats::HIST_BUCKETS + 2;
 
 /// One statistics entry (see [`STATS_AT`]); every field atomic.
 #[repr(C, align(64))]

@@ -52,22 +52,29 @@ fn entry_of(map: &Map, first: usize, n: usize, key: u64) -> &StatEntry {
     map.stat_entry(first + n)
 }
 
+/// Two atomic adds; the maximum is written only when it grows (a plain
+/// `fetch_max` is a locked compare-and-swap every time).
 fn add_hist(words: &[AtomicU64; HIST_WORDS], us: u64) {
     words[bucket_of(us)].fetch_add(1, Relaxed);
-    words[HIST_BUCKETS].fetch_add(1, Relaxed);
-    words[HIST_BUCKETS + 1].fetch_add(us, Relaxed);
-    words[HIST_BUCKETS + 2].fetch_max(us, Relaxed);
+    words[HIST_BUCKETS].fetch_add(us, Relaxed);
+    let max = &words[HIST_BUCKETS + 1];
+    if us > max.load(Relaxed) {
+        max.fetch_max(us, Relaxed);
+    }
 }
 
 fn add(e: &StatEntry, ev: Event) {
-    match ev {
-        Event::Acquired => e.counts[0].fetch_add(1, Relaxed),
-        Event::Contended => e.counts[1].fetch_add(1, Relaxed),
-        Event::TimedOut => e.counts[2].fetch_add(1, Relaxed),
-        Event::Deadlock => e.counts[3].fetch_add(1, Relaxed),
-        Event::Waited(d) => return add_hist(&e.wait, micros(d)),
-        Event::Held(d) => return add_hist(&e.hold, micros(d)),
+    let count = |i: usize| {
+        e.counts[i].fetch_add(1, Relaxed);
     };
+    match ev {
+        Event::Acquired => count(0),
+        Event::Contended => count(1),
+        Event::TimedOut => count(2),
+        Event::Deadlock => count(3),
+        Event::Waited(d) => add_hist(&e.wait, micros(d)),
+        Event::Held(d) => add_hist(&e.hold, micros(d)),
+    }
 }
 
 fn read_hist(words: &[AtomicU64; HIST_WORDS]) -> Histogram {
@@ -75,11 +82,12 @@ fn read_hist(words: &[AtomicU64; HIST_WORDS]) -> Histogram {
     for (d, w) in b.iter_mut().zip(words.iter()) {
         *d = w.load(Relaxed);
     }
+    let count = b.iter().fold(0u64, |a, n| a.wrapping_add(*n));
     Histogram::from_parts(
         b,
+        count,
         words[HIST_BUCKETS].load(Relaxed),
         words[HIST_BUCKETS + 1].load(Relaxed),
-        words[HIST_BUCKETS + 2].load(Relaxed),
     )
 }
 
@@ -100,7 +108,7 @@ fn merge(into: &mut Entry, from: &Entry) {
 }
 
 impl Shared for Map {
-    fn record(&self, span: Span, ev: Event) {
+    fn record(&self, pid: u32, span: Span, ev: Event) {
         for i in indices(span) {
             let e = match i {
                 Some(i) => entry_of(self, 0, STAT_LOCKS, i + 1),
@@ -108,10 +116,7 @@ impl Shared for Map {
             };
             add(e, ev);
         }
-        add(
-            entry_of(self, OWNERS_FROM, STAT_OWNERS, std::process::id().into()),
-            ev,
-        );
+        add(entry_of(self, OWNERS_FROM, STAT_OWNERS, pid.into()), ev);
     }
 
     fn read(&self) -> Stats {
