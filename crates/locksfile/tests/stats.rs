@@ -46,7 +46,11 @@ fn handle_figures(mode: Mode) {
     let go = Pipe::new();
     let child_path = &path;
     let child = fork(|| {
-        let lf = LockFile::options().mode(mode).open(child_path).unwrap();
+        let lf = LockFile::options()
+            .mode(mode)
+            .stats(false)
+            .open(child_path)
+            .unwrap();
         let g = lf.write(s).unwrap();
         held.send(b'h');
         go.expect(b'w');
@@ -134,7 +138,11 @@ fn deadlock_counted(mode: Mode) {
     let to_a = Pipe::new();
     let from_a = Pipe::new();
     let a = fork(|| {
-        let lf = LockFile::options().mode(mode).open(&path).unwrap();
+        let lf = LockFile::options()
+            .mode(mode)
+            .stats(false)
+            .open(&path)
+            .unwrap();
         lf.acquire(Kind::Exclusive, 0, Wait::Blocking).unwrap();
         from_a.send(b'h');
         to_a.expect(b'1');
