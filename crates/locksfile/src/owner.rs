@@ -196,6 +196,15 @@ impl<E: Engine> Owner<E> {
         }
     }
 
+    /// Record a one-piece step (its kinds worked out here, off the hot
+    /// path, which only tests whether there is a recording).
+    #[cold]
+    #[inline(never)]
+    fn note_step(&self, st: &mut State, step: &Step) {
+        let (from, to) = step.kinds();
+        self.note_move(st, step.span, from, to);
+    }
+
     /// Record the moves of the change just applied.
     fn note_moves(&self, st: &mut State) {
         if st.stats.is_some() {
@@ -266,7 +275,13 @@ impl<E: Engine> Owner<E> {
                         _ => self.engine.try_set(step.span, to),
                     };
                     match outcome {
-                        Ok(true) => {}
+                        // Recorded here, where everything it needs is at
+                        // hand: nothing more stays live past the commit.
+                        Ok(true) => {
+                            if st.stats.is_some() {
+                                self.note_step(&mut st, &step);
+                            }
+                        }
                         other => {
                             return self.one_piece_not_granted(
                                 st,
@@ -281,9 +296,6 @@ impl<E: Engine> Owner<E> {
                 }
                 st.holds.commit(step);
                 st.parties.solo(party);
-                if st.stats.is_some() && from != to {
-                    self.note_move(&mut st, step.span, from, to);
-                }
                 return Ok(());
             }
         }
