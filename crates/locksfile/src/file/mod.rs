@@ -163,8 +163,24 @@ impl LockFile {
     /// ([`Scope::Table`](crate::Scope::Table)); in the other modes this
     /// handle's own ([`Scope::Handle`](crate::Scope::Handle)).
     ///
+    /// A [`Mode::Shm`] handle reads the table's figures whether or not it
+    /// records itself.
+    ///
+    /// ```
+    /// use locksfile::{LockFile, Scope};
+    /// let dir = tempfile::tempdir()?;
+    /// let lf = LockFile::options().stats(true).open(dir.path().join("data.lock"))?;
+    /// drop(lf.write(7)?);
+    /// let stats = lf.stats()?;
+    /// assert_eq!(stats.scope, Scope::Handle);
+    /// assert_eq!((stats.locks[0].index, stats.locks[0].acquired), (Some(7), 1));
+    /// assert_eq!(stats.locks[0].hold.count(), 1);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
     /// # Errors
-    /// [`Error::Unsupported`] when the handle does not record statistics.
+    /// [`Error::Unsupported`] when a handle in another mode does not record
+    /// statistics.
     pub fn stats(&self) -> Result<crate::Stats, Error> {
         with_owner!(&self.owner, o => o.stats()).ok_or_else(|| Error::Unsupported {
             what: "statistics of a handle that does not record them (OpenOptions::stats, LOCKSFILE_STATS=1)",
