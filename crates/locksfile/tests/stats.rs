@@ -317,3 +317,32 @@ fn a_written_over_region_never_panics() {
         let _ = locksfile::shm::read_stats(&path).unwrap();
     }
 }
+
+/// A table in use by an older version (its header says 4, the layout
+/// before the statistics region) is refused with a clear error, and
+/// `locksfile::shm::read_stats` refuses it too, without a panic.
+#[test]
+fn an_older_table_in_use_is_refused() {
+    use std::os::unix::fs::FileExt;
+    let _s = serial();
+    let (_dir, path) = lock_path();
+    let user = LockFile::options().mode(Mode::Shm).open(&path).unwrap();
+    let mut sidecar = path.as_os_str().to_owned();
+    sidecar.push("-shm");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(sidecar)
+        .unwrap();
+    f.write_all_at(&4u32.to_ne_bytes(), 8).unwrap();
+    let older = |e: Error| match e {
+        Error::Sidecar {
+            problem: locksfile::SidecarProblem::NewerVersion { found: 4 },
+            ..
+        } => e.to_string(),
+        other => panic!("{other:?}"),
+    };
+    let msg = older(LockFile::options().mode(Mode::Shm).open(&path).unwrap_err());
+    assert!(msg.contains("version 4"), "{msg}");
+    older(locksfile::shm::read_stats(&path).unwrap_err());
+    drop(user);
+}
