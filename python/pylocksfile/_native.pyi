@@ -232,6 +232,7 @@ class LocksFile:
         thread_local: bool = False,
         threads: Literal["exclude", "share"] = "exclude",
         on_lost: Optional[Callable[[], object]] = None,
+        stats: Optional[bool] = None,
     ) -> _L: ...
     @property
     def path(self) -> str:
@@ -307,6 +308,13 @@ class LocksFile:
         """Whether the server session is lost, and every lock with it (always False for a file)."""
     def fence(self, index: int) -> int:
         """A fencing token for ``index``, held exclusively (server targets): grows with every call."""
+    def stats(self) -> Dict[str, Any]:
+        """Lock statistics, recorded with ``stats=True`` (or ``LOCKSFILE_STATS=1``):
+        ``{"scope": "table" | "handle", "locks": [{"index", "acquired", "contended",
+        "timeouts", "deadlocks", "wait_ms": {"p50", "p99", "max", "count", "sum"},
+        "hold_ms": {...}}], "owners": [{"pid", "command", ...}]}``. Table-wide for
+        ``mode="shm"``, else this object's own; ``index`` None for "other indices".
+        """
     @overload
     def conflicts(self, kind_: _KindName, span_: _Span, /) -> Optional[Holder]:
         """The first other owner's lock in the way of ``kind`` (default

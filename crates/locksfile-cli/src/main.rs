@@ -13,6 +13,7 @@ mod procfs;
 mod race;
 mod run;
 mod span_arg;
+mod stats;
 mod status;
 mod sys;
 mod top;
@@ -45,6 +46,8 @@ enum Command {
     Run(run::RunArgs),
     /// Show every lock held on FILE and every process waiting for one.
     Status(status::StatusArgs),
+    /// Show the lock statistics of FILE's shm lock table (--json, --prometheus).
+    Stats(stats::StatsArgs),
     /// Race processes hand-over-hand around a ring of locks and verify them.
     Race(race::RaceArgs),
     /// Check FILE (or a server) for hazards that silently break exclusion.
@@ -63,6 +66,7 @@ enum Command {
 const SUBCOMMANDS: &[&str] = &[
     "run",
     "status",
+    "stats",
     "race",
     "doctor",
     "pg",
@@ -107,6 +111,7 @@ fn main() {
     let code = match cli.command {
         Command::Run(args) => run::main(args),
         Command::Status(args) => status::main(args),
+        Command::Stats(args) => stats::main(args),
         Command::Race(args) => race::main(args),
         Command::Doctor(args) => doctor::main(args),
         Command::Pg(args) => pg::main(args),

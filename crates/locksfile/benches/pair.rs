@@ -5,7 +5,7 @@ use criterion::{criterion_group, criterion_main, Criterion};
 mod common;
 
 use common::{raw, Handles};
-use locksfile::{Kind, Wait};
+use locksfile::{Kind, LockFile, Mode, Wait};
 
 fn pairs(c: &mut Criterion) {
     let h = Handles::new();
@@ -44,6 +44,24 @@ fn pairs(c: &mut Criterion) {
             process.release(6u64).unwrap();
         })
     });
+    g.finish();
+
+    // Lock statistics (`OpenOptions::stats`), off and on, side by side:
+    // off is the default, so off must cost nothing measurable.
+    let mut g = c.benchmark_group("uncontended write pair, statistics off and on");
+    let dir = tempfile::tempdir().unwrap();
+    for mode in [Mode::Shm, Mode::Ofd] {
+        let path = dir.path().join(format!("{mode}.lock"));
+        for on in [false, true] {
+            let lf = LockFile::options()
+                .mode(mode)
+                .stats(on)
+                .open(&path)
+                .unwrap();
+            let name = format!("{mode} guard, stats {}", if on { "on" } else { "off" });
+            g.bench_function(name, |b| b.iter(|| drop(lf.try_write(5u64).unwrap())));
+        }
+    }
     g.finish();
 
     // Re-acquiring what is held at the same kind stays in user space.

@@ -260,7 +260,9 @@ pub enum SidecarProblem {
     /// It is not empty and does not start with the table's magic number:
     /// some other file, left untouched.
     Foreign,
-    /// It was written by a newer version of this library.
+    /// It was written by another version of this library: a newer one, or
+    /// (while in use) an older one, whose layout differs (the version
+    /// with lock statistics is 5).
     NewerVersion {
         /// The version found.
         found: u32,
@@ -306,7 +308,7 @@ impl fmt::Display for SidecarProblem {
             SidecarProblem::NewerVersion { found } => {
                 write!(
                     f,
-                    "its table has version {found}, newer than this library's"
+                    "its table has version {found}, made by another version of locksfile (newer, or an older one still using it)"
                 )
             }
             SidecarProblem::WrongSize { found, expected } => {

@@ -84,15 +84,16 @@ mod party;
 mod registry;
 mod segmap;
 mod span;
+mod stats;
 mod sys;
 mod wait;
 
 /// Reading a [`Mode::Shm`] lock table from outside: who holds what, who
 /// waits (for `locksfile status` and the like).
 pub mod shm {
+    pub use crate::engine::shm::{read_stats, HeldLock, Snapshot, WaitingLock};
     #[doc(hidden)]
     pub use crate::engine::shm::{regions, verify};
-    pub use crate::engine::shm::{HeldLock, Snapshot, WaitingLock};
 
     /// The byte of the lock file (past the last index) on which every
     /// user of its table holds an OFD read lock while it uses it: lock
@@ -119,6 +120,7 @@ pub use kind::Kind;
 pub use owned::{OwnedReadGuard, OwnedWriteGuard};
 pub use party::{Entered, Party};
 pub use span::{Span, INDEX_END};
+pub use stats::{Histogram, LockStats, OwnerStats, Scope, Stats, HIST_BUCKETS, SPAN_INDICES};
 pub use wait::Wait;
 
 /// Choose the signal that interrupts a timed or cancellable wait asleep in

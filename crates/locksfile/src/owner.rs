@@ -21,6 +21,7 @@ use crate::holds::{rank, Change, HandleId, Holds, Move, Step, Undo};
 use crate::kind::Kind;
 use crate::party::{Blocker, Parties, Party};
 use crate::span::Span;
+use crate::stats::{Event, Recording};
 use crate::sys;
 use crate::wait::Wait;
 
@@ -42,6 +43,9 @@ struct State {
     /// Handles sharing this owner (process mode).
     handles: usize,
     next_handle: HandleId,
+    /// Lock statistics, when recorded (`stats.rs`): one test of this
+    /// field is all a take pays when they are not.
+    stats: Option<Box<Recording>>,
 }
 
 impl State {
@@ -133,6 +137,7 @@ impl<E: Engine> Owner<E> {
                 moves: Vec::new(),
                 handles: 1,
                 next_handle: 0,
+                stats: None,
             }),
             cond: Condvar::new(),
         }
@@ -204,7 +209,13 @@ impl<E: Engine> Owner<E> {
                         _ => self.engine.try_set(step.span, to),
                     };
                     match outcome {
-                        Ok(true) => {}
+                        // Recorded here, where everything it needs is at
+                        // hand: nothing more stays live past the commit.
+                        Ok(true) => {
+                            if st.stats.is_some() {
+                                self.note_step(&mut st, &step);
+                            }
+                        }
                         other => {
                             return self.one_piece_not_granted(
                                 st,
@@ -258,6 +269,7 @@ impl<E: Engine> Owner<E> {
         }
         st.holds.commit(step);
         st.parties.solo(party);
+        self.note_move(&mut st, step.span, from, to);
         outcome.map(drop)
     }
 
@@ -291,6 +303,7 @@ impl<E: Engine> Owner<E> {
             return match self.raise_all(&st) {
                 Raised::All => {
                     st.keep(change, party);
+                    self.note_moves(&mut st);
                     let wake = st.parties.several();
                     let lowered = self.lower(&st);
                     drop(st);
@@ -459,7 +472,7 @@ impl<E: Engine> Owner<E> {
     #[inline(never)]
     fn refused(
         &self,
-        st: MutexGuard<'_, State>,
+        mut st: MutexGuard<'_, State>,
         change: Change,
         refused: Move,
         raises: Vec<Move>,
@@ -468,6 +481,7 @@ impl<E: Engine> Owner<E> {
     ) -> Result<(), Error> {
         match asked.wait {
             Wait::NonBlocking => {
+                self.note(&mut st, &raises, Event::Contended);
                 let holder = refused
                     .to
                     .and_then(|k| self.engine.probe(refused.span, k).ok());
@@ -502,6 +516,7 @@ impl<E: Engine> Owner<E> {
         // Other parties keep out of what this one waits for, so that
         // nothing of theirs conflicts with it when it is granted.
         st.parties.start_pending(party, change);
+        let waited = st.stats.as_mut().map(|r| r.wait_started(span));
         drop(st);
 
         // No early return from here on: the busy mark must go.
@@ -542,9 +557,27 @@ impl<E: Engine> Owner<E> {
             .expect("our busy span");
         st.busy.swap_remove(busy_at);
         st.parties.end_pending(party, change);
+        // A wait a signal ended is called again by its caller (the Python
+        // binding does, after running the handlers): it counts once, from
+        // its first start, when it ends. Nor does the refused try a
+        // binding makes before waiting (`Wait::NonBlockingNoHolder`).
+        if let (Some(t), Err(Error::Interrupted)) = (waited, &outcome) {
+            if let Some(r) = st.stats.as_mut() {
+                r.wait_interrupted(span, t);
+            }
+        } else if let Some(t) = waited {
+            self.note(&mut st, &raises, Event::Contended);
+            self.note(&mut st, &raises, Event::Waited(t.elapsed()));
+            match outcome {
+                Err(Error::TimedOut { .. }) => self.note(&mut st, &raises, Event::TimedOut),
+                Err(Error::Deadlock { .. }) => self.note(&mut st, &raises, Event::Deadlock),
+                _ => {}
+            }
+        }
         if outcome.is_ok() {
             st.apply(change, party);
             st.keep(change, party);
+            self.note_moves(&mut st);
         }
         // Everything over the span that the engine holds beyond the
         // bookkeeping (our raises after a failure, or releases other
@@ -697,5 +730,6 @@ fn zip_pieces(
     out
 }
 
+mod recording;
 #[cfg(test)]
 mod tests;

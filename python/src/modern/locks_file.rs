@@ -125,6 +125,8 @@ struct Given {
     permissions: u32,
     follow_symlinks: bool,
     threads: Threads,
+    /// `stats=`: `None` as `LOCKSFILE_STATS` says.
+    stats: Option<bool>,
 }
 
 impl Given {
@@ -133,6 +135,7 @@ impl Given {
         permissions: 0o644,
         follow_symlinks: false,
         threads: Threads::Exclude,
+        stats: None,
     };
 }
 
@@ -274,7 +277,13 @@ impl PyLocksFile {
             ));
         }
         let lf = py
-            .detach(|| LockFile::options().threads(given.threads).connect(&text))
+            .detach(|| {
+                let mut o = LockFile::options();
+                if let Some(s) = given.stats {
+                    o.stats(s);
+                }
+                o.threads(given.threads).connect(&text)
+            })
             .map_err(|e| to_py(py, e))?;
         // The handle's own form of the target: never the password.
         let shown = PyString::new(py, &lf.path().display().to_string());
@@ -293,8 +302,8 @@ impl PyLocksFile {
 impl PyLocksFile {
     #[new]
     #[pyo3(
-        signature = (path = None, mode = "ofd", *, create = true, permissions = 0o644, follow_symlinks = false, thread_local = false, threads = "exclude", on_lost = None),
-        text_signature = "(path=None, mode='ofd', *, create=True, permissions=0o644, follow_symlinks=False, thread_local=False, threads='exclude', on_lost=None)"
+        signature = (path = None, mode = "ofd", *, create = true, permissions = 0o644, follow_symlinks = false, thread_local = false, threads = "exclude", on_lost = None, stats = None),
+        text_signature = "(path=None, mode='ofd', *, create=True, permissions=0o644, follow_symlinks=False, thread_local=False, threads='exclude', on_lost=None, stats=None)"
     )]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -307,6 +316,7 @@ impl PyLocksFile {
         thread_local: bool,
         threads: &str,
         on_lost: Option<Py<PyAny>>,
+        stats: Option<bool>,
     ) -> PyResult<Self> {
         let mode = parse_mode(mode).map_err(PyValueError::new_err)?;
         let threads = parse_threads(threads)?;
@@ -324,6 +334,7 @@ impl PyLocksFile {
             permissions,
             follow_symlinks,
             threads,
+            stats,
         };
         let os = py.import("os")?;
         let made_here = path.is_none();
@@ -371,6 +382,9 @@ impl PyLocksFile {
             .permissions(permissions)
             .follow_symlinks(follow_symlinks)
             .threads(threads);
+        if let Some(s) = stats {
+            options.stats(s);
+        }
         let opened = options.open(&path_buf);
         let temp = made_here.then(|| {
             use std::os::unix::fs::MetadataExt;
@@ -563,6 +577,15 @@ impl PyLocksFile {
     fn fence(&self, py: Python<'_>, index: u64) -> PyResult<u64> {
         let lf = self.owner.lf_not_forked(py)?;
         py.detach(|| lf.fence(index)).map_err(|e| to_py(py, e))
+    }
+
+    /// Lock statistics as a dict (see ``locksfile stats --json``):
+    /// table-wide for ``mode="shm"``, else this object's own; recorded
+    /// only with ``stats=True`` (or ``LOCKSFILE_STATS=1``).
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let lf = self.owner.lf_not_forked(py)?;
+        let s = py.detach(|| lf.stats()).map_err(|e| to_py(py, e))?;
+        super::stats::to_dict(py, &s)
     }
 
     /// This object's explicit locks only (the calling thread's with
@@ -786,6 +809,9 @@ impl PyLocksFile {
         }
         if given.threads != default.threads {
             kw.set_item("threads", "share")?;
+        }
+        if let Some(s) = given.stats {
+            kw.set_item("stats", s)?;
         }
         pickled_as_new(slf.as_any(), PyTuple::new(py, [&me.target])?, kw)
     }

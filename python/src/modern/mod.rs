@@ -12,6 +12,7 @@ mod locks_file;
 mod outcomes;
 mod owner;
 mod shm_table;
+mod stats;
 mod tasks;
 mod thread_owners;
 

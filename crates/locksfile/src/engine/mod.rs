@@ -209,6 +209,12 @@ pub(crate) trait Engine: Send + Sync {
         None
     }
 
+    /// The table-wide statistics of an engine that keeps them for every
+    /// owner of its table (`stats.rs`); `None`: the owner keeps its own.
+    fn shared_stats(&self) -> Option<&dyn crate::stats::Shared> {
+        None
+    }
+
     /// Drop every lock of this owner, which is going away.
     fn unlock_all(&self) -> Result<(), Error> {
         self.try_set(Span::ALL, None).map(drop)

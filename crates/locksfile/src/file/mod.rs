@@ -157,6 +157,38 @@ impl LockFile {
         })
     }
 
+    /// Lock statistics (see [`OpenOptions::stats`](crate::OpenOptions::stats)):
+    /// per index and per owner, acquisitions, contended takes, timeouts,
+    /// deadlocks, and wait and hold time histograms. In [`Mode::Shm`]
+    /// they are the table's, every recording owner's together
+    /// ([`Scope::Table`](crate::Scope::Table)); in the other modes this
+    /// handle's own ([`Scope::Handle`](crate::Scope::Handle)).
+    ///
+    /// A [`Mode::Shm`] handle reads the table's figures whether or not it
+    /// records itself.
+    ///
+    /// ```
+    /// use locksfile::{LockFile, Scope};
+    /// let dir = tempfile::tempdir()?;
+    /// let lf = LockFile::options().stats(true).open(dir.path().join("data.lock"))?;
+    /// drop(lf.write(7)?);
+    /// let stats = lf.stats()?;
+    /// assert_eq!(stats.scope, Scope::Handle);
+    /// assert_eq!((stats.locks[0].index, stats.locks[0].acquired), (Some(7), 1));
+    /// assert_eq!(stats.locks[0].hold.count(), 1);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::Unsupported`] when a handle in another mode does not record
+    /// statistics.
+    pub fn stats(&self) -> Result<crate::Stats, Error> {
+        with_owner!(&self.owner, o => o.stats()).ok_or_else(|| Error::Unsupported {
+            what: "statistics of a handle that does not record them (OpenOptions::stats, LOCKSFILE_STATS=1)",
+            source: io::Error::from(io::ErrorKind::Unsupported),
+        })
+    }
+
     /// Whether the owner's locks are gone while its guards live: its
     /// server session was lost ([`lost`](Self::lost)), or a
     /// [`Mode::Flock`] conversion was lost ([`Error::ConversionLost`]).

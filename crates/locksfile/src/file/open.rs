@@ -44,6 +44,7 @@ pub struct OpenOptions {
     follow_symlinks: bool,
     connect_timeout: Option<Duration>,
     threads: Threads,
+    stats: bool,
 }
 
 impl Default for OpenOptions {
@@ -56,6 +57,7 @@ impl Default for OpenOptions {
             follow_symlinks: false,
             connect_timeout: None,
             threads: Threads::Exclude,
+            stats: crate::stats::env_default(),
         }
     }
 }
@@ -135,6 +137,19 @@ impl OpenOptions {
         self
     }
 
+    /// Record lock statistics ([`LockFile::stats`]): per index and per
+    /// owner, acquisitions, contention, timeouts, deadlocks, wait and hold
+    /// times. Off by default (on when the environment variable
+    /// `LOCKSFILE_STATS` is `1`): recording reads the clock at every grant
+    /// and release. In [`Mode::Shm`] the figures are the table's, kept in
+    /// its shared memory for every owner that records; elsewhere the
+    /// handle's own (in process mode, shared by the process's handles on
+    /// the file, which are one owner).
+    pub fn stats(&mut self, record: bool) -> &mut Self {
+        self.stats = record;
+        self
+    }
+
     /// How long [`connect`](Self::connect) may take in all (default: the
     /// target's `connect_timeout`, else 10 s).
     pub fn connect_timeout(&mut self, timeout: Duration) -> &mut Self {
@@ -179,6 +194,9 @@ impl OpenOptions {
         let engine = Pg::connect(target, self.connect_timeout, self.write)?;
         let path = PathBuf::from(engine.shown());
         let owner = Owners::Pg(Arc::new(Owner::new(engine)));
+        if self.stats {
+            with_owner!(&owner, o => o.record_stats());
+        }
         let handle = with_owner!(&owner, o => o.new_handle_id());
         Ok(LockFile {
             owner,
@@ -280,6 +298,9 @@ impl OpenOptions {
     }
 
     fn handle_on(&self, owner: Owners, path: PathBuf) -> Result<LockFile, Error> {
+        if self.stats {
+            with_owner!(&owner, o => o.record_stats());
+        }
         let handle = with_owner!(&owner, o => o.new_handle_id());
         let lf = LockFile {
             owner,

@@ -18,7 +18,8 @@
 //!   393216   0x060000  records: Rec, 40 B each              the mutex holder
 //!  3014656   0x2e0000  fast lists: 64 B per slot            owners and the mutex holder, atomically
 //!  3080192   0x2f0000  lane words: u64 per bucket           see `lane.rs`, atomically
-//!  3604480   0x370000  end (SIZE)
+//!  3604480   0x370000  stats: StatEntry, 640 B each         any recording owner, atomically
+//!  4427776   0x439000  end (SIZE)
 //! ```
 //!
 //! The header, whose first 40 bytes are read with `pread` before mapping
@@ -55,7 +56,7 @@ use crate::kind::Kind;
 use crate::span::Span;
 
 pub(super) const MAGIC: u64 = u64::from_le_bytes(*b"LKFSHM\x00\x01");
-pub(super) const VERSION: u32 = 4;
+pub(super) const VERSION: u32 = 5;
 
 /// Owner slots: owners (handles) using one table at once.
 pub(crate) const SLOTS: usize = 1024;
@@ -236,8 +237,44 @@ pub(super) const LISTS_AT: usize = align(RECORDS_AT + RECORDS * size_of::<Rec>()
 /// by the mutex holder over `SLOW` or `MOVING`. The transitions are the
 /// table at the head of `lane.rs`.
 pub(super) const LANES_AT: usize = align(LISTS_AT + SLOTS * 64);
+/// Lock statistics (`stats.rs` in the crate and here): [`STAT_LOCKS`]
+/// entries keyed by index, one for "other indices", [`STAT_OWNERS`] keyed
+/// by process id, one for "other owners". Written by any owner that
+/// records, *without the mutex*: a key by CAS `0 -> key` (never changed
+/// again while the table lives), the figures by relaxed atomic adds (and
+/// `fetch_max`). Read the same way, by anyone, so a reader may see a take
+/// half counted (its acquisition and not yet its hold, a bucket and not
+/// yet the count): torn, but every figure only grows. Untrusted like
+/// everything here: a key or figure may be anything, and is only ever
+/// reported, never used to index memory.
+pub(super) const STATS_AT: usize = align(LANES_AT + BUCKETS * size_of::<u64>());
+/// Per-index statistics entries (then one for other indices).
+pub(super) const STAT_LOCKS: usize = 1024;
+/// Per-process statistics entries (then one for other owners).
+pub(super) const STAT_OWNERS: usize = 256;
+/// Every statistics entry.
+pub(super) const STAT_ENTRIES: usize = STAT_LOCKS + 1 + STAT_OWNERS + 1;
+/// How many entries a key's search looks at before it settles for the
+/// "other" entry.
+pub(super) const STAT_PROBES: usize = 32;
+/// The words of a histogram in an entry: its buckets, then the sum and
+/// the maximum (microseconds). The count is the buckets' sum: one atomic
+/// add fewer per sample.
+pub(super) const HIST_WORDS: usize = crate::stats::HIST_BUCKETS + 2;
+
+/// One statistics entry (see [`STATS_AT`]); every field atomic.
+#[repr(C, align(64))]
+pub(super) struct StatEntry {
+    /// 0: unused; else index + 1, or the process id.
+    pub(super) key: std::sync::atomic::AtomicU64,
+    /// Acquired, contended, timeouts, deadlocks.
+    pub(super) counts: [std::sync::atomic::AtomicU64; 4],
+    pub(super) wait: [std::sync::atomic::AtomicU64; HIST_WORDS],
+    pub(super) hold: [std::sync::atomic::AtomicU64; HIST_WORDS],
+}
+
 /// The sidecar's size: sparse, and only the pages touched take memory.
-pub(crate) const SIZE: usize = align(LANES_AT + BUCKETS * size_of::<u64>());
+pub(crate) const SIZE: usize = align(STATS_AT + STAT_ENTRIES * size_of::<StatEntry>());
 
 /// The sidecar's regions as (name, offset, length) in bytes, for tests
 /// that write over them.
@@ -255,6 +292,7 @@ pub(crate) fn regions() -> Vec<(&'static str, u64, u64)> {
         r("records", RECORDS_AT, RECORDS * size_of::<Rec>()),
         r("fast lists", LISTS_AT, SLOTS * 64),
         r("lane words", LANES_AT, BUCKETS * size_of::<u64>()),
+        r("stats", STATS_AT, STAT_ENTRIES * size_of::<StatEntry>()),
     ]
 }
 
@@ -398,7 +436,9 @@ mod tests {
         assert_eq!(at("records:"), RECORDS_AT);
         assert_eq!(at("fast lists:"), LISTS_AT);
         assert_eq!(at("lane words:"), LANES_AT);
+        assert_eq!(at("stats:"), STATS_AT);
         assert_eq!(at("end (SIZE)"), SIZE);
+        assert_eq!(size_of::<StatEntry>(), 640);
         assert_eq!(size_of::<Slot>(), 64);
         assert_eq!(size_of::<Waiter>(), 56);
         assert_eq!(size_of::<Rec>(), 40);

@@ -61,6 +61,7 @@ mod records;
 mod repair;
 mod sidecar;
 mod snapshot;
+mod stats;
 mod table;
 #[cfg(test)]
 mod tests;
@@ -76,6 +77,7 @@ pub fn regions() -> Vec<(&'static str, u64, u64)> {
 }
 pub(crate) use sidecar::{table_in_use, IN_USE};
 pub use snapshot::{HeldLock, Snapshot, WaitingLock};
+pub use stats::read_stats;
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -602,6 +604,10 @@ impl Shm {
 /// Each call answers through [`Shm::answer`]: an error if it found the
 /// table corrupt, whatever it did otherwise.
 impl Engine for Shm {
+    fn shared_stats(&self) -> Option<&dyn crate::stats::Shared> {
+        Some(&self.map)
+    }
+
     #[inline]
     fn try_set(&self, span: Span, kind: Option<Kind>) -> Result<bool, Error> {
         self.answer(self.try_set_inner(span, kind))

@@ -90,45 +90,9 @@ impl Snapshot {
     /// writing (taking the table's mutex writes to it); [`Error::Sidecar`]
     /// for a file that is not a lock table; [`Error::Io`].
     pub fn read(lock_path: impl AsRef<Path>) -> Result<Snapshot, Error> {
-        let lock_path = std::fs::canonicalize(lock_path.as_ref())
-            .or_else(|_| std::path::absolute(lock_path.as_ref()))
-            .unwrap_or_else(|_| lock_path.as_ref().to_path_buf());
-        let sidecar = sidecar_path(&lock_path);
-        let fd = match open_sidecar(&sidecar, 0, false, false) {
-            Ok(_) => {
-                // Exists: open it for writing without creating anything.
-                let c = cstring(&sidecar)?;
-                let how = OpenHow {
-                    write: true,
-                    create_exclusive: false,
-                    create: false,
-                    follow: false,
-                    mode: 0,
-                };
-                sys::open(&c, how).map_err(|e| Error::Open {
-                    path: sidecar.clone(),
-                    source: e,
-                })?
-            }
-            Err(Error::Open { source, .. }) if source.raw_os_error() == Some(libc::ENOENT) => {
-                return Ok(Snapshot::default())
-            }
-            Err(e) => return Err(e),
-        };
-        // A share of the DMS byte keeps the table from being reset while
-        // we read; if no one else holds it, no one uses the table.
-        match sys::get_lock(fd.as_fd(), Family::Ofd, LockType::Write, byte(DMS)) {
-            Ok(Some(_)) => {}
-            Ok(None) => return Ok(Snapshot::default()),
-            Err(e) => return Err(Error::io("probe lock table", e)),
-        }
-        set_byte(fd.as_fd(), LockType::Read, DMS, true)
-            .map_err(|e| Error::io("share lock table", e))?;
-        let (magic, ..) = read_header(fd.as_fd()).map_err(|e| Error::io("read lock table", e))?;
-        if magic == 0 {
-            // Being set up afresh (its first opener died at it): empty.
+        let Some((fd, sidecar)) = open_in_use(lock_path.as_ref())? else {
             return Ok(Snapshot::default());
-        }
+        };
         let map = check_and_map(&sidecar, fd.as_fd(), None)?;
         let (mut g, died) = map.lock().map_err(|e| Error::io("lock table mutex", e))?;
         if died {
@@ -208,4 +172,53 @@ impl Snapshot {
         snap.holders.sort_by_key(|h| (h.span.start(), h.owner));
         Ok(snap)
     }
+}
+
+/// The sidecar of the lock file at `lock_path`, opened for reading and
+/// writing with a share of its DMS byte (which keeps the table from being
+/// reset while it is read), and its path; `None` when there is no table
+/// or no one uses it.
+pub(super) fn open_in_use(
+    lock_path: &Path,
+) -> Result<Option<(std::os::fd::OwnedFd, std::path::PathBuf)>, Error> {
+    let lock_path = std::fs::canonicalize(lock_path)
+        .or_else(|_| std::path::absolute(lock_path))
+        .unwrap_or_else(|_| lock_path.to_path_buf());
+    let sidecar = sidecar_path(&lock_path);
+    let fd = match open_sidecar(&sidecar, 0, false, false) {
+        Ok(_) => {
+            // Exists: open it for writing without creating anything.
+            let c = cstring(&sidecar)?;
+            let how = OpenHow {
+                write: true,
+                create_exclusive: false,
+                create: false,
+                follow: false,
+                mode: 0,
+            };
+            sys::open(&c, how).map_err(|e| Error::Open {
+                path: sidecar.clone(),
+                source: e,
+            })?
+        }
+        Err(Error::Open { source, .. }) if source.raw_os_error() == Some(libc::ENOENT) => {
+            return Ok(None)
+        }
+        Err(e) => return Err(e),
+    };
+    // A share of the DMS byte keeps the table from being reset while
+    // we read; if no one else holds it, no one uses the table.
+    match sys::get_lock(fd.as_fd(), Family::Ofd, LockType::Write, byte(DMS)) {
+        Ok(Some(_)) => {}
+        Ok(None) => return Ok(None),
+        Err(e) => return Err(Error::io("probe lock table", e)),
+    }
+    set_byte(fd.as_fd(), LockType::Read, DMS, true)
+        .map_err(|e| Error::io("share lock table", e))?;
+    let (magic, ..) = read_header(fd.as_fd()).map_err(|e| Error::io("read lock table", e))?;
+    if magic == 0 {
+        // Being set up afresh (its first opener died at it): empty.
+        return Ok(None);
+    }
+    Ok(Some((fd, sidecar)))
 }

@@ -30,9 +30,9 @@ use crate::sys;
 
 use super::lane::listed;
 use super::layout::{
-    Header, Rec, Slot, Waiter, BUCKETS, BUCKETS_AT, FAST_HOLDS, GATE_AT, LANES_AT, LANE_WAITING,
-    LISTS_AT, MUTEX_AT, NIL, RECORDS, RECORDS_AT, SIZE, SLOTS, SLOTS_AT, WAITERS, WAITERS_AT,
-    WAKES_AT,
+    Header, Rec, Slot, StatEntry, Waiter, BUCKETS, BUCKETS_AT, FAST_HOLDS, GATE_AT, LANES_AT,
+    LANE_WAITING, LISTS_AT, MUTEX_AT, NIL, RECORDS, RECORDS_AT, SIZE, SLOTS, SLOTS_AT, STATS_AT,
+    STAT_ENTRIES, WAITERS, WAITERS_AT, WAKES_AT,
 };
 
 thread_local! {
@@ -104,6 +104,15 @@ impl Map {
         };
         // SAFETY: in range, inside the mapping, aligned, only used atomically.
         unsafe { &*self.base.add(LANES_AT).cast::<AtomicU64>().add(l) }
+    }
+
+    /// Statistics entry `i` (see [`STATS_AT`]), read and written without
+    /// the mutex.
+    pub(super) fn stat_entry(&self, i: usize) -> &StatEntry {
+        let i = i.min(STAT_ENTRIES - 1);
+        // SAFETY: in range, inside the mapping, aligned (64), and every
+        // field atomic.
+        unsafe { &*self.base.add(STATS_AT).cast::<StatEntry>().add(i) }
     }
 
     /// The upper half of lane `l`'s word, where waiters for a fast hold
