@@ -233,3 +233,29 @@ fn kernel_mode_files_are_refused_with_a_message() {
     let out = run(&["stats", dir.path().join("missing").to_str().unwrap()]);
     assert_eq!(code(&out), 66);
 }
+
+/// `top` draws its statistics panel from the table's own counters where
+/// the table has them: the contended take of index 3 and its wait, not
+/// only what its refreshes saw.
+#[test]
+fn top_shows_the_tables_counters() {
+    let dir = tempfile::tempdir().unwrap();
+    let (f, keeper) = contended_250ms(dir.path());
+    let out = run(&["top", "--once", f.to_str().unwrap()]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.contains("LOCK STATISTICS"), "{text}");
+    assert!(text.contains("ACQUIRED") && text.contains("CONTENDED"), "{text}");
+    let panel = &text[text.find("LOCK STATISTICS").unwrap()..];
+    let row: Vec<&str> = panel
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some("3"))
+        .unwrap_or_else(|| panic!("no row for index 3:\n{text}"))
+        .split_whitespace()
+        .collect();
+    // Index, acquired, contended, then the wait's p50, p99 and max.
+    assert_eq!(&row[..3], ["3", "2", "1"], "{text}");
+    assert!(row[5].ends_with("ms") || row[5].ends_with('s'), "{text}");
+    assert!(text.contains("every wait the table recorded"), "{text}");
+    release(keeper);
+}

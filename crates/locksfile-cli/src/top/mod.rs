@@ -8,6 +8,7 @@
 //! showed it, so a wait is known to have lasted *at least* as long as it
 //! has been seen; shorter waits than one interval may be missed.
 
+mod recorded;
 mod term;
 mod view;
 
@@ -22,6 +23,7 @@ use locksfile::{LockFile, INDEX_END};
 use crate::exit;
 use crate::procfs::{self, FileId, Found};
 
+use recorded::Recorded;
 use view::{Observed, Row, StatsSource};
 
 #[derive(Args, Debug)]
@@ -117,6 +119,15 @@ impl Source {
         }
     }
 
+    /// A lock file's shm table statistics, where it has a table in use
+    /// with statistics recorded.
+    fn recorded(&self) -> Option<Recorded> {
+        match self {
+            Source::File { path, .. } => Recorded::read(path),
+            Source::Server(_) => None,
+        }
+    }
+
     /// Every holder and waiter now.
     fn read(&self) -> Result<Vec<Row>, String> {
         match self {
@@ -208,8 +219,17 @@ pub fn main(args: TopArgs) -> i32 {
             }
         };
         observed.see(&rows, Instant::now());
+        let recorded = source.recorded();
         // A frame for a pipe or a file: as wide as it needs, all of it.
-        let lines = view::frame(&title, &rows, &observed, &observed, args.hot, None, None);
+        let lines = view::frame(
+            &title,
+            &rows,
+            &observed,
+            stats_of(&observed, &recorded),
+            args.hot,
+            None,
+            None,
+        );
         let mut out = std::io::stdout().lock();
         for l in lines {
             let _ = writeln!(out, "{l}");
@@ -225,6 +245,7 @@ pub fn main(args: TopArgs) -> i32 {
     };
     let mut next = Instant::now();
     let mut rows = Vec::new();
+    let mut recorded = None;
     let mut error = None;
     loop {
         let now = Instant::now();
@@ -233,6 +254,7 @@ pub fn main(args: TopArgs) -> i32 {
                 Ok(r) => {
                     observed.see(&r, now);
                     rows = r;
+                    recorded = source.recorded();
                     error = None;
                 }
                 // Shown on the screen, not fatal: a server may come back.
@@ -241,11 +263,7 @@ pub fn main(args: TopArgs) -> i32 {
             next = now + args.interval;
         }
         let size = screen.size();
-        // The hottest-locks panel and the histogram are fed by what the
-        // refreshes saw; counters kept by the locks themselves (per-index
-        // acquisitions, contended acquisitions, wait quantiles) replace it
-        // here through a `StatsSource` of their own, where the file has them.
-        let stats: &dyn StatsSource = &observed;
+        let stats = stats_of(&observed, &recorded);
         let lines = view::frame(
             &title,
             &rows,
@@ -267,5 +285,14 @@ pub fn main(args: TopArgs) -> i32 {
                 return if sig == libc::SIGINT { 0 } else { 128 + sig };
             }
         }
+    }
+}
+
+/// The statistics panel's source: the counters a shm table keeps itself
+/// where it has any; else what the refreshes saw.
+fn stats_of<'a>(observed: &'a Observed, recorded: &'a Option<Recorded>) -> &'a dyn StatsSource {
+    match recorded {
+        Some(r) => r,
+        None => observed,
     }
 }

@@ -78,6 +78,8 @@ pub trait StatsSource {
     fn per_index(&self) -> Vec<IndexStats>;
     /// Wait times counted in [`WAIT_BUCKETS`] log2 buckets.
     fn wait_histogram(&self) -> [u64; WAIT_BUCKETS];
+    /// The histogram's heading: which waits it counts.
+    fn histogram_heading(&self) -> String;
 }
 
 /// What the refreshes saw, kept across them.
@@ -221,6 +223,10 @@ impl StatsSource for Observed {
                 }
             })
             .collect()
+    }
+
+    fn histogram_heading(&self) -> String {
+        "WAIT TIMES (waiters seen on 2+ refreshes, log2 buckets, lower bounds)".into()
     }
 
     fn wait_histogram(&self) -> [u64; WAIT_BUCKETS] {
@@ -416,7 +422,7 @@ pub fn frame(
             },
         },
         Section {
-            heading: "WAIT TIMES (waiters seen on 2+ refreshes, log2 buckets, lower bounds)".into(),
+            heading: stats.histogram_heading(),
             fixed: vec![],
             body: if histogram.is_empty() {
                 vec!["no waits seen yet".into()]
