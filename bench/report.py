@@ -671,7 +671,7 @@ def shm_reading(w, pair, held, ring, ring_q, shapes, pv):
             "every 50 ms (for a lock on the fast lane, after a nap of up to 5 ms on it), so its locks pass on "
             "within about 50 ms rather than at once as the kernel's do; a deadlock through a fast-lane lock is "
             "found up to 5 ms later. The "
-            "table is a sidecar file `<lock file>-shm` of 3.4 MiB, mapped by every user; it is sparse, "
+            "table is a sidecar file `<lock file>-shm` of 4.2 MiB, mapped by every user; it is sparse, "
             "so only the pages touched take memory (0.5 to 0.9 MiB for a table in use), and it holds at most 1,024 "
             "owners, 1,024 waiting threads and 65,536 lock pieces at once. It excludes only other shm users: "
             "the kernel's lockers (other programs, `flock(1)`, SQLite) never see its locks, which is why a file "
