@@ -245,7 +245,10 @@ fn top_shows_the_tables_counters() {
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     let text = stdout(&out);
     assert!(text.contains("LOCK STATISTICS"), "{text}");
-    assert!(text.contains("ACQUIRED") && text.contains("CONTENDED"), "{text}");
+    assert!(
+        text.contains("ACQUIRED") && text.contains("CONTENDED"),
+        "{text}"
+    );
     let panel = &text[text.find("LOCK STATISTICS").unwrap()..];
     let row: Vec<&str> = panel
         .lines()

@@ -22,38 +22,16 @@ use super::async_wait::{async_helper, PyWait};
 use super::guard::PyGuard;
 use super::outcomes::{closed_error, Refused};
 use super::owner::Owner;
+use super::pickling::{parse_threads, pickled_as_new, Given};
 use super::thread_owners::ThreadOwners;
-
-/// `__reduce__`'s answer for an object made again by its type's `__new__`
-/// with `args` and `kwargs` (`copyreg.__newobj_ex__`, which pickle turns
-/// into its own opcode), with a subclass instance's `__dict__` as state.
-fn pickled_as_new<'py>(
-    obj: &Bound<'py, PyAny>,
-    args: Bound<'py, PyTuple>,
-    kwargs: Bound<'py, PyDict>,
-) -> PyResult<Bound<'py, PyTuple>> {
-    let py = obj.py();
-    let newobj = py.import("copyreg")?.getattr("__newobj_ex__")?;
-    let call = PyTuple::new(
-        py,
-        [
-            obj.get_type().into_any(),
-            args.into_any(),
-            kwargs.into_any(),
-        ],
-    )?;
-    let state = match obj.getattr("__dict__") {
-        Ok(d) if d.is_truthy()? => d,
-        _ => py.None().into_bound(py),
-    };
-    PyTuple::new(py, [newobj, call.into_any(), state])
-}
 
 /// A lock file: many numbered reader/writer locks, lock ``n`` being byte
 /// ``n`` of the file, whose content is never touched.
 ///
 /// ``LocksFile(path=None, mode="ofd", *, create=True, permissions=0o644,
-/// follow_symlinks=False, thread_local=False)``. Without a path a fresh private lock file
+/// follow_symlinks=False, thread_local=False, threads="exclude",
+/// on_lost=None, stats=None)``; ``path`` may also name a lock namespace on
+/// a PostgreSQL server (``postgresql://...?name=NAME``). Without a path a fresh private lock file
 /// (mode 0600) is created in ``tempfile.gettempdir()``, and removed again
 /// by ``close()`` (or when the object is collected).
 ///
@@ -78,13 +56,17 @@ fn pickled_as_new<'py>(
 /// ``flock`` locks, or in another mode while its table is in use, raises
 /// ``MixedModesError``; a network file system raises ``UnsupportedError``.
 ///
-/// Threads sharing one object are one owner: they do not exclude each
-/// other (in shm mode they are also one owner to deadlock detection: a
-/// cycle through the object counts even if another of its threads could
-/// still release). ``thread_local=True`` (not in process mode) gives each thread its own
-/// owner, opened on its first call and closed when the thread ends (its
-/// explicit locks released then; its guards live until released), so the
-/// threads of one object exclude each other; ``held()`` is then per thread.
+/// Threads sharing one object exclude each other (``threads="exclude"``,
+/// the default): each thread, and each asyncio task, is a party of the
+/// object's owner, whose takes compose with its own and wait for (or are
+/// refused by) another party's; a cycle of parties is ``DeadlockError``.
+/// ``threads="share"`` makes the object's locks every thread's, as the
+/// original ``pylocksfile`` has them. ``thread_local=True`` (not in process
+/// mode) gives each thread an owner of its own instead, opened on its first
+/// call and closed when the thread ends (its explicit locks released then;
+/// its guards live until released); ``held()`` is then per thread.
+/// ``stats=True`` records lock statistics (``stats()``); ``on_lost`` is
+/// called, on a server, once the session and its locks are gone.
 ///
 /// Spans are an int (one lock), a ``range`` with step 1, a ``slice`` with
 /// step 1 (``slice(3, None)`` runs to the end), or a ``(start, count)``
@@ -116,38 +98,6 @@ pub struct PyLocksFile {
     target: Py<PyString>,
     /// The open options as given, pickled with the target.
     given: Given,
-}
-
-/// The constructor's open options, kept for pickling.
-#[derive(Clone, Copy)]
-struct Given {
-    create: bool,
-    permissions: u32,
-    follow_symlinks: bool,
-    threads: Threads,
-    /// `stats=`: `None` as `LOCKSFILE_STATS` says.
-    stats: Option<bool>,
-}
-
-impl Given {
-    const DEFAULT: Given = Given {
-        create: true,
-        permissions: 0o644,
-        follow_symlinks: false,
-        threads: Threads::Exclude,
-        stats: None,
-    };
-}
-
-/// ``threads=`` as Python code passes it.
-fn parse_threads(name: &str) -> PyResult<Threads> {
-    match name {
-        "exclude" => Ok(Threads::Exclude),
-        "share" => Ok(Threads::Share),
-        other => Err(PyValueError::new_err(format!(
-            "threads must be \"exclude\" or \"share\", got {other:?}"
-        ))),
-    }
 }
 
 /// A lock file this object created itself (no path was given): removed by

@@ -11,6 +11,7 @@ mod guard;
 mod locks_file;
 mod outcomes;
 mod owner;
+mod pickling;
 mod shm_table;
 mod stats;
 mod tasks;
