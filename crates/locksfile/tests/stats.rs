@@ -14,6 +14,32 @@ use locksfile::{Error, Kind, LockFile, Mode, Scope, Span, Wait};
 /// How long the other process holds while we wait: a floor for the wait.
 const HOLD: Duration = Duration::from_millis(150);
 
+/// Until `/proc/locks` lists a blocked `flock(2)` waiter on `path` (a
+/// `-> FLOCK` line of its inode).
+fn wait_for_flock_waiter(path: &std::path::Path) {
+    use std::os::unix::fs::MetadataExt;
+    let ino = std::fs::metadata(path).unwrap().ino();
+    let deadline = std::time::Instant::now() + STUCK;
+    loop {
+        let text = std::fs::read_to_string("/proc/locks").unwrap();
+        let waiting = text.lines().any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.get(1) == Some(&"->")
+                && f.get(2) == Some(&"FLOCK")
+                && f.get(6).and_then(|d| d.rsplit(':').next()) == Some(&ino.to_string()[..])
+        });
+        if waiting {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no flock waiter on {}",
+            path.display()
+        );
+        std::thread::yield_now();
+    }
+}
+
 fn recording(path: &std::path::Path, mode: Mode) -> LockFile {
     LockFile::options()
         .mode(mode)
@@ -54,10 +80,11 @@ fn handle_figures(mode: Mode) {
         let g = lf.write(s).unwrap();
         held.send(b'h');
         go.expect(b'w');
-        // Release only once the parent is asleep waiting: its wait is then
-        // at least HOLD. The kernel lists no flock(2) waiters: there the
-        // parent, which asks right after saying so, has HOLD to start.
-        if mode != Mode::Flock {
+        // Release only once the parent is asleep waiting (the kernel lists
+        // it, flock(2) waiters too): its wait is then at least HOLD.
+        if mode == Mode::Flock {
+            wait_for_flock_waiter(child_path);
+        } else {
             wait_for_waiter(child_path, s.start(), None);
         }
         std::thread::sleep(HOLD);
