@@ -8,28 +8,16 @@ mod common;
 
 use std::path::Path;
 
-use common::{code, run, stderr, FlockCmd, Holder};
+use common::{code, finding, run, FlockCmd, Holder};
 use serde_json::Value;
 
-/// `doctor --json FILE`: the exit code and the findings by check name.
+/// `doctor --json FILE`: the exit code and the findings.
 fn doctor(file: &Path) -> (i32, Value) {
-    let out = run(&["doctor", "--json", file.to_str().unwrap()]);
-    let v: Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|_| panic!("doctor printed no JSON: {}", stderr(&out)));
-    (code(&out), v)
+    common::doctor(file.to_str().unwrap())
 }
 
 fn status_of<'a>(v: &'a Value, check: &str) -> (&'a str, &'a str) {
-    let f = v["findings"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|f| f["check"] == check)
-        .unwrap_or_else(|| panic!("no {check} finding in {v}"));
-    (
-        f["status"].as_str().unwrap(),
-        f["message"].as_str().unwrap(),
-    )
+    finding(v, check)
 }
 
 fn hazards(v: &Value) -> Vec<String> {

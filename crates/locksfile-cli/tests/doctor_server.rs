@@ -17,57 +17,8 @@ use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 
 use bouncer::Bouncer;
-use common::{code, run, stderr};
-use serde_json::Value;
-
-fn server() -> Option<String> {
-    match std::env::var("LOCKSFILE_TEST_PG") {
-        Ok(url) if !url.is_empty() => Some(url),
-        _ => {
-            assert!(
-                std::env::var_os("LOCKSFILE_REQUIRE_PG").is_none(),
-                "LOCKSFILE_TEST_PG is not set but LOCKSFILE_REQUIRE_PG is"
-            );
-            eprintln!("skipped: no PostgreSQL server (set LOCKSFILE_TEST_PG, or run scripts/test)");
-            None
-        }
-    }
-}
-
-/// One value from `psql` as the server's superuser (`cluster.rs` calls it).
-#[allow(dead_code)]
-fn psql(srv: &str, sql: &str) -> String {
-    let out = Command::new("psql")
-        .args([srv, "-XAtqc", sql])
-        .output()
-        .expect("run psql");
-    assert!(
-        out.status.success(),
-        "psql {sql}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-fn doctor(target: &str) -> (i32, Value) {
-    let out = run(&["doctor", "--json", target]);
-    let v: Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|_| panic!("doctor printed no JSON: {}", stderr(&out)));
-    (code(&out), v)
-}
-
-fn finding<'a>(v: &'a Value, check: &str) -> (&'a str, &'a str) {
-    let f = v["findings"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|f| f["check"] == check)
-        .unwrap_or_else(|| panic!("no {check} finding in {v}"));
-    (
-        f["status"].as_str().unwrap(),
-        f["message"].as_str().unwrap(),
-    )
-}
+// `cluster.rs` calls the crate root's `server` and `psql`.
+use common::{doctor, finding, psql, server};
 
 #[test]
 fn a_direct_connection_is_healthy() {

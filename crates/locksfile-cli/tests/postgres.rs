@@ -6,21 +6,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{code, run, stderr, stdout, Holder};
-
-fn server() -> Option<String> {
-    match std::env::var("LOCKSFILE_TEST_PG") {
-        Ok(url) if !url.is_empty() => Some(url),
-        _ => {
-            assert!(
-                std::env::var_os("LOCKSFILE_REQUIRE_PG").is_none(),
-                "LOCKSFILE_TEST_PG is not set but LOCKSFILE_REQUIRE_PG is"
-            );
-            eprintln!("skipped: no PostgreSQL server (set LOCKSFILE_TEST_PG, or run scripts/test)");
-            None
-        }
-    }
-}
+use common::{code, psql, run, server, stderr, stdout, Holder};
 
 fn target(srv: &str, test: &str) -> String {
     format!("{srv}?name=cli-{test}-{}", std::process::id())
@@ -128,20 +114,6 @@ fn race_over_the_server_is_verified() {
         &target(&srv, "race-unlocked"),
     ]);
     assert_ne!(code(&out), 0);
-}
-
-/// One value from `psql` as the server's superuser.
-fn psql(srv: &str, sql: &str) -> String {
-    let out = std::process::Command::new("psql")
-        .args([srv, "-XAtqc", sql])
-        .output()
-        .expect("run psql");
-    assert!(
-        out.status.success(),
-        "psql {sql}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 /// `srv` (postgresql://USER@HOST/DB) as `user` on database `db`.

@@ -322,17 +322,7 @@ fn refuses_what_is_no_lock_file() {
 
 /// A lock namespace on the test's PostgreSQL server, when there is one.
 fn server_target() -> Option<String> {
-    match std::env::var("LOCKSFILE_TEST_PG") {
-        Ok(url) if !url.is_empty() => Some(format!("{url}?name=cli-top-{}", std::process::id())),
-        _ => {
-            assert!(
-                std::env::var_os("LOCKSFILE_REQUIRE_PG").is_none(),
-                "LOCKSFILE_TEST_PG is not set but LOCKSFILE_REQUIRE_PG is"
-            );
-            eprintln!("skipped: no PostgreSQL server (set LOCKSFILE_TEST_PG, or run scripts/test)");
-            None
-        }
-    }
+    Some(format!("{}?name=cli-top-{}", server()?, std::process::id()))
 }
 
 #[test]

@@ -175,3 +175,56 @@ impl Drop for FlockCmd {
         let _ = self.0.wait();
     }
 }
+
+/// The test's PostgreSQL server (`LOCKSFILE_TEST_PG`, which `scripts/test`
+/// sets), or `None` to skip; with `LOCKSFILE_REQUIRE_PG` set a missing
+/// server fails the test instead.
+pub fn server() -> Option<String> {
+    match std::env::var("LOCKSFILE_TEST_PG") {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ => {
+            assert!(
+                std::env::var_os("LOCKSFILE_REQUIRE_PG").is_none(),
+                "LOCKSFILE_TEST_PG is not set but LOCKSFILE_REQUIRE_PG is"
+            );
+            eprintln!("skipped: no PostgreSQL server (set LOCKSFILE_TEST_PG, or run scripts/test)");
+            None
+        }
+    }
+}
+
+/// One value from `psql` as the server's superuser.
+pub fn psql(srv: &str, sql: &str) -> String {
+    let out = Command::new("psql")
+        .args([srv, "-XAtqc", sql])
+        .output()
+        .expect("run psql");
+    assert!(
+        out.status.success(),
+        "psql {sql}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// `locksfile doctor --json TARGET`: its exit code and findings.
+pub fn doctor(target: &str) -> (i32, serde_json::Value) {
+    let out = run(&["doctor", "--json", target]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| panic!("doctor printed no JSON: {}", stderr(&out)));
+    (code(&out), v)
+}
+
+/// The status and message of doctor's finding `check`.
+pub fn finding<'a>(v: &'a serde_json::Value, check: &str) -> (&'a str, &'a str) {
+    let f = v["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["check"] == check)
+        .unwrap_or_else(|| panic!("no {check} finding in {v}"));
+    (
+        f["status"].as_str().unwrap(),
+        f["message"].as_str().unwrap(),
+    )
+}
