@@ -8,6 +8,7 @@ use locksfile::{Cancel, Entered, Error, Kind, LockFile, Party, Span, Threads, Wa
 use pyo3::prelude::*;
 
 use crate::errors::to_py;
+use crate::forks::Born;
 use crate::mutex::lock_mutex;
 use crate::wait::{with_patience, Patience, Waits};
 use crate::with_block::WithBlocks;
@@ -27,7 +28,7 @@ pub struct Owner {
     pub waits: Waits,
     /// The process that opened it: `held()` answers from bookkeeping
     /// without a system call, so it checks for a fork itself.
-    pub pid: u32,
+    pub born: Born,
     /// `thread_local=True`: an owner per thread, opened on first use.
     pub threads: Option<ThreadOwners>,
     /// Whether the object's threads and tasks exclude each other.
@@ -42,7 +43,7 @@ impl Owner {
             handle: Mutex::new(Some(lf)),
             guards: Mutex::new(Vec::new()),
             waits: Waits::default(),
-            pid: std::process::id(),
+            born: Born::now(),
             threads,
             sharing,
             with_blocks: WithBlocks::default(),
@@ -85,7 +86,7 @@ impl Owner {
             .as_ref()
             .map(Arc::clone)
             .ok_or_else(closed_error)?;
-        if std::process::id() != self.pid {
+        if self.born.forked() {
             return Err(to_py(py, Error::Forked));
         }
         match &self.threads {
@@ -99,7 +100,7 @@ impl Owner {
         let cell = Arc::new(GuardCell {
             held: Mutex::new(h),
             span,
-            pid: self.pid,
+            born: self.born,
             waits: Waits::default(),
         });
         // Under the guards' lock, so `close()` (which closes first,
@@ -194,7 +195,7 @@ impl Owner {
     /// and waits stay.
     pub fn close(&self) {
         let lf = lock_mutex(&self.handle).take();
-        let forked = std::process::id() != self.pid;
+        let forked = self.born.forked();
         // Closed first: a wait that registers from now on sees it.
         if forked {
             // The parent's threads' waits: not this process's to end.
