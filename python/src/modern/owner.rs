@@ -2,6 +2,7 @@
 //! threads' handles), the guards and waits `close()` must reach, and the
 //! one path every blocking take goes through.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use locksfile::{Cancel, Entered, Error, Kind, LockFile, Party, Span, Threads, Wait};
@@ -22,6 +23,11 @@ use super::thread_owners::ThreadOwners;
 /// with it.
 pub struct Owner {
     handle: Mutex<Option<Arc<LockFile>>>,
+    /// Whether `close()` was called: `handle` is `None`. Kept apart so
+    /// that the checks of every take (up to four) are loads, not locks;
+    /// set under `handle`'s lock, before `close()` ends waits and takes
+    /// the guards, whose locks carry it to whoever comes after.
+    closed: AtomicBool,
     guards: Mutex<Vec<Weak<GuardCell>>>,
     /// The waits in progress on this object (any thread's), which
     /// `close()` ends.
@@ -41,6 +47,7 @@ impl Owner {
     pub fn new(lf: Arc<LockFile>, threads: Option<ThreadOwners>, sharing: Threads) -> Owner {
         Owner {
             handle: Mutex::new(Some(lf)),
+            closed: AtomicBool::new(false),
             guards: Mutex::new(Vec::new()),
             waits: Waits::default(),
             born: Born::now(),
@@ -52,7 +59,7 @@ impl Owner {
 
     /// Whether `close()` was called.
     pub fn closed(&self) -> bool {
-        lock_mutex(&self.handle).is_none()
+        self.closed.load(Ordering::SeqCst)
     }
 
     /// Inside an asyncio task, take locks for the task (see `TaskParty`)
@@ -205,7 +212,11 @@ impl Owner {
     /// In a forked child only the child's copies go: the parent's locks
     /// and waits stay.
     pub fn close(&self) {
-        let lf = lock_mutex(&self.handle).take();
+        let lf = {
+            let mut handle = lock_mutex(&self.handle);
+            self.closed.store(true, Ordering::SeqCst);
+            handle.take()
+        };
         let forked = self.born.forked();
         // Closed first: a wait that registers from now on sees it.
         if forked {
