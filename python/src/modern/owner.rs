@@ -148,14 +148,16 @@ impl Owner {
     ///
     /// The hot path of `with lf.write(i):`. What an uncontended block
     /// costs, in instructions (callgrind, shm mode, CPython 3.11): about
-    /// 1,900 in `write` (the engine's take about 420, the guard object
-    /// about 260 to make and 800 to free with its weak-reference slot, the
-    /// registration for `close()` 330, the asyncio task check 280 when
-    /// `asyncio` is imported, arguments and span 280), 620 in `__exit__`
-    /// (the engine's release 400), and about 1,000 in CPython's `with`
-    /// protocol itself (looking up and binding `__enter__`/`__exit__`). A
-    /// fork check used to be a `getpid(2)` per call, three per block: see
-    /// `crate::forks`. `bench/python/guard_costs.py` times each variant.
+    /// 1,700 in `write` (the engine's take about 420, making the guard
+    /// object 260, the registration for `close()` 310, the asyncio task
+    /// check 170, or 450 once `asyncio` is imported, arguments and span
+    /// 280), 620 in `__exit__` (the engine's release 400), about 700 to
+    /// free the guard (a GC object with a weak-reference slot), and about
+    /// 1,500 in CPython's `with` protocol itself (looking up, binding and
+    /// freeing `__enter__` and `__exit__`, as for any context manager
+    /// written in C). A fork check used to be a `getpid(2)` per call,
+    /// three per block: see `crate::forks`. `bench/python/guard_costs.py`
+    /// times each variant side by side.
     pub fn guard(
         &self,
         py: Python<'_>,
