@@ -90,7 +90,7 @@ class OursModernApi(Peer):
     def join(self):
         from pylocksfile import LocksFile
 
-        lf = LocksFile(self.path, mode=self.mode)
+        lf = self._lf = LocksFile(self.path, mode=self.mode)
         guards = {}
 
         class J:
@@ -106,6 +106,24 @@ class OursModernApi(Peer):
 class OursModernApiShm(OursModernApi):
     name = "pylocksfile (LocksFile guards, mode=\"shm\")"
     mode = "shm"
+
+
+class OursModernWithShm(OursModernApiShm):
+    """`with lf.write(i): pass` as the pair (one call of `pair` per pair, where
+    the other peers make two: `lock` and `unlock`); the race is the guards'."""
+
+    name = "pylocksfile (with lf.write(i), mode=\"shm\")"
+
+    def join(self):
+        j = super().join()
+        write = self._lf.write
+
+        def pair(t):
+            with write(t):
+                pass
+
+        j.pair = pair
+        return j
 
 
 class Seed006(Peer):
@@ -258,6 +276,7 @@ PEERS = {
     "ours_seed_api_shm": OursSeedApiShm,
     "ours_modern_api": OursModernApi,
     "ours_modern_api_shm": OursModernApiShm,
+    "ours_modern_with_shm": OursModernWithShm,
     "seed_0.0.6": Seed006,
     "lockf": RawLockf,
     "mp_lock": MpLock,
@@ -324,12 +343,17 @@ def pair_once(cls, min_time=0.2):
         try:
             j = peer.join()
             lock, unlock, t = j.lock, j.unlock, PAIR_LOCK
+            pair = getattr(j, "pair", None)
             n = 16
             while True:
                 t0 = time.perf_counter()
-                for _ in range(n):
-                    lock(t)
-                    unlock(t)
+                if pair is None:
+                    for _ in range(n):
+                        lock(t)
+                        unlock(t)
+                else:
+                    for _ in range(n):
+                        pair(t)
                 el = time.perf_counter() - t0
                 if el >= min_time:
                     return el / n

@@ -200,9 +200,9 @@ class Guard:
     def __enter__(self: _G) -> _G: ...
     def __exit__(
         self,
-        exc_type: Optional[Type[BaseException]],
-        exc: Optional[BaseException],
-        tb: Optional[TracebackType],
+        exc_type: Optional[Type[BaseException]] = None,
+        exc: Optional[BaseException] = None,
+        tb: Optional[TracebackType] = None,
     ) -> Literal[False]: ...
 
 @disjoint_base

@@ -7,6 +7,7 @@
 mod compat;
 mod errors;
 mod exceptions;
+mod forks;
 mod holder;
 mod kinds;
 mod modern;
@@ -22,6 +23,7 @@ use pyo3::prelude::*;
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    forks::install(m)?;
     m.add("INDEX_END", locksfile::INDEX_END)?;
     m.add_class::<compat::pylocksfile::Pylocksfile>()?;
     compat::fastcall::install(&m.py().get_type::<compat::pylocksfile::Pylocksfile>())?;

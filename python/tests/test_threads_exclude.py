@@ -251,3 +251,36 @@ def test_the_seed_api_keeps_the_originals_model(lock_path):
     assert probe.try_write(0) is not None, "released by the other thread"
     probe.close()
     lf.release()
+
+
+def test_tasks_exclude_each_other_when_asyncio_comes_after_the_first_take(lock_path):
+    """A take made before ``asyncio`` is imported skips the task lookup (no
+    loop can run yet); once it is imported, tasks exclude each other."""
+    import subprocess
+    import sys
+
+    code = f"""
+import sys
+from pylocksfile import LocksFile
+lf = LocksFile({os.fspath(lock_path)!r}, mode="shm")
+with lf.write(3):
+    pass
+assert "asyncio" not in sys.modules, "the take imported asyncio"
+import asyncio
+
+async def main():
+    g = lf.write(3)
+    async def other():
+        return lf.try_write(3)
+    assert await asyncio.create_task(other()) is None, "another task is kept out"
+    g.release()
+    g2 = await asyncio.create_task(other())
+    assert g2 is not None
+    g2.release()
+
+asyncio.run(main())
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"

@@ -8,9 +8,9 @@ use std::sync::{Arc, Mutex};
 use locksfile::{Cancel, Error, Kind, LockFile, ReadGuard, Span, Wait, WriteGuard};
 use pyo3::exceptions::{PyResourceWarning, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::PyTuple;
 
 use crate::errors::to_py;
+use crate::forks::Born;
 use crate::mutex::lock_mutex;
 use crate::spans::span_to_range;
 use crate::wait::{with_patience, Waits};
@@ -75,7 +75,7 @@ pub struct GuardCell {
     pub span: Span,
     /// The process that took it: in a forked child every method refuses
     /// before touching anything, so the parent's locks stay as they are.
-    pub pid: u32,
+    pub born: Born,
     /// The upgrade waiting on it, if any: a release ends that wait.
     pub waits: Waits,
 }
@@ -138,7 +138,7 @@ impl PyGuard {
 /// unclosed file does. The lock is released right after, as before.
 impl Drop for PyGuard {
     fn drop(&mut self) {
-        if self.entered.load(Ordering::Relaxed) || std::process::id() != self.cell.pid {
+        if self.entered.load(Ordering::Relaxed) || self.cell.born.forked() {
             return;
         }
         if !matches!(
@@ -174,7 +174,7 @@ impl Drop for PyGuard {
 
 impl PyGuard {
     fn not_forked(&self, py: Python<'_>) -> PyResult<()> {
-        if std::process::id() != self.cell.pid {
+        if self.cell.born.forked() {
             return Err(to_py(py, Error::Forked));
         }
         Ok(())
@@ -369,8 +369,17 @@ impl PyGuard {
         Ok(slf.clone())
     }
 
-    #[pyo3(signature = (*_exc))]
-    fn __exit__(&self, py: Python<'_>, _exc: &Bound<'_, PyTuple>) -> PyResult<bool> {
+    // Three optional parameters rather than `*exc`: no argument tuple to
+    // build on every `with` block's end.
+    #[pyo3(signature = (exc_type = None, exc = None, tb = None))]
+    fn __exit__(
+        &self,
+        py: Python<'_>,
+        exc_type: Option<&Bound<'_, PyAny>>,
+        exc: Option<&Bound<'_, PyAny>>,
+        tb: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<bool> {
+        let _ = (exc_type, exc, tb);
         self.release(py)?;
         Ok(false)
     }

@@ -130,7 +130,7 @@ impl Drop for PyLocksFile {
 impl PyLocksFile {
     fn remove_temp(&self) {
         // A forked child's copy must not take the parent's file away.
-        if std::process::id() == self.owner.pid {
+        if !self.owner.born.forked() {
             if let Some(t) = lock_mutex(&self.temp).take() {
                 t.remove();
             }

@@ -2,12 +2,14 @@
 //! threads' handles), the guards and waits `close()` must reach, and the
 //! one path every blocking take goes through.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use locksfile::{Cancel, Entered, Error, Kind, LockFile, Party, Span, Threads, Wait};
 use pyo3::prelude::*;
 
 use crate::errors::to_py;
+use crate::forks::Born;
 use crate::mutex::lock_mutex;
 use crate::wait::{with_patience, Patience, Waits};
 use crate::with_block::WithBlocks;
@@ -21,13 +23,18 @@ use super::thread_owners::ThreadOwners;
 /// with it.
 pub struct Owner {
     handle: Mutex<Option<Arc<LockFile>>>,
+    /// Whether `close()` was called: `handle` is `None`. Kept apart so
+    /// that the checks of every take (up to four) are loads, not locks;
+    /// set under `handle`'s lock, before `close()` ends waits and takes
+    /// the guards, whose locks carry it to whoever comes after.
+    closed: AtomicBool,
     guards: Mutex<Vec<Weak<GuardCell>>>,
     /// The waits in progress on this object (any thread's), which
     /// `close()` ends.
     pub waits: Waits,
     /// The process that opened it: `held()` answers from bookkeeping
     /// without a system call, so it checks for a fork itself.
-    pub pid: u32,
+    pub born: Born,
     /// `thread_local=True`: an owner per thread, opened on first use.
     pub threads: Option<ThreadOwners>,
     /// Whether the object's threads and tasks exclude each other.
@@ -40,9 +47,10 @@ impl Owner {
     pub fn new(lf: Arc<LockFile>, threads: Option<ThreadOwners>, sharing: Threads) -> Owner {
         Owner {
             handle: Mutex::new(Some(lf)),
+            closed: AtomicBool::new(false),
             guards: Mutex::new(Vec::new()),
             waits: Waits::default(),
-            pid: std::process::id(),
+            born: Born::now(),
             threads,
             sharing,
             with_blocks: WithBlocks::default(),
@@ -51,7 +59,7 @@ impl Owner {
 
     /// Whether `close()` was called.
     pub fn closed(&self) -> bool {
-        lock_mutex(&self.handle).is_none()
+        self.closed.load(Ordering::SeqCst)
     }
 
     /// Inside an asyncio task, take locks for the task (see `TaskParty`)
@@ -85,7 +93,7 @@ impl Owner {
             .as_ref()
             .map(Arc::clone)
             .ok_or_else(closed_error)?;
-        if std::process::id() != self.pid {
+        if self.born.forked() {
             return Err(to_py(py, Error::Forked));
         }
         match &self.threads {
@@ -99,7 +107,7 @@ impl Owner {
         let cell = Arc::new(GuardCell {
             held: Mutex::new(h),
             span,
-            pid: self.pid,
+            born: self.born,
             waits: Waits::default(),
         });
         // Under the guards' lock, so `close()` (which closes first,
@@ -137,6 +145,19 @@ impl Owner {
 
     /// A guard of `kind` on `span` through `lf`, waiting as `patience`
     /// says; None when refused with `Refused::Nothing`.
+    ///
+    /// The hot path of `with lf.write(i):`. What an uncontended block
+    /// costs, in instructions (callgrind, shm mode, CPython 3.11): about
+    /// 1,700 in `write` (the engine's take about 420, making the guard
+    /// object 260, the registration for `close()` 310, the asyncio task
+    /// check 170, or 450 once `asyncio` is imported, arguments and span
+    /// 280), 620 in `__exit__` (the engine's release 400), about 700 to
+    /// free the guard (a GC object with a weak-reference slot), and about
+    /// 1,500 in CPython's `with` protocol itself (looking up, binding and
+    /// freeing `__enter__` and `__exit__`, as for any context manager
+    /// written in C). A fork check used to be a `getpid(2)` per call,
+    /// three per block: see `crate::forks`. `bench/python/guard_costs.py`
+    /// times each variant side by side.
     pub fn guard(
         &self,
         py: Python<'_>,
@@ -193,8 +214,12 @@ impl Owner {
     /// In a forked child only the child's copies go: the parent's locks
     /// and waits stay.
     pub fn close(&self) {
-        let lf = lock_mutex(&self.handle).take();
-        let forked = std::process::id() != self.pid;
+        let lf = {
+            let mut handle = lock_mutex(&self.handle);
+            self.closed.store(true, Ordering::SeqCst);
+            handle.take()
+        };
+        let forked = self.born.forked();
         // Closed first: a wait that registers from now on sees it.
         if forked {
             // The parent's threads' waits: not this process's to end.

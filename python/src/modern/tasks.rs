@@ -10,8 +10,31 @@ use pyo3::prelude::*;
 pub struct TaskParty(Party);
 
 /// The running asyncio task's party, if this thread runs one now.
+///
+/// Every take of a `threads="exclude"` object asks, so the common case is
+/// kept cheap: no event loop can run before `asyncio` was imported, and
+/// looking it up in `sys.modules` costs a dict lookup where asking
+/// `asyncio._get_running_loop()` is a call (about a fifth of the guard's
+/// own instructions in a `with lf.write(i):` block).
 pub fn task_party(py: Python<'_>) -> PyResult<Option<Party>> {
     use pyo3::sync::PyOnceLock;
+    use pyo3::types::PyDict;
+    static MODULES: PyOnceLock<Py<PyDict>> = PyOnceLock::new();
+    let modules = MODULES.get_or_try_init(py, || {
+        Ok::<_, PyErr>(
+            py.import("sys")?
+                .getattr("modules")?
+                .cast_into::<PyDict>()?
+                .unbind(),
+        )
+    })?;
+    if modules
+        .bind(py)
+        .get_item(pyo3::intern!(py, "asyncio"))?
+        .is_none()
+    {
+        return Ok(None);
+    }
     static RUNNING: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
     static CURRENT: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
     static PARTIES: PyOnceLock<Py<PyAny>> = PyOnceLock::new();

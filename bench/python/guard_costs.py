@@ -1,0 +1,166 @@
+"""What an uncontended lock + unlock of one index costs through each of
+pylocksfile's Python APIs, side by side with multiprocessing.Lock, and what
+each part of the guard path adds (the guard object, keyword parsing, the
+thread checks, the with-block bookkeeping).
+
+    guard_costs.py [--n 200000] [--repeats 9] [--modes shm,ofd] [--json OUT]
+
+Every variant runs a loop of N pairs, in a function of its own with the
+bound methods in locals; a repeat runs every variant once, in an order
+rotated repeat by repeat, so whatever else the machine does falls on all
+alike. The figures are medians over the repeats, in ns per pair, the loop
+included (an empty loop of N is shown for scale), and the ratios are taken
+within this one run.
+"""
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+I = 5
+
+
+def variants(d, mode):
+    """name -> a function running n pairs, for one lock-file mode."""
+    from pylocksfile import LocksFile, pylocksfile
+
+    path = os.path.join(d, "costs-%s.lock" % mode)
+    seed = pylocksfile(path, mode="ofd" if mode == "ofd" else mode)
+    lf = LocksFile(path, mode=mode)
+    share = LocksFile(path, mode=mode, threads="share")
+    blk = LocksFile(path, mode=mode)
+    # An open `with LocksFile(...)` block: every take counts for NoLockWarning.
+    blk.__enter__()
+    keep = [seed, lf, share, blk]
+
+    def seed_pair(n):
+        acquire, release = seed.acquire, seed.release
+        for _ in range(n):
+            acquire(True, I, False)
+            release(I)
+
+    def with_write(n):
+        write = lf.write
+        for _ in range(n):
+            with write(I):
+                pass
+
+    def with_write_kw(n):
+        write = lf.write
+        for _ in range(n):
+            with write(I, timeout=None):
+                pass
+
+    def with_write_share(n):
+        write = share.write
+        for _ in range(n):
+            with write(I):
+                pass
+
+    def with_write_in_block(n):
+        write = blk.write
+        for _ in range(n):
+            with write(I):
+                pass
+
+    def write_release(n):
+        write = lf.write
+        for _ in range(n):
+            write(I).release()
+
+    def try_write_release(n):
+        try_write = lf.try_write
+        for _ in range(n):
+            try_write(I).release()
+
+    def explicit(n):
+        acquire, release = lf.acquire, lf.release
+        for _ in range(n):
+            acquire("exclusive", I)
+            release(I)
+
+    def explicit_share(n):
+        acquire, release = share.acquire, share.release
+        for _ in range(n):
+            acquire("exclusive", I)
+            release(I)
+
+    out = {
+        "seed pair": seed_pair,
+        "with lf.write(5)": with_write,
+        "with lf.write(5, timeout=None)": with_write_kw,
+        "with lf.write(5), threads=share": with_write_share,
+        "with lf.write(5), in a with-LocksFile block": with_write_in_block,
+        "lf.write(5).release()": write_release,
+        "lf.try_write(5).release()": try_write_release,
+        "lf.acquire('exclusive', 5) + release(5)": explicit,
+        "lf.acquire/release, threads=share": explicit_share,
+    }
+    return {"%s %s" % (mode, k): v for k, v in out.items()}, keep
+
+
+def common():
+    lock = mp.Lock()
+
+    def mp_pair(n):
+        acquire, release = lock.acquire, lock.release
+        for _ in range(n):
+            acquire()
+            release()
+
+    def empty(n):
+        for _ in range(n):
+            pass
+
+    return {"multiprocessing.Lock": mp_pair, "empty loop": empty}, [lock]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n", type=int, default=200_000)
+    ap.add_argument("--repeats", type=int, default=9)
+    ap.add_argument("--modes", default="shm,ofd")
+    ap.add_argument("--only", help="comma-separated substrings of variant names")
+    ap.add_argument("--json")
+    a = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="guard-costs-") as d:
+        fns, keep = common()
+        for mode in a.modes.split(","):
+            v, k = variants(d, mode)
+            fns.update(v)
+            keep += k
+        if a.only:
+            subs = a.only.split(",")
+            fns = {k: f for k, f in fns.items() if k in ("multiprocessing.Lock", "empty loop") or any(s in k for s in subs)}
+        names = list(fns)
+        for f in fns.values():
+            f(1000)  # warm up
+        times = {k: [] for k in names}
+        for r in range(a.repeats):
+            order = names[r % len(names):] + names[: r % len(names)]
+            for k in order:
+                t0 = time.perf_counter_ns()
+                fns[k](a.n)
+                times[k].append((time.perf_counter_ns() - t0) / a.n)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        mpl = med["multiprocessing.Lock"]
+        print("%-52s %9s %8s %8s" % ("ns per pair (median of %d)" % a.repeats, "ns", "/mp", "/seed"))
+        for k in names:
+            mode = k.split()[0]
+            seed = med.get("%s seed pair" % mode)
+            print(
+                "%-52s %9.1f %8.2f %8s"
+                % (k, med[k], med[k] / mpl, "%.2f" % (med[k] / seed) if seed else "")
+            )
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump({"n": a.n, "times_ns": times, "median_ns": med}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
