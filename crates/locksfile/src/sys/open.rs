@@ -112,6 +112,19 @@ pub(crate) struct OpenHow {
     pub mode: u32,
 }
 
+impl OpenHow {
+    /// An existing file only: never created, a symlink never followed.
+    pub(crate) const fn existing(write: bool) -> OpenHow {
+        OpenHow {
+            write,
+            create_exclusive: false,
+            create: false,
+            follow: false,
+            mode: 0,
+        }
+    }
+}
+
 /// `open(path, O_CLOEXEC | O_NOCTTY | O_NONBLOCK | ...)`.
 ///
 /// `O_NONBLOCK` keeps a FIFO from hanging the open; it has no effect on

@@ -94,6 +94,25 @@ impl TableLock<'_> {
         }
     }
 
+    /// A new record of slot `slot`'s, `start..end` at `kind`, not yet
+    /// linked. Its owner is written last, so that a repair after a death
+    /// in between finds it free or whole (I4).
+    pub(super) fn new_record(&mut self, start: u64, end: u64, kind: u32, slot: u32) -> u32 {
+        let n = self.alloc();
+        *self.rec(n) = Rec {
+            start,
+            end,
+            owner: 0,
+            kind,
+            next: NIL,
+            onext: NIL,
+            oprev: NIL,
+            _pad: 0,
+        };
+        self.rec(n).owner = slot + 1;
+        n
+    }
+
     pub(super) fn alloc(&mut self) -> u32 {
         let h = self.header();
         let i = if h.free_head != NIL {
@@ -224,18 +243,7 @@ impl TableLock<'_> {
             if r.start < s && r.end > e {
                 // Split: the right part becomes a new record, written in
                 // full before the left part is trimmed.
-                let n = self.alloc();
-                *self.rec(n) = Rec {
-                    start: e,
-                    end: r.end,
-                    owner: 0,
-                    kind: r.kind,
-                    next: NIL,
-                    onext: NIL,
-                    oprev: NIL,
-                    _pad: 0,
-                };
-                self.rec(n).owner = me + 1;
+                let n = self.new_record(e, r.end, r.kind, me);
                 self.unlink_tier(at);
                 self.rec(at).end = s;
                 self.relink_tier(at);
@@ -253,18 +261,7 @@ impl TableLock<'_> {
             }
         }
         if kind != 0 {
-            let n = self.alloc();
-            *self.rec(n) = Rec {
-                start: ns,
-                end: ne,
-                owner: 0,
-                kind,
-                next: NIL,
-                onext: NIL,
-                oprev: NIL,
-                _pad: 0,
-            };
-            self.rec(n).owner = me + 1;
+            let n = self.new_record(ns, ne, kind, me);
             self.link(n);
         }
         if lowered {

@@ -369,13 +369,7 @@ pub fn verify(lock_path: &Path) -> Result<(), String> {
     let lock_path = std::fs::canonicalize(lock_path).map_err(|e| e.to_string())?;
     let sidecar = sidecar_path(&lock_path);
     let c = cstring(&sidecar).map_err(|e| e.to_string())?;
-    let how = OpenHow {
-        write: true,
-        create_exclusive: false,
-        create: false,
-        follow: false,
-        mode: 0,
-    };
+    let how = OpenHow::existing(true);
     let fd = sys::open(&c, how).map_err(|e| e.to_string())?;
     set_byte(fd.as_fd(), LockType::Read, DMS, true).map_err(|e| e.to_string())?;
     let (magic, ..) = read_header(fd.as_fd()).map_err(|e| e.to_string())?;

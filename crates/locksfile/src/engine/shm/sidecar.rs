@@ -313,13 +313,7 @@ pub(crate) fn table_in_use(lock_path: &Path, lock_fd: Option<BorrowedFd<'_>>) ->
     let Ok(c) = CString::new(sidecar.as_os_str().as_bytes()) else {
         return false;
     };
-    let how = OpenHow {
-        write: false,
-        create_exclusive: false,
-        create: false,
-        follow: false,
-        mode: 0,
-    };
+    let how = OpenHow::existing(false);
     let Ok(fd) = sys::open(&c, how) else {
         return false;
     };

@@ -189,13 +189,7 @@ pub(super) fn open_in_use(
         Ok(_) => {
             // Exists: open it for writing without creating anything.
             let c = cstring(&sidecar)?;
-            let how = OpenHow {
-                write: true,
-                create_exclusive: false,
-                create: false,
-                follow: false,
-                mode: 0,
-            };
+            let how = OpenHow::existing(true);
             sys::open(&c, how).map_err(|e| Error::Open {
                 path: sidecar.clone(),
                 source: e,

@@ -15,8 +15,8 @@ use crate::sys;
 use super::deadlock::topo_sort;
 use super::lane::LANE_NAP;
 use super::layout::{
-    bucket, fast_word, lane_owner, Rec, EXCLUSIVE, LANE_EMPTY, LANE_MOVING, LANE_SLOW,
-    LANE_WAITING, NIL, SHARED, SLOTS,
+    bucket, fast_word, lane_owner, EXCLUSIVE, LANE_EMPTY, LANE_MOVING, LANE_SLOW, LANE_WAITING,
+    SHARED, SLOTS,
 };
 use super::sidecar::network_fs;
 use super::waits::Place;
@@ -418,17 +418,7 @@ fn a_death_while_adopting_a_fast_hold_keeps_it() {
             let w = g.map.lane(l).load(Ordering::SeqCst);
             g.map.lane(l).store(w | LANE_MOVING, Ordering::SeqCst);
             if made {
-                let n = g.alloc();
-                *g.rec(n) = Rec {
-                    start: 5,
-                    end: 6,
-                    owner: lane_owner(w) + 1,
-                    kind: EXCLUSIVE,
-                    next: NIL,
-                    onext: NIL,
-                    oprev: NIL,
-                    _pad: 0,
-                };
+                let n = g.new_record(5, 6, EXCLUSIVE, lane_owner(w));
                 g.link(n);
             }
             std::mem::forget(g);
