@@ -31,6 +31,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<modern::PyGuard>()?;
     m.add_class::<holder::PyHolder>()?;
     m.add_function(wrap_pyfunction!(modern::_shm_table, m)?)?;
+    m.add_function(wrap_pyfunction!(modern::_cap_shm_for_tests, m)?)?;
     // `_Wait` and `_ThreadOwner` are internal: made by `LocksFile` only,
     // so not exported.
     Ok(())

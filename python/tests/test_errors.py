@@ -168,8 +168,9 @@ def test_shm_in_a_directory_without_write_permission_is_a_clear_error(tmp_path):
 
 
 def test_shm_table_full_of_owners_is_a_clear_error(spawn_worker):
-    """The table has room for 1,024 owners: the next open raises
-    LockTableFullError (ENOLCK), and closing one makes room again."""
+    """A table full of owners: the next open raises LockTableFullError
+    (ENOLCK), and closing one makes room again. The table holds over
+    100,000; the worker is given 1,024 of them so that it fills at once."""
     import resource
 
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -181,6 +182,8 @@ def test_shm_table_full_of_owners_is_a_clear_error(spawn_worker):
         "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
         "want = 8192 if hard == resource.RLIM_INFINITY else min(hard, 8192)\n"
         "resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))\n"
+        "from pylocksfile import _native\n"
+        "_native._cap_shm_for_tests(1 << 30, 1024)\n"
         "objs = []\n"
         "err = None\n"
         "while len(objs) < 2000:\n"

@@ -15,13 +15,14 @@ import pytest
 
 from pylocksfile import LocksfileError, LocksFile
 
-# Offsets from crates/locksfile/src/engine/shm/layout.rs.
+# Offsets from crates/locksfile/src/engine/shm/layout.rs: the start of each
+# region, where a small table's entries lie (bucket heads: the first 65,536).
 REGIONS = {
-    "header counters": (40, 48),
-    "slots": (0x2000, 1024 * 64),
-    "waiters": (0x12000, 1024 * 56),
-    "bucket heads": (0x20000, 65536 * 4),
-    "records": (0x60000, 4096 * 40),
+    "header counters": (40, 56),
+    "slots": (0x81000, 1024 * 64),
+    "waiters": (0x881000, 1024 * 56),
+    "bucket heads": (0xF81000, 65536 * 4),
+    "records": (0x4F81000, 4096 * 40),
 }
 
 FILLS = {

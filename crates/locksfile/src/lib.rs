@@ -91,9 +91,9 @@ mod wait;
 /// Reading a [`Mode::Shm`] lock table from outside: who holds what, who
 /// waits (for `locksfile status` and the like).
 pub mod shm {
-    pub use crate::engine::shm::{read_stats, HeldLock, Snapshot, WaitingLock};
     #[doc(hidden)]
-    pub use crate::engine::shm::{regions, verify};
+    pub use crate::engine::shm::{cap_for_tests, regions, verify};
+    pub use crate::engine::shm::{read_stats, HeldLock, Snapshot, WaitingLock};
 
     /// The byte of the lock file (past the last index) on which every
     /// user of its table holds an OFD read lock while it uses it: lock

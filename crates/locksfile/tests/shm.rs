@@ -734,10 +734,14 @@ fn sidecar_symlink_or_directory_refused() {
 
 /// Records run out: the raise that does not fit is refused with
 /// `Error::TableFull`, changing nothing; lowering still works, and after
-/// it the raise fits again. Owners run out the same way.
+/// it the raise fits again. Owners run out the same way. The table's real
+/// capacities are gigabytes of memory (`shm_capacity.rs` fills 10 million
+/// records and 100,000 owners); this process is given 65,536 records and
+/// 1,024 owners of them, so the table fills in a moment.
 #[test]
 fn full_table_is_a_clear_error() {
     let _s = serial();
+    let _cap = capped(65_536, 1024);
     let (_dir, path) = lock_path();
     let lf = shm(&path);
     let mut taken = 0u64;
@@ -759,10 +763,12 @@ fn full_table_is_a_clear_error() {
     assert!(taken > 60_000, "only {taken} records");
     let held = lf.held();
     assert_eq!(held.len() as u64, taken);
-    // Another owner is refused too, without waiting.
+    // Another owner is refused too, without waiting, for a span (which
+    // needs a record; one free index alone would go by the fast lane).
     let other = shm(&path);
+    let free = 2 * taken + 1..2 * taken + 3;
     assert!(matches!(
-        other.acquire(Kind::Shared, 1, Wait::Blocking),
+        other.acquire(Kind::Shared, free, Wait::Blocking),
         Err(Error::TableFull { .. })
     ));
     assert!(other.held().is_empty());

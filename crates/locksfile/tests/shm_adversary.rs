@@ -80,14 +80,17 @@ fn a_killed_waiter_does_not_hold_up_later_requests() {
     verify(&path).unwrap();
 }
 
-/// Fill the table with `filler`'s records until a raise is refused.
-fn fill(filler: &LockFile, from: u64) -> u64 {
+/// Fill the table with `filler`'s records until a raise is refused (while
+/// the result lives, this process may use 65,536 of them).
+#[must_use]
+fn fill(filler: &LockFile, from: u64) -> (u64, Capped) {
+    let cap = capped(65_536, usize::MAX);
     let mut taken = 0u64;
     loop {
         // Every other index, so no two records merge.
         match filler.acquire(Kind::Exclusive, from + 2 * taken, Wait::NonBlocking) {
             Ok(()) => taken += 1,
-            Err(Error::TableFull { .. }) => return taken,
+            Err(Error::TableFull { .. }) => return (taken, cap),
             Err(e) => panic!("{e}"),
         }
         assert!(taken < 100_000, "the table never filled");
@@ -123,7 +126,7 @@ fn downgrades_on_a_full_table_never_panic_nor_lose_the_lock() {
         .acquire(Kind::Exclusive, base..base + 10_000, Wait::NonBlocking)
         .unwrap();
     let filler = shm(&path);
-    fill(&filler, 0);
+    let (_, _cap) = fill(&filler, 0);
     let me = owner.table_owner().unwrap();
     for k in 0..1_000u64 {
         let at = base + 1 + 2 * k;
@@ -172,7 +175,7 @@ fn releases_on_a_full_table_never_fail() {
         .acquire(Kind::Exclusive, base..base + 10_000, Wait::NonBlocking)
         .unwrap();
     let filler = shm(&path);
-    fill(&filler, 0);
+    let (_, _cap) = fill(&filler, 0);
     let me = owner.table_owner().unwrap();
     for k in 0..1_000u64 {
         let at = base + 1 + 2 * k;

@@ -7,6 +7,7 @@
 mod common;
 
 use std::fs::OpenOptions;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
@@ -54,15 +55,39 @@ fn sidecar(path: &Path) -> PathBuf {
     s.into()
 }
 
-/// Write `fill` over `len` bytes at `at` of the sidecar, as any process
-/// that can write it could (`pwrite`).
+/// Write `fill` over the region of `len` bytes at `at` of the sidecar, as
+/// any process that can write it could (`pwrite`): over its first 64 KiB
+/// and every page of it that holds data (`SEEK_DATA`), which is where a
+/// small table's entries are: the whole region is gigabytes, sparse.
 fn scribble(path: &Path, at: u64, len: u64, fill: Fill) {
     let f = OpenOptions::new()
+        .read(true)
         .write(true)
         .open(sidecar(path))
         .expect("open sidecar");
-    f.write_all_at(&bytes(fill, len as usize), at)
-        .expect("write over sidecar");
+    let end = at + len;
+    let mut parts = vec![(at, len.min(1 << 16))];
+    let mut from = at;
+    while from < end {
+        // SAFETY: lseek on a descriptor we own; no memory is involved.
+        let data = unsafe { libc::lseek64(f.as_raw_fd(), from as i64, libc::SEEK_DATA) };
+        if data < 0 || data as u64 >= end {
+            break;
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek64(f.as_raw_fd(), data, libc::SEEK_HOLE) };
+        let hole = if hole <= data {
+            end
+        } else {
+            (hole as u64).min(end)
+        };
+        parts.push((data as u64, hole - data as u64));
+        from = hole;
+    }
+    for (at, len) in parts {
+        f.write_all_at(&bytes(fill, len as usize), at)
+            .expect("write over sidecar");
+    }
 }
 
 /// One user's session: open, take and release locks over the fast lane,

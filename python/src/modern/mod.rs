@@ -19,4 +19,4 @@ mod thread_owners;
 
 pub use guard::PyGuard;
 pub use locks_file::PyLocksFile;
-pub use shm_table::_shm_table;
+pub use shm_table::{_cap_shm_for_tests, _shm_table};

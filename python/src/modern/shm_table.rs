@@ -38,3 +38,11 @@ pub fn _shm_table<'py>(py: Python<'py>, path: PathBuf) -> PyResult<Bound<'py, Py
     out.set_item("waiters", waiters)?;
     Ok(out)
 }
+
+/// Let this process use at most ``records`` lock records and ``owners``
+/// owner slots of any shm table, so that a test sees a table fill without
+/// filling gigabytes. Not part of the public API.
+#[pyfunction]
+pub fn _cap_shm_for_tests(records: usize, owners: usize) {
+    locksfile::shm::cap_for_tests(records, owners);
+}

@@ -37,8 +37,8 @@ pub(crate) use open::{
     fchmod, fs_type, fstat, ftruncate, is_writable, open, pread, stat, FileId, FileType, OpenHow,
 };
 pub(crate) use shared::{
-    map_shared, robust_mutex_consistent, robust_mutex_init, robust_mutex_lock, robust_mutex_unlock,
-    unmap, Locked,
+    data_ranges, give_back, map_shared, robust_mutex_consistent, robust_mutex_init,
+    robust_mutex_lock, robust_mutex_unlock, unmap, Locked,
 };
 #[cfg(feature = "postgres")]
 pub(crate) use signals::block_signals_in_this_thread;

@@ -40,6 +40,54 @@ pub(crate) unsafe fn unmap(ptr: *mut u8, len: usize) {
     unsafe { libc::munmap(ptr.cast(), len) };
 }
 
+/// The parts of `at..at + len` of the file open as `fd` that hold data
+/// (`SEEK_DATA`, `SEEK_HOLE`): what has ever been written there and not
+/// given back. A scan of a sparse region reads only these, since reading a
+/// hole of a shared mapping would allocate it. Where the file system cannot
+/// tell, the whole of it.
+pub(crate) fn data_ranges(fd: BorrowedFd<'_>, at: u64, len: u64) -> Vec<std::ops::Range<u64>> {
+    let end = at + len;
+    let seek = |from: u64, whence| {
+        // SAFETY: lseek reads no memory; the descriptor is borrowed live.
+        let r = unsafe { libc::lseek64(fd.as_raw_fd(), from as i64, whence) };
+        (r >= 0)
+            .then_some(r as u64)
+            .ok_or_else(io::Error::last_os_error)
+    };
+    let mut out = Vec::new();
+    let mut from = at;
+    while from < end {
+        let data = match seek(from, libc::SEEK_DATA) {
+            Ok(d) => d,
+            // No data from here to the end of the file.
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => break,
+            Err(_) => return vec![at..end],
+        };
+        if data >= end {
+            break;
+        }
+        let hole = seek(data, libc::SEEK_HOLE).unwrap_or(end).min(end);
+        out.push(data.max(at)..hole);
+        if hole <= data {
+            return vec![at..end];
+        }
+        from = hole;
+    }
+    out
+}
+
+/// Give back the memory (or disk) behind `len` bytes of a shared mapping
+/// at `ptr` (`MADV_REMOVE`): they read as zeros afterwards, in every
+/// process. `false` where the file system cannot.
+///
+/// # Safety
+/// `ptr..ptr + len` is page-aligned, inside a live shared mapping, and no
+/// one reads or writes it meanwhile.
+pub(crate) unsafe fn give_back(ptr: *mut u8, len: usize) -> bool {
+    // SAFETY: as the caller promises.
+    unsafe { libc::madvise(ptr.cast(), len, libc::MADV_REMOVE) == 0 }
+}
+
 /// `pthread_mutex_init` of a robust, process-shared mutex at `m`.
 ///
 /// # Safety

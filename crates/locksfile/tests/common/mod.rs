@@ -29,6 +29,22 @@ pub fn serial() -> MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Until dropped, this process uses at most `records` records and
+/// `owners` owners of any shm table (see `locksfile::shm::cap_for_tests`):
+/// a table that fills at once, as the real one does at gigabytes.
+pub struct Capped;
+
+pub fn capped(records: usize, owners: usize) -> Capped {
+    locksfile::shm::cap_for_tests(records, owners);
+    Capped
+}
+
+impl Drop for Capped {
+    fn drop(&mut self) {
+        locksfile::shm::cap_for_tests(usize::MAX, usize::MAX);
+    }
+}
+
 /// A fresh temp dir and a lock path in it.
 pub fn lock_path() -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().expect("temp dir");

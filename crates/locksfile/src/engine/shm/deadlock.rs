@@ -9,7 +9,7 @@ use std::os::fd::BorrowedFd;
 
 use crate::span::{Span, INDEX_END};
 
-use super::layout::{conflict, overlaps, NIL, RECORDS, SLOTS};
+use super::layout::{conflict, overlaps, NIL, SLOTS};
 use super::table::TableLock;
 use super::waits::{Place, Request};
 
@@ -74,7 +74,7 @@ impl TableLock<'_> {
             }
             let mut at = slot.head;
             let mut steps = 0;
-            while at != NIL && steps < RECORDS {
+            while at != NIL && steps < self.walk_limit() {
                 let r = self.rec(at);
                 if conflict(req.kind, r.kind)
                     && req

@@ -19,7 +19,7 @@
 //! | | the mutex holder | `lane + 1 -> 0` by CAS; a dead owner's list stored 0 |
 //! | bucket heads, records | the mutex holder | plain writes (fast calls never read them) |
 //!
-//! The lane word's states (`F(o,i,k)` is `LANE_FAST | k | o << 48 | i`,
+//! The lane word's states (`F(o,i,k)` is `LANE_FAST | k | o << 40 | i`,
 //! `W` is `LANE_WAITING`, `M` is `LANE_MOVING`):
 //!
 //! | from | to | by | when |
@@ -83,6 +83,8 @@
 //!   write: such reads are `Relaxed`, or `Acquire` where what follows reads
 //!   what the word's writer wrote before it (the records of `SLOW`).
 
+use std::mem::size_of;
+use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -93,11 +95,11 @@ use crate::span::{Span, INDEX_END};
 
 use super::layout::{
     bucket, code, conflict, fast_of, fast_word, is_fast, lane_index, lane_kind, lane_of,
-    lane_owner, Rec, BUCKETS, EXCLUSIVE, FAST_HOLDS, LANE_EMPTY, LANE_INDEX_MAX, LANE_MOVING,
-    LANE_SHARED, LANE_SLOW, LANE_WAITING, NIL, RECORDS, SLOTS,
+    lane_owner, Rec, BUCKETS, EXCLUSIVE, FAST_HOLDS, LANES_AT, LANE_EMPTY, LANE_INDEX_MAX,
+    LANE_MOVING, LANE_SHARED, LANE_SLOW, LANE_WAITING, LISTS_AT, NIL, SLOTS,
 };
 use super::records::{Near, FINE_SCAN};
-use super::table::{Map, TableLock, ENTERED};
+use super::table::{touched, Map, TableLock, ENTERED};
 use super::Shm;
 
 /// How a wait for another owner's fast hold waits on its lane before it
@@ -167,7 +169,7 @@ impl TableLock<'_> {
             // Relaxed: `SLOW` is written by the mutex holder alone, and no
             // one else changes it.
             if self.map.lane(l).load(Ordering::Relaxed) == LANE_SLOW
-                && *self.bucket_head(l) == NIL
+                && self.head(l) == NIL
                 && !self.waits_in(l)
             {
                 give_back(self.map, l);
@@ -204,7 +206,7 @@ impl TableLock<'_> {
             self.map.woke_lane(l, w);
             return true;
         }
-        if self.header().free_count == 0 {
+        if self.free_records() == 0 {
             return false;
         }
         // Moving first (I4): the owner's own release (or take-back) now
@@ -377,13 +379,13 @@ impl TableLock<'_> {
             let found = near.iter().map(|at| *self.rec(at)).find(|r| r.kind == kind);
             found.map(|r| (r.start, r.end))
         };
-        for _ in 0..RECORDS {
+        for _ in 0..self.walk_limit() {
             match s.checked_sub(1).and_then(holds_at) {
                 Some((t, _)) => s = t,
                 None => break,
             }
         }
-        for _ in 0..RECORDS {
+        for _ in 0..self.walk_limit() {
             match (e < INDEX_END).then(|| holds_at(e)).flatten() {
                 Some((_, u)) => e = u,
                 None => break,
@@ -444,10 +446,10 @@ impl TableLock<'_> {
             }
             if w & LANE_MOVING != 0 {
                 let (o, i) = (lane_owner(w), lane_index(w));
-                let mut at = *self.bucket_head(l);
+                let mut at = self.head(l);
                 let mut made = false;
                 let mut steps = 0;
-                while at != NIL && steps < RECORDS {
+                while at != NIL && steps < self.walk_limit() {
                     let r = self.rec(at);
                     made |= r.owner == o + 1 && r.start == i && r.end == i + 1;
                     at = r.next;
@@ -462,7 +464,7 @@ impl TableLock<'_> {
                 swap(w, LANE_EMPTY);
                 continue;
             }
-            let busy = *self.bucket_head(l) != NIL || self.waits_in(l);
+            let busy = self.head(l) != NIL || self.waits_in(l);
             if busy && w == LANE_EMPTY {
                 if swap(w, LANE_SLOW) {
                     return;
@@ -478,9 +480,12 @@ impl TableLock<'_> {
     }
 
     /// After the derived indices are rebuilt: every lane put right, dead
-    /// owners' counts zeroed, the gate closed if anything is wide.
-    pub(super) fn settle_lanes(&mut self) {
-        for s in 0..SLOTS as u32 {
+    /// owners' counts zeroed, the gate closed if anything is wide. Only
+    /// the lanes and lists in pages of the sidecar open as `fd` that hold
+    /// data: the others are empty.
+    pub(super) fn settle_lanes(&mut self, fd: BorrowedFd<'_>) {
+        for s in touched(fd, LISTS_AT, 64, SLOTS).into_iter().flatten() {
+            let s = s as u32;
             if self.slot(s as usize).used != 1 {
                 // No owner: no call lists anything there (I7, as in
                 // `clear_fast`).
@@ -489,7 +494,10 @@ impl TableLock<'_> {
                 }
             }
         }
-        for l in 0..BUCKETS {
+        for l in touched(fd, LANES_AT, size_of::<u64>(), BUCKETS)
+            .into_iter()
+            .flatten()
+        {
             self.settle_lane(l);
         }
         if self.header().coarse_count > 0 || self.waits_wide() {

@@ -7,29 +7,29 @@
 //! touched take memory. Offsets in bytes (the test below checks them):
 //!
 //! ```text
-//!  offset    hex       what                                 written by
-//!        0   0x000000  Header (below)                       the mutex holder
-//!      448   0x0001c0  gate: u32, its own cache line        the mutex holder, atomically
-//!      512   0x000200  the robust process-shared mutex      pthread
-//!     4096   0x001000  wake words: u32 per waiter entry     anyone, atomically
-//!     8192   0x002000  slots: Slot per owner, 64 B each     the mutex holder
-//!    73728   0x012000  waiters: Waiter per entry, 56 B each the mutex holder
-//!   131072   0x020000  bucket heads: u32 per bucket         the mutex holder
-//!   393216   0x060000  records: Rec, 40 B each              the mutex holder
-//!  3014656   0x2e0000  fast lists: 64 B per slot            owners and the mutex holder, atomically
-//!  3080192   0x2f0000  lane words: u64 per bucket           see `lane.rs`, atomically
-//!  3604480   0x370000  stats: StatEntry, 640 B each         any recording owner, atomically
-//!  4427776   0x439000  end (SIZE)
+//!  offset        hex           what                                 written by
+//!           0   0x000000000   Header (below)                       the mutex holder
+//!         448   0x0000001c0   gate: u32, its own cache line        the mutex holder, atomically
+//!         512   0x000000200   the robust process-shared mutex      pthread
+//!        4096   0x000001000   wake words: u32 per waiter entry     anyone, atomically
+//!      528384   0x000081000   slots: Slot per owner, 64 B each     the mutex holder
+//!     8916992   0x000881000   waiters: Waiter per entry, 56 B each the mutex holder
+//!    16257024   0x000f81000   bucket heads: u32 per bucket         the mutex holder
+//!    83365888   0x004f81000   records: Rec, 40 B each              the mutex holder
+//!  5452075008   0x144f81000   fast lists: 64 B per slot            owners and the mutex holder, atomically
+//!  5460463616   0x145781000   lane words: u64 per bucket           see `lane.rs`, atomically
+//!  5594681344   0x14d781000   stats: StatEntry, 640 B each         any recording owner, atomically
+//!  5595504640   0x14d84a000   end (SIZE): 5.2 GiB reserved, a few pages used when fresh
 //! ```
 //!
 //! The header, whose first 40 bytes are read with `pread` before mapping
-//! (`sidecar.rs`); 88 bytes:
+//! (`sidecar.rs`); 96 bytes:
 //!
 //! ```text
 //!  +0 magic    +8 version   +16 size      +24 dev          +32 ino
 //!  +40 next_ticket   +48 next_nonce  +56 free_head   +60 free_count
 //!  +64 coarse_head   +68 coarse_count +72 waiting    +76 waiter_hwm
-//!  +80 fresh   +84 slot_hwm
+//!  +80 fresh   +84 slot_hwm   +88 slots_used
 //! ```
 //!
 //! Beyond the memory, bytes of the sidecar serve as OFD record locks:
@@ -56,16 +56,27 @@ use crate::kind::Kind;
 use crate::span::Span;
 
 pub(super) const MAGIC: u64 = u64::from_le_bytes(*b"LKFSHM\x00\x01");
-pub(super) const VERSION: u32 = 5;
+pub(super) const VERSION: u32 = 6;
+
+// The capacities below are reservations, not allocations: the sidecar is
+// a sparse file of their size, mapped whole, and only the pages that have
+// been written take memory. A table grows page by page as it is used, with
+// no step that moves or remaps anything, and gives the records' pages back
+// once none is in use (`TableLock::shrink`). Scans that must see every
+// entry in use stop at a high-water mark (`slot_hwm`, `waiter_hwm`,
+// `fresh`) or visit only the pages that hold data (`Touched`), so that
+// none touches, and so allocates, the pages never used.
 
 /// Owner slots: owners (handles) using one table at once.
-pub(crate) const SLOTS: usize = 1024;
+pub(crate) const SLOTS: usize = 1 << 17;
 /// Waiter entries: threads waiting at once.
-pub(crate) const WAITERS: usize = 1024;
-/// Lock records: pieces held at once, by all owners together.
-pub(crate) const RECORDS: usize = 65536;
-/// Hash buckets for single-index records.
-pub(super) const BUCKETS: usize = 65536;
+pub(crate) const WAITERS: usize = 1 << 17;
+/// Lock records: pieces held at once, by all owners together (40 bytes of
+/// memory each while in use: 5 GiB for all).
+pub(crate) const RECORDS: usize = 1 << 27;
+/// Hash buckets for single-index records: 10 million records held spread
+/// at under one per bucket.
+pub(super) const BUCKETS: usize = 1 << 24;
 
 /// Byte of the sidecar every user holds shared while it has the table
 /// open; the first opener finds it free and (re)initialises the table.
@@ -119,6 +130,11 @@ pub(super) struct Header {
     /// over owners read only the slots there are. Mutex held (an owner
     /// claiming or leaving its slot).
     pub(super) slot_hwm: u32,
+    /// Derived: owner slots in use, so that a new owner looks for a free
+    /// slot below `slot_hwm` only when there is one. Mutex held (an owner
+    /// claiming or leaving its slot, or a dead owner's slot purged).
+    pub(super) slots_used: u32,
+    pub(super) _pad1: u32,
 }
 
 /// A cache line each: an owner's every change writes its slot, and slots
@@ -323,7 +339,8 @@ pub(super) fn overlaps(s: u64, e: u64, t: u64, u: u64) -> bool {
 }
 
 pub(super) fn bucket(index: u64) -> usize {
-    (index.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 48) as usize % BUCKETS
+    (index.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - BUCKETS.trailing_zeros())) as usize
+        % BUCKETS
 }
 
 // ---- the fast lane ----
@@ -333,7 +350,7 @@ pub(super) fn bucket(index: u64) -> usize {
 // - `LANE_EMPTY`: no record and no single-index waiter in its bucket;
 // - `LANE_SLOW`: its bucket is the table's (records or waiters may be in
 //   it): every call there takes the mutex;
-// - a fast word: `LANE_FAST | slot << 48 | index`, owner `slot` holds
+// - a fast word: `LANE_FAST | slot << 40 | index`, owner `slot` holds
 //   `index` exclusively (shared with `LANE_SHARED`; a second reader goes
 //   through the table) and its bucket is otherwise empty;
 // - the same with `LANE_MOVING`: a mutex holder is turning the fast hold
@@ -352,16 +369,21 @@ pub(super) const LANE_FAST: u64 = 1 << 63;
 pub(super) const LANE_MOVING: u64 = 1 << 62;
 pub(super) const LANE_SHARED: u64 = 1 << 61;
 pub(super) const LANE_WAITING: u64 = 1 << 60;
-/// Indices the fast lane can name: the low 48 bits of its word.
-pub(super) const LANE_INDEX_MAX: u64 = (1 << 48) - 1;
-const _: () = assert!(SLOTS <= 1 << 10);
+/// Indices the fast lane can name: the low 40 bits of its word (higher
+/// ones are locked through the table).
+pub(super) const LANE_INDEX_MAX: u64 = (1 << 40) - 1;
+/// The owner slot's bits in a lane word, above the index.
+const LANE_SLOT_SHIFT: u32 = 40;
+const LANE_SLOT_MASK: u64 = (1 << 20) - 1;
+const _: () = assert!(SLOTS as u64 <= LANE_SLOT_MASK + 1);
+const _: () = assert!((LANE_SLOT_MASK << LANE_SLOT_SHIFT) & LANE_WAITING == 0);
 /// Fast holds an owner may have at once (its list fills a cache line);
 /// past them it takes locks through the mutex.
 pub(super) const FAST_HOLDS: usize = 16;
 
 pub(super) fn fast_word(slot: u32, index: u64, kind: u32) -> u64 {
     let shared = if kind == SHARED { LANE_SHARED } else { 0 };
-    LANE_FAST | shared | (slot as u64) << 48 | index
+    LANE_FAST | shared | (slot as u64 & LANE_SLOT_MASK) << LANE_SLOT_SHIFT | index
 }
 
 pub(super) fn lane_kind(w: u64) -> u32 {
@@ -377,7 +399,7 @@ pub(super) fn is_fast(w: u64) -> bool {
 }
 
 pub(super) fn lane_owner(w: u64) -> u32 {
-    ((w >> 48) & 0x3FF) as u32
+    ((w >> LANE_SLOT_SHIFT) & LANE_SLOT_MASK) as u32
 }
 
 pub(super) fn lane_index(w: u64) -> u64 {
@@ -447,7 +469,7 @@ mod tests {
         // The header's fields: every `+offset name` pair.
         let header = doc
             .iter()
-            .skip_while(|l| !l.contains("88 bytes"))
+            .skip_while(|l| !l.contains("96 bytes"))
             .take_while(|l| !l.contains("Beyond"));
         let mut named = 0;
         for pair in header.flat_map(|l| {
@@ -474,12 +496,13 @@ mod tests {
                 "waiter_hwm" => offset_of!(Header, waiter_hwm),
                 "fresh" => offset_of!(Header, fresh),
                 "slot_hwm" => offset_of!(Header, slot_hwm),
+                "slots_used" => offset_of!(Header, slots_used),
                 other => panic!("no header field {other}"),
             };
             assert_eq!(off, real, "{name}");
             named += 1;
         }
-        assert_eq!(named, 15, "every field but the padding");
-        assert_eq!(size_of::<Header>(), 88);
+        assert_eq!(named, 16, "every field but the padding");
+        assert_eq!(size_of::<Header>(), 96);
     }
 }

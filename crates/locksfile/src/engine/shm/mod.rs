@@ -69,6 +69,20 @@ mod waits;
 
 pub use repair::verify;
 
+/// Records and owners this process may use of a table: all of them unless
+/// a test asks for fewer, to see a table fill without filling gigabytes.
+pub(super) static RECORD_CAP: AtomicUsize = AtomicUsize::new(RECORDS);
+pub(super) static OWNER_CAP: AtomicUsize = AtomicUsize::new(SLOTS);
+
+/// Let this process use at most `records` records and `owners` owner
+/// slots of any table (fewer than there are), so that a test sees a table
+/// fill without filling gigabytes of it. Not for use outside tests.
+#[doc(hidden)]
+pub fn cap_for_tests(records: usize, owners: usize) {
+    RECORD_CAP.store(records, std::sync::atomic::Ordering::Relaxed);
+    OWNER_CAP.store(owners, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// The sidecar's regions as (name, offset, length) in bytes, for tests
 /// that write over them.
 #[doc(hidden)]
@@ -89,13 +103,14 @@ use crate::kind::Kind;
 use crate::span::{Span, INDEX_END};
 use crate::sys::{self, LockType};
 
-use self::layout::{code, kind_of, lane_of, overlaps, LIVENESS, NIL, SLOTS};
+use self::layout::{code, kind_of, lane_of, overlaps, LIVENESS, NIL, RECORDS, SLOTS};
 use self::repair::alive;
 use self::sidecar::{
     is_contention, join_marked, kernel_locks, network_fs, real_path, reopen, set_byte, sidecar_path,
 };
 use self::table::{is_corrupt, take_corrupt, Map, TableLock};
 use self::waits::{Blocker, Request, NO_ENTRY};
+use std::sync::atomic::AtomicUsize;
 
 /// One owner's locks in a shared-memory table.
 pub(crate) struct Shm {
@@ -290,13 +305,24 @@ impl Shm {
         }
     }
 
-    /// Take a free slot (or a dead owner's) and its liveness byte.
+    /// Take a free slot (or a dead owner's) and its liveness byte: the
+    /// lowest free one, so that the owners stay packed below `slot_hwm`
+    /// (read by every scan over owners); straight past the mark when every
+    /// slot below it is used. A dead owner's slot only when none is free.
     fn claim_slot(&self) -> Result<u32, Error> {
         let mut g = self.lock()?;
         for pass in 0..2 {
-            for s in 0..SLOTS as u32 {
+            let (hwm, used) = (g.slot_hwm() as u32, g.header().slots_used);
+            let from = if pass == 0 && used >= hwm { hwm } else { 0 };
+            let cap = OWNER_CAP
+                .load(std::sync::atomic::Ordering::Relaxed)
+                .min(SLOTS);
+            for s in from..cap as u32 {
                 let used = g.slot(s as usize).used != 0;
                 if used != (pass == 1) {
+                    if pass == 1 && s >= hwm {
+                        break;
+                    }
                     continue;
                 }
                 // Getting the byte proves the slot's last owner gone.
@@ -317,6 +343,7 @@ impl Shm {
                 let nonce = h.next_nonce;
                 h.next_nonce = h.next_nonce.wrapping_add(1);
                 h.slot_hwm = h.slot_hwm.max(s + 1);
+                h.slots_used = h.slots_used.wrapping_add(1);
                 let slot = g.slot(s as usize);
                 slot.pid = self.pid;
                 slot.nonce = nonce;
@@ -437,7 +464,7 @@ impl Shm {
         // counting them exactly matters only when the table is nearly full.
         // Three more for the fast holds of other indices in the buckets of
         // the single-index records this may leave (each end, the middle).
-        let free = g.header().free_count as usize;
+        let free = g.free_records();
         if is_corrupt() {
             // Nothing more is written into a table found corrupt.
             return;
@@ -466,9 +493,7 @@ impl Shm {
     fn settle_slow(&self, g: &mut TableLock<'_>) {
         let mut d = self.deferred.lock().unwrap_or_else(|p| p.into_inner());
         d.retain(|&(s, e, kind)| {
-            if is_corrupt()
-                || (g.header().free_count as usize) < g.records_to_lower(self.slot, s, e, kind) + 3
-            {
+            if is_corrupt() || g.free_records() < g.records_to_lower(self.slot, s, e, kind) + 3 {
                 return true;
             }
             g.set(self.slot, s, e, kind);

@@ -17,6 +17,7 @@ use super::layout::{
     bucket, conflict, fast_of, lane_kind, overlaps, Rec, LANE_MOVING, LANE_SLOW, NIL, RECORDS,
 };
 use super::table::TableLock;
+use super::RECORD_CAP;
 
 /// Spans up to this long are checked index by index in the hash; longer
 /// ones walk every owner's records.
@@ -71,19 +72,24 @@ impl TableLock<'_> {
     pub(super) fn unlink_tier(&mut self, i: u32) {
         let r = *self.rec(i);
         let h = self.header();
-        let head: &mut u32 = if r.end.wrapping_sub(r.start) == 1 {
-            self.bucket_head(bucket(r.start))
+        let single = r.end.wrapping_sub(r.start) == 1;
+        let head = if single {
+            self.head(bucket(r.start))
         } else {
             self.count_down(&mut h.coarse_count, "the coarse list's count");
-            &mut h.coarse_head
+            h.coarse_head
         };
-        if *head == i {
-            *head = r.next;
+        if head == i {
+            if single {
+                self.set_head(bucket(r.start), r.next);
+            } else {
+                h.coarse_head = r.next;
+            }
             return;
         }
-        let mut at = *head;
+        let mut at = head;
         let mut steps = 0;
-        while at != NIL && steps <= RECORDS {
+        while at != NIL && steps <= self.walk_limit() {
             let next = self.rec(at).next;
             if next == i {
                 self.rec(at).next = r.next;
@@ -111,6 +117,13 @@ impl TableLock<'_> {
         };
         self.rec(n).owner = slot + 1;
         n
+    }
+
+    /// Records that may still be taken: the free ones, less those kept
+    /// from this process by [`cap_for_tests`].
+    pub(super) fn free_records(&self) -> usize {
+        let kept = RECORDS - RECORD_CAP.load(Ordering::Relaxed).min(RECORDS);
+        (self.header().free_count as usize).saturating_sub(kept)
     }
 
     pub(super) fn alloc(&mut self) -> u32 {
@@ -148,7 +161,7 @@ impl TableLock<'_> {
         let mut steps = 0;
         if h.coarse_count > 0 {
             let mut at = h.coarse_head;
-            while at != NIL && steps < RECORDS {
+            while at != NIL && steps < self.walk_limit() {
                 if hit(self.rec(at)) {
                     return Some(at);
                 }
@@ -158,8 +171,8 @@ impl TableLock<'_> {
         }
         if e - s <= FINE_SCAN {
             for i in s..e {
-                let mut at = *self.bucket_head(bucket(i));
-                while at != NIL && steps < RECORDS {
+                let mut at = self.head(bucket(i));
+                while at != NIL && steps < self.walk_limit() {
                     let r = self.rec(at);
                     if r.start == i && hit(r) {
                         return Some(at);
@@ -177,7 +190,7 @@ impl TableLock<'_> {
                 continue;
             }
             let mut at = slot.head;
-            while at != NIL && steps < RECORDS {
+            while at != NIL && steps < self.walk_limit() {
                 let r = self.rec(at);
                 if hit(r) {
                     return Some(at);
@@ -194,7 +207,7 @@ impl TableLock<'_> {
     pub(super) fn holds_over(&self, me: u32, s: u64, e: u64, kind: u32) -> bool {
         let mut at = self.slot(me as usize).head;
         let mut steps = 0;
-        while at != NIL && steps < RECORDS {
+        while at != NIL && steps < self.walk_limit() {
             let r = self.rec(at);
             if overlaps(s, e, r.start, r.end) && (kind == 0 || conflict(kind, r.kind)) {
                 return true;
@@ -318,8 +331,8 @@ impl TableLock<'_> {
         let mut steps = 0;
         if slot.records > 16 && hi - lo <= FINE_SCAN + 2 {
             for i in lo..hi {
-                let mut at = *self.bucket_head(bucket(i));
-                while at != NIL && steps < RECORDS {
+                let mut at = self.head(bucket(i));
+                while at != NIL && steps < self.walk_limit() {
                     let r = self.rec(at);
                     if r.owner == me + 1 && r.start == i {
                         out.push(at);
@@ -329,7 +342,7 @@ impl TableLock<'_> {
                 }
             }
             let mut at = self.header().coarse_head;
-            while at != NIL && steps < 2 * RECORDS {
+            while at != NIL && steps < 2 * self.walk_limit() {
                 let r = self.rec(at);
                 if r.owner == me + 1 && overlaps(lo, hi, r.start, r.end) {
                     out.push(at);
@@ -340,7 +353,7 @@ impl TableLock<'_> {
             return;
         }
         let mut at = slot.head;
-        while at != NIL && steps < RECORDS {
+        while at != NIL && steps < self.walk_limit() {
             let r = self.rec(at);
             if overlaps(lo, hi, r.start, r.end) {
                 out.push(at);
@@ -356,9 +369,8 @@ impl TableLock<'_> {
         let r = *self.rec(i);
         if r.end.wrapping_sub(r.start) == 1 {
             let l = bucket(r.start);
-            let b = self.bucket_head(l);
-            self.rec(i).next = *b;
-            *b = i;
+            self.rec(i).next = self.head(l);
+            self.set_head(l, i);
             // In the bucket first, so that an adoption the lane needs sees
             // this record in its way (fast calls never read buckets).
             let w = self.map.lane(l).load(Ordering::Acquire);
@@ -398,6 +410,6 @@ impl TableLock<'_> {
     /// Whether a raise of `pieces` pieces (each may split one record and
     /// add one) fits, keeping [`LOWER_RESERVE`] records for lowering.
     pub(super) fn has_room(&self, pieces: usize) -> bool {
-        self.header().free_count as usize >= 2 * pieces + LOWER_RESERVE
+        self.free_records() >= 2 * pieces + LOWER_RESERVE
     }
 }

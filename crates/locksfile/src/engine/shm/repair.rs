@@ -2,6 +2,7 @@
 //! rebuilding every derived index after a death in the mutex
 //! (`EOWNERDEAD`), and [`verify`]. All under the mutex ([`TableLock`]).
 
+use std::mem::size_of;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::path::Path;
 use std::sync::atomic::Ordering;
@@ -10,11 +11,12 @@ use crate::span::INDEX_END;
 use crate::sys::{self, Family, LockType, OpenHow};
 
 use super::layout::{
-    bucket, is_fast, lane_index, lane_owner, BUCKETS, DMS, EXCLUSIVE, LANE_EMPTY, LANE_MOVING,
-    LANE_SLOW, LIVENESS, NIL, RECORDS, SHARED, SIZE, SLOTS, VERSION, WAITERS,
+    bucket, is_fast, lane_index, lane_owner, Rec, Slot, Waiter, BUCKETS, BUCKETS_AT, DMS,
+    EXCLUSIVE, LANES_AT, LANE_EMPTY, LANE_MOVING, LANE_SLOW, LIVENESS, NIL, RECORDS, RECORDS_AT,
+    SHARED, SIZE, SLOTS, SLOTS_AT, VERSION, WAITERS, WAITERS_AT,
 };
 use super::sidecar::{byte, check_and_map, cstring, read_header, set_byte, sidecar_path};
-use super::table::{take_corrupt, TableLock};
+use super::table::{take_corrupt, touched, TableLock};
 use super::waits::Place;
 
 /// Tells whether an owner's slot is alive, through some descriptor of the
@@ -42,14 +44,18 @@ impl TableLock<'_> {
         self.repairing = true;
         let h = self.header();
         h.slot_hwm = 0;
-        for s in 0..SLOTS {
+        h.slots_used = 0;
+        for s in touched(fd, SLOTS_AT, size_of::<Slot>(), SLOTS)
+            .into_iter()
+            .flatten()
+        {
             let slot = self.slot(s);
-            let dead = s as u32 != me && !alive(fd, s as u32);
-            if slot.used != 0 && (slot.used != 1 || dead) {
+            if slot.used != 0 && (slot.used != 1 || (s as u32 != me && !alive(fd, s as u32))) {
                 slot.used = 0;
             }
             if slot.used == 1 {
                 h.slot_hwm = s as u32 + 1;
+                h.slots_used += 1;
             }
             slot.head = NIL;
             slot.records = 0;
@@ -64,7 +70,10 @@ impl TableLock<'_> {
         };
         h.waiting = 0;
         h.waiter_hwm = 0;
-        for i in 0..WAITERS {
+        for i in touched(fd, WAITERS_AT, size_of::<Waiter>(), WAITERS)
+            .into_iter()
+            .flatten()
+        {
             let w = *self.waiter(i);
             if w.owner != 0 && valid(self, w.owner, w.kind, w.start, w.end) {
                 h.waiting += 1;
@@ -75,8 +84,11 @@ impl TableLock<'_> {
         }
         self.renumber_queue();
         let h = self.header();
-        for b in 0..BUCKETS {
-            *self.bucket_head(b) = NIL;
+        for b in touched(fd, BUCKETS_AT, size_of::<u32>(), BUCKETS)
+            .into_iter()
+            .flatten()
+        {
+            self.set_head(b, NIL);
         }
         h.free_head = NIL;
         h.coarse_head = NIL;
@@ -92,7 +104,7 @@ impl TableLock<'_> {
                 self.free(i);
             }
         }
-        self.settle_lanes();
+        self.settle_lanes(fd);
         self.repairing = false;
         // Waiters of the dead owner's locks must look again.
         self.wake_everyone();
@@ -117,7 +129,11 @@ impl TableLock<'_> {
         }
     }
 
-    /// Set up a fresh table (the caller holds the sidecar exclusively).
+    /// Set up a fresh table (the caller holds the sidecar exclusively, and
+    /// has just truncated it: every byte reads zero). Zero is what every
+    /// slot, waiter entry, bucket head (stored complemented), lane and
+    /// fast list is when empty, so nothing is written there and their
+    /// pages take no memory until used; the records are all fresh.
     pub(super) fn init(&mut self, dev: u64, ino: u64) {
         let h = self.header();
         h.version = VERSION;
@@ -126,17 +142,6 @@ impl TableLock<'_> {
         h.ino = ino;
         h.next_ticket = 1;
         h.next_nonce = 1;
-        for i in 0..WAITERS {
-            self.waiter(i).owner = 0;
-        }
-        for s in 0..SLOTS {
-            self.slot(s).used = 0;
-        }
-        // The records are zero (the file was just truncated): none in use,
-        // all fresh, their pages untouched.
-        for b in 0..BUCKETS {
-            *self.bucket_head(b) = NIL;
-        }
         h.free_head = NIL;
         h.fresh = 0;
         h.free_count = RECORDS as u32;
@@ -145,13 +150,8 @@ impl TableLock<'_> {
         h.waiting = 0;
         h.waiter_hwm = 0;
         h.slot_hwm = 0;
-        // The lanes and fast counts are zero too: every lane empty.
+        h.slots_used = 0;
         self.map.gate().store(0, Ordering::SeqCst);
-        for s in 0..SLOTS {
-            let s = self.slot(s);
-            s.head = NIL;
-            s.records = 0;
-        }
     }
 
     /// Free everything of the owner in `slot` and the slot itself.
@@ -159,7 +159,7 @@ impl TableLock<'_> {
         self.clear_fast(slot);
         let mut at = self.slot(slot as usize).head;
         let mut steps = 0;
-        while at != NIL && steps < RECORDS {
+        while at != NIL && steps < self.walk_limit() {
             let next = self.rec(at).onext;
             let r = *self.rec(at);
             if r.end.wrapping_sub(r.start) == 1 {
@@ -173,6 +173,9 @@ impl TableLock<'_> {
         let s = self.slot(slot as usize);
         s.head = NIL;
         s.records = 0;
+        if s.used == 1 {
+            self.count_down(&mut self.header().slots_used, "the owner count");
+        }
         s.used = 0;
         let mut hwm = self.slot_hwm();
         while hwm > 0 && self.slot(hwm - 1).used == 0 {
@@ -205,19 +208,35 @@ impl TableLock<'_> {
     /// Check the derived indices against the records: every record in use
     /// is in its owner's list and its tier exactly once, every free one in
     /// the free list, and the counters agree.
-    pub(super) fn verify(&self) -> Result<(), String> {
-        let mut seen_owner = vec![0u8; RECORDS];
-        let mut seen_tier = vec![0u8; RECORDS];
+    pub(super) fn verify(&self, fd: BorrowedFd<'_>) -> Result<(), String> {
         let h = self.header();
-        for o in 0..SLOTS {
+        let fresh = h.fresh as usize;
+        if fresh > RECORDS {
+            return Err(format!("{fresh} fresh records"));
+        }
+        let mut seen_owner = vec![0u8; fresh];
+        let mut seen_tier = vec![0u8; fresh];
+        let mut used = 0;
+        for o in touched(fd, SLOTS_AT, size_of::<Slot>(), SLOTS)
+            .into_iter()
+            .flatten()
+        {
             let slot = *self.slot(o);
             if slot.used != 0 && o >= h.slot_hwm as usize {
                 return Err(format!("slot {o} in use past the mark {}", h.slot_hwm));
             }
+            used += usize::from(slot.used == 1);
+            if slot.used == 0 {
+                // Never claimed, or left: nothing listed.
+                if slot.records != 0 {
+                    return Err(format!("free slot {o} counts {} records", slot.records));
+                }
+                continue;
+            }
             let mut at = slot.head;
             let mut n = 0;
             while at != NIL {
-                if at as usize >= RECORDS {
+                if at as usize >= fresh {
                     return Err("owner list out of range".into());
                 }
                 let r = *self.rec(at);
@@ -226,7 +245,7 @@ impl TableLock<'_> {
                 }
                 seen_owner[at as usize] = seen_owner[at as usize].saturating_add(1);
                 n += 1;
-                if n > RECORDS {
+                if n > fresh {
                     return Err(format!("slot {o}'s list loops"));
                 }
                 at = r.onext;
@@ -235,16 +254,19 @@ impl TableLock<'_> {
                 return Err(format!("slot {o} counts {} records, has {n}", slot.records));
             }
         }
+        if used != h.slots_used as usize {
+            return Err(format!("{used} slots in use, counter {}", h.slots_used));
+        }
         let mut walk = |mut at: u32, what: &str| -> Result<usize, String> {
             let mut n = 0;
             while at != NIL {
-                if at as usize >= RECORDS {
+                if at as usize >= fresh {
                     return Err("chain out of range".into());
                 }
                 let r = *self.rec(at);
                 seen_tier[at as usize] = seen_tier[at as usize].saturating_add(1);
                 n += 1;
-                if n > RECORDS {
+                if n > fresh {
                     return Err(format!("{what} loops"));
                 }
                 at = r.next;
@@ -255,24 +277,28 @@ impl TableLock<'_> {
         if coarse != h.coarse_count as usize {
             return Err(format!("coarse list {coarse}, counter {}", h.coarse_count));
         }
-        for b in 0..BUCKETS {
-            walk(*self.bucket_head(b), "a bucket")?;
+        for b in touched(fd, BUCKETS_AT, size_of::<u32>(), BUCKETS)
+            .into_iter()
+            .flatten()
+        {
+            walk(self.head(b), "a bucket")?;
         }
         let free = walk(h.free_head, "the free list")?;
-        let fresh = h.fresh as usize;
-        if fresh > RECORDS || free + (RECORDS - fresh) != h.free_count as usize {
+        if free + (RECORDS - fresh) != h.free_count as usize {
             return Err(format!(
                 "free list {free} and {} fresh, counter {}",
                 RECORDS.saturating_sub(fresh),
                 h.free_count
             ));
         }
-        for i in 0..RECORDS {
+        let records = touched(fd, RECORDS_AT, size_of::<Rec>(), RECORDS);
+        let beyond = records.into_iter().flatten().filter(|&i| i >= fresh);
+        for i in beyond.chain(0..fresh) {
             let r = *self.rec(i as u32);
             let used = r.owner != 0;
             if i >= fresh {
-                if used || seen_tier[i] != 0 || seen_owner[i] != 0 {
-                    return Err(format!("fresh record {i} is in use or in a list"));
+                if used {
+                    return Err(format!("fresh record {i} is in use"));
                 }
                 continue;
             }
@@ -286,12 +312,14 @@ impl TableLock<'_> {
                 return Err(format!("record {i} is malformed"));
             }
         }
-        let waiting = (0..WAITERS).filter(|&i| self.waiter(i).owner != 0).count();
+        let entries = touched(fd, WAITERS_AT, size_of::<Waiter>(), WAITERS);
+        let entries = || entries.iter().cloned().flatten();
+        let waiting = entries().filter(|&i| self.waiter(i).owner != 0).count();
         if waiting != h.waiting as usize {
             return Err(format!("{waiting} waiters, counter {}", h.waiting));
         }
         let mut places = Vec::new();
-        for i in 0..WAITERS {
+        for i in entries() {
             let w = *self.waiter(i);
             if w.owner == 0 {
                 continue;
@@ -313,15 +341,16 @@ impl TableLock<'_> {
                 "two waiters share a place in the queue: {places:?}"
             ));
         }
-        self.verify_lanes()
+        self.verify_lanes(fd)
     }
 
     /// The fast lane against the table: an empty or fast lane's bucket is
     /// empty, a fast word names a live slot and an index of its bucket, no
     /// owner has more fast holds than its count, an open gate means
     /// nothing spans more than one index.
-    pub(super) fn verify_lanes(&self) -> Result<(), String> {
-        for l in 0..BUCKETS {
+    pub(super) fn verify_lanes(&self, fd: BorrowedFd<'_>) -> Result<(), String> {
+        let lanes = touched(fd, LANES_AT, size_of::<u64>(), BUCKETS);
+        for l in lanes.iter().cloned().flatten() {
             let w = self.map.lane(l).load(Ordering::Acquire);
             if w == LANE_SLOW {
                 continue;
@@ -329,7 +358,7 @@ impl TableLock<'_> {
             if w != LANE_EMPTY && (!is_fast(w) || w & LANE_MOVING != 0) {
                 return Err(format!("lane {l} reads {w:#x}"));
             }
-            if *self.bucket_head(l) != NIL || self.waits_in(l) {
+            if self.head(l) != NIL || self.waits_in(l) {
                 return Err(format!("lane {l} is not slow, but its bucket is in use"));
             }
             if is_fast(w) {
@@ -341,7 +370,7 @@ impl TableLock<'_> {
                 }
             }
         }
-        for l in 0..BUCKETS {
+        for l in lanes.into_iter().flatten() {
             let w = self.map.lane(l).load(Ordering::Acquire);
             if is_fast(w)
                 && !self
@@ -384,7 +413,7 @@ pub fn verify(lock_path: &Path) -> Result<(), String> {
         g.repair(fd.as_fd(), NIL);
         g.consistent();
     }
-    let found = g.verify();
+    let found = g.verify(fd.as_fd());
     drop(g);
     match take_corrupt() {
         Some(what) => Err(format!("{what} out of range")),

@@ -338,6 +338,16 @@ pub(super) fn kernel_locks(lock_fd: BorrowedFd<'_>, dev: u64, ino: u64) -> Optio
     if let Ok(Some(_)) = sys::get_lock(lock_fd, Family::Ofd, LockType::Write, all) {
         return Some("fcntl record locks");
     }
+    // flock(2) locks are listed only in /proc/locks, whose every read
+    // walks every lock of the machine under a global lock: a table with
+    // many owners holds many. Its users are refused to flock users of
+    // this library, so the first opener alone looks.
+    if matches!(
+        sys::get_lock(lock_fd, Family::Ofd, LockType::Write, byte(IN_USE)),
+        Ok(Some(b)) if b.range.start == IN_USE
+    ) {
+        return None;
+    }
     if let Ok(lines) = sys::flock_locks(dev, ino) {
         if !lines.is_empty() {
             return Some("flock(2) locks");

@@ -12,9 +12,7 @@ use crate::kind::Kind;
 use crate::span::{Span, INDEX_END};
 use crate::sys::{self, Family, LockType, OpenHow};
 
-use super::layout::{
-    is_fast, kind_of, lane_index, lane_kind, lane_owner, Slot, DMS, NIL, RECORDS, SLOTS, WAITERS,
-};
+use super::layout::{is_fast, kind_of, lane_index, lane_kind, lane_owner, Slot, DMS, NIL};
 use super::repair::alive;
 use super::sidecar::{
     byte, check_and_map, cstring, open_sidecar, read_header, set_byte, sidecar_path,
@@ -100,8 +98,10 @@ impl Snapshot {
             g.consistent();
         }
         let mut snap = Snapshot::default();
-        let slots: Vec<Slot> = (0..SLOTS).map(|s| *g.slot(s)).collect();
-        let live: Vec<bool> = (0..SLOTS as u32)
+        // Owners and waiters in use lie below their marks.
+        let n = g.slot_hwm();
+        let slots: Vec<Slot> = (0..n).map(|s| *g.slot(s)).collect();
+        let live: Vec<bool> = (0..n as u32)
             .map(|s| slots[s as usize].used == 1 && alive(fd.as_fd(), s))
             .collect();
         for (o, slot) in slots.iter().enumerate() {
@@ -110,7 +110,7 @@ impl Snapshot {
             }
             let mut at = slot.head;
             let mut steps = 0;
-            while at != NIL && steps < RECORDS {
+            while at != NIL && steps < g.walk_limit() {
                 let r = *g.rec(at);
                 at = r.onext;
                 steps += 1;
@@ -125,7 +125,7 @@ impl Snapshot {
                 });
             }
         }
-        for o in (0..SLOTS).filter(|&o| live[o]) {
+        for o in (0..n).filter(|&o| live[o]) {
             for l in g.map.listed_lanes(o as u32) {
                 let w = g.map.lane(l).load(Ordering::Acquire);
                 if is_fast(w) && lane_owner(w) as usize == o {
@@ -140,9 +140,9 @@ impl Snapshot {
             }
         }
         let mut waiters: Vec<(Place, WaitingLock)> = Vec::new();
-        for i in 0..WAITERS {
+        for i in 0..g.waiter_hwm() {
             let w = *g.waiter(i);
-            if w.owner == 0 || w.owner as usize > SLOTS || !live[(w.owner - 1) as usize] {
+            if w.owner == 0 || w.owner as usize > n || !live[(w.owner - 1) as usize] {
                 continue;
             }
             if w.start >= w.end || w.end > INDEX_END {

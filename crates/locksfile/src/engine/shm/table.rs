@@ -20,6 +20,7 @@
 use std::cell::{Cell, UnsafeCell};
 use std::io;
 use std::mem::size_of;
+use std::ops::Range;
 use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
@@ -206,7 +207,15 @@ impl Map {
     /// so each slot's words are read atomically.
     #[cold]
     fn is_user(&self, pid: u32) -> bool {
-        (0..SLOTS).any(|s| {
+        // SAFETY: inside the header, aligned; read atomically, as the mutex
+        // is another's.
+        let hwm = unsafe {
+            &*self
+                .base
+                .add(std::mem::offset_of!(Header, slot_hwm))
+                .cast::<AtomicU32>()
+        };
+        (0..(hwm.load(Ordering::Relaxed) as usize).min(SLOTS)).any(|s| {
             // SAFETY: inside the mapping, aligned; `used` then `pid` lead
             // each slot (see `layout.rs`).
             let words = unsafe {
@@ -253,6 +262,28 @@ impl Drop for Map {
         unsafe { sys::unmap(self.base, SIZE) };
     }
 }
+
+/// The entries `0..n` of the region at byte `at` of the sidecar open as
+/// `fd`, `size` bytes each, that lie in pages holding data: the only ones
+/// that can be other than zero. A scan over every entry of a region reads
+/// these alone, so that it neither takes time for nor allocates the pages
+/// of a table never used (see `layout.rs`).
+pub(super) fn touched(fd: BorrowedFd<'_>, at: usize, size: usize, n: usize) -> Vec<Range<usize>> {
+    let mut out: Vec<Range<usize>> = Vec::new();
+    for r in sys::data_ranges(fd, at as u64, (size * n) as u64) {
+        let lo = (r.start as usize - at) / size;
+        let hi = (r.end as usize - at).div_ceil(size).min(n);
+        match out.last_mut() {
+            Some(last) if last.end >= lo => last.end = last.end.max(hi),
+            _ => out.push(lo..hi),
+        }
+    }
+    out
+}
+
+/// Fewest records ever used whose pages a table gives back once none is in
+/// use (a megabyte of them).
+pub(super) const SHRINK_AT: usize = (1 << 20) / size_of::<Rec>();
 
 /// How many waiters a guard wakes one by one; beyond that it wakes all.
 pub(super) const WAKE_LIST: usize = 8;
@@ -309,7 +340,7 @@ pub(super) struct TableLock<'a> {
     pub(super) map: &'a Map,
     /// Waiter entries to wake once the mutex is let go (their words are
     /// bumped already)...
-    pub(super) woken: [u16; WAKE_LIST],
+    pub(super) woken: [u32; WAKE_LIST],
     pub(super) n_woken: usize,
     /// ... or every entry below this.
     pub(super) wake_upto: usize,
@@ -340,6 +371,7 @@ impl Drop for TableLock<'_> {
         // stay slow and its gate closed, which is only slower.
         if self.sane && !is_corrupt() {
             self.leave();
+            self.shrink();
         }
         // SAFETY: we hold the mutex.
         unsafe { sys::robust_mutex_unlock(self.map.mutex()) };
@@ -429,6 +461,38 @@ impl TableLock<'_> {
         self.sane = sane;
     }
 
+    /// Once no record is in use, give the pages of the records ever used
+    /// and of the bucket heads back (see `layout.rs`): a table that held
+    /// millions of locks takes no more memory than a fresh one once they
+    /// are released. Below [`SHRINK_AT`] records it keeps them (cheaper to
+    /// reuse than to fault in again).
+    pub(super) fn shrink(&mut self) {
+        let h = self.header();
+        if h.free_count as usize != RECORDS || (h.fresh as usize) < SHRINK_AT {
+            return;
+        }
+        let used = super::layout::align(h.fresh as usize * size_of::<Rec>());
+        // First forget them: every record fresh again, as after a crash
+        // here (a fresh record is written whole before use).
+        h.fresh = 0;
+        h.free_head = NIL;
+        // SAFETY: page-aligned ranges inside the mapping; records and
+        // bucket heads are read and written only with the mutex held,
+        // which we hold, and none is in use (every head is `NIL`, stored
+        // as zero). Where the file system cannot, the pages stay.
+        unsafe {
+            sys::give_back(self.map.base.add(RECORDS_AT), used);
+            sys::give_back(self.map.base.add(BUCKETS_AT), BUCKETS * size_of::<u32>());
+        }
+    }
+
+    /// How many steps any walk along a list of records may take: one per
+    /// record ever used (`fresh`), as only those can be in a list; a walk
+    /// still going then has met a loop, which a corrupt table may have.
+    pub(super) fn walk_limit(&self) -> usize {
+        (self.header().fresh as usize).min(RECORDS) + 1
+    }
+
     /// The header's `slot_hwm`, at most [`SLOTS`].
     pub(super) fn slot_hwm(&self) -> usize {
         let n = self.header().slot_hwm as usize;
@@ -477,11 +541,23 @@ impl TableLock<'_> {
         unsafe { &mut *self.map.base.add(WAITERS_AT).cast::<Waiter>().add(i) }
     }
 
-    /// The head of hash bucket `i`.
-    pub(super) fn bucket_head(&self, i: usize) -> &mut u32 {
+    /// The head of hash bucket `i` (`NIL`: empty). Stored complemented, so
+    /// that a page of heads never written reads as empty buckets: a fresh
+    /// table needs no writing over its buckets, and clearing them is
+    /// giving their pages back.
+    pub(super) fn head(&self, i: usize) -> u32 {
+        !*self.head_word(i)
+    }
+
+    /// Make record `at` (or `NIL`) the head of hash bucket `i`.
+    pub(super) fn set_head(&self, i: usize, at: u32) {
+        *self.head_word(i) = !at;
+    }
+
+    fn head_word(&self, i: usize) -> &mut u32 {
         if i >= BUCKETS {
             let b = &mut self.blank("a bucket number").head;
-            *b = Blank::NEW.head;
+            *b = !Blank::NEW.head;
             return b;
         }
         // SAFETY: as `slot`.

@@ -80,9 +80,12 @@ fn repair_after_a_death_in_the_mutex_keeps_the_living() {
         .unwrap()
         .is_none());
     let g = a.lock().unwrap();
-    g.verify().unwrap();
+    g.verify(a.fd()).unwrap();
     assert_eq!(g.slot(a.slot as usize).records, 1);
-    assert_eq!((0..SLOTS).filter(|&s| g.slot(s).used == 1).count(), 1);
+    assert_eq!(
+        (0..g.slot_hwm()).filter(|&s| g.slot(s).used == 1).count(),
+        1
+    );
     drop(g);
     let c = open();
     assert!(!c
@@ -126,15 +129,15 @@ fn repair_separates_waiters_left_at_one_place() {
     let (j, tj) = g.push_waiter(b.slot, 0, &[one(2)], SHARED, None).unwrap();
     let place = g.waiter(i as usize).order;
     g.waiter(j as usize).order = place;
-    assert!(g.verify().is_err());
+    assert!(g.verify(a.fd()).is_err());
     g.repair(a.fd(), a.slot);
-    g.verify().unwrap();
+    g.verify(a.fd()).unwrap();
     let (wi, wj) = (*g.waiter(i as usize), *g.waiter(j as usize));
     assert_eq!((wi.owner, wj.owner), (a.slot + 1, b.slot + 1));
     assert!(wi.place() < wj.place() && wi.order != wj.order);
     g.remove_waiter(a.slot, i, ti, false);
     g.remove_waiter(b.slot, j, tj, false);
-    g.verify().unwrap();
+    g.verify(a.fd()).unwrap();
 }
 
 fn open_shm(path: &Path) -> Shm {
@@ -181,7 +184,7 @@ fn the_fast_lane_gives_way_to_the_table_and_comes_back() {
     assert_eq!((h.span, h.kind), (one(5), Kind::Exclusive));
     // The probe made the hold a record: the lane is the table's now.
     assert_eq!(lane_of(&a, 5), LANE_SLOW);
-    a.lock().unwrap().verify().unwrap();
+    a.lock().unwrap().verify(a.fd()).unwrap();
     // Its release goes through the mutex, and gives the lane back.
     assert!(!a.fast_lower(one(5)));
     assert!(a.try_set(one(5), None).unwrap());
@@ -203,7 +206,7 @@ fn the_fast_lane_gives_way_to_the_table_and_comes_back() {
     assert!(a.try_set(one(20), Some(Kind::Exclusive)).unwrap());
     assert!(b.try_set(Span::new(0, 10).unwrap(), None).unwrap());
     assert!(a.try_set(one(20), None).unwrap());
-    a.lock().unwrap().verify().unwrap();
+    a.lock().unwrap().verify(a.fd()).unwrap();
     assert_eq!(b.map.gate().load(Ordering::SeqCst), 0, "open again");
     assert!(a.fast_raise(one(20), Kind::Shared));
 }
@@ -227,11 +230,11 @@ fn a_shared_fast_hold_admits_readers_and_converts() {
     assert!(a.try_set(one(5), Some(Kind::Shared)).unwrap());
     assert!(c.try_set(one(5), Some(Kind::Shared)).unwrap());
     assert!(!b.try_set(one(5), Some(Kind::Exclusive)).unwrap());
-    a.lock().unwrap().verify().unwrap();
+    a.lock().unwrap().verify(a.fd()).unwrap();
     assert!(c.try_set(one(5), None).unwrap());
     assert!(a.try_set(one(5), None).unwrap());
     assert!(b.try_set(one(5), Some(Kind::Exclusive)).unwrap());
-    a.lock().unwrap().verify().unwrap();
+    a.lock().unwrap().verify(a.fd()).unwrap();
 }
 
 #[test]
@@ -304,7 +307,7 @@ fn a_word_a_waiter_marks_meanwhile_is_still_taken_over() {
     assert!(!b
         .try_set(Span::new(0, 1000).unwrap(), Some(Kind::Exclusive))
         .unwrap());
-    b.lock().unwrap().verify().unwrap();
+    b.lock().unwrap().verify(b.fd()).unwrap();
     assert!(a.try_set(one(5), None).unwrap());
     assert!(b
         .try_set(Span::new(0, 1000).unwrap(), Some(Kind::Exclusive))
@@ -335,7 +338,7 @@ fn a_fast_hold_taken_after_the_gate_closed_is_taken_away() {
     assert_eq!(a.map.fast_list(a.slot)[0].load(Ordering::SeqCst), 0);
     let h = c.probe(one(5), Kind::Shared).unwrap().expect("held by b");
     assert_eq!(h.span, Span::new(0, 10).unwrap());
-    c.lock().unwrap().verify().unwrap();
+    c.lock().unwrap().verify(c.fd()).unwrap();
     // a holds nothing at 5: once b lets go, c gets it.
     assert!(b.try_set(Span::ALL, None).unwrap());
     assert!(c.try_set(one(5), Some(Kind::Exclusive)).unwrap());
@@ -348,7 +351,7 @@ fn a_fast_hold_taken_after_the_gate_closed_is_taken_away() {
     assert!(!c.try_set(one(7), Some(Kind::Shared)).unwrap());
     let h = c.probe(one(7), Kind::Shared).unwrap().expect("held by a");
     assert_eq!((h.span, h.pid), (one(7), Some(std::process::id())));
-    c.lock().unwrap().verify().unwrap();
+    c.lock().unwrap().verify(c.fd()).unwrap();
     assert!(a.try_set(one(7), None).unwrap());
     assert!(c.try_set(one(7), Some(Kind::Shared)).unwrap());
 }
@@ -378,7 +381,7 @@ fn a_word_taken_away_while_the_gate_was_closed_is_not_granted_once_it_opens() {
     assert!(!a.confirm_fast(l, w));
     assert!(c.try_set(one(5), Some(Kind::Exclusive)).unwrap());
     assert!(!a.try_set(one(5), Some(Kind::Exclusive)).unwrap());
-    a.lock().unwrap().verify().unwrap();
+    a.lock().unwrap().verify(a.fd()).unwrap();
 }
 
 #[test]
@@ -393,13 +396,13 @@ fn a_record_trimmed_to_one_index_keeps_a_late_fast_word_out() {
     assert!(m.try_set(Span::new(4, 10).unwrap(), None).unwrap());
     assert_ne!(a.map.lane(l).load(Ordering::SeqCst), w);
     assert!(!a.confirm_fast(l, w));
-    m.lock().unwrap().verify().unwrap();
+    m.lock().unwrap().verify(m.fd()).unwrap();
     let h = c.probe(one(3), Kind::Shared).unwrap().expect("m holds 3");
     assert_eq!(h.span, one(3));
     // a holds nothing: once m lets go, c gets 3.
     assert!(m.try_set(one(3), None).unwrap());
     assert!(c.try_set(one(3), Some(Kind::Exclusive)).unwrap());
-    c.lock().unwrap().verify().unwrap();
+    c.lock().unwrap().verify(c.fd()).unwrap();
 }
 
 #[test]
@@ -434,13 +437,13 @@ fn a_death_while_adopting_a_fast_hold_keeps_it() {
             !c.try_set(one(5), Some(Kind::Shared)).unwrap(),
             "made: {made}"
         );
-        c.lock().unwrap().verify().unwrap();
+        c.lock().unwrap().verify(c.fd()).unwrap();
         assert!(a.try_set(one(5), None).unwrap());
         assert!(
             c.try_set(one(5), Some(Kind::Shared)).unwrap(),
             "made: {made}"
         );
-        c.lock().unwrap().verify().unwrap();
+        c.lock().unwrap().verify(c.fd()).unwrap();
     }
 }
 

@@ -88,10 +88,10 @@ impl TableLock<'_> {
         if self.wake_upto > 0 {
             self.wake_upto = self.wake_upto.max(i + 1);
         } else if self.n_woken < WAKE_LIST {
-            self.woken[self.n_woken] = i as u16;
+            self.woken[self.n_woken] = i as u32;
             self.n_woken += 1;
         } else {
-            self.wake_upto = WAITERS;
+            self.wake_upto = self.waiter_hwm().max(i + 1);
         }
     }
 
@@ -244,7 +244,11 @@ impl TableLock<'_> {
         order: Option<u64>,
     ) -> Option<(u32, u64)> {
         let h = self.header();
-        let i = (0..WAITERS).position(|i| self.waiter(i).owner == 0)?;
+        // The lowest free entry: below the mark, or the mark itself.
+        let hwm = self.waiter_hwm();
+        let i = (0..hwm)
+            .position(|i| self.waiter(i).owner == 0)
+            .or((hwm < WAITERS).then_some(hwm))?;
         let ticket = h.next_ticket;
         h.next_ticket = h.next_ticket.wrapping_add(1);
         let w = self.waiter(i);
