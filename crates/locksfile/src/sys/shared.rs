@@ -61,7 +61,7 @@ pub(crate) fn data_ranges(fd: BorrowedFd<'_>, at: u64, len: u64) -> Vec<std::ops
             Ok(d) => d,
             // No data from here to the end of the file.
             Err(e) if e.raw_os_error() == Some(libc::ENXIO) => break,
-            Err(_) => return vec![at..end],
+            Err(_) => return std::iter::once(at..end).collect(),
         };
         if data >= end {
             break;
@@ -69,7 +69,7 @@ pub(crate) fn data_ranges(fd: BorrowedFd<'_>, at: u64, len: u64) -> Vec<std::ops
         let hole = seek(data, libc::SEEK_HOLE).unwrap_or(end).min(end);
         out.push(data.max(at)..hole);
         if hole <= data {
-            return vec![at..end];
+            return std::iter::once(at..end).collect();
         }
         from = hole;
     }

@@ -16,7 +16,7 @@ use super::deadlock::topo_sort;
 use super::lane::LANE_NAP;
 use super::layout::{
     bucket, fast_word, lane_owner, EXCLUSIVE, LANE_EMPTY, LANE_MOVING, LANE_SLOW, LANE_WAITING,
-    SHARED, SLOTS,
+    SHARED,
 };
 use super::sidecar::network_fs;
 use super::waits::Place;
