@@ -938,6 +938,23 @@ fn catch_sigusr1() {
     });
 }
 
+/// Wait until the thread with kernel id `tid` sleeps in a system call (its
+/// wait's sleep: a signal sent before it gets there would find no call to
+/// end, as for any wait that a signal ends by interrupting a call).
+fn asleep_in_kernel(tid: libc::pid_t) {
+    let start = Instant::now();
+    loop {
+        let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).unwrap();
+        let state = stat.rsplit(')').next().unwrap().split_whitespace().next();
+        let call = std::fs::read_to_string(format!("/proc/self/task/{tid}/syscall")).unwrap();
+        if state == Some("S") && !call.starts_with("running") {
+            return;
+        }
+        assert!(start.elapsed() < STUCK, "thread {tid} never slept");
+        std::thread::yield_now();
+    }
+}
+
 fn signal_thread(thread: libc::pthread_t) {
     // SAFETY: the thread is alive (it waits, and is joined later).
     let r = unsafe { libc::pthread_kill(thread, libc::SIGUSR1) };
@@ -960,8 +977,10 @@ fn signals_end_only_interruptible_waits(mode: Mode) {
         let (tid_tx, tid_rx) = mpsc::channel();
         let lf = &lf;
         let waiter = sc.spawn(move || {
-            // SAFETY: plain call.
-            tid_tx.send(unsafe { libc::pthread_self() }).unwrap();
+            // SAFETY: plain calls.
+            tid_tx
+                .send(unsafe { (libc::pthread_self(), libc::gettid()) })
+                .unwrap();
             let r = lf.acquire(
                 Kind::Exclusive,
                 s,
@@ -969,8 +988,9 @@ fn signals_end_only_interruptible_waits(mode: Mode) {
             );
             (r, Instant::now())
         });
-        let tid = tid_rx.recv().unwrap();
+        let (tid, kernel_tid) = tid_rx.recv().unwrap();
         space.wait_for_waiters(1);
+        asleep_in_kernel(kernel_tid);
         let sent = Instant::now();
         signal_thread(tid);
         let (r, ended) = waiter.join().unwrap();

@@ -368,8 +368,14 @@ fn an_older_table_in_use_is_refused() {
         } => e.to_string(),
         other => panic!("{other:?}"),
     };
-    let msg = older(LockFile::options().mode(Mode::Shm).open(&path).unwrap_err());
-    assert!(msg.contains("version 4"), "{msg}");
+    // Another process (this one has the table joined already, and its
+    // next handles share it).
+    let p = &path;
+    fork(move || {
+        let msg = older(LockFile::options().mode(Mode::Shm).open(p).unwrap_err());
+        assert!(msg.contains("version 4"), "{msg}");
+    })
+    .join();
     older(locksfile::shm::read_stats(&path).unwrap_err());
     drop(user);
 }

@@ -565,7 +565,7 @@ impl Shm {
             if nap.is_zero() {
                 return Ok(false);
             }
-            let Some(half) = mark(&self.map, l, w) else {
+            let Some(half) = mark(&**self.map, l, w) else {
                 continue;
             };
             let slept = self.map.sleep_on_lane(l, half, nap);
@@ -592,14 +592,14 @@ impl Shm {
         if self.has_deferred.load(Ordering::Relaxed) {
             return false;
         }
-        take(&self.map, self.slot, i, l, code(kind))
+        take(&**self.map, self.slot, i, l, code(kind))
     }
 
     /// The second half of [`Shm::fast_raise`]: word `w` is in lane `l` (and
     /// listed); whether it is granted.
     #[cfg(test)]
     pub(super) fn confirm_fast(&self, l: usize, w: u64) -> bool {
-        confirm(&self.map, self.slot, l, w)
+        confirm(&**self.map, self.slot, l, w)
     }
 
     /// Let go of one index held on the fast lane. `false`: it is not (the
@@ -613,7 +613,7 @@ impl Shm {
         if self.has_deferred.load(Ordering::Relaxed) {
             return false;
         }
-        let_go(&self.map, self.slot, i, l)
+        let_go(&**self.map, self.slot, i, l)
     }
 }
 

@@ -19,7 +19,8 @@
 //!  5452075008   0x144f81000   fast lists: 64 B per slot            owners and the mutex holder, atomically
 //!  5460463616   0x145781000   lane words: u64 per bucket           see `lane.rs`, atomically
 //!  5594681344   0x14d781000   stats: StatEntry, 640 B each         any recording owner, atomically
-//!  5595504640   0x14d84a000   end (SIZE): 5.2 GiB reserved, a few pages used when fresh
+//!  5595504640   0x14d84a000   processes: Proc per entry, 16 B each the mutex holder
+//!  5597601792   0x14da4a000   end (SIZE): 5.2 GiB reserved, a few pages used when fresh
 //! ```
 //!
 //! The header, whose first 40 bytes are read with `pread` before mapping
@@ -29,12 +30,13 @@
 //!  +0 magic    +8 version   +16 size      +24 dev          +32 ino
 //!  +40 next_ticket   +48 next_nonce  +56 free_head   +60 free_count
 //!  +64 coarse_head   +68 coarse_count +72 waiting    +76 waiter_hwm
-//!  +80 fresh   +84 slot_hwm   +88 slots_used
+//!  +80 fresh   +84 slot_hwm   +88 slots_used  +92 proc_hwm
 //! ```
 //!
 //! Beyond the memory, bytes of the sidecar serve as OFD record locks:
-//! [`DMS`], held shared by every user, and [`LIVENESS`]` + slot`, held
-//! exclusively by the owner in that slot.
+//! [`DMS`], held shared by every process using the table, and
+//! [`LIVENESS`]` + p`, held exclusively by the process in entry `p`, through
+//! the one description of the sidecar its owners share.
 //!
 //! Every field says who may write it and how, in these words:
 //!
@@ -81,8 +83,10 @@ pub(super) const BUCKETS: usize = 1 << 24;
 /// Byte of the sidecar every user holds shared while it has the table
 /// open; the first opener finds it free and (re)initialises the table.
 pub(super) const DMS: i64 = 1 << 32;
-/// Byte `LIVENESS + slot` is write-locked by the owner in `slot`.
+/// Byte `LIVENESS + p` is write-locked by the process in entry `p`.
 pub(super) const LIVENESS: i64 = DMS + 1;
+/// Process entries: processes using one table at once.
+pub(crate) const PROCS: usize = SLOTS;
 
 pub(super) const NIL: u32 = u32::MAX;
 pub(super) const SHARED: u32 = 1;
@@ -134,7 +138,9 @@ pub(super) struct Header {
     /// slot below `slot_hwm` only when there is one. Mutex held (an owner
     /// claiming or leaving its slot, or a dead owner's slot purged).
     pub(super) slots_used: u32,
-    pub(super) _pad1: u32,
+    /// One past the last process entry ever claimed. Mutex held (a process
+    /// claiming its entry); only grows while the table lives.
+    pub(super) proc_hwm: u32,
 }
 
 /// A cache line each: an owner's every change writes its slot, and slots
@@ -157,6 +163,31 @@ pub(super) struct Slot {
     /// Mutex held (records linked and unlinked).
     pub(super) head: u32,
     pub(super) records: u32,
+    /// The owner's process entry ([`Proc`]) and that entry's nonce when
+    /// the slot was claimed: the owner lives while that entry does. Mutex
+    /// held, when the slot is claimed.
+    pub(super) proc: u32,
+    pub(super) _pad: u32,
+    pub(super) proc_nonce: u64,
+}
+
+/// A process using the table: every owner of it names this entry, and
+/// the process holds an OFD write lock on byte [`LIVENESS`]` + entry` of
+/// the sidecar, through the one description its owners share, for as long
+/// as it has any. So the kernel's lock list of the sidecar holds an entry
+/// or two per process, however many owners each has (every `fcntl` and
+/// every `close` of the file walks that list).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub(super) struct Proc {
+    /// 1 while a process has the entry. Mutex held (claimed by a process's
+    /// first owner, freed by its last, or found dead and reused).
+    pub(super) used: u32,
+    /// Its process id (for status). Mutex held, when claimed.
+    pub(super) pid: u32,
+    /// Names this claim of the entry apart from earlier and later ones.
+    /// Mutex held, when claimed (from the header's `next_nonce`).
+    pub(super) nonce: u64,
 }
 
 #[repr(C)]
@@ -264,6 +295,8 @@ pub(super) const LANES_AT: usize = align(LISTS_AT + SLOTS * 64);
 /// everything here: a key or figure may be anything, and is only ever
 /// reported, never used to index memory.
 pub(super) const STATS_AT: usize = align(LANES_AT + BUCKETS * size_of::<u64>());
+/// The process entries ([`Proc`]), after the statistics.
+pub(super) const PROCS_AT: usize = align(STATS_AT + STAT_ENTRIES * size_of::<StatEntry>());
 /// Per-index statistics entries (then one for other indices).
 pub(super) const STAT_LOCKS: usize = 1024;
 /// Per-process statistics entries (then one for other owners).
@@ -290,7 +323,7 @@ pub(super) struct StatEntry {
 }
 
 /// The sidecar's size: sparse, and only the pages touched take memory.
-pub(crate) const SIZE: usize = align(STATS_AT + STAT_ENTRIES * size_of::<StatEntry>());
+pub(crate) const SIZE: usize = align(PROCS_AT + PROCS * size_of::<Proc>());
 
 /// The sidecar's regions as (name, offset, length) in bytes, for tests
 /// that write over them.
@@ -309,6 +342,7 @@ pub(crate) fn regions() -> Vec<(&'static str, u64, u64)> {
         r("fast lists", LISTS_AT, SLOTS * 64),
         r("lane words", LANES_AT, BUCKETS * size_of::<u64>()),
         r("stats", STATS_AT, STAT_ENTRIES * size_of::<StatEntry>()),
+        r("processes", PROCS_AT, PROCS * size_of::<Proc>()),
     ]
 }
 
@@ -459,9 +493,11 @@ mod tests {
         assert_eq!(at("fast lists:"), LISTS_AT);
         assert_eq!(at("lane words:"), LANES_AT);
         assert_eq!(at("stats:"), STATS_AT);
+        assert_eq!(at("processes:"), PROCS_AT);
         assert_eq!(at("end (SIZE)"), SIZE);
         assert_eq!(size_of::<StatEntry>(), 640);
         assert_eq!(size_of::<Slot>(), 64);
+        assert_eq!(size_of::<Proc>(), 16);
         assert_eq!(size_of::<Waiter>(), 56);
         assert_eq!(size_of::<Rec>(), 40);
         assert_eq!(size_of::<[AtomicU32; FAST_HOLDS]>(), 64);
@@ -497,12 +533,13 @@ mod tests {
                 "fresh" => offset_of!(Header, fresh),
                 "slot_hwm" => offset_of!(Header, slot_hwm),
                 "slots_used" => offset_of!(Header, slots_used),
+                "proc_hwm" => offset_of!(Header, proc_hwm),
                 other => panic!("no header field {other}"),
             };
             assert_eq!(off, real, "{name}");
             named += 1;
         }
-        assert_eq!(named, 16, "every field but the padding");
+        assert_eq!(named, 17, "every field but the padding");
         assert_eq!(size_of::<Header>(), 96);
     }
 }

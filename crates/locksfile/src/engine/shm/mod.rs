@@ -38,10 +38,13 @@
 //!
 //! # Liveness
 //!
-//! Each owner takes a slot and holds an OFD write lock on byte
-//! `LIVENESS + slot` of the sidecar through its own open file description:
-//! the owner is dead when that byte is free (`F_OFD_GETLK`). No pid is
-//! trusted, so pid reuse and pid namespaces do not matter.
+//! Each process using the table takes a process entry and holds an OFD
+//! write lock on byte `LIVENESS + entry` of the sidecar, through the one
+//! open file description its owners share (`process.rs`); each owner takes
+//! a slot naming that entry. An owner is dead when its entry's byte is
+//! free (`F_OFD_GETLK`), or its entry was since reused (the slot keeps the
+//! entry's nonce). No pid is trusted, so pid reuse and pid namespaces do
+//! not matter.
 //!
 //! # Files
 //!
@@ -50,13 +53,15 @@
 //! of the mutex in `sidecar`), `records`, `waits` (the queue, the grant
 //! rule, the wait), `deadlock` (the search and the reordering), `lane` (the
 //! fast lane), `repair` (setting up, liveness, repair, `verify`), `sidecar`
-//! (opening and joining, the in-use marker), `snapshot`. This file is one
+//! (opening and joining, the in-use marker), `process` (what a process's
+//! owners share: mapping, descriptors, process entry), `snapshot`. This file is one
 //! owner, [`Shm`]: joining, raising and lowering, deferred lowerings,
 //! leaving.
 
 mod deadlock;
 mod lane;
 mod layout;
+mod process;
 mod records;
 mod repair;
 mod sidecar;
@@ -93,36 +98,31 @@ pub(crate) use sidecar::{table_in_use, IN_USE};
 pub use snapshot::{HeldLock, Snapshot, WaitingLock};
 pub use stats::read_stats;
 
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use super::{Abilities, Engine, Until};
 use crate::error::{Error, Holder, SidecarProblem};
 use crate::kind::Kind;
 use crate::span::{Span, INDEX_END};
-use crate::sys::{self, LockType};
+use crate::sys;
 
-use self::layout::{code, kind_of, lane_of, overlaps, LIVENESS, NIL, RECORDS, SLOTS};
-use self::repair::alive;
-use self::sidecar::{
-    is_contention, join_marked, kernel_locks, network_fs, real_path, reopen, set_byte, sidecar_path,
-};
-use self::table::{is_corrupt, take_corrupt, Map, TableLock};
+use self::layout::{code, kind_of, lane_of, overlaps, NIL, RECORDS, SLOTS};
+use self::process::Joined;
+use self::repair::proc_alive;
+use self::sidecar::{network_fs, real_path, sidecar_path};
+use self::table::{is_corrupt, take_corrupt, TableLock};
 use self::waits::{Blocker, Request, NO_ENTRY};
 use std::sync::atomic::AtomicUsize;
 
 /// One owner's locks in a shared-memory table.
 pub(crate) struct Shm {
-    map: Map,
-    /// This owner's sidecar descriptor, carrying its liveness lock and its
-    /// share of the sidecar's DMS byte. `None` once forgotten in a child.
-    fd: Option<OwnedFd>,
+    /// The table as this process joined it, shared by its owners.
+    map: Arc<Joined>,
     /// The lock file, for `as_fd` and the mixed-engine checks.
     lock_fd: Option<OwnedFd>,
-    /// A description of the lock file of this owner's own, holding its
-    /// [`IN_USE`] byte shared. `None` once dropped.
-    mark: Option<OwnedFd>,
     /// Lowerings the table had no record for (start, end, kind; disjoint),
     /// applied by a later call that finds the records; the table holds
     /// more than the owner meanwhile, never less.
@@ -193,34 +193,9 @@ impl Shm {
                 problem: SidecarProblem::HardLinked { links: id.nlink },
             });
         }
-        if let Some(in_use) = kernel_locks(lock_fd.as_fd(), id.dev, id.ino) {
-            return Err(Error::MixedModes {
-                path: lock_path.to_path_buf(),
-                in_use,
-            });
-        }
-        // The in-use marker goes through a description of its own, which
-        // no child inherits: a child must never keep the table in use.
-        let write = sys::is_writable(lock_fd.as_fd()).unwrap_or(false);
-        let mark = reopen(lock_fd.as_fd(), write).map_err(|e| Error::io("open lock file", e))?;
-        if !sys::close_in_children(mark.as_raw_fd()) {
-            return Err(Error::TableFull {
-                path: sidecar,
-                what: "shm handles in this process",
-            });
-        }
-        let joined = join_marked(&sidecar, mark.as_fd(), write, &id);
-        let (fd, map) = match joined {
-            Ok(j) => j,
-            Err(e) => {
-                sys::keep_in_children(mark.as_raw_fd());
-                return Err(e);
-            }
-        };
+        let map = Joined::get(lock_path, lock_fd.as_fd(), &id, &sidecar)?;
         let shm = Shm {
             map,
-            fd: Some(fd),
-            mark: Some(mark),
             deferred: Default::default(),
             has_deferred: Default::default(),
             lock_fd: Some(lock_fd),
@@ -264,14 +239,11 @@ impl Shm {
 
     #[cold]
     fn corrupted(&self, what: &'static str) -> Error {
-        Error::Sidecar {
-            path: self.sidecar.clone(),
-            problem: SidecarProblem::Corrupt { what },
-        }
+        self.map.corrupted(what)
     }
 
     fn fd(&self) -> BorrowedFd<'_> {
-        self.fd.as_ref().expect("open until dropped").as_fd()
+        self.map.fd()
     }
 
     /// The lock file's descriptor.
@@ -280,22 +252,7 @@ impl Shm {
     }
 
     fn lock(&self) -> Result<TableLock<'_>, Error> {
-        let (mut g, died) = self.map.lock().map_err(|e| {
-            if e.kind() == std::io::ErrorKind::InvalidData {
-                self.corrupted("the table's mutex")
-            } else {
-                Error::io("lock table mutex", e)
-            }
-        })?;
-        if died {
-            g.repair(self.fd(), self.slot);
-            g.consistent();
-            g.recheck();
-        }
-        if !g.sane {
-            return Err(self.corrupted("the header or the queue"));
-        }
-        Ok(g)
+        self.map.table()
     }
 
     fn full(&self, what: &'static str) -> Error {
@@ -305,18 +262,18 @@ impl Shm {
         }
     }
 
-    /// Take a free slot (or a dead owner's) and its liveness byte: the
-    /// lowest free one, so that the owners stay packed below `slot_hwm`
-    /// (read by every scan over owners); straight past the mark when every
-    /// slot below it is used. A dead owner's slot only when none is free.
+    /// Take a free slot, else a dead owner's: the lowest free one, so
+    /// that the owners stay packed below `slot_hwm` (read by every scan
+    /// over owners); straight past the mark when every slot below it is
+    /// used. The slot names this process's entry, whose liveness is its.
     fn claim_slot(&self) -> Result<u32, Error> {
         let mut g = self.lock()?;
+        let me = self.map.proc;
+        let proc_nonce = g.process(me as usize).nonce;
         for pass in 0..2 {
             let (hwm, used) = (g.slot_hwm() as u32, g.header().slots_used);
             let from = if pass == 0 && used >= hwm { hwm } else { 0 };
-            let cap = OWNER_CAP
-                .load(std::sync::atomic::Ordering::Relaxed)
-                .min(SLOTS);
+            let cap = OWNER_CAP.load(Ordering::Relaxed).min(SLOTS);
             for s in from..cap as u32 {
                 let used = g.slot(s as usize).used != 0;
                 if used != (pass == 1) {
@@ -325,18 +282,11 @@ impl Shm {
                     }
                     continue;
                 }
-                // Getting the byte proves the slot's last owner gone.
-                match set_byte(self.fd(), LockType::Write, LIVENESS + s as i64, false) {
-                    Ok(()) => {}
-                    Err(e) if is_contention(&e) => continue,
-                    Err(e) => return Err(Error::io("lock owner slot", e)),
-                }
-                if used {
-                    g.purge(s);
+                if used && !g.purge_if_dead(self.fd(), s) {
+                    continue;
                 }
                 if is_corrupt() {
-                    // The caller answers the error; the slot's byte goes
-                    // with the descriptor.
+                    // The caller answers the error.
                     return Ok(NIL);
                 }
                 let h = g.header();
@@ -349,6 +299,8 @@ impl Shm {
                 slot.nonce = nonce;
                 slot.head = NIL;
                 slot.records = 0;
+                slot.proc = me;
+                slot.proc_nonce = proc_nonce;
                 slot.used = 1;
                 return Ok(s);
             }
@@ -448,7 +400,11 @@ impl Shm {
     #[inline(never)]
     fn refused(&self, owner: u32, span: Span, kind: Kind) -> Result<bool, Error> {
         // Each try again follows a purge, so this ends.
-        if alive(self.fd(), owner) || !self.lock()?.purge_if_dead(self.fd(), owner) {
+        let proc = self.lock()?.slot(owner as usize).proc;
+        if proc == self.map.proc || (proc_alive(self.fd(), proc) && !is_corrupt()) {
+            return Ok(false);
+        }
+        if !self.lock()?.purge_if_dead(self.fd(), owner) {
             return Ok(false);
         }
         self.raise(span, kind, true)
@@ -517,48 +473,22 @@ impl Shm {
         subtract(&mut d, s, e);
         self.has_deferred.store(!d.is_empty(), Ordering::Relaxed);
     }
-
-    /// Let go of the in-use marker, before the table (whoever holds the
-    /// marker holds the table, but for openers on their way in).
-    fn drop_mark(&mut self) {
-        if let Some(mark) = self.mark.take() {
-            let _ = set_byte(mark.as_fd(), LockType::Unlock, IN_USE, false);
-            sys::keep_in_children(mark.as_raw_fd());
-            // Through the registry: a close may drop process-mode locks.
-            crate::descriptors::close(self.dev, self.ino, mark);
-        }
-    }
 }
 
 impl Drop for Shm {
     fn drop(&mut self) {
-        let fd = self.fd.take().expect("open until dropped");
         if self.is_inherited() {
-            // The parent's: its descriptor was closed at fork (the number
-            // may be another file's by now) and its table is not ours.
-            std::mem::forget(fd);
-            std::mem::forget(self.mark.take());
-            if let Some(lock_fd) = self.lock_fd.take() {
-                drop(lock_fd);
-            }
+            // The parent's: its table is not ours (the shared part knows
+            // too, and forgets the parent's descriptors).
             return;
         }
         if self.slot != NIL {
-            self.fd = Some(fd);
             if let Ok(mut g) = self.lock() {
                 g.purge(self.slot);
             }
             // A corrupt table is left as it is: its next first opener
             // sets it up afresh.
             let _ = take_corrupt();
-            self.drop_mark();
-            sys::keep_in_children(self.fd().as_raw_fd());
-            // Closing drops the liveness byte and our share of the table.
-            drop(self.fd.take());
-        } else {
-            self.drop_mark();
-            sys::keep_in_children(fd.as_raw_fd());
-            drop(fd);
         }
         if let Some(lock_fd) = self.lock_fd.take() {
             crate::descriptors::close(self.dev, self.ino, lock_fd);
@@ -630,7 +560,7 @@ impl Shm {
 /// table corrupt, whatever it did otherwise.
 impl Engine for Shm {
     fn shared_stats(&self) -> Option<&dyn crate::stats::Shared> {
-        Some(&self.map)
+        Some(&**self.map)
     }
 
     #[inline]

@@ -12,22 +12,18 @@ use crate::sys::{self, Family, LockType, OpenHow};
 
 use super::layout::{
     bucket, is_fast, lane_index, lane_owner, Rec, Slot, Waiter, BUCKETS, BUCKETS_AT, DMS,
-    EXCLUSIVE, LANES_AT, LANE_EMPTY, LANE_MOVING, LANE_SLOW, LIVENESS, NIL, RECORDS, RECORDS_AT,
-    SHARED, SIZE, SLOTS, SLOTS_AT, VERSION, WAITERS, WAITERS_AT,
+    EXCLUSIVE, LANES_AT, LANE_EMPTY, LANE_MOVING, LANE_SLOW, LIVENESS, NIL, PROCS, RECORDS,
+    RECORDS_AT, SHARED, SIZE, SLOTS, SLOTS_AT, VERSION, WAITERS, WAITERS_AT,
 };
 use super::sidecar::{byte, check_and_map, cstring, read_header, set_byte, sidecar_path};
 use super::table::{take_corrupt, touched, TableLock};
 use super::waits::Place;
 
-/// Tells whether an owner's slot is alive, through some descriptor of the
-/// sidecar that is not that owner's.
-pub(super) fn alive(fd: BorrowedFd<'_>, slot: u32) -> bool {
-    match sys::get_lock(
-        fd,
-        Family::Ofd,
-        LockType::Write,
-        byte(LIVENESS + slot as i64),
-    ) {
+/// Tells whether the process in entry `p` is alive (holds its liveness
+/// byte), through some descriptor of the sidecar that is not that
+/// process's.
+pub(super) fn proc_alive(fd: BorrowedFd<'_>, p: u32) -> bool {
+    match sys::get_lock(fd, Family::Ofd, LockType::Write, byte(LIVENESS + p as i64)) {
         Ok(found) => found.is_some(),
         // Unknown: never free a lock on a guess.
         Err(_) => true,
@@ -35,13 +31,34 @@ pub(super) fn alive(fd: BorrowedFd<'_>, slot: u32) -> bool {
 }
 
 impl TableLock<'_> {
+    /// Whether the owner in slot `s` lives: its process entry is the one
+    /// it was claimed with, and that process holds the entry's byte
+    /// (probed through `fd`). `me` is the caller's own process entry
+    /// (`NIL` for none): its byte is held through `fd`, which
+    /// `F_OFD_GETLK` does not report.
+    pub(super) fn slot_alive(&self, fd: BorrowedFd<'_>, s: u32, me: u32) -> bool {
+        let slot = *self.slot(s as usize);
+        let p = slot.proc;
+        if slot.used != 1 || p as usize >= PROCS {
+            return false;
+        }
+        let entry = *self.process(p as usize);
+        entry.used == 1 && entry.nonce == slot.proc_nonce && (p == me || proc_alive(fd, p))
+    }
+
     /// Rebuild every derived index from the records, slots and waiters,
-    /// dropping whatever does not validate. Dead owners (their liveness
-    /// byte free, probed through `fd`) lose their slot and everything.
-    /// `me` is the repairer's own slot (`NIL` for none): its liveness
-    /// lock is held through `fd`, which `F_OFD_GETLK` does not report.
+    /// dropping whatever does not validate. Dead processes (their liveness
+    /// byte free, probed through `fd`) lose their entry, and their owners
+    /// their slots and everything. `me` is the repairer's own process
+    /// entry (`NIL` for none).
     pub(super) fn repair(&mut self, fd: BorrowedFd<'_>, me: u32) {
         self.repairing = true;
+        for p in 0..self.proc_hwm() as u32 {
+            let entry = self.process(p as usize);
+            if entry.used != 0 && (entry.used != 1 || (p != me && !proc_alive(fd, p))) {
+                entry.used = 0;
+            }
+        }
         let h = self.header();
         h.slot_hwm = 0;
         h.slots_used = 0;
@@ -49,10 +66,10 @@ impl TableLock<'_> {
             .into_iter()
             .flatten()
         {
-            let slot = self.slot(s);
-            if slot.used != 0 && (slot.used != 1 || (s as u32 != me && !alive(fd, s as u32))) {
-                slot.used = 0;
+            if self.slot(s).used != 0 && !self.slot_alive(fd, s as u32, me) {
+                self.slot(s).used = 0;
             }
+            let slot = self.slot(s);
             if slot.used == 1 {
                 h.slot_hwm = s as u32 + 1;
                 h.slots_used += 1;
@@ -151,6 +168,7 @@ impl TableLock<'_> {
         h.waiter_hwm = 0;
         h.slot_hwm = 0;
         h.slots_used = 0;
+        h.proc_hwm = 0;
         self.map.gate().store(0, Ordering::SeqCst);
     }
 
@@ -196,7 +214,7 @@ impl TableLock<'_> {
 
     /// Purge `slot` if its owner is dead; whether it was.
     pub(super) fn purge_if_dead(&mut self, fd: BorrowedFd<'_>, slot: u32) -> bool {
-        if self.slot(slot as usize).used == 1 && !alive(fd, slot) {
+        if self.slot(slot as usize).used == 1 && !self.slot_alive(fd, slot, self.my_proc) {
             self.purge(slot);
             return true;
         }
@@ -232,6 +250,10 @@ impl TableLock<'_> {
                     return Err(format!("free slot {o} counts {} records", slot.records));
                 }
                 continue;
+            }
+            let entry = *self.process(slot.proc as usize);
+            if entry.used != 1 || entry.nonce != slot.proc_nonce {
+                return Err(format!("slot {o} names no live process entry"));
             }
             let mut at = slot.head;
             let mut n = 0;

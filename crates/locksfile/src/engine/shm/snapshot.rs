@@ -13,7 +13,7 @@ use crate::span::{Span, INDEX_END};
 use crate::sys::{self, Family, LockType, OpenHow};
 
 use super::layout::{is_fast, kind_of, lane_index, lane_kind, lane_owner, Slot, DMS, NIL};
-use super::repair::alive;
+use super::repair::proc_alive;
 use super::sidecar::{
     byte, check_and_map, cstring, open_sidecar, read_header, set_byte, sidecar_path,
 };
@@ -101,8 +101,17 @@ impl Snapshot {
         // Owners and waiters in use lie below their marks.
         let n = g.slot_hwm();
         let slots: Vec<Slot> = (0..n).map(|s| *g.slot(s)).collect();
-        let live: Vec<bool> = (0..n as u32)
-            .map(|s| slots[s as usize].used == 1 && alive(fd.as_fd(), s))
+        // Each process probed once, however many owners it has.
+        let procs: Vec<bool> = (0..g.proc_hwm() as u32)
+            .map(|p| g.process(p as usize).used == 1 && proc_alive(fd.as_fd(), p))
+            .collect();
+        let live: Vec<bool> = slots
+            .iter()
+            .map(|s| {
+                s.used == 1
+                    && procs.get(s.proc as usize) == Some(&true)
+                    && g.process(s.proc as usize).nonce == s.proc_nonce
+            })
             .collect();
         for (o, slot) in slots.iter().enumerate() {
             if !live[o] {

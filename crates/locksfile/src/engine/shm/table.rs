@@ -31,9 +31,9 @@ use crate::sys;
 
 use super::lane::listed;
 use super::layout::{
-    Header, Rec, Slot, StatEntry, Waiter, BUCKETS, BUCKETS_AT, FAST_HOLDS, GATE_AT, LANES_AT,
-    LANE_WAITING, LISTS_AT, MUTEX_AT, NIL, RECORDS, RECORDS_AT, SIZE, SLOTS, SLOTS_AT, STATS_AT,
-    STAT_ENTRIES, WAITERS, WAITERS_AT, WAKES_AT,
+    Header, Proc, Rec, Slot, StatEntry, Waiter, BUCKETS, BUCKETS_AT, FAST_HOLDS, GATE_AT, LANES_AT,
+    LANE_WAITING, LISTS_AT, MUTEX_AT, NIL, PROCS, PROCS_AT, RECORDS, RECORDS_AT, SIZE, SLOTS,
+    SLOTS_AT, STATS_AT, STAT_ENTRIES, WAITERS, WAITERS_AT, WAKES_AT,
 };
 
 thread_local! {
@@ -250,6 +250,7 @@ impl Map {
             renew: 0,
             blank: UnsafeCell::new(Blank::NEW),
             sane: true,
+            my_proc: NIL,
         };
         g.recheck();
         Ok((g, died))
@@ -296,6 +297,7 @@ pub(super) const ENTERED: usize = 8;
 #[derive(Clone, Copy)]
 pub(super) struct Blank {
     slot: Slot,
+    process: Proc,
     waiter: Waiter,
     rec: Rec,
     head: u32,
@@ -309,6 +311,14 @@ impl Blank {
             nonce: 0,
             head: NIL,
             records: 0,
+            proc: NIL,
+            _pad: 0,
+            proc_nonce: 0,
+        },
+        process: Proc {
+            used: 0,
+            pid: 0,
+            nonce: 0,
         },
         waiter: Waiter {
             owner: 0,
@@ -359,6 +369,10 @@ pub(super) struct TableLock<'a> {
     pub(super) renew: u32,
     /// Handed out for an index out of range (see the module's note).
     blank: UnsafeCell<Blank>,
+    /// The process entry of the caller's process (`NIL`: none, as for a
+    /// reader from outside), which liveness probes through its own
+    /// descriptor cannot see held (see [`TableLock::slot_alive`]).
+    pub(super) my_proc: u32,
     /// Whether the header's bounds and the queued spans held when last
     /// checked ([`TableLock::recheck`]); code that trusts them (the
     /// fast lane's scans) runs only on a sane table.
@@ -528,6 +542,26 @@ impl TableLock<'_> {
         }
         // SAFETY: as `header`; in range, inside the mapping, aligned.
         unsafe { &mut *self.map.base.add(SLOTS_AT).cast::<Slot>().add(i) }
+    }
+
+    /// Process entry `i`.
+    pub(super) fn process(&self, i: usize) -> &mut Proc {
+        if i >= PROCS {
+            let b = &mut self.blank("a process entry number").process;
+            *b = Blank::NEW.process;
+            return b;
+        }
+        // SAFETY: as `slot`.
+        unsafe { &mut *self.map.base.add(PROCS_AT).cast::<Proc>().add(i) }
+    }
+
+    /// The header's `proc_hwm`, at most [`PROCS`].
+    pub(super) fn proc_hwm(&self) -> usize {
+        let n = self.header().proc_hwm as usize;
+        if n > PROCS {
+            self.corrupt("the process entry mark");
+        }
+        n.min(PROCS)
     }
 
     /// Waiter entry `i`.

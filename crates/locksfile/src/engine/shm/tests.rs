@@ -130,7 +130,7 @@ fn repair_separates_waiters_left_at_one_place() {
     let place = g.waiter(i as usize).order;
     g.waiter(j as usize).order = place;
     assert!(g.verify(a.fd()).is_err());
-    g.repair(a.fd(), a.slot);
+    g.repair(a.fd(), a.map.proc);
     g.verify(a.fd()).unwrap();
     let (wi, wj) = (*g.waiter(i as usize), *g.waiter(j as usize));
     assert_eq!((wi.owner, wj.owner), (a.slot + 1, b.slot + 1));
