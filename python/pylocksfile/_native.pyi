@@ -8,7 +8,7 @@ from typing_extensions import disjoint_base
 
 from ._async import GuardRequest
 
-__all__ = ["__version__", "INDEX_END", "pylocksfile", "LocksFile", "Guard", "Holder", "_shm_table"]
+__all__ = ["__version__", "INDEX_END", "pylocksfile", "LocksFile", "Guard", "Holder", "_shm_table", "_cap_shm_for_tests"]
 
 __version__: str
 INDEX_END: int
@@ -374,3 +374,8 @@ def _shm_table(
 ) -> Dict[str, List[Tuple[int, int, int, int, Literal["shared", "exclusive"]]]]:
     """The shm lock table of ``path`` read from outside (not public API):
     ``"holders"`` and ``"waiters"`` as ``(pid, owner, start, stop, kind)``."""
+
+def _cap_shm_for_tests(records: int, owners: int) -> None:
+    """Let this process use at most ``records`` lock records and ``owners``
+    owner slots of any shm table, so that a test sees a table fill without
+    filling gigabytes (not public API)."""

@@ -382,7 +382,22 @@ class Worker:
             timeout,
             f"worker {self.pid} to block",
         )
+        if mode == "shm":
+            self.wait_asleep(timeout)
         assert not self.replied(), f"worker {self.pid} was expected to block but answered: {self.result()!r}"
+
+    def wait_asleep(self, timeout: float = DEFAULT_TIMEOUT):
+        """Wait until this worker's main thread sleeps in a system call (a
+        wait's sleep). A table shows a request queued a moment before its
+        thread sleeps, and a signal sent in between finds no call to end,
+        as for any wait that a signal ends by interrupting a call."""
+
+        def asleep():
+            stat = open(f"/proc/{self.pid}/task/{self.pid}/stat").read()
+            call = open(f"/proc/{self.pid}/task/{self.pid}/syscall").read()
+            return stat.rsplit(")", 1)[1].split()[0] == "S" and not call.startswith("running")
+
+        wait_until(lambda: asleep() or self.replied(), timeout, f"worker {self.pid} to sleep")
 
     def kill(self, sig=9):
         os.kill(self.pid, sig)

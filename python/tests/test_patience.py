@@ -145,6 +145,7 @@ class Engine:
         )
         for w in workers:
             assert not w.replied(), f"worker {w.pid} was expected to wait but answered: {w.result()!r}"
+            w.wait_asleep()
 
     def close(self):
         if self._monitor is not None:

@@ -76,7 +76,7 @@ impl Joined {
             joined
                 .iter()
                 .filter_map(Weak::upgrade)
-                .find(|j| (j.dev, j.ino, j.generation) == (id.dev, id.ino, generation))
+                .find(|j| j.is(id, generation, sidecar))
         };
         if let Some(j) = found {
             return Ok(j);
@@ -114,14 +114,34 @@ impl Joined {
             ino: id.ino,
             sidecar: sidecar.to_path_buf(),
         };
-        // On an error, dropping `j` leaves the table as it found it.
-        j.proc = j.claim_proc()?;
+        // On an error, dropping `j` leaves the table as it found it, and
+        // this thread's note of a corrupt table goes with the error.
+        j.proc = j.claim_proc().inspect_err(|_| {
+            take_corrupt();
+        })?;
         let j = Arc::new(j);
         JOINED
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(Arc::downgrade(&j));
         Ok(j)
+    }
+
+    /// Whether this is the table of lock file `id` with sidecar `sidecar`,
+    /// joined in this process since its last fork. Both files must still
+    /// have a name: a device and inode number are reused once a file is
+    /// removed, so a lock file made where one was removed may have this
+    /// one's numbers and be another.
+    fn is(&self, id: &sys::FileId, generation: u64, sidecar: &Path) -> bool {
+        let named = |fd: &Option<OwnedFd>| {
+            fd.as_ref()
+                .and_then(|fd| sys::fstat(fd.as_fd()).ok())
+                .is_some_and(|st| st.nlink > 0)
+        };
+        (self.dev, self.ino, self.generation) == (id.dev, id.ino, generation)
+            && self.sidecar == sidecar
+            && named(&self.mark)
+            && named(&self.fd)
     }
 
     /// The sidecar's descriptor.
