@@ -219,9 +219,6 @@ impl<E: Engine> Owner<E> {
             started,
             cancel,
         };
-        if self.fast_change(change, party) {
-            return Ok(());
-        }
         let mut st = self.lock_closed()?;
         if st.busy.is_empty() && st.parties.alone(party, &st.holds) {
             if let Some(step) = st.holds.one_piece(change) {

@@ -389,7 +389,42 @@ impl LockFile {
             // Nothing of this party's to release.
             return with_owner!(&self.owner, o => if o.is_inherited() { Err(Error::Forked) } else { Ok(()) });
         };
+        let fast = match kind {
+            Some(kind) => self.fast_take(span, kind, handle, party),
+            None => self.fast_release(span, None, handle, party),
+        };
+        if fast {
+            return Ok(());
+        }
         self.change_or_cancel(Change::Explicit { handle, span, kind }, wait, cancel, party)
+    }
+
+    /// Take the one index `span` at `kind` on the owner's fast path (see
+    /// `owner/fast.rs`), for a guard (`layer` 0) or an explicit layer:
+    /// `true` when taken, else the take goes the usual way.
+    #[inline(always)]
+    pub(crate) fn fast_take(&self, span: Span, kind: Kind, layer: HandleId, party: Party) -> bool {
+        match &self.owner {
+            Owners::Shm(o) => o.fast_take(span, kind, layer, party),
+            _ => false,
+        }
+    }
+
+    /// Let go of a hold taken by [`LockFile::fast_take`] (`kind` `None`:
+    /// an explicit release, whatever kind it has): `true` when let go,
+    /// else the release goes the usual way.
+    #[inline(always)]
+    pub(crate) fn fast_release(
+        &self,
+        span: Span,
+        kind: Option<Kind>,
+        layer: HandleId,
+        party: Party,
+    ) -> bool {
+        match &self.owner {
+            Owners::Shm(o) => o.fast_release(span, kind, layer, party),
+            _ => false,
+        }
     }
 
     /// [`LockFile::change`] for `party`, and a wait ends when `cancel` is cancelled.
@@ -408,7 +443,14 @@ impl LockFile {
             Change::Guard { to, .. } => to == Some(Kind::Exclusive),
             Change::Explicit { kind, .. } => kind == Some(Kind::Exclusive),
         };
-        let done = with_owner!(&self.owner, o => self.change_on(o, change, wait, cancel, wants_exclusive, party));
+        let done = match &self.owner {
+            // Out of line: the fast path (`fast_take`, `fast_release`)
+            // makes the common shm change, and stays small beside this.
+            Owners::Shm(o) => self.change_on_shm(o, change, wait, cancel, wants_exclusive, party),
+            owners => {
+                with_owner!(owners, o => self.change_on(o, change, wait, cancel, wants_exclusive, party))
+            }
+        };
         match done {
             Ok(()) => Ok(()),
             Err(e) => Err(self.locate(e, change)),
@@ -468,6 +510,19 @@ impl LockFile {
             }
         }
         o.change_or_cancel(change, wait, cancel, party)
+    }
+
+    #[inline(never)]
+    fn change_on_shm(
+        &self,
+        o: &Owner<Shm>,
+        change: Change,
+        wait: Wait,
+        cancel: Option<&Cancel>,
+        wants_exclusive: bool,
+        party: Party,
+    ) -> Result<(), Error> {
+        self.change_on(o, change, wait, cancel, wants_exclusive, party)
     }
 
     #[cold]

@@ -141,44 +141,23 @@ fn back_off(spins: &mut u32) {
 }
 
 impl<E: Engine> Owner<E> {
-    /// Make `change` for `party` on the fast path, if it can go that way:
-    /// `true` when it is made.
+    /// Take the one index `span` at `kind` for `party` on the fast path,
+    /// for a guard (`layer` 0) or the explicit layer `layer`: `true` when
+    /// it is taken; `false` sends the take the usual way, which also says
+    /// why a take cannot be made at all (a forked child, a read-only
+    /// file, a span the engine never takes).
     #[inline(always)]
-    pub(super) fn fast_change(&self, change: Change, party: Party) -> bool {
-        match change {
-            Change::Guard {
-                span,
-                from: None,
-                to: Some(kind),
-            } => self.fast_take(span, kind, what(0, kind), party),
-            Change::Guard {
-                span,
-                from: Some(kind),
-                to: None,
-            } => self.fast_let_go(span, what(0, kind), !0, party, false),
-            Change::Explicit {
-                handle,
-                span,
-                kind: Some(kind),
-            } => self.fast_take(span, kind, what(handle, kind), party),
-            // An explicit release drops whatever kind the layer holds.
-            Change::Explicit {
-                handle,
-                span,
-                kind: None,
-            } => self.fast_let_go(span, what(handle, Kind::Shared), !1, party, true),
-            Change::Guard { .. } => false,
-        }
-    }
-
-    #[inline(always)]
-    fn fast_take(&self, span: Span, kind: Kind, what: u64, party: Party) -> bool {
+    pub(crate) fn fast_take(&self, span: Span, kind: Kind, layer: HandleId, party: Party) -> bool {
         let f = &self.fast;
         // Relaxed: the CAS below decides.
         let w = f.word.load(Ordering::Relaxed);
         if w & STATE != OPEN
             || span.end() - span.start() != 1
             || f.recording.load(Ordering::Relaxed)
+            || self.is_inherited()
+            || (kind == Kind::Exclusive && !self.engine.writable())
+            || self.engine.check_span(span, true).is_err()
+            || self.engine.locks_lost().is_some()
         {
             return false;
         }
@@ -198,30 +177,44 @@ impl<E: Engine> Owner<E> {
         }
         f.index.store(span.start(), Ordering::Relaxed);
         f.party.store(party.id(), Ordering::Relaxed);
-        f.what.store(what, Ordering::Relaxed);
+        f.what.store(what(layer, kind), Ordering::Relaxed);
         f.word.store(next(w, HELD), Ordering::Release);
         true
     }
 
-    /// Let go of the fast hold if it is the one `what` (under `mask`)
-    /// says, on `span`, for `party`. An explicit release while the owner
-    /// holds nothing at all is made at once.
+    /// Let go of the fast hold on `span` for `party`, if it is the
+    /// guard's of `kind` (`layer` 0), or the explicit layer `layer`'s
+    /// (`kind` `None`: whatever kind it has): `true` when it is let go.
+    /// An explicit release while the owner holds nothing at all is made
+    /// at once. `false` sends the release the usual way.
     #[inline(always)]
-    fn fast_let_go(&self, span: Span, what: u64, mask: u64, party: Party, explicit: bool) -> bool {
+    pub(crate) fn fast_release(
+        &self,
+        span: Span,
+        kind: Option<Kind>,
+        layer: HandleId,
+        party: Party,
+    ) -> bool {
         let f = &self.fast;
         let w = f.word.load(Ordering::Acquire);
         if w & STATE != HELD {
             // F1: open, the owner holds nothing, so an explicit release
-            // has nothing to do (as the usual way would find).
-            return explicit && w & STATE == OPEN;
+            // has nothing to do (as the usual way would find), but in a
+            // forked child, which the usual way refuses.
+            return kind.is_none() && w & STATE == OPEN && !self.is_inherited();
         }
         let Some((index, p, wh)) = f.fields(w) else {
             return false;
         };
+        let (expected, mask) = match kind {
+            Some(k) => (what(layer, k), !0),
+            None => (what(layer, Kind::Shared), !1),
+        };
         if index != span.start()
             || span.end() - span.start() != 1
             || p != party.id()
-            || (wh ^ what) & mask != 0
+            || (wh ^ expected) & mask != 0
+            || self.is_inherited()
         {
             return false;
         }
