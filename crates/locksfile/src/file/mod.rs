@@ -376,7 +376,9 @@ impl LockFile {
         all
     }
 
-    /// Explicit change of the calling party's layer.
+    /// Explicit change of the calling party's layer: the owner's fast path
+    /// when it can, else [`LockFile::explicit_change`].
+    #[inline]
     fn explicit(
         &self,
         span: Span,
@@ -385,6 +387,30 @@ impl LockFile {
         cancel: Option<&Cancel>,
     ) -> Result<(), Error> {
         let party = self.party();
+        // The party whose layer is the handle's own (the usual one).
+        if self.layers.first.load(Ordering::Relaxed) == party.id() {
+            let fast = match kind {
+                Some(kind) => self.fast_take(span, kind, self.handle, party),
+                None => self.fast_release(span, None, self.handle, party),
+            };
+            if fast {
+                return Ok(());
+            }
+        }
+        self.explicit_change(span, kind, wait, cancel, party)
+    }
+
+    /// [`LockFile::explicit`] the usual way. Out of line, so that the fast
+    /// path around it stays small.
+    #[inline(never)]
+    fn explicit_change(
+        &self,
+        span: Span,
+        kind: Option<Kind>,
+        wait: Wait,
+        cancel: Option<&Cancel>,
+        party: Party,
+    ) -> Result<(), Error> {
         let Some(handle) = self.layer(party, kind.is_some()) else {
             // Nothing of this party's to release.
             return with_owner!(&self.owner, o => if o.is_inherited() { Err(Error::Forked) } else { Ok(()) });
@@ -552,6 +578,7 @@ impl LockFile {
     /// fcntl(2), "Advisory record locking".
     #[doc(alias = "F_SETLK")]
     #[doc(alias = "F_OFD_SETLK")]
+    #[inline]
     pub fn acquire(&self, kind: Kind, span: impl IntoSpan, wait: Wait) -> Result<(), Error> {
         let span = span.into_span()?;
         self.explicit(span, Some(kind), wait, None)
@@ -581,6 +608,7 @@ impl LockFile {
     ///
     /// # Errors
     /// [`Error::InvalidSpan`], [`Error::Forked`], or a failed unlock call.
+    #[inline]
     pub fn release(&self, span: impl IntoSpan) -> Result<(), Error> {
         let span = span.into_span()?;
         self.explicit(span, None, Wait::NonBlocking, None)

@@ -36,7 +36,9 @@
 //!   release (the engine's `fast_release` succeeds, then `OPEN` is
 //!   stored) or its take-over (the engine's `fast_take_over` makes that
 //!   release fail, then the mutex holder's CAS). A take-over that finds
-//!   the hold let go waits for the release's store (a step away).
+//!   the hold let go waits for the release's store (a step away); if it
+//!   does not come (the engine lost the hold some other way, as a table
+//!   written over could), the call fails rather than hang.
 //! - **F4** The mutex holder waits out a `CLAIMING` word (a take is a few
 //!   atomic instructions away from storing its outcome) and never calls the
 //!   engine while one is in flight, but for the race F3 allows: a release,
@@ -65,6 +67,9 @@ const CLAIMING: u64 = 2;
 const HELD: u64 = 3;
 /// One generation.
 const NEXT: u64 = 4;
+/// How long a take-over waits for the release that let its hold go to
+/// store its outcome (a step away, unless its thread is preempted there).
+const GONE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// `w` moved on a generation, in state `state`.
 #[inline(always)]
@@ -259,8 +264,18 @@ impl<E: Engine> Owner<E> {
                     // F3.
                     if !self.engine.fast_take_over(span, kind)? {
                         // Let go meanwhile: its store is a step away.
+                        let since = std::time::Instant::now();
                         while f.word.load(Ordering::Acquire) == w {
                             back_off(&mut spins);
+                            if spins % 1024 == 0 && since.elapsed() > GONE_PATIENCE {
+                                // Not a release in flight (the table was
+                                // written over): an error, never a hang,
+                                // and the word is left as it is.
+                                return Err(Error::io(
+                                    "take over a fast hold",
+                                    std::io::Error::other("the hold is gone from the lock table"),
+                                ));
+                            }
                         }
                         continue;
                     }
