@@ -122,9 +122,50 @@ fn group(c: &mut Criterion, kind: Kind) {
     g.finish();
 }
 
+/// The shm engine's uncontended pairs, both kinds and both APIs, beside
+/// the process-shared `pthread_rwlock_t` pairs it is measured against, in
+/// one group.
+fn shm_against_pthread(c: &mut Criterion) {
+    let dir = ScratchDir::new("pair-shm").expect("scratch dir");
+    let mut g: BenchmarkGroup<'_, _> = c.benchmark_group("pair_shm_vs_pthread");
+    let lf = LockFile::options()
+        .mode(Mode::Shm)
+        .open(dir.file("locksfile-shm.lock"))
+        .expect("open");
+    g.bench_function("shm_guard_exclusive", |b| {
+        b.iter(|| drop(lf.try_write(N).expect("try_write")))
+    });
+    g.bench_function("shm_guard_shared", |b| {
+        b.iter(|| drop(lf.try_read(N).expect("try_read")))
+    });
+    for (tag, kind) in [("exclusive", Kind::Exclusive), ("shared", Kind::Shared)] {
+        g.bench_function(format!("shm_explicit_{tag}"), |b| {
+            b.iter(|| {
+                lf.acquire(kind, N, Wait::NonBlocking).expect("acquire");
+                lf.release(N).expect("release");
+            })
+        });
+    }
+    let shm = SharedRwLocks::new(1).expect("mmap");
+    g.bench_function("pthread_rwlock_pshared_write", |b| {
+        b.iter(|| {
+            shm.write(0);
+            shm.unlock(0);
+        })
+    });
+    g.bench_function("pthread_rwlock_pshared_read", |b| {
+        b.iter(|| {
+            shm.read(0);
+            shm.unlock(0);
+        })
+    });
+    g.finish();
+}
+
 fn pairs(c: &mut Criterion) {
     group(c, Kind::Exclusive);
     group(c, Kind::Shared);
+    shm_against_pthread(c);
 }
 
 criterion_group! {

@@ -29,7 +29,23 @@ struct Hold<H: Deref<Target = LockFile>> {
     party: Party,
 }
 
+/// A guard's change the usual way. Out of line and not generic, so that
+/// the fast path around it (`LockFile::fast_take`) stays small enough to
+/// be inlined where a guard is taken, and the guard comes back in
+/// registers rather than through memory.
+#[inline(never)]
+fn change(
+    lf: &LockFile,
+    change: Change,
+    wait: Wait,
+    cancel: Option<&Cancel>,
+    party: Party,
+) -> Result<(), Error> {
+    lf.change_or_cancel(change, wait, cancel, party)
+}
+
 impl<H: Deref<Target = LockFile>> Hold<H> {
+    #[inline(always)]
     fn acquire(
         handle: H,
         span: impl IntoSpan,
@@ -39,16 +55,19 @@ impl<H: Deref<Target = LockFile>> Hold<H> {
     ) -> Result<Self, Error> {
         let span = span.into_span()?;
         let party = handle.party();
-        handle.change_or_cancel(
-            Change::Guard {
-                span,
-                from: None,
-                to: Some(kind),
-            },
-            wait,
-            cancel,
-            party,
-        )?;
+        if !handle.fast_take(span, kind, 0, party) {
+            change(
+                &handle,
+                Change::Guard {
+                    span,
+                    from: None,
+                    to: Some(kind),
+                },
+                wait,
+                cancel,
+                party,
+            )?;
+        }
         Ok(Hold {
             handle: Some(handle),
             span,
@@ -90,7 +109,9 @@ impl<H: Deref<Target = LockFile>> Hold<H> {
     #[inline]
     fn release(&mut self) -> Result<(), Error> {
         match self.handle.take() {
-            Some(h) => h.change_or_cancel(
+            Some(h) if h.fast_release(self.span, Some(self.kind), 0, self.party) => Ok(()),
+            Some(h) => change(
+                &h,
                 Change::Guard {
                     span: self.span,
                     from: Some(self.kind),
@@ -136,6 +157,7 @@ impl<H: Deref<Target = LockFile>> ReadGuard<H> {
     ///
     /// # Errors
     /// As [`LockFile::acquire`].
+    #[inline]
     pub fn acquire(handle: H, span: impl IntoSpan, wait: Wait) -> Result<Self, Error> {
         Hold::acquire(handle, span, Kind::Shared, wait, None).map(|hold| ReadGuard { hold })
     }
@@ -256,6 +278,7 @@ impl<H: Deref<Target = LockFile>> WriteGuard<H> {
     ///
     /// # Errors
     /// As [`LockFile::acquire`].
+    #[inline]
     pub fn acquire(handle: H, span: impl IntoSpan, wait: Wait) -> Result<Self, Error> {
         Hold::acquire(handle, span, Kind::Exclusive, wait, None).map(|hold| WriteGuard { hold })
     }
@@ -333,6 +356,7 @@ impl LockFile {
     ///
     /// # Errors
     /// As [`acquire`](Self::acquire).
+    #[inline]
     pub fn read(&self, span: impl IntoSpan) -> Result<ReadGuard<&Self>, Error> {
         ReadGuard::acquire(self, span, Wait::Blocking)
     }
@@ -341,6 +365,7 @@ impl LockFile {
     ///
     /// # Errors
     /// As [`acquire`](Self::acquire).
+    #[inline]
     pub fn write(&self, span: impl IntoSpan) -> Result<WriteGuard<&Self>, Error> {
         WriteGuard::acquire(self, span, Wait::Blocking)
     }
@@ -349,6 +374,7 @@ impl LockFile {
     ///
     /// # Errors
     /// [`Error::WouldBlock`] on conflict; else as [`acquire`](Self::acquire).
+    #[inline]
     pub fn try_read(&self, span: impl IntoSpan) -> Result<ReadGuard<&Self>, Error> {
         ReadGuard::acquire(self, span, Wait::NonBlocking)
     }
@@ -357,6 +383,7 @@ impl LockFile {
     ///
     /// # Errors
     /// [`Error::WouldBlock`] on conflict; else as [`acquire`](Self::acquire).
+    #[inline]
     pub fn try_write(&self, span: impl IntoSpan) -> Result<WriteGuard<&Self>, Error> {
         WriteGuard::acquire(self, span, Wait::NonBlocking)
     }
@@ -365,6 +392,7 @@ impl LockFile {
     ///
     /// # Errors
     /// [`Error::TimedOut`]; else as [`acquire`](Self::acquire).
+    #[inline]
     pub fn read_for(
         &self,
         span: impl IntoSpan,
@@ -377,6 +405,7 @@ impl LockFile {
     ///
     /// # Errors
     /// [`Error::TimedOut`]; else as [`acquire`](Self::acquire).
+    #[inline]
     pub fn write_for(
         &self,
         span: impl IntoSpan,
@@ -389,6 +418,7 @@ impl LockFile {
     ///
     /// # Errors
     /// [`Error::TimedOut`]; else as [`acquire`](Self::acquire).
+    #[inline]
     pub fn read_until(
         &self,
         span: impl IntoSpan,
@@ -401,6 +431,7 @@ impl LockFile {
     ///
     /// # Errors
     /// [`Error::TimedOut`]; else as [`acquire`](Self::acquire).
+    #[inline]
     pub fn write_until(
         &self,
         span: impl IntoSpan,

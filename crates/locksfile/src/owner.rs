@@ -10,6 +10,7 @@
 //! Nothing here knows how an engine keeps its locks: see `engine/mod.rs`
 //! for what the protocol asks of one.
 
+use std::ops::{Deref, DerefMut};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -25,8 +26,12 @@ use crate::stats::{Event, Recording};
 use crate::sys;
 use crate::wait::Wait;
 
+use self::fast::Fast;
+
 pub(crate) struct Owner<E> {
     pub engine: E,
+    /// The fast path for a lone hold of one index (`owner/fast.rs`).
+    fast: Fast,
     generation: u64,
     state: Mutex<State>,
     /// Signalled whenever a busy span is cleared.
@@ -128,6 +133,7 @@ impl<E: Engine> Keeper for Owner<E> {
 impl<E: Engine> Owner<E> {
     pub fn new(engine: E) -> Owner<E> {
         Owner {
+            fast: Fast::new(engine.fast_lane()),
             engine,
             generation: sys::fork_generation(),
             state: Mutex::new(State {
@@ -143,11 +149,25 @@ impl<E: Engine> Owner<E> {
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
+    fn lock(&self) -> Locked<'_, E> {
         // A panic while holding the mutex leaves the bookkeeping as it was
         // at some consistent step: every mutation completes before any call
         // that can panic.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        Locked::new(self, self.state.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// The mutex, with the fast path closed (a fast hold taken over into
+    /// the bookkeeping): what every change of the bookkeeping needs.
+    fn lock_closed(&self) -> Result<Locked<'_, E>, Error> {
+        let mut st = self.lock();
+        self.close_fast(&mut st)?;
+        Ok(st)
+    }
+
+    /// [`Owner::lock_closed`], or the mutex alone if the fast hold cannot
+    /// be taken over (for a reader that can say nothing of an error).
+    fn lock_closed_or_not(&self) -> Locked<'_, E> {
+        self.lock_closed().unwrap_or_else(|_| self.lock())
     }
 
     pub fn is_inherited(&self) -> bool {
@@ -199,7 +219,7 @@ impl<E: Engine> Owner<E> {
             started,
             cancel,
         };
-        let mut st = self.lock();
+        let mut st = self.lock_closed()?;
         if st.busy.is_empty() && st.parties.alone(party, &st.holds) {
             if let Some(step) = st.holds.one_piece(change) {
                 let (from, to) = step.kinds();
@@ -246,7 +266,7 @@ impl<E: Engine> Owner<E> {
     #[inline(never)]
     fn one_piece_not_granted(
         &self,
-        mut st: MutexGuard<'_, State>,
+        mut st: Locked<'_, E>,
         change: Change,
         step: Step,
         outcome: Result<bool, Error>,
@@ -278,7 +298,7 @@ impl<E: Engine> Owner<E> {
     #[inline(never)]
     fn change_pieces<'a>(
         &'a self,
-        mut st: MutexGuard<'a, State>,
+        mut st: Locked<'a, E>,
         change: Change,
         asked: Asked<'_>,
         party: Party,
@@ -365,9 +385,9 @@ impl<E: Engine> Owner<E> {
     /// Wait for a sibling thread's wait over part of our span to end.
     fn wait_for_sibling<'a>(
         &'a self,
-        st: MutexGuard<'a, State>,
+        st: Locked<'a, E>,
         asked: Asked<'_>,
-    ) -> Result<MutexGuard<'a, State>, Error> {
+    ) -> Result<Locked<'a, E>, Error> {
         if matches!(asked.wait, Wait::NonBlocking | Wait::NonBlockingNoHolder) {
             return Err(Error::WouldBlock {
                 holder: None,
@@ -385,11 +405,11 @@ impl<E: Engine> Owner<E> {
     #[inline(never)]
     fn wait_for_party<'a>(
         &'a self,
-        mut st: MutexGuard<'a, State>,
+        mut st: Locked<'a, E>,
         party: Party,
         blocker: Blocker,
         asked: Asked<'_>,
-    ) -> Result<MutexGuard<'a, State>, Error> {
+    ) -> Result<Locked<'a, E>, Error> {
         match asked.wait {
             Wait::NonBlocking => {
                 return Err(Error::WouldBlock {
@@ -427,11 +447,7 @@ impl<E: Engine> Owner<E> {
 
     /// Sleep on the condition variable once (until something is released
     /// or a waiter wakes), ending as `asked` says.
-    fn nap<'a>(
-        &'a self,
-        st: MutexGuard<'a, State>,
-        asked: Asked<'_>,
-    ) -> Result<MutexGuard<'a, State>, Error> {
+    fn nap<'a>(&'a self, st: Locked<'a, E>, asked: Asked<'_>) -> Result<Locked<'a, E>, Error> {
         let until = asked.until();
         if let Some(e) = until.ended() {
             return Err(e);
@@ -441,6 +457,7 @@ impl<E: Engine> Owner<E> {
         // an interruptible one returns, so that its caller can run signal
         // handlers and call again).
         let slice = (until.interruptible || until.cancel.is_some()).then_some(INTERRUPT_SLICE);
+        let st = st.into_inner();
         let st = match (until.left(), slice) {
             (None, None) => self.cond.wait(st).unwrap_or_else(|p| p.into_inner()),
             (left, slice) => {
@@ -453,6 +470,7 @@ impl<E: Engine> Owner<E> {
                     .cond
                     .wait_timeout(st, nap)
                     .unwrap_or_else(|p| p.into_inner());
+                let st = Locked::new(self, st);
                 if slept.timed_out() {
                     if let Some(e) = until.ended() {
                         return Err(e);
@@ -461,10 +479,10 @@ impl<E: Engine> Owner<E> {
                         return Err(Error::Interrupted);
                     }
                 }
-                st
+                return Ok(st);
             }
         };
-        Ok(st)
+        Ok(Locked::new(self, st))
     }
 
     /// Another owner refused one of `raises` (nothing is changed): fail
@@ -472,7 +490,7 @@ impl<E: Engine> Owner<E> {
     #[inline(never)]
     fn refused(
         &self,
-        mut st: MutexGuard<'_, State>,
+        mut st: Locked<'_, E>,
         change: Change,
         refused: Move,
         raises: Vec<Move>,
@@ -503,7 +521,7 @@ impl<E: Engine> Owner<E> {
     /// and lower whatever the wait took beyond what is now needed.
     fn wait_and_apply(
         &self,
-        mut st: MutexGuard<'_, State>,
+        mut st: Locked<'_, E>,
         change: Change,
         raises: Vec<Move>,
         until: Until<'_>,
@@ -606,7 +624,7 @@ impl<E: Engine> Owner<E> {
 
     /// What the owner holds, piece by piece.
     pub fn held(&self) -> Vec<(Span, Kind)> {
-        let st = self.lock();
+        let st = self.lock_closed_or_not();
         st.holds
             .effective(Span::ALL)
             .into_iter()
@@ -616,7 +634,7 @@ impl<E: Engine> Owner<E> {
 
     /// A handle's explicit layer.
     pub fn explicit(&self, handle: HandleId) -> Vec<(Span, Kind)> {
-        let st = self.lock();
+        let st = self.lock_closed_or_not();
         st.holds
             .explicit(handle, Span::ALL)
             .into_iter()
@@ -655,16 +673,60 @@ impl<E: Engine> Owner<E> {
     /// it wakes).
     pub fn if_idle(&self, f: impl FnOnce()) {
         let st = self.lock();
-        if st.holds.is_empty() && st.busy.is_empty() {
+        if st.holds.is_empty() && st.busy.is_empty() && !self.fast.busy() {
             f();
         }
     }
 
     /// Unlock everything in the engine (the owner is going away).
     pub fn unlock_everything(&self) {
-        let st = self.lock();
-        if !st.holds.is_empty() {
+        let st = self.lock_closed_or_not();
+        if !st.holds.is_empty() || self.fast.busy() {
             let _ = self.engine.unlock_all();
+        }
+    }
+}
+
+/// The owner's mutex held: the bookkeeping, and on the way out the fast
+/// path opened again if the owner is quiet (`owner/fast.rs`).
+struct Locked<'a, E: Engine> {
+    owner: &'a Owner<E>,
+    /// `None` only once handed on by [`Locked::into_inner`].
+    st: Option<MutexGuard<'a, State>>,
+}
+
+impl<'a, E: Engine> Locked<'a, E> {
+    fn new(owner: &'a Owner<E>, st: MutexGuard<'a, State>) -> Self {
+        Locked {
+            owner,
+            st: Some(st),
+        }
+    }
+
+    /// The mutex guard itself, for a wait on the condition variable (the
+    /// owner is not quiet then: nothing is opened).
+    fn into_inner(mut self) -> MutexGuard<'a, State> {
+        self.st.take().expect("a live guard")
+    }
+}
+
+impl<E: Engine> Deref for Locked<'_, E> {
+    type Target = State;
+    fn deref(&self) -> &State {
+        self.st.as_ref().expect("a live guard")
+    }
+}
+
+impl<E: Engine> DerefMut for Locked<'_, E> {
+    fn deref_mut(&mut self) -> &mut State {
+        self.st.as_mut().expect("a live guard")
+    }
+}
+
+impl<E: Engine> Drop for Locked<'_, E> {
+    fn drop(&mut self) {
+        if let Some(st) = self.st.take() {
+            self.owner.reopen_fast(&st);
         }
     }
 }
@@ -730,6 +792,7 @@ fn zip_pieces(
     out
 }
 
+mod fast;
 mod recording;
 #[cfg(test)]
 mod tests;

@@ -215,6 +215,43 @@ pub(crate) trait Engine: Send + Sync {
         None
     }
 
+    /// Whether the engine has a fast lane: one index taken and let go
+    /// with a few atomic instructions ([`Engine::fast_take`],
+    /// [`Engine::fast_release`]), which the owner's own fast path
+    /// (`owner/fast.rs`) then uses for a lone hold.
+    fn fast_lane(&self) -> bool {
+        false
+    }
+
+    /// Raise the one index `span` to `kind` on the fast lane, for an
+    /// owner that holds nothing else there; `false`: not granted this way
+    /// (the caller goes the usual way, [`Engine::try_set`], which also
+    /// finds whatever the engine made of a word it took away meanwhile).
+    /// Only called when [`Engine::fast_lane`] says so.
+    #[inline(always)]
+    fn fast_take(&self, span: Span, kind: Kind) -> bool {
+        let _ = (span, kind);
+        false
+    }
+
+    /// Let go of the one index `span` held on the fast lane; `false`: it
+    /// is not held that way (anymore), and nothing changed.
+    #[inline(always)]
+    fn fast_release(&self, span: Span) -> bool {
+        let _ = span;
+        false
+    }
+
+    /// Make the owner's hold of the one index `span` at `kind`, taken by
+    /// [`Engine::fast_take`], one that [`Engine::fast_release`] no longer
+    /// lets go: `Ok(true)` when the owner still holds it (from now on the
+    /// usual way), `Ok(false)` when it was let go already (a
+    /// `fast_release` made meanwhile). On an error nothing changed.
+    fn fast_take_over(&self, span: Span, kind: Kind) -> Result<bool, Error> {
+        let _ = (span, kind);
+        Ok(true)
+    }
+
     /// Drop every lock of this owner, which is going away.
     fn unlock_all(&self) -> Result<(), Error> {
         self.try_set(Span::ALL, None).map(drop)

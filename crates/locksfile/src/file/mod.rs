@@ -376,7 +376,9 @@ impl LockFile {
         all
     }
 
-    /// Explicit change of the calling party's layer.
+    /// Explicit change of the calling party's layer: the owner's fast path
+    /// when it can, else [`LockFile::explicit_change`].
+    #[inline]
     fn explicit(
         &self,
         span: Span,
@@ -385,11 +387,70 @@ impl LockFile {
         cancel: Option<&Cancel>,
     ) -> Result<(), Error> {
         let party = self.party();
+        // The party whose layer is the handle's own (the usual one).
+        if self.layers.first.load(Ordering::Relaxed) == party.id() {
+            let fast = match kind {
+                Some(kind) => self.fast_take(span, kind, self.handle, party),
+                None => self.fast_release(span, None, self.handle, party),
+            };
+            if fast {
+                return Ok(());
+            }
+        }
+        self.explicit_change(span, kind, wait, cancel, party)
+    }
+
+    /// [`LockFile::explicit`] the usual way. Out of line, so that the fast
+    /// path around it stays small.
+    #[inline(never)]
+    fn explicit_change(
+        &self,
+        span: Span,
+        kind: Option<Kind>,
+        wait: Wait,
+        cancel: Option<&Cancel>,
+        party: Party,
+    ) -> Result<(), Error> {
         let Some(handle) = self.layer(party, kind.is_some()) else {
             // Nothing of this party's to release.
             return with_owner!(&self.owner, o => if o.is_inherited() { Err(Error::Forked) } else { Ok(()) });
         };
+        let fast = match kind {
+            Some(kind) => self.fast_take(span, kind, handle, party),
+            None => self.fast_release(span, None, handle, party),
+        };
+        if fast {
+            return Ok(());
+        }
         self.change_or_cancel(Change::Explicit { handle, span, kind }, wait, cancel, party)
+    }
+
+    /// Take the one index `span` at `kind` on the owner's fast path (see
+    /// `owner/fast.rs`), for a guard (`layer` 0) or an explicit layer:
+    /// `true` when taken, else the take goes the usual way.
+    #[inline(always)]
+    pub(crate) fn fast_take(&self, span: Span, kind: Kind, layer: HandleId, party: Party) -> bool {
+        match &self.owner {
+            Owners::Shm(o) => o.fast_take(span, kind, layer, party),
+            _ => false,
+        }
+    }
+
+    /// Let go of a hold taken by [`LockFile::fast_take`] (`kind` `None`:
+    /// an explicit release, whatever kind it has): `true` when let go,
+    /// else the release goes the usual way.
+    #[inline(always)]
+    pub(crate) fn fast_release(
+        &self,
+        span: Span,
+        kind: Option<Kind>,
+        layer: HandleId,
+        party: Party,
+    ) -> bool {
+        match &self.owner {
+            Owners::Shm(o) => o.fast_release(span, kind, layer, party),
+            _ => false,
+        }
     }
 
     /// [`LockFile::change`] for `party`, and a wait ends when `cancel` is cancelled.
@@ -408,7 +469,14 @@ impl LockFile {
             Change::Guard { to, .. } => to == Some(Kind::Exclusive),
             Change::Explicit { kind, .. } => kind == Some(Kind::Exclusive),
         };
-        let done = with_owner!(&self.owner, o => self.change_on(o, change, wait, cancel, wants_exclusive, party));
+        let done = match &self.owner {
+            // Out of line: the fast path (`fast_take`, `fast_release`)
+            // makes the common shm change, and stays small beside this.
+            Owners::Shm(o) => self.change_on_shm(o, change, wait, cancel, wants_exclusive, party),
+            owners => {
+                with_owner!(owners, o => self.change_on(o, change, wait, cancel, wants_exclusive, party))
+            }
+        };
         match done {
             Ok(()) => Ok(()),
             Err(e) => Err(self.locate(e, change)),
@@ -470,6 +538,19 @@ impl LockFile {
         o.change_or_cancel(change, wait, cancel, party)
     }
 
+    #[inline(never)]
+    fn change_on_shm(
+        &self,
+        o: &Owner<Shm>,
+        change: Change,
+        wait: Wait,
+        cancel: Option<&Cancel>,
+        wants_exclusive: bool,
+        party: Party,
+    ) -> Result<(), Error> {
+        self.change_on(o, change, wait, cancel, wants_exclusive, party)
+    }
+
     #[cold]
     fn read_only(&self) -> Error {
         Error::ReadOnly {
@@ -497,6 +578,7 @@ impl LockFile {
     /// fcntl(2), "Advisory record locking".
     #[doc(alias = "F_SETLK")]
     #[doc(alias = "F_OFD_SETLK")]
+    #[inline]
     pub fn acquire(&self, kind: Kind, span: impl IntoSpan, wait: Wait) -> Result<(), Error> {
         let span = span.into_span()?;
         self.explicit(span, Some(kind), wait, None)
@@ -526,6 +608,7 @@ impl LockFile {
     ///
     /// # Errors
     /// [`Error::InvalidSpan`], [`Error::Forked`], or a failed unlock call.
+    #[inline]
     pub fn release(&self, span: impl IntoSpan) -> Result<(), Error> {
         let span = span.into_span()?;
         self.explicit(span, None, Wait::NonBlocking, None)

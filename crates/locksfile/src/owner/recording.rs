@@ -15,7 +15,10 @@ use crate::stats::{Event, Stats};
 impl<E: Engine> Owner<E> {
     /// Record lock statistics from now on (`stats.rs`).
     pub(crate) fn record_stats(&self) {
-        let mut st = self.lock();
+        // Takes go the usual way from now on, and a fast hold is taken
+        // over (its release then counted).
+        self.fast.set_recording();
+        let mut st = self.lock_closed_or_not();
         if st.stats.is_none() {
             st.stats = Some(Box::default());
         }

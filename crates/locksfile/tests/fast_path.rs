@@ -1,0 +1,388 @@
+//! The owner's fast path in shm mode (`owner/fast.rs`): a lone hold of one
+//! index taken and let go with no mutex, and everything that must close it
+//! (a second hold, another thread of the handle, statistics), each checked
+//! against other owners in this process and in another one.
+
+mod common;
+
+use common::*;
+use std::path::Path;
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::{Arc, Barrier};
+use std::thread;
+use std::time::Duration;
+
+use locksfile::{Error, Kind, LockFile, Mode, Threads, Wait};
+
+/// A shm handle whose threads exclude each other (the default).
+fn shm(path: &Path) -> LockFile {
+    LockFile::options().mode(Mode::Shm).open(path).unwrap()
+}
+
+fn shm_shared_threads(path: &Path) -> LockFile {
+    LockFile::options()
+        .mode(Mode::Shm)
+        .threads(Threads::Share)
+        .open(path)
+        .unwrap()
+}
+
+fn would_block<T: std::fmt::Debug>(r: Result<T, Error>) {
+    match r {
+        Err(Error::WouldBlock { .. }) => {}
+        other => panic!("expected WouldBlock, got {other:?}"),
+    }
+}
+
+/// Another handle (another owner) is kept out of a lone fast hold, of
+/// either kind and either API, and gets it once it is let go; and the
+/// same when the hold is made the usual way (beside another lock).
+#[test]
+fn another_owner_is_kept_out_fast_and_slow() {
+    let (_dir, path) = lock_path();
+    let a = shm(&path);
+    let b = shm(&path);
+    for beside in [false, true] {
+        // With another lock held, the fast path is closed: the usual way.
+        let other = beside.then(|| a.write(100).unwrap());
+        {
+            let g = a.try_write(5).unwrap();
+            would_block(b.try_read(5));
+            would_block(b.try_write(5));
+            assert_eq!(a.held().iter().filter(|(s, _)| s.start() == 5).count(), 1);
+            drop(g);
+        }
+        drop(b.try_write(5).unwrap());
+        {
+            let g = a.try_read(5).unwrap();
+            drop(b.try_read(5).unwrap());
+            would_block(b.try_write(5));
+            drop(g);
+        }
+        a.acquire(Kind::Exclusive, 5, Wait::NonBlocking).unwrap();
+        would_block(b.acquire(Kind::Shared, 5, Wait::NonBlocking));
+        a.release(5).unwrap();
+        b.acquire(Kind::Exclusive, 5, Wait::NonBlocking).unwrap();
+        would_block(a.try_read(5));
+        b.release(5).unwrap();
+        a.acquire(Kind::Shared, 5, Wait::NonBlocking).unwrap();
+        b.acquire(Kind::Shared, 5, Wait::NonBlocking).unwrap();
+        would_block(b.try_write(5));
+        a.release(5).unwrap();
+        b.release(5).unwrap();
+        drop(other);
+        assert!(a.held().is_empty() && b.held().is_empty());
+    }
+}
+
+/// A blocking take waits for a fast hold of another owner and is granted
+/// when it is let go.
+#[test]
+fn a_wait_ends_when_a_fast_hold_is_let_go() {
+    let (_dir, path) = lock_path();
+    let a = shm(&path);
+    let g = a.try_write(9).unwrap();
+    let path2 = path.clone();
+    let waiter = thread::spawn(move || {
+        let b = shm(&path2);
+        let w = b.write_for(9, Duration::from_secs(20)).map(drop);
+        w.is_ok()
+    });
+    thread::sleep(Duration::from_millis(50));
+    drop(g);
+    assert!(waiter.join().unwrap());
+}
+
+/// Holds of one thread compose with the fast hold they close, whatever
+/// the order they go in; what is left held is exactly what is asked.
+#[test]
+fn nested_holds_take_the_fast_hold_over() {
+    let (_dir, path) = lock_path();
+    let a = shm(&path);
+    let b = shm(&path);
+    let outer = a.try_write(3).unwrap();
+    let inner = a.try_read(3).unwrap();
+    let other = a.try_write(4).unwrap();
+    drop(outer);
+    // Still held shared by the inner guard.
+    drop(b.try_read(3).unwrap());
+    would_block(b.try_write(3));
+    drop(inner);
+    drop(b.try_write(3).unwrap());
+    would_block(b.try_write(4));
+    drop(other);
+    drop(b.try_write(4).unwrap());
+    // A fast explicit lock, converted, kept over a guard, released.
+    a.acquire(Kind::Shared, 7, Wait::NonBlocking).unwrap();
+    a.acquire(Kind::Exclusive, 7, Wait::NonBlocking).unwrap();
+    assert_eq!(a.held_explicitly(), vec![(span(7), Kind::Exclusive)]);
+    let g = a.try_read(7).unwrap();
+    a.release(7).unwrap();
+    assert_eq!(a.held(), vec![(span(7), Kind::Shared)]);
+    drop(g);
+    assert!(a.held().is_empty());
+    drop(b.try_write(7).unwrap());
+    // An upgrade of a fast read guard.
+    let r = a.try_read(8).unwrap();
+    let w = r.try_upgrade().unwrap();
+    would_block(b.try_read(8));
+    drop(w);
+    drop(b.try_write(8).unwrap());
+    // Releasing everything takes a fast explicit lock too.
+    a.acquire(Kind::Exclusive, 11, Wait::NonBlocking).unwrap();
+    a.release_all().unwrap();
+    drop(b.try_write(11).unwrap());
+}
+
+/// Another thread of the handle holds something (on the fast path) while
+/// this thread takes and lets go pairs: the threads exclude each other on
+/// the held index, the pairs on other indices are granted, and the held
+/// lock is intact, then let go for good.
+#[test]
+fn a_pair_of_one_thread_while_another_holds() {
+    let (_dir, path) = lock_path();
+    let a = Arc::new(shm(&path));
+    let b = shm(&path);
+    let held = Arc::new(Barrier::new(2));
+    let done = Arc::new(Barrier::new(2));
+    let holder = {
+        let (a, held, done) = (a.clone(), held.clone(), done.clone());
+        thread::spawn(move || {
+            let g = a.try_write(1).unwrap();
+            held.wait();
+            done.wait();
+            drop(g);
+            a.acquire(Kind::Exclusive, 2, Wait::NonBlocking).unwrap();
+            held.wait();
+            done.wait();
+            a.release(2).unwrap();
+        })
+    };
+    for taken in [1, 2] {
+        held.wait();
+        for _ in 0..100 {
+            drop(a.try_write(5).unwrap());
+            drop(a.try_read(6).unwrap());
+            a.acquire(Kind::Exclusive, 5, Wait::NonBlocking).unwrap();
+            a.release(5).unwrap();
+            // The other thread's: kept out.
+            would_block(a.try_read(taken));
+            would_block(a.acquire(Kind::Shared, taken, Wait::NonBlocking));
+            would_block(b.try_read(taken));
+        }
+        done.wait();
+    }
+    holder.join().unwrap();
+    drop(b.try_write(1).unwrap());
+    drop(b.try_write(2).unwrap());
+    assert!(a.held().is_empty());
+}
+
+/// Handles whose threads share: one thread's fast explicit lock is every
+/// thread's, and another thread releases it.
+#[test]
+fn shared_threads_release_each_others_explicit_lock() {
+    let (_dir, path) = lock_path();
+    let a = Arc::new(shm_shared_threads(&path));
+    let b = shm(&path);
+    a.acquire(Kind::Exclusive, 12, Wait::NonBlocking).unwrap();
+    let a2 = a.clone();
+    thread::spawn(move || {
+        assert_eq!(a2.held_explicitly(), vec![(span(12), Kind::Exclusive)]);
+        a2.release(12).unwrap();
+    })
+    .join()
+    .unwrap();
+    drop(b.try_write(12).unwrap());
+    a.acquire(Kind::Shared, 12, Wait::NonBlocking).unwrap();
+    let a2 = a.clone();
+    thread::spawn(move || a2.release(12).unwrap())
+        .join()
+        .unwrap();
+    drop(b.try_write(12).unwrap());
+}
+
+/// Threads of two handles hammer two indices with guard pairs of both
+/// kinds and explicit pairs, so that fast holds, take-overs and the usual
+/// way race: no two writers (nor a writer and a reader) are ever inside at
+/// once, and everything is let go at the end.
+#[test]
+fn threads_and_owners_race_through_both_paths() {
+    let (_dir, path) = lock_path();
+    let handles = [Arc::new(shm(&path)), Arc::new(shm(&path))];
+    // Per index: -1 a writer is inside, n > 0 readers.
+    let inside: Arc<[AtomicI64; 2]> = Arc::new([AtomicI64::new(0), AtomicI64::new(0)]);
+    let granted = Arc::new(AtomicUsize::new(0));
+    let threads: Vec<_> = (0..6)
+        .map(|t| {
+            let lf = handles[t % 2].clone();
+            let (inside, granted) = (inside.clone(), granted.clone());
+            thread::spawn(move || {
+                for n in 0..3000u64 {
+                    let i = ((n + t as u64) % 2) as usize;
+                    let kind = if (n / 2 + t as u64) % 3 == 0 {
+                        Kind::Shared
+                    } else {
+                        Kind::Exclusive
+                    };
+                    let explicit = n % 5 == 0;
+                    let got = if explicit {
+                        lf.acquire(kind, i as u64, Wait::NonBlocking).is_ok()
+                    } else {
+                        let inside_now = || {
+                            enter(&inside[i], kind);
+                            std::hint::spin_loop();
+                            leave(&inside[i], kind);
+                        };
+                        match kind {
+                            Kind::Shared => lf.try_read(i as u64).map(|g| {
+                                inside_now();
+                                drop(g)
+                            }),
+                            Kind::Exclusive => lf.try_write(i as u64).map(|g| {
+                                inside_now();
+                                drop(g)
+                            }),
+                        }
+                        .is_ok()
+                    };
+                    if got {
+                        granted.fetch_add(1, Ordering::Relaxed);
+                    }
+                    if explicit && got {
+                        enter(&inside[i], kind);
+                        leave(&inside[i], kind);
+                        lf.release(i as u64).unwrap();
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert!(granted.load(Ordering::Relaxed) > 0);
+    for lf in &handles {
+        assert!(lf.held().is_empty());
+    }
+    let c = shm(&path);
+    drop(c.try_write(0..2).unwrap());
+}
+
+fn enter(at: &AtomicI64, kind: Kind) {
+    match kind {
+        Kind::Exclusive => {
+            let was = at.swap(-1, Ordering::SeqCst);
+            assert_eq!(was, 0, "a writer got in beside another holder");
+        }
+        Kind::Shared => {
+            let was = at.fetch_add(1, Ordering::SeqCst);
+            assert!(was >= 0, "a reader got in beside a writer");
+        }
+    }
+}
+
+fn leave(at: &AtomicI64, kind: Kind) {
+    match kind {
+        Kind::Exclusive => at.store(0, Ordering::SeqCst),
+        Kind::Shared => {
+            at.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// With statistics on, pairs are counted (they go the usual way).
+#[test]
+fn statistics_count_every_pair() {
+    let (_dir, path) = lock_path();
+    let lf = LockFile::options()
+        .mode(Mode::Shm)
+        .stats(true)
+        .open(&path)
+        .unwrap();
+    for _ in 0..10 {
+        drop(lf.try_write(21).unwrap());
+        drop(lf.try_read(21).unwrap());
+        lf.acquire(Kind::Exclusive, 21, Wait::NonBlocking).unwrap();
+        lf.release(21).unwrap();
+    }
+    let stats = lf.stats().unwrap();
+    let at = stats
+        .locks
+        .iter()
+        .find(|l| l.index == Some(21))
+        .expect("index 21 counted");
+    assert_eq!(at.acquired, 30);
+    assert_eq!(at.hold.count(), 30);
+}
+
+/// A fast hold in a process that forks: the child's inherited handle
+/// refuses everything and its drop (and its guard's) lets go of nothing;
+/// a handle of the child's own is kept out; the parent lets go normally.
+/// First with the fast hold alone (the owner's word holds it), then with
+/// an explicit lock beside it (the usual way's bookkeeping holds both).
+#[test]
+fn a_forked_child_never_releases_a_fast_hold() {
+    let _s = serial();
+    let (_dir, path) = lock_path();
+    for beside in [false, true] {
+        let lf = Arc::new(shm(&path));
+        let g = locksfile::WriteGuard::acquire(lf.clone(), 5, Wait::NonBlocking).unwrap();
+        if beside {
+            lf.acquire(Kind::Shared, 6, Wait::NonBlocking).unwrap();
+        }
+        let mut inherited = Some((g, lf.clone()));
+        let child = fork(|| {
+            let (g, lf) = inherited.take().unwrap();
+            assert!(matches!(lf.try_write(7), Err(Error::Forked)));
+            assert!(matches!(
+                lf.acquire(Kind::Shared, 8, Wait::NonBlocking),
+                Err(Error::Forked)
+            ));
+            assert!(matches!(lf.release(6), Err(Error::Forked)));
+            drop(g);
+            drop(lf);
+            let own = shm(&path);
+            would_block(own.try_read(5));
+            if beside {
+                would_block(own.try_write(6));
+            }
+        });
+        child.join();
+        let other = shm(&path);
+        would_block(other.try_read(5));
+        if beside {
+            would_block(other.try_write(6));
+            drop(other.try_read(6).unwrap());
+        }
+        drop(inherited);
+        lf.release(6).unwrap();
+        drop(other.try_write(5..7).unwrap());
+    }
+}
+
+/// Two processes race guard pairs on one index through their fast paths,
+/// each adding one to a counter in a file under the lock: a race between
+/// them would lose an addition (or read a file cut short).
+#[test]
+fn two_processes_race_on_one_index() {
+    let _s = serial();
+    let (_dir, path) = lock_path();
+    let data = path.with_extension("data");
+    std::fs::write(&data, 0u64.to_le_bytes()).unwrap();
+    let work = |path: &Path, data: &Path| {
+        let lf = shm(path);
+        for _ in 0..2000 {
+            let g = lf.write(0).unwrap();
+            // Read, then write back one more: lost updates show a race.
+            let n = u64::from_le_bytes(std::fs::read(data).unwrap().try_into().unwrap());
+            std::fs::write(data, (n + 1).to_le_bytes()).unwrap();
+            drop(g);
+        }
+    };
+    let child = fork(|| work(&path, &data));
+    work(&path, &data);
+    child.join();
+    let n = u64::from_le_bytes(std::fs::read(&data).unwrap().try_into().unwrap());
+    assert_eq!(n, 4000);
+}
