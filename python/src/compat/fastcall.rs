@@ -41,8 +41,6 @@ type FastWithKeywords = unsafe extern "C" fn(
     *mut ffi::PyObject,
 ) -> *mut ffi::PyObject;
 
-type Body = fn(&Pylocksfile, Python<'_>, &[Option<Borrowed<'_, '_, PyAny>>]) -> PyResult<Py<PyAny>>;
-
 /// Parsed arguments: one slot per parameter, in order.
 const MAX_PARAMS: usize = 3;
 
@@ -81,27 +79,36 @@ fn add(
     cls.setattr(name, descr)
 }
 
-/// The shared trampoline: GIL token, self, argument slots, panics.
+/// The shared trampoline: GIL token, self, argument slots, panics. Made
+/// once per method (generic and inlined), so that its body is a direct
+/// call rather than one through a pointer.
 ///
 /// # Safety
 /// As the module documentation says of CPython's call.
-unsafe fn call(
+#[inline(always)]
+unsafe fn call<B>(
     slf: *mut ffi::PyObject,
     args: *const *mut ffi::PyObject,
     nargs: ffi::Py_ssize_t,
     kwnames: *mut ffi::PyObject,
     names: &[&'static str],
     interned: &[&Bound<'_, PyString>],
-    body: Body,
-) -> *mut ffi::PyObject {
+    body: B,
+) -> *mut ffi::PyObject
+where
+    B: for<'a, 'py> FnOnce(
+        &Pylocksfile,
+        Python<'py>,
+        &[Option<Borrowed<'a, 'py, PyAny>>],
+    ) -> PyResult<Py<PyAny>>,
+{
     // SAFETY: called by CPython with the GIL held.
     let py = unsafe { Python::assume_attached() };
     let outcome = catch_unwind(AssertUnwindSafe(|| -> PyResult<Py<PyAny>> {
-        // SAFETY: `slf` is a live object for the call.
-        let me = unsafe { Borrowed::from_ptr(py, slf) };
-        let me = me
-            .cast::<Pylocksfile>()
-            .map_err(|_| PyTypeError::new_err("not a pylocksfile"))?;
+        // SAFETY: `slf` is a live object for the call, and an instance of
+        // the class (or a subclass): the method descriptor checked that
+        // before calling (`PyDescr_NewMethod`'s descriptors do).
+        let me = unsafe { Borrowed::from_ptr(py, slf).cast_unchecked::<Pylocksfile>() };
         let nargs = usize::try_from(nargs).unwrap_or(0);
         let mut slots: [Option<Borrowed<'_, '_, PyAny>>; MAX_PARAMS] = [None; MAX_PARAMS];
         let method = names[0];

@@ -115,7 +115,9 @@ const GUARD_PICKLE: &str = "cannot pickle a Guard: its lock belongs to this proc
 ///
 /// Inherited through ``fork``, every method raises ``ForkedError`` in the
 /// child and never touches the parent's lock.
-#[pyclass(name = "Guard", module = "pylocksfile", frozen, weakref)]
+// `freelist`: a guard object released is kept for the next one rather than
+// freed (a `with lf.write(i):` block makes and frees one).
+#[pyclass(name = "Guard", module = "pylocksfile", frozen, weakref, freelist = 16)]
 pub struct PyGuard {
     pub cell: Arc<GuardCell>,
     /// Entered by a `with` statement, which will release it: collection
@@ -136,17 +138,28 @@ impl PyGuard {
 /// `with`, was most likely dropped by mistake (`lf.write(5)` as a bare
 /// statement releases at once): say so with a `ResourceWarning`, as an
 /// unclosed file does. The lock is released right after, as before.
+///
+/// The cell stays in its `LocksFile`'s list for a later guard to reuse, so
+/// the lock it may still hold is taken out of it here, and dropped (released,
+/// or in a forked child left to the parent, as the core's guards do).
 impl Drop for PyGuard {
     fn drop(&mut self) {
-        if self.entered.load(Ordering::Relaxed) || self.cell.born.forked() {
-            return;
+        let held = {
+            let mut slot = lock_mutex(&self.cell.held);
+            if !matches!(&*slot, Held::Read(_) | Held::Write(_)) {
+                return;
+            }
+            std::mem::replace(&mut *slot, Held::Released)
+        };
+        if !self.entered.load(Ordering::Relaxed) && !self.cell.born.forked() {
+            self.warn_unreleased();
         }
-        if !matches!(
-            &*lock_mutex(&self.cell.held),
-            Held::Read(_) | Held::Write(_)
-        ) {
-            return;
-        }
+        drop(held);
+    }
+}
+
+impl PyGuard {
+    fn warn_unreleased(&self) {
         let span = self.cell.span;
         Python::attach(|py| {
             // Collection may happen while an exception propagates: keep it.
@@ -173,6 +186,19 @@ impl Drop for PyGuard {
 }
 
 impl PyGuard {
+    /// `__enter__`'s work (the method itself is in `fastcall`).
+    pub(crate) fn enter(&self, py: Python<'_>) -> PyResult<()> {
+        self.not_forked(py)?;
+        self.entered.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// `release()` and `__exit__`'s work.
+    pub(crate) fn release_now(&self, py: Python<'_>) -> PyResult<()> {
+        self.not_forked(py)?;
+        self.cell.release(Held::Released).map_err(|e| to_py(py, e))
+    }
+
     fn not_forked(&self, py: Python<'_>) -> PyResult<()> {
         if self.cell.born.forked() {
             return Err(to_py(py, Error::Forked));
@@ -264,8 +290,7 @@ impl PyGuard {
     /// another thread upgrades it, the guard stays released: that upgrade
     /// fails (``RuntimeError``) and unlocks what it holds when its wait ends.
     fn release(&self, py: Python<'_>) -> PyResult<()> {
-        self.not_forked(py)?;
-        self.cell.release(Held::Released).map_err(|e| to_py(py, e))
+        self.release_now(py)
     }
 
     /// Convert a shared lock to exclusive in place (the shared lock is kept
@@ -363,14 +388,13 @@ impl PyGuard {
         Ok(slf.clone())
     }
 
+    // `__enter__` and `__exit__` are replaced by raw methods at import
+    // (`super::fastcall`), which do the same; these give their signatures.
     fn __enter__<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, Self>> {
-        slf.get().not_forked(slf.py())?;
-        slf.get().entered.store(true, Ordering::Relaxed);
+        slf.get().enter(slf.py())?;
         Ok(slf.clone())
     }
 
-    // Three optional parameters rather than `*exc`: no argument tuple to
-    // build on every `with` block's end.
     #[pyo3(signature = (exc_type = None, exc = None, tb = None))]
     fn __exit__(
         &self,
@@ -380,7 +404,7 @@ impl PyGuard {
         tb: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<bool> {
         let _ = (exc_type, exc, tb);
-        self.release(py)?;
+        self.release_now(py)?;
         Ok(false)
     }
 

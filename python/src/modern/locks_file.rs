@@ -154,7 +154,7 @@ impl PyLocksFile {
     }
 
     /// `read` and `write`: the guard, or the refusal raised.
-    fn guard_or_raise(
+    pub(crate) fn guard_or_raise(
         &self,
         py: Python<'_>,
         span: &Bound<'_, PyAny>,

@@ -3,7 +3,7 @@
 //! one path every blocking take goes through.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 
 use locksfile::{Cancel, Entered, Error, Kind, LockFile, Party, Span, Threads, Wait};
 use pyo3::prelude::*;
@@ -28,7 +28,11 @@ pub struct Owner {
     /// set under `handle`'s lock, before `close()` ends waits and takes
     /// the guards, whose locks carry it to whoever comes after.
     closed: AtomicBool,
-    guards: Mutex<Vec<Weak<GuardCell>>>,
+    /// The cells of its guards, for `close()`: every live guard's, and
+    /// those of guards already gone, which the next guards reuse (a cell
+    /// only this list holds is reused in place: no allocation per guard).
+    /// So the list is as long as the most guards that lived at once.
+    guards: Mutex<Vec<Arc<GuardCell>>>,
     /// The waits in progress on this object (any thread's), which
     /// `close()` ends.
     pub waits: Waits,
@@ -103,24 +107,52 @@ impl Owner {
     }
 
     /// Wrap a lock just taken in a guard that `close()` can reach.
+    ///
+    /// The guard's cell is one of a guard already gone when there is one:
+    /// a cell that only the list holds (`Arc::get_mut` succeeds: no
+    /// `PyGuard` and no call has it, and none can get it but through this
+    /// list, under its lock) is released and refilled in place. A guard
+    /// object kept after its release keeps its cell, which is then never
+    /// reused, so it can never release a newer guard's lock.
     pub fn register(&self, span: Span, h: Held) -> PyResult<PyGuard> {
-        let cell = Arc::new(GuardCell {
-            held: Mutex::new(h),
-            span,
-            born: self.born,
-            waits: Waits::default(),
-        });
         // Under the guards' lock, so `close()` (which closes first,
         // then takes the guards) either sees this guard or we see it closed.
         let mut guards = lock_mutex(&self.guards);
         if self.closed() {
             // Closed by another thread while this one waited.
             drop(guards);
-            let _ = cell.release(Held::Closed);
+            let _ = h.unlock();
             return Err(closed_while_waiting());
         }
-        guards.retain(|w| w.strong_count() > 0);
-        guards.push(Arc::downgrade(&cell));
+        // The most recently made cells first: the last guard released.
+        let free = (0..guards.len())
+            .rev()
+            .find(|&i| Arc::strong_count(&guards[i]) == 1);
+        let cell = match free.and_then(|i| Arc::get_mut(&mut guards[i]).map(|c| (i, c))) {
+            Some((i, c)) => {
+                // Released when its guard went (`PyGuard`'s drop), or by
+                // `close()`: nothing in it to unlock.
+                let slot = c.held.get_mut().unwrap_or_else(|p| p.into_inner());
+                let old = std::mem::replace(slot, h);
+                debug_assert!(matches!(old, Held::Released | Held::Closed));
+                drop(old);
+                c.span = span;
+                c.born = self.born;
+                c.waits.clear();
+                Arc::clone(&guards[i])
+            }
+            None => {
+                let c = Arc::new(GuardCell {
+                    held: Mutex::new(h),
+                    span,
+                    born: self.born,
+                    waits: Waits::default(),
+                });
+                guards.push(Arc::clone(&c));
+                c
+            }
+        };
+        drop(guards);
         self.with_blocks.took();
         Ok(PyGuard::new(cell))
     }
@@ -228,7 +260,7 @@ impl Owner {
             self.waits.cancel_all();
         }
         let guards = std::mem::take(&mut *lock_mutex(&self.guards));
-        for g in guards.iter().filter_map(Weak::upgrade) {
+        for g in guards.iter() {
             if forked {
                 // Mark it closed without unlocking: the locks are the parent's.
                 *lock_mutex(&g.held) = Held::Closed;

@@ -1,0 +1,308 @@
+//! The three calls of every `with lf.write(i):` block (`write` or `read`,
+//! `Guard.__enter__`, `Guard.__exit__`) as raw methods of CPython's own
+//! conventions, installed over PyO3's after the classes are made.
+//!
+//! PyO3's wrapper of a method costs about 170 instructions a call (its
+//! trampoline, the attach guard, the argument description walked for
+//! every call) where the lock itself costs about 400: a third of what the
+//! binding adds to a block. Here `write(i)` with one positional argument
+//! goes straight to the take, `__enter__` is `METH_NOARGS` and `__exit__`
+//! `METH_FASTCALL` (positional only). Any other form of `read`/`write`
+//! (keywords, a bad count) is handed to PyO3's method, kept aside, so that
+//! it parses and words its errors exactly as before; the signatures and
+//! docstrings shown are those of PyO3's methods.
+//!
+//! # Safety
+//! As `compat::fastcall`: CPython calls these functions with the GIL held,
+//! `args` pointing at `nargs` positional arguments followed by one value
+//! per name in `kwnames` (a tuple, or NULL), all borrowed for the call, and
+//! `slf` an instance of the class or a subclass (the method descriptor
+//! checks that before calling). The method definitions are leaked so they
+//! live as long as the classes.
+#![allow(unsafe_code)]
+
+use std::ffi::{c_int, CString};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use locksfile::Kind;
+use pyo3::exceptions::PyTypeError;
+use pyo3::ffi;
+use pyo3::panic::PanicException;
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyDict, PyTuple, PyType};
+
+use super::guard::PyGuard;
+use super::locks_file::PyLocksFile;
+
+/// `METH_FASTCALL`: in CPython's ABI since 3.7 (limited API headers: 3.10).
+const METH_FASTCALL: c_int = 0x0080;
+
+type FastWithKeywords = unsafe extern "C" fn(
+    *mut ffi::PyObject,
+    *const *mut ffi::PyObject,
+    ffi::Py_ssize_t,
+    *mut ffi::PyObject,
+) -> *mut ffi::PyObject;
+
+/// PyO3's `read` and `write`, for every call but `(span)`.
+static READ: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+static WRITE: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+/// PyO3's `Guard.__exit__`, for calls with keywords.
+static EXIT: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+
+/// Put the raw methods in place (at import, once the classes exist).
+pub fn install(py: Python<'_>) -> PyResult<()> {
+    let lf = py.get_type::<PyLocksFile>();
+    for (name, keep, f) in [
+        ("read", &READ, read_raw as FastWithKeywords),
+        ("write", &WRITE, write_raw as FastWithKeywords),
+    ] {
+        let old = lf.getattr(name)?;
+        let doc = doc_of(name, &old)?;
+        let _ = keep.set(py, old.unbind());
+        // SAFETY: `f` has the signature of METH_FASTCALL | METH_KEYWORDS.
+        let meth = ffi::PyMethodDefPointer {
+            PyCFunctionWithKeywords: unsafe {
+                std::mem::transmute::<FastWithKeywords, ffi::PyCFunctionWithKeywords>(f)
+            },
+        };
+        add(&lf, name, doc, METH_FASTCALL | ffi::METH_KEYWORDS, meth)?;
+    }
+    let guard = py.get_type::<PyGuard>();
+    let enter = guard.getattr("__enter__")?;
+    add(
+        &guard,
+        "__enter__",
+        doc_of("__enter__", &enter)?,
+        ffi::METH_NOARGS,
+        ffi::PyMethodDefPointer {
+            PyCFunction: enter_raw,
+        },
+    )?;
+    let exit = guard.getattr("__exit__")?;
+    let doc = doc_of("__exit__", &exit)?;
+    let _ = EXIT.set(py, exit.unbind());
+    add(
+        &guard,
+        "__exit__",
+        doc,
+        METH_FASTCALL | ffi::METH_KEYWORDS,
+        ffi::PyMethodDefPointer {
+            // SAFETY: `exit_raw` has the signature of METH_FASTCALL | METH_KEYWORDS.
+            PyCFunctionWithKeywords: unsafe {
+                std::mem::transmute::<FastWithKeywords, ffi::PyCFunctionWithKeywords>(exit_raw)
+            },
+        },
+    )?;
+    Ok(())
+}
+
+/// PyO3's docstring of a method with its text signature, as CPython reads
+/// it from `ml_doc` (`name(sig)\n--\n\n` first), leaked.
+fn doc_of(name: &str, old: &Bound<'_, PyAny>) -> PyResult<&'static std::ffi::CStr> {
+    let sig = old
+        .getattr("__text_signature__")?
+        .extract::<Option<String>>()?;
+    let doc = old.getattr("__doc__")?.extract::<Option<String>>()?;
+    let mut text = String::new();
+    if let Some(sig) = sig {
+        text.push_str(&format!("{name}{sig}\n--\n\n"));
+    }
+    text.push_str(doc.as_deref().unwrap_or(""));
+    let c =
+        CString::new(text).map_err(|e| pyo3::exceptions::PyValueError::new_err(e.to_string()))?;
+    Ok(Box::leak(c.into_boxed_c_str()))
+}
+
+fn add(
+    cls: &Bound<'_, PyType>,
+    name: &str,
+    doc: &'static std::ffi::CStr,
+    flags: c_int,
+    meth: ffi::PyMethodDefPointer,
+) -> PyResult<()> {
+    let py = cls.py();
+    let cname: &'static std::ffi::CStr = Box::leak(
+        CString::new(name)
+            .expect("ASCII method name")
+            .into_boxed_c_str(),
+    );
+    let def: &'static mut ffi::PyMethodDef = Box::leak(Box::new(ffi::PyMethodDef {
+        ml_name: cname.as_ptr(),
+        ml_meth: meth,
+        ml_flags: flags,
+        ml_doc: doc.as_ptr(),
+    }));
+    // SAFETY: `cls` is a live type object and `def` is never freed.
+    let descr = unsafe {
+        Bound::from_owned_ptr_or_err(py, ffi::PyDescr_NewMethod(cls.as_type_ptr(), def))?
+    };
+    cls.setattr(name, descr)
+}
+
+/// Run `f`, turning its error or panic into a raised exception (NULL).
+#[inline(always)]
+fn trap(py: Python<'_>, f: impl FnOnce() -> PyResult<*mut ffi::PyObject>) -> *mut ffi::PyObject {
+    let err = match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(obj)) => return obj,
+        Ok(Err(e)) => e,
+        Err(payload) => {
+            let msg = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "panic".into());
+            PanicException::new_err(msg)
+        }
+    };
+    err.restore(py);
+    std::ptr::null_mut()
+}
+
+/// `read`/`write`: `(span)` taken here; anything else by PyO3's method.
+///
+/// # Safety
+/// As the module documentation says of CPython's call.
+#[inline(always)]
+unsafe fn take_raw(
+    kind: Kind,
+    slow: &PyOnceLock<Py<PyAny>>,
+    slf: *mut ffi::PyObject,
+    args: *const *mut ffi::PyObject,
+    nargs: ffi::Py_ssize_t,
+    kwnames: *mut ffi::PyObject,
+) -> *mut ffi::PyObject {
+    // SAFETY: called by CPython with the GIL held.
+    let py = unsafe { Python::assume_attached() };
+    trap(py, || {
+        if nargs == 1 && kwnames.is_null() {
+            // SAFETY: `slf` is an instance (checked by the descriptor) and
+            // `args` holds one borrowed argument.
+            let (me, span) = unsafe {
+                (
+                    Borrowed::from_ptr(py, slf).cast_unchecked::<PyLocksFile>(),
+                    Borrowed::from_ptr(py, *args),
+                )
+            };
+            let g = me.get().guard_or_raise(py, &span, kind, true, None)?;
+            return Ok(Bound::new(py, g)?.into_ptr());
+        }
+        // SAFETY: forwarded from CPython's call.
+        unsafe { call_slow(py, slow, slf, args, nargs, kwnames) }
+    })
+}
+
+/// Call PyO3's method `slow` with the arguments of a vectorcall.
+///
+/// # Safety
+/// As the module documentation says of CPython's call.
+unsafe fn call_slow(
+    py: Python<'_>,
+    slow: &PyOnceLock<Py<PyAny>>,
+    slf: *mut ffi::PyObject,
+    args: *const *mut ffi::PyObject,
+    nargs: ffi::Py_ssize_t,
+    kwnames: *mut ffi::PyObject,
+) -> PyResult<*mut ffi::PyObject> {
+    // SAFETY: `nargs` positional arguments then one per keyword name.
+    let all = unsafe {
+        let nkw = if kwnames.is_null() {
+            0
+        } else {
+            ffi::PyTuple_Size(kwnames)
+        };
+        let n = usize::try_from(nargs + nkw).unwrap_or(0);
+        if n == 0 {
+            &[]
+        } else {
+            std::slice::from_raw_parts(args, n)
+        }
+    };
+    let npos = usize::try_from(nargs).unwrap_or(0);
+    // SAFETY: every pointer is a live object borrowed for the call.
+    let me = unsafe { Borrowed::from_ptr(py, slf) };
+    let mut pos = vec![me.to_owned()];
+    pos.extend(
+        all[..npos]
+            .iter()
+            // SAFETY: a live object borrowed for the call.
+            .map(|&a| unsafe { Borrowed::from_ptr(py, a) }.to_owned()),
+    );
+    let kwargs = PyDict::new(py);
+    if !kwnames.is_null() {
+        // SAFETY: a non-NULL `kwnames` is a tuple of str.
+        let names = unsafe { Borrowed::from_ptr(py, kwnames) };
+        let names = names.cast::<PyTuple>().map_err(PyErr::from)?;
+        for (k, name) in names.iter().enumerate() {
+            // SAFETY: the keyword values follow the positional ones.
+            kwargs.set_item(name, unsafe { Borrowed::from_ptr(py, all[npos + k]) })?;
+        }
+    }
+    let method = slow
+        .get(py)
+        .ok_or_else(|| PyTypeError::new_err("method not installed"))?;
+    let out = method
+        .bind(py)
+        .call(PyTuple::new(py, pos)?, Some(&kwargs))?;
+    Ok(out.into_ptr())
+}
+
+unsafe extern "C" fn write_raw(
+    slf: *mut ffi::PyObject,
+    args: *const *mut ffi::PyObject,
+    nargs: ffi::Py_ssize_t,
+    kwnames: *mut ffi::PyObject,
+) -> *mut ffi::PyObject {
+    // SAFETY: forwarded from CPython's call.
+    unsafe { take_raw(Kind::Exclusive, &WRITE, slf, args, nargs, kwnames) }
+}
+
+unsafe extern "C" fn read_raw(
+    slf: *mut ffi::PyObject,
+    args: *const *mut ffi::PyObject,
+    nargs: ffi::Py_ssize_t,
+    kwnames: *mut ffi::PyObject,
+) -> *mut ffi::PyObject {
+    // SAFETY: forwarded from CPython's call.
+    unsafe { take_raw(Kind::Shared, &READ, slf, args, nargs, kwnames) }
+}
+
+/// `Guard.__enter__()`: the guard itself.
+unsafe extern "C" fn enter_raw(
+    slf: *mut ffi::PyObject,
+    _unused: *mut ffi::PyObject,
+) -> *mut ffi::PyObject {
+    // SAFETY: called by CPython with the GIL held.
+    let py = unsafe { Python::assume_attached() };
+    trap(py, || {
+        // SAFETY: `slf` is a Guard (checked by the descriptor; Guard has
+        // no subclasses).
+        let me = unsafe { Borrowed::from_ptr(py, slf).cast_unchecked::<PyGuard>() };
+        me.get().enter(py)?;
+        Ok(me.to_owned().into_ptr())
+    })
+}
+
+/// `Guard.__exit__(exc_type=None, exc=None, tb=None)`: release; never
+/// swallows the block's exception. Keywords, or too many arguments: PyO3's
+/// method, which words the error as before.
+unsafe extern "C" fn exit_raw(
+    slf: *mut ffi::PyObject,
+    args: *const *mut ffi::PyObject,
+    nargs: ffi::Py_ssize_t,
+    kwnames: *mut ffi::PyObject,
+) -> *mut ffi::PyObject {
+    // SAFETY: called by CPython with the GIL held.
+    let py = unsafe { Python::assume_attached() };
+    trap(py, || {
+        if nargs > 3 || !kwnames.is_null() {
+            // SAFETY: forwarded from CPython's call.
+            return unsafe { call_slow(py, &EXIT, slf, args, nargs, kwnames) };
+        }
+        // SAFETY: `slf` is a Guard (checked by the descriptor).
+        let me = unsafe { Borrowed::from_ptr(py, slf).cast_unchecked::<PyGuard>() };
+        me.get().release_now(py)?;
+        Ok(pyo3::types::PyBool::new(py, false).to_owned().into_ptr())
+    })
+}

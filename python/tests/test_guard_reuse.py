@@ -1,0 +1,156 @@
+"""Guard objects and their cells are reused (a freelist of Guard objects, a
+LocksFile's cells refilled in place) and the guard path's three calls are
+raw methods: none of that may let an old guard reach a newer guard's lock,
+nor change what the calls accept."""
+
+import gc
+import inspect
+import warnings
+
+import pytest
+
+from pylocksfile import Guard, LocksFile
+
+# Two objects exclude each other in these modes (process mode: one owner).
+MODES = ["shm", "ofd"]
+
+
+@pytest.fixture(params=MODES)
+def pair(request, tmp_path):
+    """Two owners of one file: `lf` takes, `other` probes."""
+    path = str(tmp_path / "reuse.lock")
+    lf = LocksFile(path, mode=request.param)
+    other = LocksFile(path, mode=request.param)
+    yield lf, other
+    lf.close()
+    other.close()
+
+
+def free(other, i):
+    g = other.try_write(i)
+    if g is None:
+        return False
+    g.release()
+    return True
+
+
+def test_a_guard_kept_after_its_block_never_releases_a_newer_guards_lock(pair):
+    lf, other = pair
+    with lf.write(5) as old:
+        pass
+    assert not old.held
+    for _ in range(50):  # whatever cell or object the next guards get
+        with lf.write(5):
+            pass
+    with lf.write(5) as new:
+        old.release()
+        old.__exit__(None, None, None)
+        assert new.held
+        assert not free(other, 5)
+    assert free(other, 5)
+    assert old.kind is None and not old.held
+
+
+def test_a_released_guard_kept_while_others_come_and_go(pair):
+    lf, other = pair
+    kept = lf.write(1)
+    kept.release()
+    guards = [lf.write(i) for i in range(2, 12)]
+    for g in guards:
+        g.release()
+    del guards
+    gc.collect()
+    newer = lf.write(1)
+    kept.release()
+    assert newer.held and not free(other, 1)
+    newer.release()
+    assert free(other, 1)
+
+
+def test_a_guard_dropped_unreleased_frees_its_lock_and_its_cell_serves_again(pair):
+    lf, other = pair
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        g = lf.write(3)
+        del g
+        gc.collect()
+    assert free(other, 3)
+    g = lf.write(4)
+    assert g.held and not free(other, 4) and free(other, 3)
+    g.release()
+
+
+def test_dropping_an_unreleased_guard_still_warns(pair):
+    lf, _ = pair
+    with pytest.warns(ResourceWarning, match="unreleased Guard"):
+        g = lf.write(6)
+        del g
+        gc.collect()
+
+
+def test_close_releases_live_guards_among_reused_cells(pair):
+    lf, other = pair
+    for i in range(20):
+        with lf.write(i):
+            pass
+    live = [lf.write(i) for i in (30, 31)]
+    lf.close()
+    assert all(not g.held for g in live)
+    assert free(other, 30) and free(other, 31)
+    for g in live:
+        g.release()  # harmless, as before
+
+
+def test_nested_blocks_and_exceptions_release(pair):
+    lf, other = pair
+    with pytest.raises(KeyError):
+        with lf.write(7) as a:
+            with lf.read(8) as b:
+                assert a.held and b.held
+                raise KeyError("x")
+    assert free(other, 7) and free(other, 8)
+
+
+def test_the_raw_methods_take_what_pyo3s_took(pair):
+    lf, other = pair
+    with lf.write(span=9) as g:
+        assert g.kind == "exclusive"
+    with lf.write(9, timeout=None) as g:
+        assert g.held
+    with lf.read(9, blocking=False) as g:
+        assert g.kind == "shared"
+    with pytest.raises(TypeError):
+        lf.write()
+    with pytest.raises(TypeError):
+        lf.write(1, 2)
+    with pytest.raises(TypeError):
+        lf.write(1, nope=True)
+    g = lf.write(10)
+    assert g.__enter__() is g
+    assert g.__exit__(exc_type=None, exc=None, tb=None) is False
+    assert free(other, 10)
+    g = lf.write(10)
+    with pytest.raises(TypeError):
+        g.__exit__(None, None, None, None)
+    assert g.__exit__() is False
+    with pytest.raises(TypeError):
+        g.__enter__(1)
+    assert free(other, 10)
+
+
+def test_signatures_are_kept():
+    # PyO3's text signatures, shown as before.
+    assert str(inspect.signature(LocksFile.write)) == "(self, /, span, *, blocking=True, timeout=None)"
+    assert str(inspect.signature(LocksFile.read)) == "(self, /, span, *, blocking=True, timeout=None)"
+    assert str(inspect.signature(Guard.__exit__)) == "(self, /, exc_type=None, exc=None, tb=None)"
+    assert LocksFile.write.__doc__ and "exclusive lock" in LocksFile.write.__doc__
+
+
+def test_a_subclass_of_locksfile_takes_through_the_raw_methods(tmp_path):
+    class Mine(LocksFile):
+        pass
+
+    lf = Mine(str(tmp_path / "sub.lock"), mode="shm")
+    with lf.write(2) as g:
+        assert g.held
+    lf.close()
