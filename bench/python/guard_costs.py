@@ -180,6 +180,9 @@ def callgrind(names, lengths, out_dir):
                 ["valgrind", "--tool=callgrind", "--callgrind-out-file=" + out,
                  sys.executable, os.path.abspath(__file__), "--one", k, "--n", str(n)],
                 check=True, capture_output=True,
+                # One hash seed for all: dict layouts (and so the work of
+                # every lookup) the same in every run.
+                env=dict(os.environ, PYTHONHASHSEED="0"),
             )
             with open(out) as f:
                 m = re.search(r"^(?:summary|totals): (\d+)", f.read(), re.M)

@@ -154,3 +154,58 @@ def test_a_subclass_of_locksfile_takes_through_the_raw_methods(tmp_path):
     with lf.write(2) as g:
         assert g.held
     lf.close()
+
+
+def test_a_weakly_referenced_released_guard_is_never_reused(pair):
+    import weakref
+
+    lf, other = pair
+    with lf.write(5) as g:
+        pass
+    wr = weakref.ref(g)
+    del g
+    with lf.write(5) as new:
+        old = wr()
+        assert old is not new
+        if old is not None:
+            assert not old.held
+            old.release()
+        assert new.held and not free(other, 5)
+    assert free(other, 5)
+
+
+def test_the_same_object_may_serve_again_only_when_nothing_holds_it(pair):
+    lf, other = pair
+    kept = []
+    for i in range(5):
+        with lf.write(i) as g:
+            kept.append(g)
+    assert len({id(g) for g in kept}) == 5
+    with lf.write(20) as new:
+        for g in kept:
+            g.release()
+            assert g.span != new.span
+        assert new.held and not free(other, 20)
+
+
+def test_a_collected_locksfile_with_a_kept_guard_goes(tmp_path):
+    import weakref
+
+    lf = LocksFile(str(tmp_path / "gone.lock"), mode="shm")
+    with lf.write(1):
+        pass
+    lf.write(2).release()
+    wr = weakref.ref(lf)
+    del lf
+    gc.collect()
+    assert wr() is None
+
+
+def test_a_guard_reused_after_close_is_not_possible(pair):
+    lf, other = pair
+    with lf.write(1):
+        pass
+    lf.close()
+    with pytest.raises(ValueError):
+        lf.write(1)
+    assert free(other, 1)

@@ -26,10 +26,11 @@ use pyo3::exceptions::PyTypeError;
 use pyo3::ffi;
 use pyo3::panic::PanicException;
 use pyo3::prelude::*;
-use pyo3::types::{PyString, PyTuple, PyType};
+use pyo3::types::{PyString, PyType};
 
 use super::args::{BlockingArg, LockN, WriteLockArg};
 use super::pylocksfile::Pylocksfile;
+use crate::spans::plain_index;
 
 /// `METH_FASTCALL`: in CPython's ABI since 3.7 (limited API headers: 3.10).
 const METH_FASTCALL: c_int = 0x0080;
@@ -125,10 +126,14 @@ where
         }
         if !kwnames.is_null() {
             // SAFETY: a non-NULL `kwnames` is a tuple of str, borrowed for the call.
-            let kw = unsafe { Borrowed::from_ptr(py, kwnames) };
-            let kw = kw.cast::<PyTuple>().map_err(PyErr::from)?;
-            for (k, name) in kw.iter().enumerate() {
-                let at = match interned.iter().position(|s| name.is(*s)) {
+            // Read with the tuple's own calls (no iterator, no new references).
+            let nkw = usize::try_from(unsafe { ffi::PyTuple_Size(kwnames) }).unwrap_or(0);
+            for k in 0..nkw {
+                // SAFETY: `k` is in range; the item is borrowed from the tuple.
+                let name = unsafe {
+                    Borrowed::from_ptr(py, ffi::PyTuple_GetItem(kwnames, k as ffi::Py_ssize_t))
+                };
+                let at = match interned.iter().position(|s| name.as_ptr() == s.as_ptr()) {
                     Some(at) => at,
                     None => interned
                         .iter()
@@ -219,7 +224,10 @@ unsafe extern "C" fn acquire_raw(
                     None => false,
                 };
                 let span = match a[1] {
-                    Some(v) => v.extract::<LockN>()?,
+                    Some(v) => match plain_index(&v) {
+                        Some(s) => LockN(s),
+                        None => v.extract::<LockN>()?,
+                    },
                     None => LockN::zero(),
                 };
                 let blocking = match a[2] {
@@ -256,7 +264,10 @@ unsafe extern "C" fn release_raw(
             &interned,
             |me, py, a| {
                 let span = match a[0] {
-                    Some(v) if !v.is_none() => Some(v.extract::<LockN>()?.0),
+                    Some(v) if !v.is_none() => match plain_index(&v) {
+                        Some(s) => Some(s),
+                        None => Some(v.extract::<LockN>()?.0),
+                    },
                     _ => None,
                 };
                 me.release(py, span)?;

@@ -70,6 +70,10 @@ pub fn install(py: Python<'_>) -> PyResult<()> {
         add(&lf, name, doc, METH_FASTCALL | ffi::METH_KEYWORDS, meth)?;
     }
     let guard = py.get_type::<PyGuard>();
+    WEAKLIST_OFFSET.store(
+        guard.getattr("__weakrefoffset__")?.extract::<isize>()?,
+        std::sync::atomic::Ordering::Relaxed,
+    );
     let enter = guard.getattr("__enter__")?;
     add(
         &guard,
@@ -185,8 +189,8 @@ unsafe fn take_raw(
                     Borrowed::from_ptr(py, *args),
                 )
             };
-            let g = me.get().guard_or_raise(py, &span, kind, true, None)?;
-            return Ok(Bound::new(py, g)?.into_ptr());
+            let g = me.get().guard_forever(py, &span, kind)?;
+            return Ok(g.into_ptr());
         }
         // SAFETY: forwarded from CPython's call.
         unsafe { call_slow(py, slow, slf, args, nargs, kwnames) }
@@ -302,7 +306,92 @@ unsafe extern "C" fn exit_raw(
         }
         // SAFETY: `slf` is a Guard (checked by the descriptor).
         let me = unsafe { Borrowed::from_ptr(py, slf).cast_unchecked::<PyGuard>() };
-        me.get().release_now(py)?;
+        PyGuard::release_and_keep(&me)?;
         Ok(pyo3::types::PyBool::new(py, false).to_owned().into_ptr())
     })
+}
+
+/// Where the byte offset of a Guard's weak-reference list is (the type's
+/// `__weakrefoffset__`), read at import.
+static WEAKLIST_OFFSET: std::sync::atomic::AtomicIsize = std::sync::atomic::AtomicIsize::new(0);
+
+/// The last guard object of a `LocksFile` to be released, kept so that the
+/// next take reuses it (with its cell) instead of making one: a `with
+/// lf.write(i):` block then allocates and frees nothing.
+///
+/// A guard is reused only when this slot holds its one reference and no
+/// weak reference names it: nothing else can see the object, so it becomes
+/// the new guard unseen. A guard kept by anyone (a name, a container, a
+/// weak reference) is never reused: it stays released, and its `release()`
+/// or `__exit__` can never reach a newer guard's lock.
+///
+/// The slot holds a strong reference, and the guard holds this cache: the
+/// `LocksFile` empties the slot when closed or collected (`clear`).
+#[derive(Default)]
+pub struct GuardCache {
+    slot: std::sync::atomic::AtomicPtr<ffi::PyObject>,
+}
+
+impl GuardCache {
+    /// Whether something holds a weak reference to `g`.
+    fn weakly_referenced(g: &Bound<'_, PyGuard>) -> bool {
+        let offset = WEAKLIST_OFFSET.load(std::sync::atomic::Ordering::Relaxed);
+        if offset <= 0 {
+            return true;
+        }
+        // SAFETY: `offset` is the type's `tp_weaklistoffset`: a pointer
+        // field of every instance (Guard has no subclasses), read with
+        // the GIL held.
+        unsafe {
+            let field = g
+                .as_ptr()
+                .cast::<u8>()
+                .offset(offset)
+                .cast::<*mut ffi::PyObject>();
+            !field.read().is_null()
+        }
+    }
+
+    /// Keep `g`, just released, for the next take.
+    pub fn keep(&self, g: Bound<'_, PyGuard>) {
+        let old = self
+            .slot
+            .swap(g.into_ptr(), std::sync::atomic::Ordering::AcqRel);
+        if !old.is_null() {
+            // SAFETY: the slot's strong reference, given back with the GIL held
+            // (`keep` is called from Python calls only).
+            unsafe { ffi::Py_DecRef(old) };
+        }
+    }
+
+    /// The kept guard if nothing else can see it, to be refilled.
+    pub fn take_unique<'py>(&self, py: Python<'py>) -> Option<Bound<'py, PyGuard>> {
+        let p = self
+            .slot
+            .swap(std::ptr::null_mut(), std::sync::atomic::Ordering::AcqRel);
+        if p.is_null() {
+            return None;
+        }
+        // SAFETY: the slot held a strong reference to a Guard.
+        let g = unsafe { Bound::from_owned_ptr(py, p).cast_into_unchecked::<PyGuard>() };
+        // With the GIL held no other thread can take a reference meanwhile.
+        // SAFETY: a live object, read with the GIL held.
+        let refs = unsafe { ffi::Py_REFCNT(g.as_ptr()) };
+        if refs == 1 && !Self::weakly_referenced(&g) {
+            Some(g)
+        } else {
+            None
+        }
+    }
+
+    /// Let go of the kept guard (with the GIL held).
+    pub fn clear(&self, py: Python<'_>) {
+        let p = self
+            .slot
+            .swap(std::ptr::null_mut(), std::sync::atomic::Ordering::AcqRel);
+        if !p.is_null() {
+            // SAFETY: the slot's strong reference.
+            drop(unsafe { Bound::from_owned_ptr(py, p) });
+        }
+    }
 }

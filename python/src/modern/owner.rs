@@ -14,7 +14,8 @@ use crate::mutex::lock_mutex;
 use crate::wait::{with_patience, Patience, Waits};
 use crate::with_block::WithBlocks;
 
-use super::guard::{GuardCell, Held, PyGuard};
+use super::fastcall::GuardCache;
+use super::guard::{GuardCell, Held, PyGuard, SpanCell};
 use super::outcomes::{closed_error, closed_while_waiting, Refused, GIVE_UP};
 use super::tasks::task_party;
 use super::thread_owners::ThreadOwners;
@@ -45,6 +46,8 @@ pub struct Owner {
     pub sharing: Threads,
     /// The with statements open on it, and whether their blocks took a lock.
     pub(crate) with_blocks: WithBlocks,
+    /// The last guard object released, for the next take to reuse.
+    pub guard_cache: Arc<GuardCache>,
 }
 
 impl Owner {
@@ -58,6 +61,7 @@ impl Owner {
             threads,
             sharing,
             with_blocks: WithBlocks::default(),
+            guard_cache: Arc::default(),
         }
     }
 
@@ -114,7 +118,24 @@ impl Owner {
     /// list, under its lock) is released and refilled in place. A guard
     /// object kept after its release keeps its cell, which is then never
     /// reused, so it can never release a newer guard's lock.
-    pub fn register(&self, span: Span, h: Held) -> PyResult<PyGuard> {
+    pub fn register<'py>(
+        &self,
+        py: Python<'py>,
+        span: Span,
+        h: Held,
+    ) -> PyResult<Bound<'py, PyGuard>> {
+        if let Some(g) = self.guard_cache.take_unique(py) {
+            // Its cell is in `guards` already. Filled before `closed` is
+            // read: a `close()` that this read misses takes the list (and
+            // this cell's lock) only after, and releases it.
+            g.get().refill(span, h);
+            if self.closed() {
+                let _ = g.get().cell.release(Held::Closed);
+                return Err(closed_while_waiting());
+            }
+            self.with_blocks.took();
+            return Ok(g);
+        }
         // Under the guards' lock, so `close()` (which closes first,
         // then takes the guards) either sees this guard or we see it closed.
         let mut guards = lock_mutex(&self.guards);
@@ -136,7 +157,7 @@ impl Owner {
                 let old = std::mem::replace(slot, h);
                 debug_assert!(matches!(old, Held::Released | Held::Closed));
                 drop(old);
-                c.span = span;
+                c.span.set(span);
                 c.born = self.born;
                 c.waits.clear();
                 Arc::clone(&guards[i])
@@ -144,7 +165,7 @@ impl Owner {
             None => {
                 let c = Arc::new(GuardCell {
                     held: Mutex::new(h),
-                    span,
+                    span: SpanCell::new(span),
                     born: self.born,
                     waits: Waits::default(),
                 });
@@ -154,7 +175,7 @@ impl Owner {
         };
         drop(guards);
         self.with_blocks.took();
-        Ok(PyGuard::new(cell))
+        Bound::new(py, PyGuard::new(cell, Arc::clone(&self.guard_cache)))
     }
 
     /// The one path of every blocking take: `take` tried as `patience`
@@ -190,24 +211,61 @@ impl Owner {
     /// written in C). A fork check used to be a `getpid(2)` per call,
     /// three per block: see `crate::forks`. `bench/python/guard_costs.py`
     /// times each variant side by side.
-    pub fn guard(
+    pub fn guard<'py>(
         &self,
-        py: Python<'_>,
+        py: Python<'py>,
         lf: &Arc<LockFile>,
         kind: Kind,
         span: Span,
         patience: Patience,
         refused: Refused,
-    ) -> PyResult<Option<PyGuard>> {
+    ) -> PyResult<Option<Bound<'py, PyGuard>>> {
         let outcome = self.take(py, patience, |w, cancel| {
             Held::take(lf, kind, span, w, cancel)
         })?;
         match outcome {
-            Ok(h) => self.register(span, h).map(Some),
+            Ok(h) => self.register(py, span, h).map(Some),
             Err(_) if self.closed() => Err(closed_while_waiting()),
             Err(Error::WouldBlock { .. }) if refused == Refused::Nothing => Ok(None),
             Err(e) => Err(refused.error(py, e)),
         }
+    }
+
+    /// `guard` waiting as long as it takes (`read(i)`, `write(i)`): the
+    /// first try made here without the plumbing of waits, through the
+    /// handle in place (no `Arc` of it cloned for the call); contention (or
+    /// any refusal) goes the general way, which tries again.
+    pub fn guard_forever<'py>(
+        &self,
+        py: Python<'py>,
+        kind: Kind,
+        span: Span,
+    ) -> PyResult<Bound<'py, PyGuard>> {
+        if self.threads.is_none() {
+            if self.closed() {
+                return Err(closed_error());
+            }
+            if self.born.forked() {
+                return Err(to_py(py, Error::Forked));
+            }
+            let first = {
+                let _as_task = self.as_task(py)?;
+                // Nothing under this lock calls Python.
+                let handle = lock_mutex(&self.handle);
+                match &*handle {
+                    Some(lf) if !self.closed() => {
+                        Held::take(lf, kind, span, Wait::NonBlockingNoHolder, None).ok()
+                    }
+                    _ => None,
+                }
+            };
+            if let Some(h) = first {
+                return self.register(py, span, h);
+            }
+        }
+        let lf = self.lf_not_forked(py)?;
+        let g = self.guard(py, &lf, kind, span, Patience::Forever, Refused::WouldBlock)?;
+        Ok(g.expect("a refusal raises"))
     }
 
     /// `kind` on `span` in the explicit layer of `lf`, waiting as
@@ -259,6 +317,8 @@ impl Owner {
         } else {
             self.waits.cancel_all();
         }
+        // The kept guard holds this cache: let go of it, or neither goes.
+        Python::attach(|py| self.guard_cache.clear(py));
         let guards = std::mem::take(&mut *lock_mutex(&self.guards));
         for g in guards.iter() {
             if forked {
