@@ -209,3 +209,64 @@ def test_a_guard_reused_after_close_is_not_possible(pair):
     with pytest.raises(ValueError):
         lf.write(1)
     assert free(other, 1)
+
+
+def test_the_methods_looked_up_on_a_guard(pair):
+    lf, other = pair
+    g = lf.write(11)
+    enter, exit_ = g.__enter__, g.__exit__
+    assert enter.__self__ is g and exit_.__self__ is g
+    assert enter() is g
+    assert exit_(None, None, None) is False
+    assert free(other, 11)
+    # A bound method kept keeps its guard from being reused.
+    with lf.write(12) as new:
+        assert new is not g
+        exit_()
+        assert new.held and not free(other, 12)
+    # On the class: PyO3's methods, as before.
+    g = lf.write(13)
+    assert Guard.__enter__(g) is g
+    assert Guard.__exit__(g, None, None, None) is False
+    assert free(other, 13)
+    with pytest.raises(TypeError):
+        Guard.__dict__["__exit__"].__get__(object(), object)()
+    with pytest.raises(TypeError):
+        g.__exit__(None, None, None, None)
+    with pytest.raises(TypeError):
+        g.__exit__(nope=1)
+
+
+def test_many_bound_methods_alive_at_once(pair):
+    lf, other = pair
+    guards = [lf.write(i) for i in range(40, 80)]
+    bound = [(g.__enter__, g.__exit__) for g in guards]
+    for e, x in bound:
+        assert e().held
+    for e, x in reversed(bound):
+        x(None, None, None)
+    del bound, guards
+    gc.collect()
+    assert all(free(other, i) for i in range(40, 80))
+
+
+def test_with_blocks_in_threads(pair):
+    import threading
+
+    lf, _ = pair
+    errors = []
+
+    def run(base):
+        try:
+            for n in range(300):
+                with lf.write(base + n % 3) as g:
+                    assert g.held
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    ts = [threading.Thread(target=run, args=(100 + 10 * i,)) for i in range(4)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert errors == []

@@ -1,24 +1,28 @@
 //! The three calls of every `with lf.write(i):` block (`write` or `read`,
-//! `Guard.__enter__`, `Guard.__exit__`) as raw methods of CPython's own
-//! conventions, installed over PyO3's after the classes are made.
+//! `Guard.__enter__`, `Guard.__exit__`) in CPython's own conventions,
+//! installed over PyO3's after the classes are made.
 //!
 //! PyO3's wrapper of a method costs about 170 instructions a call (its
 //! trampoline, the attach guard, the argument description walked for
-//! every call) where the lock itself costs about 400: a third of what the
-//! binding adds to a block. Here `write(i)` with one positional argument
-//! goes straight to the take, `__enter__` is `METH_NOARGS` and `__exit__`
-//! `METH_FASTCALL` (positional only). Any other form of `read`/`write`
-//! (keywords, a bad count) is handed to PyO3's method, kept aside, so that
-//! it parses and words its errors exactly as before; the signatures and
-//! docstrings shown are those of PyO3's methods.
+//! every call) where the lock itself costs about 400. Here `write(i)` with
+//! one positional argument is a `METH_FASTCALL` method that goes straight
+//! to the take; any other form of `read`/`write` (keywords, a bad count)
+//! is handed to PyO3's method, kept aside, so that it parses and words its
+//! errors exactly as before, and the signatures and docstrings shown are
+//! PyO3's. `__enter__` and `__exit__` are descriptors of our own (see
+//! `BoundMethod` below): looked up on a guard, as a `with` statement does,
+//! they answer a small untracked object called through vectorcall rather
+//! than a new bound method each.
 //!
 //! # Safety
-//! As `compat::fastcall`: CPython calls these functions with the GIL held,
-//! `args` pointing at `nargs` positional arguments followed by one value
-//! per name in `kwnames` (a tuple, or NULL), all borrowed for the call, and
-//! `slf` an instance of the class or a subclass (the method descriptor
-//! checks that before calling). The method definitions are leaked so they
-//! live as long as the classes.
+//! CPython calls these functions with the GIL held, `args` pointing at
+//! `nargs` positional arguments followed by one value per name in
+//! `kwnames` (a tuple, or NULL), all borrowed for the call, and `slf` an
+//! instance of the class or a subclass (the method descriptor checks that
+//! before calling; the bound objects hold a guard checked by exact type).
+//! Method definitions, specs and types are leaked so they live as long as
+//! the classes. abi3 builds never run without a GIL, so state touched only
+//! by these calls needs no lock.
 #![allow(unsafe_code)]
 
 use std::ffi::{c_int, CString};
@@ -74,31 +78,11 @@ pub fn install(py: Python<'_>) -> PyResult<()> {
         guard.getattr("__weakrefoffset__")?.extract::<isize>()?,
         std::sync::atomic::Ordering::Relaxed,
     );
-    let enter = guard.getattr("__enter__")?;
-    add(
-        &guard,
-        "__enter__",
-        doc_of("__enter__", &enter)?,
-        ffi::METH_NOARGS,
-        ffi::PyMethodDefPointer {
-            PyCFunction: enter_raw,
-        },
-    )?;
-    let exit = guard.getattr("__exit__")?;
-    let doc = doc_of("__exit__", &exit)?;
-    let _ = EXIT.set(py, exit.unbind());
-    add(
-        &guard,
-        "__exit__",
-        doc,
-        METH_FASTCALL | ffi::METH_KEYWORDS,
-        ffi::PyMethodDefPointer {
-            // SAFETY: `exit_raw` has the signature of METH_FASTCALL | METH_KEYWORDS.
-            PyCFunctionWithKeywords: unsafe {
-                std::mem::transmute::<FastWithKeywords, ffi::PyCFunctionWithKeywords>(exit_raw)
-            },
-        },
-    )?;
+    // PyO3's `__enter__` and `__exit__`, for the class's view of them and
+    // for the calls the fast paths below do not take.
+    let _ = ENTER.set(py, guard.getattr("__enter__")?.unbind());
+    let _ = EXIT.set(py, guard.getattr("__exit__")?.unbind());
+    install_bound(py, &guard)?;
     Ok(())
 }
 
@@ -393,5 +377,285 @@ impl GuardCache {
             // SAFETY: the slot's strong reference.
             drop(unsafe { Bound::from_owned_ptr(py, p) });
         }
+    }
+}
+
+// --- `g.__enter__` and `g.__exit__` without a bound method object each ---
+//
+// A `with` statement looks both methods up on the guard, and a method
+// descriptor answers each lookup with a new bound method: two objects
+// tracked by the cycle collector, made and freed per block (about 600
+// instructions, as much as the lock itself). `Guard.__enter__` and
+// `Guard.__exit__` are instead descriptors of our own whose lookup on a
+// guard answers a small object that is not tracked (it can hold no cycle:
+// it refers only to the guard, which refers to no Python object), taken
+// from a free list of its own, and called through vectorcall. On the class
+// (`Guard.__exit__`) they answer PyO3's method descriptors, so signatures,
+// docstrings and `Guard.__exit__(g, ...)` are as before; the bound object
+// has `__self__` (the guard), and any call with keywords or too many
+// arguments goes to PyO3's method.
+
+/// `Py_TPFLAGS_HAVE_VECTORCALL`: honoured for types made from a spec (with
+/// a `__vectorcalloffset__` member) since CPython 3.9, though the limited
+/// API's headers name it only from 3.12.
+const TPFLAGS_HAVE_VECTORCALL: std::ffi::c_ulong = 1 << 11;
+/// `PY_VECTORCALL_ARGUMENTS_OFFSET`, the flag bit of a vectorcall's count.
+const VECTORCALL_ARGUMENTS_OFFSET: usize = 1 << (usize::BITS - 1);
+
+/// A guard's `__enter__` or `__exit__`, looked up on it.
+#[repr(C)]
+struct BoundMethod {
+    ob_base: ffi::PyObject,
+    vectorcall: Option<ffi::vectorcallfunc>,
+    /// The guard (a strong reference).
+    guard: *mut ffi::PyObject,
+    exit: bool,
+}
+
+/// `Guard.__enter__` or `Guard.__exit__` in the class's dictionary.
+#[repr(C)]
+struct MethodDescr {
+    ob_base: ffi::PyObject,
+    exit: bool,
+    /// PyO3's method descriptor (a strong reference, kept for ever).
+    pyo3: *mut ffi::PyObject,
+}
+
+static BOUND_TYPE: std::sync::atomic::AtomicPtr<ffi::PyTypeObject> =
+    std::sync::atomic::AtomicPtr::new(std::ptr::null_mut());
+static GUARD_TYPE: std::sync::atomic::AtomicPtr<ffi::PyTypeObject> =
+    std::sync::atomic::AtomicPtr::new(std::ptr::null_mut());
+/// PyO3's `__enter__`, for calls with arguments.
+static ENTER: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+
+/// Bound objects freed, kept for the next lookups.
+struct FreeBound {
+    items: std::cell::UnsafeCell<[*mut BoundMethod; 16]>,
+    len: std::cell::UnsafeCell<usize>,
+}
+
+// SAFETY: only touched by `descr_get` and `bound_dealloc`, which CPython
+// calls with the GIL held; these abi3 builds never run without a GIL.
+unsafe impl Sync for FreeBound {}
+
+static FREE_BOUND: FreeBound = FreeBound {
+    items: std::cell::UnsafeCell::new([std::ptr::null_mut(); 16]),
+    len: std::cell::UnsafeCell::new(0),
+};
+
+/// Install the descriptors over PyO3's `__enter__`/`__exit__` (after
+/// `install` put the raw methods there: those stay reachable through them).
+fn install_bound(py: Python<'_>, guard: &Bound<'_, PyType>) -> PyResult<()> {
+    use std::ffi::c_void;
+    GUARD_TYPE.store(guard.as_type_ptr(), std::sync::atomic::Ordering::Relaxed);
+    let members: &'static mut [ffi::PyMemberDef; 3] = Box::leak(Box::new([
+        ffi::PyMemberDef {
+            name: c"__vectorcalloffset__".as_ptr(),
+            type_code: ffi::Py_T_PYSSIZET,
+            offset: std::mem::offset_of!(BoundMethod, vectorcall) as ffi::Py_ssize_t,
+            flags: ffi::Py_READONLY,
+            doc: std::ptr::null(),
+        },
+        ffi::PyMemberDef {
+            name: c"__self__".as_ptr(),
+            type_code: ffi::Py_T_OBJECT_EX,
+            offset: std::mem::offset_of!(BoundMethod, guard) as ffi::Py_ssize_t,
+            flags: ffi::Py_READONLY,
+            doc: std::ptr::null(),
+        },
+        ffi::PyMemberDef::default(),
+    ]));
+    let bound_slots: &'static mut [ffi::PyType_Slot; 4] = Box::leak(Box::new([
+        ffi::PyType_Slot {
+            slot: ffi::Py_tp_dealloc,
+            pfunc: bound_dealloc as *mut c_void,
+        },
+        ffi::PyType_Slot {
+            slot: ffi::Py_tp_call,
+            pfunc: bound_call as *mut c_void,
+        },
+        ffi::PyType_Slot {
+            slot: ffi::Py_tp_members,
+            pfunc: members.as_mut_ptr().cast(),
+        },
+        ffi::PyType_Slot::default(),
+    ]));
+    let bound_spec: &'static mut ffi::PyType_Spec = Box::leak(Box::new(ffi::PyType_Spec {
+        name: c"pylocksfile._GuardMethod".as_ptr(),
+        basicsize: std::mem::size_of::<BoundMethod>() as c_int,
+        itemsize: 0,
+        flags: (ffi::Py_TPFLAGS_DEFAULT | TPFLAGS_HAVE_VECTORCALL) as std::ffi::c_uint,
+        slots: bound_slots.as_mut_ptr(),
+    }));
+    // SAFETY: a complete spec, leaked so it outlives the type.
+    let bound_type = unsafe { Bound::from_owned_ptr_or_err(py, ffi::PyType_FromSpec(bound_spec))? };
+    BOUND_TYPE.store(
+        bound_type.as_ptr().cast(),
+        std::sync::atomic::Ordering::Relaxed,
+    );
+    // The type lives for ever (its instances may outlive the module's dict).
+    std::mem::forget(bound_type);
+
+    let descr_slots: &'static mut [ffi::PyType_Slot; 2] = Box::leak(Box::new([
+        ffi::PyType_Slot {
+            slot: ffi::Py_tp_descr_get,
+            pfunc: descr_get as *mut c_void,
+        },
+        ffi::PyType_Slot::default(),
+    ]));
+    let descr_spec: &'static mut ffi::PyType_Spec = Box::leak(Box::new(ffi::PyType_Spec {
+        name: c"pylocksfile._GuardMethodDescriptor".as_ptr(),
+        basicsize: std::mem::size_of::<MethodDescr>() as c_int,
+        itemsize: 0,
+        flags: ffi::Py_TPFLAGS_DEFAULT as std::ffi::c_uint,
+        slots: descr_slots.as_mut_ptr(),
+    }));
+    // SAFETY: a complete spec, leaked so it outlives the type.
+    let descr_type = unsafe { Bound::from_owned_ptr_or_err(py, ffi::PyType_FromSpec(descr_spec))? };
+    for (name, exit, keep) in [("__enter__", false, &ENTER), ("__exit__", true, &EXIT)] {
+        // PyO3's descriptor (its own, not the raw one installed over it).
+        let pyo3 = keep
+            .get(py)
+            .ok_or_else(|| PyTypeError::new_err("method not installed"))?
+            .clone_ref(py);
+        // SAFETY: a new instance of a type with `MethodDescr`'s layout.
+        let d = unsafe {
+            let p = ffi::PyType_GenericAlloc(descr_type.as_ptr().cast(), 0);
+            if p.is_null() {
+                return Err(PyErr::fetch(py));
+            }
+            let d = p.cast::<MethodDescr>();
+            (*d).exit = exit;
+            (*d).pyo3 = pyo3.into_ptr();
+            Bound::from_owned_ptr(py, p)
+        };
+        guard.setattr(name, d)?;
+    }
+    std::mem::forget(descr_type);
+    Ok(())
+}
+
+/// `descr.__get__(obj, type)`: on a guard, a bound object; otherwise
+/// whatever PyO3's descriptor answers (on the class: itself).
+unsafe extern "C" fn descr_get(
+    descr: *mut ffi::PyObject,
+    obj: *mut ffi::PyObject,
+    ty: *mut ffi::PyObject,
+) -> *mut ffi::PyObject {
+    // SAFETY: CPython calls this with the GIL held, `descr` one of ours.
+    unsafe {
+        let d = descr.cast::<MethodDescr>();
+        let guard_type = GUARD_TYPE.load(std::sync::atomic::Ordering::Relaxed);
+        if obj.is_null() || ffi::Py_TYPE(obj) != guard_type {
+            let pyo3 = (*d).pyo3;
+            let get = ffi::PyType_GetSlot(ffi::Py_TYPE(pyo3), ffi::Py_tp_descr_get);
+            if get.is_null() {
+                ffi::Py_IncRef(pyo3);
+                return pyo3;
+            }
+            let get: ffi::descrgetfunc = std::mem::transmute(get);
+            return get(pyo3, obj, ty);
+        }
+        let len = &mut *FREE_BOUND.len.get();
+        let b = if *len > 0 {
+            *len -= 1;
+            let b = (*FREE_BOUND.items.get())[*len];
+            ffi::PyObject_Init(
+                b.cast(),
+                BOUND_TYPE.load(std::sync::atomic::Ordering::Relaxed),
+            );
+            b
+        } else {
+            let p =
+                ffi::PyType_GenericAlloc(BOUND_TYPE.load(std::sync::atomic::Ordering::Relaxed), 0);
+            if p.is_null() {
+                return std::ptr::null_mut();
+            }
+            p.cast::<BoundMethod>()
+        };
+        (*b).vectorcall = Some(bound_vectorcall);
+        ffi::Py_IncRef(obj);
+        (*b).guard = obj;
+        (*b).exit = (*d).exit;
+        b.cast()
+    }
+}
+
+unsafe extern "C" fn bound_dealloc(obj: *mut ffi::PyObject) {
+    // SAFETY: CPython calls this with the GIL held, on one of ours whose
+    // count reached zero.
+    unsafe {
+        let b = obj.cast::<BoundMethod>();
+        let guard = std::mem::replace(&mut (*b).guard, std::ptr::null_mut());
+        let ty = ffi::Py_TYPE(obj);
+        let len = &mut *FREE_BOUND.len.get();
+        if *len < 16 {
+            (*FREE_BOUND.items.get())[*len] = b;
+            *len += 1;
+        } else {
+            ffi::PyObject_Free(obj.cast());
+        }
+        // Instances of a heap type hold a reference to it.
+        ffi::Py_DecRef(ty.cast());
+        if !guard.is_null() {
+            ffi::Py_DecRef(guard);
+        }
+    }
+}
+
+/// A call through the vectorcall protocol: the common forms here, any
+/// other by PyO3's method.
+unsafe extern "C" fn bound_vectorcall(
+    callable: *mut ffi::PyObject,
+    args: *const *mut ffi::PyObject,
+    nargsf: usize,
+    kwnames: *mut ffi::PyObject,
+) -> *mut ffi::PyObject {
+    // SAFETY: CPython calls this with the GIL held, `callable` one of ours.
+    unsafe {
+        let b = callable.cast::<BoundMethod>();
+        let guard = (*b).guard;
+        let nargs = (nargsf & !VECTORCALL_ARGUMENTS_OFFSET) as ffi::Py_ssize_t;
+        if (*b).exit {
+            exit_raw(guard, args, nargs, kwnames)
+        } else if nargs == 0 && kwnames.is_null() {
+            enter_raw(guard, std::ptr::null_mut())
+        } else {
+            let py = Python::assume_attached();
+            trap(py, || call_slow(py, &ENTER, guard, args, nargs, kwnames))
+        }
+    }
+}
+
+/// A call through `tp_call` (`PyObject_Call`): PyO3's method with the guard.
+unsafe extern "C" fn bound_call(
+    callable: *mut ffi::PyObject,
+    args: *mut ffi::PyObject,
+    kwargs: *mut ffi::PyObject,
+) -> *mut ffi::PyObject {
+    // SAFETY: CPython calls this with the GIL held, `args` a tuple and
+    // `kwargs` a dict or NULL, all borrowed.
+    unsafe {
+        let py = Python::assume_attached();
+        let b = callable.cast::<BoundMethod>();
+        let method = if (*b).exit { &EXIT } else { &ENTER };
+        trap(py, || {
+            let method = method
+                .get(py)
+                .ok_or_else(|| PyTypeError::new_err("method not installed"))?;
+            let guard = Borrowed::from_ptr(py, (*b).guard).to_owned();
+            let args = Borrowed::from_ptr(py, args).cast::<PyTuple>()?.to_owned();
+            let mut all = vec![guard.into_any()];
+            all.extend(args.iter());
+            let kwargs = if kwargs.is_null() {
+                None
+            } else {
+                Some(Borrowed::from_ptr(py, kwargs).cast::<PyDict>()?.to_owned())
+            };
+            let out = method
+                .bind(py)
+                .call(PyTuple::new(py, all)?, kwargs.as_ref())?;
+            Ok(out.into_ptr())
+        })
     }
 }
