@@ -270,3 +270,33 @@ def test_with_blocks_in_threads(pair):
     for t in ts:
         t.join()
     assert errors == []
+
+
+def test_keyword_forms_of_write_keep_their_meaning(pair):
+    lf, other = pair
+    with lf.write(14, timeout=None) as g:
+        assert g.held and not free(other, 14)
+    with lf.write(14, blocking=False, timeout=None) as g:
+        assert g.held
+    with lf.write(14, timeout=0.5, blocking=True) as g:
+        assert g.held
+    with lf.read(14, timeout=1) as g:
+        assert g.kind == "shared"
+    with other.write(14):
+        from pylocksfile import LockTimeout, WouldBlockError
+
+        with pytest.raises(WouldBlockError):
+            lf.write(14, blocking=False)
+        with pytest.raises(LockTimeout):
+            lf.write(14, timeout=0.05)
+        with pytest.raises(WouldBlockError):
+            lf.write(14, blocking=False, timeout=5)
+    with pytest.raises(TypeError):
+        lf.write(14, blocking=1)
+    with pytest.raises(ValueError):
+        lf.write(14, timeout=-1.0)
+    with pytest.raises(TypeError):
+        lf.write(14, timeout="1")
+    with pytest.raises(TypeError):
+        lf.write(14, blocking=True, blocking2=True)
+    assert free(other, 14)

@@ -176,9 +176,73 @@ unsafe fn take_raw(
             let g = me.get().guard_forever(py, &span, kind)?;
             return Ok(g.into_ptr());
         }
+        // `(span, blocking=True|False, timeout=None|float|int)`: plain
+        // values only, anything else (and every error) PyO3's way.
+        // SAFETY: forwarded from CPython's call.
+        if let Some((blocking, timeout)) = unsafe { plain_keywords(py, args, nargs, kwnames) } {
+            // SAFETY: as above.
+            let (me, span) = unsafe {
+                (
+                    Borrowed::from_ptr(py, slf).cast_unchecked::<PyLocksFile>(),
+                    Borrowed::from_ptr(py, *args),
+                )
+            };
+            let g = me
+                .get()
+                .guard_or_raise(py, &span, kind, blocking, timeout)?;
+            return Ok(g.into_ptr());
+        }
         // SAFETY: forwarded from CPython's call.
         unsafe { call_slow(py, slow, slf, args, nargs, kwnames) }
     })
+}
+
+/// `blocking` and `timeout` of a call `(span, **kw)` whose keywords are
+/// only those two with values PyO3 would take as they are (`True`/`False`;
+/// `None`, a float or an int); `None` for any other call.
+///
+/// # Safety
+/// As the module documentation says of CPython's call.
+unsafe fn plain_keywords(
+    py: Python<'_>,
+    args: *const *mut ffi::PyObject,
+    nargs: ffi::Py_ssize_t,
+    kwnames: *mut ffi::PyObject,
+) -> Option<(bool, Option<f64>)> {
+    if nargs != 1 || kwnames.is_null() {
+        return None;
+    }
+    let (blocking_name, timeout_name) = (
+        pyo3::intern!(py, "blocking").as_ptr(),
+        pyo3::intern!(py, "timeout").as_ptr(),
+    );
+    let (mut blocking, mut timeout) = (None, None);
+    // SAFETY: a non-NULL `kwnames` is a tuple of str; values follow the
+    // positional argument.
+    unsafe {
+        let n = ffi::PyTuple_Size(kwnames);
+        for k in 0..n {
+            let name = ffi::PyTuple_GetItem(kwnames, k);
+            let value = Borrowed::from_ptr(py, *args.offset(1 + k));
+            if name == blocking_name && blocking.is_none() {
+                let b = value.cast::<pyo3::types::PyBool>().ok()?;
+                blocking = Some(b.is_true());
+            } else if name == timeout_name && timeout.is_none() {
+                timeout = Some(if value.is_none() {
+                    None
+                } else if value.is_exact_instance_of::<pyo3::types::PyFloat>()
+                    || value.is_exact_instance_of::<pyo3::types::PyInt>()
+                {
+                    Some(value.extract::<f64>().ok()?)
+                } else {
+                    return None;
+                });
+            } else {
+                return None;
+            }
+        }
+    }
+    Some((blocking.unwrap_or(true), timeout.flatten()))
 }
 
 /// Call PyO3's method `slow` with the arguments of a vectorcall.

@@ -199,18 +199,7 @@ impl Owner {
     /// A guard of `kind` on `span` through `lf`, waiting as `patience`
     /// says; None when refused with `Refused::Nothing`.
     ///
-    /// The hot path of `with lf.write(i):`. What an uncontended block
-    /// costs, in instructions (callgrind, shm mode, CPython 3.11): about
-    /// 1,700 in `write` (the engine's take about 420, making the guard
-    /// object 260, the registration for `close()` 310, the asyncio task
-    /// check 170, or 450 once `asyncio` is imported, arguments and span
-    /// 280), 620 in `__exit__` (the engine's release 400), about 700 to
-    /// free the guard (a GC object with a weak-reference slot), and about
-    /// 1,500 in CPython's `with` protocol itself (looking up, binding and
-    /// freeing `__enter__` and `__exit__`, as for any context manager
-    /// written in C). A fork check used to be a `getpid(2)` per call,
-    /// three per block: see `crate::forks`. `bench/python/guard_costs.py`
-    /// times each variant side by side.
+    /// `with lf.write(i):` takes the quicker way, `guard_forever`.
     pub fn guard<'py>(
         &self,
         py: Python<'py>,
@@ -235,6 +224,20 @@ impl Owner {
     /// first try made here without the plumbing of waits, through the
     /// handle in place (no `Arc` of it cloned for the call); contention (or
     /// any refusal) goes the general way, which tries again.
+    ///
+    /// The hot path of `with lf.write(i):`. What an uncontended block
+    /// costs, in instructions (callgrind, shm mode, CPython 3.11), about
+    /// 2,600 in all with its loop: about 950 in `write` (the engine's take
+    /// 450, the asyncio check 170 (a miss in `sys.modules`), refilling the
+    /// guard kept from the last block 120, the rest the call and the span),
+    /// about 620 in `__exit__` (the engine's release 400), 200 to look
+    /// `__enter__` and `__exit__` up and let them go (see
+    /// `super::fastcall`: no bound method objects), and the rest in
+    /// CPython's `with` protocol and loop. The guard object and its cell are
+    /// reused (`GuardCache`), so nothing is allocated. A fork check used to
+    /// be a `getpid(2)` per call, three per block: see `crate::forks`.
+    /// `bench/python/guard_costs.py` measures each variant side by side
+    /// (`--callgrind N1,N2` for instructions).
     pub fn guard_forever<'py>(
         &self,
         py: Python<'py>,
