@@ -3,7 +3,8 @@ pylocksfile's Python APIs, side by side with multiprocessing.Lock, and what
 each part of the guard path adds (the guard object, keyword parsing, the
 thread checks, the with-block bookkeeping).
 
-    guard_costs.py [--n 200000] [--repeats 9] [--modes shm,ofd] [--json OUT]
+    guard_costs.py [--n 200000] [--repeats 9] [--modes shm,ofd] [--only a,b]
+                   [--callgrind N1,N2] [--json OUT]
 
 Every variant runs a loop of N pairs, in a function of its own with the
 bound methods in locals; a repeat runs every variant once, in an order
@@ -11,6 +12,14 @@ rotated repeat by repeat, so whatever else the machine does falls on all
 alike. The figures are medians over the repeats, in ns per pair, the loop
 included (an empty loop of N is shown for scale), and the ratios are taken
 within this one run.
+
+With --callgrind N1,N2 it counts instructions instead: every variant runs
+alone in a fresh interpreter under valgrind's callgrind, N1 pairs then N2
+pairs (one hash seed for both), and the difference of the two totals over
+N2 - N1 is its instructions per pair, start-up and set-up left out. Besides
+the seed pair (positional, keywords, a tuple span) and the guard forms, the
+with statement's share is shown by the same calls made by hand, and the
+protocol's cost for any C lock by `with threading.Lock()`.
 """
 
 import argparse
