@@ -659,7 +659,16 @@ def shm_reading(w, pair, held, ring, ring_q, shapes, pv):
             "2×), with names, ranges, shared locks, deadlock detection and cleanup after a dead holder that "
             "multiprocessing.Lock lacks." % (seed / ours, fmt_ratio(ours, mpl))
         )
-    pp, lp = pv("ours_seed_api_shm", "pair"), pv("lockf", "pair")
+    pp, mpp, wp = pv("ours_seed_api_shm", "pair"), pv("mp_lock", "pair"), pv("ours_modern_with_shm", "pair")
+    if pp and mpp and wp:
+        w(
+            "- **Python pairs, shm mode, side by side.** The seed API's pair (`acquire(writeLock=True, "
+            "lock_n=5)` + `release(5)`) takes %s, %s of multiprocessing.Lock's acquire + release (%s; target: "
+            "within 2×); a `with lf.write(5):` block, the API we recommend, takes %s, %s of the seed API's "
+            "pair (target: within 1.5×). Same run, same harness (`bench/python/peers.py`)."
+            % (fmt_time(pp * 1e9), fmt_ratio(pp, mpp), fmt_time(mpp * 1e9), fmt_time(wp * 1e9), fmt_ratio(wp, pp))
+        )
+    lp = pv("lockf", "pair")
     if pp and lp:
         w(
             "- **Python pair, shm mode.** %s per lock + unlock through the seed API, %s of a bare "

@@ -32,7 +32,12 @@ rotates from run to run; the figures are medians over the runs.
 Targets: race at least 8x faster than 0.0.6 and at least 30x faster than
 the Manager locks; pair at most 1.15x the raw lockf pair. In shm mode: race
 at least 8x faster than 0.0.6 and at most 2x multiprocessing.Lock's time;
-pair at most 0.30x the raw lockf pair.
+pair at most 0.30x the raw lockf pair, within 2x multiprocessing.Lock's
+acquire() + release(), and a ``with LocksFile(p, mode="shm").write(5):``
+block within 1.5x the seed API's shm pair. Those two are measured as
+peers.py measures its pairs for BENCHMARKS.md (through a peer's lock/unlock
+calls, or one call holding the with block), in this run; the same ratios
+in bare loops are printed for reference.
 """
 
 from __future__ import annotations
@@ -68,6 +73,8 @@ TARGETS = {
     "shm_race_vs_seed_0.0.6": (">=", 8.0),
     "shm_race_over_mp_lock": ("<=", 2.0),
     "shm_pair_vs_lockf": ("<=", 0.30),
+    "shm_pair_over_mp_lock_pair": ("<=", 2.0),
+    "shm_with_write_over_shm_pair": ("<=", 1.5),
 }
 
 
@@ -275,6 +282,59 @@ def _pair_lockf(path):
     return loop, fd
 
 
+def _pair_with_shm(path):
+    from pylocksfile import LocksFile
+
+    lf = LocksFile(path, mode="shm")
+    write = lf.write
+
+    def loop(n):
+        for _ in range(n):
+            with write(PAIR_INDEX):
+                pass
+
+    return loop, lf
+
+
+def _pair_mp_lock(path):
+    lock = mp.get_context("fork").Lock()
+    acquire, release = lock.acquire, lock.release
+
+    def loop(n):
+        for _ in range(n):
+            acquire()
+            release()
+
+    return loop, lock
+
+
+def _via_peers(key):
+    """The pair of peers.py's peer `key`, measured as peers.py (and so
+    BENCHMARKS.md) measures it: through its join object, lock(5) then
+    unlock(5), or pair(5) for the with block."""
+
+    def make(path):
+        import peers  # bench/python/peers.py, next to this file
+
+        peer = peers.PEERS[key](os.path.dirname(path), peers.PAIR_LOCK + 1)
+        j = peer.join()
+        lock, unlock, t = j.lock, j.unlock, peers.PAIR_LOCK
+        pair = getattr(j, "pair", None)
+
+        def loop(n):
+            if pair is None:
+                for _ in range(n):
+                    lock(t)
+                    unlock(t)
+            else:
+                for _ in range(n):
+                    pair(t)
+
+        return loop, (peer, j)
+
+    return make
+
+
 PAIR_PEERS = {
     "ours_seed_api": ("pylocksfile (ours): acquire(writeLock=True, lock_n=5) + release(5)", _pair_ours),
     "ours_seed_api_shm": ("pylocksfile (ours, mode=\"shm\"): acquire(writeLock=True, lock_n=5) + release(5)",
@@ -283,6 +343,12 @@ PAIR_PEERS = {
                        _pair_locksfile),
     "seed_0.0.6": (f"pylocksfile {SEED_VERSION}: acquire(writeLock=True, lock_n=5) + release(5)", _pair_seed),
     "lockf": ("raw fcntl.lockf(fd, LOCK_EX|LOCK_NB, 1, 5) + lockf(fd, LOCK_UN, 1, 5)", _pair_lockf),
+    "ours_with_shm": ("pylocksfile (ours): with LocksFile(path, mode=\"shm\").write(5): pass", _pair_with_shm),
+    "mp_lock": ("multiprocessing.Lock: acquire() + release()", _pair_mp_lock),
+    # As peers.py measures them (BENCHMARKS.md's figures): the targets below.
+    "peers_seed_shm": ("peers.py's pair: seed API, mode=\"shm\"", _via_peers("ours_seed_api_shm")),
+    "peers_mp_lock": ("peers.py's pair: multiprocessing.Lock", _via_peers("mp_lock")),
+    "peers_with_shm": ("peers.py's pair: with lf.write(i), mode=\"shm\"", _via_peers("ours_modern_with_shm")),
 }
 
 
@@ -407,7 +473,11 @@ def report(res):
         ok = res["targets"].get(name)
         state = "n/a" if ok is None else ("met" if ok else "NOT MET")
         shown = "      -  " if v is None else f"{v:8.2f}x"
-        print(f"  {name:24} {shown}   target {op} {bound}x   {state}")
+        print(f"  {name:30} {shown}   target {op} {bound}x   {state}")
+    for name in ("direct_shm_pair_over_mp_lock_pair", "direct_with_write_over_shm_pair"):
+        v = res["ratios"].get(name)
+        if v is not None:
+            print(f"  {name:34} {v:8.2f}x   (bare loops, for reference)")
     lo = res["ratios"].get("race_lockf_vs_seed_0.0.6")
     if lo is not None:
         print(f"  (for scale: raw fcntl.lockf runs this race {lo:.2f}x faster than 0.0.6 here)")
@@ -484,6 +554,11 @@ def main():
         "shm_race_vs_seed_0.0.6": ratio(race_med.get("seed_0.0.6"), race_med["ours_seed_api_shm"]),
         "shm_race_over_mp_lock": ratio(race_med["ours_seed_api_shm"], race_med["mp_lock"]),
         "shm_pair_vs_lockf": ratio(pair_med["ours_seed_api_shm"], pair_med["lockf"]),
+        "shm_pair_over_mp_lock_pair": ratio(pair_med["peers_seed_shm"], pair_med["peers_mp_lock"]),
+        "shm_with_write_over_shm_pair": ratio(pair_med["peers_with_shm"], pair_med["peers_seed_shm"]),
+        # The same two in bare loops (no target: the loop's own calls left out).
+        "direct_shm_pair_over_mp_lock_pair": ratio(pair_med["ours_seed_api_shm"], pair_med["mp_lock"]),
+        "direct_with_write_over_shm_pair": ratio(pair_med["ours_with_shm"], pair_med["ours_seed_api_shm"]),
     }
     res["issue_baseline"] = ISSUE_BASELINE
     res["targets"] = {name: verdict(name, res["ratios"].get(name)) for name in TARGETS}

@@ -460,6 +460,16 @@ def main():
             "%-42s pair %9.2f us   race %s %9.3f s"
             % (r["name"], r["pair_median"] * 1e6, a.shape, r["race_median"])
         )
+    med = {k: results["peers"][k]["pair_median"] for k in keys}
+    results["ratios"] = ratios = {}
+    if med.get("ours_seed_api_shm") and med.get("mp_lock"):
+        ratios["seed_shm_pair_over_mp_lock_pair"] = med["ours_seed_api_shm"] / med["mp_lock"]
+    if med.get("ours_modern_with_shm") and med.get("ours_seed_api_shm"):
+        ratios["with_write_shm_over_seed_shm_pair"] = med["ours_modern_with_shm"] / med["ours_seed_api_shm"]
+    if ratios:
+        print("pair ratios, this run: %s" % ", ".join(
+            "%s %.2fx (target %s)" % (k, v, "<= 2" if k.startswith("seed") else "<= 1.5")
+            for k, v in ratios.items()))
     if a.json:
         with open(a.json, "w") as f:
             json.dump(results, f, indent=1)

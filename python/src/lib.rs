@@ -29,6 +29,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     compat::fastcall::install(&m.py().get_type::<compat::pylocksfile::Pylocksfile>())?;
     m.add_class::<modern::PyLocksFile>()?;
     m.add_class::<modern::PyGuard>()?;
+    modern::install_fastcall(m.py())?;
     m.add_class::<holder::PyHolder>()?;
     m.add_function(wrap_pyfunction!(modern::_shm_table, m)?)?;
     m.add_function(wrap_pyfunction!(modern::_cap_shm_for_tests, m)?)?;

@@ -48,16 +48,29 @@ fn describe(obj: &Bound<'_, PyAny>) -> String {
     format!("{ty} {r}")
 }
 
+/// The span of one index given as a plain `int` (not a subclass) in range:
+/// the hot path of every take, so the span is made by the inlined
+/// `Span::new` (no `Result` carrying an `Error` through a call). `None`
+/// for anything else, which the callers parse the slow way.
+#[inline]
+pub fn plain_index(obj: &Bound<'_, PyAny>) -> Option<Span> {
+    if !obj.is_exact_instance_of::<PyInt>() {
+        return None;
+    }
+    let v = obj.extract::<i64>().ok()?;
+    if v >= 0 && v < INDEX_END as i64 {
+        Span::new(v as u64, v as u64 + 1).ok()
+    } else {
+        None
+    }
+}
+
 /// The original's `lock_n`: an index, or `(start, count)` as a tuple or list.
 pub fn lock_n_span(obj: &Bound<'_, PyAny>) -> PyResult<Span> {
     let py = obj.py();
     // Hot path: a plain int.
-    if obj.is_exact_instance_of::<PyInt>() {
-        if let Ok(v) = obj.extract::<i64>() {
-            if v >= 0 && v < INDEX_END as i64 {
-                return Ok(Span::with_count(v as u64, 1).expect("checked index"));
-            }
-        }
+    if let Some(s) = plain_index(obj) {
+        return Ok(s);
     }
     let pair = if let Ok(t) = obj.cast::<PyTuple>() {
         Some((t.len(), t.get_item(0).ok(), t.get_item(1).ok()))
@@ -172,12 +185,8 @@ fn checked(py: Python<'_>, r: Result<Span, locksfile::Error>) -> PyResult<Span> 
 /// an open stop runs to the end), or a `(start, count)` pair.
 pub fn py_span(obj: &Bound<'_, PyAny>) -> PyResult<Span> {
     let py = obj.py();
-    if obj.is_exact_instance_of::<PyInt>() {
-        if let Ok(v) = obj.extract::<i64>() {
-            if v >= 0 && v < INDEX_END as i64 {
-                return Ok(Span::with_count(v as u64, 1).expect("checked index"));
-            }
-        }
+    if let Some(s) = plain_index(obj) {
+        return Ok(s);
     }
     if let Ok(r) = obj.cast::<PyRange>() {
         let step = r.getattr("step")?;

@@ -13,6 +13,7 @@
 //! at once (`Error::Cancelled`): that is how `close()` and a guard's release
 //! reach a thread asleep in the engine.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -65,6 +66,12 @@ impl Patience {
 #[derive(Default)]
 pub struct Waits {
     live: Mutex<Live>,
+    /// How many waits are registered (changed under `live`'s lock), so
+    /// that ending none, the common case of every guard's release, costs
+    /// a load. A wait registers, then checks the event's state under a
+    /// lock the event's side takes before calling `cancel_all`: either it
+    /// sees the event, or the event's side sees it counted.
+    count: AtomicUsize,
 }
 
 #[derive(Default)]
@@ -86,6 +93,7 @@ impl Waits {
         let id = live.next;
         live.next += 1;
         live.cancels.push((id, cancel.clone()));
+        self.count.store(live.cancels.len(), Ordering::SeqCst);
         Entered {
             waits: self,
             id,
@@ -95,6 +103,9 @@ impl Waits {
 
     /// End every registered wait now (from any thread).
     pub fn cancel_all(&self) {
+        if self.count.load(Ordering::SeqCst) == 0 {
+            return;
+        }
         for (_, c) in &self.live().cancels {
             c.cancel();
         }
@@ -103,7 +114,16 @@ impl Waits {
     /// Forget every registered wait without ending it: in a forked child
     /// they are the parent's threads' waits, which must not be touched.
     pub fn forget_all(&self) {
-        self.live().cancels.clear();
+        let mut live = self.live();
+        live.cancels.clear();
+        self.count.store(0, Ordering::SeqCst);
+    }
+
+    /// Forget every registered wait, with the object to oneself.
+    pub fn clear(&mut self) {
+        let live = self.live.get_mut().unwrap_or_else(|p| p.into_inner());
+        live.cancels.clear();
+        *self.count.get_mut() = 0;
     }
 }
 
@@ -126,6 +146,7 @@ impl Drop for Entered<'_> {
         if let Some(i) = live.cancels.iter().position(|(id, _)| *id == self.id) {
             live.cancels.swap_remove(i);
         }
+        self.waits.count.store(live.cancels.len(), Ordering::SeqCst);
     }
 }
 

@@ -26,10 +26,11 @@ use pyo3::exceptions::PyTypeError;
 use pyo3::ffi;
 use pyo3::panic::PanicException;
 use pyo3::prelude::*;
-use pyo3::types::{PyString, PyTuple, PyType};
+use pyo3::types::{PyString, PyType};
 
 use super::args::{BlockingArg, LockN, WriteLockArg};
 use super::pylocksfile::Pylocksfile;
+use crate::spans::plain_index;
 
 /// `METH_FASTCALL`: in CPython's ABI since 3.7 (limited API headers: 3.10).
 const METH_FASTCALL: c_int = 0x0080;
@@ -40,8 +41,6 @@ type FastWithKeywords = unsafe extern "C" fn(
     ffi::Py_ssize_t,
     *mut ffi::PyObject,
 ) -> *mut ffi::PyObject;
-
-type Body = fn(&Pylocksfile, Python<'_>, &[Option<Borrowed<'_, '_, PyAny>>]) -> PyResult<Py<PyAny>>;
 
 /// Parsed arguments: one slot per parameter, in order.
 const MAX_PARAMS: usize = 3;
@@ -81,27 +80,36 @@ fn add(
     cls.setattr(name, descr)
 }
 
-/// The shared trampoline: GIL token, self, argument slots, panics.
+/// The shared trampoline: GIL token, self, argument slots, panics. Made
+/// once per method (generic and inlined), so that its body is a direct
+/// call rather than one through a pointer.
 ///
 /// # Safety
 /// As the module documentation says of CPython's call.
-unsafe fn call(
+#[inline(always)]
+unsafe fn call<B>(
     slf: *mut ffi::PyObject,
     args: *const *mut ffi::PyObject,
     nargs: ffi::Py_ssize_t,
     kwnames: *mut ffi::PyObject,
     names: &[&'static str],
     interned: &[&Bound<'_, PyString>],
-    body: Body,
-) -> *mut ffi::PyObject {
+    body: B,
+) -> *mut ffi::PyObject
+where
+    B: for<'a, 'py> FnOnce(
+        &Pylocksfile,
+        Python<'py>,
+        &[Option<Borrowed<'a, 'py, PyAny>>],
+    ) -> PyResult<Py<PyAny>>,
+{
     // SAFETY: called by CPython with the GIL held.
     let py = unsafe { Python::assume_attached() };
     let outcome = catch_unwind(AssertUnwindSafe(|| -> PyResult<Py<PyAny>> {
-        // SAFETY: `slf` is a live object for the call.
-        let me = unsafe { Borrowed::from_ptr(py, slf) };
-        let me = me
-            .cast::<Pylocksfile>()
-            .map_err(|_| PyTypeError::new_err("not a pylocksfile"))?;
+        // SAFETY: `slf` is a live object for the call, and an instance of
+        // the class (or a subclass): the method descriptor checked that
+        // before calling (`PyDescr_NewMethod`'s descriptors do).
+        let me = unsafe { Borrowed::from_ptr(py, slf).cast_unchecked::<Pylocksfile>() };
         let nargs = usize::try_from(nargs).unwrap_or(0);
         let mut slots: [Option<Borrowed<'_, '_, PyAny>>; MAX_PARAMS] = [None; MAX_PARAMS];
         let method = names[0];
@@ -118,10 +126,14 @@ unsafe fn call(
         }
         if !kwnames.is_null() {
             // SAFETY: a non-NULL `kwnames` is a tuple of str, borrowed for the call.
-            let kw = unsafe { Borrowed::from_ptr(py, kwnames) };
-            let kw = kw.cast::<PyTuple>().map_err(PyErr::from)?;
-            for (k, name) in kw.iter().enumerate() {
-                let at = match interned.iter().position(|s| name.is(*s)) {
+            // Read with the tuple's own calls (no iterator, no new references).
+            let nkw = usize::try_from(unsafe { ffi::PyTuple_Size(kwnames) }).unwrap_or(0);
+            for k in 0..nkw {
+                // SAFETY: `k` is in range; the item is borrowed from the tuple.
+                let name = unsafe {
+                    Borrowed::from_ptr(py, ffi::PyTuple_GetItem(kwnames, k as ffi::Py_ssize_t))
+                };
+                let at = match interned.iter().position(|s| name.as_ptr() == s.as_ptr()) {
                     Some(at) => at,
                     None => interned
                         .iter()
@@ -212,7 +224,10 @@ unsafe extern "C" fn acquire_raw(
                     None => false,
                 };
                 let span = match a[1] {
-                    Some(v) => v.extract::<LockN>()?,
+                    Some(v) => match plain_index(&v) {
+                        Some(s) => LockN(s),
+                        None => v.extract::<LockN>()?,
+                    },
                     None => LockN::zero(),
                 };
                 let blocking = match a[2] {
@@ -249,7 +264,10 @@ unsafe extern "C" fn release_raw(
             &interned,
             |me, py, a| {
                 let span = match a[0] {
-                    Some(v) if !v.is_none() => Some(v.extract::<LockN>()?.0),
+                    Some(v) if !v.is_none() => match plain_index(&v) {
+                        Some(s) => Some(s),
+                        None => Some(v.extract::<LockN>()?.0),
+                    },
                     _ => None,
                 };
                 me.release(py, span)?;

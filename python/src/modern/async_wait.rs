@@ -101,7 +101,7 @@ impl PyWait {
     fn granted(&self, py: Python<'_>, h: Option<Held>) -> PyResult<Py<PyAny>> {
         let owner = &self.owner;
         match h {
-            Some(h) => Ok(Py::new(py, owner.register(self.span, h)?)?.into_any()),
+            Some(h) => Ok(owner.register(py, self.span, h)?.into_any().unbind()),
             None if owner.closed() => {
                 // `close()` may have released everything before this lock was had.
                 self.lf.release_all().map_err(|e| to_py(py, e))?;
@@ -194,7 +194,7 @@ impl PyWait {
     /// nothing applied).
     fn commit(&self, py: Python<'_>, guard: &Bound<'_, PyGuard>) -> PyResult<()> {
         let cell = &guard.get().cell;
-        if !self.explicit || cell.span != self.span {
+        if !self.explicit || cell.span.get() != self.span {
             return Err(PyRuntimeError::new_err(
                 "commit() takes the guard that wait() of an acquire_async returned",
             ));

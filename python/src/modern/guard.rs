@@ -2,7 +2,7 @@
 //! `LocksFile.close()` reaches it through.
 
 use std::ffi::CString;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use locksfile::{Cancel, Error, Kind, LockFile, ReadGuard, Span, Wait, WriteGuard};
@@ -15,6 +15,7 @@ use crate::mutex::lock_mutex;
 use crate::spans::span_to_range;
 use crate::wait::{with_patience, Waits};
 
+use super::fastcall::GuardCache;
 use super::outcomes::{Refused, GIVE_UP};
 
 /// What a guard holds, and what became of it.
@@ -69,10 +70,39 @@ impl Held {
     }
 }
 
+/// A guard's span, set again when its guard object is reused (see
+/// `GuardCache`: only while nothing else can see the guard).
+pub struct SpanCell {
+    start: AtomicU64,
+    end: AtomicU64,
+}
+
+impl SpanCell {
+    pub fn new(s: Span) -> SpanCell {
+        SpanCell {
+            start: AtomicU64::new(s.start()),
+            end: AtomicU64::new(s.end()),
+        }
+    }
+
+    pub fn get(&self) -> Span {
+        Span::new(
+            self.start.load(Ordering::Relaxed),
+            self.end.load(Ordering::Relaxed),
+        )
+        .expect("a span stored whole")
+    }
+
+    pub fn set(&self, s: Span) {
+        self.start.store(s.start(), Ordering::Relaxed);
+        self.end.store(s.end(), Ordering::Relaxed);
+    }
+}
+
 /// A guard's lock, shared with the `LocksFile` whose `close()` releases it.
 pub struct GuardCell {
     pub held: Mutex<Held>,
-    pub span: Span,
+    pub span: SpanCell,
     /// The process that took it: in a forked child every method refuses
     /// before touching anything, so the parent's locks stay as they are.
     pub born: Born,
@@ -115,20 +145,44 @@ const GUARD_PICKLE: &str = "cannot pickle a Guard: its lock belongs to this proc
 ///
 /// Inherited through ``fork``, every method raises ``ForkedError`` in the
 /// child and never touches the parent's lock.
-#[pyclass(name = "Guard", module = "pylocksfile", frozen, weakref)]
+// `freelist`: a guard object released is kept for the next one rather than
+// freed (a `with lf.write(i):` block makes and frees one).
+#[pyclass(name = "Guard", module = "pylocksfile", frozen, weakref, freelist = 16)]
 pub struct PyGuard {
     pub cell: Arc<GuardCell>,
     /// Entered by a `with` statement, which will release it: collection
     /// then has nothing to warn about.
     entered: AtomicBool,
+    /// Its `LocksFile`'s slot for the last guard released.
+    cache: Arc<GuardCache>,
 }
 
 impl PyGuard {
-    pub fn new(cell: Arc<GuardCell>) -> PyGuard {
+    pub fn new(cell: Arc<GuardCell>, cache: Arc<GuardCache>) -> PyGuard {
         PyGuard {
             cell,
             entered: AtomicBool::new(false),
+            cache,
         }
+    }
+
+    /// Made again for a new lock: `GuardCache::take_unique` handed it over,
+    /// so nothing else sees it.
+    pub(crate) fn refill(&self, span: Span, h: Held) {
+        let old = std::mem::replace(&mut *lock_mutex(&self.cell.held), h);
+        // Released (by this guard, or by `close()`): nothing to unlock.
+        drop(old);
+        self.cell.span.set(span);
+        self.entered.store(false, Ordering::Relaxed);
+    }
+
+    /// Release, then offer the guard to its `LocksFile` for reuse (see
+    /// `GuardCache`: it is reused only if nothing else holds it).
+    pub(crate) fn release_and_keep(slf: &Bound<'_, Self>) -> PyResult<()> {
+        let me = slf.get();
+        me.release_now(slf.py())?;
+        me.cache.keep(slf.clone());
+        Ok(())
     }
 }
 
@@ -136,18 +190,29 @@ impl PyGuard {
 /// `with`, was most likely dropped by mistake (`lf.write(5)` as a bare
 /// statement releases at once): say so with a `ResourceWarning`, as an
 /// unclosed file does. The lock is released right after, as before.
+///
+/// The cell stays in its `LocksFile`'s list for a later guard to reuse, so
+/// the lock it may still hold is taken out of it here, and dropped (released,
+/// or in a forked child left to the parent, as the core's guards do).
 impl Drop for PyGuard {
     fn drop(&mut self) {
-        if self.entered.load(Ordering::Relaxed) || self.cell.born.forked() {
-            return;
+        let held = {
+            let mut slot = lock_mutex(&self.cell.held);
+            if !matches!(&*slot, Held::Read(_) | Held::Write(_)) {
+                return;
+            }
+            std::mem::replace(&mut *slot, Held::Released)
+        };
+        if !self.entered.load(Ordering::Relaxed) && !self.cell.born.forked() {
+            self.warn_unreleased();
         }
-        if !matches!(
-            &*lock_mutex(&self.cell.held),
-            Held::Read(_) | Held::Write(_)
-        ) {
-            return;
-        }
-        let span = self.cell.span;
+        drop(held);
+    }
+}
+
+impl PyGuard {
+    fn warn_unreleased(&self) {
+        let span = self.cell.span.get();
         Python::attach(|py| {
             // Collection may happen while an exception propagates: keep it.
             let pending = PyErr::take(py);
@@ -173,6 +238,19 @@ impl Drop for PyGuard {
 }
 
 impl PyGuard {
+    /// `__enter__`'s work (the method itself is in `fastcall`).
+    pub(crate) fn enter(&self, py: Python<'_>) -> PyResult<()> {
+        self.not_forked(py)?;
+        self.entered.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// `release()` and `__exit__`'s work.
+    pub(crate) fn release_now(&self, py: Python<'_>) -> PyResult<()> {
+        self.not_forked(py)?;
+        self.cell.release(Held::Released).map_err(|e| to_py(py, e))
+    }
+
     fn not_forked(&self, py: Python<'_>) -> PyResult<()> {
         if self.cell.born.forked() {
             return Err(to_py(py, Error::Forked));
@@ -231,7 +309,7 @@ impl PyGuard {
     /// The indices held, as a ``range``.
     #[getter]
     fn span<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        span_to_range(py, self.cell.span)
+        span_to_range(py, self.cell.span.get())
     }
 
     /// ``"shared"`` or ``"exclusive"``; None once released, or once the
@@ -263,9 +341,8 @@ impl PyGuard {
     /// Release the lock now. Releasing twice is harmless. Released while
     /// another thread upgrades it, the guard stays released: that upgrade
     /// fails (``RuntimeError``) and unlocks what it holds when its wait ends.
-    fn release(&self, py: Python<'_>) -> PyResult<()> {
-        self.not_forked(py)?;
-        self.cell.release(Held::Released).map_err(|e| to_py(py, e))
+    fn release(slf: &Bound<'_, Self>) -> PyResult<()> {
+        PyGuard::release_and_keep(slf)
     }
 
     /// Convert a shared lock to exclusive in place (the shared lock is kept
@@ -363,24 +440,22 @@ impl PyGuard {
         Ok(slf.clone())
     }
 
+    // `__enter__` and `__exit__` are replaced by raw methods at import
+    // (`super::fastcall`), which do the same; these give their signatures.
     fn __enter__<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, Self>> {
-        slf.get().not_forked(slf.py())?;
-        slf.get().entered.store(true, Ordering::Relaxed);
+        slf.get().enter(slf.py())?;
         Ok(slf.clone())
     }
 
-    // Three optional parameters rather than `*exc`: no argument tuple to
-    // build on every `with` block's end.
     #[pyo3(signature = (exc_type = None, exc = None, tb = None))]
     fn __exit__(
-        &self,
-        py: Python<'_>,
+        slf: &Bound<'_, Self>,
         exc_type: Option<&Bound<'_, PyAny>>,
         exc: Option<&Bound<'_, PyAny>>,
         tb: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<bool> {
         let _ = (exc_type, exc, tb);
-        self.release(py)?;
+        PyGuard::release_and_keep(slf)?;
         Ok(false)
     }
 
@@ -402,7 +477,7 @@ impl PyGuard {
         drop(held);
         Ok(format!(
             "<Guard {} {state}>",
-            span_to_range(py, self.cell.span)?.repr()?
+            span_to_range(py, self.cell.span.get())?.repr()?
         ))
     }
 }

@@ -14,7 +14,7 @@ use crate::kinds::{kind_and_span, kind_name, parse_kind};
 use crate::modes::parse_mode;
 use crate::mutex::lock_mutex;
 use crate::paths::check_path;
-use crate::spans::{py_span, span_to_range};
+use crate::spans::{plain_index, py_span, span_to_range};
 use crate::wait::Patience;
 use crate::with_block::warn_no_lock;
 
@@ -123,6 +123,9 @@ impl TempFile {
 
 impl Drop for PyLocksFile {
     fn drop(&mut self) {
+        // The kept guard holds the owner's cache: let go of it (collection
+        // runs with the GIL held).
+        Python::attach(|py| self.owner.guard_cache.clear(py));
         self.remove_temp();
     }
 }
@@ -140,28 +143,42 @@ impl PyLocksFile {
     /// The one path of `read`, `write` and their `try_` and `_for` forms:
     /// a guard of `kind` on `span`, waiting as `patience` says; None when
     /// refused with `Refused::Nothing`.
-    fn guard(
+    fn guard<'py>(
         &self,
-        py: Python<'_>,
+        py: Python<'py>,
         span: &Bound<'_, PyAny>,
         kind: Kind,
         patience: Patience,
         refused: Refused,
-    ) -> PyResult<Option<PyGuard>> {
+    ) -> PyResult<Option<Bound<'py, PyGuard>>> {
         let span = py_span(span)?;
         let lf = self.owner.lf_not_forked(py)?;
         self.owner.guard(py, &lf, kind, span, patience, refused)
     }
 
-    /// `read` and `write`: the guard, or the refusal raised.
-    fn guard_or_raise(
+    /// `read(span)` and `write(span)` (no keywords): the guard.
+    pub(crate) fn guard_forever<'py>(
         &self,
-        py: Python<'_>,
+        py: Python<'py>,
+        span: &Bound<'_, PyAny>,
+        kind: Kind,
+    ) -> PyResult<Bound<'py, PyGuard>> {
+        let span = match plain_index(span) {
+            Some(s) => s,
+            None => py_span(span)?,
+        };
+        self.owner.guard_forever(py, kind, span)
+    }
+
+    /// `read` and `write`: the guard, or the refusal raised.
+    pub(crate) fn guard_or_raise<'py>(
+        &self,
+        py: Python<'py>,
         span: &Bound<'_, PyAny>,
         kind: Kind,
         blocking: bool,
         timeout: Option<f64>,
-    ) -> PyResult<PyGuard> {
+    ) -> PyResult<Bound<'py, PyGuard>> {
         let (patience, refused) = Refused::from_args(blocking, timeout)?;
         Ok(self
             .guard(py, span, kind, patience, refused)?
@@ -405,13 +422,13 @@ impl PyLocksFile {
     /// ``blocking=False`` does not wait (the timeout is ignored) and raises
     /// ``WouldBlockError`` when another owner is in the way.
     #[pyo3(signature = (span, *, blocking = true, timeout = None))]
-    fn read(
+    fn read<'py>(
         &self,
-        py: Python<'_>,
+        py: Python<'py>,
         span: &Bound<'_, PyAny>,
         blocking: bool,
         timeout: Option<f64>,
-    ) -> PyResult<PyGuard> {
+    ) -> PyResult<Bound<'py, PyGuard>> {
         self.guard_or_raise(py, span, Kind::Shared, blocking, timeout)
     }
 
@@ -420,40 +437,53 @@ impl PyLocksFile {
     /// ``blocking=False`` does not wait (the timeout is ignored) and raises
     /// ``WouldBlockError`` when another owner is in the way.
     #[pyo3(signature = (span, *, blocking = true, timeout = None))]
-    fn write(
+    fn write<'py>(
         &self,
-        py: Python<'_>,
+        py: Python<'py>,
         span: &Bound<'_, PyAny>,
         blocking: bool,
         timeout: Option<f64>,
-    ) -> PyResult<PyGuard> {
+    ) -> PyResult<Bound<'py, PyGuard>> {
         self.guard_or_raise(py, span, Kind::Exclusive, blocking, timeout)
     }
 
     /// A shared lock on ``span`` if no other owner is in the way, else None.
-    fn try_read(&self, py: Python<'_>, span: &Bound<'_, PyAny>) -> PyResult<Option<PyGuard>> {
+    fn try_read<'py>(
+        &self,
+        py: Python<'py>,
+        span: &Bound<'_, PyAny>,
+    ) -> PyResult<Option<Bound<'py, PyGuard>>> {
         self.guard(py, span, Kind::Shared, Patience::Never, Refused::Nothing)
     }
 
     /// An exclusive lock on ``span`` if no other owner is in the way, else None.
-    fn try_write(&self, py: Python<'_>, span: &Bound<'_, PyAny>) -> PyResult<Option<PyGuard>> {
+    fn try_write<'py>(
+        &self,
+        py: Python<'py>,
+        span: &Bound<'_, PyAny>,
+    ) -> PyResult<Option<Bound<'py, PyGuard>>> {
         self.guard(py, span, Kind::Exclusive, Patience::Never, Refused::Nothing)
     }
 
     /// A shared lock on ``span``, waiting at most ``timeout`` seconds
     /// (``LockTimeout`` after that).
-    fn read_for(&self, py: Python<'_>, span: &Bound<'_, PyAny>, timeout: f64) -> PyResult<PyGuard> {
+    fn read_for<'py>(
+        &self,
+        py: Python<'py>,
+        span: &Bound<'_, PyAny>,
+        timeout: f64,
+    ) -> PyResult<Bound<'py, PyGuard>> {
         self.read(py, span, true, Some(timeout))
     }
 
     /// An exclusive lock on ``span``, waiting at most ``timeout`` seconds
     /// (``LockTimeout`` after that).
-    fn write_for(
+    fn write_for<'py>(
         &self,
-        py: Python<'_>,
+        py: Python<'py>,
         span: &Bound<'_, PyAny>,
         timeout: f64,
-    ) -> PyResult<PyGuard> {
+    ) -> PyResult<Bound<'py, PyGuard>> {
         self.write(py, span, true, Some(timeout))
     }
 

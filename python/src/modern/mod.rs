@@ -7,6 +7,7 @@
 //! asyncio wait), `locks_file` (the Python class), `shm_table`.
 
 mod async_wait;
+mod fastcall;
 mod guard;
 mod locks_file;
 mod outcomes;
@@ -17,6 +18,7 @@ mod stats;
 mod tasks;
 mod thread_owners;
 
+pub use fastcall::install as install_fastcall;
 pub use guard::PyGuard;
 pub use locks_file::PyLocksFile;
 pub use shm_table::{_cap_shm_for_tests, _shm_table};

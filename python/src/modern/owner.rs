@@ -3,7 +3,7 @@
 //! one path every blocking take goes through.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 
 use locksfile::{Cancel, Entered, Error, Kind, LockFile, Party, Span, Threads, Wait};
 use pyo3::prelude::*;
@@ -14,7 +14,8 @@ use crate::mutex::lock_mutex;
 use crate::wait::{with_patience, Patience, Waits};
 use crate::with_block::WithBlocks;
 
-use super::guard::{GuardCell, Held, PyGuard};
+use super::fastcall::GuardCache;
+use super::guard::{GuardCell, Held, PyGuard, SpanCell};
 use super::outcomes::{closed_error, closed_while_waiting, Refused, GIVE_UP};
 use super::tasks::task_party;
 use super::thread_owners::ThreadOwners;
@@ -28,7 +29,11 @@ pub struct Owner {
     /// set under `handle`'s lock, before `close()` ends waits and takes
     /// the guards, whose locks carry it to whoever comes after.
     closed: AtomicBool,
-    guards: Mutex<Vec<Weak<GuardCell>>>,
+    /// The cells of its guards, for `close()`: every live guard's, and
+    /// those of guards already gone, which the next guards reuse (a cell
+    /// only this list holds is reused in place: no allocation per guard).
+    /// So the list is as long as the most guards that lived at once.
+    guards: Mutex<Vec<Arc<GuardCell>>>,
     /// The waits in progress on this object (any thread's), which
     /// `close()` ends.
     pub waits: Waits,
@@ -41,6 +46,8 @@ pub struct Owner {
     pub sharing: Threads,
     /// The with statements open on it, and whether their blocks took a lock.
     pub(crate) with_blocks: WithBlocks,
+    /// The last guard object released, for the next take to reuse.
+    pub guard_cache: Arc<GuardCache>,
 }
 
 impl Owner {
@@ -54,6 +61,7 @@ impl Owner {
             threads,
             sharing,
             with_blocks: WithBlocks::default(),
+            guard_cache: Arc::default(),
         }
     }
 
@@ -103,26 +111,71 @@ impl Owner {
     }
 
     /// Wrap a lock just taken in a guard that `close()` can reach.
-    pub fn register(&self, span: Span, h: Held) -> PyResult<PyGuard> {
-        let cell = Arc::new(GuardCell {
-            held: Mutex::new(h),
-            span,
-            born: self.born,
-            waits: Waits::default(),
-        });
+    ///
+    /// The guard's cell is one of a guard already gone when there is one:
+    /// a cell that only the list holds (`Arc::get_mut` succeeds: no
+    /// `PyGuard` and no call has it, and none can get it but through this
+    /// list, under its lock) is released and refilled in place. A guard
+    /// object kept after its release keeps its cell, which is then never
+    /// reused, so it can never release a newer guard's lock.
+    pub fn register<'py>(
+        &self,
+        py: Python<'py>,
+        span: Span,
+        h: Held,
+    ) -> PyResult<Bound<'py, PyGuard>> {
+        if let Some(g) = self.guard_cache.take_unique(py) {
+            // Its cell is in `guards` already. Filled before `closed` is
+            // read: a `close()` that this read misses takes the list (and
+            // this cell's lock) only after, and releases it.
+            g.get().refill(span, h);
+            if self.closed() {
+                let _ = g.get().cell.release(Held::Closed);
+                return Err(closed_while_waiting());
+            }
+            self.with_blocks.took();
+            return Ok(g);
+        }
         // Under the guards' lock, so `close()` (which closes first,
         // then takes the guards) either sees this guard or we see it closed.
         let mut guards = lock_mutex(&self.guards);
         if self.closed() {
             // Closed by another thread while this one waited.
             drop(guards);
-            let _ = cell.release(Held::Closed);
+            let _ = h.unlock();
             return Err(closed_while_waiting());
         }
-        guards.retain(|w| w.strong_count() > 0);
-        guards.push(Arc::downgrade(&cell));
+        // The most recently made cells first: the last guard released.
+        let free = (0..guards.len())
+            .rev()
+            .find(|&i| Arc::strong_count(&guards[i]) == 1);
+        let cell = match free.and_then(|i| Arc::get_mut(&mut guards[i]).map(|c| (i, c))) {
+            Some((i, c)) => {
+                // Released when its guard went (`PyGuard`'s drop), or by
+                // `close()`: nothing in it to unlock.
+                let slot = c.held.get_mut().unwrap_or_else(|p| p.into_inner());
+                let old = std::mem::replace(slot, h);
+                debug_assert!(matches!(old, Held::Released | Held::Closed));
+                drop(old);
+                c.span.set(span);
+                c.born = self.born;
+                c.waits.clear();
+                Arc::clone(&guards[i])
+            }
+            None => {
+                let c = Arc::new(GuardCell {
+                    held: Mutex::new(h),
+                    span: SpanCell::new(span),
+                    born: self.born,
+                    waits: Waits::default(),
+                });
+                guards.push(Arc::clone(&c));
+                c
+            }
+        };
+        drop(guards);
         self.with_blocks.took();
-        Ok(PyGuard::new(cell))
+        Bound::new(py, PyGuard::new(cell, Arc::clone(&self.guard_cache)))
     }
 
     /// The one path of every blocking take: `take` tried as `patience`
@@ -146,36 +199,76 @@ impl Owner {
     /// A guard of `kind` on `span` through `lf`, waiting as `patience`
     /// says; None when refused with `Refused::Nothing`.
     ///
-    /// The hot path of `with lf.write(i):`. What an uncontended block
-    /// costs, in instructions (callgrind, shm mode, CPython 3.11): about
-    /// 1,700 in `write` (the engine's take about 420, making the guard
-    /// object 260, the registration for `close()` 310, the asyncio task
-    /// check 170, or 450 once `asyncio` is imported, arguments and span
-    /// 280), 620 in `__exit__` (the engine's release 400), about 700 to
-    /// free the guard (a GC object with a weak-reference slot), and about
-    /// 1,500 in CPython's `with` protocol itself (looking up, binding and
-    /// freeing `__enter__` and `__exit__`, as for any context manager
-    /// written in C). A fork check used to be a `getpid(2)` per call,
-    /// three per block: see `crate::forks`. `bench/python/guard_costs.py`
-    /// times each variant side by side.
-    pub fn guard(
+    /// `with lf.write(i):` takes the quicker way, `guard_forever`.
+    pub fn guard<'py>(
         &self,
-        py: Python<'_>,
+        py: Python<'py>,
         lf: &Arc<LockFile>,
         kind: Kind,
         span: Span,
         patience: Patience,
         refused: Refused,
-    ) -> PyResult<Option<PyGuard>> {
+    ) -> PyResult<Option<Bound<'py, PyGuard>>> {
         let outcome = self.take(py, patience, |w, cancel| {
             Held::take(lf, kind, span, w, cancel)
         })?;
         match outcome {
-            Ok(h) => self.register(span, h).map(Some),
+            Ok(h) => self.register(py, span, h).map(Some),
             Err(_) if self.closed() => Err(closed_while_waiting()),
             Err(Error::WouldBlock { .. }) if refused == Refused::Nothing => Ok(None),
             Err(e) => Err(refused.error(py, e)),
         }
+    }
+
+    /// `guard` waiting as long as it takes (`read(i)`, `write(i)`): the
+    /// first try made here without the plumbing of waits, through the
+    /// handle in place (no `Arc` of it cloned for the call); contention (or
+    /// any refusal) goes the general way, which tries again.
+    ///
+    /// The hot path of `with lf.write(i):`. What an uncontended block
+    /// costs, in instructions (callgrind, shm mode, CPython 3.11), about
+    /// 2,600 in all with its loop: about 950 in `write` (the engine's take
+    /// 450, the asyncio check 170 (a miss in `sys.modules`), refilling the
+    /// guard kept from the last block 120, the rest the call and the span),
+    /// about 620 in `__exit__` (the engine's release 400), 200 to look
+    /// `__enter__` and `__exit__` up and let them go (see
+    /// `super::fastcall`: no bound method objects), and the rest in
+    /// CPython's `with` protocol and loop. The guard object and its cell are
+    /// reused (`GuardCache`), so nothing is allocated. A fork check used to
+    /// be a `getpid(2)` per call, three per block: see `crate::forks`.
+    /// `bench/python/guard_costs.py` measures each variant side by side
+    /// (`--callgrind N1,N2` for instructions).
+    pub fn guard_forever<'py>(
+        &self,
+        py: Python<'py>,
+        kind: Kind,
+        span: Span,
+    ) -> PyResult<Bound<'py, PyGuard>> {
+        if self.threads.is_none() {
+            if self.closed() {
+                return Err(closed_error());
+            }
+            if self.born.forked() {
+                return Err(to_py(py, Error::Forked));
+            }
+            let first = {
+                let _as_task = self.as_task(py)?;
+                // Nothing under this lock calls Python.
+                let handle = lock_mutex(&self.handle);
+                match &*handle {
+                    Some(lf) if !self.closed() => {
+                        Held::take(lf, kind, span, Wait::NonBlockingNoHolder, None).ok()
+                    }
+                    _ => None,
+                }
+            };
+            if let Some(h) = first {
+                return self.register(py, span, h);
+            }
+        }
+        let lf = self.lf_not_forked(py)?;
+        let g = self.guard(py, &lf, kind, span, Patience::Forever, Refused::WouldBlock)?;
+        Ok(g.expect("a refusal raises"))
     }
 
     /// `kind` on `span` in the explicit layer of `lf`, waiting as
@@ -227,8 +320,10 @@ impl Owner {
         } else {
             self.waits.cancel_all();
         }
+        // The kept guard holds this cache: let go of it, or neither goes.
+        Python::attach(|py| self.guard_cache.clear(py));
         let guards = std::mem::take(&mut *lock_mutex(&self.guards));
-        for g in guards.iter().filter_map(Weak::upgrade) {
+        for g in guards.iter() {
             if forked {
                 // Mark it closed without unlocking: the locks are the parent's.
                 *lock_mutex(&g.held) = Held::Closed;
