@@ -224,6 +224,17 @@ impl<E: Engine> Owner<E> {
             if let Some(step) = st.holds.one_piece(change) {
                 let (from, to) = step.kinds();
                 if from != to {
+                    // A lowering is recorded before the engine lets go, so
+                    // that whoever gets the lock next finds its hold counted
+                    // (the table's figures are shared); a raise once granted.
+                    let lowers = matches!(
+                        (from, to),
+                        (Some(_), None) | (Some(Kind::Exclusive), Some(Kind::Shared))
+                    );
+                    let noted_first = lowers && st.stats.is_some();
+                    if noted_first {
+                        self.note_step(&mut st, &step);
+                    }
                     let outcome = match to {
                         Some(k) if waits(wait) => self.engine.try_set_before_wait(step.span, k),
                         _ => self.engine.try_set(step.span, to),
@@ -232,7 +243,7 @@ impl<E: Engine> Owner<E> {
                         // Recorded here, where everything it needs is at
                         // hand: nothing more stays live past the commit.
                         Ok(true) => {
-                            if st.stats.is_some() {
+                            if st.stats.is_some() && !noted_first {
                                 self.note_step(&mut st, &step);
                             }
                         }
