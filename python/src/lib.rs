@@ -15,6 +15,7 @@ mod modes;
 mod mutex;
 mod paths;
 mod spans;
+mod trap;
 mod wait;
 mod with_block;
 

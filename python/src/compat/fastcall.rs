@@ -20,17 +20,16 @@
 #![allow(unsafe_code)]
 
 use std::ffi::{c_int, CStr};
-use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use pyo3::exceptions::PyTypeError;
 use pyo3::ffi;
-use pyo3::panic::PanicException;
 use pyo3::prelude::*;
 use pyo3::types::{PyString, PyType};
 
 use super::args::{BlockingArg, LockN, WriteLockArg};
 use super::pylocksfile::Pylocksfile;
 use crate::spans::plain_index;
+use crate::trap::trap;
 
 /// `METH_FASTCALL`: in CPython's ABI since 3.7 (limited API headers: 3.10).
 const METH_FASTCALL: c_int = 0x0080;
@@ -105,7 +104,7 @@ where
 {
     // SAFETY: called by CPython with the GIL held.
     let py = unsafe { Python::assume_attached() };
-    let outcome = catch_unwind(AssertUnwindSafe(|| -> PyResult<Py<PyAny>> {
+    trap(py, || -> PyResult<*mut ffi::PyObject> {
         // SAFETY: `slf` is a live object for the call, and an instance of
         // the class (or a subclass): the method descriptor checked that
         // before calling (`PyDescr_NewMethod`'s descriptors do).
@@ -155,22 +154,8 @@ where
                 slots[at] = Some(unsafe { Borrowed::from_ptr(py, *args.add(nargs + k)) });
             }
         }
-        body(me.get(), py, &slots[..params.len()])
-    }));
-    let err = match outcome {
-        Ok(Ok(obj)) => return obj.into_ptr(),
-        Ok(Err(e)) => e,
-        Err(payload) => {
-            let msg = payload
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| payload.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "panic".into());
-            PanicException::new_err(msg)
-        }
-    };
-    err.restore(py);
-    std::ptr::null_mut()
+        body(me.get(), py, &slots[..params.len()]).map(Py::into_ptr)
+    })
 }
 
 const ACQUIRE_DOC: &CStr = c"acquire($self, writeLock=False, lock_n=0, blocking=True)

@@ -26,18 +26,17 @@
 #![allow(unsafe_code)]
 
 use std::ffi::{c_int, CString};
-use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use locksfile::Kind;
 use pyo3::exceptions::PyTypeError;
 use pyo3::ffi;
-use pyo3::panic::PanicException;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyDict, PyTuple, PyType};
 
 use super::guard::PyGuard;
 use super::locks_file::PyLocksFile;
+use crate::trap::trap;
 
 /// `METH_FASTCALL`: in CPython's ABI since 3.7 (limited API headers: 3.10).
 const METH_FASTCALL: c_int = 0x0080;
@@ -127,25 +126,6 @@ fn add(
         Bound::from_owned_ptr_or_err(py, ffi::PyDescr_NewMethod(cls.as_type_ptr(), def))?
     };
     cls.setattr(name, descr)
-}
-
-/// Run `f`, turning its error or panic into a raised exception (NULL).
-#[inline(always)]
-fn trap(py: Python<'_>, f: impl FnOnce() -> PyResult<*mut ffi::PyObject>) -> *mut ffi::PyObject {
-    let err = match catch_unwind(AssertUnwindSafe(f)) {
-        Ok(Ok(obj)) => return obj,
-        Ok(Err(e)) => e,
-        Err(payload) => {
-            let msg = payload
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| payload.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "panic".into());
-            PanicException::new_err(msg)
-        }
-    };
-    err.restore(py);
-    std::ptr::null_mut()
 }
 
 /// `read`/`write`: `(span)` taken here; anything else by PyO3's method.
