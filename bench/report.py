@@ -155,9 +155,9 @@ def capacity_section(w, cap):
     w("")
     w(
         "The uncontended shm guard pair (`lf.try_write(5)` dropped) of one owner while the table around it "
-        "grows (`benches/capacity.rs`, one run). Held locks: another owner of the same table holds N "
-        "single-index locks on even indices 0, 2, 4, … (none merge), added as N grows, so the table is filled "
-        "once. Owners: N other owners of the table open at once, each holding one lock on an index of its own, "
+        "grows (`benches/capacity.rs`, which `scripts/bench` runs once). Held locks: another owner of the same "
+        "table holds N single-index locks on even indices 0, 2, 4, … (none merge), added as N grows, so the "
+        "table is filled once. Owners: N other owners of the table open at once, each holding one lock on an index of its own, "
         "spread over forked processes (a handle takes a descriptor). Each row also gives the pair against its "
         "figure at the smallest N of the same run (target: within 2×) and against the process-shared "
         "`pthread_rwlock_t` write pair measured in the same run, the floor for a lock between processes."
