@@ -3,6 +3,9 @@
     report.py --criterion DIR --baselines run1,run2,... --race race.json
               --python python.json --out BENCHMARKS.md --plot bench/plot.png
 
+    report.py --criterion DIR --capacity-baselines base --capacity-only
+              (prints the "shm table at scale" section of one capacity run)
+
 Criterion figures: the median estimate of each baseline (one per run of
 the criterion benches), then the median of those. Race and Python figures:
 the medians their harnesses computed over interleaved runs.
@@ -113,6 +116,96 @@ def crit(dirpath, group, bench, baselines):
     return statistics.median(xs) if xs else None
 
 
+# The capacity bench (benches/capacity.rs): its groups, what N counts in
+# each, and the id of its pair rows ("shm guard pair/<N>").
+CAPACITY_GROUPS = (
+    ("held", "capacity_held", "locks held by another owner"),
+    ("owners", "capacity_owners", "other owners of the table"),
+)
+CAPACITY_PAIR = "shm guard pair"
+CAPACITY_FLOOR = "pthread_rwlock_pshared"
+
+
+def load_capacity(dirpath, baselines):
+    """The capacity bench's figures, or None when it was not run (older runs):
+    {"held": {"pair": {N: ns}, "floor": ns}, "owners": {...}}."""
+    cap = {}
+    for key, group, _ in CAPACITY_GROUPS:
+        base = os.path.join(dirpath, group, CAPACITY_PAIR)
+        try:
+            names = os.listdir(base)
+        except OSError:
+            continue
+        pair = {}
+        for name in names:
+            if name.isdigit():
+                x = crit(dirpath, group, "%s/%s" % (CAPACITY_PAIR, name), baselines)
+                if x is not None:
+                    pair[int(name)] = x
+        if pair:
+            cap[key] = {"pair": dict(sorted(pair.items())), "floor": crit(dirpath, group, CAPACITY_FLOOR, baselines)}
+    return cap or None
+
+
+def capacity_section(w, cap):
+    """BENCHMARKS.md's "shm table at scale": the shm pair against held locks
+    and against other owners, each N beside its figure at the smallest N and
+    beside the process-shared rwlock measured in the same run."""
+    w("## shm table at scale")
+    w("")
+    w(
+        "The uncontended shm guard pair (`lf.try_write(5)` dropped) of one owner while the table around it "
+        "grows (`benches/capacity.rs`, which `scripts/bench` runs once). Held locks: another owner of the same "
+        "table holds N single-index locks on even indices 0, 2, 4, … (none merge), added as N grows, so the "
+        "table is filled once. Owners: N other owners of the table open at once, each holding one lock on an index of its own, "
+        "spread over forked processes (a handle takes a descriptor). Each row also gives the pair against its "
+        "figure at the smallest N of the same run (target: within 2×) and against the process-shared "
+        "`pthread_rwlock_t` write pair measured in the same run, the floor for a lock between processes."
+    )
+    w("")
+    for key, _, what in CAPACITY_GROUPS:
+        c = cap.get(key)
+        if not c:
+            continue
+        pair, floor = c["pair"], c["floor"]
+        n1 = min(pair)
+        w(
+            "| %s | shm guard pair | × at %s | × `pthread_rwlock_pshared` (%s) |"
+            % (what, format(n1, ","), fmt_time(floor))
+        )
+        w("|---:|---:|---:|---:|")
+        for n, x in pair.items():
+            w("| %s | %s | %s | %s |" % (format(n, ","), fmt_time(x), fmt_ratio(x, pair[n1]), fmt_ratio(x, floor)))
+        w("")
+    verdict = []
+    for key, _, what in CAPACITY_GROUPS:
+        c = cap.get(key)
+        if not c:
+            continue
+        pair = c["pair"]
+        n1, top = min(pair), max(pair)
+        worst = max(pair, key=lambda n: pair[n])
+        verdict.append(
+            "with %s %s, %s (%s its figure at %s; the slowest row, N = %s, %s: %s)"
+            % (
+                format(top, ","),
+                what,
+                fmt_time(pair[top]),
+                fmt_ratio(pair[top], pair[n1]),
+                format(n1, ","),
+                format(worst, ","),
+                fmt_ratio(pair[worst], pair[n1]),
+                "within 2×" if pair[worst] <= 2 * pair[n1] else "**beyond 2×**",
+            )
+        )
+    if verdict:
+        w(
+            "An uncontended pair is a few atomic instructions on its index's lane word; it walks neither the "
+            "table's records nor its owners: %s." % "; ".join(verdict)
+        )
+        w("")
+
+
 def crit_spread(runs, kind, key):
     """(slowest - fastest) / median of one bench over the runs."""
     xs = runs.get((kind, key)) or []
@@ -198,17 +291,38 @@ def machine():
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--criterion", required=True)
-    ap.add_argument("--baselines", required=True)
-    ap.add_argument("--race", required=True)
-    ap.add_argument("--python", required=True)
+    ap.add_argument("--baselines")
+    ap.add_argument("--race")
+    ap.add_argument("--python")
+    ap.add_argument(
+        "--capacity-baselines",
+        default="capacity",
+        help="the criterion baseline(s) of the capacity bench; its section is left out when absent",
+    )
+    ap.add_argument(
+        "--capacity-only",
+        action="store_true",
+        help="print the capacity section of the criterion results alone, and nothing else",
+    )
     ap.add_argument("--tmpfs", default="")
     ap.add_argument("--load", default="", help="1-minute load averages at the start and the end")
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--plot", required=True)
+    ap.add_argument("--out")
+    ap.add_argument("--plot")
     ap.add_argument("--race-waits", help="locksfile race --json output, one run a line: the lock waits")
     a = ap.parse_args()
-    baselines = a.baselines.split(",")
     cdir = a.criterion
+    cap = load_capacity(cdir, a.capacity_baselines.split(","))
+    if a.capacity_only:
+        if not cap:
+            sys.exit("no capacity results in %s (baselines %s)" % (cdir, a.capacity_baselines))
+        L = []
+        capacity_section(L.append, cap)
+        print("\n".join(L))
+        return
+    missing = [o for o in ("baselines", "race", "python", "out", "plot") if not getattr(a, o)]
+    if missing:
+        ap.error("the full report needs %s" % ", ".join("--" + o for o in missing))
+    baselines = a.baselines.split(",")
 
     with open(a.race) as f:
         race = json.load(f)["races"]
@@ -278,11 +392,16 @@ def main():
     w(
         "It builds the bench crate `crates/locksfile-bench` (peers pinned in `Cargo.lock`), runs its criterion "
         "benches %d time%s (`--save-baseline run1..`; each figure is the median over the runs of criterion's "
-        "median), its race harness (%d interleaved runs per ring), creates `.bench-venv` (pinned peers from "
+        "median)%s, its race harness (%d interleaved runs per ring), creates `.bench-venv` (pinned peers from "
         "`bench/requirements.txt` and this repository's package from `./python`) and `.bench-venv-seed` "
         "(pylocksfile 0.0.6, which has the same import name), runs `bench/python/peers.py`, and writes this "
         "file and `bench/plot.png` with `bench/report.py`."
-        % (len(baselines), "" if len(baselines) == 1 else "s", race_runs)
+        % (
+            len(baselines),
+            "" if len(baselines) == 1 else "s",
+            " and its capacity bench once (`--save-baseline capacity`)" if cap else "",
+            race_runs,
+        )
     )
     w("")
     w("![Race cost per library and pair cost against held locks](bench/plot.png)")
@@ -344,6 +463,9 @@ def main():
             )
         )
     w("")
+
+    if cap:
+        capacity_section(w, cap)
 
     # --- Rust races
     w("## Rust: hand-over-hand races between processes")
@@ -451,7 +573,7 @@ def main():
         if kept:
             f.write("\n" + kept)
 
-    plot(a.plot, pair, held, held_runs, held_ns, ring, ring_q, shapes, peers, pyshape, m, waits)
+    plot(a.plot, pair, held, held_runs, held_ns, ring, ring_q, shapes, peers, pyshape, m, waits, cap)
 
 
 def kept_section(path, heading):
@@ -681,9 +803,10 @@ def shm_reading(w, pair, held, ring, ring_q, shapes, pv):
             "every 50 ms (for a lock on the fast lane, after a nap of up to 5 ms on it), so its locks pass on "
             "within about 50 ms rather than at once as the kernel's do; a deadlock through a fast-lane lock is "
             "found up to 5 ms later. The "
-            "table is a sidecar file `<lock file>-shm` of 4.2 MiB, mapped by every user; it is sparse, "
-            "so only the pages touched take memory (0.5 to 0.9 MiB for a table in use), and it holds at most 1,024 "
-            "owners, 1,024 waiting threads and 65,536 lock pieces at once. It excludes only other shm users: "
+            "table is a sidecar file `<lock file>-shm` of 5.2 GiB, mapped once per process; it is sparse, "
+            "so only the pages touched take memory (a few hundred KiB for a small table, about 600 MB with 10 "
+            "million locks held, given back once they are released), and it holds at most 131,072 owners, "
+            "131,072 waiting threads and 134 million lock pieces at once. It excludes only other shm users: "
             "the kernel's lockers (other programs, `flock(1)`, SQLite) never see its locks, which is why a file "
             "in use by one kind is refused to the other, and network file systems are refused."
         )
@@ -697,7 +820,47 @@ def plain(label):
     return label
 
 
-def plot(path, pair, held, held_runs, held_ns, ring, ring_q, shapes, peers, pyshape, m, waits=None):
+# The capacity panel's lines: held locks and owners told apart by style and
+# marker as well as by name (both are ours, so both are blue); the floors
+# are grey and dotted.
+CAPACITY_LINES = {
+    "held": ("shm pair, N locks held by another owner", dict(linestyle="-", marker="o", markersize=6)),
+    "owners": ("shm pair, N other owners open", dict(linestyle="--", marker="s", markersize=6)),
+}
+
+
+def capacity_panel(ax, cap):
+    """The shm pair against the table's size: both curves on a log x axis,
+    beside the process-shared rwlock's pair of the same run."""
+    floors = []
+    for key, _, _ in CAPACITY_GROUPS:
+        c = cap.get(key)
+        if not c:
+            continue
+        label, style = CAPACITY_LINES[key]
+        xs = list(c["pair"])
+        ax.plot(xs, [c["pair"][n] for n in xs], color=OURS, label=label, **style)
+        if c["floor"]:
+            floors.append(c["floor"])
+    if floors:
+        ax.axhline(
+            statistics.median(floors),
+            color=OTHERS,
+            linestyle=":",
+            linewidth=1.5,
+            label="process-shared pthread_rwlock_t pair (same run)",
+        )
+    top = max(max(c["pair"].values()) for c in cap.values())
+    ax.set_ylim(0, top * 2.2)
+    ax.set_xscale("log")
+    ax.set_xlabel("N: locks held, or other owners of the table (log)")
+    ax.set_ylabel("ns per exclusive guard pair")
+    ax.set_title("Rust: shm pair against the table's size")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+
+
+def plot(path, pair, held, held_runs, held_ns, ring, ring_q, shapes, peers, pyshape, m, waits=None, capacity=None):
     # Here, not at the top: the rest of the report (and its tests) need no matplotlib.
     import matplotlib
 
@@ -705,8 +868,10 @@ def plot(path, pair, held, held_runs, held_ns, ring, ring_q, shapes, peers, pysh
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
-    # The race's wait histograms, when measured, are a third column.
-    fig, axs = plt.subplots(2, 3 if waits else 2, figsize=(21 if waits else 14, 10))
+    # The race's wait histograms, when measured, are a third column; the
+    # shm table at scale, when measured, a last column of one tall panel.
+    cols = 2 + (1 if waits else 0) + (1 if capacity else 0)
+    fig, axs = plt.subplots(2, cols, figsize=(7 * cols, 10))
     pair_names = dict(PAIR_ROWS)
     ring_names = dict(RING_ROWS)
     color = role_color
@@ -837,6 +1002,13 @@ def plot(path, pair, held, held_runs, held_ns, ring, ring_q, shapes, peers, pysh
 
     if waits:
         race_waits.draw(axs[0][2], axs[1][2], waits, color)
+
+    if capacity:
+        # One panel the height of the figure, in place of the column's two.
+        grid = axs[0][cols - 1].get_gridspec()
+        axs[0][cols - 1].remove()
+        axs[1][cols - 1].remove()
+        capacity_panel(fig.add_subplot(grid[:, cols - 1]), capacity)
 
     fig.suptitle(
         "locksfile and its peers — %s, %s cores, Linux %s (%s)"

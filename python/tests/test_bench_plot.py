@@ -329,3 +329,190 @@ def test_plot_with_waits_draws_for_real(tmp_path):
     out = tmp_path / "plot.png"
     report.plot(str(out), *figures(report), race_waits(report, tmp_path))
     assert out.stat().st_size > 10_000
+
+
+# The shm table at scale (benches/capacity.rs): a criterion directory made
+# up in the layout criterion writes, "<group>/<bench>/<N>/<baseline>/".
+CAPACITY = {
+    "capacity_held": {1: 50.0, 1_000: 52.0, 100_000: 55.0, 1_000_000: 60.0, 10_000_000: 75.0},
+    "capacity_owners": {1: 40.0, 100: 41.0, 10_000: 44.0, 100_000: 90.0},
+}
+FLOOR = {"capacity_held": 25.0, "capacity_owners": 20.0}
+
+
+def estimate(path, ns):
+    path.mkdir(parents=True)
+    figures = {"median": {"point_estimate": ns}, "mean": {"point_estimate": ns * 9}}
+    (path / "estimates.json").write_text(json.dumps(figures))
+
+
+def capacity_dir(tmp_path, baseline="capacity"):
+    root = tmp_path / "criterion"
+    for group, rows in CAPACITY.items():
+        for n, ns in rows.items():
+            estimate(root / group / "shm guard pair" / str(n) / baseline, ns)
+            # Another baseline's figure is not this run's.
+            estimate(root / group / "shm guard pair" / str(n) / "other", ns * 100)
+        estimate(root / group / "pthread_rwlock_pshared" / baseline, FLOOR[group])
+        (root / group / "shm guard pair" / "report").mkdir()
+    return root
+
+
+def stand_in_matplotlib(monkeypatch):
+    """A recording matplotlib, as in ``record_plot``: the figure (its
+    ``add_subplot`` returns the same recording axes each time) and what
+    ``subplots`` made."""
+    fig = mock.MagicMock(name="figure")
+    fig.add_subplot.return_value = mock.MagicMock(name="added panel")
+    made = {}
+
+    def subplots(rows, cols, **kw):
+        made["axs"] = [[mock.MagicMock(name="ax%d%d" % (r, c)) for c in range(cols)] for r in range(rows)]
+        made["shape"] = (rows, cols)
+        return fig, made["axs"]
+
+    pyplot = types.ModuleType("matplotlib.pyplot")
+    pyplot.subplots = subplots
+    patches = types.ModuleType("matplotlib.patches")
+    patches.Patch = mock.MagicMock(name="Patch")
+    mpl = types.ModuleType("matplotlib")
+    mpl.use = lambda backend: None
+    mpl.pyplot, mpl.patches = pyplot, patches
+    for name, module in (("matplotlib", mpl), ("matplotlib.pyplot", pyplot), ("matplotlib.patches", patches)):
+        monkeypatch.setitem(sys.modules, name, module)
+    return fig, made
+
+
+def test_capacity_figures_from_criterion(tmp_path):
+    report = load_report()
+    cap = report.load_capacity(str(capacity_dir(tmp_path)), ["capacity"])
+    assert cap["held"]["pair"] == CAPACITY["capacity_held"]
+    assert list(cap["held"]["pair"]) == sorted(CAPACITY["capacity_held"]), "rows in order of N"
+    assert cap["owners"]["pair"] == CAPACITY["capacity_owners"]
+    assert cap["held"]["floor"] == 25.0 and cap["owners"]["floor"] == 20.0
+    # Older runs have no capacity figures: the section is left out.
+    assert report.load_capacity(str(tmp_path / "criterion"), ["run1"]) is None
+    assert report.load_capacity(str(tmp_path / "nowhere"), ["capacity"]) is None
+
+
+def test_capacity_section_rows_and_ratios(tmp_path):
+    report = load_report()
+    cap = report.load_capacity(str(capacity_dir(tmp_path)), ["capacity"])
+    lines = []
+    report.capacity_section(lines.append, cap)
+    assert lines[0] == "## shm table at scale"
+    rows = [l for l in lines if re.match(r"\| [\d,]+ \|", l)]
+    cells = [[c.strip() for c in r.strip("|").split("|")] for r in rows]
+    held_n = ["1", "1,000", "100,000", "1,000,000", "10,000,000"]
+    assert [c[0] for c in cells] == held_n + ["1", "100", "10,000", "100,000"]
+    held = dict((c[0], c[1:]) for c in cells[:5])
+    assert held["10,000,000"] == ["75.0 ns", "1.5×", "3×"]
+    assert held["1"] == ["50.0 ns", "1×", "2×"]
+    owners = dict((c[0], c[1:]) for c in cells[5:])
+    assert owners["100,000"] == ["90.0 ns", "2.25×", "4.5×"]
+    heads = [l for l in lines if l.startswith("| locks held") or l.startswith("| other owners")]
+    assert len(heads) == 2 and "25.0 ns" in heads[0] and "20.0 ns" in heads[1]
+    text = "\n".join(lines)
+    assert "within 2×" in text and "beyond 2×" in text, "the verdict on the 2× target"
+
+
+def full_report(monkeypatch, tmp_path, criterion):
+    """``report.main`` end to end on made-up inputs, matplotlib recorded."""
+    fig, made = stand_in_matplotlib(monkeypatch)
+    report = load_report()
+    # The pairs' and held locks' figures of one run ("run1").
+    for i, (key, _) in enumerate(report.PAIR_ROWS):
+        for kind in ("exclusive", "shared"):
+            estimate(Path(criterion) / ("pair_" + kind) / key / "run1", 100.0 * (i + 1))
+    for lib in ("locksfile_ofd", "fcntl_ofd", "locksfile_shm"):
+        for n in (1, 10, 100, 1000, 10000):
+            estimate(Path(criterion) / "held" / lib / str(n) / "run1", 1000.0 + n)
+    machine = {"cpu": "a CPU", "cores": 2, "kernel": "6.0", "memory": "1 GiB", "rustc": "rustc"}
+    monkeypatch.setattr(report, "machine", lambda: machine)
+    race = tmp_path / "race.json"
+    races = [
+        {"procs": 4, "tracks": 50, "rounds": 100, "ring": k, "median": 0.01, "runs": [0.009, 0.01, 0.011]}
+        for k, _ in report.RING_ROWS
+    ]
+    race.write_text(json.dumps({"races": races}))
+    py = tmp_path / "python.json"
+    peers = {
+        k: {"name": k, "ranges": True, "pair_median": 1e-6, "pair": [1e-6], "race_median": 0.1, "race": [0.1, 0.2]}
+        for k in report.PY_ORDER
+    }
+    py.write_text(json.dumps({"shape": "4/50/100", "versions": {"python": "3"}, "peers": peers}))
+    out = tmp_path / "BENCHMARKS.md"
+    argv = ["report.py", "--criterion", str(criterion), "--baselines", "run1", "--race", str(race)]
+    argv += ["--python", str(py), "--out", str(out), "--plot", str(tmp_path / "plot.png")]
+    monkeypatch.setattr(sys, "argv", argv)
+    report.main()
+    return out.read_text(), made["shape"], fig
+
+
+def test_report_with_and_without_capacity(monkeypatch, tmp_path):
+    # Without the capacity bench's results (an older run): no section, no panel.
+    text, shape, fig = full_report(monkeypatch, tmp_path, tmp_path / "older")
+    assert "shm table at scale" not in text
+    assert shape == (2, 2) and not fig.add_subplot.called
+    # With them: the section, after the held locks' and before the races'.
+    text, shape, fig = full_report(monkeypatch, tmp_path, capacity_dir(tmp_path))
+    assert "\n## shm table at scale\n" in text
+    assert text.index("## Rust: pair cost against locks held") < text.index("## shm table at scale") < text.index(
+        "## Rust: hand-over-hand races"
+    )
+    assert "| 10,000,000 | 75.0 ns | 1.5× | 3× |" in text
+    assert shape == (2, 3) and fig.add_subplot.called
+
+
+def test_capacity_only_prints_the_section(monkeypatch, tmp_path, capsys):
+    report = load_report()
+    criterion = str(capacity_dir(tmp_path, "base"))
+    argv = ["report.py", "--criterion", criterion, "--capacity-baselines", "base", "--capacity-only"]
+    monkeypatch.setattr(sys, "argv", argv)
+    report.main()
+    out = capsys.readouterr().out
+    assert out.startswith("## shm table at scale") and "| 100,000 | 90.0 ns | 2.25× | 4.5× |" in out
+
+
+@pytest.mark.parametrize("with_waits", [False, True])
+def test_capacity_panel_draws_both_curves(monkeypatch, tmp_path, with_waits):
+    fig, made = stand_in_matplotlib(monkeypatch)
+    panel = fig.add_subplot.return_value
+    report = load_report()
+    cap = report.load_capacity(str(capacity_dir(tmp_path)), ["capacity"])
+    waits = race_waits(report, tmp_path) if with_waits else None
+    report.plot(str(tmp_path / "plot.png"), *figures(report), waits, cap)
+
+    cols = 4 if with_waits else 3
+    assert made["shape"] == (2, cols), "the capacity panel is a column of its own"
+    axs = made["axs"]
+    assert axs[0][cols - 1].remove.called and axs[1][cols - 1].remove.called
+    # The panels of before are still drawn where they were.
+    assert axs[0][0].barh.called and axs[0][1].plot.called
+    assert axs[1][0].barh.called and axs[1][1].barh.called
+    if with_waits:
+        assert axs[0][2].plot.called and axs[1][2].barh.called
+    key = title_key(fig)
+    lines = panel.plot.call_args_list
+    assert len(lines) == 2, "both curves, held locks and owners"
+    for c, group in zip(lines, ("capacity_held", "capacity_owners")):
+        xs, ys = c.args
+        assert list(xs) == sorted(CAPACITY[group])
+        assert list(ys) == [CAPACITY[group][n] for n in sorted(CAPACITY[group])]
+        check_colour("locksfile_shm", c.kwargs["color"], key)
+    assert len({(c.kwargs.get("linestyle"), c.kwargs.get("marker")) for c in lines}) == 2, (
+        "the two curves differ only in name"
+    )
+    (floor,) = panel.axhline.call_args_list
+    check_colour("pthread_rwlock_pshared", floor.kwargs["color"], key)
+    (xscale,), _ = panel.set_xscale.call_args
+    assert xscale == "log"
+
+
+def test_plot_with_capacity_draws_for_real(tmp_path):
+    pytest.importorskip("matplotlib", reason="matplotlib is installed for scripts/bench only")
+    report = load_report()
+    cap = report.load_capacity(str(capacity_dir(tmp_path)), ["capacity"])
+    out = tmp_path / "plot.png"
+    report.plot(str(out), *figures(report), race_waits(report, tmp_path), cap)
+    assert out.stat().st_size > 10_000
