@@ -382,6 +382,12 @@ pub struct Ring {
     path: PathBuf,
     sems: Option<Semaphores>,
     rw: Option<SharedRwLocks>,
+    /// The shm ring's table, joined for as long as the ring lives, as the
+    /// other rings' semaphores and rwlocks are made once: otherwise every
+    /// race would set a fresh table up (its last user gone, the next first
+    /// opener resets the sidecar) and fault its pages in from the file
+    /// system while the race runs.
+    _table: Option<LockFile>,
 }
 
 impl Ring {
@@ -397,11 +403,16 @@ impl Ring {
             RingKind::PthreadRwlock => Some(SharedRwLocks::new(tracks)?),
             _ => None,
         };
+        let table = match kind {
+            RingKind::LocksfileShm => Some(LockFile::options().mode(Mode::Shm).open(&path)?),
+            _ => None,
+        };
         Ok(Ring {
             kind,
             path,
             sems,
             rw,
+            _table: table,
         })
     }
 

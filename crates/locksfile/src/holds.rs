@@ -282,7 +282,7 @@ impl Holds {
     /// explicit layer, without making it; `None` sends it the general way.
     /// Only the step's own move reaches the engine, and [`Holds::commit`]
     /// makes it afterwards, so a refused call needs no undo.
-    #[inline]
+    #[inline(always)]
     pub fn one_piece(&self, change: Change) -> Option<Step> {
         let span = change.span();
         let i = self.counts.find(span.start());

@@ -158,10 +158,17 @@ impl<E: Engine> Owner<E> {
 
     /// The mutex, with the fast path closed (a fast hold taken over into
     /// the bookkeeping): what every change of the bookkeeping needs.
+    /// Inline, and the guard made once the path is closed: it then stays
+    /// in registers instead of going through memory around the call.
+    #[inline(always)]
     fn lock_closed(&self) -> Result<Locked<'_, E>, Error> {
-        let mut st = self.lock();
-        self.close_fast(&mut st)?;
-        Ok(st)
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = self.close_fast(&mut st) {
+            // Let go as every guard does (`Locked::drop`).
+            drop(Locked::new(self, st));
+            return Err(e);
+        }
+        Ok(Locked::new(self, st))
     }
 
     /// [`Owner::lock_closed`], or the mutex alone if the fast hold cannot

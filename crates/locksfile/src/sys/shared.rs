@@ -27,6 +27,14 @@ pub(crate) fn map_shared(fd: BorrowedFd<'_>, len: usize) -> io::Result<*mut u8> 
     if p == libc::MAP_FAILED {
         return Err(io::Error::last_os_error());
     }
+    // The table is sparse and its words are found by hash: a fault wants
+    // its one page, never the kernel's read-ahead around it. Without this,
+    // a first touch of a hole in a fresh table on a disk file system (ext4)
+    // reads in and zeroes a large folio, about a millisecond a page, while
+    // the toucher may hold the table's mutex. Advice only: a failure
+    // changes nothing but speed.
+    // SAFETY: the range is the mapping just made.
+    unsafe { libc::madvise(p, len, libc::MADV_RANDOM) };
     Ok(p.cast())
 }
 

@@ -61,6 +61,20 @@ pub(in crate::engine::shm) trait Lanes {
     #[inline(always)]
     fn unlist(&self, s: u32, l: usize) {
         let v = l as u32 + 1;
+        if !mutated("list-remove-by-store") {
+            // A look first, so that the entries of other lanes cost no
+            // locked instruction each (a CAS that fails is one too). A stale
+            // look misses an entry at most; the swaps below then find it.
+            for e in self.fast_list(s) {
+                // AcqRel on success: I7, as below.
+                if e.load(Ordering::Relaxed) == v
+                    && e.compare_exchange(v, 0, Ordering::AcqRel, Ordering::Relaxed)
+                        .is_ok()
+                {
+                    return;
+                }
+            }
+        }
         for e in self.fast_list(s) {
             if mutated("list-remove-by-store") {
                 // As before the fix: a look, then a store.
