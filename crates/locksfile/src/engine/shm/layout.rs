@@ -372,9 +372,20 @@ pub(super) fn overlaps(s: u64, e: u64, t: u64, u: u64) -> bool {
     s < u && t < e
 }
 
+/// Indices whose lanes share a page: a run of them, hashed as one.
+const LANE_RUN: u64 = 4096 / size_of::<u64>() as u64;
+
+/// The hash bucket (and lane) of `index`. Runs of [`LANE_RUN`] consecutive
+/// indices keep their order in one page of lane words, and runs are
+/// scattered by a multiplicative hash: the indices a program uses are
+/// mostly neighbours, and a page fault or TLB entry per index would cost
+/// more than the lock (the lanes span 128 MiB, sparse); strides, even of a
+/// run's length, still meet distinct buckets.
 pub(super) fn bucket(index: u64) -> usize {
-    (index.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - BUCKETS.trailing_zeros())) as usize
-        % BUCKETS
+    let runs = BUCKETS as u64 / LANE_RUN;
+    let run =
+        (index / LANE_RUN).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - runs.trailing_zeros());
+    ((run % runs) * LANE_RUN + index % LANE_RUN) as usize
 }
 
 // ---- the fast lane ----
