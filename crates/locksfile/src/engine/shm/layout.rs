@@ -375,17 +375,24 @@ pub(super) fn overlaps(s: u64, e: u64, t: u64, u: u64) -> bool {
 /// Indices whose lanes share a page: a run of them, hashed as one.
 const LANE_RUN: u64 = 4096 / size_of::<u64>() as u64;
 
-/// The hash bucket (and lane) of `index`. Runs of [`LANE_RUN`] consecutive
-/// indices keep their order in one page of lane words, and runs are
-/// scattered by a multiplicative hash: the indices a program uses are
-/// mostly neighbours, and a page fault or TLB entry per index would cost
-/// more than the lock (the lanes span 128 MiB, sparse); strides, even of a
+/// The hash bucket (and lane) of `index`. A run of [`LANE_RUN`]
+/// consecutive indices has its lanes in one page, the runs scattered by a
+/// multiplicative hash: the indices a program uses are mostly neighbours,
+/// and a page fault or TLB entry per index would cost more than the lock
+/// (the lanes span 128 MiB, sparse). Within the page, neighbours are two
+/// cache lines apart (never in one line, nor in the pair of lines a CPU
+/// fetches together), so that processes taking neighbouring indices, as
+/// hand over hand, do not pull one line between them. Strides, even of a
 /// run's length, still meet distinct buckets.
 pub(super) fn bucket(index: u64) -> usize {
     let runs = BUCKETS as u64 / LANE_RUN;
     let run =
         (index / LANE_RUN).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - runs.trailing_zeros());
-    ((run % runs) * LANE_RUN + index % LANE_RUN) as usize
+    let o = index % LANE_RUN;
+    // 64 lines of 8 lanes: offset `o` goes to line 2(o mod 32) + (o / 32
+    // mod 2), a one-to-one map of `o mod 64` onto the lines.
+    let line = (o % 32) * 2 + (o / 32) % 2;
+    ((run % runs) * LANE_RUN + line * 8 + o / 64) as usize
 }
 
 // ---- the fast lane ----
@@ -470,6 +477,28 @@ mod tests {
     use std::sync::atomic::AtomicU32;
 
     use super::*;
+
+    /// A run of indices fills its page of lanes one to one, neighbours
+    /// never in one pair of cache lines; runs land apart.
+    #[test]
+    fn neighbours_share_a_page_and_no_line() {
+        for base in [0u64, LANE_RUN, 7 * LANE_RUN, 1 << 40] {
+            let lanes: Vec<usize> = (base..base + LANE_RUN).map(bucket).collect();
+            let page = lanes[0] / LANE_RUN as usize;
+            assert!(lanes.iter().all(|&l| l / LANE_RUN as usize == page));
+            let mut seen = lanes.clone();
+            seen.sort_unstable();
+            seen.dedup();
+            assert_eq!(seen.len(), LANE_RUN as usize, "one to one");
+            for w in lanes.windows(2) {
+                assert_ne!(w[0] * 8 / 128, w[1] * 8 / 128, "neighbours in one line pair");
+            }
+        }
+        let pages: std::collections::HashSet<usize> = (0..1000u64)
+            .map(|r| bucket(r * LANE_RUN) / LANE_RUN as usize)
+            .collect();
+        assert!(pages.len() > 950, "runs crowd into {} pages", pages.len());
+    }
 
     /// The diagrams in this file's header, read back: each offset there is
     /// the real one.
