@@ -485,7 +485,9 @@ impl TableLock<'_> {
         if h.free_count as usize != RECORDS || (h.fresh as usize) < SHRINK_AT {
             return;
         }
-        let used = super::layout::align(h.fresh as usize * size_of::<Rec>());
+        // Checked by `recheck` already; clamped again, as what is given
+        // back must never reach past the records.
+        let used = super::layout::align((h.fresh as usize).min(RECORDS) * size_of::<Rec>());
         // First forget them: every record fresh again, as after a crash
         // here (a fresh record is written whole before use).
         h.fresh = 0;
