@@ -491,7 +491,11 @@ mod tests {
             seen.dedup();
             assert_eq!(seen.len(), LANE_RUN as usize, "one to one");
             for w in lanes.windows(2) {
-                assert_ne!(w[0] * 8 / 128, w[1] * 8 / 128, "neighbours in one line pair");
+                assert_ne!(
+                    w[0] * 8 / 128,
+                    w[1] * 8 / 128,
+                    "neighbours in one line pair"
+                );
             }
         }
         let pages: std::collections::HashSet<usize> = (0..1000u64)
