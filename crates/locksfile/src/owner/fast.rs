@@ -46,9 +46,11 @@
 //!   the fields and its engine call. The take-over then makes the new
 //!   take's word a record, its CAS fails on the new word, and it looks
 //!   again; the new take, if its engine call was cut short by that,
-//!   goes the usual way, which finds the record. The engine holds more
-//!   than the bookkeeping says only in between, which delays other owners
-//!   at most.
+//!   goes the usual way, which raises afresh. The engine may then hold
+//!   more than the bookkeeping says (the record of a word its take gave
+//!   up): once the word is closed, the mutex holder sets each span it
+//!   raced on to what the bookkeeping says (`put_right`), so that the
+//!   excess lasts only in between and delays other owners at most.
 
 use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
 
@@ -235,6 +237,32 @@ impl<E: Engine> Owner<E> {
     /// taken over into the bookkeeping. On an error (the engine could not
     /// take the hold over) the path stays as it was.
     pub(super) fn close_fast(&self, st: &mut State) -> Result<(), Error> {
+        // Spans a take-over went to the engine for and then found the hold
+        // gone or replaced (F4): put right once the word is closed.
+        let mut raced: Vec<Span> = Vec::new();
+        let r = self.close_fast_noting(st, &mut raced);
+        if r.is_ok() {
+            self.put_right(st, &raced);
+        }
+        r
+    }
+
+    /// After a take-over raced a release and a new take (F4), the engine
+    /// may hold an index the bookkeeping does not, or more strongly: the
+    /// take-over made a record of a word its caller then gave up. With the
+    /// word closed and the mutex held no fast call runs, and the
+    /// bookkeeping is the truth: each such span is set to what it says (a
+    /// lowering, never refused). A take cut short goes the usual way once
+    /// the mutex is free, and raises afresh.
+    #[cold]
+    fn put_right(&self, st: &State, raced: &[Span]) {
+        for &span in raced {
+            let want = st.holds.effective(span).first().and_then(|&(_, k)| k);
+            let _ = self.engine.try_set(span, want);
+        }
+    }
+
+    fn close_fast_noting(&self, st: &mut State, raced: &mut Vec<Span>) -> Result<(), Error> {
         let f = &self.fast;
         let mut spins = 0;
         loop {
@@ -263,6 +291,7 @@ impl<E: Engine> Owner<E> {
                     };
                     // F3.
                     if !self.engine.fast_take_over(span, kind)? {
+                        raced.push(span);
                         // Let go meanwhile: its store is a step away.
                         let since = std::time::Instant::now();
                         while f.word.load(Ordering::Acquire) == w {
@@ -284,6 +313,7 @@ impl<E: Engine> Owner<E> {
                         .is_err()
                     {
                         // F4: a new hold; look again.
+                        raced.push(span);
                         continue;
                     }
                     let party = Party::from_id(party);
