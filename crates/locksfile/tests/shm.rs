@@ -995,3 +995,37 @@ fn fuse_mount_refused() {
     // Nothing was created beside it.
     assert!(!src.path().join("data.lock-shm").exists());
 }
+
+/// A long span is checked against every record in its way, however many
+/// lists the search walks: records of more than one index (listed in the
+/// coarse list and again in their owner's list) ahead of another owner's
+/// one lock in the way must not end the search before it.
+#[test]
+fn a_long_span_meets_a_lock_behind_many_records() {
+    let _s = serial();
+    let (_dir, path) = lock_path();
+    let a = shm(&path);
+    let b = shm(&path);
+    let c = shm(&path);
+    for k in 0..5u64 {
+        a.acquire(
+            Kind::Shared,
+            1000 + 10 * k..1002 + 10 * k,
+            Wait::NonBlocking,
+        )
+        .unwrap();
+    }
+    b.acquire(Kind::Exclusive, 500u64, Wait::NonBlocking)
+        .unwrap();
+    assert!(
+        matches!(
+            c.acquire(Kind::Shared, 0..200_000u64, Wait::NonBlocking),
+            Err(Error::WouldBlock { .. })
+        ),
+        "a shared span over another owner's exclusive lock was granted"
+    );
+    assert!(c.held().is_empty());
+    drop(b);
+    c.acquire(Kind::Shared, 0..200_000u64, Wait::NonBlocking)
+        .unwrap();
+}

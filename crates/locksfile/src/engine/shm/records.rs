@@ -158,9 +158,12 @@ impl TableLock<'_> {
                 && overlaps(s, e, r.start, r.end)
                 && conflict(kind, r.kind)
         };
-        let mut steps = 0;
+        // Each walk is bounded by the records ever used (one list holds
+        // each at most once); a bound shared by several walks would end a
+        // later one early and miss a record in the way.
         if h.coarse_count > 0 {
             let mut at = h.coarse_head;
+            let mut steps = 0;
             while at != NIL && steps < self.walk_limit() {
                 if hit(self.rec(at)) {
                     return Some(at);
@@ -172,6 +175,7 @@ impl TableLock<'_> {
         if e - s <= FINE_SCAN {
             for i in s..e {
                 let mut at = self.head(bucket(i));
+                let mut steps = 0;
                 while at != NIL && steps < self.walk_limit() {
                     let r = self.rec(at);
                     if r.start == i && hit(r) {
@@ -190,6 +194,7 @@ impl TableLock<'_> {
                 continue;
             }
             let mut at = slot.head;
+            let mut steps = 0;
             while at != NIL && steps < self.walk_limit() {
                 let r = self.rec(at);
                 if hit(r) {
@@ -328,10 +333,11 @@ impl TableLock<'_> {
     /// through the owner's own list.
     pub(super) fn mine_near(&self, me: u32, lo: u64, hi: u64, out: &mut Near) {
         let slot = self.slot(me as usize);
-        let mut steps = 0;
+        // One bound per walk (see `conflicting_record`).
         if slot.records > 16 && hi - lo <= FINE_SCAN + 2 {
             for i in lo..hi {
                 let mut at = self.head(bucket(i));
+                let mut steps = 0;
                 while at != NIL && steps < self.walk_limit() {
                     let r = self.rec(at);
                     if r.owner == me + 1 && r.start == i {
@@ -342,7 +348,8 @@ impl TableLock<'_> {
                 }
             }
             let mut at = self.header().coarse_head;
-            while at != NIL && steps < 2 * self.walk_limit() {
+            let mut steps = 0;
+            while at != NIL && steps < self.walk_limit() {
                 let r = self.rec(at);
                 if r.owner == me + 1 && overlaps(lo, hi, r.start, r.end) {
                     out.push(at);
@@ -353,6 +360,7 @@ impl TableLock<'_> {
             return;
         }
         let mut at = slot.head;
+        let mut steps = 0;
         while at != NIL && steps < self.walk_limit() {
             let r = self.rec(at);
             if overlaps(lo, hi, r.start, r.end) {
