@@ -379,13 +379,14 @@ impl TableLock<'_> {
             let found = near.iter().map(|at| *self.rec(at)).find(|r| r.kind == kind);
             found.map(|r| (r.start, r.end))
         };
-        for _ in 0..self.walk_limit() {
+        // Each step crosses a record or one of the owner's fast holds.
+        for _ in 0..self.walk_limit() + FAST_HOLDS {
             match s.checked_sub(1).and_then(holds_at) {
                 Some((t, _)) => s = t,
                 None => break,
             }
         }
-        for _ in 0..self.walk_limit() {
+        for _ in 0..self.walk_limit() + FAST_HOLDS {
             match (e < INDEX_END).then(|| holds_at(e)).flatten() {
                 Some((_, u)) => e = u,
                 None => break,
