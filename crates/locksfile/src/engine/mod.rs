@@ -227,7 +227,10 @@ pub(crate) trait Engine: Send + Sync {
     /// owner that holds nothing else there; `false`: not granted this way
     /// (the caller goes the usual way, [`Engine::try_set`], which also
     /// finds whatever the engine made of a word it took away meanwhile).
-    /// Only called when [`Engine::fast_lane`] says so.
+    /// Only called when [`Engine::fast_lane`] says so, one call at a time
+    /// per owner and while no other call of the owner runs (the owner's
+    /// fast path, `owner/fast.rs`, F1 and F4), and the hold it takes goes
+    /// only by [`Engine::fast_release`] or [`Engine::fast_take_over`].
     #[inline(always)]
     fn fast_take(&self, span: Span, kind: Kind) -> bool {
         let _ = (span, kind);

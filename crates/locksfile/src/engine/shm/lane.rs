@@ -539,7 +539,7 @@ impl Shm {
             // I8: acted on by CAS alone.
             let w = lane.load(Ordering::Acquire);
             if w == LANE_EMPTY {
-                return Ok(self.fast_raise(span, kind));
+                return Ok(self.fast_raise(span, kind, false));
             }
             if !self.fast_in_way(w, i, kind) {
                 return Ok(false);
@@ -581,11 +581,14 @@ impl Shm {
 }
 
 impl Shm {
-    /// Take one index on the fast lane: three atomic instructions, no
-    /// mutex. `false`: not granted this way (the lane is not empty, or the
-    /// gate is closed); the caller takes the mutex.
+    /// Take one index on the fast lane: two atomic instructions (the list
+    /// entry and the word), or one when `keep` finds the kept entry
+    /// listing the lane already ([`KEPT`]); no mutex. `keep` is for the
+    /// owner's fast path alone, whose calls come one at a time. `false`:
+    /// not granted this way (the lane is not empty, or the gate is
+    /// closed); the caller takes the mutex.
     #[inline(always)]
-    pub(super) fn fast_raise(&self, span: Span, kind: Kind) -> bool {
+    pub(super) fn fast_raise(&self, span: Span, kind: Kind, keep: bool) -> bool {
         let Some((i, l)) = lane_of(span) else {
             return false;
         };
@@ -593,20 +596,21 @@ impl Shm {
         if self.has_deferred.load(Ordering::Relaxed) {
             return false;
         }
-        take(&**self.map, self.slot, i, l, code(kind))
+        take(&**self.map, self.slot, i, l, code(kind), keep)
     }
 
     /// The second half of [`Shm::fast_raise`]: word `w` is in lane `l` (and
     /// listed); whether it is granted.
     #[cfg(test)]
     pub(super) fn confirm_fast(&self, l: usize, w: u64) -> bool {
-        confirm(&**self.map, self.slot, l, w)
+        confirm(&**self.map, self.slot, l, w, false)
     }
 
-    /// Let go of one index held on the fast lane. `false`: it is not (the
-    /// table has taken the hold over, or it was never fast).
+    /// Let go of one index held on the fast lane (taken with `keep` as
+    /// [`Shm::fast_raise`] says). `false`: it is not (the table has taken
+    /// the hold over, or it was never fast).
     #[inline(always)]
-    pub(super) fn fast_lower(&self, span: Span) -> bool {
+    pub(super) fn fast_lower(&self, span: Span, keep: bool) -> bool {
         let Some((i, l)) = lane_of(span) else {
             return false;
         };
@@ -614,7 +618,7 @@ impl Shm {
         if self.has_deferred.load(Ordering::Relaxed) {
             return false;
         }
-        let_go(&**self.map, self.slot, i, l)
+        let_go(&**self.map, self.slot, i, l, keep)
     }
 }
 

@@ -501,7 +501,7 @@ impl Shm {
     fn try_set_inner(&self, span: Span, kind: Option<Kind>) -> Result<bool, Error> {
         match kind {
             None => {
-                if self.fast_lower(span) {
+                if self.fast_lower(span, false) {
                     return Ok(true);
                 }
                 let mut g = self.lock()?;
@@ -509,13 +509,13 @@ impl Shm {
                 self.lower(&mut g, span.start(), span.end(), 0);
                 Ok(true)
             }
-            Some(k) if self.fast_raise(span, k) => Ok(true),
+            Some(k) if self.fast_raise(span, k, false) => Ok(true),
             Some(k) => self.raise(span, k, true),
         }
     }
 
     fn try_set_before_wait_inner(&self, span: Span, kind: Kind) -> Result<bool, Error> {
-        if self.fast_raise(span, kind) {
+        if self.fast_raise(span, kind, false) {
             return Ok(true);
         }
         // Another owner's fast hold on this very index: refused without
@@ -627,13 +627,14 @@ impl Engine for Shm {
     // slot that are in range by construction, so it notes nothing corrupt
     // (a word written over fails the CAS, and the usual way finds it).
     #[inline(always)]
+    // The owner's fast path keeps its list entry from pair to pair.
     fn fast_take(&self, span: Span, kind: Kind) -> bool {
-        self.fast_raise(span, kind)
+        self.fast_raise(span, kind, true)
     }
 
     #[inline(always)]
     fn fast_release(&self, span: Span) -> bool {
-        self.fast_lower(span)
+        self.fast_lower(span, true)
     }
 
     fn fast_take_over(&self, span: Span, kind: Kind) -> Result<bool, Error> {

@@ -13,7 +13,7 @@ use crate::span::Span;
 use crate::sys;
 
 use super::deadlock::topo_sort;
-use super::lane::LANE_NAP;
+use super::lane::{KEPT, LANE_NAP};
 use super::layout::{
     bucket, fast_word, lane_owner, EXCLUSIVE, LANE_EMPTY, LANE_MOVING, LANE_SLOW, LANE_WAITING,
     SHARED,
@@ -186,7 +186,7 @@ fn the_fast_lane_gives_way_to_the_table_and_comes_back() {
     assert_eq!(lane_of(&a, 5), LANE_SLOW);
     a.lock().unwrap().verify(a.fd()).unwrap();
     // Its release goes through the mutex, and gives the lane back.
-    assert!(!a.fast_lower(one(5)));
+    assert!(!a.fast_lower(one(5), false));
     assert!(a.try_set(one(5), None).unwrap());
     assert_eq!(lane_of(&a, 5), LANE_EMPTY);
     assert!(
@@ -199,7 +199,7 @@ fn the_fast_lane_gives_way_to_the_table_and_comes_back() {
     // Shared over 0..10 closes the gate: no fast hold meanwhile, and the
     // slow way refuses what it covers.
     assert!(
-        !a.fast_raise(one(20), Kind::Exclusive),
+        !a.fast_raise(one(20), Kind::Exclusive, false),
         "the gate is closed"
     );
     assert!(!a.try_set(one(5), Some(Kind::Exclusive)).unwrap());
@@ -208,7 +208,7 @@ fn the_fast_lane_gives_way_to_the_table_and_comes_back() {
     assert!(a.try_set(one(20), None).unwrap());
     a.lock().unwrap().verify(a.fd()).unwrap();
     assert_eq!(b.map.gate().load(Ordering::SeqCst), 0, "open again");
-    assert!(a.fast_raise(one(20), Kind::Shared));
+    assert!(a.fast_raise(one(20), Kind::Shared, false));
 }
 
 #[test]
@@ -453,4 +453,63 @@ fn this_file_system_is_local() {
     let f = std::fs::File::create(dir.path().join("x")).unwrap();
     let t = sys::fs_type(f.as_fd()).unwrap();
     assert_eq!(network_fs(t), None, "{t:#x}");
+}
+
+/// The lanes an owner's fast list names, entry by entry (0: none).
+fn list_of(shm: &Shm) -> Vec<u32> {
+    shm.map
+        .fast_list(shm.slot)
+        .iter()
+        .map(|e| e.load(Ordering::SeqCst))
+        .collect()
+}
+
+#[test]
+fn the_kept_entry_follows_the_fast_path_and_is_seen_by_wide_requests() {
+    let (_dir, [a, b]) = handles();
+    let wide = Span::new(0, 1000).unwrap();
+    // A pair kept: the entry stays, naming lane 5's bucket; no other entry.
+    assert!(a.fast_raise(one(5), Kind::Shared, true));
+    assert!(a.fast_lower(one(5), true));
+    let kept = bucket(5) as u32 + 1;
+    assert_eq!(list_of(&a)[KEPT], kept);
+    assert_eq!(list_of(&a).iter().filter(|&&v| v != 0).count(), 1);
+    // Again on 5: nothing new is listed.
+    assert!(a.fast_raise(one(5), Kind::Exclusive, true));
+    assert_eq!(list_of(&a).iter().filter(|&&v| v != 0).count(), 1);
+    assert!(a.fast_lower(one(5), true));
+    // On 7: the kept entry moves there, and a wide request (scanning the
+    // lists, as it spans more than a fine scan) sees the hold.
+    assert!(a.fast_raise(one(7), Kind::Exclusive, true));
+    assert_eq!(list_of(&a)[KEPT], bucket(7) as u32 + 1);
+    assert_eq!(list_of(&a).iter().filter(|&&v| v != 0).count(), 1);
+    assert!(!b.try_set(wide, Some(Kind::Shared)).unwrap());
+    // The wide request took the word over as a record: struck off, and
+    // the release goes through the table.
+    assert_eq!(list_of(&a)[KEPT], 0);
+    assert!(!a.fast_lower(one(7), true));
+    assert!(a.try_set(one(7), None).unwrap());
+    assert!(b.try_set(wide, Some(Kind::Shared)).unwrap());
+    assert!(b.try_set(wide, None).unwrap());
+    // A word still in the lane the kept entry names keeps its entry: the
+    // next lane is listed beside it, and both are seen.
+    assert!(a.fast_raise(one(5), Kind::Exclusive, true));
+    assert!(a.fast_raise(one(9), Kind::Exclusive, true));
+    assert_eq!(list_of(&a)[KEPT], kept);
+    assert!(list_of(&a).contains(&(bucket(9) as u32 + 1)));
+    let h = b.probe(wide, Kind::Shared).unwrap().expect("held");
+    assert!(h.span == one(5) || h.span == one(9), "{:?}", h.span);
+    assert!(!b.try_set(one(5), Some(Kind::Shared)).unwrap());
+    assert!(!b.try_set(one(9), Some(Kind::Shared)).unwrap());
+    a.lock().unwrap().verify(a.fd()).unwrap();
+    // The usual way's own entries are struck off when their words go,
+    // before the kept one.
+    assert!(a.try_set(Span::ALL, None).unwrap());
+    assert!(a.fast_raise(one(11), Kind::Shared, false));
+    assert!(a.fast_lower(one(11), false));
+    assert_eq!(
+        list_of(&a)[KEPT + 1..].iter().filter(|&&v| v != 0).count(),
+        0
+    );
+    a.lock().unwrap().verify(a.fd()).unwrap();
 }

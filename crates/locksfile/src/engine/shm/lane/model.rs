@@ -4,8 +4,8 @@
 //! bounded search explores up to `LOOM_MAX_PREEMPTIONS`.
 //!
 //! What runs is the real code of everything done to the words without the
-//! mutex (`take`, `confirm`, `empty`, `let_go`, `in_way`, `mark`, the
-//! lists' `unlist`) and of every step the mutex holder takes on them
+//! mutex (`take`, `confirm`, `empty`, `let_go`, with and without the kept
+//! entry, `in_way`, `mark`, the lists' `unlist`) and of every step the mutex holder takes on them
 //! (`close_gate`, `open_gate`, `scan`, `listed`, `swap_word`, `adopted`,
 //! `give_back`), over `loom`'s atomics. The mutex side around those steps
 //! (`adopt`, `enter_lane`, `adopt_range` lane by lane and through the
@@ -284,12 +284,22 @@ impl World {
 
     /// `try_set` raising one index: the fast lane, else the table.
     fn take_one(&self, o: u32, i: u64, kind: u32) -> bool {
-        take(self, o, i, i as usize, kind) || self.lock().raise(o, i, i + 1, kind)
+        self.take_one_keeping(o, i, kind, false)
     }
 
     /// `try_set` letting one index go: the fast lane, else the table.
     fn let_go_one(&self, o: u32, i: u64) {
-        if !let_go(self, o, i, i as usize) {
+        self.let_go_one_keeping(o, i, false)
+    }
+
+    /// As `take_one`; `keep`: as the owner's fast path takes, through its
+    /// kept entry.
+    fn take_one_keeping(&self, o: u32, i: u64, kind: u32, keep: bool) -> bool {
+        take(self, o, i, i as usize, kind, keep) || self.lock().raise(o, i, i + 1, kind)
+    }
+
+    fn let_go_one_keeping(&self, o: u32, i: u64, keep: bool) {
+        if !let_go(self, o, i, i as usize, keep) {
             self.lock().lower(o, i, i + 1, 0);
         }
     }
@@ -301,7 +311,7 @@ impl World {
         loop {
             let w = Word::load(&self.lanes[l], Acquire);
             if w == LANE_EMPTY {
-                if take(self, o, i, l, kind) {
+                if take(self, o, i, l, kind, false) {
                     return true;
                 }
                 break;

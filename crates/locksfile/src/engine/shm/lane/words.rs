@@ -57,7 +57,9 @@ pub(in crate::engine::shm) trait Lanes {
     /// takes one entry of that lane off by a swap, never by a store over
     /// whatever an entry holds by then: threads of one owner list and
     /// strike off at once, and an entry struck off by another may already
-    /// list a new lane.
+    /// list a new lane. From the end: when the kept entry ([`KEPT`]) names
+    /// the lane too, the entry of the word's own listing goes first, so
+    /// that no entry outlives its word unseen by the one that keeps it.
     #[inline(always)]
     fn unlist(&self, s: u32, l: usize) {
         let v = l as u32 + 1;
@@ -65,7 +67,7 @@ pub(in crate::engine::shm) trait Lanes {
             // A look first, so that the entries of other lanes cost no
             // locked instruction each (a CAS that fails is one too). A stale
             // look misses an entry at most; the swaps below then find it.
-            for e in self.fast_list(s) {
+            for e in self.fast_list(s).iter().rev() {
                 // AcqRel on success: I7, as below.
                 if e.load(Ordering::Relaxed) == v
                     && e.compare_exchange(v, 0, Ordering::AcqRel, Ordering::Relaxed)
@@ -75,7 +77,7 @@ pub(in crate::engine::shm) trait Lanes {
                 }
             }
         }
-        for e in self.fast_list(s) {
+        for e in self.fast_list(s).iter().rev() {
             if mutated("list-remove-by-store") {
                 // As before the fix: a look, then a store.
                 if e.load(Ordering::Relaxed) == v {
@@ -143,22 +145,39 @@ fn mutated(_: &str) -> bool {
     false
 }
 
-/// Owner `me` takes index `i` (in lane `l`) at `kind` on the fast lane.
+/// The entry of an owner's fast list that its fast path keeps: it lists
+/// the lane of the owner's last fast hold taken that way, and stays when
+/// the hold goes (I7), so that a pair on one index lists nothing and
+/// strikes nothing off. Written by the owner only through [`take`] with
+/// `keep` (its calls that keep are one at a time: the owner's fast path),
+/// struck off by anyone as every entry is.
+pub(in crate::engine::shm) const KEPT: usize = 0;
+
+/// Owner `me` takes index `i` (in lane `l`) at `kind` on the fast lane;
+/// `keep`: through the kept entry ([`KEPT`]), and the word's release keeps
+/// it too ([`let_go`] with `keep`).
 #[inline(always)]
-pub(in crate::engine::shm) fn take<M: Lanes>(m: &M, me: u32, i: u64, l: usize, kind: u32) -> bool {
+pub(in crate::engine::shm) fn take<M: Lanes>(
+    m: &M,
+    me: u32,
+    i: u64,
+    l: usize,
+    kind: u32,
+    keep: bool,
+) -> bool {
     let lane = m.lane(l);
-    // I8: a stale read costs the CAS below.
-    if lane.load(Ordering::Relaxed) != LANE_EMPTY {
+    // I8: a stale read costs the CAS below. Acquire: I7, whoever struck
+    // the kept entry off did so before it let the lane be empty again.
+    if lane.load(Ordering::Acquire) != LANE_EMPTY {
         return false;
     }
     // I7: listed before the word is written, so that a scan of the lists
     // finds every fast hold.
-    let listed = m.fast_list(me).iter().any(|e| {
-        // A stale read costs the CAS, as I8 for lane words.
-        e.load(Ordering::Relaxed) == 0
-            && e.compare_exchange(0, l as u32 + 1, Ordering::SeqCst, Ordering::Relaxed)
-                .is_ok()
-    });
+    let listed = if keep {
+        keep_listed(m, me, l)
+    } else {
+        list(m, me, l)
+    };
     if !listed {
         return false;
     }
@@ -168,16 +187,65 @@ pub(in crate::engine::shm) fn take<M: Lanes>(m: &M, me: u32, i: u64, l: usize, k
         .compare_exchange(LANE_EMPTY, w, Ordering::SeqCst, Ordering::Relaxed)
         .is_err()
     {
-        m.unlist(me, l);
+        if !keep {
+            m.unlist(me, l);
+        }
         return false;
     }
-    confirm(m, me, l, w)
+    confirm(m, me, l, w, keep)
+}
+
+/// List lane `l` on a free entry of `me`'s list (not the kept one).
+#[inline(always)]
+fn list<M: Lanes>(m: &M, me: u32, l: usize) -> bool {
+    m.fast_list(me)[KEPT + 1..].iter().any(|e| {
+        // A stale read costs the CAS, as I8 for lane words.
+        e.load(Ordering::Relaxed) == 0
+            && e.compare_exchange(0, l as u32 + 1, Ordering::SeqCst, Ordering::Relaxed)
+                .is_ok()
+    })
+}
+
+/// List lane `l` on `me`'s kept entry: nothing to do when it lists `l`
+/// already; else it is moved there from the lane it names, unless a word
+/// of `me` is still in that lane (then `l` goes on a free entry).
+#[inline(always)]
+fn keep_listed<M: Lanes>(m: &M, me: u32, l: usize) -> bool {
+    let v = l as u32 + 1;
+    let e = &m.fast_list(me)[KEPT];
+    loop {
+        // Acquire, with the lane's (see `take`): an entry struck off is
+        // read struck off.
+        let now = e.load(Ordering::Acquire);
+        if now == v || (now != 0 && mutated("kept-entry-trusted")) {
+            return true;
+        }
+        if now != 0 {
+            // I7: an entry goes only when its word went.
+            let w = m.lane((now - 1) as usize % BUCKETS).load(Ordering::Acquire);
+            if is_fast(w) && lane_owner(w) == me {
+                return list(m, me, l);
+            }
+        }
+        // SeqCst: as the list CAS of `list`, before the word (I3, I7).
+        if e.compare_exchange(now, v, Ordering::SeqCst, Ordering::Relaxed)
+            .is_ok()
+        {
+            return true;
+        }
+    }
 }
 
 /// The second half of [`take`]: word `w` is in lane `l` (and listed);
 /// whether it is granted.
 #[inline(always)]
-pub(in crate::engine::shm) fn confirm<M: Lanes>(m: &M, me: u32, l: usize, w: u64) -> bool {
+pub(in crate::engine::shm) fn confirm<M: Lanes>(
+    m: &M,
+    me: u32,
+    l: usize,
+    w: u64,
+    keep: bool,
+) -> bool {
     // I3: read after the word is written: a guard that closes the gate and
     // then looks at the lanes sees this word, or this read sees it closed.
     if m.gate().load(Ordering::SeqCst) == 0 {
@@ -194,18 +262,19 @@ pub(in crate::engine::shm) fn confirm<M: Lanes>(m: &M, me: u32, l: usize, w: u64
     // Closed: not granted. Take the word back, unless a mutex holder has
     // taken it over already (I4: then it made it a record of ours if the
     // table could grant it, which the slow way finds).
-    empty(m, me, l, |now| now & !LANE_WAITING == w);
+    empty(m, me, l, keep, |now| now & !LANE_WAITING == w);
     false
 }
 
 /// Empty lane `l` while its word is `me`'s as `ours` says (a waiter may
-/// mark it meanwhile, I5), strike it off the list and wake the sleepers.
-/// Whether it was ours.
+/// mark it meanwhile, I5), strike it off the list (unless the kept entry
+/// lists it, `keep`) and wake the sleepers. Whether it was ours.
 #[inline(always)]
 pub(in crate::engine::shm) fn empty<M: Lanes>(
     m: &M,
     me: u32,
     l: usize,
+    keep: bool,
     ours: impl Fn(u64) -> bool,
 ) -> bool {
     let lane = m.lane(l);
@@ -221,7 +290,9 @@ pub(in crate::engine::shm) fn empty<M: Lanes>(
             .compare_exchange(w, LANE_EMPTY, Ordering::Release, Ordering::Relaxed)
             .is_ok()
         {
-            m.unlist(me, l);
+            if !keep {
+                m.unlist(me, l);
+            }
             // I5: woken from the very word replaced.
             let woke = if mutated("release-no-wake") {
                 w & !LANE_WAITING
@@ -234,12 +305,21 @@ pub(in crate::engine::shm) fn empty<M: Lanes>(
     }
 }
 
-/// Owner `me` lets go of index `i` (in lane `l`) held on the fast lane.
-/// `false`: it is not (the table took it over, or it never was).
+/// Owner `me` lets go of index `i` (in lane `l`) held on the fast lane,
+/// taken with `keep` as [`take`] says. `false`: it is not (the table took
+/// it over, or it never was).
 #[inline(always)]
-pub(in crate::engine::shm) fn let_go<M: Lanes>(m: &M, me: u32, i: u64, l: usize) -> bool {
+pub(in crate::engine::shm) fn let_go<M: Lanes>(
+    m: &M,
+    me: u32,
+    i: u64,
+    l: usize,
+    keep: bool,
+) -> bool {
     let ours = fast_word(me, i, EXCLUSIVE);
-    empty(m, me, l, |w| w & !(LANE_SHARED | LANE_WAITING) == ours)
+    empty(m, me, l, keep, |w| {
+        w & !(LANE_SHARED | LANE_WAITING) == ours
+    })
 }
 
 /// Whether lane word `w` is another owner's (not `me`'s) fast hold on

@@ -73,7 +73,7 @@ fn a_word_taken_away_is_not_granted_when_the_gate_opens() {
                 w1.let_go_one(1, 0);
             }
         });
-        if take(&*w, 0, 0, 0, EXCLUSIVE) {
+        if take(&*w, 0, 0, 0, EXCLUSIVE, false) {
             w.enter(0, EXCLUSIVE);
             w.exit(0, EXCLUSIVE);
             w.let_go_one(0, 0);
@@ -103,7 +103,7 @@ fn a_removal_from_a_list_takes_one_entry_of_its_lane() {
         let first = thread::spawn(move || {
             w1.exit(0, EXCLUSIVE);
             w1.let_go_one(0, 0);
-            let took = take(&*w1, 0, 1, 1, EXCLUSIVE);
+            let took = take(&*w1, 0, 1, 1, EXCLUSIVE, false);
             if took {
                 w1.enter(1, EXCLUSIVE);
             }
@@ -274,11 +274,42 @@ fn a_waiter_woken_by_a_release() {
     });
 }
 
+/// The kept entry moves with the owner's fast holds (I7): owner 0 takes
+/// and lets go of index 0 as its fast path does, keeping lane 0 listed,
+/// then takes index 1 the same way, while owner 1 raises 0..2 finding
+/// fast holds through the lists: it must see index 1's, so the entry that
+/// still names lane 0 must be moved to lane 1 before that word goes in.
+#[test]
+fn the_kept_entry_moves_with_the_fast_hold() {
+    model(|| {
+        let w = World::with(true);
+        let w0 = w.clone();
+        let t = thread::spawn(move || {
+            for i in [0, 1] {
+                if w0.take_one_keeping(0, i, EXCLUSIVE, true) {
+                    w0.enter(i, EXCLUSIVE);
+                    w0.exit(i, EXCLUSIVE);
+                    w0.let_go_one_keeping(0, i, true);
+                }
+            }
+        });
+        if w.lock().raise(1, 0, 2, EXCLUSIVE) {
+            w.enter(0, EXCLUSIVE);
+            w.enter(1, EXCLUSIVE);
+            w.exit(0, EXCLUSIVE);
+            w.exit(1, EXCLUSIVE);
+            w.lock().lower(1, 0, 2, 0);
+        }
+        t.join().unwrap();
+    });
+}
+
 /// Each historical exclusion bug, put back alone, and the scenario that
-/// must then fail; the last is no historical bug but the one a repair of
-/// a half-made adoption could make (undoing it to an empty lane, which
-/// forgets a hold), so that its scenario is seen to catch something.
-const MUTATIONS: [(&str, &str); 8] = [
+/// must then fail; the last two are no historical bugs but the ones a
+/// repair of a half-made adoption could make (undoing it to an empty
+/// lane, which forgets a hold) and a kept entry trusted for any lane, so
+/// that their scenarios are seen to catch something.
+const MUTATIONS: [(&str, &str); 9] = [
     (
         "grant-on-open-gate",
         "a_word_taken_away_is_not_granted_when_the_gate_opens",
@@ -293,6 +324,10 @@ const MUTATIONS: [(&str, &str); 8] = [
     ("no-mark-retry", "a_word_a_waiter_marks"),
     ("release-no-wake", "a_waiter_woken_by_a_release"),
     ("undo-moving-to-empty", "an_owner_stopping_mid_adoption"),
+    (
+        "kept-entry-trusted",
+        "the_kept_entry_moves_with_the_fast_hold",
+    ),
 ];
 
 /// Runs this test binary once per historical bug, with the bug put back,
