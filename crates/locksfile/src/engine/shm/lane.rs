@@ -16,6 +16,7 @@
 //! | | the mutex holder | anything, by CAS while the word may be fast (store only over `SLOW` or `MOVING`) |
 //! | gate | the mutex holder | store (`SeqCst`) |
 //! | an owner's fast list | its own calls (no lock) | an entry `0 -> lane + 1` before its word goes in, `lane + 1 -> 0` after it went: CAS only |
+//! | | its fast path (no lock, one call at a time) | the kept entry ([`KEPT`]) `other lane + 1 -> lane + 1` before its word goes in, when the owner has no word in the other lane; left as it is when the word goes: CAS only |
 //! | | the mutex holder | `lane + 1 -> 0` by CAS; a dead owner's list stored 0 |
 //! | bucket heads, records | the mutex holder | plain writes (fast calls never read them) |
 //!
@@ -77,7 +78,14 @@
 //!   written until after it went (`SeqCst` list CAS before the lane CAS),
 //!   so a scan of the lists after closing the gate finds every word that
 //!   can be granted (I3); removals are swaps of one entry of that lane,
-//!   never stores, as threads of one owner list at once.
+//!   never stores, as threads of one owner list at once. An entry may
+//!   outlive its word (the kept entry, so that a pair on one index lists
+//!   nothing): a scan finds no word of the owner there and goes on.
+//!   Anyone but the owner strikes an entry off only after taking the
+//!   owner's word from that lane away, under the mutex, and before the
+//!   lane can be empty again; so the owner's fast path, reading the lane
+//!   empty (`Acquire`) and then its kept entry naming that lane, reads an
+//!   entry that lists it until its word is in.
 //! - **I8** A lane word read without the mutex is acted on only by CAS from
 //!   it, so a stale read costs a failed CAS and a retry, never a wrong
 //!   write: such reads are `Relaxed`, or `Acquire` where what follows reads
