@@ -488,7 +488,7 @@ impl<E: Engine> Owner<E> {
                     .cond
                     .wait_timeout(st, nap)
                     .unwrap_or_else(|p| p.into_inner());
-                let st = Locked::new(self, st);
+                let st = self.closed_again(st)?;
                 if slept.timed_out() {
                     if let Some(e) = until.ended() {
                         return Err(e);
@@ -500,6 +500,19 @@ impl<E: Engine> Owner<E> {
                 return Ok(st);
             }
         };
+        self.closed_again(st)
+    }
+
+    /// The mutex, back after a condition variable wait, with the fast path
+    /// closed again: while it was let go, a sibling whose wait ended may
+    /// have left the owner quiet and opened the path (`reopen_fast`), and
+    /// a fast take may have come since; the caller goes on to change the
+    /// bookkeeping, which an open path must never see (F1).
+    fn closed_again<'a>(&'a self, mut st: MutexGuard<'a, State>) -> Result<Locked<'a, E>, Error> {
+        if let Err(e) = self.close_fast(&mut st) {
+            drop(Locked::new(self, st));
+            return Err(e);
+        }
         Ok(Locked::new(self, st))
     }
 

@@ -386,3 +386,71 @@ fn two_processes_race_on_one_index() {
     let n = u64::from_le_bytes(std::fs::read(&data).unwrap().try_into().unwrap());
     assert_eq!(n, 4000);
 }
+
+/// The thread's id, for `/proc/self/task`.
+fn tid() -> libc::pid_t {
+    // SAFETY: no arguments, no memory.
+    unsafe { libc::gettid() }
+}
+
+/// Until thread `tid` sleeps in a system call.
+fn asleep(tid: libc::pid_t) {
+    let start = std::time::Instant::now();
+    loop {
+        let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).unwrap();
+        let state = stat.rsplit(')').next().unwrap().split_whitespace().next();
+        let call = std::fs::read_to_string(format!("/proc/self/task/{tid}/syscall")).unwrap();
+        if state == Some("S") && !call.starts_with("running") {
+            return;
+        }
+        assert!(start.elapsed() < STUCK, "thread {tid} never slept");
+        thread::yield_now();
+    }
+}
+
+/// A thread that waits for a sibling's wait in the engine to end finds
+/// the fast path closed when it goes on: the sibling's wait, ended with
+/// nothing got, left the handle quiet and opened the path meanwhile.
+/// Before, the waking thread took its lock with the path open, so that a
+/// later explicit release took the fast way's "nothing is held" and left
+/// the lock in the table.
+#[test]
+fn a_thread_woken_by_a_siblings_wait_closes_the_fast_path_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t.lock");
+    let other = shm(&path);
+    other
+        .acquire(Kind::Exclusive, 5, Wait::NonBlocking)
+        .unwrap();
+    let h = Arc::new(shm_shared_threads(&path));
+    let cancel = locksfile::Cancel::new();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let sibling = {
+        let (h, cancel, tx) = (h.clone(), cancel.clone(), tx.clone());
+        thread::spawn(move || {
+            tx.send(tid()).unwrap();
+            // Waits in the engine over 4..6 (5 is the other owner's).
+            h.acquire_cancellable(Kind::Exclusive, 4..6, Wait::Blocking, &cancel)
+        })
+    };
+    asleep(rx.recv().unwrap());
+    let waker = {
+        let (h, tx) = (h.clone(), tx.clone());
+        thread::spawn(move || {
+            tx.send(tid()).unwrap();
+            // 4 is in the sibling's wait: this waits for that wait to end.
+            h.acquire(Kind::Exclusive, 4, Wait::Blocking)
+        })
+    };
+    asleep(rx.recv().unwrap());
+    cancel.cancel();
+    assert!(matches!(sibling.join().unwrap(), Err(Error::Cancelled)));
+    waker.join().unwrap().unwrap();
+    would_block(other.acquire(Kind::Exclusive, 4, Wait::NonBlocking));
+    h.release(4).unwrap();
+    // Let go in the table too.
+    other
+        .acquire(Kind::Exclusive, 4, Wait::NonBlocking)
+        .unwrap();
+    assert!(h.held().is_empty());
+}

@@ -604,14 +604,40 @@ impl Shm {
         if self.has_deferred.load(Ordering::Relaxed) {
             return false;
         }
-        take(&**self.map, self.slot, i, l, code(kind), keep)
+        match take(&**self.map, self.slot, i, l, code(kind), keep) {
+            Took::Granted => true,
+            Took::No => false,
+            Took::Gone => {
+                if keep {
+                    self.withdraw(i);
+                }
+                false
+            }
+        }
+    }
+
+    /// A take through the kept entry was not granted, but a mutex holder
+    /// took its word first and may have made it a record of ours. The
+    /// owner's fast path takes only while the owner holds nothing (F1 of
+    /// `owner/fast.rs`), so what we hold at `i` is that record alone, and
+    /// it goes: the fast path's refusal leaves nothing behind, whatever
+    /// its caller does next (the usual way may never come to the engine
+    /// for this index: a wait for another thread of the owner, a cancel).
+    #[cold]
+    #[inline(never)]
+    fn withdraw(&self, i: u64) {
+        // An error here is the table's, which the usual way meets next.
+        if let Ok(mut g) = self.lock() {
+            self.settle(&mut g);
+            self.lower(&mut g, i, i + 1, 0);
+        }
     }
 
     /// The second half of [`Shm::fast_raise`]: word `w` is in lane `l` (and
     /// listed); whether it is granted.
     #[cfg(test)]
     pub(super) fn confirm_fast(&self, l: usize, w: u64) -> bool {
-        confirm(&**self.map, self.slot, l, w, false)
+        confirm(&**self.map, self.slot, l, w, false) == Took::Granted
     }
 
     /// Let go of one index held on the fast lane (taken with `keep` as

@@ -491,10 +491,13 @@ fn the_kept_entry_follows_the_fast_path_and_is_seen_by_wide_requests() {
     assert!(a.try_set(one(7), None).unwrap());
     assert!(b.try_set(wide, Some(Kind::Shared)).unwrap());
     assert!(b.try_set(wide, None).unwrap());
-    // A word still in the lane the kept entry names keeps its entry: the
-    // next lane is listed beside it, and both are seen.
+    // A word still in the lane the kept entry names keeps its entry: a
+    // take that would keep another is refused (its release would leave an
+    // entry behind); the usual way lists the lane beside it, and both are
+    // seen.
     assert!(a.fast_raise(one(5), Kind::Exclusive, true));
-    assert!(a.fast_raise(one(9), Kind::Exclusive, true));
+    assert!(!a.fast_raise(one(9), Kind::Exclusive, true));
+    assert!(a.fast_raise(one(9), Kind::Exclusive, false));
     assert_eq!(list_of(&a)[KEPT], kept);
     assert!(list_of(&a).contains(&(bucket(9) as u32 + 1)));
     let h = b.probe(wide, Kind::Shared).unwrap().expect("held");

@@ -60,7 +60,7 @@ use super::super::layout::{
 };
 use super::{
     adopted, close_gate, give_back, in_way, let_go, listed, mark, open_gate, scan, swap_word, take,
-    Lanes, Word,
+    Lanes, Took, Word,
 };
 
 /// The historical bug `LOCKSFILE_MUTATION` names is `name`.
@@ -295,7 +295,13 @@ impl World {
     /// As `take_one`; `keep`: as the owner's fast path takes, through its
     /// kept entry.
     fn take_one_keeping(&self, o: u32, i: u64, kind: u32, keep: bool) -> bool {
-        take(self, o, i, i as usize, kind, keep) || self.lock().raise(o, i, i + 1, kind)
+        match take(self, o, i, i as usize, kind, keep) {
+            Took::Granted => return true,
+            // As `Shm::withdraw`: a record made of the word goes.
+            Took::Gone if keep => self.lock().lower(o, i, i + 1, 0),
+            _ => {}
+        }
+        self.lock().raise(o, i, i + 1, kind)
     }
 
     fn let_go_one_keeping(&self, o: u32, i: u64, keep: bool) {
@@ -311,7 +317,7 @@ impl World {
         loop {
             let w = Word::load(&self.lanes[l], Acquire);
             if w == LANE_EMPTY {
-                if take(self, o, i, l, kind, false) {
+                if take(self, o, i, l, kind, false) == Took::Granted {
                     return true;
                 }
                 break;

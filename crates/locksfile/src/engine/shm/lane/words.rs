@@ -153,6 +153,17 @@ fn mutated(_: &str) -> bool {
 /// struck off by anyone as every entry is.
 pub(in crate::engine::shm) const KEPT: usize = 0;
 
+/// What a fast take came to.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(in crate::engine::shm) enum Took {
+    Granted,
+    /// Not taken, and nothing of it is left.
+    No,
+    /// Its word went in and a mutex holder took it from there before it
+    /// was granted: taken away, or made a record of the owner (I3, I4).
+    Gone,
+}
+
 /// Owner `me` takes index `i` (in lane `l`) at `kind` on the fast lane;
 /// `keep`: through the kept entry ([`KEPT`]), and the word's release keeps
 /// it too ([`let_go`] with `keep`).
@@ -164,12 +175,12 @@ pub(in crate::engine::shm) fn take<M: Lanes>(
     l: usize,
     kind: u32,
     keep: bool,
-) -> bool {
+) -> Took {
     let lane = m.lane(l);
     // I8: a stale read costs the CAS below. Acquire: I7, whoever struck
     // the kept entry off did so before it let the lane be empty again.
     if lane.load(Ordering::Acquire) != LANE_EMPTY {
-        return false;
+        return Took::No;
     }
     // I7: listed before the word is written, so that a scan of the lists
     // finds every fast hold.
@@ -179,7 +190,7 @@ pub(in crate::engine::shm) fn take<M: Lanes>(
         list(m, me, l)
     };
     if !listed {
-        return false;
+        return Took::No;
     }
     let w = fast_word(me, i, kind);
     // I3: the first of the taker's pair, before its gate load.
@@ -190,7 +201,7 @@ pub(in crate::engine::shm) fn take<M: Lanes>(
         if !keep {
             m.unlist(me, l);
         }
-        return false;
+        return Took::No;
     }
     confirm(m, me, l, w, keep)
 }
@@ -208,7 +219,8 @@ fn list<M: Lanes>(m: &M, me: u32, l: usize) -> bool {
 
 /// List lane `l` on `me`'s kept entry: nothing to do when it lists `l`
 /// already; else it is moved there from the lane it names, unless a word
-/// of `me` is still in that lane (then `l` goes on a free entry).
+/// of `me` is still in that lane: then `false` (the take goes the usual
+/// way; a free entry would outlive the word, as its release keeps it).
 #[inline(always)]
 fn keep_listed<M: Lanes>(m: &M, me: u32, l: usize) -> bool {
     let v = l as u32 + 1;
@@ -224,7 +236,7 @@ fn keep_listed<M: Lanes>(m: &M, me: u32, l: usize) -> bool {
             // I7: an entry goes only when its word went.
             let w = m.lane((now - 1) as usize % BUCKETS).load(Ordering::Acquire);
             if is_fast(w) && lane_owner(w) == me {
-                return list(m, me, l);
+                return false;
             }
         }
         // SeqCst: as the list CAS of `list`, before the word (I3, I7).
@@ -245,25 +257,32 @@ pub(in crate::engine::shm) fn confirm<M: Lanes>(
     l: usize,
     w: u64,
     keep: bool,
-) -> bool {
+) -> Took {
     // I3: read after the word is written: a guard that closes the gate and
     // then looks at the lanes sees this word, or this read sees it closed.
     if m.gate().load(Ordering::SeqCst) == 0 {
         if mutated("grant-on-open-gate") {
-            return true;
+            return Took::Granted;
         }
         // I3: open, but it may have closed and opened again since the word
         // went in, and a mutex holder may have taken the word away
         // meanwhile: granted only if it is still there (it is then seen by
         // anyone who closes the gate from here on). If it was made a record
         // of ours instead, the slow way finds that.
-        return m.lane(l).load(Ordering::SeqCst) & !LANE_WAITING == w;
+        return if m.lane(l).load(Ordering::SeqCst) & !LANE_WAITING == w {
+            Took::Granted
+        } else {
+            Took::Gone
+        };
     }
     // Closed: not granted. Take the word back, unless a mutex holder has
     // taken it over already (I4: then it made it a record of ours if the
     // table could grant it, which the slow way finds).
-    empty(m, me, l, keep, |now| now & !LANE_WAITING == w);
-    false
+    if empty(m, me, l, keep, |now| now & !LANE_WAITING == w) {
+        Took::No
+    } else {
+        Took::Gone
+    }
 }
 
 /// Empty lane `l` while its word is `me`'s as `ours` says (a waiter may

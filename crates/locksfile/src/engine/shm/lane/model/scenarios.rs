@@ -7,7 +7,7 @@ use loom::sync::{Arc, Mutex};
 use loom::thread;
 
 use super::super::super::layout::{fast_word, is_fast, EXCLUSIVE, LANE_WAITING, SHARED};
-use super::super::{close_gate, in_way, mark, scan, take, Lanes, Word};
+use super::super::{close_gate, in_way, mark, scan, take, Lanes, Took, Word};
 use super::{Step, World, X};
 
 fn model(f: impl Fn() + Sync + Send + 'static) {
@@ -73,7 +73,7 @@ fn a_word_taken_away_is_not_granted_when_the_gate_opens() {
                 w1.let_go_one(1, 0);
             }
         });
-        if take(&*w, 0, 0, 0, EXCLUSIVE, false) {
+        if take(&*w, 0, 0, 0, EXCLUSIVE, false) == Took::Granted {
             w.enter(0, EXCLUSIVE);
             w.exit(0, EXCLUSIVE);
             w.let_go_one(0, 0);
@@ -103,7 +103,7 @@ fn a_removal_from_a_list_takes_one_entry_of_its_lane() {
         let first = thread::spawn(move || {
             w1.exit(0, EXCLUSIVE);
             w1.let_go_one(0, 0);
-            let took = take(&*w1, 0, 1, 1, EXCLUSIVE, false);
+            let took = take(&*w1, 0, 1, 1, EXCLUSIVE, false) == Took::Granted;
             if took {
                 w1.enter(1, EXCLUSIVE);
             }
