@@ -129,9 +129,9 @@ impl Owner {
         h: Held,
     ) -> PyResult<Bound<'py, PyGuard>> {
         if let Some(g) = self.guard_cache.take_unique(py) {
-            // Its cell is in `guards` already. Filled before `closed` is
-            // read: a `close()` that this read misses takes the list (and
-            // this cell's lock) only after, and releases it.
+            // Its cell is in `guards` already. `close()` holds the GIL as
+            // this does: it came before (`closed` says so) or comes after,
+            // and releases what this fills in.
             g.get().refill(py, span, h);
             if self.closed() {
                 let _ = g.get().cell.release(py, Held::Closed);
