@@ -217,3 +217,88 @@ def test_releases_racing_upgrades_end_every_upgrade(tmp_path, mode):
         assert free(other, 0)
     lf.close()
     other.close()
+
+
+# A `read(i)`/`write(i)` guard borrows its LocksFile's handle without a
+# count; these check that the handle stays as long as any such lock lives.
+
+
+def test_a_guard_outlives_its_locksfile(pair, tmp_path):
+    import weakref
+
+    _, other = pair
+    path = other.path
+    mode = other.mode
+    lf = LocksFile(path, mode=mode)
+    g = lf.write(1)
+    with lf.write(2):
+        pass
+    wr = weakref.ref(lf)
+    del lf
+    gc.collect()
+    assert wr() is None
+    assert g.held and g.kind == "exclusive" and not shared_free(other, 1)
+    assert g.downgrade() is g and g.kind == "shared"
+    assert shared_free(other, 1) and not free(other, 1)
+    assert g.upgrade() is g and g.kind == "exclusive"
+    g.release()
+    assert not g.held and free(other, 1)
+    # Dropped unreleased after its LocksFile: warns, and frees the lock.
+    lf = LocksFile(path, mode=mode)
+    g = lf.write(3)
+    del lf
+    gc.collect()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        del g
+        gc.collect()
+    assert [w.category for w in caught] == [ResourceWarning]
+    assert free(other, 3)
+
+
+@pytest.mark.parametrize("end", ["close", "drop"])
+def test_a_warning_that_ends_the_locksfile_of_the_guard_it_reports(pair, end):
+    _, other = pair
+    owners = {"lf": LocksFile(other.path, mode=other.mode)}
+    g = owners["lf"].write(4)
+    assert not free(other, 4)
+    seen = []
+
+    def handler(message, category, filename, lineno, file=None, line=None):
+        seen.append(category)
+        lf = owners.pop("lf")
+        if end == "close":
+            lf.close()
+        del lf
+        gc.collect()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = handler
+        del g
+        gc.collect()
+    assert seen == [ResourceWarning]
+    assert free(other, 4)
+
+
+def test_a_locksfile_collected_while_its_guard_upgrades(tmp_path):
+    import support
+
+    path = str(tmp_path / "upgrade.lock")
+    other = LocksFile(path, mode="shm")
+    reader = other.read(0)
+    lf = LocksFile(path, mode="shm")
+    g = lf.read(0)
+    out = []
+    t = threading.Thread(target=lambda: out.append(g.upgrade()), daemon=True)
+    t.start()
+    support.wait_until(lambda: any(lk.waiting for lk in support.table_locks(path)), what="the upgrade to wait")
+    del lf
+    gc.collect()
+    reader.release()
+    t.join(10)
+    assert not t.is_alive() and out == [g]
+    assert g.kind == "exclusive" and not shared_free(other, 0)
+    g.release()
+    assert free(other, 0)
+    other.close()

@@ -219,6 +219,7 @@ impl PyWait {
                 .acquire(self.kind, self.span, Wait::NonBlockingNoHolder)
         };
         let unlocked = h.unlock();
+        cell.let_go(py);
         match outcome {
             Err(_) if self.owner.closed() => Err(closed_while_waiting()),
             Ok(()) if self.owner.closed() => {

@@ -16,12 +16,13 @@ use crate::spans::span_to_range;
 use crate::wait::{with_patience, Waits};
 
 use super::fastcall::GuardCache;
+use super::handle::Handle;
 use super::outcomes::{Refused, GIVE_UP};
 
 /// What a guard holds, and what became of it.
 pub enum Held {
-    Read(ReadGuard<Arc<LockFile>>),
-    Write(WriteGuard<Arc<LockFile>>),
+    Read(ReadGuard<Handle>),
+    Write(WriteGuard<Handle>),
     /// Taken out by a thread that is converting it.
     Busy,
     Released,
@@ -48,7 +49,18 @@ impl Held {
         w: Wait,
         cancel: Option<&Cancel>,
     ) -> Result<Held, Error> {
-        let lf = Arc::clone(lf);
+        Held::take_through(Handle::Shared(Arc::clone(lf)), kind, span, w, cancel)
+    }
+
+    /// As `take`, through `lf`.
+    #[inline]
+    pub fn take_through(
+        lf: Handle,
+        kind: Kind,
+        span: Span,
+        w: Wait,
+        cancel: Option<&Cancel>,
+    ) -> Result<Held, Error> {
         match (kind, cancel) {
             (Kind::Shared, None) => ReadGuard::acquire(lf, span, w).map(Held::Read),
             (Kind::Shared, Some(c)) => {
@@ -196,6 +208,12 @@ pub struct GuardCell {
     pub born: Born,
     /// The upgrade waiting on it, if any: a release ends that wait.
     pub waits: Waits,
+    /// A counted reference to the `LockFile` its lock was lent (see
+    /// `Handle::lent`), given when the owner's own may go first: by
+    /// `close()` while an upgrade has the lock out of the cell, or by the
+    /// owner dropped while the lock lives. Let go once the lock is
+    /// released. Declared after `held`, so dropped after it.
+    pub keep: GilCell<Option<Arc<LockFile>>>,
 }
 
 impl GuardCell {
@@ -210,7 +228,32 @@ impl GuardCell {
         let held = self.held.replace(py, end);
         // After the mark: an upgrade that registers later sees it.
         self.waits.cancel_all();
-        held.unlock()
+        if matches!(held, Held::Busy) {
+            // The upgrade unlocks what it holds (`PyGuard::finish`), and
+            // lets go of `keep` then.
+            return Ok(());
+        }
+        let out = held.unlock();
+        self.let_go(py);
+        out
+    }
+
+    /// Keep `lf` alive for the lock this cell was lent (`keep`).
+    #[allow(unsafe_code)]
+    pub fn keep_alive(&self, py: Python<'_>, lf: &Arc<LockFile>) {
+        // SAFETY: storing a reference runs no Python code; the one it
+        // replaces, if any, is dropped outside.
+        let old = unsafe { self.keep.with(py, |k| k.replace(Arc::clone(lf))) };
+        drop(old);
+    }
+
+    /// The lock is released: `keep`, if given, goes.
+    #[allow(unsafe_code)]
+    pub fn let_go(&self, py: Python<'_>) {
+        // SAFETY: taking the value out runs no Python code; it is dropped
+        // outside.
+        let old = unsafe { self.keep.with(py, Option::take) };
+        drop(old);
     }
 }
 
@@ -289,11 +332,16 @@ impl Drop for PyGuard {
         if !matches!(self.cell.held.state(py), State::Read | State::Write) {
             return;
         }
-        let held = self.cell.held.replace(py, Held::Released);
+        // Warned while the lock is still in the cell: the warning runs
+        // Python code, which may close the `LocksFile` or let it go, and
+        // either must still reach the lock (it may be lent the owner's
+        // handle, see `Handle::lent`). It is released right after.
         if !self.entered.load(Ordering::Relaxed) && !self.cell.born.forked() {
             self.warn_unreleased();
         }
+        let held = self.cell.held.replace(py, Held::Released);
         drop(held);
+        self.cell.let_go(py);
     }
 }
 
@@ -379,7 +427,9 @@ impl PyGuard {
             }
             other => other == State::Closed,
         };
-        h.unlock().map_err(|e| to_py(py, e))?;
+        let unlocked = h.unlock();
+        self.cell.let_go(py);
+        unlocked.map_err(|e| to_py(py, e))?;
         Err(if closed {
             PyValueError::new_err(
                 "the LocksFile was closed while the guard was converting; nothing is held",

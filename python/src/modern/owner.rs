@@ -16,7 +16,8 @@ use crate::wait::{with_patience, Patience, Waits};
 use crate::with_block::WithBlocks;
 
 use super::fastcall::GuardCache;
-use super::guard::{GuardCell, Held, HeldSlot, PyGuard, SpanCell};
+use super::guard::{GuardCell, Held, HeldSlot, PyGuard, SpanCell, State};
+use super::handle::Handle;
 use super::outcomes::{closed_error, closed_while_waiting, Refused, GIVE_UP};
 use super::tasks::task_party;
 use super::thread_owners::ThreadOwners;
@@ -116,6 +117,11 @@ impl Owner {
 
     /// Wrap a lock just taken in a guard that `close()` can reach.
     ///
+    /// Runs no Python code until `h` is in a cell of `guards` (the
+    /// allocation of a new guard object, which may collect garbage, comes
+    /// after): a lock lent the owner's handle must stay where `close()`
+    /// and the owner's drop find it (see `Handle::lent`).
+    ///
     /// The guard's cell is one of a guard already gone when there is one:
     /// a cell that only the list holds (`Arc::get_mut` succeeds: no
     /// `PyGuard` and no call has it, and none can get it but through this
@@ -171,6 +177,7 @@ impl Owner {
                     span: SpanCell::new(span),
                     born: self.born,
                     waits: Waits::default(),
+                    keep: GilCell::new(None),
                 });
                 guards.push(Arc::clone(&c));
                 c
@@ -247,9 +254,11 @@ impl Owner {
     /// 2, and 8 in the binding: this handle's mutex, the guard's mutex at
     /// the take and at the release, the kept guard's slot swapped twice),
     /// which made it cost 1.5 times the seed API's pair for 1.08 times its
-    /// instructions. The binding's 8 are gone: what only calls holding the
-    /// GIL touch is kept apart by the GIL (`GilCell`, `HeldSlot`, and
-    /// `GuardCache`'s loads and stores).
+    /// instructions. Now it executes the engine's 5, as the seed API's
+    /// pair does: what only calls holding the GIL touch is kept apart by
+    /// the GIL (`GilCell`, `HeldSlot`, and `GuardCache`'s loads and
+    /// stores), and the lock is lent the handle without a count
+    /// (`Handle::lent`).
     ///
     /// `bench/python/guard_costs.py` measures each variant side by side
     /// (`--callgrind N1,N2` for instructions).
@@ -274,7 +283,12 @@ impl Owner {
                 unsafe {
                     self.handle.with(py, |handle| match handle {
                         Some(lf) if !self.closed() => {
-                            Held::take(lf, kind, span, Wait::NonBlockingNoHolder, None).ok()
+                            // SAFETY: the guard goes into one of this
+                            // owner's cells in `register`, which runs no
+                            // Python code before; see `Handle::lent`.
+                            let lent = Handle::lent(lf);
+                            Held::take_through(lent, kind, span, Wait::NonBlockingNoHolder, None)
+                                .ok()
                         }
                         _ => None,
                     })
@@ -345,6 +359,13 @@ impl Owner {
         self.guard_cache.clear(py);
         let guards = std::mem::take(&mut *lock_mutex(&self.guards));
         for g in guards.iter() {
+            if g.held.state(py) == State::Busy {
+                // An upgrade has the lock out of the cell, and it may be
+                // lent the handle let go below (see `Handle::lent`).
+                if let Some(lf) = &lf {
+                    g.keep_alive(py, lf);
+                }
+            }
             if forked {
                 // Mark it closed without unlocking: the locks are the parent's.
                 drop(g.held.replace(py, Held::Closed));
@@ -360,5 +381,25 @@ impl Owner {
         if let Some(t) = &self.threads {
             t.close_all(forked);
         }
+    }
+}
+
+/// A lock lent the owner's handle (see `Handle::lent`) that outlives the
+/// owner, a guard kept after its `LocksFile` went, keeps the handle alive
+/// itself until released.
+impl Drop for Owner {
+    fn drop(&mut self) {
+        let Some(lf) = self.handle.get_mut().take() else {
+            return;
+        };
+        let guards = self.guards.get_mut().unwrap_or_else(|p| p.into_inner());
+        if guards.iter().all(|g| g.held.ended()) {
+            return;
+        }
+        Python::attach(|py| {
+            for g in guards.iter().filter(|g| !g.held.ended()) {
+                g.keep_alive(py, &lf);
+            }
+        });
     }
 }
