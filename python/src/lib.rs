@@ -1,13 +1,16 @@
 //! Python bindings of `locksfile`: the native half of the `pylocksfile`
 //! package (`pylocksfile._native`). The package's `__init__.py` re-exports
 //! everything public; the exception classes live in `pylocksfile._errors`.
-// Unsafe code only in `compat::fastcall`, which says why it is sound.
+// Unsafe code only in `compat::fastcall`, `modern::fastcall` and
+// `gil_cell` (and the calls of `GilCell::with` in `modern::owner`),
+// which say why it is sound.
 #![deny(unsafe_code)]
 
 mod compat;
 mod errors;
 mod exceptions;
 mod forks;
+mod gil_cell;
 mod holder;
 mod kinds;
 mod modern;

@@ -8,11 +8,10 @@ use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
 
 use crate::errors::to_py;
-use crate::mutex::lock_mutex;
 use crate::spans::span_to_range;
 use crate::wait::Patience;
 
-use super::guard::{Held, PyGuard};
+use super::guard::{Held, PyGuard, State};
 use super::outcomes::{closed_error, closed_while_waiting, Refused, GIVE_UP};
 use super::owner::Owner;
 
@@ -202,11 +201,10 @@ impl PyWait {
         // Taken out of the guard: `close()` no longer reaches it, and the
         // lock is ours to unlock below.
         let h = {
-            let mut slot = lock_mutex(&cell.held);
-            match &*slot {
-                Held::Read(_) | Held::Write(_) => std::mem::replace(&mut *slot, Held::Released),
-                Held::Closed => return Err(closed_while_waiting()),
-                Held::Busy | Held::Released => {
+            match cell.held.state(py) {
+                State::Read | State::Write => cell.held.replace(py, Held::Released),
+                State::Closed => return Err(closed_while_waiting()),
+                State::Busy | State::Released => {
                     return Err(PyRuntimeError::new_err(
                         "the guard of this acquire_async was released before it was committed",
                     ))
@@ -221,6 +219,7 @@ impl PyWait {
                 .acquire(self.kind, self.span, Wait::NonBlockingNoHolder)
         };
         let unlocked = h.unlock();
+        cell.let_go(py);
         match outcome {
             Err(_) if self.owner.closed() => Err(closed_while_waiting()),
             Ok(()) if self.owner.closed() => {

@@ -382,9 +382,12 @@ impl GuardCache {
 
     /// Keep `g`, just released, for the next take.
     pub fn keep(&self, g: Bound<'_, PyGuard>) {
-        let old = self
-            .slot
-            .swap(g.into_ptr(), std::sync::atomic::Ordering::AcqRel);
+        // A load and a store, not a swap: every call holds the GIL (see
+        // `take_unique`), and a locked exchange costs as much as the rest
+        // of this method.
+        let old = self.slot.load(std::sync::atomic::Ordering::Relaxed);
+        self.slot
+            .store(g.into_ptr(), std::sync::atomic::Ordering::Relaxed);
         if !old.is_null() {
             // SAFETY: the slot's strong reference, given back with the GIL held
             // (`keep` is called from Python calls only).
@@ -394,12 +397,15 @@ impl GuardCache {
 
     /// The kept guard if nothing else can see it, to be refilled.
     pub fn take_unique<'py>(&self, py: Python<'py>) -> Option<Bound<'py, PyGuard>> {
-        let p = self
-            .slot
-            .swap(std::ptr::null_mut(), std::sync::atomic::Ordering::AcqRel);
+        // The slot is only touched with the GIL held (`py` here, and
+        // `keep`/`clear` in Python calls), so a load and a store cannot
+        // interleave with another thread's.
+        let p = self.slot.load(std::sync::atomic::Ordering::Relaxed);
         if p.is_null() {
             return None;
         }
+        self.slot
+            .store(std::ptr::null_mut(), std::sync::atomic::Ordering::Relaxed);
         // SAFETY: the slot held a strong reference to a Guard.
         let g = unsafe { Bound::from_owned_ptr(py, p).cast_into_unchecked::<PyGuard>() };
         // With the GIL held no other thread can take a reference meanwhile.

@@ -3,7 +3,7 @@
 
 use std::ffi::CString;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use locksfile::{Cancel, Error, Kind, LockFile, ReadGuard, Span, Wait, WriteGuard};
 use pyo3::exceptions::{PyResourceWarning, PyRuntimeError, PyTypeError, PyValueError};
@@ -11,17 +11,18 @@ use pyo3::prelude::*;
 
 use crate::errors::to_py;
 use crate::forks::Born;
-use crate::mutex::lock_mutex;
+use crate::gil_cell::GilCell;
 use crate::spans::span_to_range;
 use crate::wait::{with_patience, Waits};
 
 use super::fastcall::GuardCache;
+use super::handle::Handle;
 use super::outcomes::{Refused, GIVE_UP};
 
 /// What a guard holds, and what became of it.
 pub enum Held {
-    Read(ReadGuard<Arc<LockFile>>),
-    Write(WriteGuard<Arc<LockFile>>),
+    Read(ReadGuard<Handle>),
+    Write(WriteGuard<Handle>),
     /// Taken out by a thread that is converting it.
     Busy,
     Released,
@@ -48,7 +49,18 @@ impl Held {
         w: Wait,
         cancel: Option<&Cancel>,
     ) -> Result<Held, Error> {
-        let lf = Arc::clone(lf);
+        Held::take_through(Handle::Shared(Arc::clone(lf)), kind, span, w, cancel)
+    }
+
+    /// As `take`, through `lf`.
+    #[inline]
+    pub fn take_through(
+        lf: Handle,
+        kind: Kind,
+        span: Span,
+        w: Wait,
+        cancel: Option<&Cancel>,
+    ) -> Result<Held, Error> {
         match (kind, cancel) {
             (Kind::Shared, None) => ReadGuard::acquire(lf, span, w).map(Held::Read),
             (Kind::Shared, Some(c)) => {
@@ -99,15 +111,109 @@ impl SpanCell {
     }
 }
 
+/// Which `Held` a slot holds (without the lock it holds).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum State {
+    Read,
+    Write,
+    Busy,
+    Released,
+    Closed,
+}
+
+/// A guard's `Held`, touched only with the GIL held, and whether it ended
+/// (`Released` or `Closed`), readable without it.
+///
+/// Every call that reaches a guard's lock holds the GIL (these abi3
+/// builds never run without one), so the GIL keeps them apart; a `Mutex`
+/// here cost four locked instructions per `with lf.write(i):` block
+/// (refilled at the take, emptied at the release), more than the rest of
+/// the binding's work in it. The one reader without the GIL is an
+/// upgrade's wait, which asks `ended` only (see there).
+pub struct HeldSlot {
+    held: GilCell<Held>,
+    ended: AtomicBool,
+}
+
+// Each method reaches the value once, runs no Python code while it does
+// and drops nothing there but what it put in: what it takes out is
+// returned, for the caller to drop or unlock.
+#[allow(unsafe_code)]
+impl HeldSlot {
+    pub fn new(h: Held) -> HeldSlot {
+        let ended = matches!(h, Held::Released | Held::Closed);
+        HeldSlot {
+            held: GilCell::new(h),
+            ended: AtomicBool::new(ended),
+        }
+    }
+
+    /// Put `h` in; what was there is returned.
+    pub fn replace(&self, py: Python<'_>, h: Held) -> Held {
+        let ended = matches!(h, Held::Released | Held::Closed);
+        // SAFETY: a move in and out runs no Python code.
+        let old = unsafe { self.held.with(py, |slot| std::mem::replace(slot, h)) };
+        self.ended.store(ended, Ordering::Relaxed);
+        old
+    }
+
+    /// As `replace`, through exclusive access (no other reference exists).
+    pub fn replace_mut(&mut self, h: Held) -> Held {
+        *self.ended.get_mut() = matches!(h, Held::Released | Held::Closed);
+        std::mem::replace(self.held.get_mut(), h)
+    }
+
+    /// Which `Held` it is.
+    pub fn state(&self, py: Python<'_>) -> State {
+        // SAFETY: a match runs no Python code.
+        unsafe {
+            self.held.with(py, |h| match h {
+                Held::Read(_) => State::Read,
+                Held::Write(_) => State::Write,
+                Held::Busy => State::Busy,
+                Held::Released => State::Released,
+                Held::Closed => State::Closed,
+            })
+        }
+    }
+
+    /// `state`, and whether the lock held was taken away (`Held::lost`).
+    pub fn state_lost(&self, py: Python<'_>) -> (State, bool) {
+        let state = self.state(py);
+        // SAFETY: the engine's `is_held` runs no Python code.
+        let lost = unsafe { self.held.with(py, |h| h.lost()) };
+        (state, lost)
+    }
+
+    /// Whether it is `Released` or `Closed`, from any thread, GIL or not.
+    ///
+    /// Relaxed is enough for its one reader without the GIL, an upgrade
+    /// deciding whether to wait: the upgrade registered its wait with
+    /// the guard's `Waits` with the GIL held and looks here only after
+    /// releasing it. A release that came before that GIL hand-over is
+    /// ordered before this load by the GIL, so the load sees it; one that
+    /// came after holds the GIL after the registration, so its
+    /// `cancel_all` sees the wait and ends it.
+    pub fn ended(&self) -> bool {
+        self.ended.load(Ordering::Relaxed)
+    }
+}
+
 /// A guard's lock, shared with the `LocksFile` whose `close()` releases it.
 pub struct GuardCell {
-    pub held: Mutex<Held>,
+    pub held: HeldSlot,
     pub span: SpanCell,
     /// The process that took it: in a forked child every method refuses
     /// before touching anything, so the parent's locks stay as they are.
     pub born: Born,
     /// The upgrade waiting on it, if any: a release ends that wait.
     pub waits: Waits,
+    /// A counted reference to the `LockFile` its lock was lent (see
+    /// `Handle::lent`), given when the owner's own may go first: by
+    /// `close()` while an upgrade has the lock out of the cell, or by the
+    /// owner dropped while the lock lives. Let go once the lock is
+    /// released. Declared after `held`, so dropped after it.
+    pub keep: GilCell<Option<Arc<LockFile>>>,
 }
 
 impl GuardCell {
@@ -115,16 +221,39 @@ impl GuardCell {
     /// another thread is converting is marked at once and that thread's wait
     /// is cancelled; it unlocks what it holds as its wait ends (see
     /// `PyGuard::finish`).
-    pub fn release(&self, end: Held) -> Result<(), Error> {
-        let mut slot = lock_mutex(&self.held);
-        if matches!(&*slot, Held::Released | Held::Closed) {
+    pub fn release(&self, py: Python<'_>, end: Held) -> Result<(), Error> {
+        if self.held.ended() {
             return Ok(());
         }
-        let held = std::mem::replace(&mut *slot, end);
-        drop(slot);
+        let held = self.held.replace(py, end);
         // After the mark: an upgrade that registers later sees it.
         self.waits.cancel_all();
-        held.unlock()
+        if matches!(held, Held::Busy) {
+            // The upgrade unlocks what it holds (`PyGuard::finish`), and
+            // lets go of `keep` then.
+            return Ok(());
+        }
+        let out = held.unlock();
+        self.let_go(py);
+        out
+    }
+
+    /// Keep `lf` alive for the lock this cell was lent (`keep`).
+    #[allow(unsafe_code)]
+    pub fn keep_alive(&self, py: Python<'_>, lf: &Arc<LockFile>) {
+        // SAFETY: storing a reference runs no Python code; the one it
+        // replaces, if any, is dropped outside.
+        let old = unsafe { self.keep.with(py, |k| k.replace(Arc::clone(lf))) };
+        drop(old);
+    }
+
+    /// The lock is released: `keep`, if given, goes.
+    #[allow(unsafe_code)]
+    pub fn let_go(&self, py: Python<'_>) {
+        // SAFETY: taking the value out runs no Python code; it is dropped
+        // outside.
+        let old = unsafe { self.keep.with(py, Option::take) };
+        drop(old);
     }
 }
 
@@ -168,8 +297,8 @@ impl PyGuard {
 
     /// Made again for a new lock: `GuardCache::take_unique` handed it over,
     /// so nothing else sees it.
-    pub(crate) fn refill(&self, span: Span, h: Held) {
-        let old = std::mem::replace(&mut *lock_mutex(&self.cell.held), h);
+    pub(crate) fn refill(&self, py: Python<'_>, span: Span, h: Held) {
+        let old = self.cell.held.replace(py, h);
         // Released (by this guard, or by `close()`): nothing to unlock.
         drop(old);
         self.cell.span.set(span);
@@ -196,17 +325,23 @@ impl PyGuard {
 /// or in a forked child left to the parent, as the core's guards do).
 impl Drop for PyGuard {
     fn drop(&mut self) {
-        let held = {
-            let mut slot = lock_mutex(&self.cell.held);
-            if !matches!(&*slot, Held::Read(_) | Held::Write(_)) {
-                return;
-            }
-            std::mem::replace(&mut *slot, Held::Released)
-        };
+        // SAFETY: a Guard is dropped by its deallocation, which CPython
+        // runs with the GIL held.
+        #[allow(unsafe_code)]
+        let py = unsafe { Python::assume_attached() };
+        if !matches!(self.cell.held.state(py), State::Read | State::Write) {
+            return;
+        }
+        // Warned while the lock is still in the cell: the warning runs
+        // Python code, which may close the `LocksFile` or let it go, and
+        // either must still reach the lock (it may be lent the owner's
+        // handle, see `Handle::lent`). It is released right after.
         if !self.entered.load(Ordering::Relaxed) && !self.cell.born.forked() {
             self.warn_unreleased();
         }
+        let held = self.cell.held.replace(py, Held::Released);
         drop(held);
+        self.cell.let_go(py);
     }
 }
 
@@ -248,7 +383,9 @@ impl PyGuard {
     /// `release()` and `__exit__`'s work.
     pub(crate) fn release_now(&self, py: Python<'_>) -> PyResult<()> {
         self.not_forked(py)?;
-        self.cell.release(Held::Released).map_err(|e| to_py(py, e))
+        self.cell
+            .release(py, Held::Released)
+            .map_err(|e| to_py(py, e))
     }
 
     fn not_forked(&self, py: Python<'_>) -> PyResult<()> {
@@ -260,38 +397,39 @@ impl PyGuard {
 
     fn take_busy(&self, py: Python<'_>) -> PyResult<Held> {
         self.not_forked(py)?;
-        let mut held = lock_mutex(&self.cell.held);
-        match &*held {
-            Held::Busy => Err(PyRuntimeError::new_err(
+        match self.cell.held.state(py) {
+            State::Busy => Err(PyRuntimeError::new_err(
                 "the guard is being converted by another thread",
             )),
-            Held::Released => Err(PyRuntimeError::new_err("the guard was released")),
-            Held::Closed => Err(PyValueError::new_err(
+            State::Released => Err(PyRuntimeError::new_err("the guard was released")),
+            State::Closed => Err(PyValueError::new_err(
                 "the guard was released by closing its LocksFile",
             )),
-            _ => Ok(std::mem::replace(&mut *held, Held::Busy)),
+            State::Read | State::Write => Ok(self.cell.held.replace(py, Held::Busy)),
         }
     }
 
-    /// Whether the guard was released or its file closed (while busy).
+    /// Whether the guard was released or its file closed (while busy;
+    /// asked without the GIL).
     fn ended(&self) -> bool {
-        matches!(&*lock_mutex(&self.cell.held), Held::Released | Held::Closed)
+        self.cell.held.ended()
     }
 
     /// Put back what a conversion took out. If the guard was released or
     /// its file closed meanwhile, that release stands: `h` is unlocked and
     /// the conversion fails.
     fn finish(&self, py: Python<'_>, h: Held) -> PyResult<()> {
-        let mut slot = lock_mutex(&self.cell.held);
-        let closed = match &*slot {
-            Held::Busy => {
-                *slot = h;
+        let closed = match self.cell.held.state(py) {
+            State::Busy => {
+                // Busy holds nothing: the value given back is dropped bare.
+                drop(self.cell.held.replace(py, h));
                 return Ok(());
             }
-            other => matches!(other, Held::Closed),
+            other => other == State::Closed,
         };
-        drop(slot);
-        h.unlock().map_err(|e| to_py(py, e))?;
+        let unlocked = h.unlock();
+        self.cell.let_go(py);
+        unlocked.map_err(|e| to_py(py, e))?;
         Err(if closed {
             PyValueError::new_err(
                 "the LocksFile was closed while the guard was converting; nothing is held",
@@ -315,17 +453,17 @@ impl PyGuard {
     /// ``"shared"`` or ``"exclusive"``; None once released, or once the
     /// lock was lost (see ``held``).
     #[getter]
-    fn kind(&self) -> Option<&'static str> {
-        let held = lock_mutex(&self.cell.held);
-        if held.lost() {
+    fn kind(&self, py: Python<'_>) -> Option<&'static str> {
+        let (state, lost) = self.cell.held.state_lost(py);
+        if lost {
             return None;
         }
-        match &*held {
-            Held::Read(_) => Some("shared"),
-            Held::Write(_) => Some("exclusive"),
+        match state {
+            State::Read => Some("shared"),
+            State::Write => Some("exclusive"),
             // Only an upgrade makes a guard busy; it is shared until that ends.
-            Held::Busy => Some("shared"),
-            Held::Released | Held::Closed => None,
+            State::Busy => Some("shared"),
+            State::Released | State::Closed => None,
         }
     }
 
@@ -333,9 +471,9 @@ impl PyGuard {
     /// and once it was taken away (its PostgreSQL session was lost, see
     /// ``LocksFile.lost()``, or a flock conversion of its owner was lost).
     #[getter]
-    fn held(&self) -> bool {
-        let held = lock_mutex(&self.cell.held);
-        !matches!(&*held, Held::Released | Held::Closed) && !held.lost()
+    fn held(&self, py: Python<'_>) -> bool {
+        let (state, lost) = self.cell.held.state_lost(py);
+        !matches!(state, State::Released | State::Closed) && !lost
     }
 
     /// Release the lock now. Releasing twice is harmless. Released while
@@ -466,15 +604,13 @@ impl PyGuard {
     }
 
     fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
-        let held = lock_mutex(&self.cell.held);
-        let state = match &*held {
-            _ if held.lost() => "lost",
-            Held::Read(_) => "shared",
-            Held::Write(_) => "exclusive",
-            Held::Busy => "converting",
-            Held::Released | Held::Closed => "released",
+        let state = match self.cell.held.state_lost(py) {
+            (_, true) => "lost",
+            (State::Read, _) => "shared",
+            (State::Write, _) => "exclusive",
+            (State::Busy, _) => "converting",
+            (State::Released | State::Closed, _) => "released",
         };
-        drop(held);
         Ok(format!(
             "<Guard {} {state}>",
             span_to_range(py, self.cell.span.get())?.repr()?

@@ -721,8 +721,8 @@ impl PyLocksFile {
     ///
     /// In a forked child it closes the child's copy and releases nothing:
     /// the parent's locks stay.
-    fn close(&self) -> PyResult<()> {
-        self.owner.close();
+    fn close(&self, py: Python<'_>) -> PyResult<()> {
+        self.owner.close(py);
         self.remove_temp();
         Ok(())
     }
@@ -740,7 +740,7 @@ impl PyLocksFile {
     #[pyo3(signature = (*exc))]
     fn __exit__(&self, py: Python<'_>, exc: &Bound<'_, PyTuple>) -> PyResult<bool> {
         let no_lock = self.owner.with_blocks.exit();
-        self.close()?;
+        self.close(py)?;
         // A block that raised may have stopped before its lock: no guess.
         let raised = exc.get_item(0).is_ok_and(|t| !t.is_none());
         if no_lock && !raised {

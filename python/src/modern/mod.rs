@@ -9,6 +9,7 @@
 mod async_wait;
 mod fastcall;
 mod guard;
+mod handle;
 mod locks_file;
 mod outcomes;
 mod owner;

@@ -10,12 +10,14 @@ use pyo3::prelude::*;
 
 use crate::errors::to_py;
 use crate::forks::Born;
+use crate::gil_cell::GilCell;
 use crate::mutex::lock_mutex;
 use crate::wait::{with_patience, Patience, Waits};
 use crate::with_block::WithBlocks;
 
 use super::fastcall::GuardCache;
-use super::guard::{GuardCell, Held, PyGuard, SpanCell};
+use super::guard::{GuardCell, Held, HeldSlot, PyGuard, SpanCell, State};
+use super::handle::Handle;
 use super::outcomes::{closed_error, closed_while_waiting, Refused, GIVE_UP};
 use super::tasks::task_party;
 use super::thread_owners::ThreadOwners;
@@ -23,11 +25,14 @@ use super::thread_owners::ThreadOwners;
 /// The state of one `LocksFile` that its guards' and waits' calls share
 /// with it.
 pub struct Owner {
-    handle: Mutex<Option<Arc<LockFile>>>,
+    /// Touched only with the GIL held (every use is a call from Python),
+    /// so the first try of `write(i)` borrows it without a lock.
+    handle: GilCell<Option<Arc<LockFile>>>,
     /// Whether `close()` was called: `handle` is `None`. Kept apart so
-    /// that the checks of every take (up to four) are loads, not locks;
-    /// set under `handle`'s lock, before `close()` ends waits and takes
-    /// the guards, whose locks carry it to whoever comes after.
+    /// that the checks of every take (up to four) are loads, not locks,
+    /// and so that waits without the GIL see it; set as `handle` is
+    /// emptied, before `close()` ends waits and takes the guards, whose
+    /// locks carry it to whoever comes after.
     closed: AtomicBool,
     /// The cells of its guards, for `close()`: every live guard's, and
     /// those of guards already gone, which the next guards reuse (a cell
@@ -53,7 +58,7 @@ pub struct Owner {
 impl Owner {
     pub fn new(lf: Arc<LockFile>, threads: Option<ThreadOwners>, sharing: Threads) -> Owner {
         Owner {
-            handle: Mutex::new(Some(lf)),
+            handle: GilCell::new(Some(lf)),
             closed: AtomicBool::new(false),
             guards: Mutex::new(Vec::new()),
             waits: Waits::default(),
@@ -97,9 +102,9 @@ impl Owner {
     /// As `lf_not_forked`, but a thread of a `thread_local=True` object
     /// that has no owner yet gets `None` rather than a new one.
     pub fn lf_if_open(&self, py: Python<'_>, open: bool) -> PyResult<Option<Arc<LockFile>>> {
-        let lf = lock_mutex(&self.handle)
-            .as_ref()
-            .map(Arc::clone)
+        // SAFETY: cloning an `Arc` runs no Python code.
+        #[allow(unsafe_code)]
+        let lf = unsafe { self.handle.with(py, |h| h.as_ref().map(Arc::clone)) }
             .ok_or_else(closed_error)?;
         if self.born.forked() {
             return Err(to_py(py, Error::Forked));
@@ -111,6 +116,11 @@ impl Owner {
     }
 
     /// Wrap a lock just taken in a guard that `close()` can reach.
+    ///
+    /// Runs no Python code until `h` is in a cell of `guards` (the
+    /// allocation of a new guard object, which may collect garbage, comes
+    /// after): a lock lent the owner's handle must stay where `close()`
+    /// and the owner's drop find it (see `Handle::lent`).
     ///
     /// The guard's cell is one of a guard already gone when there is one:
     /// a cell that only the list holds (`Arc::get_mut` succeeds: no
@@ -125,12 +135,12 @@ impl Owner {
         h: Held,
     ) -> PyResult<Bound<'py, PyGuard>> {
         if let Some(g) = self.guard_cache.take_unique(py) {
-            // Its cell is in `guards` already. Filled before `closed` is
-            // read: a `close()` that this read misses takes the list (and
-            // this cell's lock) only after, and releases it.
-            g.get().refill(span, h);
+            // Its cell is in `guards` already. `close()` holds the GIL as
+            // this does: it came before (`closed` says so) or comes after,
+            // and releases what this fills in.
+            g.get().refill(py, span, h);
             if self.closed() {
-                let _ = g.get().cell.release(Held::Closed);
+                let _ = g.get().cell.release(py, Held::Closed);
                 return Err(closed_while_waiting());
             }
             self.with_blocks.took();
@@ -153,8 +163,7 @@ impl Owner {
             Some((i, c)) => {
                 // Released when its guard went (`PyGuard`'s drop), or by
                 // `close()`: nothing in it to unlock.
-                let slot = c.held.get_mut().unwrap_or_else(|p| p.into_inner());
-                let old = std::mem::replace(slot, h);
+                let old = c.held.replace_mut(h);
                 debug_assert!(matches!(old, Held::Released | Held::Closed));
                 drop(old);
                 c.span.set(span);
@@ -164,10 +173,11 @@ impl Owner {
             }
             None => {
                 let c = Arc::new(GuardCell {
-                    held: Mutex::new(h),
+                    held: HeldSlot::new(h),
                     span: SpanCell::new(span),
                     born: self.born,
                     waits: Waits::default(),
+                    keep: GilCell::new(None),
                 });
                 guards.push(Arc::clone(&c));
                 c
@@ -236,6 +246,20 @@ impl Owner {
     /// CPython's `with` protocol and loop. The guard object and its cell are
     /// reused (`GuardCache`), so nothing is allocated. A fork check used to
     /// be a `getpid(2)` per call, three per block: see `crate::forks`.
+    ///
+    /// Instructions are not the whole cost: a locked instruction (an
+    /// atomic read-modify-write, a `Mutex` taken or let go) costs about
+    /// 5 ns here whatever else runs, 20 or more plain instructions' worth.
+    /// A block used to execute 15 (the engine's 5, the `Arc` of the handle
+    /// 2, and 8 in the binding: this handle's mutex, the guard's mutex at
+    /// the take and at the release, the kept guard's slot swapped twice),
+    /// which made it cost 1.5 times the seed API's pair for 1.08 times its
+    /// instructions. Now it executes the engine's 5, as the seed API's
+    /// pair does: what only calls holding the GIL touch is kept apart by
+    /// the GIL (`GilCell`, `HeldSlot`, and `GuardCache`'s loads and
+    /// stores), and the lock is lent the handle without a count
+    /// (`Handle::lent`).
+    ///
     /// `bench/python/guard_costs.py` measures each variant side by side
     /// (`--callgrind N1,N2` for instructions).
     pub fn guard_forever<'py>(
@@ -253,13 +277,21 @@ impl Owner {
             }
             let first = {
                 let _as_task = self.as_task(py)?;
-                // Nothing under this lock calls Python.
-                let handle = lock_mutex(&self.handle);
-                match &*handle {
-                    Some(lf) if !self.closed() => {
-                        Held::take(lf, kind, span, Wait::NonBlockingNoHolder, None).ok()
-                    }
-                    _ => None,
+                // SAFETY: a take that does not wait runs no Python code
+                // and keeps the GIL, so `close()` cannot run meanwhile.
+                #[allow(unsafe_code)]
+                unsafe {
+                    self.handle.with(py, |handle| match handle {
+                        Some(lf) if !self.closed() => {
+                            // SAFETY: the guard goes into one of this
+                            // owner's cells in `register`, which runs no
+                            // Python code before; see `Handle::lent`.
+                            let lent = Handle::lent(lf);
+                            Held::take_through(lent, kind, span, Wait::NonBlockingNoHolder, None)
+                                .ok()
+                        }
+                        _ => None,
+                    })
                 }
             };
             if let Some(h) = first {
@@ -306,11 +338,14 @@ impl Owner {
     /// wait and close the handles: `close()` but for its temporary file.
     /// In a forked child only the child's copies go: the parent's locks
     /// and waits stay.
-    pub fn close(&self) {
-        let lf = {
-            let mut handle = lock_mutex(&self.handle);
-            self.closed.store(true, Ordering::SeqCst);
-            handle.take()
+    pub fn close(&self, py: Python<'_>) {
+        // SAFETY: setting a flag and taking the value out run no Python code.
+        #[allow(unsafe_code)]
+        let lf = unsafe {
+            self.handle.with(py, |handle| {
+                self.closed.store(true, Ordering::SeqCst);
+                handle.take()
+            })
         };
         let forked = self.born.forked();
         // Closed first: a wait that registers from now on sees it.
@@ -321,14 +356,21 @@ impl Owner {
             self.waits.cancel_all();
         }
         // The kept guard holds this cache: let go of it, or neither goes.
-        Python::attach(|py| self.guard_cache.clear(py));
+        self.guard_cache.clear(py);
         let guards = std::mem::take(&mut *lock_mutex(&self.guards));
         for g in guards.iter() {
+            if g.held.state(py) == State::Busy {
+                // An upgrade has the lock out of the cell, and it may be
+                // lent the handle let go below (see `Handle::lent`).
+                if let Some(lf) = &lf {
+                    g.keep_alive(py, lf);
+                }
+            }
             if forked {
                 // Mark it closed without unlocking: the locks are the parent's.
-                *lock_mutex(&g.held) = Held::Closed;
+                drop(g.held.replace(py, Held::Closed));
             } else {
-                let _ = g.release(Held::Closed);
+                let _ = g.release(py, Held::Closed);
             }
         }
         if let Some(lf) = lf {
@@ -339,5 +381,25 @@ impl Owner {
         if let Some(t) = &self.threads {
             t.close_all(forked);
         }
+    }
+}
+
+/// A lock lent the owner's handle (see `Handle::lent`) that outlives the
+/// owner, a guard kept after its `LocksFile` went, keeps the handle alive
+/// itself until released.
+impl Drop for Owner {
+    fn drop(&mut self) {
+        let Some(lf) = self.handle.get_mut().take() else {
+            return;
+        };
+        let guards = self.guards.get_mut().unwrap_or_else(|p| p.into_inner());
+        if guards.iter().all(|g| g.held.ended()) {
+            return;
+        }
+        Python::attach(|py| {
+            for g in guards.iter().filter(|g| !g.held.ended()) {
+                g.keep_alive(py, &lf);
+            }
+        });
     }
 }
