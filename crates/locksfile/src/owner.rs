@@ -654,6 +654,11 @@ impl<E: Engine> Owner<E> {
     }
 
     /// What the owner holds, piece by piece.
+    /// How many holds the fast path keeps now (`owner/fast.rs`).
+    pub fn fast_holds(&self) -> usize {
+        self.fast.holds()
+    }
+
     pub fn held(&self) -> Vec<(Span, Kind)> {
         let st = self.lock_closed_or_not();
         st.holds

@@ -43,8 +43,9 @@ fn another_owner_is_kept_out_fast_and_slow() {
     let a = shm(&path);
     let b = shm(&path);
     for beside in [false, true] {
-        // With another lock held, the fast path is closed: the usual way.
-        let other = beside.then(|| a.write(100).unwrap());
+        // With two other locks held, the fast path's slots are full: the
+        // usual way.
+        let other = beside.then(|| (a.write(100).unwrap(), a.write(101).unwrap()));
         {
             let g = a.try_write(5).unwrap();
             would_block(b.try_read(5));
@@ -319,18 +320,23 @@ fn statistics_count_every_pair() {
 /// A fast hold in a process that forks: the child's inherited handle
 /// refuses everything and its drop (and its guard's) lets go of nothing;
 /// a handle of the child's own is kept out; the parent lets go normally.
-/// First with the fast hold alone (the owner's word holds it), then with
-/// an explicit lock beside it (the usual way's bookkeeping holds both).
 #[test]
 fn a_forked_child_never_releases_a_fast_hold() {
     let _s = serial();
     let (_dir, path) = lock_path();
-    for beside in [false, true] {
+    // Alone, beside a second fast hold, and beside two more locks (the
+    // usual way's bookkeeping holds all three).
+    for more in [0, 1, 2] {
+        let beside = more > 0;
         let lf = Arc::new(shm(&path));
         let g = locksfile::WriteGuard::acquire(lf.clone(), 5, Wait::NonBlocking).unwrap();
         if beside {
             lf.acquire(Kind::Shared, 6, Wait::NonBlocking).unwrap();
         }
+        if more == 2 {
+            lf.acquire(Kind::Shared, 9, Wait::NonBlocking).unwrap();
+        }
+        assert_eq!(lf.fast_holds(), [1, 2, 0][more]);
         let mut inherited = Some((g, lf.clone()));
         let child = fork(|| {
             let (g, lf) = inherited.take().unwrap();
@@ -355,9 +361,12 @@ fn a_forked_child_never_releases_a_fast_hold() {
             would_block(other.try_write(6));
             drop(other.try_read(6).unwrap());
         }
+        if more == 2 {
+            would_block(other.try_write(9));
+        }
         drop(inherited);
-        lf.release(6).unwrap();
-        drop(other.try_write(5..7).unwrap());
+        lf.release_all().unwrap();
+        drop(other.try_write(5..10).unwrap());
     }
 }
 
@@ -453,4 +462,151 @@ fn a_thread_woken_by_a_siblings_wait_closes_the_fast_path_again() {
         .acquire(Kind::Exclusive, 4, Wait::NonBlocking)
         .unwrap();
     assert!(h.held().is_empty());
+}
+
+/// A walk hand over hand stays on the fast path: the next index is taken
+/// in the second slot before the last is let go, both kept outside the
+/// bookkeeping; another owner, in this process and in another one, is kept
+/// out of both, and gets the last once it is let go.
+#[test]
+fn a_walk_hand_over_hand_keeps_both_holds_fast() {
+    let _s = serial();
+    let (_dir, path) = lock_path();
+    let a = shm(&path);
+    let b = shm(&path);
+    let (to_child, to_parent) = (Pipe::new(), Pipe::new());
+    let child = fork(|| {
+        let c = shm(&path);
+        // For each step the parent names: both indices are refused.
+        loop {
+            let step = to_child.recv() as u64;
+            if step == 0 {
+                break;
+            }
+            for i in [step, step + 1] {
+                would_block(c.try_read(i));
+            }
+            to_parent.send(1);
+        }
+    });
+    a.acquire(Kind::Exclusive, 1, Wait::NonBlocking).unwrap();
+    let mut guards = std::collections::HashMap::new();
+    for step in 1..40u64 {
+        let next = step + 1;
+        // Explicit locks and guards in turn.
+        if next % 2 == 0 {
+            a.acquire(Kind::Exclusive, next, Wait::NonBlocking).unwrap();
+        } else {
+            guards.insert(next, a.try_write(next).unwrap());
+        }
+        // Another owner's try makes a fast hold a record of the table (and
+        // the path then stays closed while the owner holds anything): the
+        // first steps are left alone, the later ones are checked by both.
+        let checked = step >= 30;
+        if !checked {
+            assert_eq!(
+                a.fast_holds(),
+                2,
+                "step {step}: both holds on the fast path"
+            );
+        } else {
+            for i in [step, next] {
+                would_block(b.try_read(i));
+            }
+            to_child.send(step as u8);
+            to_parent.expect(1);
+        }
+        // Let go of the last, each the way it was taken.
+        match guards.remove(&step) {
+            Some(g) => drop(g),
+            None => a.release(step).unwrap(),
+        }
+        if !checked {
+            assert_eq!(a.fast_holds(), 1, "step {step}");
+        }
+        drop(b.try_read(step).unwrap());
+    }
+    to_child.send(0);
+    child.join();
+    a.release(40).unwrap();
+    assert_eq!(a.fast_holds(), 0);
+    assert!(a.held().is_empty());
+    drop(b.try_write(40).unwrap());
+}
+
+/// A third hold goes the usual way and takes both fast holds over: others
+/// are still kept out of all three, each is let go the usual way, and the
+/// path opens again once the owner holds nothing.
+#[test]
+fn a_third_hold_takes_both_fast_holds_over() {
+    let (_dir, path) = lock_path();
+    let a = shm(&path);
+    let b = shm(&path);
+    let g1 = a.write(1).unwrap();
+    a.acquire(Kind::Shared, 2, Wait::NonBlocking).unwrap();
+    assert_eq!(a.fast_holds(), 2);
+    let g3 = a.write(3).unwrap();
+    assert_eq!(a.fast_holds(), 0, "taken over into the bookkeeping");
+    would_block(b.try_read(1));
+    drop(b.try_read(2).unwrap());
+    would_block(b.try_write(2));
+    would_block(b.try_read(3));
+    assert_eq!(
+        a.held(),
+        vec![
+            (locksfile::Span::new(1, 2).unwrap(), Kind::Exclusive),
+            (locksfile::Span::new(2, 3).unwrap(), Kind::Shared),
+            (locksfile::Span::new(3, 4).unwrap(), Kind::Exclusive),
+        ]
+    );
+    drop(g1);
+    drop(b.try_write(1).unwrap());
+    a.release_all().unwrap();
+    drop(b.try_write(2).unwrap());
+    would_block(b.try_read(3));
+    drop(g3);
+    assert!(a.held().is_empty());
+    // Quiet again: the next pair is fast.
+    let g = a.write(7).unwrap();
+    assert_eq!(a.fast_holds(), 1);
+    drop(g);
+    drop(b.try_write(7).unwrap());
+    drop(b.try_write(3).unwrap());
+}
+
+/// Two fast holds on neighbouring indices read as one lock to another
+/// owner's probe, as the kernel merges an owner's touching locks; a
+/// release over both (`release_all`, and a wide lowering) lets go of
+/// both; a take of an index already held in the other slot (nesting,
+/// conversion) goes the usual way and keeps the lock.
+#[test]
+fn two_fast_holds_merge_and_go_together() {
+    let (_dir, path) = lock_path();
+    let a = shm(&path);
+    let b = shm(&path);
+    a.acquire(Kind::Exclusive, 10, Wait::NonBlocking).unwrap();
+    a.acquire(Kind::Exclusive, 11, Wait::NonBlocking).unwrap();
+    assert_eq!(a.fast_holds(), 2);
+    match b.try_read(10) {
+        Err(Error::WouldBlock {
+            holder: Some(h), ..
+        }) => assert_eq!(h.span, locksfile::Span::new(10, 12).unwrap()),
+        other => panic!("expected WouldBlock with a holder, got {other:?}"),
+    }
+    a.release_all().unwrap();
+    drop(b.try_write(10..12).unwrap());
+    // Nesting: a guard over an explicit lock of the same index.
+    a.acquire(Kind::Shared, 20, Wait::NonBlocking).unwrap();
+    let g = a.write(20).unwrap();
+    would_block(b.try_read(20));
+    drop(g);
+    drop(b.try_read(20).unwrap());
+    would_block(b.try_write(20));
+    // Conversion of one of two fast holds.
+    a.acquire(Kind::Shared, 21, Wait::NonBlocking).unwrap();
+    a.acquire(Kind::Exclusive, 21, Wait::NonBlocking).unwrap();
+    would_block(b.try_read(21));
+    a.release(20..22).unwrap();
+    drop(b.try_write(20..22).unwrap());
+    assert!(a.held().is_empty());
 }

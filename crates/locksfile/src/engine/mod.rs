@@ -218,7 +218,7 @@ pub(crate) trait Engine: Send + Sync {
     /// Whether the engine has a fast lane: one index taken and let go
     /// with a few atomic instructions ([`Engine::fast_take`],
     /// [`Engine::fast_release`]), which the owner's own fast path
-    /// (`owner/fast.rs`) then uses for a lone hold.
+    /// (`owner/fast.rs`) then uses for its lone holds.
     fn fast_lane(&self) -> bool {
         false
     }
@@ -227,13 +227,14 @@ pub(crate) trait Engine: Send + Sync {
     /// owner that holds nothing else there; `false`: not granted this way
     /// (the caller goes the usual way, [`Engine::try_set`], which also
     /// finds whatever the engine made of a word it took away meanwhile).
-    /// Only called when [`Engine::fast_lane`] says so, one call at a time
-    /// per owner and while no other call of the owner runs (the owner's
-    /// fast path, `owner/fast.rs`, F1 and F4), and the hold it takes goes
-    /// only by [`Engine::fast_release`] or [`Engine::fast_take_over`].
+    /// Only called when [`Engine::fast_lane`] says so, for slot `slot` of
+    /// the owner's fast path (`owner/fast.rs`): one call at a time per
+    /// slot, and while no call of the owner but the fast path's runs (F1,
+    /// F4); the hold it takes goes only by [`Engine::fast_release`] or
+    /// [`Engine::fast_take_over`].
     #[inline(always)]
-    fn fast_take(&self, span: Span, kind: Kind) -> bool {
-        let _ = (span, kind);
+    fn fast_take(&self, span: Span, kind: Kind, slot: usize) -> bool {
+        let _ = (span, kind, slot);
         false
     }
 

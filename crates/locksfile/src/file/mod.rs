@@ -622,6 +622,16 @@ impl LockFile {
         self.release(Span::ALL)
     }
 
+    /// How many of the owner's holds its fast path keeps now, outside the
+    /// bookkeeping (shm mode; for tests of that path).
+    #[doc(hidden)]
+    pub fn fast_holds(&self) -> usize {
+        match &self.owner {
+            Owners::Shm(o) => o.fast_holds(),
+            _ => 0,
+        }
+    }
+
     /// Everything the owner holds (the handle in OFD mode; every handle of
     /// this file in this process in process mode), with guards, piece by piece.
     /// A lost server session holds nothing, whatever guards remain.

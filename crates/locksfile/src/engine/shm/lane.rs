@@ -16,7 +16,7 @@
 //! | | the mutex holder | anything, by CAS while the word may be fast (store only over `SLOW` or `MOVING`) |
 //! | gate | the mutex holder | store (`SeqCst`) |
 //! | an owner's fast list | its own calls (no lock) | an entry `0 -> lane + 1` before its word goes in, `lane + 1 -> 0` after it went: CAS only |
-//! | | its fast path (no lock, one call at a time) | the kept entry ([`KEPT`]) `other lane + 1 -> lane + 1` before its word goes in, when the owner has no word in the other lane; left as it is when the word goes: CAS only |
+//! | | its fast path (no lock, one call at a time per slot) | a kept entry ([`KEPT`], one per slot of that path) `other lane + 1 -> lane + 1` before its word goes in, when the owner has no word in the other lane; left as it is when the word goes: CAS only |
 //! | | the mutex holder | `lane + 1 -> 0` by CAS; a dead owner's list stored 0 |
 //! | bucket heads, records | the mutex holder | plain writes (fast calls never read them) |
 //!
@@ -79,12 +79,12 @@
 //!   so a scan of the lists after closing the gate finds every word that
 //!   can be granted (I3); removals are swaps of one entry of that lane,
 //!   never stores, as threads of one owner list at once. An entry may
-//!   outlive its word (the kept entry, so that a pair on one index lists
+//!   outlive its word (a kept entry, so that a pair on one index lists
 //!   nothing): a scan finds no word of the owner there and goes on.
 //!   Anyone but the owner strikes an entry off only after taking the
 //!   owner's word from that lane away, under the mutex, and before the
 //!   lane can be empty again; so the owner's fast path, reading the lane
-//!   empty (`Acquire`) and then its kept entry naming that lane, reads an
+//!   empty (`Acquire`) and then a kept entry naming that lane, reads an
 //!   entry that lists it until its word is in.
 //! - **I8** A lane word read without the mutex is acted on only by CAS from
 //!   it, so a stale read costs a failed CAS and a retry, never a wrong
@@ -547,7 +547,7 @@ impl Shm {
             // I8: acted on by CAS alone.
             let w = lane.load(Ordering::Acquire);
             if w == LANE_EMPTY {
-                return Ok(self.fast_raise(span, kind, false));
+                return Ok(self.fast_raise(span, kind, None));
             }
             if !self.fast_in_way(w, i, kind) {
                 return Ok(false);
@@ -590,13 +590,13 @@ impl Shm {
 
 impl Shm {
     /// Take one index on the fast lane: two atomic instructions (the list
-    /// entry and the word), or one when `keep` finds the kept entry
-    /// listing the lane already ([`KEPT`]); no mutex. `keep` is for the
-    /// owner's fast path alone, whose calls come one at a time. `false`:
-    /// not granted this way (the lane is not empty, or the gate is
-    /// closed); the caller takes the mutex.
+    /// entry and the word), or one when `keep` names a kept entry
+    /// ([`KEPT`]) that lists the lane already; no mutex. `keep` is for the
+    /// owner's fast path alone, whose takes through one entry come one at
+    /// a time. `false`: not granted this way (the lane is not empty, or the
+    /// gate is closed); the caller takes the mutex.
     #[inline(always)]
-    pub(super) fn fast_raise(&self, span: Span, kind: Kind, keep: bool) -> bool {
+    pub(super) fn fast_raise(&self, span: Span, kind: Kind, keep: Option<usize>) -> bool {
         let Some((i, l)) = lane_of(span) else {
             return false;
         };
@@ -608,7 +608,7 @@ impl Shm {
             Took::Granted => true,
             Took::No => false,
             Took::Gone => {
-                if keep {
+                if keep.is_some() {
                     self.withdraw(i);
                 }
                 false

@@ -109,6 +109,7 @@ use crate::kind::Kind;
 use crate::span::{Span, INDEX_END};
 use crate::sys;
 
+use self::lane::{KEPT, KEPT_ENTRIES};
 use self::layout::{code, kind_of, lane_of, overlaps, NIL, RECORDS, SLOTS};
 use self::process::Joined;
 use self::repair::proc_alive;
@@ -509,13 +510,13 @@ impl Shm {
                 self.lower(&mut g, span.start(), span.end(), 0);
                 Ok(true)
             }
-            Some(k) if self.fast_raise(span, k, false) => Ok(true),
+            Some(k) if self.fast_raise(span, k, None) => Ok(true),
             Some(k) => self.raise(span, k, true),
         }
     }
 
     fn try_set_before_wait_inner(&self, span: Span, kind: Kind) -> Result<bool, Error> {
-        if self.fast_raise(span, kind, false) {
+        if self.fast_raise(span, kind, None) {
             return Ok(true);
         }
         // Another owner's fast hold on this very index: refused without
@@ -627,9 +628,10 @@ impl Engine for Shm {
     // slot that are in range by construction, so it notes nothing corrupt
     // (a word written over fails the CAS, and the usual way finds it).
     #[inline(always)]
-    // The owner's fast path keeps its list entry from pair to pair.
-    fn fast_take(&self, span: Span, kind: Kind) -> bool {
-        self.fast_raise(span, kind, true)
+    // Each slot of the owner's fast path keeps its list entry from pair
+    // to pair.
+    fn fast_take(&self, span: Span, kind: Kind, slot: usize) -> bool {
+        self.fast_raise(span, kind, Some(KEPT + slot % KEPT_ENTRIES))
     }
 
     #[inline(always)]

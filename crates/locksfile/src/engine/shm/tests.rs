@@ -13,7 +13,7 @@ use crate::span::Span;
 use crate::sys;
 
 use super::deadlock::topo_sort;
-use super::lane::{KEPT, LANE_NAP};
+use super::lane::{KEPT, KEPT_ENTRIES, LANE_NAP};
 use super::layout::{
     bucket, fast_word, lane_owner, EXCLUSIVE, LANE_EMPTY, LANE_MOVING, LANE_SLOW, LANE_WAITING,
     SHARED,
@@ -199,7 +199,7 @@ fn the_fast_lane_gives_way_to_the_table_and_comes_back() {
     // Shared over 0..10 closes the gate: no fast hold meanwhile, and the
     // slow way refuses what it covers.
     assert!(
-        !a.fast_raise(one(20), Kind::Exclusive, false),
+        !a.fast_raise(one(20), Kind::Exclusive, None),
         "the gate is closed"
     );
     assert!(!a.try_set(one(5), Some(Kind::Exclusive)).unwrap());
@@ -208,7 +208,7 @@ fn the_fast_lane_gives_way_to_the_table_and_comes_back() {
     assert!(a.try_set(one(20), None).unwrap());
     a.lock().unwrap().verify(a.fd()).unwrap();
     assert_eq!(b.map.gate().load(Ordering::SeqCst), 0, "open again");
-    assert!(a.fast_raise(one(20), Kind::Shared, false));
+    assert!(a.fast_raise(one(20), Kind::Shared, None));
 }
 
 #[test]
@@ -469,18 +469,18 @@ fn the_kept_entry_follows_the_fast_path_and_is_seen_by_wide_requests() {
     let (_dir, [a, b]) = handles();
     let wide = Span::new(0, 1000).unwrap();
     // A pair kept: the entry stays, naming lane 5's bucket; no other entry.
-    assert!(a.fast_raise(one(5), Kind::Shared, true));
+    assert!(a.fast_raise(one(5), Kind::Shared, Some(KEPT)));
     assert!(a.fast_lower(one(5), true));
     let kept = bucket(5) as u32 + 1;
     assert_eq!(list_of(&a)[KEPT], kept);
     assert_eq!(list_of(&a).iter().filter(|&&v| v != 0).count(), 1);
     // Again on 5: nothing new is listed.
-    assert!(a.fast_raise(one(5), Kind::Exclusive, true));
+    assert!(a.fast_raise(one(5), Kind::Exclusive, Some(KEPT)));
     assert_eq!(list_of(&a).iter().filter(|&&v| v != 0).count(), 1);
     assert!(a.fast_lower(one(5), true));
     // On 7: the kept entry moves there, and a wide request (scanning the
     // lists, as it spans more than a fine scan) sees the hold.
-    assert!(a.fast_raise(one(7), Kind::Exclusive, true));
+    assert!(a.fast_raise(one(7), Kind::Exclusive, Some(KEPT)));
     assert_eq!(list_of(&a)[KEPT], bucket(7) as u32 + 1);
     assert_eq!(list_of(&a).iter().filter(|&&v| v != 0).count(), 1);
     assert!(!b.try_set(wide, Some(Kind::Shared)).unwrap());
@@ -495,9 +495,9 @@ fn the_kept_entry_follows_the_fast_path_and_is_seen_by_wide_requests() {
     // take that would keep another is refused (its release would leave an
     // entry behind); the usual way lists the lane beside it, and both are
     // seen.
-    assert!(a.fast_raise(one(5), Kind::Exclusive, true));
-    assert!(!a.fast_raise(one(9), Kind::Exclusive, true));
-    assert!(a.fast_raise(one(9), Kind::Exclusive, false));
+    assert!(a.fast_raise(one(5), Kind::Exclusive, Some(KEPT)));
+    assert!(!a.fast_raise(one(9), Kind::Exclusive, Some(KEPT)));
+    assert!(a.fast_raise(one(9), Kind::Exclusive, None));
     assert_eq!(list_of(&a)[KEPT], kept);
     assert!(list_of(&a).contains(&(bucket(9) as u32 + 1)));
     let h = b.probe(wide, Kind::Shared).unwrap().expect("held");
@@ -508,10 +508,13 @@ fn the_kept_entry_follows_the_fast_path_and_is_seen_by_wide_requests() {
     // The usual way's own entries are struck off when their words go,
     // before the kept one.
     assert!(a.try_set(Span::ALL, None).unwrap());
-    assert!(a.fast_raise(one(11), Kind::Shared, false));
+    assert!(a.fast_raise(one(11), Kind::Shared, None));
     assert!(a.fast_lower(one(11), false));
     assert_eq!(
-        list_of(&a)[KEPT + 1..].iter().filter(|&&v| v != 0).count(),
+        list_of(&a)[KEPT + KEPT_ENTRIES..]
+            .iter()
+            .filter(|&&v| v != 0)
+            .count(),
         0
     );
     a.lock().unwrap().verify(a.fd()).unwrap();

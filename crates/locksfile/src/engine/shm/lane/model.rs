@@ -284,7 +284,7 @@ impl World {
 
     /// `try_set` raising one index: the fast lane, else the table.
     fn take_one(&self, o: u32, i: u64, kind: u32) -> bool {
-        self.take_one_keeping(o, i, kind, false)
+        self.take_one_keeping(o, i, kind, None)
     }
 
     /// `try_set` letting one index go: the fast lane, else the table.
@@ -292,13 +292,13 @@ impl World {
         self.let_go_one_keeping(o, i, false)
     }
 
-    /// As `take_one`; `keep`: as the owner's fast path takes, through its
+    /// As `take_one`; `keep`: as the owner's fast path takes, through that
     /// kept entry.
-    fn take_one_keeping(&self, o: u32, i: u64, kind: u32, keep: bool) -> bool {
+    fn take_one_keeping(&self, o: u32, i: u64, kind: u32, keep: Option<usize>) -> bool {
         match take(self, o, i, i as usize, kind, keep) {
             Took::Granted => return true,
             // As `Shm::withdraw`: a record made of the word goes.
-            Took::Gone if keep => self.lock().lower(o, i, i + 1, 0),
+            Took::Gone if keep.is_some() => self.lock().lower(o, i, i + 1, 0),
             _ => {}
         }
         self.lock().raise(o, i, i + 1, kind)
@@ -317,7 +317,7 @@ impl World {
         loop {
             let w = Word::load(&self.lanes[l], Acquire);
             if w == LANE_EMPTY {
-                if take(self, o, i, l, kind, false) == Took::Granted {
+                if take(self, o, i, l, kind, None) == Took::Granted {
                     return true;
                 }
                 break;

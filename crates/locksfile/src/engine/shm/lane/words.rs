@@ -145,13 +145,17 @@ fn mutated(_: &str) -> bool {
     false
 }
 
-/// The entry of an owner's fast list that its fast path keeps: it lists
-/// the lane of the owner's last fast hold taken that way, and stays when
-/// the hold goes (I7), so that a pair on one index lists nothing and
-/// strikes nothing off. Written by the owner only through [`take`] with
-/// `keep` (its calls that keep are one at a time: the owner's fast path),
-/// struck off by anyone as every entry is.
+/// The first of the entries of an owner's fast list that its fast path
+/// keeps, one per slot of that path (`owner/fast.rs`): each lists the lane
+/// of the last fast hold its slot took, and stays when the hold goes
+/// (I7), so that a pair on one index lists nothing and strikes nothing
+/// off. Written by the owner only through [`take`] with `keep` naming it
+/// (its slot's takes are one at a time), struck off by anyone as every
+/// entry is.
 pub(in crate::engine::shm) const KEPT: usize = 0;
+/// How many kept entries there are; the others are listed and struck off
+/// word by word.
+pub(in crate::engine::shm) const KEPT_ENTRIES: usize = 2;
 
 /// What a fast take came to.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -165,8 +169,8 @@ pub(in crate::engine::shm) enum Took {
 }
 
 /// Owner `me` takes index `i` (in lane `l`) at `kind` on the fast lane;
-/// `keep`: through the kept entry ([`KEPT`]), and the word's release keeps
-/// it too ([`let_go`] with `keep`).
+/// `keep`: through that kept entry ([`KEPT`]), and the word's release
+/// keeps it too ([`let_go`] with `keep`).
 #[inline(always)]
 pub(in crate::engine::shm) fn take<M: Lanes>(
     m: &M,
@@ -174,7 +178,7 @@ pub(in crate::engine::shm) fn take<M: Lanes>(
     i: u64,
     l: usize,
     kind: u32,
-    keep: bool,
+    keep: Option<usize>,
 ) -> Took {
     let lane = m.lane(l);
     // I8: a stale read costs the CAS below. Acquire: I7, whoever struck
@@ -184,10 +188,9 @@ pub(in crate::engine::shm) fn take<M: Lanes>(
     }
     // I7: listed before the word is written, so that a scan of the lists
     // finds every fast hold.
-    let listed = if keep {
-        keep_listed(m, me, l)
-    } else {
-        list(m, me, l)
+    let listed = match keep {
+        Some(k) => keep_listed(m, me, l, k),
+        None => list(m, me, l),
     };
     if !listed {
         return Took::No;
@@ -198,18 +201,18 @@ pub(in crate::engine::shm) fn take<M: Lanes>(
         .compare_exchange(LANE_EMPTY, w, Ordering::SeqCst, Ordering::Relaxed)
         .is_err()
     {
-        if !keep {
+        if keep.is_none() {
             m.unlist(me, l);
         }
         return Took::No;
     }
-    confirm(m, me, l, w, keep)
+    confirm(m, me, l, w, keep.is_some())
 }
 
-/// List lane `l` on a free entry of `me`'s list (not the kept one).
+/// List lane `l` on a free entry of `me`'s list (not a kept one).
 #[inline(always)]
 fn list<M: Lanes>(m: &M, me: u32, l: usize) -> bool {
-    m.fast_list(me)[KEPT + 1..].iter().any(|e| {
+    m.fast_list(me)[KEPT + KEPT_ENTRIES..].iter().any(|e| {
         // A stale read costs the CAS, as I8 for lane words.
         e.load(Ordering::Relaxed) == 0
             && e.compare_exchange(0, l as u32 + 1, Ordering::SeqCst, Ordering::Relaxed)
@@ -217,14 +220,15 @@ fn list<M: Lanes>(m: &M, me: u32, l: usize) -> bool {
     })
 }
 
-/// List lane `l` on `me`'s kept entry: nothing to do when it lists `l`
+/// List lane `l` on `me`'s kept entry `k`: nothing to do when it lists `l`
 /// already; else it is moved there from the lane it names, unless a word
-/// of `me` is still in that lane: then `false` (the take goes the usual
-/// way; a free entry would outlive the word, as its release keeps it).
+/// of `me` is still in that lane that no other entry lists: then `false`
+/// (the take goes the usual way; a free entry would outlive the word, as
+/// its release keeps it).
 #[inline(always)]
-fn keep_listed<M: Lanes>(m: &M, me: u32, l: usize) -> bool {
+fn keep_listed<M: Lanes>(m: &M, me: u32, l: usize, k: usize) -> bool {
     let v = l as u32 + 1;
-    let e = &m.fast_list(me)[KEPT];
+    let e = &m.fast_list(me)[k];
     loop {
         // Acquire, with the lane's (see `take`): an entry struck off is
         // read struck off.
@@ -235,7 +239,15 @@ fn keep_listed<M: Lanes>(m: &M, me: u32, l: usize) -> bool {
         if now != 0 {
             // I7: an entry goes only when its word went.
             let w = m.lane((now - 1) as usize % BUCKETS).load(Ordering::Acquire);
-            if is_fast(w) && lane_owner(w) == me {
+            // Another entry naming that lane stays while the word does (I7).
+            if is_fast(w)
+                && lane_owner(w) == me
+                && !m
+                    .fast_list(me)
+                    .iter()
+                    .enumerate()
+                    .any(|(j, o)| j != k && o.load(Ordering::Acquire) == now)
+            {
                 return false;
             }
         }

@@ -7,7 +7,7 @@ use loom::sync::{Arc, Mutex};
 use loom::thread;
 
 use super::super::super::layout::{fast_word, is_fast, EXCLUSIVE, LANE_WAITING, SHARED};
-use super::super::{close_gate, in_way, mark, scan, take, Lanes, Took, Word};
+use super::super::{close_gate, in_way, mark, scan, take, Lanes, Took, Word, KEPT_ENTRIES};
 use super::{Step, World, X};
 
 fn model(f: impl Fn() + Sync + Send + 'static) {
@@ -73,7 +73,7 @@ fn a_word_taken_away_is_not_granted_when_the_gate_opens() {
                 w1.let_go_one(1, 0);
             }
         });
-        if take(&*w, 0, 0, 0, EXCLUSIVE, false) == Took::Granted {
+        if take(&*w, 0, 0, 0, EXCLUSIVE, None) == Took::Granted {
             w.enter(0, EXCLUSIVE);
             w.exit(0, EXCLUSIVE);
             w.let_go_one(0, 0);
@@ -94,8 +94,9 @@ fn a_removal_from_a_list_takes_one_entry_of_its_lane() {
     model(|| {
         let w = World::with(true);
         w.fast_held(0, 0, EXCLUSIVE);
-        // The second thread's own entry, listed before its CAS failed.
-        Word::store(&w.lists[0][1], 1, Relaxed);
+        // The second thread's own entry (the first past the kept ones),
+        // listed before its CAS failed.
+        Word::store(&w.lists[0][KEPT_ENTRIES], 1, Relaxed);
         // The first thread keeps this until owner 1 is done.
         let done = Arc::new(Mutex::new(()));
         let working = done.lock().unwrap();
@@ -103,7 +104,7 @@ fn a_removal_from_a_list_takes_one_entry_of_its_lane() {
         let first = thread::spawn(move || {
             w1.exit(0, EXCLUSIVE);
             w1.let_go_one(0, 0);
-            let took = take(&*w1, 0, 1, 1, EXCLUSIVE, false) == Took::Granted;
+            let took = take(&*w1, 0, 1, 1, EXCLUSIVE, None) == Took::Granted;
             if took {
                 w1.enter(1, EXCLUSIVE);
             }
@@ -286,11 +287,47 @@ fn the_kept_entry_moves_with_the_fast_hold() {
         let w0 = w.clone();
         let t = thread::spawn(move || {
             for i in [0, 1] {
-                if w0.take_one_keeping(0, i, EXCLUSIVE, true) {
+                if w0.take_one_keeping(0, i, EXCLUSIVE, Some(0)) {
                     w0.enter(i, EXCLUSIVE);
                     w0.exit(i, EXCLUSIVE);
                     w0.let_go_one_keeping(0, i, true);
                 }
+            }
+        });
+        if w.lock().raise(1, 0, 2, EXCLUSIVE) {
+            w.enter(0, EXCLUSIVE);
+            w.enter(1, EXCLUSIVE);
+            w.exit(0, EXCLUSIVE);
+            w.exit(1, EXCLUSIVE);
+            w.lock().lower(1, 0, 2, 0);
+        }
+        t.join().unwrap();
+    });
+}
+
+/// A walk hand over hand through two kept entries (the fast path's two
+/// slots): owner 0 holds index 0 on the fast lane, listed by entry 0, and
+/// entry 1 still names lane 0 from an earlier hold; it takes index 1
+/// through entry 1 (which moves, as entry 0 still lists lane 0), then lets
+/// go of both, while owner 1 raises 0..2 finding fast holds through the
+/// lists.
+#[test]
+fn a_walk_hand_over_hand_through_two_kept_entries() {
+    model(|| {
+        let w = World::with(true);
+        w.fast_held(0, 0, EXCLUSIVE);
+        Word::store(&w.lists[0][1], 1, Relaxed);
+        let w0 = w.clone();
+        let t = thread::spawn(move || {
+            let took = w0.take_one_keeping(0, 1, EXCLUSIVE, Some(1));
+            if took {
+                w0.enter(1, EXCLUSIVE);
+            }
+            w0.exit(0, EXCLUSIVE);
+            w0.let_go_one_keeping(0, 0, true);
+            if took {
+                w0.exit(1, EXCLUSIVE);
+                w0.let_go_one_keeping(0, 1, true);
             }
         });
         if w.lock().raise(1, 0, 2, EXCLUSIVE) {
