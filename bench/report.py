@@ -746,6 +746,21 @@ def shm_reading(w, pair, held, ring, ring_q, shapes, pv):
             "%s and %s of the raw `F_OFD_SETLK` pair in the same run (targets: at most 150 ns, at most 0.25×)."
             % (fmt_time(g), fmt_time(e), fmt_ratio(g, base), fmt_ratio(e, base))
         )
+    floor = {k: pair[k, "pthread_rwlock_pshared"] for k in ("exclusive", "shared")}
+    cells = [
+        "%s %s %s (%s)" % (k, api, fmt_time(pair[k, "locksfile_shm_" + api]), fmt_ratio(pair[k, "locksfile_shm_" + api], floor[k]))
+        for k in ("exclusive", "shared")
+        for api in ("guard", "explicit")
+        if pair[k, "locksfile_shm_" + api] and floor[k]
+    ]
+    if cells:
+        w(
+            "- **shm pairs beside the process-shared rwlock.** Against the `pthread_rwlock_t` pair of the "
+            "same run (write lock for exclusive, %s; read lock for shared, %s; target: within 2×): %s. "
+            "A pair is the owner's fast path (one claim of a slot of the owner, the lane word's take and "
+            "release, no mutex and no bookkeeping) against the rwlock's two atomic instructions."
+            % (fmt_time(floor["exclusive"]), fmt_time(floor["shared"]), "; ".join(cells))
+        )
     h1, h10k, k10k = held["locksfile_shm", 1], held["locksfile_shm", 10000], held["fcntl_ofd", 10000]
     if h1 and h10k and k10k:
         w(

@@ -12,6 +12,20 @@ def lock_path(tmp_path):
     return tmp_path / "test.lock"
 
 
+@pytest.fixture(params=["shm", "ofd"])
+def pair(request, tmp_path):
+    """Two owners of one file (``lf`` takes, ``other`` probes), in each mode
+    where two objects exclude each other (process mode: one owner)."""
+    from pylocksfile import LocksFile
+
+    path = str(tmp_path / "pair.lock")
+    lf = LocksFile(path, mode=request.param)
+    other = LocksFile(path, mode=request.param)
+    yield lf, other
+    lf.close()
+    other.close()
+
+
 @pytest.fixture
 def spawn_worker(lock_path):
     """``spawn_worker(ctx="fork", path=lock_path)`` starts a :class:`support.Worker`."""

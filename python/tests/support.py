@@ -532,3 +532,21 @@ def current_syscall(tid: int) -> int | None:
     except (OSError, IndexError):
         return None
     return int(first) if first.lstrip("-").isdigit() else None
+
+
+def free(other, i) -> bool:
+    """Whether ``other`` (a ``LocksFile``) can write-lock ``i`` now (let go at once)."""
+    g = other.try_write(i)
+    if g is None:
+        return False
+    g.release()
+    return True
+
+
+def shared_free(other, i) -> bool:
+    """Whether ``other`` can read-lock ``i`` now (let go at once)."""
+    g = other.try_read(i)
+    if g is None:
+        return False
+    g.release()
+    return True

@@ -10,28 +10,7 @@ import warnings
 import pytest
 
 from pylocksfile import Guard, LocksFile
-
-# Two objects exclude each other in these modes (process mode: one owner).
-MODES = ["shm", "ofd"]
-
-
-@pytest.fixture(params=MODES)
-def pair(request, tmp_path):
-    """Two owners of one file: `lf` takes, `other` probes."""
-    path = str(tmp_path / "reuse.lock")
-    lf = LocksFile(path, mode=request.param)
-    other = LocksFile(path, mode=request.param)
-    yield lf, other
-    lf.close()
-    other.close()
-
-
-def free(other, i):
-    g = other.try_write(i)
-    if g is None:
-        return False
-    g.release()
-    return True
+from support import free
 
 
 def test_a_guard_kept_after_its_block_never_releases_a_newer_guards_lock(pair):

@@ -12,35 +12,7 @@ import warnings
 import pytest
 
 from pylocksfile import LocksFile
-
-MODES = ["shm", "ofd"]
-
-
-@pytest.fixture(params=MODES)
-def pair(request, tmp_path):
-    """Two owners of one file: `lf` takes, `other` probes."""
-    path = str(tmp_path / "state.lock")
-    lf = LocksFile(path, mode=request.param)
-    other = LocksFile(path, mode=request.param)
-    yield lf, other
-    lf.close()
-    other.close()
-
-
-def free(other, i):
-    g = other.try_write(i)
-    if g is None:
-        return False
-    g.release()
-    return True
-
-
-def shared_free(other, i):
-    g = other.try_read(i)
-    if g is None:
-        return False
-    g.release()
-    return True
+from support import free, shared_free
 
 
 def test_every_transition_shows_in_held_kind_and_repr(pair):

@@ -396,27 +396,6 @@ fn two_processes_race_on_one_index() {
     assert_eq!(n, 4000);
 }
 
-/// The thread's id, for `/proc/self/task`.
-fn tid() -> libc::pid_t {
-    // SAFETY: no arguments, no memory.
-    unsafe { libc::gettid() }
-}
-
-/// Until thread `tid` sleeps in a system call.
-fn asleep(tid: libc::pid_t) {
-    let start = std::time::Instant::now();
-    loop {
-        let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).unwrap();
-        let state = stat.rsplit(')').next().unwrap().split_whitespace().next();
-        let call = std::fs::read_to_string(format!("/proc/self/task/{tid}/syscall")).unwrap();
-        if state == Some("S") && !call.starts_with("running") {
-            return;
-        }
-        assert!(start.elapsed() < STUCK, "thread {tid} never slept");
-        thread::yield_now();
-    }
-}
-
 /// A thread that waits for a sibling's wait in the engine to end finds
 /// the fast path closed when it goes on: the sibling's wait, ended with
 /// nothing got, left the handle quiet and opened the path meanwhile.
@@ -442,7 +421,7 @@ fn a_thread_woken_by_a_siblings_wait_closes_the_fast_path_again() {
             h.acquire_cancellable(Kind::Exclusive, 4..6, Wait::Blocking, &cancel)
         })
     };
-    asleep(rx.recv().unwrap());
+    asleep_in_kernel(rx.recv().unwrap());
     let waker = {
         let (h, tx) = (h.clone(), tx.clone());
         thread::spawn(move || {
@@ -451,7 +430,7 @@ fn a_thread_woken_by_a_siblings_wait_closes_the_fast_path_again() {
             h.acquire(Kind::Exclusive, 4, Wait::Blocking)
         })
     };
-    asleep(rx.recv().unwrap());
+    asleep_in_kernel(rx.recv().unwrap());
     cancel.cancel();
     assert!(matches!(sibling.join().unwrap(), Err(Error::Cancelled)));
     waker.join().unwrap().unwrap();

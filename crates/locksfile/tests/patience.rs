@@ -938,23 +938,6 @@ fn catch_sigusr1() {
     });
 }
 
-/// Wait until the thread with kernel id `tid` sleeps in a system call (its
-/// wait's sleep: a signal sent before it gets there would find no call to
-/// end, as for any wait that a signal ends by interrupting a call).
-fn asleep_in_kernel(tid: libc::pid_t) {
-    let start = Instant::now();
-    loop {
-        let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).unwrap();
-        let state = stat.rsplit(')').next().unwrap().split_whitespace().next();
-        let call = std::fs::read_to_string(format!("/proc/self/task/{tid}/syscall")).unwrap();
-        if state == Some("S") && !call.starts_with("running") {
-            return;
-        }
-        assert!(start.elapsed() < STUCK, "thread {tid} never slept");
-        std::thread::yield_now();
-    }
-}
-
 fn signal_thread(thread: libc::pthread_t) {
     // SAFETY: the thread is alive (it waits, and is joined later).
     let r = unsafe { libc::pthread_kill(thread, libc::SIGUSR1) };

@@ -720,3 +720,26 @@ impl Holding {
         self.child.join();
     }
 }
+
+/// The calling thread's kernel id, for `/proc/self/task`.
+pub fn tid() -> libc::pid_t {
+    // SAFETY: no arguments, no memory.
+    unsafe { libc::gettid() }
+}
+
+/// Wait until the thread with kernel id `tid` sleeps in a system call (its
+/// wait's sleep: a signal sent before it gets there would find no call to
+/// end, as for any wait that a signal ends by interrupting a call).
+pub fn asleep_in_kernel(tid: libc::pid_t) {
+    let start = std::time::Instant::now();
+    loop {
+        let stat = fs::read_to_string(format!("/proc/self/task/{tid}/stat")).unwrap();
+        let state = stat.rsplit(')').next().unwrap().split_whitespace().next();
+        let call = fs::read_to_string(format!("/proc/self/task/{tid}/syscall")).unwrap();
+        if state == Some("S") && !call.starts_with("running") {
+            return;
+        }
+        assert!(start.elapsed() < STUCK, "thread {tid} never slept");
+        std::thread::yield_now();
+    }
+}

@@ -18,6 +18,18 @@ fn model(f: impl Fn() + Sync + Send + 'static) {
     b.check(f);
 }
 
+/// Owner `o` raises 0..2 through the table and, if granted, holds both
+/// indices a moment (the ghost counts check that no one else does).
+fn raise_both(w: &World, o: u32) {
+    if w.lock().raise(o, 0, 2, EXCLUSIVE) {
+        w.enter(0, EXCLUSIVE);
+        w.enter(1, EXCLUSIVE);
+        w.exit(0, EXCLUSIVE);
+        w.exit(1, EXCLUSIVE);
+        w.lock().lower(o, 0, 2, 0);
+    }
+}
+
 /// A word taken while the gate closes (I3): a fast take of index 0
 /// against a raise over 0..2 through the table.
 #[test]
@@ -118,13 +130,7 @@ fn a_removal_from_a_list_takes_one_entry_of_its_lane() {
         // What `take` does after its lane CAS failed.
         let second = thread::spawn(move || w2.unlist(0, 0));
         second.join().unwrap();
-        if w.lock().raise(1, 0, 2, EXCLUSIVE) {
-            w.enter(0, EXCLUSIVE);
-            w.enter(1, EXCLUSIVE);
-            w.exit(0, EXCLUSIVE);
-            w.exit(1, EXCLUSIVE);
-            w.lock().lower(1, 0, 2, 0);
-        }
+        raise_both(&w, 1);
         drop(working);
         first.join().unwrap();
     });
@@ -294,13 +300,7 @@ fn the_kept_entry_moves_with_the_fast_hold() {
                 }
             }
         });
-        if w.lock().raise(1, 0, 2, EXCLUSIVE) {
-            w.enter(0, EXCLUSIVE);
-            w.enter(1, EXCLUSIVE);
-            w.exit(0, EXCLUSIVE);
-            w.exit(1, EXCLUSIVE);
-            w.lock().lower(1, 0, 2, 0);
-        }
+        raise_both(&w, 1);
         t.join().unwrap();
     });
 }
@@ -330,13 +330,7 @@ fn a_walk_hand_over_hand_through_two_kept_entries() {
                 w0.let_go_one_keeping(0, 1, true);
             }
         });
-        if w.lock().raise(1, 0, 2, EXCLUSIVE) {
-            w.enter(0, EXCLUSIVE);
-            w.enter(1, EXCLUSIVE);
-            w.exit(0, EXCLUSIVE);
-            w.exit(1, EXCLUSIVE);
-            w.lock().lower(1, 0, 2, 0);
-        }
+        raise_both(&w, 1);
         t.join().unwrap();
     });
 }
