@@ -29,7 +29,7 @@ use pyo3::types::{PyString, PyType};
 use super::args::{BlockingArg, LockN, WriteLockArg};
 use super::pylocksfile::Pylocksfile;
 use crate::spans::plain_index;
-use crate::trap::trap;
+use crate::trap::{add_method, trap};
 
 /// `METH_FASTCALL`: in CPython's ABI since 3.7 (limited API headers: 3.10).
 const METH_FASTCALL: c_int = 0x0080;
@@ -57,26 +57,16 @@ fn add(
     doc: &'static CStr,
     f: FastWithKeywords,
 ) -> PyResult<()> {
-    let py = cls.py();
-    let def: &'static mut ffi::PyMethodDef = Box::leak(Box::new(ffi::PyMethodDef {
-        ml_name: name.as_ptr(),
-        ml_meth: ffi::PyMethodDefPointer {
-            // SAFETY: CPython calls `ml_meth` with the signature its flags
-            // name (METH_FASTCALL | METH_KEYWORDS below), which is `f`'s;
-            // the union field only records the pointer.
-            PyCFunctionWithKeywords: unsafe {
-                std::mem::transmute::<FastWithKeywords, ffi::PyCFunctionWithKeywords>(f)
-            },
+    let meth = ffi::PyMethodDefPointer {
+        // SAFETY: CPython calls `ml_meth` with the signature its flags
+        // name (METH_FASTCALL | METH_KEYWORDS below), which is `f`'s; the
+        // union field only records the pointer.
+        PyCFunctionWithKeywords: unsafe {
+            std::mem::transmute::<FastWithKeywords, ffi::PyCFunctionWithKeywords>(f)
         },
-        ml_flags: METH_FASTCALL | ffi::METH_KEYWORDS,
-        ml_doc: doc.as_ptr(),
-    }));
-    // SAFETY: `cls` is a live type object and `def` is never freed.
-    let descr = unsafe {
-        Bound::from_owned_ptr_or_err(py, ffi::PyDescr_NewMethod(cls.as_type_ptr(), def))?
     };
     let name = name.to_str().expect("ASCII method name");
-    cls.setattr(name, descr)
+    add_method(cls, name, doc, METH_FASTCALL | ffi::METH_KEYWORDS, meth)
 }
 
 /// The shared trampoline: GIL token, self, argument slots, panics. Made

@@ -36,7 +36,7 @@ use pyo3::types::{PyDict, PyTuple, PyType};
 
 use super::guard::PyGuard;
 use super::locks_file::PyLocksFile;
-use crate::trap::trap;
+use crate::trap::{add_method, trap};
 
 /// `METH_FASTCALL`: in CPython's ABI since 3.7 (limited API headers: 3.10).
 const METH_FASTCALL: c_int = 0x0080;
@@ -70,7 +70,7 @@ pub fn install(py: Python<'_>) -> PyResult<()> {
                 std::mem::transmute::<FastWithKeywords, ffi::PyCFunctionWithKeywords>(f)
             },
         };
-        add(&lf, name, doc, METH_FASTCALL | ffi::METH_KEYWORDS, meth)?;
+        add_method(&lf, name, doc, METH_FASTCALL | ffi::METH_KEYWORDS, meth)?;
     }
     let guard = py.get_type::<PyGuard>();
     WEAKLIST_OFFSET.store(
@@ -100,32 +100,6 @@ fn doc_of(name: &str, old: &Bound<'_, PyAny>) -> PyResult<&'static std::ffi::CSt
     let c =
         CString::new(text).map_err(|e| pyo3::exceptions::PyValueError::new_err(e.to_string()))?;
     Ok(Box::leak(c.into_boxed_c_str()))
-}
-
-fn add(
-    cls: &Bound<'_, PyType>,
-    name: &str,
-    doc: &'static std::ffi::CStr,
-    flags: c_int,
-    meth: ffi::PyMethodDefPointer,
-) -> PyResult<()> {
-    let py = cls.py();
-    let cname: &'static std::ffi::CStr = Box::leak(
-        CString::new(name)
-            .expect("ASCII method name")
-            .into_boxed_c_str(),
-    );
-    let def: &'static mut ffi::PyMethodDef = Box::leak(Box::new(ffi::PyMethodDef {
-        ml_name: cname.as_ptr(),
-        ml_meth: meth,
-        ml_flags: flags,
-        ml_doc: doc.as_ptr(),
-    }));
-    // SAFETY: `cls` is a live type object and `def` is never freed.
-    let descr = unsafe {
-        Bound::from_owned_ptr_or_err(py, ffi::PyDescr_NewMethod(cls.as_type_ptr(), def))?
-    };
-    cls.setattr(name, descr)
 }
 
 /// `read`/`write`: `(span)` taken here; anything else by PyO3's method.
