@@ -318,19 +318,7 @@ def _via_peers(key):
 
         peer = peers.PEERS[key](os.path.dirname(path), peers.PAIR_LOCK + 1)
         j = peer.join()
-        lock, unlock, t = j.lock, j.unlock, peers.PAIR_LOCK
-        pair = getattr(j, "pair", None)
-
-        def loop(n):
-            if pair is None:
-                for _ in range(n):
-                    lock(t)
-                    unlock(t)
-            else:
-                for _ in range(n):
-                    pair(t)
-
-        return loop, (peer, j)
+        return peers.pair_loop(j), (peer, j)
 
     return make
 

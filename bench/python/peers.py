@@ -336,24 +336,35 @@ def race_once(cls, procs, tracks, rounds):
         return elapsed
 
 
+def pair_loop(j):
+    """``loop(n)``: ``n`` uncontended pairs of lock ``PAIR_LOCK`` through
+    join object ``j``: ``lock`` then ``unlock``, or ``pair`` where it has
+    one (the with block, one call a pair)."""
+    lock, unlock, t = j.lock, j.unlock, PAIR_LOCK
+    pair = getattr(j, "pair", None)
+
+    def loop(n):
+        if pair is None:
+            for _ in range(n):
+                lock(t)
+                unlock(t)
+        else:
+            for _ in range(n):
+                pair(t)
+
+    return loop
+
+
 def pair_once(cls, min_time=0.2):
     """Seconds per uncontended lock + unlock of one lock, in this process."""
     with tempfile.TemporaryDirectory(prefix="peers-pair-") as d:
         peer = cls(d, PAIR_LOCK + 1)
         try:
-            j = peer.join()
-            lock, unlock, t = j.lock, j.unlock, PAIR_LOCK
-            pair = getattr(j, "pair", None)
+            loop = pair_loop(peer.join())
             n = 16
             while True:
                 t0 = time.perf_counter()
-                if pair is None:
-                    for _ in range(n):
-                        lock(t)
-                        unlock(t)
-                else:
-                    for _ in range(n):
-                        pair(t)
+                loop(n)
                 el = time.perf_counter() - t0
                 if el >= min_time:
                     return el / n

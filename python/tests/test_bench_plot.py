@@ -97,10 +97,12 @@ def race_waits(report, tmp_path, runs=2):
     return report.race_waits.load(str(path))
 
 
-def record_plot(monkeypatch, tmp_path, with_waits):
-    """``report.plot`` run against a recording stand-in for matplotlib:
-    the axes (as many as asked for), the figure and ``subplots``' call."""
+def stand_in_matplotlib(monkeypatch):
+    """A recording stand-in for matplotlib: the figure (its ``add_subplot``
+    returns the same recording axes each time), what ``subplots`` made, and
+    the legend's ``Patch``."""
     fig = mock.MagicMock(name="figure")
+    fig.add_subplot.return_value = mock.MagicMock(name="added panel")
     made = {}
 
     def subplots(rows, cols, **kw):
@@ -117,10 +119,17 @@ def record_plot(monkeypatch, tmp_path, with_waits):
     mpl.pyplot, mpl.patches = pyplot, patches
     for name, module in (("matplotlib", mpl), ("matplotlib.pyplot", pyplot), ("matplotlib.patches", patches)):
         monkeypatch.setitem(sys.modules, name, module)
+    return fig, made, patches.Patch
+
+
+def record_plot(monkeypatch, tmp_path, with_waits):
+    """``report.plot`` run against a recording stand-in for matplotlib:
+    the axes (as many as asked for), the figure and ``subplots``' call."""
+    fig, made, patch = stand_in_matplotlib(monkeypatch)
     report = load_report()
     waits = race_waits(report, tmp_path) if with_waits else None
     report.plot(str(tmp_path / "plot.png"), *figures(report), waits)
-    return report, fig, made, patches.Patch, waits
+    return report, fig, made, patch, waits
 
 
 @pytest.fixture
@@ -358,31 +367,6 @@ def capacity_dir(tmp_path, baseline="capacity"):
     return root
 
 
-def stand_in_matplotlib(monkeypatch):
-    """A recording matplotlib, as in ``record_plot``: the figure (its
-    ``add_subplot`` returns the same recording axes each time) and what
-    ``subplots`` made."""
-    fig = mock.MagicMock(name="figure")
-    fig.add_subplot.return_value = mock.MagicMock(name="added panel")
-    made = {}
-
-    def subplots(rows, cols, **kw):
-        made["axs"] = [[mock.MagicMock(name="ax%d%d" % (r, c)) for c in range(cols)] for r in range(rows)]
-        made["shape"] = (rows, cols)
-        return fig, made["axs"]
-
-    pyplot = types.ModuleType("matplotlib.pyplot")
-    pyplot.subplots = subplots
-    patches = types.ModuleType("matplotlib.patches")
-    patches.Patch = mock.MagicMock(name="Patch")
-    mpl = types.ModuleType("matplotlib")
-    mpl.use = lambda backend: None
-    mpl.pyplot, mpl.patches = pyplot, patches
-    for name, module in (("matplotlib", mpl), ("matplotlib.pyplot", pyplot), ("matplotlib.patches", patches)):
-        monkeypatch.setitem(sys.modules, name, module)
-    return fig, made
-
-
 def test_capacity_figures_from_criterion(tmp_path):
     report = load_report()
     cap = report.load_capacity(str(capacity_dir(tmp_path)), ["capacity"])
@@ -418,7 +402,7 @@ def test_capacity_section_rows_and_ratios(tmp_path):
 
 def full_report(monkeypatch, tmp_path, criterion):
     """``report.main`` end to end on made-up inputs, matplotlib recorded."""
-    fig, made = stand_in_matplotlib(monkeypatch)
+    fig, made, _ = stand_in_matplotlib(monkeypatch)
     report = load_report()
     # The pairs' and held locks' figures of one run ("run1").
     for i, (key, _) in enumerate(report.PAIR_ROWS):
@@ -476,7 +460,7 @@ def test_capacity_only_prints_the_section(monkeypatch, tmp_path, capsys):
 
 @pytest.mark.parametrize("with_waits", [False, True])
 def test_capacity_panel_draws_both_curves(monkeypatch, tmp_path, with_waits):
-    fig, made = stand_in_matplotlib(monkeypatch)
+    fig, made, _ = stand_in_matplotlib(monkeypatch)
     panel = fig.add_subplot.return_value
     report = load_report()
     cap = report.load_capacity(str(capacity_dir(tmp_path)), ["capacity"])

@@ -62,6 +62,10 @@ pub(crate) use shm::table_in_use;
 
 use std::time::{Duration, Instant};
 
+/// Holds an owner's fast path keeps at once, each in a slot of its own
+/// (`owner/fast.rs`): [`Engine::fast_take`]'s `slot` is below this.
+pub(crate) const FAST_SLOTS: usize = 2;
+
 use crate::cancel::Cancel;
 use crate::error::{Error, Holder};
 use crate::kind::Kind;

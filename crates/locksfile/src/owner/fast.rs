@@ -54,7 +54,7 @@
 use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
 
 use super::{Owner, State};
-use crate::engine::Engine;
+use crate::engine::{Engine, FAST_SLOTS as SLOTS};
 use crate::error::Error;
 use crate::holds::{Change, HandleId};
 use crate::kind::Kind;
@@ -67,8 +67,6 @@ const CLAIMING: u64 = 1;
 const HELD: u64 = 2;
 /// One generation.
 const NEXT: u64 = 4;
-/// Slots: holds the fast path keeps at once.
-pub(crate) const SLOTS: usize = 2;
 /// How long a take-over waits for the release that let its hold go to
 /// store its outcome (a step away, unless its thread is preempted there).
 const GONE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(1);

@@ -631,7 +631,8 @@ impl Engine for Shm {
     // Each slot of the owner's fast path keeps its list entry from pair
     // to pair.
     fn fast_take(&self, span: Span, kind: Kind, slot: usize) -> bool {
-        self.fast_raise(span, kind, Some(KEPT + slot % KEPT_ENTRIES))
+        debug_assert!(slot < KEPT_ENTRIES, "a slot of the fast path");
+        self.fast_raise(span, kind, Some(KEPT + slot))
     }
 
     #[inline(always)]

@@ -153,9 +153,9 @@ fn mutated(_: &str) -> bool {
 /// (its slot's takes are one at a time), struck off by anyone as every
 /// entry is.
 pub(in crate::engine::shm) const KEPT: usize = 0;
-/// How many kept entries there are; the others are listed and struck off
-/// word by word.
-pub(in crate::engine::shm) const KEPT_ENTRIES: usize = 2;
+/// How many kept entries there are, one per slot of the owner's fast path;
+/// the others are listed and struck off word by word.
+pub(in crate::engine::shm) const KEPT_ENTRIES: usize = crate::engine::FAST_SLOTS;
 
 /// What a fast take came to.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
