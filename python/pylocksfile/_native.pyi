@@ -150,6 +150,11 @@ class Guard:
     Collected while still held and never entered by ``with`` (a bare
     ``lf.write(5)`` statement), it emits a ``ResourceWarning``.
 
+    ``with g:`` blocks of one guard may nest: the outermost block's end
+    releases it. A released guard cannot be entered (``RuntimeError``, or
+    ``ValueError`` once its ``LocksFile`` is closed): its block would run
+    without the lock.
+
     Inherited through ``fork``, every method raises ``ForkedError`` in the
     child and never touches the parent's lock.
     """
@@ -344,7 +349,9 @@ class LocksFile:
     def __reduce__(self) -> Tuple[Any, ...]:
         """Pickled as its target, mode and the options given, never its locks."""
     def __enter__(self: _L) -> _L:
-        """Takes no lock: ``with LocksFile(p) as lf:`` closes ``lf`` at its end."""
+        """Takes no lock: ``with LocksFile(p) as lf:`` closes ``lf`` at its end
+        (blocks of one ``LocksFile`` may nest, in one thread or several: the
+        end of the last one open closes it)."""
     def __exit__(
         self,
         exc_type: Optional[Type[BaseException]],

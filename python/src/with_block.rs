@@ -62,18 +62,33 @@ impl WithBlocks {
         });
     }
 
-    /// This thread's innermost block ends: whether it ran with no lock
-    /// (none held at its start, none taken since).
-    pub(crate) fn exit(&self) -> bool {
+    /// This thread's innermost block ends: what it found ([`Exit`]).
+    pub(crate) fn exit(&self) -> Exit {
         let thread = std::thread::current().id();
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         let Some(i) = entries.iter().rposition(|e| e.thread == thread) else {
-            return false;
+            return Exit {
+                no_lock: false,
+                last: entries.is_empty(),
+            };
         };
         let entry = entries.remove(i);
         self.open.fetch_sub(1, Ordering::Relaxed);
-        !entry.held && self.takes.load(Ordering::Relaxed) == entry.takes
+        Exit {
+            no_lock: !entry.held && self.takes.load(Ordering::Relaxed) == entry.takes,
+            last: entries.is_empty(),
+        }
     }
+}
+
+/// What a block's end found.
+pub(crate) struct Exit {
+    /// It ran with no lock: none held at its start, none taken since.
+    pub no_lock: bool,
+    /// No other block of the handle is open, in any thread: the handle
+    /// closes. An outer block (or another thread's) still open keeps it,
+    /// and with it the locks that block may hold.
+    pub last: bool,
 }
 
 /// `NoLockWarning` for a with block of `shown` (`LocksFile('/tmp/x.lock')`)

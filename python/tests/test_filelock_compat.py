@@ -170,9 +170,11 @@ def test_nested_blocks_each_judge_their_own(lock_path):
         warnings.simplefilter("always")
         lf = LocksFile(lock_path)
         with lf:
-            with lf:  # takes nothing: warns, and closes the handle
+            with lf:  # takes nothing: warns (the outer block keeps the handle open)
                 pass
-        # The outer block took nothing either (its inner block closed the handle).
+            assert not lf.closed
+        # The outer block took nothing either.
+        assert lf.closed
         assert [w.category for w in record] == [NoLockWarning, NoLockWarning]
         record.clear()
         lf = LocksFile(lock_path)

@@ -78,8 +78,9 @@ def test_a_guard_whose_earlier_holder_kept_it_is_not_the_next(pair):
         # The old object's calls never reach the new lock.
         kept.release()
         kept.__exit__(None, None, None)
-        with kept:
-            pass
+        with pytest.raises(RuntimeError, match="released Guard"):
+            with kept:
+                raise AssertionError("a released guard's block ran")
         assert new.held and not free(other, 7)
     assert free(other, 7)
 
@@ -98,18 +99,98 @@ def test_exit_by_hand_with_an_exception_releases_and_never_swallows(pair):
     assert not g.held and free(other, 8)
 
 
-def test_nested_blocks_of_one_guard(pair):
+def test_nested_blocks_of_one_guard_release_at_the_outermost_end(pair):
     lf, other = pair
     g = lf.write(9)
     with g as a:
         with g as b:
-            assert a is b is g and g.held
-        # The inner block's end released it; the outer end is harmless.
-        assert not g.held and free(other, 9)
+            with g:
+                assert a is b is g and g.held
+            assert g.held and not free(other, 9)
+        # The inner blocks' ends left the lock to the outer block.
+        assert g.held and not free(other, 9)
     assert not g.held and free(other, 9)
-    # Entering a released guard takes nothing back.
+    # An exception through nested blocks: the outermost end releases.
+    g = lf.write(9)
+    with pytest.raises(KeyError):
+        with g:
+            try:
+                with g:
+                    raise KeyError("x")
+            finally:
+                assert g.held and not free(other, 9)
+    assert not g.held and free(other, 9)
+    # An explicit release inside stands; the ends after it are harmless.
+    g = lf.write(9)
     with g:
-        assert not g.held and free(other, 9)
+        with g:
+            g.release()
+            assert free(other, 9)
+        assert not g.held
+    assert not g.held and free(other, 9)
+
+
+def test_a_released_guard_cannot_be_entered(pair):
+    lf, other = pair
+    g = lf.write(9)
+    g.release()
+    ran = []
+    with pytest.raises(RuntimeError, match="released Guard"):
+        with g:
+            ran.append(True)
+    with pytest.raises(RuntimeError):
+        g.__enter__()
+    assert ran == [] and free(other, 9)
+    # Released by closing its LocksFile: ValueError, as a closed file's.
+    g = lf.write(9)
+    lf.close()
+    with pytest.raises(ValueError, match="closing its LocksFile"):
+        with g:
+            ran.append(True)
+    assert ran == [] and free(other, 9)
+    # A refused entry changes nothing: a later guard is entered as usual.
+    lf2 = LocksFile(other.path, mode=other.mode)
+    with lf2.write(9) as g2:
+        assert g2.held and not free(other, 9)
+    assert free(other, 9)
+    lf2.close()
+
+
+def test_a_with_of_one_locks_file_nested_keeps_the_outer_blocks_locks(pair):
+    lf, other = pair
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with lf:
+            g = lf.write(11)
+            with lf:
+                pass
+            # The inner block's end did not close the handle.
+            assert not lf.closed and g.held and not free(other, 11)
+            with lf.write(12):
+                assert not free(other, 12)
+        assert lf.closed and not g.held and free(other, 11)
+
+
+def test_a_with_of_one_locks_file_in_two_threads_closes_at_the_last_end(pair):
+    lf, other = pair
+    inside, ended = threading.Barrier(2), threading.Event()
+
+    def second():
+        with lf:
+            with lf.write(14):
+                inside.wait()
+        ended.set()
+
+    with lf:
+        g = lf.write(13)
+        t = threading.Thread(target=second)
+        t.start()
+        inside.wait()
+        assert ended.wait(60)
+        # The other thread's block ended first: this block keeps its lock.
+        assert not lf.closed and g.held and not free(other, 13)
+        t.join()
+    assert lf.closed and free(other, 13) and free(other, 14)
 
 
 def test_an_unreleased_guard_dropped_warns_once_and_frees(pair):

@@ -290,8 +290,8 @@ unsafe extern "C" fn enter_raw(
     })
 }
 
-/// `Guard.__exit__(exc_type=None, exc=None, tb=None)`: release; never
-/// swallows the block's exception. Keywords, or too many arguments: PyO3's
+/// `Guard.__exit__(exc_type=None, exc=None, tb=None)`: release (at the
+/// end of the outermost block of the guard); never swallows the block's exception. Keywords, or too many arguments: PyO3's
 /// method, which words the error as before.
 unsafe extern "C" fn exit_raw(
     slf: *mut ffi::PyObject,
@@ -308,7 +308,7 @@ unsafe extern "C" fn exit_raw(
         }
         // SAFETY: `slf` is a Guard (checked by the descriptor).
         let me = unsafe { Borrowed::from_ptr(py, slf).cast_unchecked::<PyGuard>() };
-        PyGuard::release_and_keep(&me)?;
+        PyGuard::exit(&me)?;
         Ok(pyo3::types::PyBool::new(py, false).to_owned().into_ptr())
     })
 }

@@ -2,7 +2,7 @@
 //! `LocksFile.close()` reaches it through.
 
 use std::ffi::CString;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use locksfile::{Cancel, Error, Kind, LockFile, ReadGuard, Span, Wait, WriteGuard};
@@ -272,6 +272,11 @@ const GUARD_PICKLE: &str = "cannot pickle a Guard: its lock belongs to this proc
 /// holds its lock and was never entered by ``with`` emits a
 /// ``ResourceWarning``, as an unclosed file does.
 ///
+/// ``with g:`` blocks of one guard may nest: the outermost block's end
+/// releases it. A released guard cannot be entered (``RuntimeError``, or
+/// ``ValueError`` once its ``LocksFile`` is closed): its block would run
+/// without the lock.
+///
 /// Inherited through ``fork``, every method raises ``ForkedError`` in the
 /// child and never touches the parent's lock.
 // `freelist`: a guard object released is kept for the next one rather than
@@ -279,9 +284,11 @@ const GUARD_PICKLE: &str = "cannot pickle a Guard: its lock belongs to this proc
 #[pyclass(name = "Guard", module = "pylocksfile", frozen, weakref, freelist = 16)]
 pub struct PyGuard {
     pub cell: Arc<GuardCell>,
-    /// Entered by a `with` statement, which will release it: collection
-    /// then has nothing to warn about.
-    entered: AtomicBool,
+    /// How many `with` blocks it is in (`with g:` nested in `with g:`):
+    /// only the outermost one's end releases it, so an outer block never
+    /// goes on without its lock. Nonzero: collection has nothing to warn
+    /// about (a `with` will release it).
+    depth: AtomicU32,
     /// Its `LocksFile`'s slot for the last guard released.
     cache: Arc<GuardCache>,
 }
@@ -290,7 +297,7 @@ impl PyGuard {
     pub fn new(cell: Arc<GuardCell>, cache: Arc<GuardCache>) -> PyGuard {
         PyGuard {
             cell,
-            entered: AtomicBool::new(false),
+            depth: AtomicU32::new(0),
             cache,
         }
     }
@@ -302,7 +309,7 @@ impl PyGuard {
         // Released (by this guard, or by `close()`): nothing to unlock.
         drop(old);
         self.cell.span.set(span);
-        self.entered.store(false, Ordering::Relaxed);
+        self.depth.store(0, Ordering::Relaxed);
     }
 
     /// Release, then offer the guard to its `LocksFile` for reuse (see
@@ -336,7 +343,7 @@ impl Drop for PyGuard {
         // Python code, which may close the `LocksFile` or let it go, and
         // either must still reach the lock (it may be lent the owner's
         // handle, see `Handle::lent`). It is released right after.
-        if !self.entered.load(Ordering::Relaxed) && !self.cell.born.forked() {
+        if self.depth.load(Ordering::Relaxed) == 0 && !self.cell.born.forked() {
             self.warn_unreleased();
         }
         let held = self.cell.held.replace(py, Held::Released);
@@ -373,11 +380,44 @@ impl PyGuard {
 }
 
 impl PyGuard {
-    /// `__enter__`'s work (the method itself is in `fastcall`).
+    /// `__enter__`'s work (the method itself is in `fastcall`). A guard
+    /// released already cannot be entered: its block would run without
+    /// the lock it names.
     pub(crate) fn enter(&self, py: Python<'_>) -> PyResult<()> {
         self.not_forked(py)?;
-        self.entered.store(true, Ordering::Relaxed);
-        Ok(())
+        match self.cell.held.state(py) {
+            State::Released => Err(PyRuntimeError::new_err(
+                "cannot enter a released Guard: its block would run without the lock. \
+                 Take the lock again (`with lf.write(...):`)",
+            )),
+            State::Closed => Err(PyValueError::new_err(
+                "cannot enter a Guard released by closing its LocksFile: its block would \
+                 run without the lock",
+            )),
+            State::Read | State::Write | State::Busy => {
+                // The GIL orders every change of `depth`: a plain load and
+                // store, no locked instruction on the with statement's path.
+                let depth = self.depth.load(Ordering::Relaxed);
+                self.depth.store(depth.saturating_add(1), Ordering::Relaxed);
+                Ok(())
+            }
+        }
+    }
+
+    /// `__exit__`'s work: release, unless this block is nested in another
+    /// `with` of the same guard, whose end releases it.
+    pub(crate) fn exit(slf: &Bound<'_, Self>) -> PyResult<()> {
+        let me = slf.get();
+        me.not_forked(slf.py())?;
+        let depth = me.depth.load(Ordering::Relaxed);
+        if depth > 1 {
+            me.depth.store(depth - 1, Ordering::Relaxed);
+            return Ok(());
+        }
+        if depth != 0 {
+            me.depth.store(0, Ordering::Relaxed);
+        }
+        PyGuard::release_and_keep(slf)
     }
 
     /// `release()` and `__exit__`'s work.
@@ -593,7 +633,7 @@ impl PyGuard {
         tb: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<bool> {
         let _ = (exc_type, exc, tb);
-        PyGuard::release_and_keep(slf)?;
+        PyGuard::exit(slf)?;
         Ok(false)
     }
 

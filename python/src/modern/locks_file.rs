@@ -16,7 +16,7 @@ use crate::mutex::lock_mutex;
 use crate::paths::check_path;
 use crate::spans::{plain_index, py_span, span_to_range};
 use crate::wait::Patience;
-use crate::with_block::warn_no_lock;
+use crate::with_block::{warn_no_lock, Exit};
 
 use super::async_wait::{async_helper, PyWait};
 use super::guard::PyGuard;
@@ -727,8 +727,9 @@ impl PyLocksFile {
         Ok(())
     }
 
-    /// Takes no lock: the with statement closes the handle at its end.
-    /// A block that ends without taking a lock through it (holding none
+    /// Takes no lock: the with statement closes the handle at its end
+    /// (nested blocks, or blocks of several threads: at the end of the last
+    /// one open, so no block loses its locks to another's end). A block that ends without taking a lock through it (holding none
     /// at its start) emits ``NoLockWarning``, unless it raised.
     fn __enter__<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, Self>> {
         let me = slf.get();
@@ -739,8 +740,10 @@ impl PyLocksFile {
 
     #[pyo3(signature = (*exc))]
     fn __exit__(&self, py: Python<'_>, exc: &Bound<'_, PyTuple>) -> PyResult<bool> {
-        let no_lock = self.owner.with_blocks.exit();
-        self.close(py)?;
+        let Exit { no_lock, last } = self.owner.with_blocks.exit();
+        if last {
+            self.close(py)?;
+        }
         // A block that raised may have stopped before its lock: no guess.
         let raised = exc.get_item(0).is_ok_and(|t| !t.is_none());
         if no_lock && !raised {
