@@ -291,8 +291,9 @@ unsafe extern "C" fn enter_raw(
 }
 
 /// `Guard.__exit__(exc_type=None, exc=None, tb=None)`: release (at the
-/// end of the outermost block of the guard); never swallows the block's exception. Keywords, or too many arguments: PyO3's
-/// method, which words the error as before.
+/// end of the outermost block of the guard); never swallows the block's
+/// exception. Keywords, or too many arguments: PyO3's method, which words
+/// the error as before.
 unsafe extern "C" fn exit_raw(
     slf: *mut ffi::PyObject,
     args: *const *mut ffi::PyObject,

@@ -729,8 +729,9 @@ impl PyLocksFile {
 
     /// Takes no lock: the with statement closes the handle at its end
     /// (nested blocks, or blocks of several threads: at the end of the last
-    /// one open, so no block loses its locks to another's end). A block that ends without taking a lock through it (holding none
-    /// at its start) emits ``NoLockWarning``, unless it raised.
+    /// one open, so no block loses its locks to another's end). A block
+    /// that ends without taking a lock through it (holding none at its
+    /// start) emits ``NoLockWarning``, unless it raised.
     fn __enter__<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, Self>> {
         let me = slf.get();
         let held = !me.owner.lf_not_forked(slf.py())?.held().is_empty();
